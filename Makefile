@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make demo` (builds a real model end to end) and `make test`.
+# Both create .venv and install the project first (`make install`, idempotent).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# ../shared/mirror holds real model files and images; it is used as a mirror when it exists.
+MIRROR  ?= $(wildcard ../shared/mirror)
+MZ      := $(BIN)/mzconvert $(if $(MIRROR),--mirror $(abspath $(MIRROR)))
+# Recipes whose sources can be had on a machine without internet access (the others need their origin).
+BUILDABLE ?= pedestrian-ssdlite
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test all clean matrix $(addprefix build-,$(BUILDABLE))
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(MZ) build pedestrian-ssdlite
+	cd dist/pedestrian-ssdlite && md5sum -c --quiet MD5SUMS && echo "dist/pedestrian-ssdlite: MD5SUMS verified"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+all: $(addprefix build-,$(BUILDABLE))
+
+$(addprefix build-,$(BUILDABLE)): build-%: install
+	$(MZ) build $*
+
+matrix: install
+	$(MZ) matrix
+
+clean:
+	rm -rf build dist

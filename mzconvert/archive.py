@@ -1,0 +1,84 @@
+"""Safe extraction of one member (a file, or every file under a folder) from a .tar.* or .zip.
+
+Rules, the same for tar and zip: no absolute paths, no '..', no links of any kind, no device files;
+only regular files and folders are written, and only below the destination. tarfile's `data`
+filter enforces the same on tar; zip has no such filter, so the checks are ours.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from .errors import FetchError
+
+
+def _check_name(archive: Path, name: str) -> PurePosixPath:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if not path.parts or path.is_absolute() or ".." in path.parts:
+        raise FetchError(f"{archive}: refusing unsafe member path {name!r} (absolute or '..')")
+    return path
+
+
+def _wanted(path: PurePosixPath, member: str) -> bool:
+    member_path = PurePosixPath(member.rstrip("/"))
+    return path == member_path or member_path in path.parents
+
+
+def _tar_members(archive: Path, tar: tarfile.TarFile, member: str) -> list[tarfile.TarInfo]:
+    chosen = []
+    for info in tar.getmembers():
+        path = _check_name(archive, info.name)
+        if not _wanted(path, member):
+            continue
+        if info.issym() or info.islnk():
+            raise FetchError(f"{archive}: refusing link member {info.name!r} -> {info.linkname!r}")
+        if not (info.isfile() or info.isdir()):
+            raise FetchError(f"{archive}: refusing special member {info.name!r} (device, fifo or other)")
+        chosen.append(info)
+    return chosen
+
+
+def _zip_members(archive: Path, zf: zipfile.ZipFile, member: str) -> list[zipfile.ZipInfo]:
+    chosen = []
+    for info in zf.infolist():
+        path = _check_name(archive, info.filename)
+        if not _wanted(path, member):
+            continue
+        mode = info.external_attr >> 16
+        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise FetchError(f"{archive}: refusing link or special member {info.filename!r}")
+        chosen.append(info)
+    return chosen
+
+
+def extract_member(archive: Path, member: str, dest: Path) -> Path:
+    """Extract `member` of `archive` below `dest`; returns dest/member. Raises FetchError if unsafe or absent."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                infos = _zip_members(archive, zf, member)
+                for info in infos:
+                    target = dest / info.filename
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        else:
+            with tarfile.open(archive) as tar:
+                infos = _tar_members(archive, tar, member)
+                # The data filter re-checks every rule above and strips permissions bits it dislikes.
+                tar.extractall(dest, members=infos, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        if isinstance(exc, tarfile.FilterError):
+            raise FetchError(f"{archive}: refusing unsafe member: {exc}") from None
+        raise FetchError(f"{archive}: corrupt or unreadable archive: {exc}") from None
+    if not infos:
+        raise FetchError(f"{archive}: no member {member!r} in the archive")
+    return dest / member.rstrip("/")

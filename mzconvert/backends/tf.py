@@ -1,0 +1,213 @@
+"""TensorFlow sources (frozen graph, checkpoint, SavedModel) converted with the TFLite converter.
+
+TensorFlow is imported inside the functions: `list`, `validate` and an up-to-date build never
+pay its 3-4 s import.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import MzError, RecipeError
+from ..recipe import Recipe, Variant
+from . import StripResult
+
+
+def _tf():
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    return tf
+
+
+def read_graph_def(path: Path):
+    tf = _tf()
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-like errors
+        raise MzError(f"{path}: not a TensorFlow GraphDef (corrupt or truncated: {exc})") from None
+    if not graph_def.node:
+        raise MzError(f"{path}: GraphDef has no nodes (corrupt or truncated file)")
+    return graph_def
+
+
+def _write_graph_def(graph_def, path: Path) -> Path:
+    path.write_bytes(graph_def.SerializeToString(deterministic=True))
+    return path
+
+
+def _node_name(tensor: str) -> str:
+    return tensor.split(":", 1)[0]
+
+
+def check_tensors(recipe: Recipe, field: str, names: Iterable[str], graph_nodes: list[str]) -> None:
+    """Every name must be a node of the graph; otherwise say which and list close matches."""
+    known = set(graph_nodes)
+    for name in names:
+        if _node_name(name) not in known:
+            close = difflib.get_close_matches(_node_name(name), graph_nodes, n=3, cutoff=0.6)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise RecipeError(f"{recipe.path}: {field}: tensor {name!r} is not in the graph{hint}")
+
+
+def _apply_node_attrs(graph_def, edits: dict[str, dict]) -> None:
+    """Set attributes of named nodes (e.g. TFLite_Detection_PostProcess thresholds)."""
+    tf = _tf()
+    nodes = {n.name: n for n in graph_def.node}
+    for node_name, attrs in edits.items():
+        node = nodes[node_name]
+        for key, value in attrs.items():
+            kind = node.attr[key].WhichOneof("value")
+            if kind is None:
+                raise MzError(f"node {node_name!r} has no attribute {key!r}")
+            node.attr[key].CopyFrom(tf.compat.v1.AttrValue(**{kind: value}))
+
+
+# -- freeze --------------------------------------------------------------------------------------
+def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
+    """One frozen GraphDef, whatever the TensorFlow source format."""
+    tf = _tf()
+    target = out_dir / "frozen.pb"
+    if recipe.format == "tf-frozen-graph":
+        graph_def = read_graph_def(source)
+        return _write_graph_def(graph_def, target)
+    outputs = [_node_name(t) for t in (recipe.strip.outputs if recipe.strip else ())]
+    if not outputs:
+        raise RecipeError(f"{recipe.path}: strip.outputs: needed to freeze a {recipe.format} source")
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as session:
+        if recipe.format == "tf-checkpoint":
+            meta = _checkpoint_meta(source)
+            saver = tf.compat.v1.train.import_meta_graph(str(meta), clear_devices=True)
+            saver.restore(session, str(meta.with_suffix("")))
+        else:  # tf-saved-model
+            tf.compat.v1.saved_model.loader.load(session, ["serve"], str(source))
+        check_tensors(recipe, "strip.outputs", outputs, [n.name for n in graph.as_graph_def().node])
+        frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
+            session, graph.as_graph_def(), outputs)
+    return _write_graph_def(frozen, target)
+
+
+def _checkpoint_meta(source: Path) -> Path:
+    if source.is_file() and source.suffix == ".meta":
+        return source
+    metas = sorted(source.glob("*.meta")) if source.is_dir() else []
+    if len(metas) != 1:
+        raise MzError(f"{source}: expected one model.ckpt.meta in the checkpoint folder, found {len(metas)}")
+    return metas[0]
+
+
+# -- strip ---------------------------------------------------------------------------------------
+def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
+    """Cut the graph at the recipe's input (made a placeholder) and outputs; export SSD anchors."""
+    tf = _tf()
+    graph_def = read_graph_def(frozen)
+    names = [n.name for n in graph_def.node]
+    cut = recipe.strip
+    check_tensors(recipe, "strip.inputs", cut.inputs, names)
+    check_tensors(recipe, "strip.outputs", cut.outputs, names)
+    input_node = _node_name(cut.inputs[0])
+
+    metadata: dict = {}
+    extras: list[Path] = []
+    if recipe.postprocess is not None:
+        check_tensors(recipe, "postprocess.anchors_tensor", [recipe.postprocess.anchors_tensor], names)
+        anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)
+        anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
+        np.save(out_dir / "anchors.npy", anchors, allow_pickle=False)
+        extras.append(out_dir / "anchors.npy")
+        metadata["anchors"] = {"count": int(anchors.shape[0]), "layout": "ymin,xmin,ymax,xmax (normalised)",
+                               "box_coder": "faster_rcnn", "box_coder_scales": list(recipe.postprocess.box_coder_scales)}
+
+    placeholder = tf.compat.v1.NodeDef(name=input_node, op="Placeholder")
+    placeholder.attr["dtype"].CopyFrom(tf.compat.v1.AttrValue(type=tf.float32.as_datatype_enum))
+    placeholder.attr["shape"].CopyFrom(tf.compat.v1.AttrValue(
+        shape=tf.TensorShape(recipe.input.shape).as_proto()))
+    rewired = tf.compat.v1.GraphDef()
+    rewired.versions.CopyFrom(graph_def.versions)
+    rewired.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        rewired.node.append(placeholder if node.name == input_node else node)
+    stripped = tf.compat.v1.graph_util.extract_sub_graph(rewired, [_node_name(o) for o in cut.outputs])
+    model = _write_graph_def(stripped, out_dir / "stripped.pb")
+    metadata["nodes"] = {"before": len(graph_def.node), "after": len(stripped.node)}
+    return StripResult(model=model, extras=extras, metadata=metadata)
+
+
+def _evaluate(graph_def, tensor: str, input_tensor: str, input_shape) -> np.ndarray:
+    tf = _tf()
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        feed = {_tensor_name(input_tensor): np.zeros(input_shape, np.float32)}
+        return session.run(_tensor_name(tensor), feed)
+
+
+def _tensor_name(name: str) -> str:
+    return name if ":" in name else f"{name}:0"
+
+
+# -- reference run ------------------------------------------------------------------------------
+class GraphRunner:
+    """Runs the stripped float graph in TensorFlow: the reference every variant is compared with."""
+
+    def __init__(self, model: Path, recipe: Recipe):
+        tf = _tf()
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.import_graph_def(read_graph_def(model), name="")
+        self._session = tf.compat.v1.Session(graph=graph)
+        self._input = _tensor_name(recipe.strip.inputs[0])
+        self._outputs = [_tensor_name(o) for o in recipe.strip.outputs]
+        self.output_names = list(recipe.strip.outputs)
+
+    def run(self, tensor: np.ndarray) -> list[np.ndarray]:
+        return self._session.run(self._outputs, {self._input: tensor})
+
+
+# -- convert -------------------------------------------------------------------------------------
+_IO_TYPES = {"float32": "float32", "int8": "int8", "uint8": "uint8"}
+
+
+def convert(model: Path, recipe: Recipe, variant: Variant,
+            calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
+    """Convert the stripped graph to a .tflite in the variant's mode."""
+    tf = _tf()
+    cut = recipe.strip
+    converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
+        str(model), input_arrays=[_node_name(cut.inputs[0])],
+        output_arrays=[_node_name(o) for o in cut.outputs],
+        # Without explicit shapes a cut placeholder fails with a misleading MLIR error.
+        input_shapes={_node_name(cut.inputs[0]): list(recipe.input.shape)})
+    if variant.mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant.mode == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif variant.mode == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([t] for t in calibration())
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = getattr(tf, _IO_TYPES[variant.io_dtype])
+        converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    elif variant.mode == "uint8-qat":
+        converter.inference_type = tf.uint8
+        converter.quantized_input_stats = {_node_name(cut.inputs[0]): variant.quantized_input_stats}
+        converter.allow_custom_ops = True
+    try:
+        flatbuffer = converter.convert()
+    except Exception as exc:  # the converter raises ConverterError and a zoo of others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise MzError(f"{model}: TFLite conversion of variant {variant.name!r} ({variant.mode}) failed: {first}") from None
+    target = out_dir / f"{recipe.name}_{variant.name}.tflite"
+    target.write_bytes(flatbuffer)
+    return target

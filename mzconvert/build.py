@@ -1,0 +1,268 @@
+"""The build planner: wires the stage functions, skips stages whose inputs are unchanged.
+
+Each stage writes into a fresh staging folder beside `build/<recipe>/<stage>/`; only when it is
+complete is the folder swapped into place, and only then is its stamp (the hash of everything the
+stage read: recipe section, input file hashes, tool versions) written. A build killed at any point
+therefore leaves either the old stage output or the new one, and the next build redoes exactly the
+stages without a valid stamp. Stage results are kept as JSON so an up-to-date build never has to
+import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .console import Console
+from .errors import MzError
+from .fetch import Fetcher
+from .fsio import folder_lock, replace_folder, sha256_file, write_json_atomic
+from .recipe import Recipe, Variant
+
+STAMP = "stamp.json"
+RESULT = "result.json"
+TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"mzconvert": __version__}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _canonical_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StageOutcome:
+    folder: Path
+    result: dict  # what the stage reported, plus "files": {relative path: sha256}
+    ran: bool
+
+    def path(self, key: str) -> Path:
+        return self.folder / self.result[key]
+
+    def sha256(self, key: str) -> str:
+        return self.result["files"][self.result[key]]
+
+
+@dataclass
+class BuildOptions:
+    out: Path = Path("dist")
+    build_root: Path = Path("build")
+    force: bool = False
+    verify_strict: bool = False
+    lock_timeout: float = 600.0
+    variants: list[str] | None = None
+
+
+@dataclass
+class Planner:
+    recipe: Recipe
+    fetcher: Fetcher
+    console: Console
+    options: BuildOptions
+    versions: dict = field(default_factory=tool_versions)
+    outcomes: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.options.build_root / self.recipe.name
+
+    def stage(self, name: str, inputs: dict, action: Callable[[Path], dict]) -> StageOutcome:
+        """Run `action(staging_folder) -> result` unless the stamp for `inputs` is valid."""
+        target = self.folder / name
+        key = _canonical_hash(inputs)
+        if not self.options.force and (outcome := self._up_to_date(target, key)) is not None:
+            self.console.log(f"[{self.recipe.name}] {name}: up to date")
+            self.outcomes[name] = outcome
+            return outcome
+        self.console.log(f"[{self.recipe.name}] {name}: running")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            result = action(staging)
+            result["files"] = {str(p.relative_to(staging)): sha256_file(p)
+                               for p in sorted(staging.rglob("*")) if p.is_file()}
+            write_json_atomic(staging / RESULT, result)
+            replace_folder(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        write_json_atomic(target / STAMP, {"key": key, "inputs": inputs})  # last: marks the stage done
+        outcome = StageOutcome(folder=target, result=result, ran=True)
+        self.outcomes[name] = outcome
+        return outcome
+
+    @staticmethod
+    def _up_to_date(target: Path, key: str) -> StageOutcome | None:
+        try:
+            stamp = json.loads((target / STAMP).read_text())
+            result = json.loads((target / RESULT).read_text())
+        except (OSError, ValueError):
+            return None
+        if stamp.get("key") != key:
+            return None
+        # Outputs are re-hashed: a damaged or edited build file reruns its stage.
+        for relative, digest in result.get("files", {}).items():
+            path = target / relative
+            if not path.is_file() or sha256_file(path) != digest:
+                return None
+        return StageOutcome(folder=target, result=result, ran=False)
+
+
+# -- the stages, wired ---------------------------------------------------------------------------
+def _fetch(p: Planner) -> StageOutcome:
+    source = p.recipe.raw["source"]
+
+    def action(out: Path) -> dict:
+        model = p.fetcher.fetch_source(p.recipe.source, out)
+        return {"model": str(model.relative_to(out))}
+
+    return p.stage("fetch", {"source": source, "mzconvert": __version__}, action)
+
+
+def _freeze(p: Planner, fetched: StageOutcome) -> StageOutcome:
+    from .freeze import freeze
+
+    inputs = {"source": fetched.sha256("model"), "format": p.recipe.format,
+              "strip": p.recipe.raw.get("strip"), "tools": p.versions}
+
+    def action(out: Path) -> dict:
+        return {"model": freeze(fetched.path("model"), p.recipe, out).name}
+
+    return p.stage("freeze", inputs, action)
+
+
+def _strip(p: Planner, frozen: StageOutcome) -> StageOutcome:
+    from .strip import strip
+
+    raw = p.recipe.raw
+    inputs = {"model": frozen.sha256("model"), "input": raw["input"], "strip": raw.get("strip"),
+              "postprocess": raw.get("postprocess"), "tools": p.versions}
+
+    def action(out: Path) -> dict:
+        result = strip(frozen.path("model"), p.recipe, out)
+        return {"model": result.model.name, "extras": [e.name for e in result.extras], **result.metadata}
+
+    return p.stage("strip", inputs, action)
+
+
+def _image_paths(p: Planner, spec: str, count: int | None) -> tuple[str, Callable[[], list[Path]]]:
+    """(key naming the exact images, a function fetching them): fetching only when a stage runs."""
+    from .imagesets import load_image_set
+
+    image_set = load_image_set(spec, p.recipe.path)
+    key = f"{image_set.key}:{count}"
+    return key, lambda: image_set.paths(p.fetcher, count, p.console.log)
+
+
+def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
+    from .quantize import quantize
+
+    raw = p.recipe.raw
+    inputs = {"model": stripped.sha256("model"), "variant": _raw_variant(p.recipe, variant),
+              "input": raw["input"], "strip": raw.get("strip"), "tools": p.versions}
+    images = None
+    if variant.calibration:
+        inputs["calibration"], images = _image_paths(p, variant.calibration, variant.calibration_count or 100)
+        inputs["preprocess"] = raw.get("preprocess")
+
+    def action(out: Path) -> dict:
+        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out)
+        return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
+                "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs]}
+
+    return p.stage(f"quantize/{variant.name}", inputs, action)
+
+
+def _raw_variant(recipe: Recipe, variant: Variant) -> dict:
+    return next(v for v in recipe.raw["variants"] if v.get("name") == variant.name)
+
+
+def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
+    from .verify import threshold_failures, verify_variant
+
+    spec = p.recipe.verify
+    key, images = _image_paths(p, spec.images, spec.count)
+    inputs = {"model": quantized.sha256("model"), "reference": stripped.sha256("model"), "images": key,
+              "preprocess": p.recipe.raw.get("preprocess"), "tools": p.versions}
+
+    def action(out: Path) -> dict:
+        from .backends import backend_for
+
+        reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe)
+        return {"metrics": verify_variant(quantized.path("model"), reference, p.recipe, images())}
+
+    outcome = p.stage(f"verify/{variant.name}", inputs, action)
+    metrics = outcome.result["metrics"]
+    for name, m in metrics.items():
+        if isinstance(m, dict):
+            p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph, output {name} on "
+                          f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
+                          f"max abs err {m['max_abs_error']:.4g}")
+    failures = threshold_failures(variant, metrics)
+    if failures and p.options.verify_strict:
+        raise MzError(f"{p.recipe.path}: verify thresholds missed: {'; '.join(failures)}")
+    for failure in failures:
+        p.console.log(f"[{p.recipe.name}] warning: threshold missed: {failure}")
+    return outcome
+
+
+def _vela(p: Planner, quantized: StageOutcome, variant: Variant) -> StageOutcome:
+    from .vela import compile_for_npu
+
+    inputs = {"model": quantized.sha256("model"), "vela": p.recipe.raw["targets"]["vela"], "tools": p.versions}
+    if p.recipe.vela.config:
+        inputs["config"] = sha256_file((p.recipe.path.parent / p.recipe.vela.config).resolve())
+
+    def action(out: Path) -> dict:
+        result = compile_for_npu(quantized.path("model"), p.recipe, variant, out)
+        return {"model": result.model.name, "summary_csv": result.summary_csv.name, "summary": result.summary}
+
+    outcome = p.stage(f"vela/{variant.name}", inputs, action)
+    s = outcome.result["summary"]
+    p.console.log(f"[{p.recipe.name}] {variant.name} on {s['accelerator']} ({s['system_config']}): "
+                  f"{s.get('inference_time_ms', '?')} ms estimated, {s['npu_ops']} NPU ops, "
+                  f"{s['cpu_op_count']} CPU ops")
+    return outcome
+
+
+STAGES = ("fetch", "freeze", "strip", "quantize", "vela", "dist")
+
+
+def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOptions, until: str = "dist") -> dict:
+    """Run the chain up to `until`; with "dist" returns the manifest written to dist/<recipe>/,
+    otherwise {stage: output folder} of the stages run or found up to date."""
+    variants = [recipe.variant(name) for name in options.variants] if options.variants else list(recipe.variants)
+    planner = Planner(recipe, fetcher, console, options)
+    with folder_lock(planner.folder, options.lock_timeout, console.log):
+        fetched = _fetch(planner)
+        frozen = _freeze(planner, fetched) if until != "fetch" else None
+        stripped = _strip(planner, frozen) if until not in ("fetch", "freeze") else None
+        per_variant = {}
+        if STAGES.index(until) >= STAGES.index("quantize"):
+            for variant in variants:
+                quantized = _quantize(planner, stripped, variant)
+                entry = {"quantize": quantized}
+                if recipe.verify is not None:
+                    entry["verify"] = _verify(planner, stripped, quantized, variant)
+                if until != "quantize" and recipe.vela is not None and variant.mode in ("int8", "uint8-qat"):
+                    entry["vela"] = _vela(planner, quantized, variant)
+                per_variant[variant.name] = entry
+        if until != "dist":
+            return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
+        from .dist import assemble
+
+        return assemble(recipe, fetched, stripped, per_variant, planner.versions, options.out, console)

@@ -1,0 +1,201 @@
+"""The `mzconvert` command line. It only parses options and wires the planner and stage modules.
+
+Exit codes: 0 ok, 1 a stage failed, 2 bad input (recipe, image set, argument, file),
+3 fetch failed (no source, checksum mismatch, offline), 4 the recipe's build folder is locked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .console import Console
+from .errors import EXIT_BAD_INPUT, MzError
+from .fetch import FetchConfig, Fetcher, default_cache_dir, default_mirrors
+from .recipe import Recipe, available_recipes, load_recipe
+
+
+@dataclass
+class Context:
+    console: Console
+    fetch_config: FetchConfig
+    allow_unpinned: bool
+
+    def recipe(self, name: str) -> Recipe:
+        return load_recipe(name, allow_unpinned=self.allow_unpinned)
+
+    def fetcher(self) -> Fetcher:
+        return Fetcher(self.fetch_config)
+
+
+class _Group(click.Group):
+    """Turns MzError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MzError as exc:
+            click.echo(f"mzconvert: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="mzconvert")
+@click.option("--quiet", "-q", is_flag=True, help="Print results only, no progress.")
+@click.option("--json", "json_output", is_flag=True, help="Print results as JSON (for CI).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Content-addressed download cache [$MZCONVERT_CACHE or $XDG_CACHE_HOME/mzconvert].")
+@click.option("--mirror", "mirrors", multiple=True,
+              help="A directory or http(s) base URL to look in before the origin; repeatable "
+                   "[$MZCONVERT_MIRRORS, ':'-separated]. Files are matched by checksum.")
+@click.option("--offline", is_flag=True, help="Never download: use the cache and directory mirrors only.")
+@click.option("--allow-unpinned", is_flag=True, help="Accept sources without a checksum.")
+@click.pass_context
+def main(ctx, quiet, json_output, cache_dir, mirrors, offline, allow_unpinned):
+    """Turn published mobile-vision checkpoints into verified edge artifacts, from YAML recipes."""
+    console = Console(quiet=quiet, json_output=json_output)
+    config = FetchConfig(cache_dir=cache_dir or default_cache_dir(),
+                         mirrors=list(mirrors) or default_mirrors(), offline=offline,
+                         log=console.log, progress=console.progress)
+    ctx.obj = Context(console=console, fetch_config=config, allow_unpinned=allow_unpinned)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@main.command("list")
+@pass_context
+def list_recipes(ctx: Context):
+    """List the recipes in recipes/."""
+    rows = []
+    for name in available_recipes():
+        try:
+            r = ctx.recipe(name)
+            rows.append({"name": name, "task": r.task, "format": r.format,
+                         "variants": [v.name for v in r.variants], "description": r.description})
+        except MzError as exc:
+            rows.append({"name": name, "error": str(exc)})
+    text = "\n".join(f"{row['name']:28} {row.get('task', 'INVALID'):15} {', '.join(row.get('variants', []))}"
+                     for row in rows)
+    ctx.console.result(rows, text)
+
+
+@main.command()
+@click.argument("recipe")
+@pass_context
+def show(ctx: Context, recipe):
+    """Show a recipe as validated (defaults filled in)."""
+    r = ctx.recipe(recipe)
+    from dataclasses import asdict
+
+    payload = asdict(r)
+    payload.pop("raw")
+    ctx.console.result(payload, json.dumps(payload, indent=2, default=str))
+
+
+@main.command()
+@click.argument("recipes", nargs=-1)
+@pass_context
+def validate(ctx: Context, recipes):
+    """Validate recipes (all of recipes/ when none is named); exit 2 on the first invalid one."""
+    names = list(recipes) or available_recipes()
+    failures = []
+    for name in names:
+        try:
+            ctx.recipe(name)
+            ctx.console.log(f"{name}: ok")
+        except MzError as exc:
+            failures.append(str(exc))
+            click.echo(f"mzconvert: error: {exc}", err=True)
+    ctx.console.result({"validated": len(names) - len(failures), "errors": failures},
+                       f"{len(names) - len(failures)}/{len(names)} recipes valid")
+    if failures:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True)
+@pass_context
+def fetch(ctx: Context, recipes):
+    """Fetch and verify each recipe's source into the cache."""
+    from .build import BuildOptions, build
+
+    results = {name: build(ctx.recipe(name), ctx.fetcher(), ctx.console, BuildOptions(), until="fetch")
+               for name in recipes}
+    ctx.console.result(results, "\n".join(f"{n}: {r['fetch']}" for n, r in results.items()))
+
+
+def _build_options(f):
+    f = click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+                     help="Where dist/<recipe>/ folders go.")(f)
+    f = click.option("--build-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True,
+                     help="Where per-stage intermediate outputs and stamps go.")(f)
+    f = click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")(f)
+    f = click.option("--force", is_flag=True, help="Rerun every stage even if up to date.")(f)
+    f = click.option("--lock-timeout", type=float, default=600.0, show_default=True,
+                     help="Seconds to wait for another build of the same recipe.")(f)
+    return f
+
+
+def _options(out, build_dir, variants, force, lock_timeout, verify=False):
+    from .build import BuildOptions
+
+    return BuildOptions(out=out, build_root=build_dir, variants=list(variants) or None, force=force,
+                        lock_timeout=lock_timeout, verify_strict=verify)
+
+
+@main.command("build")
+@click.argument("recipes", nargs=-1)
+@click.option("--all", "all_recipes", is_flag=True, help="Build every recipe in recipes/.")
+@click.option("--verify", is_flag=True, help="Fail when a variant misses its declared fidelity thresholds.")
+@_build_options
+@pass_context
+def build_command(ctx: Context, recipes, all_recipes, verify, out, build_dir, variants, force, lock_timeout):
+    """Run fetch -> freeze -> strip -> quantize -> verify -> vela and write dist/<recipe>/."""
+    from .build import build
+
+    names = available_recipes() if all_recipes else list(recipes)
+    if not names:
+        raise MzError("name at least one RECIPE or pass --all", EXIT_BAD_INPUT)
+    loaded = [ctx.recipe(name) for name in names]  # validate all before building any
+    options = _options(out, build_dir, variants, force, lock_timeout, verify)
+    manifests = {r.name: build(r, ctx.fetcher(), ctx.console, options) for r in loaded}
+    ctx.console.result(manifests, "\n".join(f"{name}: {out / name}" for name in manifests))
+
+
+def _stage_command(stage: str, help_text: str):
+    @main.command(stage, help=help_text)
+    @click.argument("recipe")
+    @_build_options
+    @pass_context
+    def command(ctx: Context, recipe, out, build_dir, variants, force, lock_timeout):
+        from .build import build
+
+        folders = build(ctx.recipe(recipe), ctx.fetcher(), ctx.console,
+                        _options(out, build_dir, variants, force, lock_timeout), until=stage)
+        ctx.console.result(folders, "\n".join(f"{name}: {folder}" for name, folder in folders.items()))
+
+    return command
+
+
+_stage_command("freeze", "Fetch and freeze the source into one graph (build/<recipe>/freeze/).")
+_stage_command("strip", "Cut pre/post-processing off at the recipe's tensors (build/<recipe>/strip/).")
+_stage_command("quantize", "Convert each variant and verify it (build/<recipe>/quantize/<variant>/).")
+_stage_command("vela", "Compile the integer variants for the Ethos-U NPU (build/<recipe>/vela/<variant>/).")
+
+
+@main.command()
+@pass_context
+def matrix(ctx: Context):
+    """Print the recipes as a CI matrix (JSON): one job per recipe."""
+    include = [{"recipe": name} for name in available_recipes()]
+    ctx.console.result({"include": include}, json.dumps({"include": include}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""File-system primitives every stage uses: atomic writes, hashing and per-folder locks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import BusyError, MzError
+
+HASH_ALGORITHMS = ("sha256", "sha384", "md5")
+_CHUNK = 1 << 20
+
+
+def file_digests(path: Path, algorithms=("sha256",)) -> dict[str, str]:
+    """Hex digests of one file for several algorithms, read once."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            for h in hashers.values():
+                h.update(chunk)
+    return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+def sha256_file(path: Path) -> str:
+    return file_digests(path)["sha256"]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _explain_os_error(exc: OSError, target: Path) -> MzError:
+    if exc.errno == errno.ENOSPC:
+        return MzError(f"{target}: no space left on device while writing")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return MzError(f"{target}: cannot write here ({exc.strerror}); choose a writable --out/--cache-dir")
+    return MzError(f"{target}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside `target`; on success it is fsynced and renamed over `target`.
+
+    On any failure the temp file is removed, so `target` is either its old content or the new one,
+    never half of it.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _explain_os_error(exc, target) from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _explain_os_error(exc, target) from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(target: Path, obj) -> None:
+    write_bytes_atomic(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None] | None = None):
+    """An exclusive flock on `folder/.lock`, so two processes never write the same build folder.
+
+    Waits up to `wait_seconds` (0 = fail at once) and then fails naming the holder's pid.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_seconds
+    announced = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    raise BusyError(f"{folder}: locked by another mzconvert process (pid {holder}); "
+                                    "try again when it finishes or raise --lock-timeout")
+                if on_wait and not announced:
+                    on_wait(f"waiting for {folder} (locked by pid {holder})")
+                    announced = True
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Swap a complete staging folder in for `target` (two renames; never a half-written target)."""
+    os.chmod(staging, 0o755)  # mkdtemp made it private
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""Stage quantize: convert the stripped graph in one variant's mode, then check the result.
+
+Converters fail silently (a uint8 request on a graph without ranges returns a float model with a
+uint8 input; int8 from some QAT graphs builds but cannot run), so every artifact is read back, its
+I/O dtypes and quantization parameters compared with the recipe, and run once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .backends import backend_for
+from .errors import MzError
+from .preprocess import prepare
+from .recipe import Recipe, Variant
+from .runtime import TensorSpec, open_model
+
+
+@dataclass
+class QuantizeResult:
+    model: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def calibration_batches(images: list[Path], recipe: Recipe):
+    """The representative dataset: the calibration images through the recipe's own preprocessing."""
+    def batches() -> Iterator[np.ndarray]:
+        for path in images:
+            yield prepare(path, recipe.preprocess, recipe.input).tensor
+    return batches
+
+
+def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
+             out_dir: Path) -> QuantizeResult:
+    if variant.mode == "int8" and not calibration_images:
+        raise MzError(f"{recipe.path}: variants: {variant.name}: int8 needs calibration images, got none")
+    batches = calibration_batches(calibration_images, recipe) if calibration_images else None
+    model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
+    return check_artifact(model, recipe, variant)
+
+
+def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:
+    runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
+    problems = []
+    model_input = runner.inputs[0]
+    if len(runner.inputs) != 1:
+        problems.append(f"{len(runner.inputs)} inputs, expected 1")
+    if model_input.dtype != variant.io_dtype:
+        problems.append(f"input dtype {model_input.dtype}, expected {variant.io_dtype}")
+    if tuple(model_input.shape) != recipe.input.shape:
+        problems.append(f"input shape {list(model_input.shape)}, expected {list(recipe.input.shape)}")
+    if variant.mode in ("int8", "uint8-qat"):
+        for spec in [model_input, *runner.outputs]:
+            if spec.dtype in ("int8", "uint8") and spec.scale is None:
+                problems.append(f"tensor {spec.name} is {spec.dtype} without quantization parameters")
+        floats = runner.float_tensor_count()
+        if floats:
+            problems.append(f"not fully quantized: {floats} float32 tensors inside the model")
+    for spec in runner.outputs:
+        if variant.mode == "int8" and spec.dtype != variant.io_dtype:
+            problems.append(f"output {spec.name} dtype {spec.dtype}, expected {variant.io_dtype}")
+    if not problems:
+        outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
+        if not all(np.all(np.isfinite(o)) for o in outputs):
+            problems.append("running it once on a zero image gives non-finite outputs")
+    if problems:
+        raise MzError(f"{model}: variant {variant.name!r} ({variant.mode}) is not what the recipe asked for: "
+                      + "; ".join(problems))
+    return QuantizeResult(model=model, inputs=runner.inputs, outputs=runner.outputs)

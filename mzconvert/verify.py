@@ -1,0 +1,50 @@
+"""Fidelity of a variant: per-output cosine similarity, SQNR and max abs error against the float model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import prepare
+from .recipe import Recipe, Variant
+from .runtime import open_model
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    ref = reference.astype(np.float64).ravel()
+    got = candidate.astype(np.float64).ravel()
+    noise = np.sum((ref - got) ** 2)
+    signal = np.sum(ref ** 2)
+    norms = np.linalg.norm(ref) * np.linalg.norm(got)
+    return {
+        "cosine": float(ref @ got / norms) if norms else (1.0 if noise == 0 else 0.0),
+        "sqnr_db": float(10 * np.log10(signal / noise)) if noise else float("inf"),
+        "max_abs_error": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
+    }
+
+
+def verify_variant(model: Path, reference, recipe: Recipe, images: list[Path]) -> dict:
+    """Run `model` and the float `reference` on `images`; metrics per output over all images."""
+    runner = open_model(model, reference.output_names)
+    ref_outputs: list[list[np.ndarray]] = [[] for _ in reference.output_names]
+    got_outputs: list[list[np.ndarray]] = [[] for _ in reference.output_names]
+    for path in images:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        for i, (ref, got) in enumerate(zip(reference.run(tensor), runner.run(tensor))):
+            ref_outputs[i].append(ref)
+            got_outputs[i].append(got.reshape(ref.shape))
+    return {name: compare(np.stack(ref_outputs[i]), np.stack(got_outputs[i]))
+            for i, name in enumerate(reference.output_names)} | {"images": len(images)}
+
+
+def threshold_failures(variant: Variant, metrics: dict) -> list[str]:
+    failures = []
+    for name, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        if variant.min_cosine is not None and m["cosine"] < variant.min_cosine:
+            failures.append(f"{variant.name}/{name}: cosine {m['cosine']:.4f} < {variant.min_cosine}")
+        if variant.min_sqnr_db is not None and m["sqnr_db"] < variant.min_sqnr_db:
+            failures.append(f"{variant.name}/{name}: SQNR {m['sqnr_db']:.1f} dB < {variant.min_sqnr_db}")
+    return failures

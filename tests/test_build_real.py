@@ -1,0 +1,118 @@
+"""The real SSDLite MobileNetV2 (pedestrian) graph through every stage, as `make demo` runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import MIRROR, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    if not MIRROR.is_dir():
+        pytest.skip(f"the real-data mirror {MIRROR} is not on this machine")
+    root = tmp_path_factory.mktemp("real")
+    args = ["--cache-dir", str(root / "cache"), "--mirror", str(MIRROR), "build", "pedestrian-ssdlite",
+            "--out", str(root / "dist"), "--build-dir", str(root / "build")]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return root, args, first
+
+
+def test_dist_has_every_variant_and_md5sums_pass(built):
+    root, _, _ = built
+    dist = root / "dist" / "pedestrian-ssdlite"
+    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=dist, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    names = {p.name for p in dist.iterdir()}
+    for variant in ("float32", "float16", "dynamic", "int8-float-io", "int8"):
+        assert f"pedestrian-ssdlite_{variant}.tflite" in names
+    assert {"anchors.npy", "labels.txt", "manifest.json", "pedestrian-ssdlite_int8_vela.tflite",
+            "pedestrian-ssdlite_int8_summary_Ethos_U65_High_End.csv"} <= names
+    anchors = np.load(dist / "anchors.npy")
+    assert anchors.shape == (1917, 4) and anchors.dtype == np.float32
+
+
+def test_manifest_describes_artifacts_tensors_and_tools(built):
+    root, _, _ = built
+    dist = root / "dist" / "pedestrian-ssdlite"
+    manifest = json.loads((dist / "manifest.json").read_text())
+    assert manifest["source"]["sha256"] == "7a23982e5825c809853351c9c3e7f7dc05891513ad79b4eded4eea93198cc47a"
+    assert len(manifest["recipe_sha256"]) == 64
+    assert manifest["postprocess"]["box_coder_scales"] == [10.0, 10.0, 5.0, 5.0]
+    assert manifest["postprocess"]["count"] == 1917
+    for name, entry in manifest["artifacts"].items():
+        assert entry["size"] == (dist / name).stat().st_size
+    assert {"tensorflow", "ethos-u-vela", "ai-edge-litert", "mzconvert"} <= set(manifest["tools"])
+    int8 = manifest["variants"]["int8"]
+    assert int8["inputs"][0]["dtype"] == "int8" and int8["inputs"][0]["scale"] > 0
+    assert [o["name"] for o in int8["outputs"]] == ["concat", "concat_1"]
+    assert all(o["dtype"] == "int8" for o in int8["outputs"])
+    assert manifest["variants"]["int8-float-io"]["inputs"][0]["dtype"] == "float32"
+    vela = int8["vela"]
+    assert vela["cpu_op_count"] == 0 and vela["npu_ops"] > 100
+    assert 0 < vela["inference_time_ms"] < 100 and vela["macs"] > 5e8
+    assert manifest["variants"]["int8-float-io"]["vela"]["cpu_op_count"] == 3
+
+
+def test_every_variant_checked_against_the_float_graph_on_real_images(built):
+    root, _, first = built
+    manifest = json.loads((root / "dist" / "pedestrian-ssdlite" / "manifest.json").read_text())
+    float32 = manifest["variants"]["float32"]["verify"]
+    assert float32["images"] == 32
+    assert float32["concat"]["max_abs_error"] < 1e-3 and float32["concat_1"]["max_abs_error"] < 1e-3
+    for variant in ("float16", "dynamic", "int8-float-io", "int8"):
+        for output in ("concat", "concat_1"):
+            metrics = manifest["variants"][variant]["verify"][output]
+            assert metrics["cosine"] > 0.98, (variant, output, metrics)
+            assert metrics["sqnr_db"] > 15, (variant, output, metrics)
+    assert "int8 vs float graph, output concat_1 on 32 val images: cosine" in first.stderr
+
+
+def test_noop_rebuild_skips_every_stage_without_importing_tensorflow(built):
+    root, args, _ = built
+    before = (root / "dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text()
+    result = subprocess.run(
+        [__import__("sys").executable, "-X", "importtime", "-m", "mzconvert.cli", *args],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ": running" not in result.stderr
+    assert result.stderr.count("up to date") >= 1 + 1 + 1 + 5 * 2 + 2  # fetch freeze strip, quantize+verify, vela
+    assert "tensorflow" not in result.stderr  # -X importtime lists every imported module
+    assert (root / "dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text() == before
+
+
+def test_two_clean_builds_are_byte_identical(built, tmp_path):
+    root, _, _ = built
+    again = run_cli("--quiet", "--cache-dir", str(root / "cache"), "build", "pedestrian-ssdlite",
+                    "--variant", "float32", "--variant", "int8", "--out", str(tmp_path / "dist"),
+                    "--build-dir", str(tmp_path / "build"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    first = dict(line.split("  ")[::-1] for line in (root / "dist/pedestrian-ssdlite/MD5SUMS").read_text().splitlines())
+    second = dict(line.split("  ")[::-1] for line in (tmp_path / "dist/pedestrian-ssdlite/MD5SUMS").read_text().splitlines())
+    for name in ("pedestrian-ssdlite_float32.tflite", "pedestrian-ssdlite_int8.tflite", "anchors.npy",
+                 "pedestrian-ssdlite_int8_vela.tflite", "labels.txt"):
+        assert first[name] == second[name], name
+
+
+def test_changed_variant_reruns_only_its_stages(built, tmp_path):
+    root, _, _ = built
+    import shutil
+
+    shutil.copytree(root / "build", tmp_path / "build")
+    recipe = (Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text()
+    local = tmp_path / "pedestrian-ssdlite.yaml"
+    local.write_text(recipe.replace("calibration: coco-train2017-100, min_cosine",
+                                    "calibration: coco-train2017-100, calibration_count: 50, min_cosine"))
+    result = run_cli("--cache-dir", str(root / "cache"), "build", str(local), "--out", str(tmp_path / "dist"),
+                     "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ran = sorted(line.split("] ")[1].split(":")[0] for line in result.stderr.splitlines() if line.endswith(": running"))
+    assert ran == ["quantize/int8", "vela/int8", "verify/int8"]

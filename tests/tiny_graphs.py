@@ -1,0 +1,97 @@
+"""Tiny real TensorFlow graphs built in code: an SSD-shaped detector with pre/post-processing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+INPUT = "FeatureExtractor/input"
+OUTPUTS = ("boxes", "logits")
+SIZE = 32
+ANCHORS = 64  # 8x8 feature map after two stride-2 convolutions, one anchor per cell
+
+
+def _build_graph(tf, fake_quant: bool):
+    """uint8 image -> preprocessing -> [cut here] -> conv net -> raw SSD-like heads -> sigmoid postproc."""
+    image = tf.compat.v1.placeholder(tf.uint8, [1, SIZE, SIZE, 3], name="image_tensor")
+    x = tf.cast(image, tf.float32) * (2.0 / 255.0) - 1.0
+    x = tf.identity(x, name=INPUT)
+    rng = np.random.RandomState(0)
+
+    def conv(x, out_channels, stride, name):
+        w = tf.compat.v1.get_variable(f"{name}/weights", initializer=rng.normal(
+            0, 0.3, (3, 3, int(x.shape[-1]), out_channels)).astype(np.float32))
+        b = tf.compat.v1.get_variable(f"{name}/biases", initializer=rng.normal(0, 0.1, out_channels).astype(np.float32))
+        if fake_quant:
+            w = tf.quantization.fake_quant_with_min_max_vars(w, -1.0, 1.0, name=f"{name}/wq")
+        y = tf.nn.relu6(tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME") + b)
+        if fake_quant:
+            y = tf.quantization.fake_quant_with_min_max_vars(y, 0.0, 6.0, name=f"{name}/aq")
+        return y
+
+    if fake_quant:
+        x = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 1.0, name="input_q")
+    x = conv(x, 8, 2, "conv1")
+    x = conv(x, 16, 2, "conv2")
+    boxes = tf.reshape(conv(x, 4, 1, "box_head") - 3.0, [1, -1, 1, 4], name=OUTPUTS[0])
+    logits = tf.reshape(conv(x, 2, 1, "class_head") - 3.0, [1, -1, 2], name=OUTPUTS[1])
+    ys, xs = np.meshgrid((np.arange(8) + 0.5) / 8, (np.arange(8) + 0.5) / 8, indexing="ij")
+    centers = np.stack([ys.ravel(), xs.ravel()], 1)
+    anchors = np.concatenate([centers - 0.1, centers + 0.1], 1).astype(np.float32)
+    tf.constant(anchors, name="anchors")
+    tf.sigmoid(logits, name="scores")  # post-processing that strip removes
+
+
+def write_tiny_detector(folder: Path, fake_quant: bool = False) -> dict[str, Path]:
+    """Writes frozen.pb, a checkpoint (model.ckpt.*) and a SavedModel of the same graph."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = tf.Graph()
+    with graph.as_default():
+        _build_graph(tf, fake_quant)
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            ckpt_dir = folder / "checkpoint"
+            ckpt_dir.mkdir(exist_ok=True)
+            saver.save(session, str(ckpt_dir / "model.ckpt"))
+            frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
+                session, graph.as_graph_def(), list(OUTPUTS) + ["anchors", "scores"])
+            (folder / "frozen.pb").write_bytes(frozen.SerializeToString())
+            builder = tf.compat.v1.saved_model.Builder(str(folder / "saved_model"))
+            builder.add_meta_graph_and_variables(session, ["serve"])
+            builder.save()
+    return {"frozen": folder / "frozen.pb", "checkpoint": ckpt_dir, "saved_model": folder / "saved_model"}
+
+
+def tiny_recipe_text(source_path: Path, digest: str, fmt: str = "tf-frozen-graph", variants: str | None = None,
+                     images: Path | None = None) -> str:
+    variants = variants or "  - {name: float32, mode: float32}\n"
+    verify = f"verify:\n  images: {images}\n" if images else ""
+    return f"""name: tiny
+task: detection
+description: tiny SSD-shaped test graph
+license: test
+source:
+  url: {source_path.as_uri()}
+  sha256: {digest}
+format: {fmt}
+input:
+  name: {INPUT}
+  shape: [1, {SIZE}, {SIZE}, 3]
+preprocess:
+  scale: 0.00784313725490196
+  offset: -1.0
+strip:
+  outputs: [{OUTPUTS[0]}, {OUTPUTS[1]}]
+postprocess:
+  kind: ssd
+  anchors_tensor: anchors
+  box_coder_scales: [10, 10, 5, 5]
+  box_output: {OUTPUTS[0]}
+  class_output: {OUTPUTS[1]}
+  labels: [thing]
+variants:
+{variants}{verify}"""
