@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -55,7 +56,11 @@ class StageOutcome:
         return self.folder / self.result[key]
 
     def sha256(self, key: str) -> str:
-        return self.result["files"][self.result[key]]
+        """The output's sha256; for a folder output (checkpoint, SavedModel), a digest of all its files."""
+        name, files = self.result[key], self.result["files"]
+        if name in files:
+            return files[name]
+        return _canonical_hash(sorted((path, digest) for path, digest in files.items() if path.startswith(name + "/")))
 
 
 @dataclass
@@ -123,29 +128,35 @@ class Planner:
 
 
 # -- the stages, wired ---------------------------------------------------------------------------
-def _fetch(p: Planner) -> StageOutcome:
-    source = p.recipe.raw["source"]
+def _chain_suffix(recipe: Recipe, member: str | None) -> str:
+    """Stage-name suffix of the model chain built from `member` ('' for the source's own member)."""
+    if member == recipe.source.member:
+        return ""
+    return "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", member.strip("/"))
 
+
+def _fetch(p: Planner, member: str | None) -> StageOutcome:
     def action(out: Path) -> dict:
-        model = p.fetcher.fetch_source(p.recipe.source, out)
+        model = p.fetcher.fetch_source(p.recipe.source, out, member)
         return {"model": str(model.relative_to(out))}
 
-    return p.stage("fetch", {"source": source, "mzconvert": __version__}, action)
+    inputs = {"source": p.recipe.raw["source"], "member": member, "mzconvert": __version__}
+    return p.stage("fetch" + _chain_suffix(p.recipe, member), inputs, action)
 
 
-def _freeze(p: Planner, fetched: StageOutcome) -> StageOutcome:
+def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
     from .freeze import freeze
 
     inputs = {"source": fetched.sha256("model"), "format": p.recipe.format,
-              "strip": p.recipe.raw.get("strip"), "tools": p.versions}
+              "strip": p.recipe.raw.get("strip"), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
 
     def action(out: Path) -> dict:
         return {"model": freeze(fetched.path("model"), p.recipe, out).name}
 
-    return p.stage("freeze", inputs, action)
+    return p.stage("freeze" + suffix, inputs, action)
 
 
-def _strip(p: Planner, frozen: StageOutcome) -> StageOutcome:
+def _strip(p: Planner, frozen: StageOutcome, suffix: str) -> StageOutcome:
     from .strip import strip
 
     raw = p.recipe.raw
@@ -156,7 +167,18 @@ def _strip(p: Planner, frozen: StageOutcome) -> StageOutcome:
         result = strip(frozen.path("model"), p.recipe, out)
         return {"model": result.model.name, "extras": [e.name for e in result.extras], **result.metadata}
 
-    return p.stage("strip", inputs, action)
+    return p.stage("strip" + suffix, inputs, action)
+
+
+def _model_chain(p: Planner, member: str | None, until: str) -> list[StageOutcome]:
+    """fetch -> freeze -> strip for one archive member, as far as `until` asks."""
+    suffix = _chain_suffix(p.recipe, member)
+    chain = [_fetch(p, member)]
+    if until != "fetch":
+        chain.append(_freeze(p, chain[-1], suffix))
+    if until not in ("fetch", "freeze"):
+        chain.append(_strip(p, chain[-1], suffix))
+    return chain
 
 
 def _image_paths(p: Planner, spec: str, count: int | None) -> tuple[str, Callable[[], list[Path]]]:
@@ -248,14 +270,15 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
     variants = [recipe.variant(name) for name in options.variants] if options.variants else list(recipe.variants)
     planner = Planner(recipe, fetcher, console, options)
     with folder_lock(planner.folder, options.lock_timeout, console.log):
-        fetched = _fetch(planner)
-        frozen = _freeze(planner, fetched) if until != "fetch" else None
-        stripped = _strip(planner, frozen) if until not in ("fetch", "freeze") else None
+        chains = {}
+        for member in dict.fromkeys(recipe.member_for(v) for v in variants):
+            chains[member] = _model_chain(planner, member, until)
         per_variant = {}
         if STAGES.index(until) >= STAGES.index("quantize"):
             for variant in variants:
+                stripped = chains[recipe.member_for(variant)][-1]
                 quantized = _quantize(planner, stripped, variant)
-                entry = {"quantize": quantized}
+                entry = {"quantize": quantized, "chain": chains[recipe.member_for(variant)]}
                 if recipe.verify is not None:
                     entry["verify"] = _verify(planner, stripped, quantized, variant)
                 if until != "quantize" and recipe.vela is not None and variant.mode in ("int8", "uint8-qat"):
@@ -265,4 +288,4 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
         from .dist import assemble
 
-        return assemble(recipe, fetched, stripped, per_variant, planner.versions, options.out, console)
+        return assemble(recipe, per_variant, planner.versions, options.out, console)

@@ -24,16 +24,19 @@ def write_md5sums(folder: Path, files: list[Path]) -> Path:
     return target
 
 
-def assemble(recipe: Recipe, fetched, stripped, per_variant: dict, versions: dict, out_root: Path,
-             console: Console) -> dict:
+def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, console: Console) -> dict:
+    """per_variant: variant name -> {"chain": [fetch, freeze, strip outcomes], "quantize", "verify", "vela"}."""
     out_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=out_root))
     try:
-        copies: list[tuple[Path, str]] = [(stripped.folder / extra, extra) for extra in stripped.result.get("extras", [])]
+        strips = {id(v["chain"][-1]): v["chain"][-1] for v in per_variant.values()}.values()
+        copies: list[tuple[Path, str]] = [(s.folder / extra, extra) for s in strips for extra in s.result.get("extras", [])]
+        anchors = next((s.result["anchors"] for s in strips if "anchors" in s.result), {})
+        fetched = {v["chain"][0].result["model"] for v in per_variant.values()}
         variants = {}
         for name, stages in per_variant.items():
             quantized = stages["quantize"]
-            entry = {"mode": quantized.result["mode"], "io_dtype": quantized.result["io_dtype"],
+            entry = {"source_file": stages["chain"][0].result["model"], "mode": quantized.result["mode"], "io_dtype": quantized.result["io_dtype"],
                      "file": quantized.result["model"], "inputs": quantized.result["inputs"],
                      "outputs": quantized.result["outputs"]}
             copies.append((quantized.path("model"), quantized.result["model"]))
@@ -58,12 +61,11 @@ def assemble(recipe: Recipe, fetched, stripped, per_variant: dict, versions: dic
             "recipe": recipe.name,
             "recipe_sha256": recipe.text_sha256,
             "task": recipe.task,
-            "source": {"file": fetched.result["model"], **recipe.source.checksums,
+            "source": {"files": sorted(fetched), **recipe.source.checksums,
                        "size": recipe.source.size, "url": recipe.source.url, "pypi": recipe.source.pypi},
             "input": {"name": recipe.input.name, "shape": list(recipe.input.shape), "layout": recipe.input.layout,
                       "preprocess": recipe.raw.get("preprocess")},
-            "postprocess": (stripped.result.get("anchors") or {}) | ({"labels": list(recipe.postprocess.labels)}
-                                                                    if recipe.postprocess else {}),
+            "postprocess": anchors | ({"labels": list(recipe.postprocess.labels)} if recipe.postprocess else {}),
             "variants": variants,
             "artifacts": artifacts,
             "tools": versions,

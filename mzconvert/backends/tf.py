@@ -47,6 +47,16 @@ def _node_name(tensor: str) -> str:
     return tensor.split(":", 1)[0]
 
 
+def _node_names(tensors: Iterable[str]) -> list[str]:
+    """Distinct node names, in order (TFLite_Detection_PostProcess:1..3 are one node)."""
+    return list(dict.fromkeys(_node_name(t) for t in tensors))
+
+
+def _converter_name(tensor: str) -> str:
+    """The converter wants bare names for output 0 ('x:0' is rejected) and 'x:k' for the others."""
+    return tensor[:-2] if tensor.endswith(":0") else tensor
+
+
 def check_tensors(recipe: Recipe, field: str, names: Iterable[str], graph_nodes: list[str]) -> None:
     """Every name must be a node of the graph; otherwise say which and list close matches."""
     known = set(graph_nodes)
@@ -57,17 +67,24 @@ def check_tensors(recipe: Recipe, field: str, names: Iterable[str], graph_nodes:
             raise RecipeError(f"{recipe.path}: {field}: tensor {name!r} is not in the graph{hint}")
 
 
-def _apply_node_attrs(graph_def, edits: dict[str, dict]) -> None:
-    """Set attributes of named nodes (e.g. TFLite_Detection_PostProcess thresholds)."""
+def apply_graph_edits(graph_def, recipe: Recipe) -> None:
+    """Set attributes of named nodes (e.g. TFLite_Detection_PostProcess thresholds), type-checked."""
     tf = _tf()
     nodes = {n.name: n for n in graph_def.node}
-    for node_name, attrs in edits.items():
+    check_tensors(recipe, "graph_edits", recipe.graph_edits, list(nodes))
+    for node_name, attrs in recipe.graph_edits.items():
         node = nodes[node_name]
         for key, value in attrs.items():
+            where = f"{recipe.path}: graph_edits.{node_name}.{key}"
+            if key not in node.attr:
+                close = difflib.get_close_matches(key, list(node.attr), n=3)
+                raise RecipeError(f"{where}: node has no attribute {key!r}"
+                                  + (f"; it has {', '.join(close)}" if close else f"; it has {', '.join(sorted(node.attr))}"))
             kind = node.attr[key].WhichOneof("value")
-            if kind is None:
-                raise MzError(f"node {node_name!r} has no attribute {key!r}")
-            node.attr[key].CopyFrom(tf.compat.v1.AttrValue(**{kind: value}))
+            expected = {"f": (int, float), "i": (int,), "b": (bool,), "s": (str,)}.get(kind)
+            if expected is None or not isinstance(value, expected) or (kind != "b" and isinstance(value, bool)):
+                raise RecipeError(f"{where}: {value!r} does not fit the attribute's type ({kind})")
+            node.attr[key].CopyFrom(tf.compat.v1.AttrValue(**{kind: value.encode() if kind == "s" else value}))
 
 
 # -- freeze --------------------------------------------------------------------------------------
@@ -77,8 +94,13 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     target = out_dir / "frozen.pb"
     if recipe.format == "tf-frozen-graph":
         graph_def = read_graph_def(source)
+        apply_graph_edits(graph_def, recipe)
         return _write_graph_def(graph_def, target)
-    outputs = [_node_name(t) for t in (recipe.strip.outputs if recipe.strip else ())]
+    # Keep what strip will need: the outputs, and the tensor the SSD anchors are read from.
+    keep = list(recipe.strip.outputs if recipe.strip else ())
+    if recipe.postprocess is not None:
+        keep.append(recipe.postprocess.anchors_tensor)
+    outputs = _node_names(keep)
     if not outputs:
         raise RecipeError(f"{recipe.path}: strip.outputs: needed to freeze a {recipe.format} source")
     graph = tf.Graph()
@@ -92,6 +114,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
         check_tensors(recipe, "strip.outputs", outputs, [n.name for n in graph.as_graph_def().node])
         frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
             session, graph.as_graph_def(), outputs)
+    apply_graph_edits(frozen, recipe)
     return _write_graph_def(frozen, target)
 
 
@@ -135,7 +158,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     rewired.library.CopyFrom(graph_def.library)
     for node in graph_def.node:
         rewired.node.append(placeholder if node.name == input_node else node)
-    stripped = tf.compat.v1.graph_util.extract_sub_graph(rewired, [_node_name(o) for o in cut.outputs])
+    stripped = tf.compat.v1.graph_util.extract_sub_graph(rewired, _node_names(cut.outputs))
     model = _write_graph_def(stripped, out_dir / "stripped.pb")
     metadata["nodes"] = {"before": len(graph_def.node), "after": len(stripped.node)}
     return StripResult(model=model, extras=extras, metadata=metadata)
@@ -184,7 +207,7 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
     cut = recipe.strip
     converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
         str(model), input_arrays=[_node_name(cut.inputs[0])],
-        output_arrays=[_node_name(o) for o in cut.outputs],
+        output_arrays=[_converter_name(o) for o in cut.outputs],
         # Without explicit shapes a cut placeholder fails with a misleading MLIR error.
         input_shapes={_node_name(cut.inputs[0]): list(recipe.input.shape)})
     if variant.mode == "float16":

@@ -1,0 +1,176 @@
+"""TF backend on tiny real graphs built in code: freeze formats, strip errors, all five modes, graph edits."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mzconvert.build import BuildOptions, build
+from mzconvert.console import Console
+from mzconvert.errors import MzError, RecipeError
+from mzconvert.fetch import FetchConfig, Fetcher
+from mzconvert.recipe import load_recipe
+from mzconvert.runtime import open_model
+from tests.conftest import MIRROR
+from tests.tiny_graphs import INPUT, SIZE, tiny_recipe_text, write_tiny_detector
+
+TRAIN = MIRROR / "coco" / "train2017"
+VAL = MIRROR / "coco" / "val2017"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_detector(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_qat(tmp_path_factory):
+    return write_tiny_detector(tmp_path_factory.mktemp("tiny_qat"), fake_quant=True)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tar_folder(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+def run(tmp_path, text: str, variants=None, until="dist"):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(text)
+    recipe = load_recipe(recipe_path)
+    fetcher = Fetcher(FetchConfig(cache_dir=tmp_path / "cache", mirrors=[]))
+    options = BuildOptions(out=tmp_path / "dist", build_root=tmp_path / "build", variants=variants)
+    return build(recipe, fetcher, Console(quiet=True), options, until=until)
+
+
+def with_member(text: str, member: str) -> str:
+    return text.replace("source:\n", f"source:\n  member: {member}\n")
+
+
+ALL_MODES = f"""  - {{name: f32, mode: float32}}
+  - {{name: f16, mode: float16}}
+  - {{name: dyn, mode: dynamic}}
+  - {{name: i8f, mode: int8, io_dtype: float32, calibration: {TRAIN}, calibration_count: 8}}
+  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 8}}
+  - {{name: u8, mode: int8, io_dtype: uint8, calibration: {TRAIN}, calibration_count: 8}}
+"""
+
+
+def test_all_modes_have_the_io_dtypes_asked_for_and_track_the_float_graph(tmp_path, tiny, mirror):
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES, images=VAL)
+    manifest = run(tmp_path, text.replace(f"images: {VAL}", f"images: {VAL}\n  count: 4"))
+    expected = {"f32": "float32", "f16": "float32", "dyn": "float32", "i8f": "float32", "i8": "int8", "u8": "uint8"}
+    for name, dtype in expected.items():
+        v = manifest["variants"][name]
+        assert v["inputs"][0]["dtype"] == dtype
+        assert [o["dtype"] for o in v["outputs"]] == [dtype, dtype]
+        assert v["verify"]["images"] == 4
+        assert v["verify"]["logits"]["cosine"] > 0.95, (name, v["verify"])
+    assert manifest["variants"]["f32"]["verify"]["boxes"]["max_abs_error"] < 1e-4
+    anchors = np.load(tmp_path / "dist" / "tiny" / "anchors.npy")
+    assert anchors.shape == (64, 4)
+    sizes = {n: a["size"] for n, a in manifest["artifacts"].items()}
+    assert sizes["tiny_i8.tflite"] < sizes["tiny_f32.tflite"]
+
+
+@pytest.mark.parametrize("fmt, key, member", [("tf-checkpoint", "checkpoint", "checkpoint"),
+                                              ("tf-saved-model", "saved_model", "saved_model")])
+def test_checkpoint_and_saved_model_freeze_to_the_same_function(tmp_path, tiny, fmt, key, member):
+    archive = tar_folder(tiny[key], tmp_path / f"{key}.tar.gz")
+    text = with_member(tiny_recipe_text(archive, sha256(archive), fmt=fmt), member)
+    folders = run(tmp_path, text, until="strip")
+    stripped = Path(folders["strip"]) / "stripped.pb"
+    reference = Path(run(tmp_path / "ref", tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"])),
+                         until="strip")["strip"]) / "stripped.pb"
+    from mzconvert.backends.tf import GraphRunner
+
+    recipe = load_recipe(tmp_path / "tiny.yaml")
+    x = np.random.RandomState(1).uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    for got, want in zip(GraphRunner(stripped, recipe).run(x), GraphRunner(reference, recipe).run(x)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_uint8_qat_honours_fake_quant_ranges(tmp_path, tiny_qat):
+    text = tiny_recipe_text(tiny_qat["frozen"], sha256(tiny_qat["frozen"]),
+                            variants="  - {name: qat, mode: uint8-qat, quantized_input_stats: {mean: 127.5, std: 127.5}}\n")
+    manifest = run(tmp_path, text)
+    qat = manifest["variants"]["qat"]
+    assert qat["inputs"][0]["dtype"] == "uint8"
+    assert qat["inputs"][0]["scale"] == pytest.approx(1 / 127.5, rel=1e-3)
+    model = open_model(tmp_path / "dist" / "tiny" / "tiny_qat.tflite")
+    assert model.float_tensor_count() == 0
+
+
+def test_uint8_qat_without_ranges_is_caught_not_shipped(tmp_path, tiny):
+    """The converter silently returns a float model with a uint8 input here; the check refuses it."""
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants="  - {name: qat, mode: uint8-qat}\n")
+    with pytest.raises(MzError, match="variant 'qat' \\(uint8-qat\\) is not what the recipe asked for"):
+        run(tmp_path, text)
+    assert not (tmp_path / "dist" / "tiny").exists()
+
+
+def test_unknown_strip_tensor_lists_close_matches(tmp_path, tiny):
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"])).replace("outputs: [boxes, logits]",
+                                                                            "outputs: [boxes, logit]")
+    text = text.replace("class_output: logits", "class_output: logit")
+    with pytest.raises(RecipeError, match=r"strip.outputs: tensor 'logit' is not in the graph; close matches: logits"):
+        run(tmp_path, text)
+
+
+def test_graph_edits_set_typed_attributes(tmp_path, tiny):
+    base = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]))
+    folders = run(tmp_path, base + "graph_edits:\n  conv1/Conv2D: {use_cudnn_on_gpu: false}\n", until="freeze")
+    from mzconvert.backends.tf import read_graph_def
+
+    node = next(n for n in read_graph_def(Path(folders["freeze"]) / "frozen.pb").node if n.name == "conv1/Conv2D")
+    assert node.attr["use_cudnn_on_gpu"].b is False
+    with pytest.raises(RecipeError, match="graph_edits.conv1/Conv2D.use_cudnn: node has no attribute"):
+        run(tmp_path / "a", base + "graph_edits:\n  conv1/Conv2D: {use_cudnn: false}\n", until="freeze")
+    with pytest.raises(RecipeError, match="does not fit the attribute's type"):
+        run(tmp_path / "b", base + "graph_edits:\n  conv1/Conv2D: {use_cudnn_on_gpu: 3}\n", until="freeze")
+    with pytest.raises(RecipeError, match="graph_edits: tensor 'conv9' is not in the graph"):
+        run(tmp_path / "c", base + "graph_edits:\n  conv9: {x: 1}\n", until="freeze")
+
+
+def test_corrupt_model_file_is_a_clean_error(tmp_path):
+    bad = tmp_path / "bad.pb"
+    bad.write_bytes(b"\x0a\xff\xff\xff garbage that is no protobuf")
+    with pytest.raises(MzError, match="bad.pb: not a TensorFlow GraphDef"):
+        run(tmp_path, tiny_recipe_text(bad, sha256(bad)), until="freeze")
+
+
+def test_undecodable_calibration_image_is_named(tmp_path, tiny):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "fine.jpg").write_bytes((TRAIN / sorted(p.name for p in TRAIN.iterdir() if p.suffix == ".jpg")[0]).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    variants = f"  - {{name: i8, mode: int8, calibration: {folder}}}\n"
+    with pytest.raises(MzError, match="broken.jpg: not a decodable image"):
+        run(tmp_path, tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants))
+
+
+def test_variant_member_builds_its_own_chain(tmp_path, tiny, tiny_qat):
+    """One archive, two graphs (like MobileDet's fp32/ and uint8/): each variant converts its own."""
+    root = tmp_path / "zoo"
+    (root / "fp32").mkdir(parents=True)
+    (root / "uint8").mkdir()
+    (root / "fp32" / "graph.pb").write_bytes(tiny["frozen"].read_bytes())
+    (root / "uint8" / "graph.pb").write_bytes(tiny_qat["frozen"].read_bytes())
+    archive = tar_folder(root, tmp_path / "zoo.tar.gz")
+    variants = ("  - {name: f32, mode: float32}\n"
+                "  - {name: qat, mode: uint8-qat, member: zoo/uint8/graph.pb}\n")
+    text = with_member(tiny_recipe_text(archive, sha256(archive), variants=variants), "zoo/fp32/graph.pb")
+    manifest = run(tmp_path, text)
+    assert manifest["variants"]["f32"]["source_file"] == "zoo/fp32/graph.pb"
+    assert manifest["variants"]["qat"]["source_file"] == "zoo/uint8/graph.pb"
+    assert manifest["variants"]["qat"]["inputs"][0]["dtype"] == "uint8"
+    assert (tmp_path / "build" / "tiny" / "strip-zoo-uint8-graph.pb").is_dir()
