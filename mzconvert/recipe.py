@@ -88,17 +88,24 @@ class Strip:
 
 
 @dataclass(frozen=True)
-class SsdPostprocess:
-    """How to decode the raw SSD outputs that strip leaves (the post-processor is cut off)."""
+class Postprocess:
+    """How detections come out of the deployed model.
 
-    anchors_tensor: str  # evaluated once in the source graph and exported as anchors.npy
-    box_coder_scales: tuple[float, float, float, float]  # y, x, h, w
-    box_output: str
-    class_output: str
-    score: str  # sigmoid | softmax
-    background_class: bool  # logits[..., 0] is background
+    kind `ssd`: raw SSD outputs (the post-processor was stripped); decoded with the anchors evaluated
+    from `anchors_tensor` and exported as anchors.npy, and the box-coder scales.
+    kind `tflite-detection-postprocess`: the model ends in TFLite_Detection_PostProcess (boxes,
+    classes, scores, count); classes are 0-based without background.
+    """
+
+    kind: str
     labels: tuple[str, ...]
     category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
+    anchors_tensor: str | None = None
+    box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
+    box_output: str | None = None
+    class_output: str | None = None
+    score: str = "sigmoid"  # sigmoid | softmax
+    background_class: bool = True  # logits[..., 0] is background
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,7 @@ class Recipe:
     input: InputSpec
     preprocess: Preprocess
     strip: Strip | None
-    postprocess: SsdPostprocess | None
+    postprocess: Postprocess | None
     variants: tuple[Variant, ...]
     vela: VelaTarget | None
     verify: VerifySpec | None
@@ -399,22 +406,28 @@ def _parse_strip(r: _Reader, model_input: InputSpec) -> Strip:
     return Strip(inputs=inputs, outputs=tuple(r.list_of("outputs", _Reader.as_string)))
 
 
-def _parse_postprocess(r: _Reader, strip: Strip | None) -> SsdPostprocess:
-    r.mapping(("kind", "anchors_tensor", "box_coder_scales", "box_output", "class_output", "score",
-               "background_class", "labels", "category_ids"))
-    r.string("kind", choices=("ssd",))
-    scales = tuple(r.list_of("box_coder_scales", _Reader.as_number, length=4))
+def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
+    ssd_fields = ("anchors_tensor", "box_coder_scales", "box_output", "class_output", "score", "background_class")
+    r.mapping(("kind", "labels", "category_ids") + ssd_fields)
+    kind = r.string("kind", choices=("ssd", "tflite-detection-postprocess"))
     labels = tuple(r.list_of("labels", _Reader.as_string))
     category_ids = r.list_of("category_ids", _Reader.as_dimension, required=False)
     category_ids = tuple(category_ids) if category_ids else tuple(range(1, len(labels) + 1))
     if len(category_ids) != len(labels):
         raise r.fail(f"{len(category_ids)} category ids for {len(labels)} labels",
                      r._child_where("category_ids"))
-    post = SsdPostprocess(
-        anchors_tensor=r.string("anchors_tensor"), box_coder_scales=scales,
+    if kind != "ssd":
+        for key in ssd_fields:
+            if r.has(key):
+                raise r.fail(f"only kind ssd takes {key}", r._child_where(key))
+        return Postprocess(kind=kind, labels=labels, category_ids=category_ids)
+    post = Postprocess(
+        kind=kind, labels=labels, category_ids=category_ids,
+        anchors_tensor=r.string("anchors_tensor"),
+        box_coder_scales=tuple(r.list_of("box_coder_scales", _Reader.as_number, length=4)),
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
-        background_class=r.boolean("background_class", True), labels=labels, category_ids=category_ids)
+        background_class=r.boolean("background_class", True))
     outputs = strip.outputs if strip else ()
     for key in ("box_output", "class_output"):
         if getattr(post, key) not in outputs:

@@ -184,3 +184,23 @@ def test_safe_archive_member_and_folder_extract(tmp_path):
     garbage.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(FetchError, match="corrupt or unreadable archive"):
         extract_member(garbage, "x", tmp_path / "g")
+
+
+def test_trust_on_first_use_pins_then_refuses_a_different_file(tmp_path, http_server):
+    from mzconvert.recipe import Source
+
+    http_server.files["/zoo/model.tar.gz"] = PAYLOAD
+    source = Source(url=http_server.url + "/zoo/model.tar.gz", pypi=None, member=None, size=None, checksums={},
+                    trust_on_first_use=True)
+    lock_file = tmp_path / "recipes.lock"
+    messages = []
+    f = Fetcher(FetchConfig(cache_dir=tmp_path / "cache", mirrors=[], log=messages.append, lock_file=lock_file))
+    first = f.fetch_source(source, tmp_path / "one")
+    assert first.read_bytes() == PAYLOAD
+    assert any(m.startswith("TRUST ON FIRST USE") and hashlib.sha256(PAYLOAD).hexdigest() in m for m in messages)
+    assert hashlib.sha256(PAYLOAD).hexdigest() in lock_file.read_text()
+
+    http_server.files["/zoo/model.tar.gz"] = b"Q" + PAYLOAD[1:]  # the origin now serves other bytes
+    f2 = Fetcher(FetchConfig(cache_dir=tmp_path / "cache2", mirrors=[], lock_file=lock_file))
+    with pytest.raises(FetchError, match="no source served a file matching sha256"):
+        f2.fetch_source(source, tmp_path / "two")

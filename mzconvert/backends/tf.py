@@ -98,7 +98,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
         return _write_graph_def(graph_def, target)
     # Keep what strip will need: the outputs, and the tensor the SSD anchors are read from.
     keep = list(recipe.strip.outputs if recipe.strip else ())
-    if recipe.postprocess is not None:
+    if recipe.postprocess is not None and recipe.postprocess.anchors_tensor:
         keep.append(recipe.postprocess.anchors_tensor)
     outputs = _node_names(keep)
     if not outputs:
@@ -140,7 +140,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
 
     metadata: dict = {}
     extras: list[Path] = []
-    if recipe.postprocess is not None:
+    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
         check_tensors(recipe, "postprocess.anchors_tensor", [recipe.postprocess.anchors_tensor], names)
         anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)
         anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
@@ -225,7 +225,8 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
     elif variant.mode == "uint8-qat":
         converter.inference_type = tf.uint8
         converter.quantized_input_stats = {_node_name(cut.inputs[0]): variant.quantized_input_stats}
-        converter.allow_custom_ops = True
+    # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
+    converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
     try:
         flatbuffer = converter.convert()
     except Exception as exc:  # the converter raises ConverterError and a zoo of others
