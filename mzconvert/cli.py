@@ -188,6 +188,66 @@ _stage_command("quantize", "Convert each variant and verify it (build/<recipe>/q
 _stage_command("vela", "Compile the integer variants for the Ethos-U NPU (build/<recipe>/vela/<variant>/).")
 
 
+@main.command("eval")
+@click.argument("recipe")
+@click.option("--dataset", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="COCO folder (annotations/instances_<split>*.json + <split>/) or a folder of labelled images.")
+@click.option("--split", default="val2017", show_default=True, help="COCO split folder and annotation prefix.")
+@click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
+@click.option("--reference", "references", multiple=True, type=click.Path(path_type=Path, exists=True),
+              help="Another .tflite/.onnx to put in the same table (e.g. a published model).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@click.option("--build-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True)
+@pass_context
+def eval_command(ctx: Context, recipe, dataset, split, variants, references, out, build_dir):
+    """Accuracy of every built variant (and the float source graph) on the same images."""
+    from .evaluate import run_eval
+    from .report import eval_table
+
+    r = ctx.recipe(recipe)
+    evaluation, manifest = run_eval(r, dataset, split, list(variants), list(references), out, build_dir, ctx.console)
+    ctx.console.result(evaluation, eval_table(evaluation, manifest))
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
+@click.option("--runs", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@pass_context
+def bench(ctx: Context, recipe, variants, runs, warmup, threads, out):
+    """CPU latency (median, p90) and peak memory of every built artifact, one fresh process each."""
+    from .fsio import write_json_atomic
+    from .measure import measure_in_child
+    from .report import bench_table, load_manifest
+
+    r = ctx.recipe(recipe)
+    manifest = load_manifest(out, r.name)
+    results = {}
+    for name, variant in manifest["variants"].items():
+        if variants and name not in variants:
+            continue
+        ctx.console.log(f"bench: {name} ({runs} runs, {threads} thread(s))")
+        results[name] = measure_in_child(out / r.name / variant["file"], runs, warmup, threads)
+    payload = {"recipe": r.name, "runs": runs, "warmup": warmup, "threads": threads, "results": results}
+    write_json_atomic(out / r.name / "bench.json", payload)
+    ctx.console.result(payload, bench_table(payload))
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@pass_context
+def report(ctx: Context, recipe, out):
+    """Write report.md, report.json and PNG plots into dist/<recipe>/ from its eval and bench results."""
+    from .report import write_report
+
+    written = write_report(out / ctx.recipe(recipe).name)
+    ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))
+
+
 @main.command()
 @pass_context
 def matrix(ctx: Context):

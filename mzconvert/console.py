@@ -35,8 +35,8 @@ class Console:
     def result(self, payload, text: str | None = None) -> None:
         """The command's result: JSON with --json, else the text (or the payload pretty-printed)."""
         if self.json_output:
-            print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            print(json.dumps(payload, indent=2, default=str))
         elif text is not None:
             print(text)
         else:
-            print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            print(json.dumps(payload, indent=2, default=str))

@@ -116,3 +116,50 @@ def test_changed_variant_reruns_only_its_stages(built, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ran = sorted(line.split("] ")[1].split(":")[0] for line in result.stderr.splitlines() if line.endswith(": running"))
     assert ran == ["quantize/int8", "vela/int8", "verify/int8"]
+
+
+def coco_subset(folder: Path, count: int) -> Path:
+    """The first `count` mirror val2017 images with exactly their official annotations."""
+    source = MIRROR / "coco"
+    data = json.loads((source / "annotations" / "instances_val2017_subset.json").read_text())
+    images = sorted(data["images"], key=lambda i: i["file_name"])[:count]
+    ids = {i["id"] for i in images}
+    (folder / "val2017").mkdir(parents=True)
+    (folder / "annotations").mkdir()
+    for image in images:
+        (folder / "val2017" / image["file_name"]).symlink_to(source / "val2017" / image["file_name"])
+    data |= {"images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    (folder / "annotations" / "instances_val2017_subset.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_eval_bench_report_on_real_images(built, tmp_path):
+    root, _, _ = built
+    where = ["--out", str(root / "dist"), "--build-dir", str(root / "build")]
+    dataset = coco_subset(tmp_path / "coco", 24)
+    result = run_cli("--json", "--quiet", "eval", "pedestrian-ssdlite", "--dataset", str(dataset), *where)
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluation = json.loads(result.stdout)
+    rows = evaluation["results"]
+    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io", "int8"]
+    assert evaluation["images"] == 24 and "person" in evaluation["scope"]
+    assert rows["source-graph"]["AP"] > 0.05
+    assert abs(rows["float32"]["AP"] - rows["source-graph"]["AP"]) < 0.01
+    assert rows["int8"]["AP"] > 0.8 * rows["float32"]["AP"]
+
+    dist = ["--out", str(root / "dist")]
+    bench = run_cli("--json", "--quiet", "bench", "pedestrian-ssdlite", "--runs", "3", "--warmup", "1", *dist)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    latency = json.loads(bench.stdout)["results"]
+    assert set(latency) == {"float32", "float16", "dynamic", "int8-float-io", "int8"}
+    assert all(r["median_ms"] > 0 and r["peak_rss_mb"] > 10 for r in latency.values())
+
+    report = run_cli("--quiet", "report", "pedestrian-ssdlite", *dist)
+    assert report.returncode == 0, report.stderr[-2000:]
+    folder = root / "dist" / "pedestrian-ssdlite"
+    for name in ("report.md", "report.json", "accuracy.png", "latency.png", "accuracy_vs_size.png"):
+        assert (folder / name).stat().st_size > 100, name
+    assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not full COCO" in (folder / "report.md").read_text()
+    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=folder, capture_output=True, text=True)
+    assert check.returncode == 0 and "report.md: OK" in check.stdout

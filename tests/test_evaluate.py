@@ -1,0 +1,87 @@
+"""Scoring and decoding: exact AP on hand-made COCO files; our SSD decode equals the graph's post-processor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mzconvert.evaluate import coco_ap, decode_ssd_boxes, nms, ssd_detections
+from tests.conftest import MIRROR, PEDESTRIAN_PB
+
+
+def write_coco(path, boxes_per_image):
+    images = [{"id": i + 1, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in range(len(boxes_per_image))]
+    annotations = [{"id": k + 1, "image_id": i + 1, "category_id": 1, "bbox": box, "area": box[2] * box[3],
+                    "iscrowd": 0}
+                   for k, (i, box) in enumerate((i, b) for i, bs in enumerate(boxes_per_image) for b in bs)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}]}))
+    return path
+
+
+def det(image_id, box, score, category=1):
+    return {"image_id": image_id, "category_id": category, "bbox": box, "score": score}
+
+
+def test_perfect_detections_score_ap_one(tmp_path):
+    truth = write_coco(tmp_path / "gt.json", [[[10, 10, 40, 40]], [[50, 20, 30, 60]]])
+    ap = coco_ap(truth, [det(1, [10, 10, 40, 40], 0.9), det(2, [50, 20, 30, 60], 0.8)], [1])
+    assert ap == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0), "AP75": pytest.approx(1.0)}
+
+
+def test_half_recall_scores_exactly_51_of_101(tmp_path):
+    """One of two objects found, at the top score: precision 1 up to recall 0.5 -> 51 of 101 recall points."""
+    truth = write_coco(tmp_path / "gt.json", [[[10, 10, 40, 40]], [[50, 20, 30, 60]]])
+    ap = coco_ap(truth, [det(1, [10, 10, 40, 40], 0.9), det(2, [0, 0, 10, 10], 0.8)], [1])
+    assert ap["AP"] == pytest.approx(51 / 101)
+
+
+def test_false_positive_ranked_first_halves_precision(tmp_path):
+    """A false positive above the only true positive: precision 0.5 at every recall -> AP 0.5."""
+    truth = write_coco(tmp_path / "gt.json", [[[10, 10, 40, 40]]])
+    ap = coco_ap(truth, [det(1, [60, 60, 10, 10], 0.9), det(1, [10, 10, 40, 40], 0.5)], [1])
+    assert ap["AP"] == pytest.approx(0.5)
+
+
+def test_category_filter_ignores_other_classes(tmp_path):
+    truth = write_coco(tmp_path / "gt.json", [[[10, 10, 40, 40]]])
+    rows = [det(1, [10, 10, 40, 40], 0.9), det(1, [60, 60, 10, 10], 0.99, category=2)]
+    assert coco_ap(truth, rows, [1])["AP"] == pytest.approx(1.0)
+
+
+def test_nms_keeps_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 1, 1], [0, 0, 0.95, 1], [0.5, 0.5, 1, 1.0], [2, 2, 3, 3]], np.float32)
+    kept = nms(boxes, np.array([0.9, 0.95, 0.5, 0.1]), 0.6, 10)
+    assert kept.tolist() == [1, 2, 3]
+
+
+def test_decode_identity_encoding_gives_the_anchor():
+    anchors = np.array([[0.1, 0.2, 0.5, 0.6]], np.float32)
+    np.testing.assert_allclose(decode_ssd_boxes(np.zeros((1, 4)), anchors, (10, 10, 5, 5)), anchors, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_our_decode_equals_the_stripped_off_postprocessor_on_real_images(mirror, tmp_path):
+    import tensorflow as tf
+
+    from mzconvert.backends.tf import read_graph_def, strip
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+
+    recipe = load_recipe("pedestrian-ssdlite")
+    anchors = np.load(strip(PEDESTRIAN_PB, recipe, tmp_path).extras[0])
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(read_graph_def(PEDESTRIAN_PB), name="")
+    session = tf.compat.v1.Session(graph=graph)
+    for path in sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[:5]:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        boxes, logits, graph_boxes, graph_scores, count = session.run(
+            ["concat:0", "concat_1:0", "detection_boxes:0", "detection_scores:0", "num_detections:0"],
+            {recipe.input.name + ":0": tensor, "image_tensor:0": np.zeros((1, 300, 300, 3), np.uint8)})
+        ours = ssd_detections({"concat": boxes, "concat_1": logits}, recipe.postprocess, anchors)
+        n = min(20, int(count[0]))
+        np.testing.assert_allclose(ours.scores[:n], graph_scores[0][:n], rtol=1e-5)
+        np.testing.assert_allclose(ours.boxes[:n], graph_boxes[0][:n], atol=1e-5)
