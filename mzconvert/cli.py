@@ -226,11 +226,11 @@ def bench(ctx: Context, recipe, variants, runs, warmup, threads, out):
     r = ctx.recipe(recipe)
     manifest = load_manifest(out, r.name)
     results = {}
-    for name, variant in manifest["variants"].items():
+    for name in [v.name for v in r.variants if v.name in manifest["variants"]]:
         if variants and name not in variants:
             continue
         ctx.console.log(f"bench: {name} ({runs} runs, {threads} thread(s))")
-        results[name] = measure_in_child(out / r.name / variant["file"], runs, warmup, threads)
+        results[name] = measure_in_child(out / r.name / manifest["variants"][name]["file"], runs, warmup, threads)
     payload = {"recipe": r.name, "runs": runs, "warmup": warmup, "threads": threads, "results": results}
     write_json_atomic(out / r.name / "bench.json", payload)
     ctx.console.result(payload, bench_table(payload))

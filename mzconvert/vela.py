@@ -71,12 +71,12 @@ def parse_placement(stdout: str) -> tuple[int, list[str]]:
 def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> VelaResult:
     target = recipe.vela
     _require_integer(model, recipe, variant)
-    command = [sys.executable, "-m", "ethosu.vela", str(model),
+    command = [sys.executable, "-m", "ethosu.vela", str(model.resolve()),
                "--accelerator-config", target.accelerator,
                "--config", str(_config_path(recipe, target)),
                "--system-config", target.system_config,
                "--memory-mode", target.memory_mode,
-               "--output-dir", str(out_dir),
+               "--output-dir", str(out_dir.resolve()),
                "--show-cpu-operations"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=out_dir)
     if result.returncode != 0:

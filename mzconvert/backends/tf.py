@@ -23,6 +23,7 @@ def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # v1 API deprecation notices say nothing the user can act on
     return tf
 
 
