@@ -8,10 +8,12 @@ BIN     := $(VENV)/bin
 MIRROR  ?= $(wildcard ../shared/mirror)
 MZ      := $(BIN)/mzconvert $(if $(MIRROR),--mirror $(abspath $(MIRROR)))
 # Recipes whose sources can be had on a machine without internet access (the others need their origin).
-BUILDABLE ?= pedestrian-ssdlite
+BUILDABLE ?= pedestrian-ssdlite pedestrian-ssdlite-u55
 INSTALLED := $(VENV)/.installed
+# Extra `mzconvert build` options, e.g. BUILD_ARGS="--out /tmp/d --build-dir /tmp/b" (used by bench/make_all.py).
+BUILD_ARGS ?=
 
-.PHONY: install demo test all clean matrix $(addprefix build-,$(BUILDABLE))
+.PHONY: install demo test all clean matrix release $(addprefix build-,$(BUILDABLE))
 
 install: $(INSTALLED)
 
@@ -30,7 +32,10 @@ test: install
 all: $(addprefix build-,$(BUILDABLE))
 
 $(addprefix build-,$(BUILDABLE)): build-%: install
-	$(MZ) build $*
+	$(MZ) build $* $(BUILD_ARGS)
+
+release: all
+	$(MZ) release --all
 
 matrix: install
 	$(MZ) matrix

@@ -261,6 +261,14 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant) -> StageOutcome
     return outcome
 
 
+def _remove_stale_staging(build_folder: Path, out_root: Path, name: str) -> None:
+    """Staging folders a killed build left behind. Safe: we hold the recipe's lock, so no one writes them."""
+    stale = [p for p in build_folder.rglob(".*") if p.is_dir()]
+    stale += [p for p in out_root.glob(f".{name}.*") if p.is_dir()] if out_root.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 STAGES = ("fetch", "freeze", "strip", "quantize", "vela", "dist")
 
 
@@ -270,6 +278,7 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
     variants = [recipe.variant(name) for name in options.variants] if options.variants else list(recipe.variants)
     planner = Planner(recipe, fetcher, console, options)
     with folder_lock(planner.folder, options.lock_timeout, console.log):
+        _remove_stale_staging(planner.folder, options.out, recipe.name)
         chains = {}
         for member in dict.fromkeys(recipe.member_for(v) for v in variants):
             chains[member] = _model_chain(planner, member, until)

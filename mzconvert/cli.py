@@ -42,6 +42,10 @@ class _Group(click.Group):
         except MzError as exc:
             click.echo(f"mzconvert: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # disk full, read-only folder, permission: one line, not a traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"mzconvert: error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)
@@ -246,6 +250,24 @@ def report(ctx: Context, recipe, out):
 
     written = write_report(out / ctx.recipe(recipe).name)
     ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))
+
+
+@main.command()
+@click.argument("recipes", nargs=-1)
+@click.option("--all", "all_recipes", is_flag=True, help="Every recipe that has a dist folder.")
+@click.option("--dist", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+@pass_context
+def release(ctx: Context, recipes, all_recipes, dist, out):
+    """Bundle dist folders (MD5SUMS re-checked) into mzconvert-<version>-artifacts.tar.gz."""
+    from .dist import release as bundle
+
+    names = [n for n in available_recipes() if (dist / n).is_dir()] if all_recipes else list(recipes)
+    if not names:
+        raise MzError("name at least one RECIPE with a dist folder, or pass --all", EXIT_BAD_INPUT)
+    folders = [dist / ctx.recipe(name).name for name in names]
+    target = bundle(folders, out, __version__)
+    ctx.console.result({"bundle": str(target), "recipes": names}, str(target))
 
 
 @main.command()

@@ -6,12 +6,16 @@ two builds. Nothing time-dependent goes into it: two builds of the same inputs a
 
 from __future__ import annotations
 
+import gzip
+import io
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
 from .console import Console
-from .fsio import file_digests, replace_folder, write_bytes_atomic, write_json_atomic
+from .errors import MzError
+from .fsio import atomic_path, file_digests, replace_folder, write_bytes_atomic, write_json_atomic
 from .recipe import Recipe
 
 
@@ -78,3 +82,41 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
         shutil.rmtree(staging, ignore_errors=True)
     console.log(f"[{recipe.name}] wrote {target}/ ({len(artifacts) + 2} files, MD5SUMS and manifest.json)")
     return manifest
+
+
+def check_md5sums(folder: Path) -> list[Path]:
+    """The files MD5SUMS lists, each re-hashed; a mismatch or a missing file is an error."""
+    listing = folder / "MD5SUMS"
+    if not listing.is_file():
+        raise MzError(f"{folder}: no MD5SUMS; build it with mzconvert build {folder.name}")
+    files = []
+    for line in listing.read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        path = folder / name
+        if not path.is_file() or file_digests(path, ("md5",))["md5"] != digest:
+            raise MzError(f"{path}: does not match MD5SUMS; refusing to release a corrupt artifact")
+        files.append(path)
+    return files
+
+
+def release(folders: list[Path], out_dir: Path, version: str) -> Path:
+    """One reproducible mzconvert-<version>-artifacts.tar.gz of dist folders, with a top-level MD5SUMS."""
+    top = f"mzconvert-{version}-artifacts"
+    entries = []  # (name in archive, path)
+    for folder in sorted(folders):
+        entries += [(f"{folder.name}/{p.name}", p) for p in check_md5sums(folder)]
+        entries.append((f"{folder.name}/MD5SUMS", folder / "MD5SUMS"))
+    md5sums = "".join(f"{file_digests(p, ('md5',))['md5']}  {name}\n" for name, p in sorted(entries))
+    target = out_dir / f"{top}.tar.gz"
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            def add(name: str, data: bytes) -> None:
+                info = tarfile.TarInfo(f"{top}/{name}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+
+            for name, path in sorted(entries):
+                add(name, path.read_bytes())
+            add("MD5SUMS", md5sums.encode())
+    return target

@@ -7,6 +7,7 @@ Every error names the file, the field path and what was expected, e.g.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,8 @@ class _Reader:
     def _child_where(self, key: str | int) -> str:
         if isinstance(key, int):
             return f"{self.where}[{key}]"
+        if not (key and key.isprintable() and key.strip() == key):
+            key = repr(key)  # keep the error on one line, whatever the YAML key holds
         return f"{self.where}.{key}" if self.where else key
 
     def mapping(self, allowed: tuple[str, ...]) -> "_Reader":
@@ -237,8 +240,9 @@ class _Reader:
         value = self._get(key, required)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-            expected = "a positive number" if positive else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            expected = "a positive number" if positive else "a finite number"
             raise self.fail(f"expected {expected}, got {value!r}", self._child_where(key))
         return float(value)
 
@@ -272,8 +276,8 @@ class _Reader:
         return self.data
 
     def as_number(self) -> float:
-        if isinstance(self.data, bool) or not isinstance(self.data, (int, float)):
-            raise self.fail(f"expected a number, got {_kind(self.data)}")
+        if isinstance(self.data, bool) or not isinstance(self.data, (int, float)) or not math.isfinite(self.data):
+            raise self.fail(f"expected a finite number, got {_kind(self.data)}")
         return float(self.data)
 
     def as_dimension(self) -> int:

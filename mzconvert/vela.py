@@ -6,6 +6,7 @@ placement it prints (--show-cpu-operations) is parsed and checked against the re
 
 from __future__ import annotations
 
+import configparser
 import csv
 import subprocess
 import sys
@@ -48,6 +49,18 @@ def _config_path(recipe: Recipe, target: VelaTarget) -> Path:
     return path
 
 
+def _check_config(recipe: Recipe, target: VelaTarget, config: Path) -> None:
+    """system_config and memory_mode must be sections of the .ini vela will read."""
+    parser = configparser.ConfigParser()
+    parser.read(config)
+    for field, prefix, value in (("system_config", "System_Config.", target.system_config),
+                                 ("memory_mode", "Memory_Mode.", target.memory_mode)):
+        known = [s[len(prefix):] for s in parser.sections() if s.startswith(prefix)]
+        if value not in known:
+            raise RecipeError(f"{recipe.path}: targets.vela.{field}: {value!r} is not in {config}; "
+                              f"one of {', '.join(known)}")
+
+
 def _require_integer(model: Path, recipe: Recipe, variant: Variant) -> None:
     runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
     floats = runner.float_tensor_count()
@@ -70,10 +83,12 @@ def parse_placement(stdout: str) -> tuple[int, list[str]]:
 
 def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> VelaResult:
     target = recipe.vela
+    config = _config_path(recipe, target)
+    _check_config(recipe, target, config)
     _require_integer(model, recipe, variant)
     command = [sys.executable, "-m", "ethosu.vela", str(model.resolve()),
                "--accelerator-config", target.accelerator,
-               "--config", str(_config_path(recipe, target)),
+               "--config", str(config),
                "--system-config", target.system_config,
                "--memory-mode", target.memory_mode,
                "--output-dir", str(out_dir.resolve()),

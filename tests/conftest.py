@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if server.chunk_delay:
+            for offset in range(0, len(body), 65536):
+                self.wfile.write(body[offset:offset + 65536])
+                self.wfile.flush()
+                time.sleep(server.chunk_delay)
+            return
         if server.cut_after is not None and server.cuts_left > 0:
             server.cuts_left -= 1
             self.wfile.write(body[: server.cut_after])
@@ -70,6 +77,7 @@ class LocalServer(http.server.ThreadingHTTPServer):
         self.support_range = True
         self.cut_after: int | None = None
         self.cuts_left = 0
+        self.chunk_delay = 0.0
 
     @property
     def url(self) -> str:

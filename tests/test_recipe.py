@@ -64,6 +64,9 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
     (lambda d: d["verify"].update(images="coco-train2017-100"),
      "recipes/x.yaml: verify.images: 'coco-train2017-100' is also a calibration set"),
     (lambda d: d["targets"]["vela"].update(accelerator="ethos-u99"), "recipes/x.yaml: targets.vela.accelerator"),
+    (lambda d: d["postprocess"].update(box_coder_scales=[10, float("nan"), 5, 5]),
+     "recipes/x.yaml: postprocess.box_coder_scales[1]: expected a finite number"),
+    (lambda d: d["preprocess"].update(scale=float("inf")), "recipes/x.yaml: preprocess.scale: expected a positive number"),
 ])
 def test_bad_recipes_give_located_errors(change, expected):
     assert error_of(mutate(change)).startswith(expected)

@@ -68,10 +68,10 @@ def write_tiny_detector(folder: Path, fake_quant: bool = False) -> dict[str, Pat
 
 
 def tiny_recipe_text(source_path: Path, digest: str, fmt: str = "tf-frozen-graph", variants: str | None = None,
-                     images: Path | None = None) -> str:
+                     images: Path | None = None, name: str = "tiny") -> str:
     variants = variants or "  - {name: float32, mode: float32}\n"
     verify = f"verify:\n  images: {images}\n" if images else ""
-    return f"""name: tiny
+    return f"""name: {name}
 task: detection
 description: tiny SSD-shaped test graph
 license: test
