@@ -13,6 +13,9 @@ class Console:
         self.json_output = json_output
         self._last_progress = 0.0
         self._tty = sys.stderr.isatty()
+        self._out = sys.stdout
+        if json_output:  # libraries that print (exporters, quantizers) must not corrupt the JSON
+            sys.stdout = sys.stderr
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -33,10 +36,8 @@ class Console:
         print(f"  {label}: {size}{percent}", end=end, file=sys.stderr, flush=True)
 
     def result(self, payload, text: str | None = None) -> None:
-        """The command's result: JSON with --json, else the text (or the payload pretty-printed)."""
-        if self.json_output:
-            print(json.dumps(payload, indent=2, default=str))
-        elif text is not None:
-            print(text)
+        """The command's result: JSON with --json (or when there is no text form), else the text."""
+        if self.json_output or text is None:
+            print(json.dumps(payload, indent=2, default=str), file=self._out)
         else:
-            print(json.dumps(payload, indent=2, default=str))
+            print(text, file=self._out)

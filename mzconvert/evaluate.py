@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import MzError
 from .preprocess import list_images, prepare
-from .recipe import Postprocess, Recipe
+from .recipe import InputSpec, Postprocess, Preprocess, Recipe
 
 SCORE_THRESHOLD = 0.001  # low, as for mAP: the precision/recall curve needs the low-score tail
 IOU_THRESHOLD = 0.6  # the TF OD API SSD configs' NMS IoU
@@ -172,19 +172,31 @@ def imagenet_label(path: Path, sorted_index: int) -> int:
     return 2 * sorted_index
 
 
-def evaluate_classification(runners: dict[str, tuple[Runner, int]], recipe: Recipe, folder: Path,
+# Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1]
+# after a central 87.5 % crop, and score 1001 classes with background first.
+REFERENCE_PREPROCESS = dict(interpolation="bilinear", channel_order="RGB", mean=(127.5,) * 3, std=(127.5,) * 3,
+                            central_crop=0.875)
+
+
+def reference_inputs(runner) -> tuple[Preprocess, InputSpec]:
+    shape = tuple(runner.inputs[0].shape)
+    return (Preprocess(resize=(shape[1], shape[2]), **REFERENCE_PREPROCESS),
+            InputSpec(name=runner.inputs[0].name, shape=shape, layout="NHWC", dtype="float32"))
+
+
+def evaluate_classification(runners: dict[str, tuple[Runner, Preprocess, InputSpec]], folder: Path,
                             log=lambda m: None) -> dict[str, dict]:
-    """Top-1/top-5 of every runner; the int is each model's label offset (1 for 1001-class models)."""
+    """Top-1/top-5 of every runner, each with its own preprocessing; a model scoring 1001 classes has
+    background at index 0."""
     images = list_images(folder)
     if not images:
         raise MzError(f"{folder}: no images to evaluate on")
     hits = {name: [0, 0] for name in runners}
     for i, path in enumerate(images):
         label = imagenet_label(path, i)
-        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
-        for name, (run, offset) in runners.items():
-            logits = run(tensor)[0].ravel()
-            top5 = np.argsort(-logits, kind="stable")[:5] - offset
+        for name, (run, preprocess, model_input) in runners.items():
+            logits = run(prepare(path, preprocess, model_input).tensor)[0].ravel()
+            top5 = np.argsort(-logits, kind="stable")[:5] - (1 if logits.size == 1001 else 0)
             hits[name][0] += int(top5[0] == label)
             hits[name][1] += int(label in top5)
         if (i + 1) % 100 == 0 or i + 1 == len(images):
@@ -215,9 +227,9 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         runners["source-graph"] = backend_for(recipe).GraphRunner(stripped, recipe).run
     for name in chosen:
         runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names).run
-    for path in references:
-        runners[path.stem] = open_model(path).run
     if recipe.task == "detection":
+        for path in references:
+            runners[path.stem] = open_model(path, output_names).run
         coco = CocoDataset.open(dataset, split)
         anchors = np.load(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
         named = {name: (run, output_names) for name, run in runners.items()}
@@ -226,10 +238,12 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
                                   if len(recipe.postprocess.labels) < 80 else "")
         images = len(coco.images)
     else:
-        offsets = {name: 0 for name in runners} | {p.stem: 1 for p in references}  # 1001-class references
-        results = evaluate_classification({n: (r, offsets[n]) for n, r in runners.items()}, recipe, dataset,
-                                          console.log)
-        scope, images = "top-1/top-5, label = 2 x sorted index", next(iter(results.values()))["images"]
+        named = {name: (run, recipe.preprocess, recipe.input) for name, run in runners.items()}
+        for path in references:
+            reference = open_model(path)
+            named[path.stem] = (reference.run, *reference_inputs(reference))
+        results = evaluate_classification(named, dataset, console.log)
+        scope, images = "top-1/top-5, label = 2 x sorted file index", next(iter(results.values()))["images"]
     evaluation = {"recipe": recipe.name, "dataset": str(dataset), "split": split, "images": images,
                   "scope": scope, "results": results}
     write_json_atomic(folder / "eval.json", evaluation)

@@ -31,6 +31,12 @@ def load_image(path: Path) -> Image.Image:
 
 def prepare(path: Path, preprocess: Preprocess, model_input: InputSpec) -> PreparedImage:
     image = load_image(path)
+    original_size = image.size
+    if preprocess.central_crop < 1.0:
+        w, h = image.size
+        cw, ch = round(w * preprocess.central_crop), round(h * preprocess.central_crop)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
     height, width = preprocess.resize
     pixels = np.asarray(image.resize((width, height), _RESAMPLE[preprocess.interpolation]), dtype=np.float32)
     if preprocess.channel_order == "BGR":
@@ -38,7 +44,7 @@ def prepare(path: Path, preprocess: Preprocess, model_input: InputSpec) -> Prepa
     pixels = (pixels - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
     if model_input.layout == "NCHW":
         pixels = pixels.transpose(2, 0, 1)
-    return PreparedImage(tensor=np.ascontiguousarray(pixels[None], dtype=np.float32), original_size=image.size)
+    return PreparedImage(tensor=np.ascontiguousarray(pixels[None], dtype=np.float32), original_size=original_size)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -26,6 +26,8 @@ LAYOUTS = ("NHWC", "NCHW")
 CHANNEL_ORDERS = ("RGB", "BGR")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
 URL_SCHEMES = ("http", "https", "file")
+TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2")  # mzconvert/torch_models.py
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
@@ -80,6 +82,7 @@ class Preprocess:
     channel_order: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    central_crop: float = 1.0  # keep this central fraction of height and width before resizing
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class Variant:
     min_cosine: float | None  # verify thresholds against the float model, enforced by build --verify
     min_sqnr_db: float | None
     member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
+    per_channel: bool = True  # ONNX int8: per-channel weight scales
+    calibration_method: str = "minmax"  # ONNX int8: minmax | entropy | percentile
+    reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,15 @@ class VelaTarget:
     memory_mode: str
     config: str | None  # path to a vela.ini; None = the one vela installs
     max_cpu_ops: int | None
+
+
+@dataclass(frozen=True)
+class TorchSpec:
+    module: str
+    num_classes: int
+    width: float
+    relu6: bool
+    opset: int
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ class Recipe:
     vela: VelaTarget | None
     verify: VerifySpec | None
     graph_edits: dict  # node name -> {attribute: value}, applied at freeze
+    torch: TorchSpec | None
     raw: dict = field(repr=False, compare=False)
 
     def member_for(self, variant: Variant) -> str | None:
@@ -373,7 +389,7 @@ def _triple(r: _Reader, key: str) -> tuple[float, float, float] | None:
 
 
 def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
-    r.mapping(("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset"))
+    r.mapping(("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop"))
     resize = r.list_of("resize", _Reader.as_dimension, required=False, length=2)
     resize = tuple(resize) if resize else model_input.height_width
     if resize != model_input.height_width:
@@ -398,7 +414,14 @@ def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
                                              choices=INTERPOLATIONS),
                       channel_order=r.string("channel_order", required=False, default="RGB",
                                              choices=CHANNEL_ORDERS),
-                      mean=mean, std=std)
+                      mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
+
+
+def _fraction(r: _Reader, key: str) -> float:
+    value = r.number(key, required=False, default=1.0, positive=True)
+    if value > 1.0:
+        raise r.fail(f"expected a fraction in (0, 1], got {value}", r._child_where(key))
+    return value
 
 
 def _parse_strip(r: _Reader, model_input: InputSpec) -> Strip:
@@ -442,7 +465,7 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
 
 def _parse_variant(r: _Reader) -> Variant:
     r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
-               "min_cosine", "min_sqnr_db", "member"))
+               "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "reduce_range"))
     mode = r.string("mode", choices=MODES)
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
@@ -466,7 +489,11 @@ def _parse_variant(r: _Reader) -> Variant:
                    quantized_input_stats=mean_std,
                    min_cosine=r.number("min_cosine", required=False),
                    min_sqnr_db=r.number("min_sqnr_db", required=False),
-                   member=_relative_member(r, "member"))
+                   member=_relative_member(r, "member"),
+                   per_channel=r.boolean("per_channel", True),
+                   calibration_method=r.string("calibration_method", required=False, default="minmax",
+                                               choices=CALIBRATION_METHODS),
+                   reduce_range=r.boolean("reduce_range", False))
 
 
 def _parse_vela(r: _Reader) -> VelaTarget:
@@ -479,7 +506,7 @@ def _parse_vela(r: _Reader) -> VelaTarget:
 
 
 TOP_LEVEL = ("name", "task", "description", "license", "source", "format", "input", "preprocess",
-             "strip", "postprocess", "variants", "targets", "verify", "graph_edits")
+             "strip", "postprocess", "variants", "targets", "verify", "graph_edits", "torch")
 
 
 def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
@@ -517,6 +544,32 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         targets = r.child("targets").mapping(("vela",))
         if targets.has("vela"):
             vela = _parse_vela(targets.child("vela"))
+    fmt = r.string("format", choices=FORMATS)
+    onnx_backend = fmt in ("onnx", "torch")
+    for i, v in enumerate(variants):
+        item = r.child("variants").child(i)
+        if not onnx_backend:
+            for key in ("per_channel", "calibration_method", "reduce_range"):
+                if item.has(key):
+                    raise item.fail(f"{key} applies to onnx and torch sources (TFLite int8 is per-channel)",
+                                    item._child_where(key))
+        elif v.mode == "int8" and v.io_dtype != "float32":
+            raise item.fail("ONNX int8 is QDQ: inputs and outputs stay float32; set io_dtype: float32",
+                            item._child_where("io_dtype"))
+        elif v.mode == "uint8-qat":
+            raise item.fail("uint8-qat applies to TensorFlow sources", item._child_where("mode"))
+    torch_spec = None
+    if fmt == "torch":
+        if not r.has("torch"):
+            raise r.fail("a torch source needs a 'torch' section (module, num_classes, ...)", "torch")
+        t = r.child("torch").mapping(("module", "num_classes", "width", "relu6", "opset"))
+        torch_spec = TorchSpec(module=t.string("module", choices=TORCH_MODULES),
+                               num_classes=t.integer("num_classes", minimum=1),
+                               width=t.number("width", required=False, default=1.0, positive=True),
+                               relu6=t.boolean("relu6", True),
+                               opset=t.integer("opset", required=False, default=17, minimum=7))
+    elif r.has("torch"):
+        raise r.fail("only format torch takes a 'torch' section", "torch")
     verify = None
     if r.has("verify"):
         v = r.child("verify").mapping(("images", "count"))
@@ -527,10 +580,10 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
                          "verify.images")
     return Recipe(path=path, text_sha256=sha256_bytes(text.encode()), name=name, task=task,
                   description=r.string("description"), license=r.string("license"), source=source,
-                  format=r.string("format", choices=FORMATS), input=model_input, preprocess=preprocess,
+                  format=fmt, input=model_input, preprocess=preprocess,
                   strip=strip, postprocess=postprocess, variants=variants, vela=vela, verify=verify,
                   graph_edits=_parse_graph_edits(r.child("graph_edits")) if r.has("graph_edits") else {},
-                  raw=data)
+                  torch=torch_spec, raw=data)
 
 
 def _is_within(path: Path, folder: Path) -> bool:

@@ -34,8 +34,12 @@ def verify_variant(model: Path, reference, recipe: Recipe, images: list[Path]) -
         for i, (ref, got) in enumerate(zip(reference.run(tensor), runner.run(tensor))):
             ref_outputs[i].append(ref)
             got_outputs[i].append(got.reshape(ref.shape))
-    return {name: compare(np.stack(ref_outputs[i]), np.stack(got_outputs[i]))
-            for i, name in enumerate(reference.output_names)} | {"images": len(images)}
+    metrics = {name: compare(np.stack(ref_outputs[i]), np.stack(got_outputs[i]))
+               for i, name in enumerate(reference.output_names)}
+    if recipe.task == "classification":  # does the variant pick the same class as the float model?
+        ref, got = (np.stack(o[0]).reshape(len(images), -1) for o in (ref_outputs, got_outputs))
+        metrics[reference.output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    return metrics | {"images": len(images)}
 
 
 def threshold_failures(variant: Variant, metrics: dict) -> list[str]:

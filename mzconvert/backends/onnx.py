@@ -1,0 +1,197 @@
+"""ONNX sources (and PyTorch modules exported to ONNX), quantized with onnxruntime.quantization."""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import MzError, RecipeError
+from ..recipe import Recipe, Variant
+from ..runtime import OnnxRunner
+from . import StripResult
+
+
+def _load(path: Path):
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
+        raise MzError(f"{path}: not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+    return model
+
+
+def _save(model, path: Path) -> Path:
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
+
+
+# -- freeze --------------------------------------------------------------------------------------
+def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
+    """A checked, shape-inferred ONNX model; torch sources are built, loaded and exported first."""
+    import onnx
+
+    target = out_dir / "model.onnx"
+    if recipe.format == "torch":
+        _export_torch(source, recipe, target)
+    else:
+        _load(source)  # a corrupt download is reported by its own name
+        shutil.copyfile(source, target)
+    inferred = onnx.shape_inference.infer_shapes(_load(target), strict_mode=True)
+    return _save(inferred, target)
+
+
+def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
+    try:
+        import torch
+    except ImportError:
+        raise MzError(f"{recipe.path}: format torch needs PyTorch: pip install 'mzconvert[torch]' "
+                      "(torch==2.13.0, the CPU build)") from None
+    from ..torch_models import MODULES
+
+    spec = recipe.torch
+    options = {"num_classes": spec.num_classes, "width": spec.width}
+    if spec.module == "mobilenet_v1":
+        options["relu6"] = spec.relu6
+    module = MODULES[spec.module](**options)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise MzError(f"{weights}: not a state dict for {spec.module}: {str(exc).splitlines()[0]}") from None
+    module.eval()
+    example = torch.from_numpy(np.random.RandomState(0).normal(0, 1, recipe.input.shape).astype(np.float32))
+    torch.onnx.export(module, (example,), str(target), input_names=[recipe.input.name],
+                      output_names=list(recipe.strip.outputs) if recipe.strip else None,
+                      opset_version=spec.opset, dynamo=False)
+    # The export is checked, not trusted: ONNX Runtime must reproduce the module's outputs.
+    with torch.no_grad():
+        expected = module(example).numpy()
+    got = OnnxRunner(target).run(example.numpy())[0]
+    error = float(np.max(np.abs(got - expected)))
+    if error > 1e-3:
+        raise MzError(f"{target}: the ONNX export differs from the PyTorch module (max abs error {error:.3g})")
+
+
+# -- strip ---------------------------------------------------------------------------------------
+def _tensor_names(model) -> list[str]:
+    graph = model.graph
+    names = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return sorted(n for n in names if n)
+
+
+def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
+    import onnx.utils
+
+    names = _tensor_names(_load(frozen))
+    for field, tensors in (("strip.inputs", recipe.strip.inputs), ("strip.outputs", recipe.strip.outputs)):
+        for tensor in tensors:
+            if tensor not in names:
+                close = difflib.get_close_matches(tensor, names, n=3)
+                raise RecipeError(f"{recipe.path}: {field}: tensor {tensor!r} is not in the graph"
+                                  + (f"; close matches: {', '.join(close)}" if close else ""))
+    target = out_dir / "stripped.onnx"
+    onnx.utils.extract_model(str(frozen), str(target), list(recipe.strip.inputs), list(recipe.strip.outputs))
+    return StripResult(model=target)
+
+
+class GraphRunner(OnnxRunner):
+    """The float ONNX model: the reference every variant is compared with."""
+
+    def __init__(self, model: Path, recipe: Recipe):
+        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None)
+        self.output_names = [o.name for o in self.outputs]
+
+
+# -- convert -------------------------------------------------------------------------------------
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over the recipe's preprocessed images."""
+
+    def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
+        self._feeds = ({input_name: b} for b in batches)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def convert(model: Path, recipe: Recipe, variant: Variant,
+            calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
+    from onnxruntime import quantization as q
+
+    target = out_dir / f"{recipe.name}_{variant.name}.onnx"
+    if variant.mode == "float32":
+        shutil.copyfile(model, target)
+    elif variant.mode == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # keep_io_types: callers feed and read float32, as with every other variant
+        _save(_topologically_sorted(convert_float_to_float16(_load(model), keep_io_types=True)), target)
+    elif variant.mode in ("dynamic", "int8"):
+        prepared = out_dir / "preprocessed.onnx"
+        # skip_symbolic_shape: symbolic inference needs sympy and the shapes here are static anyway
+        q.quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        _quantize_prepared(prepared, target, variant, recipe, calibration)
+        prepared.unlink()
+    else:
+        raise MzError(f"{recipe.path}: variants: {variant.name}: mode {variant.mode} is not supported for ONNX")
+    _check_quantized(target, variant)
+    return target
+
+
+def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:
+    from onnxruntime import quantization as q
+
+    if variant.mode == "dynamic":
+        q.quantize_dynamic(str(prepared), str(target), weight_type=q.QuantType.QInt8,
+                           per_channel=variant.per_channel, reduce_range=variant.reduce_range)
+    else:
+        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                  "percentile": q.CalibrationMethod.Percentile}[variant.calibration_method]
+        q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, calibration()),
+                          quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel,
+                          reduce_range=variant.reduce_range, activation_type=q.QuantType.QInt8,
+                          weight_type=q.QuantType.QInt8, calibrate_method=method)
+
+
+def _topologically_sorted(model):
+    """ORT's float16 converter appends its input Casts at the end; ONNX requires producers first."""
+    graph = model.graph
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise MzError(f"graph {graph.name!r} has a cycle or a missing input")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    graph.ClearField("node")
+    graph.node.extend(ordered)
+    return model
+
+
+def _check_quantized(path: Path, variant: Variant) -> None:
+    """The quantizers skip what they cannot handle without a word: count what they inserted."""
+    ops = [node.op_type for node in _load(path).graph.node]
+    expected = {"int8": ("DequantizeLinear",), "dynamic": ("DynamicQuantizeLinear", "MatMulInteger",
+                                                            "ConvInteger", "DynamicQuantizeMatMul")}.get(variant.mode)
+    if expected and not any(op in expected for op in ops):
+        raise MzError(f"{path}: variant {variant.name!r} ({variant.mode}) has no {' or '.join(expected)} node: "
+                      "nothing was quantized")
+    if variant.mode == "float16":
+        import onnx
+
+        initializers = _load(path).graph.initializer
+        if not any(t.data_type == onnx.TensorProto.FLOAT16 for t in initializers):
+            raise MzError(f"{path}: variant {variant.name!r} (float16) has no float16 weights")

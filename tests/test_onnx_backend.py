@@ -1,0 +1,156 @@
+"""ONNX path without torch: a tiny real ONNX classifier built in code through every stage and mode."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mzconvert.build import BuildOptions, build
+from mzconvert.console import Console
+from mzconvert.errors import RecipeError
+from mzconvert.fetch import FetchConfig, Fetcher
+from mzconvert.recipe import load_recipe
+from tests.conftest import MIRROR, ROOT, run_cli
+
+
+def tiny_onnx(path: Path, size: int = 32, classes: int = 10, output: str = "probabilities") -> Path:
+    rng = np.random.RandomState(0)
+    init = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in
+            (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (16, 8, 3, 3)), ("b2", (16,)), ("fc", (16, classes)),
+             ("fcb", (classes,)))]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv1"], ["relu1"]),
+             helper.make_node("Conv", ["relu1", "w2", "b2"], ["conv2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv2"], ["relu2"]),
+             helper.make_node("GlobalAveragePool", ["relu2"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], [output])]  # post-processing strip removes
+    graph = helper.make_graph(nodes, "tiny",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, classes])], init)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def recipe_text(model: Path, outputs: str = "logits", extra_variant: str = "") -> str:
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    return f"""name: tiny-onnx
+task: classification
+description: tiny ONNX classifier
+license: test
+source:
+  url: {model.as_uri()}
+  sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}
+format: onnx
+input: {{name: input, shape: [1, 3, 32, 32], layout: NCHW}}
+preprocess: {{mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375]}}
+strip: {{inputs: [input], outputs: [{outputs}]}}
+variants:
+  - {{name: float32, mode: float32}}
+  - {{name: float16, mode: float16}}
+  - {{name: dynamic, mode: dynamic}}
+  - {{name: int8, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 8, calibration_method: percentile}}
+{extra_variant}verify: {{images: {val}, count: 4}}
+"""
+
+
+def run(tmp_path, text):
+    (tmp_path / "tiny-onnx.yaml").write_text(text)
+    options = BuildOptions(out=tmp_path / "dist", build_root=tmp_path / "build")
+    return build(load_recipe(tmp_path / "tiny-onnx.yaml"), Fetcher(FetchConfig(cache_dir=tmp_path / "c", mirrors=[])),
+                 Console(quiet=True), options)
+
+
+def test_onnx_stages_and_modes_without_torch(tmp_path, mirror):
+    manifest = run(tmp_path, recipe_text(tiny_onnx(tmp_path / "tiny.onnx")))
+    dist = tmp_path / "dist" / "tiny-onnx"
+    ops = {n: [node.op_type for node in onnx.load(str(dist / f"tiny-onnx_{n}.onnx")).graph.node]
+           for n in manifest["variants"]}
+    assert "Softmax" not in ops["float32"]  # stripped at logits
+    assert "DequantizeLinear" in ops["int8"] and "QuantizeLinear" in ops["int8"]
+    assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"} & set(ops["dynamic"])
+    f16 = onnx.load(str(dist / "tiny-onnx_float16.onnx"))
+    assert any(t.data_type == TensorProto.FLOAT16 for t in f16.graph.initializer)
+    assert f16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # float I/O kept
+    for name, variant in manifest["variants"].items():
+        assert variant["inputs"][0]["dtype"] == "float32"
+        metrics = variant["verify"]["logits"]
+        assert metrics["cosine"] > 0.9 and 0 <= metrics["top1_agreement"] <= 1, (name, metrics)
+    assert manifest["variants"]["float32"]["verify"]["logits"]["max_abs_error"] == 0
+
+
+def test_onnx_strip_at_unknown_tensor_lists_close_matches(tmp_path, mirror):
+    with pytest.raises(RecipeError, match="strip.outputs: tensor 'logit' is not in the graph; close matches: logits"):
+        run(tmp_path, recipe_text(tiny_onnx(tmp_path / "tiny.onnx"), outputs="logit"))
+
+
+def test_onnx_int8_must_keep_float_io(tmp_path):
+    text = recipe_text(tiny_onnx(tmp_path / "tiny.onnx")).replace("io_dtype: float32", "io_dtype: int8")
+    (tmp_path / "tiny-onnx.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=r"variants\[3\].io_dtype: ONNX int8 is QDQ"):
+        load_recipe(tmp_path / "tiny-onnx.yaml")
+
+
+def test_corrupt_onnx_is_a_clean_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    from mzconvert.errors import MzError
+
+    with pytest.raises(MzError, match="bad.onnx: not a valid ONNX model"):
+        run(tmp_path, recipe_text(bad))
+
+
+def test_onnx_path_runs_where_torch_cannot_be_imported(tmp_path, mirror):
+    blocked = tmp_path / "no-torch" / "torch"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('torch is blocked for this test')\n")
+    env = {"PYTHONPATH": str(blocked.parent) + os.pathsep + str(ROOT)}
+
+    def build_cli(recipe: Path, *extra: str):
+        return run_cli("--quiet", "--cache-dir", str(tmp_path / "c"), "build", str(recipe), *extra,
+                       "--out", str(tmp_path / "d"), "--build-dir", str(tmp_path / "b"), env=env)
+
+    recipe = tmp_path / "tiny-onnx.yaml"
+    recipe.write_text(recipe_text(tiny_onnx(tmp_path / "tiny.onnx")))
+    built = build_cli(recipe, "--variant", "int8")
+    assert built.returncode == 0, built.stderr[-2000:]
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"never read: the torch import fails first")
+    head, tail = (ROOT / "recipes" / "mobilenetv2-torchvision.yaml").read_text().split("source:")
+    pinned = f"source: {{url: {weights.as_uri()}, sha256: {hashlib.sha256(weights.read_bytes()).hexdigest()}}}\n"
+    torch_recipe = tmp_path / "mobilenetv2-torchvision.yaml"
+    torch_recipe.write_text(head + pinned + "format:" + tail.split("format:")[1])
+    refused = build_cli(torch_recipe)
+    assert refused.returncode == 1
+    assert "format torch needs PyTorch: pip install 'mzconvert[torch]'" in refused.stderr
+
+
+def test_onnx_zoo_recipe_pinned_and_served_same_layout_file(tmp_path, http_server, mirror):
+    import csv
+
+    official = {r["file"]: r for r in csv.DictReader((MIRROR / "OFFICIAL-HASHES.tsv").open(), delimiter="\t")}
+    zoo = load_recipe("mobilenetv2-onnx")
+    assert zoo.source.checksums["sha256"] == official["mobilenetv2-7.onnx"]["digest"]
+    assert zoo.source.size == int(official["mobilenetv2-7.onnx"]["bytes"])
+    model = tiny_onnx(tmp_path / "mobilenetv2-7.onnx", size=224, classes=1000, output="output")
+    data = model.read_bytes()
+    http_server.files["/zoo/mobilenetv2-7.onnx"] = data
+    text = zoo.path.read_text().replace(zoo.source.url, http_server.url + "/zoo/mobilenetv2-7.onnx")
+    text = text.replace(zoo.source.checksums["sha256"], hashlib.sha256(data).hexdigest()).replace(
+        f"size: {zoo.source.size}", f"size: {len(data)}")
+    local = tmp_path / "mobilenetv2-onnx.yaml"
+    local.write_text(text)
+    result = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "--mirror", str(mirror), "build",
+                     str(local), "--out", str(tmp_path / "d"), "--build-dir", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads(result.stdout)["mobilenetv2-onnx"]
+    assert set(manifest["variants"]) == {"float32", "dynamic", "int8"}

@@ -1,0 +1,77 @@
+"""PyTorch sources (optional extra): our modules, the real torchvision weights, export and quantization."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import MIRROR, run_cli
+
+torch = pytest.importorskip("torch")
+
+WEIGHTS = MIRROR / "mobilenet_v2-b0353104.pth"
+
+
+def test_torchvision_state_dict_loads_strictly_and_classifies_real_images(mirror):
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.torch_models import MobileNetV2
+
+    recipe = load_recipe("mobilenetv2-torchvision")
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True), strict=True)
+    model.eval()
+    images = sorted((MIRROR / "imagenet-samples").glob("*.JPEG"))[:40]
+    with torch.no_grad():
+        predictions = [int(model(torch.from_numpy(prepare(p, recipe.preprocess, recipe.input).tensor)).argmax())
+                       for p in images]
+    correct = sum(p == 2 * i for i, p in enumerate(predictions))  # file i is class 2 i
+    assert correct >= 28, predictions  # torchvision MobileNetV2 is ~72 % top-1 on ImageNet val
+
+
+def test_mobilenet_v1_options_and_export(tmp_path, mirror):
+    from mzconvert.torch_models import MobileNetV1
+
+    half = MobileNetV1(num_classes=10, width=0.5, relu6=False)
+    assert half.classifier.in_features == 512
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in half.modules())
+    weights = tmp_path / "v1.pth"
+    torch.save(MobileNetV1(num_classes=10, width=0.25).state_dict(), weights)
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    recipe = tmp_path / "mnv1.yaml"
+    recipe.write_text(f"""name: mnv1
+task: classification
+description: MobileNetV1 0.25, random weights (no trained weights can be had here)
+license: test
+source: {{url: {weights.as_uri()}, sha256: {hashlib.sha256(weights.read_bytes()).hexdigest()}}}
+format: torch
+torch: {{module: mobilenet_v1, num_classes: 10, width: 0.25, opset: 17}}
+input: {{name: input, shape: [1, 3, 128, 128], layout: NCHW}}
+preprocess: {{scale: 0.00784313725490196, offset: -1.0}}
+strip: {{inputs: [input], outputs: [logits]}}
+variants:
+  - {{name: float32, mode: float32}}
+  - {{name: int8, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 8}}
+verify: {{images: {val}, count: 4}}
+""")
+    result = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe),
+                     "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads(result.stdout)["mnv1"]
+    assert manifest["variants"]["float32"]["verify"]["logits"]["max_abs_error"] == 0
+    assert manifest["variants"]["int8"]["file"] == "mnv1_int8.onnx"
+
+
+@pytest.mark.slow
+def test_real_torchvision_recipe_float32_and_int8(tmp_path, mirror):
+    result = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "--mirror", str(mirror), "build",
+                     "mobilenetv2-torchvision", "--variant", "float32", "--variant", "int8",
+                     "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"), "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads(result.stdout)["mobilenetv2-torchvision"]
+    int8 = manifest["variants"]["int8"]["verify"]["logits"]
+    assert int8["cosine"] >= 0.97 and int8["top1_agreement"] >= 0.8, int8
+    assert "int8 vs float graph, output logits on 32 val images: cosine" in result.stderr
