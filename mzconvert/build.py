@@ -55,6 +55,10 @@ class StageOutcome:
     def path(self, key: str) -> Path:
         return self.folder / self.result[key]
 
+    def digest(self) -> str:
+        """One hash of every file the stage wrote: what a downstream stage's key depends on."""
+        return _canonical_hash(self.result["files"])
+
     def sha256(self, key: str) -> str:
         """The output's sha256; for a folder output (checkpoint, SavedModel), a digest of all its files."""
         name, files = self.result[key], self.result["files"]
@@ -147,7 +151,8 @@ def _fetch(p: Planner, member: str | None) -> StageOutcome:
 def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
     from .freeze import freeze
 
-    inputs = {"source": fetched.sha256("model"), "format": p.recipe.format,
+    inputs = {"source": fetched.digest(), "format": p.recipe.format, "torch": p.recipe.raw.get("torch"),
+              "targets": sorted({v.target for v in p.recipe.variants}),  # a tflite target adds the Keras port
               "strip": p.recipe.raw.get("strip"), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
 
     def action(out: Path) -> dict:
@@ -160,7 +165,7 @@ def _strip(p: Planner, frozen: StageOutcome, suffix: str) -> StageOutcome:
     from .strip import strip
 
     raw = p.recipe.raw
-    inputs = {"model": frozen.sha256("model"), "input": raw["input"], "strip": raw.get("strip"),
+    inputs = {"model": frozen.digest(), "input": raw["input"], "strip": raw.get("strip"),
               "postprocess": raw.get("postprocess"), "tools": p.versions}
 
     def action(out: Path) -> dict:
@@ -194,7 +199,7 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
     from .quantize import quantize
 
     raw = p.recipe.raw
-    inputs = {"model": stripped.sha256("model"), "variant": _raw_variant(p.recipe, variant),
+    inputs = {"model": stripped.digest(), "variant": _raw_variant(p.recipe, variant),
               "input": raw["input"], "strip": raw.get("strip"), "tools": p.versions}
     images = None
     if variant.calibration:
@@ -218,7 +223,7 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
 
     spec = p.recipe.verify
     key, images = _image_paths(p, spec.images, spec.count)
-    inputs = {"model": quantized.sha256("model"), "reference": stripped.sha256("model"), "images": key,
+    inputs = {"model": quantized.sha256("model"), "reference": stripped.digest(), "images": key,
               "preprocess": p.recipe.raw.get("preprocess"), "tools": p.versions}
 
     def action(out: Path) -> dict:
@@ -290,7 +295,8 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
                 entry = {"quantize": quantized, "chain": chains[recipe.member_for(variant)]}
                 if recipe.verify is not None:
                     entry["verify"] = _verify(planner, stripped, quantized, variant)
-                if until != "quantize" and recipe.vela is not None and variant.mode in ("int8", "uint8-qat"):
+                if until != "quantize" and recipe.vela is not None and variant.mode in ("int8", "uint8-qat") \
+                        and variant.target == "tflite":
                     entry["vela"] = _vela(planner, quantized, variant)
                 per_variant[variant.name] = entry
         if until != "dist":

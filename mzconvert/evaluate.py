@@ -167,7 +167,7 @@ def evaluate_detection(runners: dict[str, tuple[Runner, list[str]]], recipe: Rec
             for name, rows in results.items()}
 
 
-def imagenet_label(path: Path, sorted_index: int) -> int:
+def imagenet_label(sorted_index: int) -> int:
     """The imagenet-samples convention: the i-th file in sorted order is class 2*i (every other synset)."""
     return 2 * sorted_index
 
@@ -193,7 +193,7 @@ def evaluate_classification(runners: dict[str, tuple[Runner, Preprocess, InputSp
         raise MzError(f"{folder}: no images to evaluate on")
     hits = {name: [0, 0] for name in runners}
     for i, path in enumerate(images):
-        label = imagenet_label(path, i)
+        label = imagenet_label(i)
         for name, (run, preprocess, model_input) in runners.items():
             logits = run(prepare(path, preprocess, model_input).tensor)[0].ravel()
             top5 = np.argsort(-logits, kind="stable")[:5] - (1 if logits.size == 1001 else 0)

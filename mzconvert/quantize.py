@@ -52,7 +52,8 @@ def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeRes
         problems.append(f"{len(runner.inputs)} inputs, expected 1")
     if model_input.dtype != variant.io_dtype:
         problems.append(f"input dtype {model_input.dtype}, expected {variant.io_dtype}")
-    if tuple(model_input.shape) != recipe.input.shape:
+    nhwc = recipe.input.shape[:1] + recipe.input.shape[2:] + recipe.input.shape[1:2]
+    if tuple(model_input.shape) not in (recipe.input.shape, nhwc if recipe.input.layout == "NCHW" else ()):
         problems.append(f"input shape {list(model_input.shape)}, expected {list(recipe.input.shape)}")
     if variant.mode in ("int8", "uint8-qat"):
         for spec in [model_input, *runner.outputs]:

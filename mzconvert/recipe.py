@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,6 +126,7 @@ class Variant:
     per_channel: bool = True  # ONNX int8: per-channel weight scales
     calibration_method: str = "minmax"  # ONNX int8: minmax | entropy | percentile
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
+    target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
 
 
 @dataclass(frozen=True)
@@ -465,7 +466,8 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
 
 def _parse_variant(r: _Reader) -> Variant:
     r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
-               "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "reduce_range"))
+               "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "reduce_range",
+               "target"))
     mode = r.string("mode", choices=MODES)
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
@@ -493,7 +495,8 @@ def _parse_variant(r: _Reader) -> Variant:
                    per_channel=r.boolean("per_channel", True),
                    calibration_method=r.string("calibration_method", required=False, default="minmax",
                                                choices=CALIBRATION_METHODS),
-                   reduce_range=r.boolean("reduce_range", False))
+                   reduce_range=r.boolean("reduce_range", False),
+                   target=r.string("target", required=False, default="", choices=("tflite", "onnx")))
 
 
 def _parse_vela(r: _Reader) -> VelaTarget:
@@ -546,8 +549,16 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
             vela = _parse_vela(targets.child("vela"))
     fmt = r.string("format", choices=FORMATS)
     onnx_backend = fmt in ("onnx", "torch")
+    native = "onnx" if onnx_backend else "tflite"
+    variants = tuple(replace(v, target=v.target or native) for v in variants)
     for i, v in enumerate(variants):
         item = r.child("variants").child(i)
+        if v.target != native and fmt != "torch":
+            raise item.fail(f"a {fmt} source converts to {native} only (ONNX -> TFLite would need onnx2tf, whose "
+                            "pins downgrade TensorFlow, numpy and protobuf; torch sources reach TFLite through "
+                            "their Keras port)", item._child_where("target"))
+        if v.target == "tflite" and onnx_backend and v.mode == "int8":
+            continue  # the Keras port converts like any TFLite model: full-integer I/O allowed
         if not onnx_backend:
             for key in ("per_channel", "calibration_method", "reduce_range"):
                 if item.has(key):

@@ -39,6 +39,13 @@ def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return ((q.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)
 
 
+def as_layout_of(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """An NCHW image tensor for an NHWC model (a TFLite artifact of an NCHW source) is transposed."""
+    if tensor.ndim == 4 and tensor.shape != spec.shape and tensor.transpose(0, 2, 3, 1).shape == spec.shape:
+        return tensor.transpose(0, 2, 3, 1)
+    return tensor
+
+
 def _ordered(specs: list[TensorSpec], wanted: list[str] | None) -> list[int]:
     """Indices of `specs` in the recipe's output order (converters may reorder outputs)."""
     if not wanted:
@@ -84,6 +91,7 @@ class TFLiteRunner:
 
     def run(self, tensor: np.ndarray) -> list[np.ndarray]:
         spec = self.inputs[0]
+        tensor = as_layout_of(tensor, spec)
         feed = _quantize(tensor, spec) if spec.scale is not None else tensor.astype(spec.dtype)
         self._interpreter.set_tensor(self._input_index, feed)
         self._interpreter.invoke()

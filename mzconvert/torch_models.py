@@ -78,3 +78,70 @@ class MobileNetV1(nn.Module):
 
 
 MODULES = {"mobilenet_v2": MobileNetV2, "mobilenet_v1": MobileNetV1}
+
+
+def to_keras(module: nn.Module, input_shape: tuple[int, ...]):
+    """The same network as a tf-keras model (NHWC), weights copied exactly, for the TFLite converter.
+
+    PyTorch pads 3x3 stride-2 convolutions symmetrically where Keras 'same' pads bottom/right only,
+    so padding is explicit (ZeroPadding2D + 'valid'). Supports the modules of this file.
+    """
+    import tf_keras as keras
+
+    def conv(x, layer: nn.Conv2d):
+        weight = layer.weight.detach().numpy()
+        pad = layer.padding[0]
+        if pad:
+            x = keras.layers.ZeroPadding2D(pad)(x)
+        if layer.groups == 1:
+            keras_layer = keras.layers.Conv2D(layer.out_channels, layer.kernel_size, layer.stride, "valid",
+                                              use_bias=layer.bias is not None)
+            kernel = weight.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif layer.groups == layer.in_channels == layer.out_channels:
+            keras_layer = keras.layers.DepthwiseConv2D(layer.kernel_size, layer.stride, "valid",
+                                                       use_bias=layer.bias is not None)
+            kernel = weight.transpose(2, 3, 0, 1)  # C1HW -> HWC1
+        else:
+            raise ValueError(f"grouped convolution {layer} has no Keras equivalent here")
+        y = keras_layer(x)
+        keras_layer.set_weights([kernel] + ([layer.bias.detach().numpy()] if layer.bias is not None else []))
+        return y
+
+    def batch_norm(x, layer: nn.BatchNorm2d):
+        keras_layer = keras.layers.BatchNormalization(epsilon=layer.eps)
+        y = keras_layer(x)
+        keras_layer.set_weights([t.detach().numpy() for t in
+                                 (layer.weight, layer.bias, layer.running_mean, layer.running_var)])
+        return y
+
+    def apply(x, layer: nn.Module):
+        if isinstance(layer, nn.Sequential):
+            for child in layer:
+                x = apply(x, child)
+            return x
+        if isinstance(layer, InvertedResidual):
+            y = apply(x, layer.conv)
+            return keras.layers.Add()([x, y]) if layer.use_residual else y
+        if isinstance(layer, nn.Conv2d):
+            return conv(x, layer)
+        if isinstance(layer, nn.BatchNorm2d):
+            return batch_norm(x, layer)
+        if isinstance(layer, nn.ReLU6):
+            return keras.layers.ReLU(6.0)(x)
+        if isinstance(layer, nn.ReLU):
+            return keras.layers.ReLU()(x)
+        if isinstance(layer, nn.Dropout):
+            return x  # inference
+        if isinstance(layer, nn.Linear):
+            dense = keras.layers.Dense(layer.out_features)
+            y = dense(x)
+            dense.set_weights([layer.weight.detach().numpy().T, layer.bias.detach().numpy()])
+            return y
+        raise ValueError(f"no Keras equivalent for {layer.__class__.__name__}")
+
+    batch, channels, height, width = input_shape
+    inputs = keras.Input(shape=(height, width, channels), batch_size=batch, name="input")
+    x = apply(inputs, module.features)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = apply(x, module.classifier)
+    return keras.Model(inputs, outputs)

@@ -63,16 +63,20 @@ def test_no_shell_strings_eval_or_unsafe_loaders(path: Path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            assert name not in ("eval", "exec", "system", "popen"), f"{path}:{node.lineno}: {name}()"
-            for keyword in node.keywords:
-                if keyword.arg == "shell":
-                    assert False, f"{path}:{node.lineno}: shell= passed to a subprocess"
-                if keyword.arg == "allow_pickle":
-                    assert isinstance(keyword.value, ast.Constant) and keyword.value.value is False
-            if name == "load" and isinstance(func, ast.Attribute):
+            keywords = {k.arg: k.value for k in node.keywords}
+            if isinstance(func, ast.Name):  # the builtins, not methods such as torch's Module.eval()
+                assert func.id not in ("eval", "exec"), f"{path}:{node.lineno}: {func.id}()"
+            if isinstance(func, ast.Attribute):
                 owner = getattr(func.value, "id", "")
-                assert owner not in ("yaml", "pickle", "torch"), f"{path}:{node.lineno}: {owner}.load"
+                assert (owner, func.attr) not in (("os", "system"), ("os", "popen")), f"{path}:{node.lineno}"
+                if func.attr == "load" and owner in ("yaml", "pickle"):
+                    assert False, f"{path}:{node.lineno}: {owner}.load (use yaml.safe_load; never unpickle)"
+                if func.attr == "load" and owner == "torch":
+                    flag = keywords.get("weights_only")
+                    assert isinstance(flag, ast.Constant) and flag.value is True, f"{path}:{node.lineno}: torch.load"
+            assert "shell" not in keywords, f"{path}:{node.lineno}: shell= passed to a subprocess"
+            if "allow_pickle" in keywords:
+                assert isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
             assert not any(m.split(".")[0] in ("pickle", "marshal", "shelve") for m in modules), path

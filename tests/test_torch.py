@@ -66,12 +66,18 @@ verify: {{images: {val}, count: 4}}
 
 
 @pytest.mark.slow
-def test_real_torchvision_recipe_float32_and_int8(tmp_path, mirror):
+def test_real_torchvision_recipe_onnx_int8_and_tflite_int8_for_the_npu(tmp_path, mirror):
     result = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "--mirror", str(mirror), "build",
-                     "mobilenetv2-torchvision", "--variant", "float32", "--variant", "int8",
+                     "mobilenetv2-torchvision", "--variant", "float32", "--variant", "int8", "--variant", "int8-tflite",
                      "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"), "--verify")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads(result.stdout)["mobilenetv2-torchvision"]
-    int8 = manifest["variants"]["int8"]["verify"]["logits"]
-    assert int8["cosine"] >= 0.97 and int8["top1_agreement"] >= 0.8, int8
+    for name in ("int8", "int8-tflite"):
+        metrics = manifest["variants"][name]["verify"]["logits"]
+        assert metrics["cosine"] >= 0.97 and metrics["top1_agreement"] >= 0.8, (name, metrics)
     assert "int8 vs float graph, output logits on 32 val images: cosine" in result.stderr
+    tflite = manifest["variants"]["int8-tflite"]
+    assert tflite["file"].endswith(".tflite") and tflite["inputs"][0]["shape"] == [1, 224, 224, 3]
+    assert tflite["inputs"][0]["dtype"] == "int8"
+    assert tflite["vela"]["cpu_op_count"] == 0 and tflite["vela"]["npu_ops"] > 50
+    assert "vela" not in manifest["variants"]["int8"]  # an ONNX artifact never goes to vela

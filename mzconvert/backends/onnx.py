@@ -78,6 +78,22 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     error = float(np.max(np.abs(got - expected)))
     if error > 1e-3:
         raise MzError(f"{target}: the ONNX export differs from the PyTorch module (max abs error {error:.3g})")
+    if any(v.target == "tflite" for v in recipe.variants):
+        _write_keras_port(module, example, expected, target.with_name(KERAS_PORT))
+
+
+KERAS_PORT = "model_nhwc.h5"  # torch sources with tflite variants: the Keras port, beside the ONNX model
+
+
+def _write_keras_port(module, example, expected: np.ndarray, target: Path) -> None:
+    from ..torch_models import to_keras
+
+    keras_model = to_keras(module, tuple(example.shape))
+    got = keras_model(example.numpy().transpose(0, 2, 3, 1), training=False).numpy()
+    error = float(np.max(np.abs(got - expected)))
+    if error > 1e-3:
+        raise MzError(f"{target}: the Keras port differs from the PyTorch module (max abs error {error:.3g})")
+    keras_model.save(str(target))
 
 
 # -- strip ---------------------------------------------------------------------------------------
@@ -102,6 +118,8 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
                                   + (f"; close matches: {', '.join(close)}" if close else ""))
     target = out_dir / "stripped.onnx"
     onnx.utils.extract_model(str(frozen), str(target), list(recipe.strip.inputs), list(recipe.strip.outputs))
+    if (frozen.parent / KERAS_PORT).is_file():  # the whole network: classifiers end at their logits
+        shutil.copyfile(frozen.parent / KERAS_PORT, out_dir / KERAS_PORT)
     return StripResult(model=target)
 
 
@@ -128,6 +146,8 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     from onnxruntime import quantization as q
 
+    if variant.target == "tflite":
+        return _convert_keras_port(model.with_name(KERAS_PORT), recipe, variant, calibration, out_dir)
     target = out_dir / f"{recipe.name}_{variant.name}.onnx"
     if variant.mode == "float32":
         shutil.copyfile(model, target)
@@ -146,6 +166,19 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
         raise MzError(f"{recipe.path}: variants: {variant.name}: mode {variant.mode} is not supported for ONNX")
     _check_quantized(target, variant)
     return target
+
+
+def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
+    import tf_keras as keras
+
+    from .tf import _tf, run_converter
+
+    tf = _tf()
+    model = keras.models.load_model(str(keras_file), compile=False)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    # Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC.
+    nhwc = (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
+    return run_converter(converter, recipe, variant, nhwc, out_dir)
 
 
 def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:

@@ -198,8 +198,6 @@ class GraphRunner:
 
 
 # -- convert -------------------------------------------------------------------------------------
-_IO_TYPES = {"float32": "float32", "int8": "int8", "uint8": "uint8"}
-
 
 def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
@@ -211,6 +209,18 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
         output_arrays=[_converter_name(o) for o in cut.outputs],
         # Without explicit shapes a cut placeholder fails with a misleading MLIR error.
         input_shapes={_node_name(cut.inputs[0]): list(recipe.input.shape)})
+    if variant.mode == "uint8-qat":
+        converter.inference_type = tf.uint8
+        converter.quantized_input_stats = {_node_name(cut.inputs[0]): variant.quantized_input_stats}
+    # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
+    converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
+    return run_converter(converter, recipe, variant, calibration, out_dir)
+
+
+def run_converter(converter, recipe: Recipe, variant: Variant,
+                  calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
+    """Apply the variant's mode to a TFLite converter (frozen graph or Keras) and write the model."""
+    tf = _tf()
     if variant.mode == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -220,19 +230,14 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([t] for t in calibration())
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        io_type = getattr(tf, _IO_TYPES[variant.io_dtype])
+        io_type = getattr(tf, variant.io_dtype)  # tf.float32 | tf.int8 | tf.uint8
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
-    elif variant.mode == "uint8-qat":
-        converter.inference_type = tf.uint8
-        converter.quantized_input_stats = {_node_name(cut.inputs[0]): variant.quantized_input_stats}
-    # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
-    converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
     try:
         flatbuffer = converter.convert()
     except Exception as exc:  # the converter raises ConverterError and a zoo of others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise MzError(f"{model}: TFLite conversion of variant {variant.name!r} ({variant.mode}) failed: {first}") from None
+        raise MzError(f"TFLite conversion of variant {variant.name!r} ({variant.mode}) failed: {first}") from None
     target = out_dir / f"{recipe.name}_{variant.name}.tflite"
     target.write_bytes(flatbuffer)
     return target
