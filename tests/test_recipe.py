@@ -106,3 +106,15 @@ def test_cli_validate_rejects_broken_recipe_with_exit_2(tmp_path):
     assert f"{broken}: variants[1].mode: 'int4' is not one of" in result.stderr
     ok = run_cli("validate")
     assert ok.returncode == 0, ok.stderr
+
+
+CORPUS = sorted((ROOT / "tests" / "corpus" / "bad-recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_bad_recipe_corpus_is_rejected_with_the_expected_line(path):
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message

@@ -174,3 +174,29 @@ def test_variant_member_builds_its_own_chain(tmp_path, tiny, tiny_qat):
     assert manifest["variants"]["qat"]["source_file"] == "zoo/uint8/graph.pb"
     assert manifest["variants"]["qat"]["inputs"][0]["dtype"] == "uint8"
     assert (tmp_path / "build" / "tiny" / "strip-zoo-uint8-graph.pb").is_dir()
+
+
+def test_declared_shape_that_does_not_fit_the_graph(tmp_path, tiny):
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"])).replace("shape: [1, 32, 32, 3]", "shape: [1, 64, 64, 3]")
+    with pytest.raises(RecipeError, match=r"input.shape: the graph cannot run at \[1, 64, 64, 3\]: Cannot feed"):
+        run(tmp_path, text, until="strip")
+
+
+def test_vela_compiles_integer_models_and_refuses_float_ones(tmp_path, tiny, mirror):
+    from mzconvert.vela import compile_for_npu
+
+    variants = (f"  - {{name: f32, mode: float32}}\n"
+                f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 4}}\n")
+    target = ("targets:\n  vela: {accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, "
+              "memory_mode: Shared_Sram, max_cpu_ops: 0}\n")
+    manifest = run(tmp_path, tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants) + target)
+    vela = manifest["variants"]["i8"]["vela"]
+    assert vela["accelerator"] == "ethos-u55-128" and vela["cpu_op_count"] == 0 and vela["npu_ops"] > 0
+    assert "vela" not in manifest["variants"]["f32"]
+    recipe = load_recipe(tmp_path / "tiny.yaml")
+    with pytest.raises(MzError, match="vela compiles integer models only; variant 'f32' is float32"):
+        compile_for_npu(tmp_path / "dist" / "tiny" / "tiny_f32.tflite", recipe, recipe.variant("f32"), tmp_path)
+    bad = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants) + target.replace(
+        "Shared_Sram", "Shared_SRAM")
+    with pytest.raises(RecipeError, match="targets.vela.memory_mode: 'Shared_SRAM' is not in .*vela.ini; one of"):
+        run(tmp_path / "bad", bad)

@@ -143,7 +143,10 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     extras: list[Path] = []
     if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
         check_tensors(recipe, "postprocess.anchors_tensor", [recipe.postprocess.anchors_tensor], names)
-        anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)
+        try:
+            anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)
+        except Exception as exc:  # tf.errors.* or ValueError for a shape the graph rejects
+            raise _shape_error(recipe, exc) from None
         anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
         np.save(out_dir / "anchors.npy", anchors, allow_pickle=False)
         extras.append(out_dir / "anchors.npy")
@@ -162,7 +165,27 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     stripped = tf.compat.v1.graph_util.extract_sub_graph(rewired, _node_names(cut.outputs))
     model = _write_graph_def(stripped, out_dir / "stripped.pb")
     metadata["nodes"] = {"before": len(graph_def.node), "after": len(stripped.node)}
+    _check_declared_shape(model, recipe, metadata.get("anchors", {}).get("count"))
     return StripResult(model=model, extras=extras, metadata=metadata)
+
+
+def _shape_error(recipe: Recipe, exc: Exception) -> RecipeError:
+    first = str(exc).strip().splitlines()[0]
+    return RecipeError(f"{recipe.path}: input.shape: the graph cannot run at {list(recipe.input.shape)}: {first}")
+
+
+def _check_declared_shape(model: Path, recipe: Recipe, anchor_count: int | None) -> None:
+    """Run the cut graph once at input.shape: a shape the graph cannot take fails here, by name."""
+    try:
+        outputs = dict(zip(recipe.strip.outputs, GraphRunner(model, recipe).run(np.zeros(recipe.input.shape, np.float32))))
+    except Exception as exc:  # tf.errors.* or ValueError for a shape the graph rejects
+        raise _shape_error(recipe, exc) from None
+    post = recipe.postprocess
+    if anchor_count is not None:
+        boxes = outputs[post.box_output].size // 4
+        if boxes != anchor_count:
+            raise RecipeError(f"{recipe.path}: input.shape: {list(recipe.input.shape)} gives {boxes} boxes at "
+                              f"{post.box_output!r} but {post.anchors_tensor!r} has {anchor_count} anchors")
 
 
 def _evaluate(graph_def, tensor: str, input_tensor: str, input_shape) -> np.ndarray:
