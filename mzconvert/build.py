@@ -50,7 +50,6 @@ def _canonical_hash(obj) -> str:
 class StageOutcome:
     folder: Path
     result: dict  # what the stage reported, plus "files": {relative path: sha256}
-    ran: bool
 
     def path(self, key: str) -> Path:
         return self.folder / self.result[key]
@@ -60,11 +59,8 @@ class StageOutcome:
         return _canonical_hash(self.result["files"])
 
     def sha256(self, key: str) -> str:
-        """The output's sha256; for a folder output (checkpoint, SavedModel), a digest of all its files."""
-        name, files = self.result[key], self.result["files"]
-        if name in files:
-            return files[name]
-        return _canonical_hash(sorted((path, digest) for path, digest in files.items() if path.startswith(name + "/")))
+        """The sha256 of the output file the result names under `key`."""
+        return self.result["files"][self.result[key]]
 
 
 @dataclass
@@ -110,7 +106,7 @@ class Planner:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         write_json_atomic(target / STAMP, {"key": key, "inputs": inputs})  # last: marks the stage done
-        outcome = StageOutcome(folder=target, result=result, ran=True)
+        outcome = StageOutcome(folder=target, result=result)
         self.outcomes[name] = outcome
         return outcome
 
@@ -128,7 +124,7 @@ class Planner:
             path = target / relative
             if not path.is_file() or sha256_file(path) != digest:
                 return None
-        return StageOutcome(folder=target, result=result, ran=False)
+        return StageOutcome(folder=target, result=result)
 
 
 # -- the stages, wired ---------------------------------------------------------------------------
@@ -269,7 +265,8 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant) -> StageOutcome
 def _remove_stale_staging(build_folder: Path, out_root: Path, name: str) -> None:
     """Staging folders a killed build left behind. Safe: we hold the recipe's lock, so no one writes them."""
     stale = [p for p in build_folder.rglob(".*") if p.is_dir()]
-    stale += [p for p in out_root.glob(f".{name}.*") if p.is_dir()] if out_root.is_dir() else []
+    # '@' cannot occur in a recipe name, so recipe "x" never matches the staging of recipe "x.y"
+    stale += [p for p in out_root.glob(f".{name}@*") if p.is_dir()] if out_root.is_dir() else []
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -31,7 +31,7 @@ def write_md5sums(folder: Path, files: list[Path]) -> Path:
 def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, console: Console) -> dict:
     """per_variant: variant name -> {"chain": [fetch, freeze, strip outcomes], "quantize", "verify", "vela"}."""
     out_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.", dir=out_root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}@", dir=out_root))
     try:
         strips = {id(v["chain"][-1]): v["chain"][-1] for v in per_variant.values()}.values()
         copies: list[tuple[Path, str]] = [(s.folder / extra, extra) for s in strips for extra in s.result.get("extras", [])]

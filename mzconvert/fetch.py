@@ -116,12 +116,15 @@ class Fetcher:
             if move:
                 candidate.unlink(missing_ok=True)
             return None
+        return self._store(pin, candidate, move)
+
+    def _store(self, pin: Pin, verified: Path, move: bool) -> Path:
         target = self.cache_path(pin)
         with atomic_path(target) as tmp:
             if move:
-                os.replace(candidate, tmp)
+                os.replace(verified, tmp)
             else:
-                shutil.copyfile(candidate, tmp)
+                shutil.copyfile(verified, tmp)
         return target
 
     # -- mirrors -------------------------------------------------------------------------------
@@ -149,8 +152,8 @@ class Fetcher:
                 self.config.log(f"mirror {mirror} is not a directory; skipped")
                 return None
             for candidate in self._directory_candidates(folder, pin):
-                if pin.mismatch(candidate) is None:
-                    return self._admit(pin, candidate, f"mirror {mirror}", move=False)
+                if pin.mismatch(candidate) is None:  # other files of the same size are simply not it
+                    return self._store(pin, candidate, move=False)
             return None
         if self.config.offline:
             return None

@@ -135,7 +135,7 @@ def replace_folder(staging: Path, target: Path) -> None:
     os.chmod(staging, 0o755)  # mkdtemp made it private
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f".{target.name}@old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
     os.replace(staging, target)
