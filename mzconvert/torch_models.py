@@ -6,6 +6,7 @@ strict=True; MobileNetV1 takes a width multiplier and a ReLU/ReLU6 choice.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -77,7 +78,131 @@ class MobileNetV1(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-MODULES = {"mobilenet_v2": MobileNetV2, "mobilenet_v1": MobileNetV1}
+def _scale_filters(filters: int, multiplier: float, base: int = 8) -> int:
+    return max(int(int(filters * multiplier / base + 0.5) * base), base)
+
+
+class _Block(nn.Module):
+    """MobileDet's searched blocks: a sequence of conv-BN(-ReLU6) layers, linear at the end, plus a residual."""
+
+    def __init__(self, layers: list[nn.Module], residual: bool):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+        self.residual = residual
+
+    def forward(self, x):
+        return x + self.layers(x) if self.residual else self.layers(x)
+
+
+def _linear(inp: int, out: int) -> list[nn.Module]:
+    return [nn.Conv2d(inp, out, 1, bias=False), nn.BatchNorm2d(out)]
+
+
+def _ibn(inp, out, expansion=8, kernel=3, stride=1, residual=True):
+    """Inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project."""
+    hidden = inp * expansion
+    return _Block([_conv_bn_act(inp, hidden, 1, 1), _conv_bn_act(hidden, hidden, kernel, stride, groups=hidden),
+                   *_linear(hidden, out)], residual)
+
+
+def _fused(inp, out, expansion=8, kernel=3, stride=1, residual=True):
+    """Fused inverted bottleneck: one full kxk convolution expands, 1x1 projects."""
+    hidden = inp * expansion
+    return _Block([_conv_bn_act(inp, hidden, kernel, stride), *_linear(hidden, out)], residual)
+
+
+def _tucker(inp, out, input_ratio, output_ratio, kernel=3, stride=1, residual=True):
+    """Tucker convolution: 1x1 compress, kxk at low rank, 1x1 restore."""
+    rank_in, rank_out = _scale_filters(inp, input_ratio), _scale_filters(out, output_ratio)
+    return _Block([_conv_bn_act(inp, rank_in, 1, 1), _conv_bn_act(rank_in, rank_out, kernel, stride),
+                   *_linear(rank_out, out)], residual)
+
+
+def ssd_anchors(feature_sizes: list[int], min_scale=0.2, max_scale=0.95,
+                aspect_ratios=(1.0, 2.0, 0.5, 3.0, 1 / 3)) -> "np.ndarray":
+    """TF OD API multiple-grid anchors (ymin, xmin, ymax, xmax normalised), in prediction order:
+    per feature map, per cell row-major, per anchor; the first map has 3 reduced boxes."""
+    import numpy as np
+
+    count = len(feature_sizes)
+    scales = [min_scale + (max_scale - min_scale) * i / (count - 1) for i in range(count)] + [1.0]
+    boxes = []
+    for i, size in enumerate(feature_sizes):
+        if i == 0:
+            shapes = [(0.1, 1.0), (scales[0], 2.0), (scales[0], 0.5)]
+        else:
+            shapes = [(scales[i], r) for r in aspect_ratios] + [((scales[i] * scales[i + 1]) ** 0.5, 1.0)]
+        for y in range(size):
+            for x in range(size):
+                cy, cx = (y + 0.5) / size, (x + 0.5) / size
+                for scale, ratio in shapes:
+                    h, w = scale / ratio ** 0.5, scale * ratio ** 0.5
+                    boxes.append((cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2))
+    return np.asarray(boxes, np.float32)
+
+
+class MobileDetEdgeTPUSSDLite(nn.Module):
+    """MobileDet-EdgeTPU backbone (Xiong et al. 2021, as in the TF OD API's ssd_mobiledet_feature_extractor)
+    + SSDLite feature maps (C4, C5, then 512/256/256/128) and a depthwise-separable box predictor.
+
+    forward -> (box encodings 1xNx4, class logits 1xNx(num_classes), anchors Nx4 constant).
+    """
+
+    def __init__(self, num_classes: int = 91, width: float = 1.0, image_size: int = 320):
+        super().__init__()
+        c = lambda f: _scale_filters(f, width)  # noqa: E731
+        self.c4 = nn.Sequential(
+            _conv_bn_act(3, c(32), 3, 2), _tucker(c(32), c(16), 0.25, 0.75, residual=False),
+            _fused(c(16), c(16), 8, stride=2, residual=False), _fused(c(16), c(16), 4), _fused(c(16), c(16), 8),
+            _fused(c(16), c(16), 4),
+            _fused(c(16), c(40), 8, kernel=5, stride=2, residual=False), _fused(c(40), c(40), 4),
+            _fused(c(40), c(40), 4), _fused(c(40), c(40), 4),
+            _ibn(c(40), c(72), 8, stride=2, residual=False), _ibn(c(72), c(72), 8), _fused(c(72), c(72), 4),
+            _fused(c(72), c(72), 4),
+            _ibn(c(72), c(96), 8, kernel=5, residual=False), _ibn(c(96), c(96), 8, kernel=5), _ibn(c(96), c(96), 8),
+            _ibn(c(96), c(96), 8))
+        self.c5 = nn.Sequential(
+            _ibn(c(96), c(120), 8, kernel=5, stride=2, residual=False), _ibn(c(120), c(120), 8),
+            _ibn(c(120), c(120), 4, kernel=5), _ibn(c(120), c(120), 8),
+            _ibn(c(120), c(384), 8, kernel=5, residual=False))
+        extra, channels = [], c(384)
+        for depth in (512, 256, 256, 128):  # 1x1 to depth/2, then a stride-2 separable conv to depth
+            extra.append(nn.Sequential(_conv_bn_act(channels, depth // 2, 1, 1),
+                                       _conv_bn_act(depth // 2, depth // 2, 3, 2, groups=depth // 2),
+                                       _conv_bn_act(depth // 2, depth, 1, 1)))
+            channels = depth
+        self.extra = nn.ModuleList(extra)
+        map_channels = [c(96), c(384), 512, 256, 256, 128]
+        self.num_classes = num_classes
+        self.box_heads, self.class_heads = nn.ModuleList(), nn.ModuleList()
+        for i, ch in enumerate(map_channels):
+            anchors = 3 if i == 0 else 6
+            for heads, per_anchor in ((self.box_heads, 4), (self.class_heads, num_classes)):
+                heads.append(nn.Sequential(_conv_bn_act(ch, ch, 3, 1, groups=ch),
+                                           nn.Conv2d(ch, anchors * per_anchor, 1)))
+        sizes = [image_size // 16]
+        for _ in range(5):
+            sizes.append((sizes[-1] + 1) // 2)
+        self.register_buffer("anchors", torch.from_numpy(ssd_anchors(sizes)), persistent=False)
+
+    def forward(self, x):
+        c4 = self.c4(x)
+        maps = [c4, self.c5(c4)]
+        for layer in self.extra:
+            maps.append(layer(maps[-1]))
+        boxes, logits = [], []
+        for feature, box_head, class_head in zip(maps, self.box_heads, self.class_heads):
+            # NCHW -> NHWC before flattening: predictions in (row, column, anchor) order, like the anchors
+            boxes.append(box_head(feature).permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4))
+            logits.append(class_head(feature).permute(0, 2, 3, 1).reshape(x.shape[0], -1, self.num_classes))
+        # The tracer refuses outputs that do not depend on the input: tie the constant anchors to it
+        # (strip cuts this branch off the deployed model).
+        anchors = self.anchors * torch.ones_like(x[:1, :1, :1, :1]).reshape(1, 1)
+        return torch.cat(boxes, 1), torch.cat(logits, 1), anchors
+
+
+MODULES = {"mobilenet_v2": MobileNetV2, "mobilenet_v1": MobileNetV1,
+           "mobiledet_edgetpu_ssdlite": MobileDetEdgeTPUSSDLite}
 
 
 def to_keras(module: nn.Module, input_shape: tuple[int, ...]):

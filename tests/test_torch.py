@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import MIRROR, run_cli
+from tests.conftest import MIRROR, ROOT, run_cli
 
 torch = pytest.importorskip("torch")
 
@@ -81,3 +81,43 @@ def test_real_torchvision_recipe_onnx_int8_and_tflite_int8_for_the_npu(tmp_path,
     assert tflite["inputs"][0]["dtype"] == "int8"
     assert tflite["vela"]["cpu_op_count"] == 0 and tflite["vela"]["npu_ops"] > 50
     assert "vela" not in manifest["variants"]["int8"]  # an ONNX artifact never goes to vela
+
+
+def test_mobiledet_edgetpu_ssdlite_exports_quantizes_and_decodes_with_random_weights(tmp_path, mirror):
+    """No PyTorch MobileDet weights can be had here: the real architecture with random weights, end to end."""
+    import yaml
+
+    from mzconvert.torch_models import MobileDetEdgeTPUSSDLite
+    from tests.test_build_real import coco_subset
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mobiledet-random.pth"
+    torch.save(MobileDetEdgeTPUSSDLite(num_classes=91).state_dict(), weights)
+    labels = yaml.safe_load((ROOT / "recipes" / "ssd-mobiledet.yaml").read_text())["postprocess"]["labels"]
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    recipe = tmp_path / "mobiledet.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "mobiledet", "task": "detection", "license": "test",
+        "description": "MobileDet-EdgeTPU + SSDLite head (Tetra's PyTorch layout), random weights",
+        "source": {"url": weights.as_uri(), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()},
+        "format": "torch", "torch": {"module": "mobiledet_edgetpu_ssdlite", "num_classes": 91, "opset": 17},
+        "input": {"name": "image", "shape": [1, 3, 320, 320], "layout": "NCHW"},
+        "preprocess": {"scale": 0.00784313725490196, "offset": -1.0},
+        "strip": {"inputs": ["image"], "outputs": ["boxes", "logits"]},
+        "postprocess": {"kind": "ssd", "anchors_tensor": "anchors", "box_coder_scales": [10, 10, 5, 5],
+                        "box_output": "boxes", "class_output": "logits", "labels": labels},
+        "variants": [{"name": "float32", "mode": "float32"},
+                     {"name": "int8", "mode": "int8", "io_dtype": "float32", "calibration": str(train),
+                      "calibration_count": 8, "reduce_range": True}],
+        "verify": {"images": str(val), "count": 4}}))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    result = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads(result.stdout)["mobiledet"]
+    assert manifest["postprocess"]["count"] == 2034  # 20x20x3 + (10x10 + 5x5 + 3x3 + 2x2 + 1x1) x 6
+    assert np.load(tmp_path / "dist" / "mobiledet" / "anchors.npy").shape == (2034, 4)
+    assert manifest["variants"]["int8"]["verify"]["boxes"]["cosine"] > 0.5
+    evaluation = run_cli("--quiet", "--json", "eval", str(recipe), "--dataset",
+                         str(coco_subset(tmp_path / "coco", 3)), *where)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert set(json.loads(evaluation.stdout)["results"]) == {"float32", "int8"}

@@ -20,6 +20,18 @@ class StripResult:
     metadata: dict = field(default_factory=dict)
 
 
+def export_anchors(anchors, recipe: Recipe, out_dir: Path) -> StripResult:
+    """anchors.npy (N x 4, ymin/xmin/ymax/xmax normalised) and its manifest entry, for decoding raw SSD outputs."""
+    import numpy as np
+
+    anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
+    path = out_dir / "anchors.npy"
+    np.save(path, anchors, allow_pickle=False)
+    metadata = {"anchors": {"count": int(anchors.shape[0]), "layout": "ymin,xmin,ymax,xmax (normalised)",
+                            "box_coder": "faster_rcnn", "box_coder_scales": list(recipe.postprocess.box_coder_scales)}}
+    return StripResult(model=path, extras=[path], metadata=metadata)
+
+
 _BY_FORMAT = {
     "tf-frozen-graph": "tf",
     "tf-checkpoint": "tf",

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import MzError, RecipeError
 from ..recipe import Recipe, Variant
 from ..runtime import OnnxRunner
-from . import StripResult
+from . import StripResult, export_anchors
 
 
 def _load(path: Path):
@@ -60,6 +60,8 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     options = {"num_classes": spec.num_classes, "width": spec.width}
     if spec.module == "mobilenet_v1":
         options["relu6"] = spec.relu6
+    if spec.module == "mobiledet_edgetpu_ssdlite":
+        options["image_size"] = recipe.input.height_width[0]
     module = MODULES[spec.module](**options)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
@@ -68,18 +70,21 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
         raise MzError(f"{weights}: not a state dict for {spec.module}: {str(exc).splitlines()[0]}") from None
     module.eval()
     example = torch.from_numpy(np.random.RandomState(0).normal(0, 1, recipe.input.shape).astype(np.float32))
+    output_names = list(recipe.strip.outputs) if recipe.strip else []
+    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
+        output_names.append(recipe.postprocess.anchors_tensor)  # SSD modules also return their anchors
     torch.onnx.export(module, (example,), str(target), input_names=[recipe.input.name],
-                      output_names=list(recipe.strip.outputs) if recipe.strip else None,
-                      opset_version=spec.opset, dynamo=False)
-    # The export is checked, not trusted: ONNX Runtime must reproduce the module's outputs.
+                      output_names=output_names or None, opset_version=spec.opset, dynamo=False)
+    # The export is checked, not trusted: ONNX Runtime must reproduce every output of the module.
     with torch.no_grad():
-        expected = module(example).numpy()
-    got = OnnxRunner(target).run(example.numpy())[0]
-    error = float(np.max(np.abs(got - expected)))
-    if error > 1e-3:
+        expected = module(example)
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    got = OnnxRunner(target, output_names or None).run(example.numpy())
+    error = max(float(np.max(np.abs(g.reshape(e.shape) - e))) for g, e in zip(got, expected))
+    if error > 1e-3 or len(got) != len(expected):
         raise MzError(f"{target}: the ONNX export differs from the PyTorch module (max abs error {error:.3g})")
     if any(v.target == "tflite" for v in recipe.variants):
-        _write_keras_port(module, example, expected, target.with_name(KERAS_PORT))
+        _write_keras_port(module, example, expected[0], target.with_name(KERAS_PORT))
 
 
 KERAS_PORT = "model_nhwc.h5"  # torch sources with tflite variants: the Keras port, beside the ONNX model
@@ -118,9 +123,24 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
                                   + (f"; close matches: {', '.join(close)}" if close else ""))
     target = out_dir / "stripped.onnx"
     onnx.utils.extract_model(str(frozen), str(target), list(recipe.strip.inputs), list(recipe.strip.outputs))
+    result = StripResult(model=target)
+    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
+        anchors_name = recipe.postprocess.anchors_tensor
+        if anchors_name not in names:
+            raise RecipeError(f"{recipe.path}: postprocess.anchors_tensor: tensor {anchors_name!r} is not in the graph")
+        exported = export_anchors(_evaluate(frozen, anchors_name, recipe), recipe, out_dir)
+        result = StripResult(model=target, extras=exported.extras, metadata=exported.metadata)
     if (frozen.parent / KERAS_PORT).is_file():  # the whole network: classifiers end at their logits
         shutil.copyfile(frozen.parent / KERAS_PORT, out_dir / KERAS_PORT)
-    return StripResult(model=target)
+    return result
+
+
+def _evaluate(model: Path, tensor: str, recipe: Recipe) -> np.ndarray:
+    """One named output of the model on a zero input (the anchors do not depend on the image)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run([tensor], {recipe.input.name: np.zeros(recipe.input.shape, np.float32)})[0]
 
 
 class GraphRunner(OnnxRunner):

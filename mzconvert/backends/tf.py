@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import MzError, RecipeError
 from ..recipe import Recipe, Variant
-from . import StripResult
+from . import StripResult, export_anchors
 
 
 def _tf():
@@ -147,11 +147,8 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
             anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)
         except Exception as exc:  # tf.errors.* or ValueError for a shape the graph rejects
             raise _shape_error(recipe, exc) from None
-        anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
-        np.save(out_dir / "anchors.npy", anchors, allow_pickle=False)
-        extras.append(out_dir / "anchors.npy")
-        metadata["anchors"] = {"count": int(anchors.shape[0]), "layout": "ymin,xmin,ymax,xmax (normalised)",
-                               "box_coder": "faster_rcnn", "box_coder_scales": list(recipe.postprocess.box_coder_scales)}
+        exported = export_anchors(anchors, recipe, out_dir)
+        extras, metadata = exported.extras, exported.metadata
 
     placeholder = tf.compat.v1.NodeDef(name=input_node, op="Placeholder")
     placeholder.attr["dtype"].CopyFrom(tf.compat.v1.AttrValue(type=tf.float32.as_datatype_enum))
