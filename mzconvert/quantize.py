@@ -17,7 +17,7 @@ from .backends import backend_for
 from .errors import MzError
 from .preprocess import prepare
 from .recipe import Recipe, Variant
-from .runtime import TensorSpec, open_model
+from .runtime import TensorSpec, nhwc, open_model
 
 
 @dataclass
@@ -52,8 +52,8 @@ def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeRes
         problems.append(f"{len(runner.inputs)} inputs, expected 1")
     if model_input.dtype != variant.io_dtype:
         problems.append(f"input dtype {model_input.dtype}, expected {variant.io_dtype}")
-    nhwc = recipe.input.shape[:1] + recipe.input.shape[2:] + recipe.input.shape[1:2]
-    if tuple(model_input.shape) not in (recipe.input.shape, nhwc if recipe.input.layout == "NCHW" else ()):
+    accepted = [recipe.input.shape] + ([nhwc(recipe.input.shape)] if recipe.input.layout == "NCHW" else [])
+    if tuple(model_input.shape) not in accepted:
         problems.append(f"input shape {list(model_input.shape)}, expected {list(recipe.input.shape)}")
     if variant.mode in ("int8", "uint8-qat"):
         for spec in [model_input, *runner.outputs]:

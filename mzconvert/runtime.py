@@ -39,9 +39,14 @@ def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return ((q.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)
 
 
+def nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The NHWC form of an NCHW shape: TFLite artifacts of NCHW sources take their input this way."""
+    return (shape[0], shape[2], shape[3], shape[1])
+
+
 def as_layout_of(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """An NCHW image tensor for an NHWC model (a TFLite artifact of an NCHW source) is transposed."""
-    if tensor.ndim == 4 and tensor.shape != spec.shape and tensor.transpose(0, 2, 3, 1).shape == spec.shape:
+    if tensor.ndim == 4 and tensor.shape != spec.shape and nhwc(tensor.shape) == spec.shape:
         return tensor.transpose(0, 2, 3, 1)
     return tensor
 

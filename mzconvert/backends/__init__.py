@@ -5,11 +5,14 @@ The recipe's `format` picks one; the stage modules and the planner never branch 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Callable, Iterable
 
+from ..errors import RecipeError
 from ..recipe import Recipe
 
 
@@ -20,7 +23,7 @@ class StripResult:
     metadata: dict = field(default_factory=dict)
 
 
-def export_anchors(anchors, recipe: Recipe, out_dir: Path) -> StripResult:
+def export_anchors(anchors, recipe: Recipe, out_dir: Path) -> tuple[list[Path], dict]:
     """anchors.npy (N x 4, ymin/xmin/ymax/xmax normalised) and its manifest entry, for decoding raw SSD outputs."""
     import numpy as np
 
@@ -29,7 +32,19 @@ def export_anchors(anchors, recipe: Recipe, out_dir: Path) -> StripResult:
     np.save(path, anchors, allow_pickle=False)
     metadata = {"anchors": {"count": int(anchors.shape[0]), "layout": "ymin,xmin,ymax,xmax (normalised)",
                             "box_coder": "faster_rcnn", "box_coder_scales": list(recipe.postprocess.box_coder_scales)}}
-    return StripResult(model=path, extras=[path], metadata=metadata)
+    return [path], metadata
+
+
+def check_tensors(recipe: Recipe, field: str, names: Iterable[str], known: Iterable[str],
+                  key: Callable[[str], str] = lambda name: name) -> None:
+    """Every name (as `key` maps it) must be in the graph; otherwise say which and list close matches."""
+    known = list(known)
+    known_set = set(known)
+    for name in names:
+        if key(name) not in known_set:
+            close = difflib.get_close_matches(key(name), known, n=3, cutoff=0.6)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise RecipeError(f"{recipe.path}: {field}: tensor {name!r} is not in the graph{hint}")
 
 
 _BY_FORMAT = {

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import difflib
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import MzError, RecipeError
+from ..errors import MzError
 from ..recipe import Recipe, Variant
 from ..runtime import OnnxRunner
-from . import StripResult, export_anchors
+from . import StripResult, check_tensors, export_anchors
 
 
 def _load(path: Path):
@@ -115,21 +114,16 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     import onnx.utils
 
     names = _tensor_names(_load(frozen))
-    for field, tensors in (("strip.inputs", recipe.strip.inputs), ("strip.outputs", recipe.strip.outputs)):
-        for tensor in tensors:
-            if tensor not in names:
-                close = difflib.get_close_matches(tensor, names, n=3)
-                raise RecipeError(f"{recipe.path}: {field}: tensor {tensor!r} is not in the graph"
-                                  + (f"; close matches: {', '.join(close)}" if close else ""))
+    check_tensors(recipe, "strip.inputs", recipe.strip.inputs, names)
+    check_tensors(recipe, "strip.outputs", recipe.strip.outputs, names)
     target = out_dir / "stripped.onnx"
     onnx.utils.extract_model(str(frozen), str(target), list(recipe.strip.inputs), list(recipe.strip.outputs))
     result = StripResult(model=target)
     if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
         anchors_name = recipe.postprocess.anchors_tensor
-        if anchors_name not in names:
-            raise RecipeError(f"{recipe.path}: postprocess.anchors_tensor: tensor {anchors_name!r} is not in the graph")
-        exported = export_anchors(_evaluate(frozen, anchors_name, recipe), recipe, out_dir)
-        result = StripResult(model=target, extras=exported.extras, metadata=exported.metadata)
+        check_tensors(recipe, "postprocess.anchors_tensor", [anchors_name], names)
+        extras, metadata = export_anchors(_evaluate(frozen, anchors_name, recipe), recipe, out_dir)
+        result = StripResult(model=target, extras=extras, metadata=metadata)
     if (frozen.parent / KERAS_PORT).is_file():  # the whole network: classifiers end at their logits
         shutil.copyfile(frozen.parent / KERAS_PORT, out_dir / KERAS_PORT)
     return result
@@ -198,7 +192,7 @@ def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, cali
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     # Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC.
     nhwc = (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
-    return run_converter(converter, recipe, variant, nhwc, out_dir)
+    return run_converter(converter, keras_file, recipe, variant, nhwc, out_dir)
 
 
 def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:
@@ -236,7 +230,8 @@ def _topologically_sorted(model):
 
 def _check_quantized(path: Path, variant: Variant) -> None:
     """The quantizers skip what they cannot handle without a word: count what they inserted."""
-    ops = [node.op_type for node in _load(path).graph.node]
+    graph = _load(path).graph
+    ops = [node.op_type for node in graph.node]
     expected = {"int8": ("DequantizeLinear",), "dynamic": ("DynamicQuantizeLinear", "MatMulInteger",
                                                             "ConvInteger", "DynamicQuantizeMatMul")}.get(variant.mode)
     if expected and not any(op in expected for op in ops):
@@ -245,6 +240,5 @@ def _check_quantized(path: Path, variant: Variant) -> None:
     if variant.mode == "float16":
         import onnx
 
-        initializers = _load(path).graph.initializer
-        if not any(t.data_type == onnx.TensorProto.FLOAT16 for t in initializers):
+        if not any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
             raise MzError(f"{path}: variant {variant.name!r} (float16) has no float16 weights")

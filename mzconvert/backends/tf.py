@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import MzError, RecipeError
 from ..recipe import Recipe, Variant
-from . import StripResult, export_anchors
+from . import StripResult, check_tensors, export_anchors
 
 
 def _tf():
@@ -58,21 +58,15 @@ def _converter_name(tensor: str) -> str:
     return tensor[:-2] if tensor.endswith(":0") else tensor
 
 
-def check_tensors(recipe: Recipe, field: str, names: Iterable[str], graph_nodes: list[str]) -> None:
-    """Every name must be a node of the graph; otherwise say which and list close matches."""
-    known = set(graph_nodes)
-    for name in names:
-        if _node_name(name) not in known:
-            close = difflib.get_close_matches(_node_name(name), graph_nodes, n=3, cutoff=0.6)
-            hint = f"; close matches: {', '.join(close)}" if close else ""
-            raise RecipeError(f"{recipe.path}: {field}: tensor {name!r} is not in the graph{hint}")
+def _check_nodes(recipe: Recipe, field: str, names: Iterable[str], graph_nodes: list[str]) -> None:
+    check_tensors(recipe, field, names, graph_nodes, key=_node_name)
 
 
 def apply_graph_edits(graph_def, recipe: Recipe) -> None:
     """Set attributes of named nodes (e.g. TFLite_Detection_PostProcess thresholds), type-checked."""
     tf = _tf()
     nodes = {n.name: n for n in graph_def.node}
-    check_tensors(recipe, "graph_edits", recipe.graph_edits, list(nodes))
+    _check_nodes(recipe, "graph_edits", recipe.graph_edits, list(nodes))
     for node_name, attrs in recipe.graph_edits.items():
         node = nodes[node_name]
         for key, value in attrs.items():
@@ -112,7 +106,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
             saver.restore(session, str(meta.with_suffix("")))
         else:  # tf-saved-model
             tf.compat.v1.saved_model.loader.load(session, ["serve"], str(source))
-        check_tensors(recipe, "strip.outputs", outputs, [n.name for n in graph.as_graph_def().node])
+        _check_nodes(recipe, "strip.outputs", outputs, [n.name for n in graph.as_graph_def().node])
         frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
             session, graph.as_graph_def(), outputs)
     apply_graph_edits(frozen, recipe)
@@ -135,20 +129,19 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     graph_def = read_graph_def(frozen)
     names = [n.name for n in graph_def.node]
     cut = recipe.strip
-    check_tensors(recipe, "strip.inputs", cut.inputs, names)
-    check_tensors(recipe, "strip.outputs", cut.outputs, names)
+    _check_nodes(recipe, "strip.inputs", cut.inputs, names)
+    _check_nodes(recipe, "strip.outputs", cut.outputs, names)
     input_node = _node_name(cut.inputs[0])
 
     metadata: dict = {}
     extras: list[Path] = []
     if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
-        check_tensors(recipe, "postprocess.anchors_tensor", [recipe.postprocess.anchors_tensor], names)
+        _check_nodes(recipe, "postprocess.anchors_tensor", [recipe.postprocess.anchors_tensor], names)
         try:
             anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)
         except Exception as exc:  # tf.errors.* or ValueError for a shape the graph rejects
             raise _shape_error(recipe, exc) from None
-        exported = export_anchors(anchors, recipe, out_dir)
-        extras, metadata = exported.extras, exported.metadata
+        extras, metadata = export_anchors(anchors, recipe, out_dir)
 
     placeholder = tf.compat.v1.NodeDef(name=input_node, op="Placeholder")
     placeholder.attr["dtype"].CopyFrom(tf.compat.v1.AttrValue(type=tf.float32.as_datatype_enum))
@@ -234,10 +227,10 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
         converter.quantized_input_stats = {_node_name(cut.inputs[0]): variant.quantized_input_stats}
     # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
     converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
-    return run_converter(converter, recipe, variant, calibration, out_dir)
+    return run_converter(converter, model, recipe, variant, calibration, out_dir)
 
 
-def run_converter(converter, recipe: Recipe, variant: Variant,
+def run_converter(converter, source: Path, recipe: Recipe, variant: Variant,
                   calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     """Apply the variant's mode to a TFLite converter (frozen graph or Keras) and write the model."""
     tf = _tf()
@@ -257,7 +250,7 @@ def run_converter(converter, recipe: Recipe, variant: Variant,
         flatbuffer = converter.convert()
     except Exception as exc:  # the converter raises ConverterError and a zoo of others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise MzError(f"TFLite conversion of variant {variant.name!r} ({variant.mode}) failed: {first}") from None
+        raise MzError(f"{source}: TFLite conversion of variant {variant.name!r} ({variant.mode}) failed: {first}") from None
     target = out_dir / f"{recipe.name}_{variant.name}.tflite"
     target.write_bytes(flatbuffer)
     return target
