@@ -271,6 +271,26 @@ def release(ctx: Context, recipes, all_recipes, dist, out):
 
 
 @main.command()
+@click.argument("name")
+@click.argument("pool", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--count", type=click.IntRange(1), required=True, help="How many images the set holds.")
+@click.option("--exclude", "exclude", multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="A folder of images never to choose (evaluation, verify images); repeatable.")
+@click.option("--base-url", default=None, help="Where the origin serves the pool's files (omit: cache/mirrors only).")
+@click.option("--description", default=None, help="What the set is for.")
+@click.option("--sets-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where to write NAME.yaml [the calibration/ folder].")
+@pass_context
+def imageset(ctx: Context, name, pool, count, exclude, base_url, description, sets_dir):
+    """Declare an image set: COUNT images of POOL chosen by content (lowest sha256), pinned by sha256."""
+    from .imagesets import SETS_DIR, write_image_set
+
+    target = write_image_set(name, pool, count, base_url, description or f"{count} images of {pool.name}",
+                             list(exclude), sets_dir or SETS_DIR)
+    ctx.console.result({"image_set": str(target)}, str(target))
+
+
+@main.command()
 @pass_context
 def matrix(ctx: Context):
     """Print the recipes as a CI matrix (JSON): one job per recipe."""

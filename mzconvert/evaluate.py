@@ -174,7 +174,7 @@ def imagenet_label(sorted_index: int) -> int:
 
 # Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1]
 # after a central 87.5 % crop, and score 1001 classes with background first.
-REFERENCE_PREPROCESS = dict(interpolation="bilinear", channel_order="RGB", mean=(127.5,) * 3, std=(127.5,) * 3,
+REFERENCE_PREPROCESS = dict(interpolation="tf1-bilinear", channel_order="RGB", mean=(127.5,) * 3, std=(127.5,) * 3,
                             central_crop=0.875)
 
 

@@ -7,6 +7,7 @@ calibration is reproducible byte for byte. A recipe may also name a local folder
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from .preprocess import list_images
 from .recipe import SAFE_NAME, _Reader
 
 SETS_DIR = Path(__file__).resolve().parent.parent / "calibration"
+# Any name a file can have in a folder (upper case, spaces), but no path: it is joined to a folder and a URL.
+FILE_NAME = re.compile(r"^(?!\.)[^/\\\x00-\x1f]{1,255}$")
 SELECTION_RULE = "the {count} files with the lowest sha256 digests among the {pool} images of the pool"
+EXCLUSION_RULE = ", after removing {excluded} whose bytes are also in {folders}"
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class ImageSet:
     name: str
     key: str  # sha256 naming the exact set (the set file's text, or a folder's names and hashes)
     pins: tuple[Pin, ...]  # empty for a local folder
-    base_url: str | None
+    base_url: str | None  # where the origin serves the files; None: only the cache and mirrors have them
     folder: Path | None
 
     def paths(self, fetcher: Fetcher, count: int | None = None, log=lambda m: None) -> list[Path]:
@@ -36,7 +40,7 @@ class ImageSet:
         pins = self.pins[:count]
         paths = []
         for i, pin in enumerate(pins, 1):
-            paths.append(fetcher.fetch(pin, [self.base_url + pin.name]))
+            paths.append(fetcher.fetch(pin, [self.base_url + pin.name] if self.base_url else []))
             if i % 25 == 0 or i == len(pins):
                 log(f"image set {self.name}: {i}/{len(pins)} images ready")
         return paths
@@ -67,30 +71,44 @@ def load_image_set(spec: str, recipe_path: Path | None = None) -> ImageSet:
         raise RecipeError(f"{path}: name: must be {spec!r}, the file name")
     r.string("description")
     r.string("selection")
-    base_url = r.string("base_url")
+    base_url = r.string("base_url", required=False)
 
     def image(item: _Reader) -> Pin:
         item.mapping(("file", "size", "sha256"))
-        name = item.string("file", pattern=SAFE_NAME, pattern_text="a plain file name")
+        name = item.string("file", pattern=FILE_NAME, pattern_text="a plain file name")
         return Pin(name=name, checksums={"sha256": item.string("sha256")}, size=item.integer("size", minimum=1))
 
     return ImageSet(name=spec, key=sha256_bytes(text.encode()), pins=tuple(r.list_of("images", image)),
                     base_url=base_url, folder=None)
 
 
-def write_image_set(name: str, pool: Path, count: int, base_url: str, description: str) -> Path:
-    """Choose `count` images of `pool` by a content rule (lowest sha256) and write calibration/<name>.yaml."""
-    candidates = sorted((sha256_file(p), p) for p in list_images(pool))
+def write_image_set(name: str, pool: Path, count: int, base_url: str | None, description: str,
+                    exclude: list[Path] = (), sets_dir: Path = SETS_DIR) -> Path:
+    """Choose `count` images of `pool` by a content rule (lowest sha256) and write <sets_dir>/<name>.yaml.
+
+    Images whose bytes also occur in an `exclude` folder (the evaluation and verify images) are never
+    chosen, so a calibration set stays disjoint from what it is judged on, whatever the files are called.
+    """
+    if not SAFE_NAME.match(name):
+        raise RecipeError(f"{name!r}: not a safe image set name (lower case, digits, '.', '_', '-')")
+    if not pool.is_dir():
+        raise RecipeError(f"{pool}: not a folder of images")
+    forbidden = {sha256_file(p) for folder in exclude for p in list_images(folder)}
+    pool_images = sorted((sha256_file(p), p) for p in list_images(pool))
+    candidates = [(digest, p) for digest, p in pool_images if digest not in forbidden]
     if len(candidates) < count:
-        raise RecipeError(f"{pool}: {len(candidates)} images, fewer than the {count} asked for")
+        raise RecipeError(f"{pool}: {len(candidates)} usable images, fewer than the {count} asked for")
     chosen = sorted(candidates[:count], key=lambda c: c[1].name)
+    selection = SELECTION_RULE.format(count=count, pool=len(candidates))
+    if excluded := len(pool_images) - len(candidates):
+        selection += EXCLUSION_RULE.format(excluded=excluded, folders=", ".join(f.name for f in exclude))
     doc = {
         "name": name,
         "description": description,
-        "selection": SELECTION_RULE.format(count=count, pool=len(candidates)),
-        "base_url": base_url,
+        "selection": selection,
+        **({"base_url": base_url} if base_url else {}),
         "images": [{"file": p.name, "size": p.stat().st_size, "sha256": digest} for digest, p in chosen],
     }
-    target = SETS_DIR / f"{name}.yaml"
+    target = sets_dir / f"{name}.yaml"
     write_bytes_atomic(target, yaml.safe_dump(doc, sort_keys=False, width=120).encode())
     return target

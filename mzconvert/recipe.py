@@ -24,7 +24,10 @@ MODES = ("float32", "float16", "dynamic", "int8", "uint8-qat")
 IO_DTYPES = ("float32", "int8", "uint8")
 LAYOUTS = ("NHWC", "NCHW")
 CHANNEL_ORDERS = ("RGB", "BGR")
-INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
+# Resize modes, named after the framework op each reproduces (mzconvert/preprocess.py).
+INTERPOLATIONS = ("tf1-bilinear", "tf2-bilinear", "tf2-bilinear-antialias", "pil-bilinear", "pil-bicubic",
+                  "pil-nearest", "cv2-linear", "torchvision")
+AMBIGUOUS_INTERPOLATIONS = ("bilinear", "nearest", "bicubic")  # every framework means another kernel by these
 URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -410,9 +413,12 @@ def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
     std = std or (1.0, 1.0, 1.0)
     if any(s <= 0 for s in std):
         raise r.fail(f"std must be positive, got {list(std)}", r._child_where("std"))
+    if r.has("interpolation") and r.data["interpolation"] in AMBIGUOUS_INTERPOLATIONS:
+        raise r.fail(f"{r.data['interpolation']!r} is ambiguous (TF1, TF2, PIL, OpenCV and torchvision resize "
+                     f"differently); name the one the model was trained with: {', '.join(INTERPOLATIONS)}",
+                     r._child_where("interpolation"))
     return Preprocess(resize=resize,
-                      interpolation=r.string("interpolation", required=False, default="bilinear",
-                                             choices=INTERPOLATIONS),
+                      interpolation=r.string("interpolation", choices=INTERPOLATIONS),
                       channel_order=r.string("channel_order", required=False, default="RGB",
                                              choices=CHANNEL_ORDERS),
                       mean=mean, std=std, central_crop=_fraction(r, "central_crop"))

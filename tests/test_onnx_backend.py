@@ -51,7 +51,7 @@ source:
   sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}
 format: onnx
 input: {{name: input, shape: [1, 3, 32, 32], layout: NCHW}}
-preprocess: {{mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375]}}
+preprocess: {{interpolation: pil-bilinear, mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375]}}
 strip: {{inputs: [input], outputs: [{outputs}]}}
 variants:
   - {{name: float32, mode: float32}}

@@ -67,6 +67,9 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
     (lambda d: d["postprocess"].update(box_coder_scales=[10, float("nan"), 5, 5]),
      "recipes/x.yaml: postprocess.box_coder_scales[1]: expected a finite number"),
     (lambda d: d["preprocess"].update(scale=float("inf")), "recipes/x.yaml: preprocess.scale: expected a positive number"),
+    (lambda d: d["preprocess"].update(interpolation="bilinear"),
+     "recipes/x.yaml: preprocess.interpolation: 'bilinear' is ambiguous (TF1, TF2, PIL, OpenCV and torchvision"),
+    (lambda d: d["preprocess"].pop("interpolation"), "recipes/x.yaml: preprocess.interpolation: missing required field"),
 ])
 def test_bad_recipes_give_located_errors(change, expected):
     assert error_of(mutate(change)).startswith(expected)

@@ -50,7 +50,7 @@ source: {{url: {weights.as_uri()}, sha256: {hashlib.sha256(weights.read_bytes())
 format: torch
 torch: {{module: mobilenet_v1, num_classes: 10, width: 0.25, opset: 17}}
 input: {{name: input, shape: [1, 3, 128, 128], layout: NCHW}}
-preprocess: {{scale: 0.00784313725490196, offset: -1.0}}
+preprocess: {{interpolation: pil-bilinear, scale: 0.00784313725490196, offset: -1.0}}
 strip: {{inputs: [input], outputs: [logits]}}
 variants:
   - {{name: float32, mode: float32}}
@@ -102,7 +102,7 @@ def test_mobiledet_edgetpu_ssdlite_exports_quantizes_and_decodes_with_random_wei
         "source": {"url": weights.as_uri(), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()},
         "format": "torch", "torch": {"module": "mobiledet_edgetpu_ssdlite", "num_classes": 91, "opset": 17},
         "input": {"name": "image", "shape": [1, 3, 320, 320], "layout": "NCHW"},
-        "preprocess": {"scale": 0.00784313725490196, "offset": -1.0},
+        "preprocess": {"interpolation": "pil-bilinear", "scale": 0.00784313725490196, "offset": -1.0},
         "strip": {"inputs": ["image"], "outputs": ["boxes", "logits"]},
         "postprocess": {"kind": "ssd", "anchors_tensor": "anchors", "box_coder_scales": [10, 10, 5, 5],
                         "box_output": "boxes", "class_output": "logits", "labels": labels},

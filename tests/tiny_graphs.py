@@ -83,6 +83,7 @@ input:
   name: {INPUT}
   shape: [1, {SIZE}, {SIZE}, 3]
 preprocess:
+  interpolation: tf1-bilinear
   scale: 0.00784313725490196
   offset: -1.0
 strip:
