@@ -168,7 +168,13 @@ def _strip(p: Planner, frozen: StageOutcome, suffix: str) -> StageOutcome:
         result = strip(frozen.path("model"), p.recipe, out)
         return {"model": result.model.name, "extras": [e.name for e in result.extras], **result.metadata}
 
-    return p.stage("strip" + suffix, inputs, action)
+    outcome = p.stage("strip" + suffix, inputs, action)
+    declared, found = p.recipe.preprocess.interpolation, outcome.result.get("source_resize", [])
+    if found and declared not in found:
+        p.console.log(f"[{p.recipe.name}] warning: {p.recipe.path}: preprocess.interpolation is {declared!r}, but the "
+                      f"source's own preprocessing (cut off by strip) resizes with {', '.join(found)}: calibration, "
+                      "verify and eval will feed the model other pixels than it was trained on")
+    return outcome
 
 
 def _model_chain(p: Planner, member: str | None, until: str) -> list[StageOutcome]:

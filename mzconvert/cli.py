@@ -200,16 +200,20 @@ _stage_command("vela", "Compile the integer variants for the Ethos-U NPU (build/
 @click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
 @click.option("--reference", "references", multiple=True, type=click.Path(path_type=Path, exists=True),
               help="Another .tflite/.onnx to put in the same table (e.g. a published model).")
+@click.option("--labels", "labels_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Classifiers: a file of 'image label' lines (else one folder per class, or ImageNet synsets "
+                   "in the file names).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
 @click.option("--build-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True)
 @pass_context
-def eval_command(ctx: Context, recipe, dataset, split, variants, references, out, build_dir):
-    """Accuracy of every built variant (and the float source graph) on the same images."""
+def eval_command(ctx: Context, recipe, dataset, split, variants, references, labels_file, out, build_dir):
+    """Accuracy of every built variant, the float source model and the source's own pipeline on the same images."""
     from .evaluate import run_eval
     from .report import eval_table
 
     r = ctx.recipe(recipe)
-    evaluation, manifest = run_eval(r, dataset, split, list(variants), list(references), out, build_dir, ctx.console)
+    evaluation, manifest = run_eval(r, dataset, split, list(variants), list(references), out, build_dir, ctx.console,
+                                    labels_file)
     ctx.console.result(evaluation, eval_table(evaluation, manifest))
 
 

@@ -7,18 +7,20 @@ per-class NMS; boxes are normalised, so they map back to the original image by i
 
 from __future__ import annotations
 
-import contextlib
-import io
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .cocometrics import bootstrap_weights, coco_scores, ratio_interval
 from .errors import MzError
-from .preprocess import list_images, prepare
-from .recipe import InputSpec, Postprocess, Preprocess, Recipe
+from .labels import class_offset, labelled_images
+from .preprocess import load_image, model_tensor
+from .recipe import ClassLabels, InputSpec, Postprocess, Preprocess, Recipe
 
 SCORE_THRESHOLD = 0.001  # low, as for mAP: the precision/recall curve needs the low-score tail
 IOU_THRESHOLD = 0.6  # the TF OD API SSD configs' NMS IoU
@@ -84,11 +86,12 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
     return Detections(np.clip(boxes[index[best]], 0.0, 1.0), chosen[best], labels[best])
 
 
-def postprocessed_detections(outputs: list[np.ndarray]) -> Detections:
-    """TFLite_Detection_PostProcess outputs: boxes, classes (0-based), scores, count."""
-    boxes, classes, scores, count = (o.reshape(o.shape[1:]) if o.ndim > 1 else o for o in outputs)
+def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 0) -> Detections:
+    """Post-processed outputs (TFLite_Detection_PostProcess, a TF OD API graph): the first `count` rows;
+    class ids minus `class_offset` are indices into the recipe's labels."""
+    boxes, classes, scores = (np.asarray(o).reshape(-1, *np.asarray(o).shape[2:]) for o in (boxes, classes, scores))
     n = int(np.asarray(count).ravel()[0])
-    return Detections(np.clip(boxes[:n], 0, 1), scores[:n], classes[:n].astype(np.int64))
+    return Detections(np.clip(boxes[:n], 0, 1), scores[:n], np.rint(classes[:n]).astype(np.int64) - class_offset)
 
 
 def coco_results(image_id: int, detections: Detections, size: tuple[int, int], post: Postprocess) -> list[dict]:
@@ -99,26 +102,6 @@ def coco_results(image_id: int, detections: Detections, size: tuple[int, int], p
                      "bbox": [float(xmin * width), float(ymin * height),
                               float((xmax - xmin) * width), float((ymax - ymin) * height)]})
     return rows
-
-
-def coco_ap(annotations: Path, results: list[dict], category_ids: list[int] | None) -> dict:
-    """COCOeval bbox; AP, AP50, AP75 over `category_ids` (all categories when None)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        truth = COCO(str(annotations))
-        if not results:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-        detections = truth.loadRes(results)
-        evaluation = COCOeval(truth, detections, "bbox")
-        if category_ids is not None:
-            evaluation.params.catIds = category_ids
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    stats = evaluation.stats
-    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2])}
 
 
 @dataclass
@@ -142,38 +125,163 @@ class CocoDataset:
         return cls(images=images, annotations=candidates[0])
 
 
-Runner = Callable[[np.ndarray], list[np.ndarray]]
+class LoadedImage:
+    """One dataset image, decoded once and preprocessed once per distinct preprocessing, for every model."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.image = load_image(path)
+        self._tensors: dict = {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.image, dtype=np.uint8)
+
+    def tensor(self, preprocess: Preprocess, model_input: InputSpec) -> np.ndarray:
+        key = (preprocess, model_input)
+        if key not in self._tensors:
+            self._tensors[key] = model_tensor(self.image, preprocess, model_input)
+        return self._tensors[key]
 
 
-def evaluate_detection(runners: dict[str, tuple[Runner, list[str]]], recipe: Recipe, dataset: CocoDataset,
-                       anchors: np.ndarray | None, log=lambda m: None) -> dict[str, dict]:
-    """AP of every runner on the same images; each runner returns outputs named by the second item."""
+Predict = Callable[[LoadedImage], object]  # Detections for detectors, a score vector for classifiers
+
+SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
+SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth
+MATCH_IOU = 0.9
+MATCH_SCORE = 0.3  # detections a person would be shown
+
+
+def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
+    """(matched, total) over the detections of a and of b scoring >= MATCH_SCORE: each counts as matched
+    when the other set has one of the same label with IoU >= MATCH_IOU (at any score)."""
+    matched = total = 0
+    for mine, theirs in ((a, b), (b, a)):
+        for box, label in zip(mine.boxes[mine.scores >= MATCH_SCORE], mine.labels[mine.scores >= MATCH_SCORE]):
+            same = theirs.boxes[theirs.labels == label]
+            total += 1
+            if same.size:
+                top_left = np.maximum(box[:2], same[:, :2])
+                bottom_right = np.minimum(box[2:], same[:, 2:])
+                inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+                area = lambda x: np.prod(np.clip(x[..., 2:] - x[..., :2], 0, None), axis=-1)  # noqa: E731
+                iou = inter / np.maximum(area(box) + area(same) - inter, 1e-12)
+                matched += int(iou.max() >= MATCH_IOU)
+    return matched, total
+
+
+def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: "CocoDataset",
+                       log=lambda m: None) -> dict:
+    """AP of every model on the same images, the paired bootstrap interval of each one's AP ratio to float32
+    (or the first model), and how far our pipeline is from the source's own, where both ran."""
     post = recipe.postprocess
-    results = {name: [] for name in runners}
+    rows = {name: [] for name in models}
+    fidelity = {"matched": 0, "total": 0, "worst_image": None, "worst_share": 1.0}
     items = sorted(dataset.images.items())
     for done, (image_id, path) in enumerate(items, 1):
-        prepared = prepare(path, recipe.preprocess, recipe.input)
-        for name, (run, output_names) in runners.items():
-            outputs = run(prepared.tensor)
-            if post.kind == "ssd":
-                detections = ssd_detections(dict(zip(output_names, outputs)), post, anchors)
-            else:
-                detections = postprocessed_detections(outputs)
-            results[name] += coco_results(image_id, detections, prepared.original_size, post)
+        image = LoadedImage(path)
+        found = {name: predict(image) for name, predict in models.items()}
+        for name, detections in found.items():
+            rows[name] += coco_results(image_id, detections, image.size, post)
+        if SOURCE_PIPELINE in found and SOURCE_GRAPH in found:
+            matched, total = matched_detections(found[SOURCE_PIPELINE], found[SOURCE_GRAPH])
+            fidelity["matched"] += matched
+            fidelity["total"] += total
+            if total and matched / total < fidelity["worst_share"]:
+                fidelity.update(worst_image=path.name, worst_share=matched / total)
         if done % 25 == 0 or done == len(items):
             log(f"eval: {done}/{len(items)} images")
     scored_ids = list(post.category_ids) if len(set(post.category_ids)) < 80 else None
-    return {name: coco_ap(dataset.annotations, rows, scored_ids) | {"images": len(items), "detections": len(rows)}
-            for name, rows in results.items()}
+    scores = {name: coco_scores(dataset.annotations, r, scored_ids) for name, r in rows.items()}
+    weights = bootstrap_weights(len(items))
+    baseline = _baseline(list(models))
+    resampled = {name: np.array([s.ap(w) for w in weights]) for name, s in scores.items()}
+    results = {name: s.summary | {"images": len(items), "detections": len(rows[name]),
+                                  "ratio_interval": ratio_interval(resampled[name], resampled[baseline])}
+               for name, s in scores.items()}
+    evaluation = {"results": results, "baseline": baseline, "metric": "AP"}
+    if fidelity["total"]:
+        evaluation["pipeline_fidelity"] = {
+            "ap_difference": results[SOURCE_GRAPH]["AP"] - results[SOURCE_PIPELINE]["AP"],
+            "matched_share": fidelity["matched"] / fidelity["total"], "detections_compared": fidelity["total"],
+            "worst_image": fidelity["worst_image"], "worst_image_share": fidelity["worst_share"],
+            "match": f"same label, IoU >= {MATCH_IOU}, score >= {MATCH_SCORE} in either"}
+    return evaluation
 
 
-def imagenet_label(sorted_index: int) -> int:
-    """The imagenet-samples convention: the i-th file in sorted order is class 2*i (every other synset)."""
-    return 2 * sorted_index
+def _baseline(names: list[str]) -> str:
+    return "float32" if "float32" in names else names[0]
 
 
-# Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1]
-# after a central 87.5 % crop, and score 1001 classes with background first.
+def evaluate_classification(models: dict[str, Predict], labelled: list[tuple[Path, int]],
+                            log=lambda m: None) -> dict:
+    """Top-1/top-5 of every model on the same images; each model's scores are indexed by label already."""
+    correct = {name: np.zeros((len(labelled), 2), bool) for name in models}
+    top1 = {name: np.zeros(len(labelled), np.int64) for name in models}
+    for i, (path, label) in enumerate(labelled):
+        image = LoadedImage(path)
+        for name, predict in models.items():
+            top5 = np.argsort(-predict(image), kind="stable")[:5]
+            correct[name][i] = (top5[0] == label, label in top5)
+            top1[name][i] = top5[0]
+        if (i + 1) % 100 == 0 or i + 1 == len(labelled):
+            log(f"eval: {i + 1}/{len(labelled)} images")
+    weights = bootstrap_weights(len(labelled))
+    baseline = _baseline(list(models))
+    results = {}
+    for name, hits in correct.items():
+        results[name] = {"top1": float(hits[:, 0].mean()), "top5": float(hits[:, 1].mean()), "images": len(labelled),
+                         "ratio_interval": ratio_interval(weights @ hits[:, 0], weights @ correct[baseline][:, 0]),
+                         "top1_agreement": float(np.mean(top1[name] == top1[baseline]))}
+    return {"results": results, "baseline": baseline, "metric": "top1"}
+
+
+@dataclass
+class CocoDataset:
+    images: dict[int, Path]  # image id -> file
+    annotations: Path
+
+    @classmethod
+    def open(cls, folder: Path, split: str) -> "CocoDataset":
+        candidates = sorted((folder / "annotations").glob(f"instances_{split}*.json"))
+        if len(candidates) != 1:
+            raise MzError(f"{folder}: expected one annotations/instances_{split}*.json, found {len(candidates)}")
+        try:
+            data = json.loads(candidates[0].read_text())
+            entries = [(image["id"], image["file_name"]) for image in data["images"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MzError(f"{candidates[0]}: not COCO instances annotations ({exc.__class__.__name__}: {exc})") from None
+        image_dir = folder / split
+        images = {}
+        for image_id, file_name in entries:
+            path = image_dir / file_name
+            if not path.is_file():
+                raise MzError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
+            images[image_id] = path
+        return cls(images=images, annotations=candidates[0])
+
+
+def _scores_by_label(run, labels: ClassLabels, model: str, background_allowed: bool):
+    """A predictor returning the model's scores indexed like the recipe's labels (background dropped)."""
+    offset = None
+
+    def scores(tensor: np.ndarray) -> np.ndarray:
+        nonlocal offset
+        logits = run(tensor)[0].ravel()
+        if offset is None:
+            spare = logits.size - len(labels.names)
+            fits_background = background_allowed and spare == 1
+            offset = 1 if fits_background else class_offset(logits.size, labels, model)
+        return logits[offset:offset + len(labels.names)]
+
+    return scores
+
+
+# Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1] after
+# TF-slim's central 87.5 % crop and TF1 bilinear resize, and score 1001 classes with background first.
 REFERENCE_PREPROCESS = dict(interpolation="tf1-bilinear", channel_order="RGB", mean=(127.5,) * 3, std=(127.5,) * 3,
                             central_crop=0.875)
 
@@ -184,30 +292,31 @@ def reference_inputs(runner) -> tuple[Preprocess, InputSpec]:
             InputSpec(name=runner.inputs[0].name, shape=shape, layout="NHWC", dtype="float32"))
 
 
-def evaluate_classification(runners: dict[str, tuple[Runner, Preprocess, InputSpec]], folder: Path,
-                            log=lambda m: None) -> dict[str, dict]:
-    """Top-1/top-5 of every runner, each with its own preprocessing; a model scoring 1001 classes has
-    background at index 0."""
-    images = list_images(folder)
-    if not images:
-        raise MzError(f"{folder}: no images to evaluate on")
-    hits = {name: [0, 0] for name in runners}
-    for i, path in enumerate(images):
-        label = imagenet_label(i)
-        for name, (run, preprocess, model_input) in runners.items():
-            logits = run(prepare(path, preprocess, model_input).tensor)[0].ravel()
-            top5 = np.argsort(-logits, kind="stable")[:5] - (1 if logits.size == 1001 else 0)
-            hits[name][0] += int(top5[0] == label)
-            hits[name][1] += int(label in top5)
-        if (i + 1) % 100 == 0 or i + 1 == len(images):
-            log(f"eval: {i + 1}/{len(images)} images")
-    return {name: {"top1": h[0] / len(images), "top5": h[1] / len(images), "images": len(images)}
-            for name, h in hits.items()}
+def dataset_identity(dataset: Path, split: str, labels_file: Path | None, images: list[Path]) -> dict:
+    """What an eval was run on, and a key naming exactly that (paths, sizes and the labels' bytes)."""
+    listing = [[str(p.relative_to(dataset)) if p.is_relative_to(dataset) else str(p), p.stat().st_size]
+               for p in images]
+    label_bytes = labels_file.read_bytes() if labels_file else b""
+    digest = hashlib.sha256(json.dumps([listing, split]).encode() + label_bytes).hexdigest()
+    slug = re.sub(r"[^a-z0-9]+", "-", dataset.resolve().name.lower()).strip("-") or "dataset"
+    return {"path": str(dataset.resolve()), "name": dataset.resolve().name, "split": split,
+            "key": f"{slug}-{digest[:12]}"}
+
+
+def built_stage_model(build_root: Path, recipe: Recipe, stage: str) -> Path | None:
+    """The model a stage of the last build wrote (build/<recipe>/<stage>/), if it is there."""
+    try:
+        result = json.loads((build_root / recipe.name / stage / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    path = build_root / recipe.name / stage / result.get("model", "")
+    return path if path.is_file() else None
 
 
 def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], references: list[Path],
-             dist: Path, build_root: Path, console) -> tuple[dict, dict]:
-    """Evaluate the built variants, the float source graph and `references`; writes dist/<recipe>/eval.json."""
+             dist: Path, build_root: Path, console, labels_file: Path | None = None) -> tuple[dict, dict]:
+    """Evaluate the built variants, the float source model, the source pipeline (where declared) and
+    `references` on the same images; writes dist/<recipe>/eval/<dataset key>.json."""
     from .backends import backend_for
     from .fsio import write_json_atomic
     from .report import load_manifest
@@ -220,31 +329,61 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         raise MzError(f"{folder}/manifest.json: no built variant {', '.join(sorted(missing))}")
     chosen = [v.name for v in recipe.variants if v.name in manifest["variants"] and (not variants or v.name in variants)]
     runners = {}
-    # The float source graph is the reference row, where the backend can run it (TF cannot run the
+    # The float source model is the reference row, where the backend can run it (TF cannot run the
     # TFLite_Detection_PostProcess custom op).
-    stripped = build_root / recipe.name / "strip" / "stripped.pb"
-    if stripped.is_file() and (recipe.postprocess is None or recipe.postprocess.kind == "ssd"):
-        runners["source-graph"] = backend_for(recipe).GraphRunner(stripped, recipe).run
+    stripped = built_stage_model(build_root, recipe, "strip")
+    if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind == "ssd"):
+        runners[SOURCE_GRAPH] = backend_for(recipe).GraphRunner(stripped, recipe).run
     for name in chosen:
         runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names).run
+    pipeline = None
+    if recipe.source_pipeline is not None and (frozen := built_stage_model(build_root, recipe, "freeze")):
+        pipeline = backend_for(recipe).SourcePipelineRunner(frozen, recipe)
     if recipe.task == "detection":
         for path in references:
             runners[path.stem] = open_model(path, output_names).run
         coco = CocoDataset.open(dataset, split)
-        anchors = np.load(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
-        named = {name: (run, output_names) for name, run in runners.items()}
-        results = evaluate_detection(named, recipe, coco, anchors, console.log)
+        anchors = np.load(folder / "anchors.npy", allow_pickle=False) if recipe.postprocess.kind == "ssd" else None
+        models = {name: _detector(run, recipe, anchors, output_names) for name, run in runners.items()}
+        if pipeline is not None:
+            models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
+        evaluation = evaluate_detection(models, recipe, coco, console.log)
         scope = "COCO bbox AP" + (f", categories {', '.join(recipe.postprocess.labels)}"
                                   if len(recipe.postprocess.labels) < 80 else "")
-        images = len(coco.images)
+        images, label_source = list(coco.images.values()), f"COCO annotations {coco.annotations.name}"
     else:
-        named = {name: (run, recipe.preprocess, recipe.input) for name, run in runners.items()}
+        if recipe.labels is None:
+            raise MzError(f"{recipe.path}: labels: a classifier needs its labels to be evaluated "
+                          "(a list, a file of names, or 'imagenet' for the 1000 ImageNet synsets)")
+        labelled = labelled_images(dataset, recipe.labels, labels_file)
+        models = {}
+        for name, run in runners.items():
+            scores = _scores_by_label(run, recipe.labels, name, background_allowed=False)
+            models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
+        if pipeline is not None:
+            scores = _scores_by_label(lambda pixels: pipeline.run(pixels), recipe.labels, SOURCE_PIPELINE, False)
+            models[SOURCE_PIPELINE] = lambda image, s=scores: s(image.pixels())
         for path in references:
             reference = open_model(path)
-            named[path.stem] = (reference.run, *reference_inputs(reference))
-        results = evaluate_classification(named, dataset, console.log)
-        scope, images = "top-1/top-5, label = 2 x sorted file index", next(iter(results.values()))["images"]
-    evaluation = {"recipe": recipe.name, "dataset": str(dataset), "split": split, "images": images,
-                  "scope": scope, "results": results}
-    write_json_atomic(folder / "eval.json", evaluation)
+            preprocess, model_input = reference_inputs(reference)
+            scores = _scores_by_label(reference.run, recipe.labels, path.stem, background_allowed=True)
+            models[path.stem] = lambda image, s=scores, p=preprocess, i=model_input: s(image.tensor(p, i))
+        evaluation = evaluate_classification(models, labelled.images, console.log)
+        scope, images, label_source = "top-1/top-5", [p for p, _ in labelled.images], labelled.source
+    identity = dataset_identity(dataset, split, labels_file, images)
+    evaluation = {"recipe": recipe.name, "dataset": identity, "images": len(images), "labels": label_source,
+                  "scope": scope, **evaluation}
+    write_json_atomic(folder / "eval" / f"{identity['key']}.json", evaluation)
     return evaluation, manifest
+
+
+def _detector(run, recipe: Recipe, anchors, output_names) -> Predict:
+    post = recipe.postprocess
+
+    def predict(image: LoadedImage) -> Detections:
+        outputs = run(image.tensor(recipe.preprocess, recipe.input))
+        if post.kind == "ssd":
+            return ssd_detections(dict(zip(output_names, outputs)), post, anchors)
+        return postprocessed_detections(*outputs)
+
+    return predict

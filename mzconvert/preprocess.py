@@ -164,15 +164,20 @@ def resize(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     return _bilinear(pixels, height, width, half_pixel=mode == "tf2-bilinear")
 
 
-def prepare(path: Path, preprocess: Preprocess, model_input: InputSpec) -> PreparedImage:
-    image = load_image(path)
+def model_tensor(image: Image.Image, preprocess: Preprocess, model_input: InputSpec) -> np.ndarray:
+    """A decoded image as the model's input: resized, channel order, normalised, layout, batch of 1."""
     pixels = resize(image, preprocess)
     if preprocess.channel_order == "BGR":
         pixels = pixels[..., ::-1]
     pixels = (pixels - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)
     if model_input.layout == "NCHW":
         pixels = pixels.transpose(2, 0, 1)
-    return PreparedImage(tensor=np.ascontiguousarray(pixels[None], dtype=np.float32), original_size=image.size)
+    return np.ascontiguousarray(pixels[None], dtype=np.float32)
+
+
+def prepare(path: Path, preprocess: Preprocess, model_input: InputSpec) -> PreparedImage:
+    image = load_image(path)
+    return PreparedImage(tensor=model_tensor(image, preprocess, model_input), original_size=image.size)
 
 
 def list_images(folder: Path) -> list[Path]:

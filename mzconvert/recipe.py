@@ -116,6 +116,29 @@ class Postprocess:
 
 
 @dataclass(frozen=True)
+class SourcePipeline:
+    """The source model end to end, its own pre- and post-processing included: the ground truth our
+    declared preprocessing + stripped model + decode must reproduce (TensorFlow sources).
+
+    It takes the decoded 8-bit image as it is (any size) at `input`; `outputs` maps roles to tensors:
+    detection: boxes (normalised ymin, xmin, ymax, xmax), scores, classes, count; classification: scores.
+    """
+
+    input: str
+    outputs: dict[str, str]
+    class_offset: int  # the class ids it outputs are label index + class_offset (TF OD API: 1)
+    min_matched: float | None  # build --verify fails when fewer detections / top-1 agree on the verify images
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """What a classifier's output indices mean: index label_offset + i is names[i]."""
+
+    names: tuple[str, ...]  # class names or ImageNet synsets (n01440764), in output order
+    label_offset: int  # 1 for TF-slim style models that score a background class first
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     mode: str
@@ -175,7 +198,9 @@ class Recipe:
     verify: VerifySpec | None
     graph_edits: dict  # node name -> {attribute: value}, applied at freeze
     torch: TorchSpec | None
-    raw: dict = field(repr=False, compare=False)
+    source_pipeline: SourcePipeline | None = None
+    labels: ClassLabels | None = None  # classification only
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def member_for(self, variant: Variant) -> str | None:
         return variant.member or self.source.member
@@ -515,7 +540,47 @@ def _parse_vela(r: _Reader) -> VelaTarget:
 
 
 TOP_LEVEL = ("name", "task", "description", "license", "source", "format", "input", "preprocess",
-             "strip", "postprocess", "variants", "targets", "verify", "graph_edits", "torch")
+             "strip", "postprocess", "variants", "targets", "verify", "graph_edits", "torch", "source_pipeline",
+             "labels", "label_offset")
+PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classification": ("scores",)}
+
+
+def _parse_source_pipeline(r: _Reader, task: str, fmt: str) -> SourcePipeline:
+    r.mapping(("input", "outputs", "class_offset", "min_matched"))
+    if not fmt.startswith("tf-"):
+        raise r.fail(f"runs TensorFlow sources end to end; format {fmt} has no source pipeline to run")
+    roles = PIPELINE_ROLES[task]
+    outputs = r.child("outputs").mapping(roles)
+    for role in roles:
+        outputs.string(role)
+    min_matched = r.number("min_matched", required=False)
+    if min_matched is not None and not 0 <= min_matched <= 1:
+        raise r.fail(f"expected a share in [0, 1], got {min_matched}", r._child_where("min_matched"))
+    return SourcePipeline(input=r.string("input"), outputs={role: outputs.data[role] for role in roles},
+                          class_offset=r.integer("class_offset", required=False, default=0),
+                          min_matched=min_matched)
+
+
+def _parse_labels(r: _Reader, recipe_path: Path) -> ClassLabels:
+    """labels: a list, a file next to the recipe (one name per line), or 'imagenet' (the 1000 synsets)."""
+    offset = r.integer("label_offset", required=False, default=0)
+    value = r.data.get("labels")
+    where = r._child_where("labels")
+    if isinstance(value, list):
+        return ClassLabels(names=tuple(r.list_of("labels", _Reader.as_string)), label_offset=offset)
+    name = r.string("labels")
+    if name == "imagenet":
+        from .labels import imagenet_synsets
+
+        return ClassLabels(names=imagenet_synsets(), label_offset=offset)
+    path = (recipe_path.parent / name)
+    try:
+        names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise r.fail(f"cannot read labels file {path}: {exc.__class__.__name__}", where) from None
+    if not names:
+        raise r.fail(f"labels file {path} has no labels", where)
+    return ClassLabels(names=names, label_offset=offset)
 
 
 def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
@@ -595,12 +660,20 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         if verify.images in calibrations:
             raise v.fail(f"{verify.images!r} is also a calibration set; verify on images never calibrated on",
                          "verify.images")
+    source_pipeline = None
+    if r.has("source_pipeline"):
+        source_pipeline = _parse_source_pipeline(r.child("source_pipeline"), task, fmt)
+    labels = None
+    if r.has("labels") or r.has("label_offset"):
+        if task != "classification":
+            raise r.fail("detection recipes name their labels in postprocess.labels", "labels")
+        labels = _parse_labels(r, path)
     return Recipe(path=path, text_sha256=sha256_bytes(text.encode()), name=name, task=task,
                   description=r.string("description"), license=r.string("license"), source=source,
                   format=fmt, input=model_input, preprocess=preprocess,
                   strip=strip, postprocess=postprocess, variants=variants, vela=vela, verify=verify,
                   graph_edits=_parse_graph_edits(r.child("graph_edits")) if r.has("graph_edits") else {},
-                  torch=torch_spec, raw=data)
+                  torch=torch_spec, source_pipeline=source_pipeline, labels=labels, raw=data)
 
 
 def _is_within(path: Path, folder: Path) -> bool:

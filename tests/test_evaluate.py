@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from mzconvert.evaluate import coco_ap, decode_ssd_boxes, nms, ssd_detections
+from mzconvert.cocometrics import coco_ap
+from mzconvert.evaluate import decode_ssd_boxes, nms, ssd_detections
 from tests.conftest import MIRROR, PEDESTRIAN_PB
 
 

@@ -155,8 +155,24 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     stripped = tf.compat.v1.graph_util.extract_sub_graph(rewired, _node_names(cut.outputs))
     model = _write_graph_def(stripped, out_dir / "stripped.pb")
     metadata["nodes"] = {"before": len(graph_def.node), "after": len(stripped.node)}
+    kept = {n.name for n in stripped.node}
+    metadata["source_resize"] = sorted({_resize_mode(n) for n in graph_def.node
+                                        if n.op in _RESIZE_OPS and n.name not in kept})
     _check_declared_shape(model, recipe, metadata.get("anchors", {}).get("count"))
     return StripResult(model=model, extras=extras, metadata=metadata)
+
+
+_RESIZE_OPS = ("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate")
+
+
+def _resize_mode(node) -> str:
+    """The preprocess.interpolation mode a resize op of the cut-off preprocessing reproduces, or its op name."""
+    half_pixel = "half_pixel_centers" in node.attr and node.attr["half_pixel_centers"].b
+    if node.op == "ResizeBilinear" and not node.attr["align_corners"].b:
+        return "tf2-bilinear" if half_pixel else "tf1-bilinear"
+    if node.op == "ScaleAndTranslate" and node.attr["kernel_type"].s == b"triangle":
+        return "tf2-bilinear-antialias"
+    return f"TensorFlow {node.op} (no mode reproduces it)"
 
 
 def _shape_error(recipe: Recipe, exc: Exception) -> RecipeError:
@@ -208,6 +224,37 @@ class GraphRunner:
 
     def run(self, tensor: np.ndarray) -> list[np.ndarray]:
         return self._session.run(self._outputs, {self._input: tensor})
+
+
+class SourcePipelineRunner:
+    """The frozen source graph end to end (recipe.source_pipeline): the decoded 8-bit image in, its own
+    preprocessing and post-processing applied: the ground truth for our declared pipeline."""
+
+    def __init__(self, frozen: Path, recipe: Recipe):
+        tf = _tf()
+        spec = recipe.source_pipeline
+        graph_def = read_graph_def(frozen)
+        nodes = {n.name: n for n in graph_def.node}
+        _check_nodes(recipe, "source_pipeline.input", [spec.input], list(nodes))
+        _check_nodes(recipe, "source_pipeline.outputs", spec.outputs.values(), list(nodes))
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.import_graph_def(graph_def, name="")
+        self._session = tf.compat.v1.Session(graph=graph)
+        self._input = graph.get_tensor_by_name(_tensor_name(spec.input))
+        self._outputs = [_tensor_name(name) for name in spec.outputs.values()]
+        self._roles = list(spec.outputs)
+        self._class_offset = spec.class_offset
+
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        feed = pixels[None].astype(self._input.dtype.as_numpy_dtype)
+        return self._session.run(self._outputs, {self._input: feed})
+
+    def detections(self, pixels: np.ndarray):
+        from ..evaluate import postprocessed_detections
+
+        out = dict(zip(self._roles, self.run(pixels)))
+        return postprocessed_detections(out["boxes"], out["classes"], out["scores"], out["count"], self._class_offset)
 
 
 # -- convert -------------------------------------------------------------------------------------

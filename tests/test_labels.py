@@ -1,0 +1,126 @@
+"""Classification labels from every layout a user's folder can have, matched to the recipe's labels.
+
+The same images must get the same labels (and a model the same top-1) whether their class is in the
+file name, in a folder per class, or in a labels file; a label that fits nothing is an error, not 0 %.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mzconvert.errors import MzError, RecipeError
+from mzconvert.fsio import sha256_file
+from mzconvert.labels import class_offset, imagenet_synsets, labelled_images
+from mzconvert.recipe import ClassLabels, parse_recipe
+from tests.conftest import run_cli
+from tests.test_onnx_backend import recipe_text, tiny_onnx
+
+ANIMALS = ClassLabels(names=("cat", "dog", "bird"), label_offset=0)
+
+
+def _image(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _by_content(labelled) -> dict[str, int]:
+    return {sha256_file(path): label for path, label in labelled.images}
+
+
+def test_imagenet_synsets_are_the_1000_sorted_classes():
+    synsets = imagenet_synsets()
+    assert len(synsets) == len(set(synsets)) == 1000 and list(synsets) == sorted(synsets)
+    assert synsets[0] == "n01440764" and synsets[-1] == "n15075141"
+
+
+def test_three_layouts_of_the_same_images_give_the_same_labels(tmp_path):
+    flat, per_class = tmp_path / "flat", tmp_path / "per-class"
+    names = {"n01440764": "tench", "n01443537": "goldfish", "n15075141": "toilet tissue"}
+    for seed, synset in enumerate(names):
+        _image(flat / f"{synset}_{seed}.JPEG", seed)
+        shutil.copy(flat / f"{synset}_{seed}.JPEG", _image(per_class / synset / "x.jpg", 99).parent / f"{seed}.jpg")
+        (per_class / synset / "x.jpg").unlink()
+    lines = "".join(f"{p.name}\t{names[p.name.split('_')[0]]}\n" for p in sorted(flat.iterdir()))
+    (tmp_path / "labels.txt").write_text("# file label\n" + lines)
+    labels = ClassLabels(names=imagenet_synsets(), label_offset=0)
+    by_name = labelled_images(flat, labels)
+    by_folder = labelled_images(per_class, labels)
+    by_file = labelled_images(flat, labels, tmp_path / "labels.txt")
+    assert _by_content(by_name) == _by_content(by_folder) == _by_content(by_file)
+    assert sorted(_by_content(by_name).values()) == [0, 1, 999]
+    assert by_name.source == "ImageNet synsets in the file names"
+    assert by_folder.source == "one folder per class (3 folders)"
+    assert by_file.source == "labels file labels.txt"
+
+
+def test_class_name_folders_and_index_labels(tmp_path):
+    for i, name in enumerate(("Dog", "bird")):  # case does not matter
+        _image(tmp_path / "data" / name / "a.png", i)
+    assert sorted(label for _, label in labelled_images(tmp_path / "data", ANIMALS).images) == [1, 2]
+    (tmp_path / "idx.txt").write_text("Dog/a.png 0\nbird/a.png 2\n")
+    assert [label for _, label in labelled_images(tmp_path / "data", ANIMALS, tmp_path / "idx.txt").images] == [0, 2]
+
+
+def test_unknown_label_and_unlabelled_folder_are_named_errors(tmp_path):
+    _image(tmp_path / "data" / "horse" / "a.png", 0)
+    with pytest.raises(MzError, match=r"horse: label 'horse' is not one of the recipe's 3 labels \(cat, dog, bird"):
+        labelled_images(tmp_path / "data", ANIMALS)
+    _image(tmp_path / "flat" / "IMG_0001.jpg", 1)
+    with pytest.raises(MzError, match="IMG_0001.jpg: cannot tell this image's label"):
+        labelled_images(tmp_path / "flat", ANIMALS)
+    (tmp_path / "bad.txt").write_text("IMG_0001.jpg\n")
+    with pytest.raises(MzError, match=r"bad.txt:1: expected 'file label'"):
+        labelled_images(tmp_path / "flat", ANIMALS, tmp_path / "bad.txt")
+
+
+def test_class_count_must_fit_labels_and_offset():
+    background_first = ClassLabels(names=imagenet_synsets(), label_offset=1)
+    assert class_offset(1001, background_first, "m") == 1
+    with pytest.raises(MzError, match="m: scores 2 classes, but the recipe declares 3 labels with label_offset 0"):
+        class_offset(2, ANIMALS, "m")
+
+
+def test_labels_from_a_file_beside_the_recipe_and_only_for_classifiers(tmp_path):
+    (tmp_path / "names.txt").write_text("cat\ndog\n\nbird\n")
+    text = recipe_text(tiny_onnx(tmp_path / "m.onnx")) + "labels: names.txt\nlabel_offset: 1\n"
+    recipe = parse_recipe(tmp_path / "r.yaml", text)
+    assert recipe.labels == ClassLabels(names=("cat", "dog", "bird"), label_offset=1)
+    with pytest.raises(RecipeError, match="r.yaml: labels: cannot read labels file"):
+        parse_recipe(tmp_path / "r.yaml", text.replace("names.txt", "missing.txt"))
+
+
+@pytest.mark.slow
+def test_eval_top1_is_the_same_for_every_layout_and_kept_per_dataset(tmp_path, mirror):
+    """A 10-class classifier labelled with 10 real synsets, evaluated on real ImageNet samples in two layouts."""
+    samples = sorted((mirror / "imagenet-samples").glob("*.JPEG"))[:10]
+    synsets = [p.name.split("_")[0] for p in samples]
+    (tmp_path / "synsets.txt").write_text("\n".join(synsets) + "\n")
+    recipe = tmp_path / "tiny-onnx.yaml"
+    recipe.write_text(recipe_text(tiny_onnx(tmp_path / "m.onnx")) + "labels: synsets.txt\n")
+    flat, per_class = tmp_path / "flat", tmp_path / "per-class"
+    flat.mkdir()
+    for path, synset in zip(samples, synsets):
+        shutil.copy(path, flat / path.name)
+        (per_class / synset).mkdir(parents=True)
+        shutil.copy(path, per_class / synset / "image.jpg")
+    common = ["--quiet", "--json", "--mirror", str(mirror), "--cache-dir", str(tmp_path / "cache")]
+    dirs = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    assert run_cli(*common, "build", str(recipe), "--variant", "float32", *dirs).returncode == 0
+    results = []
+    for folder in (flat, per_class):
+        done = run_cli(*common, "eval", str(recipe), "--dataset", str(folder), *dirs)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads(done.stdout))
+    assert results[0]["results"] == results[1]["results"]
+    assert {"source-graph", "float32"} <= set(results[0]["results"])
+    assert results[0]["results"]["float32"]["top1_agreement"] == 1.0
+    assert results[1]["labels"] == "one folder per class (10 folders)"
+    kept = sorted(p.name for p in (tmp_path / "dist" / "tiny-onnx" / "eval").iterdir())
+    assert len(kept) == 2 and kept[0].startswith("flat-") and kept[1].startswith("per-class-")
