@@ -249,6 +249,41 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     return outcome
 
 
+def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
+    """Our declared pipeline against the source end to end, on the verify images: once per build."""
+    from .verify import source_pipeline_fidelity
+
+    from .imagesets import load_image_set
+
+    fetched, frozen, stripped = chain
+    spec = p.recipe.verify
+    key, images = _image_paths(p, spec.images, spec.count)
+    names = load_image_set(spec.images, p.recipe.path).names(spec.count)
+    raw = p.recipe.raw
+    inputs = {"frozen": frozen.digest(), "stripped": stripped.digest(), "images": key,
+              "preprocess": raw.get("preprocess"), "postprocess": raw.get("postprocess"),
+              "source_pipeline": raw.get("source_pipeline"), "tools": p.versions}
+
+    def action(out: Path) -> dict:
+        anchors = stripped.folder / "anchors.npy" if "anchors.npy" in stripped.result.get("extras", []) else None
+        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), stripped.path("model"), anchors,
+                                                     p.recipe, images(), names)}
+
+    outcome = p.stage("verify/source-pipeline", inputs, action)
+    f = outcome.result["fidelity"]
+    line = (f"our preprocessing + float model + decode vs the source end to end on {f['images']} images: "
+            f"{f['matched_share']:.1%} {f['what']} ({f['compared']} compared"
+            + (f"; worst image {f['worst_image']}: {f['worst_image_share']:.0%})" if f["worst_image"] else ")"))
+    p.console.log(f"[{p.recipe.name}] {line}")
+    minimum = p.recipe.source_pipeline.min_matched
+    if minimum is not None and f["matched_share"] < minimum:
+        message = f"{p.recipe.path}: source_pipeline.min_matched: {line}, below {minimum}"
+        if p.options.verify_strict:
+            raise MzError(message)
+        p.console.log(f"[{p.recipe.name}] warning: {message}")
+    return outcome
+
+
 def _vela(p: Planner, quantized: StageOutcome, variant: Variant) -> StageOutcome:
     from .vela import compile_for_npu
 
@@ -302,8 +337,12 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
                         and variant.target == "tflite":
                     entry["vela"] = _vela(planner, quantized, variant)
                 per_variant[variant.name] = entry
+        fidelity = None
+        source_chain = chains.get(recipe.source.member)
+        if recipe.source_pipeline is not None and recipe.verify is not None and source_chain and until == "dist":
+            fidelity = _source_pipeline(planner, source_chain).result["fidelity"]
         if until != "dist":
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
         from .dist import assemble
 
-        return assemble(recipe, per_variant, planner.versions, options.out, console)
+        return assemble(recipe, per_variant, planner.versions, options.out, console, fidelity)

@@ -28,7 +28,8 @@ def write_md5sums(folder: Path, files: list[Path]) -> Path:
     return target
 
 
-def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, console: Console) -> dict:
+def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, console: Console,
+             source_pipeline: dict | None = None) -> dict:
     """per_variant: variant name -> {"chain": [fetch, freeze, strip outcomes], "quantize", "verify", "vela"}."""
     out_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}@", dir=out_root))
@@ -71,6 +72,7 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
                       "preprocess": recipe.raw.get("preprocess")},
             "postprocess": anchors | ({"labels": list(recipe.postprocess.labels)} if recipe.postprocess else {}),
             "variants": variants,
+            **({"source_pipeline_fidelity": source_pipeline} if source_pipeline else {}),
             "artifacts": artifacts,
             "tools": versions,
         }

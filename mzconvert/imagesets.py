@@ -34,6 +34,12 @@ class ImageSet:
     base_url: str | None  # where the origin serves the files; None: only the cache and mirrors have them
     folder: Path | None
 
+    def names(self, count: int | None = None) -> list[str]:
+        """The images' own file names (fetched images sit in the cache under their digests)."""
+        if self.folder is not None:
+            return [p.name for p in list_images(self.folder)[:count]]
+        return [pin.name for pin in self.pins[:count]]
+
     def paths(self, fetcher: Fetcher, count: int | None = None, log=lambda m: None) -> list[Path]:
         if self.folder is not None:
             return list_images(self.folder)[:count]

@@ -49,8 +49,9 @@ def eval_table(evaluation: dict, manifest: dict) -> str:
     if fidelity := evaluation.get("pipeline_fidelity"):
         lines.append(f"pipeline fidelity: source-graph (our preprocessing + decode) - source-pipeline (the source "
                      f"end to end): AP {fidelity['ap_difference']:+.4f}; {fidelity['matched_share']:.1%} of "
-                     f"{fidelity['detections_compared']} detections matched ({fidelity['match']}); worst image "
-                     f"{fidelity['worst_image']} {fidelity['worst_image_share']:.0%}")
+                     f"{fidelity['detections_compared']} detections matched ({fidelity['match']})"
+                     + (f"; worst image {fidelity['worst_image']} {fidelity['worst_image_share']:.0%}"
+                        if fidelity["worst_image"] else ""))
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import prepare
+from .preprocess import load_image, model_tensor, prepare
 from .recipe import Recipe, Variant
 from .runtime import open_model
 
@@ -52,3 +52,36 @@ def threshold_failures(variant: Variant, metrics: dict) -> list[str]:
         if variant.min_sqnr_db is not None and m["sqnr_db"] < variant.min_sqnr_db:
             failures.append(f"{variant.name}/{name}: SQNR {m['sqnr_db']:.1f} dB < {variant.min_sqnr_db}")
     return failures
+
+
+def source_pipeline_fidelity(frozen: Path, stripped: Path, anchors: Path | None, recipe: Recipe,
+                             images: list[Path], names: list[str]) -> dict:
+    """How closely our declared preprocessing + stripped float model (+ our decode) reproduce the source
+    run end to end with its own pre- and post-processing, on real images: the share of detections
+    matched (detectors) or the top-1 agreement (classifiers)."""
+    import numpy as np
+
+    from .backends import backend_for
+    from .evaluate import matched_detections, ssd_detections
+
+    backend = backend_for(recipe)
+    pipeline, ours = backend.SourcePipelineRunner(frozen, recipe), backend.GraphRunner(stripped, recipe)
+    anchor_boxes = np.load(anchors, allow_pickle=False) if anchors else None
+    per_image = []
+    for path in images:
+        image = load_image(path)
+        pixels = np.asarray(image, dtype=np.uint8)
+        outputs = ours.run(model_tensor(image, recipe.preprocess, recipe.input))
+        if recipe.task == "detection":
+            mine = ssd_detections(dict(zip(ours.output_names, outputs)), recipe.postprocess, anchor_boxes)
+            per_image.append(matched_detections(pipeline.detections(pixels), mine))
+        else:
+            theirs = pipeline.run(pixels)[0].ravel()
+            mine_top1 = int(np.argmax(outputs[0].ravel()))
+            per_image.append((int(np.argmax(theirs)) - recipe.source_pipeline.class_offset == mine_top1, 1))
+    matched, total = (sum(column) for column in zip(*per_image))
+    shares = [m / t if t else 1.0 for m, t in per_image]
+    worst = int(np.argmin(shares))
+    return {"matched_share": matched / total if total else 1.0, "compared": total, "images": len(images),
+            "worst_image": names[worst] if shares[worst] < 1 else None, "worst_image_share": shares[worst],
+            "what": "detections matched (same label, IoU >= 0.9)" if recipe.task == "detection" else "top-1 agreement"}

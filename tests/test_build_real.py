@@ -163,3 +163,33 @@ def test_eval_bench_report_on_real_images(built, tmp_path):
     assert "not full COCO" in (folder / "report.md").read_text()
     check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=folder, capture_output=True, text=True)
     assert check.returncode == 0 and "report.md: OK" in check.stdout
+
+
+def test_our_pipeline_reproduces_the_source_graph_end_to_end(built):
+    """The graph's own Preprocessor + Postprocessor are the ground truth: with the TF1 resize our AP equals
+    theirs on the 132 shared val images, and the build checked it on the verify images."""
+    root, args, _ = built
+    manifest = json.loads((root / "dist" / "pedestrian-ssdlite" / "manifest.json").read_text())
+    assert manifest["source_pipeline_fidelity"]["matched_share"] >= 0.95
+    done = run_cli("--quiet", "--json", "eval", "pedestrian-ssdlite", "--dataset", str(MIRROR / "coco"),
+                   "--variant", "float32", "--out", str(root / "dist"), "--build-dir", str(root / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    evaluation = json.loads(done.stdout)
+    results = evaluation["results"]
+    assert {"source-graph", "float32", "source-pipeline"} <= set(results)
+    assert abs(results["source-graph"]["AP"] - results["source-pipeline"]["AP"]) <= 0.002
+    assert evaluation["pipeline_fidelity"]["matched_share"] >= 0.95
+    assert evaluation["images"] == 132 and evaluation["dataset"]["name"] == "coco"
+    low, high = results["float32"]["ratio_interval"]
+    assert low == high == 1.0
+
+
+def test_a_resize_other_than_the_graphs_own_is_warned_about(built, tmp_path):
+    root, _, _ = built
+    recipe = (Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text()
+    local = tmp_path / "pedestrian-ssdlite.yaml"
+    local.write_text(recipe.replace("interpolation: tf1-bilinear", "interpolation: pil-bilinear"))
+    done = run_cli("--cache-dir", str(root / "cache"), "strip", str(local), "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("preprocess.interpolation is 'pil-bilinear', but the source's own preprocessing (cut off by strip) "
+            "resizes with tf1-bilinear") in done.stderr

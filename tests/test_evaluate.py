@@ -86,3 +86,34 @@ def test_our_decode_equals_the_stripped_off_postprocessor_on_real_images(mirror,
         n = min(20, int(count[0]))
         np.testing.assert_allclose(ours.scores[:n], graph_scores[0][:n], rtol=1e-5)
         np.testing.assert_allclose(ours.boxes[:n], graph_boxes[0][:n], atol=1e-5)
+
+
+def test_resampled_ap_with_unit_weights_is_pycocotools_ap(tmp_path):
+    """The bootstrap's AP from COCOeval's per-image matches equals COCOeval's own, on a messy case."""
+    from mzconvert.cocometrics import bootstrap_weights, coco_scores
+
+    rng = np.random.RandomState(1)
+    truth_boxes = [[list(rng.uniform(0, 60, 2)) + list(rng.uniform(5, 40, 2)) for _ in range(rng.randint(0, 4))]
+                   for _ in range(12)]
+    truth = write_coco(tmp_path / "gt.json", truth_boxes)
+    rows = []
+    for i, boxes in enumerate(truth_boxes):
+        for box in boxes:  # near-misses and exact hits, plus false positives, two categories
+            rows.append(det(i + 1, [v + rng.normal(0, 3) for v in box], float(rng.uniform())))
+        rows += [det(i + 1, list(rng.uniform(0, 60, 2)) + [10, 10], float(rng.uniform()), int(rng.randint(1, 3)))
+                 for _ in range(3)]
+    for categories in ([1], None):
+        scores = coco_scores(truth, rows, categories)
+        assert scores.ap(np.ones(12)) == pytest.approx(scores.summary["AP"], abs=1e-12)
+    # An image drawn twice weighs as if it were in the data twice.
+    weights = bootstrap_weights(12, samples=3)
+    assert weights.shape == (3, 12) and (weights.sum(axis=1) == 12).all()
+
+
+def test_ratio_interval_is_paired():
+    from mzconvert.cocometrics import ratio_interval
+
+    same = np.linspace(0.5, 0.7, 200)
+    assert ratio_interval(same, same) == [1.0, 1.0]
+    low, high = ratio_interval(same * 0.9, same)
+    assert low == pytest.approx(0.9) and high == pytest.approx(0.9)
