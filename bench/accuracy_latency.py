@@ -45,12 +45,17 @@ def main() -> None:
     bench = cli("bench", "pedestrian-ssdlite", "--runs", str(args.runs), "--threads", str(args.threads))
     ap, ms = evaluation["results"], bench["results"]
     print(f"pedestrian-ssdlite, person AP on {evaluation['images']} COCO val2017 images (mirror subset, not full COCO)")
-    print(f"{'model':16} {'AP':>7} {'AP50':>7} {'AP / float32':>13} {'median ms':>10} {'float32 ms / ms':>16}")
+    print(f"{'model':16} {'AP':>7} {'AP50':>7} {'AP / float32':>13} {'95 % interval':>16} {'median ms':>10} "
+          f"{'float32 ms / ms':>16}")
     for name, row in ap.items():
         latency = ms.get(name, {}).get("median_ms")
         speed = f"{ms['float32']['median_ms'] / latency:15.2f}x" if latency else f"{'-':>16}"
+        low, high = row["ratio_interval"]
         print(f"{name:16} {row['AP']:7.4f} {row['AP50']:7.4f} {row['AP'] / ap['float32']['AP']:13.1%} "
-              f"{(f'{latency:10.2f}' if latency else f'{chr(45):>10}')} {speed}")
+              f"{f'{low:.1%} - {high:.1%}':>16} {(f'{latency:10.2f}' if latency else f'{chr(45):>10}')} {speed}")
+    if fidelity := evaluation.get("pipeline_fidelity"):
+        print(f"source end to end vs our pipeline: AP difference {fidelity['ap_difference']:+.4f}, "
+              f"{fidelity['matched_share']:.1%} of {fidelity['detections_compared']} detections matched")
     print(f"int8 / float32 AP ratio: {ap['int8']['AP'] / ap['float32']['AP']:.3f} (goal >= 0.97)")
     print(f"float32 / int8 CPU latency ratio, {args.threads} thread(s): "
           f"{ms['float32']['median_ms'] / ms['int8']['median_ms']:.2f}x (goal >= 2x) on {cpu_flags()}")

@@ -104,27 +104,6 @@ def coco_results(image_id: int, detections: Detections, size: tuple[int, int], p
     return rows
 
 
-@dataclass
-class CocoDataset:
-    images: dict[int, Path]  # image id -> file
-    annotations: Path
-
-    @classmethod
-    def open(cls, folder: Path, split: str) -> "CocoDataset":
-        candidates = sorted((folder / "annotations").glob(f"instances_{split}*.json"))
-        if len(candidates) != 1:
-            raise MzError(f"{folder}: expected one annotations/instances_{split}*.json, found {len(candidates)}")
-        data = json.loads(candidates[0].read_text())
-        image_dir = folder / split
-        images = {}
-        for image in data["images"]:
-            path = image_dir / image["file_name"]
-            if not path.is_file():
-                raise MzError(f"{candidates[0]}: image {image['file_name']} is not in {image_dir}")
-            images[image["id"]] = path
-        return cls(images=images, annotations=candidates[0])
-
-
 class LoadedImage:
     """One dataset image, decoded once and preprocessed once per distinct preprocessing, for every model."""
 
@@ -155,6 +134,10 @@ MATCH_IOU = 0.9
 MATCH_SCORE = 0.3  # detections a person would be shown
 
 
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return np.prod(np.clip(boxes[..., 2:] - boxes[..., :2], 0, None), axis=-1)
+
+
 def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
     """(matched, total) over the detections of a and of b scoring >= MATCH_SCORE: each counts as matched
     when the other set has one of the same label with IoU >= MATCH_IOU (at any score)."""
@@ -167,8 +150,7 @@ def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
                 top_left = np.maximum(box[:2], same[:, :2])
                 bottom_right = np.minimum(box[2:], same[:, 2:])
                 inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-                area = lambda x: np.prod(np.clip(x[..., 2:] - x[..., :2], 0, None), axis=-1)  # noqa: E731
-                iou = inter / np.maximum(area(box) + area(same) - inter, 1e-12)
+                iou = inter / np.maximum(_area(box) + _area(same) - inter, 1e-12)
                 matched += int(iou.max() >= MATCH_IOU)
     return matched, total
 
@@ -361,7 +343,8 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
             scores = _scores_by_label(run, recipe.labels, name, background_allowed=False)
             models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
         if pipeline is not None:
-            scores = _scores_by_label(lambda pixels: pipeline.run(pixels), recipe.labels, SOURCE_PIPELINE, False)
+            its_labels = ClassLabels(recipe.labels.names, recipe.source_pipeline.class_offset)
+            scores = _scores_by_label(pipeline.run, its_labels, SOURCE_PIPELINE, background_allowed=False)
             models[SOURCE_PIPELINE] = lambda image, s=scores: s(image.pixels())
         for path in references:
             reference = open_model(path)

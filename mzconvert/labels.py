@@ -108,8 +108,7 @@ def labelled_images(folder: Path, labels: ClassLabels, labels_file: Path | None 
 
 
 def class_offset(scored: int, labels: ClassLabels, model: str) -> int:
-    """Where label 0 sits in a model's scores: the recipe's label_offset when the count fits it, for
-    published models without a recipe 1 when they score one class more (TF-slim's background)."""
+    """Where label 0 sits in a model's scores: the recipe's label_offset, when the score count fits it."""
     if scored == len(labels.names) + labels.label_offset:
         return labels.label_offset
     raise MzError(f"{model}: scores {scored} classes, but the recipe declares {len(labels.names)} labels with "

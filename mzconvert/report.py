@@ -37,15 +37,16 @@ def eval_table(evaluation: dict, manifest: dict) -> str:
     key = accuracy_key(results)
     baseline = results.get(evaluation["baseline"], {}).get(key)
     columns = ("AP", "AP50", "AP75") if key == "AP" else ("top1", "top5", "top1_agreement")
+    width = max(len(name) for name in [*results, "model"])
     lines = [dataset_line(evaluation),
-             f"{'model':28} {'size MB':>8} " + " ".join(f"{c[:7]:>7}" for c in columns)
+             f"{'model':{width}} {'size MB':>8} " + " ".join(f"{c[:7]:>7}" for c in columns)
              + f" {'vs ' + evaluation['baseline']:>12} {'95 % interval':>16}"]
     for name, r in results.items():
         size = _size_mb(manifest, name)
         ratio = f"{r[key] / baseline:12.1%}" if baseline else f"{'-':>12}"
         low, high = r.get("ratio_interval", [float("nan")] * 2)
         interval = f"{low:7.1%} - {high:6.1%}" if low == low else f"{'-':>16}"
-        lines.append(f"{name:28} {size:>8} " + " ".join(f"{r[c]:7.4f}" for c in columns) + f" {ratio} {interval:>16}")
+        lines.append(f"{name:{width}} {size:>8} " + " ".join(f"{r[c]:7.4f}" for c in columns) + f" {ratio} {interval:>16}")
     if fidelity := evaluation.get("pipeline_fidelity"):
         lines.append(f"pipeline fidelity: source-graph (our preprocessing + decode) - source-pipeline (the source "
                      f"end to end): AP {fidelity['ap_difference']:+.4f}; {fidelity['matched_share']:.1%} of "

@@ -76,9 +76,9 @@ def source_pipeline_fidelity(frozen: Path, stripped: Path, anchors: Path | None,
             mine = ssd_detections(dict(zip(ours.output_names, outputs)), recipe.postprocess, anchor_boxes)
             per_image.append(matched_detections(pipeline.detections(pixels), mine))
         else:
-            theirs = pipeline.run(pixels)[0].ravel()
-            mine_top1 = int(np.argmax(outputs[0].ravel()))
-            per_image.append((int(np.argmax(theirs)) - recipe.source_pipeline.class_offset == mine_top1, 1))
+            theirs = int(np.argmax(pipeline.run(pixels)[0])) - recipe.source_pipeline.class_offset
+            mine = int(np.argmax(outputs[0])) - (recipe.labels.label_offset if recipe.labels else 0)
+            per_image.append((int(theirs == mine), 1))
     matched, total = (sum(column) for column in zip(*per_image))
     shares = [m / t if t else 1.0 for m, t in per_image]
     worst = int(np.argmin(shares))

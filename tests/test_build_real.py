@@ -141,7 +141,7 @@ def test_eval_bench_report_on_real_images(built, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     evaluation = json.loads(result.stdout)
     rows = evaluation["results"]
-    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io", "int8"]
+    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io", "int8", "source-pipeline"]
     assert evaluation["images"] == 24 and "person" in evaluation["scope"]
     assert rows["source-graph"]["AP"] > 0.05
     assert abs(rows["float32"]["AP"] - rows["source-graph"]["AP"]) < 0.01
@@ -160,9 +160,11 @@ def test_eval_bench_report_on_real_images(built, tmp_path):
     for name in ("report.md", "report.json", "accuracy.png", "latency.png", "accuracy_vs_size.png"):
         assert (folder / name).stat().st_size > 100, name
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "not full COCO" in (folder / "report.md").read_text()
+    text = (folder / "report.md").read_text()
+    assert "on 24 images of coco (" in text and "labels from COCO annotations instances_val2017_subset.json" in text
     check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=folder, capture_output=True, text=True)
     assert check.returncode == 0 and "report.md: OK" in check.stdout
+    assert f"eval/{evaluation['dataset']['key']}.json: OK" in check.stdout
 
 
 def test_our_pipeline_reproduces_the_source_graph_end_to_end(built):
