@@ -344,5 +344,8 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
         if until != "dist":
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
         from .dist import assemble
+        from .workspace import record_build
 
-        return assemble(recipe, per_variant, planner.versions, options.out, console, fidelity)
+        manifest = assemble(recipe, per_variant, planner.versions, options.out, console, fidelity)
+        record_build(fetcher.config.cache_dir, recipe, options.out, options.build_root)
+        return manifest

@@ -32,6 +32,11 @@ class Context:
     def fetcher(self) -> Fetcher:
         return Fetcher(self.fetch_config)
 
+    def build_roots(self, recipe: Recipe, out: Path | None, build_dir: Path | None) -> tuple[Path, Path]:
+        from .workspace import build_roots
+
+        return build_roots(self.fetch_config.cache_dir, recipe, out, build_dir)
+
 
 class _Group(click.Group):
     """Turns MzError into one line on stderr and its exit code."""
@@ -145,6 +150,15 @@ def _build_options(f):
     return f
 
 
+def _read_build_options(f):
+    """--out/--build-dir for commands that read a build: by default ./dist if it has the recipe, else
+    where the recipe's last build wrote, so they work from any folder."""
+    f = click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="The dist root the recipe was built into [./dist, else where its last build wrote].")(f)
+    return click.option("--build-dir", type=click.Path(path_type=Path), default=None,
+                        help="The build root [./build, else where its last build wrote].")(f)
+
+
 def _options(out, build_dir, variants, force, lock_timeout, verify=False):
     from .build import BuildOptions
 
@@ -203,8 +217,7 @@ _stage_command("vela", "Compile the integer variants for the Ethos-U NPU (build/
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Classifiers: a file of 'image label' lines (else one folder per class, or ImageNet synsets "
                    "in the file names).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
-@click.option("--build-dir", type=click.Path(path_type=Path), default=Path("build"), show_default=True)
+@_read_build_options
 @pass_context
 def eval_command(ctx: Context, recipe, dataset, split, variants, references, labels_file, out, build_dir):
     """Accuracy of every built variant, the float source model and the source's own pipeline on the same images."""
@@ -212,6 +225,7 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
     from .report import eval_table
 
     r = ctx.recipe(recipe)
+    out, build_dir = ctx.build_roots(r, out, build_dir)
     evaluation, manifest = run_eval(r, dataset, split, list(variants), list(references), out, build_dir, ctx.console,
                                     labels_file)
     ctx.console.result(evaluation, eval_table(evaluation, manifest))
@@ -223,15 +237,16 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 @click.option("--runs", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@_read_build_options
 @pass_context
-def bench(ctx: Context, recipe, variants, runs, warmup, threads, out):
+def bench(ctx: Context, recipe, variants, runs, warmup, threads, out, build_dir):
     """CPU latency (median, p90) and peak memory of every built artifact, one fresh process each."""
     from .fsio import write_json_atomic
     from .measure import measure_in_child
     from .report import bench_table, load_manifest
 
     r = ctx.recipe(recipe)
+    out, _ = ctx.build_roots(r, out, build_dir)
     manifest = load_manifest(out, r.name)
     results = {}
     for name in [v.name for v in r.variants if v.name in manifest["variants"]]:
@@ -246,13 +261,15 @@ def bench(ctx: Context, recipe, variants, runs, warmup, threads, out):
 
 @main.command()
 @click.argument("recipe")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@_read_build_options
 @pass_context
-def report(ctx: Context, recipe, out):
+def report(ctx: Context, recipe, out, build_dir):
     """Write report.md, report.json and PNG plots into dist/<recipe>/ from its eval and bench results."""
     from .report import write_report
 
-    written = write_report(out / ctx.recipe(recipe).name)
+    r = ctx.recipe(recipe)
+    out, _ = ctx.build_roots(r, out, build_dir)
+    written = write_report(out / r.name)
     ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))
 
 

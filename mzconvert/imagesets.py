@@ -53,8 +53,11 @@ class ImageSet:
 
 
 def load_image_set(spec: str, recipe_path: Path | None = None) -> ImageSet:
-    """`spec` is a set name from calibration/ or a folder of images."""
+    """`spec` is a set name from calibration/ or a folder of images; a relative folder is taken from the
+    recipe's own folder, so a build means the same images from whatever folder it is run in."""
     folder = Path(spec)
+    if recipe_path is not None and not folder.is_absolute():
+        folder = recipe_path.parent / folder
     if not SAFE_NAME.match(spec) or folder.is_dir():
         if not folder.is_dir():
             raise RecipeError(f"{recipe_path or spec}: image set {spec!r} is neither a set in {SETS_DIR} nor a folder")

@@ -110,3 +110,11 @@ def test_imageset_command_writes_a_set_fetchable_from_a_mirror(tmp_path):
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "sets" / "tiny-3.yaml").read_text()
     assert "base_url" not in text and text.count("sha256: ") == 3
+
+
+def test_a_relative_image_folder_is_taken_from_the_recipes_folder(tmp_path):
+    _write_images(tmp_path / "project" / "calib", range(3))
+    image_set = load_image_set("calib", tmp_path / "project" / "recipe.yaml")
+    assert image_set.folder == tmp_path / "project" / "calib" and len(image_set.names()) == 3
+    with pytest.raises(RecipeError, match="recipe.yaml: no image set 'nowhere' in "):
+        load_image_set("nowhere", tmp_path / "project" / "recipe.yaml")

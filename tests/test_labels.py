@@ -118,9 +118,14 @@ def test_eval_top1_is_the_same_for_every_layout_and_kept_per_dataset(tmp_path, m
         done = run_cli(*common, "eval", str(recipe), "--dataset", str(folder), *dirs)
         assert done.returncode == 0, done.stderr[-2000:]
         results.append(json.loads(done.stdout))
-    assert results[0]["results"] == results[1]["results"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # no --out/--build-dir, another working folder: the build is found where it was written
+    done = run_cli(*common, "eval", str(recipe), "--dataset", str(flat), cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results.append(json.loads(done.stdout))
+    assert results[0]["results"] == results[1]["results"] == results[2]["results"]
     assert {"source-graph", "float32"} <= set(results[0]["results"])
     assert results[0]["results"]["float32"]["top1_agreement"] == 1.0
     assert results[1]["labels"] == "one folder per class (10 folders)"
     kept = sorted(p.name for p in (tmp_path / "dist" / "tiny-onnx" / "eval").iterdir())
-    assert len(kept) == 2 and kept[0].startswith("flat-") and kept[1].startswith("per-class-")
+    assert len(kept) == 2 and kept[0].startswith("flat-") and kept[1].startswith("per-class-")  # flat: once
