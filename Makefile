@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 MIRROR  ?= $(wildcard ../shared/mirror)
 MZ      := $(BIN)/mzconvert $(if $(MIRROR),--mirror $(abspath $(MIRROR)))
 # Recipes whose sources can be had on a machine without internet access (the others need their origin).
-BUILDABLE ?= pedestrian-ssdlite pedestrian-ssdlite-u55 mobilenetv2-torchvision
+BUILDABLE ?= pedestrian-ssdlite mobilenetv2-torchvision
 INSTALLED := $(VENV)/.installed
 # Extra `mzconvert build` options, e.g. BUILD_ARGS="--out /tmp/d --build-dir /tmp/b" (used by bench/make_all.py).
 BUILD_ARGS ?=

@@ -25,7 +25,7 @@ from .console import Console
 from .errors import MzError
 from .fetch import Fetcher
 from .fsio import folder_lock, replace_folder, sha256_file, write_json_atomic
-from .recipe import Recipe, Variant
+from .recipe import Recipe, Variant, VelaTarget
 
 STAMP = "stamp.json"
 RESULT = "result.json"
@@ -284,22 +284,28 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
     return outcome
 
 
-def _vela(p: Planner, quantized: StageOutcome, variant: Variant) -> StageOutcome:
-    from .vela import compile_for_npu
+def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTarget) -> StageOutcome:
+    from dataclasses import asdict
 
-    inputs = {"model": quantized.sha256("model"), "vela": p.recipe.raw["targets"]["vela"], "tools": p.versions}
-    if p.recipe.vela.config:
-        inputs["config"] = sha256_file((p.recipe.path.parent / p.recipe.vela.config).resolve())
+    from .vela import check_budgets, compile_for_npu
+
+    settings = asdict(target) | {"targets": len(p.recipe.vela)}  # the count decides the artifact names
+    inputs = {"model": quantized.sha256("model"), "vela": settings, "tools": p.versions}
+    if target.config:
+        inputs["config"] = sha256_file((p.recipe.path.parent / target.config).resolve())
 
     def action(out: Path) -> dict:
-        result = compile_for_npu(quantized.path("model"), p.recipe, variant, out)
+        result = compile_for_npu(quantized.path("model"), p.recipe, variant, target, out)
         return {"model": result.model.name, "summary_csv": result.summary_csv.name, "summary": result.summary}
 
-    outcome = p.stage(f"vela/{variant.name}", inputs, action)
+    suffix = f"/{target.name}" if len(p.recipe.vela) > 1 else ""
+    outcome = p.stage(f"vela/{variant.name}{suffix}", inputs, action)
     s = outcome.result["summary"]
+    check_budgets(p.recipe, variant, target, s)  # also when the stage was up to date
     p.console.log(f"[{p.recipe.name}] {variant.name} on {s['accelerator']} ({s['system_config']}): "
                   f"{s.get('inference_time_ms', '?')} ms estimated, {s['npu_ops']} NPU ops, "
-                  f"{s['cpu_op_count']} CPU ops")
+                  f"{s['cpu_op_count']} CPU ops, SRAM {s.get('sram_used_kib', '?')} KiB, "
+                  f"flash {s.get('on_chip_flash_used_kib', 0) + s.get('off_chip_flash_used_kib', 0):g} KiB")
     return outcome
 
 
@@ -333,9 +339,8 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
                 entry = {"quantize": quantized, "chain": chains[recipe.member_for(variant)]}
                 if recipe.verify is not None:
                     entry["verify"] = _verify(planner, stripped, quantized, variant)
-                if until != "quantize" and recipe.vela is not None and variant.mode in ("int8", "uint8-qat") \
-                        and variant.target == "tflite":
-                    entry["vela"] = _vela(planner, quantized, variant)
+                if until != "quantize" and variant.mode in ("int8", "uint8-qat") and variant.target == "tflite":
+                    entry["vela"] = {t.name: _vela(planner, quantized, variant, t) for t in recipe.vela}
                 per_variant[variant.name] = entry
         fidelity = None
         source_chain = chains.get(recipe.source.member)

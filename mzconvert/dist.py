@@ -47,12 +47,13 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
             copies.append((quantized.path("model"), quantized.result["model"]))
             if "verify" in stages:
                 entry["verify"] = stages["verify"].result["metrics"]
-            if "vela" in stages:
-                vela = stages["vela"]
-                entry["vela"] = {"file": vela.result["model"], "summary_csv": vela.result["summary_csv"],
-                                 **vela.result["summary"]}
-                copies += [(vela.path("model"), vela.result["model"]),
-                           (vela.path("summary_csv"), vela.result["summary_csv"])]
+            if stages.get("vela"):
+                entry["vela"] = {}
+                for target, vela in stages["vela"].items():
+                    entry["vela"][target] = {"file": vela.result["model"], "summary_csv": vela.result["summary_csv"],
+                                             **vela.result["summary"]}
+                    copies += [(vela.path("model"), vela.result["model"]),
+                               (vela.path("summary_csv"), vela.result["summary_csv"])]
             variants[name] = entry
         if recipe.postprocess is not None:
             (staging / "labels.txt").write_text("".join(f"{label}\n" for label in recipe.postprocess.labels))

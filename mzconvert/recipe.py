@@ -157,11 +157,16 @@ class Variant:
 
 @dataclass(frozen=True)
 class VelaTarget:
+    name: str  # names the target's artifacts when a recipe has several (default: the accelerator)
     accelerator: str
     system_config: str
     memory_mode: str
     config: str | None  # path to a vela.ini; None = the one vela installs
     max_cpu_ops: int | None
+    max_sram_kib: float | None = None  # budgets: the build fails when vela's estimate exceeds one
+    max_flash_kib: float | None = None  # on-chip + off-chip flash
+    max_inference_ms: float | None = None
+    where: str = "targets.vela"  # the field path, for located errors
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,7 @@ class Recipe:
     strip: Strip | None
     postprocess: Postprocess | None
     variants: tuple[Variant, ...]
-    vela: VelaTarget | None
+    vela: tuple[VelaTarget, ...]  # every NPU target the integer variants are compiled for
     verify: VerifySpec | None
     graph_edits: dict  # node name -> {attribute: value}, applied at freeze
     torch: TorchSpec | None
@@ -531,12 +536,33 @@ def _parse_variant(r: _Reader) -> Variant:
 
 
 def _parse_vela(r: _Reader) -> VelaTarget:
-    r.mapping(("accelerator", "system_config", "memory_mode", "config", "max_cpu_ops"))
+    r.mapping(("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops", "max_sram_kib",
+               "max_flash_kib", "max_inference_ms"))
     accelerator = r.string("accelerator", pattern=re.compile(r"^ethos-u(55-(32|64|128|256)|65-(256|512)|85-\d+)$"),
                            pattern_text="an Ethos-U accelerator config such as ethos-u65-256 or ethos-u55-128")
-    return VelaTarget(accelerator=accelerator, system_config=r.string("system_config"),
+    return VelaTarget(name=r.string("name", required=False, default=accelerator, pattern=SAFE_NAME,
+                                    pattern_text="a safe name ([a-z0-9._-])"),
+                      accelerator=accelerator, system_config=r.string("system_config"),
                       memory_mode=r.string("memory_mode"), config=r.string("config", required=False),
-                      max_cpu_ops=r.integer("max_cpu_ops", required=False))
+                      max_cpu_ops=r.integer("max_cpu_ops", required=False),
+                      max_sram_kib=r.number("max_sram_kib", required=False, positive=True),
+                      max_flash_kib=r.number("max_flash_kib", required=False, positive=True),
+                      max_inference_ms=r.number("max_inference_ms", required=False, positive=True),
+                      where=r.where)
+
+
+def _parse_vela_targets(r: _Reader) -> tuple[VelaTarget, ...]:
+    """targets.vela: one target (a mapping) or several (a list), compiled from the same quantized model."""
+    if isinstance(r.data, dict):
+        return (_parse_vela(r),)
+    if not isinstance(r.data, list) or not r.data:
+        raise r.fail("expected a target (a mapping) or a non-empty list of targets")
+    targets = tuple(_parse_vela(r.child(i)) for i in range(len(r.data)))
+    names = [t.name for t in targets]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise r.fail(f"two targets are named {name!r}; give each a distinct name", f"{r.where}[{i}].name")
+    return targets
 
 
 TOP_LEVEL = ("name", "task", "description", "license", "source", "format", "input", "preprocess",
@@ -613,11 +639,11 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         seen.add(v.name)
         if v.member and not source.is_archive:
             raise r.fail("a variant member needs a url source with an archive member", f"variants[{i}].member")
-    vela = None
+    vela = ()
     if r.has("targets"):
         targets = r.child("targets").mapping(("vela",))
         if targets.has("vela"):
-            vela = _parse_vela(targets.child("vela"))
+            vela = _parse_vela_targets(targets.child("vela"))
     fmt = r.string("format", choices=FORMATS)
     onnx_backend = fmt in ("onnx", "torch")
     native = "onnx" if onnx_backend else "tflite"

@@ -137,10 +137,14 @@ def write_report(folder: Path) -> list[Path]:
             if isinstance(m, dict):
                 md.append(f"| {name} | {output} | {m['cosine']:.5f} | {m['sqnr_db']:.1f} | {m['max_abs_error']:.4g} |")
     md += ["", "## CPU latency", "", "```", bench_table(bench), "```", "", "![latency](latency.png)", "",
-           "## Ethos-U (vela estimates)", "", "| variant | accelerator | inference ms | NPU ops | CPU ops |",
-           "| --- | --- | --- | --- | --- |"]
-    for name, v in report["vela"].items():
-        md.append(f"| {name} | {v['accelerator']} | {v.get('inference_time_ms')} | {v['npu_ops']} | {v['cpu_op_count']} |")
+           "## Ethos-U (vela estimates)", "",
+           "| variant | target | accelerator | inference ms | NPU ops | CPU ops | SRAM KiB | flash KiB | DRAM KiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, targets in report["vela"].items():
+        for target, v in targets.items():
+            flash = v.get("on_chip_flash_used_kib", 0) + v.get("off_chip_flash_used_kib", 0)
+            md.append(f"| {name} | {target} | {v['accelerator']} | {v.get('inference_time_ms')} | {v['npu_ops']} | "
+                      f"{v['cpu_op_count']} | {v.get('sram_used_kib')} | {flash:g} | {v.get('dram_used_kib')} |")
     md += ["", "![accuracy vs size](accuracy_vs_size.png)", ""]
     write_bytes_atomic(folder / "report.md", "\n".join(md).encode())
     written += [folder / "report.json", folder / "report.md"]

@@ -24,6 +24,8 @@ SUMMARY_FIELDS = {  # vela summary column -> (manifest key, unit conversion)
     "nn_macs": ("macs", lambda v: int(float(v))),
     "sram_memory_used": ("sram_used_kib", lambda v: round(float(v), 2)),
     "dram_memory_used": ("dram_used_kib", lambda v: round(float(v), 2)),
+    "on_chip_flash_memory_used": ("on_chip_flash_used_kib", lambda v: round(float(v), 2)),
+    "off_chip_flash_memory_used": ("off_chip_flash_used_kib", lambda v: round(float(v), 2)),
     "cycles_total": ("cycles_total", lambda v: int(float(v))),
     "total_npu_encoded_weights": ("npu_encoded_weights_bytes", lambda v: int(float(v))),
 }
@@ -45,7 +47,7 @@ def _config_path(recipe: Recipe, target: VelaTarget) -> Path:
         return default_config()
     path = (recipe.path.parent / target.config).resolve()
     if not path.is_file():
-        raise RecipeError(f"{recipe.path}: targets.vela.config: no such file {path}")
+        raise RecipeError(f"{recipe.path}: {target.where}.config: no such file {path}")
     return path
 
 
@@ -57,7 +59,7 @@ def _check_config(recipe: Recipe, target: VelaTarget, config: Path) -> None:
                                  ("memory_mode", "Memory_Mode.", target.memory_mode)):
         known = [s[len(prefix):] for s in parser.sections() if s.startswith(prefix)]
         if value not in known:
-            raise RecipeError(f"{recipe.path}: targets.vela.{field}: {value!r} is not in {config}; "
+            raise RecipeError(f"{recipe.path}: {target.where}.{field}: {value!r} is not in {config}; "
                               f"one of {', '.join(known)}")
 
 
@@ -81,8 +83,9 @@ def parse_placement(stdout: str) -> tuple[int, list[str]]:
     return npu, cpu
 
 
-def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> VelaResult:
-    target = recipe.vela
+def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, target: VelaTarget, out_dir: Path) -> VelaResult:
+    """vela for one target. With several targets each artifact carries the target's name:
+    `<model>_<target>_vela.tflite`; with one, vela's own `<model>_vela.tflite`."""
     config = _config_path(recipe, target)
     _check_config(recipe, target, config)
     _require_integer(model, recipe, variant)
@@ -101,16 +104,32 @@ def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, out_dir: Path
     summaries = list(out_dir.glob(f"{model.stem}_summary_*.csv"))
     if not compiled.is_file() or len(summaries) != 1:
         raise MzError(f"{model}: vela reported success but wrote no {compiled.name} and summary CSV")
+    if len(recipe.vela) > 1:
+        stem = f"{model.stem}_{target.name}"
+        compiled = compiled.rename(out_dir / f"{stem}_vela.tflite")
+        summaries = [summaries[0].rename(out_dir / summaries[0].name.replace(model.stem, stem, 1))]
     npu_ops, cpu_ops = parse_placement(result.stdout)
     with open(summaries[0], newline="") as f:
         row = next(csv.DictReader(f))
     summary = {key: convert(row[column]) for column, (key, convert) in SUMMARY_FIELDS.items() if row.get(column)}
-    summary |= {"accelerator": target.accelerator, "system_config": target.system_config,
+    summary |= {"target": target.name, "accelerator": target.accelerator, "system_config": target.system_config,
                 "memory_mode": target.memory_mode, "npu_ops": npu_ops, "cpu_ops": cpu_ops,
                 "cpu_op_count": len(cpu_ops)}
     if npu_ops == 0:
         raise MzError(f"{model}: vela placed no operator on the NPU ({len(cpu_ops)} on the CPU)")
     if target.max_cpu_ops is not None and len(cpu_ops) > target.max_cpu_ops:
         raise MzError(f"{model}: {len(cpu_ops)} operators fall back to the CPU, more than "
-                      f"targets.vela.max_cpu_ops = {target.max_cpu_ops}: {'; '.join(cpu_ops[:5])}")
+                      f"{target.where}.max_cpu_ops = {target.max_cpu_ops}: {'; '.join(cpu_ops[:5])}")
     return VelaResult(model=compiled, summary_csv=summaries[0], summary=summary)
+
+
+def check_budgets(recipe: Recipe, variant: Variant, target: VelaTarget, summary: dict) -> None:
+    """The target's declared SRAM / flash / time budgets against vela's estimates: a located error."""
+    flash = summary.get("on_chip_flash_used_kib", 0.0) + summary.get("off_chip_flash_used_kib", 0.0)
+    for field, used, unit, what in (("max_sram_kib", summary.get("sram_used_kib"), "KiB", "SRAM"),
+                                    ("max_flash_kib", flash, "KiB", "flash"),
+                                    ("max_inference_ms", summary.get("inference_time_ms"), "ms", "estimated time")):
+        limit = getattr(target, field)
+        if limit is not None and used is not None and used > limit:
+            raise RecipeError(f"{recipe.path}: {target.where}.{field}: variant {variant.name!r} on {target.name} "
+                              f"needs {used:.2f} {unit} of {what}, more than the budget {limit:g} {unit}")

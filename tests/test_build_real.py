@@ -34,8 +34,9 @@ def test_dist_has_every_variant_and_md5sums_pass(built):
     names = {p.name for p in dist.iterdir()}
     for variant in ("float32", "float16", "dynamic", "int8-float-io", "int8"):
         assert f"pedestrian-ssdlite_{variant}.tflite" in names
-    assert {"anchors.npy", "labels.txt", "manifest.json", "pedestrian-ssdlite_int8_vela.tflite",
-            "pedestrian-ssdlite_int8_summary_Ethos_U65_High_End.csv"} <= names
+    assert {"anchors.npy", "labels.txt", "manifest.json", "pedestrian-ssdlite_int8_u65_vela.tflite",
+            "pedestrian-ssdlite_int8_u65_summary_Ethos_U65_High_End.csv", "pedestrian-ssdlite_int8_u55_vela.tflite",
+            "pedestrian-ssdlite_int8_u55_summary_Ethos_U55_High_End_Embedded.csv"} <= names
     anchors = np.load(dist / "anchors.npy")
     assert anchors.shape == (1917, 4) and anchors.dtype == np.float32
 
@@ -56,10 +57,11 @@ def test_manifest_describes_artifacts_tensors_and_tools(built):
     assert [o["name"] for o in int8["outputs"]] == ["concat", "concat_1"]
     assert all(o["dtype"] == "int8" for o in int8["outputs"])
     assert manifest["variants"]["int8-float-io"]["inputs"][0]["dtype"] == "float32"
-    vela = int8["vela"]
-    assert vela["cpu_op_count"] == 0 and vela["npu_ops"] > 100
-    assert 0 < vela["inference_time_ms"] < 100 and vela["macs"] > 5e8
-    assert manifest["variants"]["int8-float-io"]["vela"]["cpu_op_count"] == 3
+    u65, u55 = int8["vela"]["u65"], int8["vela"]["u55"]  # one quantized model, two NPUs
+    assert u65["cpu_op_count"] == 0 and u65["npu_ops"] > 100 and u55["cpu_op_count"] == 0
+    assert 0 < u65["inference_time_ms"] < u55["inference_time_ms"] < 50 and u65["macs"] == u55["macs"] > 5e8
+    assert u65["dram_used_kib"] > 0 and u55["off_chip_flash_used_kib"] > 0 and u55["sram_used_kib"] > 0
+    assert manifest["variants"]["int8-float-io"]["vela"]["u65"]["cpu_op_count"] == 3
 
 
 def test_every_variant_checked_against_the_float_graph_on_real_images(built):
@@ -84,7 +86,8 @@ def test_noop_rebuild_skips_every_stage_without_importing_tensorflow(built):
         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ": running" not in result.stderr
-    assert result.stderr.count("up to date") >= 1 + 1 + 1 + 5 * 2 + 2  # fetch freeze strip, quantize+verify, vela
+    # fetch freeze strip, quantize+verify per variant, vela per int8 variant and NPU, the source pipeline check
+    assert result.stderr.count("up to date") >= 1 + 1 + 1 + 5 * 2 + 2 * 2 + 1
     assert "tensorflow" not in result.stderr  # -X importtime lists every imported module
     assert (root / "dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text() == before
 
@@ -98,7 +101,7 @@ def test_two_clean_builds_are_byte_identical(built, tmp_path):
     first = dict(line.split("  ")[::-1] for line in (root / "dist/pedestrian-ssdlite/MD5SUMS").read_text().splitlines())
     second = dict(line.split("  ")[::-1] for line in (tmp_path / "dist/pedestrian-ssdlite/MD5SUMS").read_text().splitlines())
     for name in ("pedestrian-ssdlite_float32.tflite", "pedestrian-ssdlite_int8.tflite", "anchors.npy",
-                 "pedestrian-ssdlite_int8_vela.tflite", "labels.txt"):
+                 "pedestrian-ssdlite_int8_u65_vela.tflite", "pedestrian-ssdlite_int8_u55_vela.tflite", "labels.txt"):
         assert first[name] == second[name], name
 
 
@@ -115,7 +118,7 @@ def test_changed_variant_reruns_only_its_stages(built, tmp_path):
                      "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stderr[-2000:]
     ran = sorted(line.split("] ")[1].split(":")[0] for line in result.stderr.splitlines() if line.endswith(": running"))
-    assert ran == ["quantize/int8", "vela/int8", "verify/int8"]
+    assert ran == ["quantize/int8", "vela/int8/u55", "vela/int8/u65", "verify/int8"]
 
 
 def coco_subset(folder: Path, count: int) -> Path:

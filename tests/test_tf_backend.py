@@ -190,13 +190,50 @@ def test_vela_compiles_integer_models_and_refuses_float_ones(tmp_path, tiny, mir
     target = ("targets:\n  vela: {accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, "
               "memory_mode: Shared_Sram, max_cpu_ops: 0}\n")
     manifest = run(tmp_path, tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants) + target)
-    vela = manifest["variants"]["i8"]["vela"]
+    vela = manifest["variants"]["i8"]["vela"]["ethos-u55-128"]
     assert vela["accelerator"] == "ethos-u55-128" and vela["cpu_op_count"] == 0 and vela["npu_ops"] > 0
+    assert vela["file"] == "tiny_i8_vela.tflite" and vela["sram_used_kib"] > 0
     assert "vela" not in manifest["variants"]["f32"]
     recipe = load_recipe(tmp_path / "tiny.yaml")
     with pytest.raises(MzError, match="vela compiles integer models only; variant 'f32' is float32"):
-        compile_for_npu(tmp_path / "dist" / "tiny" / "tiny_f32.tflite", recipe, recipe.variant("f32"), tmp_path)
+        compile_for_npu(tmp_path / "dist" / "tiny" / "tiny_f32.tflite", recipe, recipe.variant("f32"),
+                        recipe.vela[0], tmp_path)
     bad = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants) + target.replace(
         "Shared_Sram", "Shared_SRAM")
     with pytest.raises(RecipeError, match="targets.vela.memory_mode: 'Shared_SRAM' is not in .*vela.ini; one of"):
         run(tmp_path / "bad", bad)
+
+
+TWO_TARGETS = """targets:
+  vela:
+    - {name: mcu, accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, memory_mode: Shared_Sram}
+    - {name: soc, accelerator: ethos-u65-256, system_config: Ethos_U65_High_End, memory_mode: Dedicated_Sram,
+       max_sram_kib: BUDGET}
+"""
+
+
+def test_one_quantized_model_compiled_for_two_npus_with_budgets(tmp_path, tiny, mirror):
+    variants = f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 4}}\n"
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants)
+    manifest = run(tmp_path, text + TWO_TARGETS.replace("BUDGET", "10000"))
+    vela = manifest["variants"]["i8"]["vela"]
+    assert set(vela) == {"mcu", "soc"}
+    assert vela["mcu"]["accelerator"] == "ethos-u55-128" and vela["soc"]["accelerator"] == "ethos-u65-256"
+    assert vela["mcu"]["file"] == "tiny_i8_mcu_vela.tflite" and vela["soc"]["file"] == "tiny_i8_soc_vela.tflite"
+    assert vela["mcu"]["summary_csv"] != vela["soc"]["summary_csv"]
+    assert vela["mcu"]["cycles_total"] != vela["soc"]["cycles_total"]
+    dist = tmp_path / "dist" / "tiny"
+    for target in vela.values():
+        assert (dist / target["file"]).is_file() and (dist / target["summary_csv"]).is_file()
+    tight = vela["soc"]["sram_used_kib"] / 2
+    with pytest.raises(RecipeError, match=rf"targets.vela\[1\].max_sram_kib: variant 'i8' on soc needs "
+                                          rf"{vela['soc']['sram_used_kib']:.2f} KiB of SRAM, more than the budget"):
+        run(tmp_path, text + TWO_TARGETS.replace("BUDGET", f"{tight:g}"))
+
+
+def test_two_targets_with_one_name_are_refused(tmp_path, tiny):
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"])) + TWO_TARGETS.replace(
+        "name: soc", "name: mcu").replace("BUDGET", "1")
+    (tmp_path / "tiny.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=r"targets.vela\[1\].name: two targets are named 'mcu'"):
+        load_recipe(tmp_path / "tiny.yaml")
