@@ -254,7 +254,11 @@ def bench(ctx: Context, recipe, variants, runs, warmup, threads, out, build_dir)
             continue
         ctx.console.log(f"bench: {name} ({runs} runs, {threads} thread(s))")
         results[name] = measure_in_child(out / r.name / manifest["variants"][name]["file"], runs, warmup, threads)
-    payload = {"recipe": r.name, "runs": runs, "warmup": warmup, "threads": threads, "results": results}
+    from .dist import measured_artifacts
+
+    payload = {"recipe": r.name, "runs": runs, "warmup": warmup, "threads": threads, "results": results,
+               "models": list(results),
+               "artifacts": measured_artifacts(manifest, [manifest["variants"][n]["file"] for n in results])}
     write_json_atomic(out / r.name / "bench.json", payload)
     ctx.console.result(payload, bench_table(payload))
 

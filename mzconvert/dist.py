@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
 from .console import Console
-from .errors import MzError
+from .errors import EXIT_BAD_INPUT, MzError
 from .fsio import atomic_path, file_digests, replace_folder, write_bytes_atomic, write_json_atomic
 from .recipe import Recipe
 
@@ -55,6 +56,12 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
                     copies += [(vela.path("model"), vela.result["model"]),
                                (vela.path("summary_csv"), vela.result["summary_csv"])]
             variants[name] = entry
+        target = out_root / recipe.name
+        old_manifest = _read_manifest(target)
+        for name, entry in _kept_variants(recipe, variants, old_manifest, target, console).items():
+            variants[name] = entry
+            copies += [(target / f, f) for f in _variant_files(entry)]
+        variants = {v.name: variants[v.name] for v in recipe.variants if v.name in variants}  # recipe order
         if recipe.postprocess is not None:
             (staging / "labels.txt").write_text("".join(f"{label}\n" for label in recipe.postprocess.labels))
         for source, name in copies:
@@ -73,18 +80,83 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
                       "preprocess": recipe.raw.get("preprocess")},
             "postprocess": anchors | ({"labels": list(recipe.postprocess.labels)} if recipe.postprocess else {}),
             "variants": variants,
+            "variant_order": list(variants),  # JSON files are written with sorted keys; rows follow the recipe
             **({"source_pipeline_fidelity": source_pipeline} if source_pipeline else {}),
             "artifacts": artifacts,
             "tools": versions,
         }
         write_json_atomic(staging / "manifest.json", manifest)
-        write_md5sums(staging, [p for p in staging.iterdir() if p.is_file()])
-        target = out_root / recipe.name
+        _keep_measurements(target, staging, artifacts, console, recipe.name)
+        write_md5sums(staging, [p for p in staging.rglob("*") if p.is_file()])
         replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     console.log(f"[{recipe.name}] wrote {target}/ ({len(artifacts) + 2} files, MD5SUMS and manifest.json)")
     return manifest
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _variant_files(entry: dict) -> list[str]:
+    """The dist files of one variant: its model and, per NPU target, the vela model and summary."""
+    return [entry["file"]] + [f for v in entry.get("vela", {}).values() for f in (v["file"], v["summary_csv"])]
+
+
+def _kept_variants(recipe: Recipe, built: dict, old: dict | None, folder: Path, console: Console) -> dict:
+    """Variants of the recipe that this build did not touch (build --variant) and whose files in the
+    current dist still match their manifest: they stay, byte for byte."""
+    kept = {}
+    for variant in recipe.variants:
+        entry = (old or {}).get("variants", {}).get(variant.name)
+        if variant.name in built or entry is None:
+            continue
+        files = _variant_files(entry)
+        intact = all((folder / f).is_file() and f in old["artifacts"]
+                     and file_digests(folder / f, ("md5",))["md5"] == old["artifacts"][f]["md5"] for f in files)
+        if intact:
+            kept[variant.name] = entry
+        else:
+            console.log(f"[{recipe.name}] dropped variant {variant.name} from dist: its files no longer match MD5SUMS")
+    return kept
+
+
+# Measurements taken on a dist: each records the sha256 of the artifacts it measured ("artifacts"), and
+# stays across rebuilds while those bytes are unchanged. The report's own files go with report.json.
+MEASUREMENTS = ("eval/*.json", "bench.json", "report.json")
+REPORT_FILES = ("report.md", "accuracy.png", "latency.png", "accuracy_vs_size.png", "predictions/*.png")
+
+
+def _keep_measurements(folder: Path, staging: Path, artifacts: dict, console: Console, name: str) -> None:
+    if not folder.is_dir():
+        return
+    for pattern in MEASUREMENTS:
+        for path in sorted(folder.glob(pattern)):
+            try:
+                measured = json.loads(path.read_text()).get("artifacts", {})
+            except (OSError, ValueError, AttributeError):
+                measured = None
+            changed = sorted(f for f, digest in (measured or {}).items()
+                             if artifacts.get(f, {}).get("sha256") != digest) if measured is not None else ["?"]
+            relative = path.relative_to(folder)
+            if changed or not measured:
+                console.log(f"[{name}] dropped {relative}: measured on artifacts that changed "
+                            f"({', '.join(changed) or 'none recorded'})")
+                continue
+            kept = [relative] + ([Path(p.relative_to(folder)) for r in REPORT_FILES for p in folder.glob(r)]
+                                 if pattern == "report.json" else [])
+            for file in kept:
+                (staging / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / file, staging / file)
+
+
+def measured_artifacts(manifest: dict, files: list[str]) -> dict:
+    """{file: sha256} of the dist files a measurement was taken on: what decides whether it stays."""
+    return {f: manifest["artifacts"][f]["sha256"] for f in files if f in manifest["artifacts"]}
 
 
 def check_md5sums(folder: Path) -> list[Path]:
@@ -93,9 +165,13 @@ def check_md5sums(folder: Path) -> list[Path]:
     if not listing.is_file():
         raise MzError(f"{folder}: no MD5SUMS; build it with mzconvert build {folder.name}")
     files = []
-    for line in listing.read_text().splitlines():
-        digest, name = line.split("  ", 1)
-        path = folder / name
+    for number, line in enumerate(listing.read_text(errors="replace").splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        relative = Path(name)
+        if len(digest) != 32 or not name or relative.is_absolute() or ".." in relative.parts:
+            raise MzError(f"{listing}:{number}: expected '<md5>  <file inside {folder.name}>', got {line[:80]!r}",
+                          EXIT_BAD_INPUT)
+        path = folder / relative
         if not path.is_file() or file_digests(path, ("md5",))["md5"] != digest:
             raise MzError(f"{path}: does not match MD5SUMS; refusing to release a corrupt artifact")
         files.append(path)
@@ -107,7 +183,7 @@ def release(folders: list[Path], out_dir: Path, version: str) -> Path:
     top = f"mzconvert-{version}-artifacts"
     entries = []  # (name in archive, path)
     for folder in sorted(folders):
-        entries += [(f"{folder.name}/{p.name}", p) for p in check_md5sums(folder)]
+        entries += [(f"{folder.name}/{p.relative_to(folder).as_posix()}", p) for p in check_md5sums(folder)]
         entries.append((f"{folder.name}/MD5SUMS", folder / "MD5SUMS"))
     md5sums = "".join(f"{file_digests(p, ('md5',))['md5']}  {name}\n" for name, p in sorted(entries))
     target = out_dir / f"{top}.tar.gz"

@@ -353,9 +353,13 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
             models[path.stem] = lambda image, s=scores, p=preprocess, i=model_input: s(image.tensor(p, i))
         evaluation = evaluate_classification(models, labelled.images, console.log)
         scope, images, label_source = "top-1/top-5", [p for p, _ in labelled.images], labelled.source
+    from .dist import measured_artifacts
+
     identity = dataset_identity(dataset, split, labels_file, images)
+    files = [manifest["variants"][name]["file"] for name in chosen] + ["anchors.npy"]
     evaluation = {"recipe": recipe.name, "dataset": identity, "images": len(images), "labels": label_source,
-                  "scope": scope, **evaluation}
+                  "scope": scope, **evaluation, "models": list(evaluation["results"]),
+                  "artifacts": measured_artifacts(manifest, files)}
     write_json_atomic(folder / "eval" / f"{identity['key']}.json", evaluation)
     return evaluation, manifest
 

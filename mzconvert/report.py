@@ -32,8 +32,13 @@ def dataset_line(evaluation: dict) -> str:
             f"with paired bootstrap 95 % intervals over the images: on a few hundred images they span a few percent.")
 
 
+def in_order(measured: dict, key: str = "results", order: str = "models") -> dict:
+    """`measured[key]` in the order the writer listed (JSON files are written with sorted keys)."""
+    return {name: measured[key][name] for name in measured.get(order, measured[key])}
+
+
 def eval_table(evaluation: dict, manifest: dict) -> str:
-    results = evaluation["results"]
+    results = in_order(evaluation)
     key = accuracy_key(results)
     baseline = results.get(evaluation["baseline"], {}).get(key)
     columns = ("AP", "AP50", "AP75") if key == "AP" else ("top1", "top5", "top1_agreement")
@@ -69,7 +74,7 @@ def _size_mb(manifest: dict, name: str) -> str:
 
 
 def bench_table(bench: dict) -> str:
-    rows = bench["results"]
+    rows = in_order(bench)
     base = rows.get("float32", {}).get("median_ms")
     lines = [f"{bench['recipe']}: CPU latency, {bench['threads']} thread(s), {bench['runs']} runs after warm-up",
              f"{'model':28} {'median ms':>10} {'p90 ms':>8} {'peak RSS MB':>12} {'speed-up vs float32':>20}"]
@@ -79,7 +84,14 @@ def bench_table(bench: dict) -> str:
     return "\n".join(lines)
 
 
+def _optional_json(folder: Path, name: str) -> dict | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_report(folder: Path) -> list[Path]:
+    """report.md/json and plots from what dist/<recipe>/ holds: the build's own checks (sizes, fidelity,
+    vela) always, eval and bench results when they were measured. Rows follow the recipe's order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,65 +99,95 @@ def write_report(folder: Path) -> list[Path]:
 
     manifest = load_manifest(folder.parent, folder.name)
     evaluations = load_evals(folder)
-    if not evaluations:
-        raise MzError(f"{folder}/eval: no evaluation; run mzconvert eval {folder.name} --dataset DIR first")
-    evaluation = max(evaluations, key=lambda e: e["images"])  # the plots show the largest
-    bench = read_json(folder, "bench.json", f"run mzconvert bench {folder.name} first")
-    key = accuracy_key(evaluation["results"])
-    names = list(evaluation["results"])
-    accuracy = [evaluation["results"][n][key] for n in names]
+    bench = _optional_json(folder, "bench.json")
+    variants = in_order(manifest, "variants", "variant_order")
     written = []
 
-    def plot(filename, draw):
-        fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    def plot(filename: str, rows: int, draw) -> None:
+        fig, ax = plt.subplots(figsize=(8, 1.6 + 0.42 * rows), dpi=100)  # room for every row's label
         draw(ax)
         fig.tight_layout()
         fig.savefig(folder / filename, metadata={"Software": None})  # no version/date: reproducible bytes
         plt.close(fig)
         written.append(folder / filename)
 
-    plot("accuracy.png", lambda ax: (ax.barh(names, accuracy, color="#4477aa"), ax.set_xlabel(key),
-                                      ax.set_title(f"{folder.name}: {key} per model ({evaluation['images']} images)")))
-    latency_names = list(bench["results"])
-    plot("latency.png", lambda ax: (ax.barh(latency_names, [bench["results"][n]["median_ms"] for n in latency_names],
-                                            color="#cc6677"), ax.set_xlabel("median latency, ms (CPU)"),
-                                    ax.set_title(f"{folder.name}: latency, {bench['threads']} thread(s)")))
-    sized = [n for n in names if n in manifest["variants"]]
+    def bars(ax, names: list[str], values: list[float], label: str, title: str, color: str, fmt: str) -> None:
+        ax.barh(names, values, color=color)
+        ax.invert_yaxis()  # first row on top, as in the tables
+        ax.set_xlim(0, max(values) * 1.18 if max(values) > 0 else 1)
+        for y, v in enumerate(values):
+            ax.text(v, y, " " + format(v, fmt), va="center", fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_title(title, fontsize=10)
 
-    def scatter(ax):
-        sizes = [manifest["artifacts"][manifest["variants"][n]["file"]]["size"] / 1e6 for n in sized]
-        ax.scatter(sizes, [evaluation["results"][n][key] for n in sized])
-        for n, s in zip(sized, sizes):
-            ax.annotate(n, (s, evaluation["results"][n][key]), fontsize=8)
-        ax.set_xlabel("artifact size, MB")
-        ax.set_ylabel(key)
-        ax.set_title(f"{folder.name}: accuracy vs size")
+    md = [f"# {folder.name}", ""]
+    evaluation = max(evaluations, key=lambda e: e["images"]) if evaluations else None  # the plots show the largest
+    md += ["## Accuracy", ""]
+    if evaluation is None:
+        md += [f"No evaluation yet: `mzconvert eval {folder.name} --dataset DIR` adds it.", ""]
+    else:
+        for e in evaluations:
+            md += ["```", eval_table(e, manifest), "```", ""]
+        key = accuracy_key(evaluation["results"])
+        names = list(in_order(evaluation))
+        plot("accuracy.png", len(names), lambda ax: bars(
+            ax, names, [evaluation["results"][n][key] for n in names], key,
+            f"{folder.name}: {key} on {evaluation['images']} images of {evaluation['dataset']['name']}",
+            "#4477aa", ".4f"))
+        sized = [n for n in names if n in variants]
 
-    plot("accuracy_vs_size.png", scatter)
-    report = {"recipe": folder.name, "recipe_sha256": manifest["recipe_sha256"], "eval": evaluations, "bench": bench,
-              "verify": {n: v.get("verify") for n, v in manifest["variants"].items()},
-              "vela": {n: v["vela"] for n, v in manifest["variants"].items() if "vela" in v}}
-    write_json_atomic(folder / "report.json", report)
-    md = [f"# {folder.name}", "", "## Accuracy", ""]
-    for e in evaluations:
-        md += ["```", eval_table(e, manifest), "```", ""]
-    md += [f"The plots show the eval on {evaluation['dataset']['name']} ({evaluation['images']} images).",
-          "", "![accuracy](accuracy.png)", "", "## Fidelity against the float source graph", "",
-          "| variant | output | cosine | SQNR dB | max abs error |", "| --- | --- | --- | --- | --- |"]
-    for name, metrics in report["verify"].items():
-        for output, m in (metrics or {}).items():
+        def scatter(ax):
+            markers = "osD^v<>Pp*hX"
+            for i, n in enumerate(sized):
+                size = manifest["artifacts"][variants[n]["file"]]["size"] / 1e6
+                ax.scatter(size, evaluation["results"][n][key], marker=markers[i % len(markers)], s=60, label=n)
+            ax.legend(fontsize=8, loc="best")  # a legend, not labels on points: they overlap
+            ax.set_xlabel("artifact size, MB")
+            ax.set_ylabel(key)
+            ax.set_title(f"{folder.name}: accuracy vs size", fontsize=10)
+
+        plot("accuracy_vs_size.png", max(len(sized), 6), scatter)
+        md += [f"The plots show the eval on {evaluation['dataset']['name']} ({evaluation['images']} images).", "",
+               "![accuracy](accuracy.png)", "", "![accuracy vs size](accuracy_vs_size.png)", ""]
+    md += ["## Artifacts and fidelity against the float source model", "",
+           "| variant | mode | I/O | size MB | output | cosine | SQNR dB | top-1 agreement |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in variants.items():
+        for output, m in (v.get("verify") or {"-": {}}).items():
             if isinstance(m, dict):
-                md.append(f"| {name} | {output} | {m['cosine']:.5f} | {m['sqnr_db']:.1f} | {m['max_abs_error']:.4g} |")
-    md += ["", "## CPU latency", "", "```", bench_table(bench), "```", "", "![latency](latency.png)", "",
-           "## Ethos-U (vela estimates)", "",
-           "| variant | target | accelerator | inference ms | NPU ops | CPU ops | SRAM KiB | flash KiB | DRAM KiB |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, targets in report["vela"].items():
-        for target, v in targets.items():
-            flash = v.get("on_chip_flash_used_kib", 0) + v.get("off_chip_flash_used_kib", 0)
-            md.append(f"| {name} | {target} | {v['accelerator']} | {v.get('inference_time_ms')} | {v['npu_ops']} | "
-                      f"{v['cpu_op_count']} | {v.get('sram_used_kib')} | {flash:g} | {v.get('dram_used_kib')} |")
-    md += ["", "![accuracy vs size](accuracy_vs_size.png)", ""]
+                agreement = f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "-"
+                md.append(f"| {name} | {v['mode']} | {v['io_dtype']} | {_size_mb(manifest, name)} | {output} | "
+                          f"{m.get('cosine', float('nan')):.5f} | {m.get('sqnr_db', float('nan')):.1f} | {agreement} |")
+    if fidelity := manifest.get("source_pipeline_fidelity"):
+        md += ["", f"Our declared preprocessing + float model + decode against the source end to end on "
+                   f"{fidelity['images']} images: {fidelity['matched_share']:.1%} {fidelity['what']}."]
+    md += [""]
+    if bench is not None:
+        latency = list(in_order(bench))
+        plot("latency.png", len(latency), lambda ax: bars(
+            ax, latency, [bench["results"][n]["median_ms"] for n in latency], "median latency, ms (CPU)",
+            f"{folder.name}: CPU latency, {bench['threads']} thread(s)", "#cc6677", ".2f"))
+        md += ["## CPU latency", "", "```", bench_table(bench), "```", "", "![latency](latency.png)", ""]
+    vela = {n: v["vela"] for n, v in variants.items() if "vela" in v}
+    if vela:
+        md += ["## Ethos-U (vela estimates)", "",
+               "| variant | target | accelerator | inference ms | NPU ops | CPU ops | SRAM KiB | flash KiB | DRAM KiB |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, targets in vela.items():
+            for target, v in targets.items():
+                flash = v.get("on_chip_flash_used_kib", 0) + v.get("off_chip_flash_used_kib", 0)
+                md.append(f"| {name} | {target} | {v['accelerator']} | {v.get('inference_time_ms')} | {v['npu_ops']} "
+                          f"| {v['cpu_op_count']} | {v.get('sram_used_kib')} | {flash:g} | {v.get('dram_used_kib')} |")
+        md += [""]
+    predictions = sorted((folder / "predictions").glob("*.png"))
+    if predictions:
+        md += ["## What int8 changes, on a sample image", ""]
+        md += [f"![{p.stem}](predictions/{p.name})" for p in predictions] + [""]
+    report = {"recipe": folder.name, "recipe_sha256": manifest["recipe_sha256"], "eval": evaluations, "bench": bench,
+              "artifacts": {f: a["sha256"] for f, a in manifest["artifacts"].items()},
+              "verify": {n: v.get("verify") for n, v in variants.items()}, "vela": vela,
+              "source_pipeline_fidelity": manifest.get("source_pipeline_fidelity")}
+    write_json_atomic(folder / "report.json", report)
     write_bytes_atomic(folder / "report.md", "\n".join(md).encode())
     written += [folder / "report.json", folder / "report.md"]
     write_md5sums(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "MD5SUMS"])

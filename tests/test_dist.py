@@ -1,0 +1,90 @@
+"""dist/<recipe>/ keeps what is still true: `build --variant` touches only that variant, and eval /
+bench / report results stay exactly while the artifacts they were measured on keep their bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MIRROR, run_cli
+from tests.tiny_graphs import tiny_recipe_text, write_tiny_detector
+
+TRAIN = MIRROR / "coco" / "train2017"
+VARIANTS = f"""  - {{name: f32, mode: float32}}
+  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: COUNT}}
+"""
+
+
+def md5s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.suffix == ".tflite"}
+
+
+def test_build_variant_keeps_the_rest_and_measurements_follow_their_artifacts(tmp_path, mirror):
+    model = write_tiny_detector(tmp_path / "graphs")["frozen"]
+    recipe = tmp_path / "tiny.yaml"
+
+    def write(count: int) -> None:
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        recipe.write_text(tiny_recipe_text(model, digest, variants=VARIANTS.replace("COUNT", str(count))))
+
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    common = ["--cache-dir", str(tmp_path / "cache")]
+    dist = tmp_path / "dist" / "tiny"
+    write(4)
+    assert run_cli(*common, "build", str(recipe), *where).returncode == 0
+    assert run_cli(*common, "bench", str(recipe), "--runs", "2", "--warmup", "0", "--variant", "i8",
+                   "--out", str(tmp_path / "dist")).returncode == 0
+    assert run_cli(*common, "report", str(recipe), "--out", str(tmp_path / "dist")).returncode == 0
+    before = md5s(dist)
+
+    # Rebuild one variant with unchanged inputs: everything stays, byte for byte.
+    again = run_cli(*common, "build", str(recipe), "--variant", "f32", "--force", *where)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert md5s(dist) == before
+    assert {"bench.json", "report.json", "report.md", "latency.png"} <= {p.name for p in dist.iterdir()}
+    manifest = json.loads((dist / "manifest.json").read_text())
+    assert manifest["variant_order"] == ["f32", "i8"]
+
+    # Change i8: f32's bytes stay; the bench and report measured the old i8 and are dropped, with a word.
+    write(3)
+    changed = run_cli(*common, "build", str(recipe), "--variant", "i8", *where)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    after = md5s(dist)
+    assert after["tiny_f32.tflite"] == before["tiny_f32.tflite"]
+    assert after["tiny_i8.tflite"] != before["tiny_i8.tflite"]
+    names = {p.name for p in dist.iterdir()}
+    assert "bench.json" not in names and "report.md" not in names and "latency.png" not in names
+    assert "dropped bench.json: measured on artifacts that changed (tiny_i8.tflite)" in changed.stderr
+    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=dist, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "tiny_f32.tflite: OK" in check.stdout
+
+
+def test_report_works_from_the_build_alone(tmp_path, mirror):
+    model = write_tiny_detector(tmp_path / "graphs")["frozen"]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(tiny_recipe_text(model, hashlib.sha256(model.read_bytes()).hexdigest(),
+                                       variants=VARIANTS.replace("COUNT", "4")))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
+    done = run_cli("report", str(recipe), "--out", str(tmp_path / "dist"))
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "dist" / "tiny" / "report.md").read_text()
+    assert "No evaluation yet: `mzconvert eval tiny --dataset DIR` adds it." in text
+    assert text.index("| f32 | float32 |") < text.index("| i8 | int8 | int8 |")  # the recipe's order
+    assert "accuracy.png" not in text
+
+
+@pytest.mark.parametrize("line", ["0123456789abcdef0123456789abcdef  ../../etc/passwd",
+                                  "not a digest line", "0123456789abcdef0123456789abcdef  /etc/passwd"])
+def test_release_refuses_md5sums_naming_files_outside_the_folder(tmp_path, line):
+    folder = tmp_path / "dist" / "pedestrian-ssdlite"
+    folder.mkdir(parents=True)
+    (folder / "MD5SUMS").write_text(line + "\n")
+    done = run_cli("release", "pedestrian-ssdlite", "--dist", str(tmp_path / "dist"), "--out", str(tmp_path))
+    assert done.returncode == 2 and "MD5SUMS:1: expected '<md5>  <file inside pedestrian-ssdlite>'" in done.stderr
+    assert "Traceback" not in done.stderr
