@@ -22,8 +22,12 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test,torch]'
 	touch $@
 
+# The example image of NXP's SSDLite model card, and a real COCO val image with people in it.
+DEMO_IMAGES := $(if $(MIRROR),$(MIRROR)/nxp-example_input.jpg $(MIRROR)/coco/val2017/000000183709.jpg)
+
 demo: install
 	$(MZ) build pedestrian-ssdlite
+	$(if $(DEMO_IMAGES),$(MZ) predict pedestrian-ssdlite --variant float32 --variant int8 $(DEMO_IMAGES))
 	cd dist/pedestrian-ssdlite && md5sum -c --quiet MD5SUMS && echo "dist/pedestrian-ssdlite: MD5SUMS verified"
 
 test: install

@@ -233,6 +233,33 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 
 @main.command()
 @click.argument("recipe")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable) [all built].")
+@click.option("--to", "to_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the PNGs go [dist/<recipe>/predictions/, listed in its MD5SUMS].")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Detectors: draw detections scoring at least this.")
+@_read_build_options
+@pass_context
+def predict(ctx: Context, recipe, images, variants, to_dir, min_score, out, build_dir):
+    """Run the built variants on IMAGES: one PNG per image, the variants' boxes or top-5 side by side."""
+    from .dist import write_md5sums
+    from .predict import predict_images
+    from .report import load_manifest
+
+    r = ctx.recipe(recipe)
+    out, _ = ctx.build_roots(r, out, build_dir)
+    folder = out / r.name
+    manifest = load_manifest(out, r.name)
+    written = predict_images(r, manifest, folder, list(images), list(variants), to_dir or folder / "predictions",
+                             min_score)
+    if to_dir is None:
+        write_md5sums(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "MD5SUMS"])
+    ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))
+
+
+@main.command()
+@click.argument("recipe")
 @click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
 @click.option("--runs", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)

@@ -88,3 +88,24 @@ def test_release_refuses_md5sums_naming_files_outside_the_folder(tmp_path, line)
     done = run_cli("release", "pedestrian-ssdlite", "--dist", str(tmp_path / "dist"), "--out", str(tmp_path))
     assert done.returncode == 2 and "MD5SUMS:1: expected '<md5>  <file inside pedestrian-ssdlite>'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_predict_draws_each_variant_side_by_side_into_dist(tmp_path, mirror):
+    from PIL import Image
+
+    model = write_tiny_detector(tmp_path / "graphs")["frozen"]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(tiny_recipe_text(model, hashlib.sha256(model.read_bytes()).hexdigest(),
+                                       variants=VARIANTS.replace("COUNT", "4")))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
+    image = sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[0]
+    done = run_cli("predict", str(recipe), str(image), "--min-score", "0", *where)
+    assert done.returncode == 0, done.stderr[-2000:]
+    picture = tmp_path / "dist" / "tiny" / "predictions" / f"{image.stem}.png"
+    assert Image.open(picture).width == 2 * 480 + 8
+    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=picture.parent.parent, capture_output=True, text=True)
+    assert check.returncode == 0 and f"predictions/{picture.name}: OK" in check.stdout
+    report = run_cli("report", str(recipe), "--out", str(tmp_path / "dist"))
+    assert report.returncode == 0
+    assert f"![{image.stem}](predictions/{picture.name})" in (picture.parent.parent / "report.md").read_text()

@@ -112,7 +112,7 @@ def test_eval_top1_is_the_same_for_every_layout_and_kept_per_dataset(tmp_path, m
         shutil.copy(path, per_class / synset / "image.jpg")
     common = ["--quiet", "--json", "--mirror", str(mirror), "--cache-dir", str(tmp_path / "cache")]
     dirs = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
-    assert run_cli(*common, "build", str(recipe), "--variant", "float32", *dirs).returncode == 0
+    assert run_cli(*common, "build", str(recipe), *dirs).returncode == 0
     results = []
     for folder in (flat, per_class):
         done = run_cli(*common, "eval", str(recipe), "--dataset", str(folder), *dirs)
@@ -124,8 +124,14 @@ def test_eval_top1_is_the_same_for_every_layout_and_kept_per_dataset(tmp_path, m
     assert done.returncode == 0, done.stderr[-2000:]
     results.append(json.loads(done.stdout))
     assert results[0]["results"] == results[1]["results"] == results[2]["results"]
-    assert {"source-graph", "float32"} <= set(results[0]["results"])
+    assert {"source-graph", "float32", "int8"} <= set(results[0]["results"])
     assert results[0]["results"]["float32"]["top1_agreement"] == 1.0
     assert results[1]["labels"] == "one folder per class (10 folders)"
+    shown = run_cli(*common, "predict", str(recipe), str(samples[0]), "--to", str(tmp_path / "pictures"), *dirs)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    from PIL import Image
+
+    picture = Image.open(tmp_path / "pictures" / f"{samples[0].stem}.png")
+    assert picture.width >= 4 * 480  # float32, float16, dynamic and int8 side by side
     kept = sorted(p.name for p in (tmp_path / "dist" / "tiny-onnx" / "eval").iterdir())
     assert len(kept) == 2 and kept[0].startswith("flat-") and kept[1].startswith("per-class-")  # flat: once
