@@ -209,9 +209,11 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
         inputs["preprocess"] = raw.get("preprocess")
 
     def action(out: Path) -> dict:
-        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out)
+        anchors = stripped.folder / "anchors.npy" if variant.attach_postprocess else None
+        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out, anchors)
         return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
-                "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs]}
+                "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs],
+                **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {})}
 
     return p.stage(f"quantize/{variant.name}", inputs, action)
 
@@ -232,7 +234,8 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
         from .backends import backend_for
 
         reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe)
-        return {"metrics": verify_variant(quantized.path("model"), reference, p.recipe, images())}
+        compared = quantized.path("raw_model" if "raw_model" in quantized.result else "model")
+        return {"metrics": verify_variant(compared, reference, p.recipe, images())}
 
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]
@@ -295,7 +298,8 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTar
         inputs["config"] = sha256_file((p.recipe.path.parent / target.config).resolve())
 
     def action(out: Path) -> dict:
-        result = compile_for_npu(quantized.path("model"), p.recipe, variant, target, out)
+        raw = quantized.path("raw_model") if "raw_model" in quantized.result else None
+        result = compile_for_npu(quantized.path("model"), p.recipe, variant, target, out, raw)
         return {"model": result.model.name, "summary_csv": result.summary_csv.name, "summary": result.summary}
 
     suffix = f"/{target.name}" if len(p.recipe.vela) > 1 else ""

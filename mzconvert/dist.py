@@ -44,7 +44,8 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
             quantized = stages["quantize"]
             entry = {"source_file": stages["chain"][0].result["model"], "mode": quantized.result["mode"], "io_dtype": quantized.result["io_dtype"],
                      "file": quantized.result["model"], "inputs": quantized.result["inputs"],
-                     "outputs": quantized.result["outputs"]}
+                     "outputs": quantized.result["outputs"],
+                     "postprocess_attached": "raw_model" in quantized.result}
             copies.append((quantized.path("model"), quantized.result["model"]))
             if "verify" in stages:
                 entry["verify"] = stages["verify"].result["metrics"]

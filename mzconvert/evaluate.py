@@ -22,10 +22,6 @@ from .labels import class_offset, labelled_images
 from .preprocess import load_image, model_tensor
 from .recipe import ClassLabels, InputSpec, Postprocess, Preprocess, Recipe
 
-SCORE_THRESHOLD = 0.001  # low, as for mAP: the precision/recall curve needs the low-score tail
-IOU_THRESHOLD = 0.6  # the TF OD API SSD configs' NMS IoU
-MAX_DETECTIONS = 100  # COCO's maxDets
-
 
 @dataclass(frozen=True)
 class Detections:
@@ -74,15 +70,16 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
         raise MzError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
     boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales)  # NMS first, clip after, as TF does
     found = []
-    for label in range(scores.shape[1]):
-        candidates = np.flatnonzero(scores[:, label] > SCORE_THRESHOLD)
-        kept = candidates[nms(boxes[candidates], scores[candidates, label], IOU_THRESHOLD, MAX_DETECTIONS)]
+    for label in range(scores.shape[1]):  # per-class NMS, as TFLite_Detection_PostProcess's regular NMS
+        candidates = np.flatnonzero(scores[:, label] > post.nms_score_threshold)
+        kept = candidates[nms(boxes[candidates], scores[candidates, label], post.nms_iou_threshold,
+                              post.max_detections)]
         found += [(i, label) for i in kept]
     if not found:
         return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
     index, labels = map(np.asarray, zip(*found))
     chosen = scores[index, labels]
-    best = np.argsort(-chosen, kind="stable")[:MAX_DETECTIONS]
+    best = np.argsort(-chosen, kind="stable")[:post.max_detections]
     return Detections(np.clip(boxes[index[best]], 0.0, 1.0), chosen[best], labels[best])
 
 
@@ -326,7 +323,8 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
             runners[path.stem] = open_model(path, output_names).run
         coco = CocoDataset.open(dataset, split)
         anchors = np.load(folder / "anchors.npy", allow_pickle=False) if recipe.postprocess.kind == "ssd" else None
-        models = {name: _detector(run, recipe, anchors, output_names) for name, run in runners.items()}
+        attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
+        models = {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
         if pipeline is not None:
             models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
         evaluation = evaluate_detection(models, recipe, coco, console.log)
@@ -364,12 +362,13 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     return evaluation, manifest
 
 
-def _detector(run, recipe: Recipe, anchors, output_names) -> Predict:
+def _detector(run, recipe: Recipe, anchors, output_names, attached: bool = False) -> Predict:
+    """Detections of a model: raw SSD outputs decoded here, or a model's own post-processor read."""
     post = recipe.postprocess
 
     def predict(image: LoadedImage) -> Detections:
         outputs = run(image.tensor(recipe.preprocess, recipe.input))
-        if post.kind == "ssd":
+        if post.kind == "ssd" and not attached:
             return ssd_detections(dict(zip(output_names, outputs)), post, anchors)
         return postprocessed_detections(*outputs)
 

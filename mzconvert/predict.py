@@ -66,7 +66,9 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
     runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names).run for name in chosen}
     if recipe.task == "detection":
         anchors = np.load(folder / "anchors.npy", allow_pickle=False) if recipe.postprocess.kind == "ssd" else None
-        models = {name: _detector(run, recipe, anchors, output_names) for name, run in runners.items()}
+        models = {name: _detector(run, recipe, anchors, output_names,
+                                  manifest["variants"][name].get("postprocess_attached", False))
+                  for name, run in runners.items()}
     else:
         if recipe.labels is None:
             raise MzError(f"{recipe.path}: labels: needed to name a classifier's predictions")

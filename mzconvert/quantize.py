@@ -25,6 +25,7 @@ class QuantizeResult:
     model: Path
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    raw_model: Path | None = None  # the model before post-processing was attached: what verify compares
 
 
 def calibration_batches(images: list[Path], recipe: Recipe):
@@ -36,12 +37,25 @@ def calibration_batches(images: list[Path], recipe: Recipe):
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
-             out_dir: Path) -> QuantizeResult:
+             out_dir: Path, anchors: Path | None = None) -> QuantizeResult:
     if variant.mode == "int8" and not calibration_images:
         raise MzError(f"{recipe.path}: variants: {variant.name}: int8 needs calibration images, got none")
     batches = calibration_batches(calibration_images, recipe) if calibration_images else None
     model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
-    return check_artifact(model, recipe, variant)
+    checked = check_artifact(model, recipe, variant)
+    if not variant.attach_postprocess:
+        return checked
+    from .attach import OUTPUT_NAMES, attach_postprocess
+
+    raw = out_dir / "raw" / model.name
+    raw.parent.mkdir()
+    model.rename(raw)
+    attached = attach_postprocess(raw, recipe, np.load(anchors, allow_pickle=False), model)
+    runner = open_model(attached)
+    outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
+    if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
+        raise MzError(f"{attached}: post-processing attached, but the model does not run to {', '.join(OUTPUT_NAMES)}")
+    return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw)
 
 
 def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:

@@ -113,6 +113,13 @@ class Postprocess:
     class_output: str | None = None
     score: str = "sigmoid"  # sigmoid | softmax
     background_class: bool = True  # logits[..., 0] is background
+    # Non-maximum suppression: our decode (eval, verify, predict) and the attached TFLite op use these.
+    # The defaults suit mAP (the precision/recall curve needs the low-score tail); a deployed
+    # detector typically declares e.g. 0.3 / 0.6 / 10.
+    nms_score_threshold: float = 0.001
+    nms_iou_threshold: float = 0.6
+    max_detections: int = 100
+    attach: bool = False  # TFLite variants end in the TFLite_Detection_PostProcess op (boxes out)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,7 @@ class Variant:
     calibration_method: str = "minmax"  # ONNX int8: minmax | entropy | percentile
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
+    attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
 
 
 @dataclass(frozen=True)
@@ -454,8 +462,8 @@ def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
                       mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
 
 
-def _fraction(r: _Reader, key: str) -> float:
-    value = r.number(key, required=False, default=1.0, positive=True)
+def _fraction(r: _Reader, key: str, default: float = 1.0) -> float:
+    value = r.number(key, required=False, default=default, positive=True)
     if value > 1.0:
         raise r.fail(f"expected a fraction in (0, 1], got {value}", r._child_where(key))
     return value
@@ -471,7 +479,8 @@ def _parse_strip(r: _Reader, model_input: InputSpec) -> Strip:
 
 
 def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
-    ssd_fields = ("anchors_tensor", "box_coder_scales", "box_output", "class_output", "score", "background_class")
+    ssd_fields = ("anchors_tensor", "box_coder_scales", "box_output", "class_output", "score", "background_class",
+                  "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
     r.mapping(("kind", "labels", "category_ids") + ssd_fields)
     kind = r.string("kind", choices=("ssd", "tflite-detection-postprocess"))
     labels = tuple(r.list_of("labels", _Reader.as_string))
@@ -491,7 +500,11 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
         box_coder_scales=tuple(r.list_of("box_coder_scales", _Reader.as_number, length=4)),
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
-        background_class=r.boolean("background_class", True))
+        background_class=r.boolean("background_class", True),
+        nms_score_threshold=_fraction(r, "nms_score_threshold", default=0.001),
+        nms_iou_threshold=_fraction(r, "nms_iou_threshold", default=0.6),
+        max_detections=r.integer("max_detections", required=False, default=100, minimum=1),
+        attach=r.boolean("attach", False))
     outputs = strip.outputs if strip else ()
     for key in ("box_output", "class_output"):
         if getattr(post, key) not in outputs:
@@ -503,7 +516,7 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
 def _parse_variant(r: _Reader) -> Variant:
     r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "reduce_range",
-               "target"))
+               "target", "attach_postprocess"))
     mode = r.string("mode", choices=MODES)
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
@@ -532,7 +545,8 @@ def _parse_variant(r: _Reader) -> Variant:
                    calibration_method=r.string("calibration_method", required=False, default="minmax",
                                                choices=CALIBRATION_METHODS),
                    reduce_range=r.boolean("reduce_range", False),
-                   target=r.string("target", required=False, default="", choices=("tflite", "onnx")))
+                   target=r.string("target", required=False, default="", choices=("tflite", "onnx")),
+                   attach_postprocess=r.boolean("attach_postprocess", None))
 
 
 def _parse_vela(r: _Reader) -> VelaTarget:
@@ -647,9 +661,15 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     fmt = r.string("format", choices=FORMATS)
     onnx_backend = fmt in ("onnx", "torch")
     native = "onnx" if onnx_backend else "tflite"
-    variants = tuple(replace(v, target=v.target or native) for v in variants)
+    attach = postprocess is not None and postprocess.attach
+    variants = tuple(replace(v, target=v.target or native,
+                             attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess)
+                     for v in variants)
     for i, v in enumerate(variants):
         item = r.child("variants").child(i)
+        if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"):
+            raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd",
+                            item._child_where("attach_postprocess"))
         if v.target != native and fmt != "torch":
             raise item.fail(f"a {fmt} source converts to {native} only (ONNX -> TFLite would need onnx2tf, whose "
                             "pins downgrade TensorFlow, numpy and protobuf; torch sources reach TFLite through "

@@ -83,12 +83,14 @@ def parse_placement(stdout: str) -> tuple[int, list[str]]:
     return npu, cpu
 
 
-def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, target: VelaTarget, out_dir: Path) -> VelaResult:
+def compile_for_npu(model: Path, recipe: Recipe, variant: Variant, target: VelaTarget, out_dir: Path,
+                    raw_model: Path | None = None) -> VelaResult:
     """vela for one target. With several targets each artifact carries the target's name:
-    `<model>_<target>_vela.tflite`; with one, vela's own `<model>_vela.tflite`."""
+    `<model>_<target>_vela.tflite`; with one, vela's own `<model>_vela.tflite`. A model with attached
+    post-processing (float by nature, on the CPU) is checked for integer-ness before it was attached."""
     config = _config_path(recipe, target)
     _check_config(recipe, target, config)
-    _require_integer(model, recipe, variant)
+    _require_integer(raw_model or model, recipe, variant)
     command = [sys.executable, "-m", "ethosu.vela", str(model.resolve()),
                "--accelerator-config", target.accelerator,
                "--config", str(config),

@@ -32,7 +32,7 @@ def test_dist_has_every_variant_and_md5sums_pass(built):
     check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=dist, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     names = {p.name for p in dist.iterdir()}
-    for variant in ("float32", "float16", "dynamic", "int8-float-io", "int8"):
+    for variant in ("float32", "float16", "dynamic", "int8-float-io", "int8", "int8-detect"):
         assert f"pedestrian-ssdlite_{variant}.tflite" in names
     assert {"anchors.npy", "labels.txt", "manifest.json", "pedestrian-ssdlite_int8_u65_vela.tflite",
             "pedestrian-ssdlite_int8_u65_summary_Ethos_U65_High_End.csv", "pedestrian-ssdlite_int8_u55_vela.tflite",
@@ -87,7 +87,7 @@ def test_noop_rebuild_skips_every_stage_without_importing_tensorflow(built):
     assert result.returncode == 0, result.stderr[-2000:]
     assert ": running" not in result.stderr
     # fetch freeze strip, quantize+verify per variant, vela per int8 variant and NPU, the source pipeline check
-    assert result.stderr.count("up to date") >= 1 + 1 + 1 + 5 * 2 + 2 * 2 + 1
+    assert result.stderr.count("up to date") >= 1 + 1 + 1 + 6 * 2 + 3 * 2 + 1
     assert "tensorflow" not in result.stderr  # -X importtime lists every imported module
     assert (root / "dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text() == before
 
@@ -112,13 +112,13 @@ def test_changed_variant_reruns_only_its_stages(built, tmp_path):
     shutil.copytree(root / "build", tmp_path / "build")
     recipe = (Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text()
     local = tmp_path / "pedestrian-ssdlite.yaml"
-    local.write_text(recipe.replace("calibration: coco-train2017-100, min_cosine",
-                                    "calibration: coco-train2017-100, calibration_count: 50, min_cosine"))
+    local.write_text(recipe.replace("io_dtype: int8, calibration: coco-train2017-100, min_cosine",
+                                    "io_dtype: int8, calibration: coco-train2017-100, calibration_count: 50, min_cosine"))
     result = run_cli("--cache-dir", str(root / "cache"), "build", str(local), "--out", str(tmp_path / "dist"),
                      "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stderr[-2000:]
     ran = sorted(line.split("] ")[1].split(":")[0] for line in result.stderr.splitlines() if line.endswith(": running"))
-    assert ran == ["quantize/int8", "vela/int8/u55", "vela/int8/u65", "verify/int8"]
+    assert ran == ["quantize/int8", "vela/int8/u55", "vela/int8/u65", "verify/int8"]  # not int8-detect's
 
 
 def coco_subset(folder: Path, count: int) -> Path:
@@ -144,7 +144,8 @@ def test_eval_bench_report_on_real_images(built, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     evaluation = json.loads(result.stdout)
     rows = evaluation["results"]
-    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io", "int8", "source-pipeline"]
+    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io", "int8", "int8-detect",
+                          "source-pipeline"]
     assert evaluation["images"] == 24 and "person" in evaluation["scope"]
     assert rows["source-graph"]["AP"] > 0.05
     assert abs(rows["float32"]["AP"] - rows["source-graph"]["AP"]) < 0.01
@@ -154,7 +155,7 @@ def test_eval_bench_report_on_real_images(built, tmp_path):
     bench = run_cli("--json", "--quiet", "bench", "pedestrian-ssdlite", "--runs", "3", "--warmup", "1", *dist)
     assert bench.returncode == 0, bench.stderr[-2000:]
     latency = json.loads(bench.stdout)["results"]
-    assert set(latency) == {"float32", "float16", "dynamic", "int8-float-io", "int8"}
+    assert set(latency) == {"float32", "float16", "dynamic", "int8-float-io", "int8", "int8-detect"}
     assert all(r["median_ms"] > 0 and r["peak_rss_mb"] > 10 for r in latency.values())
 
     report = run_cli("--quiet", "report", "pedestrian-ssdlite", *dist)
@@ -198,3 +199,38 @@ def test_a_resize_other_than_the_graphs_own_is_warned_about(built, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert ("preprocess.interpolation is 'pil-bilinear', but the source's own preprocessing (cut off by strip) "
             "resizes with tf1-bilinear") in done.stderr
+
+
+def test_attached_postprocessing_gives_the_boxes_of_our_decode(built):
+    """int8-detect ends in TFLite_Detection_PostProcess: on real val images its boxes are our numpy decode's
+    of the same int8 outputs; on the NPUs only the op and one DEQUANTIZE stay on the CPU."""
+    from mzconvert.evaluate import matched_detections, postprocessed_detections, ssd_detections
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+
+    root, _, _ = built
+    dist = root / "dist" / "pedestrian-ssdlite"
+    manifest = json.loads((dist / "manifest.json").read_text())
+    detect = manifest["variants"]["int8-detect"]
+    assert detect["postprocess_attached"] and [o["name"] for o in detect["outputs"]] == [
+        "detection_boxes", "detection_classes", "detection_scores", "num_detections"]
+    for target in ("u65", "u55"):
+        cpu = detect["vela"][target]["cpu_ops"]
+        assert len(cpu) == 2 and any("postprocess/box_encodings/float" in op for op in cpu), cpu
+    recipe = load_recipe("pedestrian-ssdlite")
+    anchors = np.load(dist / "anchors.npy")
+    attached = open_model(dist / detect["file"])
+    raw = open_model(root / "build" / "pedestrian-ssdlite" / "quantize" / "int8-detect" / "raw" / detect["file"],
+                     ["concat", "concat_1"])
+    for path in sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[:8]:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        theirs = postprocessed_detections(*attached.run(tensor))
+        ours = ssd_detections(dict(zip(["concat", "concat_1"], raw.run(tensor))), recipe.postprocess, anchors)
+        # The op sees int8 scores (steps of 1/256): ours above half a step are the ones it keeps.
+        visible = ours.scores >= 0.5 / 256
+        assert abs(len(theirs.scores) - int(visible.sum())) <= 2, path.name
+        for box in theirs.boxes[:20]:  # quantized scores tie, so compare as sets, not in order
+            assert np.abs(ours.boxes - box).max(axis=1).min() <= 1e-3, path.name
+        matched, total = matched_detections(theirs, ours)
+        assert matched == total, path.name

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mzconvert.cocometrics import coco_ap
-from mzconvert.evaluate import SCORE_THRESHOLD, decode_ssd_boxes, nms, ssd_detections
+from mzconvert.evaluate import decode_ssd_boxes, nms, ssd_detections
 from tests.conftest import MIRROR, PEDESTRIAN_PB
 
 
@@ -83,8 +83,8 @@ def test_our_decode_equals_the_stripped_off_postprocessor_on_real_images(mirror,
             ["concat:0", "concat_1:0", "detection_boxes:0", "detection_scores:0", "num_detections:0"],
             {recipe.input.name + ":0": tensor, "image_tensor:0": np.zeros((1, 300, 300, 3), np.uint8)})
         ours = ssd_detections({"concat": boxes, "concat_1": logits}, recipe.postprocess, anchors)
-        # The graph keeps scores down to 1e-8, we down to SCORE_THRESHOLD: compare the top 20 above it.
-        n = min(20, int(np.sum(graph_scores[0][:int(count[0])] > SCORE_THRESHOLD)))
+        # The graph keeps scores down to 1e-8, we down to nms_score_threshold: compare the top 20 above it.
+        n = min(20, int(np.sum(graph_scores[0][:int(count[0])] > recipe.postprocess.nms_score_threshold)))
         assert n > 0 and len(ours.scores) >= n
         np.testing.assert_allclose(ours.scores[:n], graph_scores[0][:n], rtol=1e-5)
         np.testing.assert_allclose(ours.boxes[:n], graph_boxes[0][:n], atol=1e-5)

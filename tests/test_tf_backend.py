@@ -237,3 +237,38 @@ def test_two_targets_with_one_name_are_refused(tmp_path, tiny):
     (tmp_path / "tiny.yaml").write_text(text)
     with pytest.raises(RecipeError, match=r"targets.vela\[1\].name: two targets are named 'mcu'"):
         load_recipe(tmp_path / "tiny.yaml")
+
+
+def test_attached_postprocessing_equals_our_decode_on_real_images(tmp_path, tiny, mirror):
+    """A float model ending in TFLite_Detection_PostProcess gives exactly our decode's detections."""
+    from mzconvert.evaluate import postprocessed_detections, ssd_detections
+    from mzconvert.preprocess import prepare
+
+    variants = (f"  - {{name: f32, mode: float32, attach_postprocess: true}}\n"
+                f"  - {{name: raw, mode: float32}}\n")
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants)
+    manifest = run(tmp_path, text.replace("  labels: [thing]", "  labels: [thing]\n  nms_score_threshold: 0.2"))
+    assert manifest["variants"]["f32"]["postprocess_attached"] and not manifest["variants"]["raw"]["postprocess_attached"]
+    recipe = load_recipe(tmp_path / "tiny.yaml")
+    dist = tmp_path / "dist" / "tiny"
+    attached, raw = open_model(dist / "tiny_f32.tflite"), open_model(dist / "tiny_raw.tflite", list(recipe.strip.outputs))
+    anchors = np.load(dist / "anchors.npy")
+    compared = 0
+    for path in sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[:6]:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        theirs = postprocessed_detections(*attached.run(tensor))
+        ours = ssd_detections(dict(zip(recipe.strip.outputs, raw.run(tensor))), recipe.postprocess, anchors)
+        assert len(theirs.scores) == len(ours.scores)
+        np.testing.assert_allclose(theirs.boxes, ours.boxes, atol=1e-3)
+        np.testing.assert_allclose(theirs.scores, ours.scores, rtol=1e-5)
+        compared += len(ours.scores)
+    assert compared > 0
+
+
+def test_attach_needs_a_tflite_ssd_detector(tmp_path, tiny):
+    variants = "  - {name: f32, mode: float32, attach_postprocess: true}\n"
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants)
+    (tmp_path / "tiny.yaml").write_text(text.replace("kind: ssd", "kind: tflite-detection-postprocess").replace(
+        "  anchors_tensor: anchors\n  box_coder_scales: [10, 10, 5, 5]\n  box_output: boxes\n  class_output: logits\n", ""))
+    with pytest.raises(RecipeError, match=r"variants\[0\].attach_postprocess: post-processing attaches to TFLite"):
+        load_recipe(tmp_path / "tiny.yaml")
