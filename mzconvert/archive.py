@@ -2,7 +2,9 @@
 
 Rules, the same for tar and zip: no absolute paths, no '..', no links of any kind, no device files;
 only regular files and folders are written, and only below the destination. tarfile's `data`
-filter enforces the same on tar; zip has no such filter, so the checks are ours.
+filter enforces the same on tar; zip has no such filter, so the checks are ours. What is extracted
+is bounded (MAX_EXTRACTED bytes, MAX_RATIO times the archive): a compression bomb is refused before
+a byte is written, and a zip whose headers understate its sizes is stopped while it is copied.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from .errors import FetchError
+
+MAX_EXTRACTED = 8 << 30  # bytes: the largest model folders published are a few GiB
+MAX_RATIO = 200  # extracted / archive size: model weights compress 1.1-3x, a bomb 1000x
 
 
 def _check_name(archive: Path, name: str) -> PurePosixPath:
@@ -49,10 +54,32 @@ def _zip_members(archive: Path, zf: zipfile.ZipFile, member: str) -> list[zipfil
         if not _wanted(path, member):
             continue
         mode = info.external_attr >> 16
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # No file-type bits at all (zipfile.writestr, Windows tools) means a plain file.
+        if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise FetchError(f"{archive}: refusing link or special member {info.filename!r}")
         chosen.append(info)
     return chosen
+
+
+def _limit(archive: Path) -> int:
+    return min(MAX_EXTRACTED, max(archive.stat().st_size, 1 << 20) * MAX_RATIO)
+
+
+def _check_size(archive: Path, declared: int) -> None:
+    if declared > _limit(archive):
+        raise FetchError(f"{archive}: refusing to extract {declared} bytes from a {archive.stat().st_size}-byte "
+                         f"archive (more than {_limit(archive)}: a compression bomb?)")
+
+
+def _copy_bounded(archive: Path, src, out, budget: int) -> int:
+    """Copy src to out, failing once more than `budget` bytes came out; returns the bytes copied."""
+    copied = 0
+    while chunk := src.read(1 << 20):
+        copied += len(chunk)
+        if copied > budget:
+            _check_size(archive, _limit(archive) + 1)
+        out.write(chunk)
+    return copied
 
 
 def extract_member(archive: Path, member: str, dest: Path) -> Path:
@@ -62,6 +89,8 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 infos = _zip_members(archive, zf, member)
+                _check_size(archive, sum(i.file_size for i in infos))
+                budget = _limit(archive)
                 for info in infos:
                     target = dest / info.filename
                     if info.is_dir():
@@ -69,10 +98,11 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
+                        budget -= _copy_bounded(archive, src, out, budget)
         else:
             with tarfile.open(archive) as tar:
                 infos = _tar_members(archive, tar, member)
+                _check_size(archive, sum(i.size for i in infos))  # tar reads exactly the declared sizes
                 # The data filter re-checks every rule above and strips permissions bits it dislikes.
                 tar.extractall(dest, members=infos, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:

@@ -188,11 +188,18 @@ def _model_chain(p: Planner, member: str | None, until: str) -> list[StageOutcom
     return chain
 
 
-def _image_paths(p: Planner, spec: str, count: int | None) -> tuple[str, Callable[[], list[Path]]]:
-    """(key naming the exact images, a function fetching them): fetching only when a stage runs."""
+DEFAULT_CALIBRATION_COUNT = 100
+
+
+def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None = None
+                 ) -> tuple[str, Callable[[], list[Path]]]:
+    """(key naming the exact images, a function fetching them): fetching only when a stage runs.
+    `count` images are required; without one, all of the set, or `at_most` of them."""
     from .imagesets import load_image_set
 
     image_set = load_image_set(spec, p.recipe.path)
+    if count is None and at_most is not None:
+        count = min(at_most, image_set.size)
     key = f"{image_set.key}:{count}"
     return key, lambda: image_set.paths(p.fetcher, count, p.console.log)
 
@@ -205,7 +212,8 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
               "input": raw["input"], "strip": raw.get("strip"), "tools": p.versions}
     images = None
     if variant.calibration:
-        inputs["calibration"], images = _image_paths(p, variant.calibration, variant.calibration_count or 100)
+        inputs["calibration"], images = _image_paths(p, variant.calibration, variant.calibration_count,
+                                                     at_most=DEFAULT_CALIBRATION_COUNT)
         inputs["preprocess"] = raw.get("preprocess")
 
     def action(out: Path) -> dict:
@@ -313,13 +321,15 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTar
     return outcome
 
 
-def _remove_stale_staging(build_folder: Path, out_root: Path, name: str) -> None:
-    """Staging folders a killed build left behind. Safe: we hold the recipe's lock, so no one writes them."""
-    stale = [p for p in build_folder.rglob(".*") if p.is_dir()]
-    # '@' cannot occur in a recipe name, so recipe "x" never matches the staging of recipe "x.y"
-    stale += [p for p in out_root.glob(f".{name}@*") if p.is_dir()] if out_root.is_dir() else []
-    for folder in stale:
+def _remove_stale_staging(folders: list[Path]) -> None:
+    """Staging folders a killed build left behind. Safe: we hold the lock of the folder they are in."""
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _dist_staging(out_root: Path, name: str) -> list[Path]:
+    # '@' cannot occur in a recipe name, so recipe "x" never matches the staging of recipe "x.y"
+    return [p for p in out_root.glob(f".{name}@*") if p.is_dir()] if out_root.is_dir() else []
 
 
 STAGES = ("fetch", "freeze", "strip", "quantize", "vela", "dist")
@@ -331,7 +341,7 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
     variants = [recipe.variant(name) for name in options.variants] if options.variants else list(recipe.variants)
     planner = Planner(recipe, fetcher, console, options)
     with folder_lock(planner.folder, options.lock_timeout, console.log):
-        _remove_stale_staging(planner.folder, options.out, recipe.name)
+        _remove_stale_staging([p for p in planner.folder.rglob(".*") if p.is_dir()])
         chains = {}
         for member in dict.fromkeys(recipe.member_for(v) for v in variants):
             chains[member] = _model_chain(planner, member, until)
@@ -353,8 +363,13 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
         if until != "dist":
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
         from .dist import assemble
+        from .fsio import recover_folder
         from .workspace import record_build
 
-        manifest = assemble(recipe, per_variant, planner.versions, options.out, console, fidelity)
+        # dist/ has its own lock: two builds of one recipe with other --build-dir share --out.
+        with folder_lock(options.out, options.lock_timeout, console.log, name=f".{recipe.name}.lock"):
+            recover_folder(options.out / recipe.name)
+            _remove_stale_staging(_dist_staging(options.out, recipe.name))
+            manifest = assemble(recipe, per_variant, planner.versions, options.out, console, fidelity)
         record_build(fetcher.config.cache_dir, recipe, options.out, options.build_root)
         return manifest

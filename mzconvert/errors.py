@@ -31,3 +31,10 @@ class FetchError(MzError):
 
 class BusyError(MzError):
     exit_code = EXIT_BUSY
+
+
+def short_text(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters: errors stay one bounded line."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else exc.__class__.__name__
+    return first if len(first) <= limit else first[:limit] + "…"

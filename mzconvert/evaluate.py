@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .cocometrics import bootstrap_weights, coco_scores, ratio_interval
-from .errors import MzError
+from .errors import EXIT_BAD_INPUT, MzError, short_text
 from .labels import class_offset, labelled_images
 from .preprocess import load_image, model_tensor
 from .recipe import ClassLabels, InputSpec, Postprocess, Preprocess, Recipe
@@ -28,6 +28,18 @@ class Detections:
     boxes: np.ndarray  # K x 4, ymin, xmin, ymax, xmax, normalised
     scores: np.ndarray  # K
     labels: np.ndarray  # K, index into recipe.postprocess.labels
+
+
+def load_anchors(path: Path) -> np.ndarray:
+    """anchors.npy as N x 4 float32; anything else (an object array, another shape) is a named error."""
+    try:
+        anchors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise MzError(f"{path}: not an anchors array ({short_text(exc)})", EXIT_BAD_INPUT) from None
+    if anchors.ndim != 2 or anchors.shape[1] != 4 or not np.issubdtype(anchors.dtype, np.floating):
+        raise MzError(f"{path}: anchors must be N x 4 floats, got {anchors.dtype} {list(anchors.shape)}",
+                      EXIT_BAD_INPUT)
+    return anchors.astype(np.float32)
 
 
 def decode_ssd_boxes(encodings: np.ndarray, anchors: np.ndarray, scales) -> np.ndarray:
@@ -322,7 +334,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         for path in references:
             runners[path.stem] = open_model(path, output_names).run
         coco = CocoDataset.open(dataset, split)
-        anchors = np.load(folder / "anchors.npy", allow_pickle=False) if recipe.postprocess.kind == "ssd" else None
+        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
         attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
         models = {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
         if pipeline is not None:

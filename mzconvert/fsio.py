@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -99,13 +101,14 @@ def copy_atomic(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None] | None = None):
-    """An exclusive flock on `folder/.lock`, so two processes never write the same build folder.
+def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None] | None = None,
+                name: str = ".lock"):
+    """An exclusive flock on `folder/<name>`, so two processes never write the same folder.
 
     Waits up to `wait_seconds` (0 = fail at once) and then fails naming the holder's pid.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / ".lock"
+    lock_path = folder / name
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_seconds
     announced = False
@@ -130,9 +133,32 @@ def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None
         os.close(fd)  # closing releases the flock
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
 def replace_folder(staging: Path, target: Path) -> None:
-    """Swap a complete staging folder in for `target` (two renames; never a half-written target)."""
+    """Swap a complete staging folder in for `target`. An existing target is exchanged with the staging
+    folder in one atomic step, so at every instant `target` is the old folder or the new one; where the
+    file system cannot exchange, two renames, and `recover_folder` puts the old one back after a kill."""
     os.chmod(staging, 0o755)  # mkdtemp made it private
+    if target.exists() and _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}@old-{os.getpid()}")
@@ -141,3 +167,12 @@ def replace_folder(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: Path) -> None:
+    """After a kill between the two renames of replace_folder: the old folder goes back under its name."""
+    if target.exists():
+        return
+    olds = sorted(target.parent.glob(f".{target.name}@old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], target)

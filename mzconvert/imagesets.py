@@ -16,6 +16,7 @@ import yaml
 from .errors import RecipeError
 from .fetch import Fetcher, Pin
 from .fsio import sha256_bytes, sha256_file, write_bytes_atomic
+from .yamlsafe import load_yaml
 from .preprocess import list_images
 from .recipe import SAFE_NAME, _Reader
 
@@ -34,6 +35,10 @@ class ImageSet:
     base_url: str | None  # where the origin serves the files; None: only the cache and mirrors have them
     folder: Path | None
 
+    @property
+    def size(self) -> int:
+        return len(list_images(self.folder)) if self.folder is not None else len(self.pins)
+
     def names(self, count: int | None = None) -> list[str]:
         """The images' own file names (fetched images sit in the cache under their digests)."""
         if self.folder is not None:
@@ -41,6 +46,9 @@ class ImageSet:
         return [pin.name for pin in self.pins[:count]]
 
     def paths(self, fetcher: Fetcher, count: int | None = None, log=lambda m: None) -> list[Path]:
+        if count is not None and count > self.size:
+            raise RecipeError(f"{self.name}: {self.size} images, fewer than the {count} asked for "
+                              "(calibration_count / verify.count)")
         if self.folder is not None:
             return list_images(self.folder)[:count]
         pins = self.pins[:count]
@@ -71,10 +79,7 @@ def load_image_set(spec: str, recipe_path: Path | None = None) -> ImageSet:
     if not path.is_file():
         raise RecipeError(f"{recipe_path or spec}: no image set {spec!r} in {SETS_DIR}")
     text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: malformed YAML: {exc}") from None
+    data = load_yaml(path, text)
     r = _Reader(path, data).mapping(("name", "description", "selection", "base_url", "images"))
     if r.string("name") != spec:
         raise RecipeError(f"{path}: name: must be {spec!r}, the file name")

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MzError
-from .evaluate import LoadedImage, _detector, _scores_by_label
+from .evaluate import LoadedImage, _detector, _scores_by_label, load_anchors
 from .labels import display_name
 from .recipe import Recipe
 from .runtime import open_model
@@ -65,7 +65,7 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names).run for name in chosen}
     if recipe.task == "detection":
-        anchors = np.load(folder / "anchors.npy", allow_pickle=False) if recipe.postprocess.kind == "ssd" else None
+        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
         models = {name: _detector(run, recipe, anchors, output_names,
                                   manifest["variants"][name].get("postprocess_attached", False))
                   for name, run in runners.items()}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MzError
+from .errors import EXIT_BAD_INPUT, MzError, short_text
 from .recipe import InputSpec, Preprocess
 
 _PIL_RESAMPLE = {"pil-bilinear": Image.BILINEAR, "pil-bicubic": Image.BICUBIC, "pil-nearest": Image.NEAREST}
@@ -42,8 +42,9 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MzError(f"{path}: not a decodable image ({exc.__class__.__name__}: {exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MzError(f"{path}: not a decodable image ({exc.__class__.__name__}: {short_text(exc)})",
+                      EXIT_BAD_INPUT) from None
 
 
 def load_pixels(path: Path) -> np.ndarray:

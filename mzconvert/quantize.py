@@ -29,10 +29,12 @@ class QuantizeResult:
 
 
 def calibration_batches(images: list[Path], recipe: Recipe):
-    """The representative dataset: the calibration images through the recipe's own preprocessing."""
+    """The representative dataset: the calibration images through the recipe's own preprocessing, all
+    decoded before the converter starts, so a bad image is named as such (not as a conversion error)."""
+    tensors = [prepare(path, recipe.preprocess, recipe.input).tensor for path in images]
+
     def batches() -> Iterator[np.ndarray]:
-        for path in images:
-            yield prepare(path, recipe.preprocess, recipe.input).tensor
+        yield from tensors
     return batches
 
 
@@ -46,11 +48,12 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     if not variant.attach_postprocess:
         return checked
     from .attach import OUTPUT_NAMES, attach_postprocess
+    from .evaluate import load_anchors
 
     raw = out_dir / "raw" / model.name
     raw.parent.mkdir()
     model.rename(raw)
-    attached = attach_postprocess(raw, recipe, np.load(anchors, allow_pickle=False), model)
+    attached = attach_postprocess(raw, recipe, load_anchors(anchors), model)
     runner = open_model(attached)
     outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
     if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):

@@ -9,14 +9,15 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from .errors import RecipeError
 from .fsio import HASH_ALGORITHMS, sha256_bytes
+from .yamlsafe import load_yaml, short
 
 TASKS = ("detection", "classification")
 FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "onnx", "torch")
@@ -31,6 +32,9 @@ AMBIGUOUS_INTERPOLATIONS = ("bilinear", "nearest", "bicubic")  # every framework
 URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
+ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
+                "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
@@ -253,7 +257,7 @@ class _Reader:
             if not isinstance(key, str) or key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {', '.join(allowed)}"
-                raise self.fail(f"unknown field {key!r}{suggestion}", self._child_where(str(key)))
+                raise self.fail(f"unknown field {short(key)}{suggestion}", self._child_where(str(key)))
         return self
 
     def has(self, key: str) -> bool:
@@ -279,9 +283,9 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self.fail(f"expected a non-empty string, got {_kind(value)}", self._child_where(key))
         if choices is not None and value not in choices:
-            raise self.fail(f"{value!r} is not one of {', '.join(choices)}", self._child_where(key))
+            raise self.fail(f"{short(value)} is not one of {', '.join(choices)}", self._child_where(key))
         if pattern is not None and not pattern.match(value):
-            raise self.fail(f"{value!r} is not {pattern_text}", self._child_where(key))
+            raise self.fail(f"{short(value)} is not {pattern_text}", self._child_where(key))
         return value
 
     def integer(self, key: str, required: bool = True, default: int | None = None,
@@ -290,7 +294,7 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(f"expected an integer >= {minimum}, got {value!r}", self._child_where(key))
+            raise self.fail(f"expected an integer >= {minimum}, got {short(value)}", self._child_where(key))
         return value
 
     def number(self, key: str, required: bool = True, default: float | None = None,
@@ -301,7 +305,7 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (positive and value <= 0):
             expected = "a positive number" if positive else "a finite number"
-            raise self.fail(f"expected {expected}, got {value!r}", self._child_where(key))
+            raise self.fail(f"expected {expected}, got {short(value)}", self._child_where(key))
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -309,7 +313,7 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.fail(f"expected true or false, got {value!r}", self._child_where(key))
+            raise self.fail(f"expected true or false, got {short(value)}", self._child_where(key))
         return value
 
     def list_of(self, key: str, item: Callable[["_Reader"], Any], required: bool = True,
@@ -340,15 +344,15 @@ class _Reader:
 
     def as_dimension(self) -> int:
         if isinstance(self.data, bool) or not isinstance(self.data, int) or self.data <= 0:
-            raise self.fail(f"expected a positive integer, got {self.data!r}")
+            raise self.fail(f"expected a positive integer, got {short(self.data)}")
         return self.data
 
 
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: f"the string {value!r}", bool: f"{value}"}.get(
-        type(value), f"{type(value).__name__} {value!r}")
+    return {dict: "a mapping", list: "a list", str: f"the string {short(value)}", bool: f"{value}"}.get(
+        type(value), f"{type(value).__name__} {short(value)}")
 
 
 def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Source:
@@ -362,9 +366,18 @@ def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Sourc
         raise r.fail("give 'member' or its alias 'archive_member', not both")
     member = r.string("member", required=False) or r.string("archive_member", required=False)
     if url is not None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError as exc:
+            raise r.fail(f"{short(url)} is not a URL: {exc}", r._child_where("url")) from None
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise r.fail(f"{short(url)} contains white space or control characters", r._child_where("url"))
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme in ("http", "https") and not parts.hostname:
+            raise r.fail(f"{short(url)} names no host", r._child_where("url"))
         if scheme not in URL_SCHEMES:
-            raise r.fail(f"{url!r} is not an http, https or file URL", r._child_where("url"))
+            raise r.fail(f"{short(url)} is not an http, https or file URL", r._child_where("url"))
         if scheme == "file" and not local_recipe:
             raise r.fail("file:// URLs are allowed only in recipes outside the recipes/ folder",
                          r._child_where("url"))
@@ -378,7 +391,7 @@ def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Sourc
         digest = r.string(algo, required=False)
         if digest is not None:
             if not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", digest):
-                raise r.fail(f"expected {length} hex digits, got {digest!r}", r._child_where(algo))
+                raise r.fail(f"expected {length} hex digits, got {short(digest)}", r._child_where(algo))
             checksums[algo] = digest.lower()
     tofu = r.boolean("trust_on_first_use", False)
     if tofu and (checksums or url is None):
@@ -394,7 +407,7 @@ def _parse_source(r: _Reader, local_recipe: bool, allow_unpinned: bool) -> Sourc
 def _relative_member(r: _Reader, key: str) -> str | None:
     member = r.string(key, required=False)
     if member is not None and (member.startswith("/") or ".." in Path(member).parts):
-        raise r.fail(f"{member!r} must be a relative path inside the archive", r._child_where(key))
+        raise r.fail(f"{short(member)} must be a relative path inside the archive", r._child_where(key))
     return member
 
 
@@ -452,7 +465,7 @@ def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
     if any(s <= 0 for s in std):
         raise r.fail(f"std must be positive, got {list(std)}", r._child_where("std"))
     if r.has("interpolation") and r.data["interpolation"] in AMBIGUOUS_INTERPOLATIONS:
-        raise r.fail(f"{r.data['interpolation']!r} is ambiguous (TF1, TF2, PIL, OpenCV and torchvision resize "
+        raise r.fail(f"{short(r.data['interpolation'])} is ambiguous (TF1, TF2, PIL, OpenCV and torchvision resize "
                      f"differently); name the one the model was trained with: {', '.join(INTERPOLATIONS)}",
                      r._child_where("interpolation"))
     return Preprocess(resize=resize,
@@ -460,6 +473,13 @@ def _parse_preprocess(r: _Reader, model_input: InputSpec) -> Preprocess:
                       channel_order=r.string("channel_order", required=False, default="RGB",
                                              choices=CHANNEL_ORDERS),
                       mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
+
+
+def _cosine(r: _Reader, key: str) -> float | None:
+    value = r.number(key, required=False)
+    if value is not None and not -1.0 <= value <= 1.0:
+        raise r.fail(f"a cosine similarity is in [-1, 1], got {value}", r._child_where(key))
+    return value
 
 
 def _fraction(r: _Reader, key: str, default: float = 1.0) -> float:
@@ -508,7 +528,7 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
     outputs = strip.outputs if strip else ()
     for key in ("box_output", "class_output"):
         if getattr(post, key) not in outputs:
-            raise r.fail(f"{getattr(post, key)!r} is not one of strip.outputs {list(outputs)}",
+            raise r.fail(f"{short(getattr(post, key))} is not one of strip.outputs {list(outputs)}",
                          r._child_where(key))
     return post
 
@@ -521,7 +541,7 @@ def _parse_variant(r: _Reader) -> Variant:
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
     if mode in ("float32", "float16", "dynamic") and io_dtype != "float32":
-        raise r.fail(f"mode {mode} keeps float32 input/output, got {io_dtype!r}", r._child_where("io_dtype"))
+        raise r.fail(f"mode {mode} keeps float32 input/output, got {short(io_dtype)}", r._child_where("io_dtype"))
     if mode == "uint8-qat" and io_dtype != "uint8":
         raise r.fail("mode uint8-qat has uint8 input/output", r._child_where("io_dtype"))
     calibration = r.string("calibration", required=mode == "int8")
@@ -538,7 +558,7 @@ def _parse_variant(r: _Reader) -> Variant:
                    mode=mode, io_dtype=io_dtype, calibration=calibration,
                    calibration_count=r.integer("calibration_count", required=False, minimum=1),
                    quantized_input_stats=mean_std,
-                   min_cosine=r.number("min_cosine", required=False),
+                   min_cosine=_cosine(r, "min_cosine"),
                    min_sqnr_db=r.number("min_sqnr_db", required=False),
                    member=_relative_member(r, "member"),
                    per_channel=r.boolean("per_channel", True),
@@ -552,8 +572,7 @@ def _parse_variant(r: _Reader) -> Variant:
 def _parse_vela(r: _Reader) -> VelaTarget:
     r.mapping(("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops", "max_sram_kib",
                "max_flash_kib", "max_inference_ms"))
-    accelerator = r.string("accelerator", pattern=re.compile(r"^ethos-u(55-(32|64|128|256)|65-(256|512)|85-\d+)$"),
-                           pattern_text="an Ethos-U accelerator config such as ethos-u65-256 or ethos-u55-128")
+    accelerator = r.string("accelerator", choices=ACCELERATORS)
     return VelaTarget(name=r.string("name", required=False, default=accelerator, pattern=SAFE_NAME,
                                     pattern_text="a safe name ([a-z0-9._-])"),
                       accelerator=accelerator, system_config=r.string("system_config"),
@@ -624,13 +643,7 @@ def _parse_labels(r: _Reader, recipe_path: Path) -> ClassLabels:
 
 
 def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{path}: {where}malformed YAML: {problem}") from None
+    data = load_yaml(path, text)
     r = _Reader(path, data).mapping(TOP_LEVEL)
     name = r.string("name", pattern=SAFE_NAME, pattern_text="a safe name (lower case, digits, '.', '_', '-')")
     local = not _is_within(path, RECIPES_DIR)
@@ -704,7 +717,7 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         verify = VerifySpec(images=v.string("images"), count=v.integer("count", required=False, minimum=1))
         calibrations = {x.calibration for x in variants}
         if verify.images in calibrations:
-            raise v.fail(f"{verify.images!r} is also a calibration set; verify on images never calibrated on",
+            raise v.fail(f"{short(verify.images)} is also a calibration set; verify on images never calibrated on",
                          "verify.images")
     source_pipeline = None
     if r.has("source_pipeline"):
@@ -738,7 +751,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
             raise RecipeError(f"{name_or_path}: no such recipe file")
         return path
     if not SAFE_NAME.match(name_or_path):
-        raise RecipeError(f"{name_or_path!r}: not a safe recipe name (lower case, digits, '.', '_', '-')")
+        raise RecipeError(f"{short(name_or_path)}: not a safe recipe name (lower case, digits, '.', '_', '-')")
     path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         hint = difflib.get_close_matches(name_or_path, available_recipes(), n=1)

@@ -62,11 +62,11 @@ def source_pipeline_fidelity(frozen: Path, stripped: Path, anchors: Path | None,
     import numpy as np
 
     from .backends import backend_for
-    from .evaluate import matched_detections, ssd_detections
+    from .evaluate import load_anchors, matched_detections, ssd_detections
 
     backend = backend_for(recipe)
     pipeline, ours = backend.SourcePipelineRunner(frozen, recipe), backend.GraphRunner(stripped, recipe)
-    anchor_boxes = np.load(anchors, allow_pickle=False) if anchors else None
+    anchor_boxes = load_anchors(anchors) if anchors else None
     per_image = []
     for path in images:
         image = load_image(path)

@@ -109,3 +109,33 @@ def test_predict_draws_each_variant_side_by_side_into_dist(tmp_path, mirror):
     report = run_cli("report", str(recipe), "--out", str(tmp_path / "dist"))
     assert report.returncode == 0
     assert f"![{image.stem}](predictions/{picture.name})" in (picture.parent.parent / "report.md").read_text()
+
+
+def test_a_folder_is_swapped_in_one_step_never_missing(tmp_path, monkeypatch):
+    """renameat2(RENAME_EXCHANGE): no instant at which dist/<recipe> does not exist."""
+    import os
+
+    from mzconvert import fsio
+
+    target, staging = tmp_path / "x", tmp_path / ".x@new"
+    target.mkdir()
+    (target / "old").write_text("old")
+    staging.mkdir()
+    (staging / "new").write_text("new")
+
+    def no_rename(*args):
+        raise AssertionError("a two-rename swap leaves a moment without the folder")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    fsio.replace_folder(staging, target)
+    assert [p.name for p in target.iterdir()] == ["new"] and not staging.exists()
+
+
+def test_a_kill_between_two_renames_gets_the_old_folder_back(tmp_path):
+    from mzconvert.fsio import recover_folder
+
+    old = tmp_path / ".x@old-1234"
+    old.mkdir()
+    (old / "model.tflite").write_text("old bytes")
+    recover_folder(tmp_path / "x")
+    assert (tmp_path / "x" / "model.tflite").read_text() == "old bytes" and not old.exists()

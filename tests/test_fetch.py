@@ -204,3 +204,31 @@ def test_trust_on_first_use_pins_then_refuses_a_different_file(tmp_path, http_se
     f2 = Fetcher(FetchConfig(cache_dir=tmp_path / "cache2", mirrors=[], lock_file=lock_file))
     with pytest.raises(FetchError, match="no source served a file matching sha256"):
         f2.fetch_source(source, tmp_path / "two")
+
+
+def test_plain_zip_entries_without_file_type_bits_extract(tmp_path):
+    archive = tmp_path / "plain.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("m/model.onnx", b"weights")  # external_attr 0o600 << 16: permissions, no type
+    assert extract_member(archive, "m/model.onnx", tmp_path / "out").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_a_compression_bomb_is_refused_before_anything_is_written(tmp_path, monkeypatch, kind):
+    from mzconvert import archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_RATIO", 2)  # 2 MiB from a small archive, instead of 200 MiB
+    zeros = bytes(5 << 20)
+    path = tmp_path / f"bomb.{kind}"
+    if kind == "tar":
+        with tarfile.open(path, "w:gz") as tar:
+            info = tarfile.TarInfo("m/model.pb")
+            info.size = len(zeros)
+            tar.addfile(info, io.BytesIO(zeros))
+    else:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("m/model.pb", zeros)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(FetchError, match=r"refusing to extract 5242880 bytes from a \d+-byte archive"):
+        extract_member(path, "m/model.pb", tmp_path / "out")
+    assert not (tmp_path / "out" / "m" / "model.pb").exists()

@@ -40,7 +40,8 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
     # scale/offset become mean/std: x * 2/255 - 1 == (x - 127.5) / 127.5
     assert r.preprocess.mean == pytest.approx((127.5,) * 3)
     assert r.preprocess.std == pytest.approx((127.5,) * 3)
-    assert [v.io_dtype for v in r.variants] == ["float32", "float32", "float32", "float32", "int8"]
+    assert [v.io_dtype for v in r.variants] == ["float32", "float32", "float32", "float32", "int8", "int8"]
+    assert [v.attach_postprocess for v in r.variants] == [False] * 5 + [True]
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -71,6 +72,16 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
     (lambda d: d["preprocess"].update(interpolation="bilinear"),
      "recipes/x.yaml: preprocess.interpolation: 'bilinear' is ambiguous (TF1, TF2, PIL, OpenCV and torchvision"),
     (lambda d: d["preprocess"].pop("interpolation"), "recipes/x.yaml: preprocess.interpolation: missing required field"),
+    (lambda d: d["variants"][4].update(min_cosine=2.0),
+     "recipes/x.yaml: variants[4].min_cosine: a cosine similarity is in [-1, 1], got 2.0"),
+    (lambda d: (d["source"].pop("pypi"), d["source"].update(url="http://example.org/a\r\nHost: evil/x.pb")),
+     "recipes/x.yaml: source.url: 'http://example.org/a\\r\\nHost: evil/x.pb' contains white space"),
+    (lambda d: (d["source"].pop("pypi"), d["source"].update(url="http://[::1/x.pb")),
+     "recipes/x.yaml: source.url: 'http://[::1/x.pb' is not a URL: Invalid IPv6 URL"),
+    (lambda d: (d["source"].pop("pypi"), d["source"].update(url="https:///x.pb")),
+     "recipes/x.yaml: source.url: 'https:///x.pb' names no host"),
+    (lambda d: d["variants"][0].update(name="x" * 5000),
+     "recipes/x.yaml: variants[0].name: 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx… (5002 characters) is not"),
 ])
 def test_bad_recipes_give_located_errors(change, expected):
     assert error_of(mutate(change)).startswith(expected)
@@ -122,3 +133,28 @@ def test_bad_recipe_corpus_is_rejected_with_the_expected_line(path):
         load_recipe(path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message
+
+
+def test_vela_knows_every_accelerator_we_accept():
+    from ethosu.vela.architecture_features import Accelerator
+
+    from mzconvert.recipe import ACCELERATORS
+
+    assert set(ACCELERATORS) == set(Accelerator.member_list())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: a\nname: b\n", "line 2, column 1: malformed YAML: duplicate key 'name' (first at line 1)"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+     "g: [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\n", "expands to more than"),
+    ("s: &s " + "y" * 100_000 + "\nlabels: [*s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s, *s]\n",
+     "expands to more than"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ("x: " + "y" * (1 << 20) + "\n", "larger than 1048576 bytes"),
+])
+def test_hostile_yaml_is_a_one_line_error_without_blowing_up(text, expected):
+    message = error_of(text)
+    assert message.startswith("recipes/x.yaml: ") and expected in message and "\n" not in message
+    assert len(message) < 300

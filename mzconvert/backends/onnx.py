@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import MzError
+from ..errors import EXIT_BAD_INPUT, MzError, short_text
 from ..recipe import Recipe, Variant
 from ..runtime import OnnxRunner
 from . import StripResult, check_tensors, export_anchors
@@ -21,7 +21,7 @@ def _load(path: Path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
-        raise MzError(f"{path}: not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+        raise MzError(f"{path}: not a valid ONNX model: {short_text(exc)}", EXIT_BAD_INPUT) from None
     return model
 
 
@@ -64,9 +64,13 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     module = MODULES[spec.module](**options)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as exc:  # UnpicklingError for a payload weights_only refuses, and corrupt files
+        raise MzError(f"{weights}: not a PyTorch state dict, or one that would run code when loaded "
+                      f"(refused: {exc.__class__.__name__}: {short_text(exc)})", EXIT_BAD_INPUT) from None
+    try:
         module.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise MzError(f"{weights}: not a state dict for {spec.module}: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise MzError(f"{weights}: not a state dict for {spec.module}: {short_text(exc)}", EXIT_BAD_INPUT) from None
     module.eval()
     example = torch.from_numpy(np.random.RandomState(0).normal(0, 1, recipe.input.shape).astype(np.float32))
     output_names = list(recipe.strip.outputs) if recipe.strip else []

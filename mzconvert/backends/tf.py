@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import MzError, RecipeError
+from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..recipe import Recipe, Variant
 from . import StripResult, check_tensors, export_anchors
 
@@ -33,9 +33,10 @@ def read_graph_def(path: Path):
     try:
         graph_def.ParseFromString(path.read_bytes())
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-like errors
-        raise MzError(f"{path}: not a TensorFlow GraphDef (corrupt or truncated: {exc})") from None
+        raise MzError(f"{path}: not a TensorFlow GraphDef (corrupt or truncated: {short_text(exc)})",
+                      EXIT_BAD_INPUT) from None
     if not graph_def.node:
-        raise MzError(f"{path}: GraphDef has no nodes (corrupt or truncated file)")
+        raise MzError(f"{path}: GraphDef has no nodes (corrupt or truncated file)", EXIT_BAD_INPUT)
     return graph_def
 
 
@@ -118,7 +119,8 @@ def _checkpoint_meta(source: Path) -> Path:
         return source
     metas = sorted(source.glob("*.meta")) if source.is_dir() else []
     if len(metas) != 1:
-        raise MzError(f"{source}: expected one model.ckpt.meta in the checkpoint folder, found {len(metas)}")
+        raise MzError(f"{source}: expected one model.ckpt.meta in the checkpoint folder, found {len(metas)}",
+                      EXIT_BAD_INPUT)
     return metas[0]
 
 

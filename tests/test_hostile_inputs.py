@@ -1,0 +1,122 @@
+"""Hostile or broken inputs end in one line naming the file and the documented exit code: never a
+traceback, never the wrong thing blamed (a bad image is not a "conversion failure" of the graph)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mzconvert.errors import EXIT_BAD_INPUT, MzError
+from mzconvert.evaluate import load_anchors
+from tests.conftest import MIRROR, run_cli
+from tests.tiny_graphs import tiny_recipe_text, write_tiny_detector
+
+TRAIN = MIRROR / "coco" / "train2017"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_detector(tmp_path_factory.mktemp("tiny"))
+
+
+def _build(tmp_path, text: str, *extra):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(text)
+    return run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(recipe), "--out", str(tmp_path / "dist"),
+                   "--build-dir", str(tmp_path / "build"), *extra)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _calibration(tmp_path, bad_name: str, bad_bytes: bytes) -> Path:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    good = sorted(TRAIN.glob("*.jpg"))[0]
+    (folder / good.name).write_bytes(good.read_bytes())
+    (folder / bad_name).write_bytes(bad_bytes)
+    return folder
+
+
+def _huge_png() -> bytes:
+    """A PNG header claiming 30000 x 30000 pixels (900 MP), with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("truncated.jpg", (sorted(TRAIN.glob("*.jpg"))[0].read_bytes()[:3000] if TRAIN.is_dir() else b""),
+     "truncated.jpg: not a decodable image"),
+    ("huge.png", _huge_png(), "huge.png: not a decodable image (DecompressionBombError"),
+])
+def test_a_bad_calibration_image_is_named_with_exit_2(tmp_path, tiny, mirror, name, data, expected):
+    folder = _calibration(tmp_path, name, data)
+    variants = f"  - {{name: i8, mode: int8, calibration: {folder}}}\n"
+    done = _build(tmp_path, tiny_recipe_text(tiny["frozen"], _digest(tiny["frozen"]), variants=variants))
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-1500:]
+    assert expected in done.stderr and "Traceback" not in done.stderr and "conversion" not in done.stderr
+
+
+def test_more_calibration_images_than_the_folder_has_is_an_error(tmp_path, tiny, mirror):
+    folder = _calibration(tmp_path, "second.jpg", sorted(TRAIN.glob("*.jpg"))[1].read_bytes())
+    variants = f"  - {{name: i8, mode: int8, calibration: {folder}, calibration_count: 5}}\n"
+    done = _build(tmp_path, tiny_recipe_text(tiny["frozen"], _digest(tiny["frozen"]), variants=variants))
+    assert done.returncode == EXIT_BAD_INPUT
+    assert "2 images, fewer than the 5 asked for" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_corrupt_graph_is_bad_input(tmp_path, tiny):
+    broken = tmp_path / "broken.pb"
+    broken.write_bytes(tiny["frozen"].read_bytes()[:500])
+    done = _build(tmp_path, tiny_recipe_text(broken, _digest(broken)))
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-1500:]
+    assert "broken.pb: not a TensorFlow GraphDef" in done.stderr or "GraphDef has no nodes" in done.stderr
+
+
+def test_object_array_anchors_are_refused_without_unpickling(tmp_path):
+    path = tmp_path / "anchors.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(MzError, match="anchors.npy: not an anchors array") as info:
+        load_anchors(path)
+    assert info.value.exit_code == EXIT_BAD_INPUT
+    np.save(path, np.zeros((3, 5), np.float32))
+    with pytest.raises(MzError, match=r"anchors must be N x 4 floats, got float32 \[3, 5\]"):
+        load_anchors(path)
+
+
+def test_a_pickle_payload_in_a_pth_is_refused_and_never_runs(tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    weights = tmp_path / "weights.pth"
+    torch.save({"features.0.0.weight": Payload()}, weights)
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(f"""name: evil
+task: classification
+description: a state dict carrying a pickle payload
+license: test
+source: {{url: {weights.as_uri()}, sha256: {_digest(weights)}}}
+format: torch
+torch: {{module: mobilenet_v2, num_classes: 10}}
+input: {{name: input, shape: [1, 3, 32, 32], layout: NCHW}}
+preprocess: {{interpolation: pil-bilinear}}
+strip: {{inputs: [input], outputs: [logits]}}
+variants: [{{name: float32, mode: float32}}]
+""")
+    done = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(recipe), "--out", str(tmp_path / "d"),
+                   "--build-dir", str(tmp_path / "b"))
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-1500:]
+    assert "weights.pth: not a PyTorch state dict, or one that would run code when loaded" in done.stderr
+    assert "Traceback" not in done.stderr and not marker.exists()
