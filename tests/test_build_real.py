@@ -223,6 +223,7 @@ def test_attached_postprocessing_gives_the_boxes_of_our_decode(built):
     attached = open_model(dist / detect["file"])
     raw = open_model(root / "build" / "pedestrian-ssdlite" / "quantize" / "int8-detect" / "raw" / detect["file"],
                      ["concat", "concat_1"])
+    compared = 0
     for path in sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[:8]:
         tensor = prepare(path, recipe.preprocess, recipe.input).tensor
         theirs = postprocessed_detections(*attached.run(tensor))
@@ -230,7 +231,11 @@ def test_attached_postprocessing_gives_the_boxes_of_our_decode(built):
         # The op sees int8 scores (steps of 1/256): ours above half a step are the ones it keeps.
         visible = ours.scores >= 0.5 / 256
         assert abs(len(theirs.scores) - int(visible.sum())) <= 2, path.name
-        for box in theirs.boxes[:20]:  # quantized scores tie, so compare as sets, not in order
+        # Scores of 1/256 steps tie below the top, and NMS then keeps another of the tied boxes: compare
+        # what a user is shown (score >= 0.3), as a set.
+        for box in theirs.boxes[theirs.scores >= 0.3]:
             assert np.abs(ours.boxes - box).max(axis=1).min() <= 1e-3, path.name
+            compared += 1
         matched, total = matched_detections(theirs, ours)
         assert matched == total, path.name
+    assert compared >= 3
