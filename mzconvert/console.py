@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 import time
+
+
+def silence_native_output() -> None:
+    """Native libraries (TensorFlow's C++ logging, the TFLite converter) write to file descriptors 1
+    and 2 themselves, past Python's sys.stdout/sys.stderr. For --quiet and --json, fds 1 and 2 go to
+    /dev/null and Python's streams keep the original outputs: only what mzconvert prints is seen."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        stream.flush()
+        kept = os.dup(fd)
+        sink = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(sink, fd)
+        os.close(sink)
+        setattr(sys, name, io.TextIOWrapper(os.fdopen(kept, "wb"), encoding=stream.encoding or "utf-8",
+                                            errors="backslashreplace", line_buffering=True))
 
 
 class Console:
@@ -12,6 +29,8 @@ class Console:
         self.quiet = quiet
         self.json_output = json_output
         self._last_progress = 0.0
+        if quiet or json_output:
+            silence_native_output()
         self._tty = sys.stderr.isatty()
         self._out = sys.stdout
         if json_output:  # libraries that print (exporters, quantizers) must not corrupt the JSON

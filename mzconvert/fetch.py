@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .archive import extract_member
-from .errors import FetchError, MzError
+from .errors import FetchError, MzError, short_text
 from .fsio import atomic_path, file_digests, folder_lock, write_json_atomic
 from .recipe import RECIPES_DIR, Source
 
@@ -55,6 +55,11 @@ class FetchConfig:
     log: Callable[[str], None] = lambda message: None
     progress: Progress | None = None
     lock_file: Path = field(default_factory=lambda: RECIPES_DIR.parent / "recipes.lock")
+    # A server that drips bytes never trips the per-read timeout: a download that moves fewer than
+    # stall_bytes in stall_seconds is cut (and retried, resuming), and none may take over deadline_seconds.
+    stall_seconds: float = 60.0
+    stall_bytes: int = 64 << 10
+    deadline_seconds: float = 4 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -181,11 +186,12 @@ class Fetcher:
             shutil.copyfile(local, part)
             return part
         last_error = None
+        deadline = time.monotonic() + self.config.deadline_seconds
         for attempt in range(RETRIES):
             if attempt:
                 time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
-                self._download_once(url, part, size)
+                self._download_once(url, part, size, deadline)
                 return part
             except FetchError:
                 raise
@@ -194,7 +200,7 @@ class Fetcher:
                 self.config.log(f"{url}: attempt {attempt + 1}/{RETRIES} failed: {exc}")
         raise FetchError(f"{url}: download failed after {RETRIES} attempts: {last_error}")
 
-    def _download_once(self, url: str, part: Path, size: int | None) -> None:
+    def _download_once(self, url: str, part: Path, size: int | None, deadline: float) -> None:
         have = part.stat().st_size if part.exists() else 0
         if size is not None and have > size:
             part.unlink()
@@ -220,11 +226,22 @@ class Fetcher:
             total = have + int(length) if length and length.isdigit() else size
             with open(part, "ab" if resumed else "wb") as out:
                 done = have
-                while chunk := response.read(DOWNLOAD_CHUNK):
+                window_start, window_bytes = time.monotonic(), 0
+                while chunk := response.read1(DOWNLOAD_CHUNK):  # read1: whatever arrived, not a full chunk
                     out.write(chunk)
                     done += len(chunk)
+                    window_bytes += len(chunk)
                     if self.config.progress:
                         self.config.progress(part.name, done, total)
+                    now = time.monotonic()
+                    if now > deadline:
+                        raise FetchError(f"{url}: gave up after {self.config.deadline_seconds:.0f} s "
+                                         f"({done} of {total or '?'} bytes); the partial file is kept for resuming")
+                    if now - window_start >= self.config.stall_seconds:
+                        if window_bytes < self.config.stall_bytes:
+                            out.flush()
+                            raise OSError(f"stalled: {window_bytes} bytes in {now - window_start:.0f} s")
+                        window_start, window_bytes = now, 0
                 out.flush()
                 os.fsync(out.fileno())
         if total is not None and part.stat().st_size != total:
@@ -277,6 +294,7 @@ class Fetcher:
                     part = self._download(url, self._part_path(pin), pin.size)
                 except FetchError as exc:
                     self.config.log(str(exc))
+                    self._rejected.append(short_text(exc))
                     continue
                 if (hit := self._admit(pin, part, f"origin {url}", move=True)) is not None:
                     return hit

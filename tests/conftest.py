@@ -59,6 +59,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(server.chunk_delay)
             return
+        if server.drip_delay:  # a byte at a time: never silent long enough for a read timeout
+            try:
+                for offset in range(len(body)):
+                    self.wfile.write(body[offset:offset + 1])
+                    self.wfile.flush()
+                    time.sleep(server.drip_delay)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                pass
+            return
         if server.cut_after is not None and server.cuts_left > 0:
             server.cuts_left -= 1
             self.wfile.write(body[: server.cut_after])
@@ -78,6 +87,7 @@ class LocalServer(http.server.ThreadingHTTPServer):
         self.cut_after: int | None = None
         self.cuts_left = 0
         self.chunk_delay = 0.0
+        self.drip_delay = 0.0
 
     @property
     def url(self) -> str:

@@ -232,3 +232,26 @@ def test_a_compression_bomb_is_refused_before_anything_is_written(tmp_path, monk
     with pytest.raises(FetchError, match=r"refusing to extract 5242880 bytes from a \d+-byte archive"):
         extract_member(path, "m/model.pb", tmp_path / "out")
     assert not (tmp_path / "out" / "m" / "model.pb").exists()
+
+
+def test_a_dripping_server_is_cut_off_by_stall_detection_and_a_deadline(tmp_path, http_server):
+    """1 byte per 50 ms never trips a read timeout; the stall window and the deadline do."""
+    import time
+
+    data = b"w" * 4096
+    http_server.files["/drip.pb"] = data
+    http_server.drip_delay = 0.05
+    pin = Pin(name="drip.pb", checksums={"sha256": hashlib.sha256(data).hexdigest()}, size=len(data))
+    messages = []
+    config = FetchConfig(cache_dir=tmp_path / "cache", mirrors=[], log=messages.append,
+                         stall_seconds=0.5, stall_bytes=1000)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="stalled: \\d+ bytes in"):
+        Fetcher(config).fetch(pin, [http_server.url + "/drip.pb"])
+    assert time.monotonic() - start < 20
+    assert any("attempt 1/" in m and "stalled" in m for m in messages)
+    assert len([r for r in http_server.requests if r[1]]) >= 1  # later attempts resumed with Range
+    config.stall_bytes, config.deadline_seconds = 1, 1.0
+    with pytest.raises(FetchError, match="gave up after 1 s"):
+        Fetcher(config).fetch(pin, [http_server.url + "/drip.pb"])
+    assert not cached_files(tmp_path) or all(p.suffix == ".part" for p in cached_files(tmp_path))

@@ -120,3 +120,18 @@ variants: [{{name: float32, mode: float32}}]
     assert done.returncode == EXIT_BAD_INPUT, done.stderr[-1500:]
     assert "weights.pth: not a PyTorch state dict, or one that would run code when loaded" in done.stderr
     assert "Traceback" not in done.stderr and not marker.exists()
+
+
+def test_quiet_is_quiet_and_json_is_only_json(tmp_path, tiny, mirror):
+    """TensorFlow's C++ logging and the converter's prints bypass sys.stderr: they must not get through."""
+    import json
+
+    variants = f"  - {{name: i8, mode: int8, calibration: {TRAIN}, calibration_count: 4}}\n"
+    (tmp_path / "tiny.yaml").write_text(tiny_recipe_text(tiny["frozen"], _digest(tiny["frozen"]), variants=variants))
+    done = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "cache"), "build", str(tmp_path / "tiny.yaml"),
+                   "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["tiny"]["variants"]["i8"]["io_dtype"] == "int8"
+    failed = run_cli("--quiet", "build", str(tmp_path / "missing.yaml"))
+    assert failed.returncode == EXIT_BAD_INPUT and failed.stderr.startswith("mzconvert: error: ")
