@@ -15,7 +15,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .errors import FetchError
+from .errors import FetchError, short_text
 
 MAX_EXTRACTED = 8 << 30  # bytes: the largest model folders published are a few GiB
 MAX_RATIO = 200  # extracted / archive size: model weights compress 1.1-3x, a bomb 1000x
@@ -107,8 +107,8 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
                 tar.extractall(dest, members=infos, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         if isinstance(exc, tarfile.FilterError):
-            raise FetchError(f"{archive}: refusing unsafe member: {exc}") from None
-        raise FetchError(f"{archive}: corrupt or unreadable archive: {exc}") from None
+            raise FetchError(f"{archive}: refusing unsafe member: {short_text(exc)}") from None
+        raise FetchError(f"{archive}: corrupt or unreadable archive: {short_text(exc)}") from None
     if not infos:
         raise FetchError(f"{archive}: no member {member!r} in the archive")
     return dest / member.rstrip("/")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,8 +35,10 @@ def load_anchors(path: Path) -> np.ndarray:
     """anchors.npy as N x 4 float32; anything else (an object array, another shape) is a named error."""
     try:
         anchors = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise MzError(f"{path}: not an anchors array ({short_text(exc)})", EXIT_BAD_INPUT) from None
+    if not isinstance(anchors, np.ndarray):  # an .npz archive
+        raise MzError(f"{path}: not an anchors array (an .npz archive)", EXIT_BAD_INPUT)
     if anchors.ndim != 2 or anchors.shape[1] != 4 or not np.issubdtype(anchors.dtype, np.floating):
         raise MzError(f"{path}: anchors must be N x 4 floats, got {anchors.dtype} {list(anchors.shape)}",
                       EXIT_BAD_INPUT)

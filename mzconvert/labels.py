@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .errors import MzError
+from .errors import MzError, short_text
 from .preprocess import list_images
 from .recipe import ClassLabels
 
@@ -77,7 +77,11 @@ def labelled_images(folder: Path, labels: ClassLabels, labels_file: Path | None 
     match = _Matcher(labels)
     if labels_file is not None:
         images = []
-        for number, line in enumerate(labels_file.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            lines = labels_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MzError(f"{labels_file}: not a text file of 'file label' lines ({short_text(exc)})") from None
+        for number, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.strip().split("\t", 1) if "\t" in line else line.strip().split(None, 1)

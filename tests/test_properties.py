@@ -72,3 +72,56 @@ def test_arbitrary_yaml_documents_load_or_raise_our_error(document):
 @given(st.text(max_size=200))
 def test_arbitrary_text_loads_or_raises_our_error(text):
     check(text)
+
+
+# -- every loader of untrusted bytes: our one error type, or a result; never another exception --------
+raw_bytes = st.one_of(st.binary(max_size=2000),
+                      st.builds(lambda head, tail: head + tail,
+                                st.sampled_from([b"\x1f\x8b\x08\x00", b"PK\x03\x04", b"\x93NUMPY", b"\x89PNG\r\n\x1a\n",
+                                                 b"\xff\xd8\xff\xe0", b"{\"images\": ", b"name: x\n", b"\x08\x01\x12"]),
+                                st.binary(max_size=500)))
+
+
+def _loaders(tmp: Path):
+    """(name, function of a file path): each turns a file someone gave us into our objects."""
+    from mzconvert.archive import extract_member
+    from mzconvert.evaluate import CocoDataset, load_anchors
+    from mzconvert.imagesets import load_image_set
+    from mzconvert.labels import labelled_images
+    from mzconvert.preprocess import load_image
+    from mzconvert.recipe import ClassLabels
+
+    def coco(path: Path):
+        (tmp / "coco" / "annotations").mkdir(parents=True, exist_ok=True)
+        (tmp / "coco" / "annotations" / "instances_val2017.json").write_bytes(path.read_bytes())
+        return CocoDataset.open(tmp / "coco", "val2017")
+
+    def labels_file(path: Path):
+        return labelled_images(tmp, ClassLabels(("a", "b"), 0), path)
+
+    def image_set(path: Path):
+        declared = tmp / "sets" / "random.yaml"
+        declared.parent.mkdir(exist_ok=True)
+        declared.write_bytes(path.read_bytes())
+        return load_image_set(str(declared))
+
+    def recipe(path: Path):
+        return parse_recipe(path, path.read_bytes().decode("utf-8", "replace"))
+
+    return [("archive", lambda p: extract_member(p, "m/model.pb", tmp / "out")), ("anchors", load_anchors),
+            ("image", load_image), ("coco", coco), ("labels", labels_file), ("recipe", recipe),
+            ("image set", image_set)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=raw_bytes)
+def test_random_bytes_never_escape_as_another_exception(tmp_path, data):
+    from mzconvert.errors import MzError
+
+    path = tmp_path / "input.bin"
+    path.write_bytes(data)
+    for name, load in _loaders(tmp_path):
+        try:
+            load(path)
+        except MzError as exc:
+            assert "\n" not in str(exc).strip() and len(str(exc)) < 1000, (name, str(exc)[:200])
