@@ -272,3 +272,10 @@ def test_attach_needs_a_tflite_ssd_detector(tmp_path, tiny):
         "  anchors_tensor: anchors\n  box_coder_scales: [10, 10, 5, 5]\n  box_output: boxes\n  class_output: logits\n", ""))
     with pytest.raises(RecipeError, match=r"variants\[0\].attach_postprocess: post-processing attaches to TFLite"):
         load_recipe(tmp_path / "tiny.yaml")
+
+
+def test_an_output_upstream_of_the_cut_is_named(tmp_path, tiny):
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"])).replace(
+        "outputs: [boxes, logits]", "outputs: [boxes, image_tensor]")
+    with pytest.raises(RecipeError, match="strip.outputs: 'image_tensor' does not depend on strip.inputs"):
+        run(tmp_path, text.replace("class_output: logits", "class_output: image_tensor"), until="strip")

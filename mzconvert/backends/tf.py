@@ -154,6 +154,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     rewired.library.CopyFrom(graph_def.library)
     for node in graph_def.node:
         rewired.node.append(placeholder if node.name == input_node else node)
+    _check_downstream(recipe, graph_def, input_node)
     stripped = tf.compat.v1.graph_util.extract_sub_graph(rewired, _node_names(cut.outputs))
     model = _write_graph_def(stripped, out_dir / "stripped.pb")
     metadata["nodes"] = {"before": len(graph_def.node), "after": len(stripped.node)}
@@ -162,6 +163,24 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
                                         if n.op in _RESIZE_OPS and n.name not in kept})
     _check_declared_shape(model, recipe, metadata.get("anchors", {}).get("count"))
     return StripResult(model=model, extras=extras, metadata=metadata)
+
+
+def _check_downstream(recipe: Recipe, graph_def, input_node: str) -> None:
+    """Every output must be computed from the cut input; one upstream of it would keep the original
+    input (and its preprocessing) alive, and fail later as an unrelated shape error."""
+    inputs = {n.name: [_node_name(i.lstrip("^")) for i in n.input] for n in graph_def.node}
+    for output in _node_names(recipe.strip.outputs):
+        seen, stack = set(), [output]
+        while stack:
+            node = stack.pop()
+            if node == input_node:
+                break
+            if node not in seen:
+                seen.add(node)
+                stack.extend(inputs.get(node, []))
+        else:
+            raise RecipeError(f"{recipe.path}: strip.outputs: {output!r} does not depend on strip.inputs "
+                              f"{input_node!r}: it is computed before the cut (or beside it)")
 
 
 _RESIZE_OPS = ("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea", "ScaleAndTranslate")
