@@ -81,6 +81,7 @@ class Planner:
     options: BuildOptions
     versions: dict = field(default_factory=tool_versions)
     outcomes: dict = field(default_factory=dict)
+    _keys: dict = field(default_factory=dict)  # stage name -> the key of its outcome in this build
 
     @property
     def folder(self) -> Path:
@@ -90,6 +91,9 @@ class Planner:
         """Run `action(staging_folder) -> result` unless the stamp for `inputs` is valid."""
         target = self.folder / name
         key = _canonical_hash(inputs)
+        if self._keys.get(name) == key:  # shared by several variants (calibration, float reference)
+            return self.outcomes[name]
+        self._keys[name] = key
         if not self.options.force and (outcome := self._up_to_date(target, key)) is not None:
             self.console.log(f"[{self.recipe.name}] {name}: up to date")
             self.outcomes[name] = outcome
@@ -204,21 +208,41 @@ def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None =
     return key, lambda: image_set.paths(p.fetcher, count, p.console.log)
 
 
+def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
+    """One calibration per (model, images, preprocessing): every TFLite int8 variant using them shares it."""
+    from .quantize import calibrate
+
+    raw = p.recipe.raw
+    images_key, images = _image_paths(p, variant.calibration, variant.calibration_count,
+                                      at_most=DEFAULT_CALIBRATION_COUNT)
+    inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": raw.get("preprocess"),
+              "input": raw["input"], "strip": raw.get("strip"), "target": variant.target, "tools": p.versions}
+
+    def action(out: Path) -> dict:
+        return {"model": calibrate(stripped.path("model"), p.recipe, variant, images(), out).name}
+
+    return p.stage(f"calibrate/{_canonical_hash(inputs)[:12]}", inputs, action)
+
+
 def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
-    from .quantize import quantize
+    from .quantize import quantize, shares_calibration
 
     raw = p.recipe.raw
     inputs = {"model": stripped.digest(), "variant": _raw_variant(p.recipe, variant),
               "input": raw["input"], "strip": raw.get("strip"), "tools": p.versions}
-    images = None
-    if variant.calibration:
+    images = calibrated = None
+    if variant.calibration and shares_calibration(p.recipe, variant):
+        calibrated = _calibrate(p, stripped, variant)
+        inputs["calibrated"] = calibrated.digest()
+    elif variant.calibration:
         inputs["calibration"], images = _image_paths(p, variant.calibration, variant.calibration_count,
                                                      at_most=DEFAULT_CALIBRATION_COUNT)
         inputs["preprocess"] = raw.get("preprocess")
 
     def action(out: Path) -> dict:
         anchors = stripped.folder / "anchors.npy" if variant.attach_postprocess else None
-        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out, anchors)
+        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out, anchors,
+                          calibrated.path("model") if calibrated else None)
         return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
                 "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs],
                 **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {})}
@@ -230,20 +254,35 @@ def _raw_variant(recipe: Recipe, variant: Variant) -> dict:
     return next(v for v in recipe.raw["variants"] if v.get("name") == variant.name)
 
 
-def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
-    from .verify import threshold_failures, verify_variant
+def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
+    """The float model's outputs on the verify images, computed once and compared with every variant."""
+    from .verify import reference_outputs
 
     spec = p.recipe.verify
     key, images = _image_paths(p, spec.images, spec.count)
-    inputs = {"model": quantized.sha256("model"), "reference": stripped.digest(), "images": key,
-              "preprocess": p.recipe.raw.get("preprocess"), "tools": p.versions}
+    inputs = {"model": stripped.digest(), "images": key, "preprocess": p.recipe.raw.get("preprocess"),
+              "input": p.recipe.raw["input"], "tools": p.versions}
 
     def action(out: Path) -> dict:
         from .backends import backend_for
 
         reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe)
+        return {"reference": reference_outputs(reference, p.recipe, images(), out).name,
+                "outputs": list(reference.output_names)}
+
+    return p.stage(f"reference/{_canonical_hash(inputs)[:12]}", inputs, action)
+
+
+def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
+    from .verify import threshold_failures, verify_variant
+
+    reference = _reference(p, stripped)
+    inputs = {"model": quantized.sha256("model"), "reference": reference.digest(), "tools": p.versions}
+
+    def action(out: Path) -> dict:
         compared = quantized.path("raw_model" if "raw_model" in quantized.result else "model")
-        return {"metrics": verify_variant(compared, reference, p.recipe, images())}
+        return {"metrics": verify_variant(compared, reference.path("reference"), reference.result["outputs"],
+                                          p.recipe)}
 
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]

@@ -38,12 +38,28 @@ def calibration_batches(images: list[Path], recipe: Recipe):
     return batches
 
 
+def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
+    """TFLite int8 variants are quantized from one calibration of their model and images (calibrate),
+    whatever their I/O types; a graph with custom ops converts in one piece."""
+    custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
+    return variant.mode == "int8" and variant.target == "tflite" and not custom_ops
+
+
+def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path) -> Path:
+    return backend_for(recipe).calibrate(stripped, recipe, variant, calibration_batches(images, recipe), out_dir)
+
+
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
-             out_dir: Path, anchors: Path | None = None) -> QuantizeResult:
-    if variant.mode == "int8" and not calibration_images:
-        raise MzError(f"{recipe.path}: variants: {variant.name}: int8 needs calibration images, got none")
-    batches = calibration_batches(calibration_images, recipe) if calibration_images else None
-    model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
+             out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
+    if calibrated is not None:
+        from .backends.tf import quantize_calibrated
+
+        model = quantize_calibrated(calibrated, recipe, variant, out_dir)
+    else:
+        if variant.mode == "int8" and not calibration_images:
+            raise MzError(f"{recipe.path}: variants: {variant.name}: int8 needs calibration images, got none")
+        batches = calibration_batches(calibration_images, recipe) if calibration_images else None
+        model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
     checked = check_artifact(model, recipe, variant)
     if not variant.attach_postprocess:
         return checked

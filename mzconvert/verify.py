@@ -24,22 +24,35 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
-def verify_variant(model: Path, reference, recipe: Recipe, images: list[Path]) -> dict:
-    """Run `model` and the float `reference` on `images`; metrics per output over all images."""
-    runner = open_model(model, reference.output_names)
-    ref_outputs: list[list[np.ndarray]] = [[] for _ in reference.output_names]
-    got_outputs: list[list[np.ndarray]] = [[] for _ in reference.output_names]
-    for path in images:
+def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Path) -> Path:
+    """One pass of the float model over the verify images: every input tensor and output, for all
+    variants' verify to compare against (reference.npz; arrays only, loaded without pickle)."""
+    arrays = {}
+    for i, path in enumerate(images):
         tensor = prepare(path, recipe.preprocess, recipe.input).tensor
-        for i, (ref, got) in enumerate(zip(reference.run(tensor), runner.run(tensor))):
-            ref_outputs[i].append(ref)
-            got_outputs[i].append(got.reshape(ref.shape))
-    metrics = {name: compare(np.stack(ref_outputs[i]), np.stack(got_outputs[i]))
-               for i, name in enumerate(reference.output_names)}
+        arrays[f"input_{i}"] = tensor
+        for j, output in enumerate(reference.run(tensor)):
+            arrays[f"output_{i}_{j}"] = output
+    target = out_dir / "reference.npz"
+    np.savez(target, **arrays)
+    return target
+
+
+def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe) -> dict:
+    """Run `model` on the inputs of `reference` (reference_outputs); metrics per output over all images."""
+    runner = open_model(model, output_names)
+    with np.load(reference, allow_pickle=False) as saved:
+        count = sum(1 for key in saved.files if key.startswith("input_"))
+        ref_outputs = [[saved[f"output_{i}_{j}"] for i in range(count)] for j in range(len(output_names))]
+        got_outputs: list[list[np.ndarray]] = [[] for _ in output_names]
+        for i in range(count):
+            for j, got in enumerate(runner.run(saved[f"input_{i}"])):
+                got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
+    metrics = {name: compare(np.stack(ref_outputs[j]), np.stack(got_outputs[j])) for j, name in enumerate(output_names)}
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
-        ref, got = (np.stack(o[0]).reshape(len(images), -1) for o in (ref_outputs, got_outputs))
-        metrics[reference.output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
-    return metrics | {"images": len(images)}
+        ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
+        metrics[output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    return metrics | {"images": count}
 
 
 def threshold_failures(variant: Variant, metrics: dict) -> list[str]:

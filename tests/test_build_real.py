@@ -118,7 +118,10 @@ def test_changed_variant_reruns_only_its_stages(built, tmp_path):
                      "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stderr[-2000:]
     ran = sorted(line.split("] ")[1].split(":")[0] for line in result.stderr.splitlines() if line.endswith(": running"))
-    assert ran == ["quantize/int8", "vela/int8/u55", "vela/int8/u65", "verify/int8"]  # not int8-detect's
+    # int8 calibrates anew (its own count); the int8-float-io and int8-detect share the old calibration
+    assert len([r for r in ran if r.startswith("calibrate/")]) == 1
+    assert [r for r in ran if not r.startswith("calibrate/")] == ["quantize/int8", "vela/int8/u55", "vela/int8/u65",
+                                                                  "verify/int8"]
 
 
 def coco_subset(folder: Path, count: int) -> Path:

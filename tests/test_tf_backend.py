@@ -279,3 +279,27 @@ def test_an_output_upstream_of_the_cut_is_named(tmp_path, tiny):
         "outputs: [boxes, logits]", "outputs: [boxes, image_tensor]")
     with pytest.raises(RecipeError, match="strip.outputs: 'image_tensor' does not depend on strip.inputs"):
         run(tmp_path, text.replace("class_output: logits", "class_output: image_tensor"), until="strip")
+
+
+def test_one_calibration_serves_every_int8_variant_like_separate_conversions(tmp_path, tiny, mirror):
+    """Calibrate once, quantize per I/O type: the same quantization parameters and the same outputs on
+    real images as the converter's one-piece conversion of each variant (only metadata bytes differ)."""
+    from mzconvert.backends import tf as tf_backend
+    from mzconvert.preprocess import prepare
+    from mzconvert.quantize import calibration_batches
+
+    manifest = run(tmp_path, tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES))
+    recipe = load_recipe(tmp_path / "tiny.yaml")
+    assert len(list((tmp_path / "build" / "tiny" / "calibrate").iterdir())) == 1  # i8f, i8, u8 share it
+    images = sorted(TRAIN.glob("*.jpg"))[:8]
+    stripped = tmp_path / "build" / "tiny" / "strip" / "stripped.pb"
+    for name in ("i8f", "i8", "u8"):
+        (tmp_path / name).mkdir()
+        separate = tf_backend.convert(stripped, recipe, recipe.variant(name), calibration_batches(images, recipe),
+                                      tmp_path / name)
+        shared, alone = open_model(tmp_path / "dist" / "tiny" / manifest["variants"][name]["file"]), open_model(separate)
+        assert shared.inputs == alone.inputs and shared.outputs == alone.outputs  # dtypes, scales, zero points
+        for path in sorted(VAL.glob("*.jpg"))[:4]:
+            tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+            for a, b in zip(shared.run(tensor), alone.run(tensor)):
+                assert np.array_equal(a, b)

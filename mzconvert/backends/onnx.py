@@ -186,17 +186,32 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
     return target
 
 
-def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
+def _keras_port_converter(keras_file: Path):
     import tf_keras as keras
 
-    from .tf import _tf, run_converter
+    from .tf import _tf
 
-    tf = _tf()
     model = keras.models.load_model(str(keras_file), compile=False)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    # Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC.
-    nhwc = (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
-    return run_converter(converter, keras_file, recipe, variant, nhwc, out_dir)
+    return _tf().lite.TFLiteConverter.from_keras_model(model)
+
+
+def _nhwc(calibration):
+    """Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC."""
+    return (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
+
+
+def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
+    from .tf import run_converter
+
+    return run_converter(_keras_port_converter(keras_file), keras_file, recipe, variant, _nhwc(calibration), out_dir)
+
+
+def calibrate(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
+    """TFLite int8 calibration of the Keras port (backend interface; ONNX Runtime calibrates per variant)."""
+    from .tf import calibrate_converter
+
+    keras_file = model.with_name(KERAS_PORT)
+    return calibrate_converter(_keras_port_converter(keras_file), keras_file, _nhwc(calibration), out_dir)
 
 
 def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:

@@ -280,9 +280,7 @@ class SourcePipelineRunner:
 
 # -- convert -------------------------------------------------------------------------------------
 
-def convert(model: Path, recipe: Recipe, variant: Variant,
-            calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
-    """Convert the stripped graph to a .tflite in the variant's mode."""
+def _frozen_graph_converter(model: Path, recipe: Recipe):
     tf = _tf()
     cut = recipe.strip
     converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
@@ -290,11 +288,26 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
         output_arrays=[_converter_name(o) for o in cut.outputs],
         # Without explicit shapes a cut placeholder fails with a misleading MLIR error.
         input_shapes={_node_name(cut.inputs[0]): list(recipe.input.shape)})
+    # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
+    converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
+    return converter
+
+
+def calibrate(model: Path, recipe: Recipe, variant: Variant, calibration: Callable[[], Iterable[np.ndarray]],
+              out_dir: Path) -> Path:
+    """The stripped graph with activation ranges recorded on the calibration images (backend interface)."""
+    return calibrate_converter(_frozen_graph_converter(model, recipe), model, calibration, out_dir)
+
+
+def convert(model: Path, recipe: Recipe, variant: Variant,
+            calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
+    """Convert the stripped graph to a .tflite in the variant's mode."""
+    tf = _tf()
+    cut = recipe.strip
+    converter = _frozen_graph_converter(model, recipe)
     if variant.mode == "uint8-qat":
         converter.inference_type = tf.uint8
         converter.quantized_input_stats = {_node_name(cut.inputs[0]): variant.quantized_input_stats}
-    # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
-    converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
     return run_converter(converter, model, recipe, variant, calibration, out_dir)
 
 
@@ -314,11 +327,44 @@ def run_converter(converter, source: Path, recipe: Recipe, variant: Variant,
         io_type = getattr(tf, variant.io_dtype)  # tf.float32 | tf.int8 | tf.uint8
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
+    flatbuffer = _convert(converter, source, f"of variant {variant.name!r} ({variant.mode})")
+    target = out_dir / f"{recipe.name}_{variant.name}.tflite"
+    target.write_bytes(flatbuffer)
+    return target
+
+
+def _convert(converter, source: Path, what: str) -> bytes:
     try:
-        flatbuffer = converter.convert()
+        return converter.convert()
     except Exception as exc:  # the converter raises ConverterError and a zoo of others
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise MzError(f"{source}: TFLite conversion of variant {variant.name!r} ({variant.mode}) failed: {first}") from None
+        raise MzError(f"{source}: TFLite conversion {what} failed: {short_text(exc)}") from None
+
+
+def calibrate_converter(converter, source: Path, calibration: Callable[[], Iterable[np.ndarray]],
+                        out_dir: Path) -> Path:
+    """Run the int8 calibration once: the float model with every activation's recorded range, from
+    which each int8 variant is quantized (quantize_calibrated) whatever its input/output types."""
+    tf = _tf()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([t] for t in calibration())
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter._experimental_calibrate_only = True  # the converter's own calibrate-then-quantize, split in two
+    target = out_dir / "calibrated.tflite"
+    target.write_bytes(_convert(converter, source, "(int8 calibration)"))
+    return target
+
+
+def quantize_calibrated(calibrated: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> Path:
+    """The int8 model of a calibrated one, with the variant's input/output type: what converter.convert()
+    does after calibrating (tests/test_tf_backend.py checks the two agree on every output)."""
+    tf = _tf()
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    io_type = getattr(tf, variant.io_dtype)
+    try:
+        flatbuffer = mlir_quantize(calibrated.read_bytes(), False, input_data_type=io_type, output_data_type=io_type)
+    except Exception as exc:
+        raise MzError(f"{calibrated}: int8 quantization of variant {variant.name!r} failed: {short_text(exc)}") from None
     target = out_dir / f"{recipe.name}_{variant.name}.tflite"
     target.write_bytes(flatbuffer)
     return target
