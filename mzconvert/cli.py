@@ -233,6 +233,47 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 
 @main.command()
 @click.argument("recipe")
+@click.option("--variant", required=True, help="The TFLite int8 variant to explain.")
+@click.option("--count", type=click.IntRange(1), default=None, help="How many verify images [verify.count or all].")
+@_read_build_options
+@pass_context
+def debug(ctx: Context, recipe, variant, count, out, build_dir):
+    """Per-layer quantization error of an int8 variant against the float model, worst layers first."""
+    from .build import DEFAULT_CALIBRATION_COUNT
+    from .debug import debug_table, layer_errors, plot_layers, summary
+    from .dist import measured_artifacts, write_md5sums
+    from .evaluate import built_stage_model
+    from .fsio import write_json_atomic
+    from .imagesets import load_image_set
+    from .report import load_manifest
+
+    r = ctx.recipe(recipe)
+    chosen = r.variant(variant)
+    out, build_dir = ctx.build_roots(r, out, build_dir)
+    manifest = load_manifest(out, r.name)
+    stripped = built_stage_model(build_dir, r, "strip")
+    if stripped is None or variant not in manifest["variants"]:
+        raise MzError(f"{build_dir / r.name}: no build of {variant}; run mzconvert build {r.name} first", EXIT_BAD_INPUT)
+    if r.verify is None:
+        raise MzError(f"{r.path}: verify: debug runs on the verify images; the recipe declares none", EXIT_BAD_INPUT)
+    fetcher = ctx.fetcher()
+    calibration_set = load_image_set(chosen.calibration, r.path)
+    calibration = calibration_set.paths(fetcher, chosen.calibration_count
+                                        or min(DEFAULT_CALIBRATION_COUNT, calibration_set.size))
+    images = load_image_set(r.verify.images, r.path).paths(fetcher, count or r.verify.count)
+    ctx.console.log(f"debug: {variant}, {len(calibration)} calibration and {len(images)} verify images")
+    layers = layer_errors(stripped, r, chosen, calibration, images)
+    result = {"recipe": r.name, "variant": variant, "images": len(images), "summary": summary(layers),
+              "layers": layers, "artifacts": measured_artifacts(manifest, [manifest["variants"][variant]["file"]])}
+    folder = out / r.name
+    write_json_atomic(folder / "debug" / f"{variant}.json", result)
+    plot_layers(result, folder / "debug" / f"{variant}.png")
+    write_md5sums(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "MD5SUMS"])
+    ctx.console.result(result, debug_table(result))
+
+
+@main.command()
+@click.argument("recipe")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable) [all built].")
 @click.option("--to", "to_dir", type=click.Path(path_type=Path, file_okay=False), default=None,

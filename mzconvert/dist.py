@@ -128,7 +128,7 @@ def _kept_variants(recipe: Recipe, built: dict, old: dict | None, folder: Path, 
 
 # Measurements taken on a dist: each records the sha256 of the artifacts it measured ("artifacts"), and
 # stays across rebuilds while those bytes are unchanged. The report's own files go with report.json.
-MEASUREMENTS = ("eval/*.json", "bench.json", "report.json")
+MEASUREMENTS = ("eval/*.json", "bench.json", "debug/*.json", "report.json")
 REPORT_FILES = ("report.md", "accuracy.png", "latency.png", "accuracy_vs_size.png", "predictions/*.png")
 
 
@@ -150,6 +150,8 @@ def _keep_measurements(folder: Path, staging: Path, artifacts: dict, console: Co
                 continue
             kept = [relative] + ([Path(p.relative_to(folder)) for r in REPORT_FILES for p in folder.glob(r)]
                                  if pattern == "report.json" else [])
+            if (folder / relative.with_suffix(".png")).is_file():  # its picture (debug/<variant>.png)
+                kept.append(relative.with_suffix(".png"))
             for file in kept:
                 (staging / file).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(folder / file, staging / file)

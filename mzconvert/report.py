@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .debug import debug_table
 from .dist import write_md5sums
 from .errors import MzError
 from .fsio import write_bytes_atomic, write_json_atomic
@@ -179,6 +180,9 @@ def write_report(folder: Path) -> list[Path]:
                 md.append(f"| {name} | {target} | {v['accelerator']} | {v.get('inference_time_ms')} | {v['npu_ops']} "
                           f"| {v['cpu_op_count']} | {v.get('sram_used_kib')} | {flash:g} | {v.get('dram_used_kib')} |")
         md += [""]
+    for path in sorted((folder / "debug").glob("*.json")):
+        md += [f"## Per-layer quantization error: {path.stem}", "", "```", debug_table(json.loads(path.read_text())),
+               "```", "", f"![{path.stem}](debug/{path.stem}.png)", ""]
     predictions = sorted((folder / "predictions").glob("*.png"))
     if predictions:
         md += ["## What int8 changes, on a sample image", ""]

@@ -303,3 +303,28 @@ def test_one_calibration_serves_every_int8_variant_like_separate_conversions(tmp
             tensor = prepare(path, recipe.preprocess, recipe.input).tensor
             for a, b in zip(shared.run(tensor), alone.run(tensor)):
                 assert np.array_equal(a, b)
+
+
+def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
+    """conv2 carries a weight of 1000 on an input that is always zero: harmless in float, but its first
+    output channel's other int8 weights round to zero. The debug table must put conv2 on top."""
+    import json
+
+    from tests.conftest import run_cli
+
+    damaged = write_tiny_detector(tmp_path / "graphs", damaged=True)["frozen"]
+    variants = f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 8}}\n"
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(tiny_recipe_text(damaged, sha256(damaged), variants=variants, images=VAL).replace(
+        f"images: {VAL}", f"images: {VAL}\n  count: 6"))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
+    done = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "debug", str(recipe), "--variant", "i8",
+                   *where)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layers = json.loads(done.stdout)["layers"]
+    assert "conv2" in layers[0]["layer"] and layers[0]["rmse_steps"] > 3 * layers[1]["rmse_steps"], layers[:3]
+    dist = tmp_path / "dist" / "tiny"
+    assert (dist / "debug" / "i8.png").is_file() and "debug/i8.json" in (dist / "MD5SUMS").read_text()
+    assert run_cli("report", str(recipe), "--out", str(tmp_path / "dist")).returncode == 0
+    assert "## Per-layer quantization error: i8" in (dist / "report.md").read_text()

@@ -12,17 +12,25 @@ SIZE = 32
 ANCHORS = 64  # 8x8 feature map after two stride-2 convolutions, one anchor per cell
 
 
-def _build_graph(tf, fake_quant: bool):
-    """uint8 image -> preprocessing -> [cut here] -> conv net -> raw SSD-like heads -> sigmoid postproc."""
+def _build_graph(tf, fake_quant: bool, damaged: bool = False):
+    """uint8 image -> preprocessing -> [cut here] -> conv net -> raw SSD-like heads -> sigmoid postproc.
+
+    damaged: conv1's last channel is always 0, and conv2 weighs it 1000 in its first output channel; the
+    float net does not notice, but per-channel int8 weights of that channel round to nothing but it."""
     image = tf.compat.v1.placeholder(tf.uint8, [1, SIZE, SIZE, 3], name="image_tensor")
     x = tf.cast(image, tf.float32) * (2.0 / 255.0) - 1.0
     x = tf.identity(x, name=INPUT)
     rng = np.random.RandomState(0)
 
     def conv(x, out_channels, stride, name, head=False):
-        w = tf.compat.v1.get_variable(f"{name}/weights", initializer=rng.normal(
-            0, 0.3, (3, 3, int(x.shape[-1]), out_channels)).astype(np.float32))
-        b = tf.compat.v1.get_variable(f"{name}/biases", initializer=rng.normal(0, 0.1, out_channels).astype(np.float32))
+        weights = rng.normal(0, 0.3, (3, 3, int(x.shape[-1]), out_channels)).astype(np.float32)
+        biases = rng.normal(0, 0.1, out_channels).astype(np.float32)
+        if damaged and name == "conv1":
+            weights[..., -1], biases[-1] = 0.0, 0.0
+        if damaged and name == "conv2":
+            weights[1, 1, -1, 0] = 1000.0
+        w = tf.compat.v1.get_variable(f"{name}/weights", initializer=weights)
+        b = tf.compat.v1.get_variable(f"{name}/biases", initializer=biases)
         if fake_quant:
             w = tf.quantization.fake_quant_with_min_max_vars(w, -1.0, 1.0, name=f"{name}/wq")
         y = tf.nn.conv2d(x, w, [1, stride, stride, 1], "SAME", name=f"{name}/Conv2D") + b
@@ -44,14 +52,14 @@ def _build_graph(tf, fake_quant: bool):
     tf.sigmoid(logits, name="scores")  # post-processing that strip removes
 
 
-def write_tiny_detector(folder: Path, fake_quant: bool = False) -> dict[str, Path]:
+def write_tiny_detector(folder: Path, fake_quant: bool = False, damaged: bool = False) -> dict[str, Path]:
     """Writes frozen.pb, a checkpoint (model.ckpt.*) and a SavedModel of the same graph."""
     import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
     graph = tf.Graph()
     with graph.as_default():
-        _build_graph(tf, fake_quant)
+        _build_graph(tf, fake_quant, damaged)
         saver = tf.compat.v1.train.Saver()
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())

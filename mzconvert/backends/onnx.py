@@ -206,6 +206,11 @@ def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, cali
     return run_converter(_keras_port_converter(keras_file), keras_file, recipe, variant, _nhwc(calibration), out_dir)
 
 
+def tflite_converter(model: Path, recipe: Recipe):
+    """(a TFLite converter of the Keras port, what turns recipe (NCHW) input tensors into its NHWC inputs)."""
+    return _keras_port_converter(model.with_name(KERAS_PORT)), lambda tensor: tensor.transpose(0, 2, 3, 1)
+
+
 def calibrate(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
     """TFLite int8 calibration of the Keras port (backend interface; ONNX Runtime calibrates per variant)."""
     from .tf import calibrate_converter

@@ -293,6 +293,11 @@ def _frozen_graph_converter(model: Path, recipe: Recipe):
     return converter
 
 
+def tflite_converter(model: Path, recipe: Recipe):
+    """(a TFLite converter of the stripped model, what turns recipe input tensors into its inputs)."""
+    return _frozen_graph_converter(model, recipe), lambda tensor: tensor
+
+
 def calibrate(model: Path, recipe: Recipe, variant: Variant, calibration: Callable[[], Iterable[np.ndarray]],
               out_dir: Path) -> Path:
     """The stripped graph with activation ranges recorded on the calibration images (backend interface)."""

@@ -1,0 +1,126 @@
+"""Issue 13: a build at the speed of the work it must do. Measured in one run on this machine:
+
+1. the build of an earlier commit (a `git worktree`, default the last commit before this work),
+2. today's build of the same recipe, serial, from a warm download cache,
+3. the bare calls that build cannot avoid: one TensorFlow import, one freeze, one strip, one int8
+   calibration, one conversion per variant, one vela per NPU variant, one float reference pass;
+and the ratios. The recipe is pedestrian-ssdlite as the earlier commit knew it: five variants, one NPU.
+
+Usage: .venv/bin/python bench/build_speed.py [--baseline REV] [--mirror DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = "95fbe41"  # the last commit before calibrate-once / one reference pass
+
+BARE_CALLS = r'''
+import sys, time
+start = time.perf_counter()
+from pathlib import Path
+from mzconvert.backends import tf as backend
+backend._tf()
+from mzconvert.recipe import load_recipe
+from mzconvert.quantize import calibration_batches
+from mzconvert.backends.tf import GraphRunner, quantize_calibrated
+from mzconvert.preprocess import prepare
+from mzconvert.vela import compile_for_npu
+recipe, source, images, verify, out = load_recipe(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+frozen = backend.freeze(source, recipe, out)
+(out / "strip").mkdir()
+stripped = backend.strip(frozen, recipe, out / "strip").model
+calibration = sorted(Path(images).glob("*.jpg"))
+(out / "calibrate").mkdir()
+calibrated = backend.calibrate(stripped, recipe, None, calibration_batches(calibration, recipe), out / "calibrate")
+for variant in recipe.variants:
+    folder = out / variant.name
+    folder.mkdir()
+    model = (quantize_calibrated(calibrated, recipe, variant, folder) if variant.mode == "int8"
+             else backend.convert(stripped, recipe, variant, None, folder))
+    if variant.mode == "int8":
+        compile_for_npu(model, recipe, variant, recipe.vela[0], folder)
+reference = GraphRunner(stripped, recipe)
+for path in sorted(Path(verify).glob("*.jpg")):
+    reference.run(prepare(path, recipe.preprocess, recipe.input).tensor)
+print(time.perf_counter() - start)
+'''
+
+
+def timed(command: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command[:6])}...: failed\n{result.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
+    args = parser.parse_args()
+    mirror = Path(args.mirror)
+    work = Path(tempfile.mkdtemp(prefix="mzconvert-build-speed-"))
+    python = sys.executable
+    try:
+        old = work / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.baseline], cwd=ROOT, check=True,
+                       capture_output=True)
+        # The baseline's calibration set names an image the cleaned mirror no longer has: both builds
+        # calibrate on today's set (same images, same count).
+        shutil.copy(ROOT / "calibration" / "coco-train2017-100.yaml", old / "calibration")
+        recipe = yaml.safe_load((ROOT / "recipes" / "pedestrian-ssdlite.yaml").read_text())
+        recipe["variants"] = [v for v in recipe["variants"] if not v.get("attach_postprocess")]
+        recipe["targets"]["vela"] = recipe["targets"]["vela"][:1]
+        recipe.pop("source_pipeline")
+        (work / "recipes").mkdir()
+        same = work / "recipes" / "pedestrian-ssdlite.yaml"
+        same.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        common = ["--quiet", "--cache-dir", str(work / "cache"), "--mirror", str(mirror)]
+        timed([python, "-m", "mzconvert.cli", *common, "fetch", "pedestrian-ssdlite"], ROOT)  # warm cache
+        baseline = timed([python, "-m", "mzconvert.cli", *common, "build", "pedestrian-ssdlite",
+                          "--out", str(work / "old-dist"), "--build-dir", str(work / "old-build")], old)
+        today = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
+                       "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
+        noop = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
+                      "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
+        source = next((work / "new-build" / "pedestrian-ssdlite" / "fetch").glob("*.pb"))
+        images = work / "calibration-images"
+        images.mkdir()
+        for pin in yaml.safe_load((ROOT / "calibration" / "coco-train2017-100.yaml").read_text())["images"]:
+            shutil.copy(mirror / "coco" / "train2017" / pin["file"], images)
+        verify = work / "verify-images"
+        verify.mkdir()
+        for pin in yaml.safe_load((ROOT / "calibration" / "coco-val2017-32.yaml").read_text())["images"]:
+            shutil.copy(mirror / "coco" / "val2017" / pin["file"], verify)
+        (work / "bare").mkdir()
+        result = subprocess.run([python, "-c", BARE_CALLS, str(same), str(source), str(images), str(verify),
+                                 str(work / "bare")], cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(result.stderr[-2000:])
+        bare = float(result.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(work / "baseline")], cwd=ROOT, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    print("pedestrian-ssdlite (5 variants, 1 NPU target), warm download cache, one run on this machine")
+    print(f"{'build':44} {'seconds':>8}")
+    print(f"{'baseline ' + args.baseline + ' (a calibration per int8 variant)':44} {baseline:8.1f}")
+    print(f"{'today, serial':44} {today:8.1f}")
+    print(f"{'bare unavoidable calls':44} {bare:8.1f}")
+    print(f"{'today, no-op rebuild':44} {noop:8.2f}")
+    print(f"today / baseline: {today / baseline:.2f} (goal <= 0.55)")
+    print(f"today / bare calls: {today / bare:.2f} (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
