@@ -281,8 +281,9 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
 
     def action(out: Path) -> dict:
         compared = quantized.path("raw_model" if "raw_model" in quantized.result else "model")
+        anchors = stripped.folder / "anchors.npy" if "anchors.npy" in stripped.result.get("extras", []) else None
         return {"metrics": verify_variant(compared, reference.path("reference"), reference.result["outputs"],
-                                          p.recipe)}
+                                          p.recipe, anchors)}
 
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]
@@ -290,7 +291,11 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
         if isinstance(m, dict):
             p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph, output {name} on "
                           f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
-                          f"max abs err {m['max_abs_error']:.4g}")
+                          f"max abs err {m['max_abs_error']:.4g}"
+                          + (f"  top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""))
+    if "matched_detections" in metrics:
+        p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph: {metrics['matched_detections']:.1%} of the "
+                      "detections (score >= 0.3) matched (same label, IoU >= 0.9)")
     failures = threshold_failures(variant, metrics)
     if failures and p.options.verify_strict:
         raise MzError(f"{p.recipe.path}: verify thresholds missed: {'; '.join(failures)}")

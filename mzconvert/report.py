@@ -159,6 +159,11 @@ def write_report(folder: Path) -> list[Path]:
                 agreement = f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "-"
                 md.append(f"| {name} | {v['mode']} | {v['io_dtype']} | {_size_mb(manifest, name)} | {output} | "
                           f"{m.get('cosine', float('nan')):.5f} | {m.get('sqnr_db', float('nan')):.1f} | {agreement} |")
+    matched = {n: v["verify"]["matched_detections"] for n, v in variants.items()
+               if "matched_detections" in (v.get("verify") or {})}
+    if matched:
+        md += ["", "Detections (score >= 0.3) matching the float model's (same label, IoU >= 0.9): "
+               + ", ".join(f"{n} {share:.1%}" for n, share in matched.items()) + "."]
     if fidelity := manifest.get("source_pipeline_fidelity"):
         md += ["", f"Our declared preprocessing + float model + decode against the source end to end on "
                    f"{fidelity['images']} images: {fidelity['matched_share']:.1%} {fidelity['what']}."]

@@ -38,8 +38,10 @@ def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Pa
     return target
 
 
-def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe) -> dict:
-    """Run `model` on the inputs of `reference` (reference_outputs); metrics per output over all images."""
+def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe,
+                   anchors: Path | None = None) -> dict:
+    """Run `model` on the inputs of `reference` (reference_outputs); metrics per output over all images,
+    and what a user sees: top-1 agreement (classifiers), the share of detections matched (SSD detectors)."""
     runner = open_model(model, output_names)
     with np.load(reference, allow_pickle=False) as saved:
         count = sum(1 for key in saved.files if key.startswith("input_"))
@@ -52,6 +54,15 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
         metrics[output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    if anchors is not None:  # do the variant's detections match the float model's?
+        from .evaluate import load_anchors, matched_detections, ssd_detections
+
+        boxes = load_anchors(anchors)
+        decode = lambda outputs, i: ssd_detections(  # noqa: E731
+            {name: outputs[j][i] for j, name in enumerate(output_names)}, recipe.postprocess, boxes)
+        pairs = [matched_detections(decode(ref_outputs, i), decode(got_outputs, i)) for i in range(count)]
+        matched, total = (sum(column) for column in zip(*pairs))
+        metrics["matched_detections"] = matched / total if total else 1.0
     return metrics | {"images": count}
 
 
