@@ -7,6 +7,7 @@ with an HTTP Range request, and are renamed into place only when complete and ve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ RETRIES = 4
 BACKOFF_SECONDS = 0.5
 TIMEOUT_SECONDS = 30
 DOWNLOAD_CHUNK = 1 << 16
+# Errors of the local file system: a full disk is exit 1 naming the file, never a "fetch failed" (exit 3).
+LOCAL_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def default_cache_dir() -> Path:
@@ -195,7 +198,9 @@ class Fetcher:
                 return part
             except FetchError:
                 raise
-            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            except OSError as exc:  # URLError and TimeoutError are OSErrors too
+                if exc.errno in LOCAL_ERRORS:  # our disk, not the network: retrying or another source won't help
+                    raise
                 last_error = exc
                 self.config.log(f"{url}: attempt {attempt + 1}/{RETRIES} failed: {exc}")
         raise FetchError(f"{url}: download failed after {RETRIES} attempts: {last_error}")

@@ -139,3 +139,17 @@ def test_a_kill_between_two_renames_gets_the_old_folder_back(tmp_path):
     (old / "model.tflite").write_text("old bytes")
     recover_folder(tmp_path / "x")
     assert (tmp_path / "x" / "model.tflite").read_text() == "old bytes" and not old.exists()
+
+
+def test_dist_has_its_own_lock_across_build_folders(tmp_path, mirror):
+    """Two builds of one recipe with other --build-dir but the same --out: the second waits for dist."""
+    from mzconvert.fsio import folder_lock
+
+    model = write_tiny_detector(tmp_path / "graphs")["frozen"]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(tiny_recipe_text(model, hashlib.sha256(model.read_bytes()).hexdigest()))
+    with folder_lock(tmp_path / "dist", 0, name=".tiny.lock"):  # another build writing dist/tiny
+        done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), "--out", str(tmp_path / "dist"),
+                       "--build-dir", str(tmp_path / "other-build"), "--lock-timeout", "1")
+    assert done.returncode == 4 and "locked by another mzconvert process" in done.stderr
+    assert not (tmp_path / "dist" / "tiny").exists()

@@ -255,3 +255,24 @@ def test_a_dripping_server_is_cut_off_by_stall_detection_and_a_deadline(tmp_path
     with pytest.raises(FetchError, match="gave up after 1 s"):
         Fetcher(config).fetch(pin, [http_server.url + "/drip.pb"])
     assert not cached_files(tmp_path) or all(p.suffix == ".part" for p in cached_files(tmp_path))
+
+
+def test_a_full_disk_during_a_download_is_exit_1_naming_the_file_not_a_fetch_failure(tmp_path, http_server,
+                                                                                    monkeypatch):
+    import errno
+
+    from mzconvert.fetch import Fetcher as RealFetcher
+
+    data = b"weights" * 1000
+    http_server.files["/m.pb"] = data
+
+    def full(self, url, part, size, deadline):
+        raise OSError(errno.ENOSPC, "No space left on device", str(part))
+
+    monkeypatch.setattr(RealFetcher, "_download_once", full)
+    pin = Pin(name="m.pb", checksums={"sha256": hashlib.sha256(data).hexdigest()}, size=len(data))
+    f, messages = fetcher(tmp_path)
+    with pytest.raises(OSError) as info:
+        f.fetch(pin, [http_server.url + "/m.pb"])
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith(".part")
+    assert not any("attempt" in m for m in messages)  # not retried as if the network had failed

@@ -135,3 +135,24 @@ def test_quiet_is_quiet_and_json_is_only_json(tmp_path, tiny, mirror):
     assert json.loads(done.stdout)["tiny"]["variants"]["i8"]["io_dtype"] == "int8"
     failed = run_cli("--quiet", "build", str(tmp_path / "missing.yaml"))
     assert failed.returncode == EXIT_BAD_INPUT and failed.stderr.startswith("mzconvert: error: ")
+
+
+def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 16)
+    (tmp_path / "model").mkdir()
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4])], [weight])
+    model = tmp_path / "model" / "model.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    from mzconvert.backends.onnx import _load
+
+    with pytest.raises(MzError, match="model.onnx: not a valid ONNX model") as info:
+        _load(model)
+    assert info.value.exit_code == EXIT_BAD_INPUT
