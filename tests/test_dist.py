@@ -64,16 +64,26 @@ def test_build_variant_keeps_the_rest_and_measurements_follow_their_artifacts(tm
     assert "tiny_f32.tflite: OK" in check.stdout
 
 
-def test_report_works_from_the_build_alone(tmp_path, mirror):
-    model = write_tiny_detector(tmp_path / "graphs")["frozen"]
-    recipe = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """One tiny detector built with a float32 and an int8 variant: (recipe, --out/--build-dir args, dist folder)."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"the real-data mirror {MIRROR} is not on this machine")
+    root = tmp_path_factory.mktemp("tiny-build")
+    model = write_tiny_detector(root / "graphs")["frozen"]
+    recipe = root / "tiny.yaml"
     recipe.write_text(tiny_recipe_text(model, hashlib.sha256(model.read_bytes()).hexdigest(),
                                        variants=VARIANTS.replace("COUNT", "4")))
-    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
-    assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
-    done = run_cli("report", str(recipe), "--out", str(tmp_path / "dist"))
+    where = ["--out", str(root / "dist"), "--build-dir", str(root / "build")]
+    assert run_cli("--cache-dir", str(root / "c"), "build", str(recipe), *where).returncode == 0
+    return recipe, where, root / "dist" / "tiny"
+
+
+def test_report_works_from_the_build_alone(tiny_build):
+    recipe, where, dist = tiny_build
+    done = run_cli("report", str(recipe), *where)
     assert done.returncode == 0, done.stderr
-    text = (tmp_path / "dist" / "tiny" / "report.md").read_text()
+    text = (dist / "report.md").read_text()
     assert "No evaluation yet: `mzconvert eval tiny --dataset DIR` adds it." in text
     assert text.index("| f32 | float32 |") < text.index("| i8 | int8 | int8 |")  # the recipe's order
     assert "accuracy.png" not in text
@@ -90,25 +100,19 @@ def test_release_refuses_md5sums_naming_files_outside_the_folder(tmp_path, line)
     assert "Traceback" not in done.stderr
 
 
-def test_predict_draws_each_variant_side_by_side_into_dist(tmp_path, mirror):
+def test_predict_draws_each_variant_side_by_side_into_dist(tiny_build):
     from PIL import Image
 
-    model = write_tiny_detector(tmp_path / "graphs")["frozen"]
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(tiny_recipe_text(model, hashlib.sha256(model.read_bytes()).hexdigest(),
-                                       variants=VARIANTS.replace("COUNT", "4")))
-    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
-    assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
+    recipe, where, dist = tiny_build
     image = sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[0]
     done = run_cli("predict", str(recipe), str(image), "--min-score", "0", *where)
     assert done.returncode == 0, done.stderr[-2000:]
-    picture = tmp_path / "dist" / "tiny" / "predictions" / f"{image.stem}.png"
+    picture = dist / "predictions" / f"{image.stem}.png"
     assert Image.open(picture).width == 2 * 480 + 8
-    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=picture.parent.parent, capture_output=True, text=True)
+    check = subprocess.run(["md5sum", "-c", "MD5SUMS"], cwd=dist, capture_output=True, text=True)
     assert check.returncode == 0 and f"predictions/{picture.name}: OK" in check.stdout
-    report = run_cli("report", str(recipe), "--out", str(tmp_path / "dist"))
-    assert report.returncode == 0
-    assert f"![{image.stem}](predictions/{picture.name})" in (picture.parent.parent / "report.md").read_text()
+    assert run_cli("report", str(recipe), *where).returncode == 0
+    assert f"![{image.stem}](predictions/{picture.name})" in (dist / "report.md").read_text()
 
 
 def test_a_folder_is_swapped_in_one_step_never_missing(tmp_path, monkeypatch):
