@@ -293,6 +293,11 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
                           f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
                           f"max abs err {m['max_abs_error']:.4g}"
                           + (f"  top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""))
+    for name, m in metrics.items():
+        if isinstance(m, dict) and m.get("constant_reference"):
+            p.console.log(f"[{p.recipe.name}] warning: the float model's output {name} is the same on all "
+                          f"{metrics['images']} verify images (untrained weights, a wrong input or cut?): "
+                          f"the fidelity figures of {variant.name} say nothing")
     if "matched_detections" in metrics:
         p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph: {metrics['matched_detections']:.1%} of the "
                       "detections (score >= 0.3) matched (same label, IoU >= 0.9)")

