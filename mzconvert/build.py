@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -99,6 +100,7 @@ class Planner:
             self.outcomes[name] = outcome
             return outcome
         self.console.log(f"[{self.recipe.name}] {name}: running")
+        started = time.perf_counter()
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
@@ -110,6 +112,7 @@ class Planner:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         write_json_atomic(target / STAMP, {"key": key, "inputs": inputs})  # last: marks the stage done
+        self.console.log(f"[{self.recipe.name}] {name}: done in {time.perf_counter() - started:.1f} s")
         outcome = StageOutcome(folder=target, result=result)
         self.outcomes[name] = outcome
         return outcome
