@@ -301,6 +301,9 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
             p.console.log(f"[{p.recipe.name}] warning: the float model's output {name} is the same on all "
                           f"{metrics['images']} verify images (untrained weights, a wrong input or cut?): "
                           f"the fidelity figures of {variant.name} say nothing")
+    if "detections_not_compared" in metrics:
+        p.console.log(f"[{p.recipe.name}] warning: {variant.name}: detections not compared with the float model's: "
+                      f"{metrics['detections_not_compared']}")
     if "matched_detections" in metrics:
         p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph: {metrics['matched_detections']:.1%} of the "
                       "detections (score >= 0.3) matched (same label, IoU >= 0.9)")
