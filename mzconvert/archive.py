@@ -9,7 +9,6 @@ a byte is written, and a zip whose headers understate its sizes is stopped while
 
 from __future__ import annotations
 
-import shutil
 import stat
 import tarfile
 import zipfile

@@ -18,7 +18,7 @@ from mzconvert.errors import RecipeError
 from mzconvert.fsio import sha256_file
 from mzconvert.imagesets import SETS_DIR, load_image_set, write_image_set
 from mzconvert.recipe import available_recipes, load_recipe
-from tests.conftest import MIRROR, run_cli
+from tests.conftest import run_cli
 
 # Every folder of the mirror that some recipe evaluates or verifies on.
 EVALUATION_FOLDERS = ("coco/val2017", "imagenet-samples")

@@ -244,8 +244,8 @@ def test_attached_postprocessing_equals_our_decode_on_real_images(tmp_path, tiny
     from mzconvert.evaluate import postprocessed_detections, ssd_detections
     from mzconvert.preprocess import prepare
 
-    variants = (f"  - {{name: f32, mode: float32, attach_postprocess: true}}\n"
-                f"  - {{name: raw, mode: float32}}\n")
+    variants = ("  - {name: f32, mode: float32, attach_postprocess: true}\n"
+                "  - {name: raw, mode: float32}\n")
     text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=variants)
     manifest = run(tmp_path, text.replace("  labels: [thing]", "  labels: [thing]\n  nms_score_threshold: 0.2"))
     assert manifest["variants"]["f32"]["postprocess_attached"] and not manifest["variants"]["raw"]["postprocess_attached"]
