@@ -16,10 +16,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+from timing import timed  # bench/timing.py: the scripts run from bench/
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "95fbe41"  # the last commit before calibrate-once / one reference pass
@@ -31,7 +31,7 @@ from pathlib import Path
 from mzconvert.backends import tf as backend
 backend._tf()
 from mzconvert.recipe import load_recipe
-from mzconvert.quantize import calibration_batches
+from mzconvert.quantize import calibrate
 from mzconvert.backends.tf import GraphRunner, quantize_calibrated
 from mzconvert.preprocess import prepare
 from mzconvert.vela import compile_for_npu
@@ -41,7 +41,7 @@ frozen = backend.freeze(source, recipe, out)
 stripped = backend.strip(frozen, recipe, out / "strip").model
 calibration = sorted(Path(images).glob("*.jpg"))
 (out / "calibrate").mkdir()
-calibrated = backend.calibrate(stripped, recipe, None, calibration_batches(calibration, recipe), out / "calibrate")
+calibrated = calibrate(stripped, recipe, calibration, out / "calibrate")
 for variant in recipe.variants:
     folder = out / variant.name
     folder.mkdir()
@@ -54,14 +54,6 @@ for path in sorted(Path(verify).glob("*.jpg")):
     reference.run(prepare(path, recipe.preprocess, recipe.input).tensor)
 print(time.perf_counter() - start)
 '''
-
-
-def timed(command: list[str], cwd: Path) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command[:6])}...: failed\n{result.stderr[-2000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import timed  # bench/timing.py: the scripts run from bench/
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,8 +24,9 @@ from PIL import Image
 pb, out, *images = sys.argv[1:]
 def batches():
     for path in images:
-        x = np.asarray(Image.open(path).convert("RGB").resize((300, 300), Image.BILINEAR), np.float32)
-        yield [(x * (2 / 255) - 1)[None]]
+        x = np.asarray(Image.open(path).convert("RGB"), np.float32)[None]
+        x = tf.compat.v1.image.resize_bilinear(x, (300, 300)).numpy()  # the recipe's tf1-bilinear
+        yield [x * (2 / 255) - 1]
 c = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
     pb, ["FeatureExtractor/MobilenetV2/MobilenetV2/input"], ["concat", "concat_1"],
     input_shapes={"FeatureExtractor/MobilenetV2/MobilenetV2/input": [1, 300, 300, 3]})
@@ -36,14 +37,6 @@ c.inference_input_type = tf.int8
 c.inference_output_type = tf.int8
 open(out, "wb").write(c.convert())
 """
-
-
-def timed(command: list[str]) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-2000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:

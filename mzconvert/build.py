@@ -55,6 +55,14 @@ class StageOutcome:
     def path(self, key: str) -> Path:
         return self.folder / self.result[key]
 
+    def optional_path(self, key: str) -> Path | None:
+        """The file the result names under `key`, when it names one (raw_model: post-processing attached)."""
+        return self.path(key) if key in self.result else None
+
+    def anchors(self) -> Path | None:
+        """A strip stage's anchors.npy, for decoding SSD outputs."""
+        return self.folder / "anchors.npy" if "anchors.npy" in self.result.get("extras", []) else None
+
     def digest(self) -> str:
         """One hash of every file the stage wrote: what a downstream stage's key depends on."""
         return _canonical_hash(self.result["files"])
@@ -83,6 +91,7 @@ class Planner:
     versions: dict = field(default_factory=tool_versions)
     outcomes: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)  # stage name -> the key of its outcome in this build
+    _image_sets: dict = field(default_factory=dict)  # (set, count, at_most) -> _image_paths, read once a build
 
     @property
     def folder(self) -> Path:
@@ -195,40 +204,40 @@ def _model_chain(p: Planner, member: str | None, until: str) -> list[StageOutcom
     return chain
 
 
-DEFAULT_CALIBRATION_COUNT = 100
-
-
 def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None = None
-                 ) -> tuple[str, Callable[[], list[Path]]]:
-    """(key naming the exact images, a function fetching them): fetching only when a stage runs.
-    `count` images are required; without one, all of the set, or `at_most` of them."""
+                 ) -> tuple[str, Callable[[], list[Path]], list[str]]:
+    """(key naming the exact images, a function fetching them, their file names): fetching only when a
+    stage runs. `count` images are required; without one, all of the set, or `at_most` of them. A
+    folder set is hashed once a build, however many variants use it."""
     from .imagesets import load_image_set
 
-    image_set = load_image_set(spec, p.recipe.path)
-    if count is None and at_most is not None:
-        count = min(at_most, image_set.size)
-    key = f"{image_set.key}:{count}"
-    return key, lambda: image_set.paths(p.fetcher, count, p.console.log)
+    memo = (spec, count, at_most)
+    if memo not in p._image_sets:
+        image_set = load_image_set(spec, p.recipe.path)
+        count = image_set.count(count, at_most)
+        p._image_sets[memo] = (f"{image_set.key}:{count}", lambda: image_set.paths(p.fetcher, count, p.console.log),
+                               image_set.names(count))
+    return p._image_sets[memo]
 
 
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
     """One calibration per (model, images, preprocessing): every TFLite int8 variant using them shares it."""
-    from .quantize import calibrate
+    from .quantize import DEFAULT_CALIBRATION_COUNT, calibrate
 
     raw = p.recipe.raw
-    images_key, images = _image_paths(p, variant.calibration, variant.calibration_count,
-                                      at_most=DEFAULT_CALIBRATION_COUNT)
+    images_key, images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
+                                         at_most=DEFAULT_CALIBRATION_COUNT)
     inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": raw.get("preprocess"),
               "input": raw["input"], "strip": raw.get("strip"), "target": variant.target, "tools": p.versions}
 
     def action(out: Path) -> dict:
-        return {"model": calibrate(stripped.path("model"), p.recipe, variant, images(), out).name}
+        return {"model": calibrate(stripped.path("model"), p.recipe, images(), out).name}
 
     return p.stage(f"calibrate/{_canonical_hash(inputs)[:12]}", inputs, action)
 
 
 def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
-    from .quantize import quantize, shares_calibration
+    from .quantize import DEFAULT_CALIBRATION_COUNT, quantize, shares_calibration
 
     raw = p.recipe.raw
     inputs = {"model": stripped.digest(), "variant": _raw_variant(p.recipe, variant),
@@ -238,14 +247,13 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
         calibrated = _calibrate(p, stripped, variant)
         inputs["calibrated"] = calibrated.digest()
     elif variant.calibration:
-        inputs["calibration"], images = _image_paths(p, variant.calibration, variant.calibration_count,
-                                                     at_most=DEFAULT_CALIBRATION_COUNT)
+        inputs["calibration"], images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
+                                                        at_most=DEFAULT_CALIBRATION_COUNT)
         inputs["preprocess"] = raw.get("preprocess")
 
     def action(out: Path) -> dict:
-        anchors = stripped.folder / "anchors.npy" if variant.attach_postprocess else None
-        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out, anchors,
-                          calibrated.path("model") if calibrated else None)
+        result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out,
+                          stripped.anchors(), calibrated.path("model") if calibrated else None)
         return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
                 "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs],
                 **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {})}
@@ -262,7 +270,7 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
     from .verify import reference_outputs
 
     spec = p.recipe.verify
-    key, images = _image_paths(p, spec.images, spec.count)
+    key, images, _ = _image_paths(p, spec.images, spec.count)
     inputs = {"model": stripped.digest(), "images": key, "preprocess": p.recipe.raw.get("preprocess"),
               "input": p.recipe.raw["input"], "tools": p.versions}
 
@@ -283,21 +291,20 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     inputs = {"model": quantized.sha256("model"), "reference": reference.digest(), "tools": p.versions}
 
     def action(out: Path) -> dict:
-        compared = quantized.path("raw_model" if "raw_model" in quantized.result else "model")
-        anchors = stripped.folder / "anchors.npy" if "anchors.npy" in stripped.result.get("extras", []) else None
+        compared = quantized.optional_path("raw_model") or quantized.path("model")  # raw: before attaching NMS
         return {"metrics": verify_variant(compared, reference.path("reference"), reference.result["outputs"],
-                                          p.recipe, anchors)}
+                                          p.recipe, stripped.anchors())}
 
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]
     for name, m in metrics.items():
-        if isinstance(m, dict):
-            p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph, output {name} on "
-                          f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
-                          f"max abs err {m['max_abs_error']:.4g}"
-                          + (f"  top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""))
-    for name, m in metrics.items():
-        if isinstance(m, dict) and m.get("constant_reference"):
+        if not isinstance(m, dict):
+            continue
+        p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph, output {name} on "
+                      f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
+                      f"max abs err {m['max_abs_error']:.4g}"
+                      + (f"  top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""))
+        if m.get("constant_reference"):
             p.console.log(f"[{p.recipe.name}] warning: the float model's output {name} is the same on all "
                           f"{metrics['images']} verify images (untrained weights, a wrong input or cut?): "
                           f"the fidelity figures of {variant.name} say nothing")
@@ -319,21 +326,17 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
     """Our declared pipeline against the source end to end, on the verify images: once per build."""
     from .verify import source_pipeline_fidelity
 
-    from .imagesets import load_image_set
-
-    fetched, frozen, stripped = chain
+    _, frozen, stripped = chain
     spec = p.recipe.verify
-    key, images = _image_paths(p, spec.images, spec.count)
-    names = load_image_set(spec.images, p.recipe.path).names(spec.count)
+    key, images, names = _image_paths(p, spec.images, spec.count)
     raw = p.recipe.raw
     inputs = {"frozen": frozen.digest(), "stripped": stripped.digest(), "images": key,
               "preprocess": raw.get("preprocess"), "postprocess": raw.get("postprocess"),
               "source_pipeline": raw.get("source_pipeline"), "tools": p.versions}
 
     def action(out: Path) -> dict:
-        anchors = stripped.folder / "anchors.npy" if "anchors.npy" in stripped.result.get("extras", []) else None
-        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), stripped.path("model"), anchors,
-                                                     p.recipe, images(), names)}
+        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), stripped.path("model"),
+                                                     stripped.anchors(), p.recipe, images(), names)}
 
     outcome = p.stage("verify/source-pipeline", inputs, action)
     f = outcome.result["fidelity"]
@@ -361,8 +364,8 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTar
         inputs["config"] = sha256_file((p.recipe.path.parent / target.config).resolve())
 
     def action(out: Path) -> dict:
-        raw = quantized.path("raw_model") if "raw_model" in quantized.result else None
-        result = compile_for_npu(quantized.path("model"), p.recipe, variant, target, out, raw)
+        result = compile_for_npu(quantized.path("model"), p.recipe, variant, target, out,
+                                 quantized.optional_path("raw_model"))
         return {"model": result.model.name, "summary_csv": result.summary_csv.name, "summary": result.summary}
 
     suffix = f"/{target.name}" if len(p.recipe.vela) > 1 else ""

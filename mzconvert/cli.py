@@ -239,12 +239,12 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 @pass_context
 def debug(ctx: Context, recipe, variant, count, out, build_dir):
     """Per-layer quantization error of an int8 variant against the float model, worst layers first."""
-    from .build import DEFAULT_CALIBRATION_COUNT
     from .debug import debug_table, layer_errors, plot_layers, summary
     from .dist import measured_artifacts, write_md5sums
     from .evaluate import built_stage_model
     from .fsio import write_json_atomic
     from .imagesets import load_image_set
+    from .quantize import DEFAULT_CALIBRATION_COUNT
     from .report import load_manifest
 
     r = ctx.recipe(recipe)
@@ -258,8 +258,8 @@ def debug(ctx: Context, recipe, variant, count, out, build_dir):
         raise MzError(f"{r.path}: verify: debug runs on the verify images; the recipe declares none", EXIT_BAD_INPUT)
     fetcher = ctx.fetcher()
     calibration_set = load_image_set(chosen.calibration, r.path)
-    calibration = calibration_set.paths(fetcher, chosen.calibration_count
-                                        or min(DEFAULT_CALIBRATION_COUNT, calibration_set.size))
+    calibration = calibration_set.paths(fetcher, calibration_set.count(chosen.calibration_count,
+                                                                       DEFAULT_CALIBRATION_COUNT))
     images = load_image_set(r.verify.images, r.path).paths(fetcher, count or r.verify.count)
     ctx.console.log(f"debug: {variant}, {len(calibration)} calibration and {len(images)} verify images")
     layers = layer_errors(stripped, r, chosen, calibration, images)
@@ -268,7 +268,7 @@ def debug(ctx: Context, recipe, variant, count, out, build_dir):
     folder = out / r.name
     write_json_atomic(folder / "debug" / f"{variant}.json", result)
     plot_layers(result, folder / "debug" / f"{variant}.png")
-    write_md5sums(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "MD5SUMS"])
+    write_md5sums(folder)
     ctx.console.result(result, debug_table(result))
 
 
@@ -295,7 +295,7 @@ def predict(ctx: Context, recipe, images, variants, to_dir, min_score, out, buil
     written = predict_images(r, manifest, folder, list(images), list(variants), to_dir or folder / "predictions",
                              min_score)
     if to_dir is None:
-        write_md5sums(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "MD5SUMS"])
+        write_md5sums(folder)
     ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))
 
 

@@ -30,15 +30,13 @@ def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, calibration: 
     if variant.mode != "int8" or variant.target != "tflite":
         raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains TFLite int8 variants, "
                       f"not {variant.mode} ({variant.target})")
-    from .backends.tf import _tf
+    from .backends.tf import _tf, int8_converter
 
     tf = _tf()
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     calibration_tensors = [to_input(prepare(p, recipe.preprocess, recipe.input).tensor) for p in calibration]
     debug_tensors = [to_input(prepare(p, recipe.preprocess, recipe.input).tensor) for p in images]
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([t] for t in calibration_tensors)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    int8_converter(converter, lambda: calibration_tensors)
     try:
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: ([t] for t in debug_tensors))

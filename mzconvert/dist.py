@@ -20,10 +20,10 @@ from .fsio import atomic_path, file_digests, replace_folder, write_bytes_atomic,
 from .recipe import Recipe
 
 
-def write_md5sums(folder: Path, files: list[Path]) -> Path:
-    """An MD5SUMS file that `md5sum -c` accepts (two spaces, text mode), sorted by name."""
-    lines = [f"{file_digests(f, ('md5',))['md5']}  {f.relative_to(folder).as_posix()}\n"
-             for f in sorted(files)]
+def write_md5sums(folder: Path) -> Path:
+    """MD5SUMS of every file below `folder`, as `md5sum -c` accepts it (two spaces, text mode), sorted by name."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder) != Path("MD5SUMS"))
+    lines = [f"{file_digests(f, ('md5',))['md5']}  {f.relative_to(folder).as_posix()}\n" for f in files]
     target = folder / "MD5SUMS"
     write_bytes_atomic(target, "".join(lines).encode())
     return target
@@ -88,7 +88,7 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
         }
         write_json_atomic(staging / "manifest.json", manifest)
         _keep_measurements(target, staging, artifacts, console, recipe.name)
-        write_md5sums(staging, [p for p in staging.rglob("*") if p.is_file()])
+        write_md5sums(staging)
         replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -138,6 +138,7 @@ class LoadedImage:
         return self._tensors[key]
 
 
+Runner = Callable[[np.ndarray], list[np.ndarray]]  # a model: input tensor -> outputs
 Predict = Callable[[LoadedImage], object]  # Detections for detectors, a score vector for classifiers
 
 SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
@@ -337,9 +338,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         for path in references:
             runners[path.stem] = open_model(path, output_names).run
         coco = CocoDataset.open(dataset, split)
-        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
-        attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
-        models = {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
+        models = predictors(recipe, runners, folder, manifest)
         if pipeline is not None:
             models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
         evaluation = evaluate_detection(models, recipe, coco, console.log)
@@ -347,14 +346,8 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
                                   if len(recipe.postprocess.labels) < 80 else "")
         images, label_source = list(coco.images.values()), f"COCO annotations {coco.annotations.name}"
     else:
-        if recipe.labels is None:
-            raise MzError(f"{recipe.path}: labels: a classifier needs its labels to be evaluated "
-                          "(a list, a file of names, or 'imagenet' for the 1000 ImageNet synsets)")
+        models = predictors(recipe, runners, folder, manifest)
         labelled = labelled_images(dataset, recipe.labels, labels_file)
-        models = {}
-        for name, run in runners.items():
-            scores = _scores_by_label(run, recipe.labels, name, background_allowed=False)
-            models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
         if pipeline is not None:
             its_labels = ClassLabels(recipe.labels.names, recipe.source_pipeline.class_offset)
             scores = _scores_by_label(pipeline.run, its_labels, SOURCE_PIPELINE, background_allowed=False)
@@ -375,6 +368,25 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
                   "artifacts": measured_artifacts(manifest, files)}
     write_json_atomic(folder / "eval" / f"{identity['key']}.json", evaluation)
     return evaluation, manifest
+
+
+def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifest: dict) -> dict[str, Predict]:
+    """What each model of `runners` (fed the recipe's preprocessing) predicts on an image: detections,
+    decoded as the recipe says or read from an attached post-processor, or scores indexed like the
+    recipe's labels. `folder`/`manifest`: the dist the variants come from."""
+    if recipe.task == "detection":
+        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
+        attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
+        output_names = list(recipe.strip.outputs) if recipe.strip else None
+        return {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
+    if recipe.labels is None:
+        raise MzError(f"{recipe.path}: labels: a classifier needs its labels to be evaluated or shown "
+                      "(a list, a file of names, or 'imagenet' for the 1000 ImageNet synsets)")
+    models = {}
+    for name, run in runners.items():
+        scores = _scores_by_label(run, recipe.labels, name, background_allowed=False)
+        models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
+    return models
 
 
 def _detector(run, recipe: Recipe, anchors, output_names, attached: bool = False) -> Predict:

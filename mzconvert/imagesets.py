@@ -39,6 +39,10 @@ class ImageSet:
     def size(self) -> int:
         return len(list_images(self.folder)) if self.folder is not None else len(self.pins)
 
+    def count(self, wanted: int | None, at_most: int | None = None) -> int | None:
+        """How many images to take: `wanted`; without a number, all of the set, or at most `at_most`."""
+        return wanted if wanted is not None or at_most is None else min(at_most, self.size)
+
     def names(self, count: int | None = None) -> list[str]:
         """The images' own file names (fetched images sit in the cache under their digests)."""
         if self.folder is not None:

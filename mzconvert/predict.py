@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MzError
-from .evaluate import LoadedImage, _detector, _scores_by_label, load_anchors
+from .evaluate import LoadedImage, predictors
 from .labels import display_name
 from .recipe import Recipe
 from .runtime import open_model
@@ -58,24 +58,13 @@ def _side_by_side(panels: list[Image.Image]) -> Image.Image:
 def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Path], variants: list[str],
                    out_dir: Path, min_score: float = SHOW_SCORE) -> list[Path]:
     """Run `variants` (default: all built) of dist `folder` on `images`; one side-by-side PNG each."""
-    built = [v for v in manifest.get("variant_order", manifest["variants"])]
+    built = list(manifest.get("variant_order", manifest["variants"]))
     chosen = variants or built
     if missing := [v for v in chosen if v not in manifest["variants"]]:
         raise MzError(f"{folder}/manifest.json: no built variant {', '.join(missing)}; have {', '.join(built)}")
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names).run for name in chosen}
-    if recipe.task == "detection":
-        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
-        models = {name: _detector(run, recipe, anchors, output_names,
-                                  manifest["variants"][name].get("postprocess_attached", False))
-                  for name, run in runners.items()}
-    else:
-        if recipe.labels is None:
-            raise MzError(f"{recipe.path}: labels: needed to name a classifier's predictions")
-        models = {}
-        for name, run in runners.items():
-            scores = _scores_by_label(run, recipe.labels, name, background_allowed=False)
-            models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
+    models = predictors(recipe, runners, folder, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:

@@ -38,6 +38,9 @@ def calibration_batches(images: list[Path], recipe: Recipe):
     return batches
 
 
+DEFAULT_CALIBRATION_COUNT = 100  # images a variant calibrates on when it names no calibration_count
+
+
 def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
     """TFLite int8 variants are quantized from one calibration of their model and images (calibrate),
     whatever their I/O types; a graph with custom ops converts in one piece."""
@@ -45,8 +48,13 @@ def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
     return variant.mode == "int8" and variant.target == "tflite" and not custom_ops
 
 
-def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path) -> Path:
-    return backend_for(recipe).calibrate(stripped, recipe, variant, calibration_batches(images, recipe), out_dir)
+def calibrate(stripped: Path, recipe: Recipe, images: list[Path], out_dir: Path) -> Path:
+    """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`."""
+    from .backends.tf import calibrate_converter
+
+    converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
+    batches = calibration_batches(images, recipe)
+    return calibrate_converter(converter, stripped, lambda: (to_input(t) for t in batches()), out_dir)
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,

@@ -199,5 +199,5 @@ def write_report(folder: Path) -> list[Path]:
     write_json_atomic(folder / "report.json", report)
     write_bytes_atomic(folder / "report.md", "\n".join(md).encode())
     written += [folder / "report.json", folder / "report.md"]
-    write_md5sums(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "MD5SUMS"])
+    write_md5sums(folder)
     return written

@@ -91,8 +91,6 @@ def source_pipeline_fidelity(frozen: Path, stripped: Path, anchors: Path | None,
     """How closely our declared preprocessing + stripped float model (+ our decode) reproduce the source
     run end to end with its own pre- and post-processing, on real images: the share of detections
     matched (detectors) or the top-1 agreement (classifiers)."""
-    import numpy as np
-
     from .backends import backend_for
     from .evaluate import load_anchors, matched_detections, ssd_detections
 

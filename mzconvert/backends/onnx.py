@@ -195,28 +195,17 @@ def _keras_port_converter(keras_file: Path):
     return _tf().lite.TFLiteConverter.from_keras_model(model)
 
 
-def _nhwc(calibration):
-    """Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC."""
-    return (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
-
-
 def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
     from .tf import run_converter
 
-    return run_converter(_keras_port_converter(keras_file), keras_file, recipe, variant, _nhwc(calibration), out_dir)
+    # Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC.
+    nhwc = (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
+    return run_converter(_keras_port_converter(keras_file), keras_file, recipe, variant, nhwc, out_dir)
 
 
 def tflite_converter(model: Path, recipe: Recipe):
     """(a TFLite converter of the Keras port, what turns recipe (NCHW) input tensors into its NHWC inputs)."""
     return _keras_port_converter(model.with_name(KERAS_PORT)), lambda tensor: tensor.transpose(0, 2, 3, 1)
-
-
-def calibrate(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
-    """TFLite int8 calibration of the Keras port (backend interface; ONNX Runtime calibrates per variant)."""
-    from .tf import calibrate_converter
-
-    keras_file = model.with_name(KERAS_PORT)
-    return calibrate_converter(_keras_port_converter(keras_file), keras_file, _nhwc(calibration), out_dir)
 
 
 def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:

@@ -298,12 +298,6 @@ def tflite_converter(model: Path, recipe: Recipe):
     return _frozen_graph_converter(model, recipe), lambda tensor: tensor
 
 
-def calibrate(model: Path, recipe: Recipe, variant: Variant, calibration: Callable[[], Iterable[np.ndarray]],
-              out_dir: Path) -> Path:
-    """The stripped graph with activation ranges recorded on the calibration images (backend interface)."""
-    return calibrate_converter(_frozen_graph_converter(model, recipe), model, calibration, out_dir)
-
-
 def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     """Convert the stripped graph to a .tflite in the variant's mode."""
@@ -326,9 +320,7 @@ def run_converter(converter, source: Path, recipe: Recipe, variant: Variant,
     elif variant.mode == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif variant.mode == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([t] for t in calibration())
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        int8_converter(converter, calibration)
         io_type = getattr(tf, variant.io_dtype)  # tf.float32 | tf.int8 | tf.uint8
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
@@ -345,14 +337,20 @@ def _convert(converter, source: Path, what: str) -> bytes:
         raise MzError(f"{source}: TFLite conversion {what} failed: {short_text(exc)}") from None
 
 
-def calibrate_converter(converter, source: Path, calibration: Callable[[], Iterable[np.ndarray]],
-                        out_dir: Path) -> Path:
-    """Run the int8 calibration once: the float model with every activation's recorded range, from
-    which each int8 variant is quantized (quantize_calibrated) whatever its input/output types."""
+def int8_converter(converter, calibration: Callable[[], Iterable[np.ndarray]]):
+    """Set a TFLite converter for full-integer int8, calibrated on the tensors `calibration` yields."""
     tf = _tf()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([t] for t in calibration())
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter
+
+
+def calibrate_converter(converter, source: Path, calibration: Callable[[], Iterable[np.ndarray]],
+                        out_dir: Path) -> Path:
+    """Run the int8 calibration once: the float model with every activation's recorded range, from
+    which each int8 variant is quantized (quantize_calibrated) whatever its input/output types."""
+    int8_converter(converter, calibration)
     converter._experimental_calibrate_only = True  # the converter's own calibrate-then-quantize, split in two
     target = out_dir / "calibrated.tflite"
     target.write_bytes(_convert(converter, source, "(int8 calibration)"))
