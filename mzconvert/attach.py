@@ -19,15 +19,11 @@ import numpy as np
 
 from .errors import MzError
 from .recipe import Postprocess, Recipe
+from .tflite_file import read_model, write_model
+from .tflite_file import schema as tflite_schema
 
 CUSTOM_CODE = b"TFLite_Detection_PostProcess"
 OUTPUT_NAMES = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
-
-
-def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return schema
 
 
 def _opcode(model, schema, builtin: int, custom: bytes | None = None) -> int:
@@ -88,11 +84,9 @@ def _options(post: Postprocess, classes: int) -> bytes:
 
 def attach_postprocess(raw: Path, recipe: Recipe, anchors: np.ndarray, target: Path) -> Path:
     """Write `target`: the model `raw` ending in TFLite_Detection_PostProcess, as the recipe declares it."""
-    import flatbuffers
-
-    schema = _schema()
+    schema = tflite_schema()
     post = recipe.postprocess
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw.read_bytes(), 0))
+    model = read_model(raw)
     if len(model.subgraphs) != 1:
         raise MzError(f"{raw}: {len(model.subgraphs)} subgraphs; post-processing attaches to single-graph models")
     graph = model.subgraphs[0]
@@ -160,10 +154,7 @@ def attach_postprocess(raw: Path, recipe: Recipe, anchors: np.ndarray, target: P
                           [reshaped, scores, anchor_tensor], outputs, custom=_options(post, classes)))
     graph.operators = [op for i, op in enumerate(graph.operators) if i not in (drop_boxes, drop_logits)] + added
     graph.outputs = outputs
-    builder = flatbuffers.Builder(1 << 20)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    target.write_bytes(bytes(builder.Output()))
-    return target
+    return write_model(model, target)
 
 
 def _softmax_options(schema):

@@ -1,7 +1,7 @@
 """Per-layer quantization error of a TFLite int8 variant, worst layers first (`mzconvert debug`).
 
-TensorFlow's QuantizationDebugger quantizes the float model as the variant was (same calibration
-images and preprocessing), then runs every quantized op next to its float twin on the verify images.
+TensorFlow's QuantizationDebugger quantizes the float model as the variant was (the same ranges,
+recorded on the same calibration images, see ranges.py), then runs every quantized op next to its float twin on the verify images.
 A layer's error is reported in quantization steps: RMSE / scale is about 0.29 for pure rounding
 noise (1 / sqrt(12)); layers far above it lose information (clipped ranges, outlier weights) and are
 where a user should look first, e.g. to keep them float.
@@ -30,16 +30,22 @@ def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, calibration: 
     if variant.mode != "int8" or variant.target != "tflite":
         raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains TFLite int8 variants, "
                       f"not {variant.mode} ({variant.target})")
+    import tempfile
+
     from .backends.tf import _tf, int8_converter
+    from .quantize import calibrate
 
     tf = _tf()
+    debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
+    with tempfile.TemporaryDirectory() as work:
+        calibrated = calibrate(stripped, recipe, calibration, Path(work)).read_bytes()  # the variant's ranges
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
-    calibration_tensors = [to_input(prepare(p, recipe.preprocess, recipe.input).tensor) for p in calibration]
-    debug_tensors = [to_input(prepare(p, recipe.preprocess, recipe.input).tensor) for p in images]
-    int8_converter(converter, lambda: calibration_tensors)
+    int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
     try:
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: ([t] for t in debug_tensors))
+            converter=converter, debug_dataset=lambda: ([to_input(t)] for t in debug_tensors))
+        debugger.calibrated_model = calibrated
+        debugger.options = debugger.options  # re-quantizes from calibrated_model
         debugger.run()
         dump = io.StringIO()
         debugger.layer_statistics_dump(dump)

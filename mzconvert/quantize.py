@@ -49,12 +49,20 @@ def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
 
 
 def calibrate(stripped: Path, recipe: Recipe, images: list[Path], out_dir: Path) -> Path:
-    """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`."""
+    """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`: the float model
+    with every activation's range, from which each int8 variant is quantized (see ranges.py)."""
     from .backends.tf import calibrate_converter
+    from .ranges import calibrate_with_interpreter
 
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
-    batches = calibration_batches(images, recipe)
-    return calibrate_converter(converter, stripped, lambda: (to_input(t) for t in batches()), out_dir)
+    inputs = [to_input(t) for t in calibration_batches(images, recipe)()]
+    target = out_dir / "calibrated.tflite"
+    marked = calibrate_converter(converter, stripped, lambda: iter(inputs[:1]), out_dir / "one-image.tflite")
+    if calibrate_with_interpreter(marked, inputs, target) is None:  # control flow: TensorFlow's calibrator
+        converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
+        calibrate_converter(converter, stripped, lambda: iter(inputs), target)
+    marked.unlink()
+    return target
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,

@@ -12,11 +12,12 @@ SIZE = 32
 ANCHORS = 64  # 8x8 feature map after two stride-2 convolutions, one anchor per cell
 
 
-def _build_graph(tf, fake_quant: bool, damaged: bool = False):
+def _build_graph(tf, fake_quant: bool, damaged: bool = False, residual: bool = False):
     """uint8 image -> preprocessing -> [cut here] -> conv net -> raw SSD-like heads -> sigmoid postproc.
 
     damaged: conv1's last channel is always 0, and conv2 weighs it 1000 in its first output channel; the
-    float net does not notice, but per-channel int8 weights of that channel round to nothing but it."""
+    float net does not notice, but per-channel int8 weights of that channel round to nothing but it.
+    residual: conv2 is followed by a MobileNetV2-like residual block, a linear 1x1 projection added to it."""
     image = tf.compat.v1.placeholder(tf.uint8, [1, SIZE, SIZE, 3], name="image_tensor")
     x = tf.cast(image, tf.float32) * (2.0 / 255.0) - 1.0
     x = tf.identity(x, name=INPUT)
@@ -43,6 +44,11 @@ def _build_graph(tf, fake_quant: bool, damaged: bool = False):
         x = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 1.0, name="input_q")
     x = conv(x, 8, 2, "conv1")
     x = conv(x, 16, 2, "conv2")
+    if residual:
+        weights = rng.normal(0, 0.3, (1, 1, 16, 16)).astype(np.float32)
+        projection = tf.nn.conv2d(x, tf.compat.v1.get_variable("residual/weights", initializer=weights),
+                                  [1, 1, 1, 1], "SAME")
+        x = tf.add(tf.identity(projection, name="residual/project"), x, name="residual")
     boxes = tf.reshape(conv(x, 4, 1, "box_head", head=True), [1, -1, 1, 4], name=OUTPUTS[0])
     logits = tf.reshape(conv(x, 2, 1, "class_head", head=True), [1, -1, 2], name=OUTPUTS[1])
     ys, xs = np.meshgrid((np.arange(8) + 0.5) / 8, (np.arange(8) + 0.5) / 8, indexing="ij")
@@ -52,14 +58,15 @@ def _build_graph(tf, fake_quant: bool, damaged: bool = False):
     tf.sigmoid(logits, name="scores")  # post-processing that strip removes
 
 
-def write_tiny_detector(folder: Path, fake_quant: bool = False, damaged: bool = False) -> dict[str, Path]:
+def write_tiny_detector(folder: Path, fake_quant: bool = False, damaged: bool = False, residual: bool = False
+                        ) -> dict[str, Path]:
     """Writes frozen.pb, a checkpoint (model.ckpt.*) and a SavedModel of the same graph."""
     import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
     graph = tf.Graph()
     with graph.as_default():
-        _build_graph(tf, fake_quant, damaged)
+        _build_graph(tf, fake_quant, damaged, residual)
         saver = tf.compat.v1.train.Saver()
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())

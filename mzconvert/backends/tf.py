@@ -347,12 +347,11 @@ def int8_converter(converter, calibration: Callable[[], Iterable[np.ndarray]]):
 
 
 def calibrate_converter(converter, source: Path, calibration: Callable[[], Iterable[np.ndarray]],
-                        out_dir: Path) -> Path:
-    """Run the int8 calibration once: the float model with every activation's recorded range, from
-    which each int8 variant is quantized (quantize_calibrated) whatever its input/output types."""
+                        target: Path) -> Path:
+    """Write to `target` the converter's int8 calibration: the float model with the recorded range of
+    every tensor its quantizer needs, from which each int8 variant is quantized (quantize_calibrated)."""
     int8_converter(converter, calibration)
     converter._experimental_calibrate_only = True  # the converter's own calibrate-then-quantize, split in two
-    target = out_dir / "calibrated.tflite"
     target.write_bytes(_convert(converter, source, "(int8 calibration)"))
     return target
 

@@ -1,0 +1,26 @@
+"""Reading and writing a .tflite flatbuffer as TensorFlow's schema objects, for the stages that edit one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def schema():
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def read_model(path: Path):
+    """The whole model as mutable objects (ModelT)."""
+    s = schema()
+    return s.ModelT.InitFromObj(s.Model.GetRootAsModel(path.read_bytes(), 0))
+
+
+def write_model(model, target: Path) -> Path:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    target.write_bytes(bytes(builder.Output()))
+    return target
