@@ -107,6 +107,51 @@ def show(ctx: Context, recipe):
     ctx.console.result(payload, json.dumps(payload, indent=2, default=str))
 
 
+@main.command("inspect")
+@click.argument("source")
+@click.option("--member", default=None, help="The archive member to look into.")
+@pass_context
+def inspect_command(ctx: Context, source, member):
+    """What a recipe needs to know of SOURCE (a file, folder or URL): inputs, outputs, members, signatures."""
+    from .inspection import inspect_file, inspect_text, resolve_source
+
+    path, name, _ = resolve_source(source, ctx.fetcher())
+    report = inspect_file(path, member, name)
+    ctx.console.result(report, inspect_text(report))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--from", "source", required=True, help="The model: a file, folder or URL.")
+@click.option("--member", default=None, help="The model file inside an archive source.")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="A folder of images to calibrate int8 on (without one, no int8 variant is proposed).")
+@click.option("--verify", "verify_images", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="A folder of images to check every variant against the float model on.")
+@click.option("--to", "to_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("."),
+              show_default=True, help="Where NAME.yaml is written.")
+@pass_context
+def init(ctx: Context, name, source, member, calibration, verify_images, to_dir):
+    """Write NAME.yaml: a recipe for the model, as far as inspecting it can tell (check the preprocessing)."""
+    from .fsio import atomic_path
+    from .inspection import inspect_file, resolve_source
+    from .recipe import parse_recipe
+    from .scaffold import propose_recipe
+
+    path, served_as, source_fields = resolve_source(source, ctx.fetcher())
+    report = inspect_file(path, member, served_as)
+    text = propose_recipe(name, report, source_fields, member, calibration, verify_images)
+    target = to_dir / f"{name}.yaml"
+    if target.exists():
+        raise MzError(f"{target}: exists; remove it or choose another NAME", EXIT_BAD_INPUT)
+    parse_recipe(target.resolve(), text)  # what init writes must validate
+    to_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    ctx.console.result({"recipe": str(target)}, f"wrote {target}: check its preprocess block, then "
+                                                f"mzconvert build {target}")
+
+
 @main.command()
 @click.argument("recipes", nargs=-1)
 @pass_context

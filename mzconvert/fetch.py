@@ -313,6 +313,16 @@ class Fetcher:
             raise FetchError(f"{pin.name}: no source served a file matching {pin.key[0]} {pin.key[1][:16]}… "
                              f"(tried {tried}){rejected}")
 
+    def fetch_unpinned(self, url: str) -> Path:
+        """`url` downloaded into the cache under the digest of what came (for inspect and init, which pin it)."""
+        if self.config.offline:
+            raise FetchError(f"{url}: --offline forbids downloading a file that is not pinned yet")
+        part = self.config.cache_dir / "partial" / f"url-{hashlib.sha256(url.encode()).hexdigest()}.part"
+        downloaded = self._download(url, part, None)
+        pin = Pin(name=url.rstrip("/").rsplit("/", 1)[-1], checksums=file_digests(downloaded, ("sha256",)),
+                  size=downloaded.stat().st_size)
+        return self._store(pin, downloaded, move=True)
+
     def fetch_to_cache(self, source: Source) -> Path:
         """The verified download of a recipe source, in the cache."""
         pin = self._pin_for(source)

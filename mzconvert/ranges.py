@@ -15,6 +15,7 @@ the interpreter, and each slot gets the min and max the tensor really took.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -29,9 +30,12 @@ def record_ranges(model: Path, tensors: Iterable[np.ndarray], wanted: list[int],
     """{tensor index: (min, max)} over every input in `tensors`, of the tensors of subgraph 0 in `wanted`."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    # Without the default delegate every tensor is computed by a builtin kernel and kept after invoke.
-    interpreter = Interpreter(model_path=str(model), num_threads=threads, experimental_preserve_all_tensors=True,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    # Without the default delegate every tensor is computed by a builtin kernel and kept after invoke
+    # (LiteRT warns that keeping them costs memory: that is what they are kept for).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_path=str(model), num_threads=threads, experimental_preserve_all_tensors=True,
+                                  experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     model_input = interpreter.get_input_details()[0]["index"]
     low = {i: np.inf for i in wanted}

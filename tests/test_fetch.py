@@ -13,7 +13,7 @@ import pytest
 from mzconvert.archive import extract_member
 from mzconvert.errors import FetchError
 from mzconvert.fetch import FetchConfig, Fetcher, Pin
-from tests.conftest import PEDESTRIAN_PB, PEDESTRIAN_SHA256, run_cli
+from tests.conftest import PEDESTRIAN_SHA256, run_cli
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PAYLOAD_PIN = Pin(name="model.bin", checksums={"sha256": hashlib.sha256(PAYLOAD).hexdigest()}, size=len(PAYLOAD))

@@ -12,12 +12,13 @@ SIZE = 32
 ANCHORS = 64  # 8x8 feature map after two stride-2 convolutions, one anchor per cell
 
 
-def _build_graph(tf, fake_quant: bool, damaged: bool = False, residual: bool = False):
+def _build_graph(tf, fake_quant: bool, damaged: bool = False, residual: bool = False, od_names: bool = False):
     """uint8 image -> preprocessing -> [cut here] -> conv net -> raw SSD-like heads -> sigmoid postproc.
 
     damaged: conv1's last channel is always 0, and conv2 weighs it 1000 in its first output channel; the
     float net does not notice, but per-channel int8 weights of that channel round to nothing but it.
-    residual: conv2 is followed by a MobileNetV2-like residual block, a linear 1x1 projection added to it."""
+    residual: conv2 is followed by a MobileNetV2-like residual block, a linear 1x1 projection added to it.
+    od_names: the raw outputs and anchors also go by the TF Object Detection API's names."""
     image = tf.compat.v1.placeholder(tf.uint8, [1, SIZE, SIZE, 3], name="image_tensor")
     x = tf.cast(image, tf.float32) * (2.0 / 255.0) - 1.0
     x = tf.identity(x, name=INPUT)
@@ -56,17 +57,21 @@ def _build_graph(tf, fake_quant: bool, damaged: bool = False, residual: bool = F
     anchors = np.concatenate([centers - 0.1, centers + 0.1], 1).astype(np.float32)
     tf.constant(anchors, name="anchors")
     tf.sigmoid(logits, name="scores")  # post-processing that strip removes
+    if od_names:
+        tf.identity(tf.reshape(boxes, [1, -1, 1, 4]), name="concat")
+        tf.identity(tf.reshape(logits, [1, -1, 2]), name="concat_1")
+        tf.identity(tf.constant(anchors), name="Concatenate/concat")
 
 
-def write_tiny_detector(folder: Path, fake_quant: bool = False, damaged: bool = False, residual: bool = False
-                        ) -> dict[str, Path]:
+def write_tiny_detector(folder: Path, fake_quant: bool = False, damaged: bool = False, residual: bool = False,
+                        od_names: bool = False) -> dict[str, Path]:
     """Writes frozen.pb, a checkpoint (model.ckpt.*) and a SavedModel of the same graph."""
     import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
     graph = tf.Graph()
     with graph.as_default():
-        _build_graph(tf, fake_quant, damaged, residual)
+        _build_graph(tf, fake_quant, damaged, residual, od_names)
         saver = tf.compat.v1.train.Saver()
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
@@ -74,7 +79,8 @@ def write_tiny_detector(folder: Path, fake_quant: bool = False, damaged: bool = 
             ckpt_dir.mkdir(exist_ok=True)
             saver.save(session, str(ckpt_dir / "model.ckpt"))
             frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
-                session, graph.as_graph_def(), list(OUTPUTS) + ["anchors", "scores"])
+                session, graph.as_graph_def(), list(OUTPUTS) + ["anchors", "scores"]
+                + (["concat", "concat_1", "Concatenate/concat"] if od_names else []))
             (folder / "frozen.pb").write_bytes(frozen.SerializeToString())
             builder = tf.compat.v1.saved_model.Builder(str(folder / "saved_model"))
             builder.add_meta_graph_and_variables(session, ["serve"])

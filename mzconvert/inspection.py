@@ -1,0 +1,263 @@
+"""`mzconvert inspect`: what a recipe needs to know of a model file, read from the file itself.
+
+Nothing of the file is executed: graphs are parsed as protobufs, TFLite and ONNX files are opened by
+their runtimes, torch checkpoints (pickles) are only named and hashed.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EXIT_BAD_INPUT, MzError, short_text
+from .fsio import sha256_file
+
+MODEL_SUFFIXES = {".pb": "tf-frozen-graph", ".onnx": "onnx", ".tflite": "tflite", ".pth": "torch", ".pt": "torch",
+                  ".keras": "keras", ".h5": "keras", ".index": "tf-checkpoint"}
+# Nodes that produce nothing a model output could be.
+NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2"}
+# The TF Object Detection API's well-known tensors: name -> what it is.
+OD_API_TENSORS = {
+    "image_tensor": "the graph's uint8 image input (its own preprocessing follows)",
+    "concat": "raw box encodings (SSD BoxPredictor outputs, concatenated)",
+    "concat_1": "raw class logits (SSD BoxPredictor outputs, concatenated)",
+    "raw_outputs/box_encodings": "raw box encodings",
+    "raw_outputs/class_predictions": "raw class logits",
+    "Concatenate/concat": "the anchors (ymin, xmin, ymax, xmax)",
+    "anchors": "the anchors",
+    "detection_boxes": "post-processed boxes (after NMS)",
+    "detection_scores": "post-processed scores",
+    "detection_classes": "post-processed classes",
+    "num_detections": "post-processed detection count",
+}
+
+
+def model_kind(path: Path, name: str | None = None) -> str | None:
+    """The recipe format a file or folder (served under `name`) looks like, or 'archive', or None."""
+    named = Path(name or path.name)
+    if path.is_dir():
+        return "tf-saved-model" if (path / "saved_model.pb").is_file() else None
+    if named.name == "saved_model.pb":
+        return "tf-saved-model"
+    if named.suffix in MODEL_SUFFIXES:
+        return MODEL_SUFFIXES[named.suffix]
+    if path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path)):
+        return "archive"
+    return None
+
+
+def inspect_file(path: Path, member: str | None = None, name: str | None = None) -> dict:
+    """Everything `inspect` reports of a local file, folder, or archive member (`name`: what it was called)."""
+    if not path.exists():
+        raise MzError(f"{path}: no such file or folder", EXIT_BAD_INPUT)
+    kind = model_kind(path, name)
+    report: dict = {"file": name or str(path), "kind": kind}
+    if path.is_file():
+        report |= {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    if kind == "archive":
+        report["members"] = archive_members(path)
+        if member is not None:
+            from .archive import extract_member
+
+            with tempfile.TemporaryDirectory(prefix="mzconvert-inspect-") as tmp:
+                extracted = extract_member(path, member, Path(tmp))
+                report["member"] = inspect_file(extracted) | {"file": member}
+        return report
+    if member is not None:
+        raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
+    inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-saved-model": inspect_saved_model,
+                  "onnx": inspect_onnx, "tflite": inspect_tflite}
+    if kind in inspectors:
+        try:
+            report |= inspectors[kind](path)
+        except MzError:
+            raise
+        except Exception as exc:  # parsers raise DecodeError, RuntimeError, ValueError...
+            raise MzError(f"{path}: not a readable {kind} file: {short_text(exc)}", EXIT_BAD_INPUT) from None
+    elif kind == "torch":
+        report["note"] = ("a torch checkpoint is a pickle: not opened. Recipes build it with format: torch and "
+                          "the torchvision architecture it holds the weights of (torch.architecture)")
+    return report
+
+
+def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:
+    """(local file, the name it is served under, the recipe's source fields) of a path or URL."""
+    if "://" in source:
+        if source.startswith("file://"):
+            local = Path(source[len("file://"):])
+            return local, local.name, {"url": source}
+        return fetcher.fetch_unpinned(source), source.rstrip("/").rsplit("/", 1)[-1], {"url": source}
+    if source.startswith("pypi:"):
+        raise MzError(f"{source}: inspect and init read local files and URLs; for a PyPI package, `pip download "
+                      "--no-deps --only-binary :all:` it and name the wheel", EXIT_BAD_INPUT)
+    local = Path(source).resolve()
+    return local, local.name, {"url": local.as_uri()}
+
+
+def archive_members(path: Path) -> list[dict]:
+    """Every file of a tar, zip or wheel archive; model files marked, with their format."""
+    members = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            entries = [(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir()]
+    else:
+        with tarfile.open(path) as tar:
+            entries = [(i.name, i.size) for i in tar.getmembers() if i.isfile()]
+    for name, size in entries:
+        kind = MODEL_SUFFIXES.get(Path(name).suffix)
+        if name.endswith("saved_model.pb"):
+            name, kind = name.rsplit("/", 1)[0] + "/" if "/" in name else name, "tf-saved-model"
+        members.append({"name": name, "size": size, **({"model": kind} if kind else {})})
+    return members
+
+
+def _shape(tensor) -> list | None:
+    return None if tensor.shape.rank is None else [d if d is not None else -1 for d in tensor.shape.as_list()]
+
+
+def inspect_frozen_graph(path: Path) -> dict:
+    from .backends.tf import _tf, read_graph_def
+
+    tf = _tf()
+    graph_def = read_graph_def(path)
+    consumed = {i.split(":")[0].lstrip("^") for node in graph_def.node for i in node.input}
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    ops = {op.name: op for op in graph.get_operations()}
+
+    def describe(name: str) -> dict:
+        out = ops[name].outputs[0] if ops[name].outputs else None
+        return {"name": name, "op": ops[name].type,
+                **({"dtype": out.dtype.name, "shape": _shape(out)} if out is not None else {})}
+
+    placeholders = [describe(n.name) for n in graph_def.node if n.op == "Placeholder"]
+    sinks = [describe(n.name) for n in graph_def.node if n.name not in consumed and n.op not in NOT_OUTPUTS
+             and ops[n.name].outputs]
+    report = {"format": "tf-frozen-graph", "nodes": len(graph_def.node), "placeholders": placeholders,
+              "sinks": sinks}
+    od = {name: describe(name) | {"what": what} for name, what in OD_API_TENSORS.items() if name in ops}
+    extractor = [n.name for n in graph_def.node
+                 if n.name.startswith("FeatureExtractor/") and n.name.endswith("/input")]
+    if od and extractor:
+        od[extractor[0]] = describe(extractor[0]) | {"what": "the feature extractor's input: cut here to drop the "
+                                                             "graph's own preprocessing"}
+    if "image_tensor" in od:
+        _measure_shapes(tf, graph, od)
+    if od:
+        report["object_detection_api"] = od
+    return report
+
+
+def _measure_shapes(tf, graph, tensors: dict) -> None:
+    """Shapes the graph leaves dynamic (its preprocessing runs in a loop), taken from one run on a blank
+    64x64 image: the graph's own ops, no code of the file's author."""
+    unknown = [name for name, t in tensors.items() if not t.get("shape") or -1 in t["shape"]]
+    fetches = [graph.get_tensor_by_name(f"{name}:0") for name in unknown if name != "image_tensor"]
+    try:
+        values = tf.compat.v1.Session(graph=graph).run(
+            fetches, {"image_tensor:0": np.zeros((1, 64, 64, 3), np.uint8)})
+    except Exception:  # a graph that does not run on a blank image keeps its static shapes
+        return
+    for tensor, value in zip(fetches, values):
+        tensors[tensor.op.name]["shape"] = list(value.shape)
+
+
+def inspect_saved_model(path: Path) -> dict:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    folder = path if path.is_dir() else path.parent
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((folder / "saved_model.pb").read_bytes())
+    import tensorflow as tf
+
+    def tensors(infos) -> dict:
+        return {key: {"name": info.name, "dtype": tf.dtypes.as_dtype(info.dtype).name,
+                      "shape": None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]}
+                for key, info in sorted(infos.items())}
+
+    signatures = {}
+    for meta in saved.meta_graphs:
+        for key, signature in meta.signature_def.items():
+            if key.startswith("__"):  # __saved_model_init_op and friends
+                continue
+            signatures[key] = {"tags": list(meta.meta_info_def.tags), "inputs": tensors(signature.inputs),
+                               "outputs": tensors(signature.outputs)}
+    return {"format": "tf-saved-model", "signatures": signatures}
+
+
+def inspect_onnx(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+
+    def tensors(values) -> list[dict]:
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1)
+                           for d in v.type.tensor_type.shape.dim]}
+                for v in values if v.name not in initializers]
+
+    return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                                           default=None),
+            "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
+            "ops": dict(Counter(n.op_type for n in model.graph.node).most_common())}
+
+
+def inspect_tflite(path: Path) -> dict:
+    from .runtime import open_model
+    from .tflite_file import read_model, schema
+
+    runner = open_model(path)
+    model = read_model(path)
+    names = {value: name for name, value in vars(schema().BuiltinOperator).items() if not name.startswith("_")}
+    histogram = Counter()
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+            histogram[code.customCode.decode() if code.customCode else names.get(builtin, str(builtin))] += 1
+    floats = runner.float_tensor_count()
+    return {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],
+            "outputs": [s.to_json() for s in runner.outputs], "ops": dict(histogram.most_common()),
+            "float_tensors": floats, "full_integer": floats == 0}
+
+
+def inspect_text(report: dict, indent: str = "") -> str:
+    """The report for people: one fact a line."""
+    lines = [f"{indent}{report['file']}: {report.get('format') or report.get('kind') or 'not a model file'}"
+             + (f", {report['size']} bytes, sha256 {report['sha256']}" if "sha256" in report else "")]
+    for m in report.get("members", []):
+        mark = f"  <- {m['model']}" if "model" in m else ""
+        lines.append(f"{indent}  {m['size']:>12}  {m['name']}{mark}")
+    if "member" in report:
+        lines.append(inspect_text(report["member"], indent + "  "))
+
+    def tensor_line(t: dict) -> str:
+        quant = f" scale {t['scale']:.6g} zero point {t['zero_point']}" if t.get("scale") is not None else ""
+        return f"{t['name']}  {t.get('dtype', '?')} {t.get('shape')}{quant}"
+
+    for title, key in (("placeholders", "placeholders"), ("inputs", "inputs"), ("outputs", "outputs"),
+                       ("sink nodes (likely outputs)", "sinks")):
+        if report.get(key):
+            lines.append(f"{indent}  {title}:")
+            lines += [f"{indent}    {tensor_line(t)}" for t in report[key]]
+    for name, od in report.get("object_detection_api", {}).items():
+        lines.append(f"{indent}  TF OD API {name}: {od.get('dtype')} {od.get('shape')}: {od['what']}")
+    for key, signature in report.get("signatures", {}).items():
+        lines.append(f"{indent}  signature {key} (tags {', '.join(signature['tags'])}):")
+        for role in ("inputs", "outputs"):
+            for k, t in signature[role].items():
+                lines.append(f"{indent}    {role[:-1]} {k}: {t['name']}  {t['dtype']} {t['shape']}")
+    if "ops" in report:
+        lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    if "full_integer" in report:
+        lines.append(f"{indent}  full-integer: {'yes' if report['full_integer'] else 'no'} "
+                     f"({report['float_tensors']} float32 tensors)")
+    if "note" in report:
+        lines.append(f"{indent}  {report['note']}")
+    return "\n".join(lines)

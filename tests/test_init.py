@@ -1,0 +1,147 @@
+"""`inspect` and `init` on models nobody here prepared: small ones made in code, and the real pedestrian graph.
+
+Each init'd recipe is built as written: no hand edit of input or output names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tests.conftest import MIRROR, PEDESTRIAN_PB, run_cli
+from tests.tiny_graphs import INPUT, write_tiny_detector
+
+TRAIN, VAL = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+
+
+def image_folder(folder: Path, source: Path, count: int) -> Path:
+    """A user's own folder of images (here: a few COCO files, under other names)."""
+    folder.mkdir(parents=True)
+    for i, path in enumerate(sorted(source.glob("*.jpg"))[:count]):
+        (folder / f"photo {i}.JPG").write_bytes(path.read_bytes())
+    return folder
+
+
+def init_and_build(tmp_path: Path, name: str, model: Path, *extra: str) -> dict:
+    calibration, verify = image_folder(tmp_path / "calib", TRAIN, 6), image_folder(tmp_path / "check", VAL, 3)
+    result = run_cli("init", name, "--from", str(model), "--calibration", str(calibration), "--verify", str(verify),
+                     "--to", str(tmp_path / "recipes"), *extra)
+    assert result.returncode == 0, result.stderr
+    recipe = tmp_path / "recipes" / f"{name}.yaml"
+    again = run_cli("init", name, "--from", str(model), "--to", str(tmp_path / "recipes"))
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwritten
+    result = run_cli("--json", "--cache-dir", str(tmp_path / "cache"), "build", str(recipe),
+                     "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)[name] | {"recipe": yaml.safe_load(recipe.read_text())}
+
+
+def tiny_classifier_graph(path: Path, classes: int = 7) -> Path:
+    """A frozen classifier graph as a user exports one: float input placeholder -> conv -> pool -> logits."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(1)
+    with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float32, [1, 24, 24, 3], name="images")
+        x = tf.nn.relu(tf.nn.conv2d(x, rng.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32), 2, "SAME"))
+        pooled = tf.reduce_mean(x, [1, 2])
+        logits = tf.matmul(pooled, rng.normal(0, 0.5, (8, classes)).astype(np.float32))
+        tf.nn.softmax(logits, name="predictions")
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    return path
+
+
+def test_init_builds_a_frozen_classifier_graph_unchanged(tmp_path, mirror):
+    graph = tiny_classifier_graph(tmp_path / "my_classifier.pb")
+    built = init_and_build(tmp_path, "my-classifier", graph)
+    recipe = built["recipe"]
+    assert recipe["task"] == "classification" and recipe["format"] == "tf-frozen-graph"
+    assert recipe["input"] == {"name": "images", "shape": [1, 24, 24, 3], "layout": "NHWC", "dtype": "float32"}
+    assert recipe["strip"]["outputs"] == ["predictions"]
+    assert recipe["source"]["sha256"] == __import__("hashlib").sha256(graph.read_bytes()).hexdigest()
+    assert set(built["variants"]) == {"float32", "int8"}
+    assert built["variants"]["int8"]["inputs"][0]["dtype"] == "int8"
+    assert built["variants"]["int8"]["verify"]["images"] == 3
+    int8 = tmp_path / "dist" / "my-classifier" / built["variants"]["int8"]["file"]
+    result = run_cli("--json", "inspect", str(int8))
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["format"] == "tflite" and found["full_integer"] is True
+    assert found["inputs"][0]["dtype"] == "int8" and found["inputs"][0]["scale"] > 0
+    assert found["ops"]["CONV_2D"] == 1
+
+
+def test_init_cuts_an_object_detection_api_graph_at_its_raw_outputs(tmp_path, mirror):
+    graph = write_tiny_detector(tmp_path / "graph", od_names=True)["frozen"]
+    built = init_and_build(tmp_path, "my-detector", graph)
+    recipe = built["recipe"]
+    assert recipe["task"] == "detection"
+    assert recipe["input"]["name"] == INPUT  # the feature extractor's input, after the graph's preprocessing
+    assert recipe["strip"]["outputs"] == ["concat", "concat_1"]
+    assert recipe["postprocess"]["anchors_tensor"] == "Concatenate/concat"
+    assert built["variants"]["int8"]["verify"]["concat_1"]["cosine"] > 0.9
+
+
+def test_init_builds_an_onnx_export(tmp_path, mirror):
+    from tests.test_onnx_backend import tiny_onnx
+
+    model = tiny_onnx(tmp_path / "exported.onnx", size=32, classes=5)
+    built = init_and_build(tmp_path, "my-onnx", model)
+    recipe = built["recipe"]
+    assert recipe["input"]["layout"] == "NCHW" and recipe["input"]["shape"] == [1, 3, 32, 32]
+    assert recipe["strip"]["outputs"] == ["probabilities"]
+    assert set(built["variants"]) == {"float32", "int8"}
+
+
+def test_inspect_lists_archive_members_and_reads_tflite_quantization(tmp_path, mirror):
+    import tarfile
+
+    graph = tiny_classifier_graph(tmp_path / "frozen.pb")
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(graph, arcname="release/frozen.pb")
+        (tmp_path / "README").write_text("read me")
+        tar.add(tmp_path / "README", arcname="release/README")
+    result = run_cli("--json", "inspect", str(archive))
+    assert result.returncode == 0, result.stderr
+    members = {m["name"]: m for m in json.loads(result.stdout)["members"]}
+    assert members["release/frozen.pb"]["model"] == "tf-frozen-graph" and "model" not in members["release/README"]
+    result = run_cli("--json", "inspect", str(archive), "--member", "release/frozen.pb")
+    assert json.loads(result.stdout)["member"]["placeholders"][0]["name"] == "images"
+    wrong = run_cli("init", "x", "--from", str(archive), "--to", str(tmp_path))
+    assert wrong.returncode == 2 and "--member" in wrong.stderr and "release/frozen.pb" in wrong.stderr
+
+
+def test_inspect_proposes_the_raw_outputs_of_the_real_pedestrian_graph(tmp_path, mirror):
+    """init on the published graph gives the cut, shapes and source pipeline the shipped recipe was written with."""
+    result = run_cli("init", "ped", "--from", str(PEDESTRIAN_PB), "--to", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    proposed = yaml.safe_load((tmp_path / "ped.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text())
+    assert proposed["input"] == shipped["input"]
+    assert proposed["strip"] == shipped["strip"]
+    for key in ("anchors_tensor", "box_output", "class_output", "box_coder_scales", "score"):
+        assert proposed["postprocess"][key] == shipped["postprocess"][key]
+    assert proposed["source_pipeline"]["outputs"] == shipped["source_pipeline"]["outputs"]
+    assert proposed["preprocess"]["resize"] == shipped["preprocess"]["resize"]
+    assert proposed["source"]["sha256"] == shipped["source"]["sha256"]
+
+
+def test_inspect_lists_saved_model_signatures(tmp_path):
+    import tensorflow as tf
+
+    class Scorer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32, name="pixels")])
+        def __call__(self, pixels):
+            return {"scores": tf.reduce_mean(pixels, [1, 2])}
+
+    tf.saved_model.save(Scorer(), str(tmp_path / "exported"))
+    result = run_cli("--json", "inspect", str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    signature = json.loads(result.stdout)["signatures"]["serving_default"]
+    assert signature["inputs"]["pixels"]["shape"] == [1, 8, 8, 3] and signature["inputs"]["pixels"]["dtype"] == "float32"
+    assert signature["outputs"]["scores"]["shape"] == [1, 3]
+    missing = run_cli("inspect", str(tmp_path / "nothing-here.onnx"))
+    assert missing.returncode == 2 and "nothing-here.onnx" in missing.stderr
