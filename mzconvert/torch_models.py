@@ -119,7 +119,7 @@ def _tucker(inp, out, input_ratio, output_ratio, kernel=3, stride=1, residual=Tr
 
 
 def ssd_anchors(feature_sizes: list[int], min_scale=0.2, max_scale=0.95,
-                aspect_ratios=(1.0, 2.0, 0.5, 3.0, 1 / 3)) -> "numpy.ndarray":
+                aspect_ratios=(1.0, 2.0, 0.5, 3.0, 1 / 3)):
     """TF OD API multiple-grid anchors (ymin, xmin, ymax, xmax normalised), in prediction order:
     per feature map, per cell row-major, per anchor; the first map has 3 reduced boxes."""
     import numpy as np
