@@ -41,7 +41,7 @@ frozen = backend.freeze(source, recipe, out)
 stripped = backend.strip(frozen, recipe, out / "strip").model
 calibration = sorted(Path(images).glob("*.jpg"))
 (out / "calibrate").mkdir()
-calibrated = calibrate(stripped, recipe, calibration, out / "calibrate")
+calibrated = calibrate(stripped, recipe, recipe.variant("int8"), calibration, out / "calibrate")
 for variant in recipe.variants:
     folder = out / variant.name
     folder.mkdir()

@@ -228,10 +228,12 @@ def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOut
     images_key, images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
                                          at_most=DEFAULT_CALIBRATION_COUNT)
     inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": raw.get("preprocess"),
-              "input": raw["input"], "strip": raw.get("strip"), "target": variant.target, "tools": p.versions}
+              "input": raw["input"], "strip": raw.get("strip"), "target": variant.target, "tools": p.versions,
+              "method": [variant.calibration_method]
+              + ([variant.calibration_percentile] if variant.calibration_method == "percentile" else [])}
 
     def action(out: Path) -> dict:
-        return {"model": calibrate(stripped.path("model"), p.recipe, images(), out).name}
+        return {"model": calibrate(stripped.path("model"), p.recipe, variant, images(), out).name}
 
     return p.stage(f"calibrate/{_canonical_hash(inputs)[:12]}", inputs, action)
 

@@ -38,7 +38,7 @@ def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, calibration: 
     tf = _tf()
     debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
     with tempfile.TemporaryDirectory() as work:
-        calibrated = calibrate(stripped, recipe, calibration, Path(work)).read_bytes()  # the variant's ranges
+        calibrated = calibrate(stripped, recipe, variant, calibration, Path(work)).read_bytes()  # the variant's ranges
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
     try:

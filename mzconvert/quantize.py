@@ -48,17 +48,22 @@ def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
     return variant.mode == "int8" and variant.target == "tflite" and not custom_ops
 
 
-def calibrate(stripped: Path, recipe: Recipe, images: list[Path], out_dir: Path) -> Path:
+def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path) -> Path:
     """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`: the float model
-    with every activation's range, from which each int8 variant is quantized (see ranges.py)."""
+    with every activation's range, by the variant's calibration method, from which each int8 variant
+    is quantized (see ranges.py)."""
     from .backends.tf import calibrate_converter
     from .ranges import calibrate_with_interpreter
 
+    percentile = variant.calibration_percentile if variant.calibration_method == "percentile" else None
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     inputs = [to_input(t) for t in calibration_batches(images, recipe)()]
     target = out_dir / "calibrated.tflite"
     marked = calibrate_converter(converter, stripped, lambda: iter(inputs[:1]), out_dir / "one-image.tflite")
-    if calibrate_with_interpreter(marked, inputs, target) is None:  # control flow: TensorFlow's calibrator
+    if calibrate_with_interpreter(marked, inputs, target, percentile) is None:  # control flow: TF's calibrator
+        if percentile is not None:
+            raise MzError(f"{recipe.path}: variants: {variant.name}: calibration_method percentile: the model has "
+                          "control flow, which only TensorFlow's calibrator (minmax) follows")
         converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
         calibrate_converter(converter, stripped, lambda: iter(inputs), target)
     marked.unlink()

@@ -17,17 +17,45 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterable
-
 import numpy as np
 
 from .errors import MzError
 from .tflite_file import read_model, write_model
 
 
-def record_ranges(model: Path, tensors: Iterable[np.ndarray], wanted: list[int], threads: int = 2
-                  ) -> dict[int, tuple[float, float]]:
-    """{tensor index: (min, max)} over every input in `tensors`, of the tensors of subgraph 0 in `wanted`."""
+class _Extremes:
+    """The `keep` lowest and highest values one tensor took over all images, so that the value of a given
+    rank from either end of all of them (a percentile) is exact, in memory of 2 x keep values."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.low = self.high = np.empty(0, np.float32)
+
+    def add(self, values: np.ndarray) -> None:
+        flat = values.ravel()
+        if np.isnan(flat.min()):
+            flat = flat[~np.isnan(flat)]
+        if flat.size == 0:
+            return
+        low = flat.min(keepdims=True) if self.keep == 1 else _smallest(flat, self.keep)  # min/max: no partition
+        high = flat.max(keepdims=True) if self.keep == 1 else -_smallest(-flat, self.keep)
+        self.low = _smallest(np.concatenate([self.low, low]), self.keep)
+        self.high = -_smallest(np.concatenate([-self.high, -high]), self.keep)
+
+    def at_rank(self, rank: int) -> tuple[float, float]:
+        """The values `rank` places above the minimum and below the maximum of all values seen."""
+        low, high = np.sort(self.low), np.sort(self.high)[::-1]
+        return float(low[min(rank, low.size - 1)]), float(high[min(rank, high.size - 1)])
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    return values if values.size <= k else np.partition(values, k - 1)[:k]
+
+
+def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], percentile: float | None = None,
+                  threads: int = 2) -> dict[int, tuple[float, float]]:
+    """{tensor index: (low, high)} over every input in `tensors`, of the tensors of subgraph 0 in `wanted`: the
+    min and max, or with `percentile` p the values that leave (100 - p) % of all values below and above."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     # Without the default delegate every tensor is computed by a builtin kernel and kept after invoke
@@ -38,31 +66,31 @@ def record_ranges(model: Path, tensors: Iterable[np.ndarray], wanted: list[int],
                                   experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     model_input = interpreter.get_input_details()[0]["index"]
-    low = {i: np.inf for i in wanted}
-    high = {i: -np.inf for i in wanted}
+    sizes = {d["index"]: int(np.prod(d["shape"])) for d in interpreter.get_tensor_details()}
+    # rank from either end, among all values of all images, of the percentile's value
+    ranks = {i: int((100.0 - percentile) / 100.0 * sizes[i] * len(tensors)) if percentile else 0 for i in wanted}
+    extremes = {i: _Extremes(ranks[i] + 1) for i in wanted}
     for tensor in tensors:
         interpreter.set_tensor(model_input, tensor)
         interpreter.invoke()
         for i in wanted:
             values = interpreter.tensor(i)()  # a view, no copy
-            lo, hi = values.min(), values.max()
-            if np.isnan(lo) or np.isnan(hi):  # NaN values are skipped, as TensorFlow's calibrator does
-                lo, hi = np.nanmin(values, initial=np.inf), np.nanmax(values, initial=-np.inf)
-            low[i], high[i] = min(low[i], float(lo)), max(high[i], float(hi))
+            extremes[i].add(values)  # NaN values are skipped, as TensorFlow's calibrator does
             del values  # invoke() refuses to run while a view of the interpreter's memory is alive
-    return {i: (low[i], high[i]) for i in wanted}
+    return {i: extremes[i].at_rank(ranks[i]) if extremes[i].low.size else (np.inf, -np.inf) for i in wanted}
 
 
-def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path) -> Path | None:
+def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path,
+                               percentile: float | None = None) -> Path | None:
     """Write to `target` the model `marked` (calibrated by the converter on one image) with every range
-    slot set from all `tensors`; None when the model has control flow (more than one subgraph), which
-    only TensorFlow's calibrator follows."""
+    slot set from all `tensors` (see record_ranges); None when the model has control flow (more than one
+    subgraph), which only TensorFlow's calibrator follows."""
     model = read_model(marked)
     if len(model.subgraphs) != 1:
         return None
     slots = {i: t for i, t in enumerate(model.subgraphs[0].tensors)
              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
-    ranges = record_ranges(marked, tensors, sorted(slots))
+    ranges = record_ranges(marked, tensors, sorted(slots), percentile)
     for i, tensor in slots.items():
         low, high = ranges[i]
         if not (np.isfinite(low) and np.isfinite(high)):

@@ -32,6 +32,7 @@ AMBIGUOUS_INTERPOLATIONS = ("bilinear", "nearest", "bicubic")  # every framework
 URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TFLITE_CALIBRATION_METHODS = ("minmax", "percentile")
 # vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
@@ -161,7 +162,8 @@ class Variant:
     min_sqnr_db: float | None
     member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
     per_channel: bool = True  # ONNX int8: per-channel weight scales
-    calibration_method: str = "minmax"  # ONNX int8: minmax | entropy | percentile
+    calibration_method: str = "minmax"  # int8 activation ranges: minmax | percentile (| entropy: ONNX only)
+    calibration_percentile: float = 99.999  # percentile: the share of values kept inside the range
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
@@ -533,10 +535,18 @@ def _parse_postprocess(r: _Reader, strip: Strip | None) -> Postprocess:
     return post
 
 
+def _percentile(r: _Reader) -> float:
+    value = r.number("calibration_percentile", required=False, default=99.999)
+    if not 50 < value <= 100:
+        raise r.fail(f"expected a percentile in (50, 100], e.g. 99.999, got {value}",
+                     r._child_where("calibration_percentile"))
+    return float(value)
+
+
 def _parse_variant(r: _Reader) -> Variant:
     r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
-               "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "reduce_range",
-               "target", "attach_postprocess"))
+               "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "calibration_percentile",
+               "reduce_range", "target", "attach_postprocess"))
     mode = r.string("mode", choices=MODES)
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
@@ -564,6 +574,7 @@ def _parse_variant(r: _Reader) -> Variant:
                    per_channel=r.boolean("per_channel", True),
                    calibration_method=r.string("calibration_method", required=False, default="minmax",
                                                choices=CALIBRATION_METHODS),
+                   calibration_percentile=_percentile(r),
                    reduce_range=r.boolean("reduce_range", False),
                    target=r.string("target", required=False, default="", choices=("tflite", "onnx")),
                    attach_postprocess=r.boolean("attach_postprocess", None))
@@ -687,10 +698,13 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
             raise item.fail(f"a {fmt} source converts to {native} only (ONNX -> TFLite would need onnx2tf, whose "
                             "pins downgrade TensorFlow, numpy and protobuf; torch sources reach TFLite through "
                             "their Keras port)", item._child_where("target"))
+        if v.target == "tflite" and v.calibration_method not in TFLITE_CALIBRATION_METHODS:
+            raise item.fail(f"TFLite int8 records its ranges by {' or '.join(TFLITE_CALIBRATION_METHODS)}; "
+                            f"{v.calibration_method} is ONNX Runtime's", item._child_where("calibration_method"))
         if v.target == "tflite" and onnx_backend and v.mode == "int8":
             continue  # the Keras port converts like any TFLite model: full-integer I/O allowed
         if not onnx_backend:
-            for key in ("per_channel", "calibration_method", "reduce_range"):
+            for key in ("per_channel", "reduce_range"):
                 if item.has(key):
                     raise item.fail(f"{key} applies to onnx and torch sources (TFLite int8 is per-channel)",
                                     item._child_where(key))

@@ -309,9 +309,11 @@ def test_one_calibration_serves_every_int8_variant_like_separate_conversions(tmp
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror):
+@pytest.mark.parametrize("percentile", [None, 99.0])
+def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror, percentile):
     """A residual block (conv -> linear projection -> ADD): every recorded range, the ADD's inputs included,
-    is the min and max TensorFlow computes for that tensor on the calibration images."""
+    is what TensorFlow computes for that tensor on the calibration images: its min and max, or with
+    calibration_method percentile the values leaving (100 - p) % of all values below and above."""
     import tensorflow as tf
 
     from mzconvert.backends.tf import read_graph_def
@@ -319,7 +321,9 @@ def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror
     from mzconvert.tflite_file import read_model, schema
 
     graphs = write_tiny_detector(tmp_path / "graphs", residual=True)
-    variants = f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 6}}\n"
+    method = f", calibration_method: percentile, calibration_percentile: {percentile}" if percentile else ""
+    variants = (f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 6"
+                f"{method}}}\n")
     run(tmp_path, tiny_recipe_text(graphs["frozen"], sha256(graphs["frozen"]), variants=variants))
     recipe = load_recipe(tmp_path / "tiny.yaml")
     calibrated = next((tmp_path / "build" / "tiny" / "calibrate").glob("*/calibrated.tflite"))
@@ -334,10 +338,14 @@ def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror
     with tf.Graph().as_default() as g:
         tf.compat.v1.import_graph_def(read_graph_def(tmp_path / "build" / "tiny" / "strip" / "stripped.pb"), name="")
         session = tf.compat.v1.Session(graph=g)
-        fetched = [session.run(["Relu6_1:0", "residual/project:0", "residual:0"],
+        fetched = [session.run(["Relu6_1:0", "residual/project:0", "residual:0"],  # conv2's ReLU6, projection, sum
                                {f"{INPUT}:0": prepare(p, recipe.preprocess, recipe.input).tensor}) for p in images]
-    truth = sorted((min(float(f[k].min()) for f in fetched), max(float(f[k].max()) for f in fetched)) for k in range(3))
-    np.testing.assert_allclose(recorded, truth, rtol=1e-5, atol=1e-6)
+    truth = []
+    for k in range(3):
+        values = np.sort(np.concatenate([f[k].ravel() for f in fetched]))
+        rank = int((100 - percentile) / 100 * values.size) if percentile else 0
+        truth.append((float(values[rank]), float(values[values.size - 1 - rank])))
+    np.testing.assert_allclose(recorded, sorted(truth), rtol=1e-5, atol=1e-6)
 
 
 def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):

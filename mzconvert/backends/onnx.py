@@ -220,7 +220,8 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
         q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, calibration()),
                           quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel,
                           reduce_range=variant.reduce_range, activation_type=q.QuantType.QInt8,
-                          weight_type=q.QuantType.QInt8, calibrate_method=method)
+                          weight_type=q.QuantType.QInt8, calibrate_method=method,
+                          extra_options={"CalibPercentile": variant.calibration_percentile})
 
 
 def _topologically_sorted(model):
