@@ -713,6 +713,10 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
                             item._child_where("io_dtype"))
         elif v.mode == "uint8-qat":
             raise item.fail("uint8-qat applies to TensorFlow sources", item._child_where("mode"))
+    if vela and not any(v.mode in ("int8", "uint8-qat") and v.target == "tflite" for v in variants):
+        raise r.fail("the NPU compiles TFLite int8 variants, and this recipe has none"
+                     + (" (ONNX variants are not compiled for it; a torch source can add one with target: tflite)"
+                        if onnx_backend else ""), "targets.vela")
     torch_spec = None
     if fmt == "torch":
         if not r.has("torch"):

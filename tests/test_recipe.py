@@ -54,6 +54,8 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
     (lambda d: d["input"].update(shape=[1, 300, "a", 3]), "recipes/x.yaml: input.shape[2]: expected a positive integer"),
     (lambda d: d["source"].update(sha256="abc"), "recipes/x.yaml: source.sha256: expected 64 hex digits"),
     (lambda d: d["variants"][3].pop("calibration"), "recipes/x.yaml: variants[3].calibration: missing required field"),
+    (lambda d: d.update(variants=d["variants"][:3]),
+     "recipes/x.yaml: targets.vela: the NPU compiles TFLite int8 variants, and this recipe has none"),
     (lambda d: d["variants"][3].update(calibration_method="entropy"),
      "recipes/x.yaml: variants[3].calibration_method: TFLite int8 records its ranges by minmax or percentile"),
     (lambda d: d["variants"][3].update(calibration_method="percentile", calibration_percentile=101),
@@ -164,3 +166,10 @@ def test_hostile_yaml_is_a_one_line_error_without_blowing_up(text, expected):
     message = error_of(text)
     assert message.startswith("recipes/x.yaml: ") and expected in message and "\n" not in message
     assert len(message) < 300
+
+
+def test_an_onnx_recipe_with_an_npu_target_is_refused_not_ignored():
+    data = yaml.safe_load((ROOT / "recipes" / "mobilenetv2-onnx.yaml").read_text())
+    data["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128"}]}
+    assert "targets.vela: the NPU compiles TFLite int8 variants, and this recipe has none (ONNX variants" in \
+        error_of(yaml.safe_dump(data))
