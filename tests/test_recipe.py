@@ -170,6 +170,7 @@ def test_hostile_yaml_is_a_one_line_error_without_blowing_up(text, expected):
 
 def test_an_onnx_recipe_with_an_npu_target_is_refused_not_ignored():
     data = yaml.safe_load((ROOT / "recipes" / "mobilenetv2-onnx.yaml").read_text())
-    data["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128"}]}
+    data["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128", "system_config": "Ethos_U55_High_End_Embedded",
+                                 "memory_mode": "Shared_Sram"}]}
     assert "targets.vela: the NPU compiles TFLite int8 variants, and this recipe has none (ONNX variants" in \
         error_of(yaml.safe_dump(data))
