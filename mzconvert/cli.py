@@ -38,6 +38,11 @@ class Context:
         return build_roots(self.fetch_config.cache_dir, recipe, out, build_dir)
 
 
+def echo_error(exc: MzError) -> None:
+    for line in str(exc).splitlines():  # a recipe error names each of its problems on a line
+        click.echo(f"mzconvert: error: {line}", err=True)
+
+
 class _Group(click.Group):
     """Turns MzError into one line on stderr and its exit code."""
 
@@ -45,7 +50,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MzError as exc:
-            click.echo(f"mzconvert: error: {exc}", err=True)
+            echo_error(exc)
             sys.exit(exc.exit_code)
         except OSError as exc:  # disk full, read-only folder, permission: one line, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""
@@ -156,7 +161,7 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir)
 @click.argument("recipes", nargs=-1)
 @pass_context
 def validate(ctx: Context, recipes):
-    """Validate recipes (all of recipes/ when none is named); exit 2 on the first invalid one."""
+    """Validate recipes (all of recipes/ when none is named); exit 2 if any is invalid."""
     names = list(recipes) or available_recipes()
     failures = []
     for name in names:
@@ -164,8 +169,8 @@ def validate(ctx: Context, recipes):
             ctx.recipe(name)
             ctx.console.log(f"{name}: ok")
         except MzError as exc:
-            failures.append(str(exc))
-            click.echo(f"mzconvert: error: {exc}", err=True)
+            failures += str(exc).splitlines()
+            echo_error(exc)
     ctx.console.result({"validated": len(names) - len(failures), "errors": failures},
                        f"{len(names) - len(failures)}/{len(names)} recipes valid")
     if failures:

@@ -653,23 +653,60 @@ def _parse_labels(r: _Reader, recipe_path: Path) -> ClassLabels:
     return ClassLabels(names=names, label_offset=offset)
 
 
+class _Problems:
+    """The errors of a recipe: every section is read even when another failed, so one run names them all."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def check(self, parse: Callable, *args, **kwargs):
+        """parse(*args, **kwargs), or None when it found a problem (kept)."""
+        try:
+            return parse(*args, **kwargs)
+        except RecipeError as exc:
+            self.messages.append(str(exc))
+            return None
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise RecipeError("\n".join(dict.fromkeys(self.messages)))
+
+
+def _parse_targets(r: _Reader) -> tuple[VelaTarget, ...]:
+    if not r.has("targets"):
+        return ()
+    targets = r.child("targets").mapping(("vela",))
+    return _parse_vela_targets(targets.child("vela")) if targets.has("vela") else ()
+
+
 def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     data = load_yaml(path, text)
-    r = _Reader(path, data).mapping(TOP_LEVEL)
-    name = r.string("name", pattern=SAFE_NAME, pattern_text="a safe name (lower case, digits, '.', '_', '-')")
+    r = _Reader(path, data)
+    problems = _Problems()
+    problems.check(r.mapping, TOP_LEVEL)
+    if not isinstance(data, dict):
+        problems.raise_any()
+    name = problems.check(r.string, "name", pattern=SAFE_NAME,
+                          pattern_text="a safe name (lower case, digits, '.', '_', '-')")
     local = not _is_within(path, RECIPES_DIR)
-    source = _parse_source(r.child("source"), local_recipe=local, allow_unpinned=allow_unpinned)
-    model_input = _parse_input(r.child("input"))
-    preprocess = _parse_preprocess(r.child("preprocess") if r.has("preprocess") else _Reader(path, {}, "preprocess"),
-                                   model_input)
-    strip = _parse_strip(r.child("strip"), model_input) if r.has("strip") else None
-    task = r.string("task", choices=TASKS)
-    postprocess = None
-    if r.has("postprocess"):
-        postprocess = _parse_postprocess(r.child("postprocess"), strip)
+    source = problems.check(lambda: _parse_source(r.child("source"), local_recipe=local, allow_unpinned=allow_unpinned))
+    model_input = problems.check(lambda: _parse_input(r.child("input")))
+    preprocess = strip = postprocess = None
+    if model_input is not None:
+        preprocess = problems.check(_parse_preprocess, r.child("preprocess") if r.has("preprocess")
+                                    else _Reader(path, {}, "preprocess"), model_input)
+        strip = problems.check(lambda: _parse_strip(r.child("strip"), model_input) if r.has("strip") else None)
+    task = problems.check(r.string, "task", choices=TASKS)
+    if r.has("postprocess") and (strip is not None or not r.has("strip")):  # else checked against a failed strip
+        postprocess = problems.check(lambda: _parse_postprocess(r.child("postprocess"), strip))
     elif task == "detection":
-        raise r.fail("a detection recipe needs 'postprocess' to decode its outputs", "postprocess")
-    variants = tuple(r.list_of("variants", _parse_variant))
+        problems.messages.append(str(r.fail("a detection recipe needs 'postprocess' to decode its outputs",
+                                            "postprocess")))
+    variants = problems.check(lambda: tuple(r.list_of("variants", _parse_variant)))
+    vela = problems.check(_parse_targets, r)
+    fmt = problems.check(r.string, "format", choices=FORMATS)
+    description, license_text = problems.check(r.string, "description"), problems.check(r.string, "license")
+    problems.raise_any()  # what follows checks sections against each other
     seen = set()
     for i, v in enumerate(variants):
         if v.name in seen:
@@ -677,11 +714,6 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         seen.add(v.name)
         if v.member and not source.is_archive:
             raise r.fail("a variant member needs a url source with an archive member", f"variants[{i}].member")
-    vela = ()
-    if r.has("targets"):
-        targets = r.child("targets").mapping(("vela",))
-        if targets.has("vela"):
-            vela = _parse_vela_targets(targets.child("vela"))
     fmt = r.string("format", choices=FORMATS)
     onnx_backend = fmt in ("onnx", "torch")
     native = "onnx" if onnx_backend else "tflite"
@@ -746,7 +778,7 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
             raise r.fail("detection recipes name their labels in postprocess.labels", "labels")
         labels = _parse_labels(r, path)
     return Recipe(path=path, text_sha256=sha256_bytes(text.encode()), name=name, task=task,
-                  description=r.string("description"), license=r.string("license"), source=source,
+                  description=description, license=license_text, source=source,
                   format=fmt, input=model_input, preprocess=preprocess,
                   strip=strip, postprocess=postprocess, variants=variants, vela=vela, verify=verify,
                   graph_edits=_parse_graph_edits(r.child("graph_edits")) if r.has("graph_edits") else {},

@@ -88,7 +88,7 @@ def test_onnx_stages_and_modes_without_torch(tmp_path, mirror):
 
 
 def test_onnx_strip_at_unknown_tensor_lists_close_matches(tmp_path, mirror):
-    with pytest.raises(RecipeError, match="strip.outputs: tensor 'logit' is not in the graph; close matches: logits"):
+    with pytest.raises(RecipeError, match="strip.outputs: tensor 'logit' is not in the graph; did you mean 'logits'"):
         run(tmp_path, recipe_text(tiny_onnx(tmp_path / "tiny.onnx"), outputs="logit"))
 
 

@@ -140,7 +140,19 @@ def test_bad_recipe_corpus_is_rejected_with_the_expected_line(path):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     message = str(info.value)
-    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message
+    assert expected in message and all(line.startswith(f"{path}: ") for line in message.splitlines()), message
+
+
+def test_every_problem_of_a_recipe_is_named_in_one_run():
+    def break_three(d):
+        d.pop("task")
+        d["input"]["shape"] = "300x300"
+        d["variants"][0]["mode"] = "int4"
+
+    lines = error_of(mutate(break_three)).splitlines()
+    assert lines == ["recipes/x.yaml: input.shape: expected a list, got the string '300x300'",
+                     "recipes/x.yaml: task: missing required field",
+                     "recipes/x.yaml: variants[0].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat"]
 
 
 def test_vela_knows_every_accelerator_we_accept():

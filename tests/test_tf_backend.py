@@ -122,7 +122,7 @@ def test_unknown_strip_tensor_lists_close_matches(tmp_path, tiny):
     text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"])).replace("outputs: [boxes, logits]",
                                                                             "outputs: [boxes, logit]")
     text = text.replace("class_output: logits", "class_output: logit")
-    with pytest.raises(RecipeError, match=r"strip.outputs: tensor 'logit' is not in the graph; close matches: logits"):
+    with pytest.raises(RecipeError, match=r"strip.outputs: tensor 'logit' is not in the graph; did you mean 'logits'"):
         run(tmp_path, text)
 
 
@@ -371,3 +371,12 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     assert (dist / "debug" / "i8.png").is_file() and "debug/i8.json" in (dist / "MD5SUMS").read_text()
     assert run_cli("report", str(recipe), "--out", str(tmp_path / "dist")).returncode == 0
     assert "## Per-layer quantization error: i8" in (dist / "report.md").read_text()
+
+
+def test_a_name_with_the_import_scope_gets_the_name_in_the_file(tmp_path, tiny):
+    """tf.import_graph_def (TensorBoard, most notebooks) shows 'import/logits'; the file says 'logits'."""
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]))
+    text = text.replace("outputs: [boxes, logits]", "outputs: [boxes, import/logits]").replace(
+        "class_output: logits", "class_output: import/logits")
+    with pytest.raises(RecipeError, match=r"tensor 'import/logits' is not in the graph; did you mean 'logits'"):
+        run(tmp_path, text, until="strip")

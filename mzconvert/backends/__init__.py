@@ -42,8 +42,11 @@ def check_tensors(recipe: Recipe, field: str, names: Iterable[str], known: Itera
     known_set = set(known)
     for name in names:
         if key(name) not in known_set:
-            close = difflib.get_close_matches(key(name), known, n=3, cutoff=0.6)
-            hint = f"; close matches: {', '.join(close)}" if close else ""
+            wanted = key(name)
+            # a scope too many ('import/x', what tf.import_graph_def adds) or too few ('input' for 'a/b/input')
+            scoped = [k for k in known if wanted.endswith("/" + k) or k.endswith("/" + wanted)]
+            close = list(dict.fromkeys(scoped + difflib.get_close_matches(wanted, known, n=3, cutoff=0.6)))[:3]
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise RecipeError(f"{recipe.path}: {field}: tensor {name!r} is not in the graph{hint}")
 
 
