@@ -17,7 +17,7 @@ from . import __version__
 from .console import Console
 from .errors import EXIT_BAD_INPUT, MzError
 from .fetch import FetchConfig, Fetcher, default_cache_dir, default_mirrors
-from .recipe import Recipe, available_recipes, load_recipe
+from .recipe import Recipe, available_recipes, load_recipe, use_recipes_dir
 
 
 @dataclass
@@ -69,9 +69,13 @@ class _Group(click.Group):
                    "[$MZCONVERT_MIRRORS, ':'-separated]. Files are matched by checksum.")
 @click.option("--offline", is_flag=True, help="Never download: use the cache and directory mirrors only.")
 @click.option("--allow-unpinned", is_flag=True, help="Accept sources without a checksum.")
+@click.option("--recipes-dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              envvar="MZCONVERT_RECIPES", help="Where recipe names are looked up (list, build NAME, release, "
+              "matrix) [the shipped recipes; $MZCONVERT_RECIPES].")
 @click.pass_context
-def main(ctx, quiet, json_output, cache_dir, mirrors, offline, allow_unpinned):
+def main(ctx, quiet, json_output, cache_dir, mirrors, offline, allow_unpinned, recipes_dir):
     """Turn published mobile-vision checkpoints into verified edge artifacts, from YAML recipes."""
+    use_recipes_dir(recipes_dir)  # before FetchConfig: recipes.lock lives beside the recipe folder
     console = Console(quiet=quiet, json_output=json_output)
     config = FetchConfig(cache_dir=cache_dir or default_cache_dir(),
                          mirrors=list(mirrors) or default_mirrors(), offline=offline,
@@ -85,7 +89,7 @@ pass_context = click.make_pass_decorator(Context)
 @main.command("list")
 @pass_context
 def list_recipes(ctx: Context):
-    """List the recipes in recipes/."""
+    """List the recipes (the shipped ones, or those of --recipes-dir)."""
     rows = []
     for name in available_recipes():
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .console import Console
 from .errors import EXIT_BAD_INPUT, MzError
-from .fsio import atomic_path, file_digests, replace_folder, write_bytes_atomic, write_json_atomic
+from .fsio import atomic_path, file_digests, replace_folder, sha256_bytes, write_bytes_atomic, write_json_atomic
 from .recipe import Recipe
 
 
@@ -182,13 +182,16 @@ def check_md5sums(folder: Path) -> list[Path]:
 
 
 def release(folders: list[Path], out_dir: Path, version: str) -> Path:
-    """One reproducible mzconvert-<version>-artifacts.tar.gz of dist folders, with a top-level MD5SUMS."""
-    top = f"mzconvert-{version}-artifacts"
+    """One reproducible mzconvert-<version>-<recipes>-<digest>.tar.gz of dist folders, with a top-level MD5SUMS.
+    The name says what is in it, so releases of other recipes or other builds never overwrite each other."""
     entries = []  # (name in archive, path)
     for folder in sorted(folders):
         entries += [(f"{folder.name}/{p.relative_to(folder).as_posix()}", p) for p in check_md5sums(folder)]
         entries.append((f"{folder.name}/MD5SUMS", folder / "MD5SUMS"))
     md5sums = "".join(f"{file_digests(p, ('md5',))['md5']}  {name}\n" for name, p in sorted(entries))
+    names = sorted(f.name for f in folders)
+    what = names[0] if len(names) == 1 else f"{len(names)}-recipes"
+    top = f"mzconvert-{version}-{what}-{sha256_bytes(md5sums.encode())[:12]}"
     target = out_dir / f"{top}.tar.gz"
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \

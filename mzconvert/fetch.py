@@ -26,7 +26,7 @@ from typing import Callable
 from .archive import extract_member
 from .errors import FetchError, MzError, short_text
 from .fsio import atomic_path, file_digests, folder_lock, write_json_atomic
-from .recipe import RECIPES_DIR, Source
+from .recipe import Source, recipes_dir
 
 RETRIES = 4
 BACKOFF_SECONDS = 0.5
@@ -57,7 +57,7 @@ class FetchConfig:
     offline: bool = False
     log: Callable[[str], None] = lambda message: None
     progress: Progress | None = None
-    lock_file: Path = field(default_factory=lambda: RECIPES_DIR.parent / "recipes.lock")
+    lock_file: Path = field(default_factory=lambda: recipes_dir().parent / "recipes.lock")
     # A server that drips bytes never trips the per-read timeout: a download that moves fewer than
     # stall_bytes in stall_seconds is cut (and retried, resuming), and none may take over deadline_seconds.
     stall_seconds: float = 60.0

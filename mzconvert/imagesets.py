@@ -19,8 +19,9 @@ from .fsio import sha256_bytes, sha256_file, write_bytes_atomic
 from .yamlsafe import load_yaml
 from .preprocess import list_images
 from .recipe import SAFE_NAME, _Reader
+from .shipped import shipped_dir
 
-SETS_DIR = Path(__file__).resolve().parent.parent / "calibration"
+SETS_DIR = shipped_dir("calibration")
 # Any name a file can have in a folder (upper case, spaces), but no path: it is joined to a folder and a URL.
 FILE_NAME = re.compile(r"^(?!\.)[^/\\\x00-\x1f]{1,255}$")
 SELECTION_RULE = "the {count} files with the lowest sha256 digests among the {pool} images of the pool"

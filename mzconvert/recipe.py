@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .errors import RecipeError
 from .fsio import HASH_ALGORITHMS, sha256_bytes
+from .shipped import shipped_dir
 from .yamlsafe import load_yaml, short
 
 TASKS = ("detection", "classification")
@@ -39,7 +40,18 @@ ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256"
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SHIPPED_RECIPES = shipped_dir("recipes")
+_chosen_recipes_dir: Path | None = None  # --recipes-dir / $MZCONVERT_RECIPES
+
+
+def use_recipes_dir(folder: Path | None) -> None:
+    """Recipe names (build NAME, list, release, matrix) are looked up in `folder` instead of the shipped ones."""
+    global _chosen_recipes_dir
+    _chosen_recipes_dir = folder
+
+
+def recipes_dir() -> Path:
+    return _chosen_recipes_dir or SHIPPED_RECIPES
 
 
 @dataclass(frozen=True)
@@ -688,7 +700,7 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
         problems.raise_any()
     name = problems.check(r.string, "name", pattern=SAFE_NAME,
                           pattern_text="a safe name (lower case, digits, '.', '_', '-')")
-    local = not _is_within(path, RECIPES_DIR)
+    local = not _is_within(path, SHIPPED_RECIPES)  # shipped recipes must not name files of this machine
     source = problems.check(lambda: _parse_source(r.child("source"), local_recipe=local, allow_unpinned=allow_unpinned))
     model_input = problems.check(lambda: _parse_input(r.child("input")))
     preprocess = strip = postprocess = None
@@ -802,16 +814,16 @@ def resolve_recipe_path(name_or_path: str) -> Path:
         return path
     if not SAFE_NAME.match(name_or_path):
         raise RecipeError(f"{short(name_or_path)}: not a safe recipe name (lower case, digits, '.', '_', '-')")
-    path = RECIPES_DIR / f"{name_or_path}.yaml"
+    path = recipes_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         hint = difflib.get_close_matches(name_or_path, available_recipes(), n=1)
-        raise RecipeError(f"{name_or_path}: no recipe of that name in {RECIPES_DIR}"
+        raise RecipeError(f"{name_or_path}: no recipe of that name in {recipes_dir()}"
                           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     return path
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
 def load_recipe(name_or_path: str | Path, allow_unpinned: bool = False) -> Recipe:
@@ -821,6 +833,6 @@ def load_recipe(name_or_path: str | Path, allow_unpinned: bool = False) -> Recip
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
     recipe = parse_recipe(path, text, allow_unpinned=allow_unpinned)
-    if not _is_within(path, RECIPES_DIR) or recipe.name == path.stem:
+    if not _is_within(path, recipes_dir()) or recipe.name == path.stem:
         return recipe
     raise RecipeError(f"{path}: name: {recipe.name!r} must match the file name {path.stem!r}")

@@ -157,3 +157,19 @@ def test_dist_has_its_own_lock_across_build_folders(tmp_path, mirror):
                        "--build-dir", str(tmp_path / "other-build"), "--lock-timeout", "1")
     assert done.returncode == 4 and "locked by another mzconvert process" in done.stderr
     assert not (tmp_path / "dist" / "tiny").exists()
+
+
+def test_a_folder_of_own_recipes_works_by_name_everywhere(tiny_build, tmp_path):
+    """--recipes-dir (or $MZCONVERT_RECIPES): list, build NAME, release, matrix; the release names what it holds."""
+    recipe, where, dist = tiny_build
+    own = ["--recipes-dir", str(recipe.parent)]
+    listed = run_cli("--json", *own, "list")
+    assert [row["name"] for row in json.loads(listed.stdout)] == ["tiny"]
+    assert run_cli(*own, "build", "tiny", *where).returncode == 0  # up to date, found by name
+    matrix = run_cli("--json", "matrix", env={"MZCONVERT_RECIPES": str(recipe.parent)})
+    assert json.loads(matrix.stdout) == {"include": [{"recipe": "tiny"}]}
+    done = run_cli("--json", *own, "release", "--all", "--dist", str(dist.parent), "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    bundle = Path(json.loads(done.stdout)["bundle"])
+    assert bundle.name.startswith("mzconvert-0.1.0-tiny-") and bundle.name.endswith(".tar.gz")
+    assert not (recipe.parent / "recipes.lock").exists()  # pinned sources need no lock entry
