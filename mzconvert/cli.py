@@ -147,12 +147,12 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir)
     from .recipe import parse_recipe
     from .scaffold import propose_recipe
 
-    path, served_as, source_fields = resolve_source(source, ctx.fetcher())
-    report = inspect_file(path, member, served_as)
-    text = propose_recipe(name, report, source_fields, member, calibration, verify_images)
     target = to_dir / f"{name}.yaml"
     if target.exists():
         raise MzError(f"{target}: exists; remove it or choose another NAME", EXIT_BAD_INPUT)
+    path, served_as, source_fields = resolve_source(source, ctx.fetcher())
+    report = inspect_file(path, member, served_as)
+    text = propose_recipe(name, report, source_fields, member, calibration, verify_images)
     parse_recipe(target.resolve(), text)  # what init writes must validate
     to_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:

@@ -108,10 +108,14 @@ def archive_members(path: Path) -> list[dict]:
     else:
         with tarfile.open(path) as tar:
             entries = [(i.name, i.size) for i in tar.getmembers() if i.isfile()]
+    saved_models = {name.removesuffix("saved_model.pb") for name, _ in entries if name.endswith("saved_model.pb")}
     for name, size in entries:
-        kind = MODEL_SUFFIXES.get(Path(name).suffix)
-        if name.endswith("saved_model.pb"):
-            name, kind = name.rsplit("/", 1)[0] + "/" if "/" in name else name, "tf-saved-model"
+        folder = next((f for f in saved_models if name.startswith(f)), None)
+        if folder is not None:  # a SavedModel is one model, its folder: not each of its files
+            kind = "tf-saved-model" if name.endswith("saved_model.pb") else None
+            name = (folder or "./") if kind else name
+        else:
+            kind = MODEL_SUFFIXES.get(Path(name).suffix)
         members.append({"name": name, "size": size, **({"model": kind} if kind else {})})
     return members
 

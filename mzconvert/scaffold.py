@@ -40,7 +40,7 @@ def _model_report(report: dict, member: str | None) -> dict:
                       f"{', '.join(models) or 'none'})", EXIT_BAD_INPUT)
     if "format" not in model:
         raise MzError(f"{model['file']}: {model.get('kind') or 'not a model file'}: init proposes recipes for "
-                      "TF frozen graphs and ONNX models", EXIT_BAD_INPUT)
+                      "TF frozen graphs, SavedModels and ONNX models", EXIT_BAD_INPUT)
     return model
 
 
@@ -90,14 +90,28 @@ def _onnx(model: dict) -> dict:
             "classes": (model["outputs"][0]["shape"] or [None])[-1]}
 
 
+def _saved_model(model: dict) -> dict:
+    signatures = model.get("signatures", {})
+    key = "serving_default" if "serving_default" in signatures else next(iter(signatures), None)
+    if key is None or len(signatures[key]["inputs"]) != 1:
+        raise MzError(f"{model['file']}: init proposes SavedModels with a serving signature of one image input "
+                      f"(signatures: {', '.join(signatures) or 'none'})", EXIT_BAD_INPUT)
+    (name, spec), = signatures[key]["inputs"].items()
+    outputs = signatures[key]["outputs"]
+    first = next(iter(outputs.values()), {})
+    return {"task": "classification", "input": name, "shape": _static(spec["shape"], name),
+            "outputs": sorted(outputs), "preprocess": TF_PREPROCESS, "classes": (first.get("shape") or [None])[-1]}
+
+
 def propose_recipe(name: str, report: dict, source: dict, member: str | None, calibration: Path | None,
                    verify: Path | None) -> str:
     """The recipe text for the model `report` describes (see inspection.inspect_file)."""
     model = _model_report(report, member)
     fmt = model["format"]
-    proposers = {"tf-frozen-graph": _frozen_graph, "onnx": _onnx}
+    proposers = {"tf-frozen-graph": _frozen_graph, "tf-saved-model": _saved_model, "onnx": _onnx}
     if fmt not in proposers:
-        raise MzError(f"{model['file']}: init proposes recipes for TF frozen graphs and ONNX models, not {fmt} "
+        raise MzError(f"{model['file']}: init proposes recipes for TF frozen graphs, SavedModels and ONNX models, "
+                      f"not {fmt} "
                       "yet; mzconvert inspect lists what such a recipe needs", EXIT_BAD_INPUT)
     p = proposers[fmt](model)
     layout = p.get("layout", "NHWC")

@@ -129,19 +129,45 @@ def test_inspect_proposes_the_raw_outputs_of_the_real_pedestrian_graph(tmp_path,
     assert proposed["source"]["sha256"] == shipped["source"]["sha256"]
 
 
-def test_inspect_lists_saved_model_signatures(tmp_path):
+def tiny_saved_model(folder: Path, classes: int = 6) -> Path:
+    """A TF2 SavedModel as Keras or tf.Module exports one: variables, a serving signature (pixels -> scores)."""
     import tensorflow as tf
 
-    class Scorer(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32, name="pixels")])
-        def __call__(self, pixels):
-            return {"scores": tf.reduce_mean(pixels, [1, 2])}
+    rng = np.random.RandomState(2)
 
-    tf.saved_model.save(Scorer(), str(tmp_path / "exported"))
-    result = run_cli("--json", "inspect", str(tmp_path / "exported"))
+    class Scorer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(rng.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32))
+            self.dense = tf.Variable(rng.normal(0, 0.5, (8, classes)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="pixels")])
+        def __call__(self, pixels):
+            features = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(pixels, self.kernel, 2, "SAME")), [1, 2])
+            return {"scores": tf.matmul(features, self.dense)}
+
+    tf.saved_model.save(Scorer(), str(folder))
+    return folder
+
+
+def test_init_builds_a_saved_model_by_its_signature_keys(tmp_path, mirror):
+    import tarfile
+
+    exported = tiny_saved_model(tmp_path / "export" / "saved_model")
+    result = run_cli("--json", "inspect", str(exported))
     assert result.returncode == 0, result.stderr
     signature = json.loads(result.stdout)["signatures"]["serving_default"]
-    assert signature["inputs"]["pixels"]["shape"] == [1, 8, 8, 3] and signature["inputs"]["pixels"]["dtype"] == "float32"
-    assert signature["outputs"]["scores"]["shape"] == [1, 3]
+    assert signature["inputs"]["pixels"]["shape"] == [1, 16, 16, 3] and signature["inputs"]["pixels"]["dtype"] == "float32"
+    assert signature["outputs"]["scores"]["shape"] == [1, 6]
+    archive = tmp_path / "exported.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(exported, arcname="saved_model")
+    built = init_and_build(tmp_path, "my-savedmodel", archive, "--member", "saved_model")
+    recipe = built["recipe"]
+    assert recipe["format"] == "tf-saved-model" and recipe["source"]["member"] == "saved_model"
+    assert recipe["input"]["name"] == "pixels" and recipe["strip"]["outputs"] == ["scores"]  # no serving_default_*
+    assert built["variants"]["int8"]["verify"]["scores"]["cosine"] > 0.9
+
+def test_inspect_names_a_missing_file(tmp_path):
     missing = run_cli("inspect", str(tmp_path / "nothing-here.onnx"))
     assert missing.returncode == 2 and "nothing-here.onnx" in missing.stderr

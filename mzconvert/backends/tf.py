@@ -7,6 +7,7 @@ pay its 3-4 s import.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -96,22 +97,63 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     keep = list(recipe.strip.outputs if recipe.strip else ())
     if recipe.postprocess is not None and recipe.postprocess.anchors_tensor:
         keep.append(recipe.postprocess.anchors_tensor)
-    outputs = _node_names(keep)
-    if not outputs:
+    if not keep:
         raise RecipeError(f"{recipe.path}: strip.outputs: needed to freeze a {recipe.format} source")
     graph = tf.Graph()
+    signature = SignatureNames()
     with tf.compat.v1.Session(graph=graph) as session:
         if recipe.format == "tf-checkpoint":
             meta = _checkpoint_meta(source)
             saver = tf.compat.v1.train.import_meta_graph(str(meta), clear_devices=True)
             saver.restore(session, str(meta.with_suffix("")))
         else:  # tf-saved-model
-            tf.compat.v1.saved_model.loader.load(session, ["serve"], str(source))
-        _check_nodes(recipe, "strip.outputs", outputs, [n.name for n in graph.as_graph_def().node])
+            signature = _signature_names(tf.compat.v1.saved_model.loader.load(session, ["serve"], str(source)))
+        nodes = [n.name for n in graph.as_graph_def().node]
+        outputs = _node_names(signature.outputs.get(name, name) for name in keep)
+        _check_nodes(recipe, "strip.outputs", outputs, nodes + list(signature.outputs))
         frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
             session, graph.as_graph_def(), outputs)
+    signature.name_nodes(frozen, [recipe.input.name, *(recipe.strip.inputs if recipe.strip else ())], keep)
     apply_graph_edits(frozen, recipe)
     return _write_graph_def(frozen, target)
+
+
+@dataclass
+class SignatureNames:
+    """A SavedModel's serving signature: its input and output keys -> the graph tensors they stand for. Recipes
+    name tensors by key ('pixels', 'scores'); the frozen graph gets nodes of those names."""
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    output_dtypes: dict[str, int] = field(default_factory=dict)  # DataType enums
+
+    def name_nodes(self, graph_def, inputs: list[str], outputs: list[str]) -> None:
+        tf = _tf()
+        taken = {n.name for n in graph_def.node}
+        renamed = {_node_name(self.inputs[key]): key for key in inputs if key in self.inputs and key not in taken}
+        for node in graph_def.node:  # an input key renames its placeholder, and every use of it
+            node.name = renamed.get(node.name, node.name)
+            node.input[:] = [_renamed_input(i, renamed) for i in node.input]
+        for key in dict.fromkeys(outputs):  # an output key is an Identity of the tensor it stands for
+            if key in self.outputs and key not in taken:
+                identity = graph_def.node.add(name=key, op="Identity", input=[self.outputs[key].removesuffix(":0")])
+                identity.attr["T"].CopyFrom(tf.compat.v1.AttrValue(type=self.output_dtypes[key]))
+
+
+def _renamed_input(name: str, renamed: dict[str, str]) -> str:
+    control = name.startswith("^")
+    node, _, index = name.lstrip("^").partition(":")
+    node = renamed.get(node, node)
+    return ("^" if control else "") + node + (f":{index}" if index else "")
+
+
+def _signature_names(meta_graph) -> SignatureNames:
+    signatures = {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+    chosen = signatures.get("serving_default") or (next(iter(signatures.values())) if len(signatures) == 1 else None)
+    if chosen is None:
+        return SignatureNames()
+    return SignatureNames({k: v.name for k, v in chosen.inputs.items()}, {k: v.name for k, v in chosen.outputs.items()},
+                          {k: v.dtype for k, v in chosen.outputs.items()})
 
 
 def _checkpoint_meta(source: Path) -> Path:
