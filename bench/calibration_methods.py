@@ -3,12 +3,12 @@
 For each real model, int8 variants that differ only in how their activation ranges are calibrated
 (method: minmax or percentile; image count) are built next to float32 and evaluated on the same
 images. Printed per variant: the accuracy, its ratio to float32 with the paired bootstrap 95 %
-interval, and the paired fidelity to the float model on the verify images (top-1 agreement for
-the classifier, matched detections for the detector).
+interval, and the paired fidelity to the float model (classifiers: top-1 agreement on the evaluated
+images; the detector: detections matched and SQNR of the class logits, on the 32 verify images).
 Pedestrian AP is on the 132 COCO val2017 images; MobileNetV2 top-1 on the 500 ImageNet samples,
 calibrated on imagenet-calib (disjoint).
 
-Usage: .venv/bin/python bench/calibration_methods.py [--mirror DIR] [--only detector|classifier]
+Usage: .venv/bin/python bench/calibration_methods.py [--mirror DIR] [--only detector|classifier|classifier-onnx]
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 # (recipe, dataset below the mirror, calibration folder below the mirror, extra variant fields, counts)
 MODELS = {
-    "detector": ("pedestrian-ssdlite", "coco", "coco/train2017", {}, (100, 200)),
-    "classifier": ("mobilenetv2-torchvision", "imagenet-samples", "imagenet-calib", {"target": "tflite"}, (100, 300)),
+    "detector": ("pedestrian-ssdlite", "coco", "coco/train2017", {}, (100, 200), ("int8", "float32")),
+    "classifier": ("mobilenetv2-torchvision", "imagenet-samples", "imagenet-calib", {"target": "tflite"}, (100, 300),
+                   ("int8",)),
+    # ONNX Runtime's QDQ int8 of the same module; reduce_range: 7-bit weights (what x86 without VNNI needs)
+    "classifier-onnx": ("mobilenetv2-torchvision", "imagenet-samples", "imagenet-calib",
+                        {"target": "onnx", "reduce_range": True}, (300,), ("float32",)),
 }
 METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99))
 
@@ -43,6 +47,16 @@ def variants(calibration: Path, extra: dict, counts: tuple[int, ...], io_dtypes:
                             "calibration_method": method, **extra,
                             **({"calibration_percentile": percentile} if percentile else {})})
     return out
+
+
+def fidelity(verify: dict, row: dict) -> str:
+    """Paired with the float model: top-1 agreement on the evaluated images, or on the verify images the
+    matched detections and the SQNR of the class logits."""
+    if "top1_agreement" in row:
+        return f"{row['top1_agreement']:.1%} top-1 agree"
+    outputs = [m for m in verify.values() if isinstance(m, dict)]
+    sqnr = f", SQNR {outputs[-1]['sqnr_db']:.1f} dB" if outputs else ""
+    return f"{verify.get('matched_detections', 0):.1%} matched{sqnr}"
 
 
 def cli(*args: str) -> dict:
@@ -61,11 +75,10 @@ def main() -> None:
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-calibration-"))
     try:
-        for kind, (name, dataset, calibration, extra, counts) in MODELS.items():
+        for kind, (name, dataset, calibration, extra, counts, io_dtypes) in MODELS.items():
             if args.only and kind != args.only:
                 continue
             recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
-            io_dtypes = ("int8", "float32") if kind == "detector" else ("int8",)
             recipe["variants"] = variants(mirror / calibration, extra, counts, io_dtypes)
             recipe.pop("targets", None)
             recipe.pop("source_pipeline", None)
@@ -77,18 +90,14 @@ def main() -> None:
             metric = evaluation["metric"]
             print(f"\n{name}: {metric} on {evaluation['images']} images of {dataset}; int8 calibrated on "
                   f"{calibration}")
-            print(f"{'variant':34} {metric:>7} {'of float32':>10} {'95 % interval':>15} {'fidelity (verify images)':>26}")
+            print(f"{'variant':34} {metric:>7} {'of float32':>10} {'95 % interval':>15}  fidelity to float32")
             for variant, row in evaluation["results"].items():
                 if variant not in manifest["variants"]:
                     continue
                 low, high = row["ratio_interval"]
-                verify = manifest["variants"][variant].get("verify", {})
-                fidelity = (f"{verify['matched_detections']:.1%} matched" if "matched_detections" in verify else
-                            next((f"{m['top1_agreement']:.1%} top-1 agree" for m in verify.values()
-                                  if isinstance(m, dict) and "top1_agreement" in m), ""))
                 base = evaluation["results"][evaluation["baseline"]][metric]
-                print(f"{variant:34} {row[metric]:7.4f} {row[metric] / base:10.1%} {low:7.1%} - {high:5.1%} "
-                      f"{fidelity:>26}")
+                print(f"{variant:34} {row[metric]:7.4f} {row[metric] / base:10.1%} {low:7.1%} - {high:5.1%}  "
+                      f"{fidelity(manifest['variants'][variant].get('verify', {}), row)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

