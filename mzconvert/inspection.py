@@ -92,9 +92,14 @@ def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:
             local = Path(source[len("file://"):])
             return local, local.name, {"url": source}
         return fetcher.fetch_unpinned(source), source.rstrip("/").rsplit("/", 1)[-1], {"url": source}
-    if source.startswith("pypi:"):
-        raise MzError(f"{source}: inspect and init read local files and URLs; for a PyPI package, `pip download "
-                      "--no-deps --only-binary :all:` it and name the wheel", EXIT_BAD_INPUT)
+    if source.startswith("pypi:"):  # the release file the index lists (see pypi.py): never pip
+        from .fetch import Pin
+        from .pypi import resolve
+
+        requirement = source.removeprefix("pypi:")
+        release = resolve(requirement)
+        package = fetcher.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url])
+        return package, release.filename, {"pypi": requirement}
     local = Path(source).resolve()
     return local, local.name, {"url": local.as_uri()}
 

@@ -118,8 +118,10 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     height, width = (p["shape"][2:4] if layout == "NCHW" else p["shape"][1:3])
     recipe = {"name": name, "task": p["task"], "description": f"{name}: {model['file']}",
               "license": "CHECK: the model's license",
-              "source": {**source, **({"member": member} if member else {}), "size": report["size"],
-                         "sha256": report["sha256"]},
+              # a pypi source pins the member (the package is pinned by the index), a URL the file fetched
+              "source": {**source, **({"member": member} if member else {}),
+                         "size": (model if "pypi" in source else report)["size"],
+                         "sha256": (model if "pypi" in source else report)["sha256"]},
               "format": fmt,
               "input": {"name": p["input"], "shape": p["shape"], "layout": layout, "dtype": "float32"},
               "preprocess": {"resize": [height, width], **p["preprocess"]},

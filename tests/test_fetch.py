@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import zipfile
 from pathlib import Path
@@ -338,6 +339,10 @@ variants: [{{name: float32, mode: float32}}]
     assert done.returncode == 0, done.stderr
     assert not marker.exists()  # nothing of the package ran
     assert [p for p, _ in http_server.requests if p.startswith("/packages/")] == ["/packages/tinymodels-1.0.tar.gz"]
+    listed = run_cli("--json", "--cache-dir", str(tmp_path / "cache"), "inspect", "pypi:tinymodels==1.0", env=env)
+    assert listed.returncode == 0, listed.stderr
+    members = {m["name"]: m.get("model") for m in json.loads(listed.stdout)["members"]}
+    assert members["tinymodels-1.0/tinymodels/model.onnx"] == "onnx" and members["tinymodels-1.0/setup.py"] is None
 
     http_server.files["/simple/tinymodels/"] = http_server.files["/simple/tinymodels/"].replace(digest.encode(), b"f" * 64)
     again = run_cli("--cache-dir", str(tmp_path / "other-cache"), "fetch", str(recipe), env=env)
