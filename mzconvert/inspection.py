@@ -71,7 +71,7 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
     if member is not None:
         raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
     inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-saved-model": inspect_saved_model,
-                  "onnx": inspect_onnx, "tflite": inspect_tflite}
+                  "keras": inspect_keras, "onnx": inspect_onnx, "tflite": inspect_tflite}
     if kind in inspectors:
         try:
             report |= inspectors[kind](path)
@@ -197,6 +197,19 @@ def inspect_saved_model(path: Path) -> dict:
             signatures[key] = {"tags": list(meta.meta_info_def.tags), "inputs": tensors(signature.inputs),
                                "outputs": tensors(signature.outputs)}
     return {"format": "tf-saved-model", "signatures": signatures}
+
+
+def inspect_keras(path: Path) -> dict:
+    from .backends.tf import load_keras
+
+    model = load_keras(path)
+
+    def tensors(values, names) -> list[dict]:
+        return [{"name": name, "dtype": str(getattr(v.dtype, "name", v.dtype)),
+                 "shape": [d if d is not None else -1 for d in v.shape]} for v, name in zip(values, names)]
+
+    return {"format": "keras", "inputs": tensors(model.inputs, [i.name for i in model.inputs]),
+            "outputs": tensors(model.outputs, model.output_names), "layers": len(model.layers)}
 
 
 def inspect_onnx(path: Path) -> dict:

@@ -21,7 +21,7 @@ from .shipped import shipped_dir
 from .yamlsafe import load_yaml, short
 
 TASKS = ("detection", "classification")
-FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "onnx", "torch")
+FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch")
 MODES = ("float32", "float16", "dynamic", "int8", "uint8-qat")
 IO_DTYPES = ("float32", "int8", "uint8")
 LAYOUTS = ("NHWC", "NCHW")

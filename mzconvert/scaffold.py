@@ -40,7 +40,7 @@ def _model_report(report: dict, member: str | None) -> dict:
                       f"{', '.join(models) or 'none'})", EXIT_BAD_INPUT)
     if "format" not in model:
         raise MzError(f"{model['file']}: {model.get('kind') or 'not a model file'}: init proposes recipes for "
-                      "TF frozen graphs, SavedModels and ONNX models", EXIT_BAD_INPUT)
+                      "TF frozen graphs, SavedModels, Keras and ONNX models", EXIT_BAD_INPUT)
     return model
 
 
@@ -78,7 +78,15 @@ def _frozen_graph(model: dict) -> dict:
             "classes": (outputs[0].get("shape") or [None])[-1]}
 
 
+def _keras(model: dict) -> dict:
+    return _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS}
+
+
 def _onnx(model: dict) -> dict:
+    return _single_input(model) | {"preprocess": TORCH_PREPROCESS}
+
+
+def _single_input(model: dict) -> dict:
     if len(model["inputs"]) != 1:
         raise MzError(f"{model['file']}: {len(model['inputs'])} inputs; init proposes single-image models",
                       EXIT_BAD_INPUT)
@@ -86,8 +94,7 @@ def _onnx(model: dict) -> dict:
     shape = _static(model_input["shape"], model_input["name"])
     return {"task": "classification", "input": model_input["name"], "shape": shape,
             "layout": "NCHW" if len(shape) == 4 and shape[1] in (1, 3) else "NHWC",
-            "outputs": [o["name"] for o in model["outputs"]], "preprocess": TORCH_PREPROCESS,
-            "classes": (model["outputs"][0]["shape"] or [None])[-1]}
+            "outputs": [o["name"] for o in model["outputs"]], "classes": (model["outputs"][0]["shape"] or [None])[-1]}
 
 
 def _saved_model(model: dict) -> dict:
@@ -108,12 +115,13 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     """The recipe text for the model `report` describes (see inspection.inspect_file)."""
     model = _model_report(report, member)
     fmt = model["format"]
-    proposers = {"tf-frozen-graph": _frozen_graph, "tf-saved-model": _saved_model, "onnx": _onnx}
+    proposers = {"tf-frozen-graph": _frozen_graph, "tf-saved-model": _saved_model, "keras": _keras, "onnx": _onnx}
     if fmt not in proposers:
-        raise MzError(f"{model['file']}: init proposes recipes for TF frozen graphs, SavedModels and ONNX models, "
-                      f"not {fmt} "
+        raise MzError(f"{model['file']}: init proposes recipes for TF frozen graphs, SavedModels, Keras and ONNX "
+                      f"models, not {fmt} "
                       "yet; mzconvert inspect lists what such a recipe needs", EXIT_BAD_INPUT)
     p = proposers[fmt](model)
+    onnx_backend = fmt == "onnx"  # ONNX int8 is QDQ with float I/O, and has no NPU target
     layout = p.get("layout", "NHWC")
     height, width = (p["shape"][2:4] if layout == "NCHW" else p["shape"][1:3])
     recipe = {"name": name, "task": p["task"], "description": f"{name}: {model['file']}",
@@ -134,10 +142,10 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         recipe["labels"] = "imagenet"
     variants = [{"name": "float32", "mode": "float32"}]
     if calibration is not None:
-        variants.append({"name": "int8", "mode": "int8", "io_dtype": "int8" if fmt.startswith("tf-") else "float32",
+        variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
                          "calibration": str(calibration.resolve())})
     recipe["variants"] = variants
-    if calibration is not None and fmt.startswith("tf-"):
+    if calibration is not None and not onnx_backend:
         recipe["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128",  # CHECK: your NPU
                                        "system_config": "Ethos_U55_High_End_Embedded", "memory_mode": "Shared_Sram"}]}
     if verify is not None:

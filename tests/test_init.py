@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from tests.conftest import MIRROR, PEDESTRIAN_PB, run_cli
@@ -171,3 +172,34 @@ def test_init_builds_a_saved_model_by_its_signature_keys(tmp_path, mirror):
 def test_inspect_names_a_missing_file(tmp_path):
     missing = run_cli("inspect", str(tmp_path / "nothing-here.onnx"))
     assert missing.returncode == 2 and "nothing-here.onnx" in missing.stderr
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_init_builds_a_keras_file_by_its_layer_names(tmp_path, mirror, suffix):
+    import keras
+
+    inputs = keras.Input((20, 20, 3), name="photo")
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="class_logits")(features))
+    path = tmp_path / f"trained{suffix}"
+    model.save(path)
+    built = init_and_build(tmp_path, "my-keras", path)
+    recipe = built["recipe"]
+    assert recipe["format"] == "keras"
+    assert recipe["input"] == {"name": "photo", "shape": [1, 20, 20, 3], "layout": "NHWC", "dtype": "float32"}
+    assert recipe["strip"]["outputs"] == ["class_logits"]
+    assert built["variants"]["int8"]["verify"]["class_logits"]["cosine"] > 0.9
+
+
+def test_a_keras_file_given_as_a_saved_model_is_a_one_line_error(tmp_path):
+    text = (Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text()
+    keras_file = tmp_path / "model.h5"
+    keras_file.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    data = yaml.safe_load(text)
+    data["source"] = {"url": keras_file.as_uri(), "sha256": __import__("hashlib").sha256(keras_file.read_bytes()).hexdigest()}
+    data["format"] = "tf-saved-model"
+    (tmp_path / "ped.yaml").write_text(yaml.safe_dump(data))
+    done = run_cli("--quiet", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "ped.yaml"), "--out", str(tmp_path / "d"),
+                   "--build-dir", str(tmp_path / "b"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "model.h5" in done.stderr and "format: keras" in done.stderr

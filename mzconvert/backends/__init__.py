@@ -54,6 +54,7 @@ _BY_FORMAT = {
     "tf-frozen-graph": "tf",
     "tf-checkpoint": "tf",
     "tf-saved-model": "tf",
+    "keras": "tf",
     "onnx": "onnx",
     "torch": "onnx",
 }

@@ -89,8 +89,8 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     """One frozen GraphDef, whatever the TensorFlow source format."""
     tf = _tf()
     target = out_dir / "frozen.pb"
-    if recipe.format == "tf-frozen-graph":
-        graph_def = read_graph_def(source)
+    if recipe.format in ("tf-frozen-graph", "keras"):
+        graph_def = read_graph_def(source) if recipe.format == "tf-frozen-graph" else _keras_graph(source, recipe)
         apply_graph_edits(graph_def, recipe)
         return _write_graph_def(graph_def, target)
     # Keep what strip will need: the outputs, and the tensor the SSD anchors are read from.
@@ -107,6 +107,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
             saver = tf.compat.v1.train.import_meta_graph(str(meta), clear_devices=True)
             saver.restore(session, str(meta.with_suffix("")))
         else:  # tf-saved-model
+            _check_saved_model(source)
             signature = _signature_names(tf.compat.v1.saved_model.loader.load(session, ["serve"], str(source)))
         nodes = [n.name for n in graph.as_graph_def().node]
         outputs = _node_names(signature.outputs.get(name, name) for name in keep)
@@ -154,6 +155,47 @@ def _signature_names(meta_graph) -> SignatureNames:
         return SignatureNames()
     return SignatureNames({k: v.name for k, v in chosen.inputs.items()}, {k: v.name for k, v in chosen.outputs.items()},
                           {k: v.dtype for k, v in chosen.outputs.items()})
+
+
+def _check_saved_model(source: Path) -> None:
+    if source.is_dir() and (source / "saved_model.pb").is_file():
+        return
+    head = source.read_bytes()[:8] if source.is_file() else b""
+    keras = head.startswith(b"\x89HDF") or head.startswith(b"PK") or source.suffix in (".h5", ".keras")
+    raise MzError(f"{source}: format tf-saved-model needs a folder holding saved_model.pb"
+                  + ("; this is a Keras file: use format: keras" if keras else ""), EXIT_BAD_INPUT)
+
+
+def load_keras(source: Path):
+    """A .keras or .h5 model, in Keras' safe mode: a Lambda layer's pickled Python code is refused, not run."""
+    import keras
+
+    try:
+        return keras.saving.load_model(str(source), compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, OSError, TypeError... for what it cannot read
+        raise MzError(f"{source}: not a Keras model (.keras or .h5) Keras can load safely: {short_text(exc)}",
+                      EXIT_BAD_INPUT) from None
+
+
+def _keras_graph(source: Path, recipe: Recipe):
+    """The Keras model as one frozen graph at the recipe's input shape, its input and outputs named as in Keras
+    (the input layer's name, the output layers' names)."""
+    tf = _tf()
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    model = load_keras(source)
+    if len(model.inputs) != 1:
+        raise MzError(f"{source}: {len(model.inputs)} inputs; mzconvert converts single-image models", EXIT_BAD_INPUT)
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec(recipe.input.shape, tf.float32))
+    graph_def = convert_variables_to_constants_v2(function).graph.as_graph_def()
+    placeholder = next(n.name for n in graph_def.node if n.op == "Placeholder")
+    outputs = [t.name for t in function.outputs]
+    SignatureNames({model.inputs[0].name: f"{placeholder}:0"},
+                   dict(zip(model.output_names, outputs)),
+                   {name: t.dtype.as_datatype_enum for name, t in zip(model.output_names, function.outputs)},
+                   ).name_nodes(graph_def, [model.inputs[0].name], list(model.output_names))
+    return graph_def
 
 
 def _checkpoint_meta(source: Path) -> Path:
