@@ -18,9 +18,10 @@ from .errors import EXIT_BAD_INPUT, MzError, short_text
 from .fsio import sha256_file
 
 MODEL_SUFFIXES = {".pb": "tf-frozen-graph", ".onnx": "onnx", ".tflite": "tflite", ".pth": "torch", ".pt": "torch",
-                  ".keras": "keras", ".h5": "keras", ".index": "tf-checkpoint"}
-# Nodes that produce nothing a model output could be.
-NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2"}
+                  ".keras": "keras", ".h5": "keras", ".meta": "tf-checkpoint"}
+# Nodes that produce nothing a model output could be (and the variables' and Saver's bookkeeping).
+NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2", "Assign",
+               "AssignVariableOp", "IsVariableInitialized"}
 # The TF Object Detection API's well-known tensors: name -> what it is.
 OD_API_TENSORS = {
     "image_tensor": "the graph's uint8 image input (its own preprocessing follows)",
@@ -41,7 +42,9 @@ def model_kind(path: Path, name: str | None = None) -> str | None:
     """The recipe format a file or folder (served under `name`) looks like, or 'archive', or None."""
     named = Path(name or path.name)
     if path.is_dir():
-        return "tf-saved-model" if (path / "saved_model.pb").is_file() else None
+        if (path / "saved_model.pb").is_file():
+            return "tf-saved-model"
+        return "tf-checkpoint" if any(path.glob("*.meta")) else None
     if named.name == "saved_model.pb":
         return "tf-saved-model"
     if named.suffix in MODEL_SUFFIXES:
@@ -70,7 +73,8 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
         return report
     if member is not None:
         raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
-    inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-saved-model": inspect_saved_model,
+    inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-checkpoint": inspect_checkpoint,
+                  "tf-saved-model": inspect_saved_model,
                   "keras": inspect_keras, "onnx": inspect_onnx, "tflite": inspect_tflite}
     if kind in inspectors:
         try:
@@ -113,11 +117,14 @@ def archive_members(path: Path) -> list[dict]:
     else:
         with tarfile.open(path) as tar:
             entries = [(i.name, i.size) for i in tar.getmembers() if i.isfile()]
-    saved_models = {name.removesuffix("saved_model.pb") for name, _ in entries if name.endswith("saved_model.pb")}
+    # A SavedModel or a checkpoint is one model, its folder (what a recipe's member names): not each file.
+    folders = {name.rsplit("/", 1)[0] + "/" if "/" in name else "": kind for name, _ in entries
+               for suffix, kind in (("saved_model.pb", "tf-saved-model"), (".meta", "tf-checkpoint"))
+               if name.endswith(suffix)}
     for name, size in entries:
-        folder = next((f for f in saved_models if name.startswith(f)), None)
-        if folder is not None:  # a SavedModel is one model, its folder: not each of its files
-            kind = "tf-saved-model" if name.endswith("saved_model.pb") else None
+        folder = next((f for f in folders if name.startswith(f)), None)
+        if folder is not None:
+            kind = folders[folder] if name.endswith(("saved_model.pb", ".meta")) else None
             name = (folder or "./") if kind else name
         else:
             kind = MODEL_SUFFIXES.get(Path(name).suffix)
@@ -129,11 +136,29 @@ def _shape(tensor) -> list | None:
     return None if tensor.shape.rank is None else [d if d is not None else -1 for d in tensor.shape.as_list()]
 
 
+def inspect_checkpoint(path: Path) -> dict:
+    """A TF1 checkpoint's graph (its .meta), read like a frozen graph; the Saver's own nodes left out."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from .backends.tf import _checkpoint_meta
+
+    meta = meta_graph_pb2.MetaGraphDef()
+    meta.ParseFromString(_checkpoint_meta(path).read_bytes())
+    report = _graph_report(meta.graph_def, run_once=False)  # no variable values loaded: nothing to run
+    report["sinks"] = [s for s in report["sinks"] if not s["name"].startswith("save/")]
+    return report | {"format": "tf-checkpoint"}
+
+
 def inspect_frozen_graph(path: Path) -> dict:
-    from .backends.tf import _tf, read_graph_def
+    from .backends.tf import read_graph_def
+
+    return _graph_report(read_graph_def(path), run_once=True) | {"format": "tf-frozen-graph"}
+
+
+def _graph_report(graph_def, run_once: bool) -> dict:
+    from .backends.tf import _tf
 
     tf = _tf()
-    graph_def = read_graph_def(path)
     consumed = {i.split(":")[0].lstrip("^") for node in graph_def.node for i in node.input}
     with tf.Graph().as_default() as graph:
         tf.compat.v1.import_graph_def(graph_def, name="")
@@ -147,15 +172,14 @@ def inspect_frozen_graph(path: Path) -> dict:
     placeholders = [describe(n.name) for n in graph_def.node if n.op == "Placeholder"]
     sinks = [describe(n.name) for n in graph_def.node if n.name not in consumed and n.op not in NOT_OUTPUTS
              and ops[n.name].outputs]
-    report = {"format": "tf-frozen-graph", "nodes": len(graph_def.node), "placeholders": placeholders,
-              "sinks": sinks}
+    report = {"nodes": len(graph_def.node), "placeholders": placeholders, "sinks": sinks}
     od = {name: describe(name) | {"what": what} for name, what in OD_API_TENSORS.items() if name in ops}
     extractor = [n.name for n in graph_def.node
                  if n.name.startswith("FeatureExtractor/") and n.name.endswith("/input")]
     if od and extractor:
         od[extractor[0]] = describe(extractor[0]) | {"what": "the feature extractor's input: cut here to drop the "
                                                              "graph's own preprocessing"}
-    if "image_tensor" in od:
+    if "image_tensor" in od and run_once:
         _measure_shapes(tf, graph, od)
     if od:
         report["object_detection_api"] = od

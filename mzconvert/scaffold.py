@@ -40,7 +40,7 @@ def _model_report(report: dict, member: str | None) -> dict:
                       f"{', '.join(models) or 'none'})", EXIT_BAD_INPUT)
     if "format" not in model:
         raise MzError(f"{model['file']}: {model.get('kind') or 'not a model file'}: init proposes recipes for "
-                      "TF frozen graphs, SavedModels, Keras and ONNX models", EXIT_BAD_INPUT)
+                      f"{', '.join(PROPOSERS)} sources", EXIT_BAD_INPUT)
     return model
 
 
@@ -110,17 +110,19 @@ def _saved_model(model: dict) -> dict:
             "outputs": sorted(outputs), "preprocess": TF_PREPROCESS, "classes": (first.get("shape") or [None])[-1]}
 
 
+PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "tf-saved-model": _saved_model,
+             "keras": _keras, "onnx": _onnx}
+
+
 def propose_recipe(name: str, report: dict, source: dict, member: str | None, calibration: Path | None,
                    verify: Path | None) -> str:
     """The recipe text for the model `report` describes (see inspection.inspect_file)."""
     model = _model_report(report, member)
     fmt = model["format"]
-    proposers = {"tf-frozen-graph": _frozen_graph, "tf-saved-model": _saved_model, "keras": _keras, "onnx": _onnx}
-    if fmt not in proposers:
-        raise MzError(f"{model['file']}: init proposes recipes for TF frozen graphs, SavedModels, Keras and ONNX "
-                      f"models, not {fmt} "
+    if fmt not in PROPOSERS:
+        raise MzError(f"{model['file']}: init proposes recipes for {', '.join(PROPOSERS)} sources, not {fmt} "
                       "yet; mzconvert inspect lists what such a recipe needs", EXIT_BAD_INPUT)
-    p = proposers[fmt](model)
+    p = PROPOSERS[fmt](model)
     onnx_backend = fmt == "onnx"  # ONNX int8 is QDQ with float I/O, and has no NPU target
     layout = p.get("layout", "NHWC")
     height, width = (p["shape"][2:4] if layout == "NCHW" else p["shape"][1:3])

@@ -203,3 +203,21 @@ def test_a_keras_file_given_as_a_saved_model_is_a_one_line_error(tmp_path):
                    "--build-dir", str(tmp_path / "b"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and "model.h5" in done.stderr and "format: keras" in done.stderr
+
+
+def test_init_builds_a_checkpoint_folder(tmp_path, mirror):
+    """A TF1 checkpoint (model.ckpt.meta/.index/.data) in an archive: init names the folder and its OD API cut."""
+    import tarfile
+
+    checkpoint = write_tiny_detector(tmp_path / "graph", od_names=True)["checkpoint"]
+    archive = tmp_path / "training.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(checkpoint, arcname="run1/checkpoint")
+    listed = run_cli("--json", "inspect", str(archive))
+    marked = {m["name"]: m["model"] for m in json.loads(listed.stdout)["members"] if "model" in m}
+    assert marked == {"run1/checkpoint/": "tf-checkpoint"}  # the folder, not its .index/.data files
+    built = init_and_build(tmp_path, "my-checkpoint", archive, "--member", "run1/checkpoint")
+    recipe = built["recipe"]
+    assert recipe["format"] == "tf-checkpoint"
+    assert recipe["input"]["name"] == INPUT and recipe["strip"]["outputs"] == ["concat", "concat_1"]
+    assert built["variants"]["int8"]["verify"]["concat_1"]["cosine"] > 0.9
