@@ -84,8 +84,25 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
         except Exception as exc:  # parsers raise DecodeError, RuntimeError, ValueError...
             raise MzError(f"{path}: not a readable {kind} file: {short_text(exc)}", EXIT_BAD_INPUT) from None
     elif kind == "torch":
-        report["note"] = ("a torch checkpoint is a pickle: not opened. Recipes build it with format: torch and "
-                          "the torchvision architecture it holds the weights of (torch.architecture)")
+        report |= inspect_torch(path)
+    return report
+
+
+def inspect_torch(path: Path) -> dict:
+    """A state dict, opened by torch's weights-only loader (a pickle that would run code is refused), and
+    the module of torch_models.py whose parameters it matches exactly."""
+    try:
+        from .torch_models import load_state, matching_classifier
+    except ImportError:
+        return {"note": "a PyTorch state dict: install the torch extra (pip install 'mzconvert[torch]') to read it"}
+    state = load_state(path)
+    report = {"format": "torch", "tensors": len(state), "parameters": int(sum(v.numel() for v in state.values()))}
+    match = matching_classifier(state)
+    if match is None:
+        report["note"] = ("no module of mzconvert/torch_models.py has exactly these parameters; format torch "
+                          "builds those modules only")
+    else:
+        report["torch"] = match
     return report
 
 
@@ -304,6 +321,9 @@ def inspect_text(report: dict, indent: str = "") -> str:
     if "full_integer" in report:
         lines.append(f"{indent}  full-integer: {'yes' if report['full_integer'] else 'no'} "
                      f"({report['float_tensors']} float32 tensors)")
+    if "torch" in report:
+        lines.append(f"{indent}  the weights of torch_models.py {report['torch']['module']}: "
+                     f"{report['torch']['num_classes']} classes, width {report['torch']['width']}")
     if "note" in report:
         lines.append(f"{indent}  {report['note']}")
     return "\n".join(lines)

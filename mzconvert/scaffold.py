@@ -110,8 +110,17 @@ def _saved_model(model: dict) -> dict:
             "outputs": sorted(outputs), "preprocess": TF_PREPROCESS, "classes": (first.get("shape") or [None])[-1]}
 
 
+def _torch(model: dict) -> dict:
+    if "torch" not in model:
+        raise MzError(f"{model['file']}: {model.get('note', 'not a state dict of a known module')}", EXIT_BAD_INPUT)
+    # The modules take any image size: 224 is what ImageNet MobileNets were trained at (CHECK).
+    return {"task": "classification", "input": "input", "shape": [1, 3, 224, 224], "layout": "NCHW",
+            "outputs": ["logits"], "preprocess": TORCH_PREPROCESS, "classes": model["torch"]["num_classes"],
+            "torch": model["torch"]}
+
+
 PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "tf-saved-model": _saved_model,
-             "keras": _keras, "onnx": _onnx}
+             "keras": _keras, "onnx": _onnx, "torch": _torch}
 
 
 def propose_recipe(name: str, report: dict, source: dict, member: str | None, calibration: Path | None,
@@ -123,7 +132,7 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         raise MzError(f"{model['file']}: init proposes recipes for {', '.join(PROPOSERS)} sources, not {fmt} "
                       "yet; mzconvert inspect lists what such a recipe needs", EXIT_BAD_INPUT)
     p = PROPOSERS[fmt](model)
-    onnx_backend = fmt == "onnx"  # ONNX int8 is QDQ with float I/O, and has no NPU target
+    onnx_backend = fmt in ("onnx", "torch")  # ONNX int8 is QDQ with float I/O
     layout = p.get("layout", "NHWC")
     height, width = (p["shape"][2:4] if layout == "NCHW" else p["shape"][1:3])
     recipe = {"name": name, "task": p["task"], "description": f"{name}: {model['file']}",
@@ -136,6 +145,8 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
               "input": {"name": p["input"], "shape": p["shape"], "layout": layout, "dtype": "float32"},
               "preprocess": {"resize": [height, width], **p["preprocess"]},
               "strip": {"inputs": [p["input"]], "outputs": p["outputs"]}}
+    if "torch" in p:
+        recipe["torch"] = p["torch"]
     if "postprocess" in p:
         recipe["postprocess"] = p["postprocess"]
     if "source_pipeline" in p:
@@ -145,9 +156,14 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     variants = [{"name": "float32", "mode": "float32"}]
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
+                         "calibration": str(calibration.resolve()),
+                         # ONNX Runtime on x86 without VNNI saturates 8-bit weights (README, measured here)
+                         **({"calibration_method": "percentile", "reduce_range": True} if onnx_backend else {})})
+    if calibration is not None and fmt == "torch":  # for the NPU: the module's Keras port, full-integer
+        variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
                          "calibration": str(calibration.resolve())})
     recipe["variants"] = variants
-    if calibration is not None and not onnx_backend:
+    if calibration is not None and fmt != "onnx":
         recipe["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128",  # CHECK: your NPU
                                        "system_config": "Ethos_U55_High_End_Embedded", "memory_mode": "Shared_Sram"}]}
     if verify is not None:

@@ -6,8 +6,12 @@ strict=True; MobileNetV1 takes a width multiplier and a ReLU/ReLU6 choice.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from .errors import EXIT_BAD_INPUT, MzError, short_text
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -203,6 +207,36 @@ class MobileDetEdgeTPUSSDLite(nn.Module):
 
 MODULES = {"mobilenet_v2": MobileNetV2, "mobilenet_v1": MobileNetV1,
            "mobiledet_edgetpu_ssdlite": MobileDetEdgeTPUSSDLite}
+
+
+CLASSIFIER_WIDTHS = (1.4, 1.0, 0.75, 0.5, 0.35, 0.25)
+
+
+def load_state(weights: Path) -> dict:
+    """A state dict, loaded with weights_only: a pickle that would build other objects (run code) is refused."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a payload weights_only refuses, and corrupt files
+        raise MzError(f"{weights}: not a PyTorch state dict, or one that would run code when loaded "
+                      f"(refused: {exc.__class__.__name__}: {short_text(exc)})", EXIT_BAD_INPUT) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MzError(f"{weights}: holds a {type(state).__name__}, not a state dict (parameter name -> tensor)",
+                      EXIT_BAD_INPUT)
+    return state
+
+
+def matching_classifier(state: dict) -> dict | None:
+    """The torch section (module, num_classes, width) of the classifier whose parameters are exactly these."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    head = shapes.get("classifier.1.weight") or shapes.get("classifier.weight")
+    if head is None or len(head) != 2:
+        return None
+    for name in ("mobilenet_v2", "mobilenet_v1"):
+        for width in CLASSIFIER_WIDTHS:
+            module = MODULES[name](num_classes=head[0], width=width)
+            if {k: tuple(v.shape) for k, v in module.state_dict().items()} == shapes:
+                return {"module": name, "num_classes": head[0], "width": width}
+    return None
 
 
 def to_keras(module: nn.Module, input_shape: tuple[int, ...]):

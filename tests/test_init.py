@@ -221,3 +221,25 @@ def test_init_builds_a_checkpoint_folder(tmp_path, mirror):
     assert recipe["format"] == "tf-checkpoint"
     assert recipe["input"]["name"] == INPUT and recipe["strip"]["outputs"] == ["concat", "concat_1"]
     assert built["variants"]["int8"]["verify"]["concat_1"]["cosine"] > 0.9
+
+
+def test_init_builds_a_torch_state_dict_of_a_known_module(tmp_path, mirror):
+    """A state dict (weights only): inspect finds the module and width it fits exactly; init builds it."""
+    import torch
+
+    from mzconvert.torch_models import MobileNetV2
+
+    torch.manual_seed(0)
+    weights = tmp_path / "finetuned.pth"
+    torch.save(MobileNetV2(num_classes=5, width=0.35).state_dict(), weights)
+    found = json.loads(run_cli("--json", "inspect", str(weights)).stdout)
+    assert found["torch"] == {"module": "mobilenet_v2", "num_classes": 5, "width": 0.35}
+    built = init_and_build(tmp_path, "my-torch", weights)
+    assert built["recipe"]["torch"] == found["torch"]
+    assert set(built["variants"]) == {"float32", "int8", "int8-tflite"}
+    assert built["variants"]["int8-tflite"]["inputs"][0]["dtype"] == "int8"
+    assert built["variants"]["int8"]["verify"]["logits"]["cosine"] > 0.9
+
+    torch.save({"model": MobileNetV2(num_classes=5, width=0.35)}, tmp_path / "pickled.pth")  # a whole module
+    refused = run_cli("inspect", str(tmp_path / "pickled.pth"))
+    assert refused.returncode == 2 and "would run code" in refused.stderr

@@ -53,7 +53,7 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     except ImportError:
         raise MzError(f"{recipe.path}: format torch needs PyTorch: pip install 'mzconvert[torch]' "
                       "(torch==2.13.0, the CPU build)") from None
-    from ..torch_models import MODULES
+    from ..torch_models import MODULES, load_state
 
     spec = recipe.torch
     options = {"num_classes": spec.num_classes, "width": spec.width}
@@ -62,11 +62,7 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     if spec.module == "mobiledet_edgetpu_ssdlite":
         options["image_size"] = recipe.input.height_width[0]
     module = MODULES[spec.module](**options)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as exc:  # UnpicklingError for a payload weights_only refuses, and corrupt files
-        raise MzError(f"{weights}: not a PyTorch state dict, or one that would run code when loaded "
-                      f"(refused: {exc.__class__.__name__}: {short_text(exc)})", EXIT_BAD_INPUT) from None
+    state = load_state(weights)
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
