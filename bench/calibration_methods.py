@@ -31,7 +31,7 @@ MODELS = {
                    ("int8",)),
     # ONNX Runtime's QDQ int8 of the same module; reduce_range: 7-bit weights (what x86 without VNNI needs)
     "classifier-onnx": ("mobilenetv2-torchvision", "imagenet-samples", "imagenet-calib",
-                        {"target": "onnx", "reduce_range": True}, (300,), ("float32",)),
+                        {"target": "onnx", "reduce_range": True}, (100, 300), ("float32",)),
 }
 METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99))
 

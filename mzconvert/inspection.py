@@ -198,6 +198,8 @@ def _graph_report(graph_def, run_once: bool) -> dict:
                                                              "graph's own preprocessing"}
     if "image_tensor" in od and run_once:
         _measure_shapes(tf, graph, od)
+        for sink in sinks:  # the post-processed outputs are among the sinks
+            sink["shape"] = od.get(sink["name"], sink).get("shape")
     if od:
         report["object_detection_api"] = od
     return report
@@ -302,7 +304,8 @@ def inspect_text(report: dict, indent: str = "") -> str:
 
     def tensor_line(t: dict) -> str:
         quant = f" scale {t['scale']:.6g} zero point {t['zero_point']}" if t.get("scale") is not None else ""
-        return f"{t['name']}  {t.get('dtype', '?')} {t.get('shape')}{quant}"
+        shape = t.get("shape") if t.get("shape") is not None else "(shape unknown)"
+        return f"{t['name']}  {t.get('dtype', '?')} {shape}{quant}"
 
     for title, key in (("placeholders", "placeholders"), ("inputs", "inputs"), ("outputs", "outputs"),
                        ("sink nodes (likely outputs)", "sinks")):
@@ -310,7 +313,7 @@ def inspect_text(report: dict, indent: str = "") -> str:
             lines.append(f"{indent}  {title}:")
             lines += [f"{indent}    {tensor_line(t)}" for t in report[key]]
     for name, od in report.get("object_detection_api", {}).items():
-        lines.append(f"{indent}  TF OD API {name}: {od.get('dtype')} {od.get('shape')}: {od['what']}")
+        lines.append(f"{indent}  TF OD API {tensor_line(od)}: {od['what']}")
     for key, signature in report.get("signatures", {}).items():
         lines.append(f"{indent}  signature {key} (tags {', '.join(signature['tags'])}):")
         for role in ("inputs", "outputs"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .errors import EXIT_BAD_INPUT, MzError
+from .preprocess import list_images
 
 # What a model's first layer most often expects, per source kind: TF graphs of the slim / OD API
 # family take RGB in [-1, 1] resized by TF1 bilinear; ONNX exports of torchvision the ImageNet mean/std.
@@ -19,6 +20,7 @@ TF_PREPROCESS = {"interpolation": "tf1-bilinear", "channel_order": "RGB", "scale
 TORCH_PREPROCESS = {"interpolation": "torchvision", "central_crop": 0.875, "channel_order": "RGB",
                     "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 IMAGENET_CLASSES = 1000
+VERIFY_COUNT = 32
 
 
 def _static(shape: list | None, what: str) -> list[int]:
@@ -166,8 +168,8 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     if calibration is not None and fmt != "onnx":
         recipe["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128",  # CHECK: your NPU
                                        "system_config": "Ethos_U55_High_End_Embedded", "memory_mode": "Shared_Sram"}]}
-    if verify is not None:
-        recipe["verify"] = {"images": str(verify.resolve())}
+    if verify is not None:  # a few dozen images tell fidelity apart; eval is for accuracy
+        recipe["verify"] = {"images": str(verify.resolve()), "count": min(VERIFY_COUNT, len(list_images(verify)))}
     text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110)
     notes = [f"# Written by mzconvert init from {model['file']}.",
              "# CHECK the preprocess block: it is the convention of such models, not read from the file."
