@@ -280,16 +280,18 @@ def inspect_tflite(path: Path) -> dict:
     runner = open_model(path)
     model = read_model(path)
     names = {value: name for name, value in vars(schema().BuiltinOperator).items() if not name.startswith("_")}
-    histogram = Counter()
+    types = {value: name.lower() for name, value in vars(schema().TensorType).items() if not name.startswith("_")}
+    histogram, tensor_types = Counter(), Counter()
     for graph in model.subgraphs:
         for op in graph.operators:
             code = model.operatorCodes[op.opcodeIndex]
             builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
             histogram[code.customCode.decode() if code.customCode else names.get(builtin, str(builtin))] += 1
+        tensor_types.update(types.get(t.type, str(t.type)) for t in graph.tensors)
     floats = runner.float_tensor_count()
     return {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],
             "outputs": [s.to_json() for s in runner.outputs], "ops": dict(histogram.most_common()),
-            "float_tensors": floats, "full_integer": floats == 0}
+            "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
 
 
 def inspect_text(report: dict, indent: str = "") -> str:

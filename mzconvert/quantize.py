@@ -77,8 +77,6 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
 
         model = quantize_calibrated(calibrated, recipe, variant, out_dir)
     else:
-        if variant.mode == "int8" and not calibration_images:
-            raise MzError(f"{recipe.path}: variants: {variant.name}: int8 needs calibration images, got none")
         batches = calibration_batches(calibration_images, recipe) if calibration_images else None
         model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
     checked = check_artifact(model, recipe, variant)

@@ -21,7 +21,7 @@ from .shipped import shipped_dir
 from .yamlsafe import load_yaml, short
 
 TASKS = ("detection", "classification")
-FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch")
+FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "tflite")
 MODES = ("float32", "float16", "dynamic", "int8", "uint8-qat")
 IO_DTYPES = ("float32", "int8", "uint8")
 LAYOUTS = ("NHWC", "NCHW")
@@ -566,7 +566,7 @@ def _parse_variant(r: _Reader) -> Variant:
         raise r.fail(f"mode {mode} keeps float32 input/output, got {short(io_dtype)}", r._child_where("io_dtype"))
     if mode == "uint8-qat" and io_dtype != "uint8":
         raise r.fail("mode uint8-qat has uint8 input/output", r._child_where("io_dtype"))
-    calibration = r.string("calibration", required=mode == "int8")
+    calibration = r.string("calibration", required=False)  # required by int8 of sources to convert (parse_recipe)
     if calibration and mode != "int8":
         raise r.fail(f"only int8 variants are calibrated, not {mode}", r._child_where("calibration"))
     stats = r.child("quantized_input_stats")
@@ -684,6 +684,19 @@ class _Problems:
             raise RecipeError("\n".join(dict.fromkeys(self.messages)))
 
 
+def _check_converted_source(r: _Reader, variants: tuple[Variant, ...], postprocess: Postprocess | None) -> None:
+    """A .tflite source is taken as it is: its variants describe it, nothing cuts, calibrates or verifies it."""
+    for key, why in (("strip", "there is no graph to cut"), ("verify", "there is no float model to compare with")):
+        if r.has(key):
+            raise r.fail(f"format tflite: the model is converted already, {why}; remove {key}", key)
+    if postprocess is not None and postprocess.kind != "tflite-detection-postprocess":
+        raise r.fail("format tflite: a detector must end in TFLite_Detection_PostProcess "
+                     "(kind tflite-detection-postprocess)", "postprocess.kind")
+    for i, v in enumerate(variants):
+        if v.calibration:
+            raise r.fail("format tflite: the model is quantized already; remove calibration", f"variants[{i}].calibration")
+
+
 def _parse_targets(r: _Reader) -> tuple[VelaTarget, ...]:
     if not r.has("targets"):
         return ()
@@ -733,8 +746,12 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     variants = tuple(replace(v, target=v.target or native,
                              attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess)
                      for v in variants)
+    if fmt == "tflite":
+        _check_converted_source(r, variants, postprocess)
     for i, v in enumerate(variants):
         item = r.child("variants").child(i)
+        if v.mode == "int8" and fmt != "tflite" and not v.calibration:
+            raise item.fail("missing required field", item._child_where("calibration"))
         if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"):
             raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd",
                             item._child_where("attach_postprocess"))

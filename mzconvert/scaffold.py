@@ -21,6 +21,8 @@ TORCH_PREPROCESS = {"interpolation": "torchvision", "central_crop": 0.875, "chan
                     "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 IMAGENET_CLASSES = 1000
 VERIFY_COUNT = 32
+NPU_TARGET = {"name": "u55", "accelerator": "ethos-u55-128", "system_config": "Ethos_U55_High_End_Embedded",
+              "memory_mode": "Shared_Sram"}  # a common MCU-class Ethos-U; CHECK: yours
 
 
 def _static(shape: list | None, what: str) -> list[int]:
@@ -121,8 +123,25 @@ def _torch(model: dict) -> dict:
             "torch": model["torch"]}
 
 
+def _tflite(model: dict) -> dict:
+    """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
+    post-processing op."""
+    proposal = _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS, "outputs": []}
+    io = model["inputs"][0]["dtype"]
+    types = model.get("tensor_types", {})
+    if model["full_integer"]:
+        mode = "uint8-qat" if io == "uint8" else "int8"
+    else:
+        mode = "float16" if "float16" in types else "dynamic" if "int8" in types else "float32"
+    proposal["variant"] = {"name": mode, "mode": mode, **({"io_dtype": io} if mode in ("int8", "uint8-qat") else {})}
+    if "TFLite_Detection_PostProcess" in model["ops"]:
+        proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
+                                                          "labels": ["CHECK: the model's labels"]}}
+    return proposal
+
+
 PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "tf-saved-model": _saved_model,
-             "keras": _keras, "onnx": _onnx, "torch": _torch}
+             "keras": _keras, "onnx": _onnx, "torch": _torch, "tflite": _tflite}
 
 
 def propose_recipe(name: str, report: dict, source: dict, member: str | None, calibration: Path | None,
@@ -145,8 +164,9 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
                          "sha256": (model if "pypi" in source else report)["sha256"]},
               "format": fmt,
               "input": {"name": p["input"], "shape": p["shape"], "layout": layout, "dtype": "float32"},
-              "preprocess": {"resize": [height, width], **p["preprocess"]},
-              "strip": {"inputs": [p["input"]], "outputs": p["outputs"]}}
+              "preprocess": {"resize": [height, width], **p["preprocess"]}}
+    if p["outputs"]:
+        recipe["strip"] = {"inputs": [p["input"]], "outputs": p["outputs"]}
     if "torch" in p:
         recipe["torch"] = p["torch"]
     if "postprocess" in p:
@@ -155,6 +175,11 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         recipe["source_pipeline"] = p["source_pipeline"]
     if p["task"] == "classification" and p.get("classes") == IMAGENET_CLASSES:
         recipe["labels"] = "imagenet"
+    if "variant" in p:  # a converted model: the file itself, nothing to calibrate or to verify against
+        recipe["variants"] = [p["variant"]]
+        if p["variant"]["mode"] in ("int8", "uint8-qat"):
+            recipe["targets"] = {"vela": [NPU_TARGET]}
+        return _with_notes(recipe, model, p)
     variants = [{"name": "float32", "mode": "float32"}]
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
@@ -166,10 +191,13 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
                          "calibration": str(calibration.resolve())})
     recipe["variants"] = variants
     if calibration is not None and fmt != "onnx":
-        recipe["targets"] = {"vela": [{"name": "u55", "accelerator": "ethos-u55-128",  # CHECK: your NPU
-                                       "system_config": "Ethos_U55_High_End_Embedded", "memory_mode": "Shared_Sram"}]}
+        recipe["targets"] = {"vela": [NPU_TARGET]}
     if verify is not None:  # a few dozen images tell fidelity apart; eval is for accuracy
         recipe["verify"] = {"images": str(verify.resolve()), "count": min(VERIFY_COUNT, len(list_images(verify)))}
+    return _with_notes(recipe, model, p)
+
+
+def _with_notes(recipe: dict, model: dict, p: dict) -> str:
     text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110)
     notes = [f"# Written by mzconvert init from {model['file']}.",
              "# CHECK the preprocess block: it is the convention of such models, not read from the file."

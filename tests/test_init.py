@@ -74,6 +74,36 @@ def test_init_builds_a_frozen_classifier_graph_unchanged(tmp_path, mirror):
     assert found["ops"]["CONV_2D"] == 1
 
 
+def test_init_takes_a_converted_tflite_as_it_is(tmp_path, mirror):
+    """Someone's int8 .tflite: init describes it (one variant, its mode), build checks it, compiles it for the
+    NPU and ships it; a float .tflite becomes a float32 variant."""
+    graph = tiny_classifier_graph(tmp_path / "my_classifier.pb")
+    first = init_and_build(tmp_path / "first", "my-classifier", graph)
+    dist = tmp_path / "first" / "dist" / "my-classifier"
+    for variant, expected in (("int8", {"name": "int8", "mode": "int8", "io_dtype": "int8"}),
+                              ("float32", {"name": "float32", "mode": "float32"})):
+        model = dist / first["variants"][variant]["file"]
+        result = run_cli("init", f"theirs-{variant}", "--from", str(model), "--to", str(tmp_path / "recipes"))
+        assert result.returncode == 0, result.stderr
+        recipe = tmp_path / "recipes" / f"theirs-{variant}.yaml"
+        proposed = yaml.safe_load(recipe.read_text())
+        assert proposed["format"] == "tflite" and proposed["variants"] == [expected]
+        assert "strip" not in proposed and "verify" not in proposed
+        done = run_cli("--json", "--cache-dir", str(tmp_path / "cache"), "build", str(recipe),
+                       "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        built = json.loads(done.stdout)[f"theirs-{variant}"]["variants"][variant]
+        shipped = tmp_path / "dist" / f"theirs-{variant}" / built["file"]
+        assert shipped.read_bytes() == model.read_bytes()  # taken as it is
+        assert ("vela" in json.dumps(built)) == (variant == "int8")
+
+    wrong = recipe.read_text().replace("mode: float32", "mode: int8, io_dtype: int8")  # it is not
+    recipe.write_text(wrong)
+    refused = run_cli("--quiet", "--cache-dir", str(tmp_path / "cache"), "build", str(recipe),
+                      "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert refused.returncode == 1 and "is not what the recipe asked for" in refused.stderr
+
+
 def test_init_cuts_an_object_detection_api_graph_at_its_raw_outputs(tmp_path, mirror):
     graph = write_tiny_detector(tmp_path / "graph", od_names=True)["frozen"]
     built = init_and_build(tmp_path, "my-detector", graph)

@@ -57,6 +57,7 @@ _BY_FORMAT = {
     "keras": "tf",
     "onnx": "onnx",
     "torch": "onnx",
+    "tflite": "tflite",
 }
 
 
