@@ -711,6 +711,8 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     problems.check(r.mapping, TOP_LEVEL)
     if not isinstance(data, dict):
         problems.raise_any()
+    if not any(key in data for key in TOP_LEVEL):  # some other YAML file: one line, not one per missing field
+        raise r.fail(f"not a recipe: none of its fields is a recipe field ({', '.join(TOP_LEVEL[:6])}, ...)")
     name = problems.check(r.string, "name", pattern=SAFE_NAME,
                           pattern_text="a safe name (lower case, digits, '.', '_', '-')")
     local = not _is_within(path, SHIPPED_RECIPES)  # shipped recipes must not name files of this machine
