@@ -37,10 +37,13 @@ class _Extremes:
             flat = flat[~np.isnan(flat)]
         if flat.size == 0:
             return
-        low = flat.min(keepdims=True) if self.keep == 1 else _smallest(flat, self.keep)  # min/max: no partition
-        high = flat.max(keepdims=True) if self.keep == 1 else -_smallest(-flat, self.keep)
+        if self.keep == 1:  # min/max: no partition
+            low, high = flat.min(keepdims=True), flat.max(keepdims=True)
+        else:  # once `keep` values are held, only values beyond the held ones can enter
+            low = _smallest(flat if self.low.size < self.keep else flat[flat < self.low.max()], self.keep)
+            high = -_smallest(-(flat if self.high.size < self.keep else flat[flat > self.high.min()]), self.keep)
         self.low = _smallest(np.concatenate([self.low, low]), self.keep)
-        self.high = -_smallest(np.concatenate([-self.high, -high]), self.keep)
+        self.high = -_smallest(-np.concatenate([self.high, high]), self.keep)
 
     def at_rank(self, rank: int) -> tuple[float, float]:
         """The values `rank` places above the minimum and below the maximum of all values seen."""

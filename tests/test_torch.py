@@ -74,7 +74,7 @@ def test_real_torchvision_recipe_onnx_int8_and_tflite_int8_for_the_npu(tmp_path,
     manifest = json.loads(result.stdout)["mobilenetv2-torchvision"]
     for name in ("int8", "int8-tflite"):
         metrics = manifest["variants"][name]["verify"]["logits"]
-        assert metrics["cosine"] >= 0.97 and metrics["top1_agreement"] >= 0.8, (name, metrics)
+        assert metrics["cosine"] >= 0.965 and metrics["top1_agreement"] >= 0.8, (name, metrics)
     assert "int8 vs float graph, output logits on 32 val images: cosine" in result.stderr
     tflite = manifest["variants"]["int8-tflite"]
     assert tflite["file"].endswith(".tflite") and tflite["inputs"][0]["shape"] == [1, 224, 224, 3]
