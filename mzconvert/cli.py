@@ -17,7 +17,7 @@ from . import __version__
 from .console import Console
 from .errors import EXIT_BAD_INPUT, MzError
 from .fetch import FetchConfig, Fetcher, default_cache_dir, default_mirrors
-from .recipe import Recipe, available_recipes, load_recipe, use_recipes_dir
+from .recipe import Recipe, available_recipes, command_argument, load_recipe, use_recipes_dir
 
 
 @dataclass
@@ -396,7 +396,7 @@ def report(ctx: Context, recipe, out, build_dir):
 
     r = ctx.recipe(recipe)
     out, _ = ctx.build_roots(r, out, build_dir)
-    written = write_report(out / r.name)
+    written = write_report(out / r.name, command_argument(r))
     ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))
 
 

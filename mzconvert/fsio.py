@@ -23,11 +23,16 @@ _CHUNK = 1 << 20
 
 def file_digests(path: Path, algorithms=("sha256",)) -> dict[str, str]:
     """Hex digests of one file for several algorithms, read once."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            for h in hashers.values():
-                h.update(chunk)
+        return stream_digests(f, algorithms)
+
+
+def stream_digests(stream, algorithms=("sha256",)) -> dict[str, str]:
+    """Hex digests of what a binary stream (a file, an archive member) holds, read once."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    while chunk := stream.read(_CHUNK):
+        for h in hashers.values():
+            h.update(chunk)
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EXIT_BAD_INPUT, MzError, short_text
-from .fsio import sha256_file
+from .fsio import sha256_file, stream_digests
 
 MODEL_SUFFIXES = {".pb": "tf-frozen-graph", ".onnx": "onnx", ".tflite": "tflite", ".pth": "torch", ".pt": "torch",
                   ".keras": "keras", ".h5": "keras", ".meta": "tf-checkpoint"}
+MAX_HASHED_MEMBER = 4 << 30  # larger members are listed, not read
 # Nodes that produce nothing a model output could be (and the variables' and Saver's bookkeeping).
 NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2", "Assign",
                "AssignVariableOp", "IsVariableInitialized"}
@@ -74,8 +75,8 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
     if member is not None:
         raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
     inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-checkpoint": inspect_checkpoint,
-                  "tf-saved-model": inspect_saved_model,
-                  "keras": inspect_keras, "onnx": inspect_onnx, "tflite": inspect_tflite}
+                  "tf-saved-model": inspect_saved_model, "keras": inspect_keras, "onnx": inspect_onnx,
+                  "tflite": inspect_tflite, "torch": inspect_torch}
     if kind in inspectors:
         try:
             report |= inspectors[kind](path)
@@ -83,8 +84,6 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
             raise
         except Exception as exc:  # parsers raise DecodeError, RuntimeError, ValueError...
             raise MzError(f"{path}: not a readable {kind} file: {short_text(exc)}", EXIT_BAD_INPUT) from None
-    elif kind == "torch":
-        report |= inspect_torch(path)
     return report
 
 
@@ -126,26 +125,35 @@ def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:
 
 
 def archive_members(path: Path) -> list[dict]:
-    """Every file of a tar, zip or wheel archive; model files marked, with their format."""
+    """Every file of a tar, zip or wheel archive; model files marked with their format and sha256."""
+    def digest(name: str, size: int, open_member) -> str | None:
+        if Path(name).suffix not in MODEL_SUFFIXES or size > MAX_HASHED_MEMBER:
+            return None
+        with open_member() as stream:
+            return stream_digests(stream)["sha256"]
+
     members = []
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            entries = [(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir()]
+            entries = [(i.filename, i.file_size, digest(i.filename, i.file_size, lambda i=i: zf.open(i)))
+                       for i in zf.infolist() if not i.is_dir()]
     else:
         with tarfile.open(path) as tar:
-            entries = [(i.name, i.size) for i in tar.getmembers() if i.isfile()]
+            entries = [(i.name, i.size, digest(i.name, i.size, lambda i=i: tar.extractfile(i)))
+                       for i in tar.getmembers() if i.isfile()]
     # A SavedModel or a checkpoint is one model, its folder (what a recipe's member names): not each file.
-    folders = {name.rsplit("/", 1)[0] + "/" if "/" in name else "": kind for name, _ in entries
+    folders = {name.rsplit("/", 1)[0] + "/" if "/" in name else "": kind for name, _, _ in entries
                for suffix, kind in (("saved_model.pb", "tf-saved-model"), (".meta", "tf-checkpoint"))
                if name.endswith(suffix)}
-    for name, size in entries:
+    for name, size, sha256 in entries:
         folder = next((f for f in folders if name.startswith(f)), None)
         if folder is not None:
             kind = folders[folder] if name.endswith(("saved_model.pb", ".meta")) else None
-            name = (folder or "./") if kind else name
+            name, sha256 = ((folder or "./"), None) if kind else (name, None)
         else:
             kind = MODEL_SUFFIXES.get(Path(name).suffix)
-        members.append({"name": name, "size": size, **({"model": kind} if kind else {})})
+        members.append({"name": name, "size": size, **({"model": kind} if kind else {}),
+                        **({"sha256": sha256} if sha256 else {})})
     return members
 
 
@@ -299,7 +307,7 @@ def inspect_text(report: dict, indent: str = "") -> str:
     lines = [f"{indent}{report['file']}: {report.get('format') or report.get('kind') or 'not a model file'}"
              + (f", {report['size']} bytes, sha256 {report['sha256']}" if "sha256" in report else "")]
     for m in report.get("members", []):
-        mark = f"  <- {m['model']}" if "model" in m else ""
+        mark = f"  <- {m['model']}" + (f", sha256 {m['sha256']}" if "sha256" in m else "") if "model" in m else ""
         lines.append(f"{indent}  {m['size']:>12}  {m['name']}{mark}")
     if "member" in report:
         lines.append(inspect_text(report["member"], indent + "  "))

@@ -841,6 +841,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return path
 
 
+def command_argument(recipe: Recipe) -> str:
+    """RECIPE as a command given to a user should name it: its name when the recipe folder has it, else its path."""
+    return recipe.name if _is_within(recipe.path, recipes_dir()) else str(recipe.path)
+
+
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 

@@ -90,9 +90,10 @@ def _optional_json(folder: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_report(folder: Path) -> list[Path]:
+def write_report(folder: Path, recipe_argument: str) -> list[Path]:
     """report.md/json and plots from what dist/<recipe>/ holds: the build's own checks (sizes, fidelity,
-    vela) always, eval and bench results when they were measured. Rows follow the recipe's order."""
+    vela) always, eval and bench results when they were measured. Rows follow the recipe's order.
+    `recipe_argument`: how the suggested commands name the recipe (see recipe.command_argument)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +126,7 @@ def write_report(folder: Path) -> list[Path]:
     evaluation = max(evaluations, key=lambda e: e["images"]) if evaluations else None  # the plots show the largest
     md += ["## Accuracy", ""]
     if evaluation is None:
-        md += [f"No evaluation yet: `mzconvert eval {folder.name} --dataset DIR` adds it.", ""]
+        md += [f"No evaluation yet: `mzconvert eval {recipe_argument} --dataset DIR` adds it.", ""]
     else:
         for e in evaluations:
             md += ["```", eval_table(e, manifest), "```", ""]

@@ -29,14 +29,15 @@ def _static(shape: list | None, what: str) -> list[int]:
     """A shape with batch 1; other unknown dimensions cannot be proposed."""
     if not shape:
         raise MzError(f"{what}: its shape is unknown; init needs a graph with a static input shape", EXIT_BAD_INPUT)
-    fixed = [1 if i == 0 and not isinstance(d, int) or i == 0 and d < 0 else d for i, d in enumerate(shape)]
+    fixed = [1 if i == 0 and (not isinstance(d, int) or d < 0) else d for i, d in enumerate(shape)]
     if any(not isinstance(d, int) or d < 0 for d in fixed):
         raise MzError(f"{what}: input shape {shape} has unknown dimensions besides the batch; "
                       "init needs a static image size", EXIT_BAD_INPUT)
     return fixed
 
 
-def _model_report(report: dict, member: str | None) -> dict:
+def _model_report(report: dict) -> dict:
+    """The report of the model file itself (an archive's --member)."""
     model = report.get("member", report)
     if model.get("kind") == "archive":
         models = [m["name"] for m in report.get("members", []) if "model" in m]
@@ -147,7 +148,7 @@ PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "
 def propose_recipe(name: str, report: dict, source: dict, member: str | None, calibration: Path | None,
                    verify: Path | None) -> str:
     """The recipe text for the model `report` describes (see inspection.inspect_file)."""
-    model = _model_report(report, member)
+    model = _model_report(report)
     fmt = model["format"]
     if fmt not in PROPOSERS:
         raise MzError(f"{model['file']}: init proposes recipes for {', '.join(PROPOSERS)} sources, not {fmt} "

@@ -84,9 +84,11 @@ def test_report_works_from_the_build_alone(tiny_build):
     done = run_cli("report", str(recipe), *where)
     assert done.returncode == 0, done.stderr
     text = (dist / "report.md").read_text()
-    assert "No evaluation yet: `mzconvert eval tiny --dataset DIR` adds it." in text
+    assert f"No evaluation yet: `mzconvert eval {recipe} --dataset DIR` adds it." in text  # by path: not in a recipe folder
     assert text.index("| f32 | float32 |") < text.index("| i8 | int8 | int8 |")  # the recipe's order
     assert "accuracy.png" not in text
+    assert run_cli("--recipes-dir", str(recipe.parent), "report", "tiny", *where).returncode == 0
+    assert "No evaluation yet: `mzconvert eval tiny --dataset DIR` adds it." in (dist / "report.md").read_text()
 
 
 @pytest.mark.parametrize("line", ["0123456789abcdef0123456789abcdef  ../../etc/passwd",

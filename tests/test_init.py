@@ -139,6 +139,7 @@ def test_inspect_lists_archive_members_and_reads_tflite_quantization(tmp_path, m
     assert result.returncode == 0, result.stderr
     members = {m["name"]: m for m in json.loads(result.stdout)["members"]}
     assert members["release/frozen.pb"]["model"] == "tf-frozen-graph" and "model" not in members["release/README"]
+    assert members["release/frozen.pb"]["sha256"] == __import__("hashlib").sha256(graph.read_bytes()).hexdigest()
     result = run_cli("--json", "inspect", str(archive), "--member", "release/frozen.pb")
     assert json.loads(result.stdout)["member"]["placeholders"][0]["name"] == "images"
     wrong = run_cli("init", "x", "--from", str(archive), "--to", str(tmp_path))
@@ -273,3 +274,19 @@ def test_init_builds_a_torch_state_dict_of_a_known_module(tmp_path, mirror):
     torch.save({"model": MobileNetV2(num_classes=5, width=0.35)}, tmp_path / "pickled.pth")  # a whole module
     refused = run_cli("inspect", str(tmp_path / "pickled.pth"))
     assert refused.returncode == 2 and "would run code" in refused.stderr
+
+
+def test_a_keras_layer_name_gets_the_graph_nodes_it_holds(tmp_path, mirror):
+    import keras
+
+    inputs = keras.Input((20, 20, 3), name="photo")
+    hidden = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="stem")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="class_logits")(keras.layers.GlobalAveragePooling2D()(hidden)))
+    path = tmp_path / "trained.keras"
+    model.save(path)
+    assert run_cli("init", "cut", "--from", str(path), "--to", str(tmp_path)).returncode == 0
+    recipe = tmp_path / "cut.yaml"
+    recipe.write_text(recipe.read_text().replace("outputs: [class_logits]", "outputs: [stem]"))  # a layer, not a node
+    done = run_cli("--quiet", "--cache-dir", str(tmp_path / "c"), "strip", str(recipe), "--build-dir", str(tmp_path / "b"))
+    assert done.returncode == 2 and "tensor 'stem' is not in the graph; did you mean '" in done.stderr
+    assert "did you mean 'functional" in done.stderr and "/stem_1/Relu'" in done.stderr  # the layer's output first

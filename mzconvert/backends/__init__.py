@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -43,8 +44,11 @@ def check_tensors(recipe: Recipe, field: str, names: Iterable[str], known: Itera
     for name in names:
         if key(name) not in known_set:
             wanted = key(name)
-            # a scope too many ('import/x', what tf.import_graph_def adds) or too few ('input' for 'a/b/input')
-            scoped = [k for k in known if wanted.endswith("/" + k) or k.endswith("/" + wanted)]
+            # a scope too many ('import/x', what tf.import_graph_def adds) or too few ('input' for 'a/b/input'),
+            # or a scope for the node: a Keras layer ('stem' for 'model/stem_1/Relu'), its last node (the
+            # layer's output) first
+            in_scope = re.compile(rf"(^|/){re.escape(wanted)}(_\d+)?(/|$)")
+            scoped = [k for k in reversed(known) if wanted.endswith("/" + k) or in_scope.search(k)]
             close = list(dict.fromkeys(scoped + difflib.get_close_matches(wanted, known, n=3, cutoff=0.6)))[:3]
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise RecipeError(f"{recipe.path}: {field}: tensor {name!r} is not in the graph{hint}")
