@@ -288,7 +288,7 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 
 @main.command()
 @click.argument("recipe")
-@click.option("--variant", required=True, help="The TFLite int8 variant to explain.")
+@click.option("--variant", required=True, help="The int8 variant (TFLite or ONNX) to explain.")
 @click.option("--count", type=click.IntRange(1), default=None, help="How many verify images [verify.count or all].")
 @_read_build_options
 @pass_context
@@ -317,7 +317,8 @@ def debug(ctx: Context, recipe, variant, count, out, build_dir):
                                                                        DEFAULT_CALIBRATION_COUNT))
     images = load_image_set(r.verify.images, r.path).paths(fetcher, count or r.verify.count)
     ctx.console.log(f"debug: {variant}, {len(calibration)} calibration and {len(images)} verify images")
-    layers = layer_errors(stripped, r, chosen, calibration, images)
+    layers = layer_errors(stripped, r, chosen, out / r.name / manifest["variants"][variant]["file"], calibration,
+                          images)
     result = {"recipe": r.name, "variant": variant, "images": len(images), "summary": summary(layers),
               "layers": layers, "artifacts": measured_artifacts(manifest, [manifest["variants"][variant]["file"]])}
     folder = out / r.name

@@ -1,7 +1,11 @@
-"""Per-layer quantization error of a TFLite int8 variant, worst layers first (`mzconvert debug`).
+"""Per-layer quantization error of an int8 variant, worst layers first (`mzconvert debug`).
 
-TensorFlow's QuantizationDebugger quantizes the float model as the variant was (the same ranges,
-recorded on the same calibration images, see ranges.py), then runs every quantized op next to its float twin on the verify images.
+TFLite variants: TensorFlow's QuantizationDebugger quantizes the float model as the variant was (the
+same ranges, recorded on the same calibration images, see ranges.py), then runs every quantized op
+next to its float twin on the verify images. ONNX variants: ONNX Runtime's QDQ loss debugging runs
+the built QDQ model and its float model, every activation saved, on the verify images; the error a
+QDQ activation carries includes every layer's before it, so a layer's own error is what it adds to
+the largest error among the activations it reads.
 A layer's error is reported in quantization steps: RMSE / scale is about 0.29 for pure rounding
 noise (1 / sqrt(12)); layers far above it lose information (clipped ranges, outlier weights) and are
 where a user should look first, e.g. to keep them float.
@@ -24,12 +28,22 @@ from .recipe import Recipe, Variant
 ROUNDING_NOISE = 1 / math.sqrt(12)  # RMSE / scale of uniform rounding
 
 
-def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, calibration: list[Path],
+def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path, calibration: list[Path],
                  images: list[Path]) -> list[dict]:
-    """One row per quantized layer output: name, op, RMSE in quantization steps, max abs error, worst first."""
-    if variant.mode != "int8" or variant.target != "tflite":
-        raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains TFLite int8 variants, "
-                      f"not {variant.mode} ({variant.target})")
+    """One row per quantized layer output: name, op, RMSE in quantization steps, max abs error, worst first.
+    `artifact`: the built variant; `calibration`: its calibration images."""
+    explain = {"tflite": _tflite_layer_errors, "onnx": _onnx_layer_errors}
+    if variant.mode != "int8" or variant.target not in explain:
+        raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains int8 variants, not {variant.mode}")
+    rows = explain[variant.target](stripped, recipe, variant, artifact, calibration, images)
+    if not rows:
+        raise MzError(f"{artifact}: the quantization debugger reported no quantized layer")
+    return sorted(rows, key=lambda r: -r["rmse_steps"])
+
+
+def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path, calibration: list[Path],
+                         images: list[Path]) -> list[dict]:
+    """TensorFlow's QuantizationDebugger, on a model quantized from the variant's own ranges."""
     import tempfile
 
     from .backends.tf import _tf, int8_converter
@@ -58,11 +72,69 @@ def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, calibration: 
         if scale <= 0 or not math.isfinite(mse):
             continue
         rows.append({"layer": row["tensor_name"], "op": row["op_name"], "rmse_steps": math.sqrt(mse) / scale,
-                     "max_abs_error": float(row["max_abs_error"]), "scale": scale,
-                     "stddev": float(row["stddev"]) if row.get("stddev") else None})
-    if not rows:
-        raise MzError(f"{stripped}: the quantization debugger reported no quantized layer")
-    return sorted(rows, key=lambda r: -r["rmse_steps"])
+                     "max_abs_error": float(row["max_abs_error"]), "scale": scale})
+    return rows
+
+
+IMAGES_AT_ONCE = 4  # the ONNX debug holds every activation of this many images (two models) at a time
+
+
+def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path, calibration: list[Path],
+                       images: list[Path]) -> list[dict]:
+    """ONNX Runtime's QDQ loss debugging: every activation of the QDQ artifact (after its Q/DQ pair) against
+    the same tensor of the float model it was quantized from, in steps of that activation's scale."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import quant_pre_process
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    qdq = onnx.load(str(artifact))
+    initializers = {i.name: i for i in qdq.graph.initializer}
+    scales = {n.input[0]: float(onnx.numpy_helper.to_array(initializers[n.input[1]]).ravel()[0])
+              for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in initializers}
+    with tempfile.TemporaryDirectory(prefix="mzconvert-debug-") as work:
+        float_model, float_saved, qdq_saved = (Path(work) / n for n in ("float.onnx", "float-all.onnx", "qdq-all.onnx"))
+        quant_pre_process(str(stripped), str(float_model), skip_symbolic_shape=True)  # as convert() quantized it
+        nodes = onnx.load(str(float_model)).graph.node
+        producers = {o: n.op_type for n in nodes for o in n.output}
+        inputs = {o: list(n.input) for n in nodes for o in n.output}
+        modify_model_output_intermediate_tensors(str(float_model), str(float_saved))
+        modify_model_output_intermediate_tensors(str(artifact), str(qdq_saved))
+        totals: dict[str, list[float]] = {}  # tensor -> [sum of squared errors, values, max abs error]
+        for start in range(0, len(images), IMAGES_AT_ONCE):
+            feeds = [{recipe.input.name: prepare(p, recipe.preprocess, recipe.input).tensor}
+                     for p in images[start:start + IMAGES_AT_ONCE]]
+            matched = create_activation_matching(collect_activations(str(qdq_saved), feeds),
+                                                 collect_activations(str(float_saved), feeds))
+            for name, pair in matched.items():
+                if name in scales and pair.get("float"):
+                    error = np.concatenate([f.ravel() for f in pair["float"]]) - np.concatenate(
+                        [q.ravel() for q in pair["post_qdq"]])
+                    total = totals.setdefault(name, [0.0, 0, 0.0])
+                    total[0] += float(np.sum(error.astype(np.float64) ** 2))
+                    total[1] += error.size
+                    total[2] = max(total[2], float(np.max(np.abs(error))))
+    # The QDQ model carries the error of every layer before: what a layer adds is its error beyond the
+    # largest of the activations it reads (in each one's steps), the comparable of TFLite's per-layer error.
+    accumulated = {name: math.sqrt(sse / count) / scales[name] for name, (sse, count, _) in totals.items()}
+
+    def read(tensor: str, seen: set) -> list[str]:
+        """The quantized activations a tensor is computed from (through unquantized ones, e.g. a fused conv)."""
+        found = []
+        for i in inputs.get(tensor, ()):
+            if i in accumulated:
+                found.append(i)
+            elif i not in seen:
+                seen.add(i)
+                found += read(i, seen)
+        return found
+
+    return [{"layer": name, "op": producers.get(name, "input"),
+             "rmse_steps": max(0.0, steps - max((accumulated[i] for i in read(name, set())), default=0.0)),
+             "accumulated_steps": steps, "max_abs_error": totals[name][2], "scale": scales[name]}
+            for name, steps in accumulated.items()]
 
 
 def debug_table(result: dict, rows: int = 15) -> str:

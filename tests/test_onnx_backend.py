@@ -20,11 +20,18 @@ from mzconvert.recipe import load_recipe
 from tests.conftest import MIRROR, ROOT, run_cli
 
 
-def tiny_onnx(path: Path, size: int = 32, classes: int = 10, output: str = "probabilities") -> Path:
+def tiny_onnx(path: Path, size: int = 32, classes: int = 10, output: str = "probabilities",
+              damaged: bool = False) -> Path:
+    """damaged: conv1's last channel is always 0 and conv2 weighs it 1000 in its first output channel: the float
+    model does not notice, per-channel int8 weights of that output channel round to nothing but it."""
     rng = np.random.RandomState(0)
-    init = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in
-            (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (16, 8, 3, 3)), ("b2", (16,)), ("fc", (16, classes)),
-             ("fcb", (classes,)))]
+    arrays = {n: rng.normal(0, 0.3, s).astype(np.float32) for n, s in
+              (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (16, 8, 3, 3)), ("b2", (16,)), ("fc", (16, classes)),
+               ("fcb", (classes,)))}
+    if damaged:
+        arrays["w1"][-1], arrays["b1"][-1] = 0.0, -1.0  # ReLU keeps it 0
+        arrays["w2"][0, -1, 1, 1] = 1000.0
+    init = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
     nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["conv1"], ["relu1"]),
              helper.make_node("Conv", ["relu1", "w2", "b2"], ["conv2"], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -176,3 +183,21 @@ def test_verify_warns_when_the_float_model_answers_the_same_for_every_image(tmp_
                    "--build-dir", str(tmp_path / "b"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "warning: the float model's output logits is the same on all" in done.stderr
+
+
+def test_debug_ranks_a_damaged_layer_of_an_onnx_int8_first(tmp_path, mirror):
+    """ONNX Runtime's QDQ loss debugging, in quantization steps like the TFLite debug."""
+    import json
+
+    model = tiny_onnx(tmp_path / "damaged.onnx", damaged=True)
+    recipe = tmp_path / "tiny-onnx.yaml"
+    recipe.write_text(recipe_text(model).replace("calibration_method: percentile", "calibration_method: minmax"))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
+    done = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "debug", str(recipe), "--variant", "int8",
+                   *where)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layers = json.loads(done.stdout)["layers"]
+    assert layers[0]["layer"] == "relu2", layers[:3]  # conv2 + its ReLU, one quantized activation in QDQ
+    assert layers[0]["rmse_steps"] > 2 * layers[1]["rmse_steps"], layers[:3]
+    assert (tmp_path / "dist" / "tiny-onnx" / "debug" / "int8.png").is_file()
