@@ -1,7 +1,8 @@
 """Issue 13: a build at the speed of the work it must do. Measured in one run on this machine:
 
 1. the build of an earlier commit (a `git worktree`, default the last commit before this work),
-2. today's build of the same recipe, serial, from a warm download cache,
+2. today's build of the same recipe, serial and with -j 2 (checked to write the same bytes), from a warm
+   download cache,
 3. the bare calls that build cannot avoid: one TensorFlow import, one freeze, one strip, one int8
    calibration, one conversion per variant, one vela per NPU variant, one float reference pass;
 and the ratios. The recipe is pedestrian-ssdlite as the earlier commit knew it: five variants, one NPU.
@@ -86,6 +87,11 @@ def main() -> None:
                        "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
         noop = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
                       "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
+        parallel = timed([python, "-m", "mzconvert.cli", *common, "build", str(same), "-j", "2",
+                          "--out", str(work / "j2-dist"), "--build-dir", str(work / "j2-build")], ROOT)
+        if (work / "j2-dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text() != \
+                (work / "new-dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text():
+            sys.exit("-j 2 wrote other bytes than the serial build")
         source = next((work / "new-build" / "pedestrian-ssdlite" / "fetch").glob("*.pb"))
         images = work / "calibration-images"
         images.mkdir()
@@ -108,10 +114,12 @@ def main() -> None:
     print(f"{'build':44} {'seconds':>8}")
     print(f"{'baseline ' + args.baseline + ' (a calibration per int8 variant)':44} {baseline:8.1f}")
     print(f"{'today, serial':44} {today:8.1f}")
+    print(f"{'today, -j 2 (same bytes)':44} {parallel:8.1f}")
     print(f"{'bare unavoidable calls':44} {bare:8.1f}")
     print(f"{'today, no-op rebuild':44} {noop:8.2f}")
     print(f"today / baseline: {today / baseline:.2f} (goal <= 0.55)")
     print(f"today / bare calls: {today / bare:.2f} (goal <= 1.15)")
+    print(f"-j 2 / serial: {parallel / today:.2f} (goal <= 0.7)")
 
 
 if __name__ == "__main__":

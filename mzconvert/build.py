@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable
 from . import __version__
 from .console import Console
 from .errors import MzError
-from .fetch import Fetcher
+from .fetch import FetchConfig, Fetcher
 from .fsio import folder_lock, replace_folder, sha256_file, write_json_atomic
 from .recipe import Recipe, Variant, VelaTarget
 
@@ -80,6 +81,8 @@ class BuildOptions:
     verify_strict: bool = False
     lock_timeout: float = 600.0
     variants: list[str] | None = None
+    jobs: int = 1  # variants built at once, each in a worker process
+    build_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # --force redoes a stage once a build
 
 
 @dataclass
@@ -104,7 +107,15 @@ class Planner:
         if self._keys.get(name) == key:  # shared by several variants (calibration, float reference)
             return self.outcomes[name]
         self._keys[name] = key
-        if not self.options.force and (outcome := self._up_to_date(target, key)) is not None:
+        # With -j, another worker may be running the same shared stage: it is run once, the others wait.
+        with folder_lock(target.parent, self.options.lock_timeout, name=f".{target.name}.lock"):
+            return self._run_stage(name, target, key, inputs, action)
+
+    def _run_stage(self, name: str, target: Path, key: str, inputs: dict, action: Callable[[Path], dict]
+                   ) -> StageOutcome:
+        # --force reruns every stage, once: a stage this build already reran (another worker) stays
+        outcome = self._up_to_date(target, key, self.options.build_id if self.options.force else None)
+        if outcome is not None:
             self.console.log(f"[{self.recipe.name}] {name}: up to date")
             self.outcomes[name] = outcome
             return outcome
@@ -120,20 +131,21 @@ class Planner:
             replace_folder(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        write_json_atomic(target / STAMP, {"key": key, "inputs": inputs})  # last: marks the stage done
+        write_json_atomic(target / STAMP, {"key": key, "inputs": inputs, "build": self.options.build_id})  # last
         self.console.log(f"[{self.recipe.name}] {name}: done in {time.perf_counter() - started:.1f} s")
         outcome = StageOutcome(folder=target, result=result)
         self.outcomes[name] = outcome
         return outcome
 
     @staticmethod
-    def _up_to_date(target: Path, key: str) -> StageOutcome | None:
+    def _up_to_date(target: Path, key: str, only_build: str | None = None) -> StageOutcome | None:
+        """The stage's outcome if its stamp is `key` (and, with `only_build`, was written by that build)."""
         try:
             stamp = json.loads((target / STAMP).read_text())
             result = json.loads((target / RESULT).read_text())
         except (OSError, ValueError):
             return None
-        if stamp.get("key") != key:
+        if stamp.get("key") != key or (only_build and stamp.get("build") != only_build):
             return None
         # Outputs are re-hashed: a damaged or edited build file reruns its stage.
         for relative, digest in result.get("files", {}).items():
@@ -381,6 +393,51 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTar
     return outcome
 
 
+def _variant_stages(p: Planner, chain: list[StageOutcome], variant: Variant, until: str) -> dict:
+    """quantize -> verify -> vela of one variant (and the shared stages it needs: calibration, reference)."""
+    stripped = chain[-1]
+    quantized = _quantize(p, stripped, variant)
+    entry = {"quantize": quantized, "chain": chain}
+    if p.recipe.verify is not None:
+        entry["verify"] = _verify(p, stripped, quantized, variant)
+    if until != "quantize" and variant.mode in ("int8", "uint8-qat") and variant.target == "tflite":
+        entry["vela"] = {t.name: _vela(p, quantized, variant, t) for t in p.recipe.vela}
+    return entry
+
+
+def _in_workers(p: Planner, jobs: list[tuple]) -> dict:
+    """Each variant's stages in a pool of worker processes (spawned: TensorFlow is not fork-safe), the same
+    stage functions as a serial build, so the same bytes; a shared stage runs in one worker while the
+    others wait for it (the stage lock). The variant that starts a calibration goes first, those that
+    reuse one last, so the calibration runs beside the float variants, not before them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .quantize import shares_calibration
+
+    starts_calibration, seen = set(), set()
+    for _, variant, _ in jobs:
+        images = (variant.calibration, variant.calibration_count, variant.calibration_method)
+        if shares_calibration(p.recipe, variant) and images not in seen:
+            seen.add(images)
+            starts_calibration.add(variant.name)
+    order = sorted(jobs, key=lambda j: (j[1].name not in starts_calibration, bool(j[1].calibration)))
+    worker = (p.recipe, p.fetcher.config.cache_dir, p.fetcher.config.mirrors, p.fetcher.config.offline,
+              p.fetcher.config.lock_file, p.console.quiet, p.options)
+    with ProcessPoolExecutor(max_workers=min(p.options.jobs, len(jobs)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = dict(zip((j[1].name for j in order), pool.map(_variant_in_worker, [(worker, j) for j in order])))
+    return {j[1].name: done[j[1].name] for j in jobs}  # the recipe's order
+
+
+def _variant_in_worker(task: tuple) -> dict:
+    (recipe, cache_dir, mirrors, offline, lock_file, quiet, options), (chain, variant, until) = task
+    console = Console(quiet=quiet)
+    fetcher = Fetcher(FetchConfig(cache_dir=cache_dir, mirrors=mirrors, offline=offline, log=console.log,
+                                  lock_file=lock_file))
+    return _variant_stages(Planner(recipe, fetcher, console, options), chain, variant, until)
+
+
 def _remove_stale_staging(folders: list[Path]) -> None:
     """Staging folders a killed build left behind. Safe: we hold the lock of the folder they are in."""
     for folder in folders:
@@ -407,15 +464,11 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
             chains[member] = _model_chain(planner, member, until)
         per_variant = {}
         if STAGES.index(until) >= STAGES.index("quantize"):
-            for variant in variants:
-                stripped = chains[recipe.member_for(variant)][-1]
-                quantized = _quantize(planner, stripped, variant)
-                entry = {"quantize": quantized, "chain": chains[recipe.member_for(variant)]}
-                if recipe.verify is not None:
-                    entry["verify"] = _verify(planner, stripped, quantized, variant)
-                if until != "quantize" and variant.mode in ("int8", "uint8-qat") and variant.target == "tflite":
-                    entry["vela"] = {t.name: _vela(planner, quantized, variant, t) for t in recipe.vela}
-                per_variant[variant.name] = entry
+            jobs = [(chains[recipe.member_for(v)], v, until) for v in variants]
+            if options.jobs > 1 and len(jobs) > 1:
+                per_variant = _in_workers(planner, jobs)
+            else:
+                per_variant = {v.name: _variant_stages(planner, *job) for job, v in zip(jobs, variants)}
         fidelity = None
         source_chain = chains.get(recipe.source.member)
         if recipe.source_pipeline is not None and recipe.verify is not None and source_chain and until == "dist":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -225,9 +225,11 @@ def _options(out, build_dir, variants, force, lock_timeout, verify=False):
 @click.argument("recipes", nargs=-1)
 @click.option("--all", "all_recipes", is_flag=True, help="Build every recipe in recipes/.")
 @click.option("--verify", is_flag=True, help="Fail when a variant misses its declared fidelity thresholds.")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Variants built at once, each in a worker process (the same bytes as one at a time).")
 @_build_options
 @pass_context
-def build_command(ctx: Context, recipes, all_recipes, verify, out, build_dir, variants, force, lock_timeout):
+def build_command(ctx: Context, recipes, all_recipes, verify, jobs, out, build_dir, variants, force, lock_timeout):
     """Run fetch -> freeze -> strip -> quantize -> verify -> vela and write dist/<recipe>/."""
     from .build import build
 
@@ -235,7 +237,7 @@ def build_command(ctx: Context, recipes, all_recipes, verify, out, build_dir, va
     if not names:
         raise MzError("name at least one RECIPE or pass --all", EXIT_BAD_INPUT)
     loaded = [ctx.recipe(name) for name in names]  # validate all before building any
-    options = _options(out, build_dir, variants, force, lock_timeout, verify)
+    options = replace(_options(out, build_dir, variants, force, lock_timeout, verify), jobs=jobs)
     manifests = {r.name: build(r, ctx.fetcher(), ctx.console, options) for r in loaded}
     ctx.console.result(manifests, "\n".join(f"{name}: {out / name}" for name in manifests))
 

@@ -380,3 +380,26 @@ def test_a_name_with_the_import_scope_gets_the_name_in_the_file(tmp_path, tiny):
         "class_output: logits", "class_output: import/logits")
     with pytest.raises(RecipeError, match=r"tensor 'import/logits' is not in the graph; did you mean 'logits'"):
         run(tmp_path, text, until="strip")
+
+
+def test_parallel_variants_give_the_bytes_of_a_serial_build(tmp_path, tiny, mirror):
+    """build -j 2: each variant in a worker process, the shared calibration run once; the same dist."""
+    from tests.conftest import run_cli
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES, images=VAL)
+                      .replace(f"images: {VAL}", f"images: {VAL}\n  count: 4"))
+    dists = {}
+    for jobs in ("1", "2"):
+        where = ["--out", str(tmp_path / jobs / "dist"), "--build-dir", str(tmp_path / jobs / "build")]
+        done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), "-j", jobs, *where)
+        assert done.returncode == 0, done.stderr[-2000:]
+        calibrations = [line for line in done.stderr.splitlines() if "calibrate/" in line and line.endswith(": running")]
+        assert len(calibrations) == 1  # once for i8f, i8 and u8
+        dists[jobs] = (tmp_path / jobs / "dist" / "tiny" / "MD5SUMS").read_text()
+    assert dists["1"] == dists["2"]
+    forced = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), "-j", "2", "--force",
+                     "--out", str(tmp_path / "2" / "dist"), "--build-dir", str(tmp_path / "2" / "build"))
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert len([line for line in forced.stderr.splitlines() if "calibrate/" in line and line.endswith(": running")]) == 1
+    assert (tmp_path / "2" / "dist" / "tiny" / "MD5SUMS").read_text() == dists["1"]
