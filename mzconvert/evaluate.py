@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -144,7 +143,6 @@ Predict = Callable[[LoadedImage], object]  # Detections for detectors, a score v
 
 SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
 SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth
-EVAL_THREADS = os.cpu_count() or 1
 MATCH_IOU = 0.9
 MATCH_SCORE = 0.3  # detections a person would be shown
 
@@ -331,14 +329,14 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     stripped = built_stage_model(build_root, recipe, "strip")
     if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind == "ssd"):
         runners[SOURCE_GRAPH] = backend_for(recipe).GraphRunner(stripped, recipe).run
-    for name in chosen:  # all cores: eval is throughput (bench measures latency at chosen thread counts)
-        runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names, EVAL_THREADS).run
+    for name in chosen:
+        runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names).run
     pipeline = None
     if recipe.source_pipeline is not None and (frozen := built_stage_model(build_root, recipe, "freeze")):
         pipeline = backend_for(recipe).SourcePipelineRunner(frozen, recipe)
     if recipe.task == "detection":
         for path in references:
-            runners[path.stem] = open_model(path, output_names, EVAL_THREADS).run
+            runners[path.stem] = open_model(path, output_names).run
         coco = CocoDataset.open(dataset, split)
         models = predictors(recipe, runners, folder, manifest)
         if pipeline is not None:
@@ -355,7 +353,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
             scores = _scores_by_label(pipeline.run, its_labels, SOURCE_PIPELINE, background_allowed=False)
             models[SOURCE_PIPELINE] = lambda image, s=scores: s(image.pixels())
         for path in references:
-            reference = open_model(path, threads=EVAL_THREADS)
+            reference = open_model(path)
             preprocess, model_input = reference_inputs(reference)
             scores = _scores_by_label(reference.run, recipe.labels, path.stem, background_allowed=True)
             models[path.stem] = lambda image, s=scores, p=preprocess, i=model_input: s(image.tensor(p, i))
