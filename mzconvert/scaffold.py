@@ -38,6 +38,9 @@ def _static(shape: list | None, what: str) -> list[int]:
 
 def _model_report(report: dict) -> dict:
     """The report of the model file itself (an archive's --member)."""
+    if "sha256" not in report:  # a folder (SavedModel, checkpoint): a recipe's source is one file to pin
+        raise MzError(f"{report['file']}: a folder; a recipe pins one file: pack it (tar czf model.tar.gz -C "
+                      "<parent> <folder>) and give the archive with --member <folder>", EXIT_BAD_INPUT)
     model = report.get("member", report)
     if model.get("kind") == "archive":
         models = [m["name"] for m in report.get("members", []) if "model" in m]

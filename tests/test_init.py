@@ -191,6 +191,8 @@ def test_init_builds_a_saved_model_by_its_signature_keys(tmp_path, mirror):
     signature = json.loads(result.stdout)["signatures"]["serving_default"]
     assert signature["inputs"]["pixels"]["shape"] == [1, 16, 16, 3] and signature["inputs"]["pixels"]["dtype"] == "float32"
     assert signature["outputs"]["scores"]["shape"] == [1, 6]
+    folder = run_cli("init", "x", "--from", str(exported), "--to", str(tmp_path))
+    assert folder.returncode == 2 and "pack it" in folder.stderr and "--member" in folder.stderr
     archive = tmp_path / "exported.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(exported, arcname="saved_model")
