@@ -30,6 +30,7 @@ from .fsio import folder_lock, replace_folder, sha256_file, write_json_atomic
 from .recipe import Recipe, Variant, VelaTarget
 
 STAMP = "stamp.json"
+STAGE_LOCK_WAIT_SECONDS = 24 * 3600.0
 RESULT = "result.json"
 TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow")
 
@@ -107,8 +108,9 @@ class Planner:
         if self._keys.get(name) == key:  # shared by several variants (calibration, float reference)
             return self.outcomes[name]
         self._keys[name] = key
-        # With -j, another worker may be running the same shared stage: it is run once, the others wait.
-        with folder_lock(target.parent, self.options.lock_timeout, name=f".{target.name}.lock"):
+        # With -j, another worker of this build may be running the same shared stage (a calibration can
+        # take long): it is run once, the others wait for it. Other builds wait at the recipe's lock.
+        with folder_lock(target.parent, STAGE_LOCK_WAIT_SECONDS, name=f".{target.name}.lock"):
             return self._run_stage(name, target, key, inputs, action)
 
     def _run_stage(self, name: str, target: Path, key: str, inputs: dict, action: Callable[[Path], dict]

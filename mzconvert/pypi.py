@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .errors import FetchError, short_text
+from .recipe import PYPI_REQUIREMENT
 
 DEFAULT_INDEX = "https://pypi.org/simple/"
 INDEX_ENV = "MZCONVERT_INDEX_URL"  # another index or a local mirror of one
@@ -39,10 +40,10 @@ def _normalized(name: str) -> str:
 
 def pinned(requirement: str) -> tuple[str, str]:
     """(name, version) of 'name==version'; anything looser would not name one file."""
-    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*", requirement)
-    if match is None:
+    if not PYPI_REQUIREMENT.match(requirement):
         raise FetchError(f"pypi {requirement}: expected 'name==version', the one release to read the model from")
-    return match.group(1), match.group(2)
+    name, version = requirement.split("==")
+    return name, version
 
 
 class _Links(html.parser.HTMLParser):
