@@ -166,17 +166,18 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir)
 @click.argument("recipes", nargs=-1)
 @pass_context
 def validate(ctx: Context, recipes):
-    """Validate recipes (all of recipes/ when none is named); exit 2 if any is invalid."""
+    """Validate recipes (all of the recipe folder when none is named); exit 2 if any is invalid."""
     names = list(recipes) or available_recipes()
-    failures = []
+    failures = {}  # recipe -> its problems, a line each
     for name in names:
         try:
             ctx.recipe(name)
             ctx.console.log(f"{name}: ok")
         except MzError as exc:
-            failures += str(exc).splitlines()
+            failures[name] = str(exc).splitlines()
             echo_error(exc)
-    ctx.console.result({"validated": len(names) - len(failures), "errors": failures},
+    ctx.console.result({"validated": len(names) - len(failures), "errors": [e for lines in failures.values()
+                                                                           for e in lines]},
                        f"{len(names) - len(failures)}/{len(names)} recipes valid")
     if failures:
         sys.exit(EXIT_BAD_INPUT)

@@ -186,3 +186,18 @@ def test_an_onnx_recipe_with_an_npu_target_is_refused_not_ignored():
                                  "memory_mode": "Shared_Sram"}]}
     assert "targets.vela: the NPU compiles TFLite int8 variants, and this recipe has none (ONNX variants" in \
         error_of(yaml.safe_dump(data))
+
+
+def test_validate_counts_recipes_and_lists_every_problem(tmp_path):
+    import json
+
+    (tmp_path / "good.yaml").write_text(GOOD.replace("name: pedestrian-ssdlite", "name: good"))
+    data = yaml.safe_load(GOOD)
+    data.update(name="bad", task="segmentation", format="caffe")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    done = run_cli("--json", "--recipes-dir", str(tmp_path), "validate")
+    assert done.returncode == 2
+    result = json.loads(done.stdout)
+    assert result["validated"] == 1 and len(result["errors"]) == 2, result
+    assert [line for line in done.stderr.splitlines() if line.startswith("mzconvert: error: ")] == [
+        f"mzconvert: error: {line}" for line in result["errors"]]

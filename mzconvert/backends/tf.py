@@ -100,7 +100,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     if not keep:
         raise RecipeError(f"{recipe.path}: strip.outputs: needed to freeze a {recipe.format} source")
     graph = tf.Graph()
-    signature = SignatureNames()
+    signature = PublicNames()
     with tf.compat.v1.Session(graph=graph) as session:
         if recipe.format == "tf-checkpoint":
             meta = _checkpoint_meta(source)
@@ -120,9 +120,10 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
 
 
 @dataclass
-class SignatureNames:
-    """A SavedModel's serving signature: its input and output keys -> the graph tensors they stand for. Recipes
-    name tensors by key ('pixels', 'scores'); the frozen graph gets nodes of those names."""
+class PublicNames:
+    """The names a model shows its users (a SavedModel's serving-signature keys, a Keras model's input and
+    output layers) -> the graph tensors they stand for. Recipes use those names ('pixels', 'scores'); the
+    frozen graph gets nodes of those names."""
 
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
@@ -148,12 +149,12 @@ def _renamed_input(name: str, renamed: dict[str, str]) -> str:
     return ("^" if control else "") + node + (f":{index}" if index else "")
 
 
-def _signature_names(meta_graph) -> SignatureNames:
+def _signature_names(meta_graph) -> PublicNames:
     signatures = {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
     chosen = signatures.get("serving_default") or (next(iter(signatures.values())) if len(signatures) == 1 else None)
     if chosen is None:
-        return SignatureNames()
-    return SignatureNames({k: v.name for k, v in chosen.inputs.items()}, {k: v.name for k, v in chosen.outputs.items()},
+        return PublicNames()
+    return PublicNames({k: v.name for k, v in chosen.inputs.items()}, {k: v.name for k, v in chosen.outputs.items()},
                           {k: v.dtype for k, v in chosen.outputs.items()})
 
 
@@ -191,7 +192,7 @@ def _keras_graph(source: Path, recipe: Recipe):
     graph_def = convert_variables_to_constants_v2(function).graph.as_graph_def()
     placeholder = next(n.name for n in graph_def.node if n.op == "Placeholder")
     outputs = [t.name for t in function.outputs]
-    SignatureNames({model.inputs[0].name: f"{placeholder}:0"},
+    PublicNames({model.inputs[0].name: f"{placeholder}:0"},
                    dict(zip(model.output_names, outputs)),
                    {name: t.dtype.as_datatype_enum for name, t in zip(model.output_names, function.outputs)},
                    ).name_nodes(graph_def, [model.inputs[0].name], list(model.output_names))
