@@ -12,7 +12,6 @@ Usage: .venv/bin/python bench/build_speed.py [--baseline REV] [--mirror DIR]
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -20,10 +19,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from timing import timed  # bench/timing.py: the scripts run from bench/
-
-ROOT = Path(__file__).resolve().parent.parent
-BASELINE = "95fbe41"  # the last commit before calibrate-once / one reference pass
+from timing import ROOT, baseline_arguments, baseline_checkout, timed  # bench/timing.py: scripts run from bench/
 
 BARE_CALLS = r'''
 import sys, time
@@ -58,57 +54,48 @@ print(time.perf_counter() - start)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", default=BASELINE)
-    parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
-    args = parser.parse_args()
+    args = baseline_arguments()
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-build-speed-"))
     python = sys.executable
     try:
-        old = work / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.baseline], cwd=ROOT, check=True,
-                       capture_output=True)
-        # The baseline's calibration set names an image the cleaned mirror no longer has: both builds
-        # calibrate on today's set (same images, same count).
-        shutil.copy(ROOT / "calibration" / "coco-train2017-100.yaml", old / "calibration")
-        recipe = yaml.safe_load((ROOT / "recipes" / "pedestrian-ssdlite.yaml").read_text())
-        recipe["variants"] = [v for v in recipe["variants"] if not v.get("attach_postprocess")]
-        recipe["targets"]["vela"] = recipe["targets"]["vela"][:1]
-        recipe.pop("source_pipeline")
-        (work / "recipes").mkdir()
-        same = work / "recipes" / "pedestrian-ssdlite.yaml"
-        same.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        common = ["--quiet", "--cache-dir", str(work / "cache"), "--mirror", str(mirror)]
-        timed([python, "-m", "mzconvert.cli", *common, "fetch", "pedestrian-ssdlite"], ROOT)  # warm cache
-        baseline = timed([python, "-m", "mzconvert.cli", *common, "build", "pedestrian-ssdlite",
-                          "--out", str(work / "old-dist"), "--build-dir", str(work / "old-build")], old)
-        today = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
-                       "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
-        noop = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
-                      "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
-        parallel = timed([python, "-m", "mzconvert.cli", *common, "build", str(same), "-j", "2",
-                          "--out", str(work / "j2-dist"), "--build-dir", str(work / "j2-build")], ROOT)
-        if (work / "j2-dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text() != \
-                (work / "new-dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text():
-            sys.exit("-j 2 wrote other bytes than the serial build")
-        source = next((work / "new-build" / "pedestrian-ssdlite" / "fetch").glob("*.pb"))
-        images = work / "calibration-images"
-        images.mkdir()
-        for pin in yaml.safe_load((ROOT / "calibration" / "coco-train2017-100.yaml").read_text())["images"]:
-            shutil.copy(mirror / "coco" / "train2017" / pin["file"], images)
-        verify = work / "verify-images"
-        verify.mkdir()
-        for pin in yaml.safe_load((ROOT / "calibration" / "coco-val2017-32.yaml").read_text())["images"]:
-            shutil.copy(mirror / "coco" / "val2017" / pin["file"], verify)
-        (work / "bare").mkdir()
-        result = subprocess.run([python, "-c", BARE_CALLS, str(same), str(source), str(images), str(verify),
-                                 str(work / "bare")], cwd=ROOT, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(result.stderr[-2000:])
-        bare = float(result.stdout.strip().splitlines()[-1])
+        with baseline_checkout(args.baseline, work / "baseline") as old:
+            recipe = yaml.safe_load((ROOT / "recipes" / "pedestrian-ssdlite.yaml").read_text())
+            recipe["variants"] = [v for v in recipe["variants"] if not v.get("attach_postprocess")]
+            recipe["targets"]["vela"] = recipe["targets"]["vela"][:1]
+            recipe.pop("source_pipeline")
+            (work / "recipes").mkdir()
+            same = work / "recipes" / "pedestrian-ssdlite.yaml"
+            same.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            common = ["--quiet", "--cache-dir", str(work / "cache"), "--mirror", str(mirror)]
+            timed([python, "-m", "mzconvert.cli", *common, "fetch", "pedestrian-ssdlite"], ROOT)  # warm cache
+            baseline = timed([python, "-m", "mzconvert.cli", *common, "build", "pedestrian-ssdlite",
+                              "--out", str(work / "old-dist"), "--build-dir", str(work / "old-build")], old)
+            today = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
+                           "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
+            noop = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
+                          "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
+            parallel = timed([python, "-m", "mzconvert.cli", *common, "build", str(same), "-j", "2",
+                              "--out", str(work / "j2-dist"), "--build-dir", str(work / "j2-build")], ROOT)
+            if (work / "j2-dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text() != \
+                    (work / "new-dist" / "pedestrian-ssdlite" / "MD5SUMS").read_text():
+                sys.exit("-j 2 wrote other bytes than the serial build")
+            source = next((work / "new-build" / "pedestrian-ssdlite" / "fetch").glob("*.pb"))
+            images = work / "calibration-images"
+            images.mkdir()
+            for pin in yaml.safe_load((ROOT / "calibration" / "coco-train2017-100.yaml").read_text())["images"]:
+                shutil.copy(mirror / "coco" / "train2017" / pin["file"], images)
+            verify = work / "verify-images"
+            verify.mkdir()
+            for pin in yaml.safe_load((ROOT / "calibration" / "coco-val2017-32.yaml").read_text())["images"]:
+                shutil.copy(mirror / "coco" / "val2017" / pin["file"], verify)
+            (work / "bare").mkdir()
+            result = subprocess.run([python, "-c", BARE_CALLS, str(same), str(source), str(images), str(verify),
+                                     str(work / "bare")], cwd=ROOT, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(result.stderr[-2000:])
+            bare = float(result.stdout.strip().splitlines()[-1])
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(work / "baseline")], cwd=ROOT, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     print("pedestrian-ssdlite (5 variants, 1 NPU target), warm download cache, one run on this machine")
     print(f"{'build':44} {'seconds':>8}")
