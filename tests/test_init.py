@@ -292,3 +292,27 @@ def test_a_keras_layer_name_gets_the_graph_nodes_it_holds(tmp_path, mirror):
     done = run_cli("--quiet", "--cache-dir", str(tmp_path / "c"), "strip", str(recipe), "--build-dir", str(tmp_path / "b"))
     assert done.returncode == 2 and "tensor 'stem' is not in the graph; did you mean '" in done.stderr
     assert "did you mean 'functional" in done.stderr and "/stem_1/Relu'" in done.stderr  # the layer's output first
+
+
+def test_inspect_and_init_from_a_url(tmp_path, http_server, mirror):
+    """A model on a web server: downloaded once into the cache, pinned by what came."""
+    from tests.test_onnx_backend import tiny_onnx
+
+    model = tiny_onnx(tmp_path / "served.onnx", classes=3)
+    http_server.files["/models/served.onnx"] = model.read_bytes()
+    url = http_server.url + "/models/served.onnx"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    found = run_cli("--json", *cache, "inspect", url)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["inputs"][0]["shape"] == [1, 3, 32, 32]
+    assert run_cli(*cache, "init", "served", "--from", url, "--to", str(tmp_path)).returncode == 0
+    source = yaml.safe_load((tmp_path / "served.yaml").read_text())["source"]
+    assert source == {"url": url, "size": model.stat().st_size,
+                      "sha256": __import__("hashlib").sha256(model.read_bytes()).hexdigest()}
+    offline = run_cli("--offline", *cache, "inspect", url + "?other")
+    assert offline.returncode == 3 and "--offline" in offline.stderr
+
+    corrupt = tmp_path / "broken.onnx"
+    corrupt.write_bytes(b"\x08\x07not an onnx model")
+    broken = run_cli("inspect", str(corrupt))
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "broken.onnx" in broken.stderr
