@@ -315,11 +315,13 @@ def debug(ctx: Context, recipe, variant, count, out, build_dir):
     if r.verify is None:
         raise MzError(f"{r.path}: verify: debug runs on the verify images; the recipe declares none", EXIT_BAD_INPUT)
     fetcher = ctx.fetcher()
-    calibration_set = load_image_set(chosen.calibration, r.path)
-    calibration = calibration_set.paths(fetcher, calibration_set.count(chosen.calibration_count,
-                                                                       DEFAULT_CALIBRATION_COUNT))
     images = load_image_set(r.verify.images, r.path).paths(fetcher, count or r.verify.count)
-    ctx.console.log(f"debug: {variant}, {len(calibration)} calibration and {len(images)} verify images")
+    ctx.console.log(f"debug: {variant} on {len(images)} verify images")
+
+    def calibration() -> list[Path]:  # TFLite re-derives the variant's ranges from them; ONNX needs none
+        image_set = load_image_set(chosen.calibration, r.path)
+        return image_set.paths(fetcher, image_set.count(chosen.calibration_count, DEFAULT_CALIBRATION_COUNT))
+
     layers = layer_errors(stripped, r, chosen, out / r.name / manifest["variants"][variant]["file"], calibration,
                           images)
     result = {"recipe": r.name, "variant": variant, "images": len(images), "summary": summary(layers),

@@ -17,32 +17,34 @@ import csv
 import io
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .backends import backend_for
-from .errors import MzError
+from .errors import EXIT_BAD_INPUT, MzError
 from .preprocess import prepare
 from .recipe import Recipe, Variant
 
 ROUNDING_NOISE = 1 / math.sqrt(12)  # RMSE / scale of uniform rounding
 
 
-def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path, calibration: list[Path],
-                 images: list[Path]) -> list[dict]:
+def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                 calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
     """One row per quantized layer output: name, op, RMSE in quantization steps, max abs error, worst first.
-    `artifact`: the built variant; `calibration`: its calibration images."""
+    `artifact`: the built variant; `calibration()`: its calibration images (fetched only where needed)."""
     explain = {"tflite": _tflite_layer_errors, "onnx": _onnx_layer_errors}
     if variant.mode != "int8" or variant.target not in explain:
-        raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains int8 variants, not {variant.mode}")
+        raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains int8 variants, not {variant.mode}",
+                      EXIT_BAD_INPUT)
     rows = explain[variant.target](stripped, recipe, variant, artifact, calibration, images)
     if not rows:
         raise MzError(f"{artifact}: the quantization debugger reported no quantized layer")
     return sorted(rows, key=lambda r: -r["rmse_steps"])
 
 
-def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path, calibration: list[Path],
-                         images: list[Path]) -> list[dict]:
+def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                         calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
     """TensorFlow's QuantizationDebugger, on a model quantized from the variant's own ranges."""
     import tempfile
 
@@ -52,7 +54,7 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     tf = _tf()
     debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
     with tempfile.TemporaryDirectory() as work:
-        calibrated = calibrate(stripped, recipe, variant, calibration, Path(work)).read_bytes()  # the variant's ranges
+        calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work)).read_bytes()  # the variant's ranges
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
     try:
@@ -79,8 +81,8 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
 IMAGES_AT_ONCE = 4  # the ONNX debug holds every activation of this many images (two models) at a time
 
 
-def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path, calibration: list[Path],
-                       images: list[Path]) -> list[dict]:
+def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                       calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
     """ONNX Runtime's QDQ loss debugging: every activation of the QDQ artifact (after its Q/DQ pair) against
     the same tensor of the float model it was quantized from, in steps of that activation's scale."""
     import tempfile
