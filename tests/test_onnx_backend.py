@@ -201,3 +201,5 @@ def test_debug_ranks_a_damaged_layer_of_an_onnx_int8_first(tmp_path, mirror):
     assert layers[0]["layer"] == "relu2", layers[:3]  # conv2 + its ReLU, one quantized activation in QDQ
     assert layers[0]["rmse_steps"] > 2 * layers[1]["rmse_steps"], layers[:3]
     assert (tmp_path / "dist" / "tiny-onnx" / "debug" / "int8.png").is_file()
+    refused = run_cli("--quiet", "--cache-dir", str(tmp_path / "c"), "debug", str(recipe), "--variant", "float32", *where)
+    assert refused.returncode == 2 and "debug explains int8 variants, not float32" in refused.stderr
