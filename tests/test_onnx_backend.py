@@ -21,9 +21,10 @@ from tests.conftest import MIRROR, ROOT, run_cli
 
 
 def tiny_onnx(path: Path, size: int = 32, classes: int = 10, output: str = "probabilities",
-              damaged: bool = False) -> Path:
+              damaged: bool = False, depthwise: bool = False) -> Path:
     """damaged: conv1's last channel is always 0 and conv2 weighs it 1000 in its first output channel: the float
-    model does not notice, per-channel int8 weights of that output channel round to nothing but it."""
+    model does not notice, per-channel int8 weights of that output channel round to nothing but it.
+    depthwise: a 3x3 depthwise conv between the two. No node is named, as in many exports."""
     rng = np.random.RandomState(0)
     arrays = {n: rng.normal(0, 0.3, s).astype(np.float32) for n, s in
               (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (16, 8, 3, 3)), ("b2", (16,)), ("fc", (16, classes)),
@@ -31,10 +32,16 @@ def tiny_onnx(path: Path, size: int = 32, classes: int = 10, output: str = "prob
     if damaged:
         arrays["w1"][-1], arrays["b1"][-1] = 0.0, -1.0  # ReLU keeps it 0
         arrays["w2"][0, -1, 1, 1] = 1000.0
+    between = []
+    if depthwise:
+        arrays["wd"] = rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32)
+        between = [helper.make_node("Conv", ["relu1", "wd"], ["dw"], group=8, pads=[1, 1, 1, 1])]
     init = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
     nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["conv1"], ["relu1"]),
-             helper.make_node("Conv", ["relu1", "w2", "b2"], ["conv2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             *between,
+             helper.make_node("Conv", ["dw" if depthwise else "relu1", "w2", "b2"], ["conv2"], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["conv2"], ["relu2"]),
              helper.make_node("GlobalAveragePool", ["relu2"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
@@ -92,6 +99,16 @@ def test_onnx_stages_and_modes_without_torch(tmp_path, mirror):
         metrics = variant["verify"]["logits"]
         assert metrics["cosine"] > 0.9 and 0 <= metrics["top1_agreement"] <= 1, (name, metrics)
     assert manifest["variants"]["float32"]["verify"]["logits"]["max_abs_error"] == 0
+
+
+def test_dynamic_quantization_keeps_unnamed_depthwise_convs_float(tmp_path, mirror):
+    text = recipe_text(tiny_onnx(tmp_path / "tiny.onnx", depthwise=True))
+    manifest = run(tmp_path, text.replace("  - {name: float16, mode: float16}\n", ""))
+    dynamic = onnx.load(str(tmp_path / "dist" / "tiny-onnx" / manifest["variants"]["dynamic"]["file"])).graph
+    convs = [(node.op_type, {a.name: a.i for a in node.attribute}.get("group", 1)) for node in dynamic.node
+             if "Conv" in node.op_type]
+    assert convs == [("ConvInteger", 1), ("Conv", 8), ("ConvInteger", 1)]  # the two others quantized
+    assert manifest["variants"]["dynamic"]["verify"]["logits"]["cosine"] > 0.99
 
 
 def test_onnx_strip_at_unknown_tensor_lists_close_matches(tmp_path, mirror):

@@ -37,6 +37,6 @@ def tflite_converter(model: Path, recipe: Recipe):
 class GraphRunner(TFLiteRunner):
     """The source model itself (eval's source row)."""
 
-    def __init__(self, model: Path, recipe: Recipe):
-        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None)
+    def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
+        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
         self.output_names = [o.name for o in self.outputs]
