@@ -57,10 +57,33 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
     return values if values.size <= k else np.partition(values, k - 1)[:k]
 
 
+class RangeRecorder:
+    """The range of each tensor over every image: its min and max, or with `percentile` p the values that
+    leave (100 - p) % of all its values (of all images) below and above."""
+
+    def __init__(self, images: int, percentile: float | None = None):
+        self.images, self.percentile = images, percentile
+        self._extremes: dict[object, _Extremes] = {}
+        self._ranks: dict[object, int] = {}
+
+    def add(self, key, values: np.ndarray) -> None:
+        """One image's values of tensor `key` (NaN values are skipped, as TensorFlow's calibrator does)."""
+        if key not in self._extremes:  # rank from either end, among all values of all images, of the percentile's
+            share = (100.0 - self.percentile) / 100.0 if self.percentile else 0.0
+            self._ranks[key] = int(share * values.size * self.images)
+            self._extremes[key] = _Extremes(self._ranks[key] + 1)
+        self._extremes[key].add(values)
+
+    def ranges(self) -> dict[object, tuple[float, float]]:
+        """{key: (low, high)}; (inf, -inf) for a tensor that never had a finite value."""
+        return {key: extremes.at_rank(self._ranks[key]) if extremes.low.size else (np.inf, -np.inf)
+                for key, extremes in self._extremes.items()}
+
+
 def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], percentile: float | None = None,
                   threads: int = 2) -> dict[int, tuple[float, float]]:
-    """{tensor index: (low, high)} over every input in `tensors`, of the tensors of subgraph 0 in `wanted`: the
-    min and max, or with `percentile` p the values that leave (100 - p) % of all values below and above."""
+    """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`,
+    run by the LiteRT interpreter (see RangeRecorder)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     # Without the default delegate every tensor is computed by a builtin kernel and kept after invoke
@@ -71,18 +94,15 @@ def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], per
                                   experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     model_input = interpreter.get_input_details()[0]["index"]
-    sizes = {d["index"]: int(np.prod(d["shape"])) for d in interpreter.get_tensor_details()}
-    # rank from either end, among all values of all images, of the percentile's value
-    ranks = {i: int((100.0 - percentile) / 100.0 * sizes[i] * len(tensors)) if percentile else 0 for i in wanted}
-    extremes = {i: _Extremes(ranks[i] + 1) for i in wanted}
+    recorder = RangeRecorder(len(tensors), percentile)
     for tensor in tensors:
         interpreter.set_tensor(model_input, tensor)
         interpreter.invoke()
         for i in wanted:
             values = interpreter.tensor(i)()  # a view, no copy
-            extremes[i].add(values)  # NaN values are skipped, as TensorFlow's calibrator does
+            recorder.add(i, values)
             del values  # invoke() refuses to run while a view of the interpreter's memory is alive
-    return {i: extremes[i].at_rank(ranks[i]) if extremes[i].low.size else (np.inf, -np.inf) for i in wanted}
+    return recorder.ranges()
 
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path,

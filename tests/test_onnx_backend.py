@@ -111,6 +111,51 @@ def test_dynamic_quantization_keeps_unnamed_depthwise_convs_float(tmp_path, mirr
     assert manifest["variants"]["dynamic"]["verify"]["logits"]["cosine"] > 0.99
 
 
+def _prepared_tiny_onnx(tmp_path) -> Path:
+    from onnxruntime import quantization as q
+
+    from mzconvert.backends.onnx import _load, _named_nodes, _save
+
+    prepared = tmp_path / "prepared.onnx"
+    q.quant_pre_process(str(tiny_onnx(tmp_path / "tiny.onnx", depthwise=True)), str(prepared), skip_symbolic_shape=True)
+    return _save(_named_nodes(_load(prepared)), prepared)
+
+
+def test_onnx_minmax_ranges_quantize_as_onnx_runtimes_own_calibrator(tmp_path):
+    """Our recorded min/max ranges, handed to ONNX Runtime's quantizer, give the model its own MinMax calibrator
+    gives: the same graph, zero points and scales (to float rounding: fused kernels round differently)."""
+    from onnxruntime import quantization as q
+
+    from mzconvert.backends.onnx import _Calibration, _recorded_ranges, _write_ranges
+
+    prepared = _prepared_tiny_onnx(tmp_path)
+    images = [np.random.RandomState(i).normal(0, 1, (1, 3, 32, 32)).astype(np.float32) for i in range(5)]
+    options = dict(quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QInt8,
+                   weight_type=q.QuantType.QInt8)
+    q.quantize_static(str(prepared), str(tmp_path / "theirs.onnx"), _Calibration("input", iter(images)), **options)
+    _write_ranges(_recorded_ranges(prepared, images, None), tmp_path / "ranges.json")
+    q.quantize_static(str(prepared), str(tmp_path / "ours.onnx"), None,
+                      calibration_cache_path=str(tmp_path / "ranges.json"), **options)
+    theirs, ours = (onnx.load(str(tmp_path / f"{who}.onnx")).graph for who in ("theirs", "ours"))
+    assert [(n.op_type, list(n.input)) for n in ours.node] == [(n.op_type, list(n.input)) for n in theirs.node]
+    constants = {t.name: numpy_helper.to_array(t) for t in ours.initializer}
+    scales = [name for name in constants if name.endswith("_scale")]
+    assert len(scales) >= 6  # input, every conv, relu and the logits
+    for t in theirs.initializer:
+        np.testing.assert_allclose(constants[t.name], numpy_helper.to_array(t), rtol=1e-6, err_msg=t.name)
+
+
+def test_onnx_percentile_ranges_are_exact(tmp_path):
+    from mzconvert.backends.onnx import _recorded_ranges
+
+    images = [np.random.RandomState(i).normal(0, 1, (1, 3, 32, 32)).astype(np.float32) for i in range(5)]
+    ranges = _recorded_ranges(_prepared_tiny_onnx(tmp_path), images, 99.0)
+    values = np.sort(np.concatenate([x.ravel() for x in images]))
+    rank = int(0.01 * values.size)
+    assert ranges["input"] == (values[rank], values[-1 - rank])
+    assert {"conv1", "relu1", "dw", "conv2", "relu2", "logits"} <= set(ranges)
+
+
 def test_onnx_strip_at_unknown_tensor_lists_close_matches(tmp_path, mirror):
     with pytest.raises(RecipeError, match="strip.outputs: tensor 'logit' is not in the graph; did you mean 'logits'"):
         run(tmp_path, recipe_text(tiny_onnx(tmp_path / "tiny.onnx"), outputs="logit"))

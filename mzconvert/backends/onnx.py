@@ -212,16 +212,58 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
         q.quantize_dynamic(str(prepared), str(target), weight_type=q.QuantType.QInt8,
                            per_channel=variant.per_channel, reduce_range=variant.reduce_range,
                            nodes_to_exclude=_grouped_convs(prepared))
-    else:
-        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-                  "percentile": q.CalibrationMethod.Percentile}[variant.calibration_method]
+        return
+    options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
+                   activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+    if variant.calibration_method == "entropy":  # ONNX Runtime's own calibrator
         q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, calibration()),
-                          quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel,
-                          reduce_range=variant.reduce_range, activation_type=q.QuantType.QInt8,
-                          weight_type=q.QuantType.QInt8, calibrate_method=method,
-                          # Not CalibMaxIntermediateOutputs: onnxruntime (1.32) drops each full chunk of outputs
-                          # unmeasured (clear before compute), calibrating on the last few images only.
-                          extra_options={"CalibPercentile": variant.calibration_percentile})
+                          calibrate_method=q.CalibrationMethod.Entropy, **options)
+        return
+    # min/max and percentile ranges are recorded here (ranges.py) and handed to the quantizer as its calibration
+    # cache: exact percentiles in bounded memory, where ONNX Runtime's histogram calibrators hold every activation
+    # of every image and take the percentile of absolute values (a symmetric range, half of it unused after a
+    # ReLU); and its min/max with CalibMaxIntermediateOutputs drops each full chunk of outputs unmeasured.
+    percentile = variant.calibration_percentile if variant.calibration_method == "percentile" else None
+    cache = target.with_name("ranges.json")
+    _write_ranges(_recorded_ranges(prepared, list(calibration()), percentile), cache)
+    q.quantize_static(str(prepared), str(target), None, calibrate_method=q.CalibrationMethod.MinMax,
+                      calibration_cache_path=str(cache), **options)
+    cache.unlink()
+
+
+def _recorded_ranges(model: Path, tensors: list[np.ndarray], percentile: float | None) -> dict[str, tuple[float, float]]:
+    """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see RangeRecorder)."""
+    import onnx
+    import onnxruntime as ort
+
+    from ..ranges import RangeRecorder
+
+    augmented = _load(model)
+    graph = augmented.graph
+    computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
+    outputs = {o.name for o in graph.output}
+    graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
+                        and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)
+    session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    input_name = session.get_inputs()[0].name
+    recorder = RangeRecorder(len(tensors), percentile)
+    for tensor in tensors:
+        recorder.add(input_name, tensor)
+        for name, values in zip(names, session.run(names, {input_name: tensor})):
+            recorder.add(name, values)
+    return recorder.ranges()
+
+
+def _write_ranges(ranges: dict[str, tuple[float, float]], path: Path) -> None:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    for name, (low, high) in ranges.items():
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise MzError(f"calibration: tensor {name!r} has no finite value on any calibration image")
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.float32(low), highest=np.float32(high)) for name, (low, high) in ranges.items()}),
+        path)
 
 
 def _named_nodes(model):
