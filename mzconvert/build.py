@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -100,6 +101,11 @@ class Planner:
     @property
     def folder(self) -> Path:
         return self.options.build_root / self.recipe.name
+
+    @property
+    def threads(self) -> int:
+        """Threads for running a model (reference, verify): the cores, shared among the build's workers."""
+        return max(1, (os.cpu_count() or 1) // self.options.jobs)
 
     def stage(self, name: str, inputs: dict, action: Callable[[Path], dict]) -> StageOutcome:
         """Run `action(staging_folder) -> result` unless the stamp for `inputs` is valid."""
@@ -293,7 +299,7 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
     def action(out: Path) -> dict:
         from .backends import backend_for
 
-        reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe)
+        reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe, p.threads)
         return {"reference": reference_outputs(reference, p.recipe, images(), out).name,
                 "outputs": list(reference.output_names)}
 
@@ -309,7 +315,7 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     def action(out: Path) -> dict:
         compared = quantized.optional_path("raw_model") or quantized.path("model")  # raw: before attaching NMS
         return {"metrics": verify_variant(compared, reference.path("reference"), reference.result["outputs"],
-                                          p.recipe, stripped.anchors())}
+                                          p.recipe, stripped.anchors(), p.threads)}
 
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]
@@ -345,14 +351,16 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
     _, frozen, stripped = chain
     spec = p.recipe.verify
     key, images, names = _image_paths(p, spec.images, spec.count)
+    reference = _reference(p, stripped)  # ours: the float model's outputs on the same images
     raw = p.recipe.raw
-    inputs = {"frozen": frozen.digest(), "stripped": stripped.digest(), "images": key,
-              "preprocess": raw.get("preprocess"), "postprocess": raw.get("postprocess"),
-              "source_pipeline": raw.get("source_pipeline"), "tools": p.versions}
+    inputs = {"frozen": frozen.digest(), "reference": reference.digest(), "stripped": stripped.digest(),
+              "postprocess": raw.get("postprocess"), "source_pipeline": raw.get("source_pipeline"),
+              "tools": p.versions}
 
     def action(out: Path) -> dict:
-        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), stripped.path("model"),
-                                                     stripped.anchors(), p.recipe, images(), names)}
+        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), reference.path("reference"),
+                                                     reference.result["outputs"], stripped.anchors(), p.recipe,
+                                                     images(), names)}
 
     outcome = p.stage("verify/source-pipeline", inputs, action)
     f = outcome.result["fidelity"]

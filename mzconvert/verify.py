@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MzError
-from .preprocess import load_image, model_tensor, prepare
+from .preprocess import load_image, prepare
 from .recipe import Recipe, Variant
 from .runtime import open_model
 
@@ -40,10 +40,10 @@ def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Pa
 
 
 def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe,
-                   anchors: Path | None = None) -> dict:
+                   anchors: Path | None = None, threads: int = 1) -> dict:
     """Run `model` on the inputs of `reference` (reference_outputs); metrics per output over all images,
     and what a user sees: top-1 agreement (classifiers), the share of detections matched (SSD detectors)."""
-    runner = open_model(model, output_names)
+    runner = open_model(model, output_names, threads)
     with np.load(reference, allow_pickle=False) as saved:
         count = sum(1 for key in saved.files if key.startswith("input_"))
         ref_outputs = [[saved[f"output_{i}_{j}"] for i in range(count)] for j in range(len(output_names))]
@@ -86,29 +86,29 @@ def threshold_failures(variant: Variant, metrics: dict) -> list[str]:
     return failures
 
 
-def source_pipeline_fidelity(frozen: Path, stripped: Path, anchors: Path | None, recipe: Recipe,
-                             images: list[Path], names: list[str]) -> dict:
+def source_pipeline_fidelity(frozen: Path, reference: Path, output_names: list[str], anchors: Path | None,
+                             recipe: Recipe, images: list[Path], names: list[str]) -> dict:
     """How closely our declared preprocessing + stripped float model (+ our decode) reproduce the source
     run end to end with its own pre- and post-processing, on real images: the share of detections
-    matched (detectors) or the top-1 agreement (classifiers)."""
+    matched (detectors) or the top-1 agreement (classifiers). Ours are the float model's outputs on the
+    same images in `reference` (reference_outputs)."""
     from .backends import backend_for
     from .evaluate import load_anchors, matched_detections, ssd_detections
 
-    backend = backend_for(recipe)
-    pipeline, ours = backend.SourcePipelineRunner(frozen, recipe), backend.GraphRunner(stripped, recipe)
+    pipeline = backend_for(recipe).SourcePipelineRunner(frozen, recipe)
     anchor_boxes = load_anchors(anchors) if anchors else None
     per_image = []
-    for path in images:
-        image = load_image(path)
-        pixels = np.asarray(image, dtype=np.uint8)
-        outputs = ours.run(model_tensor(image, recipe.preprocess, recipe.input))
-        if recipe.task == "detection":
-            mine = ssd_detections(dict(zip(ours.output_names, outputs)), recipe.postprocess, anchor_boxes)
-            per_image.append(matched_detections(pipeline.detections(pixels), mine))
-        else:
-            theirs = int(np.argmax(pipeline.run(pixels)[0])) - recipe.source_pipeline.class_offset
-            mine = int(np.argmax(outputs[0])) - (recipe.labels.label_offset if recipe.labels else 0)
-            per_image.append((int(theirs == mine), 1))
+    with np.load(reference, allow_pickle=False) as saved:
+        for i, path in enumerate(images):
+            pixels = np.asarray(load_image(path), dtype=np.uint8)
+            outputs = [saved[f"output_{i}_{j}"] for j in range(len(output_names))]
+            if recipe.task == "detection":
+                mine = ssd_detections(dict(zip(output_names, outputs)), recipe.postprocess, anchor_boxes)
+                per_image.append(matched_detections(pipeline.detections(pixels), mine))
+            else:
+                theirs = int(np.argmax(pipeline.run(pixels)[0])) - recipe.source_pipeline.class_offset
+                mine = int(np.argmax(outputs[0])) - (recipe.labels.label_offset if recipe.labels else 0)
+                per_image.append((int(theirs == mine), 1))
     matched, total = (sum(column) for column in zip(*per_image))
     shares = [m / t if t else 1.0 for m, t in per_image]
     worst = int(np.argmin(shares))

@@ -318,12 +318,12 @@ def _tensor_name(name: str) -> str:
 class GraphRunner:
     """Runs the stripped float graph in TensorFlow: the reference every variant is compared with."""
 
-    def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
+    def __init__(self, model: Path, recipe: Recipe, threads: int | None = None):
         tf = _tf()
         graph = tf.Graph()
         with graph.as_default():
             tf.import_graph_def(read_graph_def(model), name="")
-        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads) if threads else None  # None: all
         self._session = tf.compat.v1.Session(graph=graph, config=config)
         self._input = _tensor_name(recipe.strip.inputs[0])
         self._outputs = [_tensor_name(o) for o in recipe.strip.outputs]
