@@ -12,6 +12,8 @@ Usage: .venv/bin/python bench/build_speed.py [--baseline REV] [--mirror DIR]
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -71,8 +73,11 @@ def main() -> None:
             timed([python, "-m", "mzconvert.cli", *common, "fetch", "pedestrian-ssdlite"], ROOT)  # warm cache
             baseline = timed([python, "-m", "mzconvert.cli", *common, "build", "pedestrian-ssdlite",
                               "--out", str(work / "old-dist"), "--build-dir", str(work / "old-build")], old)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             today = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
                            "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
             noop = timed([python, "-m", "mzconvert.cli", *common, "build", str(same),
                           "--out", str(work / "new-dist"), "--build-dir", str(work / "new-build")], ROOT)
             parallel = timed([python, "-m", "mzconvert.cli", *common, "build", str(same), "-j", "2",
@@ -107,6 +112,9 @@ def main() -> None:
     print(f"today / baseline: {today / baseline:.2f} (goal <= 0.55)")
     print(f"today / bare calls: {today / bare:.2f} (goal <= 1.15)")
     print(f"-j 2 / serial: {parallel / today:.2f} (goal <= 0.7)")
+    cores = os.cpu_count() or 1
+    print(f"the serial build used {cpu:.1f} CPU seconds: on {cores} cores no schedule of that work takes less than "
+          f"{cpu / cores:.1f} s, {cpu / cores / today:.2f} of serial")
 
 
 if __name__ == "__main__":
