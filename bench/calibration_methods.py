@@ -51,11 +51,10 @@ def variants(calibration: Path, extra: dict, counts: tuple[int, ...], io_dtypes:
 
 def fidelity(verify: dict, row: dict) -> str:
     """Paired with the float model: top-1 agreement on the evaluated images, or on the verify images the
-    matched detections and the SQNR of the class logits."""
+    matched detections and the SQNR of each output (box encodings, class logits)."""
     if "top1_agreement" in row:
         return f"{row['top1_agreement']:.1%} top-1 agree"
-    outputs = [m for m in verify.values() if isinstance(m, dict)]
-    sqnr = f", SQNR {outputs[-1]['sqnr_db']:.1f} dB" if outputs else ""
+    sqnr = "".join(f", {name} {m['sqnr_db']:.1f} dB" for name, m in verify.items() if isinstance(m, dict))
     return f"{verify.get('matched_detections', 0):.1%} matched{sqnr}"
 
 
