@@ -142,6 +142,12 @@ class LoadedImage:
 Runner = Callable[[np.ndarray], list[np.ndarray]]  # a model: input tensor -> outputs
 Predict = Callable[[LoadedImage], object]  # Detections for detectors, a score vector for classifiers
 
+SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
+SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth
+MATCH_IOU = 0.9
+MATCH_SCORE = 0.3  # detections a person would be shown
+
+
 def predictions(models: dict[str, Predict], paths: list[Path], chunk: int = 32):
     """(image, {model: prediction}) for every path in order. Models run one after another over a chunk of
     images, not image by image: each runtime's thread pool then runs back to back instead of contending
@@ -151,12 +157,6 @@ def predictions(models: dict[str, Predict], paths: list[Path], chunk: int = 32):
         found = {name: [predict(image) for image in images] for name, predict in models.items()}
         for i, image in enumerate(images):
             yield image, {name: found[name][i] for name in models}
-
-
-SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
-SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth
-MATCH_IOU = 0.9
-MATCH_SCORE = 0.3  # detections a person would be shown
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:

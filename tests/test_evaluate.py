@@ -119,3 +119,19 @@ def test_ratio_interval_is_paired():
     assert ratio_interval(same, same) == [1.0, 1.0]
     low, high = ratio_interval(same * 0.9, same)
     assert low == pytest.approx(0.9) and high == pytest.approx(0.9)
+
+
+def test_predictions_pair_every_image_with_its_own_predictions_across_chunks(tmp_path):
+    """Models run one after another over chunks of images; each image must still get its own predictions."""
+    from PIL import Image
+
+    from mzconvert.evaluate import predictions
+
+    paths = []
+    for i in range(70):  # three chunks of 32, the last one short
+        paths.append(tmp_path / f"{i:03}.png")
+        Image.new("RGB", (4, 3), (i, 0, 0)).save(paths[-1])
+    red = lambda image: int(image.pixels()[0, 0, 0])  # noqa: E731
+    seen = list(predictions({"red": red, "name": lambda image: image.path.name}, paths))
+    assert [image.path for image, _ in seen] == paths
+    assert all(found == {"red": i, "name": f"{i:03}.png"} for i, (_, found) in enumerate(seen))
