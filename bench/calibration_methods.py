@@ -1,7 +1,7 @@
 """Issue 12: what calibration does to int8 accuracy, measured on the shared sets in one run.
 
 For each real model, int8 variants that differ only in how their activation ranges are calibrated
-(method: minmax or percentile; image count) are built next to float32 and evaluated on the same
+(method: minmax, percentile or mse; image count) are built next to float32 and evaluated on the same
 images. Printed per variant: the accuracy, its ratio to float32 with the paired bootstrap 95 %
 interval, and the paired fidelity to the float model (classifiers: top-1 agreement on the evaluated
 images; the detector: detections matched and SQNR of the class logits, on the 32 verify images).
@@ -33,7 +33,7 @@ MODELS = {
     "classifier-onnx": ("mobilenetv2-torchvision", "imagenet-samples", "imagenet-calib",
                         {"target": "onnx"}, (100, 300), ("float32",)),
 }
-METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99))
+METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99), ("mse", None))
 
 
 def variants(calibration: Path, extra: dict, counts: tuple[int, ...], io_dtypes: tuple[str, ...]) -> list[dict]:

@@ -55,14 +55,14 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
     from .backends.tf import calibrate_converter
     from .ranges import calibrate_with_interpreter
 
-    percentile = variant.calibration_percentile if variant.calibration_method == "percentile" else None
+    method = variant.calibration_method
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     inputs = [to_input(t) for t in calibration_batches(images, recipe)()]
     target = out_dir / "calibrated.tflite"
     marked = calibrate_converter(converter, stripped, lambda: iter(inputs[:1]), out_dir / "one-image.tflite")
-    if calibrate_with_interpreter(marked, inputs, target, percentile) is None:  # control flow: TF's calibrator
-        if percentile is not None:
-            raise MzError(f"{recipe.path}: variants: {variant.name}: calibration_method percentile: the model has "
+    if calibrate_with_interpreter(marked, inputs, target, method, variant.calibration_percentile) is None:
+        if method != "minmax":  # control flow: only TensorFlow's calibrator follows it
+            raise MzError(f"{recipe.path}: variants: {variant.name}: calibration_method {method}: the model has "
                           "control flow, which only TensorFlow's calibrator (minmax) follows")
         converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
         calibrate_converter(converter, stripped, lambda: iter(inputs), target)

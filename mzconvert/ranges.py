@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -80,10 +81,71 @@ class RangeRecorder:
                 for key, extremes in self._extremes.items()}
 
 
-def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], percentile: float | None = None,
-                  threads: int = 2) -> dict[int, tuple[float, float]]:
+class _Histogram:
+    """A tensor's values over all images in BINS bins between its min and max (0 included, as in every
+    quantized range), for the range of least quantization error (mse_range)."""
+
+    BINS = 2048
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = min(low, 0.0), max(high, 0.0)
+        self.counts = np.zeros(self.BINS, np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        if self.high > self.low:
+            self.counts += np.histogram(values, self.BINS, (self.low, self.high))[0]  # NaN falls outside
+
+    def mse_range(self, levels: int = 256, grid: int = 128) -> tuple[float, float]:
+        """The (low, high) among `grid` x `grid` shrinkings of each end toward 0 whose `levels`-level uniform
+        quantization has the least mean squared error over the histogram: clipping error of the values beyond
+        an end, plus step^2 / 12 of rounding for every value."""
+        if not self.high > self.low:
+            return self.low, self.high
+        centers = self.low + (np.arange(self.BINS) + 0.5) * (self.high - self.low) / self.BINS
+        fractions = np.arange(1, grid + 1) / grid
+        lows, highs = self.low * fractions, self.high * fractions
+        below = np.clip(lows[:, None] - centers[None, :], 0, None) ** 2 @ self.counts
+        above = np.clip(centers[None, :] - highs[:, None], 0, None) ** 2 @ self.counts
+        steps = (highs[None, :] - lows[:, None]) / (levels - 1)
+        error = below[:, None] + above[None, :] + self.counts.sum() * steps ** 2 / 12
+        i, j = np.unravel_index(np.argmin(error), error.shape)
+        return float(lows[i]), float(highs[j])
+
+
+Activations = Callable[[np.ndarray], Iterator[tuple[object, np.ndarray]]]  # input -> (tensor key, values) ...
+
+
+def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: str = "minmax",
+                   percentile: float | None = None) -> dict[object, tuple[float, float]]:
+    """{tensor key: (low, high)} over every input in `tensors`, of the tensors `activations` yields for an
+    input: with method minmax their min and max, percentile as RangeRecorder, mse the range of least
+    quantization error (_Histogram, a second pass over the inputs)."""
+    recorder = RangeRecorder(len(tensors), percentile if method == "percentile" else None)
+    _each_value(activations, tensors, recorder.add)
+    ranges = recorder.ranges()
+    if method != "mse":
+        return ranges
+    histograms = {key: _Histogram(*bounds) for key, bounds in ranges.items() if np.isfinite(bounds).all()}
+
+    def add(key, values: np.ndarray) -> None:
+        if key in histograms:  # a tensor with no finite value keeps its (inf, -inf): the caller names it
+            histograms[key].add(values)
+
+    _each_value(activations, tensors, add)
+    return ranges | {key: histogram.mse_range() for key, histogram in histograms.items()}
+
+
+def _each_value(activations: Activations, tensors: list[np.ndarray], take: Callable) -> None:
+    for tensor in tensors:
+        for key, values in activations(tensor):
+            take(key, values)
+            del values  # a view of a runtime's memory must not outlive its image (LiteRT refuses to invoke)
+
+
+def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
+                  percentile: float | None = None, threads: int = 2) -> dict[int, tuple[float, float]]:
     """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`,
-    run by the LiteRT interpreter (see RangeRecorder)."""
+    run by the LiteRT interpreter (see measure_ranges)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     # Without the default delegate every tensor is computed by a builtin kernel and kept after invoke
@@ -94,18 +156,17 @@ def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], per
                                   experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     model_input = interpreter.get_input_details()[0]["index"]
-    recorder = RangeRecorder(len(tensors), percentile)
-    for tensor in tensors:
+
+    def activations(tensor: np.ndarray):
         interpreter.set_tensor(model_input, tensor)
         interpreter.invoke()
         for i in wanted:
-            values = interpreter.tensor(i)()  # a view, no copy
-            recorder.add(i, values)
-            del values  # invoke() refuses to run while a view of the interpreter's memory is alive
-    return recorder.ranges()
+            yield i, interpreter.tensor(i)()  # a view, no copy
+
+    return measure_ranges(activations, tensors, method, percentile)
 
 
-def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path,
+def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",
                                percentile: float | None = None) -> Path | None:
     """Write to `target` the model `marked` (calibrated by the converter on one image) with every range
     slot set from all `tensors` (see record_ranges); None when the model has control flow (more than one
@@ -115,7 +176,7 @@ def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: 
         return None
     slots = {i: t for i, t in enumerate(model.subgraphs[0].tensors)
              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
-    ranges = record_ranges(marked, tensors, sorted(slots), percentile)
+    ranges = record_ranges(marked, tensors, sorted(slots), method, percentile)
     for i, tensor in slots.items():
         low, high = ranges[i]
         if not (np.isfinite(low) and np.isfinite(high)):

@@ -32,8 +32,8 @@ INTERPOLATIONS = ("tf1-bilinear", "tf2-bilinear", "tf2-bilinear-antialias", "pil
 AMBIGUOUS_INTERPOLATIONS = ("bilinear", "nearest", "bicubic")  # every framework means another kernel by these
 URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/torch_models.py
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-TFLITE_CALIBRATION_METHODS = ("minmax", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
+TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 # vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
@@ -174,7 +174,7 @@ class Variant:
     min_sqnr_db: float | None
     member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
     per_channel: bool = True  # ONNX int8: per-channel weight scales
-    calibration_method: str = "minmax"  # int8 activation ranges: minmax | percentile (| entropy: ONNX only)
+    calibration_method: str = "minmax"  # int8 activation ranges: minmax | percentile | mse (| entropy: ONNX only)
     calibration_percentile: float = 99.999  # percentile: the share of values kept inside the range
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
@@ -762,7 +762,7 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
                             "pins downgrade TensorFlow, numpy and protobuf; torch sources reach TFLite through "
                             "their Keras port)", item._child_where("target"))
         if v.target == "tflite" and v.calibration_method not in TFLITE_CALIBRATION_METHODS:
-            raise item.fail(f"TFLite int8 records its ranges by {' or '.join(TFLITE_CALIBRATION_METHODS)}; "
+            raise item.fail(f"TFLite int8 records its ranges by {', '.join(TFLITE_CALIBRATION_METHODS)}; "
                             f"{v.calibration_method} is ONNX Runtime's", item._child_where("calibration_method"))
         if v.target == "tflite" and onnx_backend and v.mode == "int8":
             continue  # the Keras port converts like any TFLite model: full-integer I/O allowed

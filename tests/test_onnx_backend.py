@@ -133,7 +133,7 @@ def test_onnx_minmax_ranges_quantize_as_onnx_runtimes_own_calibrator(tmp_path):
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QInt8,
                    weight_type=q.QuantType.QInt8)
     q.quantize_static(str(prepared), str(tmp_path / "theirs.onnx"), _Calibration("input", iter(images)), **options)
-    _write_ranges(_recorded_ranges(prepared, images, None), tmp_path / "ranges.json")
+    _write_ranges(_recorded_ranges(prepared, images), tmp_path / "ranges.json")
     q.quantize_static(str(prepared), str(tmp_path / "ours.onnx"), None,
                       calibration_cache_path=str(tmp_path / "ranges.json"), **options)
     theirs, ours = (onnx.load(str(tmp_path / f"{who}.onnx")).graph for who in ("theirs", "ours"))
@@ -145,15 +145,20 @@ def test_onnx_minmax_ranges_quantize_as_onnx_runtimes_own_calibrator(tmp_path):
         np.testing.assert_allclose(constants[t.name], numpy_helper.to_array(t), rtol=1e-6, err_msg=t.name)
 
 
-def test_onnx_percentile_ranges_are_exact(tmp_path):
+def test_onnx_recorded_ranges_percentile_exact_mse_inside_minmax(tmp_path):
     from mzconvert.backends.onnx import _recorded_ranges
 
     images = [np.random.RandomState(i).normal(0, 1, (1, 3, 32, 32)).astype(np.float32) for i in range(5)]
-    ranges = _recorded_ranges(_prepared_tiny_onnx(tmp_path), images, 99.0)
+    prepared = _prepared_tiny_onnx(tmp_path)
+    ranges = _recorded_ranges(prepared, images, "percentile", 99.0)
     values = np.sort(np.concatenate([x.ravel() for x in images]))
     rank = int(0.01 * values.size)
     assert ranges["input"] == (values[rank], values[-1 - rank])
     assert {"conv1", "relu1", "dw", "conv2", "relu2", "logits"} <= set(ranges)
+    minmax, mse = (_recorded_ranges(prepared, images, method) for method in ("minmax", "mse"))
+    assert minmax["input"] == (values[0], values[-1])
+    assert set(mse) == set(minmax) and all(min(low, 0) <= mse[k][0] <= 0 <= mse[k][1] <= max(high, 0)
+                                           for k, (low, high) in minmax.items())
 
 
 def test_onnx_strip_at_unknown_tensor_lists_close_matches(tmp_path, mirror):

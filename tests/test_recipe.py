@@ -57,7 +57,7 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
     (lambda d: d.update(variants=d["variants"][:3]),
      "recipes/x.yaml: targets.vela: the NPU compiles TFLite int8 variants, and this recipe has none"),
     (lambda d: d["variants"][3].update(calibration_method="entropy"),
-     "recipes/x.yaml: variants[3].calibration_method: TFLite int8 records its ranges by minmax or percentile"),
+     "recipes/x.yaml: variants[3].calibration_method: TFLite int8 records its ranges by minmax, percentile, mse"),
     (lambda d: d["variants"][3].update(calibration_method="percentile", calibration_percentile=101),
      "recipes/x.yaml: variants[3].calibration_percentile: expected a percentile in (50, 100]"),
     (lambda d: d["variants"][3].update(per_channel=False),

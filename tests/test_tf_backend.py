@@ -309,21 +309,23 @@ def test_one_calibration_serves_every_int8_variant_like_separate_conversions(tmp
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("percentile", [None, 99.0])
-def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror, percentile):
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror, method):
     """A residual block (conv -> linear projection -> ADD): every recorded range, the ADD's inputs included,
-    is what TensorFlow computes for that tensor on the calibration images: its min and max, or with
-    calibration_method percentile the values leaving (100 - p) % of all values below and above."""
+    is what TensorFlow computes for that tensor on the calibration images: its min and max, with
+    calibration_method percentile the values leaving (100 - p) % of all values below and above, with mse
+    the range of least quantization error over TensorFlow's values."""
     import tensorflow as tf
 
     from mzconvert.backends.tf import read_graph_def
     from mzconvert.preprocess import prepare
+    from mzconvert.ranges import _Histogram
     from mzconvert.tflite_file import read_model, schema
 
     graphs = write_tiny_detector(tmp_path / "graphs", residual=True)
-    method = f", calibration_method: percentile, calibration_percentile: {percentile}" if percentile else ""
-    variants = (f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 6"
-                f"{method}}}\n")
+    percentile = 99.0 if method == "percentile" else None
+    variants = (f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 6, "
+                f"calibration_method: {method}, calibration_percentile: 99.0}}\n")
     run(tmp_path, tiny_recipe_text(graphs["frozen"], sha256(graphs["frozen"]), variants=variants))
     recipe = load_recipe(tmp_path / "tiny.yaml")
     calibrated = next((tmp_path / "build" / "tiny" / "calibrate").glob("*/calibrated.tflite"))
@@ -345,6 +347,10 @@ def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror
         values = np.sort(np.concatenate([f[k].ravel() for f in fetched]))
         rank = int((100 - percentile) / 100 * values.size) if percentile else 0
         truth.append((float(values[rank]), float(values[values.size - 1 - rank])))
+        if method == "mse":
+            histogram = _Histogram(*truth[-1])
+            histogram.add(values)
+            truth[-1] = histogram.mse_range()
     np.testing.assert_allclose(recorded, sorted(truth), rtol=1e-5, atol=1e-6)
 
 

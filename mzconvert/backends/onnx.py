@@ -219,24 +219,25 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
         q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, calibration()),
                           calibrate_method=q.CalibrationMethod.Entropy, **options)
         return
-    # min/max and percentile ranges are recorded here (ranges.py) and handed to the quantizer as its calibration
-    # cache: exact percentiles in bounded memory, where ONNX Runtime's histogram calibrators hold every activation
-    # of every image and take the percentile of absolute values (a symmetric range, half of it unused after a
-    # ReLU); and its min/max with CalibMaxIntermediateOutputs drops each full chunk of outputs unmeasured.
-    percentile = variant.calibration_percentile if variant.calibration_method == "percentile" else None
+    # min/max, percentile and mse ranges are recorded here (ranges.py) and handed to the quantizer as its
+    # calibration cache: exact percentiles in bounded memory, where ONNX Runtime's histogram calibrators hold every
+    # activation of every image and take the percentile of absolute values (a symmetric range, half of it unused
+    # after a ReLU); and its min/max with CalibMaxIntermediateOutputs drops each full chunk of outputs unmeasured.
     cache = target.with_name("ranges.json")
-    _write_ranges(_recorded_ranges(prepared, list(calibration()), percentile), cache)
+    _write_ranges(_recorded_ranges(prepared, list(calibration()), variant.calibration_method,
+                                   variant.calibration_percentile), cache)
     q.quantize_static(str(prepared), str(target), None, calibrate_method=q.CalibrationMethod.MinMax,
                       calibration_cache_path=str(cache), **options)
     cache.unlink()
 
 
-def _recorded_ranges(model: Path, tensors: list[np.ndarray], percentile: float | None) -> dict[str, tuple[float, float]]:
-    """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see RangeRecorder)."""
+def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
+                     percentile: float | None = None) -> dict[str, tuple[float, float]]:
+    """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see measure_ranges)."""
     import onnx
     import onnxruntime as ort
 
-    from ..ranges import RangeRecorder
+    from ..ranges import measure_ranges
 
     augmented = _load(model)
     graph = augmented.graph
@@ -247,12 +248,12 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], percentile: float |
     session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     input_name = session.get_inputs()[0].name
-    recorder = RangeRecorder(len(tensors), percentile)
-    for tensor in tensors:
-        recorder.add(input_name, tensor)
-        for name, values in zip(names, session.run(names, {input_name: tensor})):
-            recorder.add(name, values)
-    return recorder.ranges()
+
+    def activations(tensor: np.ndarray):
+        yield input_name, tensor
+        yield from zip(names, session.run(names, {input_name: tensor}))
+
+    return measure_ranges(activations, tensors, method, percentile)
 
 
 def _write_ranges(ranges: dict[str, tuple[float, float]], path: Path) -> None:

@@ -1,0 +1,45 @@
+"""Activation ranges (ranges.py) on values made here: the methods' choices, whatever runtime yields them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mzconvert.ranges import measure_ranges
+
+
+def ranges_of(images: list[np.ndarray], method: str, percentile: float | None = None) -> tuple[float, float]:
+    return measure_ranges(lambda tensor: iter([("t", tensor)]), images, method, percentile)["t"]
+
+
+def quantization_error(values: np.ndarray, low: float, high: float) -> float:
+    """Mean squared error of 8-bit uniform quantization of `values` over [low, high] (clipping included)."""
+    step = (high - low) / 255
+    return float(np.mean((values - (np.clip(np.round((values - low) / step), 0, 255) * step + low)) ** 2))
+
+
+def test_mse_range_clips_long_tails_and_quantizes_them_better_than_minmax():
+    images = [np.random.RandomState(i).laplace(0, 1, 50_000).astype(np.float32) for i in range(4)]
+    values = np.concatenate(images)
+    minmax, mse = ranges_of(images, "minmax"), ranges_of(images, "mse")
+    assert minmax == (values.min(), values.max())
+    assert minmax[0] < mse[0] < 0 < 0.5 * minmax[1] < mse[1] < 0.9 * minmax[1]  # the longer tail clipped more
+    assert quantization_error(values, *mse) < 0.85 * quantization_error(values, *minmax)
+
+
+def test_mse_range_keeps_the_range_of_values_without_outliers():
+    images = [np.random.RandomState(i).uniform(-1, 3, 50_000).astype(np.float32) for i in range(4)]
+    low, high = ranges_of(images, "mse")
+    assert low == pytest.approx(-1, rel=0.03) and high == pytest.approx(3, rel=0.03)
+
+
+def test_mse_range_of_values_on_one_side_of_zero_starts_at_zero():
+    images = [np.random.RandomState(i).uniform(2, 6, 10_000).astype(np.float32) for i in range(3)]
+    low, high = ranges_of(images, "mse")
+    assert low == 0.0 and high == pytest.approx(6, rel=0.03)  # quantized ranges always hold 0
+
+
+def test_percentile_is_exact_over_all_images():
+    images = [np.random.RandomState(i).normal(0, 1, 1000).astype(np.float32) for i in range(5)]
+    values = np.sort(np.concatenate(images))
+    assert ranges_of(images, "percentile", 99.0) == (values[50], values[-51])
