@@ -1,4 +1,7 @@
-"""Activation ranges for TFLite int8: recorded with the LiteRT interpreter, written into the calibrated model.
+"""Activation ranges for int8: measured over the calibration images by whatever runtime yields a model's
+activations (measure_ranges: min/max, exact percentile, or least quantization error); for TFLite
+recorded with the LiteRT interpreter and written into the calibrated model, for ONNX with ONNX Runtime
+(backends/onnx.py).
 
 TensorFlow's own calibrator (the converter's representative-dataset pass) has two costs we avoid:
 - it runs the model op by op with logging kernels, single-threaded: ~170 ms an image for SSDLite
@@ -10,8 +13,7 @@ TensorFlow's own calibrator (the converter's representative-dataset pass) has tw
 
 So the converter calibrates on one image only, which gives the float model with a range slot on
 every tensor its quantizer needs (and nothing else of the images); every image then runs through
-the interpreter, and each slot gets the min and max the tensor really took, or with a percentile
-the values that leave that share of all its values inside.
+the interpreter, and each slot gets the range the tensor really took by the variant's method.
 """
 
 from __future__ import annotations
