@@ -95,7 +95,7 @@ class _Histogram:
 
     def add(self, values: np.ndarray) -> None:
         if self.high > self.low:
-            self.counts += np.histogram(values, self.BINS, (self.low, self.high))[0]  # NaN falls outside
+            self.counts += np.histogram(values, self.BINS, (self.low, self.high))[0]  # NaN is not counted
 
     def mse_range(self, levels: int = 256, grid: int = 128) -> tuple[float, float]:
         """The (low, high) among `grid` x `grid` shrinkings of each end toward 0 whose `levels`-level uniform
