@@ -175,7 +175,7 @@ class Variant:
     member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
     per_channel: bool = True  # ONNX int8: per-channel weight scales
     calibration_method: str = "minmax"  # int8 activation ranges: minmax | percentile | mse (| entropy: ONNX only)
-    calibration_percentile: float = 99.999  # percentile: the share of values kept inside the range
+    calibration_percentile: float = 99.999  # percentile p: from the (100 - p)th to the p-th percentile of all values
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)

@@ -220,9 +220,10 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
                           calibrate_method=q.CalibrationMethod.Entropy, **options)
         return
     # min/max, percentile and mse ranges are recorded here (ranges.py) and handed to the quantizer as its
-    # calibration cache: exact percentiles in bounded memory, where ONNX Runtime's histogram calibrators hold every
-    # activation of every image and take the percentile of absolute values (a symmetric range, half of it unused
-    # after a ReLU); and its min/max with CalibMaxIntermediateOutputs drops each full chunk of outputs unmeasured.
+    # calibration cache: exact percentiles in bounded memory, the same ranges as the TFLite path's, where ONNX
+    # Runtime's histogram calibrators hold every activation of every image and read a percentile off a bin edge
+    # (splitting the share outside between both ends); and its min/max with CalibMaxIntermediateOutputs drops
+    # each full chunk of outputs unmeasured.
     cache = target.with_name("ranges.json")
     _write_ranges(_recorded_ranges(prepared, list(calibration()), variant.calibration_method,
                                    variant.calibration_percentile), cache)
