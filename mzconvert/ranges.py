@@ -118,23 +118,23 @@ Activations = Callable[[np.ndarray], Iterator[tuple[object, np.ndarray]]]  # inp
 
 
 def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: str = "minmax",
-                   percentile: float | None = None) -> dict[object, tuple[float, float]]:
+                   percentile: float | None = None, name_of: Callable[[object], str] = str
+                   ) -> dict[object, tuple[float, float]]:
     """{tensor key: (low, high)} over every input in `tensors`, of the tensors `activations` yields for an
     input: with method minmax their min and max, percentile as RangeRecorder, mse the range of least
-    quantization error (_Histogram, a second pass over the inputs)."""
+    quantization error (_Histogram, a second pass over the inputs). A tensor with no finite value on any
+    input is an error naming it (`name_of` its key)."""
     recorder = RangeRecorder(len(tensors), percentile if method == "percentile" else None)
     _each_value(activations, tensors, recorder.add)
     ranges = recorder.ranges()
+    for key, (low, high) in ranges.items():
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise MzError(f"calibration: tensor {name_of(key)!r} has no finite value on any calibration image")
     if method != "mse":
         return ranges
-    histograms = {key: _Histogram(*bounds) for key, bounds in ranges.items() if np.isfinite(bounds).all()}
-
-    def add(key, values: np.ndarray) -> None:
-        if key in histograms:  # a tensor with no finite value keeps its (inf, -inf): the caller names it
-            histograms[key].add(values)
-
-    _each_value(activations, tensors, add)
-    return ranges | {key: histogram.mse_range() for key, histogram in histograms.items()}
+    histograms = {key: _Histogram(*bounds) for key, bounds in ranges.items()}
+    _each_value(activations, tensors, lambda key, values: histograms[key].add(values))
+    return {key: histogram.mse_range() for key, histogram in histograms.items()}
 
 
 def _each_value(activations: Activations, tensors: list[np.ndarray], take: Callable) -> None:
@@ -158,6 +158,7 @@ def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], met
                                   experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     model_input = interpreter.get_input_details()[0]["index"]
+    names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
 
     def activations(tensor: np.ndarray):
         interpreter.set_tensor(model_input, tensor)
@@ -165,7 +166,7 @@ def record_ranges(model: Path, tensors: list[np.ndarray], wanted: list[int], met
         for i in wanted:
             yield i, interpreter.tensor(i)()  # a view, no copy
 
-    return measure_ranges(activations, tensors, method, percentile)
+    return measure_ranges(activations, tensors, method, percentile, names.get)
 
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",
@@ -180,9 +181,5 @@ def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: 
              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
     ranges = record_ranges(marked, tensors, sorted(slots), method, percentile)
     for i, tensor in slots.items():
-        low, high = ranges[i]
-        if not (np.isfinite(low) and np.isfinite(high)):
-            raise MzError(f"calibration: tensor {tensor.name.decode(errors='replace')!r} has no finite value on any "
-                          "calibration image")
-        tensor.quantization.min, tensor.quantization.max = [low], [high]
+        tensor.quantization.min, tensor.quantization.max = [ranges[i][0]], [ranges[i][1]]
     return write_model(model, target)

@@ -43,3 +43,13 @@ def test_percentile_is_exact_over_all_images():
     images = [np.random.RandomState(i).normal(0, 1, 1000).astype(np.float32) for i in range(5)]
     values = np.sort(np.concatenate(images))
     assert ranges_of(images, "percentile", 99.0) == (values[50], values[-51])
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_a_tensor_with_no_finite_value_is_named(method):
+    from mzconvert.errors import MzError
+
+    images = [np.zeros(10, np.float32) for _ in range(2)]
+    activations = lambda tensor: iter([(0, tensor), (1, tensor * np.nan)])  # noqa: E731
+    with pytest.raises(MzError, match="calibration: tensor 'head/logits' has no finite value on any calibration"):
+        measure_ranges(activations, images, method, 99.0, {0: "stem", 1: "head/logits"}.get)
