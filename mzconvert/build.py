@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Callable
 from . import __version__
 from .console import Console
 from .errors import MzError
-from .fetch import FetchConfig, Fetcher
+from .fetch import Fetcher
 from .fsio import folder_lock, replace_folder, sha256_file, write_json_atomic
 from .recipe import Recipe, Variant, VelaTarget
 
@@ -83,7 +84,7 @@ class BuildOptions:
     verify_strict: bool = False
     lock_timeout: float = 600.0
     variants: list[str] | None = None
-    jobs: int = 1  # variants built at once, each in a worker process
+    jobs: int = 1  # variants built at once, each in a thread (see _in_threads)
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # --force redoes a stage once a build
 
 
@@ -97,6 +98,8 @@ class Planner:
     outcomes: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)  # stage name -> the key of its outcome in this build
     _image_sets: dict = field(default_factory=dict)  # (set, count, at_most) -> _image_paths, read once a build
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # -j: the memos above, shared by threads
+    _stage_locks: dict = field(default_factory=dict)  # stage name -> the lock a thread running it holds
 
     @property
     def folder(self) -> Path:
@@ -111,13 +114,17 @@ class Planner:
         """Run `action(staging_folder) -> result` unless the stamp for `inputs` is valid."""
         target = self.folder / name
         key = _canonical_hash(inputs)
-        if self._keys.get(name) == key:  # shared by several variants (calibration, float reference)
-            return self.outcomes[name]
-        self._keys[name] = key
-        # With -j, another worker of this build may be running the same shared stage (a calibration can
-        # take long): it is run once, the others wait for it. Other builds wait at the recipe's lock.
-        with folder_lock(target.parent, STAGE_LOCK_WAIT_SECONDS, name=f".{target.name}.lock"):
-            return self._run_stage(name, target, key, inputs, action)
+        with self._lock:
+            stage_lock = self._stage_locks.setdefault(name, threading.Lock())
+        # With -j, another thread of this build may be running the same shared stage (a calibration can
+        # take long): it is run once, the others wait for it. Other builds wait at the stage's folder lock.
+        with stage_lock:
+            if self._keys.get(name) == key:  # shared by several variants (calibration, float reference)
+                return self.outcomes[name]
+            with folder_lock(target.parent, STAGE_LOCK_WAIT_SECONDS, name=f".{target.name}.lock"):
+                outcome = self._run_stage(name, target, key, inputs, action)
+            self._keys[name] = key
+            return outcome
 
     def _run_stage(self, name: str, target: Path, key: str, inputs: dict, action: Callable[[Path], dict]
                    ) -> StageOutcome:
@@ -232,12 +239,13 @@ def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None =
     from .imagesets import load_image_set
 
     memo = (spec, count, at_most)
-    if memo not in p._image_sets:
-        image_set = load_image_set(spec, p.recipe.path)
-        count = image_set.count(count, at_most)
-        p._image_sets[memo] = (f"{image_set.key}:{count}", lambda: image_set.paths(p.fetcher, count, p.console.log),
-                               image_set.names(count))
-    return p._image_sets[memo]
+    with p._lock:
+        if memo not in p._image_sets:
+            image_set = load_image_set(spec, p.recipe.path)
+            count = image_set.count(count, at_most)
+            p._image_sets[memo] = (f"{image_set.key}:{count}",
+                                   lambda: image_set.paths(p.fetcher, count, p.console.log), image_set.names(count))
+        return p._image_sets[memo]
 
 
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
@@ -415,13 +423,14 @@ def _variant_stages(p: Planner, chain: list[StageOutcome], variant: Variant, unt
     return entry
 
 
-def _in_workers(p: Planner, jobs: list[tuple]) -> dict:
-    """Each variant's stages in a pool of worker processes (spawned: TensorFlow is not fork-safe), the same
-    stage functions as a serial build, so the same bytes; a shared stage runs in one worker while the
-    others wait for it (the stage lock). The variant that starts a calibration goes first, those that
-    reuse one last, so the calibration runs beside the float variants, not before them."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def _in_threads(p: Planner, jobs: list[tuple]) -> dict:
+    """Each variant's stages in a pool of `jobs` threads of this process: TensorFlow is imported once, and
+    while one thread converts (the converters hold the GIL, one at a time: quantize.CONVERTERS), the
+    others run LiteRT, ONNX Runtime, numpy or vela, which release it. The same stage functions as a
+    serial build, so the same bytes; a shared stage runs in one thread while the others wait for it.
+    The variant that starts a calibration goes first, those that reuse one last, so the calibration
+    runs beside the float variants, not before them."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from .quantize import shares_calibration
 
@@ -432,20 +441,9 @@ def _in_workers(p: Planner, jobs: list[tuple]) -> dict:
             seen.add(images)
             starts_calibration.add(variant.name)
     order = sorted(jobs, key=lambda j: (j[1].name not in starts_calibration, bool(j[1].calibration)))
-    worker = (p.recipe, p.fetcher.config.cache_dir, p.fetcher.config.mirrors, p.fetcher.config.offline,
-              p.fetcher.config.lock_file, p.console.quiet, p.options)
-    with ProcessPoolExecutor(max_workers=min(p.options.jobs, len(jobs)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = dict(zip((j[1].name for j in order), pool.map(_variant_in_worker, [(worker, j) for j in order])))
+    with ThreadPoolExecutor(max_workers=min(p.options.jobs, len(jobs))) as pool:
+        done = dict(zip((j[1].name for j in order), pool.map(lambda job: _variant_stages(p, *job), order)))
     return {j[1].name: done[j[1].name] for j in jobs}  # the recipe's order
-
-
-def _variant_in_worker(task: tuple) -> dict:
-    (recipe, cache_dir, mirrors, offline, lock_file, quiet, options), (chain, variant, until) = task
-    console = Console(quiet=quiet)
-    fetcher = Fetcher(FetchConfig(cache_dir=cache_dir, mirrors=mirrors, offline=offline, log=console.log,
-                                  lock_file=lock_file))
-    return _variant_stages(Planner(recipe, fetcher, console, options), chain, variant, until)
 
 
 def _remove_stale_staging(folders: list[Path]) -> None:
@@ -476,7 +474,7 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
         if STAGES.index(until) >= STAGES.index("quantize"):
             jobs = [(chains[recipe.member_for(v)], v, until) for v in variants]
             if options.jobs > 1 and len(jobs) > 1:
-                per_variant = _in_workers(planner, jobs)
+                per_variant = _in_threads(planner, jobs)
             else:
                 per_variant = {v.name: _variant_stages(planner, *job) for job, v in zip(jobs, variants)}
         fidelity = None

@@ -227,7 +227,7 @@ def _options(out, build_dir, variants, force, lock_timeout, verify=False):
 @click.option("--all", "all_recipes", is_flag=True, help="Build every recipe in recipes/.")
 @click.option("--verify", is_flag=True, help="Fail when a variant misses its declared fidelity thresholds.")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
-              help="Variants built at once, each in a worker process (the same bytes as one at a time).")
+              help="Variants built at once, each in a thread (the same bytes as one at a time).")
 @_build_options
 @pass_context
 def build_command(ctx: Context, recipes, all_recipes, verify, jobs, out, build_dir, variants, force, lock_timeout):

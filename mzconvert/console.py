@@ -37,8 +37,9 @@ class Console:
             sys.stdout = sys.stderr
 
     def log(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+        if not self.quiet:  # one write per line: build -j logs from several threads
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
 
     def progress(self, label: str, done: int, total: int | None) -> None:
         """A download progress line, redrawn at most 5 times a second."""

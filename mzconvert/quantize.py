@@ -7,6 +7,7 @@ I/O dtypes and quantization parameters compared with the recipe, and run once.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,11 @@ from .errors import MzError
 from .preprocess import prepare
 from .recipe import Recipe, Variant
 from .runtime import TensorSpec, nhwc, open_model
+
+
+# One conversion at a time in a process (build -j runs variants in threads): TensorFlow's and ONNX
+# Runtime's converters hold the GIL anyway, and keep global state (Keras names, TF's graph registry).
+CONVERTERS = threading.Lock()
 
 
 @dataclass
@@ -56,29 +62,33 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
     from .ranges import calibrate_with_interpreter
 
     method = variant.calibration_method
-    converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
-    inputs = [to_input(t) for t in calibration_batches(images, recipe)()]
+    tensors = calibration_batches(images, recipe)()
+    with CONVERTERS:
+        converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
+        inputs = [to_input(t) for t in tensors]
+        marked = calibrate_converter(converter, stripped, lambda: iter(inputs[:1]), out_dir / "one-image.tflite")
     target = out_dir / "calibrated.tflite"
-    marked = calibrate_converter(converter, stripped, lambda: iter(inputs[:1]), out_dir / "one-image.tflite")
     if calibrate_with_interpreter(marked, inputs, target, method, variant.calibration_percentile) is None:
         if method != "minmax":  # control flow: only TensorFlow's calibrator follows it
             raise MzError(f"{recipe.path}: variants: {variant.name}: calibration_method {method}: the model has "
                           "control flow, which only TensorFlow's calibrator (minmax) follows")
-        converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
-        calibrate_converter(converter, stripped, lambda: iter(inputs), target)
+        with CONVERTERS:
+            converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
+            calibrate_converter(converter, stripped, lambda: iter(inputs), target)
     marked.unlink()
     return target
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
              out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
-    if calibrated is not None:
-        from .backends.tf import quantize_calibrated
+    batches = calibration_batches(calibration_images, recipe) if calibration_images else None
+    with CONVERTERS:
+        if calibrated is not None:
+            from .backends.tf import quantize_calibrated
 
-        model = quantize_calibrated(calibrated, recipe, variant, out_dir)
-    else:
-        batches = calibration_batches(calibration_images, recipe) if calibration_images else None
-        model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
+            model = quantize_calibrated(calibrated, recipe, variant, out_dir)
+        else:
+            model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
     checked = check_artifact(model, recipe, variant)
     if not variant.attach_postprocess:
         return checked

@@ -389,7 +389,7 @@ def test_a_name_with_the_import_scope_gets_the_name_in_the_file(tmp_path, tiny):
 
 
 def test_parallel_variants_give_the_bytes_of_a_serial_build(tmp_path, tiny, mirror):
-    """build -j 2: each variant in a worker process, the shared calibration run once; the same dist."""
+    """build -j 2: variants in two threads, the shared calibration run once; the same dist."""
     from tests.conftest import run_cli
 
     recipe = tmp_path / "tiny.yaml"

@@ -55,14 +55,21 @@ strip: {{inputs: [input], outputs: [logits]}}
 variants:
   - {{name: float32, mode: float32}}
   - {{name: int8, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 8}}
+  - {{name: int8-tflite, mode: int8, io_dtype: int8, target: tflite, calibration: {train}, calibration_count: 8}}
+  - {{name: float16-tflite, mode: float16, target: tflite}}
 verify: {{images: {val}, count: 4}}
 """)
-    result = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe),
-                     "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    dists = {}
+    for jobs in ("1", "3"):  # -j: ONNX Runtime's and TensorFlow's (Keras port) converters in threads
+        result = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe), "-j", jobs,
+                         "--out", str(tmp_path / jobs / "dist"), "--build-dir", str(tmp_path / jobs / "build"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        dists[jobs] = (tmp_path / jobs / "dist" / "mnv1" / "MD5SUMS").read_text()
+    assert dists["3"] == dists["1"]
     manifest = json.loads(result.stdout)["mnv1"]
     assert manifest["variants"]["float32"]["verify"]["logits"]["max_abs_error"] == 0
     assert manifest["variants"]["int8"]["file"] == "mnv1_int8.onnx"
+    assert manifest["variants"]["int8-tflite"]["inputs"][0]["dtype"] == "int8"
 
 
 @pytest.mark.slow
