@@ -17,10 +17,15 @@ def read_model(path: Path):
     return s.ModelT.InitFromObj(s.Model.GetRootAsModel(path.read_bytes(), 0))
 
 
-def write_model(model, target: Path) -> Path:
+def model_bytes(model) -> bytes:
+    """The model (ModelT) as a .tflite flatbuffer."""
     import flatbuffers
 
     builder = flatbuffers.Builder(1 << 20)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    target.write_bytes(bytes(builder.Output()))
+    return bytes(builder.Output())
+
+
+def write_model(model, target: Path) -> Path:
+    target.write_bytes(model_bytes(model))
     return target
