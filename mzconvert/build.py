@@ -302,13 +302,13 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
     spec = p.recipe.verify
     key, images, _ = _image_paths(p, spec.images, spec.count)
     inputs = {"model": stripped.digest(), "images": key, "preprocess": p.recipe.raw.get("preprocess"),
-              "input": p.recipe.raw["input"], "tools": p.versions}
+              "input": p.recipe.raw["input"], "postprocess": p.recipe.raw.get("postprocess"), "tools": p.versions}
 
     def action(out: Path) -> dict:
         from .backends import backend_for
 
         reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe, p.threads)
-        return {"reference": reference_outputs(reference, p.recipe, images(), out).name,
+        return {"reference": reference_outputs(reference, p.recipe, images(), out, stripped.anchors()).name,
                 "outputs": list(reference.output_names)}
 
     return p.stage(f"reference/{_canonical_hash(inputs)[:12]}", inputs, action)
@@ -367,8 +367,7 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
 
     def action(out: Path) -> dict:
         return {"fidelity": source_pipeline_fidelity(frozen.path("model"), reference.path("reference"),
-                                                     reference.result["outputs"], stripped.anchors(), p.recipe,
-                                                     images(), names)}
+                                                     reference.result["outputs"], p.recipe, images(), names)}
 
     outcome = p.stage("verify/source-pipeline", inputs, action)
     f = outcome.result["fidelity"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from pathlib import Path
 
@@ -409,3 +410,28 @@ def test_parallel_variants_give_the_bytes_of_a_serial_build(tmp_path, tiny, mirr
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert len([line for line in forced.stderr.splitlines() if "calibrate/" in line and line.endswith(": running")]) == 1
     assert (tmp_path / "2" / "dist" / "tiny" / "MD5SUMS").read_text() == dists["1"]
+
+
+def test_verify_compares_detections_with_the_float_models_decoded_once(tmp_path, tiny, mirror):
+    """The reference pass decodes the float model's detections once for every variant; labels that do not
+    fit the model leave the variants' detections uncompared, said in the build's log, not a failure."""
+    from tests.conftest import run_cli
+
+    recipe = tmp_path / "tiny.yaml"
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES, images=VAL)
+    recipe.write_text(text.replace(f"images: {VAL}", f"images: {VAL}\n  count: 4"))
+    where = ["--cache-dir", str(tmp_path / "c"), "build", str(recipe), "--variant", "f32", "--variant", "i8",
+             "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", *where)
+    assert done.returncode == 0, done.stderr[-2000:]
+    variants = json.loads(done.stdout)["tiny"]["variants"]
+    assert variants["f32"]["verify"]["matched_detections"] == 1.0
+    assert 0 <= variants["i8"]["verify"]["matched_detections"] <= 1
+    with np.load(next((tmp_path / "build" / "tiny" / "reference").glob("*/reference.npz"))) as saved:
+        assert {"boxes_3", "scores_3", "labels_3"} <= set(saved.files)
+    recipe.write_text(recipe.read_text().replace("labels: [thing]", "labels: [thing, other, third]"))
+    done = run_cli(*where)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: i8: detections not compared with the float model's: the model scores" in done.stderr
+    assert "matched_detections" not in json.loads((tmp_path / "dist" / "tiny" / "manifest.json").read_text()
+                                                  )["variants"]["i8"]["verify"]
