@@ -5,9 +5,9 @@ recorded with the LiteRT interpreter and written into the calibrated model, for 
 
 TensorFlow's own calibrator (the converter's representative-dataset pass) has two costs we avoid:
 - it runs the model op by op with logging kernels, single-threaded: ~170 ms an image for SSDLite
-  MobileNetV2 at 320x320 on this machine, where the interpreter takes ~12 ms (with XNNPACK: every
-  tensor we need is made an output of the graph; keeping all tensors instead, which XNNPACK cannot,
-  took ~55 ms on the builtin kernels);
+  MobileNetV2 at 300x300 on this machine, where the interpreter takes ~14 ms with the ranges
+  recorded (with XNNPACK: every tensor we need is made an output of the graph; keeping all tensors
+  instead, which XNNPACK cannot, takes ~52 ms on the builtin kernels);
 - it logs an op's inputs after the op has run, and an ADD computes in place into its first input:
   that input's range (in MobileNetV2, the output of every residual block's projection conv) becomes
   the union with the sum's range (measured on SSDLite MobileNetV2: up to 1.6x wider than the tensor
