@@ -1,8 +1,9 @@
 """Issue 12: what calibration does to int8 accuracy, measured on the shared sets in one run.
 
 For each real model, int8 variants that differ only in how their activation ranges are calibrated
-(method: minmax, percentile or mse; image count) are built next to float32 and evaluated on the same
-images. Printed per variant: the accuracy, its ratio to float32 with the paired bootstrap 95 %
+(method: minmax, percentile or mse; image count), and for TFLite one with its depthwise weights rounded
+to the nearest step instead of fitted (weight_rounding), are built next to float32 and evaluated on
+the same images. Printed per variant: the accuracy, its ratio to float32 with the paired bootstrap 95 %
 interval, and the paired fidelity to the float model (classifiers: top-1 agreement on the evaluated
 images; the detector: detections matched and SQNR of the class logits, on the 32 verify images).
 Pedestrian AP is on the 132 COCO val2017 images; MobileNetV2 top-1 on the 500 ImageNet samples,
@@ -46,6 +47,9 @@ def variants(calibration: Path, extra: dict, counts: tuple[int, ...], io_dtypes:
                             "calibration": str(calibration), "calibration_count": count,
                             "calibration_method": method, **extra,
                             **({"calibration_percentile": percentile} if percentile else {})})
+        if extra.get("target") != "onnx":  # TFLite: the first of these with nearest weight rounding too
+            first = next(v for v in out if v["mode"] == "int8" and v["io_dtype"] == io)
+            out.append(first | {"name": first["name"] + "-nearest", "weight_rounding": "nearest"})
     return out
 
 

@@ -286,9 +286,14 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
                           stripped.anchors(), calibrated.path("model") if calibrated else None)
         return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
                 "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs],
-                **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {})}
+                **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {}),
+                **({"fitted": result.fitted} if result.fitted else {})}
 
-    return p.stage(f"quantize/{variant.name}", inputs, action)
+    outcome = p.stage(f"quantize/{variant.name}", inputs, action)
+    if fitted := outcome.result.get("fitted"):
+        p.console.log(f"[{p.recipe.name}] {variant.name}: {fitted['layers']} depthwise layers' weights fitted to the "
+                      f"calibration images (their output error there {fitted['error_ratio']:.2f}x nearest rounding's)")
+    return outcome
 
 
 def _raw_variant(recipe: Recipe, variant: Variant) -> dict:

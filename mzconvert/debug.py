@@ -2,7 +2,8 @@
 
 TFLite variants: TensorFlow's QuantizationDebugger quantizes the float model as the variant was (the
 same ranges, recorded on the same calibration images, see ranges.py), then runs every quantized op
-next to its float twin on the verify images. ONNX variants: ONNX Runtime's QDQ loss debugging runs
+next to its float twin on the verify images. Its weights are rounded to the nearest step: a variant
+with weight_rounding fitted has depthwise layers with less error than the table shows (rounding.py). ONNX variants: ONNX Runtime's QDQ loss debugging runs
 the built QDQ model and its float model, every activation saved, on the verify images; the error a
 QDQ activation carries includes every layer's before it, so a layer's own error is what it adds to
 the largest error among the activations it reads.
@@ -54,7 +55,8 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     tf = _tf()
     debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
     with tempfile.TemporaryDirectory() as work:
-        calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work)).read_bytes()  # the variant's ranges
+        calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work),  # the variant's ranges
+                               moments=False).read_bytes()
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
     try:

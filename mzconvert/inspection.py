@@ -244,18 +244,14 @@ def inspect_onnx(path: Path) -> dict:
 
 def inspect_tflite(path: Path) -> dict:
     from .runtime import open_model
-    from .tflite_file import read_model, schema
+    from .tflite_file import op_names, read_model, schema
 
     runner = open_model(path)
     model = read_model(path)
-    names = {value: name for name, value in vars(schema().BuiltinOperator).items() if not name.startswith("_")}
     types = {value: name.lower() for name, value in vars(schema().TensorType).items() if not name.startswith("_")}
     histogram, tensor_types = Counter(), Counter()
-    for graph in model.subgraphs:
-        for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-            histogram[code.customCode.decode() if code.customCode else names.get(builtin, str(builtin))] += 1
+    for i, graph in enumerate(model.subgraphs):
+        histogram.update(op_names(model, i))
         tensor_types.update(types.get(t.type, str(t.type)) for t in graph.tensors)
     floats = runner.float_tensor_count()
     return {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],

@@ -32,6 +32,7 @@ class QuantizeResult:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     raw_model: Path | None = None  # the model before post-processing was attached: what verify compares
+    fitted: dict | None = None  # weight_rounding fitted: what rounding.fit_depthwise_weights refitted
 
 
 def calibration_batches(images: list[Path], recipe: Recipe):
@@ -54,10 +55,12 @@ def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
     return variant.mode == "int8" and variant.target == "tflite" and not custom_ops
 
 
-def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path) -> Path:
+def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path,
+              moments: bool = True) -> Path:
     """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`: the float model
     with every activation's range, by the variant's calibration method, from which each int8 variant
-    is quantized (see ranges.py)."""
+    is quantized (see ranges.py); with `moments`, beside it the depthwise convolutions' input moments
+    that fitted weight rounding needs (rounding.MOMENTS, when the model has such layers)."""
     from .backends.tf import calibrate_converter
     from .ranges import calibrate_with_interpreter
 
@@ -75,13 +78,22 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
         with CONVERTERS:
             converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
             calibrate_converter(converter, stripped, lambda: iter(inputs), target)
+    elif moments:
+        from .rounding import MOMENTS, depthwise_moments
+
+        depthwise_moments(target, inputs, out_dir / MOMENTS)
     marked.unlink()
     return target
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
              out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
+    """The variant's model in out_dir, checked. `calibrated`: the shared calibration (calibrate) it is
+    quantized from, its depthwise weights then fitted (weight_rounding) where calibrate left moments."""
+    from dataclasses import replace
+
     batches = calibration_batches(calibration_images, recipe) if calibration_images else None
+    fitted = None
     with CONVERTERS:
         if calibrated is not None:
             from .backends.tf import quantize_calibrated
@@ -89,7 +101,12 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
             model = quantize_calibrated(calibrated, recipe, variant, out_dir)
         else:
             model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
-    checked = check_artifact(model, recipe, variant)
+    if calibrated is not None and variant.weight_rounding == "fitted":
+        from .rounding import MOMENTS, fit_depthwise_weights
+
+        if (calibrated.parent / MOMENTS).is_file():
+            fitted = fit_depthwise_weights(model, calibrated, calibrated.parent / MOMENTS, model)
+    checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
     if not variant.attach_postprocess:
         return checked
     from .attach import OUTPUT_NAMES, attach_postprocess
@@ -103,7 +120,7 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
     if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
         raise MzError(f"{attached}: post-processing attached, but the model does not run to {', '.join(OUTPUT_NAMES)}")
-    return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw)
+    return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw, fitted=fitted)
 
 
 def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:

@@ -145,14 +145,12 @@ def _each_value(activations: Activations, tensors: list[np.ndarray], take: Calla
             del values  # a view of a runtime's memory must not outlive its image (LiteRT refuses to invoke)
 
 
-def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
-                  percentile: float | None = None, threads: int = 2) -> dict[int, tuple[float, float]]:
-    """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
-    (of `model`, a read_model object, left as it was), run by the LiteRT interpreter (see measure_ranges)."""
+def interpreter_keeping(model, wanted: list[int], threads: int = 2):
+    """A LiteRT interpreter of `model` (a read_model object, left as it was) that keeps the tensors of
+    subgraph 0 in `wanted` after every invoke: each is made an output of the graph, so XNNPACK (which
+    cannot keep all tensors, as experimental_preserve_all_tensors does) computes it."""
     from ai_edge_litert.interpreter import Interpreter
 
-    # Every wanted tensor an output of the graph: the interpreter keeps it after invoke, and XNNPACK
-    # (which cannot keep all tensors, as experimental_preserve_all_tensors does) computes it.
     graph = model.subgraphs[0]
     outputs = graph.outputs
     graph.outputs = list(outputs) + [i for i in wanted if i not in outputs and i not in graph.inputs]
@@ -161,6 +159,14 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
     finally:
         graph.outputs = outputs
     interpreter.allocate_tensors()
+    return interpreter
+
+
+def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
+                  percentile: float | None = None, threads: int = 2) -> dict[int, tuple[float, float]]:
+    """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
+    (of `model`, a read_model object), run by the LiteRT interpreter (see measure_ranges)."""
+    interpreter = interpreter_keeping(model, wanted, threads)
     model_input = interpreter.get_input_details()[0]["index"]
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
 

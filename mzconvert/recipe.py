@@ -34,6 +34,7 @@ URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+WEIGHT_ROUNDINGS = ("fitted", "nearest")  # TFLite int8 depthwise weights: mzconvert/rounding.py
 # vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
@@ -179,6 +180,7 @@ class Variant:
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
+    weight_rounding: str = "nearest"  # fitted: TFLite int8 depthwise weights fitted to the calibration images
 
 
 @dataclass(frozen=True)
@@ -558,7 +560,7 @@ def _percentile(r: _Reader) -> float:
 def _parse_variant(r: _Reader) -> Variant:
     r.mapping(("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method", "calibration_percentile",
-               "reduce_range", "target", "attach_postprocess"))
+               "reduce_range", "target", "attach_postprocess", "weight_rounding"))
     mode = r.string("mode", choices=MODES)
     default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
@@ -589,7 +591,9 @@ def _parse_variant(r: _Reader) -> Variant:
                    calibration_percentile=_percentile(r),
                    reduce_range=r.boolean("reduce_range", False),
                    target=r.string("target", required=False, default="", choices=("tflite", "onnx")),
-                   attach_postprocess=r.boolean("attach_postprocess", None))
+                   attach_postprocess=r.boolean("attach_postprocess", None),
+                   weight_rounding=r.string("weight_rounding", required=False, default="",
+                                            choices=WEIGHT_ROUNDINGS))
 
 
 def _parse_vela(r: _Reader) -> VelaTarget:
@@ -748,6 +752,17 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     variants = tuple(replace(v, target=v.target or native,
                              attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess)
                      for v in variants)
+    # TFLite int8 converted here from one shared calibration (not a graph with custom ops, which converts
+    # in one piece) gets its depthwise weights fitted unless the variant says nearest
+    fits = [v.mode == "int8" and v.target == "tflite" and fmt != "tflite"
+            and (postprocess is None or postprocess.kind != "tflite-detection-postprocess") for v in variants]
+    for i, (v, can) in enumerate(zip(variants, fits)):
+        if v.weight_rounding == "fitted" and not can:
+            raise r.fail("weight_rounding fitted applies to TFLite int8 variants this tool converts from a "
+                         "calibration (not ONNX, not a .tflite source, not a graph with custom ops)",
+                         f"variants[{i}].weight_rounding")
+    variants = tuple(replace(v, weight_rounding=v.weight_rounding or ("fitted" if can else "nearest"))
+                     for v, can in zip(variants, fits))
     if fmt == "tflite":
         _check_converted_source(r, variants, postprocess)
     for i, v in enumerate(variants):

@@ -17,6 +17,17 @@ def read_model(path: Path):
     return s.ModelT.InitFromObj(s.Model.GetRootAsModel(path.read_bytes(), 0))
 
 
+def op_names(model, subgraph: int = 0) -> list[str]:
+    """The builtin name (CONV_2D, ...) or custom code of every operator of a subgraph, in order."""
+    names = {value: name for name, value in vars(schema().BuiltinOperator).items() if not name.startswith("_")}
+    found = []
+    for op in model.subgraphs[subgraph].operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        found.append(code.customCode.decode() if code.customCode else names.get(builtin, str(builtin)))
+    return found
+
+
 def model_bytes(model) -> bytes:
     """The model (ModelT) as a .tflite flatbuffer."""
     import flatbuffers

@@ -1,0 +1,180 @@
+"""int8 weights of depthwise convolutions rounded to fit the calibration images, not to the nearest step.
+
+Rounding every weight to its nearest int8 step minimises each weight's own error, not the error of
+the layer's output. A depthwise output channel sums at most a few (3x3 = 9) weights times the
+same input channel, so the rounding that changes that sum least on the calibration images can be
+found exactly: for weights w (float), per-channel step s and input patches x, the output error of
+integer weights q is (s q - w)^T M (s q - w) with M = E[x x^T], the patches' second moments; each
+of the 2^9 floor/ceil choices is tried and the least kept (AdaRound's objective, solved exactly
+where it is small enough to enumerate). The mean error left, (s q - w)^T E[x], is taken out of the
+int32 bias. Nearest rounding is one of the choices, so no channel's error on the calibration
+images grows.
+
+Measured (README): SSDLite MobileNetV2 int8 box-encoding SQNR 20.7 -> 23.4 dB, class logits
+26.3 -> 31.8 dB on 132 val images; MobileNetV2 top-1 agreement with float 95.2 -> 96.4 %.
+
+The moments come from the float model (the calibrated one) on the first MOMENT_IMAGES calibration
+images, at MOMENT_POSITIONS output positions per image and layer drawn with a fixed seed, so a
+build gives the same bytes every time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from .tflite_file import op_names, read_model, schema, write_model
+
+MOMENT_IMAGES = 32
+MOMENT_POSITIONS = 32  # 1,024 patches a channel: the fitted weights were as good as from 8,192 (README)
+MOMENTS = "depthwise_moments.npz"  # beside calibrate's calibrated.tflite
+MAX_ENUMERATED = 9  # weights per output channel: 2^9 roundings tried; larger kernels keep nearest rounding
+DEPTHWISE = "DEPTHWISE_CONV_2D"
+_SAME = 0  # schema Padding.SAME
+
+
+def _depthwise_ops(model) -> list:
+    """The depthwise convolutions of subgraph 0 whose channels can be enumerated."""
+    graph = model.subgraphs[0]
+    return [op for op, name in zip(graph.operators, op_names(model)) if name == DEPTHWISE
+            and int(np.prod(graph.tensors[op.inputs[1]].shape[1:3])) <= MAX_ENUMERATED]
+
+
+def _output_name(graph, op) -> str:
+    return graph.tensors[op.outputs[0]].name.decode()
+
+
+def patches(values: np.ndarray, op, kernel: tuple[int, int], positions: np.ndarray) -> np.ndarray:
+    """The input patch under the kernel at each of `positions` (flat indices into the op's output
+    plane) of `values` (height, width, channels): (channels, len(positions), kh * kw), contiguous, zero
+    outside the input as the op pads."""
+    options = op.builtinOptions
+    (height, width), (kh, kw) = values.shape[:2], kernel
+    sh, sw, dh, dw = options.strideH, options.strideW, options.dilationHFactor, options.dilationWFactor
+    out_h, out_w = output_plane(values.shape, op, kernel)
+    top = left = 0
+    if options.padding == _SAME:
+        top = max((out_h - 1) * sh + (kh - 1) * dh + 1 - height, 0) // 2
+        left = max((out_w - 1) * sw + (kw - 1) * dw + 1 - width, 0) // 2
+    rows, cols = np.divmod(positions, out_w)
+    ys = rows[:, None] * sh - top + np.repeat(np.arange(kh) * dh, kw)[None, :]  # (n, kh*kw)
+    xs = cols[:, None] * sw - left + np.tile(np.arange(kw) * dw, kh)[None, :]
+    taken = values[np.clip(ys, 0, height - 1), np.clip(xs, 0, width - 1)]  # (n, kh*kw, channels)
+    taken *= ((ys >= 0) & (ys < height) & (xs >= 0) & (xs < width))[:, :, None]  # the padding's zeros
+    return np.ascontiguousarray(taken.transpose(2, 0, 1))
+
+
+def output_plane(shape: tuple[int, ...], op, kernel: tuple[int, int]) -> tuple[int, int]:
+    options = op.builtinOptions
+    (height, width), (kh, kw) = shape[:2], kernel
+    if options.padding == _SAME:
+        return -(-height // options.strideH), -(-width // options.strideW)
+    return ((height - (kh - 1) * options.dilationHFactor - 1) // options.strideH + 1,
+            (width - (kw - 1) * options.dilationWFactor - 1) // options.strideW + 1)
+
+
+def depthwise_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, threads: int = 2) -> Path | None:
+    """Write to `target` (npz) the second moments and means of every enumerable depthwise convolution's
+    input patches in the float model `calibrated`, per input channel, keyed by the op's output tensor;
+    None when the model has none (or control flow)."""
+    from .ranges import interpreter_keeping
+
+    model = read_model(calibrated)
+    if len(model.subgraphs) != 1:
+        return None
+    graph, ops = model.subgraphs[0], _depthwise_ops(model)
+    if not ops:
+        return None
+    interpreter = interpreter_keeping(model, sorted({op.inputs[0] for op in ops}), threads)
+    model_input = interpreter.get_input_details()[0]["index"]
+    rng = np.random.default_rng(0)
+    sums: dict[str, list] = {}
+    for tensor in tensors[:MOMENT_IMAGES]:
+        interpreter.set_tensor(model_input, tensor)
+        interpreter.invoke()
+        for op in ops:
+            kernel = tuple(graph.tensors[op.inputs[1]].shape[1:3])
+            values = interpreter.tensor(op.inputs[0])()[0]
+            plane = int(np.prod(output_plane(values.shape, op, kernel)))
+            x = patches(values, op, kernel, rng.integers(0, plane, MOMENT_POSITIONS))  # (channels, n, k)
+            del values
+            entry = sums.setdefault(_output_name(graph, op), [0.0, 0.0, 0])
+            entry[0] = entry[0] + np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS
+            entry[1] = entry[1] + x.sum(axis=1)
+            entry[2] += x.shape[1]
+    arrays = {}
+    for name, (second, first, count) in sums.items():
+        arrays[f"{name}\tsecond"], arrays[f"{name}\tmean"] = second.astype(np.float64) / count, first / count
+    np.savez(target, **arrays)
+    return target
+
+
+def fitted_rounding(weights: np.ndarray, scales: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """int8 weights (channels, k) of float `weights` (channels, k) with per-channel `scales`: for each
+    channel the floor/ceil choice b (of all 2^k) of least (s q - w)^T M (s q - w), q = floor + b, M its
+    second-moment matrix (channels, k, k). With e0 = s floor - w that cost is e0^T M e0 + 2 s b^T M e0
+    + s^2 b^T M b; the last two terms for every b and channel are two matrix products."""
+    k = weights.shape[1]
+    choices = np.array(list(itertools.product((0.0, 1.0), repeat=k)))  # (2^k, k)
+    floor = np.floor(weights / scales[:, None])
+    e0 = floor * scales[:, None] - weights
+    linear = choices @ np.einsum("cij,cj->ic", second, e0)  # (2^k, channels): b^T M e0
+    pairs = np.einsum("ni,nj->nij", choices, choices).reshape(len(choices), k * k)
+    quadratic = pairs @ second.reshape(len(weights), k * k).T  # (2^k, channels): b^T M b
+    cost = 2 * scales * linear + scales ** 2 * quadratic
+    cost[(choices @ (floor >= 127).T) > 0] = np.inf  # no step above 127
+    best = choices[np.argmin(cost, axis=0)]  # (channels, k)
+    return np.clip(floor + best, -127, 127)
+
+
+def fit_depthwise_weights(quantized: Path, calibrated: Path, moments: Path, target: Path) -> dict:
+    """Rewrite `quantized` (an int8 model of `calibrated`) to `target` with every depthwise convolution
+    that `moments` describes refitted: weights by fitted_rounding, bias by the mean error left.
+    Returns {"layers": refitted count, "error_ratio": the summed output error after / before on the
+    calibration moments}."""
+    model, floats = read_model(quantized), read_model(calibrated)
+    graph, float_graph = model.subgraphs[0], floats.subgraphs[0]
+    float_ops = {_output_name(float_graph, op): op for op in float_graph.operators}
+    before = after = 0.0
+    layers = 0
+    with np.load(moments, allow_pickle=False) as saved:
+        for op in _depthwise_ops(model):
+            name = _output_name(graph, op)
+            weight, twin = graph.tensors[op.inputs[1]], float_ops.get(name)
+            if f"{name}\tsecond" not in saved.files or twin is None or weight.quantization is None:
+                continue
+            scales = np.asarray(weight.quantization.scale, np.float64)
+            if weight.type != schema().TensorType.INT8 or np.any(np.asarray(weight.quantization.zeroPoint) != 0):
+                continue
+            channels, k = weight.shape[3], int(np.prod(weight.shape[1:3]))
+            scales = np.broadcast_to(scales, (channels,))
+            float_weight = float_graph.tensors[twin.inputs[1]]
+            w = np.frombuffer(bytes(floats.buffers[float_weight.buffer].data), np.float32).reshape(k, channels).T
+            buffer = model.buffers[weight.buffer]
+            nearest = np.frombuffer(bytes(buffer.data), np.int8).reshape(k, channels).T.astype(np.float64)
+            source = np.arange(channels) // (channels // saved[f"{name}\tsecond"].shape[0])  # depth multiplier
+            second, mean = saved[f"{name}\tsecond"][source], saved[f"{name}\tmean"][source]
+            fitted = fitted_rounding(w.astype(np.float64), scales, second)
+            for q, total in ((nearest, "before"), (fitted, "after")):
+                e = q * scales[:, None] - w
+                cost = float(np.einsum("ci,cij,cj->", e, second, e))
+                before, after = (before + cost, after) if total == "before" else (before, after + cost)
+            buffer.data = np.frombuffer(fitted.T.astype(np.int8).tobytes(), np.uint8)
+            if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                _correct_bias(model, graph.tensors[op.inputs[2]], ((fitted * scales[:, None] - w) * mean).sum(axis=1))
+            layers += 1
+    write_model(model, target)
+    return {"layers": layers, "error_ratio": after / before if before else 1.0}
+
+
+def _correct_bias(model, bias, mean_error: np.ndarray) -> None:
+    """Subtract each channel's mean output error from an int32 bias (its steps: input scale x weight scale)."""
+    if bias.type != schema().TensorType.INT32 or bias.quantization is None or bias.quantization.scale is None:
+        return
+    buffer = model.buffers[bias.buffer]
+    values = np.frombuffer(bytes(buffer.data), np.int32).astype(np.int64)
+    steps = np.broadcast_to(np.asarray(bias.quantization.scale, np.float64), values.shape)
+    corrected = np.clip(values - np.round(mean_error / steps), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+    buffer.data = np.frombuffer(corrected.tobytes(), np.uint8)

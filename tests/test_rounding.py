@@ -1,0 +1,183 @@
+"""Fitted rounding of depthwise int8 weights (mzconvert/rounding.py), on values and models made here."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import yaml
+
+from mzconvert.rounding import fitted_rounding, output_plane, patches
+from tests.conftest import run_cli
+from tests.test_init import TRAIN, VAL, image_folder
+
+
+def _cost(q, scales, weights, second):
+    error = q * scales[:, None] - weights
+    return np.einsum("ci,cij,cj->c", error, second, error)
+
+
+def test_fitted_rounding_is_the_best_of_every_floor_ceil_choice():
+    rng = np.random.default_rng(3)
+    channels, k = 64, 9
+    weights = rng.normal(size=(channels, k)) * rng.uniform(0.1, 5, (channels, 1))
+    weights[0, 4] = 127.0 * np.abs(weights[0]).max() / 127  # a weight exactly on the top step
+    scales = np.abs(weights).max(axis=1) / 127
+    x = rng.normal(size=(channels, 400, k)) + rng.normal(size=(channels, 1, k))  # correlated, not centred
+    second = np.einsum("cni,cnj->cij", x, x) / 400
+    fitted = fitted_rounding(weights, scales, second)
+    floor = np.floor(weights / scales[:, None])
+    every = np.array(list(itertools.product((0.0, 1.0), repeat=k)))
+    for c in range(channels):
+        candidates = np.clip(floor[c] + every, -127, 127)
+        costs = _cost(candidates, np.full(len(every), scales[c]), np.tile(weights[c], (len(every), 1)),
+                      np.tile(second[c], (len(every), 1, 1)))
+        assert _cost(fitted[c:c + 1], scales[c:c + 1], weights[c:c + 1], second[c:c + 1])[0] == pytest.approx(costs.min())
+    assert fitted.min() >= -127 and fitted.max() <= 127
+    nearest = np.round(weights / scales[:, None])
+    assert np.all(_cost(fitted, scales, weights, second) <= _cost(nearest, scales, weights, second) + 1e-12)
+    assert _cost(fitted, scales, weights, second).sum() < 0.8 * _cost(nearest, scales, weights, second).sum()
+
+
+def _depthwise_model(path, seed=0):
+    """A Keras model with the depthwise geometries a user's model can have, as a float .tflite."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((23, 21, 4), batch_size=1, name="pixels")
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="same")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, name="strided")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="valid", dilation_rate=2, name="dilated")(x)
+    x = keras.layers.DepthwiseConv2D((1, 3), strides=(1, 2), padding="valid", name="wide")(x)
+    model = keras.Model(inputs, x)
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+def test_patches_reproduce_every_depthwise_convolution_of_a_real_model(tmp_path):
+    """Σ patch · weight + bias at sampled positions equals what LiteRT computed, for SAME and VALID padding,
+    strides, dilation and a depth multiplier: the patches are the op's own."""
+    from mzconvert.ranges import interpreter_keeping
+    from mzconvert.tflite_file import op_names, read_model
+
+    model = read_model(_depthwise_model(tmp_path / "dw.tflite"))
+    graph = model.subgraphs[0]
+    ops = [op for op, name in zip(graph.operators, op_names(model)) if name == "DEPTHWISE_CONV_2D"]
+    assert len(ops) == 4
+    interpreter = interpreter_keeping(model, sorted({i for op in ops for i in (op.inputs[0], op.outputs[0])}))
+    rng = np.random.default_rng(1)
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           rng.normal(size=(1, 23, 21, 4)).astype(np.float32))
+    interpreter.invoke()
+    for op in ops:
+        weight = graph.tensors[op.inputs[1]]
+        kernel = tuple(weight.shape[1:3])
+        values = interpreter.tensor(op.inputs[0])()[0].copy()
+        output = interpreter.tensor(op.outputs[0])()[0].copy()
+        assert output_plane(values.shape, op, kernel) == output.shape[:2]
+        positions = np.arange(output.shape[0] * output.shape[1])
+        taken = patches(values, op, kernel, positions)  # (in channels, n, k)
+        w = np.frombuffer(bytes(model.buffers[weight.buffer].data), np.float32).reshape(-1, weight.shape[3]).T
+        bias = np.frombuffer(bytes(model.buffers[graph.tensors[op.inputs[2]].buffer].data), np.float32)
+        source = np.arange(weight.shape[3]) // (weight.shape[3] // values.shape[2])
+        ours = np.einsum("cnk,ck->nc", taken[source], w) + bias
+        np.testing.assert_allclose(ours, output.reshape(-1, output.shape[2]), rtol=1e-4, atol=1e-4)
+
+
+def _depthwise_errors(build, variant: str) -> list[float]:
+    """Per depthwise layer of a built int8 variant: the mean squared error its int8 weights and bias add to
+    the layer's output, on the float model's own inputs to the layer over the verify images (never
+    calibrated on)."""
+    from mzconvert.ranges import interpreter_keeping
+    from mzconvert.tflite_file import op_names, read_model
+
+    floats = read_model(next(build.glob("calibrate/*/calibrated.tflite")))
+    quantized = read_model(next(build.glob(f"quantize/{variant}/*.tflite")))
+    graph, qgraph = floats.subgraphs[0], quantized.subgraphs[0]
+    ops = [op for op, name in zip(graph.operators, op_names(floats)) if name == "DEPTHWISE_CONV_2D"]
+    twins = {qgraph.tensors[op.outputs[0]].name: op for op in qgraph.operators}
+    interpreter = interpreter_keeping(floats, [op.inputs[0] for op in ops])
+    errors = []
+    with np.load(next(build.glob("reference/*/reference.npz"))) as saved:
+        inputs = [saved[key] for key in saved.files if key.startswith("input_")]
+    def stored(model, graph, index, dtype):
+        tensor = graph.tensors[index]
+        values = np.frombuffer(bytes(model.buffers[tensor.buffer].data), dtype).astype(np.float64)
+        return values.reshape(-1, tensor.shape[-1]).T, tensor.quantization  # (channels, kernel taps)
+
+    for op in ops:
+        twin = twins[graph.tensors[op.outputs[0]].name]
+        w_float, _ = stored(floats, graph, op.inputs[1], np.float32)
+        w_int8, weight_steps = stored(quantized, qgraph, twin.inputs[1], np.int8)
+        w_int8 = w_int8 * np.asarray(weight_steps.scale)[:, None]
+        bias_int32, bias_steps = stored(quantized, qgraph, twin.inputs[2], np.int32)
+        bias_float, _ = stored(floats, graph, op.inputs[2], np.float32)
+        bias_error = bias_int32[:, 0] * np.asarray(bias_steps.scale) - bias_float[:, 0]
+        squared = []
+        for tensor in inputs:
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], tensor)
+            interpreter.invoke()
+            x = interpreter.tensor(op.inputs[0])()[0].copy()
+            taken = patches(x, op, (3, 3), np.arange(np.prod(output_plane(x.shape, op, (3, 3)))))
+            squared.append(((np.einsum("cnk,ck->cn", taken, w_int8 - w_float) + bias_error[:, None]) ** 2).ravel())
+        errors.append(float(np.concatenate(squared).mean()))
+    return errors
+
+
+def test_fitted_depthwise_layers_are_closer_to_the_float_model_than_nearest_rounding(tmp_path, mirror):
+    """A Keras classifier with BN-folded-like depthwise weights (a few large ones per channel), built both
+    ways from one calibration: on images never calibrated on, each depthwise layer's int8 weights and
+    bias change its output less when fitted than when rounded to the nearest step."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((32, 32, 3), name="photo")
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu6")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw1")(x)
+    x = keras.layers.Conv2D(24, 1, activation="relu6")(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu6", name="dw2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(6, name="logits")(x))
+    rng = np.random.default_rng(2)
+    for name in ("dw1", "dw2"):
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel * rng.choice([1.0, 40.0], size=kernel.shape, p=[0.8, 0.2]), bias])
+    keras_file = tmp_path / "dw.keras"
+    model.save(keras_file)
+    calibration, verify = image_folder(tmp_path / "calib", TRAIN, 12), image_folder(tmp_path / "check", VAL, 8)
+    assert run_cli("init", "dw", "--from", str(keras_file), "--calibration", str(calibration), "--verify", str(verify),
+                   "--to", str(tmp_path / "recipes")).returncode == 0
+    path = tmp_path / "recipes" / "dw.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    int8 = next(v for v in recipe["variants"] if v["mode"] == "int8")
+    recipe["variants"] = [{"name": "float32", "mode": "float32"}, int8 | {"name": "fitted"},
+                          int8 | {"name": "nearest", "weight_rounding": "nearest"}]
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "cache"), "build", str(path),
+                   "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fitted: 2 depthwise layers' weights fitted to the calibration images" in done.stderr
+    assert "[dw] nearest: " not in done.stderr
+    assert len([line for line in done.stderr.splitlines() if "calibrate/" in line and line.endswith("running")]) == 1
+    fitted, nearest = (_depthwise_errors(tmp_path / "build" / "dw", name) for name in ("fitted", "nearest"))
+    assert all(f < 0.7 * n for f, n in zip(fitted, nearest)), (fitted, nearest)
+
+
+def test_weight_rounding_fitted_is_refused_where_nothing_can_fit_it(tmp_path):
+    from mzconvert.errors import RecipeError
+    from mzconvert.recipe import load_recipe
+
+    text = (__import__("pathlib").Path(__file__).parent.parent / "recipes" / "mobilenetv2-torchvision.yaml").read_text()
+    data = yaml.safe_load(text)
+    onnx_int8 = next(v for v in data["variants"] if v["name"] == "int8")
+    onnx_int8["weight_rounding"] = "fitted"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(RecipeError, match=r"variants\[\d\]\.weight_rounding: weight_rounding fitted applies to TFLite int8"):
+        load_recipe(tmp_path / "r.yaml")
+    onnx_int8.pop("weight_rounding")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    resolved = {v.name: v.weight_rounding for v in load_recipe(tmp_path / "r.yaml").variants}
+    assert resolved["int8"] == "nearest" and resolved["int8-tflite"] == "fitted" and resolved["float32"] == "nearest"
