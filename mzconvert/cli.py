@@ -325,7 +325,8 @@ def debug(ctx: Context, recipe, variant, count, out, build_dir):
     layers = layer_errors(stripped, r, chosen, out / r.name / manifest["variants"][variant]["file"], calibration,
                           images)
     result = {"recipe": r.name, "variant": variant, "images": len(images), "summary": summary(layers),
-              "layers": layers, "artifacts": measured_artifacts(manifest, [manifest["variants"][variant]["file"]])}
+              "layers": layers, "artifacts": measured_artifacts(manifest, [manifest["variants"][variant]["file"]]),
+              "weight_rounding": chosen.weight_rounding}
     folder = out / r.name
     write_json_atomic(folder / "debug" / f"{variant}.json", result)
     plot_layers(result, folder / "debug" / f"{variant}.png")

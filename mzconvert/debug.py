@@ -143,7 +143,9 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
 
 def debug_table(result: dict, rows: int = 15) -> str:
     lines = [f"{result['recipe']} {result['variant']}: per-layer error on {result['images']} verify images, in "
-             f"quantization steps (rounding alone: {ROUNDING_NOISE:.2f}); worst first",
+             f"quantization steps (rounding alone: {ROUNDING_NOISE:.2f}); worst first"
+             + ("; weights rounded to the nearest step here, the variant's depthwise ones are fitted (less error)"
+                if result.get("weight_rounding") == "fitted" else ""),
              f"{'layer':60} {'op':20} {'RMSE steps':>10} {'max abs err':>12}"]
     for r in result["layers"][:rows]:
         lines.append(f"{_tail(r['layer'], 60):60} {r['op'][:20]:20} {r['rmse_steps']:10.2f} {r['max_abs_error']:12.4g}")
