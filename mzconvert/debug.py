@@ -56,7 +56,7 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
     with tempfile.TemporaryDirectory() as work:
         calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work),  # the variant's ranges
-                               moments=False).read_bytes()
+                               with_moments=False).read_bytes()
     converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
     int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
     try:

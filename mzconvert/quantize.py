@@ -56,10 +56,10 @@ def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
 
 
 def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path,
-              moments: bool = True) -> Path:
+              with_moments: bool = True) -> Path:
     """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`: the float model
     with every activation's range, by the variant's calibration method, from which each int8 variant
-    is quantized (see ranges.py); with `moments`, beside it the depthwise convolutions' input moments
+    is quantized (see ranges.py); with `with_moments`, beside it the depthwise convolutions' input moments
     that fitted weight rounding needs (rounding.MOMENTS, when the model has such layers)."""
     from .backends.tf import calibrate_converter
     from .ranges import calibrate_with_interpreter
@@ -78,7 +78,7 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
         with CONVERTERS:
             converter, _ = backend_for(recipe).tflite_converter(stripped, recipe)
             calibrate_converter(converter, stripped, lambda: iter(inputs), target)
-    elif moments:
+    elif with_moments:
         from .rounding import MOMENTS, depthwise_moments
 
         depthwise_moments(target, inputs, out_dir / MOMENTS)

@@ -40,6 +40,29 @@ def test_fitted_rounding_is_the_best_of_every_floor_ceil_choice():
     assert _cost(fitted, scales, weights, second).sum() < 0.8 * _cost(nearest, scales, weights, second).sum()
 
 
+def test_larger_kernels_get_a_rounding_no_single_flip_improves():
+    """5x5 depthwise (MobileNetV3, EfficientNet): 2^25 choices are too many; the search from nearest
+    rounding ends where flipping any one weight between floor and ceil would add error."""
+    rng = np.random.default_rng(4)
+    channels, k = 48, 25
+    weights = rng.normal(size=(channels, k)) * rng.choice([1.0, 20.0], size=(channels, k), p=[0.9, 0.1])
+    scales = np.abs(weights).max(axis=1) / 127
+    x = rng.normal(size=(channels, 2000, k)) + 0.5 * rng.normal(size=(channels, 2000, 1))  # shared component
+    second = np.einsum("cni,cnj->cij", x, x) / 2000
+    fitted = fitted_rounding(weights, scales, second)
+    nearest = np.round(weights / scales[:, None])
+    cost = _cost(fitted, scales, weights, second)
+    assert np.all(cost <= _cost(nearest, scales, weights, second) + 1e-12)
+    assert cost.sum() < 0.9 * _cost(nearest, scales, weights, second).sum()
+    floor = np.floor(weights / scales[:, None])
+    for c in range(channels):
+        for i in range(k):
+            flipped = fitted[c].copy()
+            flipped[i] = floor[c, i] + (fitted[c, i] == floor[c, i])
+            if flipped[i] <= 127:
+                assert _cost(flipped[None], scales[c:c + 1], weights[c:c + 1], second[c:c + 1])[0] >= cost[c] - 1e-12
+
+
 def _depthwise_model(path, seed=0):
     """A Keras model with the depthwise geometries a user's model can have, as a float .tflite."""
     import keras
@@ -51,6 +74,7 @@ def _depthwise_model(path, seed=0):
     x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, name="strided")(x)
     x = keras.layers.DepthwiseConv2D(3, padding="valid", dilation_rate=2, name="dilated")(x)
     x = keras.layers.DepthwiseConv2D((1, 3), strides=(1, 2), padding="valid", name="wide")(x)
+    x = keras.layers.DepthwiseConv2D(5, strides=2, padding="same", name="large")(x)
     model = keras.Model(inputs, x)
     path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     return path
@@ -65,7 +89,7 @@ def test_patches_reproduce_every_depthwise_convolution_of_a_real_model(tmp_path)
     model = read_model(_depthwise_model(tmp_path / "dw.tflite"))
     graph = model.subgraphs[0]
     ops = [op for op, name in zip(graph.operators, op_names(model)) if name == "DEPTHWISE_CONV_2D"]
-    assert len(ops) == 4
+    assert len(ops) == 5
     interpreter = interpreter_keeping(model, sorted({i for op in ops for i in (op.inputs[0], op.outputs[0])}))
     rng = np.random.default_rng(1)
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
