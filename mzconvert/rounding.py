@@ -21,6 +21,7 @@ build gives the same bytes every time.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,78 +36,88 @@ DEPTHWISE = "DEPTHWISE_CONV_2D"
 _SAME = 0  # schema Padding.SAME
 
 
-def _depthwise_ops(model) -> list:
-    """The depthwise convolutions of subgraph 0."""
-    return [op for op, name in zip(model.subgraphs[0].operators, op_names(model)) if name == DEPTHWISE]
+@dataclass(frozen=True)
+class Window:
+    """Where a convolution reads its input: kernel, strides and dilations (height, width), the padding
+    before the first row and column, and the output plane."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pad: tuple[int, int]
+    out: tuple[int, int]
 
 
-def _output_name(graph, op) -> str:
-    return graph.tensors[op.outputs[0]].name.decode()
-
-
-def patches(values: np.ndarray, op, kernel: tuple[int, int], positions: np.ndarray) -> np.ndarray:
-    """The input patch under the kernel at each of `positions` (flat indices into the op's output
-    plane) of `values` (height, width, channels): (channels, len(positions), kh * kw), contiguous, zero
-    outside the input as the op pads."""
-    options = op.builtinOptions
-    (height, width), (kh, kw) = values.shape[:2], kernel
-    sh, sw, dh, dw = options.strideH, options.strideW, options.dilationHFactor, options.dilationWFactor
-    out_h, out_w = output_plane(values.shape, op, kernel)
-    top = left = 0
-    if options.padding == _SAME:
-        top = max((out_h - 1) * sh + (kh - 1) * dh + 1 - height, 0) // 2
-        left = max((out_w - 1) * sw + (kw - 1) * dw + 1 - width, 0) // 2
-    rows, cols = np.divmod(positions, out_w)
-    ys = rows[:, None] * sh - top + np.repeat(np.arange(kh) * dh, kw)[None, :]  # (n, kh*kw)
-    xs = cols[:, None] * sw - left + np.tile(np.arange(kw) * dw, kh)[None, :]
+def patches(values: np.ndarray, window: Window, positions: np.ndarray) -> np.ndarray:
+    """The input patch under the kernel at each of `positions` (flat indices into the output plane) of
+    `values` (height, width, channels): (channels, len(positions), kh * kw), contiguous, zero where the
+    window reaches into the padding."""
+    (height, width), (kh, kw), (sh, sw), (dh, dw) = values.shape[:2], window.kernel, window.strides, window.dilations
+    rows, cols = np.divmod(positions, window.out[1])
+    ys = rows[:, None] * sh - window.pad[0] + np.repeat(np.arange(kh) * dh, kw)[None, :]  # (n, kh*kw)
+    xs = cols[:, None] * sw - window.pad[1] + np.tile(np.arange(kw) * dw, kh)[None, :]
     taken = values[np.clip(ys, 0, height - 1), np.clip(xs, 0, width - 1)]  # (n, kh*kw, channels)
     taken *= ((ys >= 0) & (ys < height) & (xs >= 0) & (xs < width))[:, :, None]  # the padding's zeros
     return np.ascontiguousarray(taken.transpose(2, 0, 1))
 
 
-def output_plane(shape: tuple[int, ...], op, kernel: tuple[int, int]) -> tuple[int, int]:
-    options = op.builtinOptions
-    (height, width), (kh, kw) = shape[:2], kernel
-    if options.padding == _SAME:
-        return -(-height // options.strideH), -(-width // options.strideW)
-    return ((height - (kh - 1) * options.dilationHFactor - 1) // options.strideH + 1,
-            (width - (kw - 1) * options.dilationWFactor - 1) // options.strideW + 1)
+class PatchMoments:
+    """Per input channel, the second moments and means of a convolution's input patches, at
+    MOMENT_POSITIONS output positions an image drawn with a fixed seed (the same bytes every build)."""
+
+    def __init__(self):
+        self._rng = np.random.default_rng(0)
+        self._sums: dict[str, list] = {}
+
+    def add(self, key: str, values: np.ndarray, window: Window) -> None:
+        """`values`: one image's input to the convolution (height, width, channels)."""
+        plane = window.out[0] * window.out[1]
+        x = patches(values, window, self._rng.integers(0, plane, MOMENT_POSITIONS))  # (channels, n, k)
+        entry = self._sums.setdefault(key, [0.0, 0.0, 0])
+        entry[0] = entry[0] + np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS
+        entry[1] = entry[1] + x.sum(axis=1)
+        entry[2] += x.shape[1]
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(second moments (channels, k, k), means (channels, k)) of `key`, if measured."""
+        if key not in self._sums:
+            return None
+        second, first, count = self._sums[key]
+        return np.asarray(second, np.float64) / count, np.asarray(first, np.float64) / count
+
+    def save(self, target: Path) -> Path:
+        np.savez(target, **{f"{key}\t{part}": value for key in self._sums
+                            for part, value in zip(("second", "mean"), self.get(key))})
+        return target
+
+    @classmethod
+    def load(cls, path: Path) -> "PatchMoments":
+        moments = cls()
+        with np.load(path, allow_pickle=False) as saved:
+            for name in saved.files:
+                key, part = name.rsplit("\t", 1)
+                if part == "second":
+                    moments._sums[key] = [saved[name], saved[f"{key}\tmean"], 1]
+        return moments
 
 
-def depthwise_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, threads: int = 2) -> Path | None:
-    """Write to `target` (npz) the second moments and means of every depthwise convolution's
-    input patches in the float model `calibrated`, per input channel, keyed by the op's output tensor;
-    None when the model has none (or control flow)."""
-    from .ranges import interpreter_keeping
+def refit(weights: np.ndarray, nearest: np.ndarray, scales: np.ndarray, moments: tuple[np.ndarray, np.ndarray]
+          ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """For a depthwise convolution's float `weights` (out channels, k), its `nearest` int8 weights with
+    per-channel `scales` and the `moments` of its input channels (out channel c reads input channel
+    c // depth multiplier): (fitted int8 weights, the mean output error they leave per channel, to take
+    out of the bias, the summed output error of nearest, of fitted)."""
+    second, mean = moments
+    source = np.arange(len(weights)) // (len(weights) // len(second))
+    second, mean = second[source], mean[source]
+    fitted = fitted_rounding(weights, scales, second)
+    mean_error = ((fitted * scales[:, None] - weights) * mean).sum(axis=1)
+    return fitted, mean_error, _output_error(nearest, scales, weights, second), _output_error(fitted, scales, weights, second)
 
-    model = read_model(calibrated)
-    if len(model.subgraphs) != 1:
-        return None
-    graph, ops = model.subgraphs[0], _depthwise_ops(model)
-    if not ops:
-        return None
-    interpreter = interpreter_keeping(model, sorted({op.inputs[0] for op in ops}), threads)
-    model_input = interpreter.get_input_details()[0]["index"]
-    rng = np.random.default_rng(0)
-    sums: dict[str, list] = {}
-    for tensor in tensors[:MOMENT_IMAGES]:
-        interpreter.set_tensor(model_input, tensor)
-        interpreter.invoke()
-        for op in ops:
-            kernel = tuple(graph.tensors[op.inputs[1]].shape[1:3])
-            values = interpreter.tensor(op.inputs[0])()[0]
-            plane = int(np.prod(output_plane(values.shape, op, kernel)))
-            x = patches(values, op, kernel, rng.integers(0, plane, MOMENT_POSITIONS))  # (channels, n, k)
-            del values
-            entry = sums.setdefault(_output_name(graph, op), [0.0, 0.0, 0])
-            entry[0] = entry[0] + np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS
-            entry[1] = entry[1] + x.sum(axis=1)
-            entry[2] += x.shape[1]
-    arrays = {}
-    for name, (second, first, count) in sums.items():
-        arrays[f"{name}\tsecond"], arrays[f"{name}\tmean"] = second.astype(np.float64) / count, first / count
-    np.savez(target, **arrays)
-    return target
+
+def _output_error(q: np.ndarray, scales: np.ndarray, weights: np.ndarray, second: np.ndarray) -> float:
+    error = q * scales[:, None] - weights
+    return float(np.einsum("ci,cij,cj->", error, second, error))
 
 
 def fitted_rounding(weights: np.ndarray, scales: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -152,47 +163,87 @@ def _local_search(linear, second, scales, capped, start: np.ndarray) -> np.ndarr
     return b
 
 
+# -- TFLite ----------------------------------------------------------------------------------------
+def _depthwise_ops(model) -> list:
+    """The depthwise convolutions of subgraph 0."""
+    return [op for op, name in zip(model.subgraphs[0].operators, op_names(model)) if name == DEPTHWISE]
+
+
+def _output_name(graph, op) -> str:
+    return graph.tensors[op.outputs[0]].name.decode()
+
+
+def tflite_window(shape: tuple[int, ...], op, kernel: tuple[int, int]) -> Window:
+    """The window of a TFLite convolution `op` over an input of `shape` (height, width, ...)."""
+    options = op.builtinOptions
+    size = shape[:2]
+    strides, dilations = (options.strideH, options.strideW), (options.dilationHFactor, options.dilationWFactor)
+    if options.padding != _SAME:
+        out = tuple((n - (k - 1) * d - 1) // s + 1 for n, k, d, s in zip(size, kernel, dilations, strides))
+        return Window(kernel, strides, dilations, (0, 0), out)
+    out = tuple(-(-n // s) for n, s in zip(size, strides))
+    pad = tuple(max((o - 1) * s + (k - 1) * d + 1 - n, 0) // 2
+                for o, s, k, d, n in zip(out, strides, kernel, dilations, size))
+    return Window(kernel, strides, dilations, pad, out)
+
+
+def depthwise_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, threads: int = 2) -> Path | None:
+    """Write to `target` (npz) the PatchMoments of every depthwise convolution's input in the float
+    model `calibrated` over the first MOMENT_IMAGES `tensors`, keyed by the op's output tensor; None
+    when the model has none (or control flow)."""
+    from .ranges import interpreter_keeping
+
+    model = read_model(calibrated)
+    if len(model.subgraphs) != 1:
+        return None
+    graph, ops = model.subgraphs[0], _depthwise_ops(model)
+    if not ops:
+        return None
+    interpreter = interpreter_keeping(model, sorted({op.inputs[0] for op in ops}), threads)
+    model_input = interpreter.get_input_details()[0]["index"]
+    moments = PatchMoments()
+    for tensor in tensors[:MOMENT_IMAGES]:
+        interpreter.set_tensor(model_input, tensor)
+        interpreter.invoke()
+        for op in ops:
+            values = interpreter.tensor(op.inputs[0])()[0]
+            moments.add(_output_name(graph, op), values,
+                        tflite_window(values.shape, op, tuple(graph.tensors[op.inputs[1]].shape[1:3])))
+            del values  # a view of the interpreter's memory must not outlive the image
+    return moments.save(target)
+
+
 def fit_depthwise_weights(quantized: Path, calibrated: Path, moments: Path, target: Path) -> dict:
     """Rewrite `quantized` (an int8 model of `calibrated`) to `target` with every depthwise convolution
-    that `moments` describes refitted: weights by fitted_rounding, bias by the mean error left.
+    that `moments` describes refitted (refit): int8 weights and int32 bias.
     Returns {"layers": refitted count, "error_ratio": the summed output error after / before on the
     calibration moments}."""
     model, floats = read_model(quantized), read_model(calibrated)
     graph, float_graph = model.subgraphs[0], floats.subgraphs[0]
     float_ops = {_output_name(float_graph, op): op for op in float_graph.operators}
+    measured = PatchMoments.load(moments)
     before = after = 0.0
     layers = 0
-    with np.load(moments, allow_pickle=False) as saved:
-        for op in _depthwise_ops(model):
-            name = _output_name(graph, op)
-            weight, twin = graph.tensors[op.inputs[1]], float_ops.get(name)
-            if f"{name}\tsecond" not in saved.files or twin is None or weight.quantization is None:
-                continue
-            scales = np.asarray(weight.quantization.scale, np.float64)
-            if weight.type != schema().TensorType.INT8 or np.any(np.asarray(weight.quantization.zeroPoint) != 0):
-                continue
-            channels, k = weight.shape[3], int(np.prod(weight.shape[1:3]))
-            scales = np.broadcast_to(scales, (channels,))
-            float_weight = float_graph.tensors[twin.inputs[1]]
-            w = np.frombuffer(bytes(floats.buffers[float_weight.buffer].data), np.float32).reshape(k, channels).T
-            buffer = model.buffers[weight.buffer]
-            nearest = np.frombuffer(bytes(buffer.data), np.int8).reshape(k, channels).T.astype(np.float64)
-            source = np.arange(channels) // (channels // saved[f"{name}\tsecond"].shape[0])  # depth multiplier
-            second, mean = saved[f"{name}\tsecond"][source], saved[f"{name}\tmean"][source]
-            fitted = fitted_rounding(w.astype(np.float64), scales, second)
-            before += _output_error(nearest, scales, w, second)
-            after += _output_error(fitted, scales, w, second)
-            buffer.data = np.frombuffer(fitted.T.astype(np.int8).tobytes(), np.uint8)
-            if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                _correct_bias(model, graph.tensors[op.inputs[2]], ((fitted * scales[:, None] - w) * mean).sum(axis=1))
-            layers += 1
+    for op in _depthwise_ops(model):
+        name = _output_name(graph, op)
+        weight, twin, stats = graph.tensors[op.inputs[1]], float_ops.get(name), measured.get(name)
+        if stats is None or twin is None or weight.quantization is None or weight.type != schema().TensorType.INT8 \
+                or np.any(np.asarray(weight.quantization.zeroPoint) != 0):
+            continue
+        channels, k = weight.shape[3], int(np.prod(weight.shape[1:3]))
+        scales = np.broadcast_to(np.asarray(weight.quantization.scale, np.float64), (channels,))
+        float_weight = float_graph.tensors[twin.inputs[1]]
+        w = np.frombuffer(bytes(floats.buffers[float_weight.buffer].data), np.float32).reshape(k, channels).T
+        buffer = model.buffers[weight.buffer]
+        nearest = np.frombuffer(bytes(buffer.data), np.int8).reshape(k, channels).T.astype(np.float64)
+        fitted, mean_error, was, now = refit(w.astype(np.float64), nearest, scales, stats)
+        before, after = before + was, after + now
+        buffer.data = np.frombuffer(fitted.T.astype(np.int8).tobytes(), np.uint8)
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            _correct_bias(model, graph.tensors[op.inputs[2]], mean_error)
+        layers += 1
     write_model(model, target)
     return {"layers": layers, "error_ratio": after / before if before else 1.0}
-
-
-def _output_error(q: np.ndarray, scales: np.ndarray, weights: np.ndarray, second: np.ndarray) -> float:
-    error = q * scales[:, None] - weights
-    return float(np.einsum("ci,cij,cj->", error, second, error))
 
 
 def _correct_bias(model, bias, mean_error: np.ndarray) -> None:

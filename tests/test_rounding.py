@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mzconvert.rounding import fitted_rounding, output_plane, patches
+from mzconvert.rounding import fitted_rounding, patches, tflite_window
 from tests.conftest import run_cli
 from tests.test_init import TRAIN, VAL, image_folder
 
@@ -100,9 +100,9 @@ def test_patches_reproduce_every_depthwise_convolution_of_a_real_model(tmp_path)
         kernel = tuple(weight.shape[1:3])
         values = interpreter.tensor(op.inputs[0])()[0].copy()
         output = interpreter.tensor(op.outputs[0])()[0].copy()
-        assert output_plane(values.shape, op, kernel) == output.shape[:2]
-        positions = np.arange(output.shape[0] * output.shape[1])
-        taken = patches(values, op, kernel, positions)  # (in channels, n, k)
+        window = tflite_window(values.shape, op, kernel)
+        assert window.out == output.shape[:2]
+        taken = patches(values, window, np.arange(output.shape[0] * output.shape[1]))  # (in channels, n, k)
         w = np.frombuffer(bytes(model.buffers[weight.buffer].data), np.float32).reshape(-1, weight.shape[3]).T
         bias = np.frombuffer(bytes(model.buffers[graph.tensors[op.inputs[2]].buffer].data), np.float32)
         source = np.arange(weight.shape[3]) // (weight.shape[3] // values.shape[2])
@@ -144,7 +144,8 @@ def _depthwise_errors(build, variant: str) -> list[float]:
             interpreter.set_tensor(interpreter.get_input_details()[0]["index"], tensor)
             interpreter.invoke()
             x = interpreter.tensor(op.inputs[0])()[0].copy()
-            taken = patches(x, op, (3, 3), np.arange(np.prod(output_plane(x.shape, op, (3, 3)))))
+            window = tflite_window(x.shape, op, (3, 3))
+            taken = patches(x, window, np.arange(window.out[0] * window.out[1]))
             squared.append(((np.einsum("cnk,ck->cn", taken, w_int8 - w_float) + bias_error[:, None]) ** 2).ravel())
         errors.append(float(np.concatenate(squared).mean()))
     return errors
