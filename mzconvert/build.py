@@ -271,6 +271,7 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
     raw = p.recipe.raw
     inputs = {"model": stripped.digest(), "variant": _raw_variant(p.recipe, variant),
+              "weight_rounding": variant.weight_rounding,  # its default depends on the target
               "input": raw["input"], "strip": raw.get("strip"), "tools": p.versions}
     images = calibrated = None
     if variant.calibration and shares_calibration(p.recipe, variant):

@@ -34,7 +34,7 @@ URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse")
-WEIGHT_ROUNDINGS = ("fitted", "nearest")  # TFLite int8 depthwise weights: mzconvert/rounding.py
+WEIGHT_ROUNDINGS = ("fitted", "nearest")  # int8 depthwise weights: mzconvert/rounding.py
 # vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
@@ -180,7 +180,7 @@ class Variant:
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
-    weight_rounding: str = "nearest"  # fitted: TFLite int8 depthwise weights fitted to the calibration images
+    weight_rounding: str = "nearest"  # fitted: int8 depthwise weights fitted to the calibration images
 
 
 @dataclass(frozen=True)
@@ -752,17 +752,19 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     variants = tuple(replace(v, target=v.target or native,
                              attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess)
                      for v in variants)
-    # TFLite int8 converted here from one shared calibration (not a graph with custom ops, which converts
-    # in one piece) gets its depthwise weights fitted unless the variant says nearest
-    fits = [v.mode == "int8" and v.target == "tflite" and fmt != "tflite"
-            and (postprocess is None or postprocess.kind != "tflite-detection-postprocess") for v in variants]
-    for i, (v, can) in enumerate(zip(variants, fits)):
-        if v.weight_rounding == "fitted" and not can:
-            raise r.fail("weight_rounding fitted applies to TFLite int8 variants this tool converts from a "
-                         "calibration (not ONNX, not a .tflite source, not a graph with custom ops)",
+    # Depthwise weights can be fitted in int8 quantized here with 8-bit weights: TFLite from one shared
+    # calibration (a graph with custom ops converts in one piece), where it is the default, and ONNX QDQ
+    # (README: on MobileNetV2 more SQNR but no more top-1 agreement, so nearest unless asked)
+    tflite_fits = [v.mode == "int8" and v.target == "tflite" and fmt != "tflite" and (
+        postprocess is None or postprocess.kind != "tflite-detection-postprocess") for v in variants]
+    for i, (v, tflite) in enumerate(zip(variants, tflite_fits)):
+        onnx_fits = v.mode == "int8" and v.target == "onnx" and not v.reduce_range
+        if v.weight_rounding == "fitted" and not (tflite or onnx_fits):
+            raise r.fail("weight_rounding fitted applies to int8 variants this tool quantizes with 8-bit weights "
+                         "(not a .tflite source, a graph with custom ops, or reduce_range)",
                          f"variants[{i}].weight_rounding")
-    variants = tuple(replace(v, weight_rounding=v.weight_rounding or ("fitted" if can else "nearest"))
-                     for v, can in zip(variants, fits))
+    variants = tuple(replace(v, weight_rounding=v.weight_rounding or ("fitted" if tflite else "nearest"))
+                     for v, tflite in zip(variants, tflite_fits))
     if fmt == "tflite":
         _check_converted_source(r, variants, postprocess)
     for i, v in enumerate(variants):

@@ -115,6 +115,12 @@ def refit(weights: np.ndarray, nearest: np.ndarray, scales: np.ndarray, moments:
     return fitted, mean_error, _output_error(nearest, scales, weights, second), _output_error(fitted, scales, weights, second)
 
 
+def corrected_bias(values: np.ndarray, mean_error: np.ndarray, steps) -> np.ndarray:
+    """An int32 bias (its steps: input scale x weight scale) with each channel's mean output error taken out."""
+    steps = np.broadcast_to(np.asarray(steps, np.float64), values.shape)
+    return np.clip(values.astype(np.int64) - np.round(mean_error / steps), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+
+
 def _output_error(q: np.ndarray, scales: np.ndarray, weights: np.ndarray, second: np.ndarray) -> float:
     error = q * scales[:, None] - weights
     return float(np.einsum("ci,cij,cj->", error, second, error))
@@ -247,11 +253,8 @@ def fit_depthwise_weights(quantized: Path, calibrated: Path, moments: Path, targ
 
 
 def _correct_bias(model, bias, mean_error: np.ndarray) -> None:
-    """Subtract each channel's mean output error from an int32 bias (its steps: input scale x weight scale)."""
     if bias.type != schema().TensorType.INT32 or bias.quantization is None or bias.quantization.scale is None:
         return
     buffer = model.buffers[bias.buffer]
-    values = np.frombuffer(bytes(buffer.data), np.int32).astype(np.int64)
-    steps = np.broadcast_to(np.asarray(bias.quantization.scale, np.float64), values.shape)
-    corrected = np.clip(values - np.round(mean_error / steps), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+    corrected = corrected_bias(np.frombuffer(bytes(buffer.data), np.int32), mean_error, bias.quantization.scale)
     buffer.data = np.frombuffer(corrected.tobytes(), np.uint8)

@@ -198,11 +198,131 @@ def test_weight_rounding_fitted_is_refused_where_nothing_can_fit_it(tmp_path):
     text = (__import__("pathlib").Path(__file__).parent.parent / "recipes" / "mobilenetv2-torchvision.yaml").read_text()
     data = yaml.safe_load(text)
     onnx_int8 = next(v for v in data["variants"] if v["name"] == "int8")
-    onnx_int8["weight_rounding"] = "fitted"
+    onnx_int8 |= {"weight_rounding": "fitted", "reduce_range": True}  # 7-bit weights: not what refit rounds to
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(RecipeError, match=r"variants\[\d\]\.weight_rounding: weight_rounding fitted applies to TFLite int8"):
+    with pytest.raises(RecipeError, match=r"variants\[\d\]\.weight_rounding: weight_rounding fitted applies to int8"):
         load_recipe(tmp_path / "r.yaml")
     onnx_int8.pop("weight_rounding")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     resolved = {v.name: v.weight_rounding for v in load_recipe(tmp_path / "r.yaml").variants}
-    assert resolved["int8"] == "nearest" and resolved["int8-tflite"] == "fitted" and resolved["float32"] == "nearest"
+    assert (resolved["float32"], resolved["dynamic"], resolved["int8"], resolved["int8-tflite"]) == (
+        "nearest", "nearest", "nearest", "fitted")
+    onnx_int8 |= {"weight_rounding": "fitted", "reduce_range": False}  # ONNX QDQ: when asked
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_recipe(tmp_path / "r.yaml").variant("int8").weight_rounding == "fitted"
+
+
+def _grouped_onnx(path):
+    """An ONNX model of depthwise Convs in the layouts exporters write: explicit symmetric and asymmetric
+    pads, stride 2, dilation 2, auto_pad SAME_UPPER, a depth multiplier of 2, a 5x5 kernel."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    layers = [("a", 4, 4, (3, 3), dict(pads=[1, 1, 1, 1])),
+              ("b", 4, 8, (3, 3), dict(strides=[2, 2], pads=[0, 1, 1, 0])),
+              ("c", 8, 8, (3, 3), dict(dilations=[2, 2], pads=[2, 2, 2, 2])),
+              ("d", 8, 8, (3, 3), dict(strides=[2, 2], auto_pad="SAME_UPPER")),
+              ("e", 8, 8, (5, 5), dict(pads=[2, 2, 2, 2]))]
+    nodes, init, previous = [], [], "input"
+    for name, cin, cout, kernel, attributes in layers:
+        weights = rng.normal(size=(cout, 1, *kernel)) * rng.choice([1.0, 40.0], size=(cout, 1, *kernel), p=[0.8, 0.2])
+        weights /= np.linalg.norm(weights.reshape(cout, -1), axis=1).reshape(cout, 1, 1, 1)  # outputs stay O(1)
+        init += [numpy_helper.from_array(weights.astype(np.float32), f"w{name}"),
+                 numpy_helper.from_array(rng.normal(size=cout).astype(np.float32), f"b{name}")]
+        nodes.append(helper.make_node("Conv", [previous, f"w{name}", f"b{name}"], [name], name=f"conv_{name}",
+                                      group=cin, kernel_shape=list(kernel), **attributes))
+        previous = name
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 23, 21])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, None)], init)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, [n.name for n in nodes]
+
+
+def test_patches_reproduce_every_grouped_onnx_convolution(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from mzconvert.backends.onnx import _window
+
+    path, _ = _grouped_onnx(tmp_path / "grouped.onnx")
+    model = onnx.load(str(path))
+    names = [n.output[0] for n in model.graph.node]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names[:-1])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(7).normal(size=(1, 4, 23, 21)).astype(np.float32)
+    values = dict(zip(names, session.run(names, {"input": x}))) | {"input": x}
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        plane = values[node.input[0]][0].transpose(1, 2, 0)
+        window = _window(node, plane.shape[:2])
+        output = values[node.output[0]][0]
+        assert window.out == output.shape[1:], node.name
+        taken = patches(plane, window, np.arange(window.out[0] * window.out[1]))
+        w = weights[node.input[1]].reshape(len(output), -1)
+        source = np.arange(len(output)) // (len(output) // plane.shape[2])
+        ours = np.einsum("cnk,ck->cn", taken[source], w) + weights[node.input[2]][:, None]
+        np.testing.assert_allclose(ours, output.reshape(len(output), -1), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
+    """ONNX Runtime's QDQ int8 of the grouped model, fitted and nearest, from the same ranges: on inputs never
+    calibrated on, every fitted layer's int8 weights and bias change its output less."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnxruntime import quantization as q
+
+    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save, _window
+    from mzconvert.recipe import Variant
+
+    path, convs = _grouped_onnx(tmp_path / "grouped.onnx")
+    prepared = tmp_path / "prepared.onnx"
+    q.quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    _save(_named_nodes(_load(prepared)), prepared)
+    rng = np.random.default_rng(8)
+
+    def smooth():  # neighbouring pixels alike, as in images
+        return (np.kron(rng.normal(size=(1, 4, 6, 6)), np.ones((4, 4)))[:, :, :23, :21] + 0.5).astype(np.float32)
+
+    calibration, unseen = [smooth() for _ in range(8)], [smooth() for _ in range(4)]
+    base = Variant(name="i8", mode="int8", io_dtype="float32", calibration="x", calibration_count=None,
+                   quantized_input_stats=(128.0, 128.0), min_cosine=None, min_sqnr_db=None, member=None,
+                   target="onnx")
+    built = {}
+    for rounding in ("fitted", "nearest"):
+        built[rounding] = tmp_path / f"{rounding}.onnx"
+        _quantize_prepared(prepared, built[rounding], __import__("dataclasses").replace(base, weight_rounding=rounding),
+                           None, lambda: iter(calibration))
+    floats = onnx.load(str(prepared))
+    reads = [n.input[0] for n in floats.graph.node if n.name in convs]
+    floats.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                               for n in reads if n != "input")
+    session = ort.InferenceSession(floats.SerializeToString(), providers=["CPUExecutionProvider"])
+    fetched = [n for n in reads if n != "input"]
+    inputs = [dict(zip(fetched, session.run(fetched, {"input": x}))) | {"input": x} for x in unseen]
+    float_weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in floats.graph.initializer}
+    errors = {}
+    for rounding, path in built.items():
+        model = onnx.load(str(path))
+        stored = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        errors[rounding] = []
+        for node in (n for n in model.graph.node if n.name in convs):
+            twin = next(n for n in floats.graph.node if n.name == node.name)
+            dq_w, dq_b = producer[node.input[1]], producer[node.input[2]]
+            w = (stored[dq_w.input[0]] * stored[dq_w.input[1]].reshape(-1, 1, 1, 1)).reshape(len(stored[dq_w.input[1]]), -1)
+            bias_error = stored[dq_b.input[0]] * stored[dq_b.input[1]] - float_weights[twin.input[2]]
+            squared = []
+            for values in inputs:
+                plane = values[twin.input[0]][0].transpose(1, 2, 0)
+                window = _window(twin, plane.shape[:2])
+                taken = patches(plane, window, np.arange(window.out[0] * window.out[1]))
+                source = np.arange(len(w)) // (len(w) // plane.shape[2])
+                delta = w - float_weights[twin.input[1]].reshape(len(w), -1)
+                squared.append(((np.einsum("cnk,ck->cn", taken[source], delta) + bias_error[:, None]) ** 2).ravel())
+            errors[rounding].append(float(np.concatenate(squared).mean()))
+    assert len(errors["fitted"]) == len(convs)
+    assert all(f < 0.9 * n for f, n in zip(errors["fitted"], errors["nearest"])), errors
+    assert sum(errors["fitted"]) < 0.5 * sum(errors["nearest"]), errors

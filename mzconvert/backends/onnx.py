@@ -218,18 +218,23 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     if variant.calibration_method == "entropy":  # ONNX Runtime's own calibrator
         q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, calibration()),
                           calibrate_method=q.CalibrationMethod.Entropy, **options)
+        if variant.weight_rounding == "fitted":
+            _fit_depthwise_weights(prepared, target, list(calibration()))
         return
     # min/max, percentile and mse ranges are recorded here (ranges.py) and handed to the quantizer as its
     # calibration cache: exact percentiles in bounded memory, the same ranges as the TFLite path's, where ONNX
     # Runtime's histogram calibrators hold every activation of every image and read a percentile off a bin edge
     # (splitting the share outside between both ends); and its min/max with CalibMaxIntermediateOutputs drops
     # each full chunk of outputs unmeasured.
+    tensors = list(calibration())
     cache = target.with_name("ranges.json")
-    _write_ranges(_recorded_ranges(prepared, list(calibration()), variant.calibration_method,
-                                   variant.calibration_percentile), cache)
+    _write_ranges(_recorded_ranges(prepared, tensors, variant.calibration_method, variant.calibration_percentile),
+                  cache)
     q.quantize_static(str(prepared), str(target), None, calibrate_method=q.CalibrationMethod.MinMax,
                       calibration_cache_path=str(cache), **options)
     cache.unlink()
+    if variant.weight_rounding == "fitted":
+        _fit_depthwise_weights(prepared, target, tensors)
 
 
 def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
@@ -276,6 +281,94 @@ def _named_nodes(model):
             node.name = name
             taken.add(name)
     return model
+
+
+def _ints(node, name: str, default: list[int]) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == name), default)
+
+
+def _window(node, shape: tuple[int, int]):
+    """The rounding.Window of an ONNX Conv over an input plane of `shape` (height, width)."""
+    from ..rounding import Window
+
+    kernel = tuple(_ints(node, "kernel_shape", []))
+    strides, dilations = tuple(_ints(node, "strides", [1, 1])), tuple(_ints(node, "dilations", [1, 1]))
+    pads = _ints(node, "pads", [0, 0, 0, 0])
+    auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # the output is ceil(size / stride); the odd pixel after or before
+        out = tuple(-(-n // s) for n, s in zip(shape, strides))
+        total = [max((o - 1) * s + (k - 1) * d + 1 - n, 0) for o, s, k, d, n in zip(out, strides, kernel, dilations, shape)]
+        before = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        return Window(kernel, strides, dilations, tuple(before), out)
+    if auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    out = tuple((n + pads[i] + pads[i + 2] - (k - 1) * d - 1) // s + 1
+                for i, (n, k, d, s) in enumerate(zip(shape, kernel, dilations, strides)))
+    return Window(kernel, strides, dilations, (pads[0], pads[1]), out)
+
+
+def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> dict:
+    """weight_rounding fitted for a QDQ model: the int8 weight initializer of every depthwise Conv
+    (group = channels) refitted to its float twin in `prepared` on the float model's inputs to it over
+    the first tensors (rounding.refit), the mean error left taken out of its int32 bias initializer.
+    Returns {"layers": refitted count, "error_ratio": output error after / before on those inputs}."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from ..rounding import MOMENT_IMAGES, PatchMoments, corrected_bias, refit
+
+    floats = _load(prepared)
+    weights = {i.name: i for i in floats.graph.initializer}
+    convs = {n.name: n for n in floats.graph.node if n.op_type == "Conv" and n.input[1] in weights
+             and _ints(n, "kernel_shape", []) and weights[n.input[1]].dims[1] == 1
+             and any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    if not convs:
+        return {"layers": 0, "error_ratio": 1.0}
+    reads = list(dict.fromkeys(n.input[0] for n in convs.values()))
+    known = {o.name for o in floats.graph.output}
+    floats.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                               for name in reads if name not in known)
+    session = ort.InferenceSession(floats.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    moments = PatchMoments()
+    for tensor in tensors[:MOMENT_IMAGES]:
+        values = dict(zip(reads, session.run(reads, {input_name: tensor})))
+        for name, node in convs.items():
+            plane = values[node.input[0]][0].transpose(1, 2, 0)  # NCHW -> (height, width, channels)
+            moments.add(name, plane, _window(node, plane.shape[:2]))
+    model = _load(quantized)
+    stored = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(name: str):
+        """(quantized initializer, its scales) behind a symmetric DequantizeLinear feeding `name`, if any."""
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in stored or (
+                len(node.input) > 2 and np.any(numpy_helper.to_array(stored[node.input[2]]) != 0)):
+            return None, None
+        return stored[node.input[0]], numpy_helper.to_array(stored[node.input[1]]).astype(np.float64)
+
+    before = after = 0.0
+    layers = 0
+    for node in model.graph.node:
+        twin, stats = convs.get(node.name), moments.get(node.name)
+        weight, scales = dequantized(node.input[1]) if twin is not None and stats is not None else (None, None)
+        if weight is None or weight.data_type != onnx.TensorProto.INT8:
+            continue
+        nearest = numpy_helper.to_array(weight)
+        channels = nearest.shape[0]
+        w = numpy_helper.to_array(weights[twin.input[1]]).reshape(channels, -1).astype(np.float64)
+        fitted, mean_error, was, now = refit(w, nearest.reshape(channels, -1).astype(np.float64),
+                                             np.broadcast_to(scales, (channels,)), stats)
+        weight.CopyFrom(numpy_helper.from_array(fitted.reshape(nearest.shape).astype(np.int8), weight.name))
+        bias, steps = dequantized(node.input[2]) if len(node.input) > 2 else (None, None)
+        if bias is not None and bias.data_type == onnx.TensorProto.INT32:
+            bias.CopyFrom(numpy_helper.from_array(corrected_bias(numpy_helper.to_array(bias), mean_error, steps),
+                                                  bias.name))
+        before, after, layers = before + was, after + now, layers + 1
+    _save(model, quantized)
+    return {"layers": layers, "error_ratio": after / before if before else 1.0}
 
 
 def _grouped_convs(model: Path) -> list[str]:
