@@ -13,9 +13,10 @@ start of the search), so no channel's error on the calibration images grows.
 Measured (README, "Measured here"): SSDLite MobileNetV2 int8 against float32 on 132 val images,
 box-encoding SQNR 20.7 -> 24.0 dB, class logits 26.3 -> 32.7 dB.
 
-The moments come from the float model (the calibrated one) on the first MOMENT_IMAGES calibration
-images, at MOMENT_POSITIONS output positions per image and layer drawn with a fixed seed, so a
-build gives the same bytes every time.
+The moments come from the float model on the first MOMENT_IMAGES calibration images, at
+MOMENT_POSITIONS output positions per image and layer drawn with a fixed seed, so a build gives the
+same bytes every time. The math serves both runtimes; the TFLite side is at the end of this module
+(the moments kept by calibrate, the refit per variant), the ONNX QDQ side in backends/onnx.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,7 +197,7 @@ def test_weight_rounding_fitted_is_refused_where_nothing_can_fit_it(tmp_path):
     from mzconvert.errors import RecipeError
     from mzconvert.recipe import load_recipe
 
-    text = (__import__("pathlib").Path(__file__).parent.parent / "recipes" / "mobilenetv2-torchvision.yaml").read_text()
+    text = (Path(__file__).parent.parent / "recipes" / "mobilenetv2-torchvision.yaml").read_text()
     data = yaml.safe_load(text)
     onnx_int8 = next(v for v in data["variants"] if v["name"] == "int8")
     onnx_int8 |= {"weight_rounding": "fitted", "reduce_range": True}  # 7-bit weights: not what refit rounds to
@@ -293,8 +295,8 @@ def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
     built = {}
     for rounding in ("fitted", "nearest"):
         built[rounding] = tmp_path / f"{rounding}.onnx"
-        _quantize_prepared(prepared, built[rounding], __import__("dataclasses").replace(base, weight_rounding=rounding),
-                           None, lambda: iter(calibration))
+        _quantize_prepared(prepared, built[rounding], replace(base, weight_rounding=rounding), None,
+                           lambda: iter(calibration))
     floats = onnx.load(str(prepared))
     reads = [n.input[0] for n in floats.graph.node if n.name in convs]
     floats.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
