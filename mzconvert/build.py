@@ -107,7 +107,7 @@ class Planner:
 
     @property
     def threads(self) -> int:
-        """Threads for running a model (reference, verify): the cores, shared among the build's workers."""
+        """Threads for running a model (reference, verify): the cores, shared among the build's -j threads."""
         return max(1, (os.cpu_count() or 1) // self.options.jobs)
 
     def stage(self, name: str, inputs: dict, action: Callable[[Path], dict]) -> StageOutcome:
