@@ -20,7 +20,6 @@ from .preprocess import prepare
 from .recipe import Recipe, Variant
 from .runtime import TensorSpec, nhwc, open_model
 
-
 # One conversion at a time in a process (build -j runs variants in threads): TensorFlow's and ONNX
 # Runtime's converters hold the GIL anyway, and keep global state (Keras names, TF's graph registry).
 CONVERTERS = threading.Lock()

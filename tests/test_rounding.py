@@ -221,11 +221,11 @@ def _grouped_onnx(path):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(6)
-    layers = [("a", 4, 4, (3, 3), dict(pads=[1, 1, 1, 1])),
-              ("b", 4, 8, (3, 3), dict(strides=[2, 2], pads=[0, 1, 1, 0])),
-              ("c", 8, 8, (3, 3), dict(dilations=[2, 2], pads=[2, 2, 2, 2])),
-              ("d", 8, 8, (3, 3), dict(strides=[2, 2], auto_pad="SAME_UPPER")),
-              ("e", 8, 8, (5, 5), dict(pads=[2, 2, 2, 2]))]
+    layers = [("a", 4, 4, (3, 3), {"pads": [1, 1, 1, 1]}),
+              ("b", 4, 8, (3, 3), {"strides": [2, 2], "pads": [0, 1, 1, 0]}),
+              ("c", 8, 8, (3, 3), {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+              ("d", 8, 8, (3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+              ("e", 8, 8, (5, 5), {"pads": [2, 2, 2, 2]})]
     nodes, init, previous = [], [], "input"
     for name, cin, cout, kernel, attributes in layers:
         weights = rng.normal(size=(cout, 1, *kernel)) * rng.choice([1.0, 40.0], size=(cout, 1, *kernel), p=[0.8, 0.2])
@@ -276,7 +276,13 @@ def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
     from onnx import numpy_helper
     from onnxruntime import quantization as q
 
-    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save, _window
+    from mzconvert.backends.onnx import (
+        _load,
+        _named_nodes,
+        _quantize_prepared,
+        _save,
+        _window,
+    )
     from mzconvert.recipe import Variant
 
     path, convs = _grouped_onnx(tmp_path / "grouped.onnx")
