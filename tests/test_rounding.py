@@ -258,7 +258,7 @@ def test_patches_reproduce_every_grouped_onnx_convolution(tmp_path):
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         plane = values[node.input[0]][0].transpose(1, 2, 0)
-        window = _window(node, plane.shape[:2])
+        window = _window(node, plane.shape[:2], weights[node.input[1]].shape[2:])
         output = values[node.output[0]][0]
         assert window.out == output.shape[1:], node.name
         taken = patches(plane, window, np.arange(window.out[0] * window.out[1]))
@@ -325,7 +325,7 @@ def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
             squared = []
             for values in inputs:
                 plane = values[twin.input[0]][0].transpose(1, 2, 0)
-                window = _window(twin, plane.shape[:2])
+                window = _window(twin, plane.shape[:2], float_weights[twin.input[1]].shape[2:])
                 taken = patches(plane, window, np.arange(window.out[0] * window.out[1]))
                 source = np.arange(len(w)) // (len(w) // plane.shape[2])
                 delta = w - float_weights[twin.input[1]].reshape(len(w), -1)

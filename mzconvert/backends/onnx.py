@@ -287,11 +287,10 @@ def _ints(node, name: str, default: list[int]) -> list[int]:
     return next((list(a.ints) for a in node.attribute if a.name == name), default)
 
 
-def _window(node, shape: tuple[int, int]):
-    """The rounding.Window of an ONNX Conv over an input plane of `shape` (height, width)."""
+def _window(node, shape: tuple[int, int], kernel: tuple[int, int]):
+    """The rounding.Window of an ONNX Conv with a `kernel` (height, width) over an input plane of `shape`."""
     from ..rounding import Window
 
-    kernel = tuple(_ints(node, "kernel_shape", []))
     strides, dilations = tuple(_ints(node, "strides", [1, 1])), tuple(_ints(node, "dilations", [1, 1]))
     pads = _ints(node, "pads", [0, 0, 0, 0])
     auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
@@ -307,11 +306,10 @@ def _window(node, shape: tuple[int, int]):
     return Window(kernel, strides, dilations, (pads[0], pads[1]), out)
 
 
-def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> dict:
+def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> None:
     """weight_rounding fitted for a QDQ model: the int8 weight initializer of every depthwise Conv
     (group = channels) refitted to its float twin in `prepared` on the float model's inputs to it over
-    the first tensors (rounding.refit), the mean error left taken out of its int32 bias initializer.
-    Returns {"layers": refitted count, "error_ratio": output error after / before on those inputs}."""
+    the first tensors (rounding.refit), the mean error left taken out of its int32 bias initializer."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -321,10 +319,9 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
     floats = _load(prepared)
     weights = {i.name: i for i in floats.graph.initializer}
     convs = {n.name: n for n in floats.graph.node if n.op_type == "Conv" and n.input[1] in weights
-             and _ints(n, "kernel_shape", []) and weights[n.input[1]].dims[1] == 1
-             and any(a.name == "group" and a.i > 1 for a in n.attribute)}
+             and weights[n.input[1]].dims[1] == 1 and any(a.name == "group" and a.i > 1 for a in n.attribute)}
     if not convs:
-        return {"layers": 0, "error_ratio": 1.0}
+        return
     reads = list(dict.fromkeys(n.input[0] for n in convs.values()))
     known = {o.name for o in floats.graph.output}
     floats.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
@@ -336,7 +333,7 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
         values = dict(zip(reads, session.run(reads, {input_name: tensor})))
         for name, node in convs.items():
             plane = values[node.input[0]][0].transpose(1, 2, 0)  # NCHW -> (height, width, channels)
-            moments.add(name, plane, _window(node, plane.shape[:2]))
+            moments.add(name, plane, _window(node, plane.shape[:2], tuple(weights[node.input[1]].dims[2:])))
     model = _load(quantized)
     stored = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -349,8 +346,6 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
             return None, None
         return stored[node.input[0]], numpy_helper.to_array(stored[node.input[1]]).astype(np.float64)
 
-    before = after = 0.0
-    layers = 0
     for node in model.graph.node:
         twin, stats = convs.get(node.name), moments.get(node.name)
         weight, scales = dequantized(node.input[1]) if twin is not None and stats is not None else (None, None)
@@ -359,16 +354,14 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
         nearest = numpy_helper.to_array(weight)
         channels = nearest.shape[0]
         w = numpy_helper.to_array(weights[twin.input[1]]).reshape(channels, -1).astype(np.float64)
-        fitted, mean_error, was, now = refit(w, nearest.reshape(channels, -1).astype(np.float64),
-                                             np.broadcast_to(scales, (channels,)), stats)
+        fitted, mean_error, _, _ = refit(w, nearest.reshape(channels, -1).astype(np.float64),
+                                         np.broadcast_to(scales, (channels,)), stats)
         weight.CopyFrom(numpy_helper.from_array(fitted.reshape(nearest.shape).astype(np.int8), weight.name))
         bias, steps = dequantized(node.input[2]) if len(node.input) > 2 else (None, None)
         if bias is not None and bias.data_type == onnx.TensorProto.INT32:
             bias.CopyFrom(numpy_helper.from_array(corrected_bias(numpy_helper.to_array(bias), mean_error, steps),
                                                   bias.name))
-        before, after, layers = before + was, after + now, layers + 1
     _save(model, quantized)
-    return {"layers": layers, "error_ratio": after / before if before else 1.0}
 
 
 def _grouped_convs(model: Path) -> list[str]:
