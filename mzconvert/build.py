@@ -372,8 +372,8 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
               "tools": p.versions}
 
     def action(out: Path) -> dict:
-        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), reference.path("reference"),
-                                                     reference.result["outputs"], p.recipe, images(), names)}
+        return {"fidelity": source_pipeline_fidelity(frozen.path("model"), reference.path("reference"), p.recipe,
+                                                     images(), names)}
 
     outcome = p.stage("verify/source-pipeline", inputs, action)
     f = outcome.result["fidelity"]

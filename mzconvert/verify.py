@@ -124,8 +124,8 @@ def threshold_failures(variant: Variant, metrics: dict) -> list[str]:
     return failures
 
 
-def source_pipeline_fidelity(frozen: Path, reference: Path, output_names: list[str], recipe: Recipe,
-                             images: list[Path], names: list[str]) -> dict:
+def source_pipeline_fidelity(frozen: Path, reference: Path, recipe: Recipe, images: list[Path],
+                             names: list[str]) -> dict:
     """How closely our declared preprocessing + stripped float model (+ our decode) reproduce the source
     run end to end with its own pre- and post-processing, on real images: the share of detections
     matched (detectors) or the top-1 agreement (classifiers). Ours are the float model's outputs on the
@@ -138,12 +138,12 @@ def source_pipeline_fidelity(frozen: Path, reference: Path, output_names: list[s
     with np.load(reference, allow_pickle=False) as saved:
         for i, path in enumerate(images):
             pixels = np.asarray(load_image(path), dtype=np.uint8)
-            outputs = [saved[f"output_{i}_{j}"] for j in range(len(output_names))]
             if recipe.task == "detection":
                 per_image.append(matched_detections(pipeline.detections(pixels), saved_detections(saved, i)))
             else:
                 theirs = int(np.argmax(pipeline.run(pixels)[0])) - recipe.source_pipeline.class_offset
-                mine = int(np.argmax(outputs[0])) - (recipe.labels.label_offset if recipe.labels else 0)
+                offset = recipe.labels.label_offset if recipe.labels else 0
+                mine = int(np.argmax(saved[f"output_{i}_0"])) - offset  # the first output: the logits
                 per_image.append((int(theirs == mine), 1))
     matched, total = (sum(column) for column in zip(*per_image))
     shares = [m / t if t else 1.0 for m, t in per_image]
