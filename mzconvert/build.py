@@ -15,10 +15,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +36,7 @@ from .recipe import Recipe, Variant, VelaTarget
 STAMP = "stamp.json"
 STAGE_LOCK_WAIT_SECONDS = 24 * 3600.0
 RESULT = "result.json"
+CHECKS_NICENESS = 10  # see _yielding_thread
 TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow")
 
 
@@ -416,27 +419,60 @@ def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTar
     return outcome
 
 
-def _variant_stages(p: Planner, chain: list[StageOutcome], variant: Variant, until: str) -> dict:
-    """quantize -> verify -> vela of one variant (and the shared stages it needs: calibration, reference)."""
+def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant, until: str,
+                         checks: Executor) -> Callable[[], dict]:
+    """quantize one variant here (and the shared stages it needs: calibration), then hand its checks, which
+    only read the finished artifact (verify against the float reference, vela per NPU target), to `checks`.
+    Returns what waits for them: the variant's {stage: outcome}."""
     stripped = chain[-1]
     quantized = _quantize(p, stripped, variant)
-    entry = {"quantize": quantized, "chain": chain}
-    if p.recipe.verify is not None:
-        entry["verify"] = _verify(p, stripped, quantized, variant)
-    if until != "quantize" and variant.mode in ("int8", "uint8-qat") and variant.target == "tflite":
-        entry["vela"] = {t.name: _vela(p, quantized, variant, t) for t in p.recipe.vela}
+    verified = checks.submit(_verify, p, stripped, quantized, variant) if p.recipe.verify is not None else None
+    npu = until != "quantize" and variant.mode in ("int8", "uint8-qat") and variant.target == "tflite"
+    compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}
+
+    def entry() -> dict:
+        stages = {"quantize": quantized, "chain": chain}
+        if verified is not None:
+            stages["verify"] = verified.result()
+        if compiled:
+            stages["vela"] = {name: future.result() for name, future in compiled.items()}
+        return stages
     return entry
 
 
-def _in_threads(p: Planner, jobs: list[tuple]) -> dict:
-    """Each variant's stages in a pool of `jobs` threads of this process: TensorFlow is imported once, and
-    while one thread converts (the converters hold the GIL, one at a time: quantize.CONVERTERS), the
-    others run LiteRT, ONNX Runtime, numpy or vela, which release it. The same stage functions as a
-    serial build, so the same bytes; a shared stage runs in one thread while the others wait for it.
-    The variant that starts a calibration goes first, those that reuse one last, so the calibration
-    runs beside the float variants, not before them."""
-    from concurrent.futures import ThreadPoolExecutor
+def _variants(p: Planner, jobs: list[tuple], checks: Executor) -> dict:
+    """Every variant's stages, {variant: {stage: outcome}} in the recipe's order: conversions one variant at a
+    time (-j N: N at once, _in_threads), each variant's checks handed to `checks` (see _checks_pool)."""
+    if p.options.jobs > 1 and len(jobs) > 1:
+        pending = _in_threads(p, jobs, checks)
+    else:
+        pending = {variant.name: _quantize_then_check(p, chain, variant, until, checks)
+                   for chain, variant, until in jobs}
+    return {name: entry() for name, entry in pending.items()}
 
+
+def _checks_pool(p: Planner) -> ThreadPoolExecutor:
+    """Where the checks run (verify, vela, the source pipeline's): beside the conversions, which hold the GIL
+    on one core while LiteRT, numpy and vela's process, which do not need it, use the others. The same
+    stage functions in any order, so the same bytes."""
+    return ThreadPoolExecutor(max_workers=p.options.jobs + 1, thread_name_prefix="check",
+                              initializer=_yielding_thread)
+
+
+def _yielding_thread() -> None:
+    """Lower this thread's scheduling priority (on Linux a thread has its own nice value, and the threads and
+    processes it starts inherit it): checks fill the cores the conversions leave idle instead of slowing
+    them, since the next conversion is what the build waits for."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECKS_NICENESS)
+
+
+def _in_threads(p: Planner, jobs: list[tuple], checks: Executor) -> dict:
+    """Each variant's conversion in a pool of `jobs` threads of this process: TensorFlow is imported once, and
+    while one thread converts (the converters hold the GIL, one at a time: quantize.CONVERTERS), the
+    others run LiteRT, ONNX Runtime, numpy or vela, which release it. A shared stage runs in one thread
+    while the others wait for it. The variant that starts a calibration goes first, those that reuse one
+    last, so the calibration runs beside the float variants, not before them."""
     from .quantize import shares_calibration
 
     starts_calibration, seen = set(), set()
@@ -447,7 +483,8 @@ def _in_threads(p: Planner, jobs: list[tuple]) -> dict:
             starts_calibration.add(variant.name)
     order = sorted(jobs, key=lambda j: (j[1].name not in starts_calibration, bool(j[1].calibration)))
     with ThreadPoolExecutor(max_workers=min(p.options.jobs, len(jobs))) as pool:
-        done = dict(zip((j[1].name for j in order), pool.map(lambda job: _variant_stages(p, *job), order)))
+        done = dict(zip((j[1].name for j in order),
+                        pool.map(lambda job: _quantize_then_check(p, *job, checks), order)))
     return {j[1].name: done[j[1].name] for j in jobs}  # the recipe's order
 
 
@@ -475,17 +512,18 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
         chains = {}
         for member in dict.fromkeys(recipe.member_for(v) for v in variants):
             chains[member] = _model_chain(planner, member, until)
-        per_variant = {}
-        if STAGES.index(until) >= STAGES.index("quantize"):
-            jobs = [(chains[recipe.member_for(v)], v, until) for v in variants]
-            if options.jobs > 1 and len(jobs) > 1:
-                per_variant = _in_threads(planner, jobs)
-            else:
-                per_variant = {v.name: _variant_stages(planner, *job) for job, v in zip(jobs, variants)}
-        fidelity = None
+        per_variant, fidelity = {}, None
         source_chain = chains.get(recipe.source.member)
-        if recipe.source_pipeline is not None and recipe.verify is not None and source_chain and until == "dist":
-            fidelity = _source_pipeline(planner, source_chain).result["fidelity"]
+        checks = _checks_pool(planner)
+        try:
+            pipeline = (checks.submit(_source_pipeline, planner, source_chain) if recipe.source_pipeline is not None
+                        and recipe.verify is not None and source_chain and until == "dist" else None)
+            if STAGES.index(until) >= STAGES.index("quantize"):
+                jobs = [(chains[recipe.member_for(v)], v, until) for v in variants]
+                per_variant = _variants(planner, jobs, checks)
+            fidelity = pipeline.result().result["fidelity"] if pipeline else None
+        finally:
+            checks.shutdown(cancel_futures=True)  # after a failure, no checks beyond those already running
         if until != "dist":
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
         from .dist import assemble

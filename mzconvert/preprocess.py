@@ -71,10 +71,12 @@ def _bilinear(pixels: np.ndarray, height: int, width: int, half_pixel: bool) -> 
         ys, xs = ys * np.float32(in_h / height), xs * np.float32(in_w / width)
     y0, y1, fy = _lerp_indices(ys, in_h)
     x0, x1, fx = _lerp_indices(xs, in_w)
-    image = pixels.astype(np.float32)
     fx = fx[None, :, None]
-    top = image[y0][:, x0] + (image[y0][:, x1] - image[y0][:, x0]) * fx
-    bottom = image[y1][:, x0] + (image[y1][:, x1] - image[y1][:, x0]) * fx
+    rows = []  # the sampled pixels gathered from the 8-bit image before widening: the same float32 values
+    for row in (pixels[y0], pixels[y1]):
+        left, right = row[:, x0].astype(np.float32), row[:, x1].astype(np.float32)
+        rows.append(left + (right - left) * fx)
+    top, bottom = rows
     return top + (bottom - top) * fy[:, None, None]
 
 
