@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -410,6 +414,26 @@ def test_parallel_variants_give_the_bytes_of_a_serial_build(tmp_path, tiny, mirr
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert len([line for line in forced.stderr.splitlines() if "calibrate/" in line and line.endswith(": running")]) == 1
     assert (tmp_path / "2" / "dist" / "tiny" / "MD5SUMS").read_text() == dists["1"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread has a nice value of its own on Linux")
+def test_checks_run_at_a_lower_priority_and_so_do_the_processes_they_start():
+    """The build's checks (verify, vela) yield the cores to the conversion the build waits for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mzconvert.build import CHECKS_NICENESS, _yielding_thread
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    with ThreadPoolExecutor(max_workers=1, initializer=_yielding_thread) as checks:
+        in_check = checks.submit(niceness).result()
+        child = checks.submit(subprocess.run, [sys.executable, "-c", "import os; print(os.nice(0))"],
+                              capture_output=True, text=True, check=True).result()
+    assert in_check == min(before + CHECKS_NICENESS, 19)
+    assert int(child.stdout) == in_check  # vela's process
+    assert niceness() == before  # the conversions' thread keeps its priority
 
 
 def test_verify_compares_detections_with_the_float_models_decoded_once(tmp_path, tiny, mirror):
