@@ -28,8 +28,12 @@ class TensorSpec:
 
 
 def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """x as LiteRT's QUANTIZE kernel (the optimized one XNNPACK matches) computes it: times the float32
+    reciprocal of the scale, rounded half to even. So an integer-I/O model gets the input its float-I/O
+    twin computes inside, and answers the same (tested); x / scale breaks ties otherwise on about one
+    value in 5000 of a camera image, enough to move a detector's AP on 132 images by two points."""
     info = np.iinfo(spec.dtype)
-    q = np.round(x / spec.scale) + spec.zero_point
+    q = np.round(x.astype(np.float32) * np.float32(1.0 / spec.scale)) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
 
 

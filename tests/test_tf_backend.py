@@ -85,6 +85,18 @@ def test_all_modes_have_the_io_dtypes_asked_for_and_track_the_float_graph(tmp_pa
     assert anchors.shape == (64, 4)
     sizes = {n: a["size"] for n, a in manifest["artifacts"].items()}
     assert sizes["tiny_i8.tflite"] < sizes["tiny_f32.tflite"]
+    # One calibration, other I/O types: fed as LiteRT's own QUANTIZE kernel quantizes, the integer-I/O
+    # models answer exactly what their float-I/O twin does on real images.
+    from mzconvert.preprocess import prepare
+
+    recipe = load_recipe(tmp_path / "tiny.yaml")
+    float_io, *integer_io = (open_model(tmp_path / "dist" / "tiny" / f"tiny_{name}.tflite", list(recipe.strip.outputs))
+                             for name in ("i8f", "i8", "u8"))
+    for path in sorted(TRAIN.glob("*.jpg"))[:16]:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        for model in integer_io:
+            for ours, twins in zip(model.run(tensor), float_io.run(tensor)):
+                np.testing.assert_array_equal(ours, twins)
 
 
 @pytest.mark.parametrize("fmt, key, member", [("tf-checkpoint", "checkpoint", "checkpoint"),
