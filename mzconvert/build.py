@@ -468,11 +468,11 @@ def _yielding_thread() -> None:
 
 
 def _in_threads(p: Planner, jobs: list[tuple], checks: Executor) -> dict:
-    """Each variant's conversion in a pool of `jobs` threads of this process: TensorFlow is imported once, and
-    while one thread converts (the converters hold the GIL, one at a time: quantize.CONVERTERS), the
-    others run LiteRT, ONNX Runtime, numpy or vela, which release it. A shared stage runs in one thread
-    while the others wait for it. The variant that starts a calibration goes first, those that reuse one
-    last, so the calibration runs beside the float variants, not before them."""
+    """Each variant's conversion in a pool of `jobs` threads of this process (TensorFlow imported once). The
+    converters hold the GIL, one at a time (quantize.CONVERTERS), so what runs beside a conversion is a
+    calibration's LiteRT passes, and the checks. A shared stage runs in one thread while the others wait
+    for it. The variant that starts a calibration goes first, those that reuse one last, so the
+    calibration runs beside the float variants, not before them."""
     from .quantize import shares_calibration
 
     starts_calibration, seen = set(), set()
