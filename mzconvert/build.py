@@ -514,10 +514,11 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
             chains[member] = _model_chain(planner, member, until)
         per_variant, fidelity = {}, None
         source_chain = chains.get(recipe.source.member)
+        compares_source = (recipe.source_pipeline is not None and recipe.verify is not None and source_chain
+                           and until == "dist")
         checks = _checks_pool(planner)
         try:
-            pipeline = (checks.submit(_source_pipeline, planner, source_chain) if recipe.source_pipeline is not None
-                        and recipe.verify is not None and source_chain and until == "dist" else None)
+            pipeline = checks.submit(_source_pipeline, planner, source_chain) if compares_source else None
             if STAGES.index(until) >= STAGES.index("quantize"):
                 jobs = [(chains[recipe.member_for(v)], v, until) for v in variants]
                 per_variant = _variants(planner, jobs, checks)
