@@ -48,6 +48,23 @@ class Window:
     pad: tuple[int, int]
     out: tuple[int, int]
 
+    @classmethod
+    def padded(cls, size: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
+               dilations: tuple[int, int], before: tuple[int, int], after: tuple[int, int]) -> Window:
+        """Over an input plane of `size`, padded explicitly (`before` and `after` each axis; VALID: none)."""
+        out = tuple((n + b + a - (k - 1) * d - 1) // s + 1
+                    for n, b, a, k, d, s in zip(size, before, after, kernel, dilations, strides))
+        return cls(kernel, strides, dilations, tuple(before), out)
+
+    @classmethod
+    def same(cls, size: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int],
+             dilations: tuple[int, int], odd_pixel_after: bool = True) -> Window:
+        """SAME padding: the output is ceil(size / stride); an odd padding's extra pixel goes after (TFLite,
+        ONNX SAME_UPPER) or before (ONNX SAME_LOWER)."""
+        out = tuple(-(-n // s) for n, s in zip(size, strides))
+        total = [max((o - 1) * s + (k - 1) * d + 1 - n, 0) for o, s, k, d, n in zip(out, strides, kernel, dilations, size)]
+        return cls(kernel, strides, dilations, tuple(t // 2 if odd_pixel_after else t - t // 2 for t in total), out)
+
 
 def patches(values: np.ndarray, window: Window, positions: np.ndarray) -> np.ndarray:
     """The input patch under the kernel at each of `positions` (flat indices into the output plane) of
@@ -183,15 +200,10 @@ def _output_name(graph, op) -> str:
 def tflite_window(shape: tuple[int, ...], op, kernel: tuple[int, int]) -> Window:
     """The window of a TFLite convolution `op` over an input of `shape` (height, width, ...)."""
     options = op.builtinOptions
-    size = shape[:2]
     strides, dilations = (options.strideH, options.strideW), (options.dilationHFactor, options.dilationWFactor)
-    if options.padding != _SAME:
-        out = tuple((n - (k - 1) * d - 1) // s + 1 for n, k, d, s in zip(size, kernel, dilations, strides))
-        return Window(kernel, strides, dilations, (0, 0), out)
-    out = tuple(-(-n // s) for n, s in zip(size, strides))
-    pad = tuple(max((o - 1) * s + (k - 1) * d + 1 - n, 0) // 2
-                for o, s, k, d, n in zip(out, strides, kernel, dilations, size))
-    return Window(kernel, strides, dilations, pad, out)
+    if options.padding == _SAME:
+        return Window.same(shape[:2], kernel, strides, dilations)
+    return Window.padded(shape[:2], kernel, strides, dilations, (0, 0), (0, 0))
 
 
 def depthwise_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, threads: int = 2) -> Path | None:

@@ -292,18 +292,11 @@ def _window(node, shape: tuple[int, int], kernel: tuple[int, int]):
     from ..rounding import Window
 
     strides, dilations = tuple(_ints(node, "strides", [1, 1])), tuple(_ints(node, "dilations", [1, 1]))
-    pads = _ints(node, "pads", [0, 0, 0, 0])
     auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # the output is ceil(size / stride); the odd pixel after or before
-        out = tuple(-(-n // s) for n, s in zip(shape, strides))
-        total = [max((o - 1) * s + (k - 1) * d + 1 - n, 0) for o, s, k, d, n in zip(out, strides, kernel, dilations, shape)]
-        before = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
-        return Window(kernel, strides, dilations, tuple(before), out)
-    if auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    out = tuple((n + pads[i] + pads[i + 2] - (k - 1) * d - 1) // s + 1
-                for i, (n, k, d, s) in enumerate(zip(shape, kernel, dilations, strides)))
-    return Window(kernel, strides, dilations, (pads[0], pads[1]), out)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return Window.same(shape, kernel, strides, dilations, odd_pixel_after=auto_pad == "SAME_UPPER")
+    pads = [0, 0, 0, 0] if auto_pad == "VALID" else _ints(node, "pads", [0, 0, 0, 0])
+    return Window.padded(shape, kernel, strides, dilations, tuple(pads[:2]), tuple(pads[2:]))
 
 
 def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> None:
