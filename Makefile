@@ -13,7 +13,7 @@ INSTALLED := $(VENV)/.installed
 # Extra `mzconvert build` options, e.g. BUILD_ARGS="--out /tmp/d --build-dir /tmp/b" (used by bench/make_all.py).
 BUILD_ARGS ?=
 
-.PHONY: install demo test all clean matrix release $(addprefix build-,$(BUILDABLE))
+.PHONY: install demo test test-fast lint all clean matrix release $(addprefix build-,$(BUILDABLE))
 
 install: $(INSTALLED)
 
@@ -30,8 +30,15 @@ demo: install
 	$(if $(DEMO_IMAGES),$(MZ) predict pedestrian-ssdlite --variant float32 --variant int8 $(DEMO_IMAGES))
 	cd dist/pedestrian-ssdlite && md5sum -c --quiet MD5SUMS && echo "dist/pedestrian-ssdlite: MD5SUMS verified"
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+# The tests without the real models and converters (marked slow): seconds, not minutes.
+test-fast: install lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check mzconvert tests bench
 
 all: $(addprefix build-,$(BUILDABLE))
 

@@ -31,13 +31,14 @@ import sys, time
 start = time.perf_counter()
 from pathlib import Path
 from mzconvert.backends import tf as backend
-backend._tf()
+backend.tf_module()
 from mzconvert.recipe import load_recipe
-from mzconvert.quantize import calibrate
-from mzconvert.backends.tf import GraphRunner, quantize_calibrated
+from mzconvert.stages.calibrate import calibrate
+from mzconvert.backends.tf import GraphRunner
+from mzconvert.quant.tflite_converter import quantize_calibrated
 from mzconvert.preprocess import prepare
-from mzconvert.vela import compile_for_npu
-from mzconvert.rounding import MOMENTS, fit_depthwise_weights
+from mzconvert.stages.vela import compile_for_npu
+from mzconvert.quant.rounding import MOMENTS, fit_depthwise_weights
 recipe, source, images, verify, out = load_recipe(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
 frozen = backend.freeze(source, recipe, out)
 (out / "strip").mkdir()

@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
     mirror = Path(parser.parse_args().mirror)
-    from mzconvert import evaluate
+    from mzconvert.evaluate import datasets as evaluate
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
 

@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from mzconvert.fetch import FetchConfig, Fetcher
-    from mzconvert.imagesets import load_image_set
+    from mzconvert.sources.fetch import FetchConfig, Fetcher
+    from mzconvert.sources.imagesets import load_image_set
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

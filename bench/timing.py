@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "95fbe41"  # the last commit before the work of issue 13 (calibrate once, one reference pass)

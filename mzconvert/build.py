@@ -1,176 +1,28 @@
-"""The build planner: wires the stage functions, skips stages whose inputs are unchanged.
-
-Each stage writes into a fresh staging folder beside `build/<recipe>/<stage>/`; only when it is
-complete is the folder swapped into place, and only then is its stamp (the hash of everything the
-stage read: recipe section, input file hashes, tool versions) written. A build killed at any point
-therefore leaves either the old stage output or the new one, and the next build redoes exactly the
-stages without a valid stamp. Stage results are kept as JSON so an up-to-date build never has to
-import TensorFlow.
+"""A build: the stages of a recipe wired in order (fetch -> freeze -> strip -> calibrate -> quantize, then
+each variant's checks: verify, vela, the source pipeline), each run through the planner (planner.py),
+which skips a stage whose inputs are unchanged, and dist/<recipe>/ assembled from their outcomes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
-import time
-import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .console import Console
 from .errors import MzError
-from .fetch import Fetcher
-from .fsio import folder_lock, replace_folder, sha256_file, write_json_atomic
+from .fsio import folder_lock, sha256_file
+from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
+from .sources.fetch import Fetcher
 
-STAMP = "stamp.json"
-STAGE_LOCK_WAIT_SECONDS = 24 * 3600.0
-RESULT = "result.json"
 CHECKS_NICENESS = 10  # see _yielding_thread
-TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow")
-
-
-def tool_versions() -> dict[str, str]:
-    versions = {"mzconvert": __version__}
-    for name in TOOLS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _canonical_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass
-class StageOutcome:
-    folder: Path
-    result: dict  # what the stage reported, plus "files": {relative path: sha256}
-
-    def path(self, key: str) -> Path:
-        return self.folder / self.result[key]
-
-    def optional_path(self, key: str) -> Path | None:
-        """The file the result names under `key`, when it names one (raw_model: post-processing attached)."""
-        return self.path(key) if key in self.result else None
-
-    def anchors(self) -> Path | None:
-        """A strip stage's anchors.npy, for decoding SSD outputs."""
-        return self.folder / "anchors.npy" if "anchors.npy" in self.result.get("extras", []) else None
-
-    def digest(self) -> str:
-        """One hash of every file the stage wrote: what a downstream stage's key depends on."""
-        return _canonical_hash(self.result["files"])
-
-    def sha256(self, key: str) -> str:
-        """The sha256 of the output file the result names under `key`."""
-        return self.result["files"][self.result[key]]
-
-
-@dataclass
-class BuildOptions:
-    out: Path = Path("dist")
-    build_root: Path = Path("build")
-    force: bool = False
-    verify_strict: bool = False
-    lock_timeout: float = 600.0
-    variants: list[str] | None = None
-    jobs: int = 1  # variants built at once, each in a thread (see _in_threads)
-    build_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # --force redoes a stage once a build
-
-
-@dataclass
-class Planner:
-    recipe: Recipe
-    fetcher: Fetcher
-    console: Console
-    options: BuildOptions
-    versions: dict = field(default_factory=tool_versions)
-    outcomes: dict = field(default_factory=dict)
-    _keys: dict = field(default_factory=dict)  # stage name -> the key of its outcome in this build
-    _image_sets: dict = field(default_factory=dict)  # (set, count, at_most) -> _image_paths, read once a build
-    _lock: threading.Lock = field(default_factory=threading.Lock)  # -j: the memos above, shared by threads
-    _stage_locks: dict = field(default_factory=dict)  # stage name -> the lock a thread running it holds
-
-    @property
-    def folder(self) -> Path:
-        return self.options.build_root / self.recipe.name
-
-    @property
-    def threads(self) -> int:
-        """Threads for running a model (reference, verify): the cores, shared among the build's -j threads."""
-        return max(1, (os.cpu_count() or 1) // self.options.jobs)
-
-    def stage(self, name: str, inputs: dict, action: Callable[[Path], dict]) -> StageOutcome:
-        """Run `action(staging_folder) -> result` unless the stamp for `inputs` is valid."""
-        target = self.folder / name
-        key = _canonical_hash(inputs)
-        with self._lock:
-            stage_lock = self._stage_locks.setdefault(name, threading.Lock())
-        # With -j, another thread of this build may be running the same shared stage (a calibration can
-        # take long): it is run once, the others wait for it. Other builds wait at the stage's folder lock.
-        with stage_lock:
-            if self._keys.get(name) == key:  # shared by several variants (calibration, float reference)
-                return self.outcomes[name]
-            with folder_lock(target.parent, STAGE_LOCK_WAIT_SECONDS, name=f".{target.name}.lock"):
-                outcome = self._run_stage(name, target, key, inputs, action)
-            self._keys[name] = key
-            return outcome
-
-    def _run_stage(self, name: str, target: Path, key: str, inputs: dict, action: Callable[[Path], dict]
-                   ) -> StageOutcome:
-        # --force reruns every stage, once: a stage this build already reran (another worker) stays
-        outcome = self._up_to_date(target, key, self.options.build_id if self.options.force else None)
-        if outcome is not None:
-            self.console.log(f"[{self.recipe.name}] {name}: up to date")
-            self.outcomes[name] = outcome
-            return outcome
-        self.console.log(f"[{self.recipe.name}] {name}: running")
-        started = time.perf_counter()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            result = action(staging)
-            result["files"] = {str(p.relative_to(staging)): sha256_file(p)
-                               for p in sorted(staging.rglob("*")) if p.is_file()}
-            write_json_atomic(staging / RESULT, result)
-            replace_folder(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        write_json_atomic(target / STAMP, {"key": key, "inputs": inputs, "build": self.options.build_id})  # last
-        self.console.log(f"[{self.recipe.name}] {name}: done in {time.perf_counter() - started:.1f} s")
-        outcome = StageOutcome(folder=target, result=result)
-        self.outcomes[name] = outcome
-        return outcome
-
-    @staticmethod
-    def _up_to_date(target: Path, key: str, only_build: str | None = None) -> StageOutcome | None:
-        """The stage's outcome if its stamp is `key` (and, with `only_build`, was written by that build)."""
-        try:
-            stamp = json.loads((target / STAMP).read_text())
-            result = json.loads((target / RESULT).read_text())
-        except (OSError, ValueError):
-            return None
-        if stamp.get("key") != key or (only_build and stamp.get("build") != only_build):
-            return None
-        # Outputs are re-hashed: a damaged or edited build file reruns its stage.
-        for relative, digest in result.get("files", {}).items():
-            path = target / relative
-            if not path.is_file() or sha256_file(path) != digest:
-                return None
-        return StageOutcome(folder=target, result=result)
 
 
 # -- the stages, wired ---------------------------------------------------------------------------
@@ -186,16 +38,16 @@ def _fetch(p: Planner, member: str | None) -> StageOutcome:
         model = p.fetcher.fetch_source(p.recipe.source, out, member)
         return {"model": str(model.relative_to(out))}
 
-    inputs = {"source": p.recipe.raw["source"], "member": member, "mzconvert": __version__}
+    inputs = {"source": validated(p.recipe.source), "member": member, "mzconvert": __version__}
     return p.stage("fetch" + _chain_suffix(p.recipe, member), inputs, action)
 
 
 def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
-    from .freeze import freeze
+    from .stages.freeze import freeze
 
-    inputs = {"source": fetched.digest(), "format": p.recipe.format, "torch": p.recipe.raw.get("torch"),
+    inputs = {"source": fetched.digest(), "format": p.recipe.format, "torch": validated(p.recipe.torch),
               "targets": sorted({v.target for v in p.recipe.variants}),  # a tflite target adds the Keras port
-              "strip": p.recipe.raw.get("strip"), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
+              "strip": validated(p.recipe.strip), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
 
     def action(out: Path) -> dict:
         return {"model": freeze(fetched.path("model"), p.recipe, out).name}
@@ -204,11 +56,10 @@ def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
 
 
 def _strip(p: Planner, frozen: StageOutcome, suffix: str) -> StageOutcome:
-    from .strip import strip
+    from .stages.strip import strip
 
-    raw = p.recipe.raw
-    inputs = {"model": frozen.digest(), "input": raw["input"], "strip": raw.get("strip"),
-              "postprocess": raw.get("postprocess"), "tools": p.versions}
+    inputs = {"model": frozen.digest(), "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
+              "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
 
     def action(out: Path) -> dict:
         result = strip(frozen.path("model"), p.recipe, out)
@@ -239,7 +90,7 @@ def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None =
     """(key naming the exact images, a function fetching them, their file names): fetching only when a
     stage runs. `count` images are required; without one, all of the set, or `at_most` of them. A
     folder set is hashed once a build, however many variants use it."""
-    from .imagesets import load_image_set
+    from .sources.imagesets import load_image_set
 
     memo = (spec, count, at_most)
     with p._lock:
@@ -253,29 +104,29 @@ def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None =
 
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
     """One calibration per (model, images, preprocessing): every TFLite int8 variant using them shares it."""
-    from .quantize import DEFAULT_CALIBRATION_COUNT, calibrate
+    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT, calibrate
 
-    raw = p.recipe.raw
     images_key, images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
                                          at_most=DEFAULT_CALIBRATION_COUNT)
-    inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": raw.get("preprocess"),
-              "input": raw["input"], "strip": raw.get("strip"), "target": variant.target, "tools": p.versions,
+    inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": validated(p.recipe.preprocess),
+              "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "target": variant.target,
+              "tools": p.versions,
               "method": [variant.calibration_method]
               + ([variant.calibration_percentile] if variant.calibration_method == "percentile" else [])}
 
     def action(out: Path) -> dict:
         return {"model": calibrate(stripped.path("model"), p.recipe, variant, images(), out).name}
 
-    return p.stage(f"calibrate/{_canonical_hash(inputs)[:12]}", inputs, action)
+    return p.stage(f"calibrate/{canonical_hash(inputs)[:12]}", inputs, action)
 
 
 def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
-    from .quantize import DEFAULT_CALIBRATION_COUNT, quantize, shares_calibration
+    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT, shares_calibration
+    from .stages.quantize import quantize
 
-    raw = p.recipe.raw
-    inputs = {"model": stripped.digest(), "variant": _raw_variant(p.recipe, variant),
+    inputs = {"model": stripped.digest(), "variant": validated(variant),
               "weight_rounding": variant.weight_rounding,  # its default depends on the target
-              "input": raw["input"], "strip": raw.get("strip"), "tools": p.versions}
+              "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "tools": p.versions}
     images = calibrated = None
     if variant.calibration and shares_calibration(p.recipe, variant):
         calibrated = _calibrate(p, stripped, variant)
@@ -283,7 +134,7 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
     elif variant.calibration:
         inputs["calibration"], images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
                                                         at_most=DEFAULT_CALIBRATION_COUNT)
-        inputs["preprocess"] = raw.get("preprocess")
+        inputs["preprocess"] = validated(p.recipe.preprocess)
 
     def action(out: Path) -> dict:
         result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out,
@@ -300,18 +151,15 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
     return outcome
 
 
-def _raw_variant(recipe: Recipe, variant: Variant) -> dict:
-    return next(v for v in recipe.raw["variants"] if v.get("name") == variant.name)
-
 
 def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
     """The float model's outputs on the verify images, computed once and compared with every variant."""
-    from .verify import reference_outputs
+    from .stages.verify import reference_outputs
 
     spec = p.recipe.verify
     key, images, _ = _image_paths(p, spec.images, spec.count)
-    inputs = {"model": stripped.digest(), "images": key, "preprocess": p.recipe.raw.get("preprocess"),
-              "input": p.recipe.raw["input"], "postprocess": p.recipe.raw.get("postprocess"), "tools": p.versions}
+    inputs = {"model": stripped.digest(), "images": key, "preprocess": validated(p.recipe.preprocess),
+              "input": validated(p.recipe.input), "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
 
     def action(out: Path) -> dict:
         from .backends import backend_for
@@ -320,11 +168,11 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
         return {"reference": reference_outputs(reference, p.recipe, images(), out, stripped.anchors()).name,
                 "outputs": list(reference.output_names)}
 
-    return p.stage(f"reference/{_canonical_hash(inputs)[:12]}", inputs, action)
+    return p.stage(f"reference/{canonical_hash(inputs)[:12]}", inputs, action)
 
 
 def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
-    from .verify import threshold_failures, verify_variant
+    from .stages.verify import threshold_failures, verify_variant
 
     reference = _reference(p, stripped)
     inputs = {"model": quantized.sha256("model"), "reference": reference.digest(), "tools": p.versions}
@@ -363,15 +211,14 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
 
 def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
     """Our declared pipeline against the source end to end, on the verify images: once per build."""
-    from .verify import source_pipeline_fidelity
+    from .stages.verify import source_pipeline_fidelity
 
     _, frozen, stripped = chain
     spec = p.recipe.verify
     key, images, names = _image_paths(p, spec.images, spec.count)
     reference = _reference(p, stripped)  # ours: the float model's outputs on the same images
-    raw = p.recipe.raw
     inputs = {"frozen": frozen.digest(), "reference": reference.digest(), "stripped": stripped.digest(),
-              "postprocess": raw.get("postprocess"), "source_pipeline": raw.get("source_pipeline"),
+              "postprocess": validated(p.recipe.postprocess), "source_pipeline": validated(p.recipe.source_pipeline),
               "tools": p.versions}
 
     def action(out: Path) -> dict:
@@ -396,7 +243,7 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
 def _vela(p: Planner, quantized: StageOutcome, variant: Variant, target: VelaTarget) -> StageOutcome:
     from dataclasses import asdict
 
-    from .vela import check_budgets, compile_for_npu
+    from .stages.vela import check_budgets, compile_for_npu
 
     settings = asdict(target) | {"targets": len(p.recipe.vela)}  # the count decides the artifact names
     inputs = {"model": quantized.sha256("model"), "vela": settings, "tools": p.versions}
@@ -473,7 +320,7 @@ def _in_threads(p: Planner, jobs: list[tuple], checks: Executor) -> dict:
     calibration's LiteRT passes, and the checks. A shared stage runs in one thread while the others wait
     for it. The variant that starts a calibration goes first, those that reuse one last, so the
     calibration runs beside the float variants, not before them."""
-    from .quantize import shares_calibration
+    from .stages.calibrate import shares_calibration
 
     starts_calibration, seen = set(), set()
     for _, variant, _ in jobs:
@@ -527,9 +374,9 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
             checks.shutdown(cancel_futures=True)  # after a failure, no checks beyond those already running
         if until != "dist":
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
-        from .dist import assemble
         from .fsio import recover_folder
-        from .workspace import record_build
+        from .layout import record_build
+        from .stages.dist import assemble
 
         # dist/ has its own lock: two builds of one recipe with other --build-dir share --out.
         with folder_lock(options.out, options.lock_timeout, console.log, name=f".{recipe.name}.lock"):

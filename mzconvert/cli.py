@@ -16,8 +16,8 @@ import click
 from . import __version__
 from .console import Console
 from .errors import EXIT_BAD_INPUT, MzError
-from .fetch import FetchConfig, Fetcher, default_cache_dir, default_mirrors
 from .recipe import Recipe, available_recipes, command_argument, load_recipe, use_recipes_dir
+from .sources.fetch import FetchConfig, Fetcher, default_cache_dir, default_mirrors
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Context:
         return Fetcher(self.fetch_config)
 
     def build_roots(self, recipe: Recipe, out: Path | None, build_dir: Path | None) -> tuple[Path, Path]:
-        from .workspace import build_roots
+        from .layout import build_roots
 
         return build_roots(self.fetch_config.cache_dir, recipe, out, build_dir)
 
@@ -123,7 +123,7 @@ def show(ctx: Context, recipe):
 def inspect_command(ctx: Context, source, member):
     """What a recipe needs to know of SOURCE (a file, folder, URL or pypi:name==version): inputs, outputs,
     archive members, signatures."""
-    from .inspection import inspect_file, inspect_text, resolve_source
+    from .sources.inspection import inspect_file, inspect_text, resolve_source
 
     path, name, _ = resolve_source(source, ctx.fetcher())
     report = inspect_file(path, member, name)
@@ -144,9 +144,9 @@ def inspect_command(ctx: Context, source, member):
 def init(ctx: Context, name, source, member, calibration, verify_images, to_dir):
     """Write NAME.yaml: a recipe for the model, as far as inspecting it can tell (check the preprocessing)."""
     from .fsio import atomic_path
-    from .inspection import inspect_file, resolve_source
     from .recipe import parse_recipe
-    from .scaffold import propose_recipe
+    from .sources.inspection import inspect_file, resolve_source
+    from .sources.scaffold import propose_recipe
 
     target = to_dir / f"{name}.yaml"
     if target.exists():
@@ -216,7 +216,7 @@ def _read_build_options(f):
 
 
 def _options(out, build_dir, variants, force, lock_timeout, verify=False):
-    from .build import BuildOptions
+    from .planner import BuildOptions
 
     return BuildOptions(out=out, build_root=build_dir, variants=list(variants) or None, force=force,
                         lock_timeout=lock_timeout, verify_strict=verify)
@@ -279,8 +279,8 @@ _stage_command("vela", "Compile the integer variants for the Ethos-U NPU (build/
 @pass_context
 def eval_command(ctx: Context, recipe, dataset, split, variants, references, labels_file, out, build_dir):
     """Accuracy of every built variant, the float source model and the source's own pipeline on the same images."""
-    from .evaluate import run_eval
-    from .report import eval_table
+    from .evaluate.run import run_eval
+    from .report.tables import eval_table
 
     r = ctx.recipe(recipe)
     out, build_dir = ctx.build_roots(r, out, build_dir)
@@ -297,40 +297,11 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 @pass_context
 def debug(ctx: Context, recipe, variant, count, out, build_dir):
     """Per-layer quantization error of an int8 variant against the float model, worst layers first."""
-    from .debug import debug_table, layer_errors, plot_layers, summary
-    from .dist import measured_artifacts, write_md5sums
-    from .evaluate import built_stage_model
-    from .fsio import write_json_atomic
-    from .imagesets import load_image_set
-    from .quantize import DEFAULT_CALIBRATION_COUNT
-    from .report import load_manifest
+    from .stages.debug import debug_table, explain_variant
 
     r = ctx.recipe(recipe)
-    chosen = r.variant(variant)
     out, build_dir = ctx.build_roots(r, out, build_dir)
-    manifest = load_manifest(out, r.name)
-    stripped = built_stage_model(build_dir, r, "strip")
-    if stripped is None or variant not in manifest["variants"]:
-        raise MzError(f"{build_dir / r.name}: no build of {variant}; run mzconvert build {r.name} first", EXIT_BAD_INPUT)
-    if r.verify is None:
-        raise MzError(f"{r.path}: verify: debug runs on the verify images; the recipe declares none", EXIT_BAD_INPUT)
-    fetcher = ctx.fetcher()
-    images = load_image_set(r.verify.images, r.path).paths(fetcher, count or r.verify.count)
-    ctx.console.log(f"debug: {variant} on {len(images)} verify images")
-
-    def calibration() -> list[Path]:  # TFLite re-derives the variant's ranges from them; ONNX needs none
-        image_set = load_image_set(chosen.calibration, r.path)
-        return image_set.paths(fetcher, image_set.count(chosen.calibration_count, DEFAULT_CALIBRATION_COUNT))
-
-    layers = layer_errors(stripped, r, chosen, out / r.name / manifest["variants"][variant]["file"], calibration,
-                          images)
-    result = {"recipe": r.name, "variant": variant, "images": len(images), "summary": summary(layers),
-              "layers": layers, "artifacts": measured_artifacts(manifest, [manifest["variants"][variant]["file"]]),
-              "weight_rounding": chosen.weight_rounding}
-    folder = out / r.name
-    write_json_atomic(folder / "debug" / f"{variant}.json", result)
-    plot_layers(result, folder / "debug" / f"{variant}.png")
-    write_md5sums(folder)
+    result = explain_variant(r, r.variant(variant), out, build_dir, ctx.fetcher(), count, ctx.console.log)
     ctx.console.result(result, debug_table(result))
 
 
@@ -346,9 +317,9 @@ def debug(ctx: Context, recipe, variant, count, out, build_dir):
 @pass_context
 def predict(ctx: Context, recipe, images, variants, to_dir, min_score, out, build_dir):
     """Run the built variants on IMAGES: one PNG per image, the variants' boxes or top-5 side by side."""
-    from .dist import write_md5sums
-    from .predict import predict_images
-    from .report import load_manifest
+    from .manifest import load_manifest
+    from .report.pictures import predict_images
+    from .stages.dist import write_md5sums
 
     r = ctx.recipe(recipe)
     out, _ = ctx.build_roots(r, out, build_dir)
@@ -371,25 +342,12 @@ def predict(ctx: Context, recipe, images, variants, to_dir, min_score, out, buil
 @pass_context
 def bench(ctx: Context, recipe, variants, runs, warmup, threads, out, build_dir):
     """CPU latency (median, p90) and peak memory of every built artifact, one fresh process each."""
-    from .fsio import write_json_atomic
-    from .measure import measure_in_child
-    from .report import bench_table, load_manifest
+    from .evaluate.bench import bench_variants
+    from .report.tables import bench_table
 
     r = ctx.recipe(recipe)
     out, _ = ctx.build_roots(r, out, build_dir)
-    manifest = load_manifest(out, r.name)
-    results = {}
-    for name in [v.name for v in r.variants if v.name in manifest["variants"]]:
-        if variants and name not in variants:
-            continue
-        ctx.console.log(f"bench: {name} ({runs} runs, {threads} thread(s))")
-        results[name] = measure_in_child(out / r.name / manifest["variants"][name]["file"], runs, warmup, threads)
-    from .dist import measured_artifacts
-
-    payload = {"recipe": r.name, "runs": runs, "warmup": warmup, "threads": threads, "results": results,
-               "models": list(results),
-               "artifacts": measured_artifacts(manifest, [manifest["variants"][n]["file"] for n in results])}
-    write_json_atomic(out / r.name / "bench.json", payload)
+    payload = bench_variants(r, out, list(variants), runs, warmup, threads, ctx.console.log)
     ctx.console.result(payload, bench_table(payload))
 
 
@@ -399,7 +357,7 @@ def bench(ctx: Context, recipe, variants, runs, warmup, threads, out, build_dir)
 @pass_context
 def report(ctx: Context, recipe, out, build_dir):
     """Write report.md, report.json and PNG plots into dist/<recipe>/ from its eval and bench results."""
-    from .report import write_report
+    from .report.markdown import write_report
 
     r = ctx.recipe(recipe)
     out, _ = ctx.build_roots(r, out, build_dir)
@@ -414,8 +372,8 @@ def report(ctx: Context, recipe, out, build_dir):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @pass_context
 def release(ctx: Context, recipes, all_recipes, dist, out):
-    """Bundle dist folders (MD5SUMS re-checked) into mzconvert-<version>-artifacts.tar.gz."""
-    from .dist import release as bundle
+    """Bundle dist folders (MD5SUMS re-checked) into one mzconvert-<version>-<recipes>-<digest>.tar.gz."""
+    from .stages.dist import release as bundle
 
     names = [n for n in available_recipes() if (dist / n).is_dir()] if all_recipes else list(recipes)
     if not names:
@@ -438,7 +396,7 @@ def release(ctx: Context, recipes, all_recipes, dist, out):
 @pass_context
 def imageset(ctx: Context, name, pool, count, exclude, base_url, description, sets_dir):
     """Declare an image set: COUNT images of POOL chosen by content (lowest sha256), pinned by sha256."""
-    from .imagesets import SETS_DIR, write_image_set
+    from .sources.imagesets import SETS_DIR, write_image_set
 
     target = write_image_set(name, pool, count, base_url, description or f"{count} images of {pool.name}",
                              list(exclude), sets_dir or SETS_DIR)

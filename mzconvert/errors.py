@@ -1,6 +1,6 @@
 """The one error type the CLI turns into a clean one-line message and an exit code."""
 
-# Exit codes (documented in the README's CLI reference).
+# Exit codes (documented in docs/cli.md).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a stage ran and failed (conversion, verification threshold, vela budget)
 EXIT_BAD_INPUT = 2  # the recipe, a calibration set, an argument or an input file is wrong

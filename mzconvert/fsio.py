@@ -12,8 +12,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import BusyError, MzError
 
@@ -125,7 +125,7 @@ def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 if time.monotonic() >= deadline:
                     raise BusyError(f"{folder}: locked by another mzconvert process (pid {holder}); "
-                                    "try again when it finishes or raise --lock-timeout")
+                                    "try again when it finishes or raise --lock-timeout") from None
                 if on_wait and not announced:
                     on_wait(f"waiting for {folder} (locked by pid {holder})")
                     announced = True

@@ -209,9 +209,9 @@ def test_attached_postprocessing_gives_the_boxes_of_our_decode(built):
     of the same int8 outputs; on the NPUs only the op and one DEQUANTIZE stay on the CPU."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from mzconvert.evaluate import matched_detections, postprocessed_detections, ssd_detections
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
+    from mzconvert.tasks.detection import matched_detections, postprocessed_detections, ssd_detections
 
     root, _, _ = built
     dist = root / "dist" / "pedestrian-ssdlite"

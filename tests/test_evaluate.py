@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from mzconvert.cocometrics import coco_ap
-from mzconvert.evaluate import decode_ssd_boxes, nms, ssd_detections
+from mzconvert.evaluate.cocometrics import coco_ap
+from mzconvert.tasks.detection import decode_ssd_boxes, nms, ssd_detections
 from tests.conftest import MIRROR, PEDESTRIAN_PB
 
 
@@ -92,7 +92,7 @@ def test_our_decode_equals_the_stripped_off_postprocessor_on_real_images(mirror,
 
 def test_resampled_ap_with_unit_weights_is_pycocotools_ap(tmp_path):
     """The bootstrap's AP from COCOeval's per-image matches equals COCOeval's own, on a messy case."""
-    from mzconvert.cocometrics import bootstrap_weights, coco_scores
+    from mzconvert.evaluate.cocometrics import bootstrap_weights, coco_scores
 
     rng = np.random.RandomState(1)
     truth_boxes = [[list(rng.uniform(0, 60, 2)) + list(rng.uniform(5, 40, 2)) for _ in range(rng.randint(0, 4))]
@@ -113,7 +113,7 @@ def test_resampled_ap_with_unit_weights_is_pycocotools_ap(tmp_path):
 
 
 def test_ratio_interval_is_paired():
-    from mzconvert.cocometrics import ratio_interval
+    from mzconvert.evaluate.cocometrics import ratio_interval
 
     same = np.linspace(0.5, 0.7, 200)
     assert ratio_interval(same, same) == [1.0, 1.0]
@@ -125,7 +125,7 @@ def test_predictions_pair_every_image_with_its_own_predictions_across_chunks(tmp
     """Models run one after another over chunks of images; each image must still get its own predictions."""
     from PIL import Image
 
-    from mzconvert.evaluate import predictions
+    from mzconvert.evaluate.datasets import predictions
 
     paths = []
     for i in range(70):  # three chunks of 32, the last one short

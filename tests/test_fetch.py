@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mzconvert.archive import extract_member
 from mzconvert.errors import FetchError
-from mzconvert.fetch import FetchConfig, Fetcher, Pin
+from mzconvert.sources.archive import extract_member
+from mzconvert.sources.fetch import FetchConfig, Fetcher, Pin
 from tests.conftest import PEDESTRIAN_SHA256, run_cli
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -217,7 +217,7 @@ def test_plain_zip_entries_without_file_type_bits_extract(tmp_path):
 
 @pytest.mark.parametrize("kind", ["tar", "zip"])
 def test_a_compression_bomb_is_refused_before_anything_is_written(tmp_path, monkeypatch, kind):
-    from mzconvert import archive as archive_module
+    from mzconvert.sources import archive as archive_module
 
     monkeypatch.setattr(archive_module, "MAX_RATIO", 2)  # 2 MiB from a small archive, instead of 200 MiB
     zeros = bytes(5 << 20)
@@ -263,7 +263,7 @@ def test_a_full_disk_during_a_download_is_exit_1_naming_the_file_not_a_fetch_fai
                                                                                     monkeypatch):
     import errno
 
-    from mzconvert.fetch import Fetcher as RealFetcher
+    from mzconvert.sources.fetch import Fetcher as RealFetcher
 
     data = b"weights" * 1000
     http_server.files["/m.pb"] = data

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mzconvert.errors import EXIT_BAD_INPUT, MzError
-from mzconvert.evaluate import load_anchors
+from mzconvert.tasks.detection import load_anchors
 from tests.conftest import MIRROR, run_cli
 from tests.tiny_graphs import tiny_recipe_text, write_tiny_detector
 

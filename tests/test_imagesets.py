@@ -16,8 +16,8 @@ from PIL import Image
 
 from mzconvert.errors import RecipeError
 from mzconvert.fsio import sha256_file
-from mzconvert.imagesets import SETS_DIR, load_image_set, write_image_set
 from mzconvert.recipe import available_recipes, load_recipe
+from mzconvert.sources.imagesets import SETS_DIR, load_image_set, write_image_set
 from tests.conftest import run_cli
 
 # Every folder of the mirror that some recipe evaluates or verifies on.
@@ -68,7 +68,7 @@ def test_coco_calibration_images_are_train2017_by_their_annotations(mirror):
 
 def test_every_declared_image_is_in_the_mirror_with_its_digest(mirror, tmp_path):
     """`make demo` and the tests fetch these from the mirror: a set naming a removed image breaks both."""
-    from mzconvert.fetch import FetchConfig, Fetcher
+    from mzconvert.sources.fetch import FetchConfig, Fetcher
 
     fetcher = Fetcher(FetchConfig(cache_dir=tmp_path / "cache", mirrors=[str(mirror)], offline=True))
     for name in _declared_sets():

@@ -260,7 +260,7 @@ def test_init_builds_a_torch_state_dict_of_a_known_module(tmp_path, mirror):
     """A state dict (weights only): inspect finds the module and width it fits exactly; init builds it."""
     import torch
 
-    from mzconvert.torch_models import MobileNetV2
+    from mzconvert.backends.torch_models import MobileNetV2
 
     torch.manual_seed(0)
     weights = tmp_path / "finetuned.pth"

@@ -16,8 +16,9 @@ from PIL import Image
 
 from mzconvert.errors import MzError, RecipeError
 from mzconvert.fsio import sha256_file
-from mzconvert.labels import class_offset, imagenet_synsets, labelled_images
+from mzconvert.imagenet import imagenet_synsets
 from mzconvert.recipe import ClassLabels, parse_recipe
+from mzconvert.tasks.classification import class_offset, labelled_images
 from tests.conftest import run_cli
 from tests.test_onnx_backend import recipe_text, tiny_onnx
 

@@ -12,11 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mzconvert.build import BuildOptions, build
+from mzconvert.build import build
 from mzconvert.console import Console
 from mzconvert.errors import RecipeError
-from mzconvert.fetch import FetchConfig, Fetcher
+from mzconvert.planner import BuildOptions
 from mzconvert.recipe import load_recipe
+from mzconvert.sources.fetch import FetchConfig, Fetcher
 from tests.conftest import MIRROR, ROOT, run_cli
 
 

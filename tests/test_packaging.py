@@ -42,7 +42,7 @@ def test_a_wheel_install_finds_the_shipped_recipes_and_image_sets(tmp_path):
     assert all("error" not in row for row in json.loads(listed.stdout))  # their image sets resolve too
     valid = mzconvert("validate")
     assert valid.returncode == 0, valid.stderr
-    sets = subprocess.run([venv / "bin" / "python", "-c", "from mzconvert.imagesets import load_image_set; "
+    sets = subprocess.run([venv / "bin" / "python", "-c", "from mzconvert.sources.imagesets import load_image_set; "
                            "print(load_image_set('coco-train2017-100').count(100))"],
                           capture_output=True, text=True, cwd=elsewhere)
     assert sets.stdout.strip() == "100", sets.stderr

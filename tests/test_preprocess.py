@@ -33,9 +33,9 @@ def _preprocess(mode: str, size, crop: float = 1.0) -> Preprocess:
 
 @pytest.fixture(scope="module")
 def tf():
-    from mzconvert.backends.tf import _tf
+    from mzconvert.quant.tflite_converter import tf_module
 
-    return _tf()
+    return tf_module()
 
 
 def _ours(path, mode, size, crop=1.0):

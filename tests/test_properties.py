@@ -84,12 +84,13 @@ raw_bytes = st.one_of(st.binary(max_size=2000),
 
 def _loaders(tmp: Path):
     """(name, function of a file path): each turns a file someone gave us into our objects."""
-    from mzconvert.archive import extract_member
-    from mzconvert.evaluate import CocoDataset, load_anchors
-    from mzconvert.imagesets import load_image_set
-    from mzconvert.labels import labelled_images
+    from mzconvert.evaluate.datasets import CocoDataset
     from mzconvert.preprocess import load_image
     from mzconvert.recipe import ClassLabels
+    from mzconvert.sources.archive import extract_member
+    from mzconvert.sources.imagesets import load_image_set
+    from mzconvert.tasks.classification import labelled_images
+    from mzconvert.tasks.detection import load_anchors
 
     def coco(path: Path):
         (tmp / "coco" / "annotations").mkdir(parents=True, exist_ok=True)

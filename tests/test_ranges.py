@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mzconvert.ranges import measure_ranges
+from mzconvert.quant.ranges import measure_ranges
 
 
 def ranges_of(images: list[np.ndarray], method: str, percentile: float | None = None) -> tuple[float, float]:

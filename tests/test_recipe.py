@@ -155,6 +155,33 @@ def test_every_problem_of_a_recipe_is_named_in_one_run():
                      "recipes/x.yaml: variants[0].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat"]
 
 
+def test_two_bad_variants_and_a_bad_target_are_three_located_lines_in_one_run():
+    """A problem inside a section (variants[1].mode), a rule between sections (variants[3] is int8 without
+    calibration) and a bad NPU target: each named where it is, none hiding another."""
+    def break_three(d):
+        d["variants"][1]["mode"] = "int4"
+        d["variants"][3].pop("calibration")
+        d["targets"]["vela"][0]["accelerator"] = "ethos-u99"
+
+    lines = error_of(mutate(break_three)).splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("recipes/x.yaml: variants[1].mode: 'int4' is not one of")
+    assert lines[1].startswith("recipes/x.yaml: targets.vela[0].accelerator: 'ethos-u99' is not one of")
+    assert lines[2] == "recipes/x.yaml: variants[3].calibration: missing required field"
+
+
+def test_rules_between_sections_are_all_named_too():
+    """Two variants that break rules between sections (a target the source cannot reach, a duplicate name)
+    and a verify set that is also a calibration set: three lines."""
+    def break_three(d):
+        d["variants"][0]["target"] = "onnx"
+        d["variants"][2]["name"] = d["variants"][1]["name"]
+        d["verify"]["images"] = d["variants"][3]["calibration"]
+
+    lines = error_of(mutate(break_three)).splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["variants[0].target", "variants[2].name", "verify.images"]
+
+
 def test_vela_knows_every_accelerator_we_accept():
     from ethosu.vela.architecture_features import Accelerator
 

@@ -1,4 +1,4 @@
-"""Fitted rounding of depthwise int8 weights (mzconvert/rounding.py), on values and models made here."""
+"""Fitted rounding of depthwise int8 weights (mzconvert/quant/rounding.py), on values and models made here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mzconvert.rounding import fitted_rounding, patches, tflite_window
+from mzconvert.quant.rounding import fitted_rounding, patches, tflite_window
 from tests.conftest import run_cli
 from tests.test_init import TRAIN, VAL, image_folder
 
@@ -85,7 +85,7 @@ def _depthwise_model(path, seed=0):
 def test_patches_reproduce_every_depthwise_convolution_of_a_real_model(tmp_path):
     """Σ patch · weight + bias at sampled positions equals what LiteRT computed, for SAME and VALID padding,
     strides, dilation and a depth multiplier: the patches are the op's own."""
-    from mzconvert.ranges import interpreter_keeping
+    from mzconvert.quant.ranges import interpreter_keeping
     from mzconvert.tflite_file import op_names, read_model
 
     model = read_model(_depthwise_model(tmp_path / "dw.tflite"))
@@ -116,7 +116,7 @@ def _depthwise_errors(build, variant: str) -> list[float]:
     """Per depthwise layer of a built int8 variant: the mean squared error its int8 weights and bias add to
     the layer's output, on the float model's own inputs to the layer over the verify images (never
     calibrated on)."""
-    from mzconvert.ranges import interpreter_keeping
+    from mzconvert.quant.ranges import interpreter_keeping
     from mzconvert.tflite_file import op_names, read_model
 
     floats = read_model(next(build.glob("calibrate/*/calibrated.tflite")))
@@ -276,13 +276,7 @@ def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
     from onnx import numpy_helper
     from onnxruntime import quantization as q
 
-    from mzconvert.backends.onnx import (
-        _load,
-        _named_nodes,
-        _quantize_prepared,
-        _save,
-        _window,
-    )
+    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save, _window
     from mzconvert.recipe import Variant
 
     path, convs = _grouped_onnx(tmp_path / "grouped.onnx")

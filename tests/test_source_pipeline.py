@@ -18,9 +18,9 @@ LABELS = ["a", "b", "c", "d", "e"]
 
 def write_classifier(path: Path, resize: str) -> Path:
     """Frozen graph: image_tensor (uint8, any size) -> `resize` -> x*2/255-1 -> [input] -> conv net -> probs."""
-    from mzconvert.backends.tf import _tf
+    from mzconvert.quant.tflite_converter import tf_module
 
-    tf = _tf()
+    tf = tf_module()
     rng = np.random.RandomState(3)
     graph = tf.Graph()
     with graph.as_default():

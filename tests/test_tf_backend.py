@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mzconvert.build import BuildOptions, build
+from mzconvert.build import build
 from mzconvert.console import Console
 from mzconvert.errors import MzError, RecipeError
-from mzconvert.fetch import FetchConfig, Fetcher
+from mzconvert.planner import BuildOptions
 from mzconvert.recipe import load_recipe
 from mzconvert.runtime import open_model
+from mzconvert.sources.fetch import FetchConfig, Fetcher
 from tests.conftest import MIRROR
 from tests.tiny_graphs import INPUT, SIZE, tiny_recipe_text, write_tiny_detector
 
@@ -200,7 +201,7 @@ def test_declared_shape_that_does_not_fit_the_graph(tmp_path, tiny):
 
 
 def test_vela_compiles_integer_models_and_refuses_float_ones(tmp_path, tiny, mirror):
-    from mzconvert.vela import compile_for_npu
+    from mzconvert.stages.vela import compile_for_npu
 
     variants = (f"  - {{name: f32, mode: float32}}\n"
                 f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 4}}\n")
@@ -258,8 +259,8 @@ def test_two_targets_with_one_name_are_refused(tmp_path, tiny):
 
 def test_attached_postprocessing_equals_our_decode_on_real_images(tmp_path, tiny, mirror):
     """A float model ending in TFLite_Detection_PostProcess gives exactly our decode's detections."""
-    from mzconvert.evaluate import postprocessed_detections, ssd_detections
     from mzconvert.preprocess import prepare
+    from mzconvert.tasks.detection import postprocessed_detections, ssd_detections
 
     variants = ("  - {name: f32, mode: float32, attach_postprocess: true}\n"
                 "  - {name: raw, mode: float32}\n")
@@ -304,7 +305,7 @@ def test_one_calibration_serves_every_int8_variant_like_separate_conversions(tmp
     recorded ranges (this graph has no in-place ADD, where the two calibrators differ: see the next test)."""
     from mzconvert.backends import tf as tf_backend
     from mzconvert.preprocess import prepare
-    from mzconvert.quantize import calibration_batches
+    from mzconvert.stages.calibrate import calibration_batches
 
     manifest = run(tmp_path, tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES))
     recipe = load_recipe(tmp_path / "tiny.yaml")
@@ -336,7 +337,7 @@ def test_calibrated_ranges_are_the_ranges_the_float_graph_takes(tmp_path, mirror
 
     from mzconvert.backends.tf import read_graph_def
     from mzconvert.preprocess import prepare
-    from mzconvert.ranges import _Histogram
+    from mzconvert.quant.ranges import _Histogram
     from mzconvert.tflite_file import read_model, schema
 
     graphs = write_tiny_detector(tmp_path / "graphs", residual=True)

@@ -16,9 +16,9 @@ WEIGHTS = MIRROR / "mobilenet_v2-b0353104.pth"
 
 
 def test_torchvision_state_dict_loads_strictly_and_classifies_real_images(mirror):
+    from mzconvert.backends.torch_models import MobileNetV2
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
-    from mzconvert.torch_models import MobileNetV2
 
     recipe = load_recipe("mobilenetv2-torchvision")
     model = MobileNetV2()
@@ -33,7 +33,7 @@ def test_torchvision_state_dict_loads_strictly_and_classifies_real_images(mirror
 
 
 def test_mobilenet_v1_options_and_export(tmp_path, mirror):
-    from mzconvert.torch_models import MobileNetV1
+    from mzconvert.backends.torch_models import MobileNetV1
 
     half = MobileNetV1(num_classes=10, width=0.5, relu6=False)
     assert half.classifier.in_features == 512
@@ -95,7 +95,7 @@ def test_mobiledet_edgetpu_ssdlite_exports_quantizes_and_decodes_with_random_wei
     """No PyTorch MobileDet weights can be had here: the real architecture with random weights, end to end."""
     import yaml
 
-    from mzconvert.torch_models import MobileDetEdgeTPUSSDLite
+    from mzconvert.backends.torch_models import MobileDetEdgeTPUSSDLite
     from tests.test_build_real import coco_subset
 
     torch.manual_seed(0)

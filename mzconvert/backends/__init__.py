@@ -8,13 +8,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Callable, Iterable
+from typing import Protocol
 
 from ..errors import RecipeError
-from ..recipe import Recipe
+from ..recipe import Recipe, Variant
 
 
 @dataclass
@@ -65,6 +65,26 @@ _BY_FORMAT = {
 }
 
 
-def backend_for(recipe: Recipe) -> ModuleType:
-    """The module implementing `freeze`, `strip`, `convert` and `GraphRunner` for the recipe's format."""
+class Backend(Protocol):
+    """What every backend module implements (tf, onnx, tflite); the stages call nothing else of it.
+    `SourcePipelineRunner` (the source end to end, for source_pipeline recipes) only where a format has one."""
+
+    def freeze(self, source: Path, recipe: Recipe, out_dir: Path) -> Path:
+        """The source as one self-contained model file in out_dir (weights folded in, graph edits applied)."""
+
+    def strip(self, frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
+        """The model cut at the recipe's input and outputs, and what ships beside it (anchors.npy)."""
+
+    def convert(self, model: Path, recipe: Recipe, variant: Variant,
+                calibration: Callable[[], Iterable] | None, out_dir: Path) -> Path:
+        """The variant's artifact, converted in its mode (calibrated on `calibration` for int8)."""
+
+    def tflite_converter(self, model: Path, recipe: Recipe) -> tuple[object, Callable]:
+        """(a TFLite converter of the stripped model, what turns recipe input tensors into its inputs)."""
+
+    GraphRunner: type  # GraphRunner(model, recipe, threads): the stripped float model, .run(tensor) -> outputs
+
+
+def backend_for(recipe: Recipe) -> Backend:
+    """The backend module for the recipe's format."""
     return importlib.import_module(f"{__name__}.{_BY_FORMAT[recipe.format]}")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -53,7 +53,7 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     except ImportError:
         raise MzError(f"{recipe.path}: format torch needs PyTorch: pip install 'mzconvert[torch]' "
                       "(torch==2.13.0, the CPU build)") from None
-    from ..torch_models import MODULES, load_state
+    from .torch_models import MODULES, load_state
 
     spec = recipe.torch
     options = {"num_classes": spec.num_classes, "width": spec.width}
@@ -90,7 +90,7 @@ KERAS_PORT = "model_nhwc.h5"  # torch sources with tflite variants: the Keras po
 
 
 def _write_keras_port(module, example, expected: np.ndarray, target: Path) -> None:
-    from ..torch_models import to_keras
+    from .torch_models import to_keras
 
     keras_model = to_keras(module, tuple(example.shape))
     got = keras_model(example.numpy().transpose(0, 2, 3, 1), training=False).numpy()
@@ -186,14 +186,14 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
 def _keras_port_converter(keras_file: Path):
     import tf_keras as keras
 
-    from .tf import _tf
+    from ..quant.tflite_converter import tf_module
 
     model = keras.models.load_model(str(keras_file), compile=False)
-    return _tf().lite.TFLiteConverter.from_keras_model(model)
+    return tf_module().lite.TFLiteConverter.from_keras_model(model)
 
 
 def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
-    from .tf import run_converter
+    from ..quant.tflite_converter import run_converter
 
     # Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC.
     nhwc = (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
@@ -243,7 +243,7 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
     import onnx
     import onnxruntime as ort
 
-    from ..ranges import measure_ranges
+    from ..quant.ranges import measure_ranges
 
     augmented = _load(model)
     graph = augmented.graph
@@ -289,7 +289,7 @@ def _ints(node, name: str, default: list[int]) -> list[int]:
 
 def _window(node, shape: tuple[int, int], kernel: tuple[int, int]):
     """The rounding.Window of an ONNX Conv with a `kernel` (height, width) over an input plane of `shape`."""
-    from ..rounding import Window
+    from ..quant.rounding import Window
 
     strides, dilations = tuple(_ints(node, "strides", [1, 1])), tuple(_ints(node, "dilations", [1, 1]))
     auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
@@ -307,7 +307,7 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from ..rounding import MOMENT_IMAGES, PatchMoments, corrected_bias, refit
+    from ..quant.rounding import MOMENT_IMAGES, PatchMoments, corrected_bias, refit
 
     floats = _load(prepared)
     weights = {i.name: i for i in floats.graph.initializer}

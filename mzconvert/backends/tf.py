@@ -7,29 +7,20 @@ pay its 3-4 s import.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
+from ..quant.tflite_converter import run_converter, tf_module
 from ..recipe import Recipe, Variant
 from . import StripResult, check_tensors, export_anchors
 
 
-def _tf():
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")  # v1 API deprecation notices say nothing the user can act on
-    return tf
-
-
 def read_graph_def(path: Path):
-    tf = _tf()
+    tf = tf_module()
     graph_def = tf.compat.v1.GraphDef()
     try:
         graph_def.ParseFromString(path.read_bytes())
@@ -66,7 +57,7 @@ def _check_nodes(recipe: Recipe, field: str, names: Iterable[str], graph_nodes: 
 
 def apply_graph_edits(graph_def, recipe: Recipe) -> None:
     """Set attributes of named nodes (e.g. TFLite_Detection_PostProcess thresholds), type-checked."""
-    tf = _tf()
+    tf = tf_module()
     nodes = {n.name: n for n in graph_def.node}
     _check_nodes(recipe, "graph_edits", recipe.graph_edits, list(nodes))
     for node_name, attrs in recipe.graph_edits.items():
@@ -75,8 +66,8 @@ def apply_graph_edits(graph_def, recipe: Recipe) -> None:
             where = f"{recipe.path}: graph_edits.{node_name}.{key}"
             if key not in node.attr:
                 close = difflib.get_close_matches(key, list(node.attr), n=3)
-                raise RecipeError(f"{where}: node has no attribute {key!r}"
-                                  + (f"; it has {', '.join(close)}" if close else f"; it has {', '.join(sorted(node.attr))}"))
+                known = ", ".join(close or sorted(node.attr))
+                raise RecipeError(f"{where}: node has no attribute {key!r}; it has {known}")
             kind = node.attr[key].WhichOneof("value")
             expected = {"f": (int, float), "i": (int,), "b": (bool,), "s": (str,)}.get(kind)
             if expected is None or not isinstance(value, expected) or (kind != "b" and isinstance(value, bool)):
@@ -87,7 +78,7 @@ def apply_graph_edits(graph_def, recipe: Recipe) -> None:
 # -- freeze --------------------------------------------------------------------------------------
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     """One frozen GraphDef, whatever the TensorFlow source format."""
-    tf = _tf()
+    tf = tf_module()
     target = out_dir / "frozen.pb"
     if recipe.format in ("tf-frozen-graph", "keras"):
         graph_def = read_graph_def(source) if recipe.format == "tf-frozen-graph" else _keras_graph(source, recipe)
@@ -130,7 +121,7 @@ class PublicNames:
     output_dtypes: dict[str, int] = field(default_factory=dict)  # DataType enums
 
     def name_nodes(self, graph_def, inputs: list[str], outputs: list[str]) -> None:
-        tf = _tf()
+        tf = tf_module()
         taken = {n.name for n in graph_def.node}
         renamed = {_node_name(self.inputs[key]): key for key in inputs if key in self.inputs and key not in taken}
         for node in graph_def.node:  # an input key renames its placeholder, and every use of it
@@ -181,7 +172,7 @@ def load_keras(source: Path):
 def _keras_graph(source: Path, recipe: Recipe):
     """The Keras model as one frozen graph at the recipe's input shape, its input and outputs named as in Keras
     (the input layer's name, the output layers' names)."""
-    tf = _tf()
+    tf = tf_module()
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     model = load_keras(source)
@@ -212,7 +203,7 @@ def _checkpoint_meta(source: Path) -> Path:
 # -- strip ---------------------------------------------------------------------------------------
 def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     """Cut the graph at the recipe's input (made a placeholder) and outputs; export SSD anchors."""
-    tf = _tf()
+    tf = tf_module()
     graph_def = read_graph_def(frozen)
     names = [n.name for n in graph_def.node]
     cut = recipe.strip
@@ -289,7 +280,8 @@ def _shape_error(recipe: Recipe, exc: Exception) -> RecipeError:
 def _check_declared_shape(model: Path, recipe: Recipe, anchor_count: int | None) -> None:
     """Run the cut graph once at input.shape: a shape the graph cannot take fails here, by name."""
     try:
-        outputs = dict(zip(recipe.strip.outputs, GraphRunner(model, recipe).run(np.zeros(recipe.input.shape, np.float32))))
+        ran = GraphRunner(model, recipe).run(np.zeros(recipe.input.shape, np.float32))
+        outputs = dict(zip(recipe.strip.outputs, ran))
     except Exception as exc:  # tf.errors.* or ValueError for a shape the graph rejects
         raise _shape_error(recipe, exc) from None
     post = recipe.postprocess
@@ -301,7 +293,7 @@ def _check_declared_shape(model: Path, recipe: Recipe, anchor_count: int | None)
 
 
 def _evaluate(graph_def, tensor: str, input_tensor: str, input_shape) -> np.ndarray:
-    tf = _tf()
+    tf = tf_module()
     graph = tf.Graph()
     with graph.as_default():
         tf.import_graph_def(graph_def, name="")
@@ -319,7 +311,7 @@ class GraphRunner:
     """Runs the stripped float graph in TensorFlow: the reference every variant is compared with."""
 
     def __init__(self, model: Path, recipe: Recipe, threads: int | None = None):
-        tf = _tf()
+        tf = tf_module()
         graph = tf.Graph()
         with graph.as_default():
             tf.import_graph_def(read_graph_def(model), name="")
@@ -338,7 +330,7 @@ class SourcePipelineRunner:
     preprocessing and post-processing applied: the ground truth for our declared pipeline."""
 
     def __init__(self, frozen: Path, recipe: Recipe):
-        tf = _tf()
+        tf = tf_module()
         spec = recipe.source_pipeline
         graph_def = read_graph_def(frozen)
         nodes = {n.name: n for n in graph_def.node}
@@ -358,7 +350,7 @@ class SourcePipelineRunner:
         return self._session.run(self._outputs, {self._input: feed})
 
     def detections(self, pixels: np.ndarray):
-        from ..evaluate import postprocessed_detections
+        from ..tasks.detection import postprocessed_detections
 
         out = dict(zip(self._roles, self.run(pixels)))
         return postprocessed_detections(out["boxes"], out["classes"], out["scores"], out["count"], self._class_offset)
@@ -367,7 +359,7 @@ class SourcePipelineRunner:
 # -- convert -------------------------------------------------------------------------------------
 
 def _frozen_graph_converter(model: Path, recipe: Recipe):
-    tf = _tf()
+    tf = tf_module()
     cut = recipe.strip
     converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
         str(model), input_arrays=[_node_name(cut.inputs[0])],
@@ -375,7 +367,8 @@ def _frozen_graph_converter(model: Path, recipe: Recipe):
         # Without explicit shapes a cut placeholder fails with a misleading MLIR error.
         input_shapes={_node_name(cut.inputs[0]): list(recipe.input.shape)})
     # TFLite_Detection_PostProcess is a custom op the interpreter provides, in every mode.
-    converter.allow_custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
+    post = recipe.postprocess
+    converter.allow_custom_ops = post is not None and post.kind == "tflite-detection-postprocess"
     return converter
 
 
@@ -387,7 +380,7 @@ def tflite_converter(model: Path, recipe: Recipe):
 def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     """Convert the stripped graph to a .tflite in the variant's mode."""
-    tf = _tf()
+    tf = tf_module()
     cut = recipe.strip
     converter = _frozen_graph_converter(model, recipe)
     if variant.mode == "uint8-qat":
@@ -396,63 +389,3 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
     return run_converter(converter, model, recipe, variant, calibration, out_dir)
 
 
-def run_converter(converter, source: Path, recipe: Recipe, variant: Variant,
-                  calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
-    """Apply the variant's mode to a TFLite converter (frozen graph or Keras) and write the model."""
-    tf = _tf()
-    if variant.mode == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif variant.mode == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif variant.mode == "int8":
-        int8_converter(converter, calibration)
-        io_type = getattr(tf, variant.io_dtype)  # tf.float32 | tf.int8 | tf.uint8
-        converter.inference_input_type = io_type
-        converter.inference_output_type = io_type
-    flatbuffer = _convert(converter, source, f"of variant {variant.name!r} ({variant.mode})")
-    target = out_dir / f"{recipe.name}_{variant.name}.tflite"
-    target.write_bytes(flatbuffer)
-    return target
-
-
-def _convert(converter, source: Path, what: str) -> bytes:
-    try:
-        return converter.convert()
-    except Exception as exc:  # the converter raises ConverterError and a zoo of others
-        raise MzError(f"{source}: TFLite conversion {what} failed: {short_text(exc)}") from None
-
-
-def int8_converter(converter, calibration: Callable[[], Iterable[np.ndarray]]):
-    """Set a TFLite converter for full-integer int8, calibrated on the tensors `calibration` yields."""
-    tf = _tf()
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([t] for t in calibration())
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter
-
-
-def calibrate_converter(converter, source: Path, calibration: Callable[[], Iterable[np.ndarray]],
-                        target: Path) -> Path:
-    """Write to `target` the converter's int8 calibration: the float model with the recorded range of
-    every tensor its quantizer needs, from which each int8 variant is quantized (quantize_calibrated)."""
-    int8_converter(converter, calibration)
-    converter._experimental_calibrate_only = True  # the converter's own calibrate-then-quantize, split in two
-    target.write_bytes(_convert(converter, source, "(int8 calibration)"))
-    return target
-
-
-def quantize_calibrated(calibrated: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> Path:
-    """The int8 model of a calibrated one, with the variant's input/output type: what converter.convert()
-    does after calibrating (tests/test_tf_backend.py checks the two agree on every output)."""
-    tf = _tf()
-    from tensorflow.lite.python.convert import mlir_quantize
-
-    io_type = getattr(tf, variant.io_dtype)
-    try:
-        flatbuffer = mlir_quantize(calibrated.read_bytes(), False, input_data_type=io_type, output_data_type=io_type)
-    except Exception as exc:
-        raise MzError(f"{calibrated}: int8 quantization of variant {variant.name!r} failed: {short_text(exc)}") from None
-    target = out_dir / f"{recipe.name}_{variant.name}.tflite"
-    target.write_bytes(flatbuffer)
-    return target

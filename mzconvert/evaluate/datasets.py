@@ -1,0 +1,92 @@
+"""The images an evaluation runs on: a COCO folder, images decoded once for every model, chunked runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MzError
+from ..preprocess import load_image, model_tensor
+from ..recipe import InputSpec, Preprocess
+
+
+class LoadedImage:
+    """One dataset image, decoded once and preprocessed once per distinct preprocessing, for every model."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.image = load_image(path)
+        self._tensors: dict = {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.image, dtype=np.uint8)
+
+    def tensor(self, preprocess: Preprocess, model_input: InputSpec) -> np.ndarray:
+        key = (preprocess, model_input)
+        if key not in self._tensors:
+            self._tensors[key] = model_tensor(self.image, preprocess, model_input)
+        return self._tensors[key]
+
+
+Runner = Callable[[np.ndarray], list[np.ndarray]]  # a model: input tensor -> outputs
+
+
+Predict = Callable[[LoadedImage], object]  # Detections for detectors, a score vector for classifiers
+
+
+def predictions(models: dict[str, Predict], paths: list[Path], chunk: int = 32):
+    """(image, {model: prediction}) for every path in order. Models run one after another over a chunk of
+    images, not image by image: each runtime's thread pool then runs back to back instead of contending
+    with the other runtime's pool (ONNX Runtime's threads spin for a while after each run)."""
+    for start in range(0, len(paths), chunk):
+        images = [LoadedImage(path) for path in paths[start:start + chunk]]
+        found = {name: [predict(image) for image in images] for name, predict in models.items()}
+        for i, image in enumerate(images):
+            yield image, {name: found[name][i] for name in models}
+
+
+@dataclass
+class CocoDataset:
+    images: dict[int, Path]  # image id -> file
+    annotations: Path
+
+    @classmethod
+    def open(cls, folder: Path, split: str) -> CocoDataset:
+        candidates = sorted((folder / "annotations").glob(f"instances_{split}*.json"))
+        if len(candidates) != 1:
+            raise MzError(f"{folder}: expected one annotations/instances_{split}*.json, found {len(candidates)}")
+        try:
+            data = json.loads(candidates[0].read_text())
+            entries = [(image["id"], image["file_name"]) for image in data["images"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MzError(f"{candidates[0]}: not COCO instances annotations "
+                          f"({exc.__class__.__name__}: {exc})") from None
+        image_dir = folder / split
+        images = {}
+        for image_id, file_name in entries:
+            path = image_dir / file_name
+            if not path.is_file():
+                raise MzError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
+            images[image_id] = path
+        return cls(images=images, annotations=candidates[0])
+
+
+def dataset_identity(dataset: Path, split: str, labels_file: Path | None, images: list[Path]) -> dict:
+    """What an eval was run on, and a key naming exactly that (paths, sizes and the labels' bytes)."""
+    listing = [[str(p.relative_to(dataset)) if p.is_relative_to(dataset) else str(p), p.stat().st_size]
+               for p in images]
+    label_bytes = labels_file.read_bytes() if labels_file else b""
+    digest = hashlib.sha256(json.dumps([listing, split]).encode() + label_bytes).hexdigest()
+    slug = re.sub(r"[^a-z0-9]+", "-", dataset.resolve().name.lower()).strip("-") or "dataset"
+    return {"path": str(dataset.resolve()), "name": dataset.resolve().name, "split": split,
+            "key": f"{slug}-{digest[:12]}"}

@@ -1,0 +1,122 @@
+"""`mzconvert eval`: every built artifact, the float source model and the source's own pipeline on the same
+images, each decoded as the recipe says (tasks/), scored together (scoring.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import MzError
+from ..layout import built_stage_model
+from ..recipe import ClassLabels, InputSpec, Preprocess, Recipe
+from ..tasks.classification import labelled_images, scores_by_label
+from ..tasks.detection import Detections, load_anchors, postprocessed_detections, ssd_detections
+from .datasets import CocoDataset, LoadedImage, Predict, Runner, dataset_identity
+from .scoring import SOURCE_GRAPH, SOURCE_PIPELINE, evaluate_classification, evaluate_detection
+
+# Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1] after
+# TF-slim's central 87.5 % crop and TF1 bilinear resize, and score 1001 classes with background first.
+REFERENCE_PREPROCESS = dict(interpolation="tf1-bilinear", channel_order="RGB", mean=(127.5,) * 3, std=(127.5,) * 3,
+                            central_crop=0.875)
+
+
+def reference_inputs(runner) -> tuple[Preprocess, InputSpec]:
+    shape = tuple(runner.inputs[0].shape)
+    return (Preprocess(resize=(shape[1], shape[2]), **REFERENCE_PREPROCESS),
+            InputSpec(name=runner.inputs[0].name, shape=shape, layout="NHWC", dtype="float32"))
+
+
+def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], references: list[Path],
+             dist: Path, build_root: Path, console, labels_file: Path | None = None) -> tuple[dict, dict]:
+    """Evaluate the built variants, the float source model, the source pipeline (where declared) and
+    `references` on the same images; writes dist/<recipe>/eval/<dataset key>.json."""
+    from ..backends import backend_for
+    from ..fsio import write_json_atomic
+    from ..manifest import load_manifest
+    from ..runtime import open_model
+
+    manifest = load_manifest(dist, recipe.name)
+    folder = dist / recipe.name
+    output_names = list(recipe.strip.outputs) if recipe.strip else None
+    if missing := set(variants) - set(manifest["variants"]):
+        raise MzError(f"{folder}/manifest.json: no built variant {', '.join(sorted(missing))}")
+    chosen = [v.name for v in recipe.variants
+              if v.name in manifest["variants"] and (not variants or v.name in variants)]
+    threads = os.cpu_count() or 1  # eval is throughput: every model runs on every core
+    runners = {}
+    # The float source model is the reference row, where the backend can run it (TF cannot run the
+    # TFLite_Detection_PostProcess custom op).
+    stripped = built_stage_model(build_root, recipe, "strip")
+    if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind == "ssd"):
+        runners[SOURCE_GRAPH] = backend_for(recipe).GraphRunner(stripped, recipe, threads).run
+    for name in chosen:
+        runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names, threads).run
+    pipeline = None
+    if recipe.source_pipeline is not None and (frozen := built_stage_model(build_root, recipe, "freeze")):
+        pipeline = backend_for(recipe).SourcePipelineRunner(frozen, recipe)
+    if recipe.task == "detection":
+        for path in references:
+            runners[path.stem] = open_model(path, output_names, threads).run
+        coco = CocoDataset.open(dataset, split)
+        models = predictors(recipe, runners, folder, manifest)
+        if pipeline is not None:
+            models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
+        evaluation = evaluate_detection(models, recipe, coco, console.log)
+        scope = "COCO bbox AP" + (f", categories {', '.join(recipe.postprocess.labels)}"
+                                  if len(recipe.postprocess.labels) < 80 else "")
+        images, label_source = list(coco.images.values()), f"COCO annotations {coco.annotations.name}"
+    else:
+        models = predictors(recipe, runners, folder, manifest)
+        labelled = labelled_images(dataset, recipe.labels, labels_file)
+        if pipeline is not None:
+            its_labels = ClassLabels(recipe.labels.names, recipe.source_pipeline.class_offset)
+            scores = scores_by_label(pipeline.run, its_labels, SOURCE_PIPELINE, background_allowed=False)
+            models[SOURCE_PIPELINE] = lambda image, s=scores: s(image.pixels())
+        for path in references:
+            reference = open_model(path, threads=threads)
+            preprocess, model_input = reference_inputs(reference)
+            scores = scores_by_label(reference.run, recipe.labels, path.stem, background_allowed=True)
+            models[path.stem] = lambda image, s=scores, p=preprocess, i=model_input: s(image.tensor(p, i))
+        evaluation = evaluate_classification(models, labelled.images, console.log)
+        scope, images, label_source = "top-1/top-5", [p for p, _ in labelled.images], labelled.source
+    from ..manifest import measured_artifacts
+
+    identity = dataset_identity(dataset, split, labels_file, images)
+    files = [manifest["variants"][name]["file"] for name in chosen] + ["anchors.npy"]
+    evaluation = {"recipe": recipe.name, "dataset": identity, "images": len(images), "labels": label_source,
+                  "scope": scope, **evaluation, "models": list(evaluation["results"]),
+                  "artifacts": measured_artifacts(manifest, files)}
+    write_json_atomic(folder / "eval" / f"{identity['key']}.json", evaluation)
+    return evaluation, manifest
+
+
+def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifest: dict) -> dict[str, Predict]:
+    """What each model of `runners` (fed the recipe's preprocessing) predicts on an image: detections,
+    decoded as the recipe says or read from an attached post-processor, or scores indexed like the
+    recipe's labels. `folder`/`manifest`: the dist the variants come from."""
+    if recipe.task == "detection":
+        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
+        attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
+        output_names = list(recipe.strip.outputs) if recipe.strip else None
+        return {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
+    if recipe.labels is None:
+        raise MzError(f"{recipe.path}: labels: a classifier needs its labels to be evaluated or shown "
+                      "(a list, a file of names, or 'imagenet' for the 1000 ImageNet synsets)")
+    models = {}
+    for name, run in runners.items():
+        scores = scores_by_label(run, recipe.labels, name, background_allowed=False)
+        models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
+    return models
+
+
+def _detector(run, recipe: Recipe, anchors, output_names, attached: bool = False) -> Predict:
+    """Detections of a model: raw SSD outputs decoded here, or a model's own post-processor read."""
+    post = recipe.postprocess
+
+    def predict(image: LoadedImage) -> Detections:
+        outputs = run(image.tensor(recipe.preprocess, recipe.input))
+        if post.kind == "ssd" and not attached:
+            return ssd_detections(dict(zip(output_names, outputs)), post, anchors)
+        return postprocessed_detections(*outputs)
+
+    return predict

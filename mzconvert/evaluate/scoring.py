@@ -1,0 +1,83 @@
+"""Accuracy of several models on the same images: COCO bbox AP (pycocotools) or top-1/top-5, with paired
+bootstrap intervals of each model's ratio to the baseline (float32, or the first model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..recipe import Recipe
+from ..tasks.detection import MATCH_IOU, MATCH_SCORE, coco_results, matched_detections
+from .cocometrics import bootstrap_weights, coco_scores, ratio_interval
+from .datasets import CocoDataset, Predict, predictions
+
+SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
+
+
+SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth
+
+
+def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: CocoDataset,
+                       log=lambda m: None) -> dict:
+    """AP of every model on the same images, the paired bootstrap interval of each one's AP ratio to float32
+    (or the first model), and how far our pipeline is from the source's own, where both ran."""
+    post = recipe.postprocess
+    rows = {name: [] for name in models}
+    fidelity = {"matched": 0, "total": 0, "worst_image": None, "worst_share": 1.0}
+    items = sorted(dataset.images.items())
+    found_all = predictions(models, [path for _, path in items])
+    for done, ((image_id, path), (image, found)) in enumerate(zip(items, found_all), 1):
+        for name, detections in found.items():
+            rows[name] += coco_results(image_id, detections, image.size, post)
+        if SOURCE_PIPELINE in found and SOURCE_GRAPH in found:
+            matched, total = matched_detections(found[SOURCE_PIPELINE], found[SOURCE_GRAPH])
+            fidelity["matched"] += matched
+            fidelity["total"] += total
+            if total and matched / total < fidelity["worst_share"]:
+                fidelity.update(worst_image=path.name, worst_share=matched / total)
+        if done % 25 == 0 or done == len(items):
+            log(f"eval: {done}/{len(items)} images")
+    scored_ids = list(post.category_ids) if len(set(post.category_ids)) < 80 else None
+    scores = {name: coco_scores(dataset.annotations, r, scored_ids) for name, r in rows.items()}
+    weights = bootstrap_weights(len(items))
+    baseline = _baseline(list(models))
+    resampled = {name: np.array([s.ap(w) for w in weights]) for name, s in scores.items()}
+    results = {name: s.summary | {"images": len(items), "detections": len(rows[name]),
+                                  "ratio_interval": ratio_interval(resampled[name], resampled[baseline])}
+               for name, s in scores.items()}
+    evaluation = {"results": results, "baseline": baseline, "metric": "AP"}
+    if fidelity["total"]:
+        evaluation["pipeline_fidelity"] = {
+            "ap_difference": results[SOURCE_GRAPH]["AP"] - results[SOURCE_PIPELINE]["AP"],
+            "matched_share": fidelity["matched"] / fidelity["total"], "detections_compared": fidelity["total"],
+            "worst_image": fidelity["worst_image"], "worst_image_share": fidelity["worst_share"],
+            "match": f"same label, IoU >= {MATCH_IOU}, score >= {MATCH_SCORE} in either"}
+    return evaluation
+
+
+def _baseline(names: list[str]) -> str:
+    return "float32" if "float32" in names else names[0]
+
+
+def evaluate_classification(models: dict[str, Predict], labelled: list[tuple[Path, int]],
+                            log=lambda m: None) -> dict:
+    """Top-1/top-5 of every model on the same images; each model's scores are indexed by label already."""
+    correct = {name: np.zeros((len(labelled), 2), bool) for name in models}
+    top1 = {name: np.zeros(len(labelled), np.int64) for name in models}
+    found_all = predictions(models, [path for path, _ in labelled])
+    for i, ((_, label), (_, found)) in enumerate(zip(labelled, found_all)):
+        for name, scores in found.items():
+            top5 = np.argsort(-scores, kind="stable")[:5]
+            correct[name][i] = (top5[0] == label, label in top5)
+            top1[name][i] = top5[0]
+        if (i + 1) % 100 == 0 or i + 1 == len(labelled):
+            log(f"eval: {i + 1}/{len(labelled)} images")
+    weights = bootstrap_weights(len(labelled))
+    baseline = _baseline(list(models))
+    results = {}
+    for name, hits in correct.items():
+        results[name] = {"top1": float(hits[:, 0].mean()), "top5": float(hits[:, 1].mean()), "images": len(labelled),
+                         "ratio_interval": ratio_interval(weights @ hits[:, 0], weights @ correct[baseline][:, 0]),
+                         "top1_agreement": float(np.mean(top1[name] == top1[baseline]))}
+    return {"results": results, "baseline": baseline, "metric": "top1"}

@@ -1,0 +1,124 @@
+"""The rules that hold between a recipe's sections. Each is a function of parsed sections that raises a
+located error; parse.py runs every one whose sections parsed (per variant where a rule is about one) and
+collects what they find, so one run names all of a recipe's problems."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..yamlsafe import short
+from .reader import Reader
+from .schema import TFLITE_CALIBRATION_METHODS, Postprocess, Source, Variant, VelaTarget
+
+INTEGER_MODES = ("int8", "uint8-qat")  # what the NPU compiles
+
+
+def uses_onnx_backend(fmt: str) -> bool:
+    return fmt in ("onnx", "torch")
+
+
+def native_target(fmt: str) -> str:
+    """The artifact format a source converts to when a variant names none."""
+    return "onnx" if uses_onnx_backend(fmt) else "tflite"
+
+
+def _has_custom_ops(postprocess: Postprocess | None) -> bool:
+    return postprocess is not None and postprocess.kind == "tflite-detection-postprocess"
+
+
+def _tflite_fits(v: Variant, fmt: str, postprocess: Postprocess | None) -> bool:
+    # Depthwise weights can be fitted in int8 quantized here with 8-bit weights: TFLite from one shared
+    # calibration (a graph with custom ops converts in one piece), where it is the default, and ONNX QDQ
+    # (docs/results.md: on MobileNetV2 more SQNR but no more top-1 agreement, so nearest unless asked)
+    return v.mode == "int8" and v.target == "tflite" and fmt != "tflite" and not _has_custom_ops(postprocess)
+
+
+def settle_variant(v: Variant, fmt: str, postprocess: Postprocess | None) -> Variant:
+    """The defaults of a variant that depend on other sections: its target (the source backend's own),
+    whether post-processing is attached (postprocess.attach), its weight rounding (fitted where it applies
+    by default)."""
+    attach = postprocess is not None and postprocess.attach
+    v = replace(v, target=v.target or native_target(fmt),
+                attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess)
+    return replace(v, weight_rounding=v.weight_rounding or ("fitted" if _tflite_fits(v, fmt, postprocess)
+                                                            else "nearest"))
+
+
+def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source: Source,
+                  postprocess: Postprocess | None) -> None:
+    """One variant against the source, the post-processing and the variants before it (`earlier` names)."""
+    where = item.child_where
+    if v.name in earlier:
+        raise item.fail(f"duplicate variant name {v.name!r}", where("name"))
+    if v.member and not source.is_archive:
+        raise item.fail("a variant member needs a url source with an archive member", where("member"))
+    onnx_fits = v.mode == "int8" and v.target == "onnx" and not v.reduce_range
+    if v.weight_rounding == "fitted" and not (_tflite_fits(v, fmt, postprocess) or onnx_fits):
+        raise item.fail("weight_rounding fitted applies to int8 variants this tool quantizes with 8-bit weights "
+                        "(not a .tflite source, a graph with custom ops, or reduce_range)", where("weight_rounding"))
+    if fmt == "tflite" and v.calibration:
+        raise item.fail("format tflite: the model is quantized already; remove calibration", where("calibration"))
+    if v.mode == "int8" and fmt != "tflite" and not v.calibration:
+        raise item.fail("missing required field", where("calibration"))
+    if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"):
+        raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd",
+                        where("attach_postprocess"))
+    native = native_target(fmt)
+    if v.target != native and fmt != "torch":
+        raise item.fail(f"a {fmt} source converts to {native} only (ONNX -> TFLite would need onnx2tf, whose "
+                        "pins downgrade TensorFlow, numpy and protobuf; torch sources reach TFLite through "
+                        "their Keras port)", where("target"))
+    if v.target == "tflite" and v.calibration_method not in TFLITE_CALIBRATION_METHODS:
+        raise item.fail(f"TFLite int8 records its ranges by {', '.join(TFLITE_CALIBRATION_METHODS)}; "
+                        f"{v.calibration_method} is ONNX Runtime's", where("calibration_method"))
+    _check_backend_options(item, v, fmt)
+
+
+def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
+    if v.target == "tflite" and uses_onnx_backend(fmt) and v.mode == "int8":
+        return  # the Keras port converts like any TFLite model: full-integer I/O allowed
+    if not uses_onnx_backend(fmt):
+        for key in ("per_channel", "reduce_range"):
+            if item.has(key):
+                raise item.fail(f"{key} applies to onnx and torch sources (TFLite int8 is per-channel)",
+                                item.child_where(key))
+    elif v.mode == "int8" and v.io_dtype != "float32":
+        raise item.fail("ONNX int8 is QDQ: inputs and outputs stay float32; set io_dtype: float32",
+                        item.child_where("io_dtype"))
+    elif v.mode == "uint8-qat":
+        raise item.fail("uint8-qat applies to TensorFlow sources", item.child_where("mode"))
+
+
+def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
+    """A .tflite source is taken as it is: its variants describe it, nothing cuts or verifies it."""
+    for key, why in (("strip", "there is no graph to cut"), ("verify", "there is no float model to compare with")):
+        if r.has(key):
+            raise r.fail(f"format tflite: the model is converted already, {why}; remove {key}", key)
+    if postprocess is not None and postprocess.kind != "tflite-detection-postprocess":
+        raise r.fail("format tflite: a detector must end in TFLite_Detection_PostProcess "
+                     "(kind tflite-detection-postprocess)", "postprocess.kind")
+
+
+def check_npu_targets(r: Reader, vela: tuple[VelaTarget, ...], variants: list[Variant], fmt: str) -> None:
+    if vela and not any(v.mode in INTEGER_MODES and v.target == "tflite" for v in variants):
+        raise r.fail("the NPU compiles TFLite int8 variants, and this recipe has none"
+                     + (" (ONNX variants are not compiled for it; a torch source can add one with target: tflite)"
+                        if uses_onnx_backend(fmt) else ""), "targets.vela")
+
+
+def check_torch_section(r: Reader, fmt: str) -> None:
+    if fmt == "torch" and not r.has("torch"):
+        raise r.fail("a torch source needs a 'torch' section (module, num_classes, ...)", "torch")
+    if fmt != "torch" and r.has("torch"):
+        raise r.fail("only format torch takes a 'torch' section", "torch")
+
+
+def check_verify_images(r: Reader, images: str, variants: list[Variant]) -> None:
+    if images in {v.calibration for v in variants}:
+        raise r.fail(f"{short(images)} is also a calibration set; verify on images never calibrated on",
+                     "verify.images")
+
+
+def check_labels_task(r: Reader, task: str) -> None:
+    if task != "classification":
+        raise r.fail("detection recipes name their labels in postprocess.labels", "labels")

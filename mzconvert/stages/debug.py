@@ -1,0 +1,225 @@
+"""Per-layer quantization error of an int8 variant, worst layers first (`mzconvert debug`).
+
+TFLite variants: TensorFlow's QuantizationDebugger quantizes the float model as the variant was (the same
+ranges, recorded on the same calibration images, see quant/ranges.py), then runs every quantized op next to
+its float twin on the verify images. Its weights are rounded to the nearest step: a variant with
+weight_rounding fitted has depthwise layers with less error than the table shows (quant/rounding.py). ONNX
+variants: ONNX Runtime's QDQ loss debugging runs the built QDQ model and its float model, every activation
+saved, on the verify images; the error a QDQ activation carries includes every layer's before it, so a layer's
+own error is what it adds to the largest error among the activations it reads.
+A layer's error is reported in quantization steps: RMSE / scale is about 0.29 for pure rounding noise (1 /
+sqrt(12)); layers far above it lose information (clipped ranges, outlier weights) and are where a user should
+look first, e.g. to keep them float.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import backend_for
+from ..errors import EXIT_BAD_INPUT, MzError
+from ..fsio import write_json_atomic
+from ..layout import built_stage_model
+from ..manifest import load_manifest, measured_artifacts
+from ..preprocess import prepare
+from ..recipe import Recipe, Variant
+from ..sources.fetch import Fetcher
+from ..sources.imagesets import load_image_set
+from .calibrate import DEFAULT_CALIBRATION_COUNT
+from .dist import write_md5sums
+
+ROUNDING_NOISE = 1 / math.sqrt(12)  # RMSE / scale of uniform rounding
+
+
+def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                 calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
+    """One row per quantized layer output: name, op, RMSE in quantization steps, max abs error, worst first.
+    `artifact`: the built variant; `calibration()`: its calibration images (fetched only where needed)."""
+    explain = {"tflite": _tflite_layer_errors, "onnx": _onnx_layer_errors}
+    if variant.mode != "int8" or variant.target not in explain:
+        raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains int8 variants, not {variant.mode}",
+                      EXIT_BAD_INPUT)
+    rows = explain[variant.target](stripped, recipe, variant, artifact, calibration, images)
+    if not rows:
+        raise MzError(f"{artifact}: the quantization debugger reported no quantized layer")
+    return sorted(rows, key=lambda r: -r["rmse_steps"])
+
+
+def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                         calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
+    """TensorFlow's QuantizationDebugger, on a model quantized from the variant's own ranges."""
+    import tempfile
+
+    from ..quant.tflite_converter import int8_converter, tf_module
+    from .calibrate import calibrate
+
+    tf = tf_module()
+    debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
+    with tempfile.TemporaryDirectory() as work:
+        calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work),  # the variant's ranges
+                               with_moments=False).read_bytes()
+    converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
+    int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
+    try:
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([to_input(t)] for t in debug_tensors))
+        debugger.calibrated_model = calibrated
+        debugger.options = debugger.options  # re-quantizes from calibrated_model
+        debugger.run()
+        dump = io.StringIO()
+        debugger.layer_statistics_dump(dump)
+    except Exception as exc:  # the debugger raises whatever its converter and interpreter raise
+        raise MzError(f"{stripped}: the quantization debugger failed: {str(exc).strip().splitlines()[0]}") from None
+    rows = []
+    for row in csv.DictReader(io.StringIO(dump.getvalue())):
+        scale = float(row["scale"]) if row.get("scale") else 0.0
+        mse = float(row["mean_squared_error"])
+        if scale <= 0 or not math.isfinite(mse):
+            continue
+        rows.append({"layer": row["tensor_name"], "op": row["op_name"], "rmse_steps": math.sqrt(mse) / scale,
+                     "max_abs_error": float(row["max_abs_error"]), "scale": scale})
+    return rows
+
+
+IMAGES_AT_ONCE = 4  # the ONNX debug holds every activation of this many images (two models) at a time
+
+
+def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                       calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
+    """ONNX Runtime's QDQ loss debugging: every activation of the QDQ artifact (after its Q/DQ pair) against
+    the same tensor of the float model it was quantized from, in steps of that activation's scale."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import quant_pre_process
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    qdq = onnx.load(str(artifact))
+    initializers = {i.name: i for i in qdq.graph.initializer}
+    scales = {n.input[0]: float(onnx.numpy_helper.to_array(initializers[n.input[1]]).ravel()[0])
+              for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in initializers}
+    with tempfile.TemporaryDirectory(prefix="mzconvert-debug-") as work:
+        float_model, float_saved, qdq_saved = (Path(work) / n for n in ("float.onnx", "float-all.onnx", "qdq-all.onnx"))
+        quant_pre_process(str(stripped), str(float_model), skip_symbolic_shape=True)  # as convert() quantized it
+        nodes = onnx.load(str(float_model)).graph.node
+        producers = {o: n.op_type for n in nodes for o in n.output}
+        inputs = {o: list(n.input) for n in nodes for o in n.output}
+        modify_model_output_intermediate_tensors(str(float_model), str(float_saved))
+        modify_model_output_intermediate_tensors(str(artifact), str(qdq_saved))
+        totals: dict[str, list[float]] = {}  # tensor -> [sum of squared errors, values, max abs error]
+        for start in range(0, len(images), IMAGES_AT_ONCE):
+            feeds = [{recipe.input.name: prepare(p, recipe.preprocess, recipe.input).tensor}
+                     for p in images[start:start + IMAGES_AT_ONCE]]
+            matched = create_activation_matching(collect_activations(str(qdq_saved), feeds),
+                                                 collect_activations(str(float_saved), feeds))
+            for name, pair in matched.items():
+                if name in scales and pair.get("float"):
+                    error = np.concatenate([f.ravel() for f in pair["float"]]) - np.concatenate(
+                        [q.ravel() for q in pair["post_qdq"]])
+                    total = totals.setdefault(name, [0.0, 0, 0.0])
+                    total[0] += float(np.sum(error.astype(np.float64) ** 2))
+                    total[1] += error.size
+                    total[2] = max(total[2], float(np.max(np.abs(error))))
+    # The QDQ model carries the error of every layer before: what a layer adds is its error beyond the
+    # largest of the activations it reads (in each one's steps), the comparable of TFLite's per-layer error.
+    accumulated = {name: math.sqrt(sse / count) / scales[name] for name, (sse, count, _) in totals.items()}
+
+    def read(tensor: str, seen: set) -> list[str]:
+        """The quantized activations a tensor is computed from (through unquantized ones, e.g. a fused conv)."""
+        found = []
+        for i in inputs.get(tensor, ()):
+            if i in accumulated:
+                found.append(i)
+            elif i not in seen:
+                seen.add(i)
+                found += read(i, seen)
+        return found
+
+    return [{"layer": name, "op": producers.get(name, "input"),
+             "rmse_steps": max(0.0, steps - max((accumulated[i] for i in read(name, set())), default=0.0)),
+             "accumulated_steps": steps, "max_abs_error": totals[name][2], "scale": scales[name]}
+            for name, steps in accumulated.items()]
+
+
+def debug_table(result: dict, rows: int = 15) -> str:
+    lines = [f"{result['recipe']} {result['variant']}: per-layer error on {result['images']} verify images, in "
+             f"quantization steps (rounding alone: {ROUNDING_NOISE:.2f}); worst first"
+             + ("; weights rounded to the nearest step here, the variant's depthwise ones are fitted (less error)"
+                if result.get("weight_rounding") == "fitted" else ""),
+             f"{'layer':60} {'op':20} {'RMSE steps':>10} {'max abs err':>12}"]
+    for r in result["layers"][:rows]:
+        lines.append(f"{_tail(r['layer'], 60):60} {r['op'][:20]:20} {r['rmse_steps']:10.2f} {r['max_abs_error']:12.4g}")
+    return "\n".join(lines)
+
+
+def plot_layers(result: dict, target: Path, rows: int = 20) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worst = result["layers"][:rows]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.32 * len(worst)), dpi=100)
+    ax.barh([_tail(r["layer"], 48) for r in worst], [r["rmse_steps"] for r in worst], color="#aa3377")
+    ax.axvline(ROUNDING_NOISE, color="black", linestyle="--", linewidth=1, label="rounding noise alone")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("RMSE against the float layer, in quantization steps")
+    ax.set_title(f"{result['recipe']} {result['variant']}: worst {len(worst)} layers", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(target, metadata={"Software": None})
+    plt.close(fig)
+    return target
+
+
+def _tail(name: str, width: int) -> str:
+    """The end of a long layer name, which is the part that tells layers apart."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def summary(layers: list[dict]) -> dict:
+    steps = np.array([r["rmse_steps"] for r in layers])
+    return {"layers": len(layers), "median_rmse_steps": float(np.median(steps)),
+            "above_1_step": int(np.sum(steps > 1.0))}
+
+
+def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Path, fetcher: Fetcher,
+                    count: int | None, log) -> dict:
+    """`mzconvert debug`: the variant's layer errors on `count` verify images (verify.count or all), written
+    to dist/<recipe>/debug/<variant>.json and .png (MD5SUMS updated)."""
+    manifest = load_manifest(out, recipe.name)
+    stripped = built_stage_model(build_root, recipe, "strip")
+    if stripped is None or variant.name not in manifest["variants"]:
+        raise MzError(f"{build_root / recipe.name}: no build of {variant.name}; run mzconvert build {recipe.name} "
+                      "first", EXIT_BAD_INPUT)
+    if recipe.verify is None:
+        raise MzError(f"{recipe.path}: verify: debug runs on the verify images; the recipe declares none",
+                      EXIT_BAD_INPUT)
+    images = load_image_set(recipe.verify.images, recipe.path).paths(fetcher, count or recipe.verify.count)
+    log(f"debug: {variant.name} on {len(images)} verify images")
+
+    def calibration() -> list[Path]:  # TFLite re-derives the variant's ranges from them; ONNX needs none
+        image_set = load_image_set(variant.calibration, recipe.path)
+        return image_set.paths(fetcher, image_set.count(variant.calibration_count, DEFAULT_CALIBRATION_COUNT))
+
+    artifact = manifest["variants"][variant.name]["file"]
+    layers = layer_errors(stripped, recipe, variant, out / recipe.name / artifact, calibration, images)
+    result = {"recipe": recipe.name, "variant": variant.name, "images": len(images), "summary": summary(layers),
+              "layers": layers, "artifacts": measured_artifacts(manifest, [artifact]),
+              "weight_rounding": variant.weight_rounding}
+    folder = out / recipe.name
+    write_json_atomic(folder / "debug" / f"{variant.name}.json", result)
+    plot_layers(result, folder / "debug" / f"{variant.name}.png")
+    write_md5sums(folder)
+    return result

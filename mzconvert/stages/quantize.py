@@ -1,0 +1,96 @@
+"""Stage quantize: convert the stripped graph in one variant's mode, then check the result.
+
+Converters fail silently (a uint8 request on a graph without ranges returns a float model with a
+uint8 input; int8 from some QAT graphs builds but cannot run), so every artifact is read back, its
+I/O dtypes and quantization parameters compared with the recipe, and run once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import backend_for
+from ..errors import MzError
+from ..recipe import Recipe, Variant
+from ..runtime import TensorSpec, nhwc, open_model
+from .calibrate import CONVERTERS, calibration_batches
+
+
+@dataclass
+class QuantizeResult:
+    model: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    raw_model: Path | None = None  # the model before post-processing was attached: what verify compares
+    fitted: dict | None = None  # weight_rounding fitted: what rounding.fit_depthwise_weights refitted
+
+
+def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
+             out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
+    """The variant's model in out_dir, checked. `calibrated`: the shared calibration (calibrate) it is
+    quantized from, its depthwise weights then fitted (weight_rounding) where calibrate left moments."""
+    from dataclasses import replace
+
+    batches = calibration_batches(calibration_images, recipe) if calibration_images else None
+    fitted = None
+    with CONVERTERS:
+        if calibrated is not None:
+            from ..quant.tflite_converter import quantize_calibrated
+
+            model = quantize_calibrated(calibrated, recipe, variant, out_dir)
+        else:
+            model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
+    if calibrated is not None and variant.weight_rounding == "fitted":
+        from ..quant.rounding import MOMENTS, fit_depthwise_weights
+
+        if (calibrated.parent / MOMENTS).is_file():
+            fitted = fit_depthwise_weights(model, calibrated, calibrated.parent / MOMENTS, model)
+    checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
+    if not variant.attach_postprocess:
+        return checked
+    from ..tasks.detection import load_anchors
+    from .attach import OUTPUT_NAMES, attach_postprocess
+
+    raw = out_dir / "raw" / model.name
+    raw.parent.mkdir()
+    model.rename(raw)
+    attached = attach_postprocess(raw, recipe, load_anchors(anchors), model)
+    runner = open_model(attached)
+    outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
+    if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
+        raise MzError(f"{attached}: post-processing attached, but the model does not run to {', '.join(OUTPUT_NAMES)}")
+    return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw, fitted=fitted)
+
+
+def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:
+    runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
+    problems = []
+    model_input = runner.inputs[0]
+    if len(runner.inputs) != 1:
+        problems.append(f"{len(runner.inputs)} inputs, expected 1")
+    if model_input.dtype != variant.io_dtype:
+        problems.append(f"input dtype {model_input.dtype}, expected {variant.io_dtype}")
+    accepted = [recipe.input.shape] + ([nhwc(recipe.input.shape)] if recipe.input.layout == "NCHW" else [])
+    if tuple(model_input.shape) not in accepted:
+        problems.append(f"input shape {list(model_input.shape)}, expected {list(recipe.input.shape)}")
+    if variant.mode in ("int8", "uint8-qat"):
+        for spec in [model_input, *runner.outputs]:
+            if spec.dtype in ("int8", "uint8") and spec.scale is None:
+                problems.append(f"tensor {spec.name} is {spec.dtype} without quantization parameters")
+        floats = runner.float_tensor_count()
+        if floats:
+            problems.append(f"not fully quantized: {floats} float32 tensors inside the model")
+    for spec in runner.outputs:
+        if variant.mode == "int8" and spec.dtype != variant.io_dtype:
+            problems.append(f"output {spec.name} dtype {spec.dtype}, expected {variant.io_dtype}")
+    if not problems:
+        outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
+        if not all(np.all(np.isfinite(o)) for o in outputs):
+            problems.append("running it once on a zero image gives non-finite outputs")
+    if problems:
+        raise MzError(f"{model}: variant {variant.name!r} ({variant.mode}) is not what the recipe asked for: "
+                      + "; ".join(problems))
+    return QuantizeResult(model=model, inputs=runner.inputs, outputs=runner.outputs)

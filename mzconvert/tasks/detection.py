@@ -1,0 +1,136 @@
+"""Detection outputs: SSD decode, NMS, the rows of a post-processor, and matching two models' detections.
+
+Detection outputs are decoded here exactly as the stripped-off TF post-processor did: the SSD
+anchors exported by strip, the Faster R-CNN box coder with the recipe's scales, sigmoid scores,
+per-class NMS; boxes are normalised, so they map back to the original image by its size.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EXIT_BAD_INPUT, MzError, short_text
+from ..recipe import Postprocess
+
+
+@dataclass(frozen=True)
+class Detections:
+    boxes: np.ndarray  # K x 4, ymin, xmin, ymax, xmax, normalised
+    scores: np.ndarray  # K
+    labels: np.ndarray  # K, index into recipe.postprocess.labels
+
+
+def load_anchors(path: Path) -> np.ndarray:
+    """anchors.npy as N x 4 float32; anything else (an object array, another shape) is a named error."""
+    try:
+        anchors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise MzError(f"{path}: not an anchors array ({short_text(exc)})", EXIT_BAD_INPUT) from None
+    if not isinstance(anchors, np.ndarray):  # an .npz archive
+        raise MzError(f"{path}: not an anchors array (an .npz archive)", EXIT_BAD_INPUT)
+    if anchors.ndim != 2 or anchors.shape[1] != 4 or not np.issubdtype(anchors.dtype, np.floating):
+        raise MzError(f"{path}: anchors must be N x 4 floats, got {anchors.dtype} {list(anchors.shape)}",
+                      EXIT_BAD_INPUT)
+    return anchors.astype(np.float32)
+
+
+def decode_ssd_boxes(encodings: np.ndarray, anchors: np.ndarray, scales) -> np.ndarray:
+    """Faster R-CNN box coder decode: (ty, tx, th, tw) relative to anchors -> (ymin, xmin, ymax, xmax)."""
+    ty, tx, th, tw = (encodings[:, i] / scales[i] for i in range(4))
+    ya, xa = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+    ha, wa = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    yc, xc = ty * ha + ya, tx * wa + xa
+    h, w = np.exp(th) * ha, np.exp(tw) * wa
+    return np.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], axis=1)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int) -> np.ndarray:
+    """Greedy non-maximum suppression; indices of kept boxes, best first."""
+    order = np.argsort(-scores, kind="stable")
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    keep = []
+    while order.size and len(keep) < limit:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
+        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+        iou = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-12)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: np.ndarray) -> Detections:
+    encodings = outputs[post.box_output].reshape(-1, 4)
+    logits = outputs[post.class_output].reshape(encodings.shape[0], -1)
+    if post.score == "sigmoid":
+        scores = 1 / (1 + np.exp(-logits))
+    else:
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        scores = exp / exp.sum(axis=1, keepdims=True)
+    if post.background_class:
+        scores = scores[:, 1:]
+    if scores.shape[1] != len(post.labels):
+        raise MzError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
+    boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales)  # NMS first, clip after, as TF does
+    found = []
+    for label in range(scores.shape[1]):  # per-class NMS, as TFLite_Detection_PostProcess's regular NMS
+        candidates = np.flatnonzero(scores[:, label] > post.nms_score_threshold)
+        kept = candidates[nms(boxes[candidates], scores[candidates, label], post.nms_iou_threshold,
+                              post.max_detections)]
+        found += [(i, label) for i in kept]
+    if not found:
+        return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+    index, labels = map(np.asarray, zip(*found))
+    chosen = scores[index, labels]
+    best = np.argsort(-chosen, kind="stable")[:post.max_detections]
+    return Detections(np.clip(boxes[index[best]], 0.0, 1.0), chosen[best], labels[best])
+
+
+def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 0) -> Detections:
+    """Post-processed outputs (TFLite_Detection_PostProcess, a TF OD API graph): the first `count` rows;
+    class ids minus `class_offset` are indices into the recipe's labels."""
+    boxes, classes, scores = (np.asarray(o).reshape(-1, *np.asarray(o).shape[2:]) for o in (boxes, classes, scores))
+    n = int(np.asarray(count).ravel()[0])
+    return Detections(np.clip(boxes[:n], 0, 1), scores[:n], np.rint(classes[:n]).astype(np.int64) - class_offset)
+
+
+def coco_results(image_id: int, detections: Detections, size: tuple[int, int], post: Postprocess) -> list[dict]:
+    width, height = size
+    rows = []
+    for (ymin, xmin, ymax, xmax), score, label in zip(detections.boxes, detections.scores, detections.labels):
+        rows.append({"image_id": image_id, "category_id": post.category_ids[int(label)], "score": float(score),
+                     "bbox": [float(xmin * width), float(ymin * height),
+                              float((xmax - xmin) * width), float((ymax - ymin) * height)]})
+    return rows
+
+
+MATCH_IOU = 0.9
+
+
+MATCH_SCORE = 0.3  # detections a person would be shown
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return np.prod(np.clip(boxes[..., 2:] - boxes[..., :2], 0, None), axis=-1)
+
+
+def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
+    """(matched, total) over the detections of a and of b scoring >= MATCH_SCORE: each counts as matched
+    when the other set has one of the same label with IoU >= MATCH_IOU (at any score)."""
+    matched = total = 0
+    for mine, theirs in ((a, b), (b, a)):
+        for box, label in zip(mine.boxes[mine.scores >= MATCH_SCORE], mine.labels[mine.scores >= MATCH_SCORE]):
+            same = theirs.boxes[theirs.labels == label]
+            total += 1
+            if same.size:
+                top_left = np.maximum(box[:2], same[:, :2])
+                bottom_right = np.minimum(box[2:], same[:, 2:])
+                inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+                iou = inter / np.maximum(_area(box) + _area(same) - inter, 1e-12)
+                matched += int(iou.max() >= MATCH_IOU)
+    return matched, total
