@@ -108,13 +108,35 @@ class TFLiteRunner:
                 for i, s in zip(self._output_indices, self.outputs)]
 
 
+# ONNX ops of quantized graphs: QDQ pairs (static int8) and the integer ops of dynamic quantization
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
+
+
+def _is_quantized(path: Path) -> bool:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # the session below names what is wrong with the file
+        return False
+    return any(node.op_type in QUANTIZED_OPS for node in graph.node)
+
+
 class OnnxRunner:
-    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1):
+    """An ONNX model in ONNX Runtime. A quantized (QDQ) graph runs as its ops define it unless `fused` is asked:
+    each DequantizeLinear, float op and QuantizeLinear on its own, which every x86 CPU computes alike. ORT's
+    graph optimizations fuse them into integer kernels whose 16-bit pair sums saturate on CPUs without VNNI
+    (AVX2 only): measured on MobileNetV2's int8, cosine to float 0.947 and 84 % top-1 agreement on 32 images
+    against 0.991 and 94 % as defined. Verify and eval judge the artifact; bench times the fused kernels."""
+
+    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1, fused: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not fused and _is_quantized(path):
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception classes
@@ -136,9 +158,10 @@ class OnnxRunner:
         return [np.asarray(r, np.float32) for r in results]
 
 
-def open_model(path: Path, output_names: list[str] | None = None, threads: int = 1):
+def open_model(path: Path, output_names: list[str] | None = None, threads: int = 1, fused: bool = False):
+    """The runner of a .tflite or .onnx file; `fused`: an ONNX QDQ graph with ORT's fused integer kernels (bench)."""
     if path.suffix == ".tflite":
         return TFLiteRunner(path, output_names, threads)
     if path.suffix == ".onnx":
-        return OnnxRunner(path, output_names, threads)
+        return OnnxRunner(path, output_names, threads, fused)
     raise MzError(f"{path}: unknown model type (expected .tflite or .onnx)")
