@@ -20,6 +20,7 @@ from .errors import MzError
 from .fsio import folder_lock, sha256_file
 from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
+from .recipe.schema import INTEGER_MODES
 from .sources.fetch import Fetcher
 
 CHECKS_NICENESS = 10  # see _yielding_thread
@@ -46,6 +47,7 @@ def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
     from .stages.freeze import freeze
 
     inputs = {"source": fetched.digest(), "format": p.recipe.format, "torch": validated(p.recipe.torch),
+              "input": validated(p.recipe.input),  # a Keras or ONNX source is frozen at input.shape
               "targets": sorted({v.target for v in p.recipe.variants}),  # a tflite target adds the Keras port
               "strip": validated(p.recipe.strip), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
 
@@ -172,7 +174,7 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
 
 
 def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
-    from .stages.verify import threshold_failures, verify_variant
+    from .stages.verify import floor_failures, threshold_failures, verify_variant
 
     reference = _reference(p, stripped)
     inputs = {"model": quantized.sha256("model"), "reference": reference.digest(), "tools": p.versions}
@@ -189,8 +191,7 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
             continue
         p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph, output {name} on "
                       f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
-                      f"max abs err {m['max_abs_error']:.4g}"
-                      + (f"  top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""))
+                      f"max abs err {m['max_abs_error']:.4g}" + _task_figures(m))
         if m.get("constant_reference"):
             p.console.log(f"[{p.recipe.name}] warning: the float model's output {name} is the same on all "
                           f"{metrics['images']} verify images (untrained weights, a wrong input or cut?): "
@@ -201,12 +202,26 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     if "matched_detections" in metrics:
         p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph: {metrics['matched_detections']:.1%} of the "
                       "detections (score >= 0.3) matched (same label, IoU >= 0.9)")
+    if floors := floor_failures(p.recipe, variant, metrics):
+        raise MzError("\n".join(floors))
     failures = threshold_failures(variant, metrics)
     if failures and p.options.verify_strict:
         raise MzError(f"{p.recipe.path}: verify thresholds missed: {'; '.join(failures)}")
     for failure in failures:
         p.console.log(f"[{p.recipe.name}] warning: threshold missed: {failure}")
     return outcome
+
+
+def _task_figures(m: dict) -> str:
+    """What the verify line adds to an output's signal figures: its worst slice, and what its task judges."""
+    text = ""
+    if worst := m.get("worst_slice"):
+        text += f"  worst slice: channel {worst['index']} of {worst['of']}, SQNR {worst['sqnr_db']:.1f} dB"
+    if "top1_agreement" in m:
+        text += f"  top-1 agreement {m['top1_agreement']:.1%}"
+    if "mask_iou" in m:
+        text += f"  mask IoU {m['mask_iou']:.3f}  pixel error {m['pixel_error']:.2%}"
+    return text
 
 
 def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
@@ -274,7 +289,7 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     stripped = chain[-1]
     quantized = _quantize(p, stripped, variant)
     verified = checks.submit(_verify, p, stripped, quantized, variant) if p.recipe.verify is not None else None
-    npu = until != "quantize" and variant.mode in ("int8", "uint8-qat") and variant.target == "tflite"
+    npu = until != "quantize" and variant.mode in INTEGER_MODES and variant.target == "tflite"
     compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}
 
     def entry() -> dict:

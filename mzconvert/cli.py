@@ -130,6 +130,18 @@ def inspect_command(ctx: Context, source, member):
     ctx.console.result(report, inspect_text(report))
 
 
+def _shape_option(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        shape = [int(d) for d in value.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 4 or min(shape) < 1:
+        raise click.BadParameter(f"{value!r}: expected four positive sizes, e.g. 1,3,320,320 (NCHW) or 1,320,320,3")
+    return shape
+
+
 @main.command()
 @click.argument("name")
 @click.option("--from", "source", required=True, help="The model: a file, folder, URL or pypi:name==version.")
@@ -140,20 +152,25 @@ def inspect_command(ctx: Context, source, member):
               default=None, help="A folder of images to check every variant against the float model on.")
 @click.option("--to", "to_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("."),
               show_default=True, help="Where NAME.yaml is written.")
+@click.option("--input-shape", callback=_shape_option, default=None,
+              help="The input shape to build at, e.g. 1,3,320,320: fixes a model's dynamic dimensions.")
 @pass_context
-def init(ctx: Context, name, source, member, calibration, verify_images, to_dir):
+def init(ctx: Context, name, source, member, calibration, verify_images, to_dir, input_shape):
     """Write NAME.yaml: a recipe for the model, as far as inspecting it can tell (check the preprocessing)."""
     from .fsio import atomic_path
     from .recipe import parse_recipe
     from .sources.inspection import inspect_file, resolve_source
-    from .sources.scaffold import propose_recipe
+    from .sources.scaffold import propose_recipe, single_model_member
 
     target = to_dir / f"{name}.yaml"
     if target.exists():
         raise MzError(f"{target}: exists; remove it or choose another NAME", EXIT_BAD_INPUT)
     path, served_as, source_fields = resolve_source(source, ctx.fetcher())
     report = inspect_file(path, member, served_as)
-    text = propose_recipe(name, report, source_fields, member, calibration, verify_images)
+    if member is None and (member := single_model_member(report)):
+        ctx.console.log(f"init: {served_as} holds one model file, {member}: using it")
+        report = inspect_file(path, member, served_as)
+    text = propose_recipe(name, report, source_fields, member, calibration, verify_images, input_shape, to_dir)
     parse_recipe(target.resolve(), text)  # what init writes must validate
     to_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:

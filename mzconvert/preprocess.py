@@ -169,7 +169,10 @@ def resize(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
 
 def model_tensor(image: Image.Image, preprocess: Preprocess, model_input: InputSpec) -> np.ndarray:
     """A decoded image as the model's input: resized, channel order, normalised, layout, batch of 1."""
-    pixels = resize(image, preprocess)
+    if preprocess.channel_order == "GRAY":  # luma first, as a grayscale training set stores it; resized alike
+        pixels = resize(image.convert("L").convert("RGB"), preprocess)[..., :1]
+    else:
+        pixels = resize(image, preprocess)
     if preprocess.channel_order == "BGR":
         pixels = pixels[..., ::-1]
     pixels = (pixels - np.asarray(preprocess.mean, np.float32)) / np.asarray(preprocess.std, np.float32)

@@ -142,8 +142,15 @@ def test_inspect_lists_archive_members_and_reads_tflite_quantization(tmp_path, m
     assert members["release/frozen.pb"]["sha256"] == __import__("hashlib").sha256(graph.read_bytes()).hexdigest()
     result = run_cli("--json", "inspect", str(archive), "--member", "release/frozen.pb")
     assert json.loads(result.stdout)["member"]["placeholders"][0]["name"] == "images"
-    wrong = run_cli("init", "x", "--from", str(archive), "--to", str(tmp_path))
-    assert wrong.returncode == 2 and "--member" in wrong.stderr and "release/frozen.pb" in wrong.stderr
+    one = run_cli("init", "x", "--from", str(archive), "--to", str(tmp_path))  # its one model file: no --member
+    assert one.returncode == 0 and "holds one model file, release/frozen.pb: using it" in one.stderr, one.stderr
+    assert yaml.safe_load((tmp_path / "x.yaml").read_text())["source"]["member"] == "release/frozen.pb"
+    two = tmp_path / "two.tar.gz"
+    with tarfile.open(two, "w:gz") as tar:
+        tar.add(graph, arcname="release/frozen.pb")
+        tar.add(graph, arcname="release/other.pb")
+    wrong = run_cli("init", "y", "--from", str(two), "--to", str(tmp_path))
+    assert wrong.returncode == 2 and "--member" in wrong.stderr and "release/other.pb" in wrong.stderr
 
 
 def test_inspect_proposes_the_raw_outputs_of_the_real_pedestrian_graph(tmp_path, mirror):

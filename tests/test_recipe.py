@@ -46,7 +46,7 @@ def test_pedestrian_recipe_is_parsed_with_defaults():
 
 @pytest.mark.parametrize("change, expected", [
     (lambda d: d["variants"][1].update(mode="int4"),
-     "recipes/x.yaml: variants[1].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat"),
+     "recipes/x.yaml: variants[1].mode: 'int4' is not one of float32, float16, dynamic, int8, int16x8, uint8-qat"),
     (lambda d: d["source"].pop("sha256"),
      "recipes/x.yaml: source: missing checksum: give sha256, sha384 or md5"),
     (lambda d: d.update(varients=[]), "recipes/x.yaml: varients: unknown field 'varients' (did you mean 'variants'?)"),
@@ -152,7 +152,7 @@ def test_every_problem_of_a_recipe_is_named_in_one_run():
     lines = error_of(mutate(break_three)).splitlines()
     assert lines == ["recipes/x.yaml: input.shape: expected a list, got the string '300x300'",
                      "recipes/x.yaml: task: missing required field",
-                     "recipes/x.yaml: variants[0].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat"]
+                     "recipes/x.yaml: variants[0].mode: 'int4' is not one of float32, float16, dynamic, int8, int16x8, uint8-qat"]
 
 
 def test_two_bad_variants_and_a_bad_target_are_three_located_lines_in_one_run():

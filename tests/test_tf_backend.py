@@ -385,6 +385,10 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     recipe.write_text(tiny_recipe_text(damaged, sha256(damaged), variants=variants, images=VAL).replace(
         f"images: {VAL}", f"images: {VAL}\n  count: 6"))
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    failed = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
+    assert failed.returncode == 1 and "variants[0].min_" in failed.stderr, failed.stderr[-2000:]  # below its floor
+    recipe.write_text(recipe.read_text().replace("calibration_count: 8}", "calibration_count: 8, min_matched: 0, "
+                                                 "min_slice_sqnr_db: -1000}"))  # accepted as it is: shipped
     assert run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where).returncode == 0
     done = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "debug", str(recipe), "--variant", "i8",
                    *where)

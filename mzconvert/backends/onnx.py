@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EXIT_BAD_INPUT, MzError, short_text
+from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..recipe import Recipe, Variant
 from ..runtime import OnnxRunner
 from . import StripResult, check_tensors, export_anchors
@@ -40,11 +40,53 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     target = out_dir / "model.onnx"
     if recipe.format == "torch":
         _export_torch(source, recipe, target)
+        model = _load(target)
     else:
-        _load(source)  # a corrupt download is reported by its own name
-        shutil.copyfile(source, target)
-    inferred = onnx.shape_inference.infer_shapes(_load(target), strict_mode=True)
+        model = _load(source)  # a corrupt download is reported by its own name
+    model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     return _save(inferred, target)
+
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) came with opset 13
+
+
+def _with_input_shape(model, recipe: Recipe, source: Path):
+    """The model at the recipe's input.shape: dynamic dimensions of its input (['batch', 3, 'height', 'width'])
+    fixed, the outputs' symbolic dimensions cleared for shape inference to fill in."""
+    graph_input = next((i for i in model.graph.input if i.name == recipe.input.name), None)
+    if graph_input is None:
+        return model  # strip names the missing input with its close matches
+    dims = graph_input.type.tensor_type.shape.dim
+    if len(dims) != len(recipe.input.shape):
+        raise RecipeError(f"{recipe.path}: input.shape: {list(recipe.input.shape)}, but {source.name}'s input "
+                          f"{recipe.input.name} has {len(dims)} dimensions")
+    for dim, wanted in zip(dims, recipe.input.shape):
+        if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != wanted:
+            raise RecipeError(f"{recipe.path}: input.shape: {list(recipe.input.shape)}, but {source.name}'s input "
+                              f"{recipe.input.name} is fixed at {[d.dim_value or d.dim_param for d in dims]}")
+        dim.Clear()
+        dim.dim_value = wanted
+    for output in model.graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.Clear()
+    return model
+
+
+def _at_least_opset(model, opset: int, source: Path):
+    """The model converted up to `opset` (onnx's version converter) when it is older: per-channel QDQ needs it,
+    and ONNX Runtime's quantizer writes an older model that fails to load only after the whole quantization."""
+    from onnx import version_converter
+
+    current = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    if current >= opset:
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises its own errors for ops it cannot adapt
+        raise MzError(f"{source}: opset {current} is older than {opset}, which per-channel int8 needs, and onnx's "
+                      f"version converter cannot convert it: {short_text(exc)}", EXIT_BAD_INPUT) from None
 
 
 def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
@@ -170,7 +212,7 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
 
         # keep_io_types: callers feed and read float32, as with every other variant
         _save(_topologically_sorted(convert_float_to_float16(_load(model), keep_io_types=True)), target)
-    elif variant.mode in ("dynamic", "int8"):
+    elif variant.mode in ("dynamic", "int8", "int16x8"):
         prepared = out_dir / "preprocessed.onnx"
         # skip_symbolic_shape: symbolic inference needs sympy and the shapes here are static anyway
         q.quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
@@ -213,28 +255,58 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
                            per_channel=variant.per_channel, reduce_range=variant.reduce_range,
                            nodes_to_exclude=_grouped_convs(prepared))
         return
+    tensors = list(calibration())
+    method = "minmax" if variant.calibration_method == "entropy" else variant.calibration_method  # entropy: ORT's
+    ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile)
+    float_nodes = _mixed_range_outputs(_load(prepared), ranges) if variant.separate_output_scales else []
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
-                   activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+                   activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QInt8,
+                   weight_type=q.QuantType.QInt8, nodes_to_exclude=float_nodes)
     if variant.calibration_method == "entropy":  # ONNX Runtime's own calibrator
-        q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, calibration()),
+        q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, tensors),
                           calibrate_method=q.CalibrationMethod.Entropy, **options)
         if variant.weight_rounding == "fitted":
-            _fit_depthwise_weights(prepared, target, list(calibration()))
+            _fit_depthwise_weights(prepared, target, tensors)
         return
     # min/max, percentile and mse ranges are recorded here (ranges.py) and handed to the quantizer as its
     # calibration cache: exact percentiles in bounded memory, the same ranges as the TFLite path's, where ONNX
     # Runtime's histogram calibrators hold every activation of every image and read a percentile off a bin edge
     # (splitting the share outside between both ends); and its min/max with CalibMaxIntermediateOutputs drops
     # each full chunk of outputs unmeasured.
-    tensors = list(calibration())
     cache = target.with_name("ranges.json")
-    _write_ranges(_recorded_ranges(prepared, tensors, variant.calibration_method, variant.calibration_percentile),
-                  cache)
+    _write_ranges(ranges, cache)
     q.quantize_static(str(prepared), str(target), None, calibrate_method=q.CalibrationMethod.MinMax,
                       calibration_cache_path=str(cache), **options)
     cache.unlink()
     if variant.weight_rounding == "fitted":
         _fit_depthwise_weights(prepared, target, tensors)
+
+
+# Ops that only move values: an output they pass on keeps the scales of what they read.
+SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+# Parts of one output whose ranges differ more than this would share one int8 scale: the narrower keeps fewer
+# than 256 / 16 = 16 steps (YOLOv8's boxes in pixels and class probabilities: 320 to 1, every probability 0).
+SEPARATE_SCALES_RATIO = 16.0
+
+
+def _mixed_range_outputs(model, ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """The nodes to keep float so that each part of a concatenated output keeps its own int8 scale: for every
+    graph output that a Concat makes (through shape-only ops) from inputs whose recorded ranges differ more
+    than SEPARATE_SCALES_RATIO times, that Concat and the shape ops after it. Their inputs stay quantized,
+    each with its own scale."""
+    producer = {name: node for node in model.graph.node for name in node.output}
+    keep = []
+    for output in model.graph.output:
+        chain, node = [], producer.get(output.name)
+        while node is not None and node.op_type in SHAPE_OPS:
+            chain.append(node.name)
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Concat":
+            continue
+        widths = [ranges[name][1] - ranges[name][0] for name in node.input if name in ranges]
+        if len(widths) >= 2 and min(widths) > 0 and max(widths) / min(widths) > SEPARATE_SCALES_RATIO:
+            keep += [node.name, *chain]
+    return keep
 
 
 def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
@@ -387,8 +459,9 @@ def _check_quantized(path: Path, variant: Variant) -> None:
     """The quantizers skip what they cannot handle without a word: count what they inserted."""
     graph = _load(path).graph
     ops = [node.op_type for node in graph.node]
-    expected = {"int8": ("DequantizeLinear",), "dynamic": ("DynamicQuantizeLinear", "MatMulInteger",
-                                                            "ConvInteger", "DynamicQuantizeMatMul")}.get(variant.mode)
+    expected = {"int8": ("DequantizeLinear",), "int16x8": ("DequantizeLinear",),
+                "dynamic": ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
+                }.get(variant.mode)
     if expected and not any(op in expected for op in ops):
         raise MzError(f"{path}: variant {variant.name!r} ({variant.mode}) has no {' or '.join(expected)} node: "
                       "nothing was quantized")

@@ -153,13 +153,13 @@ def _check_saved_model(source: Path) -> None:
     if source.is_dir() and (source / "saved_model.pb").is_file():
         return
     head = source.read_bytes()[:8] if source.is_file() else b""
-    keras = head.startswith(b"\x89HDF") or head.startswith(b"PK") or source.suffix in (".h5", ".keras")
+    keras = head.startswith(b"\x89HDF") or head.startswith(b"PK") or source.suffix in (".h5", ".hdf5", ".keras")
     raise MzError(f"{source}: format tf-saved-model needs a folder holding saved_model.pb"
                   + ("; this is a Keras file: use format: keras" if keras else ""), EXIT_BAD_INPUT)
 
 
 def load_keras(source: Path):
-    """A .keras or .h5 model, in Keras' safe mode: a Lambda layer's pickled Python code is refused, not run."""
+    """A .keras or .h5 (.hdf5) model, in Keras' safe mode: a Lambda layer's pickled Python code is refused, not run."""
     import keras
 
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import MzError
+from ..errors import EXIT_BAD_INPUT, MzError
 from ..layout import built_stage_model
 from ..recipe import ClassLabels, InputSpec, Preprocess, Recipe
 from ..tasks.classification import labelled_images, scores_by_label
@@ -35,6 +35,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     from ..manifest import load_manifest
     from ..runtime import open_model
 
+    check_scored(recipe)
     manifest = load_manifest(dist, recipe.name)
     folder = dist / recipe.name
     output_names = list(recipe.strip.outputs) if recipe.strip else None
@@ -90,10 +91,20 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     return evaluation, manifest
 
 
+def check_scored(recipe: Recipe) -> None:
+    """eval and predict score detections and classes; other tasks are judged by build against the float model."""
+    if recipe.task not in ("detection", "classification"):
+        raise MzError(f"{recipe.path}: task: eval and predict score detections and classes against labels; a task "
+                      f"{recipe.task} model is judged against its float model by build (verify: "
+                      f"{'mask IoU and ' if recipe.task == 'dense' else ''}SQNR per output and slice, in report.md)",
+                      EXIT_BAD_INPUT)
+
+
 def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifest: dict) -> dict[str, Predict]:
     """What each model of `runners` (fed the recipe's preprocessing) predicts on an image: detections,
     decoded as the recipe says or read from an attached post-processor, or scores indexed like the
     recipe's labels. `folder`/`manifest`: the dist the variants come from."""
+    check_scored(recipe)
     if recipe.task == "detection":
         anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
         attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}

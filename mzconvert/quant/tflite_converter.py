@@ -31,9 +31,12 @@ def run_converter(converter, source: Path, recipe: Recipe, variant: Variant,
         converter.target_spec.supported_types = [tf.float16]
     elif variant.mode == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif variant.mode == "int8":
+    elif variant.mode in ("int8", "int16x8"):
         int8_converter(converter, calibration)
-        io_type = getattr(tf, variant.io_dtype)  # tf.float32 | tf.int8 | tf.uint8
+        if variant.mode == "int16x8":  # 16-bit activations, 8-bit weights: the converter's own quantizer
+            ops = tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+            converter.target_spec.supported_ops = [ops]
+        io_type = getattr(tf, variant.io_dtype)  # tf.float32 | tf.int8 | tf.uint8 | tf.int16
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
     flatbuffer = _convert(converter, source, f"of variant {variant.name!r} ({variant.mode})")

@@ -1,6 +1,6 @@
 """A recipe file to a validated Recipe: every section parsed (sections.py), then the rules between them
 (rules.py), all problems of one run named together, a line each:
-``recipes/x.yaml: variants[1].mode: 'int4' is not one of float32, float16, dynamic, int8, uint8-qat``.
+``recipes/x.yaml: variants[1].mode: 'int4' is not one of float32, float16, dynamic, int8, int16x8, uint8-qat``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from ..yamlsafe import load_yaml
 from . import rules
 from .lookup import SHIPPED_RECIPES, is_within, recipes_dir, resolve_recipe_path
 from .reader import Problems, Reader
-from .schema import FORMATS, SAFE_NAME, TASKS, TOP_LEVEL, Postprocess, Recipe, Variant
+from .schema import FORMATS, SAFE_NAME, TASKS, TOP_LEVEL, Dense, Postprocess, Recipe, Variant
 from .sections import (
+    parse_dense,
     parse_graph_edits,
     parse_input,
     parse_labels,
@@ -94,13 +95,13 @@ def _check_variants(r: Reader, problems: Problems, s: _Sections) -> tuple[Varian
 
 
 def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[Variant, ...]):
-    """The sections that depend on others: (torch, verify, source_pipeline, labels), each checked."""
+    """The sections that depend on others: (torch, verify, source_pipeline, labels, dense), each checked."""
     all_variants = problems.ok("variants") and len(variants) == len(s.variants or ())
     if s.fmt == "tflite" and problems.ok("postprocess", "strip"):
         problems.check(rules.check_converted_source, r, s.postprocess)
     if s.vela and all_variants and s.fmt:
         problems.check(rules.check_npu_targets, r, s.vela, list(variants), s.fmt)
-    torch_spec = verify = source_pipeline = labels = None
+    torch_spec = verify = source_pipeline = labels = dense = None
     if s.fmt is not None and problems.passes(rules.check_torch_section, r, s.fmt) and s.fmt == "torch":
         torch_spec = problems.check(parse_torch, r)
     if r.has("verify"):
@@ -112,7 +113,11 @@ def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[V
     if (r.has("labels") or r.has("label_offset")) and s.task:
         if problems.passes(rules.check_labels_task, r, s.task):
             labels = problems.check(parse_labels, r, r.file)
-    return torch_spec, verify, source_pipeline, labels
+    if s.task == "dense" and not r.has("dense"):
+        dense = Dense()
+    elif r.has("dense") and s.task and problems.passes(rules.check_dense_task, r, s.task):
+        dense = problems.check(parse_dense, r)
+    return torch_spec, verify, source_pipeline, labels, dense
 
 
 def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
@@ -127,7 +132,7 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
     local = not is_within(path, SHIPPED_RECIPES)  # shipped recipes must not name files of this machine
     s = _read_sections(r, problems, local, allow_unpinned)
     variants = _check_variants(r, problems, s)
-    torch_spec, verify, source_pipeline, labels = _check_across(r, problems, s, variants)
+    torch_spec, verify, source_pipeline, labels, dense = _check_across(r, problems, s, variants)
     graph_edits = problems.check(parse_graph_edits, r.child("graph_edits")) if r.has("graph_edits") else {}
     problems.raise_any()
     return Recipe(path=path, text_sha256=sha256_bytes(text.encode()), name=s.name, task=s.task,
@@ -135,7 +140,7 @@ def parse_recipe(path: Path, text: str, allow_unpinned: bool = False) -> Recipe:
                   format=s.fmt, input=s.model_input, preprocess=s.preprocess,
                   strip=s.strip, postprocess=s.postprocess, variants=variants, vela=s.vela, verify=verify,
                   graph_edits=graph_edits, torch=torch_spec, source_pipeline=source_pipeline, labels=labels,
-                  raw=data)
+                  dense=dense, raw=data)
 
 
 def load_recipe(name_or_path: str | Path, allow_unpinned: bool = False) -> Recipe:

@@ -8,9 +8,15 @@ from dataclasses import replace
 
 from ..yamlsafe import short
 from .reader import Reader
-from .schema import TFLITE_CALIBRATION_METHODS, Postprocess, Source, Variant, VelaTarget
-
-INTEGER_MODES = ("int8", "uint8-qat")  # what the NPU compiles
+from .schema import (
+    CALIBRATED_MODES,
+    INTEGER_MODES,
+    TFLITE_CALIBRATION_METHODS,
+    Postprocess,
+    Source,
+    Variant,
+    VelaTarget,
+)
 
 
 def uses_onnx_backend(fmt: str) -> bool:
@@ -58,7 +64,7 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
                         "(not a .tflite source, a graph with custom ops, or reduce_range)", where("weight_rounding"))
     if fmt == "tflite" and v.calibration:
         raise item.fail("format tflite: the model is quantized already; remove calibration", where("calibration"))
-    if v.mode == "int8" and fmt != "tflite" and not v.calibration:
+    if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
     if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"):
         raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd",
@@ -75,15 +81,15 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
 
 
 def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
-    if v.target == "tflite" and uses_onnx_backend(fmt) and v.mode == "int8":
+    if v.target == "tflite" and uses_onnx_backend(fmt) and v.mode in CALIBRATED_MODES:
         return  # the Keras port converts like any TFLite model: full-integer I/O allowed
     if not uses_onnx_backend(fmt):
-        for key in ("per_channel", "reduce_range"):
+        for key in ("per_channel", "reduce_range", "separate_output_scales"):
             if item.has(key):
                 raise item.fail(f"{key} applies to onnx and torch sources (TFLite int8 is per-channel)",
                                 item.child_where(key))
-    elif v.mode == "int8" and v.io_dtype != "float32":
-        raise item.fail("ONNX int8 is QDQ: inputs and outputs stay float32; set io_dtype: float32",
+    elif v.mode in CALIBRATED_MODES and v.io_dtype != "float32":
+        raise item.fail(f"ONNX {v.mode} is QDQ: inputs and outputs stay float32; set io_dtype: float32",
                         item.child_where("io_dtype"))
     elif v.mode == "uint8-qat":
         raise item.fail("uint8-qat applies to TensorFlow sources", item.child_where("mode"))
@@ -120,5 +126,12 @@ def check_verify_images(r: Reader, images: str, variants: list[Variant]) -> None
 
 
 def check_labels_task(r: Reader, task: str) -> None:
-    if task != "classification":
+    if task == "detection":
         raise r.fail("detection recipes name their labels in postprocess.labels", "labels")
+    if task != "classification":
+        raise r.fail(f"task {task} has no class labels; labels are for classifiers", "labels")
+
+
+def check_dense_task(r: Reader, task: str) -> None:
+    if task != "dense":
+        raise r.fail(f"only task dense reads its outputs as maps; this is task {task}", "dense")

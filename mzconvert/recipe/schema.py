@@ -10,12 +10,21 @@ from pathlib import Path
 from ..errors import RecipeError
 from ..fsio import HASH_ALGORITHMS
 
-TASKS = ("detection", "classification")
+# dense: maps (segmentation, text, depth), judged by mask IoU; other: anything else (embeddings), by its signal
+TASKS = ("detection", "classification", "dense", "other")
+# The fidelity a variant must keep against the float model on the verify images unless its recipe lowers the
+# floor (variants[].min_*): measured on the shipped recipes' variants (docs/results.md), every one of which
+# passes with a margin, while the broken int8 models this check is for (scores set to 0 under a box-sized
+# scale, a map with the wrong pixels) fall far below.
+DEFAULT_FLOORS = {"min_matched": 0.80, "min_agreement": 0.90, "min_mask_iou": 0.80, "min_slice_sqnr_db": 10.0}
 FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "tflite")
-MODES = ("float32", "float16", "dynamic", "int8", "uint8-qat")
-IO_DTYPES = ("float32", "int8", "uint8")
+# int16x8: 16-bit activations, 8-bit weights (TFLite's 16x8 mode, ONNX QDQ with int16 activations; Ethos-U runs it)
+MODES = ("float32", "float16", "dynamic", "int8", "int16x8", "uint8-qat")
+IO_DTYPES = ("float32", "int8", "uint8", "int16")
+CALIBRATED_MODES = ("int8", "int16x8")  # modes whose activation ranges are recorded on calibration images
+INTEGER_MODES = ("int8", "int16x8", "uint8-qat")  # full-integer models: what the NPU compiles
 LAYOUTS = ("NHWC", "NCHW")
-CHANNEL_ORDERS = ("RGB", "BGR")
+CHANNEL_ORDERS = ("RGB", "BGR", "GRAY")  # GRAY: one channel, the decoded image's luma (PIL convert("L"))
 # Resize modes, named after the framework op each reproduces (mzconvert/preprocess.py).
 INTERPOLATIONS = ("tf1-bilinear", "tf2-bilinear", "tf2-bilinear-antialias", "pil-bilinear", "pil-bicubic",
                   "pil-nearest", "cv2-linear", "torchvision")
@@ -39,7 +48,7 @@ SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "box_coder_scales", "box_output", "c
 FIELDS = {
     "": ("name", "task", "description", "license", "source", "format", "input", "preprocess", "strip",
          "postprocess", "variants", "targets", "verify", "graph_edits", "torch", "source_pipeline", "labels",
-         "label_offset"),
+         "label_offset", "dense"),
     "source": ("url", "pypi", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS,
     "input": ("name", "shape", "layout", "dtype"),
     "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop"),
@@ -47,13 +56,15 @@ FIELDS = {
     "postprocess": ("kind", "labels", "category_ids") + SSD_POSTPROCESS_FIELDS,
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
-                   "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding"),
+                   "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
+                   "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db", "separate_output_scales"),
     "variants[].quantized_input_stats": ("mean", "std"),
     "targets": ("vela",),
     "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
                      "max_sram_kib", "max_flash_kib", "max_inference_ms"),
     "verify": ("images", "count"),
     "torch": ("module", "num_classes", "width", "relu6", "opset"),
+    "dense": ("threshold",),
     "source_pipeline": ("input", "outputs", "class_offset", "min_matched"),
 }
 TOP_LEVEL = FIELDS[""]
@@ -88,6 +99,10 @@ class InputSpec:
     dtype: str
 
     @property
+    def channels(self) -> int:
+        return self.shape[3] if self.layout == "NHWC" else self.shape[1]
+
+    @property
     def height_width(self) -> tuple[int, int]:
         if self.layout == "NHWC":
             return self.shape[1], self.shape[2]
@@ -96,7 +111,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Pixel values x in [0, 255] (RGB or BGR) become (x - mean) / std per channel.
+    """Pixel values x in [0, 255] (RGB, BGR, or GRAY: the luma) become (x - mean) / std per channel.
 
     A recipe writes either ``mean``/``std`` or ``scale``/``offset`` (x * scale + offset); both are
     stored as mean/std so there is one code path.
@@ -105,8 +120,8 @@ class Preprocess:
     resize: tuple[int, int]  # height, width
     interpolation: str
     channel_order: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one per channel
+    std: tuple[float, ...]
     central_crop: float = 1.0  # keep this central fraction of height and width before resizing
 
 
@@ -185,6 +200,14 @@ class Variant:
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
     weight_rounding: str = "nearest"  # fitted: int8 depthwise weights fitted to the calibration images
+    # Fidelity floors against the float model (DEFAULT_FLOORS unless the recipe lowers one): the build fails below
+    min_matched: float = DEFAULT_FLOORS["min_matched"]  # detectors: share of detections matched
+    min_agreement: float = DEFAULT_FLOORS["min_agreement"]  # classifiers: top-1 agreement
+    min_mask_iou: float = DEFAULT_FLOORS["min_mask_iou"]  # dense maps
+    min_slice_sqnr_db: float = DEFAULT_FLOORS["min_slice_sqnr_db"]  # every output's worst slice (or whole output)
+    # ONNX int8: an output that concatenates parts of very different ranges (boxes in pixels, probabilities)
+    # keeps each part's own scale: its Concat stays float (backends/onnx.py)
+    separate_output_scales: bool = True
 
 
 @dataclass(frozen=True)
@@ -217,6 +240,14 @@ class VerifySpec:
 
 
 @dataclass(frozen=True)
+class Dense:
+    """How a dense map is read: a single-channel map marks the pixels above `threshold` (a probability map:
+    0.5; DBNet-style text maps are often read at 0.3); a map with several channels marks each pixel's argmax."""
+
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     text_sha256: str
@@ -237,6 +268,7 @@ class Recipe:
     torch: TorchSpec | None
     source_pipeline: SourcePipeline | None = None
     labels: ClassLabels | None = None  # classification only
+    dense: Dense | None = None  # task dense only
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def member_for(self, variant: Variant) -> str | None:

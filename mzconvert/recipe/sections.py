@@ -12,8 +12,10 @@ from .reader import Problems, Reader, kind
 from .schema import (
     ACCELERATORS,
     AMBIGUOUS_INTERPOLATIONS,
+    CALIBRATED_MODES,
     CALIBRATION_METHODS,
     CHANNEL_ORDERS,
+    DEFAULT_FLOORS,
     FIELDS,
     INTERPOLATIONS,
     IO_DTYPES,
@@ -27,6 +29,7 @@ from .schema import (
     URL_SCHEMES,
     WEIGHT_ROUNDINGS,
     ClassLabels,
+    Dense,
     InputSpec,
     Postprocess,
     Preprocess,
@@ -116,15 +119,15 @@ def parse_input(r: Reader) -> InputSpec:
     shape = tuple(r.list_of("shape", Reader.as_dimension, length=4))
     layout = r.string("layout", default="NHWC", required=False, choices=LAYOUTS)
     channels = shape[3] if layout == "NHWC" else shape[1]
-    if channels != 3:
-        raise r.fail(f"shape {list(shape)} has {channels} channels in {layout} layout; expected 3",
-                     r.child_where("shape"))
+    if channels not in (1, 3):
+        raise r.fail(f"shape {list(shape)} has {channels} channels in {layout} layout; expected 3 (color) or 1 "
+                     "(grayscale)", r.child_where("shape"))
     return InputSpec(name=r.string("name"), shape=shape, layout=layout,
                      dtype=r.string("dtype", default="float32", required=False, choices=("float32",)))
 
 
-def _triple(r: Reader, key: str) -> tuple[float, float, float] | None:
-    values = r.list_of(key, Reader.as_number, required=False, length=3)
+def _per_channel(r: Reader, key: str, channels: int) -> tuple[float, ...] | None:
+    values = r.list_of(key, Reader.as_number, required=False, length=channels)
     return tuple(values) if values else None
 
 
@@ -135,7 +138,8 @@ def parse_preprocess(r: Reader, model_input: InputSpec) -> Preprocess:
     if resize != model_input.height_width:
         raise r.fail(f"resize {list(resize)} does not match input shape {list(model_input.shape)}",
                      r.child_where("resize"))
-    mean, std = _triple(r, "mean"), _triple(r, "std")
+    channels = model_input.channels
+    mean, std = _per_channel(r, "mean", channels), _per_channel(r, "std", channels)
     scale = r.number("scale", required=False, positive=True)
     offset = r.number("offset", required=False)
     if (mean or std) and (scale is not None or offset is not None):
@@ -144,20 +148,22 @@ def parse_preprocess(r: Reader, model_input: InputSpec) -> Preprocess:
         # x * scale + offset == (x - mean) / std with std = 1/scale, mean = -offset/scale
         scale = 1.0 if scale is None else scale
         offset = 0.0 if offset is None else offset
-        mean, std = (-offset / scale,) * 3, (1.0 / scale,) * 3
-    mean = mean or (0.0, 0.0, 0.0)
-    std = std or (1.0, 1.0, 1.0)
+        mean, std = (-offset / scale,) * channels, (1.0 / scale,) * channels
+    mean = mean or (0.0,) * channels
+    std = std or (1.0,) * channels
     if any(s <= 0 for s in std):
         raise r.fail(f"std must be positive, got {list(std)}", r.child_where("std"))
     if r.has("interpolation") and r.data["interpolation"] in AMBIGUOUS_INTERPOLATIONS:
         raise r.fail(f"{short(r.data['interpolation'])} is ambiguous (TF1, TF2, PIL, OpenCV and torchvision resize "
                      f"differently); name the one the model was trained with: {', '.join(INTERPOLATIONS)}",
                      r.child_where("interpolation"))
-    return Preprocess(resize=resize,
-                      interpolation=r.string("interpolation", choices=INTERPOLATIONS),
-                      channel_order=r.string("channel_order", required=False, default="RGB",
-                                             choices=CHANNEL_ORDERS),
-                      mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
+    order = r.string("channel_order", required=False, default="GRAY" if channels == 1 else "RGB",
+                     choices=CHANNEL_ORDERS)
+    if (order == "GRAY") != (channels == 1):
+        raise r.fail(f"{order} for an input of {channels} channel(s); GRAY is for one channel, RGB or BGR for three",
+                     r.child_where("channel_order"))
+    return Preprocess(resize=resize, interpolation=r.string("interpolation", choices=INTERPOLATIONS),
+                      channel_order=order, mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
 
 
 def _cosine(r: Reader, key: str) -> float | None:
@@ -228,15 +234,19 @@ def _percentile(r: Reader) -> float:
 def parse_variant(r: Reader) -> Variant:
     r.mapping(FIELDS["variants[]"])
     mode = r.string("mode", choices=MODES)
-    default_io = {"int8": "int8", "uint8-qat": "uint8"}.get(mode, "float32")
+    default_io = {"int8": "int8", "int16x8": "int16", "uint8-qat": "uint8"}.get(mode, "float32")
     io_dtype = r.string("io_dtype", required=False, default=default_io, choices=IO_DTYPES)
     if mode in ("float32", "float16", "dynamic") and io_dtype != "float32":
         raise r.fail(f"mode {mode} keeps float32 input/output, got {short(io_dtype)}", r.child_where("io_dtype"))
     if mode == "uint8-qat" and io_dtype != "uint8":
         raise r.fail("mode uint8-qat has uint8 input/output", r.child_where("io_dtype"))
+    if (mode == "int16x8") != (io_dtype == "int16") and io_dtype != "float32":
+        raise r.fail(f"mode {mode} takes float32 or {default_io} input/output, not {io_dtype}",
+                     r.child_where("io_dtype"))
     calibration = r.string("calibration", required=False)  # required by int8 of sources to convert (parse_recipe)
-    if calibration and mode != "int8":
-        raise r.fail(f"only int8 variants are calibrated, not {mode}", r.child_where("calibration"))
+    if calibration and mode not in CALIBRATED_MODES:
+        raise r.fail(f"only {' and '.join(CALIBRATED_MODES)} variants are calibrated, not {mode}",
+                     r.child_where("calibration"))
     stats = r.child("quantized_input_stats")
     mean_std = (128.0, 128.0)
     if r.has("quantized_input_stats"):
@@ -250,6 +260,11 @@ def parse_variant(r: Reader) -> Variant:
                    quantized_input_stats=mean_std,
                    min_cosine=_cosine(r, "min_cosine"),
                    min_sqnr_db=r.number("min_sqnr_db", required=False),
+                   min_matched=_share(r, "min_matched"), min_agreement=_share(r, "min_agreement"),
+                   min_mask_iou=_share(r, "min_mask_iou"),
+                   min_slice_sqnr_db=r.number("min_slice_sqnr_db", required=False,
+                                              default=DEFAULT_FLOORS["min_slice_sqnr_db"]),
+                   separate_output_scales=r.boolean("separate_output_scales", True),
                    member=_relative_member(r, "member"),
                    per_channel=r.boolean("per_channel", True),
                    calibration_method=r.string("calibration_method", required=False, default="minmax",
@@ -298,6 +313,8 @@ def parse_source_pipeline(r: Reader, task: str, fmt: str) -> SourcePipeline:
     r.mapping(FIELDS["source_pipeline"])
     if not fmt.startswith("tf-"):
         raise r.fail(f"runs TensorFlow sources end to end; format {fmt} has no source pipeline to run")
+    if task not in PIPELINE_ROLES:
+        raise r.fail(f"compares detectors and classifiers end to end; task {task} has no roles to compare")
     roles = PIPELINE_ROLES[task]
     outputs = r.child("outputs").mapping(roles)
     for role in roles:
@@ -346,6 +363,18 @@ def parse_torch(r: Reader) -> TorchSpec:
                      width=t.number("width", required=False, default=1.0, positive=True),
                      relu6=t.boolean("relu6", True),
                      opset=t.integer("opset", required=False, default=17, minimum=7))
+
+
+def _share(r: Reader, key: str) -> float:
+    value = r.number(key, required=False, default=DEFAULT_FLOORS[key])
+    if not 0 <= value <= 1:
+        raise r.fail(f"expected a share in [0, 1], got {value}", r.child_where(key))
+    return value
+
+
+def parse_dense(r: Reader) -> Dense:
+    d = r.child("dense").mapping(FIELDS["dense"])
+    return Dense(threshold=d.number("threshold", required=False, default=0.5))
 
 
 def parse_verify(r: Reader) -> VerifySpec:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ..fsio import write_bytes_atomic, write_json_atomic
 from ..manifest import load_manifest
+from ..recipe.schema import DEFAULT_FLOORS, INTEGER_MODES
 from ..stages.debug import debug_table
 from ..stages.dist import write_md5sums
+from ..stages.verify import below_floors
 from .tables import accuracy_key, bench_table, eval_table, in_order, load_evals, size_mb
 
 
@@ -49,6 +51,25 @@ class _Plots:
             ax.set_xlabel(label)
             ax.set_title(title, fontsize=10)
         self.plot(filename, len(names), draw)
+
+
+def _warnings(variants: dict, bench: dict | None) -> list[str]:
+    """What a reader must not miss: fidelity below a default floor (allowed by the recipe's own), an integer
+    variant slower than float32 on this CPU, operators the NPU leaves to the CPU."""
+    lines = []
+    for name, v in variants.items():
+        for field, what, shown in below_floors(v.get("verify") or {}, DEFAULT_FLOORS):
+            lines.append(f"- **{name}**: {what} {shown}, below the default floor {DEFAULT_FLOORS[field]} "
+                         f"(the recipe lowered {field})")
+        float_ms = (bench or {}).get("results", {}).get("float32", {}).get("median_ms")
+        ms = (bench or {}).get("results", {}).get(name, {}).get("median_ms")
+        if v["mode"] in INTEGER_MODES and float_ms and ms and ms > float_ms:
+            lines.append(f"- **{name}**: {ms:.2f} ms on this CPU, slower than float32 ({float_ms:.2f} ms, "
+                         f"{float_ms / ms:.2f}x): its integer kernels do not pay here")
+        for target, npu in v.get("vela", {}).items():
+            if npu["cpu_op_count"]:
+                lines.append(f"- **{name}** on {target}: {npu['cpu_op_count']} operator(s) run on the CPU, not the NPU")
+    return ["## Warnings", "", *lines, ""] if lines else []
 
 
 def _accuracy(folder: Path, manifest: dict, variants: dict, evaluations: list[dict], plots: _Plots,
@@ -146,7 +167,7 @@ def write_report(folder: Path, recipe_argument: str) -> list[Path]:
     variants = in_order(manifest, "variants", "variant_order")
     vela = {n: v["vela"] for n, v in variants.items() if "vela" in v}
     plots = _Plots(folder)
-    md = [f"# {folder.name}", ""]
+    md = [f"# {folder.name}", ""] + _warnings(variants, bench)
     md += _accuracy(folder, manifest, variants, evaluations, plots, recipe_argument)
     md += _fidelity(manifest, variants) + _latency(folder, bench, plots) + _npu(vela) + _debug_and_pictures(folder)
     report = {"recipe": folder.name, "recipe_sha256": manifest["recipe_sha256"], "eval": evaluations, "bench": bench,

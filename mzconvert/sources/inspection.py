@@ -286,6 +286,12 @@ def inspect_text(report: dict, indent: str = "") -> str:
         for role in ("inputs", "outputs"):
             for k, t in signature[role].items():
                 lines.append(f"{indent}    {role[:-1]} {k}: {t['name']}  {t['dtype']} {t['shape']}")
+    if report.get("opset") is not None:
+        lines.append(f"{indent}  opset {report['opset']}")
+    dynamic = [f"{t['name']} {t['shape']}" for key in ("inputs", "outputs") for t in report.get(key, [])
+               if any(not isinstance(d, int) or d < 0 for d in (t.get("shape") or []))]
+    if dynamic:
+        lines.append(f"{indent}  dynamic dimensions: {'; '.join(dynamic)}")
     if "ops" in report:
         lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
     if "full_integer" in report:

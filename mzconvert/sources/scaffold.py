@@ -7,6 +7,7 @@ trained with), marked CHECK. The recipe validates as written.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -31,8 +32,8 @@ def _static(shape: list | None, what: str) -> list[int]:
         raise MzError(f"{what}: its shape is unknown; init needs a graph with a static input shape", EXIT_BAD_INPUT)
     fixed = [1 if i == 0 and (not isinstance(d, int) or d < 0) else d for i, d in enumerate(shape)]
     if any(not isinstance(d, int) or d < 0 for d in fixed):
-        raise MzError(f"{what}: input shape {shape} has unknown dimensions besides the batch; "
-                      "init needs a static image size", EXIT_BAD_INPUT)
+        raise MzError(f"{what}: input shape {shape} has unknown dimensions besides the batch; give the size to "
+                      "build at with init --input-shape, e.g. 1,3,320,320", EXIT_BAD_INPUT)
     return fixed
 
 
@@ -83,7 +84,8 @@ def _frozen_graph(model: dict) -> dict:
     if not outputs:
         raise MzError(f"{model['file']}: no float output node to propose", EXIT_BAD_INPUT)
     first = inputs[0]
-    return {"task": "classification", "input": first["name"], "shape": _static(first["shape"], first["name"]),
+    shape = _static(first["shape"], first["name"])
+    return {"task": task_of([s.get("shape") for s in outputs], shape[1:3]), "input": first["name"], "shape": shape,
             "outputs": [s["name"] for s in outputs], "preprocess": TF_PREPROCESS,
             "classes": (outputs[0].get("shape") or [None])[-1]}
 
@@ -102,9 +104,27 @@ def _single_input(model: dict) -> dict:
                       EXIT_BAD_INPUT)
     model_input = model["inputs"][0]
     shape = _static(model_input["shape"], model_input["name"])
-    return {"task": "classification", "input": model_input["name"], "shape": shape,
-            "layout": "NCHW" if len(shape) == 4 and shape[1] in (1, 3) else "NHWC",
-            "outputs": [o["name"] for o in model["outputs"]], "classes": (model["outputs"][0]["shape"] or [None])[-1]}
+    layout = "NCHW" if len(shape) == 4 and shape[1] in (1, 3) else "NHWC"
+    image = shape[2:4] if layout == "NCHW" else shape[1:3]
+    return {"task": task_of([o["shape"] for o in model["outputs"]], image), "input": model_input["name"],
+            "shape": shape, "layout": layout, "outputs": [o["name"] for o in model["outputs"]],
+            "classes": (model["outputs"][0]["shape"] or [None])[-1]}
+
+
+DENSE_STRIDE = 8  # a map of at least 1/8 of the image's height and width is a dense output, not a feature map
+
+
+def task_of(output_shapes: list[list | None], image: list[int]) -> str:
+    """What a model's outputs say it does: one vector of scores per image is a classifier; a map of at least
+    1/DENSE_STRIDE of the image's size is dense (segmentation, text, depth); anything else (a detection head
+    without a decoder of its kind, an embedding of several outputs) is other, judged by its signal."""
+    sizes = [[d if isinstance(d, int) and d > 0 else None for d in (s or [])] for s in output_shapes]
+    if len(sizes) == 1 and len(sizes[0]) == 2 and (sizes[0][1] or 0) >= 2:
+        return "classification"
+    spatial = [sorted(d or 0 for d in s[1:])[-2:] for s in sizes if len(s) == 4]
+    if spatial and all(min(dims) * DENSE_STRIDE >= min(image) for dims in spatial):
+        return "dense"
+    return "other"
 
 
 def _saved_model(model: dict) -> dict:
@@ -116,8 +136,10 @@ def _saved_model(model: dict) -> dict:
     (name, spec), = signatures[key]["inputs"].items()
     outputs = signatures[key]["outputs"]
     first = next(iter(outputs.values()), {})
-    return {"task": "classification", "input": name, "shape": _static(spec["shape"], name),
-            "outputs": sorted(outputs), "preprocess": TF_PREPROCESS, "classes": (first.get("shape") or [None])[-1]}
+    shape = _static(spec["shape"], name)
+    return {"task": task_of([outputs[k].get("shape") for k in sorted(outputs)], shape[1:3]), "input": name,
+            "shape": shape, "outputs": sorted(outputs), "preprocess": TF_PREPROCESS,
+            "classes": (first.get("shape") or [None])[-1]}
 
 
 def _torch(model: dict) -> dict:
@@ -150,10 +172,50 @@ PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "
              "keras": _keras, "onnx": _onnx, "torch": _torch, "tflite": _tflite}
 
 
+def _at_shape(model: dict, shape: list[int]) -> dict:
+    """The model report with its one image input at `shape` (init --input-shape): dynamic dimensions take the
+    given size; a fixed dimension must equal it."""
+    key = "inputs" if "inputs" in model else "placeholders"
+    inputs = model.get(key) or []
+    declared = inputs[0].get("shape") if len(inputs) == 1 else None
+    fits = declared is None or (len(declared) == len(shape) and all(
+        not isinstance(d, int) or d < 0 or d == s for d, s in zip(declared, shape)))
+    if len(inputs) != 1 or not fits:
+        found = ", ".join(f"{i['name']} {i.get('shape')}" for i in inputs) or "none"
+        raise MzError(f"{model['file']}: --input-shape {shape} does not fit its image input (inputs: {found})",
+                      EXIT_BAD_INPUT)
+    return model | {key: [inputs[0] | {"shape": list(shape)}]}
+
+
+def _for_channels(preprocess: dict, shape: list[int], layout: str) -> dict:
+    """A grayscale input (one channel) takes the image's luma, scaled to [0, 1] as such models most often are
+    (CHECK); a color one the proposal of its kind."""
+    if (shape[1] if layout == "NCHW" else shape[-1]) != 1:
+        return preprocess
+    return {"interpolation": preprocess["interpolation"], "channel_order": "GRAY", "scale": 1 / 255, "offset": 0.0}
+
+
+def _as_given(folder: Path, recipe_dir: Path) -> str:
+    """A folder as the written recipe names it: as the user gave it, absolute or relative; a relative one from
+    the recipe's own folder, where a recipe's relative paths are read from (sources/imagesets.py)."""
+    if folder.is_absolute():
+        return str(folder)
+    return os.path.relpath(folder.resolve(), recipe_dir.resolve())
+
+
+def single_model_member(report: dict) -> str | None:
+    """The one model file of an archive, where it holds exactly one: init needs no --member for it."""
+    models = [m["name"] for m in report.get("members", []) if "model" in m]
+    return models[0] if report.get("kind") == "archive" and "member" not in report and len(models) == 1 else None
+
+
 def propose_recipe(name: str, report: dict, source: dict, member: str | None, calibration: Path | None,
-                   verify: Path | None) -> str:
-    """The recipe text for the model `report` describes (see inspection.inspect_file)."""
+                   verify: Path | None, input_shape: list[int] | None = None, recipe_dir: Path = Path(".")) -> str:
+    """The recipe text for the model `report` describes (see inspection.inspect_file), at `input_shape` where
+    given, to be written into `recipe_dir`."""
     model = _model_report(report)
+    if input_shape:
+        model = _at_shape(model, input_shape)
     fmt = model["format"]
     if fmt not in PROPOSERS:
         raise MzError(f"{model['file']}: init proposes recipes for {', '.join(PROPOSERS)} sources, not {fmt} "
@@ -170,7 +232,7 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
                          "sha256": (model if "pypi" in source else report)["sha256"]},
               "format": fmt,
               "input": {"name": p["input"], "shape": p["shape"], "layout": layout, "dtype": "float32"},
-              "preprocess": {"resize": [height, width], **p["preprocess"]}}
+              "preprocess": {"resize": [height, width], **_for_channels(p["preprocess"], p["shape"], layout)}}
     if p["outputs"]:
         recipe["strip"] = {"inputs": [p["input"]], "outputs": p["outputs"]}
     if "torch" in p:
@@ -189,18 +251,19 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     variants = [{"name": "float32", "mode": "float32"}]
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
-                         "calibration": str(calibration.resolve()),
+                         "calibration": _as_given(calibration, recipe_dir),
                          # the ranges that kept MobileNetV2's top-1 and agreement under ONNX Runtime (docs/results.md)
                          **({"calibration_method": "percentile", "calibration_percentile": 99.99}
                             if onnx_backend else {})})
     if calibration is not None and fmt == "torch":  # for the NPU: the module's Keras port, full-integer
         variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
-                         "calibration": str(calibration.resolve())})
+                         "calibration": _as_given(calibration, recipe_dir)})
     recipe["variants"] = variants
     if calibration is not None and fmt != "onnx":
         recipe["targets"] = {"vela": [NPU_TARGET]}
     if verify is not None:  # a few dozen images tell fidelity apart; eval is for accuracy
-        recipe["verify"] = {"images": str(verify.resolve()), "count": min(VERIFY_COUNT, len(list_images(verify)))}
+        recipe["verify"] = {"images": _as_given(verify, recipe_dir),
+                            "count": min(VERIFY_COUNT, len(list_images(verify)))}
     return _with_notes(recipe, model, p)
 
 

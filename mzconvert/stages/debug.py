@@ -24,11 +24,11 @@ import numpy as np
 
 from ..backends import backend_for
 from ..errors import EXIT_BAD_INPUT, MzError
-from ..fsio import write_json_atomic
-from ..layout import built_stage_model
-from ..manifest import load_manifest, measured_artifacts
+from ..fsio import sha256_file, write_json_atomic
+from ..layout import built_stage_model, recipe_build_folder
+from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
-from ..recipe import Recipe, Variant
+from ..recipe import Recipe, Variant, command_argument
 from ..sources.fetch import Fetcher
 from ..sources.imagesets import load_image_set
 from .calibrate import DEFAULT_CALIBRATION_COUNT
@@ -196,13 +196,15 @@ def summary(layers: list[dict]) -> dict:
 
 def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Path, fetcher: Fetcher,
                     count: int | None, log) -> dict:
-    """`mzconvert debug`: the variant's layer errors on `count` verify images (verify.count or all), written
-    to dist/<recipe>/debug/<variant>.json and .png (MD5SUMS updated)."""
-    manifest = load_manifest(out, recipe.name)
+    """`mzconvert debug`: the variant's layer errors on `count` verify images (verify.count or all). Into
+    dist/<recipe>/debug/<variant>.json and .png (MD5SUMS updated) when the dist holds the variant; else into
+    build/<recipe>/debug/: a variant below its fidelity floor fails the build before dist is written, and
+    this is where its message sends the user."""
     stripped = built_stage_model(build_root, recipe, "strip")
-    if stripped is None or variant.name not in manifest["variants"]:
-        raise MzError(f"{build_root / recipe.name}: no build of {variant.name}; run mzconvert build {recipe.name} "
-                      "first", EXIT_BAD_INPUT)
+    artifact = built_stage_model(build_root, recipe, f"quantize/{variant.name}")
+    if stripped is None or artifact is None:
+        raise MzError(f"{build_root / recipe.name}: no build of {variant.name}; run mzconvert build "
+                      f"{command_argument(recipe)} first", EXIT_BAD_INPUT)
     if recipe.verify is None:
         raise MzError(f"{recipe.path}: verify: debug runs on the verify images; the recipe declares none",
                       EXIT_BAD_INPUT)
@@ -213,13 +215,16 @@ def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Pat
         image_set = load_image_set(variant.calibration, recipe.path)
         return image_set.paths(fetcher, image_set.count(variant.calibration_count, DEFAULT_CALIBRATION_COUNT))
 
-    artifact = manifest["variants"][variant.name]["file"]
-    layers = layer_errors(stripped, recipe, variant, out / recipe.name / artifact, calibration, images)
+    layers = layer_errors(stripped, recipe, variant, artifact, calibration, images)
+    manifest = read_manifest(out / recipe.name)
+    in_dist = manifest is not None and manifest["artifacts"].get(artifact.name, {}).get("sha256") == sha256_file(
+        artifact)  # the dist holds these very bytes
     result = {"recipe": recipe.name, "variant": variant.name, "images": len(images), "summary": summary(layers),
-              "layers": layers, "artifacts": measured_artifacts(manifest, [artifact]),
+              "layers": layers, "artifacts": measured_artifacts(manifest, [artifact.name]) if in_dist else {},
               "weight_rounding": variant.weight_rounding}
-    folder = out / recipe.name
+    folder = out / recipe.name if in_dist else recipe_build_folder(build_root, recipe.name)
     write_json_atomic(folder / "debug" / f"{variant.name}.json", result)
     plot_layers(result, folder / "debug" / f"{variant.name}.png")
-    write_md5sums(folder)
-    return result
+    if in_dist:
+        write_md5sums(folder)
+    return result | {"written": str(folder / "debug")}

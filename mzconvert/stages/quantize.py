@@ -15,6 +15,7 @@ import numpy as np
 from ..backends import backend_for
 from ..errors import MzError
 from ..recipe import Recipe, Variant
+from ..recipe.schema import CALIBRATED_MODES, INTEGER_MODES
 from ..runtime import TensorSpec, nhwc, open_model
 from .calibrate import CONVERTERS, calibration_batches
 
@@ -76,15 +77,15 @@ def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeRes
     accepted = [recipe.input.shape] + ([nhwc(recipe.input.shape)] if recipe.input.layout == "NCHW" else [])
     if tuple(model_input.shape) not in accepted:
         problems.append(f"input shape {list(model_input.shape)}, expected {list(recipe.input.shape)}")
-    if variant.mode in ("int8", "uint8-qat"):
+    if variant.mode in INTEGER_MODES:
         for spec in [model_input, *runner.outputs]:
-            if spec.dtype in ("int8", "uint8") and spec.scale is None:
+            if spec.dtype in ("int8", "uint8", "int16") and spec.scale is None:
                 problems.append(f"tensor {spec.name} is {spec.dtype} without quantization parameters")
         floats = runner.float_tensor_count()
         if floats:
             problems.append(f"not fully quantized: {floats} float32 tensors inside the model")
     for spec in runner.outputs:
-        if variant.mode == "int8" and spec.dtype != variant.io_dtype:
+        if variant.mode in CALIBRATED_MODES and spec.dtype != variant.io_dtype:
             problems.append(f"output {spec.name} dtype {spec.dtype}, expected {variant.io_dtype}")
     if not problems:
         outputs = runner.run(np.zeros(recipe.input.shape, np.float32))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import MzError, RecipeError
 from ..recipe import Recipe, Variant, VelaTarget
+from ..recipe.schema import INTEGER_MODES
 from ..runtime import open_model
 
 SUMMARY_FIELDS = {  # vela summary column -> (manifest key, unit conversion)
@@ -66,9 +67,9 @@ def _check_config(recipe: Recipe, target: VelaTarget, config: Path) -> None:
 def _require_integer(model: Path, recipe: Recipe, variant: Variant) -> None:
     runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
     floats = runner.float_tensor_count()
-    if variant.mode not in ("int8", "uint8-qat") or floats:
+    if variant.mode not in INTEGER_MODES or floats:
         raise MzError(f"{model}: vela compiles integer models only; variant {variant.name!r} is "
-                      f"{variant.mode} with {floats} float32 tensors (use an int8 or uint8-qat variant)")
+                      f"{variant.mode} with {floats} float32 tensors (use an int8, int16x8 or uint8-qat variant)")
 
 
 def parse_placement(stdout: str) -> tuple[int, list[str]]:

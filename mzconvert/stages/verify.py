@@ -1,4 +1,10 @@
-"""Fidelity of a variant: per-output cosine similarity, SQNR and max abs error against the float model."""
+"""Fidelity of a variant against the float model on the verify images, judged by what each output means.
+
+Every output: cosine, SQNR and max abs error, whole and by its worst slice (tasks/signal.py). Then by task:
+classifiers the top-1 agreement, detectors the share of detections matched (same label, IoU >= 0.9), dense
+maps the mask IoU and per-pixel error. A variant below a floor (DEFAULT_FLOORS, or the recipe's own) fails
+the build: a fidelity figure that a broken model passes is worse than none.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends import backend_for
 from ..errors import MzError
 from ..preprocess import load_image, prepare
-from ..recipe import Recipe, Variant
+from ..recipe import Recipe, Variant, command_argument
+from ..recipe.schema import DEFAULT_FLOORS
 from ..runtime import open_model
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    ref = reference.astype(np.float64).ravel()
-    got = candidate.astype(np.float64).ravel()
-    noise = np.sum((ref - got) ** 2)
-    signal = np.sum(ref ** 2)
-    norms = np.linalg.norm(ref) * np.linalg.norm(got)
-    return {
-        "cosine": float(ref @ got / norms) if norms else (1.0 if noise == 0 else 0.0),
-        "sqnr_db": float(10 * np.log10(signal / noise)) if noise else float("inf"),
-        "max_abs_error": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
-    }
+from ..tasks.dense import mask_iou, pixel_error
+from ..tasks.detection import Detections, load_anchors, matched_detections, ssd_detections
+from ..tasks.signal import compare, slice_name, worst_slice
 
 
 def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Path,
@@ -45,8 +43,6 @@ def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Pa
 
 
 def _float_detections(arrays: dict, output_names: list[str], recipe: Recipe, anchors: Path, count: int) -> dict:
-    from ..tasks.detection import load_anchors, ssd_detections
-
     boxes = load_anchors(anchors)
     decoded = {}
     try:
@@ -62,8 +58,6 @@ def _float_detections(arrays: dict, output_names: list[str], recipe: Recipe, anc
 def saved_detections(saved, i: int):
     """The float model's detections on verify image i, from reference.npz (reference_outputs); an error
     saying why when they could not be decoded."""
-    from ..tasks.detection import Detections
-
     if "detections_error" in saved.files:
         raise MzError(str(saved["detections_error"]))
     return Detections(saved[f"boxes_{i}"], saved[f"scores_{i}"], saved[f"labels_{i}"])
@@ -81,25 +75,34 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
         for i in range(count):
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
-        metrics = {name: compare(np.stack(ref_outputs[j]), np.stack(got_outputs[j]))
+        metrics = {name: _output_metrics(np.stack(ref_outputs[j]), np.stack(got_outputs[j]), recipe)
                    for j, name in enumerate(output_names)}
         if anchors is not None:  # do the variant's detections match the float model's?
             metrics |= _matched_detections(saved, got_outputs, output_names, recipe, anchors)
-    for j, name in enumerate(output_names):  # a float model that answers the same whatever the image
-        stacked = np.stack(ref_outputs[j])
-        metrics[name]["constant_reference"] = bool(np.allclose(stacked, stacked[:1], rtol=1e-5, atol=1e-7))
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
         metrics[output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
     return metrics | {"images": count}
 
 
+def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe) -> dict:
+    """One output over all images (images x output shape): the signal measures, whole and by the worst slice;
+    for dense maps the mask IoU and per-pixel error; whether the float model answers the same whatever the
+    image (then no figure says anything)."""
+    metrics = compare(reference, candidate)
+    if (worst := worst_slice(reference, candidate)) is not None:
+        metrics["worst_slice"] = worst
+    if recipe.task == "dense":
+        metrics |= {"mask_iou": mask_iou(reference, candidate, recipe.dense.threshold),
+                    "pixel_error": pixel_error(reference, candidate)}
+    metrics["constant_reference"] = bool(np.allclose(reference, reference[:1], rtol=1e-5, atol=1e-7))
+    return metrics
+
+
 def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names: list[str], recipe: Recipe,
                         anchors: Path) -> dict:
     """{matched_detections: share} of the variant's detections against the float model's saved ones, or
     {detections_not_compared: why} when the float model's outputs could not be decoded."""
-    from ..tasks.detection import load_anchors, matched_detections, ssd_detections
-
     try:
         floats = [saved_detections(saved, i) for i in range(len(got_outputs[0]))]
     except MzError as exc:  # e.g. labels that do not fit the model: eval refuses it; the build says so
@@ -109,7 +112,58 @@ def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names
                                                       recipe.postprocess, boxes))
              for i, found in enumerate(floats)]
     matched, total = (sum(column) for column in zip(*pairs))
-    return {"matched_detections": matched / total if total else 1.0}
+    return {"matched_detections": matched / total if total else 1.0, "detections_compared": total}
+
+
+def share_upper_bound(share: float, count: int, z: float = 1.96) -> float:
+    """The upper end of the 95 % (Wilson) interval of a share measured on `count` trials: a share floor fails
+    only where the verify images show the share is below it, not where a few images happened to differ (on 3
+    images one disagreement is 33 points; a variant agreeing on 96 % falls below 90 % on 4 % of 32-image
+    samples)."""
+    if count <= 0:
+        return 1.0
+    centre = (share + z * z / (2 * count)) / (1 + z * z / count)
+    spread = z * ((share * (1 - share) / count + z * z / (4 * count * count)) ** 0.5) / (1 + z * z / count)
+    return min(1.0, centre + spread)
+
+
+def below_floors(metrics: dict, floors: dict) -> list[tuple[str, str, float]]:
+    """(floor field, what is below it, its value shown) for each figure of `metrics` (verify_variant's) below
+    `floors` ({min_* field: floor}): each output's worst slice (or whole output) SQNR, and what its task
+    judges; a share (agreement, detections matched) when even its interval's upper end is below."""
+    found = []
+
+    def below(field: str, value: float, what: str, shown: str, count: int | None = None) -> None:
+        bound = value if count is None else share_upper_bound(value, count)
+        if bound < floors[field]:
+            found.append((field, what, shown if count is None else f"{shown} (95 % interval up to {bound:.1%}, "
+                                                                    f"{count} compared)"))
+
+    for name, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        worst = m.get("worst_slice")
+        sqnr, part = (worst["sqnr_db"], slice_name(name, worst)) if worst else (m["sqnr_db"], f"output {name}")
+        below("min_slice_sqnr_db", sqnr, f"SQNR of {part}", f"{sqnr:.1f} dB")
+        if "top1_agreement" in m:
+            below("min_agreement", m["top1_agreement"], f"top-1 agreement with the float model ({name})",
+                  f"{m['top1_agreement']:.1%}", metrics["images"])
+        if "mask_iou" in m:
+            below("min_mask_iou", m["mask_iou"], f"mask IoU with the float model's ({name})", f"{m['mask_iou']:.3f}")
+    if "matched_detections" in metrics:
+        below("min_matched", metrics["matched_detections"], "share of the float model's detections matched",
+              f"{metrics['matched_detections']:.1%}", metrics.get("detections_compared", 0))
+    return found
+
+
+def floor_failures(recipe: Recipe, variant: Variant, metrics: dict) -> list[str]:
+    """The variant's fidelity below its floors (the recipe's min_* fields, DEFAULT_FLOORS where it sets none),
+    a located line each, naming the output (and slice) and what to do."""
+    floors = {field: getattr(variant, field) for field in DEFAULT_FLOORS}
+    where = f"{recipe.path}: variants[{recipe.variants.index(variant)}]"
+    debug = f"`mzconvert debug {command_argument(recipe)} --variant {variant.name}` shows which layers lose it"
+    return [f"{where}.{field}: {variant.name}: {what} {shown} is below the floor {floors[field]} (the recipe may "
+            f"lower it); {debug}" for field, what, shown in below_floors(metrics, floors)]
 
 
 def threshold_failures(variant: Variant, metrics: dict) -> list[str]:
@@ -130,9 +184,6 @@ def source_pipeline_fidelity(frozen: Path, reference: Path, recipe: Recipe, imag
     run end to end with its own pre- and post-processing, on real images: the share of detections
     matched (detectors) or the top-1 agreement (classifiers). Ours are the float model's outputs on the
     same images in `reference` (reference_outputs)."""
-    from ..backends import backend_for
-    from ..tasks.detection import matched_detections
-
     pipeline = backend_for(recipe).SourcePipelineRunner(frozen, recipe)
     per_image = []
     with np.load(reference, allow_pickle=False) as saved:

@@ -1,0 +1,68 @@
+"""ONNX files as users bring them: dynamic dimensions and an old opset, through inspect, init and build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import MIRROR, run_cli
+
+
+def dynamic_opset12_onnx(path: Path) -> Path:
+    """A small classifier exported with ['batch', 3, 'height', 'width'] and opset 12 (before per-channel QDQ)."""
+    rng = np.random.RandomState(3)
+    arrays = {"w": rng.normal(0, 0.4, (8, 3, 3, 3)), "b": rng.normal(0, 0.1, 8), "fc": rng.normal(0, 0.4, (8, 6)),
+              "fcb": rng.normal(0, 0.1, 6)}
+    nodes = [helper.make_node("Conv", ["images", "w", "b"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"])]
+    graph = helper.make_graph(nodes, "dynamic",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                             ["batch", 3, "height", "width"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6])],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(path))
+    return path
+
+
+def test_inspect_names_the_opset_and_the_dynamic_dimensions(tmp_path):
+    done = run_cli("inspect", str(dynamic_opset12_onnx(tmp_path / "m.onnx")))
+    assert done.returncode == 0, done.stderr
+    assert "opset 12" in done.stdout
+    assert "dynamic dimensions: images ['batch', 3, 'height', 'width']; logits ['batch', 6]" in done.stdout
+
+
+def test_init_at_a_given_shape_builds_per_channel_int8_from_an_opset_12_model(tmp_path, mirror):
+    model = dynamic_opset12_onnx(tmp_path / "m.onnx")
+    refused = run_cli("init", "dyn", "--from", str(model), "--to", str(tmp_path))
+    assert refused.returncode == 2 and "--input-shape" in refused.stderr
+    bad = run_cli("init", "dyn", "--from", str(model), "--to", str(tmp_path), "--input-shape", "1,4,32,32")
+    assert bad.returncode == 2 and "does not fit its image input" in bad.stderr and not (tmp_path / "dyn.yaml").exists()
+    calibration, verify = tmp_path / "calib", tmp_path / "check"
+    for folder, source, count in ((calibration, "train2017", 8), (verify, "val2017", 4)):
+        folder.mkdir()
+        for path in sorted((MIRROR / "coco" / source).glob("*.jpg"))[:count]:
+            (folder / path.name).write_bytes(path.read_bytes())
+    made = run_cli("init", "dyn", "--from", str(model), "--to", str(tmp_path), "--input-shape", "1,3,32,32",
+                   "--calibration", str(calibration), "--verify", str(verify))
+    assert made.returncode == 0, made.stderr
+    recipe = yaml.safe_load((tmp_path / "dyn.yaml").read_text())
+    assert recipe["input"]["shape"] == [1, 3, 32, 32] and recipe["task"] == "classification"
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "dyn.yaml"),
+                   "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout)["dyn"]["variants"]
+    int8 = onnx.load(str(tmp_path / "dist" / "dyn" / variants["int8"]["file"]))
+    assert max(o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    per_channel = [n for n in int8.graph.node if n.op_type == "DequantizeLinear"
+                   and any(a.name == "axis" for a in n.attribute)]
+    assert per_channel  # the conv's weights, one scale per output channel
+    assert variants["int8"]["inputs"][0]["shape"] == [1, 3, 32, 32]
+    assert variants["int8"]["verify"]["logits"]["cosine"] > 0.99
