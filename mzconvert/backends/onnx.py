@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
+from ..quant.output_scales import mixed_range_outputs
 from ..recipe import Recipe, Variant
 from ..runtime import OnnxRunner
 from . import StripResult, check_tensors, export_anchors
@@ -258,7 +259,7 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     tensors = list(calibration())
     method = "minmax" if variant.calibration_method == "entropy" else variant.calibration_method  # entropy: ORT's
     ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile)
-    float_nodes = _mixed_range_outputs(_load(prepared), ranges) if variant.separate_output_scales else []
+    float_nodes = mixed_range_outputs(_load(prepared), ranges) if variant.separate_output_scales else []
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
                    activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QInt8,
                    weight_type=q.QuantType.QInt8, nodes_to_exclude=float_nodes)
@@ -280,33 +281,6 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     cache.unlink()
     if variant.weight_rounding == "fitted":
         _fit_depthwise_weights(prepared, target, tensors)
-
-
-# Ops that only move values: an output they pass on keeps the scales of what they read.
-SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
-# Parts of one output whose ranges differ more than this would share one int8 scale: the narrower keeps fewer
-# than 256 / 16 = 16 steps (YOLOv8's boxes in pixels and class probabilities: 320 to 1, every probability 0).
-SEPARATE_SCALES_RATIO = 16.0
-
-
-def _mixed_range_outputs(model, ranges: dict[str, tuple[float, float]]) -> list[str]:
-    """The nodes to keep float so that each part of a concatenated output keeps its own int8 scale: for every
-    graph output that a Concat makes (through shape-only ops) from inputs whose recorded ranges differ more
-    than SEPARATE_SCALES_RATIO times, that Concat and the shape ops after it. Their inputs stay quantized,
-    each with its own scale."""
-    producer = {name: node for node in model.graph.node for name in node.output}
-    keep = []
-    for output in model.graph.output:
-        chain, node = [], producer.get(output.name)
-        while node is not None and node.op_type in SHAPE_OPS:
-            chain.append(node.name)
-            node = producer.get(node.input[0])
-        if node is None or node.op_type != "Concat":
-            continue
-        widths = [ranges[name][1] - ranges[name][0] for name in node.input if name in ranges]
-        if len(widths) >= 2 and min(widths) > 0 and max(widths) / min(widths) > SEPARATE_SCALES_RATIO:
-            keep += [node.name, *chain]
-    return keep
 
 
 def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
