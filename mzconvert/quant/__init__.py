@@ -1,0 +1,1 @@
+"""Quantization itself: activation ranges, fitted weight rounding, output scales, the TFLite converter."""

@@ -1,0 +1,1 @@
+"""What people read and look at: tables, report.md with its plots, prediction pictures."""

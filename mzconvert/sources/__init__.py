@@ -1,0 +1,1 @@
+"""Where models and images come from: fetch (cache, mirrors, origin), PyPI, archives, image sets, inspect and init."""
