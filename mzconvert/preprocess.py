@@ -150,9 +150,33 @@ def central_crop(pixels: np.ndarray, fraction: float) -> np.ndarray:
     return pixels[top:h - top, left:w - left]
 
 
+LETTERBOX_GRAY = 114  # what Ultralytics pads with
+
+
+def letterbox_geometry(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int, int, int, float]:
+    """(resized width, height, left and top padding, gain) of an image letterboxed into out_height x out_width,
+    as Ultralytics' LetterBox computes them (centred; Python's round, half to even)."""
+    gain = min(out_height / height, out_width / width)
+    new_width, new_height = round(width * gain), round(height * gain)
+    left, top = round((out_width - new_width) / 2 - 0.1), round((out_height - new_height) / 2 - 0.1)
+    return new_width, new_height, left, top, gain
+
+
 def resize(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
-    """The decoded image, cropped and resized as the recipe's mode says: float32 H x W x 3 in [0, 255]."""
+    """The decoded image, cropped and resized as the recipe's mode says (letterboxed: resized keeping its
+    aspect ratio, then padded): float32 H x W x 3 in [0, 255]."""
     height, width = preprocess.resize
+    if not preprocess.letterbox:
+        return _resized(image, preprocess, height, width)
+    new_width, new_height, left, top, _ = letterbox_geometry(image.width, image.height, height, width)
+    inner = (np.asarray(image, np.float32) if (new_width, new_height) == image.size
+             else _resized(image, preprocess, new_height, new_width))
+    canvas = np.full((height, width, 3), LETTERBOX_GRAY, np.float32)
+    canvas[top:top + new_height, left:left + new_width] = inner
+    return canvas
+
+
+def _resized(image: Image.Image, preprocess: Preprocess, height: int, width: int) -> np.ndarray:
     mode = preprocess.interpolation
     if mode == "torchvision":
         return _torchvision(image, height, width, preprocess.central_crop)

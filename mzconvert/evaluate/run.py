@@ -10,7 +10,14 @@ from ..errors import EXIT_BAD_INPUT, MzError
 from ..layout import built_stage_model
 from ..recipe import ClassLabels, InputSpec, Preprocess, Recipe
 from ..tasks.classification import labelled_images, scores_by_label
-from ..tasks.detection import Detections, load_anchors, postprocessed_detections, ssd_detections
+from ..tasks.detection import (
+    RAW_DECODERS,
+    Detections,
+    load_anchors,
+    on_image,
+    postprocessed_detections,
+    raw_detections,
+)
 from .datasets import CocoDataset, LoadedImage, Predict, Runner, dataset_identity
 from .scoring import SOURCE_GRAPH, SOURCE_PIPELINE, evaluate_classification, evaluate_detection
 
@@ -48,7 +55,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     # The float source model is the reference row, where the backend can run it (TF cannot run the
     # TFLite_Detection_PostProcess custom op).
     stripped = built_stage_model(build_root, recipe, "strip")
-    if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind == "ssd"):
+    if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind in RAW_DECODERS):
         runners[SOURCE_GRAPH] = backend_for(recipe).GraphRunner(stripped, recipe, threads).run
     for name in chosen:
         runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names, threads).run
@@ -106,7 +113,7 @@ def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifes
     recipe's labels. `folder`/`manifest`: the dist the variants come from."""
     check_scored(recipe)
     if recipe.task == "detection":
-        anchors = load_anchors(folder / "anchors.npy") if recipe.postprocess.kind == "ssd" else None
+        anchors = load_anchors(folder / "anchors.npy") if (folder / "anchors.npy").is_file() else None
         attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
         output_names = list(recipe.strip.outputs) if recipe.strip else None
         return {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
@@ -121,13 +128,16 @@ def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifes
 
 
 def _detector(run, recipe: Recipe, anchors, output_names, attached: bool = False) -> Predict:
-    """Detections of a model: raw SSD outputs decoded here, or a model's own post-processor read."""
+    """Detections of a model on the original image: raw outputs decoded here as the recipe's kind says, or a
+    model's own post-processor read."""
     post = recipe.postprocess
 
     def predict(image: LoadedImage) -> Detections:
         outputs = run(image.tensor(recipe.preprocess, recipe.input))
-        if post.kind == "ssd" and not attached:
-            return ssd_detections(dict(zip(output_names, outputs)), post, anchors)
-        return postprocessed_detections(*outputs)
+        if post.kind in RAW_DECODERS and not attached:
+            found = raw_detections(outputs, output_names, post, anchors, recipe.input.height_width)
+        else:
+            found = postprocessed_detections(*outputs)
+        return on_image(found, image.size, recipe.preprocess)
 
     return predict

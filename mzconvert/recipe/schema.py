@@ -39,6 +39,7 @@ ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256"
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
+POSTPROCESS_KINDS = ("ssd", "yolov8", "yolov5", "tflite-detection-postprocess")
 PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classification": ("scores",)}
 
 # The fields of each section, by its path in the recipe: what a recipe may write, and what docs/recipes.md
@@ -51,9 +52,10 @@ FIELDS = {
          "label_offset", "dense"),
     "source": ("url", "pypi", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS,
     "input": ("name", "shape", "layout", "dtype"),
-    "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop"),
+    "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop",
+                   "letterbox"),
     "strip": ("inputs", "outputs"),
-    "postprocess": ("kind", "labels", "category_ids") + SSD_POSTPROCESS_FIELDS,
+    "postprocess": ("kind", "labels", "category_ids", "output") + SSD_POSTPROCESS_FIELDS,
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
@@ -123,6 +125,7 @@ class Preprocess:
     mean: tuple[float, ...]  # one per channel
     std: tuple[float, ...]
     central_crop: float = 1.0  # keep this central fraction of height and width before resizing
+    letterbox: bool = False  # resize keeping the aspect ratio, centred, padded with gray 114 (as Ultralytics)
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class Postprocess:
     classes, scores, count); classes are 0-based without background.
     """
 
-    kind: str
+    kind: str  # ssd | yolov8 | yolov5 (raw outputs decoded here) | tflite-detection-postprocess
     labels: tuple[str, ...]
     category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
     anchors_tensor: str | None = None
@@ -157,6 +160,7 @@ class Postprocess:
     nms_iou_threshold: float = 0.6
     max_detections: int = 100
     attach: bool = False  # TFLite variants end in the TFLite_Detection_PostProcess op (boxes out)
+    output: str | None = None  # yolov8 / yolov5: the output tensor (default: the model's first output)
 
 
 @dataclass(frozen=True)

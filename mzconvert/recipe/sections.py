@@ -22,6 +22,7 @@ from .schema import (
     LAYOUTS,
     MODES,
     PIPELINE_ROLES,
+    POSTPROCESS_KINDS,
     PYPI_REQUIREMENT,
     SAFE_NAME,
     SSD_POSTPROCESS_FIELDS,
@@ -162,8 +163,13 @@ def parse_preprocess(r: Reader, model_input: InputSpec) -> Preprocess:
     if (order == "GRAY") != (channels == 1):
         raise r.fail(f"{order} for an input of {channels} channel(s); GRAY is for one channel, RGB or BGR for three",
                      r.child_where("channel_order"))
-    return Preprocess(resize=resize, interpolation=r.string("interpolation", choices=INTERPOLATIONS),
-                      channel_order=order, mean=mean, std=std, central_crop=_fraction(r, "central_crop"))
+    interpolation = r.string("interpolation", choices=INTERPOLATIONS)
+    letterbox = r.boolean("letterbox", False)
+    if letterbox and (interpolation == "torchvision" or r.has("central_crop")):
+        raise r.fail("letterbox keeps the whole image: no central_crop, and an interpolation other than "
+                     "torchvision (which crops)", r.child_where("letterbox"))
+    return Preprocess(resize=resize, interpolation=interpolation, channel_order=order, mean=mean, std=std,
+                      central_crop=_fraction(r, "central_crop"), letterbox=letterbox)
 
 
 def _cosine(r: Reader, key: str) -> float | None:
@@ -192,13 +198,20 @@ def parse_strip(r: Reader, model_input: InputSpec) -> Strip:
 def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
     ssd_fields = SSD_POSTPROCESS_FIELDS
     r.mapping(FIELDS["postprocess"])
-    kind = r.string("kind", choices=("ssd", "tflite-detection-postprocess"))
+    kind = r.string("kind", choices=POSTPROCESS_KINDS)
     labels = tuple(r.list_of("labels", Reader.as_string))
     category_ids = r.list_of("category_ids", Reader.as_dimension, required=False)
     category_ids = tuple(category_ids) if category_ids else tuple(range(1, len(labels) + 1))
     if len(category_ids) != len(labels):
         raise r.fail(f"{len(category_ids)} category ids for {len(labels)} labels",
                      r.child_where("category_ids"))
+    nms = dict(nms_score_threshold=_fraction(r, "nms_score_threshold", default=0.001),
+               nms_iou_threshold=_fraction(r, "nms_iou_threshold", default=0.6),
+               max_detections=r.integer("max_detections", required=False, default=100, minimum=1))
+    if kind in ("yolov8", "yolov5"):
+        return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
+    if r.has("output"):
+        raise r.fail("only kinds yolov8 and yolov5 take output", r.child_where("output"))
     if kind != "ssd":
         for key in ssd_fields:
             if r.has(key):
@@ -210,17 +223,25 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
         box_coder_scales=tuple(r.list_of("box_coder_scales", Reader.as_number, length=4)),
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
-        background_class=r.boolean("background_class", True),
-        nms_score_threshold=_fraction(r, "nms_score_threshold", default=0.001),
-        nms_iou_threshold=_fraction(r, "nms_iou_threshold", default=0.6),
-        max_detections=r.integer("max_detections", required=False, default=100, minimum=1),
-        attach=r.boolean("attach", False))
+        background_class=r.boolean("background_class", True), attach=r.boolean("attach", False), **nms)
     outputs = strip.outputs if strip else ()
     for key in ("box_output", "class_output"):
         if getattr(post, key) not in outputs:
             raise r.fail(f"{short(getattr(post, key))} is not one of strip.outputs {list(outputs)}",
                          r.child_where(key))
     return post
+
+
+def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, nms: dict,
+                      strip: Strip | None) -> Postprocess:
+    """An Ultralytics export's one raw output, decoded here: its boxes and class scores."""
+    for key in SSD_POSTPROCESS_FIELDS:
+        if r.has(key) and key not in ("nms_score_threshold", "nms_iou_threshold", "max_detections"):
+            raise r.fail(f"kind {kind} decodes its one output; {key} is for kind ssd", r.child_where(key))
+    output = r.string("output", required=False)
+    if output is not None and strip is not None and output not in strip.outputs:
+        raise r.fail(f"{short(output)} is not one of strip.outputs {list(strip.outputs)}", r.child_where("output"))
+    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, output=output, **nms)
 
 
 def _percentile(r: Reader) -> float:

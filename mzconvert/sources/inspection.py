@@ -239,7 +239,9 @@ def inspect_onnx(path: Path) -> dict:
     return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
-            "ops": dict(Counter(n.op_type for n in model.graph.node).most_common())}
+            "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
+            **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
 
 
 def inspect_tflite(path: Path) -> dict:
@@ -286,6 +288,8 @@ def inspect_text(report: dict, indent: str = "") -> str:
         for role in ("inputs", "outputs"):
             for k, t in signature[role].items():
                 lines.append(f"{indent}    {role[:-1]} {k}: {t['name']}  {t['dtype']} {t['shape']}")
+    for key, value in report.get("metadata", {}).items():
+        lines.append(f"{indent}  metadata {key}: {value if len(value) <= 100 else value[:97] + '...'}")
     if report.get("opset") is not None:
         lines.append(f"{indent}  opset {report['opset']}")
     dynamic = [f"{t['name']} {t['shape']}" for key in ("inputs", "outputs") for t in report.get(key, [])

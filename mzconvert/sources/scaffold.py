@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ..coco import coco_categories
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..preprocess import list_images
 
@@ -95,7 +96,64 @@ def _keras(model: dict) -> dict:
 
 
 def _onnx(model: dict) -> dict:
+    meta = model.get("metadata", {})
+    if meta.get("task") == "detect" or _yolo_kind(model["outputs"]):
+        return _ultralytics_detector(model, meta)
     return _single_input(model) | {"preprocess": TORCH_PREPROCESS}
+
+
+# How Ultralytics trains and validates (its LetterBox with cv2's INTER_LINEAR, RGB in [0, 1]; val NMS IoU 0.7)
+ULTRALYTICS_PREPROCESS = {"interpolation": "cv2-linear", "letterbox": True, "channel_order": "RGB",
+                          "scale": 1 / 255, "offset": 0.0}
+
+
+def _yolo_kind(outputs: list[dict]) -> str | None:
+    """yolov8 for one output [1, 4 + classes, N], yolov5 for [1, N, 5 + classes] (N the anchors, many more)."""
+    if len(outputs) != 1 or len(outputs[0].get("shape") or []) != 3:
+        return None
+    _, rows, columns = outputs[0]["shape"]
+    if isinstance(rows, int) and rows > 4 and (not isinstance(columns, int) or columns > 8 * rows):
+        return "yolov8"
+    if isinstance(columns, int) and columns > 5 and (not isinstance(rows, int) or rows > 8 * columns):
+        return "yolov5"
+    return None
+
+
+def _ultralytics_detector(model: dict, meta: dict) -> dict:
+    """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
+    (read as Python literals, never run); its one output's layout says the decode."""
+    import ast
+
+    kind = _yolo_kind(model["outputs"])
+    if kind is None:
+        raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
+                      f"[1, N, 5 + classes] (outputs: {[o['shape'] for o in model['outputs']]})", EXIT_BAD_INPUT)
+    try:
+        names = ast.literal_eval(meta["names"]) if "names" in meta else {}
+        size = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
+    except (ValueError, SyntaxError):
+        names, size = {}, None
+    if size and model["inputs"] and len(model["inputs"]) == 1:
+        model = model | {"inputs": [model["inputs"][0] | {"shape": _fixed_at(model["inputs"][0]["shape"], size)}]}
+    proposal = _single_input(model)
+    _, rows, columns = model["outputs"][0]["shape"]
+    classes = rows - 4 if kind == "yolov8" else columns - 5
+    labels = [str(names[i]) for i in sorted(names)] if isinstance(names, dict) and len(names) == classes else \
+        [f"CHECK-class-{i}" for i in range(classes)]
+    coco = coco_categories()
+    post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
+    if labels == [name for _, name in coco]:
+        post["category_ids"] = [category for category, _ in coco]
+    return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
+
+
+def _fixed_at(shape: list, size) -> list:
+    """An NCHW input shape with dynamic height and width at the exported image size (imgsz: n or [h, w])."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if len(shape) != 4:
+        return shape
+    return [shape[0], shape[1], shape[2] if isinstance(shape[2], int) and shape[2] > 0 else height,
+            shape[3] if isinstance(shape[3], int) and shape[3] > 0 else width]
 
 
 def _single_input(model: dict) -> dict:
@@ -274,6 +332,9 @@ def _with_notes(recipe: dict, model: dict, p: dict) -> str:
              " Where the",
              "# graph carries its own preprocessing, build warns when its resize differs; source_pipeline "
              "compares end to end."]
-    if p["task"] == "detection":
+    kind = p.get("postprocess", {}).get("kind")
+    if kind in ("yolov8", "yolov5"):
+        notes.append("# CHECK postprocess: labels from the export's metadata (names), NMS as Ultralytics validates.")
+    elif p["task"] == "detection":
         notes.append("# CHECK postprocess: box_coder_scales and labels come from the model's pipeline.config.")
     return "\n".join(notes) + "\n" + text

@@ -19,36 +19,48 @@ from ..recipe import Recipe, Variant, command_argument
 from ..recipe.schema import DEFAULT_FLOORS
 from ..runtime import open_model
 from ..tasks.dense import mask_iou, pixel_error
-from ..tasks.detection import Detections, load_anchors, matched_detections, ssd_detections
+from ..tasks.detection import RAW_DECODERS, Detections, load_anchors, matched_detections, raw_detections
 from ..tasks.signal import compare, slice_name, worst_slice
 
 
 def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Path,
                       anchors: Path | None = None) -> Path:
     """One pass of the float model over the verify images: every input tensor and output, for all
-    variants' verify to compare against (reference.npz; arrays only, loaded without pickle). With an SSD's
-    `anchors`, also its decoded detections (boxes_i, scores_i, labels_i), or why they cannot be decoded
-    (detections_error): decoded once, for every variant's verify and the source-pipeline check."""
+    variants' verify to compare against (reference.npz; arrays only, loaded without pickle). A detector whose
+    raw outputs are decoded here (an SSD with its `anchors`, a YOLO head) also gets its decoded detections
+    (boxes_i, scores_i, labels_i), or why they cannot be decoded (detections_error): decoded once, for every
+    variant's verify and the source-pipeline check."""
     arrays = {}
     for i, path in enumerate(images):
         tensor = prepare(path, recipe.preprocess, recipe.input).tensor
         arrays[f"input_{i}"] = tensor
         for j, output in enumerate(reference.run(tensor)):
             arrays[f"output_{i}_{j}"] = output
-    if anchors is not None:
+    if decodes_detections(recipe, anchors):
         arrays |= _float_detections(arrays, reference.output_names, recipe, anchors, len(images))
     target = out_dir / "reference.npz"
     np.savez(target, **arrays)
     return target
 
 
-def _float_detections(arrays: dict, output_names: list[str], recipe: Recipe, anchors: Path, count: int) -> dict:
-    boxes = load_anchors(anchors)
+def decodes_detections(recipe: Recipe, anchors: Path | None) -> bool:
+    """The recipe's raw detector outputs are decoded here (an SSD needs its anchors)."""
+    post = recipe.postprocess
+    return post is not None and post.kind in RAW_DECODERS and (post.kind != "ssd" or anchors is not None)
+
+
+def _decoded(outputs: list[np.ndarray], output_names: list[str], recipe: Recipe, anchors) -> Detections:
+    return raw_detections(outputs, output_names, recipe.postprocess, anchors, recipe.input.height_width)
+
+
+def _float_detections(arrays: dict, output_names: list[str], recipe: Recipe, anchors: Path | None,
+                      count: int) -> dict:
+    boxes = load_anchors(anchors) if anchors is not None else None
     decoded = {}
     try:
         for i in range(count):
-            found = ssd_detections({name: arrays[f"output_{i}_{j}"] for j, name in enumerate(output_names)},
-                                   recipe.postprocess, boxes)
+            found = _decoded([arrays[f"output_{i}_{j}"] for j in range(len(output_names))], output_names, recipe,
+                             boxes)
             decoded |= {f"boxes_{i}": found.boxes, f"scores_{i}": found.scores, f"labels_{i}": found.labels}
     except MzError as exc:  # e.g. labels that do not fit the model: eval refuses it; the build says so
         return {"detections_error": np.array(str(exc))}
@@ -77,7 +89,7 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
         metrics = {name: _output_metrics(np.stack(ref_outputs[j]), np.stack(got_outputs[j]), recipe)
                    for j, name in enumerate(output_names)}
-        if anchors is not None:  # do the variant's detections match the float model's?
+        if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
             metrics |= _matched_detections(saved, got_outputs, output_names, recipe, anchors)
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
@@ -100,16 +112,15 @@ def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe
 
 
 def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names: list[str], recipe: Recipe,
-                        anchors: Path) -> dict:
+                        anchors: Path | None) -> dict:
     """{matched_detections: share} of the variant's detections against the float model's saved ones, or
     {detections_not_compared: why} when the float model's outputs could not be decoded."""
     try:
         floats = [saved_detections(saved, i) for i in range(len(got_outputs[0]))]
     except MzError as exc:  # e.g. labels that do not fit the model: eval refuses it; the build says so
         return {"detections_not_compared": str(exc)}
-    boxes = load_anchors(anchors)
-    pairs = [matched_detections(found, ssd_detections({name: got_outputs[j][i] for j, name in enumerate(output_names)},
-                                                      recipe.postprocess, boxes))
+    boxes = load_anchors(anchors) if anchors is not None else None
+    pairs = [matched_detections(found, _decoded([got[i] for got in got_outputs], output_names, recipe, boxes))
              for i, found in enumerate(floats)]
     matched, total = (sum(column) for column in zip(*pairs))
     return {"matched_detections": matched / total if total else 1.0, "detections_compared": total}

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, short_text
-from ..recipe import Postprocess
+from ..preprocess import letterbox_geometry
+from ..recipe import Postprocess, Preprocess
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
     if scores.shape[1] != len(post.labels):
         raise MzError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
     boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales)  # NMS first, clip after, as TF does
+    return _selected(boxes, scores, post)
+
+
+def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detections:
+    """Per-class NMS of normalised boxes (N x 4) by their class scores (N x classes), the best first."""
     found = []
     for label in range(scores.shape[1]):  # per-class NMS, as TFLite_Detection_PostProcess's regular NMS
         candidates = np.flatnonzero(scores[:, label] > post.nms_score_threshold)
@@ -89,6 +95,70 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
     chosen = scores[index, labels]
     best = np.argsort(-chosen, kind="stable")[:post.max_detections]
     return Detections(np.clip(boxes[index[best]], 0.0, 1.0), chosen[best], labels[best])
+
+
+def _yolo_output(outputs: list[np.ndarray], by_name: dict, post: Postprocess) -> np.ndarray:
+    return by_name[post.output] if post.output else outputs[0]
+
+
+def _check_classes(found: int, post: Postprocess) -> None:
+    if found != len(post.labels):
+        raise MzError(f"the model scores {found} classes but the recipe has {len(post.labels)} labels")
+
+
+def _centre_boxes(xywh: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
+    """Box centres and sizes in input pixels (x, y, w, h) as normalised (ymin, xmin, ymax, xmax)."""
+    height, width = input_hw
+    x, y, w, h = (xywh[:, i] for i in range(4))
+    return np.stack([(y - h / 2) / height, (x - w / 2) / width, (y + h / 2) / height, (x + w / 2) / width], axis=1)
+
+
+def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
+    """Ultralytics YOLOv8 / YOLO11 exports: [1, 4 + classes, N], box centre and size in input pixels (the DFL
+    decode inside the export), then each class's probability."""
+    out = _yolo_output(outputs, by_name, post)
+    rows = out.reshape(-1, out.shape[-1])
+    _check_classes(rows.shape[0] - 4, post)
+    return _selected(_centre_boxes(rows[:4].T, input_hw), rows[4:].T, post)
+
+
+def yolov5_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
+    """Ultralytics YOLOv5 exports: [1, N, 5 + classes], box centre and size in input pixels, objectness, then
+    each class's probability; a class's score is objectness x its probability."""
+    out = _yolo_output(outputs, by_name, post)
+    rows = out.reshape(-1, out.shape[-1])
+    _check_classes(rows.shape[1] - 5, post)
+    return _selected(_centre_boxes(rows[:, :4], input_hw), rows[:, 5:] * rows[:, 4:5], post)
+
+
+def _ssd(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
+    return ssd_detections(by_name, post, anchors)
+
+
+# postprocess.kind -> the decode of a model's raw outputs (what the stripped or exported graph leaves to us)
+RAW_DECODERS = {"ssd": _ssd, "yolov8": yolov8_detections, "yolov5": yolov5_detections}
+
+
+def raw_detections(outputs: list[np.ndarray], names: list[str] | None, post: Postprocess, anchors,
+                   input_hw: tuple[int, int]) -> Detections:
+    """Detections decoded from a model's raw outputs as the recipe's postprocess.kind says, boxes normalised to
+    the model's input."""
+    return RAW_DECODERS[post.kind](outputs, dict(zip(names or [], outputs)), post, anchors, input_hw)
+
+
+def on_image(detections: Detections, size: tuple[int, int], preprocess: Preprocess) -> Detections:
+    """Detections with boxes normalised to the model's input as boxes normalised to the original image of
+    `size` (width, height): the same numbers, unless the image was letterboxed into the input."""
+    if not preprocess.letterbox:
+        return detections
+    height, width = preprocess.resize
+    _, _, left, top, gain = letterbox_geometry(size[0], size[1], height, width)
+    ymin, xmin, ymax, xmax = (detections.boxes[:, i] for i in range(4))
+    ys = [(v * height - top) / gain / size[1] for v in (ymin, ymax)]
+    xs = [(v * width - left) / gain / size[0] for v in (xmin, xmax)]
+    boxes = np.clip(np.stack([ys[0], xs[0], ys[1], xs[1]], axis=1), 0.0, 1.0) if len(detections.boxes) else \
+        detections.boxes
+    return Detections(boxes, detections.scores, detections.labels)
 
 
 def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 0) -> Detections:

@@ -1,0 +1,204 @@
+"""Ultralytics-style detectors: a YOLOv8 head's one output decoded here, letterboxed images mapped back, and
+int8 that keeps the class scores at their own scale (an ONNX graph of the export's layout, made here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from mzconvert.preprocess import letterbox_geometry, model_tensor
+from mzconvert.recipe import InputSpec, Postprocess
+from mzconvert.recipe.schema import DEFAULT_FLOORS, Preprocess
+from mzconvert.stages.verify import below_floors
+from mzconvert.tasks.detection import Detections, on_image, yolov8_detections
+from tests.conftest import MIRROR, run_cli
+
+SIZE = 320  # an Ultralytics export size: boxes in pixels up to 320 beside probabilities up to 1
+STRIDE = SIZE // 8
+
+
+def yolov8_like_onnx(path: Path) -> Path:
+    """[1, 4 + 2, 64]: per cell of an 8x8 grid, a box centred within the cell and at most a cell in size, in
+    input pixels, then two class probabilities, concatenated as Ultralytics' Detect head exports them."""
+    rng = np.random.RandomState(5)
+    cells = np.zeros((1, 4, 8, 8), np.float32)
+    cells[0, 0], cells[0, 1] = np.meshgrid(np.arange(8), np.arange(8))
+    arrays = {"wb": rng.normal(0, 0.02, (4, 3, STRIDE, STRIDE)), "wc": rng.normal(0, 0.02, (2, 3, STRIDE, STRIDE)),
+              "cells": cells, "stride": np.array(float(STRIDE)),
+              "shape_b": np.array([1, 4, 64], np.int64), "shape_c": np.array([1, 2, 64], np.int64)}
+    nodes = [helper.make_node("Conv", ["images", "wb"], ["b"], strides=[STRIDE, STRIDE]),
+             helper.make_node("Sigmoid", ["b"], ["b01"]), helper.make_node("Add", ["b01", "cells"], ["bcell"]),
+             helper.make_node("Mul", ["bcell", "stride"], ["bpx"]),
+             helper.make_node("Reshape", ["bpx", "shape_b"], ["boxes"]),
+             helper.make_node("Conv", ["images", "wc"], ["c"], strides=[STRIDE, STRIDE]),
+             helper.make_node("Sigmoid", ["c"], ["cp"]), helper.make_node("Reshape", ["cp", "shape_c"], ["scores"]),
+             helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1)]
+    graph = helper.make_graph(nodes, "yolo", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                            [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, 64])],
+                              [numpy_helper.from_array(a if a.dtype == np.int64 else a.astype(np.float32), n)
+                               for n, a in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def reference_decode(output: np.ndarray, threshold: float, iou: float) -> list[tuple]:
+    """The export's output decoded the plain way: every (box, class) above the threshold, greedy per-class NMS."""
+    rows = output[0].T
+    kept = []
+    for label in range(rows.shape[1] - 4):
+        candidates = sorted(((float(r[4 + label]), i) for i, r in enumerate(rows) if r[4 + label] > threshold),
+                            reverse=True)
+        chosen = []
+        for score, i in candidates:
+            x, y, w, h = rows[i, :4]
+            box = (x - w / 2, y - h / 2, x + w / 2, y + h / 2)
+            overlaps = [_iou(box, other) for other, _ in chosen]
+            if all(o <= iou for o in overlaps):
+                chosen.append((box, score))
+        kept += [(label, round(score, 5), tuple(round(float(v) / SIZE, 5) for v in box)) for box, score in chosen]
+    return sorted(kept)
+
+
+def _iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def test_yolov8_decode_is_the_plain_decode(tmp_path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(yolov8_like_onnx(tmp_path / "y.onnx")), providers=["CPUExecutionProvider"])
+    output = session.run(None, {"images": np.random.RandomState(0).uniform(-2, 2, (1, 3, SIZE, SIZE))
+                                .astype(np.float32)})[0]
+    post = Postprocess(kind="yolov8", labels=("a", "b"), category_ids=(1, 2), nms_score_threshold=0.3,
+                       nms_iou_threshold=0.5, max_detections=1000)
+    found = yolov8_detections([output], {}, post, None, (SIZE, SIZE))
+    ours = sorted((int(label), round(float(s), 5), (round(float(b[1]), 5), round(float(b[0]), 5),
+                                                     round(float(b[3]), 5), round(float(b[2]), 5)))
+                  for b, s, label in zip(np.clip(found.boxes, -1, 2), found.scores, found.labels))
+    expected = reference_decode(output, 0.3, 0.5)
+    assert len(expected) > 3
+    assert [(lb, s) for lb, s, _ in ours] == [(lb, s) for lb, s, _ in expected]
+    for (_, _, mine), (_, _, theirs) in zip(ours, expected):
+        assert np.allclose(np.clip(mine, 0, 1), np.clip(theirs, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 500), (64, 64)])
+def test_letterbox_pads_gray_and_maps_boxes_back(size, mirror):
+    image = Image.open(sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[0]).convert("RGB").resize(size)
+    preprocess = Preprocess(resize=(SIZE, SIZE), interpolation="cv2-linear", channel_order="RGB", mean=(0.0,) * 3,
+                            std=(1.0,) * 3, letterbox=True)
+    tensor = model_tensor(image, preprocess, InputSpec("images", (1, SIZE, SIZE, 3), "NHWC", "float32"))[0]
+    new_w, new_h, left, top, gain = letterbox_geometry(*size, SIZE, SIZE)
+    assert (new_w == SIZE or new_h == SIZE) and abs(new_w / new_h - size[0] / size[1]) < 0.1
+    pad = np.ones((SIZE, SIZE), bool)
+    pad[top:top + new_h, left:left + new_w] = False
+    assert np.all(tensor[pad] == 114) and not np.all(tensor[~pad] == 114)
+    # a box around the image's content in the input maps to the whole image
+    inner = Detections(np.array([[top / SIZE, left / SIZE, (top + new_h) / SIZE, (left + new_w) / SIZE]]),
+                       np.ones(1), np.zeros(1, np.int64))
+    assert np.allclose(on_image(inner, size, preprocess).boxes, [[0, 0, 1, 1]], atol=0.02)
+
+
+def test_a_yolov8_export_builds_verifies_evaluates_and_draws(tmp_path, mirror):
+    model = yolov8_like_onnx(tmp_path / "yolo.onnx")
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    (tmp_path / "yolo.yaml").write_text(f"""name: yolo
+task: detection
+description: a YOLOv8-layout head made in the test
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}
+preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
+postprocess: {{kind: yolov8, labels: [person, car], category_ids: [1, 3], nms_iou_threshold: 0.7}}
+variants:
+  - {{name: float32, mode: float32}}
+  - {{name: int8, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 16}}
+  - {{name: int8-one-scale, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 16,
+     separate_output_scales: false, min_matched: 0, min_slice_sqnr_db: -1000}}
+verify: {{images: {val}, count: 16}}
+""")
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout)["yolo"]["variants"]
+    kept, shared = variants["int8"]["verify"], variants["int8-one-scale"]["verify"]
+    assert kept["detections_compared"] > 20 and kept["matched_detections"] >= 0.8, kept
+    # the export's one output under one int8 scale: a class channel at 0 dB, caught by the default floors
+    assert shared["output0"]["worst_slice"]["sqnr_db"] < 1, shared
+    assert shared["matched_detections"] < kept["matched_detections"] - 0.1, (shared, kept)
+    assert {field for field, _, _ in below_floors(shared, DEFAULT_FLOORS)} == {"min_slice_sqnr_db", "min_matched"}
+    evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    results = json.loads(evaluated.stdout)["results"]
+    assert {"source-graph", "float32", "int8"} <= set(results) and results["float32"]["detections"] > 0
+    assert results["source-graph"]["AP"] == results["float32"]["AP"]
+    drawn = run_cli("predict", str(tmp_path / "yolo.yaml"), str(sorted(val.glob("*.jpg"))[0]), "--min-score", "0.5",
+                    *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+
+
+def with_ultralytics_metadata(path: Path, names: dict, dynamic: bool = True) -> Path:
+    """The export as Ultralytics writes it: dynamic batch and size (dynamic=True), its metadata_props."""
+    model = onnx.load(str(path))
+    if dynamic:
+        for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, ["batch", None, "height", "width"]):
+            if name:
+                dim.Clear()
+                dim.dim_param = name
+    for key, value in {"task": "detect", "names": str(names), "imgsz": f"[{SIZE}, {SIZE}]", "stride": "32",
+                       "author": "Ultralytics"}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as_written(tmp_path, mirror):
+    model = with_ultralytics_metadata(yolov8_like_onnx(tmp_path / "yolo.onnx"), {0: "person", 1: "car"})
+    inspected = run_cli("inspect", str(model))
+    assert "metadata task: detect" in inspected.stdout and "dynamic dimensions: images ['batch'" in inspected.stdout
+    folders = {}
+    for role, split, count in (("calib", "train2017", 16), ("check", "val2017", 16)):
+        folders[role] = tmp_path / role
+        folders[role].mkdir()
+        for path in sorted((MIRROR / "coco" / split).glob("*.jpg"))[:count]:
+            (folders[role] / path.name).write_bytes(path.read_bytes())
+    made = run_cli("init", "yolo", "--from", str(model), "--to", str(tmp_path), "--calibration",
+                   str(folders["calib"]), "--verify", str(folders["check"]))
+    assert made.returncode == 0, made.stderr
+    recipe = __import__("yaml").safe_load((tmp_path / "yolo.yaml").read_text())
+    assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, SIZE, SIZE]
+    assert recipe["postprocess"] == {"kind": "yolov8", "labels": ["person", "car"], "nms_iou_threshold": 0.7}
+    assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["interpolation"] == "cv2-linear"
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert json.loads(built.stdout)["yolo"]["variants"]["int8"]["verify"]["matched_detections"] >= 0.8
+    evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+
+def test_coco_names_get_coco_category_ids():
+    from mzconvert.coco import coco_categories
+    from mzconvert.sources.scaffold import propose_recipe
+
+    names = [name for _, name in coco_categories()]
+    report = {"file": "yolov8n.onnx", "format": "onnx", "size": 1, "sha256": "0" * 64,
+              "inputs": [{"name": "images", "dtype": "float32", "shape": [1, 3, 640, 640]}],
+              "outputs": [{"name": "output0", "dtype": "float32", "shape": [1, 84, 8400]}],
+              "metadata": {"task": "detect", "names": str(dict(enumerate(names))), "imgsz": "[640, 640]"}}
+    text = propose_recipe("yolov8n", report, {"url": "https://example.com/yolov8n.onnx"}, None, None, None)
+    post = __import__("yaml").safe_load(text)["postprocess"]
+    assert post["labels"][:3] == ["person", "bicycle", "car"] and len(post["labels"]) == 80
+    assert post["category_ids"][:3] == [1, 2, 3] and post["category_ids"][-1] == 90 and 12 not in post["category_ids"]
