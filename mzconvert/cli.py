@@ -343,7 +343,7 @@ def predict(ctx: Context, recipe, images, variants, to_dir, min_score, out, buil
     folder = out / r.name
     manifest = load_manifest(out, r.name)
     written = predict_images(r, manifest, folder, list(images), list(variants), to_dir or folder / "predictions",
-                             min_score)
+                             min_score, ctx.console.log)
     if to_dir is None:
         write_md5sums(folder)
     ctx.console.result([str(p) for p in written], "\n".join(str(p) for p in written))

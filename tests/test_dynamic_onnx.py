@@ -66,3 +66,9 @@ def test_init_at_a_given_shape_builds_per_channel_int8_from_an_opset_12_model(tm
     assert per_channel  # the conv's weights, one scale per output channel
     assert variants["int8"]["inputs"][0]["shape"] == [1, 3, 32, 32]
     assert variants["int8"]["verify"]["logits"]["cosine"] > 0.99
+    assert "labels" not in recipe  # 6 classes: nothing names them
+    drawn = run_cli("predict", str(tmp_path / "dyn.yaml"), str(sorted(verify.iterdir())[0]),
+                    "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert "labels: none declared; classes are shown as their indices 0-5" in drawn.stderr
+    assert Path(drawn.stdout.strip()).is_file()

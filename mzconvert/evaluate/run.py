@@ -4,6 +4,7 @@ images, each decoded as the recipe says (tasks/), scored together (scoring.py)."
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import EXIT_BAD_INPUT, MzError
@@ -44,6 +45,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
 
     check_scored(recipe)
     manifest = load_manifest(dist, recipe.name)
+    recipe = with_class_labels(recipe, manifest, console.log)
     folder = dist / recipe.name
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     if missing := set(variants) - set(manifest["variants"]):
@@ -107,6 +109,18 @@ def check_scored(recipe: Recipe) -> None:
                       EXIT_BAD_INPUT)
 
 
+def with_class_labels(recipe: Recipe, manifest: dict, log) -> Recipe:
+    """The recipe, a classifier without labels given its class indices as labels (warned): eval and predict
+    show "17", not refuse; a dataset labelled by index (a folder per class named 0, 1, ...) is evaluated."""
+    if recipe.task != "classification" or recipe.labels is not None:
+        return recipe
+    first = next(iter(manifest["variants"].values()))
+    classes = first["outputs"][0]["shape"][-1]
+    log(f"[{recipe.name}] warning: {recipe.path}: labels: none declared; classes are shown as their indices "
+        f"0-{classes - 1} (a list, a file of names, or imagenet names them)")
+    return replace(recipe, labels=ClassLabels(names=tuple(str(i) for i in range(classes)), label_offset=0))
+
+
 def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifest: dict) -> dict[str, Predict]:
     """What each model of `runners` (fed the recipe's preprocessing) predicts on an image: detections,
     decoded as the recipe says or read from an attached post-processor, or scores indexed like the
@@ -117,9 +131,6 @@ def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifes
         attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
         output_names = list(recipe.strip.outputs) if recipe.strip else None
         return {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
-    if recipe.labels is None:
-        raise MzError(f"{recipe.path}: labels: a classifier needs its labels to be evaluated or shown "
-                      "(a list, a file of names, or 'imagenet' for the 1000 ImageNet synsets)")
     models = {}
     for name, run in runners.items():
         scores = scores_by_label(run, recipe.labels, name, background_allowed=False)

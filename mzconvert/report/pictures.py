@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import MzError
 from ..evaluate.datasets import LoadedImage
-from ..evaluate.run import predictors
+from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
 from ..recipe import Recipe
 from ..runtime import open_model
@@ -57,8 +57,9 @@ def _side_by_side(panels: list[Image.Image]) -> Image.Image:
 
 
 def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Path], variants: list[str],
-                   out_dir: Path, min_score: float = SHOW_SCORE) -> list[Path]:
+                   out_dir: Path, min_score: float = SHOW_SCORE, log=lambda message: None) -> list[Path]:
     """Run `variants` (default: all built) of dist `folder` on `images`; one side-by-side PNG each."""
+    recipe = with_class_labels(recipe, manifest, log)
     built = list(manifest.get("variant_order", manifest["variants"]))
     chosen = variants or built
     if missing := [v for v in chosen if v not in manifest["variants"]]:
