@@ -78,7 +78,8 @@ def saved_detections(saved, i: int):
 def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe,
                    anchors: Path | None = None, threads: int = 1) -> dict:
     """Run `model` on the inputs of `reference` (reference_outputs); metrics per output over all images,
-    and what a user sees: top-1 agreement (classifiers), the share of detections matched (SSD detectors)."""
+    and what a user sees: top-1 agreement (classifiers), the share of detections matched (detectors whose
+    outputs are decoded here)."""
     runner = open_model(model, output_names, threads)
     with np.load(reference, allow_pickle=False) as saved:
         count = sum(1 for key in saved.files if key.startswith("input_"))
