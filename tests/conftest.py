@@ -109,3 +109,11 @@ def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: in
     full_env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"} | (env or {})
     return subprocess.run([sys.executable, "-m", "mzconvert.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=full_env, timeout=timeout)
+
+
+def image_folder(folder: Path, source: Path, count: int) -> Path:
+    """A user's own folder of images (here: a few COCO files, under other names)."""
+    folder.mkdir(parents=True)
+    for i, path in enumerate(sorted(source.glob("*.jpg"))[:count]):
+        (folder / f"photo {i}.JPG").write_bytes(path.read_bytes())
+    return folder

@@ -10,7 +10,7 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import MIRROR, run_cli
+from tests.conftest import MIRROR, image_folder, run_cli
 
 
 def dynamic_opset12_onnx(path: Path) -> Path:
@@ -45,11 +45,8 @@ def test_init_at_a_given_shape_builds_per_channel_int8_from_an_opset_12_model(tm
     assert refused.returncode == 2 and "--input-shape" in refused.stderr
     bad = run_cli("init", "dyn", "--from", str(model), "--to", str(tmp_path), "--input-shape", "1,4,32,32")
     assert bad.returncode == 2 and "does not fit its image input" in bad.stderr and not (tmp_path / "dyn.yaml").exists()
-    calibration, verify = tmp_path / "calib", tmp_path / "check"
-    for folder, source, count in ((calibration, "train2017", 8), (verify, "val2017", 4)):
-        folder.mkdir()
-        for path in sorted((MIRROR / "coco" / source).glob("*.jpg"))[:count]:
-            (folder / path.name).write_bytes(path.read_bytes())
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
+    verify = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 4)
     made = run_cli("init", "dyn", "--from", str(model), "--to", str(tmp_path), "--input-shape", "1,3,32,32",
                    "--calibration", str(calibration), "--verify", str(verify))
     assert made.returncode == 0, made.stderr

@@ -20,7 +20,7 @@ from mzconvert.report.markdown import write_report
 from mzconvert.sources.fetch import FetchConfig, Fetcher
 from mzconvert.tasks.dense import mask_iou
 from mzconvert.tasks.signal import compare, slice_axis, worst_slice
-from tests.conftest import MIRROR
+from tests.conftest import MIRROR, image_folder
 
 SIZE = 32
 
@@ -203,13 +203,6 @@ def test_located_errors_of_the_new_fields(tmp_path, change, expected):
         parse_recipe(tmp_path / "x.yaml", text.replace(change, edits[change]))
 
 
-def _images(folder: Path, source: Path, count: int) -> Path:
-    folder.mkdir(parents=True)
-    for path in sorted(source.glob("*.jpg"))[:count]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    return folder
-
-
 @pytest.mark.slow
 def test_int16x8_from_a_keras_source_verifies_and_compiles_for_the_npu(tmp_path, mirror):
     """16-bit activations, 8-bit weights: a TFLite artifact with int16 I/O, closer to float than int8 on the
@@ -224,8 +217,8 @@ def test_int16x8_from_a_keras_source_verifies_and_compiles_for_the_npu(tmp_path,
     x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
     logits = keras.layers.Dense(5, name="class_logits")(keras.layers.GlobalAveragePooling2D()(x))
     keras.Model(inputs, logits).save(tmp_path / "model.keras")
-    calibration = _images(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
-    verify = _images(tmp_path / "check", MIRROR / "coco" / "val2017", 8)
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
+    verify = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 8)
     made = run_cli("init", "small", "--from", str(tmp_path / "model.keras"), "--calibration", str(calibration),
                    "--verify", str(verify), "--to", str(tmp_path))
     assert made.returncode == 0, made.stderr

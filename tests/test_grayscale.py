@@ -14,7 +14,7 @@ from mzconvert.errors import RecipeError
 from mzconvert.preprocess import model_tensor
 from mzconvert.recipe import InputSpec, parse_recipe
 from mzconvert.recipe.schema import Preprocess
-from tests.conftest import MIRROR, run_cli
+from tests.conftest import MIRROR, image_folder, run_cli
 
 
 def test_gray_is_the_luma_pil_computes_then_resized(mirror):
@@ -62,12 +62,8 @@ def test_a_grayscale_keras_hdf5_classifier_goes_from_init_to_the_npu(tmp_path, m
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(16, 3, activation="relu")(x))
     keras.Model(inputs, keras.layers.Dense(10, name="scores")(x)).save(tmp_path / "digits.h5")
     (tmp_path / "digits.h5").rename(tmp_path / "digits.hdf5")
-    folders = {}
-    for role, split, count in (("calib", "train2017", 8), ("check", "val2017", 8)):
-        folders[role] = tmp_path / role
-        folders[role].mkdir()
-        for path in sorted((MIRROR / "coco" / split).glob("*.jpg"))[:count]:
-            (folders[role] / path.name).write_bytes(path.read_bytes())
+    folders = {role: image_folder(tmp_path / role, MIRROR / "coco" / split, 8)
+               for role, split in (("calib", "train2017"), ("check", "val2017"))}
     inspected = run_cli("inspect", str(tmp_path / "digits.hdf5"))
     assert inspected.returncode == 0 and ": keras" in inspected.stdout, inspected.stderr
     made = run_cli("init", "digits", "--from", str(tmp_path / "digits.hdf5"), "--to", str(tmp_path),

@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import MIRROR, PEDESTRIAN_PB, run_cli
+from tests.conftest import MIRROR, PEDESTRIAN_PB, image_folder, run_cli
 from tests.tiny_graphs import INPUT, write_tiny_detector
 
 TRAIN, VAL = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
-
-
-def image_folder(folder: Path, source: Path, count: int) -> Path:
-    """A user's own folder of images (here: a few COCO files, under other names)."""
-    folder.mkdir(parents=True)
-    for i, path in enumerate(sorted(source.glob("*.jpg"))[:count]):
-        (folder / f"photo {i}.JPG").write_bytes(path.read_bytes())
-    return folder
 
 
 def init_and_build(tmp_path: Path, name: str, model: Path, *extra: str) -> dict:

@@ -18,7 +18,7 @@ from mzconvert.recipe import InputSpec, Postprocess
 from mzconvert.recipe.schema import DEFAULT_FLOORS, Preprocess
 from mzconvert.stages.verify import below_floors
 from mzconvert.tasks.detection import Detections, on_image, yolov8_detections
-from tests.conftest import MIRROR, run_cli
+from tests.conftest import MIRROR, image_folder, run_cli
 
 SIZE = 320  # an Ultralytics export size: boxes in pixels up to 320 beside probabilities up to 1
 STRIDE = SIZE // 8
@@ -168,12 +168,8 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
     model = with_ultralytics_metadata(yolov8_like_onnx(tmp_path / "yolo.onnx"), {0: "person", 1: "car"})
     inspected = run_cli("inspect", str(model))
     assert "metadata task: detect" in inspected.stdout and "dynamic dimensions: images ['batch'" in inspected.stdout
-    folders = {}
-    for role, split, count in (("calib", "train2017", 16), ("check", "val2017", 16)):
-        folders[role] = tmp_path / role
-        folders[role].mkdir()
-        for path in sorted((MIRROR / "coco" / split).glob("*.jpg"))[:count]:
-            (folders[role] / path.name).write_bytes(path.read_bytes())
+    folders = {role: image_folder(tmp_path / role, MIRROR / "coco" / split, 16)
+               for role, split in (("calib", "train2017"), ("check", "val2017"))}
     made = run_cli("init", "yolo", "--from", str(model), "--to", str(tmp_path), "--calibration",
                    str(folders["calib"]), "--verify", str(folders["check"]))
     assert made.returncode == 0, made.stderr
