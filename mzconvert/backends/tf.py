@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..quant.tflite_converter import run_converter, tf_module
 from ..recipe import Recipe, Variant
+from ..tasks.detection import postprocessed_detections
 from . import StripResult, check_tensors, export_anchors
 
 
@@ -350,8 +351,6 @@ class SourcePipelineRunner:
         return self._session.run(self._outputs, {self._input: feed})
 
     def detections(self, pixels: np.ndarray):
-        from ..tasks.detection import postprocessed_detections
-
         out = dict(zip(self._roles, self.run(pixels)))
         return postprocessed_detections(out["boxes"], out["classes"], out["scores"], out["count"], self._class_offset)
 

@@ -7,9 +7,13 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..backends import backend_for
 from ..errors import EXIT_BAD_INPUT, MzError
+from ..fsio import write_json_atomic
 from ..layout import built_stage_model
+from ..manifest import load_manifest, measured_artifacts
 from ..recipe import ClassLabels, InputSpec, Preprocess, Recipe
+from ..runtime import open_model
 from ..tasks.classification import labelled_images, scores_by_label
 from ..tasks.detection import (
     RAW_DECODERS,
@@ -38,11 +42,6 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
              dist: Path, build_root: Path, console, labels_file: Path | None = None) -> tuple[dict, dict]:
     """Evaluate the built variants, the float source model, the source pipeline (where declared) and
     `references` on the same images; writes dist/<recipe>/eval/<dataset key>.json."""
-    from ..backends import backend_for
-    from ..fsio import write_json_atomic
-    from ..manifest import load_manifest
-    from ..runtime import open_model
-
     check_scored(recipe)
     manifest = load_manifest(dist, recipe.name)
     recipe = with_class_labels(recipe, manifest, console.log)
@@ -89,8 +88,6 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
             models[path.stem] = lambda image, s=scores, p=preprocess, i=model_input: s(image.tensor(p, i))
         evaluation = evaluate_classification(models, labelled.images, console.log)
         scope, images, label_source = "top-1/top-5", [p for p, _ in labelled.images], labelled.source
-    from ..manifest import measured_artifacts
-
     identity = dataset_identity(dataset, split, labels_file, images)
     files = [manifest["variants"][name]["file"] for name in chosen] + ["anchors.npy"]
     evaluation = {"recipe": recipe.name, "dataset": identity, "images": len(images), "labels": label_source,

@@ -57,12 +57,13 @@ def _warnings(variants: dict, bench: dict | None) -> list[str]:
     """What a reader must not miss: fidelity below a default floor (allowed by the recipe's own), an integer
     variant slower than float32 on this CPU, operators the NPU leaves to the CPU."""
     lines = []
+    timed = (bench or {}).get("results", {})
+    float_ms = timed.get("float32", {}).get("median_ms")
     for name, v in variants.items():
         for field, what, shown in below_floors(v.get("verify") or {}, DEFAULT_FLOORS):
             lines.append(f"- **{name}**: {what} {shown}, below the default floor {DEFAULT_FLOORS[field]} "
                          f"(the recipe lowered {field})")
-        float_ms = (bench or {}).get("results", {}).get("float32", {}).get("median_ms")
-        ms = (bench or {}).get("results", {}).get(name, {}).get("median_ms")
+        ms = timed.get(name, {}).get("median_ms")
         if v["mode"] in INTEGER_MODES and float_ms and ms and ms > float_ms:
             lines.append(f"- **{name}**: {ms:.2f} ms on this CPU, slower than float32 ({float_ms:.2f} ms, "
                          f"{float_ms / ms:.2f}x): its integer kernels do not pay here")

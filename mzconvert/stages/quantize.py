@@ -17,6 +17,7 @@ from ..errors import MzError
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES, INTEGER_MODES
 from ..runtime import TensorSpec, nhwc, open_model
+from ..tasks.detection import load_anchors
 from .calibrate import CONVERTERS, calibration_batches
 
 
@@ -52,7 +53,6 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
     if not variant.attach_postprocess:
         return checked
-    from ..tasks.detection import load_anchors
     from .attach import OUTPUT_NAMES, attach_postprocess
 
     raw = out_dir / "raw" / model.name
