@@ -61,7 +61,8 @@ def _strip(p: Planner, frozen: StageOutcome, suffix: str) -> StageOutcome:
     from .stages.strip import strip
 
     inputs = {"model": frozen.digest(), "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
-              "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
+              "postprocess": validated(p.recipe.postprocess), "tools": p.versions,
+              "targets": sorted({v.target for v in p.recipe.variants})}  # an ONNX model's tflite target: its port
 
     def action(out: Path) -> dict:
         result = strip(frozen.path("model"), p.recipe, out)

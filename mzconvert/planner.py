@@ -35,7 +35,7 @@ STAGE_LOCK_WAIT_SECONDS = 24 * 3600.0
 
 
 
-TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow")
+TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow", "onnx2tf")
 
 
 def tool_versions() -> dict[str, str]:

@@ -64,6 +64,14 @@ def test_init_at_a_given_shape_builds_per_channel_int8_from_an_opset_12_model(tm
     assert variants["int8"]["inputs"][0]["shape"] == [1, 3, 32, 32]
     assert variants["int8"]["verify"]["logits"]["cosine"] > 0.99
     assert "labels" not in recipe  # 6 classes: nothing names them
+    # onnx2tf's NHWC port: LiteRT float32 equal to the ONNX model, int8 full-integer, compiled for the NPU
+    assert variants["float32-tflite"]["inputs"][0]["shape"] == [1, 32, 32, 3]
+    assert variants["float32-tflite"]["verify"]["logits"]["cosine"] >= 0.9999
+    tflite = variants["int8-tflite"]
+    assert tflite["file"].endswith(".tflite") and tflite["inputs"][0]["dtype"] == "int8"
+    assert tflite["verify"]["logits"]["sqnr_db"] > 20
+    (npu,) = tflite["vela"].values()
+    assert npu["cpu_op_count"] == 0 and npu["npu_ops"]
     drawn = run_cli("predict", str(tmp_path / "dyn.yaml"), str(sorted(verify.iterdir())[0]),
                     "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
     assert drawn.returncode == 0, drawn.stderr[-2000:]

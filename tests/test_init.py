@@ -115,7 +115,10 @@ def test_init_builds_an_onnx_export(tmp_path, mirror):
     recipe = built["recipe"]
     assert recipe["input"]["layout"] == "NCHW" and recipe["input"]["shape"] == [1, 3, 32, 32]
     assert recipe["strip"]["outputs"] == ["probabilities"]
-    assert set(built["variants"]) == {"float32", "int8"}
+    # ONNX QDQ int8, and LiteRT float32 / int8 through onnx2tf's port (compiled for the NPU)
+    assert set(built["variants"]) == {"float32", "int8", "float32-tflite", "int8-tflite"}
+    assert built["variants"]["float32-tflite"]["verify"]["probabilities"]["cosine"] >= 0.9999
+    assert built["variants"]["int8-tflite"]["vela"]
 
 
 def test_inspect_lists_archive_members_and_reads_tflite_quantization(tmp_path, mirror):
@@ -268,7 +271,8 @@ def test_init_builds_a_torch_state_dict_of_a_known_module(tmp_path, mirror):
     assert found["torch"] == {"module": "mobilenet_v2", "num_classes": 5, "width": 0.35}
     built = init_and_build(tmp_path, "my-torch", weights)
     assert built["recipe"]["torch"] == found["torch"]
-    assert set(built["variants"]) == {"float32", "int8", "int8-tflite"}
+    assert set(built["variants"]) == {"float32", "float32-tflite", "int8", "int8-tflite"}
+    assert built["variants"]["float32-tflite"]["verify"]["logits"]["cosine"] >= 0.9999  # the Keras port
     assert built["variants"]["int8-tflite"]["inputs"][0]["dtype"] == "int8"
     assert built["variants"]["int8"]["verify"]["logits"]["cosine"] > 0.9
 

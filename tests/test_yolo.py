@@ -138,7 +138,7 @@ verify: {{images: {val}, count: 16}}
     # the export's one output under one int8 scale: a class channel at 0 dB, caught by the default floors
     assert shared["output0"]["worst_slice"]["sqnr_db"] < 1, shared
     assert shared["matched_detections"] < kept["matched_detections"] - 0.1, (shared, kept)
-    assert {field for field, _, _ in below_floors(shared, DEFAULT_FLOORS)} == {"min_slice_sqnr_db", "min_matched"}
+    assert {field for field, _, _ in below_floors(shared, DEFAULT_FLOORS, "int8")} == {"min_slice_sqnr_db", "min_matched"}
     evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     results = json.loads(evaluated.stdout)["results"]
@@ -175,12 +175,21 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
     assert made.returncode == 0, made.stderr
     recipe = __import__("yaml").safe_load((tmp_path / "yolo.yaml").read_text())
     assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, SIZE, SIZE]
-    assert recipe["postprocess"] == {"kind": "yolov8", "labels": ["person", "car"], "nms_iou_threshold": 0.7}
+    # cut before the head's Concat: boxes in pixels and probabilities each get an int8 scale of their own
+    assert recipe["postprocess"] == {"kind": "yolov8", "labels": ["person", "car"], "nms_iou_threshold": 0.7,
+                                     "box_output": "boxes", "class_output": "scores"}
+    assert recipe["strip"]["outputs"] == ["boxes", "scores"]
     assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["interpolation"] == "cv2-linear"
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
     built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
     assert built.returncode == 0, built.stderr[-3000:]
-    assert json.loads(built.stdout)["yolo"]["variants"]["int8"]["verify"]["matched_detections"] >= 0.8
+    variants = json.loads(built.stdout)["yolo"]["variants"]
+    assert variants["float32-tflite"]["verify"]["matched_detections"] == 1.0
+    for name in ("int8", "int8-tflite"):  # ONNX QDQ, and full-integer LiteRT through onnx2tf
+        assert variants[name]["verify"]["matched_detections"] >= 0.8, (name, variants[name]["verify"])
+        assert variants[name]["verify"]["scores"]["worst_slice"]["sqnr_db"] > 15, variants[name]["verify"]
+    (npu,) = variants["int8-tflite"]["vela"].values()
+    assert npu["cpu_op_count"] == 0 and npu["npu_ops"]
     evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 

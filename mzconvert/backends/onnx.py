@@ -10,9 +10,10 @@ import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..quant.output_scales import mixed_range_outputs
+from ..quant.tflite_converter import run_converter
 from ..recipe import Recipe, Variant
 from ..runtime import OnnxRunner
-from . import StripResult, check_tensors, export_anchors
+from . import StripResult, check_tensors, export_anchors, nhwc_port
 
 
 def _load(path: Path):
@@ -126,21 +127,7 @@ def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
     if error > 1e-3 or len(got) != len(expected):
         raise MzError(f"{target}: the ONNX export differs from the PyTorch module (max abs error {error:.3g})")
     if any(v.target == "tflite" for v in recipe.variants):
-        _write_keras_port(module, example, expected[0], target.with_name(KERAS_PORT))
-
-
-KERAS_PORT = "model_nhwc.h5"  # torch sources with tflite variants: the Keras port, beside the ONNX model
-
-
-def _write_keras_port(module, example, expected: np.ndarray, target: Path) -> None:
-    from .torch_models import to_keras
-
-    keras_model = to_keras(module, tuple(example.shape))
-    got = keras_model(example.numpy().transpose(0, 2, 3, 1), training=False).numpy()
-    error = float(np.max(np.abs(got - expected)))
-    if error > 1e-3:
-        raise MzError(f"{target}: the Keras port differs from the PyTorch module (max abs error {error:.3g})")
-    keras_model.save(str(target))
+        nhwc_port.write_keras_port(module, example, expected[0], target.with_name(nhwc_port.KERAS_PORT))
 
 
 # -- strip ---------------------------------------------------------------------------------------
@@ -167,8 +154,10 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
         check_tensors(recipe, "postprocess.anchors_tensor", [anchors_name], names)
         extras, metadata = export_anchors(_evaluate(frozen, anchors_name, recipe), recipe, out_dir)
         result = StripResult(model=target, extras=extras, metadata=metadata)
-    if (frozen.parent / KERAS_PORT).is_file():  # the whole network: classifiers end at their logits
-        shutil.copyfile(frozen.parent / KERAS_PORT, out_dir / KERAS_PORT)
+    if (frozen.parent / nhwc_port.KERAS_PORT).is_file():  # the whole network: classifiers end at their logits
+        shutil.copyfile(frozen.parent / nhwc_port.KERAS_PORT, out_dir / nhwc_port.KERAS_PORT)
+    elif any(v.target == "tflite" for v in recipe.variants):
+        nhwc_port.write_onnx2tf_port(target, recipe, out_dir)
     return result
 
 
@@ -203,8 +192,10 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     from onnxruntime import quantization as q
 
-    if variant.target == "tflite":
-        return _convert_keras_port(model.with_name(KERAS_PORT), recipe, variant, calibration, out_dir)
+    if variant.target == "tflite":  # from the NHWC port; calibration images arrive in the recipe's layout
+        to_port = nhwc_port.to_port_layout(recipe)
+        port_calibration = (lambda: (to_port(t) for t in calibration())) if calibration else None
+        return run_converter(nhwc_port.converter(model, recipe), model, recipe, variant, port_calibration, out_dir)
     target = out_dir / f"{recipe.name}_{variant.name}.onnx"
     if variant.mode == "float32":
         shutil.copyfile(model, target)
@@ -226,26 +217,9 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
     return target
 
 
-def _keras_port_converter(keras_file: Path):
-    import tf_keras as keras
-
-    from ..quant.tflite_converter import tf_module
-
-    model = keras.models.load_model(str(keras_file), compile=False)
-    return tf_module().lite.TFLiteConverter.from_keras_model(model)
-
-
-def _convert_keras_port(keras_file: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
-    from ..quant.tflite_converter import run_converter
-
-    # Calibration images arrive in the recipe's NCHW layout; the Keras port is NHWC.
-    nhwc = (lambda: (t.transpose(0, 2, 3, 1) for t in calibration())) if calibration else None
-    return run_converter(_keras_port_converter(keras_file), keras_file, recipe, variant, nhwc, out_dir)
-
-
 def tflite_converter(model: Path, recipe: Recipe):
-    """(a TFLite converter of the Keras port, what turns recipe (NCHW) input tensors into its NHWC inputs)."""
-    return _keras_port_converter(model.with_name(KERAS_PORT)), lambda tensor: tensor.transpose(0, 2, 3, 1)
+    """(a TFLite converter of the NHWC port, what turns recipe input tensors into its inputs)."""
+    return nhwc_port.converter(model, recipe), nhwc_port.to_port_layout(recipe)
 
 
 def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:

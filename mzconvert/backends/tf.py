@@ -174,20 +174,25 @@ def _keras_graph(source: Path, recipe: Recipe):
     """The Keras model as one frozen graph at the recipe's input shape, its input and outputs named as in Keras
     (the input layer's name, the output layers' names)."""
     tf = tf_module()
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
     model = load_keras(source)
     if len(model.inputs) != 1:
         raise MzError(f"{source}: {len(model.inputs)} inputs; mzconvert converts single-image models", EXIT_BAD_INPUT)
     function = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec(recipe.input.shape, tf.float32))
+    return frozen_function(function, model.inputs[0].name, list(model.output_names))
+
+
+def frozen_function(function, input_name: str, output_names: list[str]):
+    """A one-input concrete function as one frozen GraphDef: its placeholder named `input_name`, an Identity
+    of each output named as in `output_names`."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
     graph_def = convert_variables_to_constants_v2(function).graph.as_graph_def()
     placeholder = next(n.name for n in graph_def.node if n.op == "Placeholder")
     outputs = [t.name for t in function.outputs]
-    PublicNames({model.inputs[0].name: f"{placeholder}:0"},
-                   dict(zip(model.output_names, outputs)),
-                   {name: t.dtype.as_datatype_enum for name, t in zip(model.output_names, function.outputs)},
-                   ).name_nodes(graph_def, [model.inputs[0].name], list(model.output_names))
+    PublicNames({input_name: f"{placeholder}:0"}, dict(zip(output_names, outputs)),
+                {name: t.dtype.as_datatype_enum for name, t in zip(output_names, function.outputs)},
+                ).name_nodes(graph_def, [input_name], output_names)
     return graph_def
 
 

@@ -70,10 +70,8 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
         raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd",
                         where("attach_postprocess"))
     native = native_target(fmt)
-    if v.target != native and fmt != "torch":
-        raise item.fail(f"a {fmt} source converts to {native} only (ONNX -> TFLite would need onnx2tf, whose "
-                        "pins downgrade TensorFlow, numpy and protobuf; torch sources reach TFLite through "
-                        "their Keras port)", where("target"))
+    if v.target != native and not uses_onnx_backend(fmt):  # ONNX and torch reach TFLite through an NHWC port
+        raise item.fail(f"a {fmt} source converts to {native} only", where("target"))
     if v.target == "tflite" and v.calibration_method not in TFLITE_CALIBRATION_METHODS:
         raise item.fail(f"TFLite int8 records its ranges by {', '.join(TFLITE_CALIBRATION_METHODS)}; "
                         f"{v.calibration_method} is ONNX Runtime's", where("calibration_method"))
@@ -108,7 +106,7 @@ def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
 def check_npu_targets(r: Reader, vela: tuple[VelaTarget, ...], variants: list[Variant], fmt: str) -> None:
     if vela and not any(v.mode in INTEGER_MODES and v.target == "tflite" for v in variants):
         raise r.fail("the NPU compiles TFLite int8 variants, and this recipe has none"
-                     + (" (ONNX variants are not compiled for it; a torch source can add one with target: tflite)"
+                     + (" (ONNX variants are not compiled for it; add one with target: tflite)"
                         if uses_onnx_backend(fmt) else ""), "targets.vela")
 
 

@@ -16,7 +16,8 @@ TASKS = ("detection", "classification", "dense", "other")
 # floor (variants[].min_*): measured on the shipped recipes' variants (docs/results.md), every one of which
 # passes with a margin, while the broken int8 models this check is for (scores set to 0 under a box-sized
 # scale, a map with the wrong pixels) fall far below.
-DEFAULT_FLOORS = {"min_matched": 0.80, "min_agreement": 0.90, "min_mask_iou": 0.80, "min_slice_sqnr_db": 10.0}
+DEFAULT_FLOORS = {"min_matched": 0.80, "min_agreement": 0.90, "min_mask_iou": 0.80, "min_slice_sqnr_db": 10.0,
+                  "min_float_cosine": 0.9999}
 FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "tflite")
 # int16x8: 16-bit activations, 8-bit weights (TFLite's 16x8 mode, ONNX QDQ with int16 activations; Ethos-U runs it)
 MODES = ("float32", "float16", "dynamic", "int8", "int16x8", "uint8-qat")
@@ -59,7 +60,8 @@ FIELDS = {
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
-                   "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db", "separate_output_scales"),
+                   "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db", "min_float_cosine",
+                   "separate_output_scales"),
     "variants[].quantized_input_stats": ("mean", "std"),
     "targets": ("vela",),
     "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
@@ -149,7 +151,7 @@ class Postprocess:
     category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
     anchors_tensor: str | None = None
     box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
-    box_output: str | None = None
+    box_output: str | None = None  # ssd; yolov8 cut before its Concat: boxes [1, 4, N] (class_output [1, C, N])
     class_output: str | None = None
     score: str = "sigmoid"  # sigmoid | softmax
     background_class: bool = True  # logits[..., 0] is background
@@ -209,6 +211,8 @@ class Variant:
     min_agreement: float = DEFAULT_FLOORS["min_agreement"]  # classifiers: top-1 agreement
     min_mask_iou: float = DEFAULT_FLOORS["min_mask_iou"]  # dense maps
     min_slice_sqnr_db: float = DEFAULT_FLOORS["min_slice_sqnr_db"]  # every output's worst slice (or whole output)
+    # float32 variants: every output's cosine; a conversion (ONNX -> TFLite) must not change the model
+    min_float_cosine: float = DEFAULT_FLOORS["min_float_cosine"]
     # ONNX int8: an output that concatenates parts of very different ranges (boxes in pixels, probabilities)
     # keeps each part's own scale: its Concat stays float (backends/onnx.py)
     separate_output_scales: bool = True

@@ -172,8 +172,8 @@ def parse_preprocess(r: Reader, model_input: InputSpec) -> Preprocess:
                       central_crop=_fraction(r, "central_crop"), letterbox=letterbox)
 
 
-def _cosine(r: Reader, key: str) -> float | None:
-    value = r.number(key, required=False)
+def _cosine(r: Reader, key: str, default: float | None = None) -> float | None:
+    value = r.number(key, required=False, default=default)
     if value is not None and not -1.0 <= value <= 1.0:
         raise r.fail(f"a cosine similarity is in [-1, 1], got {value}", r.child_where(key))
     return value
@@ -234,14 +234,25 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
 
 def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, nms: dict,
                       strip: Strip | None) -> Postprocess:
-    """An Ultralytics export's one raw output, decoded here: its boxes and class scores."""
+    """An Ultralytics export's raw head, decoded here: its one output (boxes and class scores concatenated), or
+    for yolov8 the two tensors before that Concat (box_output [1, 4, N] and class_output [1, classes, N]), which
+    int8 then quantizes at scales of their own."""
+    split = ("box_output", "class_output") if kind == "yolov8" else ()
     for key in SSD_POSTPROCESS_FIELDS:
-        if r.has(key) and key not in ("nms_score_threshold", "nms_iou_threshold", "max_detections"):
+        if r.has(key) and key not in ("nms_score_threshold", "nms_iou_threshold", "max_detections", *split):
             raise r.fail(f"kind {kind} decodes its one output; {key} is for kind ssd", r.child_where(key))
-    output = r.string("output", required=False)
-    if output is not None and strip is not None and output not in strip.outputs:
-        raise r.fail(f"{short(output)} is not one of strip.outputs {list(strip.outputs)}", r.child_where("output"))
-    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, output=output, **nms)
+    if split and r.has(split[0]) != r.has(split[1]):
+        missing = split[1] if r.has(split[0]) else split[0]
+        raise r.fail(f"a yolov8 head cut before its Concat names both {split[0]} and {split[1]}",
+                     r.child_where(missing))
+    names = {key: r.string(key, required=False) for key in ("output", *split)}
+    if names["output"] and names.get("box_output"):
+        raise r.fail("output is the one concatenated output; box_output and class_output replace it",
+                     r.child_where("output"))
+    for key, name in names.items():
+        if name is not None and strip is not None and name not in strip.outputs:
+            raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
+    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, **names, **nms)
 
 
 def _percentile(r: Reader) -> float:
@@ -285,6 +296,7 @@ def parse_variant(r: Reader) -> Variant:
                    min_mask_iou=_share(r, "min_mask_iou"),
                    min_slice_sqnr_db=r.number("min_slice_sqnr_db", required=False,
                                               default=DEFAULT_FLOORS["min_slice_sqnr_db"]),
+                   min_float_cosine=_cosine(r, "min_float_cosine", DEFAULT_FLOORS["min_float_cosine"]),
                    separate_output_scales=r.boolean("separate_output_scales", True),
                    member=_relative_member(r, "member"),
                    per_channel=r.boolean("per_channel", True),

@@ -60,7 +60,7 @@ def _warnings(variants: dict, bench: dict | None) -> list[str]:
     timed = (bench or {}).get("results", {})
     float_ms = timed.get("float32", {}).get("median_ms")
     for name, v in variants.items():
-        for field, what, shown in below_floors(v.get("verify") or {}, DEFAULT_FLOORS):
+        for field, what, shown in below_floors(v.get("verify") or {}, DEFAULT_FLOORS, v["mode"]):
             lines.append(f"- **{name}**: {what} {shown}, below the default floor {DEFAULT_FLOORS[field]} "
                          f"(the recipe lowered {field})")
         ms = timed.get(name, {}).get("median_ms")

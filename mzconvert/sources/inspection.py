@@ -240,8 +240,29 @@ def inspect_onnx(path: Path) -> dict:
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
+
+
+def _concatenated_outputs(model) -> dict[str, list[dict]]:
+    """{output: its parts} for each graph output a Concat of two tensors makes (a detection head's boxes and
+    scores): the parts' names and inferred shapes, where a model can be cut to quantize them apart."""
+    import onnx
+
+    outputs = {o.name for o in model.graph.output}
+    concats = {n.output[0]: list(n.input) for n in model.graph.node
+               if n.op_type == "Concat" and n.output[0] in outputs and len(n.input) == 2}
+    if not concats:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except Exception:  # shape inference fails on some custom ops: the parts are then not offered
+        return {}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1)
+                       for d in v.type.tensor_type.shape.dim] for v in inferred}
+    return {out: [{"name": name, "shape": shapes[name]} for name in parts]
+            for out, parts in concats.items() if all(name in shapes for name in parts)}
 
 
 def inspect_tflite(path: Path) -> dict:

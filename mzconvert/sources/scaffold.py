@@ -144,7 +144,18 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
     if labels == [name for _, name in coco]:
         post["category_ids"] = [category for category, _ in coco]
+    if kind == "yolov8" and (parts := _boxes_and_scores(model, classes)):
+        # cut before the head's Concat: int8 then gives pixels and probabilities scales of their own
+        proposal["outputs"] = parts
+        post |= {"box_output": parts[0], "class_output": parts[1]}
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
+
+
+def _boxes_and_scores(model: dict, classes: int) -> list[str] | None:
+    """[boxes, scores]: the two tensors a YOLOv8 head's output concatenates, [1, 4, N] and [1, classes, N]."""
+    parts = model.get("concat_outputs", {}).get(model["outputs"][0]["name"], [])
+    rows = [(p["shape"][1:2] or [None])[0] for p in parts]
+    return [p["name"] for p in parts] if rows == [4, classes] else None
 
 
 def _fixed_at(shape: list, size) -> list:
@@ -307,17 +318,19 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
             recipe["targets"] = {"vela": [NPU_TARGET]}
         return _with_notes(recipe, model, p)
     variants = [{"name": "float32", "mode": "float32"}]
+    if onnx_backend:  # LiteRT's float model, through the NHWC port: equal to the ONNX one (min_float_cosine)
+        variants.append({"name": "float32-tflite", "mode": "float32", "target": "tflite"})
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
                          "calibration": _as_given(calibration, recipe_dir),
                          # the ranges that kept MobileNetV2's top-1 and agreement under ONNX Runtime (docs/results.md)
                          **({"calibration_method": "percentile", "calibration_percentile": 99.99}
                             if onnx_backend else {})})
-    if calibration is not None and fmt == "torch":  # for the NPU: the module's Keras port, full-integer
+    if calibration is not None and onnx_backend:  # for LiteRT and the NPU: full-integer, from the NHWC port
         variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
                          "calibration": _as_given(calibration, recipe_dir)})
     recipe["variants"] = variants
-    if calibration is not None and fmt != "onnx":
+    if calibration is not None:
         recipe["targets"] = {"vela": [NPU_TARGET]}
     if verify is not None:  # a few dozen images tell fidelity apart; eval is for accuracy
         recipe["verify"] = {"images": _as_given(verify, recipe_dir),

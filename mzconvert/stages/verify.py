@@ -139,10 +139,11 @@ def share_upper_bound(share: float, count: int, z: float = 1.96) -> float:
     return min(1.0, centre + spread)
 
 
-def below_floors(metrics: dict, floors: dict) -> list[tuple[str, str, float]]:
-    """(floor field, what is below it, its value shown) for each figure of `metrics` (verify_variant's) below
-    `floors` ({min_* field: floor}): each output's worst slice (or whole output) SQNR, and what its task
-    judges; a share (agreement, detections matched) when even its interval's upper end is below."""
+def below_floors(metrics: dict, floors: dict, mode: str) -> list[tuple[str, str, float]]:
+    """(floor field, what is below it, its value shown) for each figure of `metrics` (verify_variant's, of a
+    variant in `mode`) below `floors` ({min_* field: floor}): each output's worst slice (or whole output) SQNR,
+    a float32 variant's cosine, and what its task judges; a share (agreement, detections matched) when even its
+    interval's upper end is below."""
     found = []
 
     def below(field: str, value: float, what: str, shown: str, count: int | None = None) -> None:
@@ -157,6 +158,8 @@ def below_floors(metrics: dict, floors: dict) -> list[tuple[str, str, float]]:
         worst = m.get("worst_slice")
         sqnr, part = (worst["sqnr_db"], slice_name(name, worst)) if worst else (m["sqnr_db"], f"output {name}")
         below("min_slice_sqnr_db", sqnr, f"SQNR of {part}", f"{sqnr:.1f} dB")
+        if mode == "float32":
+            below("min_float_cosine", m["cosine"], f"cosine of output {name}", f"{m['cosine']:.6f}")
         if "top1_agreement" in m:
             below("min_agreement", m["top1_agreement"], f"top-1 agreement with the float model ({name})",
                   f"{m['top1_agreement']:.1%}", metrics["images"])
@@ -175,7 +178,7 @@ def floor_failures(recipe: Recipe, variant: Variant, metrics: dict) -> list[str]
     where = f"{recipe.path}: variants[{recipe.variants.index(variant)}]"
     debug = f"`mzconvert debug {command_argument(recipe)} --variant {variant.name}` shows which layers lose it"
     return [f"{where}.{field}: {variant.name}: {what} {shown} is below the floor {floors[field]} (the recipe may "
-            f"lower it); {debug}" for field, what, shown in below_floors(metrics, floors)]
+            f"lower it); {debug}" for field, what, shown in below_floors(metrics, floors, variant.mode)]
 
 
 def threshold_failures(variant: Variant, metrics: dict) -> list[str]:

@@ -98,6 +98,10 @@ def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detec
 
 
 def _yolo_output(outputs: list[np.ndarray], by_name: dict, post: Postprocess) -> np.ndarray:
+    """The head's one output; for a head cut before its Concat, the two parts joined as the export joins them."""
+    if post.box_output:
+        boxes, scores = by_name[post.box_output], by_name[post.class_output]
+        return np.concatenate([boxes.reshape(4, -1), scores.reshape(-1, boxes.size // 4)])
     return by_name[post.output] if post.output else outputs[0]
 
 
