@@ -15,6 +15,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
+from .backends.torch_sources import user_code
 from .console import Console
 from .errors import MzError
 from .fsio import folder_lock, sha256_file
@@ -50,6 +51,8 @@ def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
               "input": validated(p.recipe.input),  # a Keras or ONNX source is frozen at input.shape
               "targets": sorted({v.target for v in p.recipe.variants}),  # a tflite target adds the Keras port
               "strip": validated(p.recipe.strip), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
+    if (code := user_code(p.recipe.torch, p.recipe.path.parent)) is not None and code.is_file():
+        inputs["torch_code"] = sha256_file(code)  # the user's own module class: its code
 
     def action(out: Path) -> dict:
         return {"model": freeze(fetched.path("model"), p.recipe, out).name}

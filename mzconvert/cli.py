@@ -142,6 +142,20 @@ def _shape_option(ctx, param, value: str | None) -> list[int] | None:
     return shape
 
 
+def _kwargs_option(ctx, param, value: str | None) -> dict:
+    from .yamlsafe import load_yaml
+
+    if value is None:
+        return {}
+    try:
+        kwargs = load_yaml(Path("--torch-kwargs"), value)
+    except MzError:
+        kwargs = None
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise click.BadParameter(f"{value!r}: expected a mapping, e.g. '{{classes: 10, width: 0.5}}'")
+    return kwargs
+
+
 @main.command()
 @click.argument("name")
 @click.option("--from", "source", required=True, help="The model: a file, folder, URL or pypi:name==version.")
@@ -154,13 +168,18 @@ def _shape_option(ctx, param, value: str | None) -> list[int] | None:
               show_default=True, help="Where NAME.yaml is written.")
 @click.option("--input-shape", callback=_shape_option, default=None,
               help="The input shape to build at, e.g. 1,3,320,320: fixes a model's dynamic dimensions.")
+@click.option("--torch-module", default=None,
+              help="A state dict's module: your class as FILE.py:Class or package.module:Class (your code: it runs).")
+@click.option("--torch-kwargs", callback=_kwargs_option, default=None,
+              help="Keyword arguments of --torch-module's class, e.g. '{classes: 10}'.")
 @pass_context
-def init(ctx: Context, name, source, member, calibration, verify_images, to_dir, input_shape):
+def init(ctx: Context, name, source, member, calibration, verify_images, to_dir, input_shape, torch_module,
+         torch_kwargs):
     """Write NAME.yaml: a recipe for the model, as far as inspecting it can tell (check the preprocessing)."""
     from .fsio import atomic_path
     from .recipe import parse_recipe
     from .sources.inspection import inspect_file, resolve_source
-    from .sources.scaffold import propose_recipe, single_model_member
+    from .sources.scaffold import exported_report, propose_recipe, single_model_member
 
     target = to_dir / f"{name}.yaml"
     if target.exists():
@@ -170,6 +189,15 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir,
     if member is None and (member := single_model_member(report)):
         ctx.console.log(f"init: {served_as} holds one model file, {member}: using it")
         report = inspect_file(path, member, served_as)
+    fmt = report.get("member", report).get("format")
+    if fmt in ("torchscript", "torch-export") or (fmt == "torch" and torch_module):
+        if member is not None:
+            raise MzError(f"{served_as}: init exports a PyTorch module from a file, not an archive member: extract "
+                          f"{member} and give it with --from", EXIT_BAD_INPUT)
+        report = exported_report(path, report, input_shape, torch_module, torch_kwargs, to_dir)
+    elif torch_module or torch_kwargs:
+        raise MzError(f"{served_as}: --torch-module and --torch-kwargs name the module of a PyTorch state dict; "
+                      f"this is {fmt or 'not a model file'}", EXIT_BAD_INPUT)
     text = propose_recipe(name, report, source_fields, member, calibration, verify_images, input_shape, to_dir)
     parse_recipe(target.resolve(), text)  # what init writes must validate
     to_dir.mkdir(parents=True, exist_ok=True)

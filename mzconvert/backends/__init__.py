@@ -61,6 +61,8 @@ _BY_FORMAT = {
     "keras": "tf",
     "onnx": "onnx",
     "torch": "onnx",
+    "torchscript": "onnx",
+    "torch-export": "onnx",
     "tflite": "tflite",
 }
 

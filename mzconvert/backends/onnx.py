@@ -12,8 +12,9 @@ from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..quant.output_scales import mixed_range_outputs
 from ..quant.tflite_converter import run_converter
 from ..recipe import Recipe, Variant
+from ..recipe.schema import TORCH_FORMATS
 from ..runtime import OnnxRunner
-from . import StripResult, check_tensors, export_anchors, nhwc_port
+from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sources
 
 
 def _load(path: Path):
@@ -40,8 +41,8 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     import onnx
 
     target = out_dir / "model.onnx"
-    if recipe.format == "torch":
-        _export_torch(source, recipe, target)
+    if recipe.format in TORCH_FORMATS:
+        torch_sources.export_onnx(source, recipe, target)
         model = _load(target)
     else:
         model = _load(source)  # a corrupt download is reported by its own name
@@ -89,45 +90,6 @@ def _at_least_opset(model, opset: int, source: Path):
     except Exception as exc:  # the converter raises its own errors for ops it cannot adapt
         raise MzError(f"{source}: opset {current} is older than {opset}, which per-channel int8 needs, and onnx's "
                       f"version converter cannot convert it: {short_text(exc)}", EXIT_BAD_INPUT) from None
-
-
-def _export_torch(weights: Path, recipe: Recipe, target: Path) -> None:
-    try:
-        import torch
-    except ImportError:
-        raise MzError(f"{recipe.path}: format torch needs PyTorch: pip install 'mzconvert[torch]' "
-                      "(torch==2.13.0, the CPU build)") from None
-    from .torch_models import MODULES, load_state
-
-    spec = recipe.torch
-    options = {"num_classes": spec.num_classes, "width": spec.width}
-    if spec.module == "mobilenet_v1":
-        options["relu6"] = spec.relu6
-    if spec.module == "mobiledet_edgetpu_ssdlite":
-        options["image_size"] = recipe.input.height_width[0]
-    module = MODULES[spec.module](**options)
-    state = load_state(weights)
-    try:
-        module.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise MzError(f"{weights}: not a state dict for {spec.module}: {short_text(exc)}", EXIT_BAD_INPUT) from None
-    module.eval()
-    example = torch.from_numpy(np.random.RandomState(0).normal(0, 1, recipe.input.shape).astype(np.float32))
-    output_names = list(recipe.strip.outputs) if recipe.strip else []
-    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
-        output_names.append(recipe.postprocess.anchors_tensor)  # SSD modules also return their anchors
-    torch.onnx.export(module, (example,), str(target), input_names=[recipe.input.name],
-                      output_names=output_names or None, opset_version=spec.opset, dynamo=False)
-    # The export is checked, not trusted: ONNX Runtime must reproduce every output of the module.
-    with torch.no_grad():
-        expected = module(example)
-    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-    got = OnnxRunner(target, output_names or None).run(example.numpy())
-    error = max(float(np.max(np.abs(g.reshape(e.shape) - e))) for g, e in zip(got, expected))
-    if error > 1e-3 or len(got) != len(expected):
-        raise MzError(f"{target}: the ONNX export differs from the PyTorch module (max abs error {error:.3g})")
-    if any(v.target == "tflite" for v in recipe.variants):
-        nhwc_port.write_keras_port(module, example, expected[0], target.with_name(nhwc_port.KERAS_PORT))
 
 
 # -- strip ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ..yamlsafe import load_yaml
 from . import rules
 from .lookup import SHIPPED_RECIPES, is_within, recipes_dir, resolve_recipe_path
 from .reader import Problems, Reader
-from .schema import FORMATS, SAFE_NAME, TASKS, TOP_LEVEL, Dense, Postprocess, Recipe, Variant
+from .schema import FORMATS, SAFE_NAME, TASKS, TOP_LEVEL, TORCH_FORMATS, Dense, Postprocess, Recipe, TorchSpec, Variant
 from .sections import (
     parse_dense,
     parse_graph_edits,
@@ -104,6 +104,9 @@ def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[V
     torch_spec = verify = source_pipeline = labels = dense = None
     if s.fmt is not None and problems.passes(rules.check_torch_section, r, s.fmt) and s.fmt == "torch":
         torch_spec = problems.check(parse_torch, r)
+    elif s.fmt in TORCH_FORMATS:  # an archive holding its module: only the export's opset to choose
+        opset = r.child("torch").integer("opset", required=False, default=17, minimum=7) if r.has("torch") else 17
+        torch_spec = TorchSpec(module=s.fmt, num_classes=None, width=1.0, relu6=True, kwargs={}, opset=opset)
     if r.has("verify"):
         verify = problems.check(parse_verify, r)
         if verify is not None and all_variants:

@@ -12,6 +12,7 @@ from .schema import (
     CALIBRATED_MODES,
     INTEGER_MODES,
     TFLITE_CALIBRATION_METHODS,
+    TORCH_FORMATS,
     Postprocess,
     Source,
     Variant,
@@ -20,7 +21,7 @@ from .schema import (
 
 
 def uses_onnx_backend(fmt: str) -> bool:
-    return fmt in ("onnx", "torch")
+    return fmt == "onnx" or fmt in TORCH_FORMATS
 
 
 def native_target(fmt: str) -> str:
@@ -112,9 +113,11 @@ def check_npu_targets(r: Reader, vela: tuple[VelaTarget, ...], variants: list[Va
 
 def check_torch_section(r: Reader, fmt: str) -> None:
     if fmt == "torch" and not r.has("torch"):
-        raise r.fail("a torch source needs a 'torch' section (module, num_classes, ...)", "torch")
-    if fmt != "torch" and r.has("torch"):
-        raise r.fail("only format torch takes a 'torch' section", "torch")
+        raise r.fail("a torch source (a state dict) needs a 'torch' section: the module it is for", "torch")
+    if fmt not in TORCH_FORMATS and r.has("torch"):
+        raise r.fail(f"only formats {', '.join(TORCH_FORMATS)} take a 'torch' section", "torch")
+    if fmt != "torch" and r.has("torch") and set(r.data["torch"] or {}) - {"opset"}:
+        raise r.fail(f"a {fmt} archive holds its module; its torch section takes opset only", "torch")
 
 
 def check_verify_images(r: Reader, images: str, variants: list[Variant]) -> None:

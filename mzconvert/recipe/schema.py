@@ -18,7 +18,11 @@ TASKS = ("detection", "classification", "dense", "other")
 # scale, a map with the wrong pixels) fall far below.
 DEFAULT_FLOORS = {"min_matched": 0.80, "min_agreement": 0.90, "min_mask_iou": 0.80, "min_slice_sqnr_db": 10.0,
                   "min_float_cosine": 0.9999}
-FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "tflite")
+FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "torchscript",
+           "torch-export", "tflite")
+# PyTorch sources, exported to ONNX at freeze: a state dict for a module class (torch section), a TorchScript
+# archive (torch.jit.save), a torch.export archive (.pt2, torch.export.save)
+TORCH_FORMATS = ("torch", "torchscript", "torch-export")
 # int16x8: 16-bit activations, 8-bit weights (TFLite's 16x8 mode, ONNX QDQ with int16 activations; Ethos-U runs it)
 MODES = ("float32", "float16", "dynamic", "int8", "int16x8", "uint8-qat")
 IO_DTYPES = ("float32", "int8", "uint8", "int16")
@@ -67,7 +71,7 @@ FIELDS = {
     "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
                      "max_sram_kib", "max_flash_kib", "max_inference_ms"),
     "verify": ("images", "count"),
-    "torch": ("module", "num_classes", "width", "relu6", "opset"),
+    "torch": ("module", "num_classes", "width", "relu6", "kwargs", "opset"),
     "dense": ("threshold",),
     "source_pipeline": ("input", "outputs", "class_offset", "min_matched"),
 }
@@ -234,11 +238,16 @@ class VelaTarget:
 
 @dataclass(frozen=True)
 class TorchSpec:
-    module: str
-    num_classes: int
+    module: str  # one of TORCH_MODULES, or the user's own class: 'file.py:Class' (beside the recipe) or 'pkg.mod:Class'
+    num_classes: int | None  # TORCH_MODULES: their options
     width: float
     relu6: bool
+    kwargs: dict  # the user's class: its keyword arguments
     opset: int
+
+    @property
+    def user_class(self) -> bool:
+        return ":" in self.module
 
 
 @dataclass(frozen=True)

@@ -390,12 +390,30 @@ def parse_targets(r: Reader) -> tuple[VelaTarget, ...]:
 
 
 def parse_torch(r: Reader) -> TorchSpec:
+    """Our modules (TORCH_MODULES) with their options, or the user's own class with its keyword arguments."""
     t = r.child("torch").mapping(FIELDS["torch"])
-    return TorchSpec(module=t.string("module", choices=TORCH_MODULES),
-                     num_classes=t.integer("num_classes", minimum=1),
-                     width=t.number("width", required=False, default=1.0, positive=True),
-                     relu6=t.boolean("relu6", True),
-                     opset=t.integer("opset", required=False, default=17, minimum=7))
+    module = t.string("module")
+    opset = t.integer("opset", required=False, default=17, minimum=7)
+    if ":" not in module:
+        t.string("module", choices=TORCH_MODULES)  # names the choices, or 'file.py:Class' below
+        if t.has("kwargs"):
+            raise t.fail(f"{module} takes num_classes, width and relu6; kwargs are for a class of your own",
+                         t.child_where("kwargs"))
+        return TorchSpec(module=module, num_classes=t.integer("num_classes", minimum=1),
+                         width=t.number("width", required=False, default=1.0, positive=True),
+                         relu6=t.boolean("relu6", True), kwargs={}, opset=opset)
+    path, _, name = module.rpartition(":")
+    if not path or not name.isidentifier():
+        raise t.fail(f"expected one of {', '.join(TORCH_MODULES)} or your own class as 'file.py:Class' or "
+                     f"'package.module:Class', got {short(module)}", t.child_where("module"))
+    for key in ("num_classes", "width", "relu6"):
+        if t.has(key):
+            raise t.fail(f"{key} is an option of mzconvert's own modules; give your class its keyword arguments "
+                         "in kwargs", t.child_where(key))
+    kwargs = t.data.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise t.fail("expected a mapping of keyword arguments", t.child_where("kwargs"))
+    return TorchSpec(module=module, num_classes=None, width=1.0, relu6=True, kwargs=kwargs, opset=opset)
 
 
 def _share(r: Reader, key: str) -> float:

@@ -119,6 +119,7 @@ def extract_member(archive: Path, member: str, dest: Path, shown: str | None = N
 
 # Files a model comes in, by suffix -> the recipe format (a SavedModel is its folder: see archive_members).
 MODEL_SUFFIXES = {".pb": "tf-frozen-graph", ".onnx": "onnx", ".tflite": "tflite", ".pth": "torch", ".pt": "torch",
+                  ".pt2": "torch-export",
                   ".keras": "keras", ".h5": "keras", ".hdf5": "keras", ".meta": "tf-checkpoint"}
 MAX_HASHED_MEMBER = 4 << 30  # larger members are listed, not read
 

@@ -47,10 +47,19 @@ def model_kind(path: Path, name: str | None = None) -> str | None:
     if named.name == "saved_model.pb":
         return "tf-saved-model"
     if named.suffix in MODEL_SUFFIXES:
-        return MODEL_SUFFIXES[named.suffix]
+        kind = MODEL_SUFFIXES[named.suffix]
+        return "torchscript" if kind == "torch" and _is_torchscript(path) else kind
     if path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path)):
         return "archive"
     return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save's archive holds the module's TorchScript code; torch.save's (a state dict) does not."""
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
 
 
 def inspect_file(path: Path, member: str | None = None, name: str | None = None) -> dict:
@@ -72,7 +81,8 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
         raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
     inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-checkpoint": inspect_checkpoint,
                   "tf-saved-model": inspect_saved_model, "keras": inspect_keras, "onnx": inspect_onnx,
-                  "tflite": inspect_tflite, "torch": inspect_torch}
+                  "tflite": inspect_tflite, "torch": inspect_torch, "torchscript": inspect_torchscript,
+                  "torch-export": inspect_torch_export}
     if kind in inspectors:
         try:
             report |= inspectors[kind](path)
@@ -99,6 +109,38 @@ def inspect_torch(path: Path) -> dict:
     else:
         report["torch"] = match
     return report
+
+
+def inspect_torchscript(path: Path) -> dict:
+    """A TorchScript archive, loaded by TorchScript (its code is TorchScript, not Python)."""
+    from ..backends.torch_sources import load_module
+
+    module = load_module(path, "torchscript", None, path.parent, (0, 0))
+    return {"format": "torchscript", "parameters": int(sum(p.numel() for p in module.parameters())),
+            "note": "TorchScript does not record the input shape: give init --input-shape, e.g. 1,3,224,224"}
+
+
+def inspect_torch_export(path: Path) -> dict:
+    """A torch.export archive (.pt2), read from its JSON graph (nothing loaded): the inputs and outputs."""
+    import json
+
+    with zipfile.ZipFile(path) as archive:
+        name = next((n for n in archive.namelist() if n.endswith("/models/model.json")), None)
+        if name is None:
+            raise MzError(f"{path}: not a torch.export archive (no models/model.json)", EXIT_BAD_INPUT)
+        graph_module = json.loads(archive.read(name))["graph_module"]
+    values = graph_module["graph"]["tensor_values"]
+
+    def tensor(argument: dict) -> dict:
+        name = argument["as_tensor"]["name"]
+        return {"name": name, "dtype": "float32",
+                "shape": [d.get("as_int", -1) for d in values[name]["sizes"]]}
+
+    user_inputs = [spec["user_input"]["arg"] for spec in graph_module["signature"]["input_specs"]
+                   if "user_input" in spec and "as_tensor" in spec["user_input"]["arg"]]
+    outputs = [o for o in graph_module["graph"]["outputs"] if "as_tensor" in o]
+    return {"format": "torch-export", "inputs": [tensor(i) for i in user_inputs],
+            "outputs": [tensor(o) for o in outputs]}
 
 
 def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:

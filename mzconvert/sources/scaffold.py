@@ -15,6 +15,7 @@ import yaml
 from ..coco import coco_categories
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..preprocess import list_images
+from ..recipe.rules import uses_onnx_backend
 
 # What a model's first layer most often expects, per source kind: TF graphs of the slim / OD API
 # family take RGB in [-1, 1] resized by TF1 bilinear; ONNX exports of torchvision the ImageNet mean/std.
@@ -212,6 +213,8 @@ def _saved_model(model: dict) -> dict:
 
 
 def _torch(model: dict) -> dict:
+    if "inputs" in model:  # the user's own module, exported (exported_report): proposed from its outputs
+        return _onnx(model) | {"torch": model["torch"]}
     if "torch" not in model:
         raise MzError(f"{model['file']}: {model.get('note', 'not a state dict of a known module')}", EXIT_BAD_INPUT)
     # The modules take any image size: 224 is what ImageNet MobileNets were trained at (CHECK).
@@ -238,7 +241,9 @@ def _tflite(model: dict) -> dict:
 
 
 PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "tf-saved-model": _saved_model,
-             "keras": _keras, "onnx": _onnx, "torch": _torch, "tflite": _tflite}
+             "keras": _keras, "onnx": _onnx, "torch": _torch, "tflite": _tflite,
+             # exported to ONNX for init (exported_report): proposed from the export's inputs and outputs
+             "torchscript": _onnx, "torch-export": _onnx}
 
 
 def _at_shape(model: dict, shape: list[int]) -> dict:
@@ -272,6 +277,43 @@ def _as_given(folder: Path, recipe_dir: Path) -> str:
     return os.path.relpath(folder.resolve(), recipe_dir.resolve())
 
 
+def exported_report(model_file: Path, report: dict, input_shape: list[int] | None, torch_module: str | None,
+                    torch_kwargs: dict, recipe_dir: Path) -> dict:
+    """A PyTorch source init cannot read outputs from (TorchScript, .pt2, a state dict of the user's own class):
+    its module exported to ONNX at the input shape, in a temporary folder, and inspected as such; `torch`
+    names the user's class as the recipe will (its file from the recipe's folder)."""
+    import tempfile
+
+    from ..backends.torch_sources import export_module, load_module
+    from ..recipe import TorchSpec
+    from .inspection import inspect_onnx
+
+    fmt = report["format"]
+    spec = None
+    if fmt == "torch":
+        path, _, name = torch_module.rpartition(":")
+        if path.endswith(".py"):
+            path = _as_given(Path(path), recipe_dir)
+        spec = TorchSpec(module=f"{path}:{name}", num_classes=None, width=1.0, relu6=True, kwargs=torch_kwargs,
+                         opset=17)
+    shape = input_shape or (report.get("inputs") or [{}])[0].get("shape")
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise MzError(f"{report['file']}: a {fmt} source does not record its input shape; give init "
+                      "--input-shape, e.g. 1,3,224,224", EXIT_BAD_INPUT)
+    module = load_module(model_file, fmt, spec, recipe_dir, tuple(shape[2:4]),
+                         lambda key: f"init --torch-{key}")
+    with tempfile.TemporaryDirectory(prefix="mzconvert-init-") as tmp:
+        exported = Path(tmp) / "model.onnx"
+        export_module(module, model_file, fmt, tuple(shape), "input", [], 17, exported)
+        onnx_report = inspect_onnx(exported)
+    names = {o["name"]: ("output" if len(onnx_report["outputs"]) == 1 else f"output_{i}")
+             for i, o in enumerate(onnx_report["outputs"])}
+    onnx_report["outputs"] = [o | {"name": names[o["name"]]} for o in onnx_report["outputs"]]
+    onnx_report["concat_outputs"] = {names[k]: v for k, v in onnx_report.get("concat_outputs", {}).items()}
+    return report | {key: onnx_report[key] for key in ("inputs", "outputs", "concat_outputs")} \
+        | ({"torch": {"module": spec.module, **({"kwargs": torch_kwargs} if torch_kwargs else {})}} if spec else {})
+
+
 def single_model_member(report: dict) -> str | None:
     """The one model file of an archive, where it holds exactly one: init needs no --member for it."""
     models = [m["name"] for m in report.get("members", []) if "model" in m]
@@ -290,7 +332,7 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         raise MzError(f"{model['file']}: init proposes recipes for {', '.join(PROPOSERS)} sources, not {fmt} "
                       "yet; mzconvert inspect lists what such a recipe needs", EXIT_BAD_INPUT)
     p = PROPOSERS[fmt](model)
-    onnx_backend = fmt in ("onnx", "torch")  # ONNX int8 is QDQ with float I/O
+    onnx_backend = uses_onnx_backend(fmt)  # ONNX int8 is QDQ with float I/O
     layout = p.get("layout", "NHWC")
     height, width = (p["shape"][2:4] if layout == "NCHW" else p["shape"][1:3])
     recipe = {"name": name, "task": p["task"], "description": f"{name}: {model['file']}",
