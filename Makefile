@@ -17,10 +17,10 @@ BUILD_ARGS ?=
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml requirements-onnx2tf.txt
+$(INSTALLED): pyproject.toml requirements-tools.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test,torch]'
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-onnx2tf.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-tools.txt
 	touch $@
 
 # The example image of NXP's SSDLite model card, and a real COCO val image with people in it.

@@ -136,3 +136,42 @@ def test_eval_top1_is_the_same_for_every_layout_and_kept_per_dataset(tmp_path, m
     assert picture.width >= 4 * 480  # float32, float16, dynamic and int8 side by side
     kept = sorted(p.name for p in (tmp_path / "dist" / "tiny-onnx" / "eval").iterdir())
     assert len(kept) == 2 and kept[0].startswith("flat-") and kept[1].startswith("per-class-")  # flat: once
+
+
+@pytest.mark.parametrize("carrier", ["archive labels file", "onnx metadata", "tflite associated file"])
+def test_init_proposes_the_labels_the_source_carries(tmp_path, carrier):
+    """Class names travel with models three ways: a labels file beside the model in its archive, an exporter's
+    metadata (Ultralytics writes names into ONNX metadata_props), a TFLite model's associated files (a zip
+    appended to the flatbuffer). init writes them into the recipe when there is one name per class."""
+    import zipfile
+
+    import onnx
+
+    names = ["cat", "dog", "fox", "owl", "elk"]
+    model = tiny_onnx(tmp_path / "model.onnx", classes=5)
+    source = model
+    if carrier == "archive labels file":
+        source = tmp_path / "release.zip"
+        with zipfile.ZipFile(source, "w") as archive:
+            archive.write(model, "release/model.onnx")
+            archive.writestr("release/labels.txt", "\n".join(names) + "\n")
+            archive.writestr("release/README.txt", "not labels\n")
+    elif carrier == "onnx metadata":
+        proto = onnx.load(str(model))
+        proto.metadata_props.add(key="names", value=str(dict(enumerate(names))))
+        onnx.save(proto, str(model))
+    else:
+        from tests.test_tflite_source import float_tflite
+
+        source = float_tflite(tmp_path / "model.tflite")
+        with zipfile.ZipFile(source, "a") as appended:
+            appended.writestr("labelmap.txt", "\n".join(names))
+    inspected = run_cli("inspect", str(source), *(["--member", "release/model.onnx"] if carrier.startswith("archive")
+                                                   else []))
+    shown = "metadata names" if carrier == "onnx metadata" else "label file"
+    assert inspected.returncode == 0 and shown in inspected.stdout, inspected.stdout + inspected.stderr
+    made = run_cli("init", "carried", "--from", str(source), "--to", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    recipe = __import__("yaml").safe_load((tmp_path / "carried.yaml").read_text())
+    assert recipe["labels"] == names
+    parse_recipe(tmp_path / "carried.yaml", (tmp_path / "carried.yaml").read_text())

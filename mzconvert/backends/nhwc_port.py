@@ -3,7 +3,7 @@
 Two kinds, both beside the stripped ONNX model and both checked against it before anything converts from them:
 - our Keras port of one of torch_models' modules (to_keras, written at freeze: the whole network);
 - for any other ONNX model, onnx2tf's conversion of the stripped model, run as a separate process (its
-  releases pin a TensorFlow, numpy and protobuf older than ours: requirements-onnx2tf.txt installs it without
+  releases pin a TensorFlow, numpy and protobuf older than ours: requirements-tools.txt installs it without
   them), frozen here to one GraphDef with the recipe's input name, each output back in the ONNX model's layout
   (onnx2tf turns 4-D outputs to NHWC) and in the recipe's output order.
 """
@@ -114,7 +114,7 @@ def write_onnx2tf_port(model: Path, recipe: Recipe, out_dir: Path) -> Path:
 def _run_onnx2tf(model: Path, recipe: Recipe, work: Path) -> Path:
     if importlib.util.find_spec("onnx2tf") is None:
         raise MzError(f"{recipe.path}: variants: ONNX -> TFLite converts with onnx2tf, which is not installed: "
-                      "pip install --no-deps -r requirements-onnx2tf.txt (make install does)", EXIT_BAD_INPUT)
+                      "pip install --no-deps -r requirements-tools.txt (make install does)", EXIT_BAD_INPUT)
     work.mkdir()
     np.save(work / _ONNX2TF_SAMPLES, np.random.RandomState(0).uniform(0, 1, (20, 128, 128, 3)).astype(np.float32),
             allow_pickle=False)

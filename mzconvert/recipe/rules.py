@@ -63,8 +63,6 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
     if v.weight_rounding == "fitted" and not (_tflite_fits(v, fmt, postprocess) or onnx_fits):
         raise item.fail("weight_rounding fitted applies to int8 variants this tool quantizes with 8-bit weights "
                         "(not a .tflite source, a graph with custom ops, or reduce_range)", where("weight_rounding"))
-    if fmt == "tflite" and v.calibration:
-        raise item.fail("format tflite: the model is quantized already; remove calibration", where("calibration"))
     if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
     if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"):
@@ -82,6 +80,13 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
 def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
     if v.target == "tflite" and uses_onnx_backend(fmt) and v.mode in CALIBRATED_MODES:
         return  # the Keras port converts like any TFLite model: full-integer I/O allowed
+    if fmt == "tflite" and v.calibration:  # a float .tflite quantized by ai-edge-quantizer
+        wanted = {"int8": "int8", "int16x8": "int16"}.get(v.mode, v.io_dtype)
+        if v.io_dtype != wanted:
+            raise item.fail(f"a float .tflite quantized to {v.mode} by ai-edge-quantizer has {wanted} inputs and "
+                            f"outputs; set io_dtype: {wanted}", item.child_where("io_dtype"))
+        if v.calibration_method != "minmax":
+            raise item.fail("ai-edge-quantizer records min/max ranges (minmax)", item.child_where("calibration_method"))
     if not uses_onnx_backend(fmt):
         for key in ("per_channel", "reduce_range", "separate_output_scales"):
             if item.has(key):
@@ -95,10 +100,11 @@ def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
 
 
 def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
-    """A .tflite source is taken as it is: its variants describe it, nothing cuts or verifies it."""
-    for key, why in (("strip", "there is no graph to cut"), ("verify", "there is no float model to compare with")):
-        if r.has(key):
-            raise r.fail(f"format tflite: the model is converted already, {why}; remove {key}", key)
+    """A .tflite source is converted already: nothing cuts it (a float one is the float model its quantized
+    variants are verified against)."""
+    if r.has("strip"):
+        raise r.fail("format tflite: the model is converted already, there is no graph to cut; remove strip",
+                     "strip")
     if postprocess is not None and postprocess.kind != "tflite-detection-postprocess":
         raise r.fail("format tflite: a detector must end in TFLite_Detection_PostProcess "
                      "(kind tflite-detection-postprocess)", "postprocess.kind")

@@ -6,6 +6,7 @@ their runtimes, Keras files in safe mode, torch state dicts by the weights-only 
 
 from __future__ import annotations
 
+import re
 import tarfile
 import tempfile
 import zipfile
@@ -76,6 +77,8 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
             with tempfile.TemporaryDirectory(prefix="mzconvert-inspect-") as tmp:
                 extracted = extract_member(path, member, Path(tmp), name or str(path))
                 report["member"] = inspect_file(extracted) | {"file": member}
+            if labels := archive_label_files(path, report["members"], name or str(path)):
+                report["member"]["label_files"] = labels["label_files"] | report["member"].get("label_files", {})
         return report
     if member is not None:
         raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
@@ -319,9 +322,42 @@ def inspect_tflite(path: Path) -> dict:
         histogram.update(op_names(model, i))
         tensor_types.update(types.get(t.type, str(t.type)) for t in graph.tensors)
     floats = runner.float_tensor_count()
-    return {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],
-            "outputs": [s.to_json() for s in runner.outputs], "ops": dict(histogram.most_common()),
-            "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
+    report = {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],
+              "outputs": [s.to_json() for s in runner.outputs], "ops": dict(histogram.most_common()),
+              "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
+    if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
+        with zipfile.ZipFile(path) as files:
+            found = {name: files.read(name) for name in files.namelist() if LABEL_FILE.search(name)}
+        report |= _label_files(found)
+    return report
+
+
+# A text file that names a model's classes, a line each, by the names such files have
+LABEL_FILE = re.compile(r"(label|class|synset|categor|names)[^/]*\.(txt|names|labels)$", re.IGNORECASE)
+MAX_LABEL_FILE = 1 << 20
+
+
+def _label_files(found: dict[str, bytes]) -> dict:
+    """{"label_files": {name: its non-empty lines}} of the label files a model carries, where they are text."""
+    files = {}
+    for name, data in found.items():
+        try:
+            lines = [line.strip() for line in data[:MAX_LABEL_FILE].decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            continue
+        if lines:
+            files[name] = lines
+    return {"label_files": files} if files else {}
+
+
+def archive_label_files(path: Path, members: list[dict], shown: str) -> dict:
+    """The label files among an archive's members (small text files named for labels)."""
+    wanted = [m["name"] for m in members if LABEL_FILE.search(m["name"]) and m.get("size", 0) <= MAX_LABEL_FILE]
+    found = {}
+    with tempfile.TemporaryDirectory(prefix="mzconvert-labels-") as tmp:
+        for name in wanted:
+            found[name] = extract_member(path, name, Path(tmp), shown).read_bytes()
+    return _label_files(found)
 
 
 def inspect_text(report: dict, indent: str = "") -> str:
@@ -361,6 +397,8 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  dynamic dimensions: {'; '.join(dynamic)}")
     if "ops" in report:
         lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    for file, names in report.get("label_files", {}).items():
+        lines.append(f"{indent}  label file {file}: {len(names)} names ({', '.join(names[:3])}, ...)")
     if "full_integer" in report:
         lines.append(f"{indent}  full-integer: {'yes' if report['full_integer'] else 'no'} "
                      f"({report['float_tensors']} float32 tensors)")

@@ -159,6 +159,24 @@ def _boxes_and_scores(model: dict, classes: int) -> list[str] | None:
     return [p["name"] for p in parts] if rows == [4, classes] else None
 
 
+def carried_labels(model: dict, classes: int | None) -> list[str] | None:
+    """The class names the source carries, one per class: an exporter's metadata (names, as a Python literal,
+    never run), else a label file beside the model in its archive or inside the .tflite (its metadata)."""
+    import ast
+
+    if not isinstance(classes, int):
+        return None
+    try:
+        names = ast.literal_eval(model.get("metadata", {}).get("names", "None"))
+    except (ValueError, SyntaxError):
+        names = None
+    if isinstance(names, dict) and sorted(names) == list(range(classes)):
+        return [str(names[i]) for i in range(classes)]
+    if isinstance(names, list) and len(names) == classes:
+        return [str(n) for n in names]
+    return next((lines for lines in model.get("label_files", {}).values() if len(lines) == classes), None)
+
+
 def _fixed_at(shape: list, size) -> list:
     """An NCHW input shape with dynamic height and width at the exported image size (imgsz: n or [h, w])."""
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -352,12 +370,19 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         recipe["postprocess"] = p["postprocess"]
     if "source_pipeline" in p:
         recipe["source_pipeline"] = p["source_pipeline"]
-    if p["task"] == "classification" and p.get("classes") == IMAGENET_CLASSES:
+    if p["task"] == "classification" and (labels := carried_labels(model, p.get("classes"))):
+        recipe["labels"] = labels
+    elif p["task"] == "classification" and p.get("classes") == IMAGENET_CLASSES:
         recipe["labels"] = "imagenet"
-    if "variant" in p:  # a converted model: the file itself, nothing to calibrate or to verify against
+    if "variant" in p:  # a converted model: the file itself; a float one is also quantized (ai-edge-quantizer)
         recipe["variants"] = [p["variant"]]
-        if p["variant"]["mode"] in ("int8", "uint8-qat"):
+        if p["variant"]["mode"] == "float32" and calibration is not None:
+            recipe["variants"].append({"name": "int8", "mode": "int8", "io_dtype": "int8",
+                                       "calibration": _as_given(calibration, recipe_dir)})
+        if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat"):
             recipe["targets"] = {"vela": [NPU_TARGET]}
+        if len(recipe["variants"]) > 1 and verify is not None:
+            recipe["verify"] = _verify_section(verify, recipe_dir)
         return _with_notes(recipe, model, p)
     variants = [{"name": "float32", "mode": "float32"}]
     if onnx_backend:  # LiteRT's float model, through the NHWC port: equal to the ONNX one (min_float_cosine)
@@ -374,10 +399,14 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     recipe["variants"] = variants
     if calibration is not None:
         recipe["targets"] = {"vela": [NPU_TARGET]}
-    if verify is not None:  # a few dozen images tell fidelity apart; eval is for accuracy
-        recipe["verify"] = {"images": _as_given(verify, recipe_dir),
-                            "count": min(VERIFY_COUNT, len(list_images(verify)))}
+    if verify is not None:
+        recipe["verify"] = _verify_section(verify, recipe_dir)
     return _with_notes(recipe, model, p)
+
+
+def _verify_section(verify: Path, recipe_dir: Path) -> dict:
+    """A few dozen images tell fidelity apart; eval is for accuracy."""
+    return {"images": _as_given(verify, recipe_dir), "count": min(VERIFY_COUNT, len(list_images(verify)))}
 
 
 def _with_notes(recipe: dict, model: dict, p: dict) -> str:

@@ -36,10 +36,11 @@ DEFAULT_CALIBRATION_COUNT = 100  # images a variant calibrates on when it names 
 
 
 def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
-    """TFLite int8 variants are quantized from one calibration of their model and images (calibrate),
-    whatever their I/O types; a graph with custom ops converts in one piece."""
+    """TFLite int8 variants the TFLite converter makes are quantized from one calibration of their model and
+    images (calibrate), whatever their I/O types; a graph with custom ops converts in one piece; a .tflite source
+    is quantized by ai-edge-quantizer."""
     custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
-    return variant.mode == "int8" and variant.target == "tflite" and not custom_ops
+    return variant.mode == "int8" and variant.target == "tflite" and not custom_ops and recipe.format != "tflite"
 
 
 def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path,

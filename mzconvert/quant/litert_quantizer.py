@@ -1,0 +1,79 @@
+"""Google's LiteRT quantizer (ai-edge-quantizer) on a float .tflite flatbuffer: how a `format: tflite` source
+that someone converted but did not quantize gets its dynamic, int8 and int16x8 variants.
+
+The quantizer calibrates through the model's signature runner; a file without a SignatureDef (a frozen-graph
+conversion, many MediaPipe models) is given one over its main subgraph's inputs and outputs first. Its
+static recipes give integer inputs and outputs: int8 for int8, int16 for int16x8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EXIT_BAD_INPUT, MzError, short_text
+from ..tflite_file import model_bytes, read_model, schema
+from .tflite_converter import tf_module
+
+# mode -> (the quantizer's recipe, the I/O dtype the quantized model has)
+RECIPES = {"dynamic": ("dynamic_wi8_afp32", "float32"), "int8": ("static_wi8_ai8", "int8"),
+           "int16x8": ("static_wi8_ai16", "int16")}
+SIGNATURE = "serving_default"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("ai_edge_quantizer") is not None
+
+
+def with_signature(model_file: Path) -> tuple[bytes, str]:
+    """(the flatbuffer, its main signature's input name): given a SignatureDef over subgraph 0 if it has none."""
+    model = read_model(model_file)
+    if model.signatureDefs:
+        signature = next((s for s in model.signatureDefs if s.signatureKey == SIGNATURE.encode()),
+                         model.signatureDefs[0])
+        return model_file.read_bytes(), signature.inputs[0].name.decode()
+    s = schema()
+    graph = model.subgraphs[0]
+
+    def tensor_map(index: int):
+        mapped = s.TensorMapT()
+        mapped.name, mapped.tensorIndex = graph.tensors[index].name, index
+        return mapped
+
+    signature = s.SignatureDefT()
+    signature.signatureKey, signature.subgraphIndex = SIGNATURE.encode(), 0
+    signature.inputs = [tensor_map(i) for i in graph.inputs]
+    signature.outputs = [tensor_map(i) for i in graph.outputs]
+    model.signatureDefs = [signature]
+    return model_bytes(model), graph.tensors[graph.inputs[0]].name.decode()
+
+
+def quantize(model_file: Path, mode: str, calibration: Callable[[], Iterable[np.ndarray]] | None,
+             target: Path) -> Path:
+    """The float .tflite quantized in `mode` (calibrated on the NHWC tensors `calibration` yields)."""
+    if not available():
+        raise MzError(f"{model_file}: quantizing a float .tflite takes Google's ai-edge-quantizer, which is not "
+                      "installed: pip install --no-deps -r requirements-tools.txt (make install does)", EXIT_BAD_INPUT)
+    tf_module()  # TensorFlow, which the quantizer imports, quiet first
+    from ai_edge_quantizer import quantizer, recipe
+
+    flatbuffer, input_name = with_signature(model_file)
+    name, _ = RECIPES[mode]
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its progress bars and report
+            engine = quantizer.Quantizer(flatbuffer)
+            engine.load_quantization_recipe(getattr(recipe, name)())
+            result = engine.calibrate({SIGNATURE: [{input_name: t} for t in calibration()]}) \
+                if calibration is not None else None
+            quantized = engine.quantize(result, enable_progress_bar=False, enable_progress_report=False)
+    except Exception as exc:  # the quantizer raises ValueError, RuntimeError... for what it cannot do
+        raise MzError(f"{model_file}: ai-edge-quantizer could not quantize the model ({mode}): "
+                      f"{short_text(exc)}") from None
+    target.write_bytes(quantized.quantized_model)
+    return target

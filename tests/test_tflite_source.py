@@ -1,0 +1,92 @@
+"""A float .tflite as users bring it (converted, never quantized): init proposes int8, the build quantizes it with
+ai-edge-quantizer on the user's images, verifies it against the float file and compiles it for the NPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mzconvert.quant.litert_quantizer import with_signature
+from mzconvert.tflite_file import read_model
+from tests.conftest import MIRROR, image_folder, run_cli
+
+
+def float_tflite(path: Path) -> Path:
+    """A small float classifier converted from a concrete function: a .tflite with no SignatureDef, as frozen-graph
+    conversions and many published files are."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(7)
+    w1 = tf.constant(rng.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32))
+    dw = tf.constant(rng.normal(0, 0.3, (3, 3, 8, 1)).astype(np.float32))
+    w2 = tf.constant(np.abs(rng.normal(0, 0.3, (8, 5))).astype(np.float32))  # logits that do not cancel out
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32, name="image")])
+    def model(x):
+        y = tf.nn.relu6(tf.nn.conv2d(x, w1, 2, "SAME"))
+        y = tf.nn.relu6(tf.nn.depthwise_conv2d(y, dw, [1, 1, 1, 1], "SAME"))
+        return tf.matmul(tf.reduce_mean(y, [1, 2]), w2)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()])
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_a_signature_is_added_where_the_file_has_none(tmp_path):
+    model = float_tflite(tmp_path / "m.tflite")
+    model_object = read_model(model)
+    model_object.signatureDefs = []
+    from mzconvert.tflite_file import write_model
+
+    write_model(model_object, model)
+    flatbuffer, input_name = with_signature(model)
+    signed = tmp_path / "signed.tflite"
+    signed.write_bytes(flatbuffer)
+    (signature,) = read_model(signed).signatureDefs
+    assert signature.signatureKey == b"serving_default" and signature.inputs[0].name.decode() == input_name
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(signed)).get_signature_runner("serving_default")
+    out = runner(**{input_name: np.zeros((1, 32, 32, 3), np.float32)})
+    assert next(iter(out.values())).shape == (1, 5)
+
+
+@pytest.mark.slow
+def test_a_float_tflite_inits_and_builds_to_a_verified_int8_for_the_npu(tmp_path, mirror):
+    model = float_tflite(tmp_path / "float.tflite")
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 16)
+    verify = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 8)
+    made = run_cli("init", "ftl", "--from", str(model), "--to", str(tmp_path), "--calibration", str(calibration),
+                   "--verify", str(verify))
+    assert made.returncode == 0, made.stderr[-2000:]
+    recipe = yaml.safe_load((tmp_path / "ftl.yaml").read_text())
+    assert [v["mode"] for v in recipe["variants"]] == ["float32", "int8"] and recipe["targets"]["vela"]
+    # the LiteRT quantizer's 16-bit activations too, and a variant taking the quantized file as it is refused
+    recipe["variants"].append({"name": "int16x8", "mode": "int16x8", "io_dtype": "int16",
+                               "calibration": str(calibration)})
+    (tmp_path / "ftl.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "ftl.yaml"), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    variants = json.loads(built.stdout)["ftl"]["variants"]
+    int8, int16 = variants["int8"], variants["int16x8"]
+    assert int8["inputs"][0]["dtype"] == "int8" and int16["inputs"][0]["dtype"] == "int16"
+    (output,) = [k for k, v in int8["verify"].items() if isinstance(v, dict)]
+    # 8-bit weights bound both here (30 dB): 16-bit activations are checked to run and verify, not to gain
+    assert int8["verify"][output]["sqnr_db"] > 20 and int16["verify"][output]["sqnr_db"] > 20
+    (npu,) = int8["vela"].values()
+    assert npu["cpu_op_count"] == 0 and npu["npu_ops"] > 0
+    # the int8 file taken as the source: calibrating it again is refused by name
+    quantized = tmp_path / "dist" / "ftl" / int8["file"]
+    again = run_cli("init", "again", "--from", str(quantized), "--to", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    again_recipe = yaml.safe_load((tmp_path / "again.yaml").read_text())
+    assert again_recipe["variants"] == [{"name": "int8", "mode": "int8", "io_dtype": "int8"}]
+    again_recipe["variants"][0]["calibration"] = str(calibration)
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(again_recipe, sort_keys=False))
+    refused = run_cli("build", str(tmp_path / "again.yaml"), *where)
+    assert refused.returncode == 1 and "is quantized already; remove calibration" in refused.stderr, refused.stderr
