@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .backends.torch_sources import user_code
+from .tasks.anchors import anchors_file
 from .console import Console
 from .errors import MzError
 from .fsio import folder_lock, sha256_file
@@ -66,6 +67,9 @@ def _strip(p: Planner, frozen: StageOutcome, suffix: str) -> StageOutcome:
     inputs = {"model": frozen.digest(), "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
               "postprocess": validated(p.recipe.postprocess), "tools": p.versions,
               "targets": sorted({v.target for v in p.recipe.variants})}  # an ONNX model's tflite target: its port
+    if p.recipe.postprocess is not None and p.recipe.postprocess.anchors_file:
+        declared = anchors_file(p.recipe)
+        inputs["anchors_file"] = sha256_file(declared) if declared.is_file() else None  # strip names it missing
 
     def action(out: Path) -> dict:
         result = strip(frozen.path("model"), p.recipe, out)

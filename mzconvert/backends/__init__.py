@@ -31,8 +31,10 @@ def export_anchors(anchors, recipe: Recipe, out_dir: Path) -> tuple[list[Path], 
     anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
     path = out_dir / "anchors.npy"
     np.save(path, anchors, allow_pickle=False)
+    post = recipe.postprocess
     metadata = {"anchors": {"count": int(anchors.shape[0]), "layout": "ymin,xmin,ymax,xmax (normalised)",
-                            "box_coder": "faster_rcnn", "box_coder_scales": list(recipe.postprocess.box_coder_scales)}}
+                            "box_coder": "faster_rcnn" if post.box_coding == "exponential" else "linear",
+                            "box_order": post.box_order, "box_coder_scales": list(post.box_coder_scales)}}
     return [path], metadata
 
 

@@ -111,7 +111,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     target = out_dir / "stripped.onnx"
     onnx.utils.extract_model(str(frozen), str(target), list(recipe.strip.inputs), list(recipe.strip.outputs))
     result = StripResult(model=target)
-    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
+    if recipe.postprocess is not None and recipe.postprocess.anchors_tensor:
         anchors_name = recipe.postprocess.anchors_tensor
         check_tensors(recipe, "postprocess.anchors_tensor", [anchors_name], names)
         extras, metadata = export_anchors(_evaluate(frozen, anchors_name, recipe), recipe, out_dir)

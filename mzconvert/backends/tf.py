@@ -219,7 +219,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
 
     metadata: dict = {}
     extras: list[Path] = []
-    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
+    if recipe.postprocess is not None and recipe.postprocess.anchors_tensor:
         _check_nodes(recipe, "postprocess.anchors_tensor", [recipe.postprocess.anchors_tensor], names)
         try:
             anchors = _evaluate(graph_def, recipe.postprocess.anchors_tensor, cut.inputs[0], recipe.input.shape)

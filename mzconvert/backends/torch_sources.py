@@ -50,7 +50,7 @@ def export_onnx(source: Path, recipe: Recipe, target: Path) -> None:
     module = load_module(source, recipe.format, recipe.torch, recipe.path.parent, recipe.input.height_width,
                          lambda key: f"{recipe.path}: torch.{key}")
     output_names = list(recipe.strip.outputs) if recipe.strip else []
-    if recipe.postprocess is not None and recipe.postprocess.kind == "ssd":
+    if recipe.postprocess is not None and recipe.postprocess.anchors_tensor:
         output_names.append(recipe.postprocess.anchors_tensor)  # SSD modules also return their anchors
     example, expected = export_module(module, source, recipe.format, recipe.input.shape, recipe.input.name,
                                       output_names, recipe.torch.opset, target)

@@ -126,13 +126,22 @@ def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifes
     if recipe.task == "detection":
         anchors = load_anchors(folder / "anchors.npy") if (folder / "anchors.npy").is_file() else None
         attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
-        output_names = list(recipe.strip.outputs) if recipe.strip else None
-        return {name: _detector(run, recipe, anchors, output_names, name in attached) for name, run in runners.items()}
+        return {name: _detector(run, recipe, anchors, _output_names(recipe, manifest, name), name in attached)
+                for name, run in runners.items()}
     models = {}
     for name, run in runners.items():
         scores = scores_by_label(run, recipe.labels, name, background_allowed=False)
         models[name] = lambda image, s=scores: s(image.tensor(recipe.preprocess, recipe.input))
     return models
+
+
+def _output_names(recipe: Recipe, manifest: dict, name: str) -> list[str] | None:
+    """The names of a model's outputs, in the order its runner returns them: the recipe's cut, or without one
+    (a .tflite source) the file's own, as the build recorded them (the source model's are its first variant's)."""
+    if recipe.strip is not None:
+        return list(recipe.strip.outputs)
+    variant = manifest["variants"].get(name) or next(iter(manifest["variants"].values()), {})
+    return [o["name"] for o in variant.get("outputs", [])] or None
 
 
 def _detector(run, recipe: Recipe, anchors, output_names, attached: bool = False) -> Predict:

@@ -65,9 +65,10 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
                         "(not a .tflite source, a graph with custom ops, or reduce_range)", where("weight_rounding"))
     if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
-    if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"):
-        raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd",
-                        where("attach_postprocess"))
+    if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"
+                                 or (postprocess.box_coding, postprocess.box_order) != ("exponential", "yxhw")):
+        raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd and "
+                        "TF's box coding (exponential, yxhw)", where("attach_postprocess"))
     native = native_target(fmt)
     if v.target != native and not uses_onnx_backend(fmt):  # ONNX and torch reach TFLite through an NHWC port
         raise item.fail(f"a {fmt} source converts to {native} only", where("target"))
@@ -105,9 +106,9 @@ def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
     if r.has("strip"):
         raise r.fail("format tflite: the model is converted already, there is no graph to cut; remove strip",
                      "strip")
-    if postprocess is not None and postprocess.kind != "tflite-detection-postprocess":
-        raise r.fail("format tflite: a detector must end in TFLite_Detection_PostProcess "
-                     "(kind tflite-detection-postprocess)", "postprocess.kind")
+    if postprocess is not None and postprocess.anchors_tensor:
+        raise r.fail("format tflite: there is no graph to evaluate anchors in; declare them (anchors_file, "
+                     "anchor_generator)", "postprocess.anchors_tensor")
 
 
 def check_npu_targets(r: Reader, vela: tuple[VelaTarget, ...], variants: list[Variant], fmt: str) -> None:

@@ -49,7 +49,8 @@ PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classif
 
 # The fields of each section, by its path in the recipe: what a recipe may write, and what docs/recipes.md
 # documents (tests/test_docs.py holds the two together).
-SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "box_coder_scales", "box_output", "class_output", "score",
+SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "anchors_file", "anchor_generator", "box_coding", "box_order",
+                          "box_coder_scales", "box_output", "class_output", "score",
                           "background_class", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
 FIELDS = {
     "": ("name", "task", "description", "license", "source", "format", "input", "preprocess", "strip",
@@ -153,7 +154,11 @@ class Postprocess:
     kind: str  # ssd | yolov8 | yolov5 (raw outputs decoded here) | tflite-detection-postprocess
     labels: tuple[str, ...]
     category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
-    anchors_tensor: str | None = None
+    anchors_tensor: str | None = None  # ssd anchors: a graph tensor, or declared (anchors_file, anchor_generator)
+    anchors_file: str | None = None  # .npy beside the recipe, N x 4 (ymin, xmin, ymax, xmax) normalised
+    anchor_generator: dict | None = None  # MediaPipe SsdAnchorsCalculator options (tasks/anchors.py)
+    box_coding: str = "exponential"  # exponential: TF's Faster R-CNN coder; linear: MediaPipe's default sizes
+    box_order: str = "yxhw"  # the encodings' order; xywh: MediaPipe's reverse_output_order
     box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
     box_output: str | None = None  # ssd; yolov8 cut before its Concat: boxes [1, 4, N] (class_output [1, C, N])
     class_output: str | None = None

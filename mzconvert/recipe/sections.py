@@ -217,19 +217,50 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
             if r.has(key):
                 raise r.fail(f"only kind ssd takes {key}", r.child_where(key))
         return Postprocess(kind=kind, labels=labels, category_ids=category_ids)
+    declared = [key for key in ("anchors_tensor", "anchors_file", "anchor_generator") if r.has(key)]
+    if len(declared) != 1:
+        raise r.fail("an ssd head takes its anchors from one of anchors_tensor (a graph tensor), anchors_file "
+                     "(.npy) or anchor_generator (MediaPipe's anchor options)"
+                     + (f"; this names {', '.join(declared)}" if declared else ""), r.child_where("anchors_tensor"))
     post = Postprocess(
         kind=kind, labels=labels, category_ids=category_ids,
-        anchors_tensor=r.string("anchors_tensor"),
+        anchors_tensor=r.string("anchors_tensor", required=False),
+        anchors_file=r.string("anchors_file", required=False),
+        anchor_generator=_anchor_generator(r) if r.has("anchor_generator") else None,
+        box_coding=r.string("box_coding", required=False, default="exponential", choices=("exponential", "linear")),
+        box_order=r.string("box_order", required=False, default="yxhw", choices=("yxhw", "xywh")),
         box_coder_scales=tuple(r.list_of("box_coder_scales", Reader.as_number, length=4)),
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
         background_class=r.boolean("background_class", True), attach=r.boolean("attach", False), **nms)
-    outputs = strip.outputs if strip else ()
-    for key in ("box_output", "class_output"):
-        if getattr(post, key) not in outputs:
-            raise r.fail(f"{short(getattr(post, key))} is not one of strip.outputs {list(outputs)}",
+    for key in ("box_output", "class_output"):  # without a cut (a .tflite source), the file's output names
+        if strip is not None and getattr(post, key) not in strip.outputs:
+            raise r.fail(f"{short(getattr(post, key))} is not one of strip.outputs {list(strip.outputs)}",
                          r.child_where(key))
     return post
+
+
+def _anchor_generator(r: Reader) -> dict:
+    """MediaPipe's SsdAnchorsCalculator options, checked for what the generator needs."""
+    from ..tasks.anchors import GENERATOR_DEFAULTS, GENERATOR_REQUIRED
+
+    g = r.child("anchor_generator").mapping(GENERATOR_REQUIRED + tuple(GENERATOR_DEFAULTS))
+    options = {"num_layers": g.integer("num_layers", minimum=1),
+               "min_scale": g.number("min_scale", positive=True), "max_scale": g.number("max_scale", positive=True),
+               "input_size_height": g.integer("input_size_height", minimum=1),
+               "input_size_width": g.integer("input_size_width", minimum=1),
+               "strides": list(g.list_of("strides", Reader.as_dimension))}
+    if len(options["strides"]) != options["num_layers"]:
+        raise g.fail(f"{len(options['strides'])} strides for num_layers {options['num_layers']}",
+                     g.child_where("strides"))
+    for key, default in GENERATOR_DEFAULTS.items():
+        if isinstance(default, bool):
+            options[key] = g.boolean(key, default)
+        elif isinstance(default, list):
+            options[key] = list(g.list_of(key, Reader.as_number, required=False) or default)
+        else:
+            options[key] = g.number(key, required=False, default=default)
+    return options
 
 
 def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, nms: dict,

@@ -39,13 +39,20 @@ def load_anchors(path: Path) -> np.ndarray:
     return anchors.astype(np.float32)
 
 
-def decode_ssd_boxes(encodings: np.ndarray, anchors: np.ndarray, scales) -> np.ndarray:
-    """Faster R-CNN box coder decode: (ty, tx, th, tw) relative to anchors -> (ymin, xmin, ymax, xmax)."""
+def decode_ssd_boxes(encodings: np.ndarray, anchors: np.ndarray, scales, coding: str = "exponential",
+                     order: str = "yxhw") -> np.ndarray:
+    """Box encodings relative to anchors -> (ymin, xmin, ymax, xmax). `coding` exponential: TF's Faster R-CNN
+    box coder (sizes as exp(t / scale) x anchor size); linear: MediaPipe's TensorsToDetections default (t / scale
+    x anchor size). `order`: the encodings' (yxhw, or MediaPipe's reverse_output_order xywh); scales are
+    (y, x, h, w) either way."""
+    if order == "xywh":
+        encodings = encodings[:, [1, 0, 3, 2]]
     ty, tx, th, tw = (encodings[:, i] / scales[i] for i in range(4))
     ya, xa = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
     ha, wa = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     yc, xc = ty * ha + ya, tx * wa + xa
-    h, w = np.exp(th) * ha, np.exp(tw) * wa
+    size = np.exp if coding == "exponential" else (lambda t: t)
+    h, w = size(th) * ha, size(tw) * wa
     return np.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], axis=1)
 
 
@@ -66,7 +73,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int)
 
 
 def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: np.ndarray) -> Detections:
-    encodings = outputs[post.box_output].reshape(-1, 4)
+    # a head may encode more than the box per anchor (BlazeFace: 4 box values, then 6 keypoints): the box first
+    encodings = outputs[post.box_output].reshape(anchors.shape[0], -1)[:, :4]
     logits = outputs[post.class_output].reshape(encodings.shape[0], -1)
     if post.score == "sigmoid":
         scores = 1 / (1 + np.exp(-logits))
@@ -77,7 +85,8 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
         scores = scores[:, 1:]
     if scores.shape[1] != len(post.labels):
         raise MzError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
-    boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales)  # NMS first, clip after, as TF does
+    boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales, post.box_coding, post.box_order)
+    # NMS first, clip after, as TF does
     return _selected(boxes, scores, post)
 
 
@@ -206,5 +215,6 @@ def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
                 bottom_right = np.minimum(box[2:], same[:, 2:])
                 inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
                 iou = inter / np.maximum(_area(box) + _area(same) - inter, 1e-12)
-                matched += int(iou.max() >= MATCH_IOU)
+                # the very same box matches itself even where it has no area (a head's box clipped to nothing)
+                matched += int(iou.max() >= MATCH_IOU or bool(np.any(np.all(same == box, axis=1))))
     return matched, total

@@ -1,0 +1,156 @@
+"""SSD heads whose anchors are not in the graph: generated from MediaPipe's anchor options (BlazeFace and the other
+MediaPipe detectors) or read from a file, decoded with MediaPipe's box coding, built from a float .tflite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mzconvert.recipe import Postprocess
+from mzconvert.tasks.anchors import generated_anchors
+from mzconvert.tasks.detection import ssd_detections
+from tests.conftest import MIRROR, image_folder, run_cli
+
+# face_detection_short_range (BlazeFace front), as MediaPipe's graph declares them
+BLAZEFACE = {"num_layers": 4, "min_scale": 0.1484375, "max_scale": 0.75, "input_size_height": 128,
+             "input_size_width": 128, "anchor_offset_x": 0.5, "anchor_offset_y": 0.5, "strides": [8, 16, 16, 16],
+             "aspect_ratios": [1.0], "fixed_anchor_size": True}
+# TF's SSD MobileNet / SSDLite 300x300 anchor options, in MediaPipe's terms
+SSD_300 = {"num_layers": 6, "min_scale": 0.2, "max_scale": 0.95, "input_size_height": 300, "input_size_width": 300,
+           "strides": [16, 32, 64, 128, 256, 512], "aspect_ratios": [1.0, 2.0, 0.5, 3.0, 0.3333],
+           "reduce_boxes_in_lowest_layer": True}
+
+
+def test_blazeface_options_give_its_896_unit_anchors():
+    anchors = generated_anchors(BLAZEFACE)
+    assert anchors.shape == (896, 4)  # 16 x 16 cells x 2 + 8 x 8 cells x 6
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    assert np.allclose(centres[0], [0.5 / 16, 0.5 / 16]) and np.allclose(centres[1], centres[0])
+    assert np.allclose(centres[512], [0.5 / 8, 0.5 / 8]) and np.allclose(anchors[:, 2:] - anchors[:, :2], 1.0)
+
+
+def test_ssd_options_reproduce_the_anchors_a_real_tf_graph_computes(tmp_path, mirror):
+    """The pedestrian SSDLite graph evaluates its own anchors (strip exports them): the generator's, from its
+    options, are the same 1917 boxes in the same order."""
+    done = run_cli("--mirror", str(MIRROR), "strip", "pedestrian-ssdlite", "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    from_graph = np.load(next((tmp_path / "build").rglob("anchors.npy")))
+    assert from_graph.shape == (1917, 4)
+    assert np.abs(generated_anchors(SSD_300) - from_graph).max() < 1e-6
+
+
+def mediapipe_decode(raw: np.ndarray, scores: np.ndarray, anchors: np.ndarray, scale: float, threshold: float):
+    """TensorsToDetectionsCalculator as MediaPipe's face graphs run it, written out plainly: reverse_output_order
+    (x, y, w, h), sizes linear in the anchor's, sigmoid scores above the threshold; (score, ymin, xmin, ymax, xmax)."""
+    found = []
+    for i, anchor in enumerate(anchors):
+        ya, xa = (anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2
+        ha, wa = anchor[2] - anchor[0], anchor[3] - anchor[1]
+        x = raw[i, 0] / scale * wa + xa
+        y = raw[i, 1] / scale * ha + ya
+        w = raw[i, 2] / scale * wa
+        h = raw[i, 3] / scale * ha
+        score = 1 / (1 + math.exp(-scores[i, 0]))
+        if score > threshold:
+            found.append((round(score, 5), *(round(float(v), 5) for v in (y - h / 2, x - w / 2, y + h / 2, x + w / 2))))
+    return sorted(found, reverse=True)
+
+
+def test_a_mediapipe_head_decodes_to_the_boxes_of_its_reference_decode():
+    anchors = generated_anchors(BLAZEFACE)
+    rng = np.random.RandomState(2)
+    raw = rng.normal(0, 6, (1, 896, 16)).astype(np.float32)  # box (x, y, w, h offsets in pixels), 6 keypoints
+    raw[0, :, 2:4] = np.abs(raw[0, :, 2:4]) + 10
+    logits = rng.normal(-3, 2, (1, 896, 1)).astype(np.float32)
+    post = Postprocess(kind="ssd", labels=("face",), category_ids=(1,), anchor_generator=BLAZEFACE,
+                       box_coding="linear", box_order="xywh", box_coder_scales=(128.0,) * 4, box_output="regressors",
+                       class_output="classificators", background_class=False, nms_score_threshold=0.5,
+                       nms_iou_threshold=1.0, max_detections=1000)  # IoU 1: nothing suppressed, every box compared
+    ours = ssd_detections({"regressors": raw, "classificators": logits}, post, anchors)
+    expected = mediapipe_decode(raw[0], logits[0], anchors, 128.0, 0.5)
+    assert len(expected) > 10
+    mine = sorted(((round(float(s), 5), *(round(float(v), 5) for v in b)) for b, s in zip(ours.boxes, ours.scores)),
+                  reverse=True)
+    assert len(mine) == len(expected)
+    for a, b in zip(mine, expected):  # ours are clipped to the image after NMS, as TF's post-processor does
+        assert abs(a[0] - b[0]) < 2e-5 and np.allclose(a[1:], np.clip(b[1:], 0, 1), atol=1e-5)
+
+
+def blazeface_like_tflite(path: Path) -> Path:
+    """A float .tflite with BlazeFace's head layout (regressors [1, 896, 16], classificators [1, 896, 1]) from two
+    feature maps (16 x 16 x 2 anchors, 8 x 8 x 6), as MediaPipe's face detector ends: no anchors inside."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(4)
+    weights = {name: tf.constant(rng.normal(0, 0.05, shape).astype(np.float32)) for name, shape in
+               (("b16", (8, 8, 3, 32)), ("c16", (8, 8, 3, 2)), ("b8", (16, 16, 3, 96)), ("c8", (16, 16, 3, 6)))}
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 128, 128, 3], tf.float32)])
+    def model(x):
+        def head(name, stride, per_anchor, anchors):
+            y = tf.nn.conv2d(x, weights[name], stride, "VALID")
+            return tf.reshape(y, [1, anchors, per_anchor])
+
+        offsets = tf.concat([head("b16", 8, 16, 512), head("b8", 16, 16, 384)], axis=1) * 20.0
+        # centres within a few pixels of the anchor's, sizes of 16-64 pixels, then the keypoints
+        boxes = tf.concat([offsets[..., :2], 40.0 + offsets[..., 2:4], offsets[..., 4:]], axis=-1)
+        scores = tf.concat([head("c16", 8, 1, 512), head("c8", 16, 1, 384)], axis=1) * 4.0 - 3.0  # a few faces
+        return {"regressors": tf.identity(boxes, name="regressors"),
+                "classificators": tf.identity(scores, name="classificators")}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    path.write_bytes(converter.convert())
+    return path
+
+
+@pytest.mark.slow
+def test_a_float_mediapipe_style_tflite_builds_verifies_and_draws(tmp_path, mirror):
+    model = blazeface_like_tflite(tmp_path / "face.tflite")
+    from mzconvert.runtime import open_model
+
+    outputs = {o.shape[-1]: o.name for o in open_model(model).outputs}  # the converter names them Identity*
+    box_output, class_output = outputs[16], outputs[1]
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 16)
+    check = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 8)
+    options = json.dumps(BLAZEFACE)
+    (tmp_path / "face.yaml").write_text(f"""name: face
+task: detection
+description: a BlazeFace-layout head made in the test
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: tflite
+input: {{name: input, shape: [1, 128, 128, 3], layout: NHWC}}
+preprocess: {{resize: [128, 128], interpolation: pil-bilinear, scale: 0.00784313725490196, offset: -1.0}}
+postprocess:
+  kind: ssd
+  anchor_generator: {options}
+  box_coding: linear
+  box_order: xywh
+  box_coder_scales: [128, 128, 128, 128]
+  box_output: {box_output}
+  class_output: {class_output}
+  background_class: false
+  labels: [face]
+  nms_score_threshold: 0.5
+  nms_iou_threshold: 0.3
+variants:
+  - {{name: float32, mode: float32}}
+  # random weights: dozens of overlapping boxes an image, where IoU >= 0.9 is fragile (the floor says so)
+  - {{name: int8, mode: int8, io_dtype: int8, calibration: {calibration}, min_matched: 0.5}}
+verify: {{images: {check}}}
+""")
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "face.yaml"), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    variants = json.loads(built.stdout)["face"]["variants"]
+    assert variants["float32"]["verify"]["matched_detections"] == 1.0
+    assert variants["int8"]["verify"]["detections_compared"] > 0, variants["int8"]["verify"]
+    assert variants["int8"]["verify"]["matched_detections"] >= 0.5
+    assert (tmp_path / "dist" / "face" / "anchors.npy").is_file()
+    drawn = run_cli("predict", str(tmp_path / "face.yaml"), str(sorted(check.iterdir())[0]), *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
