@@ -16,7 +16,6 @@ from pathlib import Path
 
 from . import __version__
 from .backends.torch_sources import user_code
-from .tasks.anchors import anchors_file
 from .console import Console
 from .errors import MzError
 from .fsio import folder_lock, sha256_file
@@ -24,6 +23,7 @@ from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, valida
 from .recipe import Recipe, Variant, VelaTarget
 from .recipe.schema import INTEGER_MODES
 from .sources.fetch import Fetcher
+from .tasks.anchors import anchors_file
 
 CHECKS_NICENESS = 10  # see _yielding_thread
 
