@@ -4,8 +4,8 @@ The torchvision MobileNetV2 that `mobilenetv2-torchvision` builds (its state dic
 shipped route) is saved the ways users bring a model: the float32 ONNX the recipe builds, a TorchScript archive
 and a torch.export archive (.pt2) of the same module, and the float TFLite the ONNX route makes. Each is built by
 a recipe of its format with the shipped recipe's input, preprocessing, labels and the int8-tflite variant's
-calibration (imagenet-calib, 300 images; percentile 99.99, or min/max where ai-edge-quantizer quantizes a float
-.tflite). Every model then runs on the same ImageNet samples with the recipe's preprocessing (LiteRT's
+calibration (imagenet-calib, 300 images, percentile 99.99; ai-edge-quantizer, which records min/max, quantizes
+the float .tflite beside our path). Every model then runs on the same ImageNet samples with the recipe's preprocessing (LiteRT's
 optimized kernels, as eval). Printed per route: the float TFLite's cosine and SQNR to the float ONNX model over
 all images, int8 top-1 with the paired bootstrap 95 % interval of its difference to the shipped route's,
 top-1 agreement with the float model, logits SQNR, and the build time of the route's recipe.
@@ -36,9 +36,12 @@ def route_recipe(name: str, shipped: dict, source: Path, fmt: str) -> dict:
     calibration and verify images; float32 and int8 TFLite."""
     int8 = {k: v for k, v in next(v for v in shipped["variants"] if v["name"] == "int8-tflite").items()
             if k != "min_cosine"}
-    if fmt == "tflite":  # ai-edge-quantizer: min/max ranges, NHWC input, the file itself is the float variant
-        int8 = {k: v for k, v in int8.items() if k not in ("target", "calibration_method", "calibration_percentile")}
-        variants = [{"name": "float32-tflite", "mode": "float32"}, int8]
+    if fmt == "tflite":  # NHWC input, the file itself is the float variant; int8 by the converter (the default)
+        # and by ai-edge-quantizer (min/max ranges)
+        int8 = {k: v for k, v in int8.items() if k != "target"}
+        aeq = {k: v for k, v in int8.items() if k not in ("calibration_method", "calibration_percentile")}
+        variants = [{"name": "float32-tflite", "mode": "float32"}, int8,
+                    aeq | {"name": "int8-aeq", "quantizer": "ai-edge-quantizer"}]
         model_input = {**shipped["input"], "shape": [1, 224, 224, 3], "layout": "NHWC"}
     else:
         variants = [{"name": "float32-tflite", "mode": "float32", "target": "tflite"}, int8]
@@ -105,7 +108,8 @@ def main() -> None:
             if fmt == "tflite":  # the ONNX route's float TFLite, as a user's float .tflite
                 source = models["onnx (onnx2tf)"][0]
             label = {"onnx": "onnx (onnx2tf)", "torchscript": "TorchScript (ONNX export, onnx2tf)",
-                     "torch-export": ".pt2 (ONNX export, onnx2tf)", "tflite": "float .tflite (ai-edge-quantizer)"}[fmt]
+                     "torch-export": ".pt2 (ONNX export, onnx2tf)",
+                     "tflite": "float .tflite (our ranges, the converter's quantizer)"}[fmt]
             name = f"route-{fmt}"
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(route_recipe(name, shipped, source, fmt),
                                                              sort_keys=False))
@@ -114,6 +118,9 @@ def main() -> None:
             seconds[label] = time.perf_counter() - start
             routed = json.loads((dist / name / "manifest.json").read_text())["variants"]
             models[label] = (dist / name / routed["float32-tflite"]["file"], dist / name / routed["int8-tflite"]["file"])
+            if "int8-aeq" in routed:
+                models["float .tflite (ai-edge-quantizer 0.10)"] = (None, dist / name / routed["int8-aeq"]["file"])
+                seconds["float .tflite (ai-edge-quantizer 0.10)"] = seconds[label]
 
         images = labelled_images(Path(args.mirror) / "imagenet-samples", recipe.labels).images[:args.count]
         runs = {"float32 ONNX": open_model(onnx_file, threads=2)}

@@ -86,6 +86,10 @@ class Backend(Protocol):
     def tflite_converter(self, model: Path, recipe: Recipe) -> tuple[object, Callable]:
         """(a TFLite converter of the stripped model, what turns recipe input tensors into its inputs)."""
 
+    def range_slots(self, model: Path, recipe: Recipe, tensor, target: Path) -> tuple[Path, Callable]:
+        """(the float .tflite with a range slot on every tensor int8 needs, written to target, what turns recipe
+        input tensors into its inputs): what calibrate records ranges into (quant/ranges.py)."""
+
     GraphRunner: type  # GraphRunner(model, recipe, threads): the stripped float model, .run(tensor) -> outputs
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..quant.output_scales import mixed_range_outputs
-from ..quant.tflite_converter import run_converter
+from ..quant.tflite_converter import converter_range_slots, run_converter
 from ..recipe import Recipe, Variant
 from ..recipe.schema import TORCH_FORMATS
 from ..runtime import OnnxRunner
@@ -182,6 +182,10 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
 def tflite_converter(model: Path, recipe: Recipe):
     """(a TFLite converter of the NHWC port, what turns recipe input tensors into its inputs)."""
     return nhwc_port.converter(model, recipe), nhwc_port.to_port_layout(recipe)
+
+
+def range_slots(model: Path, recipe: Recipe, tensor: np.ndarray, target: Path):
+    return converter_range_slots(*tflite_converter(model, recipe), model, tensor, target)
 
 
 def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: Recipe, calibration) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
-from ..quant.tflite_converter import run_converter, tf_module
+from ..quant.tflite_converter import converter_range_slots, run_converter, tf_module
 from ..recipe import Recipe, Variant
 from ..tasks.detection import postprocessed_detections
 from . import StripResult, check_tensors, export_anchors
@@ -379,6 +379,10 @@ def _frozen_graph_converter(model: Path, recipe: Recipe):
 def tflite_converter(model: Path, recipe: Recipe):
     """(a TFLite converter of the stripped model, what turns recipe input tensors into its inputs)."""
     return _frozen_graph_converter(model, recipe), lambda tensor: tensor
+
+
+def range_slots(model: Path, recipe: Recipe, tensor: np.ndarray, target: Path):
+    return converter_range_slots(*tflite_converter(model, recipe), model, tensor, target)
 
 
 def convert(model: Path, recipe: Recipe, variant: Variant,

@@ -71,6 +71,12 @@ def calibrate_converter(converter, source: Path, calibration: Callable[[], Itera
     return target
 
 
+def converter_range_slots(converter, to_input: Callable, source: Path, tensor: np.ndarray, target: Path):
+    """(the float model the converter calibrated on one input: a range slot on every tensor its quantizer
+    needs, what turns recipe input tensors into its inputs): where calibrate records the ranges."""
+    return calibrate_converter(converter, source, lambda: iter([to_input(tensor)]), target), to_input
+
+
 def quantize_calibrated(calibrated: Path, recipe: Recipe, variant: Variant, out_dir: Path) -> Path:
     """The int8 model of a calibrated one, with the variant's input/output type: what converter.convert()
     does after calibrating (tests/test_tf_backend.py checks the two agree on every output)."""

@@ -37,7 +37,8 @@ def _tflite_fits(v: Variant, fmt: str, postprocess: Postprocess | None) -> bool:
     # Depthwise weights can be fitted in int8 quantized here with 8-bit weights: TFLite from one shared
     # calibration (a graph with custom ops converts in one piece), where it is the default, and ONNX QDQ
     # (docs/results.md: on MobileNetV2 more SQNR but no more top-1 agreement, so nearest unless asked)
-    return v.mode == "int8" and v.target == "tflite" and fmt != "tflite" and not _has_custom_ops(postprocess)
+    ours = fmt != "tflite" or (v.calibration and v.quantizer == "converter")
+    return v.mode == "int8" and v.target == "tflite" and ours and not _has_custom_ops(postprocess)
 
 
 def settle_variant(v: Variant, fmt: str, postprocess: Postprocess | None) -> Variant:
@@ -46,7 +47,8 @@ def settle_variant(v: Variant, fmt: str, postprocess: Postprocess | None) -> Var
     by default)."""
     attach = postprocess is not None and postprocess.attach
     v = replace(v, target=v.target or native_target(fmt),
-                attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess)
+                attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess,
+                quantizer=v.quantizer or ("converter" if fmt != "tflite" or v.mode == "int8" else "ai-edge-quantizer"))
     return replace(v, weight_rounding=v.weight_rounding or ("fitted" if _tflite_fits(v, fmt, postprocess)
                                                             else "nearest"))
 
@@ -81,7 +83,13 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
 def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
     if v.target == "tflite" and uses_onnx_backend(fmt) and v.mode in CALIBRATED_MODES:
         return  # the Keras port converts like any TFLite model: full-integer I/O allowed
-    if fmt == "tflite" and v.calibration:  # a float .tflite quantized by ai-edge-quantizer
+    if fmt != "tflite" and item.has("quantizer"):
+        raise item.fail("quantizer chooses how a .tflite source is quantized; other sources convert with "
+                        "their backend's", item.child_where("quantizer"))
+    if fmt == "tflite" and v.quantizer == "converter" and v.mode in ("dynamic", "int16x8"):
+        raise item.fail(f"a .tflite source is quantized to {v.mode} by ai-edge-quantizer (the converter's "
+                        "path from recorded ranges is int8)", item.child_where("quantizer"))
+    if fmt == "tflite" and v.calibration and v.quantizer == "ai-edge-quantizer":
         wanted = {"int8": "int8", "int16x8": "int16"}.get(v.mode, v.io_dtype)
         if v.io_dtype != wanted:
             raise item.fail(f"a float .tflite quantized to {v.mode} by ai-edge-quantizer has {wanted} inputs and "

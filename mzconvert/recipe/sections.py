@@ -338,7 +338,9 @@ def parse_variant(r: Reader) -> Variant:
                    target=r.string("target", required=False, default="", choices=("tflite", "onnx")),
                    attach_postprocess=r.boolean("attach_postprocess", None),
                    weight_rounding=r.string("weight_rounding", required=False, default="",
-                                            choices=WEIGHT_ROUNDINGS))
+                                            choices=WEIGHT_ROUNDINGS),
+                   quantizer=r.string("quantizer", required=False, default="",
+                                      choices=("converter", "ai-edge-quantizer")))
 
 
 def parse_vela(r: Reader) -> VelaTarget:

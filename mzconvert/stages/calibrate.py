@@ -38,9 +38,10 @@ DEFAULT_CALIBRATION_COUNT = 100  # images a variant calibrates on when it names 
 def shares_calibration(recipe: Recipe, variant: Variant) -> bool:
     """TFLite int8 variants the TFLite converter makes are quantized from one calibration of their model and
     images (calibrate), whatever their I/O types; a graph with custom ops converts in one piece; a .tflite source
-    is quantized by ai-edge-quantizer."""
+    quantized by ai-edge-quantizer calibrates in it."""
     custom_ops = recipe.postprocess is not None and recipe.postprocess.kind == "tflite-detection-postprocess"
-    return variant.mode == "int8" and variant.target == "tflite" and not custom_ops and recipe.format != "tflite"
+    return (variant.mode == "int8" and variant.target == "tflite" and not custom_ops
+            and variant.quantizer == "converter")
 
 
 def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Path], out_dir: Path,
@@ -53,11 +54,10 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
     from ..quant.tflite_converter import calibrate_converter
 
     method = variant.calibration_method
-    tensors = calibration_batches(images, recipe)()
+    tensors = list(calibration_batches(images, recipe)())
     with CONVERTERS:
-        converter, to_input = backend_for(recipe).tflite_converter(stripped, recipe)
+        marked, to_input = backend_for(recipe).range_slots(stripped, recipe, tensors[0], out_dir / "one-image.tflite")
         inputs = [to_input(t) for t in tensors]
-        marked = calibrate_converter(converter, stripped, lambda: iter(inputs[:1]), out_dir / "one-image.tflite")
     target = out_dir / "calibrated.tflite"
     if calibrate_with_interpreter(marked, inputs, target, method, variant.calibration_percentile) is None:
         if method != "minmax":  # control flow: only TensorFlow's calibrator follows it
