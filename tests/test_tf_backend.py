@@ -399,6 +399,21 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     assert (dist / "debug" / "i8.png").is_file() and "debug/i8.json" in (dist / "MD5SUMS").read_text()
     assert run_cli("report", str(recipe), "--out", str(tmp_path / "dist")).returncode == 0
     assert "## Per-layer quantization error: i8" in (dist / "report.md").read_text()
+    # the layer debug ranks first, kept float (float_layers), wins the damage back; the rest stays int8
+    kept = f"  - {{name: i8-fl, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 8, " \
+           f"float_layers: [{layers[0]['layer']}]}}\n"
+    recipe.write_text(recipe.read_text().replace("verify:", kept + "verify:"))
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
+    assert built.returncode == 0, built.stderr[-2000:]
+    variants = json.loads(built.stdout)["tiny"]["variants"]
+
+    def worst(name):
+        return min(m.get("worst_slice", m)["sqnr_db"] for m in variants[name]["verify"].values() if isinstance(m, dict))
+    assert worst("i8-fl") > worst("i8") + 10, (worst("i8"), worst("i8-fl"))
+    from mzconvert.runtime import TFLiteRunner
+
+    mixed = TFLiteRunner(dist / variants["i8-fl"]["file"])
+    assert mixed.inputs[0].dtype == "int8" and mixed.float_tensor_count() > 0
 
 
 def test_a_name_with_the_import_scope_gets_the_name_in_the_file(tmp_path, tiny):

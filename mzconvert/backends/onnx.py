@@ -200,6 +200,7 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     method = "minmax" if variant.calibration_method == "entropy" else variant.calibration_method  # entropy: ORT's
     ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile)
     float_nodes = mixed_range_outputs(_load(prepared), ranges) if variant.separate_output_scales else []
+    float_nodes += _known_nodes(prepared, variant.float_layers, recipe)
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
                    activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QInt8,
                    weight_type=q.QuantType.QInt8, nodes_to_exclude=float_nodes)
@@ -246,6 +247,25 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
         yield from zip(names, session.run(names, {input_name: tensor}))
 
     return measure_ranges(activations, tensors, method, percentile)
+
+
+ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu")
+
+
+def _known_nodes(model: Path, names: tuple[str, ...], recipe: Recipe) -> list[str]:
+    """The nodes float_layers names: a node, or a tensor as `mzconvert debug` lists them (its producer; an
+    activation's with the conv or matmul before it, which QDQ quantizes as one)."""
+    graph = _load(model).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    by_name = {node.name: node for node in graph.node}
+    check_tensors(recipe, "variants[].float_layers", names, list(by_name) + list(producer))
+    found = []
+    for name in names:
+        node = by_name.get(name) or producer[name]
+        found.append(node.name)
+        if node.op_type in ACTIVATIONS and (before := producer.get(node.input[0])) is not None:
+            found.append(before.name)
+    return found
 
 
 def _write_ranges(ranges: dict[str, tuple[float, float]], path: Path) -> None:

@@ -83,6 +83,9 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
 def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
     if v.target == "tflite" and uses_onnx_backend(fmt) and v.mode in CALIBRATED_MODES:
         return  # the Keras port converts like any TFLite model: full-integer I/O allowed
+    if v.float_layers and (v.mode not in CALIBRATED_MODES or v.quantizer == "ai-edge-quantizer"):
+        raise item.fail("float_layers keeps layers of a calibrated int8 / int16x8 variant float (TFLite's "
+                        "converter, ONNX Runtime)", item.child_where("float_layers"))
     if fmt != "tflite" and item.has("quantizer"):
         raise item.fail("quantizer chooses how a .tflite source is quantized; other sources convert with "
                         "their backend's", item.child_where("quantizer"))

@@ -66,7 +66,7 @@ FIELDS = {
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
                    "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db", "min_float_cosine",
-                   "separate_output_scales", "quantizer"),
+                   "separate_output_scales", "quantizer", "float_layers"),
     "variants[].quantized_input_stats": ("mean", "std"),
     "targets": ("vela",),
     "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
@@ -218,6 +218,9 @@ class Variant:
     # a .tflite source's quantizer: converter (TFLite's own, from our recorded ranges: int8) or ai-edge-quantizer
     # (Google's LiteRT quantizer: dynamic, int8, int16x8); "" = converter for int8, else ai-edge-quantizer
     quantizer: str = ""
+    # int8 / int16x8: layers kept float (precision where the model needs it): TFLite op output tensor names,
+    # ONNX node names, as `mzconvert debug` lists them; they run on the CPU beside an NPU
+    float_layers: tuple[str, ...] = ()
     # Fidelity floors against the float model (DEFAULT_FLOORS unless the recipe lowers one): the build fails below
     min_matched: float = DEFAULT_FLOORS["min_matched"]  # detectors: share of detections matched
     min_agreement: float = DEFAULT_FLOORS["min_agreement"]  # classifiers: top-1 agreement

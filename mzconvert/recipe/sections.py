@@ -340,7 +340,8 @@ def parse_variant(r: Reader) -> Variant:
                    weight_rounding=r.string("weight_rounding", required=False, default="",
                                             choices=WEIGHT_ROUNDINGS),
                    quantizer=r.string("quantizer", required=False, default="",
-                                      choices=("converter", "ai-edge-quantizer")))
+                                      choices=("converter", "ai-edge-quantizer")),
+                   float_layers=tuple(r.list_of("float_layers", Reader.as_string, required=False) or ()))
 
 
 def parse_vela(r: Reader) -> VelaTarget:
