@@ -212,6 +212,7 @@ def test_int16x8_from_a_keras_source_verifies_and_compiles_for_the_npu(tmp_path,
 
     from tests.conftest import run_cli
 
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
     inputs = keras.Input((32, 32, 3), name="photo")
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inputs)
     x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
@@ -232,7 +233,8 @@ def test_int16x8_from_a_keras_source_verifies_and_compiles_for_the_npu(tmp_path,
     variants = __import__("json").loads(done.stdout)["small"]["variants"]
     wide, narrow = variants["int16x8"], variants["int8"]
     assert wide["inputs"][0]["dtype"] == "int16" and wide["outputs"][0]["dtype"] == "int16"
-    assert wide["verify"]["class_logits"]["sqnr_db"] > narrow["verify"]["class_logits"]["sqnr_db"]
+    # seeded: 50.8 dB against int8's 41.8 dB (unseeded weights whose logits cancel put both near 10 dB)
+    assert wide["verify"]["class_logits"]["sqnr_db"] > narrow["verify"]["class_logits"]["sqnr_db"] + 5
     (npu,) = wide["vela"].values()
     assert npu["npu_ops"] > 0 and npu["cpu_op_count"] == 0
 

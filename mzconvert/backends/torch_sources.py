@@ -31,8 +31,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise MzError("PyTorch sources need PyTorch: pip install 'mzconvert[torch]' (torch==2.13.0, the CPU build)",
-                      EXIT_BAD_INPUT) from None
+        raise MzError("PyTorch sources need PyTorch: pip install 'mzconvert[torch]' (torch==2.13.0, the CPU build)"
+                      ) from None
     return torch
 
 
