@@ -338,16 +338,21 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 @click.argument("recipe")
 @click.option("--variant", required=True, help="The int8 variant (TFLite or ONNX) to explain.")
 @click.option("--count", type=click.IntRange(1), default=None, help="How many verify images [verify.count or all].")
+@click.option("--search", "max_drop", type=click.FloatRange(0, 1), default=None,
+              help="Search the fewest worst layers to keep float so the variant agrees with the float model on "
+                   "at least 1 - MAX_DROP of the verify images (top-1 answers or detections), e.g. 0.005.")
 @_read_build_options
 @pass_context
-def debug(ctx: Context, recipe, variant, count, out, build_dir):
+def debug(ctx: Context, recipe, variant, count, max_drop, out, build_dir):
     """Per-layer quantization error of an int8 variant against the float model, worst layers first."""
     from .stages.debug import debug_table, explain_variant
+    from .stages.fallback import search_table
 
     r = ctx.recipe(recipe)
     out, build_dir = ctx.build_roots(r, out, build_dir)
-    result = explain_variant(r, r.variant(variant), out, build_dir, ctx.fetcher(), count, ctx.console.log)
-    ctx.console.result(result, debug_table(result))
+    result = explain_variant(r, r.variant(variant), out, build_dir, ctx.fetcher(), count, ctx.console.log, max_drop)
+    text = debug_table(result) + ("\n\n" + search_table(result["search"]) if "search" in result else "")
+    ctx.console.result(result, text)
 
 
 @main.command()

@@ -78,7 +78,8 @@ def _check_layers(calibrated: Path, recipe: Recipe, variant: Variant) -> None:
 
     graph = read_model(calibrated).subgraphs[0]
     outputs = [graph.tensors[i].name.decode() for op in graph.operators for i in op.outputs]
-    check_tensors(recipe, f"variants[{recipe.variants.index(variant)}].float_layers", variant.float_layers, outputs)
+    index = next((i for i, v in enumerate(recipe.variants) if v.name == variant.name), "")
+    check_tensors(recipe, f"variants[{index}].float_layers", variant.float_layers, outputs)
 
 
 def converter_range_slots(converter, to_input: Callable, source: Path, tensor: np.ndarray, target: Path):

@@ -195,8 +195,10 @@ def summary(layers: list[dict]) -> dict:
 
 
 def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Path, fetcher: Fetcher,
-                    count: int | None, log) -> dict:
-    """`mzconvert debug`: the variant's layer errors on `count` verify images (verify.count or all). Into
+                    count: int | None, log, search_drop: float | None = None) -> dict:
+    """`mzconvert debug`: the variant's layer errors on `count` verify images (verify.count or all); with
+    `search_drop`, the fewest of the worst layers kept float for the variant to agree with the float model within
+    that budget (stages/fallback.py). Into
     dist/<recipe>/debug/<variant>.json and .png (MD5SUMS updated) when the dist holds the variant; else into
     build/<recipe>/debug/: a variant below its fidelity floor fails the build before dist is written, and
     this is where its message sends the user."""
@@ -222,6 +224,11 @@ def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Pat
     result = {"recipe": recipe.name, "variant": variant.name, "images": len(images), "summary": summary(layers),
               "layers": layers, "artifacts": measured_artifacts(manifest, [artifact.name]) if in_dist else {},
               "weight_rounding": variant.weight_rounding}
+    if search_drop is not None:
+        from .fallback import search_float_layers
+
+        result["search"] = search_float_layers(recipe, variant, [row["layer"] for row in layers], build_root,
+                                               calibration(), images, search_drop, log)
     folder = out / recipe.name if in_dist else recipe_build_folder(build_root, recipe.name)
     write_json_atomic(folder / "debug" / f"{variant.name}.json", result)
     plot_layers(result, folder / "debug" / f"{variant.name}.png")
