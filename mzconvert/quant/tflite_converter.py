@@ -71,17 +71,6 @@ def calibrate_converter(converter, source: Path, calibration: Callable[[], Itera
     return target
 
 
-def _check_layers(calibrated: Path, recipe: Recipe, variant: Variant) -> None:
-    """float_layers are op output tensors of the model, as `mzconvert debug` lists them."""
-    from ..backends import check_tensors
-    from ..tflite_file import read_model
-
-    graph = read_model(calibrated).subgraphs[0]
-    outputs = [graph.tensors[i].name.decode() for op in graph.operators for i in op.outputs]
-    index = next((i for i, v in enumerate(recipe.variants) if v.name == variant.name), "")
-    check_tensors(recipe, f"variants[{index}].float_layers", variant.float_layers, outputs)
-
-
 def converter_range_slots(converter, to_input: Callable, source: Path, tensor: np.ndarray, target: Path):
     """(the float model the converter calibrated on one input: a range slot on every tensor its quantizer
     needs, what turns recipe input tensors into its inputs): where calibrate records the ranges."""
@@ -95,8 +84,6 @@ def quantize_calibrated(calibrated: Path, recipe: Recipe, variant: Variant, out_
     from tensorflow.lite.python.convert import mlir_quantize
 
     io_type = getattr(tf, variant.io_dtype)
-    if variant.float_layers:
-        _check_layers(calibrated, recipe, variant)
     try:  # float_layers: left float, a dequantize before and a quantize after each
         flatbuffer = mlir_quantize(calibrated.read_bytes(), False, input_data_type=io_type, output_data_type=io_type,
                                    denylisted_nodes=list(variant.float_layers) or None)

@@ -45,6 +45,13 @@ ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256"
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 POSTPROCESS_KINDS = ("ssd", "yolov8", "yolov5", "tflite-detection-postprocess")
+# MediaPipe's SsdAnchorsCalculatorOptions (postprocess.anchor_generator, tasks/anchors.py): the fields a recipe
+# must give, and the others with their defaults
+ANCHOR_GENERATOR_REQUIRED = ("num_layers", "min_scale", "max_scale", "input_size_height", "input_size_width",
+                             "strides")
+ANCHOR_GENERATOR_DEFAULTS = {"anchor_offset_x": 0.5, "anchor_offset_y": 0.5, "aspect_ratios": [1.0],
+                             "reduce_boxes_in_lowest_layer": False, "interpolated_scale_aspect_ratio": 1.0,
+                             "fixed_anchor_size": False}
 PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classification": ("scores",)}
 
 # The fields of each section, by its path in the recipe: what a recipe may write, and what docs/recipes.md

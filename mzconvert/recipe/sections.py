@@ -12,6 +12,8 @@ from .reader import Problems, Reader, kind
 from .schema import (
     ACCELERATORS,
     AMBIGUOUS_INTERPOLATIONS,
+    ANCHOR_GENERATOR_DEFAULTS,
+    ANCHOR_GENERATOR_REQUIRED,
     CALIBRATED_MODES,
     CALIBRATION_METHODS,
     CHANNEL_ORDERS,
@@ -242,9 +244,7 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
 
 def _anchor_generator(r: Reader) -> dict:
     """MediaPipe's SsdAnchorsCalculator options, checked for what the generator needs."""
-    from ..tasks.anchors import GENERATOR_DEFAULTS, GENERATOR_REQUIRED
-
-    g = r.child("anchor_generator").mapping(GENERATOR_REQUIRED + tuple(GENERATOR_DEFAULTS))
+    g = r.child("anchor_generator").mapping(ANCHOR_GENERATOR_REQUIRED + tuple(ANCHOR_GENERATOR_DEFAULTS))
     options = {"num_layers": g.integer("num_layers", minimum=1),
                "min_scale": g.number("min_scale", positive=True), "max_scale": g.number("max_scale", positive=True),
                "input_size_height": g.integer("input_size_height", minimum=1),
@@ -253,7 +253,7 @@ def _anchor_generator(r: Reader) -> dict:
     if len(options["strides"]) != options["num_layers"]:
         raise g.fail(f"{len(options['strides'])} strides for num_layers {options['num_layers']}",
                      g.child_where("strides"))
-    for key, default in GENERATOR_DEFAULTS.items():
+    for key, default in ANCHOR_GENERATOR_DEFAULTS.items():
         if isinstance(default, bool):
             options[key] = g.boolean(key, default)
         elif isinstance(default, list):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import backend_for
+from ..backends import backend_for, check_tensors
 from ..errors import MzError
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES, INTEGER_MODES
@@ -42,6 +42,8 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
         if calibrated is not None:
             from ..quant.tflite_converter import quantize_calibrated
 
+            if variant.float_layers:
+                _check_float_layers(calibrated, recipe, variant)
             model = quantize_calibrated(calibrated, recipe, variant, out_dir)
         else:
             model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
@@ -64,6 +66,16 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
         raise MzError(f"{attached}: post-processing attached, but the model does not run to {', '.join(OUTPUT_NAMES)}")
     return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw, fitted=fitted)
+
+
+def _check_float_layers(calibrated: Path, recipe: Recipe, variant: Variant) -> None:
+    """float_layers are op output tensors of the model, as `mzconvert debug` lists them."""
+    from ..tflite_file import read_model
+
+    graph = read_model(calibrated).subgraphs[0]
+    outputs = [graph.tensors[i].name.decode() for op in graph.operators for i in op.outputs]
+    index = next((i for i, v in enumerate(recipe.variants) if v.name == variant.name), "")
+    check_tensors(recipe, f"variants[{index}].float_layers", variant.float_layers, outputs)
 
 
 def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:

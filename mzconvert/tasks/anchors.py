@@ -11,12 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..recipe import Recipe
-
-# MediaPipe's SsdAnchorsCalculatorOptions: the fields with a default, and the ones a recipe must give
-GENERATOR_DEFAULTS = {"anchor_offset_x": 0.5, "anchor_offset_y": 0.5, "aspect_ratios": [1.0],
-                      "reduce_boxes_in_lowest_layer": False, "interpolated_scale_aspect_ratio": 1.0,
-                      "fixed_anchor_size": False}
-GENERATOR_REQUIRED = ("num_layers", "min_scale", "max_scale", "input_size_height", "input_size_width", "strides")
+from ..recipe.schema import ANCHOR_GENERATOR_DEFAULTS
 
 
 def _scale(min_scale: float, max_scale: float, index: int, count: int) -> float:
@@ -28,7 +23,7 @@ def _scale(min_scale: float, max_scale: float, index: int, count: int) -> float:
 def generated_anchors(options: dict) -> np.ndarray:
     """N x 4 anchors as MediaPipe's SsdAnchorsCalculator generates them from `options`: layers of one stride
     share a grid, each cell holding their anchors in layer order (aspect ratios, then the interpolated scale)."""
-    o = GENERATOR_DEFAULTS | options
+    o = ANCHOR_GENERATOR_DEFAULTS | options
     strides, count = list(o["strides"]), len(o["strides"])
     anchors = []
     layer = 0
