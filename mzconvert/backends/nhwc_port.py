@@ -56,7 +56,8 @@ def converter(model: Path, recipe: Recipe):
     tf = tf_module()
     port = port_of(model)
     if port is None:
-        raise MzError(f"{model}: no NHWC port beside the ONNX model to convert to TFLite (rebuild with --force)")
+        raise MzError(f"{recipe.path}: strip: an ONNX model converts to TFLite from its cut (the port is made at "
+                      "strip): name its strip.inputs and strip.outputs", EXIT_BAD_INPUT)
     if port.name == KERAS_PORT:
         import tf_keras as keras
 
