@@ -27,11 +27,11 @@ from . import nhwc_port
 EXPORT_TOLERANCE = 1e-3  # max abs error of the ONNX export against the module, relative to outputs >= 1
 
 
-def _torch():
+def _torch(what: str = "PyTorch sources"):
     try:
         import torch
     except ImportError:
-        raise MzError("PyTorch sources need PyTorch: pip install 'mzconvert[torch]' (torch==2.13.0, the CPU build)"
+        raise MzError(f"{what} needs PyTorch: pip install 'mzconvert[torch]' (torch==2.13.0, the CPU build)"
                       ) from None
     return torch
 
@@ -47,6 +47,7 @@ def user_code(spec: TorchSpec | None, base: Path) -> Path | None:
 def export_onnx(source: Path, recipe: Recipe, target: Path) -> None:
     """The source's module exported to ONNX at `target` (at input.shape), checked against the module; for our
     own modules with TFLite variants, their Keras port beside it."""
+    _torch(f"{recipe.path}: format {recipe.format}")
     module = load_module(source, recipe.format, recipe.torch, recipe.path.parent, recipe.input.height_width,
                          lambda key: f"{recipe.path}: torch.{key}")
     output_names = list(recipe.strip.outputs) if recipe.strip else []
