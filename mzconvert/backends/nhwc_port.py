@@ -27,7 +27,7 @@ from ..runtime import OnnxRunner, nhwc
 
 KERAS_PORT = "model_nhwc.h5"
 ONNX2TF_PORT = "model_nhwc.pb"
-PORT_TOLERANCE = 1e-3  # max abs error against the ONNX model, relative to the output's largest magnitude (>= 1)
+PORT_TOLERANCE = 1e-3  # max abs error of a port against its source (onnx2tf's: relative to magnitudes >= 1)
 
 # onnx2tf reads test images from this file in its working folder, else downloads them (no network here):
 # it runs the ONNX model on them to settle layouts, so a seeded sample of uniform pixels is written there.
@@ -133,13 +133,17 @@ def _run_onnx2tf(model: Path, recipe: Recipe, work: Path) -> Path:
     return saved
 
 
+def _close(got: np.ndarray, want: np.ndarray) -> bool:
+    """Within PORT_TOLERANCE of the ONNX model's output, relative to its largest magnitude (at least 1)."""
+    return float(np.max(np.abs(got - want))) <= PORT_TOLERANCE * max(1.0, float(np.max(np.abs(want))))
+
+
 def _axes_order(got: np.ndarray, want: np.ndarray, model: Path, name: str) -> list[int]:
     """The transpose that turns onnx2tf's output into the ONNX model's (identity, or NHWC back to NCHW...)."""
-    tolerance = PORT_TOLERANCE * max(1.0, float(np.max(np.abs(want))))
     candidates = [list(order) for order in itertools.permutations(range(got.ndim))
                   if tuple(got.shape[i] for i in order) == want.shape]
     for order in candidates:  # the identity first
-        if float(np.max(np.abs(got.transpose(order) - want))) <= tolerance:
+        if _close(got.transpose(order), want):
             return order
     shapes = f"{list(got.shape)} against the ONNX model's {list(want.shape)}"
     if not candidates:
@@ -159,10 +163,9 @@ def _check_port(port: Path, names: list[str], probe: np.ndarray, expected: list[
     with tf.compat.v1.Session(graph=graph) as session:
         got = session.run([f"{n}:0" for n in names[1:]], {f"{names[0]}:0": probe})
     for name, g, want in zip(recipe.strip.outputs, got, expected):
-        error = float(np.max(np.abs(g - want)))
-        if error > PORT_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
+        if not _close(g, want):
             raise MzError(f"{port}: the frozen TensorFlow port differs from the ONNX model at output {name!r} "
-                          f"(max abs error {error:.3g})")
+                          f"(max abs error {float(np.max(np.abs(g - want))):.3g})")
 
 
 def _port_names(recipe: Recipe) -> list[str]:

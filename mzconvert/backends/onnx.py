@@ -155,9 +155,9 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
     from onnxruntime import quantization as q
 
     if variant.target == "tflite":  # from the NHWC port; calibration images arrive in the recipe's layout
-        to_port = nhwc_port.to_port_layout(recipe)
+        converter, to_port = tflite_converter(model, recipe)
         port_calibration = (lambda: (to_port(t) for t in calibration())) if calibration else None
-        return run_converter(nhwc_port.converter(model, recipe), model, recipe, variant, port_calibration, out_dir)
+        return run_converter(converter, model, recipe, variant, port_calibration, out_dir)
     target = out_dir / f"{recipe.name}_{variant.name}.onnx"
     if variant.mode == "float32":
         shutil.copyfile(model, target)
@@ -199,8 +199,9 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     tensors = list(calibration())
     method = "minmax" if variant.calibration_method == "entropy" else variant.calibration_method  # entropy: ORT's
     ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile)
-    float_nodes = mixed_range_outputs(_load(prepared), ranges) if variant.separate_output_scales else []
-    float_nodes += _known_nodes(prepared, variant.float_layers, recipe)
+    model = _load(prepared)
+    float_nodes = mixed_range_outputs(model, ranges) if variant.separate_output_scales else []
+    float_nodes += _known_nodes(model, variant.float_layers, recipe)
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
                    activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QInt8,
                    weight_type=q.QuantType.QInt8, nodes_to_exclude=float_nodes)
@@ -252,10 +253,10 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu")
 
 
-def _known_nodes(model: Path, names: tuple[str, ...], recipe: Recipe) -> list[str]:
+def _known_nodes(model, names: tuple[str, ...], recipe: Recipe) -> list[str]:
     """The nodes float_layers names: a node, or a tensor as `mzconvert debug` lists them (its producer; an
     activation's with the conv or matmul before it, which QDQ quantizes as one)."""
-    graph = _load(model).graph
+    graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     by_name = {node.name: node for node in graph.node}
     check_tensors(recipe, "variants[].float_layers", names, list(by_name) + list(producer))

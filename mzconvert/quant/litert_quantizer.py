@@ -20,9 +20,8 @@ from ..errors import EXIT_BAD_INPUT, MzError, short_text
 from ..tflite_file import model_bytes, read_model, schema
 from .tflite_converter import tf_module
 
-# mode -> (the quantizer's recipe, the I/O dtype the quantized model has)
-RECIPES = {"dynamic": ("dynamic_wi8_afp32", "float32"), "int8": ("static_wi8_ai8", "int8"),
-           "int16x8": ("static_wi8_ai16", "int16")}
+# mode -> the quantizer's recipe (the I/O dtypes its models have: recipe/rules.py holds variants to them)
+RECIPES = {"dynamic": "dynamic_wi8_afp32", "int8": "static_wi8_ai8", "int16x8": "static_wi8_ai16"}
 SIGNATURE = "serving_default"
 
 
@@ -63,7 +62,7 @@ def quantize(model_file: Path, mode: str, calibration: Callable[[], Iterable[np.
     from ai_edge_quantizer import quantizer, recipe
 
     flatbuffer, input_name = with_signature(model_file)
-    name, _ = RECIPES[mode]
+    name = RECIPES[mode]
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # its progress bars and report

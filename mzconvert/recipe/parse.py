@@ -106,7 +106,7 @@ def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[V
         torch_spec = problems.check(parse_torch, r)
     elif s.fmt in TORCH_FORMATS:  # an archive holding its module: only the export's opset to choose
         opset = r.child("torch").integer("opset", required=False, default=17, minimum=7) if r.has("torch") else 17
-        torch_spec = TorchSpec(module=s.fmt, num_classes=None, width=1.0, relu6=True, kwargs={}, opset=opset)
+        torch_spec = TorchSpec(module=s.fmt, opset=opset)
     if r.has("verify"):
         verify = problems.check(parse_verify, r)
         if verify is not None and all_variants:

@@ -257,11 +257,11 @@ class VelaTarget:
 @dataclass(frozen=True)
 class TorchSpec:
     module: str  # one of TORCH_MODULES, or the user's own class: 'file.py:Class' (beside the recipe) or 'pkg.mod:Class'
-    num_classes: int | None  # TORCH_MODULES: their options
-    width: float
-    relu6: bool
-    kwargs: dict  # the user's class: its keyword arguments
-    opset: int
+    num_classes: int | None = None  # TORCH_MODULES: their options
+    width: float = 1.0
+    relu6: bool = True
+    kwargs: dict = field(default_factory=dict)  # the user's class: its keyword arguments
+    opset: int = 17
 
     @property
     def user_class(self) -> bool:

@@ -447,7 +447,7 @@ def parse_torch(r: Reader) -> TorchSpec:
     kwargs = t.data.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise t.fail("expected a mapping of keyword arguments", t.child_where("kwargs"))
-    return TorchSpec(module=module, num_classes=None, width=1.0, relu6=True, kwargs=kwargs, opset=opset)
+    return TorchSpec(module=module, kwargs=kwargs, opset=opset)
 
 
 def _share(r: Reader, key: str) -> float:

@@ -277,9 +277,7 @@ def inspect_onnx(path: Path) -> dict:
 
     def tensors(values) -> list[dict]:
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                 "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1)
-                           for d in v.type.tensor_type.shape.dim]}
-                for v in values if v.name not in initializers]
+                 "shape": _onnx_shape(v)} for v in values if v.name not in initializers]
 
     return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                                            default=None),
@@ -288,6 +286,11 @@ def inspect_onnx(path: Path) -> dict:
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
+
+
+def _onnx_shape(value) -> list:
+    """An ONNX value's shape: sizes, symbolic names ('batch'), or -1 where neither is known."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim]
 
 
 def _concatenated_outputs(model) -> dict[str, list[dict]]:
@@ -304,8 +307,7 @@ def _concatenated_outputs(model) -> dict[str, list[dict]]:
         inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
     except Exception:  # shape inference fails on some custom ops: the parts are then not offered
         return {}
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1)
-                       for d in v.type.tensor_type.shape.dim] for v in inferred}
+    shapes = {v.name: _onnx_shape(v) for v in inferred}
     return {out: [{"name": name, "shape": shapes[name]} for name in parts]
             for out, parts in concats.items() if all(name in shapes for name in parts)}
 

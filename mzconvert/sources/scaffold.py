@@ -312,8 +312,7 @@ def exported_report(model_file: Path, report: dict, input_shape: list[int] | Non
         path, _, name = torch_module.rpartition(":")
         if path.endswith(".py"):
             path = _as_given(Path(path), recipe_dir)
-        spec = TorchSpec(module=f"{path}:{name}", num_classes=None, width=1.0, relu6=True, kwargs=torch_kwargs,
-                         opset=17)
+        spec = TorchSpec(module=f"{path}:{name}", kwargs=torch_kwargs)
     shape = input_shape or (report.get("inputs") or [{}])[0].get("shape")
     if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
         raise MzError(f"{report['file']}: a {fmt} source does not record its input shape; give init "
