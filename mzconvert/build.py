@@ -17,11 +17,10 @@ from pathlib import Path
 from . import __version__
 from .backends.torch_sources import user_code
 from .console import Console
-from .errors import MzError
+from .errors import InputError, MzError
 from .fsio import folder_lock, sha256_file
 from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
-from .recipe.schema import INTEGER_MODES
 from .sources.fetch import Fetcher
 from .tasks.anchors import anchors_file
 
@@ -297,7 +296,7 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     stripped = chain[-1]
     quantized = _quantize(p, stripped, variant)
     verified = checks.submit(_verify, p, stripped, quantized, variant) if p.recipe.verify is not None else None
-    npu = until != "quantize" and variant.mode in INTEGER_MODES and variant.target == "tflite"
+    npu = until != "quantize" and variant.for_npu
     compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}
 
     def entry() -> dict:
@@ -369,6 +368,15 @@ def _dist_staging(out_root: Path, name: str) -> list[Path]:
     return [p for p in out_root.glob(f".{name}@*") if p.is_dir()] if out_root.is_dir() else []
 
 
+def _check_something_to_compile(recipe: Recipe, variants: list) -> None:
+    if not recipe.vela:
+        raise InputError(f"{recipe.path}: targets.vela: the recipe names no NPU target; the vela stage has "
+                         "nothing to compile")
+    if not any(v.for_npu for v in variants):
+        raise InputError(f"{recipe.path}: the NPU compiles TFLite int8 / int16x8 variants, and "
+                         f"{', '.join(v.name for v in variants)} is none; the vela stage has nothing to compile")
+
+
 STAGES = ("fetch", "freeze", "strip", "quantize", "vela", "dist")
 
 
@@ -376,6 +384,8 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
     """Run the chain up to `until`; with "dist" returns the manifest written to dist/<recipe>/,
     otherwise {stage: output folder} of the stages run or found up to date."""
     variants = [recipe.variant(name) for name in options.variants] if options.variants else list(recipe.variants)
+    if until == "vela":  # a stage with nothing to do says so, before building anything
+        _check_something_to_compile(recipe, variants)
     planner = Planner(recipe, fetcher, console, options)
     with folder_lock(planner.folder, options.lock_timeout, console.log):
         _remove_stale_staging([p for p in planner.folder.rglob(".*") if p.is_dir()])

@@ -15,7 +15,8 @@ import click
 
 from . import __version__
 from .console import Console
-from .errors import EXIT_BAD_INPUT, MzError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, MzError
+from .fsio import explain_os_error, name_folder
 from .recipe import Recipe, available_recipes, command_argument, load_recipe, use_recipes_dir
 from .sources.fetch import FetchConfig, Fetcher, default_cache_dir, default_mirrors
 
@@ -35,7 +36,10 @@ class Context:
     def build_roots(self, recipe: Recipe, out: Path | None, build_dir: Path | None) -> tuple[Path, Path]:
         from .layout import build_roots
 
-        return build_roots(self.fetch_config.cache_dir, recipe, out, build_dir)
+        out, build_dir = build_roots(self.fetch_config.cache_dir, recipe, out, build_dir)
+        name_folder(out, "--out")
+        name_folder(build_dir, "--build-dir")
+        return out, build_dir
 
 
 def echo_error(exc: MzError) -> None:
@@ -53,15 +57,16 @@ class _Group(click.Group):
             echo_error(exc)
             sys.exit(exc.exit_code)
         except OSError as exc:  # disk full, read-only folder, permission: one line, not a traceback
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"mzconvert: error: {where}{exc.strerror or exc}", err=True)
-            sys.exit(1)
+            echo_error(explain_os_error(exc))
+            sys.exit(EXIT_FAILURE)
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="mzconvert")
 @click.option("--quiet", "-q", is_flag=True, help="Print results only, no progress.")
 @click.option("--json", "json_output", is_flag=True, help="Print results as JSON (for CI).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also show what the libraries log (TensorFlow's C++ start-up, ONNX Runtime, converters).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Content-addressed download cache [$MZCONVERT_CACHE or $XDG_CACHE_HOME/mzconvert].")
 @click.option("--mirror", "mirrors", multiple=True,
@@ -73,13 +78,14 @@ class _Group(click.Group):
               envvar="MZCONVERT_RECIPES", help="Where recipe names are looked up (list, build NAME, release, "
               "matrix) [the shipped recipes; $MZCONVERT_RECIPES].")
 @click.pass_context
-def main(ctx, quiet, json_output, cache_dir, mirrors, offline, allow_unpinned, recipes_dir):
+def main(ctx, quiet, json_output, verbose, cache_dir, mirrors, offline, allow_unpinned, recipes_dir):
     """Turn published mobile-vision checkpoints into verified edge artifacts, from YAML recipes."""
     use_recipes_dir(recipes_dir)  # before FetchConfig: recipes.lock lives beside the recipe folder
-    console = Console(quiet=quiet, json_output=json_output)
+    console = Console(quiet=quiet, json_output=json_output, verbose=verbose)
     config = FetchConfig(cache_dir=cache_dir or default_cache_dir(),
                          mirrors=list(mirrors) or default_mirrors(), offline=offline,
                          log=console.log, progress=console.progress)
+    name_folder(config.cache_dir, "--cache-dir")
     ctx.obj = Context(console=console, fetch_config=config, allow_unpinned=allow_unpinned)
 
 
@@ -263,6 +269,8 @@ def _read_build_options(f):
 def _options(out, build_dir, variants, force, lock_timeout, verify=False):
     from .planner import BuildOptions
 
+    name_folder(out, "--out")
+    name_folder(build_dir, "--build-dir")
     return BuildOptions(out=out, build_root=build_dir, variants=list(variants) or None, force=force,
                         lock_timeout=lock_timeout, verify_strict=verify)
 

@@ -25,6 +25,12 @@ class RecipeError(MzError):
     exit_code = EXIT_BAD_INPUT
 
 
+class InputError(MzError):
+    """A wrong argument, dataset, labels file or image: bad input that is not a recipe field."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class FetchError(MzError):
     exit_code = EXIT_FETCH
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import BusyError, MzError
+from .errors import BusyError, MzError, short_text
 
 HASH_ALGORITHMS = ("sha256", "sha384", "md5")
 _CHUNK = 1 << 20
@@ -52,12 +52,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _explain_os_error(exc: OSError, target: Path) -> MzError:
-    if exc.errno == errno.ENOSPC:
-        return MzError(f"{target}: no space left on device while writing")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return MzError(f"{target}: cannot write here ({exc.strerror}); choose a writable --out/--cache-dir")
-    return MzError(f"{target}: {exc.strerror or exc}")
+# The folders a user chose (--out, --build-dir, --cache-dir), so a full or read-only disk is named by the
+# choice the user can change, not only by a file deep inside it.
+_CHOSEN_FOLDERS: dict[Path, str] = {}
+WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+def name_folder(folder: Path, option: str) -> None:
+    """Remember that the user chose `folder` with `option` (e.g. '--out')."""
+    _CHOSEN_FOLDERS[Path(os.path.abspath(folder))] = option
+
+
+def _chosen_folder(path: Path) -> tuple[Path, str] | None:
+    path = Path(os.path.abspath(path))
+    holders = [(folder, option) for folder, option in _CHOSEN_FOLDERS.items()
+               if folder == path or folder in path.parents]
+    return max(holders, key=lambda held: len(held[0].parts)) if holders else None
+
+
+def explain_os_error(exc: OSError, target: Path | None = None) -> MzError:
+    """One line for an OS error: the path that failed and, for a full, read-only or forbidden disk, the
+    folder the user chose that it lies in. A failed copy names its destination, where the write failed."""
+    path = target or (exc.filename2 if exc.errno in WRITE_ERRORS and exc.filename2 else exc.filename)
+    what = WRITE_ERRORS.get(exc.errno) or exc.strerror or short_text(exc)
+    if path is None:
+        return MzError(f"{what}")
+    held = _chosen_folder(Path(os.fsdecode(path))) if exc.errno in WRITE_ERRORS else None
+    where = ""
+    if held is not None:
+        folder, option = held
+        where = (f": the {option} folder {folder} is on a full disk; free space there or choose another {option}"
+                 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+                 f": the {option} folder {folder} is not writable; choose another {option}")
+    return MzError(f"{os.fsdecode(path)}: {what}{where}")
 
 
 @contextlib.contextmanager
@@ -73,7 +102,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         os.close(fd)
     except OSError as exc:
-        raise _explain_os_error(exc, target) from exc
+        raise explain_os_error(exc, target) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -84,7 +113,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise _explain_os_error(exc, target) from exc
+        raise explain_os_error(exc, target) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -111,9 +140,12 @@ def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None
 
     Waits up to `wait_seconds` (0 = fail at once) and then fails naming the holder's pid.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / name
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise explain_os_error(exc, lock_path) from exc
     deadline = time.monotonic() + wait_seconds
     announced = False
     try:
@@ -130,8 +162,11 @@ def folder_lock(folder: Path, wait_seconds: float, on_wait: Callable[[str], None
                     on_wait(f"waiting for {folder} (locked by pid {holder})")
                     announced = True
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            raise explain_os_error(exc, lock_path) from exc
         yield
     finally:
         os.close(fd)  # closing releases the flock

@@ -21,7 +21,7 @@ def failing(code):
 
 
 @pytest.mark.parametrize("code, message", [(errno.ENOSPC, "no space left on device"),
-                                           (errno.EROFS, "cannot write here")])
+                                           (errno.EROFS, "read-only file system")])
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, code, message):
     target = tmp_path / "model.tflite"
     target.write_bytes(b"previous artifact")

@@ -89,7 +89,7 @@ def _at_least_opset(model, opset: int, source: Path):
         return version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises its own errors for ops it cannot adapt
         raise MzError(f"{source}: opset {current} is older than {opset}, which per-channel int8 needs, and onnx's "
-                      f"version converter cannot convert it: {short_text(exc)}", EXIT_BAD_INPUT) from None
+                      f"version converter cannot convert it: {short_text(exc)}") from None
 
 
 # -- strip ---------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import MzError
 from ..quant import litert_quantizer
 from ..recipe import Recipe, Variant
@@ -24,8 +26,105 @@ from . import StripResult
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
-    TFLiteRunner(source)  # a file the interpreter cannot load stops here, by name
-    return Path(shutil.copyfile(source, out_dir / "model.tflite"))
+    """The source file, or the same float model in the form int8 quantizes whole, as published MediaPipe
+    models need: weights stored float16 (each a DEQUANTIZE to float32) stored float32, and MediaPipe's custom
+    Convolution2DTransposeBias as the builtin TRANSPOSE_CONV with bias. A rewritten file must compute what the
+    source does (checked here on random inputs)."""
+    original = TFLiteRunner(source)  # a file the interpreter cannot load stops here, by name
+    target = out_dir / "model.tflite"
+    model = read_model(source)
+    if not (_float32_weights(model) + _builtin_transpose_convs(model)):
+        return Path(shutil.copyfile(source, target))
+    write_model(model, target)
+    _check_same_function(original, TFLiteRunner(target), source)
+    return target
+
+
+def _check_same_function(original: TFLiteRunner, rewritten: TFLiteRunner, source: Path) -> None:
+    spec = original.inputs[0]
+    for seed in (0, 1):
+        x = np.random.RandomState(seed).uniform(-1, 1, spec.shape).astype(np.float32)
+        for want, got in zip(original.run(x), rewritten.run(x)):
+            scale = max(float(np.abs(want).max()), 1.0)
+            if want.shape != got.shape or float(np.abs(want - got).max()) > REWRITE_TOLERANCE * scale:
+                raise MzError(f"{source}: rewriting its float16 weights / custom transpose convolutions changed "
+                              "what it computes; please report this model")
+
+
+REWRITE_TOLERANCE = 1e-4  # relative: a different summation order, nothing more
+# MediaPipe's TfLitePadding (unknown, same, valid) as the TFLite schema's Padding
+_MEDIAPIPE_PADDING = {1: 0, 2: 1}
+
+
+def _builtin_transpose_convs(model) -> int:
+    """MediaPipe's custom Convolution2DTransposeBias (input, weights [O, H, W, I], bias; options: padding,
+    stride w, stride h as three int32) as TRANSPOSE_CONV (output shape, weights, input, bias), which LiteRT's
+    quantizers, the converter and vela know; returns how many were replaced."""
+    s = schema()
+    replaced = 0
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            options = bytes(bytearray(op.customOptions)) if op.customOptions is not None else b""
+            if code.customCode != b"Convolution2DTransposeBias" or len(options) != 12:
+                continue
+            padding, stride_w, stride_h = np.frombuffer(options, "<i4").tolist()
+            if padding not in _MEDIAPIPE_PADDING:
+                continue
+            out_shape = s.TensorT()
+            out_shape.name, out_shape.type = b"%s/output_shape" % graph.tensors[op.outputs[0]].name, s.TensorType.INT32
+            out_shape.shape = np.array([4], np.int32)
+            buffer = s.BufferT()
+            buffer.data = np.frombuffer(np.asarray(graph.tensors[op.outputs[0]].shape, "<i4").tobytes(), np.uint8)
+            model.buffers.append(buffer)
+            out_shape.buffer = len(model.buffers) - 1
+            graph.tensors.append(out_shape)
+            conv = s.TransposeConvOptionsT()
+            conv.padding, conv.strideW, conv.strideH = _MEDIAPIPE_PADDING[padding], stride_w, stride_h
+            op.opcodeIndex = _builtin_code(model, s.BuiltinOperator.TRANSPOSE_CONV, version=3)  # 3: with bias
+            op.inputs = [len(graph.tensors) - 1, op.inputs[1], op.inputs[0], op.inputs[2]]
+            op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.TransposeConvOptions, conv
+            op.customOptions = None
+            replaced += 1
+    return replaced
+
+
+def _builtin_code(model, builtin: int, version: int) -> int:
+    """The index of `builtin`'s operator code in the model, added if it has none."""
+    s = schema()
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and not code.customCode:
+            code.version = max(code.version, version)
+            return i
+    code = s.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _float32_weights(model) -> int:
+    """Replace every DEQUANTIZE of a float16 constant by its float32 values (exact: float16 -> float32 loses
+    nothing); returns how many were replaced."""
+    s = schema()
+    replaced = 0
+    for graph in model.subgraphs:
+        kept = []
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            source = graph.tensors[op.inputs[0]] if len(op.inputs) == 1 else None
+            data = model.buffers[source.buffer].data if source is not None else None
+            if (max(code.builtinCode, code.deprecatedBuiltinCode) != s.BuiltinOperator.DEQUANTIZE
+                    or source.type != s.TensorType.FLOAT16 or data is None or not len(data)):
+                kept.append(op)
+                continue
+            weights = np.frombuffer(bytes(bytearray(data)), np.float16).astype(np.float32)
+            buffer = s.BufferT()
+            buffer.data = np.frombuffer(weights.tobytes(), np.uint8)
+            model.buffers.append(buffer)
+            graph.tensors[op.outputs[0]].buffer = len(model.buffers) - 1
+            replaced += 1
+        graph.operators = kept
+    return replaced
 
 
 def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MzError
+from ..errors import InputError
 from ..preprocess import load_image, model_tensor
 from ..recipe import InputSpec, Preprocess
 
@@ -64,19 +64,19 @@ class CocoDataset:
     def open(cls, folder: Path, split: str) -> CocoDataset:
         candidates = sorted((folder / "annotations").glob(f"instances_{split}*.json"))
         if len(candidates) != 1:
-            raise MzError(f"{folder}: expected one annotations/instances_{split}*.json, found {len(candidates)}")
+            raise InputError(f"{folder}: expected one annotations/instances_{split}*.json, found {len(candidates)}")
         try:
             data = json.loads(candidates[0].read_text())
             entries = [(image["id"], image["file_name"]) for image in data["images"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise MzError(f"{candidates[0]}: not COCO instances annotations "
+            raise InputError(f"{candidates[0]}: not COCO instances annotations "
                           f"({exc.__class__.__name__}: {exc})") from None
         image_dir = folder / split
         images = {}
         for image_id, file_name in entries:
             path = image_dir / file_name
             if not path.is_file():
-                raise MzError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
+                raise InputError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
             images[image_id] = path
         return cls(images=images, annotations=candidates[0])
 

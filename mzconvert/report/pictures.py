@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import MzError
+from ..errors import InputError
 from ..evaluate.datasets import LoadedImage
 from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
@@ -63,7 +63,7 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
     built = list(manifest.get("variant_order", manifest["variants"]))
     chosen = variants or built
     if missing := [v for v in chosen if v not in manifest["variants"]]:
-        raise MzError(f"{folder}/manifest.json: no built variant {', '.join(missing)}; have {', '.join(built)}")
+        raise InputError(f"{folder}/manifest.json: no built variant {', '.join(missing)}; have {', '.join(built)}")
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names).run for name in chosen}
     models = predictors(recipe, runners, folder, manifest)

@@ -15,16 +15,16 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from ..errors import FetchError, short_text
-from ..fsio import stream_digests
+from ..fsio import WRITE_ERRORS, explain_os_error, stream_digests
 
 MAX_EXTRACTED = 8 << 30  # bytes: the largest model folders published are a few GiB
 MAX_RATIO = 200  # extracted / archive size: model weights compress 1.1-3x, a bomb 1000x
 
 
-def _check_name(archive: Path, name: str) -> PurePosixPath:
+def _check_name(label: str, name: str) -> PurePosixPath:
     path = PurePosixPath(name.replace("\\", "/"))
     if not path.parts or path.is_absolute() or ".." in path.parts:
-        raise FetchError(f"{archive}: refusing unsafe member path {name!r} (absolute or '..')")
+        raise FetchError(f"{label}: refusing unsafe member path {name!r} (absolute or '..')")
     return path
 
 
@@ -33,30 +33,30 @@ def _wanted(path: PurePosixPath, member: str) -> bool:
     return path == member_path or member_path in path.parents
 
 
-def _tar_members(archive: Path, tar: tarfile.TarFile, member: str) -> list[tarfile.TarInfo]:
+def _tar_members(label: str, tar: tarfile.TarFile, member: str) -> list[tarfile.TarInfo]:
     chosen = []
     for info in tar.getmembers():
-        path = _check_name(archive, info.name)
+        path = _check_name(label, info.name)
         if not _wanted(path, member):
             continue
         if info.issym() or info.islnk():
-            raise FetchError(f"{archive}: refusing link member {info.name!r} -> {info.linkname!r}")
+            raise FetchError(f"{label}: refusing link member {info.name!r} -> {info.linkname!r}")
         if not (info.isfile() or info.isdir()):
-            raise FetchError(f"{archive}: refusing special member {info.name!r} (device, fifo or other)")
+            raise FetchError(f"{label}: refusing special member {info.name!r} (device, fifo or other)")
         chosen.append(info)
     return chosen
 
 
-def _zip_members(archive: Path, zf: zipfile.ZipFile, member: str) -> list[zipfile.ZipInfo]:
+def _zip_members(label: str, zf: zipfile.ZipFile, member: str) -> list[zipfile.ZipInfo]:
     chosen = []
     for info in zf.infolist():
-        path = _check_name(archive, info.filename)
+        path = _check_name(label, info.filename)
         if not _wanted(path, member):
             continue
         mode = info.external_attr >> 16
         # No file-type bits at all (zipfile.writestr, Windows tools) means a plain file.
         if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise FetchError(f"{archive}: refusing link or special member {info.filename!r}")
+            raise FetchError(f"{label}: refusing link or special member {info.filename!r}")
         chosen.append(info)
     return chosen
 
@@ -65,32 +65,33 @@ def _limit(archive: Path) -> int:
     return min(MAX_EXTRACTED, max(archive.stat().st_size, 1 << 20) * MAX_RATIO)
 
 
-def _check_size(archive: Path, declared: int) -> None:
+def _check_size(archive: Path, label: str, declared: int) -> None:
     if declared > _limit(archive):
-        raise FetchError(f"{archive}: refusing to extract {declared} bytes from a {archive.stat().st_size}-byte "
+        raise FetchError(f"{label}: refusing to extract {declared} bytes from a {archive.stat().st_size}-byte "
                          f"archive (more than {_limit(archive)}: a compression bomb?)")
 
 
-def _copy_bounded(archive: Path, src, out, budget: int) -> int:
+def _copy_bounded(archive: Path, label: str, src, out, budget: int) -> int:
     """Copy src to out, failing once more than `budget` bytes came out; returns the bytes copied."""
     copied = 0
     while chunk := src.read(1 << 20):
         copied += len(chunk)
         if copied > budget:
-            _check_size(archive, _limit(archive) + 1)
+            _check_size(archive, label, _limit(archive) + 1)
         out.write(chunk)
     return copied
 
 
 def extract_member(archive: Path, member: str, dest: Path, shown: str | None = None) -> Path:
     """Extract `member` of `archive` (called `shown` in messages, e.g. its URL) below `dest`; returns
-    dest/member. Raises FetchError if unsafe or absent."""
+    dest/member. Raises FetchError if unsafe or absent, naming the archive as the user gave it and the member."""
+    label = f"{shown or archive}, member {member}"
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                infos = _zip_members(archive, zf, member)
-                _check_size(archive, sum(i.file_size for i in infos))
+                infos = _zip_members(label, zf, member)
+                _check_size(archive, label, sum(i.file_size for i in infos))
                 budget = _limit(archive)
                 for info in infos:
                     target = dest / info.filename
@@ -99,17 +100,19 @@ def extract_member(archive: Path, member: str, dest: Path, shown: str | None = N
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as src, open(target, "wb") as out:
-                        budget -= _copy_bounded(archive, src, out, budget)
+                        budget -= _copy_bounded(archive, label, src, out, budget)
         else:
             with tarfile.open(archive) as tar:
-                infos = _tar_members(archive, tar, member)
-                _check_size(archive, sum(i.size for i in infos))  # tar reads exactly the declared sizes
+                infos = _tar_members(label, tar, member)
+                _check_size(archive, label, sum(i.size for i in infos))  # tar reads exactly the declared sizes
                 # The data filter re-checks every rule above and strips permissions bits it dislikes.
                 tar.extractall(dest, members=infos, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:  # our disk, not the archive
+            raise explain_os_error(exc) from exc
         if isinstance(exc, tarfile.FilterError):
-            raise FetchError(f"{archive}: refusing unsafe member: {short_text(exc)}") from None
-        raise FetchError(f"{archive}: corrupt or unreadable archive: {short_text(exc)}") from None
+            raise FetchError(f"{label}: refusing unsafe member: {short_text(exc)}") from None
+        raise FetchError(f"{shown or archive}: corrupt or unreadable archive: {short_text(exc)}") from None
     if not infos:
         models = [m["name"] for m in archive_members(archive) if "model" in m]
         raise FetchError(f"{shown or archive}: no member {member!r} in the archive; its model files: "

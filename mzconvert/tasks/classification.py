@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MzError, short_text
+from ..errors import InputError, short_text
 from ..imagenet import imagenet_classes
 from ..preprocess import list_images
 from ..recipe import ClassLabels
@@ -52,7 +52,7 @@ class _Matcher:
         if label.isdigit() and int(label) < len(self.labels.names):
             return int(label)
         sample = ", ".join(self.labels.names[:3])
-        raise MzError(f"{where}: label {label!r} is not one of the recipe's {len(self.labels.names)} labels "
+        raise InputError(f"{where}: label {label!r} is not one of the recipe's {len(self.labels.names)} labels "
                       f"({sample}, ...), an ImageNet class name of one, or an index below {len(self.labels.names)}")
 
 
@@ -64,20 +64,20 @@ def labelled_images(folder: Path, labels: ClassLabels, labels_file: Path | None 
         try:
             lines = labels_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise MzError(f"{labels_file}: not a text file of 'file label' lines ({short_text(exc)})") from None
+            raise InputError(f"{labels_file}: not a text file of 'file label' lines ({short_text(exc)})") from None
         for number, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.strip().split("\t", 1) if "\t" in line else line.strip().split(None, 1)
             where = f"{labels_file}:{number}"
             if len(parts) != 2:
-                raise MzError(f"{where}: expected 'file label', got {line.strip()[:80]!r}")
+                raise InputError(f"{where}: expected 'file label', got {line.strip()[:80]!r}")
             path = (folder / parts[0]).resolve()
             if not path.is_file():
-                raise MzError(f"{where}: no image {parts[0]!r} in {folder}")
+                raise InputError(f"{where}: no image {parts[0]!r} in {folder}")
             images.append((path, match(parts[1], where)))
         if not images:
-            raise MzError(f"{labels_file}: no 'file label' lines")
+            raise InputError(f"{labels_file}: no 'file label' lines")
         return LabelledImages(images, f"labels file {labels_file.name}")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and list_images(p))
     if classes:
@@ -87,11 +87,11 @@ def labelled_images(folder: Path, labels: ClassLabels, labels_file: Path | None 
     for path in list_images(folder):
         synset = SYNSET.match(path.name)
         if synset is None:
-            raise MzError(f"{path}: cannot tell this image's label: give --labels FILE ('file label' lines), "
+            raise InputError(f"{path}: cannot tell this image's label: give --labels FILE ('file label' lines), "
                           "put the images in one folder per class, or start ImageNet file names with the synset")
         images.append((path, match(synset.group(1), str(path))))
     if not images:
-        raise MzError(f"{folder}: no images to evaluate on")
+        raise InputError(f"{folder}: no images to evaluate on")
     return LabelledImages(images, "ImageNet synsets in the file names")
 
 
@@ -99,7 +99,7 @@ def class_offset(scored: int, labels: ClassLabels, model: str) -> int:
     """Where label 0 sits in a model's scores: the recipe's label_offset, when the score count fits it."""
     if scored == len(labels.names) + labels.label_offset:
         return labels.label_offset
-    raise MzError(f"{model}: scores {scored} classes, but the recipe declares {len(labels.names)} labels with "
+    raise InputError(f"{model}: scores {scored} classes, but the recipe declares {len(labels.names)} labels with "
                   f"label_offset {labels.label_offset} ({len(labels.names) + labels.label_offset} scores): "
                   "this model and these labels do not belong together")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EXIT_BAD_INPUT, MzError, short_text
+from ..errors import EXIT_BAD_INPUT, InputError, MzError, short_text
 from ..preprocess import letterbox_geometry
 from ..recipe import Postprocess, Preprocess
 
@@ -84,7 +84,7 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
     if post.background_class:
         scores = scores[:, 1:]
     if scores.shape[1] != len(post.labels):
-        raise MzError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
+        raise InputError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
     boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales, post.box_coding, post.box_order)
     # NMS first, clip after, as TF does
     return _selected(boxes, scores, post)
@@ -116,7 +116,7 @@ def _yolo_output(outputs: list[np.ndarray], by_name: dict, post: Postprocess) ->
 
 def _check_classes(found: int, post: Postprocess) -> None:
     if found != len(post.labels):
-        raise MzError(f"the model scores {found} classes but the recipe has {len(post.labels)} labels")
+        raise InputError(f"the model scores {found} classes but the recipe has {len(post.labels)} labels")
 
 
 def _centre_boxes(xywh: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
