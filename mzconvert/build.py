@@ -21,6 +21,7 @@ from .errors import InputError, MzError
 from .fsio import folder_lock, sha256_file
 from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
+from .runtime import REFERENCE, target_kernels
 from .sources.fetch import Fetcher
 from .tasks.anchors import anchors_file
 
@@ -184,19 +185,22 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     from .stages.verify import floor_failures, threshold_failures, verify_variant
 
     reference = _reference(p, stripped)
-    inputs = {"model": quantized.sha256("model"), "reference": reference.digest(), "tools": p.versions}
+    kernels = next(iter(target_kernels(p.recipe, variant)), None)  # the target's: a device's own arithmetic
+    inputs = {"model": quantized.sha256("model"), "reference": reference.digest(), "kernels": kernels,
+              "tools": p.versions}
 
     def action(out: Path) -> dict:
         compared = quantized.optional_path("raw_model") or quantized.path("model")  # raw: before attaching NMS
         return {"metrics": verify_variant(compared, reference.path("reference"), reference.result["outputs"],
-                                          p.recipe, stripped.anchors(), p.threads)}
+                                          p.recipe, stripped.anchors(), p.threads, kernels)}
 
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]
+    on = f" ({kernels} kernels)" if kernels == REFERENCE else ""
     for name, m in metrics.items():
         if not isinstance(m, dict):
             continue
-        p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph, output {name} on "
+        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph, output {name} on "
                       f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
                       f"max abs err {m['max_abs_error']:.4g}" + _task_figures(m))
         if m.get("constant_reference"):
@@ -207,8 +211,8 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
         p.console.log(f"[{p.recipe.name}] warning: {variant.name}: detections not compared with the float model's: "
                       f"{metrics['detections_not_compared']}")
     if "matched_detections" in metrics:
-        p.console.log(f"[{p.recipe.name}] {variant.name} vs float graph: {metrics['matched_detections']:.1%} of the "
-                      "detections (score >= 0.3) matched (same label, IoU >= 0.9)")
+        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
+                      "the detections (score >= 0.3) matched (same label, IoU >= 0.9)")
     if floors := floor_failures(p.recipe, variant, metrics):
         raise MzError("\n".join(floors))
     failures = threshold_failures(variant, metrics)

@@ -27,13 +27,34 @@ class TensorSpec:
         return asdict(self) | {"shape": list(self.shape)}
 
 
-def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """x as LiteRT's QUANTIZE kernel (the optimized one XNNPACK matches) computes it: times the float32
-    reciprocal of the scale, rounded half to even. So an integer-I/O model gets the input its float-I/O
-    twin computes inside, and answers the same (tested); x / scale breaks ties otherwise on about one
-    value in 5000 of a camera image, enough to move a detector's AP on 132 images by two points."""
+# LiteRT's two kernel families. Optimized: XNNPACK and the builtin optimized kernels, what phones and x86 run.
+# Reference: the reference arithmetic that TensorFlow Lite Micro's kernels (and CMSIS-NN's, and the Ethos-U's
+# integer pipeline) follow on a microcontroller. Integer outputs differ between them by up to 10 steps.
+OPTIMIZED, REFERENCE = "optimized", "reference"
+
+
+def target_kernels(recipe, variant) -> tuple[str, ...]:
+    """The kernel families a TFLite variant is judged under, its target's first: an integer variant the NPU
+    compiles runs on a microcontroller's kernels (reference arithmetic) and, as a CPU artifact, on the
+    optimized ones; every other on the optimized ones. ONNX variants: none (ONNX Runtime runs them)."""
+    if variant.target != "tflite":
+        return ()
+    return (REFERENCE, OPTIMIZED) if variant.for_npu and recipe.vela else (OPTIMIZED,)
+
+
+def _quantize(x: np.ndarray, spec: TensorSpec, kernels: str = OPTIMIZED) -> np.ndarray:
+    """x as LiteRT's QUANTIZE kernel of that family computes it, so an integer-I/O model gets the input its
+    float-I/O twin computes inside, and answers the same (tested). Optimized (XNNPACK): times the float32
+    reciprocal of the scale, rounded half to even; reference: divided by the scale, rounded half away from
+    zero. The two break ties differently on about one value in 5000 of a camera image, enough to move a
+    detector's AP on 132 images by two points."""
     info = np.iinfo(spec.dtype)
-    q = np.round(x.astype(np.float32) * np.float32(1.0 / spec.scale)) + spec.zero_point
+    x = x.astype(np.float32)
+    if kernels == REFERENCE:
+        scaled = x / np.float32(spec.scale)
+        q = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5)) + spec.zero_point
+    else:
+        q = np.round(x * np.float32(1.0 / spec.scale)) + spec.zero_point
     return np.clip(q, info.min, info.max).astype(spec.dtype)
 
 
@@ -66,11 +87,15 @@ def _ordered(specs: list[TensorSpec], wanted: list[str] | None) -> list[int]:
 
 
 class TFLiteRunner:
-    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1,
+                 kernels: str = OPTIMIZED):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+        self.kernels = kernels
+        resolver = OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self._interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                            experimental_op_resolver_type=resolver)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise MzError(f"{path}: not a loadable TFLite model: {str(exc).splitlines()[0]}") from None
@@ -101,7 +126,7 @@ class TFLiteRunner:
     def run(self, tensor: np.ndarray) -> list[np.ndarray]:
         spec = self.inputs[0]
         tensor = as_layout_of(tensor, spec)
-        feed = _quantize(tensor, spec) if spec.scale is not None else tensor.astype(spec.dtype)
+        feed = _quantize(tensor, spec, self.kernels) if spec.scale is not None else tensor.astype(spec.dtype)
         self._interpreter.set_tensor(self._input_index, feed)
         self._interpreter.invoke()
         return [_dequantize(self._interpreter.get_tensor(i), s)
@@ -158,10 +183,32 @@ class OnnxRunner:
         return [np.asarray(r, np.float32) for r in results]
 
 
-def open_model(path: Path, output_names: list[str] | None = None, threads: int = 1, fused: bool = False):
-    """The runner of a .tflite or .onnx file; `fused`: an ONNX QDQ graph with ORT's fused integer kernels (bench)."""
+def open_model(path: Path, output_names: list[str] | None = None, threads: int = 1, fused: bool = False,
+               kernels: str = OPTIMIZED):
+    """The runner of a .tflite or .onnx file; `fused`: an ONNX QDQ graph with ORT's fused integer kernels (bench);
+    `kernels`: LiteRT's kernel family for a .tflite."""
     if path.suffix == ".tflite":
-        return TFLiteRunner(path, output_names, threads)
+        return TFLiteRunner(path, output_names, threads, kernels)
     if path.suffix == ".onnx":
         return OnnxRunner(path, output_names, threads, fused)
     raise MzError(f"{path}: unknown model type (expected .tflite or .onnx)")
+
+
+class RunnerPool:
+    """One model opened `workers` times, run from several threads at once: LiteRT's reference kernels use one
+    core each, so eval runs them on every core across images. An interpreter is never shared between threads."""
+
+    def __init__(self, path: Path, output_names: list[str] | None, kernels: str, workers: int):
+        import queue
+
+        self.workers = workers
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(workers):
+            self._idle.put(open_model(path, output_names, 1, kernels=kernels))
+
+    def run(self, tensor: np.ndarray) -> list[np.ndarray]:
+        runner = self._idle.get()
+        try:
+            return runner.run(tensor)
+        finally:
+            self._idle.put(runner)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def schema():
     from tensorflow.lite.python import schema_py_generated
@@ -40,3 +42,86 @@ def model_bytes(model) -> bytes:
 def write_model(model, target: Path) -> Path:
     target.write_bytes(model_bytes(model))
     return target
+
+
+def integer_core_digest(path: Path) -> str:
+    """A digest of what a model computes between its I/O conversions: every op but a QUANTIZE of a graph input
+    and a DEQUANTIZE to a graph output, in order, with its options, its constants' bytes and every tensor's
+    type, shape and quantization (tensors named by first use, not index). An int8-I/O model and its float-I/O
+    twin converted from the same calibration have the same digest: under one kernel family, fed the same
+    quantized input, they compute the same integers."""
+    import hashlib
+
+    model = read_model(path)
+    graph = model.subgraphs[0]
+    names = op_names(model)
+    inputs, outputs = set(graph.inputs.tolist()), set(graph.outputs.tolist())
+    ids: dict[int, int] = {}
+    digest = hashlib.sha256()
+
+    def tensor(index: int) -> tuple:
+        if index < 0:
+            return ("none",)
+        t = graph.tensors[index]
+        data = model.buffers[t.buffer].data
+        q = t.quantization
+        quantization = (None if q is None or q.scale is None else
+                        (np.asarray(q.scale).tolist(), np.asarray(q.zeroPoint).tolist(), q.quantizedDimension))
+        role = (hashlib.sha256(bytes(bytearray(data))).hexdigest() if data is not None and len(data)
+                else ids.setdefault(index, len(ids)))
+        return (t.type, np.asarray(t.shape).tolist(), quantization, role)
+
+    for op, name in zip(graph.operators, names):
+        if (name == "QUANTIZE" and op.inputs[0] in inputs) or (name == "DEQUANTIZE" and op.outputs[0] in outputs):
+            continue
+        options = vars(op.builtinOptions) if op.builtinOptions is not None else None
+        custom = bytes(bytearray(op.customOptions)) if op.customOptions is not None else b""
+        digest.update(repr((name, options, custom, [tensor(i) for i in op.inputs],
+                            [tensor(i) for i in op.outputs])).encode())
+    return digest.hexdigest()
+
+
+def input_normalization(model) -> dict | None:
+    """{"mean": [...], "std": [...]} of the first input's NormalizationOptions in the model's TFLite metadata
+    (TFLITE_METADATA, metadata_schema.fbs), the preprocessing its publisher declared: input = (pixel - mean)
+    / std. Read field by field from the flatbuffer (TensorFlow ships no reader for it); None without one."""
+    import flatbuffers
+    from flatbuffers import number_types as n
+    from flatbuffers.table import Table
+
+    entry = next((m for m in model.metadata or [] if m.name == b"TFLITE_METADATA"), None)
+    data = model.buffers[entry.buffer].data if entry is not None else None
+    if data is None or len(data) < 8:
+        return None
+    buf = bytearray(bytes(bytearray(data)))
+
+    def field(table: Table, slot: int) -> int:
+        return table.Offset(4 + 2 * slot)
+
+    def first(table: Table, slot: int) -> Table | None:  # the first table of a vector of tables
+        offset = field(table, slot)
+        if not offset or not table.VectorLen(offset):
+            return None
+        return Table(buf, table.Indirect(table.Vector(offset)))
+
+    def tables(table: Table, slot: int):
+        offset = field(table, slot)
+        for i in range(table.VectorLen(offset) if offset else 0):
+            yield Table(buf, table.Indirect(table.Vector(offset) + 4 * i))
+
+    try:
+        root = Table(buf, flatbuffers.encode.Get(n.UOffsetTFlags.packer_type, buf, 0))
+        subgraph = first(root, 3)  # ModelMetadata.subgraph_metadata
+        tensor = first(subgraph, 2) if subgraph else None  # SubGraphMetadata.input_tensor_metadata
+        for unit in tables(tensor, 4) if tensor else ():  # TensorMetadata.process_units
+            kind = field(unit, 0)
+            if not kind or unit.Get(n.Uint8Flags, kind + unit.Pos) != 1:  # NormalizationOptions
+                continue
+            options = Table(buf, 0)
+            unit.Union(options, field(unit, 1))
+            mean, std = (options.GetVectorAsNumpy(n.Float32Flags, field(options, s)).tolist() for s in (0, 1))
+            if mean and std and all(v > 0 for v in std):
+                return {"mean": mean, "std": std}
+    except (IndexError, ValueError, TypeError, AttributeError):  # not the metadata schema: as if none
+        return None
+    return None

@@ -93,3 +93,84 @@ def test_a_float_tflite_inits_and_builds_to_a_verified_int8_for_the_npu(tmp_path
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(again_recipe, sort_keys=False))
     refused = run_cli("build", str(tmp_path / "again.yaml"), *where)
     assert refused.returncode == 1 and "is quantized already; remove calibration" in refused.stderr, refused.stderr
+
+
+BIAS = np.array([0.5, -0.25, 1.0, 0.0], "<f4")
+
+
+def _as_mediapipe_file(path: Path, target: Path) -> Path:
+    """A converted Conv2DTranspose model in the form MediaPipe publishes: its TRANSPOSE_CONV as the custom
+    Convolution2DTransposeBias (input, weights, bias; padding, stride w, stride h as three int32)."""
+    from mzconvert.tflite_file import schema, write_model
+
+    s = schema()
+    model = read_model(path)
+    graph = model.subgraphs[0]
+    (op,) = [o for o in graph.operators
+             if model.operatorCodes[o.opcodeIndex].builtinCode == s.BuiltinOperator.TRANSPOSE_CONV]
+    code = s.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.customCode, code.version = (
+        s.BuiltinOperator.CUSTOM, s.BuiltinOperator.CUSTOM, b"Convolution2DTransposeBias", 1)
+    model.operatorCodes.append(code)
+    options = op.builtinOptions
+    bias = s.TensorT()
+    bias.name, bias.type, bias.shape = b"bias", s.TensorType.FLOAT32, np.array([4], np.int32)
+    buffer = s.BufferT()
+    buffer.data = np.frombuffer(BIAS.tobytes(), np.uint8)
+    model.buffers.append(buffer)
+    bias.buffer = len(model.buffers) - 1
+    graph.tensors.append(bias)
+    op.opcodeIndex = len(model.operatorCodes) - 1
+    op.inputs = [op.inputs[2], op.inputs[1], len(graph.tensors) - 1]
+    op.customOptions = np.frombuffer(np.array([{0: 1, 1: 2}[options.padding], options.strideW, options.strideH],
+                                              "<i4").tobytes(), np.uint8)
+    op.builtinOptionsType, op.builtinOptions = 0, None
+    return write_model(model, target)
+
+
+def test_float16_weights_and_mediapipes_transpose_conv_freeze_to_the_same_float_model(tmp_path):
+    """Published MediaPipe files store weights float16 (a DEQUANTIZE each) and upsample with a custom op: frozen,
+    they are the same function in ops every quantizer and vela know."""
+    import tensorflow as tf
+
+    from mzconvert.backends.tflite import freeze
+    from mzconvert.runtime import TFLiteRunner
+    from mzconvert.tflite_file import op_names
+
+    tf.keras.utils.set_random_seed(5)
+    keras_model = tf.keras.Sequential([tf.keras.Input((16, 16, 3), batch_size=1),
+                                       tf.keras.layers.Conv2D(8, 3, padding="same"),
+                                       tf.keras.layers.Conv2DTranspose(4, 2, strides=2, padding="same", use_bias=False)])
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+    (tmp_path / "fp16.tflite").write_bytes(converter.convert())
+    published = _as_mediapipe_file(tmp_path / "fp16.tflite", tmp_path / "published.tflite")
+    assert {"DEQUANTIZE", "Convolution2DTransposeBias"} <= set(op_names(read_model(published)))
+
+    (tmp_path / "frozen").mkdir()
+    frozen = freeze(published, None, tmp_path / "frozen")
+    ops = op_names(read_model(frozen))
+    assert "DEQUANTIZE" not in ops and "Convolution2DTransposeBias" not in ops and "TRANSPOSE_CONV" in ops
+    x = np.random.RandomState(0).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+    (want,), (got,) = TFLiteRunner(published).run(x), TFLiteRunner(frozen).run(x)
+    assert got.shape == (1, 32, 32, 4) and np.allclose(want, got, atol=1e-5)
+    assert np.allclose(want, keras_model(x).numpy() + BIAS, atol=2e-2)  # float16 weights: the same model
+
+
+def test_init_takes_the_normalization_a_tflite_declares_in_its_metadata(tmp_path, mirror):
+    """Published TFLite files (Coral, MediaPipe, Model Maker) declare their input normalization in the TFLite
+    metadata: init proposes it instead of a convention; a file without metadata gets the convention, marked CHECK."""
+    published = next(MIRROR.rglob("coral-mobilenet_v2_1.0_224_quant.tflite"))
+    made = run_cli("init", "coral", "--from", str(published), "--to", str(tmp_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    text = (tmp_path / "coral.yaml").read_text()
+    recipe = yaml.safe_load(text)
+    assert recipe["preprocess"]["mean"] == [127.5] * 3 and recipe["preprocess"]["std"] == [127.5] * 3
+    assert "from the model's TFLite metadata" in text
+    listed = run_cli("inspect", str(published))
+    assert "input normalization in its metadata: (pixel - [127.5]) / [127.5]" in listed.stdout
+
+    plain = float_tflite(tmp_path / "plain.tflite")
+    made = run_cli("init", "plain", "--from", str(plain), "--to", str(tmp_path))
+    assert made.returncode == 0 and "CHECK the preprocess block" in (tmp_path / "plain.yaml").read_text()

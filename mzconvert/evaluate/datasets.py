@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ class LoadedImage:
         self.path = path
         self.image = load_image(path)
         self._tensors: dict = {}
+        self._lock = threading.Lock()  # models running in threads ask for the same tensor
 
     @property
     def size(self) -> tuple[int, int]:
@@ -33,9 +36,10 @@ class LoadedImage:
 
     def tensor(self, preprocess: Preprocess, model_input: InputSpec) -> np.ndarray:
         key = (preprocess, model_input)
-        if key not in self._tensors:
-            self._tensors[key] = model_tensor(self.image, preprocess, model_input)
-        return self._tensors[key]
+        with self._lock:
+            if key not in self._tensors:
+                self._tensors[key] = model_tensor(self.image, preprocess, model_input)
+            return self._tensors[key]
 
 
 Runner = Callable[[np.ndarray], list[np.ndarray]]  # a model: input tensor -> outputs
@@ -44,15 +48,28 @@ Runner = Callable[[np.ndarray], list[np.ndarray]]  # a model: input tensor -> ou
 Predict = Callable[[LoadedImage], object]  # Detections for detectors, a score vector for classifiers
 
 
-def predictions(models: dict[str, Predict], paths: list[Path], chunk: int = 32):
+def predictions(models: dict[str, Predict], paths: list[Path], chunk: int = 32, parallel: set[str] = frozenset(),
+                aliases: dict[str, str] | None = None):
     """(image, {model: prediction}) for every path in order. Models run one after another over a chunk of
     images, not image by image: each runtime's thread pool then runs back to back instead of contending
-    with the other runtime's pool (ONNX Runtime's threads spin for a while after each run)."""
-    for start in range(0, len(paths), chunk):
-        images = [LoadedImage(path) for path in paths[start:start + chunk]]
-        found = {name: [predict(image) for image in images] for name, predict in models.items()}
-        for i, image in enumerate(images):
-            yield image, {name: found[name][i] for name in models}
+    with the other runtime's pool (ONNX Runtime's threads spin for a while after each run). The models named
+    in `parallel` (single-threaded kernels, one interpreter per thread) run over the chunk's images in a
+    pool meanwhile, filling the cores the others leave idle; a model in `aliases` is not run: its
+    predictions are those of the model it names (the same integer computation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    aliases = aliases or {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), chunk):
+            images = [LoadedImage(path) for path in paths[start:start + chunk]]
+            pending = {name: [pool.submit(models[name], image) for image in images]
+                       for name in models if name in parallel and name not in aliases}
+            found = {name: [predict(image) for image in images] for name, predict in models.items()
+                     if name not in parallel and name not in aliases}
+            found |= {name: [future.result() for future in futures] for name, futures in pending.items()}
+            found |= {name: found[aliases[name]] for name in models if name in aliases}
+            for i, image in enumerate(images):
+                yield image, {name: found[name][i] for name in models}
 
 
 @dataclass

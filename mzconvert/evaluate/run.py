@@ -4,7 +4,7 @@ images, each decoded as the recipe says (tasks/), scored together (scoring.py)."
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..backends import backend_for
@@ -13,7 +13,8 @@ from ..fsio import write_json_atomic
 from ..layout import built_stage_model
 from ..manifest import load_manifest, measured_artifacts
 from ..recipe import ClassLabels, InputSpec, Preprocess, Recipe
-from ..runtime import open_model
+from ..recipe.schema import INTEGER_MODES
+from ..runtime import REFERENCE, RunnerPool, open_model, target_kernels
 from ..tasks.classification import labelled_images, scores_by_label
 from ..tasks.detection import (
     RAW_DECODERS,
@@ -23,6 +24,7 @@ from ..tasks.detection import (
     postprocessed_detections,
     raw_detections,
 )
+from ..tflite_file import integer_core_digest
 from .datasets import CocoDataset, LoadedImage, Predict, Runner, dataset_identity
 from .scoring import SOURCE_GRAPH, SOURCE_PIPELINE, evaluate_classification, evaluate_detection
 
@@ -58,8 +60,8 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     stripped = built_stage_model(build_root, recipe, "strip")
     if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind in RAW_DECODERS):
         runners[SOURCE_GRAPH] = backend_for(recipe).GraphRunner(stripped, recipe, threads).run
-    for name in chosen:
-        runners[name] = open_model(folder / manifest["variants"][name]["file"], output_names, threads).run
+    rows = variant_rows(recipe, manifest, folder, chosen, output_names, threads)
+    runners |= rows.runners
     pipeline = None
     if recipe.source_pipeline is not None and (frozen := built_stage_model(build_root, recipe, "freeze")):
         pipeline = backend_for(recipe).SourcePipelineRunner(frozen, recipe)
@@ -67,10 +69,10 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         for path in references:
             runners[path.stem] = open_model(path, output_names, threads).run
         coco = CocoDataset.open(dataset, split)
-        models = predictors(recipe, runners, folder, manifest)
+        models = predictors(recipe, runners, folder, manifest, rows.pairs)
         if pipeline is not None:
             models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
-        evaluation = evaluate_detection(models, recipe, coco, console.log)
+        evaluation = evaluate_detection(models, recipe, coco, console.log, rows.pairs, rows.parallel, rows.aliases)
         scope = "COCO bbox AP" + (f", categories {', '.join(recipe.postprocess.labels)}"
                                   if len(recipe.postprocess.labels) < 80 else "")
         images, label_source = list(coco.images.values()), f"COCO annotations {coco.annotations.name}"
@@ -86,8 +88,14 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
             preprocess, model_input = reference_inputs(reference)
             scores = scores_by_label(reference.run, recipe.labels, path.stem, background_allowed=True)
             models[path.stem] = lambda image, s=scores, p=preprocess, i=model_input: s(image.tensor(p, i))
-        evaluation = evaluate_classification(models, labelled.images, console.log)
+        evaluation = evaluate_classification(models, labelled.images, console.log, rows.pairs, rows.parallel,
+                                                    rows.aliases)
         scope, images, label_source = "top-1/top-5", [p for p, _ in labelled.images], labelled.source
+    for row, family in rows.kernels.items():
+        if family is not None:
+            evaluation["results"][row]["kernels"] = family
+        if row in rows.aliases:
+            evaluation["results"][row]["computed_as"] = rows.aliases[row]
     identity = dataset_identity(dataset, split, labels_file, images)
     files = [manifest["variants"][name]["file"] for name in chosen] + ["anchors.npy"]
     evaluation = {"recipe": recipe.name, "dataset": identity, "images": len(images), "labels": label_source,
@@ -95,6 +103,44 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
                   "artifacts": measured_artifacts(manifest, files)}
     write_json_atomic(folder / "eval" / f"{identity['key']}.json", evaluation)
     return evaluation, manifest
+
+
+@dataclass
+class VariantRows:
+    """The rows of the built variants: one per kernel family a TFLite variant is judged under (the target's
+    first, named as the variant; the other "<variant> (<family> kernels)")."""
+    runners: dict[str, Runner] = field(default_factory=dict)
+    kernels: dict[str, str | None] = field(default_factory=dict)  # row -> its LiteRT kernel family
+    pairs: dict[str, str] = field(default_factory=dict)  # a variant's second row -> its first
+    aliases: dict[str, str] = field(default_factory=dict)  # row -> the earlier row that computes the same
+
+    @property
+    def parallel(self) -> set[str]:
+        """The rows run across images at once: the reference kernels use one core each."""
+        return {row for row, family in self.kernels.items() if family == REFERENCE and row not in self.aliases}
+
+
+def variant_rows(recipe: Recipe, manifest: dict, folder: Path, chosen: list[str], output_names, threads: int):
+    rows = VariantRows()
+    computed = {}  # (integer computation, kernels, how its outputs are read) -> the row that runs it
+    for name in chosen:
+        entry = manifest["variants"][name]
+        path = folder / entry["file"]
+        core = integer_core_digest(path) if path.suffix == ".tflite" and entry["mode"] in INTEGER_MODES else None
+        for i, family in enumerate(target_kernels(recipe, recipe.variant(name)) or (None,)):
+            row = name if i == 0 else f"{name} ({family} kernels)"
+            rows.kernels[row] = family
+            if i:
+                rows.pairs[row] = name
+            same = (core, family, bool(entry.get("postprocess_attached")))
+            if core is not None and same in computed:  # an int8-I/O variant and its float-I/O twin: run once
+                rows.aliases[row] = computed[same]
+                rows.runners[row] = rows.runners[computed[same]]
+                continue
+            computed[same] = row
+            rows.runners[row] = (RunnerPool(path, output_names, family, threads) if family == REFERENCE
+                                 else open_model(path, output_names, threads)).run
+    return rows
 
 
 def check_scored(recipe: Recipe) -> None:
@@ -118,15 +164,19 @@ def with_class_labels(recipe: Recipe, manifest: dict, log) -> Recipe:
     return replace(recipe, labels=ClassLabels(names=tuple(str(i) for i in range(classes)), label_offset=0))
 
 
-def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifest: dict) -> dict[str, Predict]:
+def predictors(recipe: Recipe, runners: dict[str, Runner], folder: Path, manifest: dict,
+               variant_of: dict[str, str] | None = None) -> dict[str, Predict]:
     """What each model of `runners` (fed the recipe's preprocessing) predicts on an image: detections,
     decoded as the recipe says or read from an attached post-processor, or scores indexed like the
-    recipe's labels. `folder`/`manifest`: the dist the variants come from."""
+    recipe's labels. `folder`/`manifest`: the dist the variants come from; `variant_of`: the variant of a
+    row named otherwise (a variant under its second kernel family)."""
     check_scored(recipe)
     if recipe.task == "detection":
         anchors = load_anchors(folder / "anchors.npy") if (folder / "anchors.npy").is_file() else None
         attached = {n for n, v in manifest["variants"].items() if v.get("postprocess_attached")}
-        return {name: _detector(run, recipe, anchors, _output_names(recipe, manifest, name), name in attached)
+        variant_of = variant_of or {}
+        return {name: _detector(run, recipe, anchors, _output_names(recipe, manifest, variant_of.get(name, name)),
+                                variant_of.get(name, name) in attached)
                 for name, run in runners.items()}
     models = {}
     for name, run in runners.items():

@@ -1,15 +1,18 @@
 """Accuracy of several models on the same images: COCO bbox AP (pycocotools) or top-1/top-5, with paired
-bootstrap intervals of each model's ratio to the baseline (float32, or the first model)."""
+bootstrap intervals of each model's ratio to the baseline (float32, or the first model), and of the difference
+within each pair of rows named (one variant under two kernel families)."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..recipe import Recipe
 from ..tasks.detection import MATCH_IOU, MATCH_SCORE, coco_results, matched_detections
-from .cocometrics import bootstrap_weights, coco_scores, ratio_interval
+from .cocometrics import bootstrap_weights, coco_scores, difference_interval, ratio_interval
 from .datasets import CocoDataset, Predict, predictions
 
 SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
@@ -18,15 +21,17 @@ SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float
 SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth
 
 
-def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: CocoDataset,
-                       log=lambda m: None) -> dict:
+def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: CocoDataset, log=lambda m: None,
+                       pairs: dict[str, str] | None = None, parallel: set[str] = frozenset(),
+                       aliases: dict[str, str] | None = None) -> dict:
     """AP of every model on the same images, the paired bootstrap interval of each one's AP ratio to float32
-    (or the first model), and how far our pipeline is from the source's own, where both ran."""
+    (or the first model), and how far our pipeline is from the source's own, where both ran. `pairs`: row ->
+    the row its AP difference is measured to; `parallel`, `aliases`: how rows run (datasets.predictions)."""
     post = recipe.postprocess
     rows = {name: [] for name in models}
     fidelity = {"matched": 0, "total": 0, "worst_image": None, "worst_share": 1.0}
     items = sorted(dataset.images.items())
-    found_all = predictions(models, [path for _, path in items])
+    found_all = predictions(models, [path for _, path in items], parallel=parallel, aliases=aliases)
     for done, ((image_id, path), (image, found)) in enumerate(zip(items, found_all), 1):
         for name, detections in found.items():
             rows[name] += coco_results(image_id, detections, image.size, post)
@@ -42,10 +47,14 @@ def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: Coco
     scores = {name: coco_scores(dataset.annotations, r, scored_ids) for name, r in rows.items()}
     weights = bootstrap_weights(len(items))
     baseline = _baseline(list(models))
-    resampled = {name: np.array([s.ap(w) for w in weights]) for name, s in scores.items()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy lets go of the GIL on these arrays
+        resampled = dict(zip(scores, pool.map(lambda s: s.ap_resampled(weights), scores.values())))
     results = {name: s.summary | {"images": len(items), "detections": len(rows[name]),
                                   "ratio_interval": ratio_interval(resampled[name], resampled[baseline])}
                for name, s in scores.items()}
+    for name, other in (pairs or {}).items():
+        results[name]["difference"] = {"to": other, "value": results[name]["AP"] - results[other]["AP"],
+                                       "interval": difference_interval(resampled[name], resampled[other])}
     evaluation = {"results": results, "baseline": baseline, "metric": "AP"}
     if fidelity["total"]:
         evaluation["pipeline_fidelity"] = {
@@ -61,11 +70,13 @@ def _baseline(names: list[str]) -> str:
 
 
 def evaluate_classification(models: dict[str, Predict], labelled: list[tuple[Path, int]],
-                            log=lambda m: None) -> dict:
-    """Top-1/top-5 of every model on the same images; each model's scores are indexed by label already."""
+                            log=lambda m: None, pairs: dict[str, str] | None = None,
+                            parallel: set[str] = frozenset(), aliases: dict[str, str] | None = None) -> dict:
+    """Top-1/top-5 of every model on the same images; each model's scores are indexed by label already.
+    `pairs`, `parallel` and `aliases` as for evaluate_detection."""
     correct = {name: np.zeros((len(labelled), 2), bool) for name in models}
     top1 = {name: np.zeros(len(labelled), np.int64) for name in models}
-    found_all = predictions(models, [path for path, _ in labelled])
+    found_all = predictions(models, [path for path, _ in labelled], parallel=parallel, aliases=aliases)
     for i, ((_, label), (_, found)) in enumerate(zip(labelled, found_all)):
         for name, scores in found.items():
             top5 = np.argsort(-scores, kind="stable")[:5]
@@ -80,4 +91,9 @@ def evaluate_classification(models: dict[str, Predict], labelled: list[tuple[Pat
         results[name] = {"top1": float(hits[:, 0].mean()), "top5": float(hits[:, 1].mean()), "images": len(labelled),
                          "ratio_interval": ratio_interval(weights @ hits[:, 0], weights @ correct[baseline][:, 0]),
                          "top1_agreement": float(np.mean(top1[name] == top1[baseline]))}
+    for name, other in (pairs or {}).items():
+        shares = {row: weights @ correct[row][:, 0] / len(labelled) for row in (name, other)}
+        results[name]["difference"] = {"to": other, "value": results[name]["top1"] - results[other]["top1"],
+                                       "interval": difference_interval(shares[name], shares[other]),
+                                       "top1_agreement": float(np.mean(top1[name] == top1[other]))}
     return {"results": results, "baseline": baseline, "metric": "top1"}

@@ -16,7 +16,7 @@ from ..evaluate.datasets import LoadedImage
 from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
 from ..recipe import Recipe
-from ..runtime import open_model
+from ..runtime import OPTIMIZED, REFERENCE, open_model, target_kernels
 
 PANEL_WIDTH = 480
 SHOW_SCORE = 0.3  # by default, what a deployed detector would show
@@ -65,7 +65,10 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
     if missing := [v for v in chosen if v not in manifest["variants"]]:
         raise InputError(f"{folder}/manifest.json: no built variant {', '.join(missing)}; have {', '.join(built)}")
     output_names = list(recipe.strip.outputs) if recipe.strip else None
-    runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names).run for name in chosen}
+    # each variant as its target computes it (an NPU-targeted int8 under the reference kernels)
+    kernels = {name: next(iter(target_kernels(recipe, recipe.variant(name))), OPTIMIZED) for name in chosen}
+    runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names, kernels=kernels[name]).run
+               for name in chosen}
     models = predictors(recipe, runners, folder, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -73,19 +76,20 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
         image = LoadedImage(path)
         panels = []
         for name, model in models.items():
+            title = f"{name} ({REFERENCE} kernels)" if kernels[name] == REFERENCE else name
             if recipe.task == "detection":
                 found = model(image)
                 shown = found.scores >= min_score
                 labels = recipe.postprocess.labels
                 boxes = [(*box, f"{labels[label]} {score:.2f}", COLORS[label % len(COLORS)])
                          for box, score, label in zip(found.boxes[shown], found.scores[shown], found.labels[shown])]
-                panels.append(_panel(image.image, f"{name}: {len(boxes)} detections >= {min_score:g}", [], boxes))
+                panels.append(_panel(image.image, f"{title}: {len(boxes)} detections >= {min_score:g}", [], boxes))
             else:
                 scores = model(image)
                 top5 = np.argsort(-scores, kind="stable")[:5]
                 probabilities = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
                 lines = [f"{display_name(recipe.labels.names[i])}  {probabilities[i]:.2f}" for i in top5]
-                panels.append(_panel(image.image, f"{name}: top-5", lines))
+                panels.append(_panel(image.image, f"{title}: top-5", lines))
         target = out_dir / f"{path.stem}.png"
         _side_by_side(panels).save(target, optimize=True)
         written.append(target)

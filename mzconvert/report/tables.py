@@ -30,7 +30,7 @@ def eval_table(evaluation: dict, manifest: dict) -> str:
     columns = ("AP", "AP50", "AP75") if key == "AP" else ("top1", "top5", "top1_agreement")
     width = max(len(name) for name in [*results, "model"])
     lines = [dataset_line(evaluation),
-             f"{'model':{width}} {'size MB':>8} " + " ".join(f"{c[:7]:>7}" for c in columns)
+             f"{'model':{width}} {'kernels':>9} {'size MB':>8} " + " ".join(f"{c[:7]:>7}" for c in columns)
              + f" {'vs ' + evaluation['baseline']:>12} {'95 % interval':>16}"]
     for name, r in results.items():
         size = size_mb(manifest, name)
@@ -38,7 +38,12 @@ def eval_table(evaluation: dict, manifest: dict) -> str:
         low, high = r.get("ratio_interval", [float("nan")] * 2)
         interval = f"{low:7.1%} - {high:6.1%}" if low == low else f"{'-':>16}"
         values = " ".join(f"{r[c]:7.4f}" for c in columns)
-        lines.append(f"{name:{width}} {size:>8} {values} {ratio} {interval:>16}")
+        lines.append(f"{name:{width}} {r.get('kernels', '-'):>9} {size:>8} {values} {ratio} {interval:>16}")
+    for name, r in results.items():
+        if difference := r.get("difference"):
+            low, high = difference["interval"]
+            lines.append(f"{name} - {difference['to']}: {key} {difference['value']:+.4f} "
+                         f"(95 % interval {low:+.4f} to {high:+.4f}, the same images)")
     if fidelity := evaluation.get("pipeline_fidelity"):
         lines.append(f"pipeline fidelity: source-graph (our preprocessing + decode) - source-pipeline (the source "
                      f"end to end): AP {fidelity['ap_difference']:+.4f}; {fidelity['matched_share']:.1%} of "

@@ -316,7 +316,7 @@ def _concatenated_outputs(model) -> dict[str, list[dict]]:
 
 def inspect_tflite(path: Path) -> dict:
     from ..runtime import open_model
-    from ..tflite_file import op_names, read_model, schema
+    from ..tflite_file import input_normalization, op_names, read_model, schema
 
     runner = open_model(path)
     model = read_model(path)
@@ -329,6 +329,8 @@ def inspect_tflite(path: Path) -> dict:
     report = {"format": "tflite", "inputs": [s.to_json() for s in runner.inputs],
               "outputs": [s.to_json() for s in runner.outputs], "ops": dict(histogram.most_common()),
               "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
+    if normalization := input_normalization(model):
+        report["normalization"] = normalization
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
             found = {name: files.read(name) for name in files.namelist() if LABEL_FILE.search(name)}
@@ -401,6 +403,9 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  dynamic dimensions: {'; '.join(dynamic)}")
     if "ops" in report:
         lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    if normalization := report.get("normalization"):
+        lines.append(f"{indent}  input normalization in its metadata: (pixel - {normalization['mean']}) / "
+                     f"{normalization['std']}")
     for file, names in report.get("label_files", {}).items():
         lines.append(f"{indent}  label file {file}: {len(names)} names ({', '.join(names[:3])}, ...)")
     if "full_integer" in report:

@@ -245,6 +245,10 @@ def _tflite(model: dict) -> dict:
     """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
     post-processing op."""
     proposal = _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS, "outputs": []}
+    if declared := model.get("normalization"):  # what its publisher wrote into the file wins over a convention
+        channels = proposal["shape"][-1]
+        proposal["preprocess"] = {"interpolation": TF_PREPROCESS["interpolation"], "channel_order": "RGB",
+                                  **{k: v * channels if len(v) == 1 else v for k, v in declared.items()}}
     io = model["inputs"][0]["dtype"]
     types = model.get("tensor_types", {})
     if model["full_integer"]:
@@ -411,11 +415,15 @@ def _verify_section(verify: Path, recipe_dir: Path) -> dict:
 
 def _with_notes(recipe: dict, model: dict, p: dict) -> str:
     text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110)
-    notes = [f"# Written by mzconvert init from {model['file']}.",
-             "# CHECK the preprocess block: it is the convention of such models, not read from the file."
-             " Where the",
-             "# graph carries its own preprocessing, build warns when its resize differs; source_pipeline "
-             "compares end to end."]
+    notes = [f"# Written by mzconvert init from {model['file']}."]
+    if "normalization" in model:
+        notes.append("# preprocess: mean and std from the model's TFLite metadata (NormalizationOptions); CHECK the "
+                     "resize and channel order.")
+    else:
+        notes += ["# CHECK the preprocess block: it is the convention of such models, not read from the file."
+                  " Where the",
+                  "# graph carries its own preprocessing, build warns when its resize differs; source_pipeline "
+                  "compares end to end."]
     kind = p.get("postprocess", {}).get("kind")
     if kind in ("yolov8", "yolov5"):
         notes.append("# CHECK postprocess: labels from the export's metadata (names), NMS as Ultralytics validates.")

@@ -18,6 +18,7 @@ from ..backends import backend_for
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..layout import built_stage_model
 from ..recipe import Recipe, Variant
+from ..runtime import target_kernels
 from .calibrate import calibrate, shares_calibration
 from .quantize import quantize
 from .verify import reference_outputs, verify_variant
@@ -43,7 +44,8 @@ def _worst_sqnr(metrics: dict) -> float:
 def search_float_layers(recipe: Recipe, variant: Variant, ranked: list[str], build_root: Path,
                         calibration: list[Path], images: list[Path], max_drop: float, log) -> dict:
     """Candidates with the first 0, 1, 2, 4... of `ranked` (layer names, worst first) kept float, each quantized
-    and verified; the first whose paired fidelity is at least 1 - max_drop is chosen (else the best)."""
+    and verified (under its target's kernels, as the build verifies); the first whose paired fidelity is at
+    least 1 - max_drop is chosen (else the best)."""
     stripped = built_stage_model(build_root, recipe, "strip")
     anchors = stripped.with_name("anchors.npy") if stripped.with_name("anchors.npy").is_file() else None
     counts = [0] + [k for k in (2 ** i for i in range(6)) if k <= min(len(ranked), MAX_LAYERS)]
@@ -62,7 +64,8 @@ def search_float_layers(recipe: Recipe, variant: Variant, ranked: list[str], bui
             out.mkdir()
             built = quantize(stripped, recipe, candidate, None if calibrated else calibration, out, anchors,
                              calibrated)
-            metrics = verify_variant(built.model, saved, reference.output_names, recipe, anchors)
+            metrics = verify_variant(built.model, saved, reference.output_names, recipe, anchors,
+                                     kernels=next(iter(target_kernels(recipe, variant)), None))
             step = {"float_layers": list(candidate.float_layers), "fidelity": paired_fidelity(metrics, recipe),
                     "worst_sqnr_db": _worst_sqnr(metrics), "bytes": built.model.stat().st_size,
                     "float_ops": _float_ops(built.model)}

@@ -17,7 +17,7 @@ from ..errors import MzError
 from ..preprocess import load_image, prepare
 from ..recipe import Recipe, Variant, command_argument
 from ..recipe.schema import DEFAULT_FLOORS
-from ..runtime import open_model
+from ..runtime import OPTIMIZED, open_model
 from ..tasks.dense import mask_iou, pixel_error
 from ..tasks.detection import RAW_DECODERS, Detections, load_anchors, matched_detections, raw_detections
 from ..tasks.signal import compare, slice_name, worst_slice
@@ -76,11 +76,11 @@ def saved_detections(saved, i: int):
 
 
 def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe,
-                   anchors: Path | None = None, threads: int = 1) -> dict:
-    """Run `model` on the inputs of `reference` (reference_outputs); metrics per output over all images,
-    and what a user sees: top-1 agreement (classifiers), the share of detections matched (detectors whose
-    outputs are decoded here)."""
-    runner = open_model(model, output_names, threads)
+                   anchors: Path | None = None, threads: int = 1, kernels: str | None = None) -> dict:
+    """Run `model` on the inputs of `reference` (reference_outputs), a .tflite with LiteRT's `kernels` (its
+    target's); metrics per output over all images, and what a user sees: top-1 agreement (classifiers), the
+    share of detections matched (detectors whose outputs are decoded here)."""
+    runner = open_model(model, output_names, threads, kernels=kernels or OPTIMIZED)
     with np.load(reference, allow_pickle=False) as saved:
         count = sum(1 for key in saved.files if key.startswith("input_"))
         ref_outputs = [[saved[f"output_{i}_{j}"] for i in range(count)] for j in range(len(output_names))]
@@ -95,7 +95,7 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
         metrics[output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
-    return metrics | {"images": count}
+    return metrics | {"images": count, **({"kernels": kernels} if kernels else {})}
 
 
 def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe) -> dict:

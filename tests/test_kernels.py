@@ -1,0 +1,97 @@
+"""Accuracy as the target computes it: an NPU-targeted int8 variant is verified under LiteRT's reference kernels
+(the arithmetic a microcontroller's kernels follow) and evaluated under both families, each figure the one LiteRT
+itself gives with that resolver for the same file and preprocessing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mzconvert.preprocess import prepare
+from mzconvert.recipe import load_recipe
+from mzconvert.runtime import OPTIMIZED, REFERENCE, TensorSpec, TFLiteRunner, _quantize
+from tests.conftest import MIRROR, image_folder, run_cli
+from tests.test_tflite_source import float_tflite
+
+
+def test_the_reference_quantize_rounds_as_litert_reference_kernel_does():
+    """The int8 input fed to an integer-I/O model is what the float-I/O twin's QUANTIZE computes under the same
+    kernels: LiteRT's reference kernel divides and rounds half away from zero, XNNPACK multiplies by the
+    reciprocal and rounds half to even."""
+    import tensorflow as tf
+
+    spec = TensorSpec("x", (1, 6), "int8", scale=0.5, zero_point=0)
+    x = np.array([[0.25, 0.75, -0.25, -0.75, 1.25, 100.0]], np.float32)
+    assert _quantize(x, spec, REFERENCE).tolist() == [[1, 2, -1, -2, 3, 127]]
+    assert _quantize(x, spec, OPTIMIZED).tolist() == [[0, 2, -0, -2, 2, 127]]
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 6], tf.float32)])
+    def positive(v):
+        return tf.nn.relu(v)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([positive.get_concrete_function()])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([np.array([[-64.0, 0, 0, 0, 0, 63.5]], np.float32)] for _ in range(2))
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=converter.convert(), experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    interpreter.allocate_tensors()
+    quantize = interpreter._get_ops_details()[0]
+    assert quantize["op_name"] == "QUANTIZE"
+    detail = interpreter.get_tensor_details()[quantize["outputs"][0]]
+    own = TensorSpec("q", (1, 6), "int8", *detail["quantization"])
+    ties = (np.array([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5]]) * own.scale).astype(np.float32)
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], ties)
+    interpreter.invoke()
+    computed = interpreter.get_tensor(quantize["outputs"][0])
+    assert np.array_equal(_quantize(ties, own, REFERENCE), computed)
+    assert not np.array_equal(_quantize(ties, own, OPTIMIZED), computed)
+
+
+@pytest.mark.slow
+def test_npu_int8_is_verified_and_evaluated_under_the_targets_kernels(tmp_path, mirror):
+    model = float_tflite(tmp_path / "float.tflite")
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 16)
+    verify = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 8)
+    made = run_cli("init", "npu", "--from", str(model), "--to", str(tmp_path), "--calibration", str(calibration),
+                   "--verify", str(verify))
+    assert made.returncode == 0, made.stderr[-2000:]
+    recipe_file = tmp_path / "npu.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text())
+    assert recipe["targets"]["vela"] and [v["name"] for v in recipe["variants"]] == ["float32", "int8"]
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe_file), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    variants = json.loads(built.stdout)["npu"]["variants"]
+    assert variants["int8"]["verify"]["kernels"] == REFERENCE and "int8 (reference kernels) vs float" in built.stderr
+    assert variants["float32"]["verify"]["kernels"] == OPTIMIZED
+
+    # a dataset labelled by index: five class folders of ImageNet samples
+    dataset = tmp_path / "labelled"
+    samples = sorted((MIRROR / "imagenet-samples").glob("*.JPEG"))[:40]
+    for i, path in enumerate(samples):
+        (dataset / str(i % 5)).mkdir(parents=True, exist_ok=True)
+        (dataset / str(i % 5) / path.name).write_bytes(path.read_bytes())
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "eval", str(recipe_file), "--dataset", str(dataset),
+                   *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)["results"]
+    reference, optimized = results["int8"], results["int8 (optimized kernels)"]
+    assert (reference["kernels"], optimized["kernels"]) == (REFERENCE, OPTIMIZED)
+    assert optimized["difference"]["to"] == "int8"
+
+    # the same numbers from LiteRT directly, each resolver, the same file and preprocessing
+    parsed = load_recipe(recipe_file)
+    artifact = tmp_path / "dist" / "npu" / variants["int8"]["file"]
+    labelled = [(p, int(p.parent.name)) for p in sorted(dataset.rglob("*.JPEG"))]
+    for kernels, row in ((REFERENCE, reference), (OPTIMIZED, optimized)):
+        runner = TFLiteRunner(artifact, kernels=kernels)
+        top1 = [int(np.argmax(runner.run(prepare(p, parsed.preprocess, parsed.input).tensor)[0])) == label
+                for p, label in labelled]
+        assert row["top1"] == pytest.approx(np.mean(top1)), kernels
+    assert Path(artifact).is_file()
