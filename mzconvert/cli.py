@@ -348,7 +348,8 @@ def eval_command(ctx: Context, recipe, dataset, split, variants, references, lab
 @click.option("--count", type=click.IntRange(1), default=None, help="How many verify images [verify.count or all].")
 @click.option("--search", "max_drop", type=click.FloatRange(0, 1), default=None,
               help="Search the fewest worst layers to keep float so the variant agrees with the float model on "
-                   "at least 1 - MAX_DROP of the verify images (top-1 answers or detections), e.g. 0.005.")
+                   "at least 1 - MAX_DROP of the verify images (top-1 answers, detections, or mask IoU of maps), "
+                   "e.g. 0.005.")
 @_read_build_options
 @pass_context
 def debug(ctx: Context, recipe, variant, count, max_drop, out, build_dir):

@@ -58,6 +58,11 @@ def _quantize(x: np.ndarray, spec: TensorSpec, kernels: str = OPTIMIZED) -> np.n
     return np.clip(q, info.min, info.max).astype(spec.dtype)
 
 
+def quantized_input(tensor: np.ndarray, spec: TensorSpec, kernels: str = OPTIMIZED) -> np.ndarray:
+    """What a model's input `spec` is fed for a float `tensor`: quantized as its QUANTIZE kernel would, or cast."""
+    return _quantize(tensor, spec, kernels) if spec.scale is not None else tensor.astype(spec.dtype)
+
+
 def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if spec.scale is None:
         return q.astype(np.float32)
@@ -126,7 +131,7 @@ class TFLiteRunner:
     def run(self, tensor: np.ndarray) -> list[np.ndarray]:
         spec = self.inputs[0]
         tensor = as_layout_of(tensor, spec)
-        feed = _quantize(tensor, spec, self.kernels) if spec.scale is not None else tensor.astype(spec.dtype)
+        feed = quantized_input(tensor, spec, self.kernels)
         self._interpreter.set_tensor(self._input_index, feed)
         self._interpreter.invoke()
         return [_dequantize(self._interpreter.get_tensor(i), s)

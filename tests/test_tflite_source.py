@@ -83,6 +83,13 @@ def test_a_float_tflite_inits_and_builds_to_a_verified_int8_for_the_npu(tmp_path
     assert min(v["verify"][output]["sqnr_db"] for v in (int8, aeq, int16)) > 20
     (npu,) = int8["vela"].values()
     assert npu["cpu_op_count"] == 0 and npu["npu_ops"] > 0
+    # debug compares the built int8 with the float file tensor by tensor (no converter to re-quantize it with)
+    debugged = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "debug", str(tmp_path / "ftl.yaml"),
+                       "--variant", "int8", *where)
+    assert debugged.returncode == 0, debugged.stderr[-2000:]
+    layers = json.loads(debugged.stdout)["layers"]
+    assert {row["op"] for row in layers} >= {"CONV_2D", "DEPTHWISE_CONV_2D"}
+    assert all(row["accumulated_steps"] >= row["rmse_steps"] >= 0 for row in layers)
     # the int8 file taken as the source: calibrating it again is refused by name
     quantized = tmp_path / "dist" / "ftl" / int8["file"]
     again = run_cli("init", "again", "--from", str(quantized), "--to", str(tmp_path))

@@ -29,6 +29,7 @@ from ..layout import built_stage_model, recipe_build_folder
 from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
 from ..recipe import Recipe, Variant, command_argument
+from ..runtime import OPTIMIZED, REFERENCE, TFLiteRunner, quantized_input, target_kernels
 from ..sources.fetch import Fetcher
 from ..sources.imagesets import load_image_set
 from .calibrate import DEFAULT_CALIBRATION_COUNT
@@ -42,6 +43,8 @@ def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Pat
     """One row per quantized layer output: name, op, RMSE in quantization steps, max abs error, worst first.
     `artifact`: the built variant; `calibration()`: its calibration images (fetched only where needed)."""
     explain = {"tflite": _tflite_layer_errors, "onnx": _onnx_layer_errors}
+    if recipe.format == "tflite":  # converted already: no converter to re-quantize it, the two files compared
+        explain["tflite"] = _litert_layer_errors
     if variant.mode != "int8" or variant.target not in explain:
         raise MzError(f"{recipe.path}: variants: {variant.name}: debug explains int8 variants, not {variant.mode}",
                       EXIT_BAD_INPUT)
@@ -124,14 +127,17 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
                                                  collect_activations(str(float_saved), feeds))
             for name, pair in matched.items():
                 if name in scales and pair.get("float"):
-                    error = np.concatenate([f.ravel() for f in pair["float"]]) - np.concatenate(
-                        [q.ravel() for q in pair["post_qdq"]])
-                    total = totals.setdefault(name, [0.0, 0, 0.0])
-                    total[0] += float(np.sum(error.astype(np.float64) ** 2))
-                    total[1] += error.size
-                    total[2] = max(total[2], float(np.max(np.abs(error))))
-    # The QDQ model carries the error of every layer before: what a layer adds is its error beyond the
-    # largest of the activations it reads (in each one's steps), the comparable of TFLite's per-layer error.
+                    _add_error(totals, name, np.concatenate([f.ravel() for f in pair["float"]]),
+                               np.concatenate([q.ravel() for q in pair["post_qdq"]]))
+    return _added_errors(totals, scales, inputs, producers)
+
+
+def _added_errors(totals: dict[str, list[float]], scales: dict[str, float], inputs: dict[str, list[str]],
+                  producers: dict[str, str]) -> list[dict]:
+    """Rows from each quantized activation's error against its float twin (totals: tensor -> [sum of squared
+    errors, values, max abs error]). A quantized model carries the error of every layer before: what a layer
+    adds is its error beyond the largest of the activations it reads (in each one's steps), the comparable
+    of TFLite's per-layer error."""
     accumulated = {name: math.sqrt(sse / count) / scales[name] for name, (sse, count, _) in totals.items()}
 
     def read(tensor: str, seen: set) -> list[str]:
@@ -151,11 +157,64 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
             for name, steps in accumulated.items()]
 
 
+def _add_error(totals: dict[str, list[float]], name: str, reference: np.ndarray, quantized: np.ndarray) -> None:
+    error = reference.ravel().astype(np.float64) - quantized.ravel().astype(np.float64)
+    total = totals.setdefault(name, [0.0, 0, 0.0])
+    total[0] += float(np.sum(error ** 2))
+    total[1] += error.size
+    total[2] = max(total[2], float(np.max(np.abs(error))))
+
+
+def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
+                         calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
+    """A .tflite source and its int8 variant side by side in LiteRT, every tensor kept: each int8 activation
+    against the float tensor of the same name (the converter keeps names; a fused activation's name comes
+    second, after ';'), run under the variant's target kernels, in steps of its scale."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kernels = next(iter(target_kernels(recipe, variant)), OPTIMIZED)
+    resolver = OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
+    float_model = Interpreter(model_path=str(stripped), experimental_preserve_all_tensors=True)
+    int8_model = Interpreter(model_path=str(artifact), experimental_preserve_all_tensors=True,
+                             experimental_op_resolver_type=resolver)
+    for interpreter in (float_model, int8_model):
+        interpreter.allocate_tensors()
+    float_tensors = {}  # by full name and by first name: either file may have fused an activation's name in
+    for d in float_model.get_tensor_details():
+        float_tensors.setdefault(d["name"].split(";")[0], d["index"])
+        float_tensors[d["name"]] = d["index"]
+    details = int8_model.get_tensor_details()
+    twins = {d["index"]: float_tensors.get(d["name"], float_tensors.get(d["name"].split(";")[0])) for d in details
+             if d["dtype"] in (np.int8, np.int16) and d["quantization"][0] > 0}
+    twins = {index: twin for index, twin in twins.items() if twin is not None}
+    names = {d["index"]: d["name"].split(";")[0] for d in details}
+    scales = {names[i]: float(details[i]["quantization"][0]) for i in twins}
+    ops = int8_model._get_ops_details()
+    producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
+    inputs = {names[o]: [names[i] for i in op["inputs"] if i >= 0] for op in ops for o in op["outputs"]}
+    int8_input = TFLiteRunner(artifact, kernels=kernels).inputs[0]
+    totals: dict[str, list[float]] = {}
+    for path in images:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        float_model.set_tensor(float_model.get_input_details()[0]["index"], tensor)
+        float_model.invoke()
+        feed = quantized_input(tensor, int8_input, kernels)
+        int8_model.set_tensor(int8_model.get_input_details()[0]["index"], feed)
+        int8_model.invoke()
+        for index, twin in twins.items():
+            q = details[index]["quantization"]
+            values = (int8_model.get_tensor(index).astype(np.float32) - q[1]) * q[0]
+            reference = float_model.get_tensor(twin)
+            if reference.shape == values.shape:
+                _add_error(totals, names[index], reference, values)
+    return _added_errors(totals, scales, inputs, producers)
+
+
 def debug_table(result: dict, rows: int = 15) -> str:
     lines = [f"{result['recipe']} {result['variant']}: per-layer error on {result['images']} verify images, in "
              f"quantization steps (rounding alone: {ROUNDING_NOISE:.2f}); worst first"
              + ("; weights rounded to the nearest step here, the variant's depthwise ones are fitted (less error)"
-                if result.get("weight_rounding") == "fitted" else ""),
+                if result.get("weight_rounding") == "fitted" and result.get("requantized", True) else ""),
              f"{'layer':60} {'op':20} {'RMSE steps':>10} {'max abs err':>12}"]
     for r in result["layers"][:rows]:
         lines.append(f"{_tail(r['layer'], 60):60} {r['op'][:20]:20} {r['rmse_steps']:10.2f} {r['max_abs_error']:12.4g}")
@@ -223,7 +282,9 @@ def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Pat
         artifact)  # the dist holds these very bytes
     result = {"recipe": recipe.name, "variant": variant.name, "images": len(images), "summary": summary(layers),
               "layers": layers, "artifacts": measured_artifacts(manifest, [artifact.name]) if in_dist else {},
-              "weight_rounding": variant.weight_rounding}
+              "weight_rounding": variant.weight_rounding,
+              # TensorFlow's debugger quantizes the float model again (nearest weights); the others run the variant
+              "requantized": variant.target == "tflite" and recipe.format != "tflite"}
     if search_drop is not None:
         from .fallback import search_float_layers
 

@@ -27,14 +27,16 @@ MAX_LAYERS = 32
 
 
 def paired_fidelity(metrics: dict, recipe: Recipe) -> float:
-    """What the budget is on: the share of top-1 answers or detections the variant shares with the float model."""
+    """What the budget is on: the share of top-1 answers or detections the variant shares with the float model,
+    or for maps the mask IoU with the float model's (the worst output's)."""
     if "matched_detections" in metrics:
         return metrics["matched_detections"]
-    agreement = [m["top1_agreement"] for m in metrics.values() if isinstance(m, dict) and "top1_agreement" in m]
-    if not agreement:
-        raise MzError(f"{recipe.path}: task: the search keeps a share of top-1 answers (classification) or of "
-                      "detections (detection) decoded here; this recipe has neither", EXIT_BAD_INPUT)
-    return agreement[0]
+    for key in ("top1_agreement", "mask_iou"):
+        if found := [m[key] for m in metrics.values() if isinstance(m, dict) and key in m]:
+            return min(found)
+    raise MzError(f"{recipe.path}: task: the search keeps a share of top-1 answers (classification), of "
+                  "detections (detection) decoded here, or the mask IoU of maps (dense); this recipe has none",
+                  EXIT_BAD_INPUT)
 
 
 def _worst_sqnr(metrics: dict) -> float:
