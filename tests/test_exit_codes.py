@@ -69,14 +69,15 @@ def disk_full(tmp_path, built):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], capture_output=True).returncode:
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        _fill(out)
+        fill_disk(out)
         return run_cli("--cache-dir", str(built / "cache"), "build", str(built / "tiny-cls.yaml"),
                        "--out", str(out), "--build-dir", str(built / "build"))
     finally:
         subprocess.run(["umount", str(out)], check=True)
 
 
-def _fill(folder: Path) -> None:
+def fill_disk(folder: Path) -> None:
+    """Write into `folder` until its disk is full."""
     try:
         with open(folder / "filler", "wb") as f:
             while True:

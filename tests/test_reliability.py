@@ -16,7 +16,7 @@ import pytest
 
 from mzconvert.errors import EXIT_FAILURE, MzError
 from tests.conftest import MIRROR, ROOT, run_cli
-from tests.test_exit_codes import classifier_recipe
+from tests.test_exit_codes import classifier_recipe, fill_disk
 from tests.test_onnx_backend import tiny_onnx
 from tests.tiny_graphs import tiny_recipe_text, write_tiny_detector
 
@@ -69,13 +69,7 @@ def full_tmpfs(tmp_path):
                           capture_output=True).returncode:
             pytest.skip("mounting a small tmpfs needs root")
         mounted.append(folder)
-        try:
-            with open(folder / "filler", "wb") as f:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-        except OSError:  # full
-            pass
+        fill_disk(folder)
         return folder
 
     yield mount
