@@ -75,7 +75,11 @@ def test_every_variant_checked_against_the_float_graph_on_real_images(built):
             metrics = manifest["variants"][variant]["verify"][output]
             assert metrics["cosine"] > 0.98, (variant, output, metrics)
             assert metrics["sqnr_db"] > 15, (variant, output, metrics)
-    assert "int8 vs float graph, output concat_1 on 32 val images: cosine" in first.stderr
+    # the NPU's int8 variants are verified as the device computes (LiteRT's reference kernels), the rest optimized
+    assert "int8 (reference kernels) vs float graph, output concat_1 on 32 val images: cosine" in first.stderr
+    kernels = {name: v["verify"].get("kernels") for name, v in manifest["variants"].items()}
+    assert kernels == {"float32": "optimized", "float16": "optimized", "dynamic": "optimized",
+                       "int8-float-io": "reference", "int8": "reference", "int8-detect": "reference"}
 
 
 def test_noop_rebuild_skips_every_stage_without_importing_tensorflow(built):
@@ -147,8 +151,13 @@ def test_eval_bench_report_on_real_images(built, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     evaluation = json.loads(result.stdout)
     rows = evaluation["results"]
-    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io", "int8", "int8-detect",
-                          "source-pipeline"]
+    # the NPU's int8 variants under the reference kernels, and each under the optimized ones beside it
+    assert list(rows) == ["source-graph", "float32", "float16", "dynamic", "int8-float-io",
+                          "int8-float-io (optimized kernels)", "int8", "int8 (optimized kernels)", "int8-detect",
+                          "int8-detect (optimized kernels)", "source-pipeline"]
+    assert rows["int8"]["kernels"] == "reference" and rows["int8 (optimized kernels)"]["kernels"] == "optimized"
+    assert rows["int8"]["computed_as"] == "int8-float-io"  # one integer model: its int8 I/O and float I/O twins
+    assert rows["int8-detect (optimized kernels)"]["difference"]["to"] == "int8-detect"
     assert evaluation["images"] == 24 and "person" in evaluation["scope"]
     assert rows["source-graph"]["AP"] > 0.05
     assert abs(rows["float32"]["AP"] - rows["source-graph"]["AP"]) < 0.01
