@@ -102,7 +102,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from onnxruntime.quantization import quant_pre_process
 
-    from mzconvert.evaluate.cocometrics import bootstrap_weights
+    from mzconvert.evaluate.cocometrics import bootstrap_weights, difference_interval
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import OPTIMIZED, REFERENCE, open_model
@@ -166,8 +166,7 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, (path, kernels, seconds) in models.items():
             hits = correct[label]
-            diff = weights @ (hits.astype(float) - reference) / len(images)
-            low, high = np.percentile(diff, [2.5, 97.5])
+            low, high = difference_interval(weights @ hits / len(images), weights @ reference / len(images))
             agreement = np.mean(stacked[label].argmax(1) == base.argmax(1))
             sqnr = compare(base, stacked[label])["sqnr_db"] if label != "float32" else float("inf")
             onnx_file = path.suffix == ".onnx"

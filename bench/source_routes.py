@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=None, help="evaluate on the first N samples only")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from mzconvert.evaluate.cocometrics import bootstrap_weights
+    from mzconvert.evaluate.cocometrics import bootstrap_weights, difference_interval
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
@@ -147,8 +147,7 @@ def main() -> None:
         for label in [k for k in models if k != "float32 ONNX"]:
             floats = compare(base, stacked[(label, "float")]) if (label, "float") in stacked else None
             hits = correct[(label, "int8")]
-            diff = weights @ (hits.astype(float) - shipped_int8) / len(images)
-            low, high = np.percentile(diff, [2.5, 97.5])
+            low, high = difference_interval(weights @ hits / len(images), weights @ shipped_int8 / len(images))
             signal = compare(base, stacked[(label, "int8")])
             agreement = np.mean(stacked[(label, "int8")].argmax(1) == base.argmax(1))
             float_text = f"{floats['cosine']:.6f}, {floats['sqnr_db']:.1f} dB" if floats else "(no float TFLite)"

@@ -78,7 +78,7 @@ def explain_os_error(exc: OSError, target: Path | None = None) -> MzError:
     path = target or (exc.filename2 if exc.errno in WRITE_ERRORS and exc.filename2 else exc.filename)
     what = WRITE_ERRORS.get(exc.errno) or exc.strerror or short_text(exc)
     if path is None:
-        return MzError(f"{what}")
+        return MzError(what)
     held = _chosen_folder(Path(os.fsdecode(path))) if exc.errno in WRITE_ERRORS else None
     where = ""
     if held is not None:

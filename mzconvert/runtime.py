@@ -63,7 +63,7 @@ def quantized_input(tensor: np.ndarray, spec: TensorSpec, kernels: str = OPTIMIZ
     return _quantize(tensor, spec, kernels) if spec.scale is not None else tensor.astype(spec.dtype)
 
 
-def _dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+def dequantized(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if spec.scale is None:
         return q.astype(np.float32)
     return ((q.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)
@@ -91,35 +91,41 @@ def _ordered(specs: list[TensorSpec], wanted: list[str] | None) -> list[int]:
     return [names.index(w) for w in wanted]
 
 
+def litert_interpreter(path: Path, kernels: str = OPTIMIZED, threads: int = 1, keep_all_tensors: bool = False):
+    """A LiteRT interpreter of `path` with the ops of that kernel family (not yet allocated)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
+    return Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver,
+                       experimental_preserve_all_tensors=keep_all_tensors)
+
+
+def tensor_spec(detail: dict) -> TensorSpec:
+    """A LiteRT tensor detail (get_input_details and the like) as a TensorSpec."""
+    scale, zero_point = detail["quantization"]
+    quantized = scale != 0.0
+    return TensorSpec(name=detail["name"], shape=tuple(int(d) for d in detail["shape"]),
+                      dtype=np.dtype(detail["dtype"]).name,
+                      scale=float(scale) if quantized else None,
+                      zero_point=int(zero_point) if quantized else None)
+
+
 class TFLiteRunner:
     def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1,
                  kernels: str = OPTIMIZED):
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
         self.kernels = kernels
-        resolver = OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=threads,
-                                            experimental_op_resolver_type=resolver)
+            self._interpreter = litert_interpreter(path, kernels, threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise MzError(f"{path}: not a loadable TFLite model: {str(exc).splitlines()[0]}") from None
-        self.inputs = [self._spec(d) for d in self._interpreter.get_input_details()]
+        self.inputs = [tensor_spec(d) for d in self._interpreter.get_input_details()]
         outputs = self._interpreter.get_output_details()
-        specs = [self._spec(d) for d in outputs]
+        specs = [tensor_spec(d) for d in outputs]
         order = _ordered(specs, output_names)
         self._output_indices = [outputs[i]["index"] for i in order]
         self.outputs = [specs[i] for i in order]
         self._input_index = self._interpreter.get_input_details()[0]["index"]
-
-    @staticmethod
-    def _spec(detail: dict) -> TensorSpec:
-        scale, zero_point = detail["quantization"]
-        quantized = scale != 0.0
-        return TensorSpec(name=detail["name"], shape=tuple(int(d) for d in detail["shape"]),
-                          dtype=np.dtype(detail["dtype"]).name,
-                          scale=float(scale) if quantized else None,
-                          zero_point=int(zero_point) if quantized else None)
 
     def float_tensor_count(self) -> int:
         """Float32 tensors that are not model inputs/outputs: 0 in a fully integer model."""
@@ -134,7 +140,7 @@ class TFLiteRunner:
         feed = quantized_input(tensor, spec, self.kernels)
         self._interpreter.set_tensor(self._input_index, feed)
         self._interpreter.invoke()
-        return [_dequantize(self._interpreter.get_tensor(i), s)
+        return [dequantized(self._interpreter.get_tensor(i), s)
                 for i, s in zip(self._output_indices, self.outputs)]
 
 
@@ -206,7 +212,6 @@ class RunnerPool:
     def __init__(self, path: Path, output_names: list[str] | None, kernels: str, workers: int):
         import queue
 
-        self.workers = workers
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(workers):
             self._idle.put(open_model(path, output_names, 1, kernels=kernels))

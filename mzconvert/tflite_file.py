@@ -39,6 +39,14 @@ def model_bytes(model) -> bytes:
     return bytes(builder.Output())
 
 
+def add_buffer(model, data: bytes) -> int:
+    """Append a buffer holding `data` to the model (ModelT); returns its index, for a tensor's `buffer`."""
+    buffer = schema().BufferT()
+    buffer.data = np.frombuffer(data, np.uint8)
+    model.buffers.append(buffer)
+    return len(model.buffers) - 1
+
+
 def write_model(model, target: Path) -> Path:
     target.write_bytes(model_bytes(model))
     return target

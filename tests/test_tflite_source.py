@@ -108,7 +108,7 @@ BIAS = np.array([0.5, -0.25, 1.0, 0.0], "<f4")
 def _as_mediapipe_file(path: Path, target: Path) -> Path:
     """A converted Conv2DTranspose model in the form MediaPipe publishes: its TRANSPOSE_CONV as the custom
     Convolution2DTransposeBias (input, weights, bias; padding, stride w, stride h as three int32)."""
-    from mzconvert.tflite_file import schema, write_model
+    from mzconvert.tflite_file import add_buffer, schema, write_model
 
     s = schema()
     model = read_model(path)
@@ -122,10 +122,7 @@ def _as_mediapipe_file(path: Path, target: Path) -> Path:
     options = op.builtinOptions
     bias = s.TensorT()
     bias.name, bias.type, bias.shape = b"bias", s.TensorType.FLOAT32, np.array([4], np.int32)
-    buffer = s.BufferT()
-    buffer.data = np.frombuffer(BIAS.tobytes(), np.uint8)
-    model.buffers.append(buffer)
-    bias.buffer = len(model.buffers) - 1
+    bias.buffer = add_buffer(model, BIAS.tobytes())
     graph.tensors.append(bias)
     op.opcodeIndex = len(model.operatorCodes) - 1
     op.inputs = [op.inputs[2], op.inputs[1], len(graph.tensors) - 1]

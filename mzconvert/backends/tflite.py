@@ -21,7 +21,7 @@ from ..quant import litert_quantizer
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import TFLiteRunner
-from ..tflite_file import read_model, schema, write_model
+from ..tflite_file import add_buffer, read_model, schema, write_model
 from . import StripResult
 
 
@@ -74,10 +74,7 @@ def _builtin_transpose_convs(model) -> int:
             out_shape = s.TensorT()
             out_shape.name, out_shape.type = b"%s/output_shape" % graph.tensors[op.outputs[0]].name, s.TensorType.INT32
             out_shape.shape = np.array([4], np.int32)
-            buffer = s.BufferT()
-            buffer.data = np.frombuffer(np.asarray(graph.tensors[op.outputs[0]].shape, "<i4").tobytes(), np.uint8)
-            model.buffers.append(buffer)
-            out_shape.buffer = len(model.buffers) - 1
+            out_shape.buffer = add_buffer(model, np.asarray(graph.tensors[op.outputs[0]].shape, "<i4").tobytes())
             graph.tensors.append(out_shape)
             conv = s.TransposeConvOptionsT()
             conv.padding, conv.strideW, conv.strideH = _MEDIAPIPE_PADDING[padding], stride_w, stride_h
@@ -118,10 +115,7 @@ def _float32_weights(model) -> int:
                 kept.append(op)
                 continue
             weights = np.frombuffer(bytes(bytearray(data)), np.float16).astype(np.float32)
-            buffer = s.BufferT()
-            buffer.data = np.frombuffer(weights.tobytes(), np.uint8)
-            model.buffers.append(buffer)
-            graph.tensors[op.outputs[0]].buffer = len(model.buffers) - 1
+            graph.tensors[op.outputs[0]].buffer = add_buffer(model, weights.tobytes())
             replaced += 1
         graph.operators = kept
     return replaced

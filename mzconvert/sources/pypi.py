@@ -11,6 +11,7 @@ the wheel (`source.wheel`), as init writes it, so every machine fetches the same
 
 from __future__ import annotations
 
+import functools
 import html.parser
 import json
 import math
@@ -96,11 +97,17 @@ def _wheel_tags(filename: str):
     return parse_tag("-".join(parts[-3:])) if len(parts) >= 5 else frozenset()
 
 
-def _host_rank(filename: str) -> int | None:
-    """How well a platform wheel fits this host (0 best, as pip ranks tags); None if it cannot run here."""
+@functools.cache
+def _host_tags() -> dict:
+    """This host's wheel tags, best first, as pip ranks them (computed once: a release lists dozens of wheels)."""
     from packaging.tags import sys_tags
 
-    ranks = {tag: i for i, tag in enumerate(sys_tags())}
+    return {tag: i for i, tag in enumerate(sys_tags())}
+
+
+def _host_rank(filename: str) -> int | None:
+    """How well a platform wheel fits this host (0 best); None if it cannot run here."""
+    ranks = _host_tags()
     fits = [ranks[t] for t in _wheel_tags(filename) if t in ranks]
     return min(fits) if fits else None
 

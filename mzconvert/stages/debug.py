@@ -29,7 +29,7 @@ from ..layout import built_stage_model, recipe_build_folder
 from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
 from ..recipe import Recipe, Variant, command_argument
-from ..runtime import OPTIMIZED, REFERENCE, TFLiteRunner, quantized_input, target_kernels
+from ..runtime import OPTIMIZED, dequantized, litert_interpreter, quantized_input, target_kernels, tensor_spec
 from ..sources.fetch import Fetcher
 from ..sources.imagesets import load_image_set
 from .calibrate import DEFAULT_CALIBRATION_COUNT
@@ -170,13 +170,9 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     """A .tflite source and its int8 variant side by side in LiteRT, every tensor kept: each int8 activation
     against the float tensor of the same name (the converter keeps names; a fused activation's name comes
     second, after ';'), run under the variant's target kernels, in steps of its scale."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
     kernels = next(iter(target_kernels(recipe, variant)), OPTIMIZED)
-    resolver = OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
-    float_model = Interpreter(model_path=str(stripped), experimental_preserve_all_tensors=True)
-    int8_model = Interpreter(model_path=str(artifact), experimental_preserve_all_tensors=True,
-                             experimental_op_resolver_type=resolver)
+    float_model = litert_interpreter(stripped, keep_all_tensors=True)
+    int8_model = litert_interpreter(artifact, kernels, keep_all_tensors=True)
     for interpreter in (float_model, int8_model):
         interpreter.allocate_tensors()
     float_tensors = {}  # by full name and by first name: either file may have fused an activation's name in
@@ -192,7 +188,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     ops = int8_model._get_ops_details()
     producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
     inputs = {names[o]: [names[i] for i in op["inputs"] if i >= 0] for op in ops for o in op["outputs"]}
-    int8_input = TFLiteRunner(artifact, kernels=kernels).inputs[0]
+    int8_input = tensor_spec(int8_model.get_input_details()[0])
     totals: dict[str, list[float]] = {}
     for path in images:
         tensor = prepare(path, recipe.preprocess, recipe.input).tensor
@@ -202,8 +198,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
         int8_model.set_tensor(int8_model.get_input_details()[0]["index"], feed)
         int8_model.invoke()
         for index, twin in twins.items():
-            q = details[index]["quantization"]
-            values = (int8_model.get_tensor(index).astype(np.float32) - q[1]) * q[0]
+            values = dequantized(int8_model.get_tensor(index), tensor_spec(details[index]))
             reference = float_model.get_tensor(twin)
             if reference.shape == values.shape:
                 _add_error(totals, names[index], reference, values)
