@@ -10,10 +10,13 @@ MZ      := $(BIN)/mzconvert $(if $(MIRROR),--mirror $(abspath $(MIRROR)))
 # Recipes whose sources can be had on a machine without internet access (the others need their origin).
 BUILDABLE ?= pedestrian-ssdlite mobilenetv2-torchvision
 INSTALLED := $(VENV)/.installed
+# The Ultralytics package's own environment (requirements-ultralytics.txt): the tests export real YOLO graphs.
+ULTRALYTICS_VENV ?= .venv-ultralytics
+ULTRALYTICS := $(ULTRALYTICS_VENV)/.installed
 # Extra `mzconvert build` options, e.g. BUILD_ARGS="--out /tmp/d --build-dir /tmp/b" (used by bench/make_all.py).
 BUILD_ARGS ?=
 
-.PHONY: install demo test test-fast lint all clean matrix release $(addprefix build-,$(BUILDABLE))
+.PHONY: install ultralytics-env demo test test-fast lint all clean matrix release $(addprefix build-,$(BUILDABLE))
 
 install: $(INSTALLED)
 
@@ -21,6 +24,13 @@ $(INSTALLED): pyproject.toml requirements-tools.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test,torch]'
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-tools.txt
+	touch $@
+
+ultralytics-env: $(ULTRALYTICS)
+
+$(ULTRALYTICS): requirements-ultralytics.txt
+	test -x $(ULTRALYTICS_VENV)/bin/python || $(PYTHON) -m venv $(ULTRALYTICS_VENV)
+	$(ULTRALYTICS_VENV)/bin/pip install --disable-pip-version-check -q -r requirements-ultralytics.txt
 	touch $@
 
 # The example image of NXP's SSDLite model card, and a real COCO val image with people in it.
@@ -31,8 +41,8 @@ demo: install
 	$(if $(DEMO_IMAGES),$(MZ) predict pedestrian-ssdlite --variant float32 --variant int8 $(DEMO_IMAGES))
 	cd dist/pedestrian-ssdlite && md5sum -c --quiet MD5SUMS && echo "dist/pedestrian-ssdlite: MD5SUMS verified"
 
-test: install lint
-	$(BIN)/python -m pytest -q
+test: install ultralytics-env lint
+	ULTRALYTICS_PYTHON=$(abspath $(ULTRALYTICS_VENV))/bin/python $(BIN)/python -m pytest -q
 
 # The tests without the real models and converters (marked slow): seconds, not minutes.
 test-fast: install lint
