@@ -162,6 +162,46 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
 
 
+def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
+    """A variant's max_drop: the fewest of its worst layers kept float for it to agree with the float model on
+    at least 1 - max_drop of the verify images (stages/fallback.py); the variant with those float_layers."""
+    from dataclasses import replace
+
+    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT
+    from .stages.debug import layer_errors
+    from .stages.fallback import search_float_layers
+
+    calibration_key, calibration, _ = _image_paths(p, variant.calibration, variant.calibration_count,
+                                                   at_most=DEFAULT_CALIBRATION_COUNT)
+    images_key, images, _ = _image_paths(p, p.recipe.verify.images, p.recipe.verify.count)
+    inputs = {"model": stripped.digest(), "variant": validated(variant), "weight_rounding": variant.weight_rounding,
+              "calibration": calibration_key, "images": images_key, "preprocess": validated(p.recipe.preprocess),
+              "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
+              "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
+
+    def action(out: Path) -> dict:
+        model, calibration_images, verify_images = stripped.path("model"), calibration(), images()
+
+        def ranked(artifact: Path) -> list[str]:  # as `mzconvert debug` ranks them, worst first
+            rows = layer_errors(model, p.recipe, variant, artifact, lambda: calibration_images, verify_images)
+            return [row["layer"] for row in rows]
+
+        def log(line: str) -> None:
+            p.console.log(f"[{p.recipe.name}] {variant.name}: {line}")
+
+        return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, verify_images,
+                                              variant.max_drop, log)}
+
+    outcome = p.stage(f"search/{variant.name}", inputs, action)
+    search = outcome.result["search"]
+    chosen = search["chosen"]
+    p.console.log(f"[{p.recipe.name}] {variant.name}: max_drop {search['max_drop']:g}: {len(chosen['float_layers'])} "
+                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {search['images']} verify images "
+                  f"({'within' if search['met'] else 'NOT within, the best found'}), {chosen['bytes']} bytes, "
+                  f"{chosen['float_ops']} float ops")
+    return outcome, replace(variant, float_layers=tuple(chosen["float_layers"]))
+
+
 def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
     """The float model's outputs on the verify images, computed once and compared with every variant."""
     from .stages.verify import reference_outputs
@@ -298,13 +338,16 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     only read the finished artifact (verify against the float reference, vela per NPU target), to `checks`.
     Returns what waits for them: the variant's {stage: outcome}."""
     stripped = chain[-1]
+    searched = None
+    if variant.max_drop is not None:
+        searched, variant = _searched(p, stripped, variant)
     quantized = _quantize(p, stripped, variant)
     verified = checks.submit(_verify, p, stripped, quantized, variant) if p.recipe.verify is not None else None
     npu = until != "quantize" and variant.for_npu
     compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}
 
     def entry() -> dict:
-        stages = {"quantize": quantized, "chain": chain}
+        stages = {"quantize": quantized, "chain": chain, **({"search": searched} if searched else {})}
         if verified is not None:
             stages["verify"] = verified.result()
         if compiled:

@@ -24,6 +24,7 @@ class VariantEntry(TypedDict, total=False):
     inputs: list[dict]  # runtime.TensorSpec.to_json() of each input and output
     outputs: list[dict]
     postprocess_attached: bool
+    search: dict  # max_drop: stages/fallback.search_float_layers' candidates and the float_layers chosen
     verify: dict  # stages/verify.verify_variant's metrics against the float model
     vela: dict  # NPU target -> {file, summary_csv, and vela's summary}
 

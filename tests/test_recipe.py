@@ -228,3 +228,20 @@ def test_validate_counts_recipes_and_lists_every_problem(tmp_path):
     assert result["validated"] == 1 and len(result["errors"]) == 2, result
     assert [line for line in done.stderr.splitlines() if line.startswith("mzconvert: error: ")] == [
         f"mzconvert: error: {line}" for line in result["errors"]]
+
+
+@pytest.mark.parametrize("change, where, says", [
+    (lambda d: d["variants"][4].update(max_drop=1.5), "variants[4].max_drop", "expected a share"),
+    (lambda d: d["variants"][4].update(max_drop=0.01, float_layers=["conv"]), "variants[4].max_drop", "not both"),
+    (lambda d: d["variants"][1].update(max_drop=0.01), "variants[1].max_drop", "int8 variant"),
+    (lambda d: (d["variants"][4].update(max_drop=0.01), d.pop("verify")), "variants[4].max_drop",
+     "declares none: add verify"),
+])
+def test_max_drop_is_a_share_of_an_int8_variant_judged_on_verify_images(change, where, says):
+    message = error_of(mutate(change))
+    assert f"recipes/x.yaml: {where}: " in message and says in message, message
+
+
+def test_max_drop_parses():
+    recipe = parse_recipe(Path("recipes/x.yaml"), mutate(lambda d: d["variants"][4].update(max_drop=0.005)))
+    assert recipe.variants[4].max_drop == 0.005 and recipe.variants[3].max_drop is None

@@ -401,8 +401,12 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     assert "## Per-layer quantization error: i8" in (dist / "report.md").read_text()
     # the layer debug ranks first, kept float (float_layers), wins the damage back; the rest stays int8
     kept = f"  - {{name: i8-fl, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 8, " \
-           f"float_layers: [{layers[0]['layer']}]}}\n"
-    recipe.write_text(recipe.read_text().replace("verify:", kept + "verify:"))
+           f"float_layers: [{layers[0]['layer']}]}}\n" \
+           f"  - {{name: i8-budget, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 8, " \
+           f"max_drop: 0.05}}\n"
+    npu = "targets:\n  vela: {accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, " \
+          "memory_mode: Shared_Sram}\n"
+    recipe.write_text(recipe.read_text().replace("verify:", kept + npu + "verify:"))
     built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
     assert built.returncode == 0, built.stderr[-2000:]
     variants = json.loads(built.stdout)["tiny"]["variants"]
@@ -414,6 +418,17 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
 
     mixed = TFLiteRunner(dist / variants["i8-fl"]["file"])
     assert mixed.inputs[0].dtype == "int8" and mixed.float_tensor_count() > 0
+    # vela compiles it, the float layer on the CPU beside the NPU, counted
+    (compiled,) = variants["i8-fl"]["vela"].values()
+    assert compiled["cpu_op_count"] > 0 and compiled["npu_ops"] > 0, compiled
+    (plain,) = variants["i8"]["vela"].values()
+    assert plain["cpu_op_count"] == 0, plain
+    # max_drop: the build searched the layers to keep float itself, debug's worst first, until within the budget
+    search = variants["i8-budget"]["search"]
+    assert search["steps"][0]["float_layers"] == [] and search["steps"][0]["fidelity"] < 0.95, search
+    assert search["met"] and search["chosen"]["float_layers"][0] == layers[0]["layer"], search
+    assert variants["i8-budget"]["verify"]["matched_detections"] == search["chosen"]["fidelity"]
+    assert TFLiteRunner(dist / variants["i8-budget"]["file"]).float_tensor_count() > 0
 
 
 def test_a_name_with_the_import_scope_gets_the_name_in_the_file(tmp_path, tiny):

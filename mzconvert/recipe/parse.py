@@ -111,6 +111,8 @@ def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[V
         verify = problems.check(parse_verify, r)
         if verify is not None and all_variants:
             problems.check(rules.check_verify_images, r, verify.images, list(variants))
+    elif all_variants:
+        problems.check(rules.check_search_needs_verify, r, list(variants))
     if r.has("source_pipeline") and s.task and s.fmt:
         source_pipeline = problems.check(parse_source_pipeline, r.child("source_pipeline"), s.task, s.fmt)
     if (r.has("labels") or r.has("label_offset")) and s.task:

@@ -76,6 +76,9 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
     if v.target == "tflite" and v.calibration_method not in TFLITE_CALIBRATION_METHODS:
         raise item.fail(f"TFLite int8 records its ranges by {', '.join(TFLITE_CALIBRATION_METHODS)}; "
                         f"{v.calibration_method} is ONNX Runtime's", where("calibration_method"))
+    if v.max_drop is not None and (v.mode != "int8" or v.float_layers or v.quantizer == "ai-edge-quantizer"):
+        raise item.fail("max_drop searches the layers an int8 variant keeps float (TFLite's converter, ONNX "
+                        "Runtime); give it or float_layers, not both", where("max_drop"))
     _check_backend_options(item, v, fmt)
 
 
@@ -141,6 +144,13 @@ def check_verify_images(r: Reader, images: str, variants: list[Variant]) -> None
     if images in {v.calibration for v in variants}:
         raise r.fail(f"{short(images)} is also a calibration set; verify on images never calibrated on",
                      "verify.images")
+
+
+def check_search_needs_verify(r: Reader, variants: list[Variant]) -> None:
+    for i, v in enumerate(variants):
+        if v.max_drop is not None:
+            raise r.fail("max_drop is judged on the verify images, and the recipe declares none: add verify",
+                         f"variants[{i}].max_drop")
 
 
 def check_labels_task(r: Reader, task: str) -> None:

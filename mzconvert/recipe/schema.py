@@ -73,7 +73,7 @@ FIELDS = {
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
                    "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db", "min_float_cosine",
-                   "separate_output_scales", "quantizer", "float_layers"),
+                   "separate_output_scales", "quantizer", "float_layers", "max_drop"),
     "variants[].quantized_input_stats": ("mean", "std"),
     "targets": ("vela",),
     "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
@@ -229,6 +229,9 @@ class Variant:
     # int8 / int16x8: layers kept float (precision where the model needs it): TFLite op output tensor names,
     # ONNX node names, as `mzconvert debug` lists them; they run on the CPU beside an NPU
     float_layers: tuple[str, ...] = ()
+    # int8: the build keeps float the fewest of `mzconvert debug`'s worst layers for the variant to agree with the
+    # float model on at least 1 - max_drop of the verify images (stages/fallback.py); they become its float_layers
+    max_drop: float | None = None
     # Fidelity floors against the float model (DEFAULT_FLOORS unless the recipe lowers one): the build fails below
     min_matched: float = DEFAULT_FLOORS["min_matched"]  # detectors: share of detections matched
     min_agreement: float = DEFAULT_FLOORS["min_agreement"]  # classifiers: top-1 agreement
@@ -314,6 +317,11 @@ class Recipe:
 
     def member_for(self, variant: Variant) -> str | None:
         return variant.member or self.source.member
+
+    def variant_index(self, name: str) -> int:
+        """Where the variant is in the recipe's list (for located messages; a build may carry a variant with its
+        searched float_layers, which equals none of the recipe's)."""
+        return [v.name for v in self.variants].index(name)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:

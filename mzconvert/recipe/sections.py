@@ -290,6 +290,14 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, **names, **nms)
 
 
+def _max_drop(r: Reader) -> float | None:
+    value = r.number("max_drop", required=False)
+    if value is not None and not 0 <= value < 1:
+        raise r.fail(f"expected a share of the verify images in [0, 1), e.g. 0.005, got {value}",
+                     r.child_where("max_drop"))
+    return value
+
+
 def _percentile(r: Reader) -> float:
     value = r.number("calibration_percentile", required=False, default=99.999)
     if not 50 < value <= 100:
@@ -345,7 +353,8 @@ def parse_variant(r: Reader) -> Variant:
                                             choices=WEIGHT_ROUNDINGS),
                    quantizer=r.string("quantizer", required=False, default="",
                                       choices=("converter", "ai-edge-quantizer")),
-                   float_layers=tuple(r.list_of("float_layers", Reader.as_string, required=False) or ()))
+                   float_layers=tuple(r.list_of("float_layers", Reader.as_string, required=False) or ()),
+                   max_drop=_max_drop(r))
 
 
 def parse_vela(r: Reader) -> VelaTarget:

@@ -283,7 +283,7 @@ def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Pat
     if search_drop is not None:
         from .fallback import search_float_layers
 
-        result["search"] = search_float_layers(recipe, variant, [row["layer"] for row in layers], build_root,
+        result["search"] = search_float_layers(stripped, recipe, variant, [row["layer"] for row in layers],
                                                calibration(), images, search_drop, log)
     folder = out / recipe.name if in_dist else recipe_build_folder(build_root, recipe.name)
     write_json_atomic(folder / "debug" / f"{variant.name}.json", result)

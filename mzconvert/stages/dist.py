@@ -50,6 +50,8 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
                      "outputs": quantized.result["outputs"],
                      "postprocess_attached": "raw_model" in quantized.result}
             copies.append((quantized.path("model"), quantized.result["model"]))
+            if "search" in stages:  # max_drop: the layers kept float, and what each candidate measured
+                entry["search"] = stages["search"].result["search"]
             if "verify" in stages:
                 entry["verify"] = stages["verify"].result["metrics"]
             if stages.get("vela"):

@@ -1,22 +1,23 @@
 """Precision where the model needs it, searched: the fewest layers of an int8 variant kept float (float_layers),
 taken in the order `mzconvert debug` ranks them, for the variant to agree with the float model within a budget
-(`mzconvert debug --search MAX_DROP`).
+(`mzconvert debug --search MAX_DROP`, or a variant's `max_drop` in the build).
 
 Each candidate is quantized as the build quantizes the variant (the same calibration, ranges and rounding, its
 float_layers added) and verified as the build verifies it, on the verify images: top-1 agreement for classifiers,
-detections matched for detectors. Candidates double the layers kept float (1, 2, 4, ...) up to MAX_LAYERS; the
-first within the budget is the answer, with what it costs: size, operators left float (on the CPU beside an NPU).
+detections matched for detectors, mask IoU for maps. The variant as declared first; then candidates double the
+layers kept float (1, 2, 4, ...) up to MAX_LAYERS; the first within the budget is the answer, with what it costs:
+size, operators left float (on the CPU beside an NPU). A variant's `max_drop` runs it in the build.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from ..backends import backend_for
 from ..errors import EXIT_BAD_INPUT, MzError
-from ..layout import built_stage_model
 from ..recipe import Recipe, Variant
 from ..runtime import target_kernels
 from .calibrate import calibrate, shares_calibration
@@ -43,15 +44,16 @@ def _worst_sqnr(metrics: dict) -> float:
     return min(m.get("worst_slice", m)["sqnr_db"] for m in metrics.values() if isinstance(m, dict))
 
 
-def search_float_layers(recipe: Recipe, variant: Variant, ranked: list[str], build_root: Path,
-                        calibration: list[Path], images: list[Path], max_drop: float, log) -> dict:
-    """Candidates with the first 0, 1, 2, 4... of `ranked` (layer names, worst first) kept float, each quantized
-    and verified (under its target's kernels, as the build verifies); the first whose paired fidelity is at
-    least 1 - max_drop is chosen (else the best)."""
-    stripped = built_stage_model(build_root, recipe, "strip")
+def search_float_layers(stripped: Path, recipe: Recipe, variant: Variant,
+                        ranked: list[str] | Callable[[Path], list[str]], calibration: list[Path], images: list[Path],
+                        max_drop: float, log) -> dict:
+    """Candidates with the first 0, 1, 2, 4... of `ranked` (layer names, worst first; or what ranks them, given
+    the variant as declared, called only when that is not within the budget) kept float, each quantized and
+    verified (under its target's kernels, as the build verifies); the first whose paired fidelity is at least
+    1 - max_drop is chosen (the variant as declared, if it is within already; else the best)."""
     anchors = stripped.with_name("anchors.npy") if stripped.with_name("anchors.npy").is_file() else None
-    counts = [0] + [k for k in (2 ** i for i in range(6)) if k <= min(len(ranked), MAX_LAYERS)]
-    steps = []
+    target = 1 - max_drop
+    steps, count = [], 0
     with tempfile.TemporaryDirectory(prefix="mzconvert-search-") as tmp:
         work = Path(tmp)
         reference = backend_for(recipe).GraphRunner(stripped, recipe)
@@ -60,8 +62,8 @@ def search_float_layers(recipe: Recipe, variant: Variant, ranked: list[str], bui
         if shares_calibration(recipe, variant):
             (work / "calibrate").mkdir()
             calibrated = calibrate(stripped, recipe, variant, calibration, work / "calibrate")
-        for count in counts:
-            candidate = replace(variant, float_layers=tuple(ranked[:count]))
+        while True:
+            candidate = replace(variant, float_layers=tuple(ranked[:count]) if count else ())
             out = work / f"keep-{count}"
             out.mkdir()
             built = quantize(stripped, recipe, candidate, None if calibrated else calibration, out, anchors,
@@ -74,10 +76,14 @@ def search_float_layers(recipe: Recipe, variant: Variant, ranked: list[str], bui
             steps.append(step)
             log(f"search: {count} layers float: fidelity {step['fidelity']:.1%}, worst SQNR "
                 f"{step['worst_sqnr_db']:.1f} dB, {step['bytes']} bytes")
-            if count and step["fidelity"] >= 1 - max_drop:
+            if step["fidelity"] >= target:
                 break
-    target = 1 - max_drop
-    chosen = next((s for s in steps[1:] if s["fidelity"] >= target), max(steps, key=lambda s: s["fidelity"]))
+            if callable(ranked):
+                ranked = ranked(built.model)
+            count = 2 * count or 1
+            if count > min(len(ranked), MAX_LAYERS):
+                break
+    chosen = next((s for s in steps if s["fidelity"] >= target), max(steps, key=lambda s: s["fidelity"]))
     return {"max_drop": max_drop, "target_fidelity": target, "images": len(images), "steps": steps,
             "chosen": chosen, "met": chosen["fidelity"] >= target}
 

@@ -74,8 +74,8 @@ def _check_float_layers(calibrated: Path, recipe: Recipe, variant: Variant) -> N
 
     graph = read_model(calibrated).subgraphs[0]
     outputs = [graph.tensors[i].name.decode() for op in graph.operators for i in op.outputs]
-    index = next((i for i, v in enumerate(recipe.variants) if v.name == variant.name), "")
-    check_tensors(recipe, f"variants[{index}].float_layers", variant.float_layers, outputs)
+    check_tensors(recipe, f"variants[{recipe.variant_index(variant.name)}].float_layers", variant.float_layers,
+                  outputs)
 
 
 def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:

@@ -67,7 +67,8 @@ def _check_config(recipe: Recipe, target: VelaTarget, config: Path) -> None:
 def _require_integer(model: Path, recipe: Recipe, variant: Variant) -> None:
     runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
     floats = runner.float_tensor_count()
-    if variant.mode not in INTEGER_MODES or floats:
+    # float_layers: float on purpose, on the CPU beside the NPU (counted, and held to the target's max_cpu_ops)
+    if variant.mode not in INTEGER_MODES or (floats and not variant.float_layers):
         raise MzError(f"{model}: vela compiles integer models only; variant {variant.name!r} is "
                       f"{variant.mode} with {floats} float32 tensors (use an int8, int16x8 or uint8-qat variant)")
 

@@ -175,7 +175,7 @@ def floor_failures(recipe: Recipe, variant: Variant, metrics: dict) -> list[str]
     """The variant's fidelity below its floors (the recipe's min_* fields, DEFAULT_FLOORS where it sets none),
     a located line each, naming the output (and slice) and what to do."""
     floors = {field: getattr(variant, field) for field in DEFAULT_FLOORS}
-    where = f"{recipe.path}: variants[{recipe.variants.index(variant)}]"
+    where = f"{recipe.path}: variants[{recipe.variant_index(variant.name)}]"
     debug = f"`mzconvert debug {command_argument(recipe)} --variant {variant.name}` shows which layers lose it"
     return [f"{where}.{field}: {variant.name}: {what} {shown} is below the floor {floors[field]} (the recipe may "
             f"lower it); {debug}" for field, what, shown in below_floors(metrics, floors, variant.mode)]
