@@ -1,7 +1,7 @@
 """Issue 12: what calibration does to int8 accuracy, measured on the shared sets in one run.
 
 For each real model, int8 variants that differ only in how their activation ranges are calibrated
-(method: minmax, percentile or mse; image count), and for TFLite one with its depthwise weights rounded
+(method: minmax, percentile, mse or mean_minmax; image count), and for TFLite one with its depthwise weights rounded
 to the nearest step instead of fitted (weight_rounding), are built next to float32 and evaluated on
 the same images. Printed per variant: the accuracy, its ratio to float32 with the paired bootstrap 95 %
 interval, and the paired fidelity to the float model (classifiers: top-1 agreement on the evaluated
@@ -35,7 +35,7 @@ MODELS = {
     "classifier-onnx": ("mobilenetv2-torchvision", "imagenet-samples", "imagenet-calib",
                         {"target": "onnx"}, (100, 300), ("float32",)),
 }
-METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99), ("mse", None))
+METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99), ("mse", None), ("mean_minmax", None))
 
 
 def variants(calibration: Path, extra: dict, counts: tuple[int, ...], io_dtypes: tuple[str, ...]) -> list[dict]:

@@ -4,7 +4,7 @@ the same at int16x8 (16-bit activations), and the same with `max_drop` (the buil
 images), side by side.
 
 Per variant: paired fidelity to the float model on the verify images (top-1 agreement or detections matched,
-as the search judges it), accuracy on the evaluation set with its ratio to float32 and the paired bootstrap 95 %
+as the search judges it; for classifiers also the top-1 agreement on the evaluated images, after the slash), accuracy on the evaluation set with its ratio to float32 and the paired bootstrap 95 %
 interval (under the kernels the variant's target computes with: LiteRT's reference kernels for the NPU's
 variants), size, 1-thread CPU latency (LiteRT's optimized kernels), and per Ethos-U target the estimated
 inference time and the operators left to the CPU. Pedestrian AP is on the 132 COCO val2017 images; MobileNetV2
@@ -29,11 +29,13 @@ MODELS = {"detector": ("pedestrian-ssdlite", "coco", "int8"),
           "classifier": ("mobilenetv2-torchvision", "imagenet-samples", "int8-tflite")}
 
 
-def paired_fidelity(verify: dict) -> str:
+def paired_fidelity(verify: dict, row: dict) -> str:
+    """What the search judges, on the verify images; for classifiers also the agreement on the evaluated ones."""
     if "matched_detections" in verify:
         return f"{verify['matched_detections']:.1%} matched"
     agreement = [m["top1_agreement"] for m in verify.values() if isinstance(m, dict) and "top1_agreement" in m]
-    return f"{min(agreement):.1%} top-1 agree" if agreement else "-"
+    text = f"{min(agreement):.1%}" if agreement else "-"
+    return text + (f" / {row['top1_agreement']:.1%}" if "top1_agreement" in row else "")
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def main() -> None:
                 npu = ", ".join(f"{t}: {v['inference_time_ms']:.1f} ms, {v['cpu_op_count']} CPU ops"
                                 for t, v in built.get("vela", {}).items()) or "-"
                 size = (work / "dist" / name / built["file"]).stat().st_size
-                print(f"{variant:14} {row.get('kernels', '-'):9} {paired_fidelity(built.get('verify', {})):>18} "
+                print(f"{variant:14} {row.get('kernels', '-'):9} {paired_fidelity(built.get('verify', {}), row):>18} "
                       f"{row[metric]:7.4f} {row[metric] / base:10.1%} {low:7.1%} - {high:5.1%} {size:9d} "
                       f"{bench[variant]['median_ms']:7.2f}  {npu}")
     finally:

@@ -39,13 +39,20 @@ def test_mse_range_of_values_on_one_side_of_zero_starts_at_zero():
     assert low == 0.0 and high == pytest.approx(6, rel=0.03)  # quantized ranges always hold 0
 
 
+def test_mean_minmax_averages_each_images_extremes():
+    """NNCF's estimator for activations: the range a typical image takes; NaN skipped."""
+    images = [np.array([-1.0, 0.0, np.nan]), np.array([0.0, 3.0]), np.array([1.0, 6.0])]
+    assert ranges_of(images, "mean_minmax") == (0.0, 3.0)
+    assert ranges_of(images, "minmax") == (-1.0, 6.0)
+
+
 def test_percentile_is_exact_over_all_images():
     images = [np.random.RandomState(i).normal(0, 1, 1000).astype(np.float32) for i in range(5)]
     values = np.sort(np.concatenate(images))
     assert ranges_of(images, "percentile", 99.0) == (values[50], values[-51])
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "mean_minmax"])
 def test_a_tensor_with_no_finite_value_is_named(method):
     from mzconvert.errors import MzError
 

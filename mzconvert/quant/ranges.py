@@ -84,6 +84,28 @@ class RangeRecorder:
                 for key, extremes in self._extremes.items()}
 
 
+class _MeanExtremes:
+    """Each image's min and max of a tensor, averaged over the images (NNCF's estimator for activations): the
+    range a typical image takes, not the widest any took; what one image has beyond it is clipped."""
+
+    def __init__(self):
+        self._sums: dict[object, list[float]] = {}
+
+    def add(self, key, values: np.ndarray) -> None:
+        flat = values.ravel()
+        if np.isnan(flat.min()):
+            flat = flat[~np.isnan(flat)]
+        sums = self._sums.setdefault(key, [0.0, 0.0, 0])
+        if flat.size:
+            sums[0] += float(flat.min())
+            sums[1] += float(flat.max())
+            sums[2] += 1
+
+    def ranges(self) -> dict[object, tuple[float, float]]:
+        """{key: (low, high)}; (inf, -inf) for a tensor that never had a finite value."""
+        return {key: (low / n, high / n) if n else (np.inf, -np.inf) for key, (low, high, n) in self._sums.items()}
+
+
 class _Histogram:
     """A tensor's values over all images in BINS bins between its min and max (0 included, as in every
     quantized range), for the range of least quantization error (mse_range)."""
@@ -122,10 +144,12 @@ def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: 
                    percentile: float | None = None, name_of: Callable[[object], str] = str
                    ) -> dict[object, tuple[float, float]]:
     """{tensor key: (low, high)} over every input in `tensors`, of the tensors `activations` yields for an
-    input: with method minmax their min and max, percentile as RangeRecorder, mse the range of least
+    input: with method minmax their min and max, percentile as RangeRecorder, mean_minmax each input's min and
+    max averaged (_MeanExtremes), mse the range of least
     quantization error (_Histogram, a second pass over the inputs). A tensor with no finite value on any
     input is an error naming it (`name_of` its key)."""
-    recorder = RangeRecorder(len(tensors), percentile if method == "percentile" else None)
+    recorder = (_MeanExtremes() if method == "mean_minmax"
+                else RangeRecorder(len(tensors), percentile if method == "percentile" else None))
     _each_value(activations, tensors, recorder.add)
     ranges = recorder.ranges()
     for key, (low, high) in ranges.items():
