@@ -38,9 +38,7 @@ class _Extremes:
         self.low = self.high = np.empty(0, np.float32)
 
     def add(self, values: np.ndarray) -> None:
-        flat = values.ravel()
-        if np.isnan(flat.min()):
-            flat = flat[~np.isnan(flat)]
+        flat = _without_nan(values)
         if flat.size == 0:
             return
         if self.keep == 1:  # min/max: no partition
@@ -55,6 +53,12 @@ class _Extremes:
         """The values `rank` places above the minimum and below the maximum of all values seen."""
         low, high = np.sort(self.low), np.sort(self.high)[::-1]
         return float(low[min(rank, low.size - 1)]), float(high[min(rank, high.size - 1)])
+
+
+def _without_nan(values: np.ndarray) -> np.ndarray:
+    """The values, flat, NaN left out (as TensorFlow's calibrator skips them)."""
+    flat = values.ravel()
+    return flat[~np.isnan(flat)] if np.isnan(flat.min()) else flat
 
 
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:
@@ -92,9 +96,7 @@ class _MeanExtremes:
         self._sums: dict[object, list[float]] = {}
 
     def add(self, key, values: np.ndarray) -> None:
-        flat = values.ravel()
-        if np.isnan(flat.min()):
-            flat = flat[~np.isnan(flat)]
+        flat = _without_nan(values)
         sums = self._sums.setdefault(key, [0.0, 0.0, 0])
         if flat.size:
             sums[0] += float(flat.min())
