@@ -7,8 +7,9 @@ calibration images and preprocessing as the recipe's int8 variants (its `int8` c
 runs on the same labelled images with the recipe's preprocessing: ONNX QDQ models as their ops define them (as our
 eval runs them), our TFLite int8 under LiteRT's reference kernels (its NPU target's) and its optimized ones.
 Printed per quantizer: top-1 and its ratio to float32, the paired bootstrap 95 % interval of its top-1 difference
-to our ONNX int8, top-1 agreement with float32, logits SQNR to float32, quantizer seconds, 1-thread latency (ORT's
-fused kernels, LiteRT's XNNPACK) and how many of the model's convolutions ORT runs as integer kernels.
+to our ONNX int8, top-1 agreement with float32, logits SQNR to float32, the same two under ORT's fused integer
+kernels on this CPU (what a deployment here computes), quantizer seconds, 1-thread latency (ORT's fused kernels,
+LiteRT's XNNPACK) and how many of the model's convolutions ORT runs as integer kernels.
 
 Usage: .venv/bin/python bench/peers.py [--recipe NAME] [--dataset DIR] [--count N] [--mirror DIR]
 (needs `mzconvert build RECIPE` into ./dist first, or builds it there)
@@ -72,20 +73,6 @@ def nncf_quantized(float_model: Path, target: Path, tensors: list[np.ndarray], n
     return time.perf_counter() - start
 
 
-def fused_convs(model: Path) -> str:
-    """How many convolutions ONNX Runtime's CPU graph optimizations turn into integer kernels."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-    integer = sum(op in ("QLinearConv", "ConvInteger") for op in ops)
-    return f"{integer} of {integer + sum(op in ('Conv', 'FusedConv') for op in ops)}"
-
-
 def latency_ms(model: Path) -> float:
     done = subprocess.run([sys.executable, "-m", "mzconvert.evaluate.latency", str(model), "--runs", "30",
                            "--threads", "1"], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -103,6 +90,7 @@ def main() -> None:
     from onnxruntime.quantization import quant_pre_process
 
     from mzconvert.evaluate.cocometrics import bootstrap_weights, difference_interval
+    from mzconvert.evaluate.latency import integer_convolutions
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import OPTIMIZED, REFERENCE, open_model
@@ -147,11 +135,17 @@ def main() -> None:
         images = labelled_images(dataset, recipe.labels).images[:args.count]
         runners = {label: open_model(path, list(recipe.strip.outputs), threads=2, kernels=kernels or OPTIMIZED)
                    for label, (path, kernels, _) in models.items()}
-        logits = {label: [] for label in runners}
+        # what a deployment on this CPU computes: ORT's fused integer kernels (their 16-bit pair sums saturate
+        # on x86 without VNNI)
+        fused = {label: open_model(path, list(recipe.strip.outputs), threads=2, fused=True)
+                 for label, (path, _, _) in models.items() if path.suffix == ".onnx" and label != "float32"}
+        logits = {label: [] for label in [*runners, *(f"{label} fused" for label in fused)]}
         for path, _ in images:
             tensor = prepare(path, recipe.preprocess, recipe.input).tensor
             for label, runner in runners.items():
                 logits[label].append(runner.run(tensor)[0].reshape(-1))
+            for label, runner in fused.items():
+                logits[f"{label} fused"].append(runner.run(tensor)[0].reshape(-1))
         stacked = {label: np.stack(rows) for label, rows in logits.items()}
         truth = np.array([label for _, label in images])
         # labels index the recipe's label list; logits index the model's outputs (label_offset first)
@@ -162,20 +156,25 @@ def main() -> None:
         print(f"{recipe.name}: {len(images)} images of {dataset.name}, the recipe's preprocessing; calibration "
               f"{len(calibration)} images of {ours.calibration}; ONNX QDQ models run as their ops define them")
         print("| quantizer | kernels | top-1 | vs float32 | difference to ours, ONNX int8 (95 % paired interval) | "
-              "agreement with float32 | logits SQNR | quantizer s | 1-thread latency ms | ORT integer convs |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "agreement with float32 | logits SQNR | ORT fused kernels: agreement, SQNR | quantizer s | "
+              "1-thread latency ms | ORT integer convs |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, (path, kernels, seconds) in models.items():
             hits = correct[label]
             low, high = difference_interval(weights @ hits / len(images), weights @ reference / len(images))
             agreement = np.mean(stacked[label].argmax(1) == base.argmax(1))
             sqnr = compare(base, stacked[label])["sqnr_db"] if label != "float32" else float("inf")
-            onnx_file = path.suffix == ".onnx"
+            convs = integer_convolutions(path)  # None: not ONNX
+            on_this_cpu = "-"
+            if label in fused:
+                rows = stacked[f"{label} fused"]
+                on_this_cpu = f"{np.mean(rows.argmax(1) == base.argmax(1)):.1%}, {compare(base, rows)['sqnr_db']:.1f} dB"
             print(f"| {label} | {kernels or 'ONNX Runtime'} | {hits.mean():.1%} | "
                   f"{hits.mean() / correct['float32'].mean():.1%} | "
                   f"{(hits.mean() - reference.mean()) * 100:+.1f} points ({low * 100:+.1f} to {high * 100:+.1f}) | "
-                  f"{agreement:.1%} | {sqnr:.1f} dB | {f'{seconds:.0f}' if seconds else '-'} | "
+                  f"{agreement:.1%} | {sqnr:.1f} dB | {on_this_cpu} | {f'{seconds:.0f}' if seconds else '-'} | "
                   f"{latency_ms(path) if kernels != REFERENCE else float('nan'):.2f} | "
-                  f"{fused_convs(path) if onnx_file else '-'} |")
+                  f"{f'{convs[0]} of {convs[1]}' if convs else '-'} |")
 
 
 if __name__ == "__main__":

@@ -93,14 +93,16 @@ def boxes_and_scores_onnx(path: Path) -> Path:
 
 def map_onnx(path: Path, outlier: bool) -> Path:
     """A text-detection-like probability map [1, 1, 8, 8]; with `outlier`, one cell of it is 1000 (a constant
-    added to one cell), so one int8 scale for the map leaves every other cell at 0."""
+    added to one cell) before a last op (x 1), so one int8 scale for the map before it leaves every other cell
+    at 0 (the output itself stays float)."""
     rng = np.random.RandomState(2)
     spike = np.zeros((1, 1, 8, 8))
     spike[0, 0, 0, 0] = 1000.0 if outlier else 0.0
-    arrays = {"w": rng.normal(0, 0.5, (1, 3, 4, 4)), "spike": spike}
+    arrays = {"w": rng.normal(0, 0.5, (1, 3, 4, 4)), "spike": spike, "one": np.ones((1, 1, 8, 8))}
     nodes = [helper.make_node("Conv", ["input", "w"], ["conv"], strides=[4, 4]),
              helper.make_node("Sigmoid", ["conv"], ["prob"]),
-             helper.make_node("Add", ["prob", "spike"], ["map"])]
+             helper.make_node("Add", ["prob", "spike"], ["spiked"]),
+             helper.make_node("Mul", ["spiked", "one"], ["map"])]
     return _write(path, nodes, "map", [1, 1, 8, 8], arrays)
 
 

@@ -113,6 +113,20 @@ def test_dynamic_quantization_keeps_unnamed_depthwise_convs_float(tmp_path, mirr
     assert convs == [("ConvInteger", 1), ("Conv", 8), ("ConvInteger", 1)]  # the two others quantized
     assert manifest["variants"]["dynamic"]["verify"]["logits"]["cosine"] > 0.99
 
+    # static int8 of the same model: uint8 activations (the same 256 steps as int8's), so ONNX Runtime's x86
+    # kernels fuse the depthwise Conv too, which with int8 activations it leaves float; logits not rounded
+    from mzconvert.evaluate.latency import integer_convolutions
+
+    artifact = tmp_path / "dist" / "tiny-onnx" / manifest["variants"]["int8"]["file"]
+    graph = onnx.load(str(artifact)).graph
+    zero_points = {t.name: t.data_type for t in graph.initializer}
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and all(zero_points[n.input[2]] == TensorProto.UINT8 for n in activations)
+    producer = {o: n for n in graph.node for o in n.output}
+    assert producer["logits"].op_type == "Gemm"  # no Quantize/Dequantize pair before the output
+    assert integer_convolutions(artifact) == (3, 3)
+    assert integer_convolutions(tmp_path / "dist" / "tiny-onnx" / "tiny-onnx_float32.onnx") == (0, 3)
+
 
 def _prepared_tiny_onnx(tmp_path) -> Path:
     from onnxruntime import quantization as q
@@ -158,10 +172,14 @@ def test_onnx_recorded_ranges_percentile_exact_mse_inside_minmax(tmp_path):
     rank = int(0.01 * values.size)
     assert ranges["input"] == (values[rank], values[-1 - rank])
     assert {"conv1", "relu1", "dw", "conv2", "relu2", "logits"} <= set(ranges)
-    minmax, mse = (_recorded_ranges(prepared, images, method) for method in ("minmax", "mse"))
+    minmax, mse, averaged = (_recorded_ranges(prepared, images, method) for method in ("minmax", "mse", "mean_minmax"))
     assert minmax["input"] == (values[0], values[-1])
+    inside = set(minmax) - {"probabilities"}  # the graph's output
     assert set(mse) == set(minmax) and all(min(low, 0) <= mse[k][0] <= 0 <= mse[k][1] <= max(high, 0)
-                                           for k, (low, high) in minmax.items())
+                                           for k, (low, high) in minmax.items() if k in inside)
+    # the output keeps its whole range by every method; what it is made from is clipped
+    assert ranges["probabilities"] == mse["probabilities"] == averaged["probabilities"] == minmax["probabilities"]
+    assert averaged["relu2"][1] < minmax["relu2"][1] and ranges["relu2"][1] < minmax["relu2"][1]
 
 
 def test_onnx_strip_at_unknown_tensor_lists_close_matches(tmp_path, mirror):
@@ -322,3 +340,4 @@ def test_the_layer_debug_ranks_first_kept_float_wins_back_the_damage(tmp_path, m
     refused = run_cli("build", str(recipe), *where)
     assert refused.returncode == 2 and "float_layers: tensor 'relu9' is not in the graph" in refused.stderr, \
         refused.stderr[-1000:]
+

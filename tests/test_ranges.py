@@ -60,3 +60,41 @@ def test_a_tensor_with_no_finite_value_is_named(method):
     activations = lambda tensor: iter([(0, tensor), (1, tensor * np.nan)])  # noqa: E731
     with pytest.raises(MzError, match="calibration: tensor 'head/logits' has no finite value on any calibration"):
         measure_ranges(activations, images, method, 99.0, {0: "stem", 1: "head/logits"}.get)
+
+
+@pytest.mark.parametrize("method, percentile", [("percentile", 99.0), ("mse", None), ("mean_minmax", None)])
+def test_an_output_keeps_its_whole_range_by_every_method(method, percentile):
+    """A later layer absorbs a clipped activation; a clipped output reaches the user (top logits tie)."""
+    images = [np.random.RandomState(i).laplace(0, 1, 5_000).astype(np.float32) for i in range(4)]
+    values = np.concatenate(images)
+    activations = lambda tensor: iter([("inside", tensor), ("output", tensor)])  # noqa: E731
+    ranges = measure_ranges(activations, images, method, percentile, whole={"output"})
+    assert ranges["output"] == (values.min(), values.max())
+    assert values.min() < ranges["inside"][0] and ranges["inside"][1] < values.max()
+
+
+def test_tflite_outputs_are_followed_back_through_ops_that_only_move_values(tmp_path):
+    """The tensors whose values a .tflite's outputs are (RESHAPE, CONCATENATION): they keep their whole range."""
+    import tensorflow as tf
+
+    from mzconvert.quant.ranges import output_tensors
+    from mzconvert.tflite_file import read_model
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 3], tf.float32)])
+    def head(x):
+        conv = tf.nn.relu(tf.nn.conv2d(x, tf.ones([1, 1, 3, 2]), 1, "VALID"))
+        boxes = tf.reshape(conv * 2.0, [1, -1])
+        scores = tf.reshape(tf.sigmoid(conv), [1, -1])
+        return tf.concat([boxes, scores], axis=1)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([head.get_concrete_function()], head)
+    path = tmp_path / "head.tflite"
+    path.write_bytes(converter.convert())
+    model = read_model(path)
+    graph = model.subgraphs[0]
+    names = {i: graph.tensors[i].name.decode() for i in output_tensors(model)}
+    producers = {out: op for op in graph.operators for out in op.outputs}
+    assert len(names) == 5, names  # the output, the two reshapes and what they reshape (mul, logistic)
+    assert graph.outputs[0] in names
+    assert not any(graph.tensors[i].name == graph.tensors[graph.inputs[0]].name for i in names)
+    assert all(i in producers for i in names)

@@ -202,32 +202,64 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     model = _load(prepared)
     float_nodes = mixed_range_outputs(model, ranges) if variant.separate_output_scales else []
     float_nodes += _known_nodes(model, variant.float_layers, recipe)
+    # int8 activations as uint8: asymmetric, the same 256 steps of each range (the model computes the same), and
+    # the type ONNX Runtime's x86 kernels take: its graph optimizations fuse every Conv (depthwise ones too) and Add
+    # into integer kernels, where with int8 activations MobileNetV2's 17 depthwise Convs and 10 Adds stay float
+    # between Dequantize and Quantize (bench/peers.py: "ORT integer convs")
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
-                   activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QInt8,
+                   activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QUInt8,
                    weight_type=q.QuantType.QInt8, nodes_to_exclude=float_nodes)
     if variant.calibration_method == "entropy":  # ONNX Runtime's own calibrator
         q.quantize_static(str(prepared), str(target), _Calibration(recipe.input.name, tensors),
                           calibrate_method=q.CalibrationMethod.Entropy, **options)
-        if variant.weight_rounding == "fitted":
-            _fit_depthwise_weights(prepared, target, tensors)
-        return
-    # min/max, percentile and mse ranges are recorded here (ranges.py) and handed to the quantizer as its
-    # calibration cache: exact percentiles in bounded memory, the same ranges as the TFLite path's, where ONNX
-    # Runtime's histogram calibrators hold every activation of every image and read a percentile off a bin edge
-    # (splitting the share outside between both ends); and its min/max with CalibMaxIntermediateOutputs drops
-    # each full chunk of outputs unmeasured.
-    cache = target.with_name("ranges.json")
-    _write_ranges(ranges, cache)
-    q.quantize_static(str(prepared), str(target), None, calibrate_method=q.CalibrationMethod.MinMax,
-                      calibration_cache_path=str(cache), **options)
-    cache.unlink()
+    else:
+        # min/max, percentile and mse ranges are recorded here (ranges.py) and handed to the quantizer as its
+        # calibration cache: exact percentiles in bounded memory, the same ranges as the TFLite path's, where ONNX
+        # Runtime's histogram calibrators hold every activation of every image and read a percentile off a bin
+        # edge (splitting the share outside between both ends); and its min/max with CalibMaxIntermediateOutputs
+        # drops each full chunk of outputs unmeasured.
+        cache = target.with_name("ranges.json")
+        _write_ranges(ranges, cache)
+        q.quantize_static(str(prepared), str(target), None, calibrate_method=q.CalibrationMethod.MinMax,
+                          calibration_cache_path=str(cache), **options)
+        cache.unlink()
+    if variant.separate_output_scales:
+        _save(_float_outputs(_load(target)), target)
     if variant.weight_rounding == "fitted":
         _fit_depthwise_weights(prepared, target, tensors)
 
 
+def _float_outputs(model):
+    """`model` (QDQ) with no QuantizeLinear -> DequantizeLinear pair in front of a graph output: the outputs
+    are float, so rounding them to 8 bits only loses resolution (a classifier's top logits tie), and ONNX
+    Runtime's fused integer kernels (QGemm, QLinearConv) write float outputs directly."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    for output in outputs:
+        dequantize = producer.get(output)
+        quantize = producer.get(dequantize.input[0]) if dequantize is not None else None
+        if (dequantize is None or dequantize.op_type != "DequantizeLinear" or quantize is None
+                or quantize.op_type != "QuantizeLinear" or readers.get(quantize.output[0]) != 1
+                or quantize.input[0] in outputs or quantize.input[0] not in producer):
+            continue
+        computed = quantize.input[0]  # its producer now writes the output; its other readers read that
+        for node in graph.node:
+            node.input[:] = [output if name == computed else name for name in node.input]
+            node.output[:] = [output if name == computed else name for name in node.output]
+        graph.node.remove(quantize)
+        graph.node.remove(dequantize)
+    return model
+
+
 def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
                      percentile: float | None = None) -> dict[str, tuple[float, float]]:
-    """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see measure_ranges)."""
+    """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see measure_ranges; the
+    outputs keep their whole range)."""
     import onnx
     import onnxruntime as ort
 
@@ -235,6 +267,7 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
 
     augmented = _load(model)
     graph = augmented.graph
+    whole = _output_tensors(graph)  # before every activation is made an output
     computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     outputs = {o.name for o in graph.output}
     graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
@@ -247,7 +280,25 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
         yield input_name, tensor
         yield from zip(names, session.run(names, {input_name: tensor}))
 
-    return measure_ranges(activations, tensors, method, percentile)
+    return measure_ranges(activations, tensors, method, percentile, whole=whole)
+
+
+def _output_tensors(graph) -> set[str]:
+    """The tensors whose values reach the graph's outputs unchanged: the outputs and what shape ops (and
+    Concat) make them from."""
+    from ..quant.output_scales import SHAPE_OPS
+
+    producer = {out: node for node in graph.node for out in node.output}
+    found, pending = set(), [o.name for o in graph.output]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type in (*SHAPE_OPS, "Concat"):
+            pending += list(node.input) if node.op_type == "Concat" else [node.input[0]]
+    return found
 
 
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu")

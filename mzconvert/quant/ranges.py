@@ -20,13 +20,13 @@ the interpreter, and each slot gets the range the tensor really took by the vari
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MzError
-from ..tflite_file import model_bytes, read_model, write_model
+from ..tflite_file import model_bytes, op_names, read_model, write_model
 
 
 class _Extremes:
@@ -143,25 +143,30 @@ Activations = Callable[[np.ndarray], Iterator[tuple[object, np.ndarray]]]  # inp
 
 
 def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: str = "minmax",
-                   percentile: float | None = None, name_of: Callable[[object], str] = str
-                   ) -> dict[object, tuple[float, float]]:
+                   percentile: float | None = None, name_of: Callable[[object], str] = str,
+                   whole: Collection = ()) -> dict[object, tuple[float, float]]:
     """{tensor key: (low, high)} over every input in `tensors`, of the tensors `activations` yields for an
     input: with method minmax their min and max, percentile as RangeRecorder, mean_minmax each input's min and
     max averaged (_MeanExtremes), mse the range of least
-    quantization error (_Histogram, a second pass over the inputs). A tensor with no finite value on any
-    input is an error naming it (`name_of` its key)."""
-    recorder = (_MeanExtremes() if method == "mean_minmax"
-                else RangeRecorder(len(tensors), percentile if method == "percentile" else None))
-    _each_value(activations, tensors, recorder.add)
-    ranges = recorder.ranges()
-    for key, (low, high) in ranges.items():
+    quantization error (_Histogram, a second pass over the inputs). The keys in `whole` (the model's
+    outputs) get their min and max by every method: a later layer absorbs what a clipped activation loses,
+    but a clipped output reaches the user as it is (a classifier's top logits clipped to one value tie, and
+    the highest scores are the ones that matter). A tensor with no finite value on any input is an error
+    naming it (`name_of` its key)."""
+    clipped = (_MeanExtremes() if method == "mean_minmax"
+               else RangeRecorder(len(tensors), percentile if method == "percentile" else None))
+    extremes = RangeRecorder(len(tensors))
+    _each_value(activations, tensors, lambda key, values: (extremes if key in whole else clipped).add(key, values))
+    ranges = clipped.ranges()
+    for key, (low, high) in (ranges | extremes.ranges()).items():
         if not (np.isfinite(low) and np.isfinite(high)):
             raise MzError(f"calibration: tensor {name_of(key)!r} has no finite value on any calibration image")
-    if method != "mse":
-        return ranges
-    histograms = {key: _Histogram(*bounds) for key, bounds in ranges.items()}
-    _each_value(activations, tensors, lambda key, values: histograms[key].add(values))
-    return {key: histogram.mse_range() for key, histogram in histograms.items()}
+    if method == "mse":
+        histograms = {key: _Histogram(*bounds) for key, bounds in ranges.items()}
+        _each_value(activations, tensors,
+                    lambda key, values: key in histograms and histograms[key].add(values))
+        ranges = {key: histogram.mse_range() for key, histogram in histograms.items()}
+    return ranges | extremes.ranges()
 
 
 def _each_value(activations: Activations, tensors: list[np.ndarray], take: Callable) -> None:
@@ -188,10 +193,32 @@ def interpreter_keeping(model, wanted: list[int], threads: int = 2):
     return interpreter
 
 
+# TFLite ops that only move values (an output's values are theirs) and ops that join them unchanged
+MOVING_OPS = ("RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "CONCATENATION")
+
+
+def output_tensors(model) -> set[int]:
+    """The tensors of subgraph 0 whose values reach the model's outputs unchanged: the outputs and what
+    MOVING_OPS make them from."""
+    graph = model.subgraphs[0]
+    producer = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    found, pending = set(), list(graph.outputs)
+    while pending:
+        tensor = pending.pop()
+        if tensor in found or tensor < 0:
+            continue
+        found.add(tensor)
+        name, op = producer.get(tensor, ("", None))
+        if name in MOVING_OPS:
+            pending += list(op.inputs) if name == "CONCATENATION" else [op.inputs[0]]
+    return found
+
+
 def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
                   percentile: float | None = None, threads: int = 2) -> dict[int, tuple[float, float]]:
     """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
-    (of `model`, a read_model object), run by the LiteRT interpreter (see measure_ranges)."""
+    (of `model`, a read_model object), run by the LiteRT interpreter (see measure_ranges; the model's
+    outputs keep their whole range)."""
     interpreter = interpreter_keeping(model, wanted, threads)
     model_input = interpreter.get_input_details()[0]["index"]
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
@@ -202,7 +229,7 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
         for i in wanted:
             yield i, interpreter.tensor(i)()  # a view, no copy
 
-    return measure_ranges(activations, tensors, method, percentile, names.get)
+    return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model))
 
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",

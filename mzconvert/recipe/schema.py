@@ -239,8 +239,9 @@ class Variant:
     min_slice_sqnr_db: float = DEFAULT_FLOORS["min_slice_sqnr_db"]  # every output's worst slice (or whole output)
     # float32 variants: every output's cosine; a conversion (ONNX -> TFLite) must not change the model
     min_float_cosine: float = DEFAULT_FLOORS["min_float_cosine"]
-    # ONNX int8: an output that concatenates parts of very different ranges (boxes in pixels, probabilities)
-    # keeps each part's own scale: its Concat stays float (backends/onnx.py)
+    # ONNX int8: outputs stay float (no Quantize/Dequantize pair in front of one), and an output that concatenates
+    # parts of very different ranges (boxes in pixels, probabilities) keeps each part's own scale: its Concat and
+    # the shape ops after it stay float (backends/onnx.py); false: each output at one int8 scale
     separate_output_scales: bool = True
 
     @property

@@ -67,6 +67,10 @@ def _warnings(variants: dict, bench: dict | None) -> list[str]:
         if v["mode"] in INTEGER_MODES and float_ms and ms and ms > float_ms:
             lines.append(f"- **{name}**: {ms:.2f} ms on this CPU, slower than float32 ({float_ms:.2f} ms, "
                          f"{float_ms / ms:.2f}x): its integer kernels do not pay here")
+        integer, convs = timed.get(name, {}).get("integer_convs") or (0, 0)
+        if v["mode"] in INTEGER_MODES and integer < convs:
+            lines.append(f"- **{name}**: ONNX Runtime runs {convs - integer} of its {convs} convolutions in float "
+                         "on this CPU (between a Dequantize and a Quantize), not as integer kernels")
         for target, npu in v.get("vela", {}).items():
             if npu["cpu_op_count"]:
                 lines.append(f"- **{name}** on {target}: {npu['cpu_op_count']} operator(s) run on the CPU, not the NPU")

@@ -69,10 +69,14 @@ def bench_table(bench: dict) -> str:
     rows = in_order(bench)
     base = rows.get("float32", {}).get("median_ms")
     lines = [f"{bench['recipe']}: CPU latency, {bench['threads']} thread(s), {bench['runs']} runs after warm-up",
-             f"{'model':28} {'median ms':>10} {'p90 ms':>8} {'peak RSS MB':>12} {'speed-up vs float32':>20}"]
+             f"{'model':28} {'median ms':>10} {'p90 ms':>8} {'peak RSS MB':>12} {'speed-up vs float32':>20} "
+             f"{'integer convs':>14}"]
     for name, r in rows.items():
         speedup = f"{base / r['median_ms']:19.2f}x" if base else f"{'-':>20}"
-        lines.append(f"{name:28} {r['median_ms']:10.2f} {r['p90_ms']:8.2f} {r['peak_rss_mb']:12.0f} {speedup}")
+        integer = r.get("integer_convs")  # ONNX: convolutions ORT fused into integer kernels, of all
+        fused = f"{integer[0]} of {integer[1]}" if integer and integer[1] else "-"
+        lines.append(f"{name:28} {r['median_ms']:10.2f} {r['p90_ms']:8.2f} {r['peak_rss_mb']:12.0f} {speedup} "
+                     f"{fused:>14}")
     return "\n".join(lines)
 
 
