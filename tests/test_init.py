@@ -46,9 +46,18 @@ def tiny_classifier_graph(path: Path, classes: int = 7) -> Path:
     return path
 
 
-def test_init_builds_a_frozen_classifier_graph_unchanged(tmp_path, mirror):
-    graph = tiny_classifier_graph(tmp_path / "my_classifier.pb")
-    built = init_and_build(tmp_path, "my-classifier", graph)
+@pytest.fixture(scope="module")
+def frozen_classifier(tmp_path_factory):
+    """(folder, the frozen classifier graph, what init and build made of it): built once for the tests below."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"the real-data mirror {MIRROR} is not on this machine")
+    folder = tmp_path_factory.mktemp("frozen-classifier")
+    graph = tiny_classifier_graph(folder / "my_classifier.pb")
+    return folder, graph, init_and_build(folder, "my-classifier", graph)
+
+
+def test_init_builds_a_frozen_classifier_graph_unchanged(frozen_classifier):
+    tmp_path, graph, built = frozen_classifier
     recipe = built["recipe"]
     assert recipe["task"] == "classification" and recipe["format"] == "tf-frozen-graph"
     assert recipe["input"] == {"name": "images", "shape": [1, 24, 24, 3], "layout": "NHWC", "dtype": "float32"}
@@ -66,12 +75,11 @@ def test_init_builds_a_frozen_classifier_graph_unchanged(tmp_path, mirror):
     assert found["ops"]["CONV_2D"] == 1
 
 
-def test_init_takes_a_converted_tflite_as_it_is(tmp_path, mirror):
+def test_init_takes_a_converted_tflite_as_it_is(frozen_classifier, tmp_path):
     """Someone's int8 .tflite: init describes it (one variant, its mode), build checks it, compiles it for the
     NPU and ships it; a float .tflite becomes a float32 variant."""
-    graph = tiny_classifier_graph(tmp_path / "my_classifier.pb")
-    first = init_and_build(tmp_path / "first", "my-classifier", graph)
-    dist = tmp_path / "first" / "dist" / "my-classifier"
+    folder, _, first = frozen_classifier
+    dist = folder / "dist" / "my-classifier"
     for variant, expected in (("int8", {"name": "int8", "mode": "int8", "io_dtype": "int8"}),
                               ("float32", {"name": "float32", "mode": "float32"})):
         model = dist / first["variants"][variant]["file"]
@@ -269,8 +277,12 @@ def test_init_builds_a_torch_state_dict_of_a_known_module(tmp_path, mirror):
     torch.save(MobileNetV2(num_classes=5, width=0.35).state_dict(), weights)
     found = json.loads(run_cli("--json", "inspect", str(weights)).stdout)
     assert found["torch"] == {"module": "mobilenet_v2", "num_classes": 5, "width": 0.35}
-    built = init_and_build(tmp_path, "my-torch", weights)
+    # fine-tuned at another size than ImageNet's 224: the modules take any, init --input-shape says which
+    wrong = run_cli("init", "x", "--from", str(weights), "--input-shape", "1,96,96,3", "--to", str(tmp_path))
+    assert wrong.returncode == 2 and "1,3,HEIGHT,WIDTH" in wrong.stderr and not (tmp_path / "x.yaml").exists()
+    built = init_and_build(tmp_path, "my-torch", weights, "--input-shape", "1,3,96,96")
     assert built["recipe"]["torch"] == found["torch"]
+    assert built["recipe"]["input"]["shape"] == [1, 3, 96, 96] and built["recipe"]["preprocess"]["resize"] == [96, 96]
     assert set(built["variants"]) == {"float32", "float32-tflite", "int8", "int8-tflite"}
     assert built["variants"]["float32-tflite"]["verify"]["logits"]["cosine"] >= 0.9999  # the Keras port
     assert built["variants"]["int8-tflite"]["inputs"][0]["dtype"] == "int8"

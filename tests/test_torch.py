@@ -49,7 +49,7 @@ license: test
 source: {{url: {weights.as_uri()}, sha256: {hashlib.sha256(weights.read_bytes()).hexdigest()}}}
 format: torch
 torch: {{module: mobilenet_v1, num_classes: 10, width: 0.25, opset: 17}}
-input: {{name: input, shape: [1, 3, 128, 128], layout: NCHW}}
+input: {{name: input, shape: [1, 3, 64, 64], layout: NCHW}}
 preprocess: {{interpolation: pil-bilinear, scale: 0.00784313725490196, offset: -1.0}}
 strip: {{inputs: [input], outputs: [logits]}}
 variants:

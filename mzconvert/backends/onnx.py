@@ -253,6 +253,9 @@ def _float_outputs(model):
             node.output[:] = [output if name == computed else name for name in node.output]
         graph.node.remove(quantize)
         graph.node.remove(dequantize)
+    used = {name for node in graph.node for name in node.input}
+    for unused in [i for i in graph.initializer if i.name not in used]:  # the pairs' scales and zero points
+        graph.initializer.remove(unused)
     return model
 
 

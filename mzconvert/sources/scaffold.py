@@ -235,8 +235,8 @@ def _torch(model: dict) -> dict:
         return _onnx(model) | {"torch": model["torch"]}
     if "torch" not in model:
         raise MzError(f"{model['file']}: {model.get('note', 'not a state dict of a known module')}", EXIT_BAD_INPUT)
-    # The modules take any image size: 224 is what ImageNet MobileNets were trained at (CHECK).
-    return {"task": "classification", "input": "input", "shape": [1, 3, 224, 224], "layout": "NCHW",
+    # The modules take any image size (init --input-shape): 224 is what ImageNet MobileNets were trained at (CHECK).
+    return {"task": "classification", "input": "input", "shape": model.get("shape", [1, 3, 224, 224]), "layout": "NCHW",
             "outputs": ["logits"], "preprocess": TORCH_PREPROCESS, "classes": model["torch"]["num_classes"],
             "torch": model["torch"]}
 
@@ -272,6 +272,11 @@ PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "
 def _at_shape(model: dict, shape: list[int]) -> dict:
     """The model report with its one image input at `shape` (init --input-shape): dynamic dimensions take the
     given size; a fixed dimension must equal it."""
+    if model.get("format") == "torch" and "torch" in model and "inputs" not in model:  # our module: any size
+        if len(shape) != 4 or shape[:2] != [1, 3]:
+            raise MzError(f"{model['file']}: --input-shape {shape}: the module takes one RGB image, NCHW: "
+                          "1,3,HEIGHT,WIDTH", EXIT_BAD_INPUT)
+        return model | {"shape": list(shape)}
     key = "inputs" if "inputs" in model else "placeholders"
     inputs = model.get(key) or []
     declared = inputs[0].get("shape") if len(inputs) == 1 else None
