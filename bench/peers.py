@@ -93,7 +93,7 @@ def main() -> None:
     from mzconvert.evaluate.latency import integer_convolutions
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
-    from mzconvert.runtime import OPTIMIZED, REFERENCE, open_model
+    from mzconvert.runtime import FUSED, OPTIMIZED, REFERENCE, open_model
     from mzconvert.sources.fetch import FetchConfig, Fetcher, default_cache_dir
     from mzconvert.sources.imagesets import load_image_set
     from mzconvert.tasks.classification import labelled_images
@@ -137,7 +137,7 @@ def main() -> None:
                    for label, (path, kernels, _) in models.items()}
         # what a deployment on this CPU computes: ORT's fused integer kernels (their 16-bit pair sums saturate
         # on x86 without VNNI)
-        fused = {label: open_model(path, list(recipe.strip.outputs), threads=2, fused=True)
+        fused = {label: open_model(path, list(recipe.strip.outputs), threads=2, kernels=FUSED)
                  for label, (path, _, _) in models.items() if path.suffix == ".onnx" and label != "float32"}
         logits = {label: [] for label in [*runners, *(f"{label} fused" for label in fused)]}
         for path, _ in images:

@@ -129,4 +129,4 @@ def test_mobiledet_edgetpu_ssdlite_exports_quantizes_and_decodes_with_random_wei
     evaluation = run_cli("--quiet", "--json", "eval", str(recipe), "--dataset",
                          str(coco_subset(tmp_path / "coco", 3)), *where)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
-    assert set(json.loads(evaluation.stdout)["results"]) == {"source-graph", "float32", "int8"}
+    assert set(json.loads(evaluation.stdout)["results"]) == {"source-graph", "float32", "int8", "int8 (fused kernels)"}

@@ -37,9 +37,9 @@ def integer_convolutions(model: Path) -> tuple[int, int] | None:
 
 
 def measure(model: Path, runs: int, warmup: int, threads: int) -> dict:
-    from ..runtime import open_model
+    from ..runtime import FUSED, open_model
 
-    runner = open_model(model, threads=threads, fused=True)  # the speed a deployment gets
+    runner = open_model(model, threads=threads, kernels=FUSED)  # the speed a deployment gets (ONNX QDQ: fused)
     spec = runner.inputs[0]
     shape = [d if d > 0 else 1 for d in spec.shape]
     tensor = np.random.RandomState(0).uniform(-1, 1, shape).astype(np.float32)

@@ -14,7 +14,7 @@ from ..layout import built_stage_model
 from ..manifest import load_manifest, measured_artifacts
 from ..recipe import ClassLabels, InputSpec, Preprocess, Recipe
 from ..recipe.schema import INTEGER_MODES
-from ..runtime import REFERENCE, RunnerPool, open_model, target_kernels
+from ..runtime import OPTIMIZED, REFERENCE, RunnerPool, open_model, target_kernels
 from ..tasks.classification import labelled_images, scores_by_label
 from ..tasks.detection import (
     RAW_DECODERS,
@@ -107,10 +107,10 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
 
 @dataclass
 class VariantRows:
-    """The rows of the built variants: one per kernel family a TFLite variant is judged under (the target's
-    first, named as the variant; the other "<variant> (<family> kernels)")."""
+    """The rows of the built variants: one per kernel family a variant is judged under (runtime.target_kernels:
+    the target's first, named as the variant; the other "<variant> (<family> kernels)")."""
     runners: dict[str, Runner] = field(default_factory=dict)
-    kernels: dict[str, str | None] = field(default_factory=dict)  # row -> its LiteRT kernel family
+    kernels: dict[str, str | None] = field(default_factory=dict)  # row -> its kernel family
     pairs: dict[str, str] = field(default_factory=dict)  # a variant's second row -> its first
     aliases: dict[str, str] = field(default_factory=dict)  # row -> the earlier row that computes the same
 
@@ -139,7 +139,7 @@ def variant_rows(recipe: Recipe, manifest: dict, folder: Path, chosen: list[str]
                 continue
             computed[same] = row
             rows.runners[row] = (RunnerPool(path, output_names, family, threads) if family == REFERENCE
-                                 else open_model(path, output_names, threads)).run
+                                 else open_model(path, output_names, threads, kernels=family or OPTIMIZED)).run
     return rows
 
 
