@@ -4,7 +4,7 @@ The torchvision MobileNetV2 that `mobilenetv2-torchvision` builds (its state dic
 shipped route) is saved the ways users bring a model: the float32 ONNX the recipe builds, a TorchScript archive
 and a torch.export archive (.pt2) of the same module, and the float TFLite the ONNX route makes. Each is built by
 a recipe of its format with the shipped recipe's input, preprocessing, labels and the int8-tflite variant's
-calibration (imagenet-calib, 300 images, percentile 99.99; ai-edge-quantizer, which records min/max, quantizes
+calibration (imagenet-calib, 300 images, mean_minmax; ai-edge-quantizer, which records min/max, quantizes
 the float .tflite beside our path). Every model then runs on the same ImageNet samples with the recipe's preprocessing (LiteRT's
 optimized kernels, as eval). Printed per route: the float TFLite's cosine and SQNR to the float ONNX model over
 all images, int8 top-1 with the paired bootstrap 95 % interval of its difference to the shipped route's,

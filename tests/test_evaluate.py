@@ -135,3 +135,22 @@ def test_predictions_pair_every_image_with_its_own_predictions_across_chunks(tmp
     seen = list(predictions({"red": red, "name": lambda image: image.path.name}, paths))
     assert [image.path for image, _ in seen] == paths
     assert all(found == {"red": i, "name": f"{i:03}.png"} for i, (_, found) in enumerate(seen))
+
+
+def test_the_report_counts_the_convolutions_onnx_runtime_leaves_float():
+    """bench.json's integer_convs (ONNX): the CPU table shows them, and an integer variant with convolutions
+    ORT runs in float is a warning (they run slower than the float model's)."""
+    from mzconvert.report.markdown import _warnings
+    from mzconvert.report.tables import bench_table
+
+    timing = {"median_ms": 9.0, "p90_ms": 9.5, "peak_rss_mb": 90.0}
+    bench = {"recipe": "r", "threads": 1, "runs": 3, "models": ["float32", "int8", "int8-tflite"],
+             "results": {"float32": timing | {"integer_convs": [0, 52]}, "int8": timing | {"integer_convs": [37, 52]},
+                         "int8-tflite": timing | {"integer_convs": None}}}
+    table = bench_table(bench).splitlines()
+    assert table[1].split()[-2:] == ["integer", "convs"]
+    assert table[3].endswith("37 of 52") and table[4].endswith(" -")
+    variants = {"int8": {"mode": "int8", "verify": {}}, "int8-tflite": {"mode": "int8", "verify": {}}}
+    warned = _warnings(variants, bench)
+    assert any("**int8**: ONNX Runtime runs 15 of its 52 convolutions in float" in line for line in warned)
+    assert not any("int8-tflite" in line for line in warned)
