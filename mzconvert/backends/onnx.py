@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
-from ..quant.output_scales import mixed_range_outputs
+from ..quant.output_scales import mixed_range_outputs, reaching_outputs
 from ..quant.tflite_converter import converter_range_slots, run_converter
 from ..recipe import Recipe, Variant
 from ..recipe.schema import TORCH_FORMATS
@@ -204,7 +204,7 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     float_nodes += _known_nodes(model, variant.float_layers, recipe)
     # int8 activations as uint8: asymmetric, the same 256 steps of each range (the model computes the same), and
     # the type ONNX Runtime's x86 kernels take: its graph optimizations fuse every Conv (depthwise ones too) and Add
-    # into integer kernels, where with int8 activations MobileNetV2's 17 depthwise Convs and 10 Adds stay float
+    # into integer kernels, where with int8 activations 15 of MobileNetV2's 52 Convs and its 10 Adds stay float
     # between Dequantize and Quantize (bench/peers.py: "ORT integer convs")
     options = dict(quant_format=q.QuantFormat.QDQ, per_channel=variant.per_channel, reduce_range=variant.reduce_range,
                    activation_type=q.QuantType.QInt16 if variant.mode == "int16x8" else q.QuantType.QUInt8,
@@ -270,7 +270,7 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
 
     augmented = _load(model)
     graph = augmented.graph
-    whole = _output_tensors(graph)  # before every activation is made an output
+    whole = reaching_outputs(graph)  # before every activation is made an output
     computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     outputs = {o.name for o in graph.output}
     graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
@@ -284,24 +284,6 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
         yield from zip(names, session.run(names, {input_name: tensor}))
 
     return measure_ranges(activations, tensors, method, percentile, whole=whole)
-
-
-def _output_tensors(graph) -> set[str]:
-    """The tensors whose values reach the graph's outputs unchanged: the outputs and what shape ops (and
-    Concat) make them from."""
-    from ..quant.output_scales import SHAPE_OPS
-
-    producer = {out: node for node in graph.node for out in node.output}
-    found, pending = set(), [o.name for o in graph.output]
-    while pending:
-        name = pending.pop()
-        if name in found:
-            continue
-        found.add(name)
-        node = producer.get(name)
-        if node is not None and node.op_type in (*SHAPE_OPS, "Concat"):
-            pending += list(node.input) if node.op_type == "Concat" else [node.input[0]]
-    return found
 
 
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu")

@@ -10,6 +10,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +21,6 @@ def integer_convolutions(model: Path) -> tuple[int, int] | None:
     """(how many of an ONNX model's convolutions ONNX Runtime's CPU graph optimizations run as integer kernels,
     how many there are), on this CPU; None for a model that is not ONNX. A QDQ Conv that ORT does not fuse
     runs in float between a Dequantize and a Quantize: slower than the float model's."""
-    import tempfile
-
     if model.suffix != ".onnx":
         return None
     import onnx

@@ -1,5 +1,6 @@
-"""Outputs that concatenate parts of very different ranges (a detector head's boxes in pixels beside its
-class probabilities) must not share one int8 scale: the nodes to keep float so that each part keeps its own."""
+"""An ONNX graph's outputs in int8: what reaches them unchanged (it keeps its whole range), and outputs that
+concatenate parts of very different ranges (a detector head's boxes in pixels beside its class probabilities),
+which must not share one int8 scale: the nodes to keep float so that each part keeps its own."""
 
 from __future__ import annotations
 
@@ -28,3 +29,19 @@ def mixed_range_outputs(model, ranges: dict[str, tuple[float, float]]) -> list[s
         if len(widths) >= 2 and min(widths) > 0 and max(widths) / min(widths) > SEPARATE_SCALES_RATIO:
             keep += [node.name, *chain]
     return keep
+
+
+def reaching_outputs(graph) -> set[str]:
+    """The tensors whose values reach the graph's outputs unchanged: the outputs and what shape ops (and
+    Concat) make them from."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found, pending = set(), [o.name for o in graph.output]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type in (*SHAPE_OPS, "Concat"):
+            pending += list(node.input) if node.op_type == "Concat" else [node.input[0]]
+    return found
