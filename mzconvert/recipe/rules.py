@@ -35,8 +35,8 @@ def _has_custom_ops(postprocess: Postprocess | None) -> bool:
 def _fits(v: Variant, fmt: str, postprocess: Postprocess | None) -> bool:
     """Depthwise weights can be fitted in int8 quantized here with 8-bit weights: TFLite from one shared
     calibration (a graph with custom ops converts in one piece) and ONNX QDQ without reduce_range. It is the
-    default for both (bench/peers.py, MobileNetV2's ONNX int8: top-1 agreement with float 96.0 -> 97.4 % of
-    500 images, logits 19.7 -> 21.0 dB)."""
+    default for both (MobileNetV2's ONNX int8, mean_minmax ranges: top-1 agreement with float 96.0 -> 97.4 % of
+    the 500 ImageNet samples; README, bench/peers.py)."""
     if v.mode != "int8":
         return False
     if v.target == "onnx":
