@@ -73,10 +73,12 @@ def nncf_quantized(float_model: Path, target: Path, tensors: list[np.ndarray], n
     return time.perf_counter() - start
 
 
-def latency_ms(model: Path) -> float:
+def timed(model: Path) -> dict:
+    """mzconvert's latency measurement of `model` (median_ms; integer_convs: ONNX Runtime's integer convolutions
+    of an ONNX model, of all), in a process of its own."""
     done = subprocess.run([sys.executable, "-m", "mzconvert.evaluate.latency", str(model), "--runs", "30",
                            "--threads", "1"], capture_output=True, text=True, cwd=ROOT, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["median_ms"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -90,7 +92,6 @@ def main() -> None:
     from onnxruntime.quantization import quant_pre_process
 
     from mzconvert.evaluate.cocometrics import bootstrap_weights, difference_interval
-    from mzconvert.evaluate.latency import integer_convolutions
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import FUSED, OPTIMIZED, REFERENCE, open_model
@@ -164,7 +165,8 @@ def main() -> None:
             low, high = difference_interval(weights @ hits / len(images), weights @ reference / len(images))
             agreement = np.mean(stacked[label].argmax(1) == base.argmax(1))
             sqnr = compare(base, stacked[label])["sqnr_db"] if label != "float32" else float("inf")
-            convs = integer_convolutions(path)  # None: not ONNX
+            timing = timed(path) if kernels != REFERENCE else {"median_ms": float("nan")}
+            convs = timing.get("integer_convs")  # None: not ONNX
             on_this_cpu = "-"
             if label in fused:
                 rows = stacked[f"{label} fused"]
@@ -173,7 +175,7 @@ def main() -> None:
                   f"{hits.mean() / correct['float32'].mean():.1%} | "
                   f"{(hits.mean() - reference.mean()) * 100:+.1f} points ({low * 100:+.1f} to {high * 100:+.1f}) | "
                   f"{agreement:.1%} | {sqnr:.1f} dB | {on_this_cpu} | {f'{seconds:.0f}' if seconds else '-'} | "
-                  f"{latency_ms(path) if kernels != REFERENCE else float('nan'):.2f} | "
+                  f"{timing['median_ms']:.2f} | "
                   f"{f'{convs[0]} of {convs[1]}' if convs else '-'} |")
 
 

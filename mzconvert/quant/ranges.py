@@ -157,8 +157,8 @@ def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: 
                else RangeRecorder(len(tensors), percentile if method == "percentile" else None))
     extremes = RangeRecorder(len(tensors))
     _each_value(activations, tensors, lambda key, values: (extremes if key in whole else clipped).add(key, values))
-    ranges = clipped.ranges()
-    for key, (low, high) in (ranges | extremes.ranges()).items():
+    ranges, outputs = clipped.ranges(), extremes.ranges()
+    for key, (low, high) in (ranges | outputs).items():
         if not (np.isfinite(low) and np.isfinite(high)):
             raise MzError(f"calibration: tensor {name_of(key)!r} has no finite value on any calibration image")
     if method == "mse":
@@ -166,7 +166,7 @@ def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: 
         _each_value(activations, tensors,
                     lambda key, values: key in histograms and histograms[key].add(values))
         ranges = {key: histogram.mse_range() for key, histogram in histograms.items()}
-    return ranges | extremes.ranges()
+    return ranges | outputs
 
 
 def _each_value(activations: Activations, tensors: list[np.ndarray], take: Callable) -> None:
