@@ -88,13 +88,11 @@ def as_layout_of(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return tensor
 
 
-def _ordered(specs: list[TensorSpec], wanted: list[str] | None) -> list[int]:
-    """Indices of `specs` in the recipe's output order (converters may reorder outputs)."""
-    if not wanted:
-        return list(range(len(specs)))
-    names = [s.name for s in specs]
-    if sorted(names) != sorted(wanted):
-        return list(range(len(specs)))
+def output_order(names: list[str], wanted: list[str] | None) -> list[int]:
+    """Indices of a model's output `names` in the recipe's output order: converters may reorder outputs, and
+    rename them (onnx2tf's port), when the model's own order is the recipe's."""
+    if not wanted or sorted(names) != sorted(wanted):
+        return list(range(len(names)))
     return [names.index(w) for w in wanted]
 
 
@@ -129,7 +127,7 @@ class TFLiteRunner:
         self.inputs = [tensor_spec(d) for d in self._interpreter.get_input_details()]
         outputs = self._interpreter.get_output_details()
         specs = [tensor_spec(d) for d in outputs]
-        order = _ordered(specs, output_names)
+        order = output_order([s.name for s in specs], output_names)
         self._output_indices = [outputs[i]["index"] for i in order]
         self.outputs = [specs[i] for i in order]
         self._input_index = self._interpreter.get_input_details()[0]["index"]
@@ -190,7 +188,7 @@ class OnnxRunner:
                                   to_dtype.get(i.type, i.type)) for i in self._session.get_inputs()]
         specs = [TensorSpec(o.name, tuple(d if isinstance(d, int) else -1 for d in o.shape),
                             to_dtype.get(o.type, o.type)) for o in self._session.get_outputs()]
-        self.outputs = [specs[i] for i in _ordered(specs, output_names)]
+        self.outputs = [specs[i] for i in output_order([s.name for s in specs], output_names)]
 
     def float_tensor_count(self) -> int:
         return 0  # QDQ models keep float activations between Q/DQ pairs by design

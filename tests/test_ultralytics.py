@@ -42,9 +42,10 @@ def exports(tmp_path_factory) -> Path:
     return folder
 
 
-def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str]) -> tuple[Path, dict]:
+def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], attach: bool = False) -> tuple[Path, dict]:
     """The recipe `mzconvert init` writes for the export, with its int8 floors lowered (untrained scores: see
-    the module's docstring) and only `variants` of those it proposes kept."""
+    the module's docstring), only `variants` of those it proposes kept, and with `attach` its TFLite variants
+    ending in TFLite_Detection_PostProcess."""
     folders = {role: image_folder(tmp_path / role, MIRROR / "coco" / split, count)
                for role, split, count in (("calib", "train2017", 16), ("check", "val2017", 8))}
     made = run_cli("init", model, "--from", str(exports / f"{model}.onnx"), "--to", str(tmp_path), "--calibration",
@@ -59,6 +60,7 @@ def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str]) -
     assert recipe["preprocess"]["letterbox"] is True
     assert variants <= {v["name"] for v in recipe["variants"]}, recipe["variants"]
     recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
+    post["attach"] = attach
     for variant in recipe["variants"]:
         if variant["mode"] == "int8":
             variant.update(min_matched=0, min_slice_sqnr_db=-100)
@@ -67,7 +69,8 @@ def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str]) -
 
 
 def built(path: Path, post: dict, tmp_path: Path) -> list[str]:
-    """Build the recipe and check what does not depend on training; the folder options used."""
+    """Build the recipe and check what does not depend on training; the folder options used. Attached
+    post-processing leaves 6 ops on the CPU (the box encodings' float ops and the op itself)."""
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
     done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), *where)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,12 +80,13 @@ def built(path: Path, post: dict, tmp_path: Path) -> list[str]:
     int8 = variants["int8-tflite"]["verify"]
     assert int8[post["box_output"]]["worst_slice"]["sqnr_db"] > 15, int8
     (npu,) = variants["int8-tflite"]["vela"].values()
-    assert npu["cpu_op_count"] == 0 and npu["npu_ops"] > 100, npu
+    assert npu["cpu_op_count"] == (6 if post["attach"] else 0) and npu["npu_ops"] > 100, npu
+    assert variants["int8-tflite"]["postprocess_attached"] == post["attach"]
     return where
 
 
 def test_a_yolov8n_export_goes_init_build_eval_predict_vela(exports, tmp_path):
-    path, post = initialised("yolov8n", exports, tmp_path, {"float32", "float32-tflite", "int8-tflite"})
+    path, post = initialised("yolov8n", exports, tmp_path, {"float32", "float32-tflite", "int8-tflite"}, attach=True)
     where = built(path, post, tmp_path)
     from tests.test_build_real import coco_subset
 

@@ -207,3 +207,85 @@ def test_coco_names_get_coco_category_ids():
     post = __import__("yaml").safe_load(text)["postprocess"]
     assert post["labels"][:3] == ["person", "bicycle", "car"] and len(post["labels"]) == 80
     assert post["category_ids"][:3] == [1, 2, 3] and post["category_ids"][-1] == 90 and 12 not in post["category_ids"]
+
+
+def test_nms_attached_to_a_yolov8_head_gives_our_decode_and_runs_beside_the_npu(tmp_path, mirror):
+    """TFLite_Detection_PostProcess at the end of a yolov8 head cut before its Concat (unit anchors, log sizes):
+    the float model's detections are our decode's of the same model's raw outputs, the int8 model's those of
+    its own raw outputs, and vela leaves only the post-processing on the CPU."""
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import postprocessed_detections
+
+    model = yolov8_like_onnx(tmp_path / "yolo.onnx")
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    (tmp_path / "yolo.yaml").write_text(f"""name: yolo
+task: detection
+description: a YOLOv8-layout head made in the test, cut before its Concat
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}
+preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
+strip: {{inputs: [images], outputs: [boxes, scores]}}
+postprocess: {{kind: yolov8, labels: [person, car], category_ids: [1, 3], box_output: boxes, class_output: scores,
+              nms_score_threshold: 0.2, nms_iou_threshold: 0.5, attach: true}}
+variants:
+  - {{name: float32, mode: float32}}
+  - {{name: raw, mode: float32, target: tflite, attach_postprocess: false}}
+  - {{name: f32, mode: float32, target: tflite}}
+  - {{name: i8, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 16}}
+targets:
+  vela: {{accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, memory_mode: Shared_Sram}}
+verify: {{images: {val}, count: 8}}
+""")
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout)["yolo"]["variants"]
+    assert [variants[n]["postprocess_attached"] for n in ("float32", "raw", "f32", "i8")] == [False, False, True, True]
+    (npu,) = variants["i8"]["vela"].values()
+    # on the CPU: the box encodings' float ops (dequantize, reorder, log of sizes, join) and the op itself
+    assert npu["npu_ops"] > 0 and npu["cpu_op_count"] == 6, npu["cpu_ops"]
+    assert all(op.split()[2].startswith(("postprocess/box", "detection_boxes")) for op in npu["cpu_ops"]), npu
+    recipe = load_recipe(tmp_path / "yolo.yaml")
+    dist = tmp_path / "dist" / "yolo"
+    raw_i8 = next((tmp_path / "build" / "yolo" / "quantize" / "i8" / "raw").glob("*.tflite"))
+    pairs = [(open_model(dist / "yolo_f32.tflite"), open_model(dist / "yolo_raw.tflite")),
+             (open_model(dist / "yolo_i8.tflite"), open_model(raw_i8))]
+    compared = 0
+    for path in sorted(val.glob("*.jpg"))[:6]:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        for attached, raw in pairs:
+            theirs = postprocessed_detections(*attached.run(tensor))
+            outputs = raw.run(tensor)
+            ours = yolov8_detections(outputs, dict(zip([o.name for o in raw.outputs], outputs)), recipe.postprocess,
+                                     None, (SIZE, SIZE))
+            assert len(theirs.scores) == len(ours.scores)
+            assert np.array_equal(theirs.labels, ours.labels)
+            np.testing.assert_allclose(theirs.boxes, ours.boxes, atol=1e-4)
+            np.testing.assert_allclose(theirs.scores, ours.scores, rtol=1e-5)
+            compared += len(ours.scores)
+    assert compared > 20
+
+
+def test_nms_attaches_only_to_a_yolov8_head_cut_before_its_concat(tmp_path):
+    from mzconvert.errors import RecipeError
+    from mzconvert.recipe import load_recipe
+
+    model = yolov8_like_onnx(tmp_path / "yolo.onnx")
+    (tmp_path / "yolo.yaml").write_text(f"""name: yolo
+task: detection
+description: one concatenated output
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}
+postprocess: {{kind: yolov8, labels: [person, car], attach: true}}
+variants:
+  - {{name: float32, mode: float32}}
+""")
+    with pytest.raises(RecipeError, match=r"postprocess.attach: TFLite_Detection_PostProcess attaches to a yolov8 "
+                                          r"head cut before its Concat: name box_output and class_output"):
+        load_recipe(tmp_path / "yolo.yaml")

@@ -32,6 +32,15 @@ def _has_custom_ops(postprocess: Postprocess | None) -> bool:
     return postprocess is not None and postprocess.kind == "tflite-detection-postprocess"
 
 
+def _attachable(postprocess: Postprocess | None) -> bool:
+    """A head TFLite_Detection_PostProcess can end (stages/attach.py: HEAD_INPUTS)."""
+    if postprocess is None:
+        return False
+    if postprocess.kind == "ssd":
+        return (postprocess.box_coding, postprocess.box_order) == ("exponential", "yxhw")
+    return postprocess.kind == "yolov8" and postprocess.box_output is not None
+
+
 def _fits(v: Variant, fmt: str, postprocess: Postprocess | None) -> bool:
     """Depthwise weights can be fitted in int8 quantized here with 8-bit weights: TFLite from one shared
     calibration (a graph with custom ops converts in one piece) and ONNX QDQ without reduce_range. It is the
@@ -47,11 +56,11 @@ def _fits(v: Variant, fmt: str, postprocess: Postprocess | None) -> bool:
 
 def settle_variant(v: Variant, fmt: str, postprocess: Postprocess | None) -> Variant:
     """The defaults of a variant that depend on other sections: its target (the source backend's own),
-    whether post-processing is attached (postprocess.attach), its weight rounding (fitted where it applies
-    by default)."""
-    attach = postprocess is not None and postprocess.attach
-    v = replace(v, target=v.target or native_target(fmt),
-                attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess,
+    whether post-processing is attached (postprocess.attach, to TFLite variants), its weight rounding (fitted
+    where it applies by default)."""
+    target = v.target or native_target(fmt)
+    attach = postprocess is not None and postprocess.attach and target == "tflite"
+    v = replace(v, target=target, attach_postprocess=attach if v.attach_postprocess is None else v.attach_postprocess,
                 quantizer=v.quantizer or ("converter" if fmt != "tflite" or v.mode == "int8" else "ai-edge-quantizer"))
     return replace(v, weight_rounding=v.weight_rounding or ("fitted" if _fits(v, fmt, postprocess) else "nearest"))
 
@@ -69,10 +78,10 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
                         "(not a .tflite source, a graph with custom ops, or reduce_range)", where("weight_rounding"))
     if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
-    if v.attach_postprocess and (postprocess is None or postprocess.kind != "ssd" or v.target != "tflite"
-                                 or (postprocess.box_coding, postprocess.box_order) != ("exponential", "yxhw")):
+    if v.attach_postprocess and not (v.target == "tflite" and _attachable(postprocess)):
         raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd and "
-                        "TF's box coding (exponential, yxhw)", where("attach_postprocess"))
+                        "TF's box coding (exponential, yxhw), or yolov8 cut before its Concat (box_output, "
+                        "class_output)", where("attach_postprocess"))
     native = native_target(fmt)
     if v.target != native and not uses_onnx_backend(fmt):  # ONNX and torch reach TFLite through an NHWC port
         raise item.fail(f"a {fmt} source converts to {native} only", where("target"))

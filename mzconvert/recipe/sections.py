@@ -273,8 +273,10 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
     for yolov8 the two tensors before that Concat (box_output [1, 4, N] and class_output [1, classes, N]), which
     int8 then quantizes at scales of their own."""
     split = ("box_output", "class_output") if kind == "yolov8" else ()
+    attachable = ("attach",) if kind == "yolov8" else ()
     for key in SSD_POSTPROCESS_FIELDS:
-        if r.has(key) and key not in ("nms_score_threshold", "nms_iou_threshold", "max_detections", *split):
+        if r.has(key) and key not in ("nms_score_threshold", "nms_iou_threshold", "max_detections", *split,
+                                      *attachable):
             raise r.fail(f"kind {kind} decodes its one output; {key} is for kind ssd", r.child_where(key))
     if split and r.has(split[0]) != r.has(split[1]):
         missing = split[1] if r.has(split[0]) else split[0]
@@ -287,7 +289,11 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
     for key, name in names.items():
         if name is not None and strip is not None and name not in strip.outputs:
             raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
-    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, **names, **nms)
+    attach = r.boolean("attach", False)
+    if attach and not names.get("box_output"):
+        raise r.fail("TFLite_Detection_PostProcess attaches to a yolov8 head cut before its Concat: name "
+                     "box_output and class_output", r.child_where("attach"))
+    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms)
 
 
 def _max_drop(r: Reader) -> float | None:

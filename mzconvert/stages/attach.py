@@ -1,9 +1,13 @@
-"""Attach SSD post-processing to a converted TFLite model: boxes, classes, scores and count come out.
+"""Attach detection post-processing to a converted TFLite model: boxes, classes, scores and count come out.
 
-The quantized raw model is edited as a flatbuffer (no second conversion, no second calibration):
-  box encodings -> RESHAPE [1, N, 4] ----------------------------\\
-  class logits  -> LOGISTIC (or SOFTMAX) -> scores --------------> TFLite_Detection_PostProcess -> 4 outputs
-  anchors (constant, centre-size: ycenter, xcenter, h, w) -------/
+The quantized raw model is edited as a flatbuffer (no second conversion, no second calibration); each head
+kind feeds TFLite_Detection_PostProcess what it reads, box encodings [1, N, 4] (ty, tx, th, tw) relative
+to anchors, and scores [1, N, classes]:
+- ssd: box encodings -> RESHAPE; class logits -> LOGISTIC (or SOFTMAX); the strip stage's anchors.
+- yolov8 cut before its Concat: boxes [1, 4, N] (centre x, y, width, height in input pixels) -> TRANSPOSE ->
+  (y, x, log h, log w), the op's exponential coding of a box of unit anchor size; class probabilities
+  [1, C, N] -> TRANSPOSE. Every anchor is (0, 0, 1 / input height, 1 / input width) with unit scales, so the
+  op's decode y / H, x / W, exp(log h) / H, exp(log w) / W is the box normalised to the input, as an SSD's.
 In an integer model the DEQUANTIZE ops a float-output model ends in are removed, and the op gets:
 - the scores as integers, which its kernel dequantizes itself. It reads uint8, not int8, so int8
   scores pass a QUANTIZE to uint8 (the same values, zero point + 128), which the NPU runs;
@@ -13,12 +17,14 @@ In an integer model the DEQUANTIZE ops a float-output model ends in are removed,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MzError
 from ..recipe import Postprocess, Recipe
+from ..runtime import output_order
 from ..tflite_file import read_model, write_model
 from ..tflite_file import schema as tflite_schema
 
@@ -26,28 +32,77 @@ CUSTOM_CODE = b"TFLite_Detection_PostProcess"
 OUTPUT_NAMES = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
 
 
-def _opcode(model, schema, builtin: int, custom: bytes | None = None) -> int:
-    """Index of an operator code in the model, added when missing."""
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and (code.customCode or None) == custom:
-            return i
-    code = schema.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
-    code.customCode = custom
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
+class _Editor:
+    """Tensors and operators added to a single-graph model; `added` are the new operators, in order."""
 
+    def __init__(self, model, schema):
+        self.model, self.schema, self.graph = model, schema, model.subgraphs[0]
+        self.added: list = []
 
-def _tensor(model, subgraph, schema, name: str, shape, dtype: int, data: bytes | None = None,
-            quantization=None) -> int:
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(data, np.uint8) if data is not None else None
-    model.buffers.append(buffer)
-    tensor = schema.TensorT()
-    tensor.name, tensor.shape, tensor.type = name.encode(), list(shape), dtype
-    tensor.buffer, tensor.quantization = len(model.buffers) - 1, quantization
-    subgraph.tensors.append(tensor)
-    return len(subgraph.tensors) - 1
+    def opcode(self, builtin: int, custom: bytes | None = None) -> int:
+        """Index of an operator code in the model, added when missing."""
+        for i, code in enumerate(self.model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and (code.customCode or None) == custom:
+                return i
+        code = self.schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+        code.customCode = custom
+        self.model.operatorCodes.append(code)
+        return len(self.model.operatorCodes) - 1
+
+    def tensor(self, name: str, shape, dtype: int, data: bytes | None = None, quantization=None) -> int:
+        buffer = self.schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8) if data is not None else None
+        self.model.buffers.append(buffer)
+        tensor = self.schema.TensorT()
+        tensor.name, tensor.shape, tensor.type = name.encode(), list(shape), dtype
+        tensor.buffer, tensor.quantization = len(self.model.buffers) - 1, quantization
+        self.graph.tensors.append(tensor)
+        return len(self.graph.tensors) - 1
+
+    def constant(self, name: str, values: np.ndarray) -> int:
+        dtype = {np.int32: self.schema.TensorType.INT32, np.float32: self.schema.TensorType.FLOAT32}[values.dtype.type]
+        return self.tensor(name, values.shape, dtype, values.tobytes())
+
+    def op(self, builtin: str, inputs: list[int], outputs: list[int], options=None, custom: bytes | None = None):
+        """Append an operator; `options` a builtin's options object (its type named after its class)."""
+        op = self.schema.OperatorT()
+        op.opcodeIndex = self.opcode(getattr(self.schema.BuiltinOperator, builtin),
+                                     CUSTOM_CODE if builtin == "CUSTOM" else None)
+        op.inputs, op.outputs = inputs, outputs
+        if options is not None:
+            op.builtinOptionsType = getattr(self.schema.BuiltinOptions, type(options).__name__[:-1])
+            op.builtinOptions = options
+        if custom is not None:
+            op.customOptions, op.customOptionsFormat = np.frombuffer(custom, np.uint8), 0  # FLEXBUFFERS
+        self.added.append(op)
+
+    def like(self, name: str, source: int, shape) -> int:
+        """A new tensor of `source`'s type and quantization, of another shape."""
+        t = self.graph.tensors[source]
+        return self.tensor(name, shape, t.type, quantization=_same_quantization(self.schema, t))
+
+    def options(self, kind: str, **fields):
+        options = getattr(self.schema, f"{kind}OptionsT")()
+        for key, value in fields.items():
+            setattr(options, key, value)
+        return options
+
+    def as_float(self, tensor: int) -> int:
+        """`tensor`, dequantized (on the CPU) unless it is float."""
+        t = self.graph.tensors[tensor]
+        if t.type == self.schema.TensorType.FLOAT32:
+            return tensor
+        out = self.tensor(f"{t.name.decode()}/float", t.shape, self.schema.TensorType.FLOAT32)
+        self.op("DEQUANTIZE", [tensor], [out])
+        return out
+
+    def transposed(self, name: str, tensor: int) -> int:
+        """[1, a, b] -> [1, b, a], in the tensor's own type (an integer TRANSPOSE runs on the NPU)."""
+        _, a, b = self.graph.tensors[tensor].shape
+        out = self.like(name, tensor, [1, b, a])
+        self.op("TRANSPOSE", [tensor, self.constant(f"{name}/perm", np.asarray([0, 2, 1], np.int32))], [out])
+        return out
 
 
 def _quantization(schema, scale: float, zero_point: int):
@@ -56,13 +111,20 @@ def _quantization(schema, scale: float, zero_point: int):
     return q
 
 
-def _integer_source(subgraph, schema, dequantize_code: int, tensor: int) -> tuple[int, int | None]:
-    """(the tensor to feed, the DEQUANTIZE op to drop): a float output made by DEQUANTIZE of an integer
-    tensor is replaced by that integer tensor."""
-    for index, op in enumerate(subgraph.operators):
-        if op.outputs[0] == tensor and op.opcodeIndex == dequantize_code:
-            return op.inputs[0], index
-    return tensor, None
+def _same_quantization(schema, tensor):
+    q = tensor.quantization
+    return _quantization(schema, float(q.scale[0]), int(q.zeroPoint[0])) if q is not None and q.scale else None
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What TFLite_Detection_PostProcess reads from one head."""
+
+    boxes: int  # [1, N, 4] encodings (ty, tx, th, tw), float or integer (dequantized for the op)
+    scores: int  # [1, N, classes (+ background)], float or integer
+    anchors: np.ndarray  # N x 4, centre-size: ycenter, xcenter, h, w
+    scales: tuple[float, float, float, float]  # y, x, h, w
+    classes: int  # without background
 
 
 def centre_size_anchors(anchors: np.ndarray) -> np.ndarray:
@@ -71,93 +133,114 @@ def centre_size_anchors(anchors: np.ndarray) -> np.ndarray:
                      anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]], axis=1).astype(np.float32)
 
 
-def _options(post: Postprocess, classes: int) -> bytes:
+def _ssd_inputs(edit: _Editor, boxes: int, logits: int, recipe: Recipe, anchors: np.ndarray | None) -> HeadInputs:
+    post, schema = recipe.postprocess, edit.schema
+    count = int(anchors.shape[0])
+    classes_with_background = int(np.prod(edit.graph.tensors[logits].shape)) // count
+    score_op = "LOGISTIC" if post.score == "sigmoid" else "SOFTMAX"
+    edit.opcode(getattr(schema.BuiltinOperator, score_op))  # the first version's op-code order: same bytes
+    shape = edit.constant("postprocess/box_shape", np.asarray([1, count, 4], np.int32))
+    reshaped = edit.like("postprocess/box_encodings", boxes, [1, count, 4])
+    logit_type = edit.graph.tensors[logits].type
+    integer = logit_type in (schema.TensorType.INT8, schema.TensorType.UINT8)
+    # TFLite's integer LOGISTIC and SOFTMAX produce [0, 1) in steps of 1/256.
+    zero = -128 if logit_type == schema.TensorType.INT8 else 0
+    scores = edit.tensor("postprocess/scores", [1, count, classes_with_background], logit_type,
+                         quantization=_quantization(schema, 1 / 256, zero) if integer else None)
+    edit.op("RESHAPE", [boxes, shape], [reshaped], edit.options("Reshape", newShape=[1, count, 4]))
+    edit.op(score_op, [logits], [scores], edit.options("Softmax", beta=1.0) if score_op == "SOFTMAX" else None)
+    return HeadInputs(reshaped, scores, centre_size_anchors(anchors), tuple(float(s) for s in post.box_coder_scales),
+                      classes_with_background - (1 if post.background_class else 0))
+
+
+def _yolov8_inputs(edit: _Editor, boxes: int, probabilities: int, recipe: Recipe, anchors) -> HeadInputs:
+    shape, classes_shape = edit.graph.tensors[boxes].shape, edit.graph.tensors[probabilities].shape
+    if len(shape) != 3 or shape[1] != 4 or len(classes_shape) != 3 or classes_shape[2] != shape[2]:
+        raise MzError(f"boxes {list(shape)} and class scores {list(classes_shape)}: a yolov8 head cut before its "
+                      "Concat has [1, 4, N] and [1, classes, N]")
+    count = int(shape[2])
+    centre_size = edit.as_float(edit.transposed("postprocess/boxes", boxes))
+    parts = []
+    for name, order in (("yx", [1, 0]), ("hw", [3, 2])):
+        part = edit.tensor(f"postprocess/boxes/{name}", [1, count, 2], edit.schema.TensorType.FLOAT32)
+        edit.op("GATHER", [centre_size, edit.constant(f"postprocess/boxes/{name}/index", np.asarray(order, np.int32))],
+                [part], edit.options("Gather", axis=2, batchDims=0))
+        parts.append(part)
+    log_size = edit.tensor("postprocess/boxes/log_hw", [1, count, 2], edit.schema.TensorType.FLOAT32)
+    edit.op("LOG", [parts[1]], [log_size])
+    encodings = edit.tensor("postprocess/box_encodings", [1, count, 4], edit.schema.TensorType.FLOAT32)
+    edit.op("CONCATENATION", [parts[0], log_size], [encodings], edit.options("Concatenation", axis=2))
+    height, width = recipe.input.height_width
+    unit = np.tile(np.asarray([[0.0, 0.0, 1 / height, 1 / width]], np.float32), (count, 1))
+    return HeadInputs(encodings, edit.transposed("postprocess/scores", probabilities), unit, (1.0, 1.0, 1.0, 1.0),
+                      int(classes_shape[1]))
+
+
+# postprocess.kind -> what its head feeds the op (rules.check_variant allows attach for these kinds)
+HEAD_INPUTS = {"ssd": _ssd_inputs, "yolov8": _yolov8_inputs}
+
+
+def _options(post: Postprocess, head: HeadInputs) -> bytes:
     from flatbuffers import flexbuffers
 
-    y, x, h, w = (float(s) for s in post.box_coder_scales)
+    y, x, h, w = head.scales
     return bytes(flexbuffers.Dumps({
         "max_detections": post.max_detections, "max_classes_per_detection": 1,
         "detections_per_class": post.max_detections, "use_regular_nms": True,
         "nms_score_threshold": float(post.nms_score_threshold), "nms_iou_threshold": float(post.nms_iou_threshold),
-        "num_classes": classes, "y_scale": y, "x_scale": x, "h_scale": h, "w_scale": w}))
+        "num_classes": head.classes, "y_scale": y, "x_scale": x, "h_scale": h, "w_scale": w}))
 
 
-def attach_postprocess(raw: Path, recipe: Recipe, anchors: np.ndarray, target: Path) -> Path:
+def _integer_source(graph, dequantize_code: int, tensor: int) -> tuple[int, int | None]:
+    """(the tensor to feed, the DEQUANTIZE op to drop): a float output made by DEQUANTIZE of an integer
+    tensor is replaced by that integer tensor."""
+    for index, op in enumerate(graph.operators):
+        if op.outputs[0] == tensor and op.opcodeIndex == dequantize_code:
+            return op.inputs[0], index
+    return tensor, None
+
+
+def attach_postprocess(raw: Path, recipe: Recipe, anchors: np.ndarray | None, target: Path) -> Path:
     """Write `target`: the model `raw` ending in TFLite_Detection_PostProcess, as the recipe declares it."""
     schema = tflite_schema()
     post = recipe.postprocess
     model = read_model(raw)
     if len(model.subgraphs) != 1:
         raise MzError(f"{raw}: {len(model.subgraphs)} subgraphs; post-processing attaches to single-graph models")
-    graph = model.subgraphs[0]
+    edit = _Editor(model, schema)
+    graph = edit.graph
     names = [graph.tensors[i].name.decode() for i in graph.outputs]
+    wanted = list(recipe.strip.outputs) if recipe.strip is not None else names
+    by_name = dict(zip(wanted, (graph.outputs[i] for i in output_order(names, wanted))))
     try:
-        boxes_out, logits_out = (graph.outputs[names.index(n)] for n in (post.box_output, post.class_output))
-    except ValueError:
+        boxes_out, scores_out = (by_name[n] for n in (post.box_output, post.class_output))
+    except KeyError:
         raise MzError(f"{raw}: outputs {names}, expected {post.box_output} and {post.class_output}") from None
-    dequantize = _opcode(model, schema, schema.BuiltinOperator.DEQUANTIZE)
-    boxes, drop_boxes = _integer_source(graph, schema, dequantize, boxes_out)
-    logits, drop_logits = _integer_source(graph, schema, dequantize, logits_out)
-    count = int(anchors.shape[0])
-    classes_with_background = int(np.prod(graph.tensors[logits].shape)) // count
-    classes = classes_with_background - (1 if post.background_class else 0)
-    if classes != len(post.labels):
-        raise MzError(f"{raw}: {post.class_output} scores {classes} classes, the recipe has {len(post.labels)} labels")
-
-    def same_quantization(tensor: int):
-        q = graph.tensors[tensor].quantization
-        return _quantization(schema, float(q.scale[0]), int(q.zeroPoint[0])) if q is not None and q.scale else None
-
-    box_type, logit_type = graph.tensors[boxes].type, graph.tensors[logits].type
-    shape = _tensor(model, graph, schema, "postprocess/box_shape", [3], schema.TensorType.INT32,
-                    np.asarray([1, count, 4], np.int32).tobytes())
-    reshaped = _tensor(model, graph, schema, "postprocess/box_encodings", [1, count, 4], box_type,
-                       quantization=same_quantization(boxes))
-    integer_scores = logit_type in (schema.TensorType.INT8, schema.TensorType.UINT8)
-    # TFLite's integer LOGISTIC and SOFTMAX produce [0, 1) in steps of 1/256.
-    zero = -128 if logit_type == schema.TensorType.INT8 else 0
-    scores = _tensor(model, graph, schema, "postprocess/scores", [1, count, classes_with_background], logit_type,
-                     quantization=_quantization(schema, 1 / 256, zero) if integer_scores else None)
-    anchor_tensor = _tensor(model, graph, schema, "postprocess/anchors", [count, 4], schema.TensorType.FLOAT32,
-                            centre_size_anchors(anchors).tobytes())
-    outputs = [_tensor(model, graph, schema, name, shape_, schema.TensorType.FLOAT32)
-               for name, shape_ in zip(OUTPUT_NAMES, ([1, post.max_detections, 4], [1, post.max_detections],
-                                                      [1, post.max_detections], [1]))]
-
-    def operator(code: int, inputs: list[int], outs: list[int], options=None, options_type=0, custom=None):
-        op = schema.OperatorT()
-        op.opcodeIndex, op.inputs, op.outputs = code, inputs, outs
-        op.builtinOptionsType, op.builtinOptions = options_type, options
-        if custom is not None:
-            op.customOptions, op.customOptionsFormat = np.frombuffer(custom, np.uint8), 0  # FLEXBUFFERS
-        return op
-
-    reshape_options = schema.ReshapeOptionsT()
-    reshape_options.newShape = [1, count, 4]
-    score_op = (operator(_opcode(model, schema, schema.BuiltinOperator.LOGISTIC), [logits], [scores])
-                if post.score == "sigmoid" else
-                operator(_opcode(model, schema, schema.BuiltinOperator.SOFTMAX), [logits], [scores],
-                         _softmax_options(schema), schema.BuiltinOptions.SoftmaxOptions))
-    added = [operator(_opcode(model, schema, schema.BuiltinOperator.RESHAPE), [boxes, shape], [reshaped],
-                      reshape_options, schema.BuiltinOptions.ReshapeOptions), score_op]
-    if box_type != schema.TensorType.FLOAT32:
-        float_boxes = _tensor(model, graph, schema, "postprocess/box_encodings/float", [1, count, 4],
-                              schema.TensorType.FLOAT32)
-        added.append(operator(dequantize, [reshaped], [float_boxes]))
-        reshaped = float_boxes
-    if logit_type == schema.TensorType.INT8:
-        unsigned = _tensor(model, graph, schema, "postprocess/scores/uint8", [1, count, classes_with_background],
-                           schema.TensorType.UINT8, quantization=_quantization(schema, 1 / 256, 0))
-        added.append(operator(_opcode(model, schema, schema.BuiltinOperator.QUANTIZE), [scores], [unsigned]))
+    dequantize = edit.opcode(schema.BuiltinOperator.DEQUANTIZE)
+    boxes, drop_boxes = _integer_source(graph, dequantize, boxes_out)
+    scores, drop_scores = _integer_source(graph, dequantize, scores_out)
+    try:
+        head = HEAD_INPUTS[post.kind](edit, boxes, scores, recipe, anchors)
+    except MzError as exc:
+        raise MzError(f"{raw}: {exc}") from None
+    if head.classes != len(post.labels):
+        raise MzError(f"{raw}: {post.class_output} scores {head.classes} classes, the recipe has "
+                      f"{len(post.labels)} labels")
+    count = int(head.anchors.shape[0])
+    anchor_tensor = edit.tensor("postprocess/anchors", [count, 4], schema.TensorType.FLOAT32, head.anchors.tobytes())
+    outputs = [edit.tensor(name, shape, schema.TensorType.FLOAT32)
+               for name, shape in zip(OUTPUT_NAMES, ([1, post.max_detections, 4], [1, post.max_detections],
+                                                     [1, post.max_detections], [1]))]
+    boxes = edit.as_float(head.boxes)
+    scores = head.scores
+    if graph.tensors[scores].type == schema.TensorType.INT8:
+        signed = graph.tensors[scores]
+        unsigned = edit.tensor(f"{signed.name.decode()}/uint8", signed.shape, schema.TensorType.UINT8,
+                               quantization=_quantization(schema, float(signed.quantization.scale[0]),
+                                                          int(signed.quantization.zeroPoint[0]) + 128))
+        edit.op("QUANTIZE", [scores], [unsigned])
         scores = unsigned
-    added.append(operator(_opcode(model, schema, schema.BuiltinOperator.CUSTOM, CUSTOM_CODE),
-                          [reshaped, scores, anchor_tensor], outputs, custom=_options(post, classes)))
-    graph.operators = [op for i, op in enumerate(graph.operators) if i not in (drop_boxes, drop_logits)] + added
+    edit.op("CUSTOM", [boxes, scores, anchor_tensor], outputs, custom=_options(post, head))
+    graph.operators = [op for i, op in enumerate(graph.operators) if i not in (drop_boxes, drop_scores)] + edit.added
     graph.outputs = outputs
     return write_model(model, target)
-
-
-def _softmax_options(schema):
-    options = schema.SoftmaxOptionsT()
-    options.beta = 1.0
-    return options

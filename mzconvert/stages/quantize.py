@@ -60,7 +60,7 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     raw = out_dir / "raw" / model.name
     raw.parent.mkdir()
     model.rename(raw)
-    attached = attach_postprocess(raw, recipe, load_anchors(anchors), model)
+    attached = attach_postprocess(raw, recipe, load_anchors(anchors) if anchors else None, model)
     runner = open_model(attached)
     outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
     if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
