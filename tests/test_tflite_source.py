@@ -55,6 +55,30 @@ def test_a_signature_is_added_where_the_file_has_none(tmp_path):
     assert next(iter(out.values())).shape == (1, 5)
 
 
+@pytest.mark.parametrize("mode", ["int16x8", "dynamic"])
+def test_a_file_of_the_old_schema_is_quantized_with_integer_weights(tmp_path, mode):
+    """Operator codes in deprecated_builtin_code only (files written before TFLite 2.4, MediaPipe's): Google's
+    quantizer reads builtin_code, took every op for ADD and quantized weights as activations (int16 weights and
+    bias: a model LiteRT refuses). Given the codes where it reads them, the weights are int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mzconvert.quant.litert_quantizer import quantize
+    from mzconvert.tflite_file import op_names, write_model
+
+    model = read_model(float_tflite(tmp_path / "m.tflite"))
+    for code in model.operatorCodes:
+        code.deprecatedBuiltinCode, code.builtinCode = max(code.builtinCode, code.deprecatedBuiltinCode), 0
+    old = write_model(model, tmp_path / "old.tflite")
+    rng = np.random.RandomState(0)
+    out = quantize(old, mode, lambda: [rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32) for _ in range(4)],
+                   tmp_path / "q.tflite")
+    Interpreter(model_path=str(out)).allocate_tensors()
+    quantized = read_model(out)
+    graph, names = quantized.subgraphs[0], op_names(quantized)
+    conv = graph.operators[names.index("CONV_2D")]
+    assert graph.tensors[conv.inputs[1]].type == 9  # INT8 weights
+
+
 @pytest.mark.slow
 def test_a_float_tflite_inits_and_builds_to_a_verified_int8_for_the_npu(tmp_path, mirror):
     model = float_tflite(tmp_path / "float.tflite")

@@ -30,12 +30,14 @@ def available() -> bool:
 
 
 def with_signature(model_file: Path) -> tuple[bytes, str]:
-    """(the flatbuffer, its main signature's input name): given a SignatureDef over subgraph 0 if it has none."""
+    """(the flatbuffer, its main signature's input name): given a SignatureDef over subgraph 0 if it has none,
+    and its operator codes in the field the quantizer reads."""
     model = read_model(model_file)
+    upgraded = _current_opcodes(model)
     if model.signatureDefs:
         signature = next((s for s in model.signatureDefs if s.signatureKey == SIGNATURE.encode()),
                          model.signatureDefs[0])
-        return model_file.read_bytes(), signature.inputs[0].name.decode()
+        return (model_bytes(model) if upgraded else model_file.read_bytes()), signature.inputs[0].name.decode()
     s = schema()
     graph = model.subgraphs[0]
 
@@ -50,6 +52,18 @@ def with_signature(model_file: Path) -> tuple[bytes, str]:
     signature.outputs = [tensor_map(i) for i in graph.outputs]
     model.signatureDefs = [signature]
     return model_bytes(model), graph.tensors[graph.inputs[0]].name.decode()
+
+
+def _current_opcodes(model) -> bool:
+    """Operator codes written before the schema's 32-bit builtin_code (TFLite before 2.4: MediaPipe's models)
+    hold the operator in deprecated_builtin_code only; LiteRT reads the larger of the two, the quantizer reads
+    builtin_code alone and took every such operator for ADD (its weights quantized as activations, a model that
+    cannot run). Whether any code was moved into builtin_code."""
+    moved = False
+    for code in model.operatorCodes:
+        if code.deprecatedBuiltinCode > code.builtinCode:
+            code.builtinCode, moved = code.deprecatedBuiltinCode, True
+    return moved
 
 
 def quantize(model_file: Path, mode: str, calibration: Callable[[], Iterable[np.ndarray]] | None,
