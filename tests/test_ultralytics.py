@@ -43,9 +43,10 @@ def exports(tmp_path_factory) -> Path:
 
 
 def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], attach: bool = False) -> tuple[Path, dict]:
-    """The recipe `mzconvert init` writes for the export, with its int8 floors lowered (untrained scores: see
-    the module's docstring), only `variants` of those it proposes kept, and with `attach` its TFLite variants
-    ending in TFLite_Detection_PostProcess."""
+    """The recipe `mzconvert init` writes for the export (cut before the head's DFL), with its int8 floors lowered
+    (untrained scores: see the module's docstring) and only `variants` of those it proposes kept; with `attach`
+    cut instead where the export's pixel boxes are made, its TFLite variants ending in
+    TFLite_Detection_PostProcess."""
     folders = {role: image_folder(tmp_path / role, MIRROR / "coco" / split, count)
                for role, split, count in (("calib", "train2017", 16), ("check", "val2017", 8))}
     made = run_cli("init", model, "--from", str(exports / f"{model}.onnx"), "--to", str(tmp_path), "--calibration",
@@ -57,9 +58,16 @@ def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], a
     assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, 320, 320]
     assert post["kind"] == "yolov8" and len(post["labels"]) == 80  # names from the export's metadata
     assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]  # cut before the Concat
+    assert post["box_encoding"] == "dfl"  # and the box branch before its DFL
     assert recipe["preprocess"]["letterbox"] is True
     assert variants <= {v["name"] for v in recipe["variants"]}, recipe["variants"]
     recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
+    if attach:
+        from mzconvert.sources.inspection import inspect_onnx
+
+        pixels = inspect_onnx(exports / f"{model}.onnx")["concat_outputs"]["output0"][0]["name"]
+        recipe["strip"]["outputs"][0] = post["box_output"] = pixels
+        post.pop("box_encoding")
     post["attach"] = attach
     for variant in recipe["variants"]:
         if variant["mode"] == "int8":
@@ -86,8 +94,9 @@ def built(path: Path, post: dict, tmp_path: Path) -> list[str]:
 
 
 def test_a_yolov8n_export_goes_init_build_eval_predict_vela(exports, tmp_path):
-    path, post = initialised("yolov8n", exports, tmp_path, {"float32", "float32-tflite", "int8-tflite"}, attach=True)
+    path, post = initialised("yolov8n", exports, tmp_path, {"float32", "float32-tflite", "int8-tflite"})
     where = built(path, post, tmp_path)
+    decodes_as_the_export(path, exports / "yolov8n.onnx", tmp_path)
     from tests.test_build_real import coco_subset
 
     dataset = coco_subset(tmp_path / "coco", 24)  # the route, not the untrained weights' AP, is under test
@@ -100,7 +109,36 @@ def test_a_yolov8n_export_goes_init_build_eval_predict_vela(exports, tmp_path):
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
 
 
-def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu(exports, tmp_path):
-    """YOLO11's C2PSA attention (MatMul, Softmax) through onnx2tf to TFLite and vela."""
-    path, post = initialised("yolo11n", exports, tmp_path, {"float32-tflite", "int8-tflite"})
-    built(path, post, tmp_path)
+def decodes_as_the_export(path: Path, export: Path, tmp_path: Path) -> None:
+    """The built float32 model's box branch, decoded here (DFL, grid, strides), gives the export's own boxes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import dfl_boxes
+
+    recipe = load_recipe(path)
+    cut = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", list(recipe.strip.outputs))
+    whole = ort.InferenceSession(str(export), providers=["CPUExecutionProvider"])
+    for image in sorted((tmp_path / "check").iterdir())[:3]:
+        tensor = prepare(image, recipe.preprocess, recipe.input).tensor
+        theirs = whole.run(None, {whole.get_inputs()[0].name: tensor})[0][0]
+        logits, probabilities = cut.run(tensor)
+        boxes = dfl_boxes(logits.reshape(-1, theirs.shape[-1]), recipe.input.height_width, None)
+        np.testing.assert_allclose(boxes, theirs[:4].T, atol=1e-3)
+        np.testing.assert_allclose(probabilities.reshape(theirs[4:].shape), theirs[4:], atol=1e-6)
+
+
+def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu_and_ends_in_nms(exports, tmp_path):
+    """YOLO11's C2PSA attention (MatMul, Softmax) through onnx2tf to TFLite and vela; cut where its pixel boxes
+    are made, its TFLite ends in TFLite_Detection_PostProcess, which eval reads."""
+    path, post = initialised("yolo11n", exports, tmp_path, {"float32-tflite", "int8-tflite"}, attach=True)
+    where = built(path, post, tmp_path)
+    from tests.test_build_real import coco_subset
+
+    evaluated = run_cli("--json", "eval", str(path), "--dataset", str(coco_subset(tmp_path / "coco", 8)), "--variant",
+                        "int8-tflite", *where)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["results"]["int8-tflite"]["detections"] > 0

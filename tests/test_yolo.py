@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,110 @@ variants:
     with pytest.raises(RecipeError, match=r"postprocess.attach: TFLite_Detection_PostProcess attaches to a yolov8 "
                                           r"head cut before its Concat: name box_output and class_output"):
         load_recipe(tmp_path / "yolo.yaml")
+
+
+DFL_SIZE, DFL_STRIDES, BINS = 64, (8, 16, 32), 16
+
+
+def yolov8_dfl_onnx(path: Path, classes: int = 3) -> Path:
+    """A YOLOv8 head as Ultralytics exports it, over three levels: per level a box branch of 4 x 16 distribution
+    logits and a class branch, concatenated over the levels; the DFL (Reshape, Transpose, Softmax over the 16
+    bins, a 1x1 Conv of weights 0..15), dist2bbox from each cell's centre, times its stride; then one Concat."""
+    rng = np.random.RandomState(3)
+    arrays, nodes, boxes, scores, centres, strides = {}, [], [], [], [], []
+    for s in DFL_STRIDES:
+        cells = DFL_SIZE // s
+        arrays[f"wb{s}"] = rng.normal(0, 0.05, (4 * BINS, 3, s, s))
+        arrays[f"wc{s}"] = rng.normal(0, 0.05, (classes, 3, s, s))
+        arrays[f"flat_b{s}"] = np.array([1, 4 * BINS, cells * cells], np.int64)
+        arrays[f"flat_c{s}"] = np.array([1, classes, cells * cells], np.int64)
+        nodes += [helper.make_node("Conv", ["images", f"wb{s}"], [f"b{s}"], strides=[s, s]),
+                  helper.make_node("Reshape", [f"b{s}", f"flat_b{s}"], [f"box{s}"]),
+                  helper.make_node("Conv", ["images", f"wc{s}"], [f"c{s}"], strides=[s, s]),
+                  helper.make_node("Reshape", [f"c{s}", f"flat_c{s}"], [f"cls{s}"])]
+        boxes.append(f"box{s}")
+        scores.append(f"cls{s}")
+        for row in range(cells):
+            for column in range(cells):
+                centres.append((column + 0.5, row + 0.5))
+                strides.append(s)
+    count = len(centres)
+    arrays |= {"dfl_shape": np.array([1, 4, BINS, count], np.int64), "dfl_w": np.arange(BINS, dtype=np.float32).reshape(1, BINS, 1, 1),
+               "sides": np.array([1, 4, count], np.int64), "centres": np.array(centres).T[None],
+               "strides": np.array(strides, np.float32)[None, None], "two": np.array(2.0),
+               "lt_start": np.array([0], np.int64), "lt_end": np.array([2], np.int64),
+               "rb_end": np.array([4], np.int64), "axis1": np.array([1], np.int64)}
+    nodes += [helper.make_node("Concat", boxes, ["box_logits"], axis=2),
+              helper.make_node("Concat", scores, ["class_logits"], axis=2),
+              helper.make_node("Sigmoid", ["class_logits"], ["probabilities"]),
+              helper.make_node("Reshape", ["box_logits", "dfl_shape"], ["dfl_bins"]),
+              helper.make_node("Transpose", ["dfl_bins"], ["dfl_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Softmax", ["dfl_t"], ["dfl_p"], axis=1),
+              helper.make_node("Conv", ["dfl_p", "dfl_w"], ["dfl_e"]),
+              helper.make_node("Reshape", ["dfl_e", "sides"], ["distances"]),
+              helper.make_node("Slice", ["distances", "lt_start", "lt_end", "axis1"], ["lt"]),
+              helper.make_node("Slice", ["distances", "lt_end", "rb_end", "axis1"], ["rb"]),
+              helper.make_node("Sub", ["centres", "lt"], ["x1y1"]), helper.make_node("Add", ["centres", "rb"], ["x2y2"]),
+              helper.make_node("Add", ["x1y1", "x2y2"], ["sum"]), helper.make_node("Div", ["sum", "two"], ["cxy"]),
+              helper.make_node("Sub", ["x2y2", "x1y1"], ["wh"]),
+              helper.make_node("Concat", ["cxy", "wh"], ["xywh"], axis=1),
+              helper.make_node("Mul", ["xywh", "strides"], ["pixels"]),
+              helper.make_node("Concat", ["pixels", "probabilities"], ["output0"], axis=1)]
+    graph = helper.make_graph(nodes, "yolo-dfl", [helper.make_tensor_value_info(
+        "images", TensorProto.FLOAT, [1, 3, DFL_SIZE, DFL_SIZE])], [helper.make_tensor_value_info(
+            "output0", TensorProto.FLOAT, [1, 4 + classes, count])],
+        [numpy_helper.from_array(a if a.dtype == np.int64 else a.astype(np.float32), n) for n, a in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def with_outputs(path: Path, names: list[str], target: Path) -> Path:
+    """The model with more of its tensors as graph outputs."""
+    model = onnx.load(str(path))
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_head_cut_before_its_dfl_decodes_to_the_exports_own_boxes(tmp_path):
+    """init finds the DFL (a Softmax read by a 1x1 Conv of weights 0..15) and cuts before it; our decode of the
+    distribution logits (softmax, expectation, the grid inferred from the head's size) gives the boxes of the
+    export's own decode, and the same detections as its one output."""
+    import onnxruntime as ort
+
+    from mzconvert.sources.inspection import inspect_onnx
+
+    model = yolov8_dfl_onnx(tmp_path / "yolo.onnx")
+    assert inspect_onnx(model)["dfl_input"] == {"name": "box_logits", "bins": BINS}
+    session = ort.InferenceSession(str(with_outputs(model, ["box_logits", "probabilities"], tmp_path / "all.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    post = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), nms_score_threshold=0.4,
+                       nms_iou_threshold=0.5, max_detections=1000)
+    dfl = replace(post, box_output="box_logits", class_output="probabilities", box_encoding="dfl")
+    from mzconvert.tasks.detection import dfl_boxes
+
+    compared = 0
+    for seed in range(3):
+        image = np.random.RandomState(seed).uniform(0, 1, (1, 3, DFL_SIZE, DFL_SIZE)).astype(np.float32)
+        output, logits, probabilities = session.run(None, {"images": image})
+        np.testing.assert_allclose(dfl_boxes(logits[0], (DFL_SIZE, DFL_SIZE), None), output[0, :4].T, atol=1e-4)
+        theirs = yolov8_detections([output], {}, post, None, (DFL_SIZE, DFL_SIZE))
+        ours = yolov8_detections([logits, probabilities], {"box_logits": logits, "probabilities": probabilities},
+                                 dfl, None, (DFL_SIZE, DFL_SIZE))
+        assert np.array_equal(ours.labels, theirs.labels) and np.allclose(ours.scores, theirs.scores)
+        np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-6)
+        compared += len(ours.scores)
+    assert compared > 10
+
+
+def test_the_grid_of_a_dfl_head_is_inferred_or_named_when_it_cannot_be():
+    from mzconvert.errors import InputError
+    from mzconvert.tasks.detection import head_grid
+
+    grid = head_grid((640, 480), 80 * 60 + 40 * 30 + 20 * 15, None)  # P3-P5 of a 640x480 input
+    assert grid[0].tolist() == [0.5, 0.5, 8] and grid[80 * 60].tolist() == [0.5, 0.5, 16]
+    assert grid[-1].tolist() == [14.5, 19.5, 32]
+    with pytest.raises(InputError, match=r"a head of 1000 cells over a 640x480 input: no one run of strides fits"):
+        head_grid((640, 480), 1000, None)
+    with pytest.raises(InputError, match=r"postprocess.strides \[8, 16\] grid a 64x64 input into 80 cells; the head has 84"):
+        head_grid((64, 64), 84, (8, 16))

@@ -68,7 +68,7 @@ FIELDS = {
     "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop",
                    "letterbox"),
     "strip": ("inputs", "outputs"),
-    "postprocess": ("kind", "labels", "category_ids", "output") + SSD_POSTPROCESS_FIELDS,
+    "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides") + SSD_POSTPROCESS_FIELDS,
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
@@ -170,6 +170,10 @@ class Postprocess:
     box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
     box_output: str | None = None  # ssd; yolov8 cut before its Concat: boxes [1, 4, N] (class_output [1, C, N])
     class_output: str | None = None
+    # yolov8 box_output: pixels (centre x, y, width, height in input pixels, the export's) or dfl (the head's
+    # distribution logits [1, 4 x bins, N] before its DFL: softmax, expectation and grid decode done here)
+    box_encoding: str = "pixels"
+    strides: tuple[int, ...] | None = None  # yolov8 dfl: the head's levels (default: inferred from N and input)
     score: str = "sigmoid"  # sigmoid | softmax
     background_class: bool = True  # logits[..., 0] is background
     # Non-maximum suppression: our decode (eval, verify, predict) and the attached TFLite op use these.

@@ -216,8 +216,10 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
                max_detections=r.integer("max_detections", required=False, default=100, minimum=1))
     if kind in ("yolov8", "yolov5"):
         return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
-    if r.has("output"):
-        raise r.fail("only kinds yolov8 and yolov5 take output", r.child_where("output"))
+    for key in ("output", "box_encoding", "strides"):
+        if r.has(key):
+            raise r.fail(f"only kind{'s yolov8 and yolov5 take' if key == 'output' else ' yolov8 takes'} {key}",
+                         r.child_where(key))
     if kind != "ssd":
         for key in ssd_fields:
             if r.has(key):
@@ -271,7 +273,7 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                       strip: Strip | None) -> Postprocess:
     """An Ultralytics export's raw head, decoded here: its one output (boxes and class scores concatenated), or
     for yolov8 the two tensors before that Concat (box_output [1, 4, N] and class_output [1, classes, N]), which
-    int8 then quantizes at scales of their own."""
+    int8 then quantizes at scales of their own, or with box_encoding dfl the box branch before its DFL."""
     split = ("box_output", "class_output") if kind == "yolov8" else ()
     attachable = ("attach",) if kind == "yolov8" else ()
     for key in SSD_POSTPROCESS_FIELDS:
@@ -293,7 +295,25 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
     if attach and not names.get("box_output"):
         raise r.fail("TFLite_Detection_PostProcess attaches to a yolov8 head cut before its Concat: name "
                      "box_output and class_output", r.child_where("attach"))
-    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms)
+    encoding = {}
+    for key in ("box_encoding", "strides"):
+        if kind != "yolov8" and r.has(key):
+            raise r.fail(f"only kind yolov8 takes {key}", r.child_where(key))
+    if kind == "yolov8":
+        encoding["box_encoding"] = r.string("box_encoding", required=False, default="pixels",
+                                            choices=("pixels", "dfl"))
+        strides = r.list_of("strides", Reader.as_dimension, required=False)
+        encoding["strides"] = tuple(strides) if strides else None
+        if encoding["box_encoding"] == "dfl" and not names.get("box_output"):
+            raise r.fail("dfl boxes are a head cut before its DFL: name box_output (its distribution logits) and "
+                         "class_output", r.child_where("box_encoding"))
+        if encoding["box_encoding"] == "dfl" and attach:
+            raise r.fail("TFLite_Detection_PostProcess attaches to pixel boxes (box_encoding pixels)",
+                         r.child_where("attach"))
+        if strides and encoding["box_encoding"] != "dfl":
+            raise r.fail("strides place the grid of dfl boxes (box_encoding dfl)", r.child_where("strides"))
+    return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,
+                       **encoding)
 
 
 def _max_drop(r: Reader) -> float | None:

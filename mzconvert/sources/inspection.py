@@ -286,6 +286,7 @@ def inspect_onnx(path: Path) -> dict:
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model)) else {}),
+            **({"dfl_input": dfl} if (dfl := _dfl_input(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
 
@@ -312,6 +313,31 @@ def _concatenated_outputs(model) -> dict[str, list[dict]]:
     shapes = {v.name: _onnx_shape(v) for v in inferred}
     return {out: [{"name": name, "shape": shapes[name]} for name in parts]
             for out, parts in concats.items() if all(name in shapes for name in parts)}
+
+
+def _dfl_input(model) -> dict | None:
+    """The tensor a YOLOv8 head's DFL decodes (its box branch's distribution logits, [1, 4 x bins, N]), where the
+    model can be cut to decode boxes in float: the input, through Reshape and Transpose, of a Softmax that a
+    1x1 Conv with weights 0, 1 .. bins - 1 reads (the DFL's expectation). None unless there is exactly one."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for node in model.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        softmax = producer.get(node.input[0])
+        if weight is None or softmax is None or softmax.op_type != "Softmax" or len(weight.dims) != 4 or \
+                list(weight.dims)[::2] != [1, 1] or list(weight.dims)[3] != 1:
+            continue
+        bins = int(weight.dims[1])
+        if not np.array_equal(numpy_helper.to_array(weight).ravel(), np.arange(bins)):
+            continue
+        source = softmax.input[0]
+        while source in producer and producer[source].op_type in ("Transpose", "Reshape"):
+            source = producer[source].input[0]
+        found.append({"name": source, "bins": bins})
+    return found[0] if len(found) == 1 else None
 
 
 def inspect_tflite(path: Path) -> dict:

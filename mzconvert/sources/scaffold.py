@@ -146,7 +146,12 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     if labels == [name for _, name in coco]:
         post["category_ids"] = [category for category, _ in coco]
     if kind == "yolov8" and (parts := _boxes_and_scores(model, classes)):
-        # cut before the head's Concat: int8 then gives pixels and probabilities scales of their own
+        # cut before the head's Concat: int8 then gives pixels and probabilities scales of their own; and where
+        # the graph has a DFL, before it: the box branch's logits quantized, its decode done in float
+        # (docs/results.md: the box error this leaves)
+        if dfl := model.get("dfl_input"):
+            parts = [dfl["name"], parts[1]]
+            post["box_encoding"] = "dfl"
         proposal["outputs"] = parts
         post |= {"box_output": parts[0], "class_output": parts[1]}
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}

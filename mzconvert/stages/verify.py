@@ -19,7 +19,14 @@ from ..recipe import Recipe, Variant, command_argument
 from ..recipe.schema import DEFAULT_FLOORS
 from ..runtime import OPTIMIZED, open_model
 from ..tasks.dense import mask_iou, pixel_error
-from ..tasks.detection import RAW_DECODERS, Detections, load_anchors, matched_detections, raw_detections
+from ..tasks.detection import (
+    RAW_DECODERS,
+    Detections,
+    judged_values,
+    load_anchors,
+    matched_detections,
+    raw_detections,
+)
 from ..tasks.signal import compare, slice_name, worst_slice
 
 
@@ -88,8 +95,11 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
         for i in range(count):
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
-        metrics = {name: _output_metrics(np.stack(ref_outputs[j]), np.stack(got_outputs[j]), recipe)
-                   for j, name in enumerate(output_names)}
+        metrics = {}
+        for j, name in enumerate(output_names):  # each output as what it means (a DFL head's: box pixels)
+            ref, got = (judged_values(name, np.stack(o[j]), recipe.postprocess, recipe.input.height_width)
+                        for o in (ref_outputs, got_outputs))
+            metrics[name] = _output_metrics(ref, got, recipe)
         if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
             metrics |= _matched_detections(saved, got_outputs, output_names, recipe, anchors)
     if recipe.task == "classification":  # does the variant pick the same class as the float model?

@@ -142,9 +142,67 @@ def _centre_boxes(xywh: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     return np.stack([(y - h / 2) / height, (x - w / 2) / width, (y + h / 2) / height, (x + w / 2) / width], axis=1)
 
 
+def head_grid(input_hw: tuple[int, int], count: int, strides: tuple[int, ...] | None) -> np.ndarray:
+    """(N, 3): the centre x, y of each of a YOLOv8 head's N cells, in strides, and its stride, level by level,
+    rows then columns (Ultralytics' make_anchors). Without `strides`, the one run of doubling strides (from 8,
+    16, 32 or 64, up to 5 levels) whose grids over the input have N cells."""
+    height, width = input_hw
+
+    def cells(levels) -> int:
+        return sum(-(-height // s) * -(-width // s) for s in levels)
+
+    if strides is None:
+        runs = [tuple(first * 2 ** k for k in range(n)) for first in (8, 16, 32, 64) for n in range(1, 6)]
+        fitting = [run for run in runs if cells(run) == count]
+        if len(fitting) != 1:
+            raise InputError(f"a head of {count} cells over a {height}x{width} input: no one run of strides fits "
+                             "it; declare postprocess.strides")
+        strides = fitting[0]
+    if cells(strides) != count:
+        raise InputError(f"postprocess.strides {list(strides)} grid a {height}x{width} input into "
+                         f"{cells(strides)} cells; the head has {count}")
+    grids = []
+    for s in strides:
+        ys, xs = np.meshgrid(np.arange(-(-height // s)) + 0.5, np.arange(-(-width // s)) + 0.5, indexing="ij")
+        grids.append(np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, s, np.float64)], axis=1))
+    return np.concatenate(grids)
+
+
+def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None) -> np.ndarray:
+    """A YOLOv8 box branch before its DFL, [4 x bins, N], as the export's own decode makes it: each side's
+    distance (left, top, right, bottom) from its cell's centre the expectation of a softmax over 0 .. bins - 1
+    strides (DFL), then the box's centre x, y, width and height in input pixels (dist2bbox, times the stride)."""
+    count = logits.shape[-1]
+    grid = head_grid(input_hw, count, strides)
+    bins = logits.reshape(4, -1, count).astype(np.float64)
+    weights = np.exp(bins - bins.max(axis=1, keepdims=True))
+    left, top, right, bottom = (weights * np.arange(bins.shape[1])[None, :, None]).sum(1) / weights.sum(1)
+    x, y, stride = grid.T
+    return np.stack([(x + (right - left) / 2) * stride, (y + (bottom - top) / 2) * stride,
+                     (left + right) * stride, (top + bottom) * stride], axis=1)
+
+
+def judged_values(name: str, values: np.ndarray, post: Postprocess | None, input_hw: tuple[int, int]) -> np.ndarray:
+    """An output's values (images first) as what they mean, where that is not the raw tensor: the distribution
+    logits of a head cut before its DFL as the boxes they decode to (images x 4 x N, centre and size in input
+    pixels, as the export's own box output), so fidelity measures box pixels, not logits. Else `values`."""
+    if post is None or post.box_encoding != "dfl" or name != post.box_output:
+        return values
+    count = values.shape[-1]
+    return np.stack([dfl_boxes(v.reshape(-1, count), input_hw, post.strides).T[None] for v in values])
+
+
 def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
     """Ultralytics YOLOv8 / YOLO11 exports: [1, 4 + classes, N], box centre and size in input pixels (the DFL
-    decode inside the export), then each class's probability."""
+    decode inside the export), then each class's probability; or cut before the DFL (box_encoding dfl), the
+    box branch's distribution logits decoded here (dfl_boxes)."""
+    if post.box_encoding == "dfl":
+        probabilities = by_name[post.class_output]
+        count = probabilities.shape[-1]
+        probabilities = probabilities.reshape(-1, count)
+        _check_classes(probabilities.shape[0], post)
+        boxes = dfl_boxes(by_name[post.box_output].reshape(-1, count), input_hw, post.strides)
+        return _selected(_centre_boxes(boxes, input_hw), probabilities.T, post)
     out = _yolo_output(outputs, by_name, post)
     rows = out.reshape(-1, out.shape[-1])
     _check_classes(rows.shape[0] - 4, post)
