@@ -98,3 +98,40 @@ def test_tflite_outputs_are_followed_back_through_ops_that_only_move_values(tmp_
     assert graph.outputs[0] in names
     assert not any(graph.tensors[i].name == graph.tensors[graph.inputs[0]].name for i in names)
     assert all(i in producers for i in names)
+
+
+def test_a_tensor_only_a_sigmoid_or_tanh_reads_stops_at_their_saturation(tmp_path):
+    """Beyond +-8 (LOGISTIC) and +-4 (TANH) the int8 output no longer changes: the range stops there, and keeps
+    finer steps where the output moves. A tensor another op reads too keeps its measured range."""
+    import tensorflow as tf
+
+    from mzconvert.backends.tflite import range_slots
+    from mzconvert.quant.ranges import calibrate_with_interpreter
+    from mzconvert.recipe import Recipe
+    from mzconvert.tflite_file import read_model
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 3], tf.float32)])
+    def head(x):
+        gate = tf.nn.conv2d(x, tf.fill([1, 1, 3, 2], 100.0), 1, "VALID", name="gate")  # over +-300
+        shared = tf.nn.conv2d(x, tf.fill([1, 1, 3, 2], -50.0), 1, "VALID", name="shared")
+        return tf.sigmoid(gate) * tf.tanh(shared * 3.0) + tf.sigmoid(shared)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([head.get_concrete_function()], head)
+    path = tmp_path / "head.tflite"
+    path.write_bytes(converter.convert())
+    marked, _ = range_slots(path, Recipe.__new__(Recipe), None, tmp_path / "marked.tflite")
+    images = [np.random.RandomState(i).uniform(-1, 1, (1, 4, 4, 3)).astype(np.float32) for i in range(4)]
+    calibrated = read_model(calibrate_with_interpreter(marked, images, tmp_path / "calibrated.tflite"))
+    graph = calibrated.subgraphs[0]
+    readers = {}
+    for op in graph.operators:
+        code = calibrated.operatorCodes[op.opcodeIndex]
+        for i in op.inputs:
+            readers.setdefault(i, set()).add(max(code.builtinCode, code.deprecatedBuiltinCode))
+    logistic, tanh = 14, 28  # BuiltinOperator
+    ranges = {frozenset(readers.get(i, ())): (t.quantization.min[0], t.quantization.max[0])
+              for i, t in enumerate(graph.tensors) if t.quantization is not None and t.quantization.min is not None}
+    assert ranges[frozenset({logistic})] == (-8.0, 8.0)
+    assert ranges[frozenset({tanh})] == (-4.0, 4.0)
+    shared = next(r for readers_, r in ranges.items() if logistic in readers_ and len(readers_) > 1)
+    assert shared[0] < -100 and shared[1] > 100

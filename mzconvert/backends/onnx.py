@@ -262,15 +262,17 @@ def _float_outputs(model):
 def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
                      percentile: float | None = None) -> dict[str, tuple[float, float]]:
     """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see measure_ranges; the
-    outputs keep their whole range)."""
+    outputs keep their whole range, a sigmoid's or tanh's input stops where its output saturates)."""
     import onnx
     import onnxruntime as ort
 
-    from ..quant.ranges import measure_ranges
+    from ..quant.ranges import measure_ranges, readers_of, saturated_bounds
 
     augmented = _load(model)
     graph = augmented.graph
     whole = reaching_outputs(graph)  # before every activation is made an output
+    bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in graph.node),
+                              {o.name for o in graph.output})
     computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     outputs = {o.name for o in graph.output}
     graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
@@ -283,7 +285,7 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
         yield input_name, tensor
         yield from zip(names, session.run(names, {input_name: tensor}))
 
-    return measure_ranges(activations, tensors, method, percentile, whole=whole)
+    return measure_ranges(activations, tensors, method, percentile, whole=whole, bounds=bounds)
 
 
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu")

@@ -20,7 +20,7 @@ the interpreter, and each slot gets the range the tensor really took by the vari
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -144,15 +144,16 @@ Activations = Callable[[np.ndarray], Iterator[tuple[object, np.ndarray]]]  # inp
 
 def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: str = "minmax",
                    percentile: float | None = None, name_of: Callable[[object], str] = str,
-                   whole: Collection = ()) -> dict[object, tuple[float, float]]:
+                   whole: Collection = (), bounds: dict[object, float] | None = None
+                   ) -> dict[object, tuple[float, float]]:
     """{tensor key: (low, high)} over every input in `tensors`, of the tensors `activations` yields for an
     input: with method minmax their min and max, percentile as RangeRecorder, mean_minmax each input's min and
     max averaged (_MeanExtremes), mse the range of least
     quantization error (_Histogram, a second pass over the inputs). The keys in `whole` (the model's
     outputs) get their min and max by every method: a later layer absorbs what a clipped activation loses,
     but a clipped output reaches the user as it is (a classifier's top logits clipped to one value tie, and
-    the highest scores are the ones that matter). A tensor with no finite value on any input is an error
-    naming it (`name_of` its key)."""
+    the highest scores are the ones that matter). `bounds` ({key: b}, saturated_bounds): ranges that stop at
+    +-b. A tensor with no finite value on any input is an error naming it (`name_of` its key)."""
     clipped = (_MeanExtremes() if method == "mean_minmax"
                else RangeRecorder(len(tensors), percentile if method == "percentile" else None))
     extremes = RangeRecorder(len(tensors))
@@ -166,7 +167,8 @@ def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: 
         _each_value(activations, tensors,
                     lambda key, values: key in histograms and histograms[key].add(values))
         ranges = {key: histogram.mse_range() for key, histogram in histograms.items()}
-    return ranges | outputs
+    ranges |= outputs
+    return ranges | {key: _within_bound(*ranges[key], bound) for key, bound in (bounds or {}).items() if key in ranges}
 
 
 def _each_value(activations: Activations, tensors: list[np.ndarray], take: Callable) -> None:
@@ -214,6 +216,35 @@ def output_tensors(model) -> set[int]:
     return found
 
 
+# Ops whose 8-bit output stops changing beyond an input bound (TFLite's names, then ONNX's): a sigmoid's output
+# steps are 1/256, so sigmoid(x) rounds to 0 below x = -6.2 and to 255/256 above 5.1; a tanh's are 1/128, and
+# tanh(x) rounds to +-127/128 beyond |x| = 2.6. The bounds keep a margin.
+SATURATING_OPS = {"LOGISTIC": 8.0, "TANH": 4.0, "Sigmoid": 8.0, "Tanh": 4.0}
+
+
+def saturated_bounds(readers: dict[object, list[str]], outputs: Collection) -> dict[object, float]:
+    """{tensor: bound} for the tensors (`readers`: the names of the ops that read each) that only SATURATING_OPS
+    read and that are no output of the model: their values beyond +-bound give those ops no other 8-bit output,
+    so their range can stop there and keep finer steps where the op's output still moves (MediaPipe's selfie
+    segmenter: a sigmoid's input measured over [-975, 388], 5.3 per step, the mask's edge lost)."""
+    return {tensor: min(SATURATING_OPS[n] for n in names) for tensor, names in readers.items()
+            if tensor not in outputs and names and all(n in SATURATING_OPS for n in names)}
+
+
+def _within_bound(low: float, high: float, bound: float) -> tuple[float, float]:
+    """A measured range stopped at +-bound (0 kept inside, as every quantized range holds it)."""
+    return min(max(low, -bound), 0.0), max(min(high, bound), 0.0)
+
+
+def readers_of(ops: Iterable[tuple[str, Iterable]]) -> dict[object, list[str]]:
+    """{tensor: the names of the ops that read it}, from each op's (name, input tensors)."""
+    readers: dict[object, list[str]] = {}
+    for name, inputs in ops:
+        for tensor in inputs:
+            readers.setdefault(tensor, []).append(name)
+    return readers
+
+
 def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
                   percentile: float | None = None, threads: int = 2) -> dict[int, tuple[float, float]]:
     """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
@@ -229,7 +260,10 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
         for i in wanted:
             yield i, interpreter.tensor(i)()  # a view, no copy
 
-    return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model))
+    graph = model.subgraphs[0]
+    readers = readers_of(zip(op_names(model), (op.inputs for op in graph.operators)))
+    return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model),
+                          saturated_bounds(readers, graph.outputs))
 
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",

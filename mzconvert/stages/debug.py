@@ -28,6 +28,7 @@ from ..fsio import sha256_file, write_json_atomic
 from ..layout import built_stage_model, recipe_build_folder
 from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
+from ..quant.ranges import readers_of, saturated_bounds
 from ..recipe import Recipe, Variant, command_argument
 from ..runtime import OPTIMIZED, dequantized, litert_interpreter, quantized_input, target_kernels, tensor_spec
 from ..sources.fetch import Fetcher
@@ -117,6 +118,8 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
         nodes = onnx.load(str(float_model)).graph.node
         producers = {o: n.op_type for n in nodes for o in n.output}
         inputs = {o: list(n.input) for n in nodes for o in n.output}
+        bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in nodes),
+                                  {o.name for o in onnx.load(str(float_model)).graph.output})
         modify_model_output_intermediate_tensors(str(float_model), str(float_saved))
         modify_model_output_intermediate_tensors(str(artifact), str(qdq_saved))
         totals: dict[str, list[float]] = {}  # tensor -> [sum of squared errors, values, max abs error]
@@ -128,7 +131,7 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
             for name, pair in matched.items():
                 if name in scales and pair.get("float"):
                     _add_error(totals, name, np.concatenate([f.ravel() for f in pair["float"]]),
-                               np.concatenate([q.ravel() for q in pair["post_qdq"]]))
+                               np.concatenate([q.ravel() for q in pair["post_qdq"]]), bounds.get(name))
     return _added_errors(totals, scales, inputs, producers)
 
 
@@ -157,7 +160,12 @@ def _added_errors(totals: dict[str, list[float]], scales: dict[str, float], inpu
             for name, steps in accumulated.items()]
 
 
-def _add_error(totals: dict[str, list[float]], name: str, reference: np.ndarray, quantized: np.ndarray) -> None:
+def _add_error(totals: dict[str, list[float]], name: str, reference: np.ndarray, quantized: np.ndarray,
+               bound: float | None = None) -> None:
+    """One image's error of a quantized activation; with `bound` (an input only saturating ops read, quantized
+    up to their bound: quant/ranges.py), what lies beyond +-bound changes no output and is no error."""
+    if bound is not None:
+        reference, quantized = (np.clip(v, -bound, bound) for v in (reference, quantized))
     error = reference.ravel().astype(np.float64) - quantized.ravel().astype(np.float64)
     total = totals.setdefault(name, [0.0, 0, 0.0])
     total[0] += float(np.sum(error ** 2))
@@ -188,6 +196,8 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     ops = int8_model._get_ops_details()
     producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
     inputs = {names[o]: [names[i] for i in op["inputs"] if i >= 0] for op in ops for o in op["outputs"]}
+    bounds = saturated_bounds(readers_of((op["op_name"], op["inputs"]) for op in ops),
+                              [d["index"] for d in int8_model.get_output_details()])
     int8_input = tensor_spec(int8_model.get_input_details()[0])
     totals: dict[str, list[float]] = {}
     for path in images:
@@ -201,7 +211,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
             values = dequantized(int8_model.get_tensor(index), tensor_spec(details[index]))
             reference = float_model.get_tensor(twin)
             if reference.shape == values.shape:
-                _add_error(totals, names[index], reference, values)
+                _add_error(totals, names[index], reference, values, bounds.get(index))
     return _added_errors(totals, scales, inputs, producers)
 
 
