@@ -298,7 +298,8 @@ DFL_SIZE, DFL_STRIDES, BINS = 64, (8, 16, 32), 16
 def yolov8_dfl_onnx(path: Path, classes: int = 3) -> Path:
     """A YOLOv8 head as Ultralytics exports it, over three levels: per level a box branch of 4 x 16 distribution
     logits and a class branch, concatenated over the levels; the DFL (Reshape, Transpose, Softmax over the 16
-    bins, a 1x1 Conv of weights 0..15), dist2bbox from each cell's centre, times its stride; then one Concat."""
+    bins, a 1x1 Conv of weights 0..15), dist2bbox from each cell's centre, times its stride; then one Concat.
+    A constant is a Constant node, as unsimplified exports have them."""
     rng = np.random.RandomState(3)
     arrays, nodes, boxes, scores, centres, strides = {}, [], [], [], [], []
     for s in DFL_STRIDES:
@@ -320,10 +321,11 @@ def yolov8_dfl_onnx(path: Path, classes: int = 3) -> Path:
     count = len(centres)
     arrays |= {"dfl_shape": np.array([1, 4, BINS, count], np.int64), "dfl_w": np.arange(BINS, dtype=np.float32).reshape(1, BINS, 1, 1),
                "sides": np.array([1, 4, count], np.int64), "centres": np.array(centres).T[None],
-               "strides": np.array(strides, np.float32)[None, None], "two": np.array(2.0),
+               "strides": np.array(strides, np.float32)[None, None],
                "lt_start": np.array([0], np.int64), "lt_end": np.array([2], np.int64),
                "rb_end": np.array([4], np.int64), "axis1": np.array([1], np.int64)}
-    nodes += [helper.make_node("Concat", boxes, ["box_logits"], axis=2),
+    nodes += [helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+              helper.make_node("Concat", boxes, ["box_logits"], axis=2),
               helper.make_node("Concat", scores, ["class_logits"], axis=2),
               helper.make_node("Sigmoid", ["class_logits"], ["probabilities"]),
               helper.make_node("Reshape", ["box_logits", "dfl_shape"], ["dfl_bins"]),

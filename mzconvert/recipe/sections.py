@@ -216,10 +216,10 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
                max_detections=r.integer("max_detections", required=False, default=100, minimum=1))
     if kind in ("yolov8", "yolov5"):
         return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
-    for key in ("output", "box_encoding", "strides"):
+    for key, kinds in (("output", "kinds yolov8 and yolov5 take"), ("box_encoding", "kind yolov8 takes"),
+                       ("strides", "kind yolov8 takes")):
         if r.has(key):
-            raise r.fail(f"only kind{'s yolov8 and yolov5 take' if key == 'output' else ' yolov8 takes'} {key}",
-                         r.child_where(key))
+            raise r.fail(f"only {kinds} {key}", r.child_where(key))
     if kind != "ssd":
         for key in ssd_fields:
             if r.has(key):

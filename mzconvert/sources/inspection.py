@@ -325,10 +325,11 @@ def _dfl_input(model) -> dict | None:
     producer = {out: node for node in model.graph.node for out in node.output}
     found = []
     for node in model.graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        softmax = producer.get(node.input[0])
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        weight, softmax = weights.get(node.input[1]), producer.get(node.input[0])
         if weight is None or softmax is None or softmax.op_type != "Softmax" or len(weight.dims) != 4 or \
-                list(weight.dims)[::2] != [1, 1] or list(weight.dims)[3] != 1:
+                not weight.dims[0] == weight.dims[2] == weight.dims[3] == 1:
             continue
         bins = int(weight.dims[1])
         if not np.array_equal(numpy_helper.to_array(weight).ravel(), np.arange(bins)):
