@@ -399,3 +399,27 @@ def test_the_grid_of_a_dfl_head_is_inferred_or_named_when_it_cannot_be():
         head_grid((640, 480), 1000, None)
     with pytest.raises(InputError, match=r"postprocess.strides \[8, 16\] grid a 64x64 input into 80 cells; the head has 84"):
         head_grid((64, 64), 84, (8, 16))
+
+
+def test_class_scores_are_judged_where_a_detection_is_shown():
+    """8-bit probabilities of a class no verify image holds (a trained detector's rare classes) round to 0 and
+    1/256: their slice's SQNR is noise, judged only where either model scores MATCH_SCORE or more. A class
+    whose shown scores int8 loses is still caught."""
+    from mzconvert.tasks.detection import MATCH_SCORE, judged_outputs
+    from mzconvert.tasks.signal import worst_slice
+
+    rng = np.random.RandomState(0)
+    reference = rng.exponential(0.002, (8, 1, 3, 500)).astype(np.float32)  # 3 classes, 500 cells, 8 images
+    reference[:, 0, 0, :5] = 0.9  # class 0: a few detections
+    candidate = np.round(reference * 256) / 256  # LiteRT's int8 sigmoid output
+    post = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), box_output="boxes",
+                       class_output="scores")
+    assert worst_slice(reference, candidate)["sqnr_db"] < 10  # the rare classes' rounding
+    judged = judged_outputs("scores", reference, candidate, post, (SIZE, SIZE))
+    assert worst_slice(*judged)["sqnr_db"] > 40
+    assert np.all(judged[0][reference < MATCH_SCORE] == 0)
+    lost = candidate.copy()
+    lost[:, 0, 0, :5] = 0.0  # int8 drops class 0's detections
+    assert worst_slice(*judged_outputs("scores", reference, lost, post, (SIZE, SIZE)))["sqnr_db"] < 1
+    boxes = rng.uniform(0, 300, (8, 1, 4, 500))
+    assert np.array_equal(judged_outputs("boxes", boxes, boxes + 1, post, (SIZE, SIZE))[1], boxes + 1)  # as they are

@@ -22,7 +22,7 @@ from ..tasks.dense import mask_iou, pixel_error
 from ..tasks.detection import (
     RAW_DECODERS,
     Detections,
-    judged_values,
+    judged_outputs,
     load_anchors,
     matched_detections,
     raw_detections,
@@ -96,9 +96,9 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
         metrics = {}
-        for j, name in enumerate(output_names):  # each output as what it means (a DFL head's: box pixels)
-            ref, got = (judged_values(name, np.stack(o[j]), recipe.postprocess, recipe.input.height_width)
-                        for o in (ref_outputs, got_outputs))
+        for j, name in enumerate(output_names):  # each output as what it means (tasks/detection.judged_outputs)
+            ref, got = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]), recipe.postprocess,
+                                      recipe.input.height_width)
             metrics[name] = _output_metrics(ref, got, recipe)
         if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
             metrics |= _matched_detections(saved, got_outputs, output_names, recipe, anchors)

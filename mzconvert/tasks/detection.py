@@ -182,14 +182,30 @@ def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int,
                      (left + right) * stride, (top + bottom) * stride], axis=1)
 
 
-def judged_values(name: str, values: np.ndarray, post: Postprocess | None, input_hw: tuple[int, int]) -> np.ndarray:
-    """An output's values (images first) as what they mean, where that is not the raw tensor: the distribution
-    logits of a head cut before its DFL as the boxes they decode to (images x 4 x N, centre and size in input
-    pixels, as the export's own box output), so fidelity measures box pixels, not logits. Else `values`."""
-    if post is None or post.box_encoding != "dfl" or name != post.box_output:
-        return values
-    count = values.shape[-1]
-    return np.stack([dfl_boxes(v.reshape(-1, count), input_hw, post.strides).T[None] for v in values])
+def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post: Postprocess | None,
+                   input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An output of the float model and of a variant (images first) as what they mean, where that is not the raw
+    tensor: the distribution logits of a head cut before its DFL as the boxes they decode to (images x 1 x 4 x
+    N, centre and size in input pixels, as the export's own box output); a YOLO head's class probabilities (and
+    YOLOv5's objectness) only where either model scores MATCH_SCORE or more, the scores a person is shown (8-bit
+    probabilities of a class no image holds round to 0 and 1/256: noise a trained detector's rare classes
+    would be judged by, where no detection changes). Else the outputs as they are."""
+    if post is None or post.kind not in ("yolov8", "yolov5"):
+        return reference, candidate
+    if post.box_encoding == "dfl" and name == post.box_output:
+        count = reference.shape[-1]
+        return tuple(np.stack([dfl_boxes(v.reshape(-1, count), input_hw, post.strides).T[None] for v in values])
+                     for values in (reference, candidate))
+    if name == post.class_output:
+        scores = np.s_[...]
+    elif post.class_output is None and name == (post.output or name):  # the one output: its score columns
+        scores = np.s_[..., 4:, :] if post.kind == "yolov8" else np.s_[..., 4:]
+    else:
+        return reference, candidate
+    judged = np.zeros(reference.shape, bool)
+    judged[scores] = True
+    hidden = judged & (np.maximum(reference, candidate) < MATCH_SCORE)
+    return tuple(np.where(hidden, 0.0, values) for values in (reference, candidate))
 
 
 def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
