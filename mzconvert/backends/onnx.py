@@ -271,10 +271,9 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
     augmented = _load(model)
     graph = augmented.graph
     whole = reaching_outputs(graph)  # before every activation is made an output
-    bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in graph.node),
-                              {o.name for o in graph.output})
-    computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     outputs = {o.name for o in graph.output}
+    bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in graph.node), outputs)
+    computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
                         and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)
     session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import MzError
 from ..recipe import Postprocess, Recipe
 from ..runtime import output_order
-from ..tflite_file import read_model, write_model
+from ..tflite_file import add_buffer, read_model, write_model
 from ..tflite_file import schema as tflite_schema
 
 CUSTOM_CODE = b"TFLite_Detection_PostProcess"
@@ -51,12 +51,14 @@ class _Editor:
         return len(self.model.operatorCodes) - 1
 
     def tensor(self, name: str, shape, dtype: int, data: bytes | None = None, quantization=None) -> int:
-        buffer = self.schema.BufferT()
-        buffer.data = np.frombuffer(data, np.uint8) if data is not None else None
-        self.model.buffers.append(buffer)
+        if data is not None:
+            buffer = add_buffer(self.model, data)
+        else:  # an activation's: no data
+            self.model.buffers.append(self.schema.BufferT())
+            buffer = len(self.model.buffers) - 1
         tensor = self.schema.TensorT()
         tensor.name, tensor.shape, tensor.type = name.encode(), list(shape), dtype
-        tensor.buffer, tensor.quantization = len(self.model.buffers) - 1, quantization
+        tensor.buffer, tensor.quantization = buffer, quantization
         self.graph.tensors.append(tensor)
         return len(self.graph.tensors) - 1
 

@@ -115,11 +115,12 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
     with tempfile.TemporaryDirectory(prefix="mzconvert-debug-") as work:
         float_model, float_saved, qdq_saved = (Path(work) / n for n in ("float.onnx", "float-all.onnx", "qdq-all.onnx"))
         quant_pre_process(str(stripped), str(float_model), skip_symbolic_shape=True)  # as convert() quantized it
-        nodes = onnx.load(str(float_model)).graph.node
+        graph = onnx.load(str(float_model)).graph
+        nodes = graph.node
         producers = {o: n.op_type for n in nodes for o in n.output}
         inputs = {o: list(n.input) for n in nodes for o in n.output}
         bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in nodes),
-                                  {o.name for o in onnx.load(str(float_model)).graph.output})
+                                  {o.name for o in graph.output})
         modify_model_output_intermediate_tensors(str(float_model), str(float_saved))
         modify_model_output_intermediate_tensors(str(artifact), str(qdq_saved))
         totals: dict[str, list[float]] = {}  # tensor -> [sum of squared errors, values, max abs error]

@@ -198,7 +198,7 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
                      for values in (reference, candidate))
     if name == post.class_output:
         scores = np.s_[...]
-    elif post.class_output is None and name == (post.output or name):  # the one output: its score columns
+    elif post.class_output is None and post.output in (None, name):  # the one output: its score columns
         scores = np.s_[..., 4:, :] if post.kind == "yolov8" else np.s_[..., 4:]
     else:
         return reference, candidate
