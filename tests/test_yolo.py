@@ -176,9 +176,10 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
     assert made.returncode == 0, made.stderr
     recipe = __import__("yaml").safe_load((tmp_path / "yolo.yaml").read_text())
     assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, SIZE, SIZE]
-    # cut before the head's Concat: boxes in pixels and probabilities each get an int8 scale of their own
+    # cut before the head's Concat: boxes in pixels and probabilities each get an int8 scale of their own; its
+    # TFLite variants end in NMS
     assert recipe["postprocess"] == {"kind": "yolov8", "labels": ["person", "car"], "nms_iou_threshold": 0.7,
-                                     "box_output": "boxes", "class_output": "scores"}
+                                     "box_output": "boxes", "class_output": "scores", "attach": True}
     assert recipe["strip"]["outputs"] == ["boxes", "scores"]
     assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["interpolation"] == "cv2-linear"
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
@@ -189,8 +190,9 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
     for name in ("int8", "int8-tflite"):  # ONNX QDQ, and full-integer LiteRT through onnx2tf
         assert variants[name]["verify"]["matched_detections"] >= 0.8, (name, variants[name]["verify"])
         assert variants[name]["verify"]["scores"]["worst_slice"]["sqnr_db"] > 15, variants[name]["verify"]
+    assert variants["int8-tflite"]["postprocess_attached"] and not variants["int8"]["postprocess_attached"]
     (npu,) = variants["int8-tflite"]["vela"].values()
-    assert npu["cpu_op_count"] == 0 and npu["npu_ops"]
+    assert npu["cpu_op_count"] == ATTACHED_HEADS["pixels"][-1] and npu["npu_ops"]
     evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
@@ -208,67 +210,6 @@ def test_coco_names_get_coco_category_ids():
     post = __import__("yaml").safe_load(text)["postprocess"]
     assert post["labels"][:3] == ["person", "bicycle", "car"] and len(post["labels"]) == 80
     assert post["category_ids"][:3] == [1, 2, 3] and post["category_ids"][-1] == 90 and 12 not in post["category_ids"]
-
-
-def test_nms_attached_to_a_yolov8_head_gives_our_decode_and_runs_beside_the_npu(tmp_path, mirror):
-    """TFLite_Detection_PostProcess at the end of a yolov8 head cut before its Concat (unit anchors, log sizes):
-    the float model's detections are our decode's of the same model's raw outputs, the int8 model's those of
-    its own raw outputs, and vela leaves only the post-processing on the CPU."""
-    from mzconvert.preprocess import prepare
-    from mzconvert.recipe import load_recipe
-    from mzconvert.runtime import open_model
-    from mzconvert.tasks.detection import postprocessed_detections
-
-    model = yolov8_like_onnx(tmp_path / "yolo.onnx")
-    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
-    (tmp_path / "yolo.yaml").write_text(f"""name: yolo
-task: detection
-description: a YOLOv8-layout head made in the test, cut before its Concat
-license: test
-source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
-format: onnx
-input: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}
-preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
-strip: {{inputs: [images], outputs: [boxes, scores]}}
-postprocess: {{kind: yolov8, labels: [person, car], category_ids: [1, 3], box_output: boxes, class_output: scores,
-              nms_score_threshold: 0.2, nms_iou_threshold: 0.5, attach: true}}
-variants:
-  - {{name: float32, mode: float32}}
-  - {{name: raw, mode: float32, target: tflite, attach_postprocess: false}}
-  - {{name: f32, mode: float32, target: tflite}}
-  - {{name: i8, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 16}}
-targets:
-  vela: {{accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, memory_mode: Shared_Sram}}
-verify: {{images: {val}, count: 8}}
-""")
-    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
-    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
-    assert done.returncode == 0, done.stderr[-3000:]
-    variants = json.loads(done.stdout)["yolo"]["variants"]
-    assert [variants[n]["postprocess_attached"] for n in ("float32", "raw", "f32", "i8")] == [False, False, True, True]
-    (npu,) = variants["i8"]["vela"].values()
-    # on the CPU: the box encodings' float ops (dequantize, reorder, log of sizes, join) and the op itself
-    assert npu["npu_ops"] > 0 and npu["cpu_op_count"] == 6, npu["cpu_ops"]
-    assert all(op.split()[2].startswith(("postprocess/box", "detection_boxes")) for op in npu["cpu_ops"]), npu
-    recipe = load_recipe(tmp_path / "yolo.yaml")
-    dist = tmp_path / "dist" / "yolo"
-    raw_i8 = next((tmp_path / "build" / "yolo" / "quantize" / "i8" / "raw").glob("*.tflite"))
-    pairs = [(open_model(dist / "yolo_f32.tflite"), open_model(dist / "yolo_raw.tflite")),
-             (open_model(dist / "yolo_i8.tflite"), open_model(raw_i8))]
-    compared = 0
-    for path in sorted(val.glob("*.jpg"))[:6]:
-        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
-        for attached, raw in pairs:
-            theirs = postprocessed_detections(*attached.run(tensor))
-            outputs = raw.run(tensor)
-            ours = yolov8_detections(outputs, dict(zip([o.name for o in raw.outputs], outputs)), recipe.postprocess,
-                                     None, (SIZE, SIZE))
-            assert len(theirs.scores) == len(ours.scores)
-            assert np.array_equal(theirs.labels, ours.labels)
-            np.testing.assert_allclose(theirs.boxes, ours.boxes, atol=1e-4)
-            np.testing.assert_allclose(theirs.scores, ours.scores, rtol=1e-5)
-            compared += len(ours.scores)
-    assert compared > 20
 
 
 def test_nms_attaches_only_to_a_yolov8_head_cut_before_its_concat(tmp_path):
@@ -355,6 +296,80 @@ def with_outputs(path: Path, names: list[str], target: Path) -> Path:
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
     onnx.save(model, str(target))
     return target
+
+
+# (the head, its input size, where it is cut, how its boxes are encoded, the float ops it leaves the CPU)
+ATTACHED_HEADS = {
+    # dequantize, reorder (2 gathers), log of sizes, join, the op
+    "pixels": (yolov8_like_onnx, 320, ["boxes", "scores"], "pixels", 6),
+    # dequantize, bins grouped, softmax, flattened, two fully-connected, log of sizes, join, the op
+    "dfl": (yolov8_dfl_onnx, 64, ["box_logits", "probabilities"], "dfl", 9),
+}
+
+
+@pytest.mark.parametrize("head", ATTACHED_HEADS)
+def test_nms_attached_to_a_yolov8_head_gives_our_decode_and_runs_beside_the_npu(head, tmp_path, mirror):
+    """TFLite_Detection_PostProcess at the end of a yolov8 head cut before its Concat (unit anchors and log
+    sizes for pixel boxes; for a head cut before its DFL, the softmax and expectation in float and anchors at the
+    cells' centres): the float model's detections are our decode's of the same model's raw outputs, the int8
+    model's those of its own raw outputs, and vela leaves only the post-processing on the CPU."""
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import postprocessed_detections
+
+    make, size, (boxes, scores), encoding, cpu_ops = ATTACHED_HEADS[head]
+    model = make(tmp_path / "yolo.onnx")
+    labels = ["person", "car", "dog"][:3 if encoding == "dfl" else 2]
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    (tmp_path / "yolo.yaml").write_text(f"""name: yolo
+task: detection
+description: a YOLOv8-layout head made in the test, cut before its Concat
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: images, shape: [1, 3, {size}, {size}], layout: NCHW}}
+preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
+strip: {{inputs: [images], outputs: [{boxes}, {scores}]}}
+postprocess: {{kind: yolov8, labels: {labels}, category_ids: {[1, 3, 18][:len(labels)]}, box_output: {boxes},
+              class_output: {scores}, box_encoding: {encoding}, nms_score_threshold: 0.2, nms_iou_threshold: 0.5,
+              attach: true}}
+variants:
+  - {{name: float32, mode: float32}}
+  - {{name: raw, mode: float32, target: tflite, attach_postprocess: false}}
+  - {{name: f32, mode: float32, target: tflite}}
+  - {{name: i8, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 16}}
+targets:
+  vela: {{accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, memory_mode: Shared_Sram}}
+verify: {{images: {val}, count: 8}}
+""")
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout)["yolo"]["variants"]
+    assert [variants[n]["postprocess_attached"] for n in ("float32", "raw", "f32", "i8")] == [False, False, True, True]
+    (npu,) = variants["i8"]["vela"].values()
+    assert npu["npu_ops"] > 0 and npu["cpu_op_count"] == cpu_ops, npu["cpu_ops"]
+    assert all(op.split()[2].startswith(("postprocess/box", "detection_boxes")) for op in npu["cpu_ops"]), npu
+    recipe = load_recipe(tmp_path / "yolo.yaml")
+    dist = tmp_path / "dist" / "yolo"
+    raw_i8 = next((tmp_path / "build" / "yolo" / "quantize" / "i8" / "raw").glob("*.tflite"))
+    pairs = [(open_model(dist / "yolo_f32.tflite"), open_model(dist / "yolo_raw.tflite")),
+             (open_model(dist / "yolo_i8.tflite"), open_model(raw_i8))]
+    compared = 0
+    for path in sorted(val.glob("*.jpg"))[:6]:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        for attached, raw in pairs:
+            theirs = postprocessed_detections(*attached.run(tensor))
+            outputs = raw.run(tensor)
+            ours = yolov8_detections(outputs, dict(zip([o.name for o in raw.outputs], outputs)), recipe.postprocess,
+                                     None, (size, size))
+            assert len(theirs.scores) == len(ours.scores)
+            assert np.array_equal(theirs.labels, ours.labels)
+            np.testing.assert_allclose(theirs.boxes, ours.boxes, atol=1e-4)
+            np.testing.assert_allclose(theirs.scores, ours.scores, rtol=1e-5)
+            compared += len(ours.scores)
+    assert compared > 20
 
 
 def test_a_head_cut_before_its_dfl_decodes_to_the_exports_own_boxes(tmp_path):

@@ -38,7 +38,7 @@ def _attachable(postprocess: Postprocess | None) -> bool:
         return False
     if postprocess.kind == "ssd":
         return (postprocess.box_coding, postprocess.box_order) == ("exponential", "yxhw")
-    return postprocess.kind == "yolov8" and postprocess.box_output is not None and postprocess.box_encoding == "pixels"
+    return postprocess.kind == "yolov8" and postprocess.box_output is not None
 
 
 def _fits(v: Variant, fmt: str, postprocess: Postprocess | None) -> bool:
@@ -81,7 +81,7 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
     if v.attach_postprocess and not (v.target == "tflite" and _attachable(postprocess)):
         raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd and "
                         "TF's box coding (exponential, yxhw), or yolov8 cut before its Concat (box_output, "
-                        "class_output) with pixel boxes", where("attach_postprocess"))
+                        "class_output)", where("attach_postprocess"))
     native = native_target(fmt)
     if v.target != native and not uses_onnx_backend(fmt):  # ONNX and torch reach TFLite through an NHWC port
         raise item.fail(f"a {fmt} source converts to {native} only", where("target"))

@@ -307,9 +307,6 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
         if encoding["box_encoding"] == "dfl" and not names.get("box_output"):
             raise r.fail("dfl boxes are a head cut before its DFL: name box_output (its distribution logits) and "
                          "class_output", r.child_where("box_encoding"))
-        if encoding["box_encoding"] == "dfl" and attach:
-            raise r.fail("TFLite_Detection_PostProcess attaches to pixel boxes (box_encoding pixels)",
-                         r.child_where("attach"))
         if strides and encoding["box_encoding"] != "dfl":
             raise r.fail("strides place the grid of dfl boxes (box_encoding dfl)", r.child_where("strides"))
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,

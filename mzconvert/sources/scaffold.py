@@ -153,7 +153,8 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
             parts = [dfl["name"], parts[1]]
             post["box_encoding"] = "dfl"
         proposal["outputs"] = parts
-        post |= {"box_output": parts[0], "class_output": parts[1]}
+        # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
+        post |= {"box_output": parts[0], "class_output": parts[1], "attach": True}
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
 
 

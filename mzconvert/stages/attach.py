@@ -8,6 +8,9 @@ to anchors, and scores [1, N, classes]:
   (y, x, log h, log w), the op's exponential coding of a box of unit anchor size; class probabilities
   [1, C, N] -> TRANSPOSE. Every anchor is (0, 0, 1 / input height, 1 / input width) with unit scales, so the
   op's decode y / H, x / W, exp(log h) / H, exp(log w) / W is the box normalised to the input, as an SSD's.
+  Cut before its DFL (box_encoding dfl): distribution logits [1, 4 x bins, N] -> TRANSPOSE -> softmax over
+  each side's bins -> two FULLY_CONNECTED (the expectation folded into the offset from the cell's centre and
+  the size, in strides) -> (y, x, log h, log w) against anchors at the cells' centres, one stride in size.
 In an integer model the DEQUANTIZE ops a float-output model ends in are removed, and the op gets:
 - the scores as integers, which its kernel dequantizes itself. It reads uint8, not int8, so int8
   scores pass a QUANTIZE to uint8 (the same values, zero point + 128), which the NPU runs;
@@ -157,25 +160,72 @@ def _ssd_inputs(edit: _Editor, boxes: int, logits: int, recipe: Recipe, anchors:
 
 def _yolov8_inputs(edit: _Editor, boxes: int, probabilities: int, recipe: Recipe, anchors) -> HeadInputs:
     shape, classes_shape = edit.graph.tensors[boxes].shape, edit.graph.tensors[probabilities].shape
-    if len(shape) != 3 or shape[1] != 4 or len(classes_shape) != 3 or classes_shape[2] != shape[2]:
+    dfl = recipe.postprocess.box_encoding == "dfl"
+    if len(shape) != 3 or shape[1] % 4 or (shape[1] != 4 and not dfl) or len(classes_shape) != 3 or \
+            classes_shape[2] != shape[2]:
         raise MzError(f"boxes {list(shape)} and class scores {list(classes_shape)}: a yolov8 head cut before its "
-                      "Concat has [1, 4, N] and [1, classes, N]")
-    count = int(shape[2])
-    centre_size = edit.as_float(edit.transposed("postprocess/boxes", boxes))
+                      f"Concat has [1, {'4 x bins' if dfl else 4}, N] and [1, classes, N]")
+    encode = _dfl_encodings if dfl else _pixel_encodings
+    encodings, anchor_boxes = encode(edit, edit.as_float(edit.transposed("postprocess/boxes", boxes)), recipe)
+    return HeadInputs(encodings, edit.transposed("postprocess/scores", probabilities), anchor_boxes,
+                      (1.0, 1.0, 1.0, 1.0), int(classes_shape[1]))
+
+
+def _pixel_encodings(edit: _Editor, centre_size: int, recipe: Recipe) -> tuple[int, np.ndarray]:
+    """[1, N, 4] centre x, y, width, height in input pixels -> (y, x, log h, log w), with unit anchors."""
+    count = edit.graph.tensors[centre_size].shape[1]
     parts = []
     for name, order in (("yx", [1, 0]), ("hw", [3, 2])):
         part = edit.tensor(f"postprocess/boxes/{name}", [1, count, 2], edit.schema.TensorType.FLOAT32)
         edit.op("GATHER", [centre_size, edit.constant(f"postprocess/boxes/{name}/index", np.asarray(order, np.int32))],
                 [part], edit.options("Gather", axis=2, batchDims=0))
         parts.append(part)
-    log_size = edit.tensor("postprocess/boxes/log_hw", [1, count, 2], edit.schema.TensorType.FLOAT32)
-    edit.op("LOG", [parts[1]], [log_size])
-    encodings = edit.tensor("postprocess/box_encodings", [1, count, 4], edit.schema.TensorType.FLOAT32)
-    edit.op("CONCATENATION", [parts[0], log_size], [encodings], edit.options("Concatenation", axis=2))
     height, width = recipe.input.height_width
     unit = np.tile(np.asarray([[0.0, 0.0, 1 / height, 1 / width]], np.float32), (count, 1))
-    return HeadInputs(encodings, edit.transposed("postprocess/scores", probabilities), unit, (1.0, 1.0, 1.0, 1.0),
-                      int(classes_shape[1]))
+    return _joined_with_log_sizes(edit, parts[0], parts[1], count), unit
+
+
+def _dfl_encodings(edit: _Editor, logits: int, recipe: Recipe) -> tuple[int, np.ndarray]:
+    """[1, N, 4 x bins] distribution logits (left, top, right, bottom) -> (y, x, log h, log w) against anchors
+    at each cell's centre, one stride in size: the softmax over each side's bins, then one FULLY_CONNECTED per
+    pair whose weights fold the expectation (bin i weighs i) into (bottom - top) / 2, (right - left) / 2 (the
+    centre's offset, in strides) and top + bottom, left + right (the size, in strides), as dfl_boxes decodes."""
+    from ..tasks.detection import head_grid
+
+    _, count, rows = edit.graph.tensors[logits].shape
+    bins = rows // 4
+    f32 = edit.schema.TensorType.FLOAT32
+    grouped = edit.tensor("postprocess/boxes/bins", [1, count, 4, bins], f32)
+    edit.op("RESHAPE", [logits, edit.constant("postprocess/boxes/bins/shape", np.asarray([1, count, 4, bins],
+                                                                                           np.int32))],
+            [grouped], edit.options("Reshape", newShape=[1, count, 4, bins]))
+    weights = edit.tensor("postprocess/boxes/probabilities", [1, count, 4, bins], f32)
+    edit.op("SOFTMAX", [grouped], [weights], edit.options("Softmax", beta=1.0))
+    flat = edit.tensor("postprocess/boxes/probabilities/flat", [1, count, rows], f32)
+    edit.op("RESHAPE", [weights, edit.constant("postprocess/boxes/flat/shape", np.asarray([1, count, rows], np.int32))],
+            [flat], edit.options("Reshape", newShape=[1, count, rows]))
+    left, top, right, bottom = np.eye(4)
+    parts = []
+    for name, sides in (("yx", [(bottom - top) / 2, (right - left) / 2]), ("hw", [top + bottom, left + right])):
+        folded = np.concatenate([np.outer(side, np.arange(bins)).ravel()[None] for side in sides]).astype(np.float32)
+        part = edit.tensor(f"postprocess/boxes/{name}", [1, count, 2], f32)
+        edit.op("FULLY_CONNECTED", [flat, edit.constant(f"postprocess/boxes/{name}/weights", folded), -1], [part],
+                edit.options("FullyConnected", keepNumDims=True))
+        parts.append(part)
+    height, width = recipe.input.height_width
+    x, y, stride = head_grid((height, width), count, recipe.postprocess.strides).T
+    anchor_boxes = np.stack([y * stride / height, x * stride / width, stride / height, stride / width], axis=1)
+    return _joined_with_log_sizes(edit, parts[0], parts[1], count), anchor_boxes.astype(np.float32)
+
+
+def _joined_with_log_sizes(edit: _Editor, centres: int, sizes: int, count: int) -> int:
+    """[1, N, 2] (y, x) and [1, N, 2] (h, w) relative to the anchors -> [1, N, 4] (y, x, log h, log w): the op's
+    exponential coding with unit scales."""
+    log_size = edit.tensor("postprocess/boxes/log_hw", [1, count, 2], edit.schema.TensorType.FLOAT32)
+    edit.op("LOG", [sizes], [log_size])
+    encodings = edit.tensor("postprocess/box_encodings", [1, count, 4], edit.schema.TensorType.FLOAT32)
+    edit.op("CONCATENATION", [centres, log_size], [encodings], edit.options("Concatenation", axis=2))
+    return encodings
 
 
 # postprocess.kind -> what its head feeds the op (rules.check_variant allows attach for these kinds)

@@ -1,0 +1,69 @@
+"""Run in the Ultralytics tool environment (requirements-ultralytics.txt), not in mzconvert's: a YOLO detector
+trained here, from its model YAML (no weights can be downloaded), on a COCO-format folder, and exported to ONNX
+as `yolo export format=onnx` does. A short CPU run on a few hundred images makes a detector far from a
+released one, but one whose class scores and features are a trained network's: confident where it learned
+something, its activations shaped by training rather than by initialisation.
+
+usage: python bench/ultralytics_train.py MODEL.yaml IMAGES ANNOTATIONS.json EPOCHS OUT_DIR
+(writes OUT_DIR/<model>.onnx; the images are linked, never copied or changed)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+SIZE = 320
+
+
+def yolo_dataset(images: Path, annotations: Path, root: Path) -> Path:
+    """The COCO annotations as Ultralytics' layout: images/train linked, labels/train/<stem>.txt with one
+    `class cx cy w h` row per box (normalised; classes the categories in id order), and its data YAML."""
+    coco = json.loads(annotations.read_text())
+    categories = sorted(c["id"] for c in coco["categories"])
+    index = {category: i for i, category in enumerate(categories)}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    rows: dict[int, list[str]] = {}
+    for a in coco["annotations"]:
+        if a.get("iscrowd"):
+            continue
+        rows.setdefault(a["image_id"], []).append(a)
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    for image in coco["images"]:
+        source = images / image["file_name"]
+        if not source.is_file():
+            continue
+        (root / "images" / "train" / source.name).symlink_to(source.resolve())
+        width, height = image["width"], image["height"]
+        lines = []
+        for a in rows.get(image["id"], []):
+            x, y, w, h = a["bbox"]
+            lines.append(f"{index[a['category_id']]} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} "
+                         f"{w / width:.6f} {h / height:.6f}")
+        (root / "labels" / "train" / f"{source.stem}.txt").write_text("\n".join(lines) + "\n")
+    data = root / "data.yaml"
+    data.write_text(json.dumps({"path": str(root), "train": "images/train", "val": "images/train",
+                                "names": {i: names[c] for i, c in enumerate(categories)}}))
+    return data
+
+
+def main(config: str, images: Path, annotations: Path, epochs: int, out: Path) -> None:
+    import torch
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out.mkdir(parents=True, exist_ok=True)
+    data = yolo_dataset(images, annotations, out / "dataset")
+    yolo = YOLO(config)
+    yolo.train(data=str(data), epochs=epochs, imgsz=SIZE, batch=16, device="cpu", workers=2, seed=0,
+               deterministic=True, amp=False, plots=False, val=False, project=str(out), name="train",
+               exist_ok=True, verbose=False)
+    exported = Path(yolo.export(format="onnx", imgsz=SIZE))
+    target = out / f"{Path(config).stem}.onnx"
+    exported.replace(target)
+    print(target)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
