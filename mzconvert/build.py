@@ -162,14 +162,9 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
 
 
-def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
-    """A variant's max_drop: the fewest of its worst layers kept float for it to agree with the float model on
-    at least 1 - max_drop of the verify images (stages/fallback.py); the variant with those float_layers."""
-    from dataclasses import replace
-
+def _search_inputs(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[dict, Callable, Callable]:
+    """What a search of a variant's quantization depends on; its calibration and verify images."""
     from .stages.calibrate import DEFAULT_CALIBRATION_COUNT
-    from .stages.debug import layer_errors
-    from .stages.fallback import search_float_layers
 
     calibration_key, calibration, _ = _image_paths(p, variant.calibration, variant.calibration_count,
                                                    at_most=DEFAULT_CALIBRATION_COUNT)
@@ -178,6 +173,44 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
               "calibration": calibration_key, "images": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
               "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
+    return inputs, calibration, images
+
+
+def _variant_log(p: Planner, variant: Variant) -> Callable[[str], None]:
+    return lambda line: p.console.log(f"[{p.recipe.name}] {variant.name}: {line}")
+
+
+def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
+    """calibration_method auto: each range method tried, the one the float model agrees with best on the verify
+    images kept (stages/fallback.py); the variant with that method."""
+    from dataclasses import replace
+
+    from .stages.fallback import search_calibration_method
+
+    inputs, calibration, images = _search_inputs(p, stripped, variant)
+
+    def action(out: Path) -> dict:
+        return {"ranges": search_calibration_method(stripped.path("model"), p.recipe, variant, calibration(),
+                                                    images(), _variant_log(p, variant))}
+
+    outcome = p.stage(f"ranges/{variant.name}", inputs, action)
+    ranges = outcome.result["ranges"]
+    chosen = ranges["chosen"]
+    tried = ", ".join(f"{s['calibration_method']} {s['fidelity']:.1%}" for s in ranges["steps"])
+    p.console.log(f"[{p.recipe.name}] {variant.name}: calibration_method auto: {chosen['calibration_method']} "
+                  f"(fidelity on {ranges['images']} verify images: {tried})")
+    return outcome, replace(variant, calibration_method=chosen["calibration_method"])
+
+
+def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
+    """A variant's max_drop: the fewest of its worst layers kept float for it to agree with the float model on
+    at least 1 - max_drop of the verify images (stages/fallback.py); the variant with those float_layers."""
+    from dataclasses import replace
+
+    from .stages.debug import layer_errors
+    from .stages.fallback import search_float_layers
+
+    inputs, calibration, images = _search_inputs(p, stripped, variant)
 
     def action(out: Path) -> dict:
         model, calibration_images, verify_images = stripped.path("model"), calibration(), images()
@@ -186,11 +219,8 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
             rows = layer_errors(model, p.recipe, variant, artifact, lambda: calibration_images, verify_images)
             return [row["layer"] for row in rows]
 
-        def log(line: str) -> None:
-            p.console.log(f"[{p.recipe.name}] {variant.name}: {line}")
-
         return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, verify_images,
-                                              variant.max_drop, log)}
+                                              variant.max_drop, _variant_log(p, variant))}
 
     outcome = p.stage(f"search/{variant.name}", inputs, action)
     search = outcome.result["search"]
@@ -338,7 +368,9 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     only read the finished artifact (verify against the float reference, vela per NPU target), to `checks`.
     Returns what waits for them: the variant's {stage: outcome}."""
     stripped = chain[-1]
-    searched = None
+    searched = ranged = None
+    if variant.calibration_method == "auto":
+        ranged, variant = _ranges_chosen(p, stripped, variant)
     if variant.max_drop is not None:
         searched, variant = _searched(p, stripped, variant)
     quantized = _quantize(p, stripped, variant)
@@ -347,7 +379,8 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}
 
     def entry() -> dict:
-        stages = {"quantize": quantized, "chain": chain, **({"search": searched} if searched else {})}
+        stages = {"quantize": quantized, "chain": chain, **({"search": searched} if searched else {}),
+                  **({"ranges": ranged} if ranged else {})}
         if verified is not None:
             stages["verify"] = verified.result()
         if compiled:

@@ -49,12 +49,18 @@ def build_roots(cache_dir: Path, recipe: Recipe, out: Path | None, build_dir: Pa
         return Path("dist"), build_dir or Path("build")
 
 
-def built_stage_model(build_root: Path, recipe: Recipe, stage: str) -> Path | None:
-    """The model a stage of the last build wrote (build/<recipe>/<stage>/), if it is there."""
-    folder = recipe_build_folder(build_root, recipe.name) / stage
+def built_stage_result(build_root: Path, recipe: Recipe, stage: str) -> dict | None:
+    """What a stage of the last build reported (build/<recipe>/<stage>/), if it is there."""
     try:
-        result = json.loads((folder / RESULT).read_text())
+        return json.loads((recipe_build_folder(build_root, recipe.name) / stage / RESULT).read_text())
     except (OSError, ValueError):
         return None
-    path = folder / result.get("model", "")
+
+
+def built_stage_model(build_root: Path, recipe: Recipe, stage: str) -> Path | None:
+    """The model a stage of the last build wrote (build/<recipe>/<stage>/), if it is there."""
+    result = built_stage_result(build_root, recipe, stage)
+    if result is None:
+        return None
+    path = recipe_build_folder(build_root, recipe.name) / stage / result.get("model", "")
     return path if path.is_file() else None

@@ -342,3 +342,38 @@ def test_the_layer_debug_ranks_first_kept_float_wins_back_the_damage(tmp_path, m
     assert refused.returncode == 2 and "float_layers: tensor 'relu9' is not in the graph" in refused.stderr, \
         refused.stderr[-1000:]
 
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tmp_path, mirror):
+    """calibration_method auto: each method measured as a variant declaring it measures (same paired fidelity and
+    worst SQNR on the verify images), the best kept, and the artifact that variant's to the byte; debug explains
+    the variant with the chosen ranges."""
+    from mzconvert.recipe.schema import AUTO_CALIBRATION_METHODS
+    from mzconvert.stages.fallback import _worst_sqnr, paired_fidelity
+
+    train = MIRROR / "coco" / "train2017"
+    io = "int8" if target == "tflite" else "float32"
+    declared = "".join(f"  - {{name: int8-{m.replace('_', '-')}, mode: int8, target: {target}, io_dtype: {io}, "
+                       f"calibration: {train}, calibration_count: 8, calibration_method: {m}}}\n"
+                       for m in AUTO_CALIBRATION_METHODS)
+    auto = (f"  - {{name: int8-auto, mode: int8, target: {target}, io_dtype: {io}, calibration: {train}, "
+            "calibration_count: 8, calibration_method: auto}\n")
+    text = recipe_text(tiny_onnx(tmp_path / "tiny.onnx", depthwise=True), extra_variant=declared + auto)
+    text = text.replace("  - {name: float16, mode: float16}\n  - {name: dynamic, mode: dynamic}\n", "")
+    variants = run(tmp_path, text)["variants"]
+    recipe = load_recipe(tmp_path / "tiny-onnx.yaml")
+    ranges = variants["int8-auto"]["ranges"]
+    assert [s["calibration_method"] for s in ranges["steps"]] == list(AUTO_CALIBRATION_METHODS)
+    for step in ranges["steps"]:
+        metrics = variants[f"int8-{step['calibration_method'].replace('_', '-')}"]["verify"]
+        assert step["fidelity"] == paired_fidelity(metrics, recipe), step
+        assert step["worst_sqnr_db"] == pytest.approx(_worst_sqnr(metrics), abs=1e-9), step
+    best = max(ranges["steps"], key=lambda s: (s["fidelity"], s["worst_sqnr_db"]))
+    assert ranges["chosen"] == best
+    dist = tmp_path / "dist" / "tiny-onnx"
+    chosen = variants[f"int8-{best['calibration_method'].replace('_', '-')}"]["file"]
+    assert (dist / variants["int8-auto"]["file"]).read_bytes() == (dist / chosen).read_bytes()
+    explained = run_cli("--json", "debug", str(tmp_path / "tiny-onnx.yaml"), "--variant", "int8-auto", "--out",
+                        str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert explained.returncode == 0, explained.stderr[-2000:]

@@ -236,8 +236,12 @@ def test_validate_counts_recipes_and_lists_every_problem(tmp_path):
     (lambda d: d["variants"][1].update(max_drop=0.01), "variants[1].max_drop", "int8 variant"),
     (lambda d: (d["variants"][4].update(max_drop=0.01), d.pop("verify")), "variants[4].max_drop",
      "declares none: add verify"),
+    (lambda d: d["variants"][1].update(calibration_method="auto"), "variants[1].calibration_method",
+     "auto tries each range method of a calibrated int8 / int16x8 variant"),
+    (lambda d: (d["variants"][4].update(calibration_method="auto"), d.pop("verify")),
+     "variants[4].calibration_method", "agrees with best on the verify images, and the recipe declares none"),
 ])
-def test_max_drop_is_a_share_of_an_int8_variant_judged_on_verify_images(change, where, says):
+def test_searches_are_of_an_int8_variant_judged_on_verify_images(change, where, says):
     message = error_of(mutate(change))
     assert f"recipes/x.yaml: {where}: " in message and says in message, message
 

@@ -85,9 +85,12 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
     native = native_target(fmt)
     if v.target != native and not uses_onnx_backend(fmt):  # ONNX and torch reach TFLite through an NHWC port
         raise item.fail(f"a {fmt} source converts to {native} only", where("target"))
-    if v.target == "tflite" and v.calibration_method not in TFLITE_CALIBRATION_METHODS:
+    if v.target == "tflite" and v.calibration_method not in (*TFLITE_CALIBRATION_METHODS, "auto"):
         raise item.fail(f"TFLite int8 records its ranges by {', '.join(TFLITE_CALIBRATION_METHODS)}; "
                         f"{v.calibration_method} is ONNX Runtime's", where("calibration_method"))
+    if v.calibration_method == "auto" and (v.mode not in CALIBRATED_MODES or v.quantizer == "ai-edge-quantizer"):
+        raise item.fail("auto tries each range method of a calibrated int8 / int16x8 variant (TFLite's converter, "
+                        "ONNX Runtime)", where("calibration_method"))
     if v.max_drop is not None and (v.mode != "int8" or v.float_layers or v.quantizer == "ai-edge-quantizer"):
         raise item.fail("max_drop searches the layers an int8 variant keeps float (TFLite's converter, ONNX "
                         "Runtime); give it or float_layers, not both", where("max_drop"))
@@ -163,6 +166,9 @@ def check_search_needs_verify(r: Reader, variants: list[Variant]) -> None:
         if v.max_drop is not None:
             raise r.fail("max_drop is judged on the verify images, and the recipe declares none: add verify",
                          f"variants[{i}].max_drop")
+        if v.calibration_method == "auto":
+            raise r.fail("auto chooses the ranges the float model agrees with best on the verify images, and the "
+                         "recipe declares none: add verify", f"variants[{i}].calibration_method")
 
 
 def check_labels_task(r: Reader, task: str) -> None:

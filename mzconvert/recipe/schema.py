@@ -36,8 +36,10 @@ INTERPOLATIONS = ("tf1-bilinear", "tf2-bilinear", "tf2-bilinear-antialias", "pil
 AMBIGUOUS_INTERPOLATIONS = ("bilinear", "nearest", "bicubic")  # every framework means another kernel by these
 URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/backends/torch_models.py
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "mean_minmax")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "mean_minmax", "auto")
 TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse", "mean_minmax")
+# auto: each of these tried, the one the float model agrees with best on the verify images kept (stages/fallback.py)
+AUTO_CALIBRATION_METHODS = TFLITE_CALIBRATION_METHODS
 WEIGHT_ROUNDINGS = ("fitted", "nearest")  # int8 depthwise weights: mzconvert/quant/rounding.py
 # vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
@@ -221,7 +223,8 @@ class Variant:
     min_sqnr_db: float | None
     member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
     per_channel: bool = True  # ONNX int8: per-channel weight scales
-    calibration_method: str = "minmax"  # int8 ranges: minmax | percentile | mse | mean_minmax (| entropy: ONNX)
+    # int8 ranges: minmax | percentile | mse | mean_minmax (| entropy: ONNX) | auto (the best of them, measured)
+    calibration_method: str = "minmax"
     calibration_percentile: float = 99.999  # percentile p: from the (100 - p)th to the p-th percentile of all values
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own

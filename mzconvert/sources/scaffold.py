@@ -393,7 +393,8 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         recipe["variants"] = [p["variant"]]
         if p["variant"]["mode"] == "float32" and calibration is not None:
             recipe["variants"].append({"name": "int8", "mode": "int8", "io_dtype": "int8",
-                                       "calibration": _as_given(calibration, recipe_dir)})
+                                       "calibration": _as_given(calibration, recipe_dir),
+                                       **_ranges(verify, onnx_backend=False)})
         if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat"):
             recipe["targets"] = {"vela": [NPU_TARGET]}
         if len(recipe["variants"]) > 1 and verify is not None:
@@ -404,19 +405,25 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         variants.append({"name": "float32-tflite", "mode": "float32", "target": "tflite"})
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
-                         "calibration": _as_given(calibration, recipe_dir),
-                         # the ranges that kept MobileNetV2's top-1 and agreement under ONNX Runtime (docs/results.md)
-                         **({"calibration_method": "percentile", "calibration_percentile": 99.99}
-                            if onnx_backend else {})})
+                         "calibration": _as_given(calibration, recipe_dir), **_ranges(verify, onnx_backend)})
     if calibration is not None and onnx_backend:  # for LiteRT and the NPU: full-integer, from the NHWC port
         variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
-                         "calibration": _as_given(calibration, recipe_dir)})
+                         "calibration": _as_given(calibration, recipe_dir), **_ranges(verify, onnx_backend=False)})
     recipe["variants"] = variants
     if calibration is not None:
         recipe["targets"] = {"vela": [NPU_TARGET]}
     if verify is not None:
         recipe["verify"] = _verify_section(verify, recipe_dir)
     return _with_notes(recipe, model, p)
+
+
+def _ranges(verify: Path | None, onnx_backend: bool) -> dict:
+    """An int8 variant's ranges: with verify images, each method tried and the one the float model agrees with
+    best kept (auto: no one method is best for every model, docs/results.md); without, for ONNX Runtime the
+    ranges that kept MobileNetV2's top-1 and agreement there, else min/max."""
+    if verify is not None:
+        return {"calibration_method": "auto"}
+    return {"calibration_method": "percentile", "calibration_percentile": 99.99} if onnx_backend else {}
 
 
 def _verify_section(verify: Path, recipe_dir: Path) -> dict:

@@ -18,6 +18,7 @@ import csv
 import io
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from ..backends import backend_for
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..fsio import sha256_file, write_json_atomic
-from ..layout import built_stage_model, recipe_build_folder
+from ..layout import built_stage_model, built_stage_result, recipe_build_folder
 from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
 from ..quant.ranges import readers_of, saturated_bounds
@@ -269,9 +270,12 @@ def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Pat
     this is where its message sends the user."""
     stripped = built_stage_model(build_root, recipe, "strip")
     artifact = built_stage_model(build_root, recipe, f"quantize/{variant.name}")
-    if stripped is None or artifact is None:
+    ranges = built_stage_result(build_root, recipe, f"ranges/{variant.name}")
+    if stripped is None or artifact is None or (variant.calibration_method == "auto" and ranges is None):
         raise MzError(f"{build_root / recipe.name}: no build of {variant.name}; run mzconvert build "
                       f"{command_argument(recipe)} first", EXIT_BAD_INPUT)
+    if variant.calibration_method == "auto":  # the ranges the build chose
+        variant = replace(variant, calibration_method=ranges["ranges"]["chosen"]["calibration_method"])
     if recipe.verify is None:
         raise MzError(f"{recipe.path}: verify: debug runs on the verify images; the recipe declares none",
                       EXIT_BAD_INPUT)

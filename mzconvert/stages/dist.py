@@ -52,6 +52,8 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
             copies.append((quantized.path("model"), quantized.result["model"]))
             if "search" in stages:  # max_drop: the layers kept float, and what each candidate measured
                 entry["search"] = stages["search"].result["search"]
+            if "ranges" in stages:  # calibration_method auto: the method chosen, and what each measured
+                entry["ranges"] = stages["ranges"].result["ranges"]
             if "verify" in stages:
                 entry["verify"] = stages["verify"].result["metrics"]
             if stages.get("vela"):

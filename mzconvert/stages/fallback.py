@@ -1,12 +1,17 @@
-"""Precision where the model needs it, searched: the fewest layers of an int8 variant kept float (float_layers),
-taken in the order `mzconvert debug` ranks them, for the variant to agree with the float model within a budget
-(`mzconvert debug --search MAX_DROP`, or a variant's `max_drop` in the build).
+"""Precision where the model needs it, searched, each candidate quantized as the build quantizes the variant and
+verified as the build verifies it, on the verify images: top-1 agreement for classifiers, detections matched
+for detectors, mask IoU for maps.
 
-Each candidate is quantized as the build quantizes the variant (the same calibration, ranges and rounding, its
-float_layers added) and verified as the build verifies it, on the verify images: top-1 agreement for classifiers,
-detections matched for detectors, mask IoU for maps. The variant as declared first; then candidates double the
-layers kept float (1, 2, 4, ...) up to MAX_LAYERS; the first within the budget is the answer, with what it costs:
-size, operators left float (on the CPU beside an NPU). A variant's `max_drop` runs it in the build.
+- The ranges (`calibration_method: auto`): each of AUTO_CALIBRATION_METHODS recorded on the variant's
+  calibration images; the one whose model agrees best with the float model is kept (ties: the higher worst
+  output SQNR). No one method is best for every model: MobileNetV2's TFLite int8 agrees most with mean
+  min/max ranges, MediaPipe's selfie segmenter keeps its mask only with percentile ranges (docs/results.md).
+  The verify images choose and then judge the choice: with four candidates the figure is slightly optimistic.
+- The layers kept float (float_layers): the fewest, taken in the order `mzconvert debug` ranks them, for the
+  variant to agree with the float model within a budget (`mzconvert debug --search MAX_DROP`, or a variant's
+  `max_drop` in the build). The variant as declared first; then candidates double the layers kept float (1, 2,
+  4, ...) up to MAX_LAYERS; the first within the budget is the answer, with what it costs: size, operators left
+  float (on the CPU beside an NPU).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from ..backends import backend_for
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..recipe import Recipe, Variant
+from ..recipe.schema import AUTO_CALIBRATION_METHODS
 from ..runtime import target_kernels
 from .calibrate import calibrate, shares_calibration
 from .quantize import quantize
@@ -44,6 +50,52 @@ def _worst_sqnr(metrics: dict) -> float:
     return min(m.get("worst_slice", m)["sqnr_db"] for m in metrics.values() if isinstance(m, dict))
 
 
+class _Trial:
+    """Candidates of one variant quantized and verified in a scratch folder, against the float model's outputs
+    on the verify images (computed once); candidates with the same ranges share one calibration."""
+
+    def __init__(self, stripped: Path, recipe: Recipe, calibration: list[Path], images: list[Path], work: Path):
+        self.stripped, self.recipe, self.calibration, self.work = stripped, recipe, calibration, work
+        self.anchors = stripped.with_name("anchors.npy") if stripped.with_name("anchors.npy").is_file() else None
+        self.reference = backend_for(recipe).GraphRunner(stripped, recipe)
+        self.saved = reference_outputs(self.reference, recipe, images, work, self.anchors)
+        self.calibrated: dict[tuple, Path] = {}
+
+    def __call__(self, candidate: Variant, name: str) -> tuple[dict, Path]:
+        """(what the candidate measured: fidelity, worst SQNR, bytes, float ops; its model)."""
+        calibrated = None
+        if shares_calibration(self.recipe, candidate):
+            key = (candidate.calibration_method, candidate.calibration_percentile)
+            if key not in self.calibrated:
+                folder = self.work / f"calibrate-{len(self.calibrated)}"
+                folder.mkdir()
+                self.calibrated[key] = calibrate(self.stripped, self.recipe, candidate, self.calibration, folder)
+            calibrated = self.calibrated[key]
+        out = self.work / name
+        out.mkdir()
+        built = quantize(self.stripped, self.recipe, candidate, None if calibrated else self.calibration, out,
+                         self.anchors, calibrated)
+        metrics = verify_variant(built.model, self.saved, self.reference.output_names, self.recipe, self.anchors,
+                                 kernels=next(iter(target_kernels(self.recipe, candidate)), None))
+        return {"fidelity": paired_fidelity(metrics, self.recipe), "worst_sqnr_db": _worst_sqnr(metrics),
+                "bytes": built.model.stat().st_size, "float_ops": _float_ops(built.model)}, built.model
+
+
+def search_calibration_method(stripped: Path, recipe: Recipe, variant: Variant, calibration: list[Path],
+                              images: list[Path], log) -> dict:
+    """Each of AUTO_CALIBRATION_METHODS tried for the variant; the one of highest paired fidelity (then worst
+    output SQNR) chosen."""
+    steps = []
+    with tempfile.TemporaryDirectory(prefix="mzconvert-ranges-") as tmp:
+        trial = _Trial(stripped, recipe, calibration, images, Path(tmp))
+        for method in AUTO_CALIBRATION_METHODS:
+            step, _ = trial(replace(variant, calibration_method=method), method)
+            steps.append({"calibration_method": method, **step})
+            log(f"ranges {method}: fidelity {step['fidelity']:.1%}, worst SQNR {step['worst_sqnr_db']:.1f} dB")
+    chosen = max(steps, key=lambda s: (s["fidelity"], s["worst_sqnr_db"]))
+    return {"images": len(images), "steps": steps, "chosen": chosen}
+
+
 def search_float_layers(stripped: Path, recipe: Recipe, variant: Variant,
                         ranked: list[str] | Callable[[Path], list[str]], calibration: list[Path], images: list[Path],
                         max_drop: float, log) -> dict:
@@ -51,35 +103,21 @@ def search_float_layers(stripped: Path, recipe: Recipe, variant: Variant,
     the variant as declared, called only when that is not within the budget) kept float, each quantized and
     verified (under its target's kernels, as the build verifies); the first whose paired fidelity is at least
     1 - max_drop is chosen (the variant as declared, if it is within already; else the best)."""
-    anchors = stripped.with_name("anchors.npy") if stripped.with_name("anchors.npy").is_file() else None
     target = 1 - max_drop
     steps, count = [], 0
     with tempfile.TemporaryDirectory(prefix="mzconvert-search-") as tmp:
-        work = Path(tmp)
-        reference = backend_for(recipe).GraphRunner(stripped, recipe)
-        saved = reference_outputs(reference, recipe, images, work, anchors)
-        calibrated = None
-        if shares_calibration(recipe, variant):
-            (work / "calibrate").mkdir()
-            calibrated = calibrate(stripped, recipe, variant, calibration, work / "calibrate")
+        trial = _Trial(stripped, recipe, calibration, images, Path(tmp))
         while True:
             candidate = replace(variant, float_layers=tuple(ranked[:count]) if count else ())
-            out = work / f"keep-{count}"
-            out.mkdir()
-            built = quantize(stripped, recipe, candidate, None if calibrated else calibration, out, anchors,
-                             calibrated)
-            metrics = verify_variant(built.model, saved, reference.output_names, recipe, anchors,
-                                     kernels=next(iter(target_kernels(recipe, variant)), None))
-            step = {"float_layers": list(candidate.float_layers), "fidelity": paired_fidelity(metrics, recipe),
-                    "worst_sqnr_db": _worst_sqnr(metrics), "bytes": built.model.stat().st_size,
-                    "float_ops": _float_ops(built.model)}
+            step, model = trial(candidate, f"keep-{count}")
+            step = {"float_layers": list(candidate.float_layers), **step}
             steps.append(step)
             log(f"search: {count} layers float: fidelity {step['fidelity']:.1%}, worst SQNR "
                 f"{step['worst_sqnr_db']:.1f} dB, {step['bytes']} bytes")
             if step["fidelity"] >= target:
                 break
             if callable(ranked):
-                ranked = ranked(built.model)
+                ranked = ranked(model)
             count = 2 * count or 1
             if count > min(len(ranked), MAX_LAYERS):
                 break
