@@ -70,3 +70,27 @@ def test_int64_split_sizes_convert_to_tflite(tmp_path):
     interpreter.invoke()
     got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(got, np.concatenate([np.maximum(x[..., 3:], 0), x[..., :3]], axis=3))
+
+
+def test_a_port_is_judged_by_its_error_against_the_outputs_size_and_the_layout_is_found():
+    """A port's output is taken as the ONNX model's when its largest error is within 0.001 of outputs up to 1,
+    or its error power 60 dB below theirs (float32 rounding of a deep graph: YOLO11's probabilities are 0.001
+    off); the layout that makes it so is found; a wrong layout or a changed value is refused."""
+    from pathlib import Path
+
+    from mzconvert.backends.nhwc_port import _axes_order
+
+    rng = np.random.RandomState(0)
+    probabilities = rng.uniform(0, 1, (1, 80, 2100)).astype(np.float32)
+    rounding = probabilities + rng.normal(0, 1e-4, probabilities.shape).astype(np.float32)
+    rounding[0, 3, 7] += 0.0012  # one value past 0.001, the rest within float32 rounding of a deep graph
+    assert _axes_order(rounding, probabilities, Path("m.onnx"), "p") == [0, 1, 2]
+    nhwc = rng.normal(0, 3, (1, 20, 20, 8)).astype(np.float32)
+    assert _axes_order(nhwc, nhwc.transpose(0, 3, 1, 2), Path("m.onnx"), "f") == [0, 3, 1, 2]
+    changed = probabilities.copy()
+    changed[0, 5, :50] = 1 - changed[0, 5, :50]  # one class's scores wrong at 50 cells
+    with pytest.raises(MzError, match=r"m.onnx: onnx2tf's conversion differs from the ONNX model at output 'p'"):
+        _axes_order(changed, probabilities, Path("m.onnx"), "p")
+    square = rng.normal(0, 1, (1, 16, 16)).astype(np.float32)
+    with pytest.raises(MzError, match="differs"):  # a transposed map, of the same shape either way
+        _axes_order(square.transpose(0, 2, 1) + 0.1, square, Path("m.onnx"), "s")

@@ -75,7 +75,8 @@ class _Trial:
         out.mkdir()
         built = quantize(self.stripped, self.recipe, candidate, None if calibrated else self.calibration, out,
                          self.anchors, calibrated)
-        metrics = verify_variant(built.model, self.saved, self.reference.output_names, self.recipe, self.anchors,
+        metrics = verify_variant(built.raw_model or built.model, self.saved, self.reference.output_names,
+                                 self.recipe, self.anchors,  # raw: before NMS is attached, as the build verifies
                                  kernels=next(iter(target_kernels(self.recipe, candidate)), None))
         return {"fidelity": paired_fidelity(metrics, self.recipe), "worst_sqnr_db": _worst_sqnr(metrics),
                 "bytes": built.model.stat().st_size, "float_ops": _float_ops(built.model)}, built.model
