@@ -93,8 +93,9 @@ def main() -> None:
         matched = f"{check['matched_detections']:.1%}" if "matched_detections" in check else "-"
         sqnr = f"{scores.get('worst_slice', scores)['sqnr_db']:.1f} dB" if isinstance(scores, dict) else "-"
         low, high = result["ratio_interval"]
+        ratio = f"{result['AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
         print(f"| {row} | {result.get('kernels', '-')} | {entry.get('postprocess_attached', '-')} | {matched} | "
-              f"{sqnr} | {result['AP']:.4f} | {result['AP50']:.4f} | {result['AP'] / base:.1%} | {low:.1%} - {high:.1%} |")
+              f"{sqnr} | {result['AP']:.4f} | {result['AP50']:.4f} | {ratio} |")
     print(f"(work folder: {work})")
 
 

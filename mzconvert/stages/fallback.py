@@ -62,7 +62,7 @@ class _Trial:
         self.calibrated: dict[tuple, Path] = {}
 
     def __call__(self, candidate: Variant, name: str) -> tuple[dict, Path]:
-        """(what the candidate measured: fidelity, worst SQNR, bytes, float ops; its model)."""
+        """(what the candidate measured: fidelity, worst SQNR, bytes, float ops; the model verified)."""
         calibrated = None
         if shares_calibration(self.recipe, candidate):
             key = (candidate.calibration_method, candidate.calibration_percentile)
@@ -75,11 +75,11 @@ class _Trial:
         out.mkdir()
         built = quantize(self.stripped, self.recipe, candidate, None if calibrated else self.calibration, out,
                          self.anchors, calibrated)
-        metrics = verify_variant(built.raw_model or built.model, self.saved, self.reference.output_names,
-                                 self.recipe, self.anchors,  # raw: before NMS is attached, as the build verifies
+        verified = built.raw_model or built.model  # raw: before NMS is attached, as the build verifies
+        metrics = verify_variant(verified, self.saved, self.reference.output_names, self.recipe, self.anchors,
                                  kernels=next(iter(target_kernels(self.recipe, candidate)), None))
         return {"fidelity": paired_fidelity(metrics, self.recipe), "worst_sqnr_db": _worst_sqnr(metrics),
-                "bytes": built.model.stat().st_size, "float_ops": _float_ops(built.model)}, built.model
+                "bytes": built.model.stat().st_size, "float_ops": _float_ops(built.model)}, verified
 
 
 def search_calibration_method(stripped: Path, recipe: Recipe, variant: Variant, calibration: list[Path],
