@@ -135,3 +135,23 @@ def test_a_tensor_only_a_sigmoid_or_tanh_reads_stops_at_their_saturation(tmp_pat
     assert ranges[frozenset({tanh})] == (-4.0, 4.0)
     shared = next(r for readers_, r in ranges.items() if logistic in readers_ and len(readers_) > 1)
     assert shared[0] < -100 and shared[1] > 100
+
+
+def test_the_bound_reaches_back_through_ops_that_only_move_values():
+    """A detector's class logits, level by level, reshaped and joined before one sigmoid: each level's logits are
+    bounded as the sigmoid's input is (TFLite's and ONNX's op names); a tensor another op also reads keeps its
+    range; read by a sigmoid and a tanh, a tensor takes the wider bound (clipping at the tanh's would move the
+    sigmoid's output)."""
+    from mzconvert.quant.ranges import readers_of, saturated_bounds
+
+    for reshape, concat, sigmoid, tanh, add in (("RESHAPE", "CONCATENATION", "LOGISTIC", "TANH", "ADD"),
+                                                ("Reshape", "Concat", "Sigmoid", "Tanh", "Add")):
+        ops = [(reshape, ["level1", "shape"], ["flat1"]), (reshape, ["level2", "shape"], ["flat2"]),
+               (concat, ["flat1", "flat2"], ["logits"]), (sigmoid, ["logits"], ["scores"]),
+               (reshape, ["level3", "shape"], ["flat3"]), (concat, ["flat3", "flat1"], ["joined"]),
+               (add, ["joined", "bias"], ["sum"]), (sigmoid, ["both"], ["p"]), (tanh, ["both"], ["t"])]
+        bounds = saturated_bounds(readers_of(ops), {"scores", "sum", "p", "t"})
+        assert bounds["logits"] == bounds["flat2"] == bounds["level2"] == 8.0
+        assert "level1" not in bounds and "flat1" not in bounds  # also joined into what an add reads
+        assert "level3" not in bounds and "joined" not in bounds
+        assert bounds["both"] == 8.0

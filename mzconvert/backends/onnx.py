@@ -272,7 +272,7 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
     graph = augmented.graph
     whole = reaching_outputs(graph)  # before every activation is made an output
     outputs = {o.name for o in graph.output}
-    bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in graph.node), outputs)
+    bounds = saturated_bounds(readers_of((node.op_type, node.input, node.output) for node in graph.node), outputs)
     computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
                         and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import MzError
 from ..tflite_file import model_bytes, op_names, read_model, write_model
+from .output_scales import SHAPE_OPS
 
 
 class _Extremes:
@@ -222,13 +223,38 @@ def output_tensors(model) -> set[int]:
 SATURATING_OPS = {"LOGISTIC": 8.0, "TANH": 4.0, "Sigmoid": 8.0, "Tanh": 4.0}
 
 
-def saturated_bounds(readers: dict[object, list[str]], outputs: Collection) -> dict[object, float]:
-    """{tensor: bound} for the tensors (`readers`: the names of the ops that read each) that only SATURATING_OPS
-    read and that are no output of the model: their values beyond +-bound give those ops no other 8-bit output,
-    so their range can stop there and keep finer steps where the op's output still moves (MediaPipe's selfie
-    segmenter: a sigmoid's input measured over [-975, 388], 5.3 per step, the mask's edge lost)."""
-    return {tensor: min(SATURATING_OPS[n] for n in names) for tensor, names in readers.items()
-            if tensor not in outputs and names and all(n in SATURATING_OPS for n in names)}
+# Ops that only move or join values, TFLite's and ONNX's: values beyond what bounds their outputs are beyond it
+# in their inputs too
+VALUE_MOVING_OPS = (*MOVING_OPS, *SHAPE_OPS, "Concat")
+
+
+def saturated_bounds(readers: dict[object, list[tuple[str, tuple]]], outputs: Collection) -> dict[object, float]:
+    """{tensor: bound} for the tensors (`readers`: each op that reads them, its name and outputs) that are no output
+    of the model and that every reader stops seeing beyond +-bound: one of SATURATING_OPS, or an op of
+    VALUE_MOVING_OPS whose outputs are bounded themselves (a detector's class logits, reshaped and joined level by
+    level before one sigmoid). Their values beyond it give those ops no other 8-bit output, so their range can stop
+    there and keep finer steps where the op's output still moves (MediaPipe's selfie segmenter: a sigmoid's input
+    measured over [-975, 388], 5.3 per step, the mask's edge lost). Read by several, a tensor takes the widest."""
+    bounds: dict[object, float] = {}
+    grown = True
+    while grown:  # a join's inputs are bounded once its output is
+        grown = False
+        for tensor, reads in readers.items():
+            if tensor in bounds or tensor in outputs or not reads:
+                continue
+            found = [_reader_bound(name, made, bounds) for name, made in reads]
+            if None not in found:
+                bounds[tensor] = max(found)
+                grown = True
+    return bounds
+
+
+def _reader_bound(name: str, made: tuple, bounds: dict) -> float | None:
+    if name in SATURATING_OPS:
+        return SATURATING_OPS[name]
+    if name in VALUE_MOVING_OPS and made and all(t in bounds for t in made):
+        return max(bounds[t] for t in made)
+    return None
 
 
 def _within_bound(low: float, high: float, bound: float) -> tuple[float, float]:
@@ -236,12 +262,12 @@ def _within_bound(low: float, high: float, bound: float) -> tuple[float, float]:
     return min(max(low, -bound), 0.0), max(min(high, bound), 0.0)
 
 
-def readers_of(ops: Iterable[tuple[str, Iterable]]) -> dict[object, list[str]]:
-    """{tensor: the names of the ops that read it}, from each op's (name, input tensors)."""
-    readers: dict[object, list[str]] = {}
-    for name, inputs in ops:
+def readers_of(ops: Iterable[tuple[str, Iterable, Iterable]]) -> dict[object, list[tuple[str, tuple]]]:
+    """{tensor: (name, output tensors) of each op that reads it}, from each op's (name, inputs, outputs)."""
+    readers: dict[object, list[tuple[str, tuple]]] = {}
+    for name, inputs, made in ops:
         for tensor in inputs:
-            readers.setdefault(tensor, []).append(name)
+            readers.setdefault(tensor, []).append((name, tuple(made)))
     return readers
 
 
@@ -261,7 +287,8 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
             yield i, interpreter.tensor(i)()  # a view, no copy
 
     graph = model.subgraphs[0]
-    readers = readers_of(zip(op_names(model), (op.inputs for op in graph.operators)))
+    readers = readers_of(zip(op_names(model), (op.inputs for op in graph.operators),
+                             (op.outputs for op in graph.operators)))
     return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model),
                           saturated_bounds(readers, graph.outputs))
 

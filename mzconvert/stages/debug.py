@@ -120,7 +120,7 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
         nodes = graph.node
         producers = {o: n.op_type for n in nodes for o in n.output}
         inputs = {o: list(n.input) for n in nodes for o in n.output}
-        bounds = saturated_bounds(readers_of((node.op_type, node.input) for node in nodes),
+        bounds = saturated_bounds(readers_of((node.op_type, node.input, node.output) for node in nodes),
                                   {o.name for o in graph.output})
         modify_model_output_intermediate_tensors(str(float_model), str(float_saved))
         modify_model_output_intermediate_tensors(str(artifact), str(qdq_saved))
@@ -198,7 +198,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     ops = int8_model._get_ops_details()
     producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
     inputs = {names[o]: [names[i] for i in op["inputs"] if i >= 0] for op in ops for o in op["outputs"]}
-    bounds = saturated_bounds(readers_of((op["op_name"], op["inputs"]) for op in ops),
+    bounds = saturated_bounds(readers_of((op["op_name"], op["inputs"], op["outputs"]) for op in ops),
                               [d["index"] for d in int8_model.get_output_details()])
     int8_input = tensor_spec(int8_model.get_input_details()[0])
     totals: dict[str, list[float]] = {}
