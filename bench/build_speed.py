@@ -4,7 +4,7 @@
 2. today's build of the same recipe, serial and with -j 2 (checked to write the same bytes), from a warm
    download cache,
 3. the bare calls that build cannot avoid: one TensorFlow import, one freeze, one strip, one int8
-   calibration (with the depthwise moments), one conversion per variant (int8: depthwise weights fitted),
+   calibration (with the weights' input moments), one conversion per variant (int8: weights fitted),
    one vela per NPU variant, one float reference pass,
    timed like the builds as one process from its start to its exit (and, printed beside, inside it);
 and the ratios. The recipe is pedestrian-ssdlite as the earlier commit knew it: five variants, one NPU.
@@ -38,7 +38,7 @@ from mzconvert.backends.tf import GraphRunner
 from mzconvert.quant.tflite_converter import quantize_calibrated
 from mzconvert.preprocess import prepare
 from mzconvert.stages.vela import compile_for_npu
-from mzconvert.quant.rounding import MOMENTS, fit_depthwise_weights
+from mzconvert.quant.rounding import MOMENTS, fit_weights
 recipe, source, images, verify, out = load_recipe(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
 frozen = backend.freeze(source, recipe, out)
 (out / "strip").mkdir()
@@ -53,7 +53,7 @@ for variant in recipe.variants:
     model = (quantize_calibrated(calibrated, recipe, variant, folder) if variant.mode == "int8"
              else backend.convert(stripped, recipe, variant, None, folder))
     if variant.mode == "int8":
-        fit_depthwise_weights(model, calibrated, calibrated.parent / MOMENTS, model)
+        fit_weights(model, calibrated, calibrated.parent / MOMENTS, model)
         compile_for_npu(model, recipe, variant, recipe.vela[0], folder)
 reference = GraphRunner(stripped, recipe)
 for path in sorted(Path(verify).glob("*.jpg")):

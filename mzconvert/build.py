@@ -156,7 +156,7 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
     outcome = p.stage(f"quantize/{variant.name}", inputs, action)
     if fitted := outcome.result.get("fitted"):
-        p.console.log(f"[{p.recipe.name}] {variant.name}: {fitted['layers']} depthwise layers' weights fitted to the "
+        p.console.log(f"[{p.recipe.name}] {variant.name}: {fitted['layers']} layers' weights fitted to the "
                       f"calibration images (their output error there {fitted['error_ratio']:.2f}x nearest rounding's)")
     return outcome
 

@@ -173,5 +173,5 @@ def test_a_folder_of_own_recipes_works_by_name_everywhere(tiny_build, tmp_path):
     done = run_cli("--json", *own, "release", "--all", "--dist", str(dist.parent), "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     bundle = Path(json.loads(done.stdout)["bundle"])
-    assert bundle.name.startswith("mzconvert-0.3.0-tiny-") and bundle.name.endswith(".tar.gz")
+    assert bundle.name.startswith("mzconvert-0.4.0-tiny-") and bundle.name.endswith(".tar.gz")
     assert not (recipe.parent / "recipes.lock").exists()  # pinned sources need no lock entry

@@ -226,7 +226,7 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     if variant.separate_output_scales:
         _save(_float_outputs(_load(target)), target)
     if variant.weight_rounding == "fitted":
-        _fit_depthwise_weights(prepared, target, tensors)
+        _fit_weights(prepared, target, tensors)
 
 
 def _float_outputs(model):
@@ -331,6 +331,10 @@ def _ints(node, name: str, default: list[int]) -> list[int]:
     return next((list(a.ints) for a in node.attribute if a.name == name), default)
 
 
+def _int(node, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
 def _window(node, shape: tuple[int, int], kernel: tuple[int, int]):
     """The rounding.Window of an ONNX Conv with a `kernel` (height, width) over an input plane of `shape`."""
     from ..quant.rounding import Window
@@ -343,10 +347,11 @@ def _window(node, shape: tuple[int, int], kernel: tuple[int, int]):
     return Window.padded(shape, kernel, strides, dilations, tuple(pads[:2]), tuple(pads[2:]))
 
 
-def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> None:
-    """weight_rounding fitted for a QDQ model: the int8 weight initializer of every depthwise Conv
-    (group = channels) refitted to its float twin in `prepared` on the float model's inputs to it over
-    the first tensors (rounding.refit), the mean error left taken out of its int32 bias initializer."""
+def _fit_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> None:
+    """weight_rounding fitted for a QDQ model: the int8 weight initializer of every Conv, and of every Gemm
+    whose weights are a transposed initializer (torch's Linear), refitted to its float twin in `prepared` on
+    the float model's inputs to it over the first tensors (rounding.refit), the mean error left taken out of
+    its int32 bias initializer."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -355,11 +360,20 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
 
     floats = _load(prepared)
     weights = {i.name: i for i in floats.graph.initializer}
-    convs = {n.name: n for n in floats.graph.node if n.op_type == "Conv" and n.input[1] in weights
-             and weights[n.input[1]].dims[1] == 1 and any(a.name == "group" and a.i > 1 for a in n.attribute)}
-    if not convs:
+
+    def fitted(node) -> bool:
+        """A 2-D Conv, depthwise or not grouped, or a Gemm (x W^T)."""
+        if len(node.input) < 2 or node.input[1] not in weights:
+            return False
+        dims, group = weights[node.input[1]].dims, _int(node, "group", 1)
+        if node.op_type == "Conv":
+            return len(dims) == 4 and (group == 1 or dims[1] == 1)
+        return node.op_type == "Gemm" and _int(node, "transB", 0) == 1 and _int(node, "transA", 0) == 0
+
+    layers = {n.name: n for n in floats.graph.node if fitted(n)}
+    if not layers:
         return
-    reads = list(dict.fromkeys(n.input[0] for n in convs.values()))
+    reads = list(dict.fromkeys(n.input[0] for n in layers.values()))
     known = {o.name for o in floats.graph.output}
     floats.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                                for name in reads if name not in known)
@@ -368,9 +382,17 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
     moments = PatchMoments()
     for tensor in tensors[:MOMENT_IMAGES]:
         values = dict(zip(reads, session.run(reads, {input_name: tensor})))
-        for name, node in convs.items():
+        for name, node in layers.items():
+            if node.op_type == "Gemm":
+                moments.add_dense(name, values[node.input[0]])
+                continue
             plane = values[node.input[0]][0].transpose(1, 2, 0)  # NCHW -> (height, width, channels)
-            moments.add(name, plane, _window(node, plane.shape[:2], tuple(weights[node.input[1]].dims[2:])))
+            kernel = tuple(weights[node.input[1]].dims[2:])
+            window = _window(node, plane.shape[:2], kernel)
+            if _int(node, "group", 1) > 1:  # depthwise
+                moments.add(name, plane, window)
+            else:
+                moments.add_conv(name, plane, window, channel_major=True)
     model = _load(quantized)
     stored = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -384,16 +406,16 @@ def _fit_depthwise_weights(prepared: Path, quantized: Path, tensors: list[np.nda
         return stored[node.input[0]], numpy_helper.to_array(stored[node.input[1]]).astype(np.float64)
 
     for node in model.graph.node:
-        twin, stats = convs.get(node.name), moments.get(node.name)
+        twin, stats = layers.get(node.name), moments.get(node.name)
         weight, scales = dequantized(node.input[1]) if twin is not None and stats is not None else (None, None)
         if weight is None or weight.data_type != onnx.TensorProto.INT8:
             continue
         nearest = numpy_helper.to_array(weight)
         channels = nearest.shape[0]
         w = numpy_helper.to_array(weights[twin.input[1]]).reshape(channels, -1).astype(np.float64)
-        fitted, mean_error, _, _ = refit(w, nearest.reshape(channels, -1).astype(np.float64),
-                                         np.broadcast_to(scales, (channels,)), stats)
-        weight.CopyFrom(numpy_helper.from_array(fitted.reshape(nearest.shape).astype(np.int8), weight.name))
+        fitted_weights, mean_error, _, _ = refit(w, nearest.reshape(channels, -1).astype(np.float64),
+                                                 np.broadcast_to(scales, (channels,)), stats)
+        weight.CopyFrom(numpy_helper.from_array(fitted_weights.reshape(nearest.shape).astype(np.int8), weight.name))
         bias, steps = dequantized(node.input[2]) if len(node.input) > 2 else (None, None)
         if bias is not None and bias.data_type == onnx.TensorProto.INT32:
             bias.CopyFrom(numpy_helper.from_array(corrected_bias(numpy_helper.to_array(bias), mean_error, steps),

@@ -27,13 +27,13 @@ class QuantizeResult:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     raw_model: Path | None = None  # the model before post-processing was attached: what verify compares
-    fitted: dict | None = None  # weight_rounding fitted: what rounding.fit_depthwise_weights refitted
+    fitted: dict | None = None  # weight_rounding fitted: what rounding.fit_weights refitted
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
              out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
     """The variant's model in out_dir, checked. `calibrated`: the shared calibration (calibrate) it is
-    quantized from, its depthwise weights then fitted (weight_rounding) where calibrate left moments."""
+    quantized from, its weights then fitted (weight_rounding) where calibrate left moments."""
     from dataclasses import replace
 
     batches = calibration_batches(calibration_images, recipe) if calibration_images else None
@@ -48,10 +48,10 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
         else:
             model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
     if calibrated is not None and variant.weight_rounding == "fitted":
-        from ..quant.rounding import MOMENTS, fit_depthwise_weights
+        from ..quant.rounding import MOMENTS, fit_weights
 
         if (calibrated.parent / MOMENTS).is_file():
-            fitted = fit_depthwise_weights(model, calibrated, calibrated.parent / MOMENTS, model)
+            fitted = fit_weights(model, calibrated, calibrated.parent / MOMENTS, model)
     checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
     if not variant.attach_postprocess:
         return checked
