@@ -172,10 +172,11 @@ def _layer_errors(build, variant: str) -> dict[str, float]:
 
 
 def test_fitted_layers_are_closer_to_the_float_model_than_nearest_rounding(tmp_path, mirror):
-    """A Keras classifier with BN-folded-like weights (a few large ones per channel), built both ways from one
-    calibration: on images never calibrated on, each convolution's int8 weights and bias (depthwise or not)
-    change its output less when fitted than when rounded to the nearest step; the last layer, one input an
-    image, keeps nearest weights (too few samples to fit them)."""
+    """A Keras classifier with BN-folded-like weights (a few large ones per channel), built three ways: on images
+    never calibrated on, each convolution's int8 weights and bias (depthwise or not, fitted-all) change its
+    output less when fitted than when rounded to the nearest step, the last layer, one input an image, keeps
+    nearest weights (too few samples to fit them); `fitted` fits the depthwise ones alone and shares its
+    calibration with nearest."""
     import keras
 
     keras.utils.set_random_seed(5)
@@ -199,21 +200,25 @@ def test_fitted_layers_are_closer_to_the_float_model_than_nearest_rounding(tmp_p
     path = tmp_path / "recipes" / "dw.yaml"
     recipe = yaml.safe_load(path.read_text())
     int8 = next(v for v in recipe["variants"] if v["mode"] == "int8") | {"calibration_method": "minmax"}  # one
-    recipe["variants"] = [{"name": "float32", "mode": "float32"}, int8 | {"name": "fitted"},  # calibration, shared
-                          int8 | {"name": "nearest", "weight_rounding": "nearest"}]
+    recipe["variants"] = [{"name": "float32", "mode": "float32"}, int8 | {"name": "all", "weight_rounding": "fitted-all"},
+                          int8 | {"name": "fitted"}, int8 | {"name": "nearest", "weight_rounding": "nearest"}]
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     done = run_cli("--json", "--cache-dir", str(tmp_path / "cache"), "build", str(path),
                    "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "fitted: 5 layers' weights fitted to the calibration images" in done.stderr
+    assert "all: 5 layers' weights fitted to the calibration images" in done.stderr
+    assert "fitted: 2 layers' weights fitted to the calibration images" in done.stderr
     assert "[dw] nearest: " not in done.stderr
-    assert len([line for line in done.stderr.splitlines() if "calibrate/" in line and line.endswith("running")]) == 1
-    fitted, nearest = (_layer_errors(tmp_path / "build" / "dw", name) for name in ("fitted", "nearest"))
-    assert len(fitted) == 5 and fitted.keys() == nearest.keys()
-    ratios = {name: fitted[name] / nearest[name] for name in fitted}
+    # one calibration for fitted and nearest, one with every layer's moments for fitted-all
+    assert len([line for line in done.stderr.splitlines() if "calibrate/" in line and line.endswith("running")]) == 2
+    every, depthwise, nearest = (_layer_errors(tmp_path / "build" / "dw", name) for name in ("all", "fitted", "nearest"))
+    assert len(every) == 5 and every.keys() == depthwise.keys() == nearest.keys()
+    ratios = {name: every[name] / nearest[name] for name in every}
     last = next(name for name in ratios if "logits" in name)
     assert all(ratios[name] < (0.7 if "dw" in name else 0.85) for name in ratios if name != last), ratios
     assert ratios[last] <= 1.0 + 1e-9, ratios
+    assert all(depthwise[name] < 0.7 * nearest[name] if "dw" in name else depthwise[name] == nearest[name]
+               for name in nearest), [(depthwise[n], nearest[n]) for n in nearest]
 
 
 def test_weight_rounding_fitted_is_refused_where_nothing_can_fit_it(tmp_path):

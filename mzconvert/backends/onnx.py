@@ -12,7 +12,7 @@ from ..errors import EXIT_BAD_INPUT, MzError, RecipeError, short_text
 from ..quant.output_scales import mixed_range_outputs, reaching_outputs
 from ..quant.tflite_converter import converter_range_slots, run_converter
 from ..recipe import Recipe, Variant
-from ..recipe.schema import TORCH_FORMATS
+from ..recipe.schema import FITTED_ROUNDINGS, TORCH_FORMATS
 from ..runtime import OnnxRunner
 from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sources
 
@@ -225,8 +225,8 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
         cache.unlink()
     if variant.separate_output_scales:
         _save(_float_outputs(_load(target)), target)
-    if variant.weight_rounding == "fitted":
-        _fit_weights(prepared, target, tensors)
+    if variant.weight_rounding in FITTED_ROUNDINGS:
+        _fit_weights(prepared, target, tensors, every_layer=variant.weight_rounding == "fitted-all")
 
 
 def _float_outputs(model):
@@ -347,11 +347,11 @@ def _window(node, shape: tuple[int, int], kernel: tuple[int, int]):
     return Window.padded(shape, kernel, strides, dilations, tuple(pads[:2]), tuple(pads[2:]))
 
 
-def _fit_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> None:
-    """weight_rounding fitted for a QDQ model: the int8 weight initializer of every Conv, and of every Gemm
-    whose weights are a transposed initializer (torch's Linear), refitted to its float twin in `prepared` on
-    the float model's inputs to it over the first tensors (rounding.refit), the mean error left taken out of
-    its int32 bias initializer."""
+def _fit_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray], every_layer: bool) -> None:
+    """weight_rounding fitted for a QDQ model: the int8 weight initializer of every depthwise Conv (every_layer:
+    of every Conv, and of every Gemm whose weights are a transposed initializer, torch's Linear) refitted to its
+    float twin in `prepared` on the float model's inputs to it over the first tensors (rounding.refit), the mean
+    error left taken out of its int32 bias initializer."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -362,13 +362,13 @@ def _fit_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -> 
     weights = {i.name: i for i in floats.graph.initializer}
 
     def fitted(node) -> bool:
-        """A 2-D Conv, depthwise or not grouped, or a Gemm (x W^T)."""
+        """A depthwise 2-D Conv; every_layer: also one not grouped, or a Gemm (x W^T)."""
         if len(node.input) < 2 or node.input[1] not in weights:
             return False
         dims, group = weights[node.input[1]].dims, _int(node, "group", 1)
-        if node.op_type == "Conv":
-            return len(dims) == 4 and (group == 1 or dims[1] == 1)
-        return node.op_type == "Gemm" and _int(node, "transB", 0) == 1 and _int(node, "transA", 0) == 0
+        if node.op_type == "Conv" and len(dims) == 4:
+            return (group > 1 and dims[1] == 1) or (every_layer and group == 1)
+        return every_layer and node.op_type == "Gemm" and _int(node, "transB", 0) == 1 and _int(node, "transA", 0) == 0
 
     layers = {n.name: n for n in floats.graph.node if fitted(n)}
     if not layers:

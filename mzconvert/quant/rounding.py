@@ -1,5 +1,5 @@
-"""int8 weights of convolutions and fully-connected layers rounded to fit the calibration images, not to the
-nearest step.
+"""int8 weights of depthwise convolutions (weight_rounding fitted), or of every convolution and fully-connected
+layer (fitted-all), rounded to fit the calibration images, not to the nearest step.
 
 Rounding every weight to its nearest int8 step minimises each weight's own error, not the error of
 the layer's output. For weights w (float) of one output channel, its step s and input patches x, the
@@ -9,15 +9,16 @@ images can be searched:
 - a depthwise channel sums a few weights (3x3, 5x5) times one input channel: M is per channel, and for
   a 3x3 kernel each of the 2^9 floor/ceil choices is tried and the least kept; larger kernels start
   from nearest rounding and flip single weights while that lowers the error;
-- every other convolution and fully-connected layer reads all its input channels: one M for the layer
+- every other convolution and fully-connected layer (fitted-all) reads all its input channels: one M for the layer
   (patch length kh x kw x channels), shared by its output channels; from nearest rounding, sweeps over
   the weights flip each, for every channel at once, where that lowers the error.
 The mean error left, (s q - w)^T E[x], is taken out of the int32 bias. Nearest rounding is the start of
 each search, so no channel's error on the calibration images grows.
 
-Measured (docs/results.md): SSDLite MobileNetV2 int8 against float32 on 132 val images, depthwise
-layers fitted: box-encoding SQNR 20.7 -> 24.0 dB, class logits 26.3 -> 32.7 dB; MobileNetV2's ONNX int8,
-every layer fitted: logits SQNR 21.0 -> 22.0 dB on 200 ImageNet images never calibrated on.
+Measured (docs/results.md, docs/stages.md): SSDLite MobileNetV2 int8 against float32 on 132 val images,
+depthwise layers fitted: box-encoding SQNR 20.7 -> 24.0 dB, class logits 26.3 -> 32.7 dB; every layer
+fitted: 24.8 and 33.7 dB; MobileNetV2's int8, every layer fitted against depthwise ones: logits SQNR
+20.5 -> 21.4 dB (ONNX), 20.4 -> 21.2 dB (TFLite) on 500 ImageNet images never calibrated on.
 
 The moments come from the float model on the first MOMENT_IMAGES calibration images, at output
 positions drawn with a fixed seed (MOMENT_POSITIONS an image for a depthwise layer; for a layer's shared M
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tflite_file import op_names, read_model, schema, write_model
+from ..tflite_file import add_buffer, op_names, read_model, schema, write_model
 
 MOMENT_IMAGES = 32
 MOMENT_POSITIONS = 32  # 1,024 patches a channel: SSDLite's fitted int8 kept the SQNR it had from 8,192
@@ -144,11 +145,8 @@ class PatchMoments:
         return second, mean
 
     def save(self, target: Path) -> Path:
-        """In float32 (half the bytes: a whole patch's M is k x k; YOLOv8n's 3x3 convolutions of 256 channels
-        are 2304 x 2304), more than the fit needs."""
-        np.savez(target, **{f"{key}\t{part}": np.asarray(value, np.float32) for key, (second, first, count)
-                            in self._sums.items() for part, value in (("second", second), ("sum", first))},
-                 **{f"{key}\tcount": np.int64(count) for key, (_, _, count) in self._sums.items()})
+        np.savez(target, **{f"{key}\t{part}": value for key, (second, first, count) in self._sums.items()
+                            for part, value in (("second", second), ("sum", first), ("count", np.int64(count)))})
         return target
 
     @classmethod
@@ -264,13 +262,14 @@ def _local_search(linear, second, scales, capped, start: np.ndarray) -> np.ndarr
 
 
 # -- TFLite ----------------------------------------------------------------------------------------
-def _fitted_ops(model) -> list[tuple[object, str]]:
-    """(op, its name) of the convolutions and fully-connected layers of subgraph 0 whose weights are constants
-    (not a grouped CONV_2D: its patch is not the weights' layout)."""
+def _fitted_ops(model, every_layer: bool) -> list[tuple[object, str]]:
+    """(op, its name) of the depthwise convolutions of subgraph 0, or with `every_layer` of its convolutions
+    and fully-connected layers, whose weights are constants (not a grouped CONV_2D: its patch is not the
+    weights' layout)."""
     graph = model.subgraphs[0]
     found = []
     for op, name in zip(graph.operators, op_names(model)):
-        if name not in FITTED_OPS or len(op.inputs) < 2 or op.inputs[1] < 0:
+        if name not in (FITTED_OPS if every_layer else (DEPTHWISE,)) or len(op.inputs) < 2 or op.inputs[1] < 0:
             continue
         weight = graph.tensors[op.inputs[1]]
         data = model.buffers[weight.buffer].data
@@ -295,7 +294,8 @@ def tflite_window(shape: tuple[int, ...], op, kernel: tuple[int, int]) -> Window
     return Window.padded(shape[:2], kernel, strides, dilations, (0, 0), (0, 0))
 
 
-def weight_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, threads: int = 2) -> Path | None:
+def weight_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, every_layer: bool,
+                   threads: int = 2) -> Path | None:
     """Write to `target` (npz) the PatchMoments of every fitted layer's input (_fitted_ops) in the float
     model `calibrated` over the first MOMENT_IMAGES `tensors`, keyed by the op's output tensor; None when
     the model has none (or control flow)."""
@@ -304,7 +304,7 @@ def weight_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, th
     model = read_model(calibrated)
     if len(model.subgraphs) != 1:
         return None
-    graph, ops = model.subgraphs[0], _fitted_ops(model)
+    graph, ops = model.subgraphs[0], _fitted_ops(model, every_layer)
     if not ops:
         return None
     interpreter = interpreter_keeping(model, sorted({op.inputs[0] for op, _ in ops}), threads)
@@ -327,9 +327,9 @@ def weight_moments(calibrated: Path, tensors: list[np.ndarray], target: Path, th
     return moments.save(target)
 
 
-def fit_weights(quantized: Path, calibrated: Path, moments: Path, target: Path) -> dict:
-    """Rewrite `quantized` (an int8 model of `calibrated`) to `target` with every layer that `moments`
-    describes refitted (refit): int8 weights and int32 bias.
+def fit_weights(quantized: Path, calibrated: Path, moments: Path, target: Path, every_layer: bool) -> dict:
+    """Rewrite `quantized` (an int8 model of `calibrated`) to `target` with every depthwise layer (every_layer:
+    every layer) that `moments` describes refitted (refit): int8 weights and int32 bias.
     Returns {"layers": refitted count, "error_ratio": the summed output error after / before on the
     calibration moments}."""
     model, floats = read_model(quantized), read_model(calibrated)
@@ -338,7 +338,7 @@ def fit_weights(quantized: Path, calibrated: Path, moments: Path, target: Path) 
     measured = PatchMoments.load(moments)
     before = after = 0.0
     layers = 0
-    for op, name in _fitted_ops(model):
+    for op, name in _fitted_ops(model, every_layer):
         key = _output_name(graph, op)
         weight, twin, stats = graph.tensors[op.inputs[1]], float_ops.get(key), measured.get(key)
         if stats is None or twin is None or weight.quantization is None or weight.type != schema().TensorType.INT8 \
@@ -350,12 +350,11 @@ def fit_weights(quantized: Path, calibrated: Path, moments: Path, target: Path) 
         scales = np.broadcast_to(np.asarray(weight.quantization.scale, np.float64), (channels,))
         float_weight = float_graph.tensors[twin.inputs[1]]
         w = _per_channel(np.frombuffer(bytes(floats.buffers[float_weight.buffer].data), np.float32), name, shape)
-        buffer = model.buffers[weight.buffer]
-        nearest = _per_channel(np.frombuffer(bytes(buffer.data), np.int8), name, shape).astype(np.float64)
-        fitted, mean_error, was, now = refit(w.astype(np.float64), nearest, scales, stats)
+        nearest = _per_channel(np.frombuffer(bytes(model.buffers[weight.buffer].data), np.int8), name, shape)
+        fitted, mean_error, was, now = refit(w.astype(np.float64), nearest.astype(np.float64), scales, stats)
         before, after = before + was, after + now
         stored = fitted.T if name == DEPTHWISE else fitted
-        buffer.data = np.frombuffer(np.ascontiguousarray(stored).astype(np.int8).tobytes(), np.uint8)
+        _rewrite(model, weight, np.ascontiguousarray(stored).astype(np.int8).tobytes())
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
             _correct_bias(model, graph.tensors[op.inputs[2]], mean_error)
         layers += 1
@@ -373,6 +372,15 @@ def _per_channel(values: np.ndarray, name: str, shape: tuple[int, ...]) -> np.nd
 def _correct_bias(model, bias, mean_error: np.ndarray) -> None:
     if bias.type != schema().TensorType.INT32 or bias.quantization is None or bias.quantization.scale is None:
         return
-    buffer = model.buffers[bias.buffer]
-    corrected = corrected_bias(np.frombuffer(bytes(buffer.data), np.int32), mean_error, bias.quantization.scale)
-    buffer.data = np.frombuffer(corrected.tobytes(), np.uint8)
+    stored = np.frombuffer(bytes(model.buffers[bias.buffer].data), np.int32)
+    _rewrite(model, bias, corrected_bias(stored, mean_error, bias.quantization.scale).tobytes())
+
+
+def _rewrite(model, tensor, data: bytes) -> None:
+    """`tensor`'s constant set to `data`, in a buffer of its own: the converter stores equal constants once
+    (two layers' all-zero int32 biases share a buffer), and a layer's refit must not change another's."""
+    shared = sum(t.buffer == tensor.buffer for g in model.subgraphs for t in g.tensors) > 1
+    if shared:
+        tensor.buffer = add_buffer(model, data)
+    else:
+        model.buffers[tensor.buffer].data = np.frombuffer(data, np.uint8)

@@ -10,6 +10,7 @@ from ..yamlsafe import short
 from .reader import Reader
 from .schema import (
     CALIBRATED_MODES,
+    FITTED_ROUNDINGS,
     TFLITE_CALIBRATION_METHODS,
     TORCH_FORMATS,
     Postprocess,
@@ -73,9 +74,10 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
         raise item.fail(f"duplicate variant name {v.name!r}", where("name"))
     if v.member and not source.is_archive:
         raise item.fail("a variant member needs a url source with an archive member", where("member"))
-    if v.weight_rounding == "fitted" and not _fits(v, fmt, postprocess):
-        raise item.fail("weight_rounding fitted applies to int8 variants this tool quantizes with 8-bit weights "
-                        "(not a .tflite source, a graph with custom ops, or reduce_range)", where("weight_rounding"))
+    if v.weight_rounding in FITTED_ROUNDINGS and not _fits(v, fmt, postprocess):
+        raise item.fail(f"weight_rounding {v.weight_rounding} applies to int8 variants this tool quantizes with 8-bit "
+                        "weights (not a .tflite source, a graph with custom ops, or reduce_range)",
+                        where("weight_rounding"))
     if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
     if v.attach_postprocess and not (v.target == "tflite" and _attachable(postprocess)):

@@ -40,7 +40,10 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "mean_minmax", 
 TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse", "mean_minmax")
 # auto: each of these tried, the one the float model agrees with best on the verify images kept (stages/fallback.py)
 AUTO_CALIBRATION_METHODS = TFLITE_CALIBRATION_METHODS
-WEIGHT_ROUNDINGS = ("fitted", "nearest")  # int8 depthwise weights: mzconvert/quant/rounding.py
+# int8 weights: fitted depthwise ones, fitted every convolution's and fully-connected layer's, nearest rounding
+# (mzconvert/quant/rounding.py)
+WEIGHT_ROUNDINGS = ("fitted", "fitted-all", "nearest")
+FITTED_ROUNDINGS = ("fitted", "fitted-all")
 # vela's --accelerator-config values (tests/test_recipe.py checks them against the installed vela)
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
@@ -229,7 +232,7 @@ class Variant:
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
-    weight_rounding: str = "nearest"  # fitted: int8 depthwise weights fitted to the calibration images
+    weight_rounding: str = "nearest"  # fitted(-all): int8 depthwise (all layers') weights fitted to the calibration
     # a .tflite source's quantizer: converter (TFLite's own, from our recorded ranges: int8) or ai-edge-quantizer
     # (Google's LiteRT quantizer: dynamic, int8, int16x8); "" = converter for int8, else ai-edge-quantizer
     quantizer: str = ""

@@ -48,8 +48,9 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
               with_moments: bool = True) -> Path:
     """The TFLite int8 calibration of the stripped model (or its Keras port) on `images`: the float model
     with every activation's range, by the variant's calibration method, from which each int8 variant
-    is quantized (see ranges.py); with `with_moments`, beside it the input moments of its convolutions and
-    fully-connected layers that fitted weight rounding needs (rounding.MOMENTS, when the model has such layers)."""
+    is quantized (see ranges.py); with `with_moments`, beside it the input moments of its depthwise
+    convolutions (weight_rounding fitted-all: of its convolutions and fully-connected layers) that fitted weight
+    rounding needs (rounding.MOMENTS, when the model has such layers)."""
     from ..quant.ranges import calibrate_with_interpreter
     from ..quant.tflite_converter import calibrate_converter
 
@@ -69,6 +70,6 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
     elif with_moments:
         from ..quant.rounding import MOMENTS, weight_moments
 
-        weight_moments(target, inputs, out_dir / MOMENTS)
+        weight_moments(target, inputs, out_dir / MOMENTS, every_layer=variant.weight_rounding == "fitted-all")
     marked.unlink()
     return target

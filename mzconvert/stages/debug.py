@@ -3,7 +3,7 @@
 TFLite variants: TensorFlow's QuantizationDebugger quantizes the float model as the variant was (the same
 ranges, recorded on the same calibration images, see quant/ranges.py), then runs every quantized op next to
 its float twin on the verify images. Its weights are rounded to the nearest step: a variant with
-weight_rounding fitted has depthwise layers with less error than the table shows (quant/rounding.py). ONNX
+weight_rounding fitted has convolutions with less error than the table shows (quant/rounding.py). ONNX
 variants: ONNX Runtime's QDQ loss debugging runs the built QDQ model and its float model, every activation
 saved, on the verify images; the error a QDQ activation carries includes every layer's before it, so a layer's
 own error is what it adds to the largest error among the activations it reads.
@@ -31,6 +31,7 @@ from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
 from ..quant.ranges import readers_of, saturated_bounds
 from ..recipe import Recipe, Variant, command_argument
+from ..recipe.schema import FITTED_ROUNDINGS
 from ..runtime import OPTIMIZED, dequantized, litert_interpreter, quantized_input, target_kernels, tensor_spec
 from ..sources.fetch import Fetcher
 from ..sources.imagesets import load_image_set
@@ -220,8 +221,8 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
 def debug_table(result: dict, rows: int = 15) -> str:
     lines = [f"{result['recipe']} {result['variant']}: per-layer error on {result['images']} verify images, in "
              f"quantization steps (rounding alone: {ROUNDING_NOISE:.2f}); worst first"
-             + ("; weights rounded to the nearest step here, the variant's depthwise ones are fitted (less error)"
-                if result.get("weight_rounding") == "fitted" and result.get("requantized", True) else ""),
+             + ("; weights rounded to the nearest step here, the variant's are fitted (less error)"
+                if result.get("weight_rounding") in FITTED_ROUNDINGS and result.get("requantized", True) else ""),
              f"{'layer':60} {'op':20} {'RMSE steps':>10} {'max abs err':>12}"]
     for r in result["layers"][:rows]:
         lines.append(f"{_tail(r['layer'], 60):60} {r['op'][:20]:20} {r['rmse_steps']:10.2f} {r['max_abs_error']:12.4g}")

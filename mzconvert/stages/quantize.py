@@ -15,7 +15,7 @@ import numpy as np
 from ..backends import backend_for, check_tensors
 from ..errors import MzError
 from ..recipe import Recipe, Variant
-from ..recipe.schema import CALIBRATED_MODES, INTEGER_MODES
+from ..recipe.schema import CALIBRATED_MODES, FITTED_ROUNDINGS, INTEGER_MODES
 from ..runtime import TensorSpec, nhwc, open_model
 from ..tasks.detection import load_anchors
 from .calibrate import CONVERTERS, calibration_batches
@@ -47,11 +47,12 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
             model = quantize_calibrated(calibrated, recipe, variant, out_dir)
         else:
             model = backend_for(recipe).convert(stripped, recipe, variant, batches, out_dir)
-    if calibrated is not None and variant.weight_rounding == "fitted":
+    if calibrated is not None and variant.weight_rounding in FITTED_ROUNDINGS:
         from ..quant.rounding import MOMENTS, fit_weights
 
         if (calibrated.parent / MOMENTS).is_file():
-            fitted = fit_weights(model, calibrated, calibrated.parent / MOMENTS, model)
+            fitted = fit_weights(model, calibrated, calibrated.parent / MOMENTS, model,
+                                 every_layer=variant.weight_rounding == "fitted-all")
     checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
     if not variant.attach_postprocess:
         return checked
