@@ -163,18 +163,20 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
 
 
-def _search_inputs(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[dict, Callable, Callable]:
-    """What a search of a variant's quantization depends on; its calibration and verify images."""
+def _search_inputs(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[dict, Callable, Callable, tuple]:
+    """What a search of a variant's quantization depends on; its calibration and verify images; the float
+    model's outputs on those (the reference stage's file, its output names)."""
     from .stages.calibrate import DEFAULT_CALIBRATION_COUNT
 
     calibration_key, calibration, _ = _image_paths(p, variant.calibration, variant.calibration_count,
                                                    at_most=DEFAULT_CALIBRATION_COUNT)
     images_key, images, _ = _image_paths(p, p.recipe.verify.images, p.recipe.verify.count)
+    reference = _reference(p, stripped)
     inputs = {"model": stripped.digest(), "variant": validated(variant), "weight_rounding": variant.weight_rounding,
               "calibration": calibration_key, "images": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
-              "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
-    return inputs, calibration, images
+              "postprocess": validated(p.recipe.postprocess), "reference": reference.digest(), "tools": p.versions}
+    return inputs, calibration, images, (reference.path("reference"), reference.result["outputs"])
 
 
 def _variant_log(p: Planner, variant: Variant) -> Callable[[str], None]:
@@ -188,11 +190,11 @@ def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tupl
 
     from .stages.fallback import search_calibration_method
 
-    inputs, calibration, images = _search_inputs(p, stripped, variant)
+    inputs, calibration, images, reference = _search_inputs(p, stripped, variant)
 
     def action(out: Path) -> dict:
         return {"ranges": search_calibration_method(stripped.path("model"), p.recipe, variant, calibration(),
-                                                    images(), _variant_log(p, variant))}
+                                                    images(), _variant_log(p, variant), reference)}
 
     outcome = p.stage(f"ranges/{variant.name}", inputs, action)
     ranges = outcome.result["ranges"]
@@ -211,7 +213,7 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
     from .stages.debug import layer_errors
     from .stages.fallback import search_float_layers
 
-    inputs, calibration, images = _search_inputs(p, stripped, variant)
+    inputs, calibration, images, reference = _search_inputs(p, stripped, variant)
 
     def action(out: Path) -> dict:
         model, calibration_images, verify_images = stripped.path("model"), calibration(), images()
@@ -221,7 +223,7 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
             return [row["layer"] for row in rows]
 
         return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, verify_images,
-                                              variant.max_drop, _variant_log(p, variant))}
+                                              variant.max_drop, _variant_log(p, variant), reference)}
 
     outcome = p.stage(f"search/{variant.name}", inputs, action)
     search = outcome.result["search"]

@@ -50,15 +50,22 @@ def _worst_sqnr(metrics: dict) -> float:
     return min(m.get("worst_slice", m)["sqnr_db"] for m in metrics.values() if isinstance(m, dict))
 
 
+Reference = tuple[Path, list[str]]  # the float model's outputs on the verify images (reference_outputs), names
+
+
 class _Trial:
     """Candidates of one variant quantized and verified in a scratch folder, against the float model's outputs
-    on the verify images (computed once); candidates with the same ranges share one calibration."""
+    on the verify images (the build's `reference`, or computed once here); candidates with the same ranges share
+    one calibration."""
 
-    def __init__(self, stripped: Path, recipe: Recipe, calibration: list[Path], images: list[Path], work: Path):
+    def __init__(self, stripped: Path, recipe: Recipe, calibration: list[Path], images: list[Path], work: Path,
+                 reference: Reference | None):
         self.stripped, self.recipe, self.calibration, self.work = stripped, recipe, calibration, work
         self.anchors = stripped.with_name("anchors.npy") if stripped.with_name("anchors.npy").is_file() else None
-        self.reference = backend_for(recipe).GraphRunner(stripped, recipe)
-        self.saved = reference_outputs(self.reference, recipe, images, work, self.anchors)
+        if reference is None:
+            runner = backend_for(recipe).GraphRunner(stripped, recipe)
+            reference = reference_outputs(runner, recipe, images, work, self.anchors), list(runner.output_names)
+        self.saved, self.output_names = reference
         self.calibrated: dict[tuple, Path] = {}
 
     def __call__(self, candidate: Variant, name: str) -> tuple[dict, Path]:
@@ -76,19 +83,19 @@ class _Trial:
         built = quantize(self.stripped, self.recipe, candidate, None if calibrated else self.calibration, out,
                          self.anchors, calibrated)
         verified = built.raw_model or built.model  # raw: before NMS is attached, as the build verifies
-        metrics = verify_variant(verified, self.saved, self.reference.output_names, self.recipe, self.anchors,
+        metrics = verify_variant(verified, self.saved, self.output_names, self.recipe, self.anchors,
                                  kernels=next(iter(target_kernels(self.recipe, candidate)), None))
         return {"fidelity": paired_fidelity(metrics, self.recipe), "worst_sqnr_db": _worst_sqnr(metrics),
                 "bytes": built.model.stat().st_size, "float_ops": _float_ops(built.model)}, verified
 
 
 def search_calibration_method(stripped: Path, recipe: Recipe, variant: Variant, calibration: list[Path],
-                              images: list[Path], log) -> dict:
+                              images: list[Path], log, reference: Reference | None = None) -> dict:
     """Each of AUTO_CALIBRATION_METHODS tried for the variant; the one of highest paired fidelity (then worst
     output SQNR) chosen."""
     steps = []
     with tempfile.TemporaryDirectory(prefix="mzconvert-ranges-") as tmp:
-        trial = _Trial(stripped, recipe, calibration, images, Path(tmp))
+        trial = _Trial(stripped, recipe, calibration, images, Path(tmp), reference)
         for method in AUTO_CALIBRATION_METHODS:
             step, _ = trial(replace(variant, calibration_method=method), method)
             steps.append({"calibration_method": method, **step})
@@ -99,7 +106,7 @@ def search_calibration_method(stripped: Path, recipe: Recipe, variant: Variant, 
 
 def search_float_layers(stripped: Path, recipe: Recipe, variant: Variant,
                         ranked: list[str] | Callable[[Path], list[str]], calibration: list[Path], images: list[Path],
-                        max_drop: float, log) -> dict:
+                        max_drop: float, log, reference: Reference | None = None) -> dict:
     """Candidates with the first 0, 1, 2, 4... of `ranked` (layer names, worst first; or what ranks them, given
     the variant as declared, called only when that is not within the budget) kept float, each quantized and
     verified (under its target's kernels, as the build verifies); the first whose paired fidelity is at least
@@ -107,7 +114,7 @@ def search_float_layers(stripped: Path, recipe: Recipe, variant: Variant,
     target = 1 - max_drop
     steps, count = [], 0
     with tempfile.TemporaryDirectory(prefix="mzconvert-search-") as tmp:
-        trial = _Trial(stripped, recipe, calibration, images, Path(tmp))
+        trial = _Trial(stripped, recipe, calibration, images, Path(tmp), reference)
         while True:
             candidate = replace(variant, float_layers=tuple(ranked[:count]) if count else ())
             step, model = trial(candidate, f"keep-{count}")
