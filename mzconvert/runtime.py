@@ -98,11 +98,46 @@ def output_order(names: list[str], wanted: list[str] | None) -> list[int]:
 
 def litert_interpreter(path: Path, kernels: str = OPTIMIZED, threads: int = 1, keep_all_tensors: bool = False):
     """A LiteRT interpreter of `path` with the ops of that kernel family (not yet allocated)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import Interpreter
 
-    resolver = OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
-    return Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver,
+    content = _reference_loadable(path) if kernels == REFERENCE else None
+    source = {"model_content": content} if content is not None else {"model_path": str(path)}
+    return Interpreter(**source, num_threads=threads, experimental_op_resolver_type=op_resolver(kernels),
                        experimental_preserve_all_tensors=keep_all_tensors)
+
+
+# Ops LiteRT's reference resolver registers below the version its reference kernel runs: DEPTH_TO_SPACE only at
+# 1, though version 2 marks int8, which the kernel moves as it moves every type (MediaPipe's pose detector)
+_REFERENCE_VERSIONS = {"DEPTH_TO_SPACE": 1}
+_OPERATOR_CODE_VERSION = 8  # the vtable slot of OperatorCode.version (its third field)
+
+
+def _reference_loadable(path: Path) -> bytes | None:
+    """The model's bytes with the versions of _REFERENCE_VERSIONS' ops lowered to what the reference resolver
+    registers (the ops compute the same), or None when it has none above them."""
+    import struct
+
+    from ai_edge_litert import schema_py_generated as s
+
+    content = bytearray(path.read_bytes())
+    model = s.Model.GetRootAsModel(content, 0)
+    lowered = False
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        limit = next((v for name, v in _REFERENCE_VERSIONS.items() if getattr(s.BuiltinOperator, name) == builtin),
+                     None)
+        if limit is not None and code.Version() > limit:
+            struct.pack_into("<i", content, code._tab.Pos + code._tab.Offset(_OPERATOR_CODE_VERSION), limit)
+            lowered = True
+    return bytes(content) if lowered else None
+
+
+def op_resolver(kernels: str):
+    """LiteRT's op resolver for a kernel family: the reference kernels, or the optimized ones with XNNPACK."""
+    from ai_edge_litert.interpreter import OpResolverType
+
+    return OpResolverType.BUILTIN_REF if kernels == REFERENCE else OpResolverType.AUTO
 
 
 def tensor_spec(detail: dict) -> TensorSpec:

@@ -202,3 +202,52 @@ def test_init_takes_the_normalization_a_tflite_declares_in_its_metadata(tmp_path
     plain = float_tflite(tmp_path / "plain.tflite")
     made = run_cli("init", "plain", "--from", str(plain), "--to", str(tmp_path))
     assert made.returncode == 0 and "CHECK the preprocess block" in (tmp_path / "plain.yaml").read_text()
+
+
+def sparse_tflite(path: Path) -> Path:
+    """A float .tflite with weights stored sparse (DENSIFY, as the converter's EXPERIMENTAL_SPARSITY writes them)
+    and a DEPTH_TO_SPACE upsampling: the two things MediaPipe's pose detector has that int8 did not survive."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(3)
+    weights = rng.normal(0, 0.3, (3, 3, 3, 16)).astype(np.float32)
+    weights[rng.uniform(size=weights.shape) < 0.8] = 0  # pruned: stored sparse
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32, name="image")])
+    def model(x):
+        return tf.nn.depth_to_space(tf.nn.relu6(tf.nn.conv2d(x, weights, 1, "SAME")), 2)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()])
+    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    path.write_bytes(converter.convert())
+    return path
+
+
+@pytest.mark.slow
+def test_sparse_weights_and_depth_to_space_build_to_an_int8_the_reference_kernels_verify(tmp_path, mirror):
+    """Sparse weights are stored dense at freeze (the converter's quantizer left a densified weight float: an int8
+    convolution with a float filter, which LiteRT refuses), and the int8 DEPTH_TO_SPACE (version 2) loads under
+    LiteRT's reference kernels, whose resolver registers version 1 only: the build verifies under them."""
+    from mzconvert.runtime import OPTIMIZED, REFERENCE, TFLiteRunner
+    from mzconvert.tflite_file import op_names
+
+    model = sparse_tflite(tmp_path / "sparse.tflite")
+    assert "DENSIFY" in op_names(read_model(model))
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
+    verify = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 4)
+    made = run_cli("init", "sparse", "--from", str(model), "--to", str(tmp_path), "--calibration", str(calibration),
+                   "--verify", str(verify))
+    assert made.returncode == 0, made.stderr[-2000:]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "sparse.yaml"),
+                    "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert built.returncode == 0, built.stderr[-3000:]
+    frozen = tmp_path / "build" / "sparse" / "freeze" / "model.tflite"
+    assert op_names(read_model(frozen)) == ["CONV_2D", "DEPTH_TO_SPACE"]
+    int8 = json.loads(built.stdout)["sparse"]["variants"]["int8"]
+    assert int8["verify"]["kernels"] == REFERENCE
+    artifact = tmp_path / "dist" / "sparse" / int8["file"]
+    x = np.random.RandomState(0).randint(-128, 128, (1, 32, 32, 3)).astype(np.int8)
+    # DEPTH_TO_SPACE moves values: what the optimized and the reference kernels compute differs only in the conv
+    optimized, reference = (TFLiteRunner(artifact, kernels=k).run(x)[0] for k in (OPTIMIZED, REFERENCE))
+    assert optimized.shape == reference.shape == (1, 64, 64, 4)
+    assert np.abs(optimized.astype(np.float64) - reference).max() <= 3 * TFLiteRunner(artifact).outputs[0].scale

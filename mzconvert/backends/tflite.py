@@ -20,20 +20,21 @@ from ..errors import MzError
 from ..quant import litert_quantizer
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES
-from ..runtime import TFLiteRunner
+from ..runtime import REFERENCE, TFLiteRunner
 from ..tflite_file import add_buffer, read_model, schema, write_model
 from . import StripResult
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     """The source file, or the same float model in the form int8 quantizes whole, as published MediaPipe
-    models need: weights stored float16 (each a DEQUANTIZE to float32) stored float32, and MediaPipe's custom
-    Convolution2DTransposeBias as the builtin TRANSPOSE_CONV with bias. A rewritten file must compute what the
-    source does (checked here on random inputs)."""
+    models need: weights stored sparse (each a DENSIFY) stored dense, weights stored float16 (each a
+    DEQUANTIZE to float32) stored float32, and MediaPipe's custom Convolution2DTransposeBias as the builtin
+    TRANSPOSE_CONV with bias. A rewritten file must compute what the source does (checked here on random
+    inputs)."""
     original = TFLiteRunner(source)  # a file the interpreter cannot load stops here, by name
     target = out_dir / "model.tflite"
     model = read_model(source)
-    if not (_float32_weights(model) + _builtin_transpose_convs(model)):
+    if not (_dense_weights(model) + _float32_weights(model) + _builtin_transpose_convs(model)):
         return Path(shutil.copyfile(source, target))
     write_model(model, target)
     _check_same_function(original, TFLiteRunner(target), source)
@@ -97,6 +98,27 @@ def _builtin_code(model, builtin: int, version: int) -> int:
     code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
     model.operatorCodes.append(code)
     return len(model.operatorCodes) - 1
+
+
+def _dense_weights(model) -> int:
+    """Replace every DENSIFY of a sparse constant (subgraph 0) by the dense values LiteRT computes for it (the
+    converter's quantizer leaves a densified weight float: MediaPipe's pose detector, 38 of them, then had int8
+    convolutions with float filters that LiteRT refuses to load); returns how many were replaced."""
+    from ..quant.ranges import interpreter_keeping
+    from ..tflite_file import op_names
+
+    graph = model.subgraphs[0]
+    densified = [op for op, name in zip(graph.operators, op_names(model)) if name == "DENSIFY"
+                 and graph.tensors[op.inputs[0]].sparsity is not None]
+    if not densified:
+        return 0
+    # the reference kernels: with XNNPACK's delegate a kept DENSIFY output reads as zeros
+    interpreter = interpreter_keeping(model, [op.outputs[0] for op in densified], threads=1, kernels=REFERENCE)
+    interpreter.invoke()  # on whatever the input holds: a DENSIFY reads only its constant
+    for op in densified:
+        graph.tensors[op.outputs[0]].buffer = add_buffer(model, interpreter.get_tensor(op.outputs[0]).tobytes())
+    graph.operators = [op for op in graph.operators if all(op is not d for d in densified)]
+    return len(densified)
 
 
 def _float32_weights(model) -> int:

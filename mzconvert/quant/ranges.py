@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MzError
+from ..runtime import OPTIMIZED, op_resolver
 from ..tflite_file import model_bytes, op_names, read_model, write_model
 from .output_scales import SHAPE_OPS
 
@@ -179,7 +180,7 @@ def _each_value(activations: Activations, tensors: list[np.ndarray], take: Calla
             del values  # a view of a runtime's memory must not outlive its image (LiteRT refuses to invoke)
 
 
-def interpreter_keeping(model, wanted: list[int], threads: int = 2):
+def interpreter_keeping(model, wanted: list[int], threads: int = 2, kernels: str = OPTIMIZED):
     """A LiteRT interpreter of `model` (a read_model object, left as it was) that keeps the tensors of
     subgraph 0 in `wanted` after every invoke: each is made an output of the graph, so XNNPACK (which
     cannot keep all tensors, as experimental_preserve_all_tensors does) computes it."""
@@ -189,7 +190,8 @@ def interpreter_keeping(model, wanted: list[int], threads: int = 2):
     outputs = graph.outputs
     graph.outputs = list(outputs) + [i for i in wanted if i not in outputs and i not in graph.inputs]
     try:
-        interpreter = Interpreter(model_content=model_bytes(model), num_threads=threads)
+        interpreter = Interpreter(model_content=model_bytes(model), num_threads=threads,
+                                  experimental_op_resolver_type=op_resolver(kernels))
     finally:
         graph.outputs = outputs
     interpreter.allocate_tensors()
