@@ -60,7 +60,8 @@ def main() -> None:
                 target.pop("max_inference_ms", None)
             path = work / f"{name}.yaml"
             recipe["variants"] += [
-                {**int8, "name": "int16x8", "mode": "int16x8", "io_dtype": "int16"},
+                {**{k: v for k, v in int8.items() if k != "weight_rounding"},  # int8 weights fitted: int8 only
+                 "name": "int16x8", "mode": "int16x8", "io_dtype": "int16"},
                 {**int8, "name": "int8-searched", "max_drop": args.max_drop}]  # the build searches its layers
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             where = ["--out", str(work / "dist"), "--build-dir", str(work / "build")]

@@ -39,7 +39,8 @@ def route_recipe(name: str, shipped: dict, source: Path, fmt: str) -> dict:
     if fmt == "tflite":  # NHWC input, the file itself is the float variant; int8 by the converter (the default)
         # and by ai-edge-quantizer (min/max ranges)
         int8 = {k: v for k, v in int8.items() if k != "target"}
-        aeq = {k: v for k, v in int8.items() if k not in ("calibration_method", "calibration_percentile")}
+        aeq = {k: v for k, v in int8.items()  # Google's quantizer: its own ranges and weights
+               if k not in ("calibration_method", "calibration_percentile", "weight_rounding")}
         variants = [{"name": "float32-tflite", "mode": "float32"}, int8,
                     aeq | {"name": "int8-aeq", "quantizer": "ai-edge-quantizer"}]
         model_input = {**shipped["input"], "shape": [1, 224, 224, 3], "layout": "NHWC"}

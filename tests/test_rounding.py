@@ -236,7 +236,7 @@ def test_weight_rounding_fitted_is_refused_where_nothing_can_fit_it(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     resolved = {v.name: v.weight_rounding for v in load_recipe(tmp_path / "r.yaml").variants}
     assert (resolved["float32"], resolved["dynamic"], resolved["int8"], resolved["int8-tflite"]) == (
-        "nearest", "nearest", "nearest", "fitted")  # 7-bit weights: nearest
+        "nearest", "nearest", "nearest", "fitted-all")  # 7-bit weights: nearest; the TFLite int8 as declared
     onnx_int8 |= {"reduce_range": False}  # ONNX QDQ with 8-bit weights: fitted by default
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     assert load_recipe(tmp_path / "r.yaml").variant("int8").weight_rounding == "fitted"
