@@ -356,3 +356,105 @@ def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
     assert len(errors["fitted"]) == len(convs)
     assert all(f < 0.9 * n for f, n in zip(errors["fitted"], errors["nearest"])), errors
     assert sum(errors["fitted"]) < 0.5 * sum(errors["nearest"]), errors
+
+
+def _dense_onnx(path):
+    """Ungrouped convolutions (3x3, padded, stride 2; 1x1) and a Linear (Gemm, transB) as torch exports them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+
+    def outliers(*shape):  # BN-folded-like: a few large weights per channel, each channel's norm 1
+        w = rng.normal(size=shape) * rng.choice([1.0, 40.0], size=shape, p=[0.8, 0.2])
+        return (w / np.linalg.norm(w.reshape(shape[0], -1), axis=1).reshape(-1, *[1] * (len(shape) - 1))).astype(np.float32)
+
+    init = [numpy_helper.from_array(outliers(8, 3, 3, 3), "wp"), numpy_helper.from_array(np.full(8, 0.1, np.float32), "bp"),
+            numpy_helper.from_array(outliers(16, 8, 1, 1), "wq"), numpy_helper.from_array(np.zeros(16, np.float32), "bq"),
+            numpy_helper.from_array(outliers(5, 16), "wr"), numpy_helper.from_array(np.zeros(5, np.float32), "br")]
+    nodes = [helper.make_node("Conv", ["input", "wp", "bp"], ["p"], name="conv_p", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Relu", ["p"], ["p_relu"], name="relu_p"),
+             helper.make_node("Conv", ["p_relu", "wq", "bq"], ["q"], name="conv_q", kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["q"], ["pooled"], name="pool"),
+             helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wr", "br"], ["r"], name="linear_r", transB=1)]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 24, 24])],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)], init)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_int8_every_layer_fitted_lowers_each_convolutions_error(tmp_path):
+    """ONNX Runtime's QDQ int8 of a model with ungrouped convolutions and a Linear, fitted-all and nearest, from the
+    same ranges: on inputs never calibrated on, each convolution's int8 weights and bias change its output less
+    (measured by ONNX Runtime's own Conv on the weight and bias errors); the Linear, one input an image, keeps the
+    nearest weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    from onnxruntime import quantization as q
+
+    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save
+    from mzconvert.recipe import Variant
+
+    path = _dense_onnx(tmp_path / "dense.onnx")
+    prepared = tmp_path / "prepared.onnx"
+    q.quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
+    _save(_named_nodes(_load(prepared)), prepared)
+    rng = np.random.default_rng(10)
+
+    def smooth():  # neighbouring pixels alike, as in images
+        return (np.kron(rng.normal(size=(1, 3, 6, 6)), np.ones((4, 4))) + 0.5).astype(np.float32)
+
+    calibration, unseen = [smooth() for _ in range(8)], [smooth() for _ in range(4)]
+    base = Variant(name="i8", mode="int8", io_dtype="float32", calibration="x", calibration_count=None,
+                   quantized_input_stats=(128.0, 128.0), min_cosine=None, min_sqnr_db=None, member=None,
+                   target="onnx")
+    built = {}
+    for rounding in ("fitted-all", "nearest"):
+        built[rounding] = tmp_path / f"{rounding}.onnx"
+        _quantize_prepared(prepared, built[rounding], replace(base, weight_rounding=rounding), None,
+                           lambda: iter(calibration))
+    floats = onnx.load(str(prepared))
+    float_nodes = {n.name: n for n in floats.graph.node}
+    float_weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in floats.graph.initializer}
+    reads = ["p_relu", "flat"]
+    floats.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in reads)
+    session = ort.InferenceSession(floats.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = [dict(zip(reads, session.run(reads, {"input": x}))) | {"input": x} for x in unseen]
+
+    def conv_error(twin, delta, bias_error, x):
+        """What the int8 weights and bias add to the Conv's output: the Conv of the errors, by ONNX Runtime."""
+        error = helper.make_node("Conv", ["x", "w", "b"], ["y"], **{a.name: helper.get_attribute_value(a)
+                                                                   for a in twin.attribute})
+        graph = helper.make_graph([error], "error", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(delta.astype(np.float32), "w"),
+                                   numpy_helper.from_array(bias_error.astype(np.float32), "b")])
+        runner = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                      .SerializeToString(), providers=["CPUExecutionProvider"])
+        return runner.run(["y"], {"x": x})[0].astype(np.float64)
+
+    errors, linear = {}, {}
+    for rounding, artifact in built.items():
+        model = onnx.load(str(artifact))
+        stored = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        errors[rounding] = {}
+        for node in (n for n in model.graph.node if n.op_type in ("Conv", "Gemm")):
+            twin, (dq_w, dq_b) = float_nodes[node.name], (producer[node.input[1]], producer[node.input[2]])
+            w_float = float_weights[twin.input[1]]
+            steps = stored[dq_w.input[1]].reshape(-1, *[1] * (w_float.ndim - 1))
+            delta = stored[dq_w.input[0]] * steps - w_float
+            bias_error = stored[dq_b.input[0]] * stored[dq_b.input[1]] - float_weights[twin.input[2]]
+            if node.op_type == "Gemm":
+                linear[rounding] = stored[dq_w.input[0]]
+                continue
+            x = "input" if twin.input[0] == "input" else "p_relu"
+            errors[rounding][node.name] = float(np.mean([np.mean(conv_error(twin, delta, bias_error, v[x]) ** 2)
+                                                         for v in inputs]))
+    assert errors["nearest"].keys() == {"conv_p", "conv_q"}
+    ratios = {name: errors["fitted-all"][name] / errors["nearest"][name] for name in errors["nearest"]}
+    assert all(r < 0.85 for r in ratios.values()), ratios
+    np.testing.assert_array_equal(linear["fitted-all"], linear["nearest"])
