@@ -296,35 +296,49 @@ def test_patches_reproduce_every_grouped_onnx_convolution(tmp_path):
         np.testing.assert_allclose(ours, output.reshape(len(output), -1), rtol=1e-4, atol=1e-4)
 
 
-def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
-    """ONNX Runtime's QDQ int8 of the grouped model, fitted and nearest, from the same ranges: on inputs never
-    calibrated on, every fitted layer's int8 weights and bias change its output less."""
+def _quantized_both_ways(path: Path, roundings: tuple[str, str], seed: int) -> tuple[Path, dict[str, Path], list]:
+    """ONNX Runtime's QDQ int8 of the model at `path` with each of two weight roundings, from the same ranges of 8
+    smooth inputs (neighbouring pixels alike, as in images): (the prepared float model, the int8 model of each
+    rounding, 4 inputs never calibrated on)."""
     import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
     from onnxruntime import quantization as q
 
-    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save, _window
+    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save
     from mzconvert.recipe import Variant
 
-    path, convs = _grouped_onnx(tmp_path / "grouped.onnx")
-    prepared = tmp_path / "prepared.onnx"
+    prepared = path.with_name("prepared.onnx")
     q.quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
     _save(_named_nodes(_load(prepared)), prepared)
-    rng = np.random.default_rng(8)
+    _, channels, height, width = (d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim)
+    rng = np.random.default_rng(seed)
 
-    def smooth():  # neighbouring pixels alike, as in images
-        return (np.kron(rng.normal(size=(1, 4, 6, 6)), np.ones((4, 4)))[:, :, :23, :21] + 0.5).astype(np.float32)
+    def smooth():
+        blocks = rng.normal(size=(1, channels, -(-height // 4), -(-width // 4)))
+        return (np.kron(blocks, np.ones((4, 4)))[:, :, :height, :width] + 0.5).astype(np.float32)
 
     calibration, unseen = [smooth() for _ in range(8)], [smooth() for _ in range(4)]
     base = Variant(name="i8", mode="int8", io_dtype="float32", calibration="x", calibration_count=None,
                    quantized_input_stats=(128.0, 128.0), min_cosine=None, min_sqnr_db=None, member=None,
                    target="onnx")
     built = {}
-    for rounding in ("fitted", "nearest"):
-        built[rounding] = tmp_path / f"{rounding}.onnx"
+    for rounding in roundings:
+        built[rounding] = path.with_name(f"{rounding}.onnx")
         _quantize_prepared(prepared, built[rounding], replace(base, weight_rounding=rounding), None,
                            lambda: iter(calibration))
+    return prepared, built, unseen
+
+
+def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
+    """ONNX Runtime's QDQ int8 of the grouped model, fitted and nearest, from the same ranges: on inputs never
+    calibrated on, every fitted layer's int8 weights and bias change its output less."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from mzconvert.backends.onnx import _window
+
+    path, convs = _grouped_onnx(tmp_path / "grouped.onnx")
+    prepared, built, unseen = _quantized_both_ways(path, ("fitted", "nearest"), seed=8)
     floats = onnx.load(str(prepared))
     reads = [n.input[0] for n in floats.graph.node if n.name in convs]
     floats.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
@@ -393,29 +407,10 @@ def test_onnx_int8_every_layer_fitted_lowers_each_convolutions_error(tmp_path):
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
-    from onnxruntime import quantization as q
 
-    from mzconvert.backends.onnx import _load, _named_nodes, _quantize_prepared, _save
-    from mzconvert.recipe import Variant
 
     path = _dense_onnx(tmp_path / "dense.onnx")
-    prepared = tmp_path / "prepared.onnx"
-    q.quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
-    _save(_named_nodes(_load(prepared)), prepared)
-    rng = np.random.default_rng(10)
-
-    def smooth():  # neighbouring pixels alike, as in images
-        return (np.kron(rng.normal(size=(1, 3, 6, 6)), np.ones((4, 4))) + 0.5).astype(np.float32)
-
-    calibration, unseen = [smooth() for _ in range(8)], [smooth() for _ in range(4)]
-    base = Variant(name="i8", mode="int8", io_dtype="float32", calibration="x", calibration_count=None,
-                   quantized_input_stats=(128.0, 128.0), min_cosine=None, min_sqnr_db=None, member=None,
-                   target="onnx")
-    built = {}
-    for rounding in ("fitted-all", "nearest"):
-        built[rounding] = tmp_path / f"{rounding}.onnx"
-        _quantize_prepared(prepared, built[rounding], replace(base, weight_rounding=rounding), None,
-                           lambda: iter(calibration))
+    prepared, built, unseen = _quantized_both_ways(path, ("fitted-all", "nearest"), seed=10)
     floats = onnx.load(str(prepared))
     float_nodes = {n.name: n for n in floats.graph.node}
     float_weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in floats.graph.initializer}
