@@ -53,7 +53,7 @@ for variant in recipe.variants:
     model = (quantize_calibrated(calibrated, recipe, variant, folder) if variant.mode == "int8"
              else backend.convert(stripped, recipe, variant, None, folder))
     if variant.mode == "int8":
-        fit_weights(model, calibrated, calibrated.parent / MOMENTS, model)
+        fit_weights(model, calibrated, calibrated.parent / MOMENTS, model, every_layer=variant.fits_every_layer)
         compile_for_npu(model, recipe, variant, recipe.vela[0], folder)
 reference = GraphRunner(stripped, recipe)
 for path in sorted(Path(verify).glob("*.jpg")):

@@ -121,7 +121,7 @@ def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOut
     inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "target": variant.target,
               "tools": p.versions,
-              "moments": variant.weight_rounding == "fitted-all",  # of every layer, not only depthwise ones
+              "moments": variant.fits_every_layer,  # of every layer, not only depthwise ones
               "method": [variant.calibration_method]
               + ([variant.calibration_percentile] if variant.calibration_method == "percentile" else [])}
 

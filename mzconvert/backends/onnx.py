@@ -226,7 +226,7 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     if variant.separate_output_scales:
         _save(_float_outputs(_load(target)), target)
     if variant.weight_rounding in FITTED_ROUNDINGS:
-        _fit_weights(prepared, target, tensors, every_layer=variant.weight_rounding == "fitted-all")
+        _fit_weights(prepared, target, tensors, every_layer=variant.fits_every_layer)
 
 
 def _float_outputs(model):

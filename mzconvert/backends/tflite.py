@@ -21,7 +21,7 @@ from ..quant import litert_quantizer
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
-from ..tflite_file import add_buffer, read_model, schema, write_model
+from ..tflite_file import add_buffer, op_names, read_model, schema, write_model
 from . import StripResult
 
 
@@ -105,7 +105,6 @@ def _dense_weights(model) -> int:
     converter's quantizer leaves a densified weight float: MediaPipe's pose detector, 38 of them, then had int8
     convolutions with float filters that LiteRT refuses to load); returns how many were replaced."""
     from ..quant.ranges import interpreter_keeping
-    from ..tflite_file import op_names
 
     graph = model.subgraphs[0]
     densified = [op for op, name in zip(graph.operators, op_names(model)) if name == "DENSIFY"

@@ -259,6 +259,12 @@ class Variant:
         """The NPU (vela) compiles integer TFLite models."""
         return self.mode in INTEGER_MODES and self.target == "tflite"
 
+    @property
+    def fits_every_layer(self) -> bool:
+        """weight_rounding fitted-all: every convolution's and fully-connected layer's weights fitted, not only
+        the depthwise ones (quant/rounding.py)."""
+        return self.weight_rounding == "fitted-all"
+
 
 @dataclass(frozen=True)
 class VelaTarget:

@@ -70,6 +70,6 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
     elif with_moments:
         from ..quant.rounding import MOMENTS, weight_moments
 
-        weight_moments(target, inputs, out_dir / MOMENTS, every_layer=variant.weight_rounding == "fitted-all")
+        weight_moments(target, inputs, out_dir / MOMENTS, every_layer=variant.fits_every_layer)
     marked.unlink()
     return target

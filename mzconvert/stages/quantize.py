@@ -52,7 +52,7 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
 
         if (calibrated.parent / MOMENTS).is_file():
             fitted = fit_weights(model, calibrated, calibrated.parent / MOMENTS, model,
-                                 every_layer=variant.weight_rounding == "fitted-all")
+                                 every_layer=variant.fits_every_layer)
     checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
     if not variant.attach_postprocess:
         return checked
