@@ -240,6 +240,11 @@ def test_validate_counts_recipes_and_lists_every_problem(tmp_path):
      "auto tries each range method of a calibrated int8 / int16x8 variant"),
     (lambda d: (d["variants"][4].update(calibration_method="auto"), d.pop("verify")),
      "variants[4].calibration_method", "agrees with best on the verify images, and the recipe declares none"),
+    # a task judged by its outputs' SQNR alone has no answers for a search to keep (init wrote auto for it)
+    (lambda d: (d["variants"][4].update(calibration_method="auto"), d.update(task="other"), d.pop("postprocess")),
+     "variants[4].calibration_method", "task other has none: choose one of minmax"),
+    (lambda d: (d["variants"][4].update(max_drop=0.01), d.update(task="other"), d.pop("postprocess")),
+     "variants[4].max_drop", "task other has none to keep"),
 ])
 def test_searches_are_of_an_int8_variant_judged_on_verify_images(change, where, says):
     message = error_of(mutate(change))

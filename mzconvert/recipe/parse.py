@@ -113,6 +113,8 @@ def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[V
             problems.check(rules.check_verify_images, r, verify.images, list(variants))
     elif all_variants:
         problems.check(rules.check_search_needs_verify, r, list(variants))
+    if all_variants and s.task:
+        problems.check(rules.check_search_has_measure, r, s.task, list(variants))
     if r.has("source_pipeline") and s.task and s.fmt:
         source_pipeline = problems.check(parse_source_pipeline, r.child("source_pipeline"), s.task, s.fmt)
     if (r.has("labels") or r.has("label_offset")) and s.task:

@@ -11,6 +11,7 @@ from .reader import Reader
 from .schema import (
     CALIBRATED_MODES,
     FITTED_ROUNDINGS,
+    SEARCHED_TASKS,
     TFLITE_CALIBRATION_METHODS,
     TORCH_FORMATS,
     Postprocess,
@@ -171,6 +172,20 @@ def check_search_needs_verify(r: Reader, variants: list[Variant]) -> None:
         if v.calibration_method == "auto":
             raise r.fail("auto chooses the ranges the float model agrees with best on the verify images, and the "
                          "recipe declares none: add verify", f"variants[{i}].calibration_method")
+
+
+def check_search_has_measure(r: Reader, task: str, variants: list[Variant]) -> None:
+    """The searches keep what a task's paired measure keeps (a share of top-1 answers or detections, a mask IoU);
+    a task `other` has none (its outputs are judged by their SQNR alone)."""
+    if task in SEARCHED_TASKS:
+        return
+    for i, v in enumerate(variants):
+        if v.max_drop is not None:
+            raise r.fail(f"max_drop keeps a share of the float model's answers; task {task} has none to keep",
+                         f"variants[{i}].max_drop")
+        if v.calibration_method == "auto":
+            raise r.fail(f"auto keeps the ranges the float model's answers agree with best; task {task} has none: "
+                         f"choose one of {', '.join(TFLITE_CALIBRATION_METHODS)}", f"variants[{i}].calibration_method")
 
 
 def check_labels_task(r: Reader, task: str) -> None:

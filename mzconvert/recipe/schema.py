@@ -12,6 +12,8 @@ from ..fsio import HASH_ALGORITHMS
 
 # dense: maps (segmentation, text, depth), judged by mask IoU; other: anything else (embeddings), by its signal
 TASKS = ("detection", "classification", "dense", "other")
+# tasks with a paired measure the searches keep (calibration_method auto, max_drop: stages/fallback.py)
+SEARCHED_TASKS = ("detection", "classification", "dense")
 # The fidelity a variant must keep against the float model on the verify images unless its recipe lowers the
 # floor (variants[].min_*): measured on the shipped recipes' variants (docs/results.md), every one of which
 # passes with a margin, while the broken int8 models this check is for (scores set to 0 under a box-sized

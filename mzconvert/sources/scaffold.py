@@ -16,6 +16,7 @@ from ..coco import coco_categories
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..preprocess import list_images
 from ..recipe.rules import uses_onnx_backend
+from ..recipe.schema import SEARCHED_TASKS
 
 # What a model's first layer most often expects, per source kind: TF graphs of the slim / OD API
 # family take RGB in [-1, 1] resized by TF1 bilinear; ONNX exports of torchvision the ImageNet mean/std.
@@ -394,7 +395,7 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         if p["variant"]["mode"] == "float32" and calibration is not None:
             recipe["variants"].append({"name": "int8", "mode": "int8", "io_dtype": "int8",
                                        "calibration": _as_given(calibration, recipe_dir),
-                                       **_ranges(verify, onnx_backend=False)})
+                                       **_ranges(verify, onnx_backend=False, task=p["task"])})
         if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat"):
             recipe["targets"] = {"vela": [NPU_TARGET]}
         if len(recipe["variants"]) > 1 and verify is not None:
@@ -405,10 +406,12 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         variants.append({"name": "float32-tflite", "mode": "float32", "target": "tflite"})
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
-                         "calibration": _as_given(calibration, recipe_dir), **_ranges(verify, onnx_backend)})
+                         "calibration": _as_given(calibration, recipe_dir),
+                         **_ranges(verify, onnx_backend, task=p["task"])})
     if calibration is not None and onnx_backend:  # for LiteRT and the NPU: full-integer, from the NHWC port
         variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
-                         "calibration": _as_given(calibration, recipe_dir), **_ranges(verify, onnx_backend=False)})
+                         "calibration": _as_given(calibration, recipe_dir),
+                         **_ranges(verify, onnx_backend=False, task=p["task"])})
     recipe["variants"] = variants
     if calibration is not None:
         recipe["targets"] = {"vela": [NPU_TARGET]}
@@ -417,11 +420,11 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     return _with_notes(recipe, model, p)
 
 
-def _ranges(verify: Path | None, onnx_backend: bool) -> dict:
-    """An int8 variant's ranges: with verify images, each method tried and the one the float model agrees with
-    best kept (auto: no one method is best for every model, docs/results.md); without, for ONNX Runtime the
-    ranges that kept MobileNetV2's top-1 and agreement there, else min/max."""
-    if verify is not None:
+def _ranges(verify: Path | None, onnx_backend: bool, task: str) -> dict:
+    """An int8 variant's ranges: with verify images and a task the search can judge, each method tried and the
+    one the float model agrees with best kept (auto: no one method is best for every model, docs/results.md);
+    else, for ONNX Runtime the ranges that kept MobileNetV2's top-1 and agreement there, else min/max."""
+    if verify is not None and task in SEARCHED_TASKS:
         return {"calibration_method": "auto"}
     return {"calibration_method": "percentile", "calibration_percentile": 99.99} if onnx_backend else {}
 
