@@ -28,9 +28,10 @@ $(INSTALLED): pyproject.toml requirements-tools.txt
 
 ultralytics-env: $(ULTRALYTICS)
 
-$(ULTRALYTICS): requirements-ultralytics.txt
+$(ULTRALYTICS): requirements-ultralytics.txt requirements-yolov5.txt
 	test -x $(ULTRALYTICS_VENV)/bin/python || $(PYTHON) -m venv $(ULTRALYTICS_VENV)
 	$(ULTRALYTICS_VENV)/bin/pip install --disable-pip-version-check -q -r requirements-ultralytics.txt
+	$(ULTRALYTICS_VENV)/bin/pip install --disable-pip-version-check -q --no-deps -r requirements-yolov5.txt
 	touch $@
 
 # The example image of NXP's SSDLite model card, and a real COCO val image with people in it.

@@ -1,7 +1,8 @@
 """Issue 24: a trained YOLO detector through the recipe `mzconvert init` writes, as written, in one run.
 
-YOLOv8n is trained here from the `ultralytics` package's model YAML on the COCO train images of the mirror
-(bench/ultralytics_train.py in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
+YOLOv8n (or with --model yolov5n, YOLOv5n: anchors and objectness) is trained here from the `ultralytics`
+(`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
+bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
 detector, but its scores and features are a trained network's), or --onnx names a trained export of your own.
 `mzconvert init` writes its recipe (calibration: the train images; verify: the val images) and the build runs it
 unedited: whether it passes its fidelity floors is printed. Then, floors or not, every variant's detections
@@ -13,7 +14,8 @@ calibration images are half of the train images and the verify and evaluation im
 learned, so that the float model's detections are confident and int8's agreement with them means something (the
 AP there is no accuracy figure; its ratio to float32 is still a paired fidelity measure).
 
-Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80] [--onnx TRAINED.onnx] [--seen]
+Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80] [--model yolov8n|yolov5n]
+       [--onnx TRAINED.onnx] [--seen]
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from pathlib import Path
 
 import yaml
 
+from mzconvert.recipe import load_recipe
+
 ROOT = Path(__file__).resolve().parent.parent
+TRAINERS = {"yolov8n": "ultralytics_train.py", "yolov5n": "yolov5_train.py"}  # the script that trains each
 
 
 def mz(*args: str) -> subprocess.CompletedProcess:
@@ -36,12 +41,12 @@ def mz(*args: str) -> subprocess.CompletedProcess:
                           text=True)
 
 
-def trained(work: Path, mirror: Path, epochs: int) -> Path:
+def trained(work: Path, mirror: Path, epochs: int, model: str) -> Path:
     python = ROOT / ".venv-ultralytics" / "bin" / "python"
     env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
                         "YOLO_CONFIG_DIR": str(work / "settings")}
     coco = mirror / "coco"
-    done = subprocess.run([str(python), str(ROOT / "bench" / "ultralytics_train.py"), "yolov8n.yaml",
+    done = subprocess.run([str(python), str(ROOT / "bench" / TRAINERS[model]), f"{model}.yaml",
                            str(coco / "train2017"), str(coco / "annotations" / "instances_train2017_subset.json"),
                            str(epochs), str(work / "train")], cwd=work, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -73,12 +78,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
     parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--model", choices=sorted(TRAINERS), default="yolov8n", help="the model trained here")
     parser.add_argument("--onnx", help="a trained Ultralytics detection export (default: train one here)")
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
     args = parser.parse_args()
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-yolo-trained-"))
-    model = Path(args.onnx) if args.onnx else trained(work, mirror, args.epochs)
+    model = Path(args.onnx) if args.onnx else trained(work, mirror, args.epochs, args.model)
     if args.seen:
         calibration, dataset = halves(mirror / "coco", work)
         verify, split = dataset / "train-b", "train-b"
@@ -110,8 +116,8 @@ def main() -> None:
         sys.exit(f"eval failed:\n{evaluated.stderr[-3000:]}")
     evaluation = json.loads(evaluated.stdout)
     results = evaluation["results"]
-    post = yaml.safe_load(path.read_text())["postprocess"]
-    class_output = post.get("class_output") or post.get("output")
+    post = load_recipe(path).postprocess
+    class_outputs = [level.parts[1] for level in post.levels] or [post.class_output or post.output]
     print(f"COCO AP on {evaluation['images']} {split} images; matched on the build's verify images")
     print("| variant | kernels | NMS attached | matched with float32 | class-score SQNR (worst slice) | AP | AP50 | "
           "of float32 | 95 % interval |")
@@ -121,9 +127,10 @@ def main() -> None:
         name = result.get("computed_as", row).split(" (")[0]
         entry = variants.get(name, {})
         check = entry.get("verify", {})
-        scores = check.get(class_output)
+        scores = [check[name].get("worst_slice", check[name])["sqnr_db"] for name in class_outputs
+                  if isinstance(check.get(name), dict)]
         matched = f"{check['matched_detections']:.1%}" if "matched_detections" in check else "-"
-        sqnr = f"{scores.get('worst_slice', scores)['sqnr_db']:.1f} dB" if isinstance(scores, dict) else "-"
+        sqnr = f"{min(scores):.1f} dB" if scores else "-"
         low, high = result["ratio_interval"]
         ratio = f"{result['AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
         print(f"| {row} | {result.get('kernels', '-')} | {entry.get('postprocess_attached', '-')} | {matched} | "

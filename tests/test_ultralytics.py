@@ -1,6 +1,7 @@
-"""Real Ultralytics detectors: YOLOv8n and YOLO11n built by the `ultralytics` package from its model YAML and
-exported to ONNX as users export them (tests/ultralytics_export.py, in the package's own environment, made by
-`make ultralytics-env`), then init -> build -> eval -> predict -> vela with the recipe init writes.
+"""Real Ultralytics detectors: YOLOv8n and YOLO11n built by the `ultralytics` package, YOLOv5n by the `yolov5`
+package, from their model YAML and exported to ONNX as users export them (tests/ultralytics_export.py,
+tests/yolov5_export.py, in the packages' own environment, made by `make ultralytics-env`), then init -> build ->
+eval -> predict -> vela with the recipe init writes.
 
 The weights are not trained (none can be had here; see the export script): the graph's ops, layout and
 metadata are Ultralytics', and what is asserted is what does not depend on training: the recipe init
@@ -34,26 +35,41 @@ def exports(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ultralytics")
     env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
                         "YOLO_CONFIG_DIR": str(folder / "settings")}
-    for config in ("yolov8n.yaml", "yolo11n.yaml"):
-        done = subprocess.run([str(python), str(ROOT / "tests" / "ultralytics_export.py"), config,
-                               str(MIRROR / "coco" / "train2017")], cwd=folder, env=env, capture_output=True,
-                              text=True, timeout=600)
+    for script, config in (("ultralytics_export.py", "yolov8n.yaml"), ("ultralytics_export.py", "yolo11n.yaml"),
+                           ("yolov5_export.py", "yolov5n.yaml")):
+        done = subprocess.run([str(python), str(ROOT / "tests" / script), config, str(MIRROR / "coco" / "train2017")],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
 
-def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], cut: str = "dfl") -> tuple[Path, dict]:
-    """The recipe `mzconvert init` writes for the export (cut before the head's DFL, its TFLite variants ending in
-    TFLite_Detection_PostProcess), with its int8 floors lowered (untrained scores: see the module's docstring)
-    and only `variants` of those it proposes kept; with `cut` pixels cut instead where the export's pixel boxes
-    are made."""
+def proposed(model: str, exports: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The recipe `mzconvert init` writes for the export (calibration: train images; verify: val images)."""
     folders = {role: image_folder(tmp_path / role, MIRROR / "coco" / split, count)
                for role, split, count in (("calib", "train2017", 16), ("check", "val2017", 8))}
     made = run_cli("init", model, "--from", str(exports / f"{model}.onnx"), "--to", str(tmp_path), "--calibration",
                    str(folders["calib"]), "--verify", str(folders["check"]))
     assert made.returncode == 0, made.stderr
     path = tmp_path / f"{model}.yaml"
-    recipe = yaml.safe_load(path.read_text())
+    return path, yaml.safe_load(path.read_text())
+
+
+def kept(path: Path, recipe: dict, variants: set[str]) -> None:
+    """The recipe with only `variants` of those init proposes, its int8 floors lowered (untrained scores: see the
+    module's docstring)."""
+    assert variants <= {v["name"] for v in recipe["variants"]}, recipe["variants"]
+    recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
+    for variant in recipe["variants"]:
+        if variant["mode"] == "int8":
+            variant.update(min_matched=0, min_slice_sqnr_db=-100)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], cut: str = "dfl") -> tuple[Path, dict]:
+    """init's recipe for a YOLOv8 / YOLO11 export (cut before the head's DFL, its TFLite variants ending in
+    TFLite_Detection_PostProcess), `kept`; with `cut` pixels cut instead where the export's pixel boxes are
+    made."""
+    path, recipe = proposed(model, exports, tmp_path)
     post = recipe["postprocess"]
     assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, 320, 320]
     assert post["kind"] == "yolov8" and len(post["labels"]) == 80  # names from the export's metadata
@@ -61,18 +77,13 @@ def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], c
     assert post["box_encoding"] == "dfl"  # and the box branch before its DFL
     assert post["attach"] is True
     assert recipe["preprocess"]["letterbox"] is True
-    assert variants <= {v["name"] for v in recipe["variants"]}, recipe["variants"]
-    recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
     if cut == "pixels":
         from mzconvert.sources.inspection import inspect_onnx
 
         pixels = inspect_onnx(exports / f"{model}.onnx")["concat_outputs"]["output0"][0]["name"]
         recipe["strip"]["outputs"][0] = post["box_output"] = pixels
         post.pop("box_encoding")
-    for variant in recipe["variants"]:
-        if variant["mode"] == "int8":
-            variant.update(min_matched=0, min_slice_sqnr_db=-100)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    kept(path, recipe, variants)
     return path, post
 
 
@@ -144,3 +155,59 @@ def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu_and_ends_in_
                         "int8-tflite", *where)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["results"]["int8-tflite"]["detections"] > 0
+
+
+def test_a_yolov5n_export_goes_init_build_eval_predict_vela(exports, tmp_path):
+    """YOLOv5 (anchors, objectness; the `yolov5` package's graph): init cuts at its head's three Convs, each split
+    into box and score channels (an int8 scale for each), decoded here as the export decodes them; every op of
+    its int8 TFLite on the NPU."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import level_boxes, level_scores
+
+    path, recipe = proposed("yolov5n", exports, tmp_path)
+    post = recipe["postprocess"]
+    assert recipe["task"] == "detection" and recipe["preprocess"]["letterbox"] is True
+    assert post["kind"] == "yolov5" and len(post["labels"]) == 80 and post["labels"][0] == "person"
+    assert post["category_ids"][-1] == 90  # COCO names: COCO's category ids
+    # the anchors of YOLOv5's model YAML, read from the exported graph's constants
+    assert [(level["stride"], level["anchors"][:2]) for level in post["levels"]] == [(8, [10, 13]), (16, [30, 61]),
+                                                                                     (32, [116, 90])]
+    kept(path, recipe, {"float32", "float32-tflite", "int8-tflite"})
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout)[path.stem]["variants"]
+    loaded = load_recipe(path)
+    parts = [part for level in loaded.postprocess.levels for part in level.parts]
+    assert all(variants["float32-tflite"]["verify"][part]["sqnr_db"] > 60 for part in parts)  # onnx2tf's port
+    int8 = variants["int8-tflite"]["verify"]
+    assert all(int8[level.parts[0]]["worst_slice"]["of"] == 4 for level in loaded.postprocess.levels), int8
+    (npu,) = variants["int8-tflite"]["vela"].values()
+    assert npu["cpu_op_count"] == 0 and npu["npu_ops"] > 100, npu
+    # the float32 model's split logits, decoded here, are the export's own rows
+    cut = open_model(tmp_path / "dist" / "yolov5n" / "yolov5n_float32.onnx", parts)
+    whole = ort.InferenceSession(str(exports / "yolov5n.onnx"), providers=["CPUExecutionProvider"])
+    for image in sorted((tmp_path / "check").iterdir())[:3]:
+        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+        theirs = whole.run(None, {"images": tensor})[0][0]
+        outputs = dict(zip(parts, cut.run(tensor)))
+        size = loaded.input.height_width
+        levels = loaded.postprocess.levels
+        np.testing.assert_allclose(np.concatenate([level_boxes(outputs[lv.parts[0]], lv, size) for lv in levels]),
+                                   theirs[:, :4], atol=1e-3)
+        np.testing.assert_allclose(np.concatenate([level_scores(outputs[lv.parts[1]], lv, size) for lv in levels]),
+                                   theirs[:, 4:], atol=1e-5)
+    from tests.test_build_real import coco_subset
+
+    evaluated = run_cli("--json", "eval", str(path), "--dataset", str(coco_subset(tmp_path / "coco", 8)), "--variant",
+                        "int8-tflite", *where)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["results"]["int8-tflite"]["detections"] > 0
+    drawn = run_cli("predict", str(path), str(sorted((tmp_path / "check").iterdir())[0]), "--variant", "int8-tflite",
+                    *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]

@@ -15,6 +15,7 @@ from ..recipe import Recipe, Variant
 from ..recipe.schema import FITTED_ROUNDINGS, TORCH_FORMATS
 from ..runtime import OnnxRunner
 from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sources
+from .split_head import split_levels
 
 
 def _load(path: Path):
@@ -37,7 +38,8 @@ def _save(model, path: Path) -> Path:
 
 # -- freeze --------------------------------------------------------------------------------------
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
-    """A checked, shape-inferred ONNX model; torch sources are built, loaded and exported first."""
+    """A checked, shape-inferred ONNX model; torch sources are built, loaded and exported first; a YOLOv5
+    head's levels split into boxes and scores (split_head)."""
     import onnx
 
     target = out_dir / "model.onnx"
@@ -47,6 +49,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     else:
         model = _load(source)  # a corrupt download is reported by its own name
     model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
+    model = split_levels(model, recipe)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     return _save(inferred, target)
 

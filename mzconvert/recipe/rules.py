@@ -142,6 +142,13 @@ def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
                      "anchor_generator)", "postprocess.anchors_tensor")
 
 
+def check_split_head(r: Reader, postprocess: Postprocess | None, fmt: str) -> None:
+    """A YOLOv5 head's levels are split in the ONNX graph at freeze."""
+    if postprocess is not None and postprocess.levels and not uses_onnx_backend(fmt):
+        raise r.fail(f"format {fmt}: levels split a head's Convs in an ONNX graph (ONNX and torch sources); "
+                     "decode the one output instead (postprocess.output)", "postprocess.levels")
+
+
 def check_npu_targets(r: Reader, vela: tuple[VelaTarget, ...], variants: list[Variant], fmt: str) -> None:
     if vela and not any(v.for_npu for v in variants):
         raise r.fail("the NPU compiles TFLite int8 variants, and this recipe has none"

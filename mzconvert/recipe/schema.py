@@ -75,7 +75,9 @@ FIELDS = {
     "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop",
                    "letterbox"),
     "strip": ("inputs", "outputs"),
-    "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides") + SSD_POSTPROCESS_FIELDS,
+    "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides", "levels")
+                   + SSD_POSTPROCESS_FIELDS,
+    "postprocess.levels[]": ("output", "stride", "anchors"),
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
@@ -157,6 +159,21 @@ class Strip:
 
 
 @dataclass(frozen=True)
+class AnchorLevel:
+    """One level of a YOLOv5-style head: the Conv whose output holds, per anchor and cell, x, y, w, h logits,
+    objectness and class logits. Freeze splits it into its box channels and its score channels (int8 then
+    gives each a scale of its own), which strip cuts at: `parts`."""
+
+    output: str
+    stride: int
+    anchors: tuple[float, ...]  # w, h of each anchor in input pixels
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        return f"{self.output}/boxes", f"{self.output}/scores"
+
+
+@dataclass(frozen=True)
 class Postprocess:
     """How detections come out of the deployed model.
 
@@ -191,6 +208,7 @@ class Postprocess:
     max_detections: int = 100
     attach: bool = False  # TFLite variants end in the TFLite_Detection_PostProcess op (boxes out)
     output: str | None = None  # yolov8 / yolov5: the output tensor (default: the model's first output)
+    levels: tuple[AnchorLevel, ...] = ()  # yolov5 cut at its head's Convs, each split into boxes and scores
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .schema import (
     TORCH_MODULES,
     URL_SCHEMES,
     WEIGHT_ROUNDINGS,
+    AnchorLevel,
     ClassLabels,
     Dense,
     InputSpec,
@@ -217,7 +218,7 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
     if kind in ("yolov8", "yolov5"):
         return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
     for key, kinds in (("output", "kinds yolov8 and yolov5 take"), ("box_encoding", "kind yolov8 takes"),
-                       ("strides", "kind yolov8 takes")):
+                       ("strides", "kind yolov8 takes"), ("levels", "kind yolov5 takes")):
         if r.has(key):
             raise r.fail(f"only {kinds} {key}", r.child_where(key))
     if kind != "ssd":
@@ -288,6 +289,8 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
     if names["output"] and names.get("box_output"):
         raise r.fail("output is the one concatenated output; box_output and class_output replace it",
                      r.child_where("output"))
+    if names["output"] and r.has("levels"):
+        raise r.fail("output is the one concatenated output; levels replace it", r.child_where("output"))
     for key, name in names.items():
         if name is not None and strip is not None and name not in strip.outputs:
             raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
@@ -309,8 +312,27 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                          "class_output", r.child_where("box_encoding"))
         if strides and encoding["box_encoding"] != "dfl":
             raise r.fail("strides place the grid of dfl boxes (box_encoding dfl)", r.child_where("strides"))
+    if kind == "yolov8" and r.has("levels"):
+        raise r.fail("only kind yolov5 takes levels", r.child_where("levels"))
+    if r.has("levels"):
+        encoding["levels"] = tuple(r.list_of("levels", lambda item: _anchor_level(item, strip)))
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,
                        **encoding)
+
+
+def _anchor_level(r: Reader, strip: Strip | None) -> AnchorLevel:
+    """A level of a YOLOv5 head: its Conv's output, stride and anchor sizes; strip cuts at its two parts."""
+    r.mapping(FIELDS["postprocess.levels[]"])
+    anchors = r.list_of("anchors", Reader.as_number)
+    if len(anchors) % 2 or any(v <= 0 for v in anchors):
+        raise r.fail(f"expected positive anchor sizes in pairs (w, h, w, h ...), got {anchors}",
+                     r.child_where("anchors"))
+    level = AnchorLevel(output=r.string("output"), stride=r.integer("stride", minimum=1), anchors=tuple(anchors))
+    missing = [part for part in level.parts if strip is not None and part not in strip.outputs]
+    if missing:
+        raise r.fail(f"freeze splits {short(level.output)} into its boxes and scores, which strip cuts at: "
+                     f"strip.outputs lacks {', '.join(map(short, missing))}", r.child_where("output"))
+    return level
 
 
 def _max_drop(r: Reader) -> float | None:

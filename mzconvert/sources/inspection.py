@@ -287,6 +287,7 @@ def inspect_onnx(path: Path) -> dict:
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model)) else {}),
             **({"dfl_input": dfl} if (dfl := _dfl_input(model)) else {}),
+            **({"anchor_levels": levels} if (levels := _anchor_levels(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
 
@@ -339,6 +340,59 @@ def _dfl_input(model) -> dict | None:
             source = producer[source].input[0]
         found.append({"name": source, "bins": bins})
     return found[0] if len(found) == 1 else None
+
+
+def _anchor_levels(model) -> list[dict]:
+    """A YOLOv5-style head, level by level: {name, stride, anchors} for each Conv whose output is reshaped to
+    [1, anchors, 5 + classes, h, w], transposed and put through a Sigmoid, and whose sizes the export makes as
+    (2 sigmoid) ** 2 x a constant of anchor sizes in input pixels (Pow, then Mul): the anchors (w, h, ...) read
+    from that constant, the stride from the export's Mul of the centres. [] unless every level reads so."""
+    from onnx import numpy_helper
+
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def downstream(name: str, depth: int = 4):
+        for node in consumers.get(name, []):
+            yield node
+            if depth > 1:
+                for out in node.output:
+                    yield from downstream(out, depth - 1)
+
+    def constant_of(node) -> np.ndarray | None:
+        return next((constants[n] for n in node.input if n in constants), None)
+
+    levels = []
+    for sigmoid in model.graph.node:
+        chain = [sigmoid]
+        while len(chain) < 4 and chain[-1].input and chain[-1].input[0] in producer:
+            chain.append(producer[chain[-1].input[0]])
+        if [n.op_type for n in chain] != ["Sigmoid", "Transpose", "Reshape", "Conv"]:
+            continue
+        shape = constants.get(chain[2].input[1])
+        if shape is None or shape.size != 5:
+            continue
+        count = int(shape[1])
+        sizes = [constant_of(m) for p in downstream(sigmoid.output[0]) if p.op_type == "Pow"
+                 for m in consumers.get(p.output[0], []) if m.op_type == "Mul"]
+        strides = [constant_of(n) for n in downstream(sigmoid.output[0]) if n.op_type == "Mul"
+                   and n.input[0] in producer and producer[n.input[0]].op_type == "Add"]
+        if len(sizes) != 1 or sizes[0] is None or len(strides) != 1 or strides[0] is None or strides[0].size != 1:
+            return []
+        try:
+            full = np.broadcast_to(sizes[0], np.broadcast_shapes(sizes[0].shape, (1, count, 1, 1, 2)))
+        except ValueError:
+            return []
+        anchors = full.reshape(1, count, -1, 2)[0, :, 0]
+        levels.append({"name": chain[3].output[0], "stride": int(strides[0].ravel()[0]),
+                       "anchors": [round(float(v), 4) for v in anchors.ravel()]})
+    return levels
 
 
 def inspect_tflite(path: Path) -> dict:
@@ -430,6 +484,9 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  dynamic dimensions: {'; '.join(dynamic)}")
     if "ops" in report:
         lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    for level in report.get("anchor_levels", []):
+        lines.append(f"{indent}  anchor head level {level['name']}: stride {level['stride']}, anchors (w, h) "
+                     f"{level['anchors']}")
     if normalization := report.get("normalization"):
         lines.append(f"{indent}  input normalization in its metadata: (pixel - {normalization['mean']}) / "
                      f"{normalization['std']}")

@@ -16,7 +16,7 @@ from ..coco import coco_categories
 from ..errors import EXIT_BAD_INPUT, MzError
 from ..preprocess import list_images
 from ..recipe.rules import uses_onnx_backend
-from ..recipe.schema import SEARCHED_TASKS
+from ..recipe.schema import SEARCHED_TASKS, AnchorLevel
 
 # What a model's first layer most often expects, per source kind: TF graphs of the slim / OD API
 # family take RGB in [-1, 1] resized by TF1 bilinear; ONNX exports of torchvision the ImageNet mean/std.
@@ -99,7 +99,7 @@ def _keras(model: dict) -> dict:
 
 def _onnx(model: dict) -> dict:
     meta = model.get("metadata", {})
-    if meta.get("task") == "detect" or _yolo_kind(model["outputs"]):
+    if meta.get("task") == "detect" or _yolo_kind(model["outputs"]) or model.get("anchor_levels"):
         return _ultralytics_detector(model, meta)
     return _single_input(model) | {"preprocess": TORCH_PREPROCESS}
 
@@ -126,22 +126,21 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     (read as Python literals, never run); its one output's layout says the decode."""
     import ast
 
-    kind = _yolo_kind(model["outputs"])
+    # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions
+    kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else _yolo_kind(model["outputs"])
     if kind is None:
         raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
                       f"[1, N, 5 + classes] (outputs: {[o['shape'] for o in model['outputs']]})", EXIT_BAD_INPUT)
     try:
-        names = ast.literal_eval(meta["names"]) if "names" in meta else {}
         size = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
     except (ValueError, SyntaxError):
-        names, size = {}, None
+        size = None
     if size and model["inputs"] and len(model["inputs"]) == 1:
         model = model | {"inputs": [model["inputs"][0] | {"shape": _fixed_at(model["inputs"][0]["shape"], size)}]}
     proposal = _single_input(model)
     _, rows, columns = model["outputs"][0]["shape"]
     classes = rows - 4 if kind == "yolov8" else columns - 5
-    labels = [str(names[i]) for i in sorted(names)] if isinstance(names, dict) and len(names) == classes else \
-        [f"CHECK-class-{i}" for i in range(classes)]
+    labels = carried_labels(model, classes) or [f"CHECK-class-{i}" for i in range(classes)]
     coco = coco_categories()
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
     if labels == [name for _, name in coco]:
@@ -156,6 +155,13 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
         proposal["outputs"] = parts
         # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
         post |= {"box_output": parts[0], "class_output": parts[1], "attach": True}
+    if kind == "yolov5" and (levels := model.get("anchor_levels")):
+        # cut at the head's Convs, each split into box and score channels (int8: a scale for each), decoded in
+        # float as the export decodes them
+        post["levels"] = [{"output": level["name"], "stride": level["stride"], "anchors": level["anchors"]}
+                          for level in levels]
+        proposal["outputs"] = [part for level in levels
+                               for part in AnchorLevel(level["name"], level["stride"], level["anchors"]).parts]
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
 
 

@@ -97,9 +97,9 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
         metrics = {}
         for j, name in enumerate(output_names):  # each output as what it means (tasks/detection.judged_outputs)
-            ref, got = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]), recipe.postprocess,
-                                      recipe.input.height_width)
-            metrics[name] = _output_metrics(ref, got, recipe)
+            ref, got, axis = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]),
+                                            recipe.postprocess, recipe.input.height_width)
+            metrics[name] = _output_metrics(ref, got, recipe, axis)
         if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
             metrics |= _matched_detections(saved, got_outputs, output_names, recipe, anchors)
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
@@ -108,12 +108,13 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
     return metrics | {"images": count, **({"kernels": kernels} if kernels else {})}
 
 
-def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe) -> dict:
-    """One output over all images (images x output shape): the signal measures, whole and by the worst slice;
+def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe, axis: int | None = None) -> dict:
+    """One output over all images (images x output shape): the signal measures, whole and by the worst slice
+    (along `axis` of one image's output, where the decode knows what each slice means);
     for dense maps the mask IoU and per-pixel error; whether the float model answers the same whatever the
     image (then no figure says anything)."""
     metrics = compare(reference, candidate)
-    if (worst := worst_slice(reference, candidate)) is not None:
+    if (worst := worst_slice(reference, candidate, axis)) is not None:
         metrics["worst_slice"] = worst
     if recipe.task == "dense":
         metrics |= {"mask_iou": mask_iou(reference, candidate, recipe.dense.threshold),

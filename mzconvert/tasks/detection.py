@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import EXIT_BAD_INPUT, InputError, MzError, short_text
 from ..preprocess import letterbox_geometry
 from ..recipe import Postprocess, Preprocess
+from ..recipe.schema import AnchorLevel
 
 
 @dataclass(frozen=True)
@@ -183,29 +184,40 @@ def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int,
 
 
 def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post: Postprocess | None,
-                   input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                   input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int | None]:
     """An output of the float model and of a variant (images first) as what they mean, where that is not the raw
-    tensor: the distribution logits of a head cut before its DFL as the boxes they decode to (images x 1 x 4 x
-    N, centre and size in input pixels, as the export's own box output); a YOLO head's class probabilities (and
-    YOLOv5's objectness) only where either model scores MATCH_SCORE or more, the scores a person is shown (8-bit
-    probabilities of a class no image holds round to 0 and 1/256: noise a trained detector's rare classes
-    would be judged by, where no detection changes). Else the outputs as they are."""
+    tensor, and the axis of one image's judged output whose slices mean one thing each (None: signal.slice_axis
+    finds it): the distribution logits of a head cut before its DFL as the boxes they decode to (images x 1 x 4
+    x N, centre and size in input pixels, as the export's own box output); a YOLOv5 level's box logits as its
+    boxes (images x 4 x N) and its score logits as the class scores (images x classes x N); a YOLO head's class
+    probabilities (and YOLOv5's objectness) only where either model scores MATCH_SCORE or more, the scores a
+    person is shown (8-bit probabilities of a class no image holds round to 0 and 1/256: noise a trained
+    detector's rare classes would be judged by, where no detection changes). Else the outputs as they are."""
     if post is None or post.kind not in ("yolov8", "yolov5"):
-        return reference, candidate
+        return reference, candidate, None
     if post.box_encoding == "dfl" and name == post.box_output:
         count = reference.shape[-1]
-        return tuple(np.stack([dfl_boxes(v.reshape(-1, count), input_hw, post.strides).T[None] for v in values])
-                     for values in (reference, candidate))
+        return (*(np.stack([dfl_boxes(v.reshape(-1, count), input_hw, post.strides).T[None] for v in values])
+                  for values in (reference, candidate)), None)
+    for level in post.levels:
+        if name in level.parts:
+            decode = level_boxes if name == level.parts[0] else _level_class_scores
+            reference, candidate = (np.stack([decode(v, level, input_hw).T for v in values])
+                                    for values in (reference, candidate))
+            if name == level.parts[0]:
+                return reference, candidate, 0
+            hidden = np.maximum(reference, candidate) < MATCH_SCORE
+            return np.where(hidden, 0.0, reference), np.where(hidden, 0.0, candidate), 0
     if name == post.class_output:
         scores = np.s_[...]
     elif post.class_output is None and post.output in (None, name):  # the one output: its score columns
         scores = np.s_[..., 4:, :] if post.kind == "yolov8" else np.s_[..., 4:]
     else:
-        return reference, candidate
+        return reference, candidate, None
     judged = np.zeros(reference.shape, bool)
     judged[scores] = True
     hidden = judged & (np.maximum(reference, candidate) < MATCH_SCORE)
-    return tuple(np.where(hidden, 0.0, values) for values in (reference, candidate))
+    return (*(np.where(hidden, 0.0, values) for values in (reference, candidate)), None)
 
 
 def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
@@ -225,9 +237,53 @@ def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) ->
     return _selected(_centre_boxes(rows[:4].T, input_hw), rows[4:].T, post)
 
 
+def _level_grid(level: AnchorLevel, input_hw: tuple[int, int], values: np.ndarray, per_anchor: int | None):
+    """A level's logits as (anchors, per_anchor, rows, columns) sigmoids, and its anchor sizes (anchors x 2)."""
+    rows, columns = (-(-side // level.stride) for side in input_hw)
+    anchors = np.asarray(level.anchors, np.float64).reshape(-1, 2)
+    cells = anchors.shape[0] * rows * columns
+    if values.size % cells or (per_anchor is not None and values.size != cells * per_anchor):
+        raise InputError(f"postprocess.levels: {level.output} holds {values.size} values, not {anchors.shape[0]} "
+                         f"anchors x {rows} x {columns} cells (stride {level.stride} over {input_hw[0]}x"
+                         f"{input_hw[1]}) x {per_anchor or 'the channels of each'}")
+    logits = values.astype(np.float64).reshape(anchors.shape[0], -1, rows, columns)
+    return 1 / (1 + np.exp(-logits)), anchors
+
+
+def level_boxes(logits: np.ndarray, level: AnchorLevel, input_hw: tuple[int, int]) -> np.ndarray:
+    """A YOLOv5 level's box logits (anchors x 4 channels, rows, columns) as the export decodes them: N x 4
+    centre x, y and width, height in input pixels, N in the export's order (anchor, row, column); the centre
+    (2 sigmoid - 0.5 + cell) x stride, the size (2 sigmoid) ** 2 x the anchor's."""
+    t, anchors = _level_grid(level, input_hw, logits, 4)
+    ys, xs = np.meshgrid(np.arange(t.shape[2]), np.arange(t.shape[3]), indexing="ij")
+    boxes = [(t[:, 0] * 2 - 0.5 + xs) * level.stride, (t[:, 1] * 2 - 0.5 + ys) * level.stride,
+             (t[:, 2] * 2) ** 2 * anchors[:, 0, None, None], (t[:, 3] * 2) ** 2 * anchors[:, 1, None, None]]
+    return np.stack(boxes, axis=-1).reshape(-1, 4)
+
+
+def level_scores(logits: np.ndarray, level: AnchorLevel, input_hw: tuple[int, int]) -> np.ndarray:
+    """A YOLOv5 level's score logits (anchors x (1 + classes) channels) as N x (1 + classes) probabilities:
+    objectness, then each class's."""
+    t, _ = _level_grid(level, input_hw, logits, None)
+    return t.transpose(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _level_class_scores(logits: np.ndarray, level: AnchorLevel, input_hw: tuple[int, int]) -> np.ndarray:
+    """N x classes: objectness x each class's probability, the scores YOLOv5's detections carry."""
+    probabilities = level_scores(logits, level, input_hw)
+    return probabilities[:, 1:] * probabilities[:, :1]
+
+
 def yolov5_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
     """Ultralytics YOLOv5 exports: [1, N, 5 + classes], box centre and size in input pixels, objectness, then
-    each class's probability; a class's score is objectness x its probability."""
+    each class's probability; a class's score is objectness x its probability. Or cut at its levels' split
+    Convs (postprocess.levels): boxes and scores decoded here from their logits, as the export decodes them."""
+    if post.levels:
+        boxes = np.concatenate([level_boxes(by_name[level.parts[0]], level, input_hw) for level in post.levels])
+        scores = np.concatenate([_level_class_scores(by_name[level.parts[1]], level, input_hw)
+                                 for level in post.levels])
+        _check_classes(scores.shape[1], post)
+        return _selected(_centre_boxes(boxes, input_hw), scores, post)
     out = _yolo_output(outputs, by_name, post)
     rows = out.reshape(-1, out.shape[-1])
     _check_classes(rows.shape[1] - 5, post)

@@ -44,10 +44,11 @@ def slice_axis(shape: tuple[int, ...]) -> int | None:
     return axis if all(n >= CHANNEL_AXIS_RATIO * shortest for n, _ in others) else None
 
 
-def worst_slice(reference: np.ndarray, candidate: np.ndarray) -> dict | None:
-    """The slice (along the channel axis) with the lowest SQNR over all images: {axis, index, of, sqnr_db,
-    cosine}, or None when the output has no channel axis. `reference`, `candidate`: images x output shape."""
-    axis = slice_axis(reference.shape[1:])
+def worst_slice(reference: np.ndarray, candidate: np.ndarray, axis: int | None = None) -> dict | None:
+    """The slice (along `axis` of one image's output, else its channel axis) with the lowest SQNR over all
+    images: {axis, index, of, sqnr_db, cosine}, or None when the output has no channel axis. `reference`,
+    `candidate`: images x output shape."""
+    axis = slice_axis(reference.shape[1:]) if axis is None else axis
     if axis is None:
         return None
     axis += 1  # images first
