@@ -191,6 +191,10 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
         assert variants[name]["verify"]["matched_detections"] >= 0.8, (name, variants[name]["verify"])
         assert variants[name]["verify"]["scores"]["worst_slice"]["sqnr_db"] > 15, variants[name]["verify"]
     assert variants["int8-tflite"]["postprocess_attached"] and not variants["int8"]["postprocess_attached"]
+    # and 16-bit activations for the NPU (raw outputs: the attached op reads 8-bit or float scores)
+    sixteen = variants["int16x8-tflite"]
+    assert not sixteen["postprocess_attached"] and sixteen["verify"]["matched_detections"] >= 0.8, sixteen
+    assert next(iter(sixteen["vela"].values()))["cpu_op_count"] == 0, sixteen["vela"]
     (npu,) = variants["int8-tflite"]["vela"].values()
     assert npu["cpu_op_count"] == ATTACHED_HEADS["pixels"][-1] and npu["npu_ops"]
     evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)

@@ -26,6 +26,17 @@ def main(config: str, images: Path) -> None:
     torch.manual_seed(0)
     yolo = YOLO(config)
     model = yolo.model
+    with_image_statistics(model, images)
+    with torch.no_grad():
+        for branch in model.model[-1].cv3:
+            branch[-1].bias.fill_(CLASS_BIAS)
+            branch[-1].weight.mul_(CLASS_GAIN)
+    yolo.export(format="onnx", imgsz=SIZE)  # the package's defaults otherwise: opset, onnxslim
+
+
+def with_image_statistics(model: torch.nn.Module, images: Path) -> None:
+    """`model`'s batch-norm statistics measured on the first 32 images of the folder (SIZE x SIZE), then eval
+    mode: activations neither vanish nor explode, as a trained network's."""
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:32]
     batch = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE)), np.float32)
                                           / 255).permute(2, 0, 1) for p in files])
@@ -36,12 +47,7 @@ def main(config: str, images: Path) -> None:
     model.train()
     with torch.no_grad():
         model(batch)
-        model.eval()
-        for branch in model.model[-1].cv3:
-            branch[-1].bias.fill_(CLASS_BIAS)
-            branch[-1].weight.mul_(CLASS_GAIN)
-    yolo.export(format="onnx", imgsz=SIZE)  # the package's defaults otherwise: opset, onnxslim
-
+    model.eval()
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))

@@ -10,23 +10,21 @@ calls torch.onnx.export without it, which torch >= 2.9 takes to the torch.export
 the YOLOv5 ONNX files users have were made by the TorchScript exporter, the graph tested here.
 
 As in ultralytics_export.py, the weights are made to carry signal without training: batch-norm statistics
-measured on the images, objectness and class biases that leave a few (anchor, class) scores above 0.25 on
+measured on the images (its with_image_statistics), objectness and class biases that leave a few (anchor, class) scores above 0.25 on
 some images. The class names are COCO's, as the released YOLOv5 models carry them.
 """
 
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 import ultralytics
 import yaml
 import yolov5
-from PIL import Image
+from ultralytics_export import SIZE, with_image_statistics  # this folder's: run as a script from it
 from yolov5.models.yolo import Detect, Model
 
-SIZE = 320
 OBJECT_BIAS, CLASS_BIAS = -2.0, -6.0
 
 
@@ -35,17 +33,8 @@ def main(config: str, images: Path) -> None:
     model = Model(str(Path(yolov5.__file__).parent / "models" / config), ch=3, nc=80)
     coco = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco.yaml").read_text())
     model.names = [coco["names"][i] for i in range(80)]
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:32]
-    batch = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE)), np.float32)
-                                          / 255).permute(2, 0, 1) for p in files])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # the plain average over the batch
-    model.train()
+    with_image_statistics(model, images)
     with torch.no_grad():
-        model(batch)
-        model.eval()
         head = model.model[-1]
         for conv in head.m:  # per anchor: x, y, w, h, objectness, then the classes
             bias = conv.bias.view(head.na, head.no)
