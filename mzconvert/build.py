@@ -54,6 +54,8 @@ def _freeze(p: Planner, fetched: StageOutcome, suffix: str) -> StageOutcome:
               "strip": validated(p.recipe.strip), "graph_edits": p.recipe.graph_edits, "tools": p.versions}
     if (code := user_code(p.recipe.torch, p.recipe.path.parent)) is not None and code.is_file():
         inputs["torch_code"] = sha256_file(code)  # the user's own module class: its code
+    if p.recipe.postprocess is not None and p.recipe.postprocess.levels:  # an ONNX head's Convs split at freeze
+        inputs["levels"] = [validated(level) for level in p.recipe.postprocess.levels]
 
     def action(out: Path) -> dict:
         return {"model": freeze(fetched.path("model"), p.recipe, out).name}

@@ -1,10 +1,11 @@
 """A YOLOv5-style head's Convs split into their box and score channels (freeze, ONNX sources).
 
 Each level's Conv writes, per anchor, x, y, w, h logits, objectness and class logits into one tensor, so an
-int8 model would hold box logits (a few units either side of 0) and background logits (down to -20 and below)
-at one scale. Split into two Convs, `<output>/boxes` (4 channels per anchor) and `<output>/scores` (the rest),
-strip cuts at both and each gets a scale of its own; the original tensor is rebuilt from them (Reshape,
-Concat, Reshape), so the frozen graph computes what the source computes.
+int8 model would hold box logits (a few units either side of 0) and objectness and class logits (far below 0
+where nothing is: -12 in a YOLOv5n trained here) at one scale. Split into two Convs, `<output>/boxes` (4
+channels per anchor) and `<output>/scores` (the rest), strip cuts at both and each gets a scale of its own; the
+original tensor is rebuilt from them (Reshape, Concat, Reshape), so the frozen graph computes what the source
+computes.
 """
 
 from __future__ import annotations
