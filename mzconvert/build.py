@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .backends.torch_sources import user_code
 from .console import Console
-from .errors import InputError, MzError
+from .errors import InputError, MzError, RefusedVariant
 from .fsio import folder_lock, sha256_file
 from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
@@ -289,7 +289,7 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
         p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
                       "the detections (score >= 0.3) matched (same label, IoU >= 0.9)")
     if floors := floor_failures(p.recipe, variant, metrics):
-        raise MzError("\n".join(floors))
+        raise RefusedVariant("\n".join(floors))
     failures = threshold_failures(variant, metrics)
     if failures and p.options.verify_strict:
         raise MzError(f"{p.recipe.path}: verify thresholds missed: {'; '.join(failures)}")
@@ -371,7 +371,8 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
                          checks: Executor) -> Callable[[], dict]:
     """quantize one variant here (and the shared stages it needs: calibration), then hand its checks, which
     only read the finished artifact (verify against the float reference, vela per NPU target), to `checks`.
-    Returns what waits for them: the variant's {stage: outcome}."""
+    Returns what waits for them: the variant's {stage: outcome}, or its RefusedVariant when its fidelity is
+    below its floors (the other variants go on)."""
     stripped = chain[-1]
     searched = ranged = None
     if variant.calibration_method == "auto":
@@ -383,11 +384,14 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     npu = until != "quantize" and variant.for_npu
     compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}
 
-    def entry() -> dict:
+    def entry() -> dict | RefusedVariant:
         stages = {"quantize": quantized, "chain": chain, **({"search": searched} if searched else {}),
                   **({"ranges": ranged} if ranged else {})}
         if verified is not None:
-            stages["verify"] = verified.result()
+            try:
+                stages["verify"] = verified.result()
+            except RefusedVariant as refusal:
+                return refusal
         if compiled:
             stages["vela"] = {name: future.result() for name, future in compiled.items()}
         return stages
@@ -490,8 +494,13 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
             fidelity = pipeline.result().result["fidelity"] if pipeline else None
         finally:
             checks.shutdown(cancel_futures=True)  # after a failure, no checks beyond those already running
+        refused = {name: str(r) for name, r in per_variant.items() if isinstance(r, RefusedVariant)}
+        shipped = {name: stages for name, stages in per_variant.items() if name not in refused}
         if until != "dist":
+            _raise_refused(refused, "")
             return {name: str(outcome.folder) for name, outcome in planner.outcomes.items()}
+        if refused and not shipped and not (options.out / recipe.name).is_dir():
+            _raise_refused(refused, "; nothing was written")  # else the dist is rewritten without them
         from .fsio import recover_folder
         from .layout import record_build
         from .stages.dist import assemble
@@ -500,6 +509,16 @@ def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOpti
         with folder_lock(options.out, options.lock_timeout, console.log, name=f".{recipe.name}.lock"):
             recover_folder(options.out / recipe.name)
             _remove_stale_staging(_dist_staging(options.out, recipe.name))
-            manifest = assemble(recipe, per_variant, planner.versions, options.out, console, fidelity)
+            manifest = assemble(recipe, shipped, planner.versions, options.out, console, fidelity, refused)
         record_build(fetcher.config.cache_dir, recipe, options.out, options.build_root)
+        _raise_refused(refused, f"; {options.out / recipe.name}/ holds the others: "
+                                f"{', '.join(manifest['variants']) or 'none'}")
         return manifest
+
+
+def _raise_refused(refused: dict[str, str], shipped: str) -> None:
+    """The build's end when a variant was refused: each floor it missed, a line each, then what was shipped.
+    The exit code is a failure's (1): a build asked for a variant it could not ship."""
+    if refused:
+        lines = "\n".join(refused.values())
+        raise RefusedVariant(f"{lines}\nnot shipped: {', '.join(refused)}{shipped}")

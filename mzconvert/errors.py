@@ -31,6 +31,10 @@ class InputError(MzError):
     exit_code = EXIT_BAD_INPUT
 
 
+class RefusedVariant(MzError):
+    """A variant whose fidelity is below its floors: it is not shipped; the build's other variants are."""
+
+
 class FetchError(MzError):
     exit_code = EXIT_FETCH
 

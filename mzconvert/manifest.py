@@ -39,6 +39,7 @@ class Manifest(TypedDict, total=False):
     variants: dict[str, VariantEntry]
     variant_order: list[str]  # the recipe's order (JSON is written with sorted keys)
     source_pipeline_fidelity: dict
+    refused: dict[str, str]  # variant -> the fidelity floors it missed: built, not shipped
     artifacts: dict[str, dict]  # file -> {size, md5, sha256}
     tools: dict[str, str]
 

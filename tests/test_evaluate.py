@@ -151,6 +151,6 @@ def test_the_report_counts_the_convolutions_onnx_runtime_leaves_float():
     assert table[1].split()[-2:] == ["integer", "convs"]
     assert table[3].endswith("37 of 52") and table[4].endswith(" -")
     variants = {"int8": {"mode": "int8", "verify": {}}, "int8-tflite": {"mode": "int8", "verify": {}}}
-    warned = _warnings(variants, bench)
+    warned = _warnings({}, variants, bench)
     assert any("**int8**: ONNX Runtime runs 15 of its 52 convolutions in float" in line for line in warned)
     assert not any("int8-tflite" in line for line in warned)

@@ -63,6 +63,15 @@ def below_threshold(tmp_path, built):
     return run_cli("--cache-dir", str(tmp_path / "cache"), "build", "--verify", str(recipe), *where(tmp_path))
 
 
+def refused(tmp_path, built):
+    recipe = classifier_recipe(tmp_path, "  - {name: float32, mode: float32}\n"
+                                         "  - {name: dynamic, mode: dynamic, min_slice_sqnr_db: 300}\n")
+    done = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(recipe), *where(tmp_path))
+    shipped = sorted(p.name for p in (tmp_path / "dist" / "tiny-cls").glob("*.onnx"))
+    assert shipped == ["tiny-cls_float32.onnx"], shipped  # the variant that passed, and only it
+    return done
+
+
 def disk_full(tmp_path, built):
     out = tmp_path / "out"
     out.mkdir()
@@ -129,6 +138,8 @@ def locked(tmp_path, built):
 CASES = {
     "the command did what it was asked": ok,
     "a stage ran and failed: a variant below its declared threshold with `build --verify`": below_threshold,
+    "a variant below its fidelity floor: not shipped; the recipe's other variants are written to its dist folder":
+    refused,
     "the disk of a folder the user chose (`--out`, `--build-dir`, `--cache-dir`) is full or read-only: the message "
     "names the folder and its option": disk_full,
     "a recipe field is wrong: each problem once, located (`file: field: what is expected`)": bad_field,
@@ -142,7 +153,8 @@ CASES = {
 # What each case's one line must name.
 NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'",
          unlabelled_eval: "photo 0.JPG", nothing_to_compile: "targets.vela", checksum_differs: "sha256",
-         below_threshold: "dynamic", locked: "locked"}
+         below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic"}
+ERROR_LINES = {refused: 2}  # its floor missed, then what was and was not shipped
 
 
 def test_the_table_documents_exactly_the_cases_run_here():
@@ -156,6 +168,6 @@ def test_each_documented_case_ends_with_its_code(code, when, tmp_path, built):
     assert done.returncode == int(code), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("mzconvert: error:")]
-    assert len(errors) == (0 if code == "0" else 1), done.stderr[-2000:]
+    assert len(errors) == (0 if code == "0" else ERROR_LINES.get(case, 1)), done.stderr[-2000:]
     if case in NAMED:
         assert NAMED[case] in errors[0], errors

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mzconvert.build import build
 from mzconvert.console import Console
-from mzconvert.errors import MzError, RecipeError
+from mzconvert.errors import MzError, RecipeError, RefusedVariant
+from mzconvert.manifest import read_manifest
 from mzconvert.planner import BuildOptions
 from mzconvert.recipe import load_recipe, parse_recipe
 from mzconvert.report.markdown import write_report
@@ -133,16 +134,33 @@ def run(tmp_path: Path, text: str) -> dict:
                  Console(quiet=True), options)
 
 
-def test_boxes_and_scores_under_one_int8_scale_fail_the_default_floor(tmp_path, mirror):
-    text = recipe_text(boxes_and_scores_onnx(tmp_path / "head.onnx"), "other", "output0",
-                       ", separate_output_scales: false")
-    with pytest.raises(MzError) as failure:
+def test_boxes_and_scores_under_one_int8_scale_are_refused_and_float32_is_shipped(tmp_path, mirror):
+    """The int8 built before (each part at its own scale) is not kept once the recipe's int8 is refused."""
+    run(tmp_path, recipe_text(boxes_and_scores_onnx(tmp_path / "head.onnx"), "other", "output0"))
+    dist = tmp_path / "dist" / "head"
+    assert (dist / "head_int8.onnx").is_file()
+    text = recipe_text(tmp_path / "head.onnx", "other", "output0", ", separate_output_scales: false")
+    with pytest.raises(RefusedVariant) as failure:
         run(tmp_path, text)
     message = str(failure.value)
     assert "variants[1].min_slice_sqnr_db: int8: SQNR of output0 channel" in message
     assert "of 7 (axis 1)" in message and "below the floor 10.0" in message
     assert f"mzconvert debug {tmp_path / 'head.yaml'} --variant int8" in message
-    assert not (tmp_path / "dist" / "head").exists()  # nothing half-written
+    assert message.splitlines()[-1] == f"not shipped: int8; {dist}/ holds the others: float32"
+    manifest = read_manifest(dist)
+    assert list(manifest["variants"]) == ["float32"] and "below the floor 10.0" in manifest["refused"]["int8"]
+    assert sorted(p.name for p in dist.glob("*.onnx")) == ["head_float32.onnx"]
+    assert "head_int8.onnx" not in (dist / "MD5SUMS").read_text()
+    write_report(dist, "head.yaml")
+    assert "- **int8**: not shipped: " in (dist / "report.md").read_text().split("## Warnings", 1)[1]
+
+
+def test_a_build_whose_every_variant_is_refused_writes_nothing(tmp_path, mirror):
+    text = recipe_text(boxes_and_scores_onnx(tmp_path / "head.onnx"), "other", "output0",
+                       ", separate_output_scales: false").replace("  - {name: float32, mode: float32}\n", "")
+    with pytest.raises(RefusedVariant, match="nothing was written"):
+        run(tmp_path, text)
+    assert not (tmp_path / "dist" / "head").exists()
 
 
 def test_separate_output_scales_keep_the_scores_and_pass(tmp_path, mirror):

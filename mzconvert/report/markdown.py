@@ -53,10 +53,11 @@ class _Plots:
         self.plot(filename, len(names), draw)
 
 
-def _warnings(variants: dict, bench: dict | None) -> list[str]:
-    """What a reader must not miss: fidelity below a default floor (allowed by the recipe's own), an integer
-    variant slower than float32 on this CPU, operators the NPU leaves to the CPU."""
-    lines = []
+def _warnings(manifest: dict, variants: dict, bench: dict | None) -> list[str]:
+    """What a reader must not miss: a variant the build refused, fidelity below a default floor (allowed by
+    the recipe's own), an integer variant slower than float32 on this CPU, operators the NPU leaves to the CPU."""
+    lines = [f"- **{name}**: not shipped: {'; '.join(reason.splitlines())}"
+             for name, reason in manifest.get("refused", {}).items()]
     timed = (bench or {}).get("results", {})
     float_ms = timed.get("float32", {}).get("median_ms")
     for name, v in variants.items():
@@ -174,7 +175,7 @@ def write_report(folder: Path, recipe_argument: str) -> list[Path]:
     variants = in_order(manifest, "variants", "variant_order")
     vela = {n: v["vela"] for n, v in variants.items() if "vela" in v}
     plots = _Plots(folder)
-    md = [f"# {folder.name}", ""] + _warnings(variants, bench)
+    md = [f"# {folder.name}", ""] + _warnings(manifest, variants, bench)
     md += _accuracy(folder, manifest, variants, evaluations, plots, recipe_argument)
     md += _fidelity(manifest, variants) + _latency(folder, bench, plots) + _npu(vela) + _debug_and_pictures(folder)
     report = {"recipe": folder.name, "recipe_sha256": manifest["recipe_sha256"], "eval": evaluations, "bench": bench,

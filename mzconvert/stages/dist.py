@@ -31,8 +31,9 @@ def write_md5sums(folder: Path) -> Path:
 
 
 def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, console: Console,
-             source_pipeline: dict | None = None) -> dict:
-    """per_variant: variant name -> {"chain": [fetch, freeze, strip outcomes], "quantize", "verify", "vela"}."""
+             source_pipeline: dict | None = None, refused: dict[str, str] | None = None) -> dict:
+    """per_variant: variant name -> {"chain": [fetch, freeze, strip outcomes], "quantize", "verify", "vela"}.
+    refused: variant name -> the floors it missed; built here but not shipped, and not kept from an older dist."""
     out_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}@", dir=out_root))
     try:
@@ -66,7 +67,8 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
             variants[name] = entry
         target = out_root / recipe.name
         old_manifest = read_manifest(target)
-        for name, entry in _kept_variants(recipe, variants, old_manifest, target, console).items():
+        built = set(variants) | set(refused or {})
+        for name, entry in _kept_variants(recipe, built, old_manifest, target, console).items():
             variants[name] = entry
             copies += [(target / f, f) for f in _variant_files(entry)]
         variants = {v.name: variants[v.name] for v in recipe.variants if v.name in variants}  # recipe order
@@ -90,6 +92,7 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
             "variants": variants,
             "variant_order": list(variants),  # JSON files are written with sorted keys; rows follow the recipe
             **({"source_pipeline_fidelity": source_pipeline} if source_pipeline else {}),
+            **({"refused": refused} if refused else {}),  # what the recipe asked for and this build did not ship
             "artifacts": artifacts,
             "tools": versions,
         }
@@ -108,7 +111,7 @@ def _variant_files(entry: dict) -> list[str]:
     return [entry["file"]] + [f for v in entry.get("vela", {}).values() for f in (v["file"], v["summary_csv"])]
 
 
-def _kept_variants(recipe: Recipe, built: dict, old: dict | None, folder: Path, console: Console) -> dict:
+def _kept_variants(recipe: Recipe, built: set[str], old: dict | None, folder: Path, console: Console) -> dict:
     """Variants of the recipe that this build did not touch (build --variant) and whose files in the
     current dist still match their manifest: they stay, byte for byte."""
     kept = {}
