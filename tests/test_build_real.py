@@ -116,8 +116,9 @@ def test_changed_variant_reruns_only_its_stages(built, tmp_path):
     shutil.copytree(root / "build", tmp_path / "build")
     recipe = (Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text()
     local = tmp_path / "pedestrian-ssdlite.yaml"
-    local.write_text(recipe.replace("io_dtype: int8, calibration: coco-train2017-100, min_cosine",
-                                    "io_dtype: int8, calibration: coco-train2017-100, calibration_count: 50, min_cosine"))
+    int8 = "{name: int8, mode: int8, io_dtype: int8, calibration: coco-train2017-100,"
+    assert recipe.count(int8) == 1
+    local.write_text(recipe.replace(int8, int8 + " calibration_count: 50,"))
     result = run_cli("--cache-dir", str(root / "cache"), "build", str(local), "--out", str(tmp_path / "dist"),
                      "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -285,14 +285,16 @@ def test_debug_ranks_a_damaged_layer_of_an_onnx_int8_first(tmp_path, mirror):
     failed = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
     # the damage shows in the dynamic variant too (SQNR 0.8 dB), the first whose checks end
     assert failed.returncode == 1 and "variants[2].min_slice_sqnr_db: dynamic" in failed.stderr, failed.stderr[-2000:]
-    assert f"mzconvert debug {recipe} --variant dynamic" in failed.stderr and not (tmp_path / "dist").exists()
+    assert f"mzconvert debug {recipe} --variant dynamic" in failed.stderr
+    shipped = json.loads((tmp_path / "dist" / "tiny-onnx" / "manifest.json").read_text())["variants"]
+    assert "not shipped: dynamic" in failed.stderr and "dynamic" not in shipped and "int8" in shipped
     done = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "debug", str(recipe), "--variant", "int8",
                    *where)
     assert done.returncode == 0, done.stderr[-2000:]
     layers = json.loads(done.stdout)["layers"]
     assert layers[0]["layer"] == "relu2", layers[:3]  # conv2 + its ReLU, one quantized activation in QDQ
     assert layers[0]["rmse_steps"] > 2 * layers[1]["rmse_steps"], layers[:3]
-    assert (tmp_path / "build" / "tiny-onnx" / "debug" / "int8.png").is_file()  # no dist yet: beside the build
+    assert (tmp_path / "dist" / "tiny-onnx" / "debug" / "int8.png").is_file()  # int8 was shipped
     accepted = "min_agreement: 0, min_slice_sqnr_db: -1000"
     recipe.write_text(recipe.read_text().replace("calibration_method: minmax", f"calibration_method: minmax, {accepted}")
                       .replace("{name: dynamic, mode: dynamic}", f"{{name: dynamic, mode: dynamic, {accepted}}}"))

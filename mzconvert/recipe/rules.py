@@ -79,6 +79,8 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
         raise item.fail(f"weight_rounding {v.weight_rounding} applies to int8 variants this tool quantizes with 8-bit "
                         "weights (not a .tflite source, a graph with custom ops, or reduce_range)",
                         where("weight_rounding"))
+    if v.bias_correction and (v.mode != "int8" or v.target != "onnx"):
+        raise item.fail("bias_correction applies to ONNX int8 (QDQ) variants", where("bias_correction"))
     if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
     if v.attach_postprocess and not (v.target == "tflite" and _attachable(postprocess)):

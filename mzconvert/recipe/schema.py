@@ -81,8 +81,8 @@ FIELDS = {
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
-                   "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db", "min_float_cosine",
-                   "separate_output_scales", "quantizer", "float_layers", "max_drop"),
+                   "bias_correction", "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db",
+                   "min_float_cosine", "separate_output_scales", "quantizer", "float_layers", "max_drop"),
     "variants[].quantized_input_stats": ("mean", "std"),
     "targets": ("vela",),
     "targets.vela": ("name", "accelerator", "system_config", "memory_mode", "config", "max_cpu_ops",
@@ -253,6 +253,8 @@ class Variant:
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
     weight_rounding: str = "nearest"  # fitted(-all): int8 depthwise (all layers') weights fitted to the calibration
+    # ONNX int8: each layer's bias corrected for the mean error of the quantized layers before it (backends/onnx.py)
+    bias_correction: bool = False
     # a .tflite source's quantizer: converter (TFLite's own, from our recorded ranges: int8) or ai-edge-quantizer
     # (Google's LiteRT quantizer: dynamic, int8, int16x8); "" = converter for int8, else ai-edge-quantizer
     quantizer: str = ""

@@ -396,6 +396,7 @@ def parse_variant(r: Reader) -> Variant:
                    attach_postprocess=r.boolean("attach_postprocess", None),
                    weight_rounding=r.string("weight_rounding", required=False, default="",
                                             choices=WEIGHT_ROUNDINGS),
+                   bias_correction=r.boolean("bias_correction", False),
                    quantizer=r.string("quantizer", required=False, default="",
                                       choices=("converter", "ai-edge-quantizer")),
                    float_layers=tuple(r.list_of("float_layers", Reader.as_string, required=False) or ()),
