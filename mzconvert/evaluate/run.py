@@ -50,7 +50,9 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     folder = dist / recipe.name
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     if missing := set(variants) - set(manifest["variants"]):
-        raise InputError(f"{folder}/manifest.json: no built variant {', '.join(sorted(missing))}")
+        refused = [name for name in sorted(missing) if name in manifest.get("refused", {})]
+        why = f" ({', '.join(refused)}: refused by the build, below a fidelity floor)" if refused else ""
+        raise InputError(f"{folder}/manifest.json: no built variant {', '.join(sorted(missing))}{why}")
     chosen = [v.name for v in recipe.variants
               if v.name in manifest["variants"] and (not variants or v.name in variants)]
     threads = os.cpu_count() or 1  # eval is throughput: every model runs on every core
