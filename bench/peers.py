@@ -11,6 +11,11 @@ to our ONNX int8, top-1 agreement with float32, logits SQNR to float32, the same
 kernels on this CPU (what a deployment here computes), quantizer seconds, 1-thread latency (ORT's fused kernels,
 LiteRT's XNNPACK) and how many of the model's convolutions ORT runs as integer kernels.
 
+A detector recipe (--recipe pedestrian-ssdlite; no peer quantizes its TF graph) prints its shipped int8 against
+its float32 on the COCO val images (--dataset, default MIRROR/coco), under the kernels the int8's target computes
+with: each raw output's SQNR (whole, and its worst coordinate or class), the float model's detections matched
+(same label, IoU >= 0.9, score >= 0.3 in either) and AP with its ratio to float32 and paired interval (`eval`).
+
 Usage: .venv/bin/python bench/peers.py [--recipe NAME] [--dataset DIR] [--count N] [--mirror DIR]
 (needs `mzconvert build RECIPE` into ./dist first, or builds it there)
 """
@@ -107,6 +112,9 @@ def main() -> None:
                         recipe.name], cwd=ROOT, check=True)
     built = json.loads(manifest_file.read_text())["variants"]
     dist = manifest_file.parent
+    if recipe.task == "detection":
+        detector(recipe, dist, built, Path(args.dataset or Path(args.mirror) / "coco"), args)
+        return
     ours = recipe.variant("int8")
     image_set = load_image_set(ours.calibration, recipe.path)
     fetcher = Fetcher(FetchConfig(cache_dir=default_cache_dir(), mirrors=[args.mirror]))
@@ -177,6 +185,47 @@ def main() -> None:
                   f"{agreement:.1%} | {sqnr:.1f} dB | {on_this_cpu} | {f'{seconds:.0f}' if seconds else '-'} | "
                   f"{timing['median_ms']:.2f} | "
                   f"{f'{convs[0]} of {convs[1]}' if convs else '-'} |")
+
+
+def detector(recipe, dist: Path, built: dict, dataset: Path, args) -> None:
+    """The shipped int8 of a detector recipe against its float32 (see the module's docstring)."""
+    from mzconvert.preprocess import list_images, prepare
+    from mzconvert.runtime import OPTIMIZED, open_model, target_kernels
+    from mzconvert.tasks.detection import judged_outputs, load_anchors, matched_detections, raw_detections
+    from mzconvert.tasks.signal import compare, worst_slice
+
+    int8 = recipe.variant("int8")
+    kernels = next(iter(target_kernels(recipe, int8)), OPTIMIZED)
+    names = list(recipe.strip.outputs)
+    float32, quantized = (open_model(dist / built[name]["file"], names, threads=2, kernels=k)
+                          for name, k in (("float32", OPTIMIZED), ("int8", kernels)))
+    anchors = load_anchors(dist / "anchors.npy") if (dist / "anchors.npy").is_file() else None
+    images = list_images(dataset / "val2017")[:args.count]
+    outputs, matched, total = {"float32": [], "int8": []}, 0, 0
+    for path in images:
+        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+        want, got = float32.run(tensor), quantized.run(tensor)
+        outputs["float32"].append(want)
+        outputs["int8"].append(got)
+        found = [raw_detections(o, names, recipe.postprocess, anchors, recipe.input.height_width) for o in (want, got)]
+        m, t = matched_detections(*found)
+        matched, total = matched + m, total + t
+    print(f"{recipe.name}: int8 ({kernels} kernels) against float32 on {len(images)} images of {dataset}")
+    for i, name in enumerate(names):
+        ref, got, axis = judged_outputs(name, *(np.stack([o[i] for o in outputs[k]]) for k in ("float32", "int8")),
+                                        recipe.postprocess, recipe.input.height_width)  # as verify judges them
+        worst = worst_slice(ref, got, axis)
+        print(f"  output {name}: SQNR {compare(ref, got)['sqnr_db']:.1f} dB"
+              + (f" (worst channel {worst['index']} of {worst['of']}: {worst['sqnr_db']:.1f} dB)" if worst else ""))
+    print(f"  float32's detections matched: {matched / max(total, 1):.1%} of {total}")
+    done = subprocess.run([sys.executable, "-m", "mzconvert.cli", "--quiet", "--json", "--mirror", args.mirror, "eval",
+                           recipe.name, "--dataset", str(dataset), "--variant", "float32", "--variant", "int8"],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    results = json.loads(done.stdout)["results"]
+    low, high = results["int8"]["ratio_interval"]
+    print(f"  AP: float32 {results['float32']['AP']:.4f}, int8 {results['int8']['AP']:.4f} "
+          f"({results['int8']['AP'] / results['float32']['AP']:.1%} of float32, paired 95 % interval "
+          f"{low:.1%} - {high:.1%})")
 
 
 if __name__ == "__main__":
