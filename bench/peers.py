@@ -188,36 +188,30 @@ def main() -> None:
 
 
 def detector(recipe, dist: Path, built: dict, dataset: Path, args) -> None:
-    """The shipped int8 of a detector recipe against its float32 (see the module's docstring)."""
-    from mzconvert.preprocess import list_images, prepare
-    from mzconvert.runtime import OPTIMIZED, open_model, target_kernels
-    from mzconvert.tasks.detection import judged_outputs, load_anchors, matched_detections, raw_detections
-    from mzconvert.tasks.signal import compare, worst_slice
+    """The shipped int8 of a detector recipe against its float32 (see the module's docstring), judged by the
+    build's own verify (stages/verify.py) on the dataset's images."""
+    from types import SimpleNamespace
 
-    int8 = recipe.variant("int8")
-    kernels = next(iter(target_kernels(recipe, int8)), OPTIMIZED)
+    from mzconvert.preprocess import list_images
+    from mzconvert.runtime import OPTIMIZED, open_model, target_kernels
+    from mzconvert.stages.verify import reference_outputs, verify_variant
+
+    kernels = next(iter(target_kernels(recipe, recipe.variant("int8"))), OPTIMIZED)
     names = list(recipe.strip.outputs)
-    float32, quantized = (open_model(dist / built[name]["file"], names, threads=2, kernels=k)
-                          for name, k in (("float32", OPTIMIZED), ("int8", kernels)))
-    anchors = load_anchors(dist / "anchors.npy") if (dist / "anchors.npy").is_file() else None
+    anchors = dist / "anchors.npy" if (dist / "anchors.npy").is_file() else None
     images = list_images(dataset / "val2017")[:args.count]
-    outputs, matched, total = {"float32": [], "int8": []}, 0, 0
-    for path in images:
-        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
-        want, got = float32.run(tensor), quantized.run(tensor)
-        outputs["float32"].append(want)
-        outputs["int8"].append(got)
-        found = [raw_detections(o, names, recipe.postprocess, anchors, recipe.input.height_width) for o in (want, got)]
-        m, t = matched_detections(*found)
-        matched, total = matched + m, total + t
+    float32 = open_model(dist / built["float32"]["file"], names, threads=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        # reference_outputs reads the float model's outputs by the names the build's graph runner carries
+        reference = reference_outputs(SimpleNamespace(run=float32.run, output_names=names), recipe, images,
+                                      Path(tmp), anchors)
+        metrics = verify_variant(dist / built["int8"]["file"], reference, names, recipe, anchors, 2, kernels)
     print(f"{recipe.name}: int8 ({kernels} kernels) against float32 on {len(images)} images of {dataset}")
-    for i, name in enumerate(names):
-        ref, got, axis = judged_outputs(name, *(np.stack([o[i] for o in outputs[k]]) for k in ("float32", "int8")),
-                                        recipe.postprocess, recipe.input.height_width)  # as verify judges them
-        worst = worst_slice(ref, got, axis)
-        print(f"  output {name}: SQNR {compare(ref, got)['sqnr_db']:.1f} dB"
+    for name in names:
+        worst = metrics[name].get("worst_slice")
+        print(f"  output {name}: SQNR {metrics[name]['sqnr_db']:.1f} dB"
               + (f" (worst channel {worst['index']} of {worst['of']}: {worst['sqnr_db']:.1f} dB)" if worst else ""))
-    print(f"  float32's detections matched: {matched / max(total, 1):.1%} of {total}")
+    print(f"  float32's detections matched: {metrics['matched_detections']:.1%} of {metrics['detections_compared']}")
     done = subprocess.run([sys.executable, "-m", "mzconvert.cli", "--quiet", "--json", "--mirror", args.mirror, "eval",
                            recipe.name, "--dataset", str(dataset), "--variant", "float32", "--variant", "int8"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
