@@ -470,22 +470,31 @@ def _correct_biases(prepared: Path, quantized: Path, tensors: list[np.ndarray]) 
             float_means[name] = float_means[name] + _channel_means(values) / len(images)
     power = [max(float(np.mean([np.mean(r[i] ** 2) for r in reference])), 1e-30) for i in range(len(outputs))]
 
-    def error() -> float:
-        runs = list(_runs(model, outputs, images, defined=True))
-        return sum(np.mean([np.mean((got[i] - want[i]) ** 2) for got, want in zip(runs, reference)]) / power[i]
-                   for i in range(len(outputs)))
+    def measure(start: int) -> tuple[float, dict[int, np.ndarray]]:
+        """One pass of the QDQ model as it is now: its output error (each output's squared error relative to its
+        float power) and the per-channel output mean of every layer from `start` on ({layer index: mean}). A layer's
+        mean is read from the latest pass over the model as it stands when its turn comes: one pass per shift tried,
+        none per layer."""
+        names = [node.output[0] for node, _, _, _ in layers[start:]]
+        errors, means = [[] for _ in outputs], [[] for _ in names]
+        for got, want in zip(_runs(model, outputs + names, images, defined=True), reference):
+            for i in range(len(outputs)):
+                errors[i].append(np.mean((got[i] - want[i]) ** 2))
+            for j in range(len(names)):
+                means[j].append(_channel_means(got[len(outputs) + j]))
+        return (sum(np.mean(errors[i]) / power[i] for i in range(len(outputs))),
+                {start + j: np.mean(means[j], axis=0) for j in range(len(names))})
 
-    best = error()
-    for node, twin, bias, steps in layers:
-        got = np.mean([_channel_means(run[0]) for run in _runs(model, [node.output[0]], images, defined=True)], axis=0)
-        shift = np.round((float_means[twin.output[0]] - got) / steps).astype(np.int64)
+    best, means = measure(0)
+    for index, (node, twin, bias, steps) in enumerate(layers):
+        shift = np.round((float_means[twin.output[0]] - means[index]) / steps).astype(np.int64)
         if not shift.any():
             continue
         before = numpy_helper.to_array(bias)
         bias.CopyFrom(numpy_helper.from_array((before + shift).astype(np.int32), bias.name))
-        tried = error()
+        tried, tried_means = measure(index + 1)
         if tried < best:
-            best = tried
+            best, means = tried, tried_means
         else:
             bias.CopyFrom(numpy_helper.from_array(before, bias.name))
     _save(model, quantized)

@@ -204,20 +204,20 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
             decode = level_boxes if name == level.parts[0] else _level_class_scores
             reference, candidate = (np.stack([decode(v, level, input_hw).T for v in values])
                                     for values in (reference, candidate))
-            if name == level.parts[0]:
-                return reference, candidate, 0
-            hidden = np.maximum(reference, candidate) < MATCH_SCORE
-            return np.where(hidden, 0.0, reference), np.where(hidden, 0.0, candidate), 0
+            return (reference, candidate, 0) if name == level.parts[0] else (*_shown(reference, candidate), 0)
     if name == post.class_output:
-        scores = np.s_[...]
-    elif post.class_output is None and post.output in (None, name):  # the one output: its score columns
-        scores = np.s_[..., 4:, :] if post.kind == "yolov8" else np.s_[..., 4:]
-    else:
-        return reference, candidate, None
+        return (*_shown(reference, candidate), None)
+    if post.class_output is None and post.output in (None, name):  # the one output: its score columns
+        return (*_shown(reference, candidate, np.s_[..., 4:, :] if post.kind == "yolov8" else np.s_[..., 4:]), None)
+    return reference, candidate, None
+
+
+def _shown(reference: np.ndarray, candidate: np.ndarray, scores=np.s_[...]) -> tuple[np.ndarray, np.ndarray]:
+    """Both models' values with the scores (`scores`, an index into them) that neither gives MATCH_SCORE set to 0."""
     judged = np.zeros(reference.shape, bool)
     judged[scores] = True
     hidden = judged & (np.maximum(reference, candidate) < MATCH_SCORE)
-    return (*(np.where(hidden, 0.0, values) for values in (reference, candidate)), None)
+    return np.where(hidden, 0.0, reference), np.where(hidden, 0.0, candidate)
 
 
 def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
