@@ -1,4 +1,4 @@
-"""bias_correction (ONNX int8, backends/onnx.py): each layer's bias corrected for the mean error of the quantized
+"""bias_correction (ONNX int8, quant/qdq_refits.py): each layer's bias corrected for the mean error of the quantized
 layers before it, kept where it lowers the model's output error on the calibration images."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from mzconvert.backends.onnx import _Calibration, _correct_biases, _Dequantized
+from mzconvert.backends.onnx import _Calibration
 from mzconvert.errors import RecipeError
+from mzconvert.quant.qdq_refits import Dequantized, correct_biases
 from mzconvert.recipe import load_recipe
 from tests.test_onnx_backend import _prepared_tiny_onnx
 
@@ -35,7 +36,7 @@ def quantized_tiny(tmp_path: Path) -> tuple[Path, Path, list[np.ndarray]]:
 
 def last_conv_bias(model) -> onnx.TensorProto:
     conv = [n for n in model.graph.node if n.op_type == "Conv"][-1]
-    return _Dequantized(model)(conv.input[2])[0]
+    return Dequantized(model)(conv.input[2])[0]
 
 
 def output_error(prepared: Path, quantized: Path, images: list[np.ndarray]) -> float:
@@ -59,7 +60,7 @@ def test_a_bias_knocked_off_its_mean_is_brought_back(tmp_path):
     onnx.save(model, str(quantized))
     before = output_error(prepared, quantized, images)
 
-    _correct_biases(prepared, quantized, images)
+    correct_biases(prepared, quantized, images)
 
     corrected = numpy_helper.to_array(last_conv_bias(onnx.load(str(quantized)))).astype(np.int64)
     assert np.abs(corrected - original).max() < 0.05 * np.abs(knocked - original).max(), (corrected, original)
@@ -92,10 +93,10 @@ def test_a_correction_that_does_not_lower_the_output_error_is_not_kept(tmp_path)
     first_conv_bias = [n for n in onnx.load(str(quantized)).graph.node if n.op_type == "Conv"][0].input[2]
 
     def bias_values() -> np.ndarray:
-        return numpy_helper.to_array(_Dequantized(onnx.load(str(quantized)))(first_conv_bias)[0])
+        return numpy_helper.to_array(Dequantized(onnx.load(str(quantized)))(first_conv_bias)[0])
 
     before, error = bias_values(), output_error(prepared, quantized, images)
-    _correct_biases(prepared, quantized, images)
+    correct_biases(prepared, quantized, images)
     assert bias_values()[-1] == before[-1]
     assert output_error(prepared, quantized, images) <= error
 

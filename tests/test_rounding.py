@@ -274,7 +274,7 @@ def test_patches_reproduce_every_grouped_onnx_convolution(tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from mzconvert.backends.onnx import _window
+    from mzconvert.quant.qdq_refits import _window
 
     path, _ = _grouped_onnx(tmp_path / "grouped.onnx")
     model = onnx.load(str(path))
@@ -335,7 +335,7 @@ def test_onnx_int8_depthwise_weights_fitted_lower_the_layer_error(tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from mzconvert.backends.onnx import _window
+    from mzconvert.quant.qdq_refits import _window
 
     path, convs = _grouped_onnx(tmp_path / "grouped.onnx")
     prepared, built, unseen = _quantized_both_ways(path, ("fitted", "nearest"), seed=8)

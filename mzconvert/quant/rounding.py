@@ -24,7 +24,7 @@ The moments come from the float model on the first MOMENT_IMAGES calibration ima
 positions drawn with a fixed seed (MOMENT_POSITIONS an image for a depthwise layer; for a layer's shared M
 enough for SAMPLES_PER_INPUT samples per patch element over the images, or all), so a build gives the
 same bytes every time. The math serves both runtimes; the TFLite side is at the end of this module
-(the moments kept by calibrate, the refit per variant), the ONNX QDQ side in backends/onnx.py.
+(the moments kept by calibrate, the refit per variant), the ONNX QDQ side in qdq_refits.py.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ class Variant:
     target: str = ""  # artifact format: tflite | onnx; "" = the source backend's own
     attach_postprocess: bool = False  # the .tflite ends in TFLite_Detection_PostProcess (postprocess.attach)
     weight_rounding: str = "nearest"  # fitted(-all): int8 depthwise (all layers') weights fitted to the calibration
-    # ONNX int8: each layer's bias corrected for the mean error of the quantized layers before it (backends/onnx.py)
+    # ONNX int8: each layer's bias corrected for the mean error of the quantized layers before it (quant/qdq_refits.py)
     bias_correction: bool = False
     # a .tflite source's quantizer: converter (TFLite's own, from our recorded ranges: int8) or ai-edge-quantizer
     # (Google's LiteRT quantizer: dynamic, int8, int16x8); "" = converter for int8, else ai-edge-quantizer
