@@ -154,3 +154,103 @@ verify: {{images: {check}}}
     assert (tmp_path / "dist" / "face" / "anchors.npy").is_file()
     drawn = run_cli("predict", str(tmp_path / "face.yaml"), str(sorted(check.iterdir())[0]), *where)
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+
+
+def mediapipe_layout_tflite(path: Path, size: tuple[int, int], levels: list[tuple[int, int]], values: int,
+                            classes: int = 1) -> Path:
+    """A float .tflite ending as MediaPipe's detectors end: per level (stride, anchors a cell) a map of the input
+    [1, rows, columns, anchors x values] reshaped to [1, rows x columns x anchors, values], the levels joined (one
+    level: no join) into the box output, and the same for the class logits."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(5)
+    kernels = [(tf.constant(rng.normal(0, 0.05, (stride, stride, 3, anchors * values)).astype(np.float32)),
+                tf.constant(rng.normal(0, 0.05, (stride, stride, 3, anchors * classes)).astype(np.float32)), stride)
+               for stride, anchors in levels]
+
+    @tf.function(input_signature=[tf.TensorSpec([1, *size, 3], tf.float32)])
+    def model(x):
+        def joined(parts):
+            return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+
+        boxes = joined([tf.reshape(tf.nn.conv2d(x, b, s, "VALID"), [1, -1, values]) for b, _, s in kernels])
+        scores = joined([tf.reshape(tf.nn.conv2d(x, c, s, "VALID"), [1, -1, classes]) for _, c, s in kernels])
+        return {"regressors": boxes, "classificators": scores}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    path.write_bytes(converter.convert())
+    return path
+
+
+def unit_anchors(size: tuple[int, int], levels: list[tuple[int, int]]) -> np.ndarray:
+    """What such a head's layout means, written out: level by level, cell by cell (rows, then columns), each cell's
+    anchors, unit-size boxes centred on the cell."""
+    boxes = []
+    for stride, anchors in levels:
+        rows, columns = size[0] // stride, size[1] // stride
+        for y in range(rows):
+            for x in range(columns):
+                yc, xc = (y + 0.5) / rows, (x + 0.5) / columns
+                boxes += [(yc - 0.5, xc - 0.5, yc + 0.5, xc + 0.5)] * anchors
+    return np.asarray(boxes, np.float32)
+
+
+@pytest.mark.parametrize("size, levels, values", [
+    ((128, 128), [(8, 2), (16, 6)], 16),   # BlazeFace short range: 896 anchors, 6 keypoints
+    ((224, 224), [(8, 2), (16, 2), (32, 6)], 12),  # the pose detector's 2254
+    ((192, 192), [(4, 1)], 16),  # one level, one anchor a cell (BlazeFace full range's 2304): no join
+    ((96, 160), [(16, 3), (32, 2)], 4),  # an input not square, an odd anchor count, boxes without keypoints
+])
+def test_init_reads_the_anchors_of_a_mediapipe_head_from_its_levels(tmp_path, size, levels, values):
+    """init on a head without anchors in the graph proposes the detection recipe MediaPipe decodes it with: its
+    generator options give, anchor for anchor, the unit anchors the head's levels lay out; the recipe loads."""
+    import yaml
+
+    from mzconvert.recipe import load_recipe
+
+    model = mediapipe_layout_tflite(tmp_path / "head.tflite", size, levels, values)
+    made = run_cli("init", "head", "--from", str(model), "--to", str(tmp_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    recipe = yaml.safe_load((tmp_path / "head.yaml").read_text())
+    post = recipe["postprocess"]
+    assert recipe["task"] == "detection" and post["kind"] == "ssd"
+    assert (post["box_coding"], post["box_order"], post["score"], post["background_class"]) == \
+        ("linear", "xywh", "sigmoid", False)
+    assert post["box_coder_scales"] == [size[0], size[1], size[0], size[1]]
+    from mzconvert.runtime import open_model
+
+    shapes = {o.name: o.shape for o in open_model(model).outputs}
+    assert shapes[post["box_output"]][-1] == values and shapes[post["class_output"]][-1] == 1
+    expected = unit_anchors(size, levels)
+    generated = generated_anchors(post["anchor_generator"])
+    assert generated.shape == expected.shape and np.abs(generated - expected).max() < 1e-6
+    loaded = load_recipe(tmp_path / "head.yaml").postprocess.anchor_generator
+    assert np.array_equal(generated_anchors(loaded), generated)
+
+
+def test_init_leaves_two_outputs_that_are_no_such_head_alone(tmp_path):
+    """Two outputs of one row count whose maps are not levels of the input's grid (a stride that does not divide
+    it) are not read as an SSD head."""
+    import yaml
+
+    model = mediapipe_layout_tflite(tmp_path / "odd.tflite", (100, 100), [(3, 2)], 16)  # 33 x 33 cells of 3 px
+    made = run_cli("init", "odd", "--from", str(model), "--to", str(tmp_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "odd.yaml").read_text()).get("task") != "detection"
+
+
+@pytest.mark.slow
+def test_inits_recipe_for_a_mediapipe_head_builds_and_draws_as_written(tmp_path, mirror):
+    """The float file as it is (the float32 variant), its anchors exported beside it, its detections drawn."""
+    model = mediapipe_layout_tflite(tmp_path / "face.tflite", (128, 128), [(8, 2), (16, 6)], 16)
+    check = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 4)
+    made = run_cli("init", "face", "--from", str(model), "--to", str(tmp_path), "--verify", str(check))
+    assert made.returncode == 0, made.stderr[-2000:]
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "face.yaml"), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert json.loads(built.stdout)["face"]["postprocess"]["count"] == 896
+    anchors = np.load(tmp_path / "dist" / "face" / "anchors.npy")
+    assert np.abs(anchors - unit_anchors((128, 128), [(8, 2), (16, 6)])).max() < 1e-6
+    drawn = run_cli("predict", str(tmp_path / "face.yaml"), str(sorted(check.iterdir())[0]), *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]

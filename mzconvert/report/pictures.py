@@ -35,6 +35,8 @@ def _panel(image: Image.Image, title: str, lines: list[str], boxes=()) -> Image.
     draw.text((6, 2), title, fill="black", font=font)
     for ymin, xmin, ymax, xmax, label, color in boxes:
         top = line_height + 4
+        # corners in order: a linear box coder (MediaPipe's) decodes a negative size as the model writes it
+        ymin, ymax, xmin, xmax = sorted((ymin, ymax)) + sorted((xmin, xmax))
         rect = [xmin * PANEL_WIDTH, top + ymin * scaled.height, xmax * PANEL_WIDTH, top + ymax * scaled.height]
         draw.rectangle(rect, outline=color, width=3)
         text_box = draw.textbbox((rect[0] + 3, rect[1] + 1), label, font=font)

@@ -412,11 +412,50 @@ def inspect_tflite(path: Path) -> dict:
               "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
     if normalization := input_normalization(model):
         report["normalization"] = normalization
+    if head := _ssd_head(model, report["outputs"]):
+        report["ssd_head"] = head
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
             found = {name: files.read(name) for name in files.namelist() if LABEL_FILE.search(name)}
         report |= _label_files(found)
     return report
+
+
+def _ssd_head(model, outputs: list[dict]) -> dict | None:
+    """An SSD head whose anchors are not in the graph (MediaPipe's detectors: BlazeFace, pose, palm): two outputs
+    [1, N, 4 + 2 x keypoints] (box offsets, then keypoints) and [1, N, classes], each joined from per-level maps
+    [1, rows, columns, anchors x values] reshaped (and concatenated, level by level). {box_output, class_output,
+    levels: [{rows, columns, anchors}]}: the anchors per cell each level has, as both outputs read them; else None."""
+    from ..tflite_file import op_names
+
+    shapes = [o.get("shape") or [] for o in outputs]
+    if len(outputs) != 2 or any(len(shape) != 3 for shape in shapes) or shapes[0][1] != shapes[1][1]:
+        return None
+    boxes, scores = sorted(outputs, key=lambda o: -o["shape"][2])
+    if boxes["shape"][2] < 4 or boxes["shape"][2] % 2 or boxes["shape"][2] == scores["shape"][2]:
+        return None
+    graph = model.subgraphs[0]
+    made = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    by_name = {graph.tensors[i].name.decode(): i for i in graph.outputs}
+
+    def levels(output: dict) -> list[tuple[int, int, int]] | None:
+        """Each level's (rows, columns, anchors) of one output, in the order it joins them."""
+        name, op = made.get(by_name.get(output["name"], -1), ("", None))
+        parts = list(op.inputs) if name == "CONCATENATION" else [by_name[output["name"]]]
+        found = []
+        for part in parts:
+            name, op = made.get(part, ("", None))
+            shape = list(graph.tensors[op.inputs[0]].shape) if name == "RESHAPE" else []
+            if len(shape) != 4 or shape[0] != 1 or shape[3] % output["shape"][2]:
+                return None
+            found.append((int(shape[1]), int(shape[2]), int(shape[3]) // output["shape"][2]))
+        return found
+
+    found = levels(boxes)
+    if not found or found != levels(scores) or sum(r * c * a for r, c, a in found) != boxes["shape"][1]:
+        return None
+    return {"box_output": boxes["name"], "class_output": scores["name"], "classes": scores["shape"][2],
+            "levels": [{"rows": r, "columns": c, "anchors": a} for r, c, a in found]}
 
 
 # A text file that names a model's classes, a line each, by the names such files have
@@ -484,6 +523,10 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  dynamic dimensions: {'; '.join(dynamic)}")
     if "ops" in report:
         lines.append(f"{indent}  ops: " + ", ".join(f"{op} {n}" for op, n in report["ops"].items()))
+    if head := report.get("ssd_head"):
+        lines.append(f"{indent}  SSD head without anchors: boxes {head['box_output']}, scores {head['class_output']}; "
+                     "levels (rows x columns x anchors) " +
+                     ", ".join(f"{v['rows']}x{v['columns']}x{v['anchors']}" for v in head["levels"]))
     for level in report.get("anchor_levels", []):
         lines.append(f"{indent}  anchor head level {level['name']}: stride {level['stride']}, anchors (w, h) "
                      f"{level['anchors']}")

@@ -273,7 +273,42 @@ def _tflite(model: dict) -> dict:
     if "TFLite_Detection_PostProcess" in model["ops"]:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
                                                           "labels": ["CHECK: the model's labels"]}}
+    elif (head := model.get("ssd_head")) and (post := _unit_anchor_ssd(head, proposal["shape"])):
+        proposal |= {"task": "detection", "postprocess": post}
     return proposal
+
+
+# MediaPipe's anchor scales (its detectors' graphs): with unit-size anchors (fixed_anchor_size) they change nothing
+MEDIAPIPE_SCALES = {"min_scale": 0.1484375, "max_scale": 0.75}
+
+
+def _unit_anchor_ssd(head: dict, shape: list[int]) -> dict | None:
+    """The postprocess of an SSD head without anchors in the graph (inspection's ssd_head), as MediaPipe's
+    detectors decode theirs: unit-size anchors at the centres of each level's cells (SsdAnchorsCalculator with
+    fixed_anchor_size, one layer of the generator per 2 anchors a cell: aspect ratio 1 and the interpolated
+    scale, or per anchor where a level has an odd count), box offsets (x, y, w, h, then keypoints) in input
+    pixels, linear in the anchor's size, sigmoid scores, no background class. None where a level's grid is no
+    stride of the input or two levels in a row share a stride (the generator would put them in one grid)."""
+    from ..tasks.anchors import generated_anchors
+
+    height, width = shape[1:3]
+    per_layer = 2 if all(level["anchors"] % 2 == 0 for level in head["levels"]) else 1
+    strides = []
+    for level in head["levels"]:
+        stride = height // level["rows"]
+        if stride * level["rows"] != height or stride * level["columns"] != width or strides[-1:] == [stride]:
+            return None
+        strides += [stride] * (level["anchors"] // per_layer)
+    options = {"num_layers": len(strides), **MEDIAPIPE_SCALES, "input_size_height": height,
+               "input_size_width": width, "anchor_offset_x": 0.5, "anchor_offset_y": 0.5, "strides": strides,
+               "aspect_ratios": [1.0], "fixed_anchor_size": True,
+               **({} if per_layer == 2 else {"interpolated_scale_aspect_ratio": 0.0})}
+    if len(generated_anchors(options)) != sum(v["rows"] * v["columns"] * v["anchors"] for v in head["levels"]):
+        return None
+    return {"kind": "ssd", "labels": [f"CHECK-class-{i}" for i in range(head["classes"])],
+            "anchor_generator": options, "box_coding": "linear", "box_order": "xywh",
+            "box_coder_scales": [height, width, height, width], "box_output": head["box_output"],
+            "class_output": head["class_output"], "score": "sigmoid", "background_class": False}
 
 
 PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "tf-saved-model": _saved_model,
@@ -462,6 +497,9 @@ def _with_notes(recipe: dict, model: dict, p: dict) -> str:
     kind = p.get("postprocess", {}).get("kind")
     if kind in ("yolov8", "yolov5"):
         notes.append("# CHECK postprocess: labels from the export's metadata (names), NMS as Ultralytics validates.")
+    elif kind == "ssd" and "anchor_generator" in p["postprocess"]:
+        notes.append("# CHECK postprocess: anchors from the head's levels, decoded as MediaPipe's detectors are "
+                     "(its graph's SsdAnchors and TensorsToDetections options); labels are yours.")
     elif p["task"] == "detection":
         notes.append("# CHECK postprocess: box_coder_scales and labels come from the model's pipeline.config.")
     return "\n".join(notes) + "\n" + text
