@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -379,3 +380,21 @@ def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tm
     explained = run_cli("--json", "debug", str(tmp_path / "tiny-onnx.yaml"), "--variant", "int8-auto", "--out",
                         str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
     assert explained.returncode == 0, explained.stderr[-2000:]
+
+
+def test_debug_counts_what_a_sum_inherits_from_both_inputs_in_values_not_in_steps():
+    """A residual sum of a wide branch (0.1 a step) and a narrow one (0.01 a step), each 1 step off: the sum, at
+    0.02 a step, inherits their errors (0.1 in values, 5 of its steps) and adds none; a layer reading one input
+    still has what it adds beyond that input's steps. Both runtimes' op names."""
+    from mzconvert.stages.debug import _added_errors
+
+    for add, conv in (("ADD", "CONV_2D"), ("Add", "Conv")):
+        inherited = math.hypot(0.1, 0.01)
+        totals = {"wide": [0.1 ** 2, 1, 0.1], "narrow": [0.01 ** 2, 1, 0.01], "sum": [inherited ** 2, 1, 0.1],
+                  "conv": [(1.5 * 0.1) ** 2, 1, 0.2]}
+        scales = {"wide": 0.1, "narrow": 0.01, "sum": 0.02, "conv": 0.1}
+        rows = {r["layer"]: r for r in _added_errors(totals, scales, {"sum": ["wide", "narrow"], "conv": ["wide"]},
+                                                     {"sum": add, "conv": conv, "wide": conv, "narrow": conv})}
+        assert rows["sum"]["accumulated_steps"] == pytest.approx(inherited / 0.02)
+        assert rows["sum"]["rmse_steps"] == pytest.approx(0.0, abs=1e-9)
+        assert rows["conv"]["rmse_steps"] == pytest.approx(0.5)
