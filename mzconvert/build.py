@@ -212,7 +212,7 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
     at least 1 - max_drop of the verify images (stages/fallback.py); the variant with those float_layers."""
     from dataclasses import replace
 
-    from .stages.debug import layer_errors
+    from .stages.debug import layer_errors, layers_to_keep_float
     from .stages.fallback import search_float_layers
 
     inputs, calibration, images, reference = _search_inputs(p, stripped, variant)
@@ -221,8 +221,8 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
         model, calibration_images, verify_images = stripped.path("model"), calibration(), images()
 
         def ranked(artifact: Path) -> list[str]:  # as `mzconvert debug` ranks them, worst first
-            rows = layer_errors(model, p.recipe, variant, artifact, lambda: calibration_images, verify_images)
-            return [row["layer"] for row in rows]
+            return layers_to_keep_float(layer_errors(model, p.recipe, variant, artifact, lambda: calibration_images,
+                                                     verify_images))
 
         return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, verify_images,
                                               variant.max_drop, _variant_log(p, variant), reference)}

@@ -124,6 +124,13 @@ def test_a_float_tflite_inits_and_builds_to_a_verified_int8_for_the_npu(tmp_path
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(again_recipe, sort_keys=False))
     refused = run_cli("build", str(tmp_path / "again.yaml"), *where)
     assert refused.returncode == 1 and "is quantized already; remove calibration" in refused.stderr, refused.stderr
+    # debug names layers as float_layers takes them (the fused conv's name has its activation's after ';')
+    worst = next(row["layer"] for row in layers if ";" in row["layer"])
+    recipe["variants"] = [recipe["variants"][1] | {"name": "int8-float-worst", "float_layers": [worst]}]
+    (tmp_path / "ftl.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    kept = run_cli("build", str(tmp_path / "ftl.yaml"), "--out", str(tmp_path / "kept"), "--build-dir",
+                   str(tmp_path / "build"))
+    assert kept.returncode == 0, kept.stderr[-3000:]
 
 
 BIAS = np.array([0.5, -0.25, 1.0, 0.0], "<f4")

@@ -193,21 +193,23 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
                          calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
     """A .tflite source and its int8 variant side by side in LiteRT, every tensor kept: each int8 activation
     against the float tensor of the same name (the converter keeps names; a fused activation's name comes
-    second, after ';'), run under the variant's target kernels, in steps of its scale."""
+    second, after ';'), run under the variant's target kernels, in steps of its scale. Layers are named as the
+    float file names them: what float_layers takes."""
     kernels = next(iter(target_kernels(recipe, variant)), OPTIMIZED)
     float_model = litert_interpreter(stripped, keep_all_tensors=True)
     int8_model = litert_interpreter(artifact, kernels, keep_all_tensors=True)
     for interpreter in (float_model, int8_model):
         interpreter.allocate_tensors()
-    float_tensors = {}  # by full name and by first name: either file may have fused an activation's name in
-    for d in float_model.get_tensor_details():
+    float_tensors, float_names = {}, {}  # by full name and by first name: either file may have fused an
+    for d in float_model.get_tensor_details():  # activation's name in
         float_tensors.setdefault(d["name"].split(";")[0], d["index"])
         float_tensors[d["name"]] = d["index"]
+        float_names[d["index"]] = d["name"]
     details = int8_model.get_tensor_details()
     twins = {d["index"]: float_tensors.get(d["name"], float_tensors.get(d["name"].split(";")[0])) for d in details
              if d["dtype"] in (np.int8, np.int16) and d["quantization"][0] > 0}
     twins = {index: twin for index, twin in twins.items() if twin is not None}
-    names = {d["index"]: d["name"].split(";")[0] for d in details}
+    names = {d["index"]: float_names[twins[d["index"]]] if d["index"] in twins else d["name"] for d in details}
     scales = {names[i]: float(details[i]["quantization"][0]) for i in twins}
     ops = int8_model._get_ops_details()
     producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
@@ -229,6 +231,12 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
             if reference.shape == values.shape:
                 _add_error(totals, names[index], reference, values, bounds.get(index))
     return _added_errors(totals, scales, inputs, producers)
+
+
+def layers_to_keep_float(rows: list[dict]) -> list[str]:
+    """The layers of debug's rows, worst first, as float_layers names them: the model's input is quantized where
+    it enters and no layer to keep float."""
+    return [row["layer"] for row in rows if row["op"] != "input"]
 
 
 def debug_table(result: dict, rows: int = 15) -> str:
@@ -312,7 +320,7 @@ def explain_variant(recipe: Recipe, variant: Variant, out: Path, build_root: Pat
     if search_drop is not None:
         from .fallback import search_float_layers
 
-        result["search"] = search_float_layers(stripped, recipe, variant, [row["layer"] for row in layers],
+        result["search"] = search_float_layers(stripped, recipe, variant, layers_to_keep_float(layers),
                                                calibration(), images, search_drop, log)
     folder = out / recipe.name if in_dist else recipe_build_folder(build_root, recipe.name)
     write_json_atomic(folder / "debug" / f"{variant.name}.json", result)
