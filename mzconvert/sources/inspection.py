@@ -440,7 +440,9 @@ def _ssd_head(model, outputs: list[dict]) -> dict | None:
 
     def levels(output: dict) -> list[tuple[int, int, int]] | None:
         """Each level's (rows, columns, anchors) of one output, in the order it joins them."""
-        name, op = made.get(by_name.get(output["name"], -1), ("", None))
+        if output["name"] not in by_name:  # named by a signature, not by its tensor
+            return None
+        name, op = made.get(by_name[output["name"]], ("", None))
         parts = list(op.inputs) if name == "CONCATENATION" else [by_name[output["name"]]]
         found = []
         for part in parts:
