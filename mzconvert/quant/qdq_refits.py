@@ -140,11 +140,11 @@ def correct_biases(prepared: Path, quantized: Path, tensors: list[np.ndarray]) -
     if not layers:
         return
     outputs = [o.name for o in model.graph.output]
-    means = [twin.output[0] for _, twin, _, _ in layers]
-    reference, float_means = [], {name: 0.0 for name in means}
-    for run in _runs(floats, outputs + means, images):  # image by image: every layer's output of one at a time
+    twin_outputs = [twin.output[0] for _, twin, _, _ in layers]
+    reference, float_means = [], {name: 0.0 for name in twin_outputs}
+    for run in _runs(floats, outputs + twin_outputs, images):  # image by image: every layer's output of one at a time
         reference.append(run[:len(outputs)])
-        for name, values in zip(means, run[len(outputs):]):
+        for name, values in zip(twin_outputs, run[len(outputs):]):
             float_means[name] = float_means[name] + _channel_means(values) / len(images)
     power = [max(float(np.mean([np.mean(r[i] ** 2) for r in reference])), 1e-30) for i in range(len(outputs))]
 
