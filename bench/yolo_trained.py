@@ -1,7 +1,7 @@
 """Issue 24: a trained YOLO detector through the recipe `mzconvert init` writes, as written, in one run.
 
-YOLOv8n (or with --model yolov5n, YOLOv5n: anchors and objectness) is trained here from the `ultralytics`
-(`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
+YOLOv8n (with --model yolo11n YOLO11n; with --model yolov5n YOLOv5n: anchors and objectness) is trained here
+from the `ultralytics` (`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
 bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
 detector, but its scores and features are a trained network's), or --onnx names a trained export of your own.
 `mzconvert init` writes its recipe (calibration: the train images; verify: the val images) and the build runs it
@@ -14,7 +14,7 @@ calibration images are half of the train images and the verify and evaluation im
 learned, so that the float model's detections are confident and int8's agreement with them means something (the
 AP there is no accuracy figure; its ratio to float32 is still a paired fidelity measure).
 
-Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80] [--model yolov8n|yolov5n]
+Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80] [--model yolov8n|yolo11n|yolov5n]
        [--onnx TRAINED.onnx] [--seen]
 """
 
@@ -33,7 +33,8 @@ import yaml
 from mzconvert.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINERS = {"yolov8n": "ultralytics_train.py", "yolov5n": "yolov5_train.py"}  # the script that trains each
+# the script that trains each
+TRAINERS = {"yolov8n": "ultralytics_train.py", "yolo11n": "ultralytics_train.py", "yolov5n": "yolov5_train.py"}
 
 
 def mz(*args: str) -> subprocess.CompletedProcess:

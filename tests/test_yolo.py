@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from mzconvert.errors import EXIT_BAD_INPUT
 from mzconvert.preprocess import letterbox_geometry, model_tensor
 from mzconvert.recipe import InputSpec, Postprocess
 from mzconvert.recipe.schema import DEFAULT_FLOORS, Preprocess
@@ -199,6 +200,54 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
     assert npu["cpu_op_count"] == ATTACHED_HEADS["pixels"][-1] and npu["npu_ops"]
     evaluated = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(MIRROR / "coco"), *where)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+
+def ending_in_own_nms(path: Path, joined: bool = True) -> Path:
+    """The export as Ultralytics' nms=True writes it: the head's [1, 4 + classes, N] read by the graph's own
+    NonMaxSuppression (boxes [1, N, 4], scores [1, classes, N]), whose selections are the graph's output; with
+    `joined` false the NMS reads the boxes and scores that no Concat joins."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    head = "output0" if joined else None
+    if not joined:  # the NMS reads the head's two branches as they are, the Concat gone
+        graph.node.remove(next(n for n in graph.node if n.op_type == "Concat"))
+    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                              (("start_b", [0]), ("end_b", [4]), ("start_c", [4]), ("end_c", [6]), ("axis", [2]),
+                               ("keep", [300]))] + [numpy_helper.from_array(np.array([v], np.float32), n)
+                                                    for n, v in (("iou", 0.7), ("conf", 0.25))])
+    if joined:
+        graph.node.extend([helper.make_node("Transpose", [head], ["rows"], perm=[0, 2, 1]),
+                           helper.make_node("Slice", ["rows", "start_b", "end_b", "axis"], ["nms_boxes"]),
+                           helper.make_node("Slice", ["rows", "start_c", "end_c", "axis"], ["nms_scores_t"]),
+                           helper.make_node("Transpose", ["nms_scores_t"], ["nms_scores"], perm=[0, 2, 1])])
+    else:
+        graph.node.extend([helper.make_node("Transpose", ["boxes"], ["nms_boxes"], perm=[0, 2, 1]),
+                           helper.make_node("Identity", ["scores"], ["nms_scores"])])
+    graph.node.append(helper.make_node("NonMaxSuppression", ["nms_boxes", "nms_scores", "keep", "iou", "conf"],
+                                       ["selected"]))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("selected", TensorProto.INT64, ["selected", 3]))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("joined", [True, False], ids=["head-joined", "branches-apart"])
+def test_init_cuts_an_export_that_ends_in_its_own_nms_before_it(tmp_path, joined):
+    """An export that ends in NMS (Ultralytics' nms=True) is cut where its head is joined, as the plain export;
+    where no joined head is found, init says so in one line and writes nothing (no guess from the NMS's rows)."""
+    model = with_ultralytics_metadata(ending_in_own_nms(yolov8_like_onnx(tmp_path / "yolo.onnx"), joined),
+                                      {0: "person", 1: "car"}, dynamic=False)
+    made = run_cli("init", "yolo", "--from", str(model), "--to", str(tmp_path / "r"))
+    if not joined:
+        assert made.returncode == EXIT_BAD_INPUT and not (tmp_path / "r" / "yolo.yaml").exists(), made.stderr
+        (line,) = made.stderr.strip().splitlines()
+        assert model.name in line and "ends in its own NMS" in line and "strip.outputs" in line, line
+        return
+    assert made.returncode == 0, made.stderr
+    recipe = __import__("yaml").safe_load((tmp_path / "r" / "yolo.yaml").read_text())
+    assert recipe["task"] == "detection" and recipe["strip"]["outputs"] == ["boxes", "scores"]
+    assert recipe["postprocess"]["kind"] == "yolov8" and recipe["postprocess"]["labels"] == ["person", "car"]
+    assert (recipe["postprocess"]["box_output"], recipe["postprocess"]["class_output"]) == ("boxes", "scores")
 
 
 def test_coco_names_get_coco_category_ids():

@@ -1,7 +1,8 @@
 """Run in the Ultralytics tool environment (requirements-ultralytics.txt), not in mzconvert's: a real YOLO
 graph built from the package's model YAML and exported to ONNX as `yolo export format=onnx` does.
 
-usage: python tests/ultralytics_export.py MODEL.yaml IMAGE_DIR  (writes MODEL.onnx in the working folder)
+usage: python tests/ultralytics_export.py MODEL.yaml IMAGE_DIR [--nms]  (writes MODEL.onnx in the working folder;
+with --nms also MODEL-nms.onnx, the same weights exported ending in their own NMS: nms=True)
 
 No trained weights can be had here, and a freshly initialised network computes the same output for every
 image (its batch-norm statistics are 0 and 1, its class biases -11). So the weights are made to carry
@@ -22,7 +23,7 @@ SIZE = 320
 CLASS_BIAS, CLASS_GAIN = -8.0, 2.0
 
 
-def main(config: str, images: Path) -> None:
+def main(config: str, images: Path, nms: bool) -> None:
     torch.manual_seed(0)
     yolo = YOLO(config)
     model = yolo.model
@@ -31,6 +32,8 @@ def main(config: str, images: Path) -> None:
         for branch in model.model[-1].cv3:
             branch[-1].bias.fill_(CLASS_BIAS)
             branch[-1].weight.mul_(CLASS_GAIN)
+    if nms:
+        Path(yolo.export(format="onnx", imgsz=SIZE, nms=True)).rename(f"{Path(config).stem}-nms.onnx")
     yolo.export(format="onnx", imgsz=SIZE)  # the package's defaults otherwise: opset, onnxslim
 
 
@@ -50,4 +53,4 @@ def with_image_statistics(model: torch.nn.Module, images: Path) -> None:
     model.eval()
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), "--nms" in sys.argv[3:])

@@ -285,7 +285,8 @@ def inspect_onnx(path: Path) -> dict:
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model)) else {}),
+            **({"nms_input": head} if (head := _nms_input(model)) else {}),
+            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, head)) else {}),
             **({"dfl_input": dfl} if (dfl := _dfl_input(model)) else {}),
             **({"anchor_levels": levels} if (levels := _anchor_levels(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
@@ -297,23 +298,56 @@ def _onnx_shape(value) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim]
 
 
-def _concatenated_outputs(model) -> dict[str, list[dict]]:
-    """{output: its parts} for each graph output a Concat of two tensors makes (a detection head's boxes and
-    scores): the parts' names and inferred shapes, where a model can be cut to quantize them apart."""
+def _concatenated_outputs(model, nms_input: dict | None = None) -> dict[str, list[dict]]:
+    """{output: its parts} for each graph output (and the tensor an in-graph NMS reads, `nms_input`) a Concat of
+    two tensors makes (a detection head's boxes and scores): the parts' names and inferred shapes, where a model
+    can be cut to quantize them apart."""
+    heads = {o.name for o in model.graph.output} | ({nms_input["name"]} if nms_input else set())
+    concats = {n.output[0]: list(n.input) for n in model.graph.node
+               if n.op_type == "Concat" and n.output[0] in heads and len(n.input) == 2}
+    if not concats or (values := _inferred_values(model)) is None:
+        return {}
+    return {out: [{"name": name, "shape": _onnx_shape(values[name])} for name in parts]
+            for out, parts in concats.items() if all(name in values for name in parts)}
+
+
+def _inferred_values(model) -> dict | None:
+    """{name: ValueInfo} of every tensor ONNX's shape inference types; None where it fails (some custom ops)."""
     import onnx
 
-    outputs = {o.name for o in model.graph.output}
-    concats = {n.output[0]: list(n.input) for n in model.graph.node
-               if n.op_type == "Concat" and n.output[0] in outputs and len(n.input) == 2}
-    if not concats:
-        return {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
-    except Exception:  # shape inference fails on some custom ops: the parts are then not offered
-        return {}
-    shapes = {v.name: _onnx_shape(v) for v in inferred}
-    return {out: [{"name": name, "shape": shapes[name]} for name in parts]
-            for out, parts in concats.items() if all(name in shapes for name in parts)}
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return None
+    return {v.name: v for v in [*inferred.value_info, *inferred.output]}
+
+
+def _nms_input(model) -> dict | None:
+    """The detection head of an export that ends in its own NMS (Ultralytics' `nms=True`: [1, K, 6] rows of
+    box, score and class out): the nearest tensor before its NonMaxSuppression that a Concat makes of boxes
+    [1, 4, N] and scores [1, classes, N], as {name, dtype, shape}; None where the graph has no NMS or no such
+    head, or its shapes cannot be inferred."""
+    import onnx
+
+    nms = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
+    if len(nms) != 1 or (values := _inferred_values(model)) is None:
+        return None
+    shapes = {name: _onnx_shape(value) for name, value in values.items()}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    queue, seen = list(nms[0].input), set()
+    while queue:  # breadth first: the nearest such Concat is the head, not one inside it
+        name = queue.pop(0)
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        node = producer[name]
+        parts = [shapes.get(part) or [] for part in node.input]
+        if node.op_type == "Concat" and len(parts) == 2 and all(len(p) == 3 for p in parts) and \
+                parts[0][:2] == [1, 4] and parts[0][2] == parts[1][2] and isinstance(parts[1][1], int):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(values[name].type.tensor_type.elem_type).name
+            return {"name": name, "dtype": dtype, "shape": [1, 4 + parts[1][1], parts[0][2]]}
+        queue.extend(node.input)
+    return None
 
 
 def _dfl_input(model) -> dict | None:

@@ -99,6 +99,13 @@ def _keras(model: dict) -> dict:
 
 def _onnx(model: dict) -> dict:
     meta = model.get("metadata", {})
+    if head := model.get("nms_input"):  # an export that ends in its own NMS: cut before it, at its head
+        model = model | {"outputs": [head]}
+    elif "NonMaxSuppression" in model.get("ops", {}) and meta.get("task") == "detect":
+        raise MzError(f"{model['file']}: the export ends in its own NMS (outputs: "
+                      f"{[o['shape'] for o in model['outputs']]}) and init found no head of [1, 4 + classes, N] "
+                      "before it: export without NMS (Ultralytics: nms=False), or name the head's tensors in "
+                      "the recipe's strip.outputs", EXIT_BAD_INPUT)
     if meta.get("task") == "detect" or _yolo_kind(model["outputs"]) or model.get("anchor_levels"):
         return _ultralytics_detector(model, meta)
     return _single_input(model) | {"preprocess": TORCH_PREPROCESS}
