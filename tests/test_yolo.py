@@ -237,6 +237,9 @@ def test_init_cuts_an_export_that_ends_in_its_own_nms_before_it(tmp_path, joined
     where no joined head is found, init says so in one line and writes nothing (no guess from the NMS's rows)."""
     model = with_ultralytics_metadata(ending_in_own_nms(yolov8_like_onnx(tmp_path / "yolo.onnx"), joined),
                                       {0: "person", 1: "car"}, dynamic=False)
+    inspected = run_cli("inspect", str(model))
+    assert ("ends in its own NonMaxSuppression, which reads the head output0  float32 [1, 6, 64]" in inspected.stdout) \
+        == joined, inspected.stdout
     made = run_cli("init", "yolo", "--from", str(model), "--to", str(tmp_path / "r"))
     if not joined:
         assert made.returncode == EXIT_BAD_INPUT and not (tmp_path / "r" / "yolo.yaml").exists(), made.stderr

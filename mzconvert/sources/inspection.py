@@ -563,6 +563,8 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  SSD head without anchors: boxes {head['box_output']}, scores {head['class_output']}; "
                      "levels (rows x columns x anchors) " +
                      ", ".join(f"{v['rows']}x{v['columns']}x{v['anchors']}" for v in head["levels"]))
+    if head := report.get("nms_input"):
+        lines.append(f"{indent}  ends in its own NonMaxSuppression, which reads the head {tensor_line(head)}")
     for level in report.get("anchor_levels", []):
         lines.append(f"{indent}  anchor head level {level['name']}: stride {level['stride']}, anchors (w, h) "
                      f"{level['anchors']}")
