@@ -151,7 +151,8 @@ verify: {{images: {val}, count: 16}}
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
 
 
-def with_ultralytics_metadata(path: Path, names: dict, dynamic: bool = True) -> Path:
+def with_ultralytics_metadata(path: Path, names: dict, dynamic: bool = True, task: str = "detect",
+                              size: int = SIZE) -> Path:
     """The export as Ultralytics writes it: dynamic batch and size (dynamic=True), its metadata_props."""
     model = onnx.load(str(path))
     if dynamic:
@@ -159,7 +160,7 @@ def with_ultralytics_metadata(path: Path, names: dict, dynamic: bool = True) -> 
             if name:
                 dim.Clear()
                 dim.dim_param = name
-    for key, value in {"task": "detect", "names": str(names), "imgsz": f"[{SIZE}, {SIZE}]", "stride": "32",
+    for key, value in {"task": task, "names": str(names), "imgsz": f"[{size}, {size}]", "stride": "32",
                        "author": "Ultralytics"}.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
@@ -251,6 +252,32 @@ def test_init_cuts_an_export_that_ends_in_its_own_nms_before_it(tmp_path, joined
     assert recipe["task"] == "detection" and recipe["strip"]["outputs"] == ["boxes", "scores"]
     assert recipe["postprocess"]["kind"] == "yolov8" and recipe["postprocess"]["labels"] == ["person", "car"]
     assert (recipe["postprocess"]["box_output"], recipe["postprocess"]["class_output"]) == ("boxes", "scores")
+
+
+@pytest.mark.parametrize("task", ["classify", "pose", "segment", "obb"])
+def test_init_proposes_ultralytics_preprocessing_for_every_task_it_names(tmp_path, task):
+    """An Ultralytics classifier is proposed with its own transforms (shorter side resized, centre cropped, RGB in
+    [0, 1]: no ImageNet mean and std); a pose, segmentation or oriented-box head, which no postprocess kind decodes,
+    as `other` (judged channel by channel) with its letterbox, never as a detector of its rows as classes."""
+    from tests.test_onnx_backend import tiny_onnx
+
+    names = {i: f"class {i}" for i in range(10 if task == "classify" else 2)}
+    made_model = tiny_onnx(tmp_path / "m.onnx", size=32) if task == "classify" else yolov8_like_onnx(tmp_path / "m.onnx")
+    model = with_ultralytics_metadata(made_model, names, task=task, size=32 if task == "classify" else SIZE)
+    made = run_cli("init", "m", "--from", str(model), "--to", str(tmp_path / "r"))
+    assert made.returncode == 0, made.stderr
+    text = (tmp_path / "r" / "m.yaml").read_text()
+    recipe = __import__("yaml").safe_load(text)
+    preprocess = recipe["preprocess"]
+    assert preprocess["scale"] == pytest.approx(1 / 255) and preprocess["offset"] == 0 and "mean" not in preprocess
+    if task == "classify":
+        assert recipe["task"] == "classification" and recipe["input"]["shape"] == [1, 3, 32, 32]
+        assert preprocess["interpolation"] == "torchvision" and preprocess["central_crop"] == 1.0
+        assert recipe["labels"] == list(names.values())
+    else:
+        assert recipe["task"] == "other" and "postprocess" not in recipe and preprocess["letterbox"] is True
+        assert recipe["input"]["shape"] == [1, 3, SIZE, SIZE]  # the dynamic size at the exported imgsz
+        assert f"an Ultralytics {task} export: no postprocess kind decodes its head yet" in text
 
 
 def test_coco_names_get_coco_category_ids():

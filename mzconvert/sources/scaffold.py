@@ -106,14 +106,26 @@ def _onnx(model: dict) -> dict:
                       f"{[o['shape'] for o in model['outputs']]}) and init found no head of [1, 4 + classes, N] "
                       "before it: export without NMS (Ultralytics: nms=False), or name the head's tensors in "
                       "the recipe's strip.outputs", EXIT_BAD_INPUT)
-    if meta.get("task") == "detect" or _yolo_kind(model["outputs"]) or model.get("anchor_levels"):
+    task = meta.get("task") if "imgsz" in meta else None  # Ultralytics writes both: detect, classify, pose, ...
+    if task == "detect" or (task is None and (_yolo_kind(model["outputs"]) or model.get("anchor_levels"))):
         return _ultralytics_detector(model, meta)
+    if task == "classify":
+        return _single_input(_at_exported_size(model, meta)) | {"preprocess": ULTRALYTICS_CLASSIFY_PREPROCESS}
+    if task is not None:  # segment, pose, obb: heads that no postprocess kind decodes yet
+        return _single_input(_at_exported_size(model, meta)) | {
+            "task": "other", "preprocess": ULTRALYTICS_PREPROCESS,
+            "notes": [f"# CHECK: an Ultralytics {task} export: no postprocess kind decodes its head yet, so its",
+                      "# outputs are judged by their signal, channel by channel (worst_slice)."]}
     return _single_input(model) | {"preprocess": TORCH_PREPROCESS}
 
 
 # How Ultralytics trains and validates (its LetterBox with cv2's INTER_LINEAR, RGB in [0, 1]; val NMS IoU 0.7)
 ULTRALYTICS_PREPROCESS = {"interpolation": "cv2-linear", "letterbox": True, "channel_order": "RGB",
                           "scale": 1 / 255, "offset": 0.0}
+# and its classifiers (classify_transforms: the shorter side resized to the image size and the centre cropped, on
+# PIL images with torchvision; RGB in [0, 1], its default mean 0 and std 1)
+ULTRALYTICS_CLASSIFY_PREPROCESS = {"interpolation": "torchvision", "central_crop": 1.0, "channel_order": "RGB",
+                                   "scale": 1 / 255, "offset": 0.0}
 
 
 def _yolo_kind(outputs: list[dict]) -> str | None:
@@ -131,19 +143,12 @@ def _yolo_kind(outputs: list[dict]) -> str | None:
 def _ultralytics_detector(model: dict, meta: dict) -> dict:
     """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
     (read as Python literals, never run); its one output's layout says the decode."""
-    import ast
-
     # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions
     kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else _yolo_kind(model["outputs"])
     if kind is None:
         raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
                       f"[1, N, 5 + classes] (outputs: {[o['shape'] for o in model['outputs']]})", EXIT_BAD_INPUT)
-    try:
-        size = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
-    except (ValueError, SyntaxError):
-        size = None
-    if size and model["inputs"] and len(model["inputs"]) == 1:
-        model = model | {"inputs": [model["inputs"][0] | {"shape": _fixed_at(model["inputs"][0]["shape"], size)}]}
+    model = _at_exported_size(model, meta)
     proposal = _single_input(model)
     _, rows, columns = model["outputs"][0]["shape"]
     classes = rows - 4 if kind == "yolov8" else columns - 5
@@ -170,6 +175,20 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
         proposal["outputs"] = [part for level in levels
                                for part in AnchorLevel(level["name"], level["stride"], level["anchors"]).parts]
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
+
+
+def _at_exported_size(model: dict, meta: dict) -> dict:
+    """The model with its one input's dynamic height and width at the size an Ultralytics export names
+    (metadata imgsz, read as a Python literal, never run)."""
+    import ast
+
+    try:
+        size = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
+    except (ValueError, SyntaxError):
+        size = None
+    if size and model["inputs"] and len(model["inputs"]) == 1:
+        model = model | {"inputs": [model["inputs"][0] | {"shape": _fixed_at(model["inputs"][0]["shape"], size)}]}
+    return model
 
 
 def _boxes_and_scores(model: dict, classes: int) -> list[str] | None:
@@ -509,4 +528,5 @@ def _with_notes(recipe: dict, model: dict, p: dict) -> str:
                      "(its graph's SsdAnchors and TensorsToDetections options); labels are yours.")
     elif p["task"] == "detection":
         notes.append("# CHECK postprocess: box_coder_scales and labels come from the model's pipeline.config.")
+    notes += p.get("notes", [])
     return "\n".join(notes) + "\n" + text
