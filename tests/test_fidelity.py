@@ -53,6 +53,22 @@ def test_a_zeroed_slice_is_found_where_the_whole_output_looks_fine():
     assert worst["cosine"] == 0
 
 
+def test_a_slice_of_a_few_values_does_not_decide_the_worst_slice():
+    """A class shown in one cell of the verify images (one score moved by rounding: 8 dB) is no slice to judge a
+    variant by; a class whose 16 shown scores int8 loses is, and an output with no such slice has no worst one."""
+    reference = np.zeros((8, 1, 3, 100))
+    reference[:, 0, 0, :2] = 0.9  # class 0: 16 values
+    reference[0, 0, 1, 0] = 0.4  # class 1: one
+    candidate = reference.copy()
+    candidate[0, 0, 1, 0] = 0.25
+    candidate[:, 0, 0, :2] = 0.88
+    worst = worst_slice(reference, candidate, axis=1)
+    assert worst["index"] == 0 and worst["sqnr_db"] == pytest.approx(20 * np.log10(0.9 / 0.02))
+    candidate[:, 0, 0, :2] = 0.0
+    assert worst_slice(reference, candidate, axis=1)["sqnr_db"] == pytest.approx(0)
+    assert worst_slice(reference[:1], candidate[:1], axis=1) is None  # 2 values of class 0 in one image
+
+
 def test_mask_iou_of_maps():
     rng = np.random.RandomState(1)
     probabilities = rng.uniform(0, 1, (4, 1, 1, 16, 16))
