@@ -73,6 +73,21 @@ def test_an_output_keeps_its_whole_range_by_every_method(method, percentile):
     assert values.min() < ranges["inside"][0] and ranges["inside"][1] < values.max()
 
 
+@pytest.mark.parametrize("method, percentile", [("percentile", 99.99), ("mse", None), ("mean_minmax", None)])
+def test_what_a_sigmoid_reads_keeps_its_largest_values_within_the_bound(method, percentile):
+    """A detector's class logits: background far below, its detections the rare largest values. Clipped below
+    the sigmoid's bound, every confident score would become one; within the bound the range is their min and max
+    by every method (and stops at the bound where they pass it)."""
+    rng = np.random.RandomState(0)
+    images = [np.concatenate([rng.normal(-5, 0.4, 20_000), rng.uniform(1, 5, 3)]).astype(np.float32) for _ in range(4)]
+    values = np.concatenate(images)
+    activations = lambda tensor: iter([("logits", tensor), ("wide", tensor * 4)])  # noqa: E731
+    ranges = measure_ranges(activations, images, method, percentile, bounds={"logits": 8.0, "wide": 8.0})
+    assert ranges["logits"] == (values.min(), values.max())
+    assert ranges["wide"] == (-8.0, 8.0)
+    assert measure_ranges(activations, images, method, percentile)["logits"][1] < values.max()  # unbounded: clipped
+
+
 def test_tflite_outputs_are_followed_back_through_ops_that_only_move_values(tmp_path):
     """The tensors whose values a .tflite's outputs are (RESHAPE, CONCATENATION): they keep their whole range."""
     import tensorflow as tf
