@@ -36,7 +36,6 @@ def fit_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray], ever
     float twin in `prepared` on the float model's inputs to it over the first tensors (rounding.refit), the mean
     error left taken out of its int32 bias initializer."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
 
     from .rounding import MOMENT_IMAGES, PatchMoments, corrected_bias, refit
@@ -57,14 +56,9 @@ def fit_weights(prepared: Path, quantized: Path, tensors: list[np.ndarray], ever
     if not layers:
         return
     reads = list(dict.fromkeys(n.input[0] for n in layers.values()))
-    known = {o.name for o in floats.graph.output}
-    floats.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                               for name in reads if name not in known)
-    session = ort.InferenceSession(floats.SerializeToString(), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
     moments = PatchMoments()
-    for tensor in tensors[:MOMENT_IMAGES]:
-        values = dict(zip(reads, session.run(reads, {input_name: tensor})))
+    for run in _runs(floats, reads, tensors[:MOMENT_IMAGES]):
+        values = dict(zip(reads, run))
         for name, node in layers.items():
             if node.op_type == "Gemm":
                 moments.add_dense(name, values[node.input[0]])

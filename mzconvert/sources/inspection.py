@@ -11,6 +11,8 @@ import tarfile
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +278,7 @@ def inspect_onnx(path: Path) -> dict:
 
     model = onnx.load(str(path), load_external_data=False)
     initializers = {i.name for i in model.graph.initializer}
+    inferred = cache(lambda: _inferred_values(model))  # shape inference once, and only where a head needs it
 
     def tensors(values) -> list[dict]:
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
@@ -285,8 +288,8 @@ def inspect_onnx(path: Path) -> dict:
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-            **({"nms_input": head} if (head := _nms_input(model)) else {}),
-            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, head)) else {}),
+            **({"nms_input": head} if (head := _nms_input(model, inferred)) else {}),
+            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, inferred, head)) else {}),
             **({"dfl_input": dfl} if (dfl := _dfl_input(model)) else {}),
             **({"anchor_levels": levels} if (levels := _anchor_levels(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
@@ -298,14 +301,14 @@ def _onnx_shape(value) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim]
 
 
-def _concatenated_outputs(model, nms_input: dict | None = None) -> dict[str, list[dict]]:
+def _concatenated_outputs(model, inferred: Callable[[], dict | None], nms_input: dict | None) -> dict[str, list[dict]]:
     """{output: its parts} for each graph output (and the tensor an in-graph NMS reads, `nms_input`) a Concat of
-    two tensors makes (a detection head's boxes and scores): the parts' names and inferred shapes, where a model
-    can be cut to quantize them apart."""
+    two tensors makes (a detection head's boxes and scores): the parts' names and shapes (`inferred`,
+    _inferred_values), where a model can be cut to quantize them apart."""
     heads = {o.name for o in model.graph.output} | ({nms_input["name"]} if nms_input else set())
     concats = {n.output[0]: list(n.input) for n in model.graph.node
                if n.op_type == "Concat" and n.output[0] in heads and len(n.input) == 2}
-    if not concats or (values := _inferred_values(model)) is None:
+    if not concats or (values := inferred()) is None:
         return {}
     return {out: [{"name": name, "shape": _onnx_shape(values[name])} for name in parts]
             for out, parts in concats.items() if all(name in values for name in parts)}
@@ -322,7 +325,7 @@ def _inferred_values(model) -> dict | None:
     return {v.name: v for v in [*inferred.value_info, *inferred.output]}
 
 
-def _nms_input(model) -> dict | None:
+def _nms_input(model, inferred: Callable[[], dict | None]) -> dict | None:
     """The detection head of an export that ends in its own NMS (Ultralytics' `nms=True`: [1, K, 6] rows of
     box, score and class out): the nearest tensor before its NonMaxSuppression that a Concat makes of boxes
     [1, 4, N] and scores [1, classes, N], as {name, dtype, shape}; None where the graph has no NMS or no such
@@ -330,7 +333,7 @@ def _nms_input(model) -> dict | None:
     import onnx
 
     nms = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
-    if len(nms) != 1 or (values := _inferred_values(model)) is None:
+    if len(nms) != 1 or (values := inferred()) is None:
         return None
     shapes = {name: _onnx_shape(value) for name, value in values.items()}
     producer = {out: node for node in model.graph.node for out in node.output}
