@@ -347,6 +347,49 @@ def test_the_layer_debug_ranks_first_kept_float_wins_back_the_damage(tmp_path, m
 
 
 
+@pytest.mark.slow
+def test_debug_of_a_tflite_int8_counts_no_error_beyond_what_its_sigmoid_sees(tmp_path, mirror):
+    """Logits only a sigmoid reads are quantized up to its bound (+-8, quant/ranges.py); beyond it the int8 score
+    no longer moves. TensorFlow's debugger, which explains TFLite variants, counts the float logits beyond the bound
+    as error (a YOLO's class logits reach -20: its three class convolutions ranked worst at 16-67 steps, its real
+    losses below them). Debug judges such a layer within the bound, as the build's ranges do."""
+    import json
+
+    rng = np.random.RandomState(0)
+    arrays = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": np.zeros(8), "fc": rng.normal(0, 0.5, (8, 6)),
+              "fcb": np.array([-30.0, -20.0, -12.0, 0.0, 1.0, 2.0])}  # half the classes far beyond the bound
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv1"], ["relu1"]),
+             helper.make_node("GlobalAveragePool", ["relu1"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["scores"])]
+    graph = helper.make_graph(nodes, "sigmoid-head",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 6])],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()])
+    model = tmp_path / "sigmoid.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    train = MIRROR / "coco" / "train2017"
+    int8 = (f"  - {{name: int8-tflite, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, "
+            "calibration_count: 8, calibration_method: minmax, min_agreement: 0, min_slice_sqnr_db: -1000}\n")
+    text = recipe_text(model, outputs="scores", extra_variant=int8)
+    recipe = tmp_path / "tiny-onnx.yaml"
+    recipe.write_text(text.replace("  - {name: float16, mode: float16}\n  - {name: dynamic, mode: dynamic}\n", "")
+                      .replace("  - {name: int8, mode: int8, io_dtype: float32", "  - {name: int8, mode: int8, "
+                               "io_dtype: float32, min_agreement: 0, min_slice_sqnr_db: -1000"))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
+    assert built.returncode == 0, built.stderr[-2000:]
+    done = run_cli("--quiet", "--json", "--cache-dir", str(tmp_path / "c"), "debug", str(recipe), "--variant",
+                   "int8-tflite", *where)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layers = json.loads(done.stdout)["layers"]
+    (logits,) = [row for row in layers if row["op"] == "FULLY_CONNECTED"]
+    # -30 beyond -8 would be ~22 / 0.05 = 400 steps; within the bound, rounding
+    assert logits["rmse_steps"] < 1.0 and logits["max_abs_error"] < 3 * logits["scale"], logits
+
+
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
 def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tmp_path, mirror):
     """calibration_method auto: each method measured as a variant declaring it measures (same paired fidelity and
@@ -372,6 +415,7 @@ def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tm
         metrics = variants[f"int8-{step['calibration_method'].replace('_', '-')}"]["verify"]
         assert step["fidelity"] == paired_fidelity(metrics, recipe), step
         assert step["worst_sqnr_db"] == pytest.approx(_worst_sqnr(metrics), abs=1e-9), step
+        assert step["within_floors"], step  # as the build judged its twin: shipped
     best = max(ranges["steps"], key=lambda s: (s["fidelity"], s["worst_sqnr_db"]))
     assert ranges["chosen"] == best
     dist = tmp_path / "dist" / "tiny-onnx"
@@ -380,6 +424,23 @@ def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tm
     explained = run_cli("--json", "debug", str(tmp_path / "tiny-onnx.yaml"), "--variant", "int8-auto", "--out",
                         str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
     assert explained.returncode == 0, explained.stderr[-2000:]
+
+
+def test_auto_ranges_keep_a_method_the_build_would_ship():
+    """The best agreement wins only among methods within the variant's floors, when any is: a trained YOLOv8n's
+    mean min/max ranges matched 85.9 % of its detections and lost a class's scores (7.2 dB, floor 10), min/max
+    79.2 % at 15.7 dB; auto chose the refused one. With no method within its floors, the best agreement still."""
+    from mzconvert.stages.fallback import best_ranges
+
+    def step(method, fidelity, sqnr, within):
+        return {"calibration_method": method, "fidelity": fidelity, "worst_sqnr_db": sqnr, "within_floors": within}
+
+    tried = [step("minmax", 0.792, 15.7, True), step("percentile", 0.792, 13.0, True), step("mse", 0.797, 11.4, True),
+             step("mean_minmax", 0.859, 7.2, False)]
+    assert best_ranges(tried)["calibration_method"] == "mse"
+    refused = [dict(s, within_floors=False) for s in tried]
+    assert best_ranges(refused)["calibration_method"] == "mean_minmax"
+    assert best_ranges(refused[:2])["calibration_method"] == "minmax"  # a tie: the higher worst SQNR
 
 
 def test_debug_counts_what_a_sum_inherits_from_both_inputs_in_values_not_in_steps():

@@ -6,7 +6,9 @@ its float twin on the verify images. Its weights are rounded to the nearest step
 weight_rounding fitted has convolutions with less error than the table shows (quant/rounding.py). ONNX
 variants: ONNX Runtime's QDQ loss debugging runs the built QDQ model and its float model, every activation
 saved, on the verify images; the error a QDQ activation carries includes every layer's before it, so a layer's
-own error is what it adds to the largest error among the activations it reads.
+own error is what it adds to the largest error among the activations it reads. Either way a layer only
+saturating ops read (a detector's class logits before their sigmoid) is judged within their bound, as its range
+was recorded (quant/ranges.py): beyond it no output moves.
 A layer's error is reported in quantization steps: RMSE / scale is about 0.29 for pure rounding noise (1 /
 sqrt(12)); layers far above it lose information (clipped ranges, outlier weights) and are where a user should
 look first, e.g. to keep them float.
@@ -67,6 +69,13 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
 
     tf = tf_module()
     debug_tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in images]
+    # the debugger's model is quantized as the artifact was, so its tensors have the artifact's names
+    artifact_model = litert_interpreter(artifact)
+    artifact_model.allocate_tensors()
+    names = {d["index"]: d["name"] for d in artifact_model.get_tensor_details()}
+    bounds = {names[index]: bound for index, bound in _saturated_bounds(artifact_model).items()}
+    within = {bound: _bounded_errors(bound) for bound in set(bounds.values())}
+    metrics = {f"{metric}_within_{bound:g}": errors[metric] for bound, errors in within.items() for metric in errors}
     with tempfile.TemporaryDirectory() as work:
         calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work),  # the variant's ranges
                                with_moments=False).read_bytes()
@@ -74,7 +83,8 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     int8_converter(converter, lambda: [to_input(debug_tensors[0])])  # a quick calibration, replaced below
     try:
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: ([to_input(t)] for t in debug_tensors))
+            converter=converter, debug_dataset=lambda: ([to_input(t)] for t in debug_tensors),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics=metrics))
         debugger.calibrated_model = calibrated
         debugger.options = debugger.options  # re-quantizes from calibrated_model
         debugger.run()
@@ -85,12 +95,34 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     rows = []
     for row in csv.DictReader(io.StringIO(dump.getvalue())):
         scale = float(row["scale"]) if row.get("scale") else 0.0
-        mse = float(row["mean_squared_error"])
+        bound = bounds.get(row["tensor_name"])
+        within = "" if bound is None else f"_within_{bound:g}"
+        mse = float(row[f"mean_squared_error{within}"])
         if scale <= 0 or not math.isfinite(mse):
             continue
         rows.append({"layer": row["tensor_name"], "op": row["op_name"], "rmse_steps": math.sqrt(mse) / scale,
-                     "max_abs_error": float(row["max_abs_error"]), "scale": scale})
+                     "max_abs_error": float(row[f"max_abs_error{within}"]), "scale": scale})
     return rows
+
+
+def _bounded_errors(bound: float) -> dict[str, Callable]:
+    """TensorFlow debugger metrics (of a layer's float and quantized values, scale, zero point) of the error
+    within +-bound: what lies beyond changes no output of the saturating op that reads the layer (see
+    _add_error)."""
+    def errors(float_values: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+        reference = np.clip(float_values.astype(np.float64), -bound, bound)
+        return reference - np.clip((quantized.astype(np.float64) - zero_point) * scale, -bound, bound)
+
+    return {"mean_squared_error": lambda *values: float(np.mean(errors(*values) ** 2)),
+            "max_abs_error": lambda *values: float(np.max(np.abs(errors(*values))))}
+
+
+def _saturated_bounds(interpreter) -> dict[int, float]:
+    """{tensor index: bound} of an allocated LiteRT interpreter's tensors that only saturating ops read
+    (quant/ranges.py)."""
+    ops = interpreter._get_ops_details()
+    return saturated_bounds(readers_of((op["op_name"], op["inputs"], op["outputs"]) for op in ops),
+                            [d["index"] for d in interpreter.get_output_details()])
 
 
 IMAGES_AT_ONCE = 4  # the ONNX debug holds every activation of this many images (two models) at a time
@@ -214,8 +246,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     ops = int8_model._get_ops_details()
     producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
     inputs = {names[o]: [names[i] for i in op["inputs"] if i >= 0] for op in ops for o in op["outputs"]}
-    bounds = saturated_bounds(readers_of((op["op_name"], op["inputs"], op["outputs"]) for op in ops),
-                              [d["index"] for d in int8_model.get_output_details()])
+    bounds = _saturated_bounds(int8_model)
     int8_input = tensor_spec(int8_model.get_input_details()[0])
     totals: dict[str, list[float]] = {}
     for path in images:
