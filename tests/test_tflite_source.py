@@ -258,3 +258,69 @@ def test_sparse_weights_and_depth_to_space_build_to_an_int8_the_reference_kernel
     optimized, reference = (TFLiteRunner(artifact, kernels=k).run(x)[0] for k in (OPTIMIZED, REFERENCE))
     assert optimized.shape == reference.shape == (1, 64, 64, 4)
     assert np.abs(optimized.astype(np.float64) - reference).max() <= 3 * TFLiteRunner(artifact).outputs[0].scale
+
+
+def joined_head_tflite(path: Path) -> Path:
+    """A float .tflite whose one output joins two branches as a detector's head does: boxes in pixels (0-64) and
+    probabilities (0-1), concatenated."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(3)
+    w_box, w_score = (tf.constant(rng.normal(0, 0.5, (3, 3, 3, c)).astype(np.float32)) for c in (4, 2))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
+    def model(x):
+        boxes = tf.reshape(tf.nn.relu(tf.nn.conv2d(x, w_box, 4, "SAME")), [1, 16, 4]) * 64.0
+        scores = tf.sigmoid(tf.reshape(tf.nn.conv2d(x, w_score, 4, "SAME"), [1, 16, 2]))
+        return tf.concat([boxes, scores], axis=2)
+
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()]).convert())
+    return path
+
+
+def test_strip_cuts_a_tflite_at_the_tensors_it_names(tmp_path, mirror):
+    """strip on a .tflite: its outputs become the tensors named (here the two parts of a joined output, as
+    inspect finds them), the ops after them gone, and what it computes up to them unchanged; a name the file
+    has no tensor of is refused by name, with the close ones."""
+    from mzconvert.runtime import TFLiteRunner
+    from mzconvert.sources.inspection import inspect_file
+
+    model = joined_head_tflite(tmp_path / "joined.tflite")
+    report = inspect_file(model)
+    ((joined, parts),) = report["concat_outputs"].items()
+    assert [p["shape"] for p in parts] == [[1, 16, 4], [1, 16, 2]]
+    made = run_cli("init", "joined", "--from", str(model), "--to", str(tmp_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    recipe = yaml.safe_load((tmp_path / "joined.yaml").read_text())
+    recipe["strip"] = {"inputs": [recipe["input"]["name"]], "outputs": [p["name"] for p in parts]}
+    recipe["verify"] = {"images": str(image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 2))}
+    (tmp_path / "joined.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "joined.yaml"), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    cut = TFLiteRunner(tmp_path / "dist" / "joined" / json.loads(built.stdout)["joined"]["variants"]["float32"]["file"])
+    assert [o.name for o in cut.outputs] == [p["name"] for p in parts]
+    assert "CONCATENATION" not in inspect_file(tmp_path / "dist" / "joined" / "joined_float32.tflite")["ops"]
+    x = np.random.RandomState(0).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
+    (whole,) = TFLiteRunner(model).run(x)
+    boxes, scores = cut.run(x)
+    np.testing.assert_array_equal(np.concatenate([boxes, scores], axis=2), whole)
+    recipe["strip"]["outputs"][1] += "x"
+    (tmp_path / "joined.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    refused = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "joined.yaml"), *where)
+    assert refused.returncode == 2 and f"strip.outputs: tensor '{parts[1]['name']}x' is not in the graph; did you " \
+        f"mean '{parts[1]['name']}'" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_an_exporters_metadata_json_reads_as_onnx_metadata_props():
+    """Ultralytics appends metadata.json to the .tflite it exports (JSON: its names' keys are strings); read as
+    its ONNX export's metadata_props are (strings, Python literals), for the same proposers."""
+    from mzconvert.sources.inspection import _exporter_metadata
+    from mzconvert.sources.scaffold import carried_labels
+
+    data = json.dumps({"task": "detect", "imgsz": [320, 320], "stride": 32, "names": {"0": "person", "1": "car"}})
+    metadata = _exporter_metadata(data.encode())
+    assert metadata == {"task": "detect", "imgsz": "[320, 320]", "stride": "32", "names": "{0: 'person', 1: 'car'}"}
+    assert carried_labels({"metadata": metadata}, 2) == ["person", "car"]
+    assert _exporter_metadata(b"[1, 2]") == {} and _exporter_metadata(b"\xff not json") == {}
+    assert _exporter_metadata(None) == {}

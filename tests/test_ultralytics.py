@@ -43,11 +43,11 @@ def exports(tmp_path_factory) -> Path:
     return folder
 
 
-def proposed(model: str, exports: Path, tmp_path: Path) -> tuple[Path, dict]:
+def proposed(model: str, exports: Path, tmp_path: Path, suffix: str = ".onnx") -> tuple[Path, dict]:
     """The recipe `mzconvert init` writes for the export (calibration: train images; verify: val images)."""
     folders = {role: image_folder(tmp_path / role, MIRROR / "coco" / split, count)
                for role, split, count in (("calib", "train2017", 16), ("check", "val2017", 8))}
-    made = run_cli("init", model, "--from", str(exports / f"{model}.onnx"), "--to", str(tmp_path), "--calibration",
+    made = run_cli("init", model, "--from", str(exports / f"{model}{suffix}"), "--to", str(tmp_path), "--calibration",
                    str(folders["calib"]), "--verify", str(folders["check"]))
     assert made.returncode == 0, made.stderr
     path = tmp_path / f"{model}.yaml"
@@ -187,6 +187,85 @@ def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_
             assert abs(probabilities[int(label), cell] - score) < 1e-4
         compared += len(rows)
     assert compared > 0
+
+
+def as_tflite_export(export: Path, folder: Path) -> Path:
+    """The export converted to a float .tflite by onnx2tf, as Ultralytics' TensorFlow exports convert it, with
+    the metadata.json Ultralytics appends to the .tflite it writes (its ONNX metadata, as JSON)."""
+    import ast
+    import subprocess
+    import sys
+    import zipfile
+
+    import numpy as np
+    import onnx
+
+    folder.mkdir()
+    # onnx2tf reads sample images from its working folder, else downloads them
+    np.save(folder / "calibration_image_sample_data_20x128x128x3_float32.npy",
+            np.random.RandomState(0).uniform(0, 1, (20, 128, 128, 3)).astype(np.float32))
+    done = subprocess.run([sys.executable, "-m", "onnx2tf", "-i", str(export), "-o", str(folder / "saved"), "-n"],
+                          cwd=folder, capture_output=True, text=True)
+    made = folder / "saved" / f"{export.stem}_float32.tflite"
+    assert done.returncode == 0 and made.is_file(), done.stderr[-3000:]
+
+    def literal(value: str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+
+    metadata = {p.key: literal(p.value) for p in onnx.load(str(export)).metadata_props}
+    with zipfile.ZipFile(made, "a", zipfile.ZIP_DEFLATED) as appended:
+        appended.writestr("metadata.json", json.dumps(metadata, indent=2))
+    return made
+
+
+def test_a_yolov8n_tflite_export_is_cut_as_its_onnx_export_is(exports, tmp_path):
+    """A YOLOv8n a user exported to .tflite: init reads the metadata Ultralytics appends and the head in the file,
+    and cuts it as the ONNX export (before the DFL and the Concat of boxes and scores; it used to propose task
+    other with MobileNet's preprocessing); the cut decodes to the file's own boxes and probabilities, and its int8
+    keeps its boxes and runs on the NPU, the attached NMS on the CPU."""
+    import numpy as np
+
+    from mzconvert.layout import built_stage_model
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import TFLiteRunner
+    from mzconvert.tasks.detection import dfl_boxes
+    from tests.test_yolo import ATTACHED_HEADS
+
+    user = as_tflite_export(exports / "yolov8n.onnx", tmp_path / "export")
+    (tmp_path / "yolov8n.tflite").write_bytes(user.read_bytes())
+    path, recipe = proposed("yolov8n", tmp_path, tmp_path, suffix=".tflite")
+    post = recipe["postprocess"]
+    assert recipe["task"] == "detection" and recipe["format"] == "tflite" and recipe["input"]["layout"] == "NHWC"
+    assert post["kind"] == "yolov8" and post["box_encoding"] == "dfl" and len(post["labels"]) == 80
+    assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]] and post["attach"] is True
+    assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["scale"] == 1 / 255
+    assert [v["mode"] for v in recipe["variants"]] == ["float32", "int8"]
+    kept(path, recipe, {"float32", "int8"})
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(done.stdout)["yolov8n"]["variants"]
+    loaded = load_recipe(path)
+    assert variants["float32"]["postprocess_attached"]  # what ships; the cut is what it was made from
+    cut = TFLiteRunner(built_stage_model(tmp_path / "build", loaded, "strip"), list(loaded.strip.outputs))
+    whole = TFLiteRunner(user)
+    for image in sorted((tmp_path / "check").iterdir())[:3]:
+        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+        (theirs,) = whole.run(tensor)
+        logits, probabilities = cut.run(tensor)
+        theirs = theirs[0]
+        boxes = dfl_boxes(logits.reshape(-1, theirs.shape[-1]), loaded.input.height_width, None)
+        np.testing.assert_allclose(boxes, theirs[:4].T, atol=2e-3)
+        np.testing.assert_allclose(probabilities.reshape(theirs[4:].shape), theirs[4:], atol=1e-5)
+    int8 = variants["int8"]
+    assert int8["verify"][post["box_output"]]["worst_slice"]["sqnr_db"] > 15, int8["verify"]
+    (npu,) = int8["vela"].values()
+    assert npu["cpu_op_count"] == ATTACHED_HEADS["dfl"][-1] and npu["npu_ops"] > 100, npu
+    assert int8["postprocess_attached"]
 
 
 def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu_and_ends_in_nms(exports, tmp_path):

@@ -2,7 +2,8 @@
 
 A quantized file is taken as it is: its variant is the file under the variant's name, checked against what
 the variant declares (I/O dtypes, full-integer for int8) by the quantize stage. A float file is the float32
-variant, and the float model the others are quantized from and verified against: int8 by default as a
+variant (with strip, cut at the tensors it names: an Ultralytics head before its Concat, as for its ONNX
+export), and the float model the others are quantized from and verified against: int8 by default as a
 converted graph is (ranges recorded in range slots this module marks, the converter's quantizer, fitted
 depthwise weights: on MobileNetV2 6 points of top-1 above ai-edge-quantizer's, bench/source_routes.py),
 dynamic and int16x8 (and int8 on request) by Google's LiteRT quantizer (quant/litert_quantizer.py). Then vela,
@@ -22,7 +23,7 @@ from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
 from ..tflite_file import add_buffer, op_names, read_model, schema, write_model
-from . import StripResult
+from . import StripResult, check_tensors
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
@@ -143,7 +144,43 @@ def _float32_weights(model) -> int:
 
 
 def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
-    return StripResult(model=Path(shutil.copyfile(frozen, out_dir / "model.tflite")))
+    """The float file; with strip, cut at its outputs (a YOLO head's boxes and scores before the Concat that joins
+    them, so int8 gives each a scale of its own), the ops none of them needs dropped."""
+    target = out_dir / "model.tflite"
+    if recipe.strip is None:
+        return StripResult(model=Path(shutil.copyfile(frozen, target)))
+    model = read_model(frozen)
+    graph = model.subgraphs[0]
+    names = [t.name.decode() for t in graph.tensors]
+    check_tensors(recipe, "strip.inputs", recipe.strip.inputs, [names[i] for i in graph.inputs])
+    check_tensors(recipe, "strip.outputs", recipe.strip.outputs, names)
+    outputs = [names.index(name) for name in recipe.strip.outputs]
+    producers = {tensor: op for op in graph.operators for tensor in op.outputs}
+    needed, wanted = set(), list(outputs)
+    while wanted:
+        op = producers.get(wanted.pop())
+        if op is not None and id(op) not in needed:
+            needed.add(id(op))
+            wanted += [i for i in op.inputs if i >= 0]
+    graph.operators = [op for op in graph.operators if id(op) in needed]
+    graph.outputs = outputs
+    model.signatureDefs = []  # a signature names the outputs the cut removed
+    _drop_unused_tensors(graph)
+    return StripResult(model=write_model(model, target))
+
+
+def _drop_unused_tensors(graph) -> None:
+    """The tensors no op, input or output of `graph` names any more, taken out (a tensor nothing computes has no
+    data for an interpreter to show), the others' indices renumbered."""
+    used = sorted({i for op in graph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
+                  | set(graph.inputs) | set(graph.outputs))
+    renumbered = {old: new for new, old in enumerate(used)}
+    graph.tensors = [graph.tensors[i] for i in used]
+    for op in graph.operators:
+        op.inputs = [renumbered.get(i, -1) for i in op.inputs]
+        op.outputs = [renumbered[i] for i in op.outputs]
+    graph.inputs = [renumbered[i] for i in graph.inputs]
+    graph.outputs = [renumbered[i] for i in graph.outputs]
 
 
 def convert(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:

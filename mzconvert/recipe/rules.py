@@ -134,11 +134,8 @@ def _check_backend_options(item: Reader, v: Variant, fmt: str) -> None:
 
 
 def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
-    """A .tflite source is converted already: nothing cuts it (a float one is the float model its quantized
-    variants are verified against)."""
-    if r.has("strip"):
-        raise r.fail("format tflite: the model is converted already, there is no graph to cut; remove strip",
-                     "strip")
+    """A .tflite source is converted already: strip may only cut it at tensors it computes (the backend checks
+    them by name), and no anchors are evaluated in it."""
     if postprocess is not None and postprocess.anchors_tensor:
         raise r.fail("format tflite: there is no graph to evaluate anchors in; declare them (anchors_file, "
                      "anchor_generator)", "postprocess.anchors_tensor")

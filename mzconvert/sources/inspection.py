@@ -451,11 +451,86 @@ def inspect_tflite(path: Path) -> dict:
         report["normalization"] = normalization
     if head := _ssd_head(model, report["outputs"]):
         report["ssd_head"] = head
+    if parts := _tflite_concatenated_outputs(model, report["outputs"]):
+        report["concat_outputs"] = parts
+    if dfl := _tflite_dfl_input(model):
+        report["dfl_input"] = dfl
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
-            found = {name: files.read(name) for name in files.namelist() if LABEL_FILE.search(name)}
+            found = {info.filename: files.read(info) for info in files.infolist()
+                     if LABEL_FILE.search(info.filename) or info.filename == EXPORTER_METADATA}
+        if metadata := _exporter_metadata(found.pop(EXPORTER_METADATA, None)):
+            report["metadata"] = metadata
         report |= _label_files(found)
     return report
+
+
+def _tflite_dfl_input(model) -> dict | None:
+    """As _dfl_input, in a .tflite: the input, through RESHAPE and TRANSPOSE, of a SOFTMAX that a 1x1 CONV_2D
+    with float weights 0, 1 .. bins - 1 reads (stored float32, or float16 behind a DEQUANTIZE, as float16 exports
+    store them). None unless there is exactly one."""
+    from ..tflite_file import op_names
+
+    graph = model.subgraphs[0]
+    made = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    found = []
+    for name, op in zip(op_names(model), graph.operators):
+        if name != "CONV_2D" or made.get(op.inputs[0], ("",))[0] != "SOFTMAX":
+            continue
+        weight, stored = op.inputs[1], "<f4"
+        if made.get(weight, ("",))[0] == "DEQUANTIZE":
+            weight, stored = made[weight][1].inputs[0], "<f2"
+        tensor = graph.tensors[weight]
+        data = model.buffers[tensor.buffer].data
+        bins = int(tensor.shape[-1])
+        if data is None or list(tensor.shape) != [1, 1, 1, bins] or len(data) != np.dtype(stored).itemsize * bins \
+                or not np.array_equal(np.frombuffer(bytes(data), stored), np.arange(bins)):
+            continue
+        source = made[op.inputs[0]][1].inputs[0]
+        while source in made and made[source][0] in ("TRANSPOSE", "RESHAPE"):
+            source = made[source][1].inputs[0]
+        found.append({"name": graph.tensors[source].name.decode(), "bins": bins})
+    return found[0] if len(found) == 1 else None
+
+
+# What Ultralytics appends to the .tflite it exports (its ONNX exports carry the same as metadata_props)
+EXPORTER_METADATA = "metadata.json"
+
+
+def _exporter_metadata(data: bytes | None) -> dict[str, str]:
+    """An exporter's metadata.json as ONNX metadata_props read (each value a string, Python literals for the
+    others: names {0: 'person', ...}, imgsz [640, 640]), for the proposers that read those; {} where it is none."""
+    import json
+
+    if data is None or len(data) > MAX_LABEL_FILE:
+        return {}
+    try:
+        values = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(values, dict):
+        return {}
+    names = values.get("names")
+    if isinstance(names, dict) and all(isinstance(k, str) and k.isdigit() for k in names):  # JSON keys are strings
+        values["names"] = {int(k): v for k, v in names.items()}
+    return {str(key): value if isinstance(value, str) else repr(value) for key, value in values.items()}
+
+
+def _tflite_concatenated_outputs(model, outputs: list[dict]) -> dict[str, list[dict]]:
+    """{output: its parts} for each output a CONCATENATION of two tensors makes (a detection head's boxes and
+    scores): the parts' names and shapes, where a model can be cut to quantize them apart (as for ONNX)."""
+    from ..tflite_file import op_names
+
+    graph = model.subgraphs[0]
+    made = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    found = {}
+    for i in graph.outputs:
+        name, op = made.get(i, ("", None))
+        if name == "CONCATENATION" and len(op.inputs) == 2:
+            found[graph.tensors[i].name.decode()] = [{"name": graph.tensors[t].name.decode(),
+                                                      "shape": [int(d) for d in graph.tensors[t].shape]}
+                                                     for t in op.inputs]
+    return {out: parts for out, parts in found.items() if out in {o["name"] for o in outputs}}
 
 
 def _ssd_head(model, outputs: list[dict]) -> dict | None:

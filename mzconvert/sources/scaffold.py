@@ -282,7 +282,8 @@ def _torch(model: dict) -> dict:
 
 def _tflite(model: dict) -> dict:
     """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
-    post-processing op."""
+    post-processing op, or if it is an Ultralytics detection export (its metadata.json): then, as its ONNX
+    export is, cut before the Concat of its boxes and scores."""
     proposal = _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS, "outputs": []}
     if declared := model.get("normalization"):  # what its publisher wrote into the file wins over a convention
         channels = proposal["shape"][-1]
@@ -296,6 +297,12 @@ def _tflite(model: dict) -> dict:
         # float16 weights are float32 once frozen (backends/tflite.py): a float model, calibrated for int8
         mode = "dynamic" if "int8" in types else "float32"
     proposal["variant"] = {"name": mode, "mode": mode, **({"io_dtype": io} if mode in ("int8", "uint8-qat") else {})}
+    meta = model.get("metadata", {})
+    if mode == "float32" and meta.get("task") == "detect" and "imgsz" in meta:
+        detector = _ultralytics_detector(model, meta)
+        cut = detector["postprocess"].get("box_output") is not None  # else its one output, as it is
+        return detector | {"layout": "NHWC", "variant": proposal["variant"],
+                           "outputs": detector["outputs"] if cut else []}
     if "TFLite_Detection_PostProcess" in model["ops"]:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
                                                           "labels": ["CHECK: the model's labels"]}}
