@@ -469,12 +469,10 @@ def _tflite_dfl_input(model) -> dict | None:
     """As _dfl_input, in a .tflite: the input, through RESHAPE and TRANSPOSE, of a SOFTMAX that a 1x1 CONV_2D
     with float weights 0, 1 .. bins - 1 reads (stored float32, or float16 behind a DEQUANTIZE, as float16 exports
     store them). None unless there is exactly one."""
-    from ..tflite_file import op_names
-
     graph = model.subgraphs[0]
-    made = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    made = _tflite_producers(model)
     found = []
-    for name, op in zip(op_names(model), graph.operators):
+    for name, op in made.values():  # a CONV_2D makes one tensor: each once
         if name != "CONV_2D" or made.get(op.inputs[0], ("",))[0] != "SOFTMAX":
             continue
         weight, stored = op.inputs[1], "<f4"
@@ -491,6 +489,13 @@ def _tflite_dfl_input(model) -> dict | None:
             source = made[source][1].inputs[0]
         found.append({"name": graph.tensors[source].name.decode(), "bins": bins})
     return found[0] if len(found) == 1 else None
+
+
+def _tflite_producers(model) -> dict:
+    """{tensor index: (op name, op)} of the ops of a .tflite's first subgraph, by the tensors they make."""
+    from ..tflite_file import op_names
+
+    return {out: (name, op) for name, op in zip(op_names(model), model.subgraphs[0].operators) for out in op.outputs}
 
 
 # What Ultralytics appends to the .tflite it exports (its ONNX exports carry the same as metadata_props)
@@ -519,10 +524,9 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 def _tflite_concatenated_outputs(model, outputs: list[dict]) -> dict[str, list[dict]]:
     """{output: its parts} for each output a CONCATENATION of two tensors makes (a detection head's boxes and
     scores): the parts' names and shapes, where a model can be cut to quantize them apart (as for ONNX)."""
-    from ..tflite_file import op_names
 
     graph = model.subgraphs[0]
-    made = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    made = _tflite_producers(model)
     found = {}
     for i in graph.outputs:
         name, op = made.get(i, ("", None))
@@ -538,7 +542,6 @@ def _ssd_head(model, outputs: list[dict]) -> dict | None:
     [1, N, 4 + 2 x keypoints] (box offsets, then keypoints) and [1, N, classes], each joined from per-level maps
     [1, rows, columns, anchors x values] reshaped (and concatenated, level by level). {box_output, class_output,
     levels: [{rows, columns, anchors}]}: the anchors per cell each level has, as both outputs read them; else None."""
-    from ..tflite_file import op_names
 
     shapes = [o.get("shape") or [] for o in outputs]
     if len(outputs) != 2 or any(len(shape) != 3 for shape in shapes) or shapes[0][1] != shapes[1][1]:
@@ -547,7 +550,7 @@ def _ssd_head(model, outputs: list[dict]) -> dict | None:
     if boxes["shape"][2] < 4 or boxes["shape"][2] % 2 or boxes["shape"][2] == scores["shape"][2]:
         return None
     graph = model.subgraphs[0]
-    made = {out: (name, op) for name, op in zip(op_names(model), graph.operators) for out in op.outputs}
+    made = _tflite_producers(model)
     by_name = {graph.tensors[i].name.decode(): i for i in graph.outputs}
 
     def levels(output: dict) -> list[tuple[int, int, int]] | None:
