@@ -324,3 +324,29 @@ def test_an_exporters_metadata_json_reads_as_onnx_metadata_props():
     assert carried_labels({"metadata": metadata}, 2) == ["person", "car"]
     assert _exporter_metadata(b"[1, 2]") == {} and _exporter_metadata(b"\xff not json") == {}
     assert _exporter_metadata(None) == {}
+
+
+@pytest.mark.parametrize("task", ["classify", "pose"])
+def test_init_proposes_an_ultralytics_tflite_export_as_its_onnx_export(tmp_path, task):
+    """A float .tflite with the metadata.json Ultralytics appends gets its task's preprocessing, as its ONNX export
+    does: a classifier Ultralytics' transforms and its names, a pose head (no kind decodes it) `other` with the
+    letterbox; not MobileNet's [-1, 1] convention of .tflite files."""
+    import zipfile
+
+    model = float_tflite(tmp_path / "m.tflite")
+    names = {str(i): f"class {i}" for i in range(5)}
+    with zipfile.ZipFile(model, "a") as appended:
+        appended.writestr("metadata.json", json.dumps({"task": task, "imgsz": [32, 32], "names": names}))
+    made = run_cli("init", "m", "--from", str(model), "--to", str(tmp_path / "r"))
+    assert made.returncode == 0, made.stderr
+    text = (tmp_path / "r" / "m.yaml").read_text()
+    recipe = yaml.safe_load(text)
+    preprocess = recipe["preprocess"]
+    assert preprocess["scale"] == pytest.approx(1 / 255) and preprocess["offset"] == 0 and "strip" not in recipe
+    assert recipe["input"]["layout"] == "NHWC" and recipe["variants"] == [{"name": "float32", "mode": "float32"}]
+    if task == "classify":
+        assert recipe["task"] == "classification" and preprocess["interpolation"] == "torchvision"
+        assert recipe["labels"] == list(names.values())
+    else:
+        assert recipe["task"] == "other" and preprocess["letterbox"] is True
+        assert "an Ultralytics pose export: no postprocess kind decodes its head yet" in text

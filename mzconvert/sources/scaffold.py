@@ -106,8 +106,21 @@ def _onnx(model: dict) -> dict:
                       f"{[o['shape'] for o in model['outputs']]}) and init found no head of [1, 4 + classes, N] "
                       "before it: export without NMS (Ultralytics: nms=False), or name the head's tensors in "
                       "the recipe's strip.outputs", EXIT_BAD_INPUT)
-    task = meta.get("task") if "imgsz" in meta else None  # Ultralytics writes both: detect, classify, pose, ...
-    if task == "detect" or (task is None and (_yolo_kind(model["outputs"]) or model.get("anchor_levels"))):
+    if _ultralytics_task(meta) is None and (_yolo_kind(model["outputs"]) or model.get("anchor_levels")):
+        return _ultralytics_detector(model, meta)
+    return _ultralytics_export(model, meta) or _single_input(model) | {"preprocess": TORCH_PREPROCESS}
+
+
+def _ultralytics_task(meta: dict) -> str | None:
+    """The task an Ultralytics export's metadata names (it writes imgsz beside it): detect, classify, pose, ..."""
+    return meta.get("task") if "imgsz" in meta else None
+
+
+def _ultralytics_export(model: dict, meta: dict) -> dict | None:
+    """The proposal for an export whose metadata names its Ultralytics task, with Ultralytics' own preprocessing;
+    None for any other model."""
+    task = _ultralytics_task(meta)
+    if task == "detect":
         return _ultralytics_detector(model, meta)
     if task == "classify":
         return _single_input(_at_exported_size(model, meta)) | {"preprocess": ULTRALYTICS_CLASSIFY_PREPROCESS}
@@ -116,7 +129,7 @@ def _onnx(model: dict) -> dict:
             "task": "other", "preprocess": ULTRALYTICS_PREPROCESS,
             "notes": [f"# CHECK: an Ultralytics {task} export: no postprocess kind decodes its head yet, so its",
                       "# outputs are judged by their signal, channel by channel (worst_slice)."]}
-    return _single_input(model) | {"preprocess": TORCH_PREPROCESS}
+    return None
 
 
 # How Ultralytics trains and validates (its LetterBox with cv2's INTER_LINEAR, RGB in [0, 1]; val NMS IoU 0.7)
@@ -282,8 +295,8 @@ def _torch(model: dict) -> dict:
 
 def _tflite(model: dict) -> dict:
     """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
-    post-processing op, or if it is an Ultralytics detection export (its metadata.json): then, as its ONNX
-    export is, cut before the Concat of its boxes and scores."""
+    post-processing op. A float Ultralytics export (its metadata.json) is proposed as its ONNX export is: a
+    detector cut before the Concat of its boxes and scores, its task's preprocessing."""
     proposal = _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS, "outputs": []}
     if declared := model.get("normalization"):  # what its publisher wrote into the file wins over a convention
         channels = proposal["shape"][-1]
@@ -297,12 +310,9 @@ def _tflite(model: dict) -> dict:
         # float16 weights are float32 once frozen (backends/tflite.py): a float model, calibrated for int8
         mode = "dynamic" if "int8" in types else "float32"
     proposal["variant"] = {"name": mode, "mode": mode, **({"io_dtype": io} if mode in ("int8", "uint8-qat") else {})}
-    meta = model.get("metadata", {})
-    if mode == "float32" and meta.get("task") == "detect" and "imgsz" in meta:
-        detector = _ultralytics_detector(model, meta)
-        cut = detector["postprocess"].get("box_output") is not None  # else its one output, as it is
-        return detector | {"layout": "NHWC", "variant": proposal["variant"],
-                           "outputs": detector["outputs"] if cut else []}
+    if mode == "float32" and (export := _ultralytics_export(model, model.get("metadata", {}))):
+        cut = export.get("postprocess", {}).get("box_output") is not None  # a detector's head; else as it is
+        return export | {"layout": "NHWC", "variant": proposal["variant"], "outputs": export["outputs"] if cut else []}
     if "TFLite_Detection_PostProcess" in model["ops"]:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
                                                           "labels": ["CHECK: the model's labels"]}}
