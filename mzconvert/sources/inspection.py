@@ -457,7 +457,8 @@ def inspect_tflite(path: Path) -> dict:
         report["dfl_input"] = dfl
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
-            found = {info.filename: files.read(info) for info in files.infolist()
+            # at most one byte past the cap of each: a member's declared size is the archive's word for it
+            found = {info.filename: files.open(info).read(MAX_LABEL_FILE + 1) for info in files.infolist()
                      if LABEL_FILE.search(info.filename) or info.filename == EXPORTER_METADATA}
         if metadata := _exporter_metadata(found.pop(EXPORTER_METADATA, None)):
             report["metadata"] = metadata
@@ -524,7 +525,6 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 def _tflite_concatenated_outputs(model, outputs: list[dict]) -> dict[str, list[dict]]:
     """{output: its parts} for each output a CONCATENATION of two tensors makes (a detection head's boxes and
     scores): the parts' names and shapes, where a model can be cut to quantize them apart (as for ONNX)."""
-
     graph = model.subgraphs[0]
     made = _tflite_producers(model)
     found = {}
