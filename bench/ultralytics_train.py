@@ -4,8 +4,9 @@ as `yolo export format=onnx` does. A short CPU run on a few hundred images makes
 released one, but one whose class scores and features are a trained network's: confident where it learned
 something, its activations shaped by training rather than by initialisation.
 
-usage: python bench/ultralytics_train.py MODEL.yaml IMAGES ANNOTATIONS.json EPOCHS OUT_DIR
-(writes OUT_DIR/<model>.onnx; the images are linked, never copied or changed)
+usage: python bench/ultralytics_train.py MODEL.yaml IMAGES ANNOTATIONS.json EPOCHS OUT_DIR [--end2end]
+(writes OUT_DIR/<model>.onnx; the images are linked, never copied or changed; with --end2end an NMS-free head
+(YOLO26, YOLOv10) is exported end to end, its own top-K selection in the graph: nms=False)
 """
 
 import json
@@ -47,7 +48,7 @@ def yolo_dataset(images: Path, annotations: Path, root: Path) -> Path:
     return data
 
 
-def main(config: str, images: Path, annotations: Path, epochs: int, out: Path) -> None:
+def main(config: str, images: Path, annotations: Path, epochs: int, out: Path, end2end: bool) -> None:
     import torch
     from ultralytics import YOLO
 
@@ -64,11 +65,12 @@ def main(config: str, images: Path, annotations: Path, epochs: int, out: Path) -
                deterministic=True, amp=False, plots=False, val=False, project=str(out), name="train",
                exist_ok=True, verbose=False, optimizer="SGD", lr0=0.01, warmup_epochs=1, mosaic=0.0,
                hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0, fliplr=0.0)
-    exported = Path(yolo.export(format="onnx", imgsz=SIZE))
+    exported = Path(yolo.export(format="onnx", imgsz=SIZE, **({"nms": False} if end2end else {})))
     target = out / f"{Path(config).stem}.onnx"
     exported.replace(target)
     print(target)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]),
+         "--end2end" in sys.argv[6:])

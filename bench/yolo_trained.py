@@ -1,6 +1,7 @@
 """Issue 24: a trained YOLO detector through the recipe `mzconvert init` writes, as written, in one run.
 
-YOLOv8n (with --model yolo11n YOLO11n; with --model yolov5n YOLOv5n: anchors and objectness) is trained here
+YOLOv8n (with --model yolo11n YOLO11n; yolo26n YOLO26n, no DFL, with --end2end exported NMS-free, its own top-K
+selection in the graph; with --model yolov5n YOLOv5n: anchors and objectness) is trained here
 from the `ultralytics` (`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
 bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
 detector, but its scores and features are a trained network's), or --onnx names a trained export of your own.
@@ -14,8 +15,8 @@ calibration images are half of the train images and the verify and evaluation im
 learned, so that the float model's detections are confident and int8's agreement with them means something (the
 AP there is no accuracy figure; its ratio to float32 is still a paired fidelity measure).
 
-Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80] [--model yolov8n|yolo11n|yolov5n]
-       [--onnx TRAINED.onnx] [--seen]
+Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
+       [--model yolov8n|yolo11n|yolo26n|yolov5n] [--end2end] [--onnx TRAINED.onnx] [--seen]
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from mzconvert.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # the script that trains each
-TRAINERS = {"yolov8n": "ultralytics_train.py", "yolo11n": "ultralytics_train.py", "yolov5n": "yolov5_train.py"}
+TRAINERS = {"yolov8n": "ultralytics_train.py", "yolo11n": "ultralytics_train.py", "yolo26n": "ultralytics_train.py",
+            "yolov5n": "yolov5_train.py"}
 
 
 def mz(*args: str) -> subprocess.CompletedProcess:
@@ -42,14 +44,15 @@ def mz(*args: str) -> subprocess.CompletedProcess:
                           text=True)
 
 
-def trained(work: Path, mirror: Path, epochs: int, model: str) -> Path:
+def trained(work: Path, mirror: Path, epochs: int, model: str, end2end: bool) -> Path:
     python = ROOT / ".venv-ultralytics" / "bin" / "python"
     env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
                         "YOLO_CONFIG_DIR": str(work / "settings")}
     coco = mirror / "coco"
     done = subprocess.run([str(python), str(ROOT / "bench" / TRAINERS[model]), f"{model}.yaml",
                            str(coco / "train2017"), str(coco / "annotations" / "instances_train2017_subset.json"),
-                           str(epochs), str(work / "train")], cwd=work, env=env, capture_output=True, text=True)
+                           str(epochs), str(work / "train"), *(["--end2end"] if end2end else [])], cwd=work, env=env,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"training failed:\n{done.stderr[-3000:]}")
     return Path(done.stdout.strip().splitlines()[-1])
@@ -80,12 +83,13 @@ def main() -> None:
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--model", choices=sorted(TRAINERS), default="yolov8n", help="the model trained here")
+    parser.add_argument("--end2end", action="store_true", help="export an NMS-free head end to end (nms=False)")
     parser.add_argument("--onnx", help="a trained Ultralytics detection export (default: train one here)")
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
     args = parser.parse_args()
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-yolo-trained-"))
-    model = Path(args.onnx) if args.onnx else trained(work, mirror, args.epochs, args.model)
+    model = Path(args.onnx) if args.onnx else trained(work, mirror, args.epochs, args.model, args.end2end)
     if args.seen:
         calibration, dataset = halves(mirror / "coco", work)
         verify, split = dataset / "train-b", "train-b"

@@ -35,8 +35,10 @@ def exports(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ultralytics")
     env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
                         "YOLO_CONFIG_DIR": str(folder / "settings")}
-    for script, config, *options in (("ultralytics_export.py", "yolov8n.yaml", "--nms"),
-                                     ("ultralytics_export.py", "yolo11n.yaml"), ("yolov5_export.py", "yolov5n.yaml")):
+    for script, config, *options in (("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12"),
+                                     ("ultralytics_export.py", "yolo11n.yaml"),
+                                     ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
+                                     ("yolov5_export.py", "yolov5n.yaml")):
         done = subprocess.run([str(python), str(ROOT / "tests" / script), config, str(MIRROR / "coco" / "train2017"),
                                *options], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -65,16 +67,17 @@ def kept(path: Path, recipe: dict, variants: set[str]) -> None:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], cut: str = "dfl") -> tuple[Path, dict]:
+def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], cut: str = "dfl",
+                encoding: str = "dfl") -> tuple[Path, dict]:
     """init's recipe for a YOLOv8 / YOLO11 export (cut before the head's DFL, its TFLite variants ending in
-    TFLite_Detection_PostProcess), `kept`; with `cut` pixels cut instead where the export's pixel boxes are
-    made."""
+    TFLite_Detection_PostProcess; a YOLO26's, `encoding` distances, before its grid decode), `kept`; with `cut`
+    pixels cut instead where the export's pixel boxes are made."""
     path, recipe = proposed(model, exports, tmp_path)
     post = recipe["postprocess"]
     assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, 320, 320]
     assert post["kind"] == "yolov8" and len(post["labels"]) == 80  # names from the export's metadata
     assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]  # cut before the Concat
-    assert post["box_encoding"] == "dfl"  # and the box branch before its DFL
+    assert post["box_encoding"] == encoding  # and the box branch before its DFL (or grid decode)
     assert post["attach"] is True
     assert recipe["preprocess"]["letterbox"] is True
     if cut == "pixels":
@@ -123,14 +126,15 @@ def test_a_yolov8n_export_goes_init_build_eval_predict_vela(exports, tmp_path):
 
 
 def decodes_as_the_export(path: Path, export: Path, tmp_path: Path) -> None:
-    """The built float32 model's box branch, decoded here (DFL, grid, strides), gives the export's own boxes."""
+    """The built float32 model's box branch, decoded here (DFL or distances, grid, strides), gives the export's
+    own boxes."""
     import numpy as np
     import onnxruntime as ort
 
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
-    from mzconvert.tasks.detection import dfl_boxes
+    from mzconvert.tasks.detection import head_boxes
 
     recipe = load_recipe(path)
     cut = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", list(recipe.strip.outputs))
@@ -139,9 +143,30 @@ def decodes_as_the_export(path: Path, export: Path, tmp_path: Path) -> None:
         tensor = prepare(image, recipe.preprocess, recipe.input).tensor
         theirs = whole.run(None, {whole.get_inputs()[0].name: tensor})[0][0]
         logits, probabilities = cut.run(tensor)
-        boxes = dfl_boxes(logits.reshape(-1, theirs.shape[-1]), recipe.input.height_width, None)
+        boxes = head_boxes(logits[0], recipe.postprocess, recipe.input.height_width)
         np.testing.assert_allclose(boxes, theirs[:4].T, atol=1e-3)
         np.testing.assert_allclose(probabilities.reshape(theirs[4:].shape), theirs[4:], atol=1e-6)
+
+
+def test_an_opset_12_export_is_cut_before_its_dfl_as_a_later_opset_export_is(exports, tmp_path):
+    """Before opset 13 an ONNX Softmax works on the last axis only, so the export puts a Transpose between the
+    DFL's Softmax and its Conv: init still finds the DFL (not only the pixel boxes after it), and the cut computes
+    the export's boxes, in ONNX and in its TFLite port."""
+    import onnx
+
+    assert {o.version for o in onnx.load(str(exports / "yolov8n-opset12.onnx")).opset_import} == {12}
+    path, recipe = proposed("yolov8n-opset12", exports, tmp_path)
+    post = recipe["postprocess"]
+    assert post["kind"] == "yolov8" and post["box_encoding"] == "dfl"
+    assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]
+    recipe.pop("targets")
+    kept(path, recipe, {"float32", "float32-tflite"})
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
+                   "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    port = json.loads(done.stdout)[path.stem]["variants"]["float32-tflite"]["verify"]
+    assert port[post["box_output"]]["sqnr_db"] > 60 and port[post["class_output"]]["sqnr_db"] > 60, port
+    decodes_as_the_export(path, exports / "yolov8n-opset12.onnx", tmp_path)
 
 
 def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_its_detections(exports, tmp_path):
@@ -279,6 +304,71 @@ def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu_and_ends_in_
                         "int8-tflite", *where)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["results"]["int8-tflite"]["detections"] > 0
+
+
+def test_a_yolo26n_export_without_a_dfl_is_cut_before_its_grid_decode_and_goes_to_the_npu(exports, tmp_path):
+    """YOLO26 has no DFL (reg_max 1): its box branch gives each side's distance from the cell's centre, which the
+    export decodes to pixels. init cuts there (the distances, per level in strides, keep int8 steps a level's
+    size; pixels would share one scale over the whole image), the cut decodes to the export's boxes, and its
+    TFLite ends in TFLite_Detection_PostProcess with every other op on the NPU."""
+    path, post = initialised("yolo26n", exports, tmp_path, {"float32", "float32-tflite", "int8-tflite"},
+                             encoding="distances")
+    assert post["nms_iou_threshold"] == 0.7  # exported with its one-to-many head: NMS as Ultralytics validates
+    built(path, post, tmp_path)
+    decodes_as_the_export(path, exports / "yolo26n.onnx", tmp_path)
+
+
+def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_attached_nms(exports, tmp_path):
+    """Exported end to end (nms=False: [1, 300, 6] rows of x1, y1, x2, y2, score, class out of its own TopK,
+    no NMS), init cuts at its head (the distances and class probabilities) and proposes what the export does:
+    no box suppresses another (nms_iou_threshold 1.0), the 300 best (box, class) scores. Every row the export
+    gives is a detection of our decode, and of the TFLite model ending in TFLite_Detection_PostProcess, with
+    its box and score."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import postprocessed_detections, yolov8_detections
+
+    path, recipe = proposed("yolo26n-e2e", exports, tmp_path)
+    post = recipe["postprocess"]
+    assert (post["kind"], post["box_encoding"], post["nms_iou_threshold"], post["max_detections"]) == \
+        ("yolov8", "distances", 1.0, 300)
+    assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]] and post["attach"] is True
+    recipe.pop("targets")
+    kept(path, recipe, {"float32", "float32-tflite"})
+    done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
+                   "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = load_recipe(path)
+    names = list(loaded.strip.outputs)
+    dist = tmp_path / "dist" / path.stem
+    cut, attached = open_model(dist / f"{path.stem}_float32.onnx", names), open_model(dist / f"{path.stem}_float32-tflite.tflite")
+    whole = ort.InferenceSession(str(exports / "yolo26n-e2e.onnx"), providers=["CPUExecutionProvider"])
+    height, width = loaded.input.height_width
+    compared = 0
+    for image in sorted((tmp_path / "check").iterdir()):
+        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+        rows = whole.run(None, {"images": tensor})[0][0]
+        # above the threshold our decode keeps, and above the 300th score (its ties may fall either way)
+        rows = rows[(rows[:, 4] > loaded.postprocess.nms_score_threshold) & (rows[:, 4] > rows[:, 4].min())]
+        outputs = cut.run(tensor)
+        ours = yolov8_detections(outputs, dict(zip(names, outputs)), loaded.postprocess, None, (height, width))
+        for detections, op in ((ours, False), (postprocessed_detections(*attached.run(tensor)), True)):
+            boxes = detections.boxes[:, [1, 0, 3, 2]] * [width, height, width, height]
+            for *box, score, label in rows:
+                # (the TFLite model is onnx2tf's port: its scores within 1e-3 of the export's)
+                same = (detections.labels == int(label)) & (np.abs(detections.scores - score) < 1e-3)
+                assert same.any(), (image.name, score, label)
+                if op:  # the op's coding has no negative size: a box whose sides cross is empty at its centre
+                    centre, size = (np.add(box[:2], box[2:]) / 2, np.maximum(np.subtract(box[2:], box[:2]), 0))
+                    box = [*(centre - size / 2), *(centre + size / 2)]
+                clipped = np.clip(box, 0, [width, height, width, height])  # boxes are clipped to the image
+                assert np.abs(boxes[same] - clipped).max(axis=1).min() < 0.05, (image.name, box)
+        compared += len(rows)
+    assert compared > 100
 
 
 def test_a_yolov5n_export_goes_init_build_eval_predict_vela(exports, tmp_path):

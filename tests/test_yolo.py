@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -319,20 +320,22 @@ variants:
 DFL_SIZE, DFL_STRIDES, BINS = 64, (8, 16, 32), 16
 
 
-def yolov8_dfl_onnx(path: Path, classes: int = 3) -> Path:
+def yolov8_dfl_onnx(path: Path, classes: int = 3, bins: int = BINS) -> Path:
     """A YOLOv8 head as Ultralytics exports it, over three levels: per level a box branch of 4 x 16 distribution
     logits and a class branch, concatenated over the levels; the DFL (Reshape, Transpose, Softmax over the 16
     bins, a 1x1 Conv of weights 0..15), dist2bbox from each cell's centre, times its stride; then one Concat.
+    With `bins` 1 a head without a DFL, as YOLO26's: the box branch's 4 channels are the distances dist2bbox reads.
     A constant is a Constant node, as unsimplified exports have them."""
     rng = np.random.RandomState(3)
     arrays, nodes, boxes, scores, centres, strides = {}, [], [], [], [], []
     for s in DFL_STRIDES:
         cells = DFL_SIZE // s
-        arrays[f"wb{s}"] = rng.normal(0, 0.05, (4 * BINS, 3, s, s))
+        arrays[f"wb{s}"] = rng.normal(0, 0.05, (4 * bins, 3, s, s)) * (1.0 if bins > 1 else 0.1)
         arrays[f"wc{s}"] = rng.normal(0, 0.05, (classes, 3, s, s))
-        arrays[f"flat_b{s}"] = np.array([1, 4 * BINS, cells * cells], np.int64)
+        arrays[f"flat_b{s}"] = np.array([1, 4 * bins, cells * cells], np.int64)
         arrays[f"flat_c{s}"] = np.array([1, classes, cells * cells], np.int64)
-        nodes += [helper.make_node("Conv", ["images", f"wb{s}"], [f"b{s}"], strides=[s, s]),
+        arrays[f"bb{s}"] = np.full(4 * bins, 0.0 if bins > 1 else 1.0)  # distances: about a stride each way
+        nodes += [helper.make_node("Conv", ["images", f"wb{s}", f"bb{s}"], [f"b{s}"], strides=[s, s]),
                   helper.make_node("Reshape", [f"b{s}", f"flat_b{s}"], [f"box{s}"]),
                   helper.make_node("Conv", ["images", f"wc{s}"], [f"c{s}"], strides=[s, s]),
                   helper.make_node("Reshape", [f"c{s}", f"flat_c{s}"], [f"cls{s}"])]
@@ -343,21 +346,23 @@ def yolov8_dfl_onnx(path: Path, classes: int = 3) -> Path:
                 centres.append((column + 0.5, row + 0.5))
                 strides.append(s)
     count = len(centres)
-    arrays |= {"dfl_shape": np.array([1, 4, BINS, count], np.int64), "dfl_w": np.arange(BINS, dtype=np.float32).reshape(1, BINS, 1, 1),
+    arrays |= {"dfl_shape": np.array([1, 4, bins, count], np.int64),
+               "dfl_w": np.arange(bins, dtype=np.float32).reshape(1, bins, 1, 1),
                "sides": np.array([1, 4, count], np.int64), "centres": np.array(centres).T[None],
                "strides": np.array(strides, np.float32)[None, None],
                "lt_start": np.array([0], np.int64), "lt_end": np.array([2], np.int64),
                "rb_end": np.array([4], np.int64), "axis1": np.array([1], np.int64)}
     nodes += [helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
-              helper.make_node("Concat", boxes, ["box_logits"], axis=2),
+              helper.make_node("Concat", boxes, ["box_logits" if bins > 1 else "distances"], axis=2),
               helper.make_node("Concat", scores, ["class_logits"], axis=2),
-              helper.make_node("Sigmoid", ["class_logits"], ["probabilities"]),
-              helper.make_node("Reshape", ["box_logits", "dfl_shape"], ["dfl_bins"]),
-              helper.make_node("Transpose", ["dfl_bins"], ["dfl_t"], perm=[0, 2, 1, 3]),
-              helper.make_node("Softmax", ["dfl_t"], ["dfl_p"], axis=1),
-              helper.make_node("Conv", ["dfl_p", "dfl_w"], ["dfl_e"]),
-              helper.make_node("Reshape", ["dfl_e", "sides"], ["distances"]),
-              helper.make_node("Slice", ["distances", "lt_start", "lt_end", "axis1"], ["lt"]),
+              helper.make_node("Sigmoid", ["class_logits"], ["probabilities"])]
+    if bins > 1:
+        nodes += [helper.make_node("Reshape", ["box_logits", "dfl_shape"], ["dfl_bins"]),
+                  helper.make_node("Transpose", ["dfl_bins"], ["dfl_t"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Softmax", ["dfl_t"], ["dfl_p"], axis=1),
+                  helper.make_node("Conv", ["dfl_p", "dfl_w"], ["dfl_e"]),
+                  helper.make_node("Reshape", ["dfl_e", "sides"], ["distances"])]
+    nodes += [helper.make_node("Slice", ["distances", "lt_start", "lt_end", "axis1"], ["lt"]),
               helper.make_node("Slice", ["distances", "lt_end", "rb_end", "axis1"], ["rb"]),
               helper.make_node("Sub", ["centres", "lt"], ["x1y1"]), helper.make_node("Add", ["centres", "rb"], ["x2y2"]),
               helper.make_node("Add", ["x1y1", "x2y2"], ["sum"]), helper.make_node("Div", ["sum", "two"], ["cxy"]),
@@ -383,10 +388,12 @@ def with_outputs(path: Path, names: list[str], target: Path) -> Path:
 
 # (the head, its input size, where it is cut, how its boxes are encoded, the float ops it leaves the CPU)
 ATTACHED_HEADS = {
-    # dequantize, reorder (2 gathers), log of sizes, join, the op
-    "pixels": (yolov8_like_onnx, 320, ["boxes", "scores"], "pixels", 6),
-    # dequantize, bins grouped, softmax, flattened, two fully-connected, log of sizes, join, the op
-    "dfl": (yolov8_dfl_onnx, 64, ["box_logits", "probabilities"], "dfl", 9),
+    # dequantize, reorder (2 gathers), sizes clamped at 0, their log, join, the op
+    "pixels": (yolov8_like_onnx, 320, ["boxes", "scores"], "pixels", 7),
+    # dequantize, bins grouped, softmax, flattened, two fully-connected, sizes clamped, log, join, the op
+    "dfl": (yolov8_dfl_onnx, 64, ["box_logits", "probabilities"], "dfl", 10),
+    # dequantize, two fully-connected, sizes clamped, log, join, the op
+    "distances": (partial(yolov8_dfl_onnx, bins=1), 64, ["distances", "probabilities"], "distances", 7),
 }
 
 
@@ -394,7 +401,7 @@ ATTACHED_HEADS = {
 def test_nms_attached_to_a_yolov8_head_gives_our_decode_and_runs_beside_the_npu(head, tmp_path, mirror):
     """TFLite_Detection_PostProcess at the end of a yolov8 head cut before its Concat (unit anchors and log
     sizes for pixel boxes; for a head cut before its DFL, the softmax and expectation in float and anchors at the
-    cells' centres): the float model's detections are our decode's of the same model's raw outputs, the int8
+    cells' centres; for one cut before its grid decode, the distances so): the float model's detections are our decode's of the same model's raw outputs, the int8
     model's those of its own raw outputs, and vela leaves only the post-processing on the CPU."""
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
@@ -403,7 +410,7 @@ def test_nms_attached_to_a_yolov8_head_gives_our_decode_and_runs_beside_the_npu(
 
     make, size, (boxes, scores), encoding, cpu_ops = ATTACHED_HEADS[head]
     model = make(tmp_path / "yolo.onnx")
-    labels = ["person", "car", "dog"][:3 if encoding == "dfl" else 2]
+    labels = ["person", "car", "dog"][:2 if encoding == "pixels" else 3]
     train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
     (tmp_path / "yolo.yaml").write_text(f"""name: yolo
 task: detection
@@ -455,31 +462,40 @@ verify: {{images: {val}, count: 8}}
     assert compared > 20
 
 
-def test_a_head_cut_before_its_dfl_decodes_to_the_exports_own_boxes(tmp_path):
-    """init finds the DFL (a Softmax read by a 1x1 Conv of weights 0..15) and cuts before it; our decode of the
-    distribution logits (softmax, expectation, the grid inferred from the head's size) gives the boxes of the
+@pytest.mark.parametrize("bins, cut, encoding", [(BINS, "box_logits", "dfl"), (1, "distances", "distances")])
+def test_a_head_cut_before_its_box_decode_decodes_to_the_exports_own_boxes(bins, cut, encoding, tmp_path):
+    """init finds the DFL (a Softmax read by a 1x1 Conv of weights 0..15), or in a head without one (YOLO26) the
+    distances its grid decode reads (halves taken from and added to the cells' centres), and cuts there; our
+    decode of the cut (softmax and expectation; the grid inferred from the head's size) gives the boxes of the
     export's own decode, and the same detections as its one output."""
     import onnxruntime as ort
 
     from mzconvert.sources.inspection import inspect_onnx
+    from mzconvert.tasks.detection import head_boxes
 
-    model = yolov8_dfl_onnx(tmp_path / "yolo.onnx")
-    assert inspect_onnx(model)["dfl_input"] == {"name": "box_logits", "bins": BINS}
-    session = ort.InferenceSession(str(with_outputs(model, ["box_logits", "probabilities"], tmp_path / "all.onnx")),
+    model = yolov8_dfl_onnx(tmp_path / "yolo.onnx", bins=bins)
+    report = inspect_onnx(model)
+    assert report.get("dfl_input") == ({"name": cut, "bins": bins} if encoding == "dfl" else None)
+    assert report["distances_input"] == "distances"  # a DFL's output is such distances too: init cuts before it
+    made = run_cli("init", "yolo", "--from", str(model), "--to", str(tmp_path / "recipe"))
+    assert made.returncode == 0, made.stderr
+    import yaml
+
+    proposed = yaml.safe_load((tmp_path / "recipe" / "yolo.yaml").read_text())["postprocess"]
+    assert (proposed["box_encoding"], proposed["box_output"]) == (encoding, cut)
+    session = ort.InferenceSession(str(with_outputs(model, [cut, "probabilities"], tmp_path / "all.onnx")),
                                    providers=["CPUExecutionProvider"])
     post = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), nms_score_threshold=0.4,
                        nms_iou_threshold=0.5, max_detections=1000)
-    dfl = replace(post, box_output="box_logits", class_output="probabilities", box_encoding="dfl")
-    from mzconvert.tasks.detection import dfl_boxes
-
+    cut_post = replace(post, box_output=cut, class_output="probabilities", box_encoding=encoding)
     compared = 0
     for seed in range(3):
         image = np.random.RandomState(seed).uniform(0, 1, (1, 3, DFL_SIZE, DFL_SIZE)).astype(np.float32)
-        output, logits, probabilities = session.run(None, {"images": image})
-        np.testing.assert_allclose(dfl_boxes(logits[0], (DFL_SIZE, DFL_SIZE), None), output[0, :4].T, atol=1e-4)
+        output, boxes, probabilities = session.run(None, {"images": image})
+        np.testing.assert_allclose(head_boxes(boxes[0], cut_post, (DFL_SIZE, DFL_SIZE)), output[0, :4].T, atol=1e-4)
         theirs = yolov8_detections([output], {}, post, None, (DFL_SIZE, DFL_SIZE))
-        ours = yolov8_detections([logits, probabilities], {"box_logits": logits, "probabilities": probabilities},
-                                 dfl, None, (DFL_SIZE, DFL_SIZE))
+        ours = yolov8_detections([boxes, probabilities], {cut: boxes, "probabilities": probabilities}, cut_post,
+                                 None, (DFL_SIZE, DFL_SIZE))
         assert np.array_equal(ours.labels, theirs.labels) and np.allclose(ours.scores, theirs.scores)
         np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-6)
         compared += len(ours.scores)

@@ -1,8 +1,10 @@
 """Run in the Ultralytics tool environment (requirements-ultralytics.txt), not in mzconvert's: a real YOLO
 graph built from the package's model YAML and exported to ONNX as `yolo export format=onnx` does.
 
-usage: python tests/ultralytics_export.py MODEL.yaml IMAGE_DIR [--nms]  (writes MODEL.onnx in the working folder;
-with --nms also MODEL-nms.onnx, the same weights exported ending in their own NMS: nms=True)
+usage: python tests/ultralytics_export.py MODEL.yaml IMAGE_DIR [--nms] [--end2end] [--opset N]
+(writes MODEL.onnx in the working folder, and the same weights exported otherwise: with --nms MODEL-nms.onnx,
+ending in their own NMS: nms=True; with --end2end MODEL-e2e.onnx, an NMS-free head's own top-K selection:
+nms=False; with --opset N MODEL-opsetN.onnx, at that opset, as users export for older runtimes: opset=12)
 
 No trained weights can be had here, and a freshly initialised network computes the same output for every
 image (its batch-norm statistics are 0 and 1, its class biases -11). So the weights are made to carry
@@ -23,17 +25,23 @@ SIZE = 320
 CLASS_BIAS, CLASS_GAIN = -8.0, 2.0
 
 
-def main(config: str, images: Path, nms: bool) -> None:
+def main(config: str, images: Path, nms: bool, end2end: bool, opset: int | None) -> None:
     torch.manual_seed(0)
     yolo = YOLO(config)
     model = yolo.model
     with_image_statistics(model, images)
-    with torch.no_grad():
-        for branch in model.model[-1].cv3:
+    head = model.model[-1]
+    with torch.no_grad():  # an NMS-free head's one-to-one branch too (YOLO26, YOLOv10)
+        for branch in [*head.cv3, *getattr(head, "one2one_cv3", [])]:
             branch[-1].bias.fill_(CLASS_BIAS)
             branch[-1].weight.mul_(CLASS_GAIN)
+    stem = Path(config).stem
     if nms:
-        Path(yolo.export(format="onnx", imgsz=SIZE, nms=True)).rename(f"{Path(config).stem}-nms.onnx")
+        Path(yolo.export(format="onnx", imgsz=SIZE, nms=True)).rename(f"{stem}-nms.onnx")
+    if end2end:
+        Path(yolo.export(format="onnx", imgsz=SIZE, nms=False)).rename(f"{stem}-e2e.onnx")
+    if opset:
+        Path(yolo.export(format="onnx", imgsz=SIZE, opset=opset)).rename(f"{stem}-opset{opset}.onnx")
     yolo.export(format="onnx", imgsz=SIZE)  # the package's defaults otherwise: opset, onnxslim
 
 
@@ -53,4 +61,6 @@ def with_image_statistics(model: torch.nn.Module, images: Path) -> None:
     model.eval()
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), "--nms" in sys.argv[3:])
+    options = sys.argv[3:]
+    main(sys.argv[1], Path(sys.argv[2]), "--nms" in options, "--end2end" in options,
+         int(options[options.index("--opset") + 1]) if "--opset" in options else None)

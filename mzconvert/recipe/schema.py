@@ -194,15 +194,18 @@ class Postprocess:
     box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
     box_output: str | None = None  # ssd; yolov8 cut before its Concat: boxes [1, 4, N] (class_output [1, C, N])
     class_output: str | None = None
-    # yolov8 box_output: pixels (centre x, y, width, height in input pixels, the export's) or dfl (the head's
-    # distribution logits [1, 4 x bins, N] before its DFL: softmax, expectation and grid decode done here)
+    # yolov8 box_output: pixels (centre x, y, width, height in input pixels, the export's), dfl (the head's
+    # distribution logits [1, 4 x bins, N] before its DFL: softmax, expectation and grid decode done here) or
+    # distances (a head without a DFL, YOLO26's: [1, 4, N] left, top, right, bottom from each cell's centre, in
+    # strides, before its grid decode, done here)
     box_encoding: str = "pixels"
-    strides: tuple[int, ...] | None = None  # yolov8 dfl: the head's levels (default: inferred from N and input)
+    strides: tuple[int, ...] | None = None  # yolov8 dfl, distances: the head's levels (default: from N and input)
     score: str = "sigmoid"  # sigmoid | softmax
     background_class: bool = True  # logits[..., 0] is background
     # Non-maximum suppression: our decode (eval, verify, predict) and the attached TFLite op use these.
     # The defaults suit mAP (the precision/recall curve needs the low-score tail); a deployed
-    # detector typically declares e.g. 0.3 / 0.6 / 10.
+    # detector typically declares e.g. 0.3 / 0.6 / 10. An IoU threshold of 1.0 suppresses nothing: the
+    # best max_detections (box, class) scores, as an NMS-free head's export (YOLO26, YOLOv10) selects them.
     nms_score_threshold: float = 0.001
     nms_iou_threshold: float = 0.6
     max_detections: int = 100

@@ -304,14 +304,17 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
             raise r.fail(f"only kind yolov8 takes {key}", r.child_where(key))
     if kind == "yolov8":
         encoding["box_encoding"] = r.string("box_encoding", required=False, default="pixels",
-                                            choices=("pixels", "dfl"))
+                                            choices=("pixels", "dfl", "distances"))
         strides = r.list_of("strides", Reader.as_dimension, required=False)
         encoding["strides"] = tuple(strides) if strides else None
-        if encoding["box_encoding"] == "dfl" and not names.get("box_output"):
-            raise r.fail("dfl boxes are a head cut before its DFL: name box_output (its distribution logits) and "
-                         "class_output", r.child_where("box_encoding"))
-        if strides and encoding["box_encoding"] != "dfl":
-            raise r.fail("strides place the grid of dfl boxes (box_encoding dfl)", r.child_where("strides"))
+        if encoding["box_encoding"] != "pixels" and not names.get("box_output"):
+            cut = "its DFL: name box_output (its distribution logits)" if encoding["box_encoding"] == "dfl" else \
+                "its grid decode: name box_output (its distances [1, 4, N])"
+            raise r.fail(f"{encoding['box_encoding']} boxes are a head cut before {cut} and class_output",
+                         r.child_where("box_encoding"))
+        if strides and encoding["box_encoding"] == "pixels":
+            raise r.fail("strides place the grid of dfl or distances boxes (box_encoding dfl, distances)",
+                         r.child_where("strides"))
     if kind == "yolov8" and r.has("levels"):
         raise r.fail("only kind yolov5 takes levels", r.child_where("levels"))
     if r.has("levels"):

@@ -288,9 +288,10 @@ def inspect_onnx(path: Path) -> dict:
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-            **({"nms_input": head} if (head := _nms_input(model, inferred)) else {}),
+            **({"selection_input": head} if (head := _selection_input(model, inferred)) else {}),
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, inferred, head)) else {}),
             **({"dfl_input": dfl} if (dfl := _dfl_input(model)) else {}),
+            **({"distances_input": distances} if (distances := _distances_input(model)) else {}),
             **({"anchor_levels": levels} if (levels := _anchor_levels(model)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
@@ -301,11 +302,12 @@ def _onnx_shape(value) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim]
 
 
-def _concatenated_outputs(model, inferred: Callable[[], dict | None], nms_input: dict | None) -> dict[str, list[dict]]:
-    """{output: its parts} for each graph output (and the tensor an in-graph NMS reads, `nms_input`) a Concat of
-    two tensors makes (a detection head's boxes and scores): the parts' names and shapes (`inferred`,
-    _inferred_values), where a model can be cut to quantize them apart."""
-    heads = {o.name for o in model.graph.output} | ({nms_input["name"]} if nms_input else set())
+def _concatenated_outputs(model, inferred: Callable[[], dict | None],
+                          selection_input: dict | None) -> dict[str, list[dict]]:
+    """{output: its parts} for each graph output (and the head an in-graph selection of detections reads,
+    `selection_input`) a Concat of two tensors makes (a detection head's boxes and scores): the parts' names and
+    shapes (`inferred`, _inferred_values), where a model can be cut to quantize them apart."""
+    heads = {o.name for o in model.graph.output} | ({selection_input["name"]} if selection_input else set())
     concats = {n.output[0]: list(n.input) for n in model.graph.node
                if n.op_type == "Concat" and n.output[0] in heads and len(n.input) == 2}
     if not concats or (values := inferred()) is None:
@@ -325,19 +327,25 @@ def _inferred_values(model) -> dict | None:
     return {v.name: v for v in [*inferred.value_info, *inferred.output]}
 
 
-def _nms_input(model, inferred: Callable[[], dict | None]) -> dict | None:
-    """The detection head of an export that ends in its own NMS (Ultralytics' `nms=True`: [1, K, 6] rows of
-    box, score and class out): the nearest tensor before its NonMaxSuppression that a Concat makes of boxes
-    [1, 4, N] and scores [1, classes, N], as {name, dtype, shape}; None where the graph has no NMS or no such
-    head, or its shapes cannot be inferred."""
+def _selection_input(model, inferred: Callable[[], dict | None]) -> dict | None:
+    """The detection head of an export that ends in its own selection of detections ([1, K, 6] rows of box,
+    score and class out): Ultralytics' `nms=True` (its NonMaxSuppression), or an NMS-free head's (YOLO26 and
+    YOLOv10 exported end to end: the K best (box, class) scores, by TopK, and no NMS). The nearest tensor before
+    it that a Concat makes of boxes [1, 4, N] and scores [1, classes, N], as {name, dtype, shape, selected_by
+    (the op), k (K, where the output's shape says it)}; None where the graph has neither, or no such head, or
+    its shapes cannot be inferred."""
     import onnx
 
     nms = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
-    if len(nms) != 1 or (values := inferred()) is None:
+    first_top_k = next((n for n in model.graph.node if n.op_type == "TopK"), None)  # in graph order: the head's
+    selection = nms[0] if len(nms) == 1 else first_top_k if not nms else None
+    if selection is None or (values := inferred()) is None:
         return None
+    rows = _onnx_shape(model.graph.output[0])
+    k = {"k": rows[1]} if len(model.graph.output) == 1 and len(rows) == 3 and isinstance(rows[1], int) else {}
     shapes = {name: _onnx_shape(value) for name, value in values.items()}
     producer = {out: node for node in model.graph.node for out in node.output}
-    queue, seen = list(nms[0].input), set()
+    queue, seen = list(selection.input), set()
     while queue:  # breadth first: the nearest such Concat is the head, not one inside it
         name = queue.pop(0)
         if name in seen or name not in producer:
@@ -348,7 +356,8 @@ def _nms_input(model, inferred: Callable[[], dict | None]) -> dict | None:
         if node.op_type == "Concat" and len(parts) == 2 and all(len(p) == 3 for p in parts) and \
                 parts[0][:2] == [1, 4] and parts[0][2] == parts[1][2] and isinstance(parts[1][1], int):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(values[name].type.tensor_type.elem_type).name
-            return {"name": name, "dtype": dtype, "shape": [1, 4 + parts[1][1], parts[0][2]]}
+            return {"name": name, "dtype": dtype, "shape": [1, 4 + parts[1][1], parts[0][2]],
+                    "selected_by": selection.op_type, **k}
         queue.extend(node.input)
     return None
 
@@ -356,27 +365,47 @@ def _nms_input(model, inferred: Callable[[], dict | None]) -> dict | None:
 def _dfl_input(model) -> dict | None:
     """The tensor a YOLOv8 head's DFL decodes (its box branch's distribution logits, [1, 4 x bins, N]), where the
     model can be cut to decode boxes in float: the input, through Reshape and Transpose, of a Softmax that a
-    1x1 Conv with weights 0, 1 .. bins - 1 reads (the DFL's expectation). None unless there is exactly one."""
+    1x1 Conv with weights 0, 1 .. bins - 1 reads (the DFL's expectation), through Transpose where the export's
+    opset is before 13 (its Softmax then works on the last axis only). None unless there is exactly one."""
     from onnx import numpy_helper
 
     weights = {i.name: i for i in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
+
+    def made_by(name: str) -> tuple[str, str] | None:
+        return (producer[name].op_type.upper(), producer[name].input[0]) if name in producer else None
+
     found = []
     for node in model.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2:
             continue
-        weight, softmax = weights.get(node.input[1]), producer.get(node.input[0])
+        weight, softmax = weights.get(node.input[1]), producer.get(_viewed(node.input[0], made_by))
         if weight is None or softmax is None or softmax.op_type != "Softmax" or len(weight.dims) != 4 or \
                 not weight.dims[0] == weight.dims[2] == weight.dims[3] == 1:
             continue
         bins = int(weight.dims[1])
         if not np.array_equal(numpy_helper.to_array(weight).ravel(), np.arange(bins)):
             continue
-        source = softmax.input[0]
-        while source in producer and producer[source].op_type in ("Transpose", "Reshape"):
-            source = producer[source].input[0]
-        found.append({"name": source, "bins": bins})
+        found.append({"name": _viewed(softmax.input[0], made_by), "bins": bins})
     return found[0] if len(found) == 1 else None
+
+
+def _distances_input(model) -> str | None:
+    """The tensor an Ultralytics head's grid decode (dist2bbox) reads: distances [1, 4, N] (left, top, right,
+    bottom from each cell's centre, in strides), whose halves (Slice or Split) are taken from and added to the
+    cell centres (x1y1 = centres - lt, x2y2 = centres + rb; the centres may be two constants of the same values).
+    In a head without a DFL (YOLO26) it is where the model can be cut to decode boxes in float. None unless there
+    is exactly one."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def halved(name: str) -> str | None:
+        node = producer.get(name)
+        return node.input[0] if node is not None and node.op_type in ("Slice", "Split") else None
+
+    taken = {halved(node.input[1]) for node in model.graph.node if node.op_type == "Sub"}
+    added = {halved(name) for node in model.graph.node if node.op_type == "Add" for name in node.input}
+    found = (taken & added) - {None}
+    return found.pop() if len(found) == 1 else None
 
 
 def _anchor_levels(model) -> list[dict]:
@@ -472,9 +501,13 @@ def _tflite_dfl_input(model) -> dict | None:
     store them). None unless there is exactly one."""
     graph = model.subgraphs[0]
     made = _tflite_producers(model)
+
+    def made_by(tensor: int) -> tuple[str, int] | None:
+        return (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
+
     found = []
     for name, op in made.values():  # a CONV_2D makes one tensor: each once
-        if name != "CONV_2D" or made.get(op.inputs[0], ("",))[0] != "SOFTMAX":
+        if name != "CONV_2D" or made.get(softmax := _viewed(op.inputs[0], made_by), ("",))[0] != "SOFTMAX":
             continue
         weight, stored = op.inputs[1], "<f4"
         if made.get(weight, ("",))[0] == "DEQUANTIZE":
@@ -485,11 +518,16 @@ def _tflite_dfl_input(model) -> dict | None:
         if data is None or list(tensor.shape) != [1, 1, 1, bins] or len(data) != np.dtype(stored).itemsize * bins \
                 or not np.array_equal(np.frombuffer(bytes(data), stored), np.arange(bins)):
             continue
-        source = made[op.inputs[0]][1].inputs[0]
-        while source in made and made[source][0] in ("TRANSPOSE", "RESHAPE"):
-            source = made[source][1].inputs[0]
-        found.append({"name": graph.tensors[source].name.decode(), "bins": bins})
+        found.append({"name": graph.tensors[_viewed(made[softmax][1].inputs[0], made_by)].name.decode(), "bins": bins})
     return found[0] if len(found) == 1 else None
+
+
+def _viewed(tensor, made_by):
+    """The tensor `tensor` is a reshaped or transposed view of (itself where it is none); made_by(tensor) is the
+    op type (upper case) and first input of the op that makes it, None for a graph input or a constant."""
+    while (made := made_by(tensor)) and made[0] in ("RESHAPE", "TRANSPOSE"):
+        tensor = made[1]
+    return tensor
 
 
 def _tflite_producers(model) -> dict:
@@ -644,8 +682,8 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  SSD head without anchors: boxes {head['box_output']}, scores {head['class_output']}; "
                      "levels (rows x columns x anchors) " +
                      ", ".join(f"{v['rows']}x{v['columns']}x{v['anchors']}" for v in head["levels"]))
-    if head := report.get("nms_input"):
-        lines.append(f"{indent}  ends in its own NonMaxSuppression, which reads the head {tensor_line(head)}")
+    if head := report.get("selection_input"):
+        lines.append(f"{indent}  ends in its own {head['selected_by']}, which reads the head {tensor_line(head)}")
     for level in report.get("anchor_levels", []):
         lines.append(f"{indent}  anchor head level {level['name']}: stride {level['stride']}, anchors (w, h) "
                      f"{level['anchors']}")

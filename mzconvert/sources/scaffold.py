@@ -99,7 +99,7 @@ def _keras(model: dict) -> dict:
 
 def _onnx(model: dict) -> dict:
     meta = model.get("metadata", {})
-    if head := model.get("nms_input"):  # an export that ends in its own NMS: cut before it, at its head
+    if head := model.get("selection_input"):  # an export that selects its own detections: cut before, at its head
         model = model | {"outputs": [head]}
     elif "NonMaxSuppression" in model.get("ops", {}) and meta.get("task") == "detect":
         raise MzError(f"{model['file']}: the export ends in its own NMS (outputs: "
@@ -168,6 +168,11 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     labels = carried_labels(model, classes) or [f"CHECK-class-{i}" for i in range(classes)]
     coco = coco_categories()
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
+    if model["outputs"][0].get("selected_by") == "TopK":
+        # an NMS-free head (YOLO26, YOLOv10 end to end) is trained to give each object one box: its export keeps
+        # the K best (box, class) scores and suppresses none, as Ultralytics validates it (K: its max_det, 300
+        # unless the export's output says otherwise)
+        post |= {"nms_iou_threshold": 1.0, "max_detections": model["outputs"][0].get("k", 300)}
     if labels == [name for _, name in coco]:
         post["category_ids"] = [category for category, _ in coco]
     if kind == "yolov8" and (parts := _boxes_and_scores(model, classes)):
@@ -177,6 +182,9 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
         if dfl := model.get("dfl_input"):
             parts = [dfl["name"], parts[1]]
             post["box_encoding"] = "dfl"
+        elif distances := model.get("distances_input"):  # a head without a DFL (YOLO26): before its grid decode
+            parts = [distances, parts[1]]
+            post["box_encoding"] = "distances"
         proposal["outputs"] = parts
         # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
         post |= {"box_output": parts[0], "class_output": parts[1], "attach": True}

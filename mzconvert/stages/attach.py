@@ -11,6 +11,8 @@ to anchors, and scores [1, N, classes]:
   Cut before its DFL (box_encoding dfl): distribution logits [1, 4 x bins, N] -> TRANSPOSE -> softmax over
   each side's bins -> two FULLY_CONNECTED (the expectation folded into the offset from the cell's centre and
   the size, in strides) -> (y, x, log h, log w) against anchors at the cells' centres, one stride in size.
+  Cut before the grid decode of a head without a DFL (box_encoding distances): [1, 4, N] -> TRANSPOSE -> the
+  same two FULLY_CONNECTED, each side weighing 1.
 In an integer model the DEQUANTIZE ops a float-output model ends in are removed, and the op gets:
 - the scores as integers, which its kernel dequantizes itself. It reads uint8, not int8, so int8
   scores pass a QUANTIZE to uint8 (the same values, zero point + 128), which the NPU runs;
@@ -160,13 +162,14 @@ def _ssd_inputs(edit: _Editor, boxes: int, logits: int, recipe: Recipe, anchors:
 
 def _yolov8_inputs(edit: _Editor, boxes: int, probabilities: int, recipe: Recipe, anchors) -> HeadInputs:
     shape, classes_shape = edit.graph.tensors[boxes].shape, edit.graph.tensors[probabilities].shape
-    dfl = recipe.postprocess.box_encoding == "dfl"
+    encoding = recipe.postprocess.box_encoding
+    dfl = encoding == "dfl"
     if len(shape) != 3 or shape[1] % 4 or (shape[1] != 4 and not dfl) or len(classes_shape) != 3 or \
             classes_shape[2] != shape[2]:
         raise MzError(f"boxes {list(shape)} and class scores {list(classes_shape)}: a yolov8 head cut before its "
                       f"Concat has [1, {'4 x bins' if dfl else 4}, N] and [1, classes, N]")
-    encode = _dfl_encodings if dfl else _pixel_encodings
-    encodings, anchor_boxes = encode(edit, edit.as_float(edit.transposed("postprocess/boxes", boxes)), recipe)
+    encodings, anchor_boxes = BOX_ENCODERS[encoding](edit, edit.as_float(edit.transposed("postprocess/boxes", boxes)),
+                                                     recipe)
     return HeadInputs(encodings, edit.transposed("postprocess/scores", probabilities), anchor_boxes,
                       (1.0, 1.0, 1.0, 1.0), int(classes_shape[1]))
 
@@ -186,12 +189,8 @@ def _pixel_encodings(edit: _Editor, centre_size: int, recipe: Recipe) -> tuple[i
 
 
 def _dfl_encodings(edit: _Editor, logits: int, recipe: Recipe) -> tuple[int, np.ndarray]:
-    """[1, N, 4 x bins] distribution logits (left, top, right, bottom) -> (y, x, log h, log w) against anchors
-    at each cell's centre, one stride in size: the softmax over each side's bins, then one FULLY_CONNECTED per
-    pair whose weights fold the expectation (bin i weighs i) into (bottom - top) / 2, (right - left) / 2 (the
-    centre's offset, in strides) and top + bottom, left + right (the size, in strides), as dfl_boxes decodes."""
-    from ..tasks.detection import head_grid
-
+    """[1, N, 4 x bins] distribution logits (left, top, right, bottom) -> (y, x, log h, log w): the softmax over
+    each side's bins, then the expectation (bin i weighs i) folded into _grid_encodings' weights."""
     _, count, rows = edit.graph.tensors[logits].shape
     bins = rows // 4
     f32 = edit.schema.TensorType.FLOAT32
@@ -204,12 +203,30 @@ def _dfl_encodings(edit: _Editor, logits: int, recipe: Recipe) -> tuple[int, np.
     flat = edit.tensor("postprocess/boxes/probabilities/flat", [1, count, rows], f32)
     edit.op("RESHAPE", [weights, edit.constant("postprocess/boxes/flat/shape", np.asarray([1, count, rows], np.int32))],
             [flat], edit.options("Reshape", newShape=[1, count, rows]))
+    return _grid_encodings(edit, flat, np.arange(bins), recipe)
+
+
+def _distance_encodings(edit: _Editor, distances: int, recipe: Recipe) -> tuple[int, np.ndarray]:
+    """[1, N, 4] distances (left, top, right, bottom) from each cell's centre, in strides -> (y, x, log h, log w)
+    by _grid_encodings."""
+    return _grid_encodings(edit, distances, np.ones(1), recipe)
+
+
+def _grid_encodings(edit: _Editor, sides: int, bin_values: np.ndarray, recipe: Recipe) -> tuple[int, np.ndarray]:
+    """[1, N, 4 x bins] values whose sum weighted by `bin_values`, per side, is that side's (left, top, right,
+    bottom) distance from its cell's centre in strides -> (y, x, log h, log w) against anchors at each cell's
+    centre, one stride in size: one FULLY_CONNECTED per pair whose weights fold the weighting into
+    (bottom - top) / 2, (right - left) / 2 (the centre's offset, in strides) and top + bottom, left + right (the
+    size, in strides), as grid_boxes decodes."""
+    from ..tasks.detection import head_grid
+
+    _, count, _ = edit.graph.tensors[sides].shape
     left, top, right, bottom = np.eye(4)
     parts = []
-    for name, sides in (("yx", [(bottom - top) / 2, (right - left) / 2]), ("hw", [top + bottom, left + right])):
-        folded = np.concatenate([np.outer(side, np.arange(bins)).ravel()[None] for side in sides]).astype(np.float32)
-        part = edit.tensor(f"postprocess/boxes/{name}", [1, count, 2], f32)
-        edit.op("FULLY_CONNECTED", [flat, edit.constant(f"postprocess/boxes/{name}/weights", folded), -1], [part],
+    for name, pair in (("yx", [(bottom - top) / 2, (right - left) / 2]), ("hw", [top + bottom, left + right])):
+        folded = np.concatenate([np.outer(side, bin_values).ravel()[None] for side in pair]).astype(np.float32)
+        part = edit.tensor(f"postprocess/boxes/{name}", [1, count, 2], edit.schema.TensorType.FLOAT32)
+        edit.op("FULLY_CONNECTED", [sides, edit.constant(f"postprocess/boxes/{name}/weights", folded), -1], [part],
                 edit.options("FullyConnected", keepNumDims=True))
         parts.append(part)
     height, width = recipe.input.height_width
@@ -220,13 +237,21 @@ def _dfl_encodings(edit: _Editor, logits: int, recipe: Recipe) -> tuple[int, np.
 
 def _joined_with_log_sizes(edit: _Editor, centres: int, sizes: int, count: int) -> int:
     """[1, N, 2] (y, x) and [1, N, 2] (h, w) relative to the anchors -> [1, N, 4] (y, x, log h, log w): the op's
-    exponential coding with unit scales."""
-    log_size = edit.tensor("postprocess/boxes/log_hw", [1, count, 2], edit.schema.TensorType.FLOAT32)
-    edit.op("LOG", [sizes], [log_size])
-    encodings = edit.tensor("postprocess/box_encodings", [1, count, 4], edit.schema.TensorType.FLOAT32)
+    exponential coding with unit scales. A size below 0 (a head without a DFL can predict sides that cross: the
+    export's box is then inverted) is taken as 0, an empty box at its centre: the coding has no negative size,
+    and its log would be NaN."""
+    f32 = edit.schema.TensorType.FLOAT32
+    clamped = edit.tensor("postprocess/boxes/hw/clamped", [1, count, 2], f32)
+    edit.op("RELU", [sizes], [clamped])
+    log_size = edit.tensor("postprocess/boxes/log_hw", [1, count, 2], f32)
+    edit.op("LOG", [clamped], [log_size])
+    encodings = edit.tensor("postprocess/box_encodings", [1, count, 4], f32)
     edit.op("CONCATENATION", [centres, log_size], [encodings], edit.options("Concatenation", axis=2))
     return encodings
 
+
+# a yolov8 head's postprocess.box_encoding -> its boxes [1, N, 4 or 4 x bins] as the op's encodings and anchors
+BOX_ENCODERS = {"pixels": _pixel_encodings, "dfl": _dfl_encodings, "distances": _distance_encodings}
 
 # postprocess.kind -> what its head feeds the op (rules.check_variant allows attach for these kinds)
 HEAD_INPUTS = {"ssd": _ssd_inputs, "yolov8": _yolov8_inputs}

@@ -169,35 +169,53 @@ def head_grid(input_hw: tuple[int, int], count: int, strides: tuple[int, ...] | 
     return np.concatenate(grids)
 
 
-def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None) -> np.ndarray:
-    """A YOLOv8 box branch before its DFL, [4 x bins, N], as the export's own decode makes it: each side's
-    distance (left, top, right, bottom) from its cell's centre the expectation of a softmax over 0 .. bins - 1
-    strides (DFL), then the box's centre x, y, width and height in input pixels (dist2bbox, times the stride)."""
+def dfl_distances(logits: np.ndarray) -> np.ndarray:
+    """A YOLOv8 box branch before its DFL, [4 x bins, N], as its DFL makes it: [4, N], each side's distance (left,
+    top, right, bottom) from its cell's centre, in strides, the expectation of a softmax over 0 .. bins - 1."""
     count = logits.shape[-1]
-    grid = head_grid(input_hw, count, strides)
     bins = logits.reshape(4, -1, count).astype(np.float64)
     weights = np.exp(bins - bins.max(axis=1, keepdims=True))
-    left, top, right, bottom = (weights * np.arange(bins.shape[1])[None, :, None]).sum(1) / weights.sum(1)
-    x, y, stride = grid.T
+    return (weights * np.arange(bins.shape[1])[None, :, None]).sum(1) / weights.sum(1)
+
+
+def grid_boxes(distances: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None) -> np.ndarray:
+    """[4, N] distances (left, top, right, bottom) from each cell's centre, in strides, as an Ultralytics head's
+    own decode makes them boxes (dist2bbox, times the stride): N x 4 centre x, y, width, height in input pixels."""
+    left, top, right, bottom = distances.reshape(4, -1).astype(np.float64)
+    x, y, stride = head_grid(input_hw, left.size, strides).T
     return np.stack([(x + (right - left) / 2) * stride, (y + (bottom - top) / 2) * stride,
                      (left + right) * stride, (top + bottom) * stride], axis=1)
+
+
+def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None) -> np.ndarray:
+    """A YOLOv8 box branch before its DFL, [4 x bins, N], as the export's own decode makes it: N x 4 centre x, y,
+    width and height in input pixels."""
+    return grid_boxes(dfl_distances(logits), input_hw, strides)
+
+
+def head_boxes(values: np.ndarray, post: Postprocess, input_hw: tuple[int, int]) -> np.ndarray:
+    """A yolov8 head's box_output of one image cut before its decode (box_encoding dfl or distances) as the export
+    decodes it: N x 4 centre x, y, width, height in input pixels."""
+    count = values.shape[-1]
+    distances = dfl_distances(values.reshape(-1, count)) if post.box_encoding == "dfl" else values.reshape(4, count)
+    return grid_boxes(distances, input_hw, post.strides)
 
 
 def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post: Postprocess | None,
                    input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int | None]:
     """An output of the float model and of a variant (images first) as what they mean, where that is not the raw
     tensor, and the axis of one image's judged output whose slices mean one thing each (None: signal.slice_axis
-    finds it): the distribution logits of a head cut before its DFL as the boxes they decode to (images x 1 x 4
-    x N, centre and size in input pixels, as the export's own box output); a YOLOv5 level's box logits as its
+    finds it): the distribution logits of a head cut before its DFL, or the distances of one cut before its grid
+    decode, as the boxes they decode to (images x 1 x 4 x N, centre and size in input pixels, as the export's own
+    box output); a YOLOv5 level's box logits as its
     boxes (images x 4 x N) and its score logits as the class scores (images x classes x N); a YOLO head's class
     probabilities (and YOLOv5's objectness) only where either model scores MATCH_SCORE or more, the scores a
     person is shown (8-bit probabilities of a class no image holds round to 0 and 1/256: noise a trained
     detector's rare classes would be judged by, where no detection changes). Else the outputs as they are."""
     if post is None or post.kind not in ("yolov8", "yolov5"):
         return reference, candidate, None
-    if post.box_encoding == "dfl" and name == post.box_output:
-        count = reference.shape[-1]
-        return (*(np.stack([dfl_boxes(v.reshape(-1, count), input_hw, post.strides).T[None] for v in values])
+    if post.box_encoding != "pixels" and name == post.box_output:
+        return (*(np.stack([head_boxes(v, post, input_hw).T[None] for v in values])
                   for values in (reference, candidate)), None)
     for level in post.levels:
         if name in level.parts:
@@ -221,15 +239,15 @@ def _shown(reference: np.ndarray, candidate: np.ndarray, scores=np.s_[...]) -> t
 
 
 def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
-    """Ultralytics YOLOv8 / YOLO11 exports: [1, 4 + classes, N], box centre and size in input pixels (the DFL
-    decode inside the export), then each class's probability; or cut before the DFL (box_encoding dfl), the
-    box branch's distribution logits decoded here (dfl_boxes)."""
-    if post.box_encoding == "dfl":
+    """Ultralytics YOLOv8 / YOLO11 / YOLO26 exports: [1, 4 + classes, N], box centre and size in input pixels (the
+    DFL decode inside the export), then each class's probability; or cut before the DFL (box_encoding dfl), the
+    box branch's distribution logits decoded here, or before the grid decode of a head without a DFL
+    (box_encoding distances), its distances from each cell's centre decoded here (head_boxes)."""
+    if post.box_encoding != "pixels":
         probabilities = by_name[post.class_output]
-        count = probabilities.shape[-1]
-        probabilities = probabilities.reshape(-1, count)
+        probabilities = probabilities.reshape(-1, probabilities.shape[-1])
         _check_classes(probabilities.shape[0], post)
-        boxes = dfl_boxes(by_name[post.box_output].reshape(-1, count), input_hw, post.strides)
+        boxes = head_boxes(by_name[post.box_output], post, input_hw)
         return _selected(_centre_boxes(boxes, input_hw), probabilities.T, post)
     out = _yolo_output(outputs, by_name, post)
     rows = out.reshape(-1, out.shape[-1])
