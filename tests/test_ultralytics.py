@@ -246,34 +246,41 @@ def as_tflite_export(export: Path, folder: Path) -> Path:
     return made
 
 
-def test_a_yolov8n_tflite_export_is_cut_as_its_onnx_export_is(exports, tmp_path):
-    """A YOLOv8n a user exported to .tflite: init reads the metadata Ultralytics appends and the head in the file,
-    and cuts it as the ONNX export (before the DFL and the Concat of boxes and scores; it used to propose task
-    other with MobileNet's preprocessing); the cut decodes to the file's own boxes and probabilities, and its int8
-    keeps its boxes and runs on the NPU, the attached NMS on the CPU."""
+@pytest.mark.parametrize("model, encoding", [("yolov8n", "dfl"), ("yolo26n", "distances")])
+def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, tmp_path):
+    """A YOLOv8n (YOLO26n) a user exported to .tflite: init reads the metadata Ultralytics appends and the head in
+    the file, and cuts it as the ONNX export (before the DFL, or YOLO26's grid decode, and the Concat of boxes and
+    scores; it used to propose task other with MobileNet's preprocessing); the cut decodes to the file's own
+    boxes and probabilities; the YOLOv8n's int8 keeps its boxes and runs on the NPU, the attached NMS on the
+    CPU (the YOLO26n's float model only: its int8 route is the ONNX export's, tested above)."""
     import numpy as np
 
     from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import TFLiteRunner
-    from mzconvert.tasks.detection import dfl_boxes
+    from mzconvert.tasks.detection import head_boxes
     from tests.test_yolo import ATTACHED_HEADS
 
-    user = as_tflite_export(exports / "yolov8n.onnx", tmp_path / "export")
-    (tmp_path / "yolov8n.tflite").write_bytes(user.read_bytes())
-    path, recipe = proposed("yolov8n", tmp_path, tmp_path, suffix=".tflite")
+    user = as_tflite_export(exports / f"{model}.onnx", tmp_path / "export")
+    (tmp_path / f"{model}.tflite").write_bytes(user.read_bytes())
+    path, recipe = proposed(model, tmp_path, tmp_path, suffix=".tflite")
     post = recipe["postprocess"]
     assert recipe["task"] == "detection" and recipe["format"] == "tflite" and recipe["input"]["layout"] == "NHWC"
-    assert post["kind"] == "yolov8" and post["box_encoding"] == "dfl" and len(post["labels"]) == 80
+    assert post["kind"] == "yolov8" and post["box_encoding"] == encoding and len(post["labels"]) == 80
     assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]] and post["attach"] is True
     assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["scale"] == 1 / 255
     assert [v["mode"] for v in recipe["variants"]] == ["float32", "int8"]
-    kept(path, recipe, {"float32", "int8"})
+    quantized = model == "yolov8n"
+    kept(path, recipe, {"float32", "int8"} if quantized else {"float32"})
+    if not quantized:
+        recipe = yaml.safe_load(path.read_text())
+        recipe.pop("targets")
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
     done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), *where)
     assert done.returncode == 0, done.stderr[-3000:]
-    variants = json.loads(done.stdout)["yolov8n"]["variants"]
+    variants = json.loads(done.stdout)[model]["variants"]
     loaded = load_recipe(path)
     assert variants["float32"]["postprocess_attached"]  # what ships; the cut is what it was made from
     cut = TFLiteRunner(built_stage_model(tmp_path / "build", loaded, "strip"), list(loaded.strip.outputs))
@@ -281,16 +288,17 @@ def test_a_yolov8n_tflite_export_is_cut_as_its_onnx_export_is(exports, tmp_path)
     for image in sorted((tmp_path / "check").iterdir())[:3]:
         tensor = prepare(image, loaded.preprocess, loaded.input).tensor
         (theirs,) = whole.run(tensor)
-        logits, probabilities = cut.run(tensor)
+        boxes, probabilities = cut.run(tensor)
         theirs = theirs[0]
-        boxes = dfl_boxes(logits.reshape(-1, theirs.shape[-1]), loaded.input.height_width, None)
-        np.testing.assert_allclose(boxes, theirs[:4].T, atol=2e-3)
+        np.testing.assert_allclose(head_boxes(boxes[0], loaded.postprocess, loaded.input.height_width), theirs[:4].T,
+                                   atol=2e-3)
         np.testing.assert_allclose(probabilities.reshape(theirs[4:].shape), theirs[4:], atol=1e-5)
-    int8 = variants["int8"]
-    assert int8["verify"][post["box_output"]]["worst_slice"]["sqnr_db"] > 15, int8["verify"]
-    (npu,) = int8["vela"].values()
-    assert npu["cpu_op_count"] == ATTACHED_HEADS["dfl"][-1] and npu["npu_ops"] > 100, npu
-    assert int8["postprocess_attached"]
+    if quantized:
+        int8 = variants["int8"]
+        assert int8["verify"][post["box_output"]]["worst_slice"]["sqnr_db"] > 15, int8["verify"]
+        (npu,) = int8["vela"].values()
+        assert npu["cpu_op_count"] == ATTACHED_HEADS[encoding][-1] and npu["npu_ops"] > 100, npu
+        assert int8["postprocess_attached"]
 
 
 def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu_and_ends_in_nms(exports, tmp_path):

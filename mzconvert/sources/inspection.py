@@ -391,19 +391,20 @@ def _dfl_input(model) -> dict | None:
 
 
 def _distances_input(model) -> str | None:
+    """The tensor an Ultralytics head's grid decode (dist2bbox) reads, in an ONNX model (_grid_decode_input)."""
+    return _grid_decode_input([(node.op_type.upper(), node.input, node.output) for node in model.graph.node])
+
+
+def _grid_decode_input(ops) -> str | int | None:
     """The tensor an Ultralytics head's grid decode (dist2bbox) reads: distances [1, 4, N] (left, top, right,
-    bottom from each cell's centre, in strides), whose halves (Slice or Split) are taken from and added to the
-    cell centres (x1y1 = centres - lt, x2y2 = centres + rb; the centres may be two constants of the same values).
-    In a head without a DFL (YOLO26) it is where the model can be cut to decode boxes in float. None unless there
-    is exactly one."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-
-    def halved(name: str) -> str | None:
-        node = producer.get(name)
-        return node.input[0] if node is not None and node.op_type in ("Slice", "Split") else None
-
-    taken = {halved(node.input[1]) for node in model.graph.node if node.op_type == "Sub"}
-    added = {halved(name) for node in model.graph.node if node.op_type == "Add" for name in node.input}
+    bottom from each cell's centre, in strides), whose halves (a slice or split of it) are taken from and added to
+    the cell centres (x1y1 = centres - lt, x2y2 = centres + rb; the centres may be two constants of the same
+    values). In a head without a DFL (YOLO26) it is where the model can be cut to decode boxes in float. `ops`
+    are (type in upper case, inputs, outputs), of ONNX nodes or TFLite operators. None unless there is one."""
+    halves = {out: inputs[0] for kind, inputs, outputs in ops if kind in ("SLICE", "SPLIT", "STRIDED_SLICE")
+              for out in outputs}
+    taken = {halves.get(inputs[1]) for kind, inputs, _ in ops if kind == "SUB"}
+    added = {halves.get(name) for kind, inputs, _ in ops if kind == "ADD" for name in inputs}
     found = (taken & added) - {None}
     return found.pop() if len(found) == 1 else None
 
@@ -484,6 +485,9 @@ def inspect_tflite(path: Path) -> dict:
         report["concat_outputs"] = parts
     if dfl := _tflite_dfl_input(model):
         report["dfl_input"] = dfl
+    made = _tflite_producers(model)
+    if (distances := _grid_decode_input([(name, op.inputs, op.outputs) for name, op in made.values()])) is not None:
+        report["distances_input"] = model.subgraphs[0].tensors[distances].name.decode()
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
             # at most one byte past the cap of each: a member's declared size is the archive's word for it
