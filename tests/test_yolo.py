@@ -502,6 +502,49 @@ def test_a_head_cut_before_its_box_decode_decodes_to_the_exports_own_boxes(bins,
     assert compared > 10
 
 
+def test_a_float16_export_is_read_as_the_float32_model_its_weights_round(tmp_path, mirror):
+    """An export stored in float16 (Ultralytics' quantize=16: onnxruntime's converter, float32 inputs and outputs
+    behind Casts) is read as the float32 model its weights round: no Cast between the two is left, the outputs
+    keep their names, it computes what the file computes (to float16's rounding), init finds its head as in the
+    float32 file, and it builds to int8 as a float32 export does."""
+    import onnxruntime as ort
+    import yaml
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from mzconvert.backends.onnx_float16 import as_float32
+    from mzconvert.sources.inspection import inspect_onnx
+
+    stored = tmp_path / "yolo.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(yolov8_dfl_onnx(tmp_path / "yolo32.onnx"))), keep_io_types=True),
+              str(stored))
+    assert any(i.data_type == TensorProto.FLOAT16 for i in onnx.load(str(stored)).graph.initializer)
+    read = as_float32(onnx.load(str(stored)))
+    onnx.checker.check_model(read, full_check=True)
+    assert "Cast" not in {n.op_type for n in read.graph.node} and [o.name for o in read.graph.output] == ["output0"]
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in read.graph.initializer)
+    image = np.random.RandomState(0).uniform(0, 1, (1, 3, DFL_SIZE, DFL_SIZE)).astype(np.float32)
+    (theirs,), (ours,) = (ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"images": image})
+                          for m in (str(stored), read.SerializeToString()))
+    np.testing.assert_allclose(ours, theirs, atol=0.05, rtol=0.01)
+    report = inspect_onnx(stored)
+    assert report["float16"] and report["dfl_input"] == {"name": "box_logits", "bins": BINS}
+    made = run_cli("init", "yolo", "--from", str(stored), "--to", str(tmp_path), "--calibration",
+                   str(image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)), "--verify",
+                   str(image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 4)))
+    assert made.returncode == 0, made.stderr
+    recipe = yaml.safe_load((tmp_path / "yolo.yaml").read_text())
+    assert recipe["strip"]["outputs"] == ["box_logits", "probabilities"]
+    recipe["variants"] = [{"name": "float32", "mode": "float32"},
+                          {"name": "int8", "mode": "int8", "io_dtype": "float32", "calibration": str(tmp_path / "calib"),
+                           "min_matched": 0}]
+    recipe.pop("targets", None)
+    (tmp_path / "yolo.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), "--out",
+                   str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["yolo"]["variants"]["int8"]["verify"]["box_logits"]["sqnr_db"] > 10
+
+
 def test_the_grid_of_a_dfl_head_is_inferred_or_named_when_it_cannot_be():
     from mzconvert.errors import InputError
     from mzconvert.tasks.detection import head_grid

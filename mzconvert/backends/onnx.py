@@ -16,14 +16,19 @@ from ..recipe import Recipe, Variant
 from ..recipe.schema import FITTED_ROUNDINGS, TORCH_FORMATS
 from ..runtime import OnnxRunner
 from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sources
+from .onnx_float16 import as_float32, topologically_sorted
 from .split_head import split_levels
 
 
-def _load(path: Path):
+def _load(path: Path, widen_float16: bool = False):
+    """The model, checked; with widen_float16 one stored in float16 as the float32 model it rounds (onnx_float16:
+    ORT's float16 converter leaves the graph unsorted, which the checker refuses)."""
     import onnx
 
     try:
         model = onnx.load(str(path))
+        if widen_float16:
+            model = as_float32(model)
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
         raise MzError(f"{path}: not a valid ONNX model: {short_text(exc)}", EXIT_BAD_INPUT) from None
@@ -39,8 +44,8 @@ def _save(model, path: Path) -> Path:
 
 # -- freeze --------------------------------------------------------------------------------------
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
-    """A checked, shape-inferred ONNX model; torch sources are built, loaded and exported first; a YOLOv5
-    head's levels split into boxes and scores (split_head)."""
+    """A checked, shape-inferred ONNX model; torch sources are built, loaded and exported first; a float16 model
+    read as float32 (onnx_float16); a YOLOv5 head's levels split into boxes and scores (split_head)."""
     import onnx
 
     target = out_dir / "model.onnx"
@@ -48,7 +53,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
         torch_sources.export_onnx(source, recipe, target)
         model = _load(target)
     else:
-        model = _load(source)  # a corrupt download is reported by its own name
+        model = _load(source, widen_float16=True)  # a corrupt download is reported by its own name
     model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
     model = split_levels(model, recipe)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -169,7 +174,7 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         # keep_io_types: callers feed and read float32, as with every other variant
-        _save(_topologically_sorted(convert_float_to_float16(_load(model), keep_io_types=True)), target)
+        _save(topologically_sorted(convert_float_to_float16(_load(model), keep_io_types=True)), target)
     elif variant.mode in ("dynamic", "int8", "int16x8"):
         prepared = out_dir / "preprocessed.onnx"
         # skip_symbolic_shape: symbolic inference needs sympy and the shapes here are static anyway
@@ -339,24 +344,6 @@ def _grouped_convs(model: Path) -> list[str]:
     float), and their weights are a small share of a model's size."""
     return [node.name for node in _load(model).graph.node if node.op_type == "Conv"
             and any(a.name == "group" and a.i > 1 for a in node.attribute)]
-
-
-def _topologically_sorted(model):
-    """ORT's float16 converter appends its input Casts at the end; ONNX requires producers first."""
-    graph = model.graph
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise MzError(f"graph {graph.name!r} has a cycle or a missing input")
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [n for n in pending if all(n is not r for r in ready)]
-    graph.ClearField("node")
-    graph.node.extend(ordered)
-    return model
 
 
 def _check_quantized(path: Path, variant: Variant) -> None:

@@ -276,7 +276,11 @@ def inspect_keras(path: Path) -> dict:
 def inspect_onnx(path: Path) -> dict:
     import onnx
 
+    from ..backends.onnx_float16 import as_float32, has_float16
+
     model = onnx.load(str(path), load_external_data=False)
+    stored_float16 = has_float16(model)
+    model = as_float32(model)  # as freeze reads it: a float16 file's head is the float32 export's
     initializers = {i.name for i in model.graph.initializer}
     inferred = cache(lambda: _inferred_values(model))  # shape inference once, and only where a head needs it
 
@@ -287,6 +291,7 @@ def inspect_onnx(path: Path) -> dict:
     return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
+            **({"float16": True} if stored_float16 else {}),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
             **({"selection_input": head} if (head := _selection_input(model, inferred)) else {}),
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, inferred, head)) else {}),
@@ -676,6 +681,9 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  metadata {key}: {value if len(value) <= 100 else value[:97] + '...'}")
     if report.get("opset") is not None:
         lines.append(f"{indent}  opset {report['opset']}")
+    if report.get("float16"):
+        lines.append(f"{indent}  stored in float16: read as the float32 model its weights round (the Casts "
+                     "between them dropped)")
     dynamic = [f"{t['name']} {t['shape']}" for key in ("inputs", "outputs") for t in report.get(key, [])
                if any(not isinstance(d, int) or d < 0 for d in (t.get("shape") or []))]
     if dynamic:
