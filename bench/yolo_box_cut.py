@@ -1,15 +1,17 @@
-"""Issue 24: where a YOLOv8 head's box branch is cut for int8, measured on a real Ultralytics graph in one run.
+"""Issue 24: where a YOLO head's box branch is cut for int8, measured on a real Ultralytics graph in one run.
 
 YOLOv8n is built from the `ultralytics` package's model YAML and exported to ONNX as the tests do
 (tests/ultralytics_export.py, in .venv-ultralytics: `make ultralytics-env`; the weights are not trained, see
-that script). `mzconvert init` writes its recipe (cut before the DFL, `box_encoding: dfl`); a twin recipe cuts
-where the export's pixel boxes are made (`box_encoding: pixels`). Both build int8 (ONNX QDQ) and int8-tflite
-from the same calibration images. On the verify images, every cell's box (before NMS) of each int8 model is
-compared with the float export's own box: mean IoU, the share of cells at IoU >= 0.9 and >= 0.95, mean
-absolute error in pixels, and the paired bootstrap 95 % interval of the mean-IoU difference (dfl - pixels).
-Untrained class scores are near-ties, so detections matched and AP say nothing here; boxes do not depend on them.
+that script), or --onnx names an export of your own (a YOLO26's, whose head has no DFL: bench/yolo_trained.py
+trains one). `mzconvert init` writes its recipe (cut before the DFL, `box_encoding: dfl`, or before the grid
+decode of a head without one, `distances`); a twin recipe cuts where the export's pixel boxes are made
+(`box_encoding: pixels`). Both build int8 (ONNX QDQ) and int8-tflite from the same calibration images. On the
+verify images, every cell's box (before NMS) of each int8 model is compared with the float export's own box:
+mean IoU, the share of cells at IoU >= 0.9 and >= 0.95, mean absolute error in pixels, and the paired bootstrap
+95 % interval of the mean-IoU difference (init's cut - pixels). Untrained class scores are near-ties, so
+detections matched and AP say nothing here; boxes do not depend on them.
 
-Usage: .venv/bin/python bench/yolo_box_cut.py [--mirror DIR]
+Usage: .venv/bin/python bench/yolo_box_cut.py [--mirror DIR] [--onnx EXPORT.onnx]
 """
 
 from __future__ import annotations
@@ -45,21 +47,21 @@ def export(work: Path, mirror: Path) -> Path:
 
 
 def recipes(model: Path, work: Path, mirror: Path) -> dict[str, Path]:
-    """init's recipe (dfl) and its twin cut at the pixel boxes, int8 floors lowered (untrained scores)."""
-    mz("init", "dfl", "--from", str(model), "--to", str(work), "--calibration", str(mirror / "coco" / "train2017"),
+    """init's recipe and its twin cut at the pixel boxes, int8 floors lowered (untrained scores)."""
+    mz("init", "init", "--from", str(model), "--to", str(work), "--calibration", str(mirror / "coco" / "train2017"),
        "--verify", str(mirror / "coco" / "val2017"))
     from mzconvert.sources.inspection import inspect_onnx
 
-    recipe = yaml.safe_load((work / "dfl.yaml").read_text())
+    recipe = yaml.safe_load((work / "init.yaml").read_text())
     recipe["variants"] = [v | {"min_matched": 0, "min_slice_sqnr_db": -100}
                           for v in recipe["variants"] if v["name"] in VARIANTS]
-    (work / "dfl.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (work / "init.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     pixels = inspect_onnx(model)["concat_outputs"]["output0"][0]["name"]
     recipe["name"] = "pixels"
     recipe["strip"]["outputs"][0] = recipe["postprocess"]["box_output"] = pixels
     del recipe["postprocess"]["box_encoding"]
     (work / "pixels.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return {name: work / f"{name}.yaml" for name in ("dfl", "pixels")}
+    return {name: work / f"{name}.yaml" for name in ("init", "pixels")}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -73,17 +75,19 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
-    mirror = Path(parser.parse_args().mirror)
+    parser.add_argument("--onnx", help="an Ultralytics detection export (default: an untrained YOLOv8n's)")
+    args = parser.parse_args()
+    mirror = Path(args.mirror)
     import onnxruntime as ort
 
     from mzconvert.evaluate.cocometrics import bootstrap_weights, difference_interval
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import OPTIMIZED, REFERENCE, open_model
-    from mzconvert.tasks.detection import dfl_boxes
+    from mzconvert.tasks.detection import head_boxes
 
     work = Path(tempfile.mkdtemp(prefix="mzconvert-yolo-box-cut-"))
-    model = export(work, mirror)
+    model = Path(args.onnx) if args.onnx else export(work, mirror)
     paths = recipes(model, work, mirror)
     whole = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     per_image: dict[tuple[str, str], np.ndarray] = {}
@@ -103,20 +107,20 @@ def main() -> None:
                 tensor = prepare(image, recipe.preprocess, recipe.input).tensor
                 theirs = whole.run(None, {whole.get_inputs()[0].name: tensor})[0][0, :4].T
                 boxes = runner.run(tensor)[0]
-                ours = (dfl_boxes(boxes.reshape(-1, len(theirs)), recipe.input.height_width, None) if cut == "dfl"
+                ours = (head_boxes(boxes[0], recipe.postprocess, recipe.input.height_width) if cut == "init"
                         else boxes.reshape(4, -1).T)
                 ious.append(iou(ours, theirs))
                 errors.append(np.abs(ours - theirs).mean())
             cells = np.concatenate(ious)
             per_image[cut, variant] = np.array([i.mean() for i in ious])
-            print(f"| {cut} | {variant} | {VARIANTS[variant]} | {cells.mean():.4f} | {np.mean(cells >= 0.9):.1%} | "
+            print(f"| {cut} ({recipe.postprocess.box_encoding}) | {variant} | {VARIANTS[variant]} | {cells.mean():.4f} | {np.mean(cells >= 0.9):.1%} | "
                   f"{np.mean(cells >= 0.95):.1%} | {np.mean(errors):.2f} |", flush=True)
     for variant in VARIANTS:
-        dfl, pixels = per_image["dfl", variant], per_image["pixels", variant]
-        weights = bootstrap_weights(len(dfl))
-        low, high = difference_interval(weights @ dfl / len(dfl), weights @ pixels / len(pixels))
-        print(f"{variant}: mean IoU dfl - pixels {dfl.mean() - pixels.mean():+.4f} (95 % paired interval "
-              f"{low:+.4f} to {high:+.4f}), {len(dfl)} images")
+        cut, pixels = per_image["init", variant], per_image["pixels", variant]
+        weights = bootstrap_weights(len(cut))
+        low, high = difference_interval(weights @ cut / len(cut), weights @ pixels / len(pixels))
+        print(f"{variant}: mean IoU init's cut - pixels {cut.mean() - pixels.mean():+.4f} (95 % paired interval "
+              f"{low:+.4f} to {high:+.4f}), {len(cut)} images")
     print(f"(work folder: {work})")
 
 

@@ -490,8 +490,10 @@ def inspect_tflite(path: Path) -> dict:
         report["concat_outputs"] = parts
     if dfl := _tflite_dfl_input(model):
         report["dfl_input"] = dfl
-    made = _tflite_producers(model)
-    if (distances := _grid_decode_input([(name, op.inputs, op.outputs) for name, op in made.values()])) is not None:
+    # (a TFLite SPLIT reads its axis first, its tensor second)
+    ops = [(name, op.inputs[1:] if name == "SPLIT" else op.inputs, op.outputs) for name, op in
+           _tflite_producers(model).values()]
+    if (distances := _grid_decode_input(ops)) is not None:
         report["distances_input"] = model.subgraphs[0].tensors[distances].name.decode()
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
