@@ -100,8 +100,10 @@ def main() -> None:
         images = sorted((mirror / "coco" / "val2017").glob("*.jpg"))[:recipe.verify.count]
         for variant in VARIANTS:
             suffix = "tflite" if variant.endswith("tflite") else "onnx"
-            runner = open_model(work / "dist" / cut / f"{cut}_{variant}.{suffix}", list(recipe.strip.outputs),
-                                kernels=REFERENCE if suffix == "tflite" else OPTIMIZED)
+            # a TFLite variant ships ending in the attached NMS: its raw outputs are the model before it
+            raw = sorted((work / "build" / cut / "quantize" / variant / "raw").glob("*.tflite"))
+            runner = open_model(raw[0] if raw else work / "dist" / cut / f"{cut}_{variant}.{suffix}",
+                                list(recipe.strip.outputs), kernels=REFERENCE if suffix == "tflite" else OPTIMIZED)
             ious, errors = [], []
             for image in images:
                 tensor = prepare(image, recipe.preprocess, recipe.input).tensor

@@ -156,3 +156,36 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
     with pytest.raises(MzError, match="model.onnx: not a valid ONNX model") as info:
         _load(model)
     assert info.value.exit_code == EXIT_BAD_INPUT
+
+
+def test_an_onnx_model_already_quantized_is_refused_by_init_and_build(tmp_path):
+    """A QDQ model (ONNX Runtime's static quantization, Ultralytics' quantize=8) is not quantized a second time:
+    init and build refuse it in one line naming the file and its Q/DQ nodes, exit 2, and build writes nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.int8(0), "z")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+         helper.make_node("Relu", ["d"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])], [scale, zero])
+    model = tmp_path / "qdq.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    made = run_cli("init", "qdq", "--from", str(model), "--to", str(tmp_path / "r"))
+    assert made.returncode == EXIT_BAD_INPUT and not (tmp_path / "r" / "qdq.yaml").exists()
+    assert "qdq.onnx: already quantized (1 DequantizeLinear, 1 QuantizeLinear)" in made.stderr, made.stderr
+    (tmp_path / "qdq.yaml").write_text(f"""name: qdq
+task: other
+description: a QDQ model made in the test
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: x, shape: [1, 3, 8, 8], layout: NCHW}}
+preprocess: {{resize: [8, 8], interpolation: cv2-linear, scale: 0.00392156862745098, offset: 0.0}}
+variants:
+  - {{name: float32, mode: float32}}
+""")
+    built = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(tmp_path / "qdq.yaml"), "--out",
+                    str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert built.returncode == EXIT_BAD_INPUT and "qdq.onnx: already quantized" in built.stderr, built.stderr[-1500:]
+    assert not (tmp_path / "dist").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
         model = _load(target)
     else:
         model = _load(source, widen_float16=True)  # a corrupt download is reported by its own name
+        if error := quantized_source_error(source, Counter(node.op_type for node in model.graph.node)):
+            raise error
     model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
     model = split_levels(model, recipe)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -61,6 +64,19 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
 
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) came with opset 13
+
+
+def quantized_source_error(source, ops: dict[str, int]) -> MzError | None:
+    """The error for a model already quantized (QuantizeLinear / DequantizeLinear among its `ops`, their counts:
+    ONNX Runtime's QDQ, Ultralytics' quantize=8), None for a float one. Every variant is made from a float model;
+    quantizing a quantized graph again would stack a second rounding on the first (and took ONNX Runtime's
+    quantizer more than 10 minutes on a YOLOv8n)."""
+    quantized = {op: ops[op] for op in ("DequantizeLinear", "QuantizeLinear") if ops.get(op)}
+    if not quantized:
+        return None
+    return MzError(f"{source}: already quantized ({', '.join(f'{n} {op}' for op, n in quantized.items())}): "
+                   "variants are made from the float model; give its float export (Ultralytics: without "
+                   "quantize=8)", EXIT_BAD_INPUT)
 
 
 def _with_input_shape(model, recipe: Recipe, source: Path):

@@ -98,6 +98,10 @@ def _keras(model: dict) -> dict:
 
 
 def _onnx(model: dict) -> dict:
+    from ..backends.onnx import quantized_source_error
+
+    if error := quantized_source_error(model["file"], model.get("ops", {})):
+        raise error
     meta = model.get("metadata", {})
     if head := model.get("selection_input"):  # an export that selects its own detections: cut before, at its head
         model = model | {"outputs": [head]}
