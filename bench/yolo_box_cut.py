@@ -115,7 +115,7 @@ def main() -> None:
                 errors.append(np.abs(ours - theirs).mean())
             cells = np.concatenate(ious)
             per_image[cut, variant] = np.array([i.mean() for i in ious])
-            print(f"| {cut} ({recipe.postprocess.box_encoding}) | {variant} | {VARIANTS[variant]} | {cells.mean():.4f} | {np.mean(cells >= 0.9):.1%} | "
+            print(f"| {cut if cut == 'pixels' else f'init ({recipe.postprocess.box_encoding})'} | {variant} | {VARIANTS[variant]} | {cells.mean():.4f} | {np.mean(cells >= 0.9):.1%} | "
                   f"{np.mean(cells >= 0.95):.1%} | {np.mean(errors):.2f} |", flush=True)
     for variant in VARIANTS:
         cut, pixels = per_image["init", variant], per_image["pixels", variant]

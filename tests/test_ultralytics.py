@@ -67,6 +67,29 @@ def kept(path: Path, recipe: dict, variants: set[str]) -> None:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
+def built_without_npu(path: Path, recipe: dict, variants: set[str], tmp_path: Path) -> dict:
+    """The recipe `kept` with `variants` and no NPU target, built: its variants' build report."""
+    recipe.pop("targets")
+    kept(path, recipe, variants)
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
+                   "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)[path.stem]["variants"]
+
+
+def rows_of(export: Path, recipe, tmp_path: Path):
+    """For each verify image: its name, the tensor the recipe's preprocessing makes of it and the rows the export
+    ends in (its own selection of detections: box, score, class)."""
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+
+    whole = ort.InferenceSession(str(export), providers=["CPUExecutionProvider"])
+    for image in sorted((tmp_path / "check").iterdir()):
+        tensor = prepare(image, recipe.preprocess, recipe.input).tensor
+        yield image.name, tensor, whole.run(None, {whole.get_inputs()[0].name: tensor})[0][0]
+
+
 def initialised(model: str, exports: Path, tmp_path: Path, variants: set[str], cut: str = "dfl",
                 encoding: str = "dfl") -> tuple[Path, dict]:
     """init's recipe for a YOLOv8 / YOLO11 export (cut before the head's DFL, its TFLite variants ending in
@@ -159,12 +182,7 @@ def test_an_opset_12_export_is_cut_before_its_dfl_as_a_later_opset_export_is(exp
     post = recipe["postprocess"]
     assert post["kind"] == "yolov8" and post["box_encoding"] == "dfl"
     assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]
-    recipe.pop("targets")
-    kept(path, recipe, {"float32", "float32-tflite"})
-    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
-                   "--build-dir", str(tmp_path / "build"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    port = json.loads(done.stdout)[path.stem]["variants"]["float32-tflite"]["verify"]
+    port = built_without_npu(path, recipe, {"float32", "float32-tflite"}, tmp_path)["float32-tflite"]["verify"]
     assert port[post["box_output"]]["sqnr_db"] > 60 and port[post["class_output"]]["sqnr_db"] > 60, port
     decodes_as_the_export(path, exports / "yolov8n-opset12.onnx", tmp_path)
 
@@ -176,9 +194,7 @@ def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_
     class, as Ultralytics predicts, ours every class above the threshold, as it validates; on a YOLOv8n trained
     here, 98.5 % of 593 detections on 105 images the same, docs/results.md.)"""
     import numpy as np
-    import onnxruntime as ort
 
-    from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
     from mzconvert.tasks.detection import MATCH_SCORE, dfl_boxes
@@ -187,20 +203,13 @@ def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_
     post = recipe["postprocess"]
     assert post["kind"] == "yolov8" and post["box_encoding"] == "dfl" and len(post["labels"]) == 80
     assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]
-    recipe.pop("targets")  # the float model is what is compared with the export
-    kept(path, recipe, {"float32"})
-    done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
-                   "--build-dir", str(tmp_path / "build"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    built_without_npu(path, recipe, {"float32"}, tmp_path)  # the float model is what is compared with the export
     loaded = load_recipe(path)
     names = list(loaded.strip.outputs)
     cut = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", names)
-    whole = ort.InferenceSession(str(exports / "yolov8n-nms.onnx"), providers=["CPUExecutionProvider"])
     height, width = loaded.input.height_width
     compared = 0
-    for image in sorted((tmp_path / "check").iterdir()):
-        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
-        rows = whole.run(None, {"images": tensor})[0][0]
+    for _, tensor, rows in rows_of(exports / "yolov8n-nms.onnx", loaded, tmp_path):
         rows = rows[rows[:, 4] >= MATCH_SCORE]
         logits, probabilities = cut.run(tensor)
         probabilities = probabilities.reshape(80, -1)
@@ -272,15 +281,14 @@ def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, 
     assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["scale"] == 1 / 255
     assert [v["mode"] for v in recipe["variants"]] == ["float32", "int8"]
     quantized = model == "yolov8n"
-    kept(path, recipe, {"float32", "int8"} if quantized else {"float32"})
-    if not quantized:
-        recipe = yaml.safe_load(path.read_text())
-        recipe.pop("targets")
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
-    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), *where)
-    assert done.returncode == 0, done.stderr[-3000:]
-    variants = json.loads(done.stdout)[model]["variants"]
+    if quantized:
+        kept(path, recipe, {"float32", "int8"})
+        done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), "--out",
+                       str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        variants = json.loads(done.stdout)[model]["variants"]
+    else:
+        variants = built_without_npu(path, recipe, {"float32"}, tmp_path)
     loaded = load_recipe(path)
     assert variants["float32"]["postprocess_attached"]  # what ships; the cut is what it was made from
     cut = TFLiteRunner(built_stage_model(tmp_path / "build", loaded, "strip"), list(loaded.strip.outputs))
@@ -333,9 +341,7 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
     gives is a detection of our decode, and of the TFLite model ending in TFLite_Detection_PostProcess, with
     its box and score."""
     import numpy as np
-    import onnxruntime as ort
 
-    from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
     from mzconvert.tasks.detection import postprocessed_detections, yolov8_detections
@@ -345,21 +351,15 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
     assert (post["kind"], post["box_encoding"], post["nms_iou_threshold"], post["max_detections"]) == \
         ("yolov8", "distances", 1.0, 300)
     assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]] and post["attach"] is True
-    recipe.pop("targets")
-    kept(path, recipe, {"float32", "float32-tflite"})
-    done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
-                   "--build-dir", str(tmp_path / "build"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    built_without_npu(path, recipe, {"float32", "float32-tflite"}, tmp_path)
     loaded = load_recipe(path)
     names = list(loaded.strip.outputs)
     dist = tmp_path / "dist" / path.stem
-    cut, attached = open_model(dist / f"{path.stem}_float32.onnx", names), open_model(dist / f"{path.stem}_float32-tflite.tflite")
-    whole = ort.InferenceSession(str(exports / "yolo26n-e2e.onnx"), providers=["CPUExecutionProvider"])
+    cut = open_model(dist / f"{path.stem}_float32.onnx", names)
+    attached = open_model(dist / f"{path.stem}_float32-tflite.tflite")
     height, width = loaded.input.height_width
     compared = 0
-    for image in sorted((tmp_path / "check").iterdir()):
-        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
-        rows = whole.run(None, {"images": tensor})[0][0]
+    for image, tensor, rows in rows_of(exports / "yolo26n-e2e.onnx", loaded, tmp_path):
         # above the threshold our decode keeps, and above the 300th score (its ties may fall either way)
         rows = rows[(rows[:, 4] > loaded.postprocess.nms_score_threshold) & (rows[:, 4] > rows[:, 4].min())]
         outputs = cut.run(tensor)
@@ -369,12 +369,12 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
             for *box, score, label in rows:
                 # (the TFLite model is onnx2tf's port: its scores within 1e-3 of the export's)
                 same = (detections.labels == int(label)) & (np.abs(detections.scores - score) < 1e-3)
-                assert same.any(), (image.name, score, label)
+                assert same.any(), (image, score, label)
                 if op:  # the op's coding has no negative size: a box whose sides cross is empty at its centre
                     centre, size = (np.add(box[:2], box[2:]) / 2, np.maximum(np.subtract(box[2:], box[:2]), 0))
                     box = [*(centre - size / 2), *(centre + size / 2)]
                 clipped = np.clip(box, 0, [width, height, width, height])  # boxes are clipped to the image
-                assert np.abs(boxes[same] - clipped).max(axis=1).min() < 0.05, (image.name, box)
+                assert np.abs(boxes[same] - clipped).max(axis=1).min() < 0.05, (image, box)
         compared += len(rows)
     assert compared > 100
 
