@@ -477,6 +477,8 @@ def test_a_head_cut_before_its_box_decode_decodes_to_the_exports_own_boxes(bins,
     report = inspect_onnx(model)
     assert report.get("dfl_input") == ({"name": cut, "bins": bins} if encoding == "dfl" else None)
     assert report["distances_input"] == "distances"  # a DFL's output is such distances too: init cuts before it
+    said = run_cli("inspect", str(model)).stdout
+    assert (f"DFL ({bins} bins) reads {cut}" if encoding == "dfl" else f"reads the distances {cut}") in said, said
     made = run_cli("init", "yolo", "--from", str(model), "--to", str(tmp_path / "recipe"))
     assert made.returncode == 0, made.stderr
     import yaml

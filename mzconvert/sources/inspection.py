@@ -698,6 +698,10 @@ def inspect_text(report: dict, indent: str = "") -> str:
                      ", ".join(f"{v['rows']}x{v['columns']}x{v['anchors']}" for v in head["levels"]))
     if head := report.get("selection_input"):
         lines.append(f"{indent}  ends in its own {head['selected_by']}, which reads the head {tensor_line(head)}")
+    if dfl := report.get("dfl_input"):
+        lines.append(f"{indent}  DFL ({dfl['bins']} bins) reads {dfl['name']}: a head to cut before it")
+    elif distances := report.get("distances_input"):
+        lines.append(f"{indent}  a grid decode (dist2bbox) reads the distances {distances}: a head to cut before it")
     for level in report.get("anchor_levels", []):
         lines.append(f"{indent}  anchor head level {level['name']}: stride {level['stride']}, anchors (w, h) "
                      f"{level['anchors']}")

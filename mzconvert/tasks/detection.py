@@ -208,9 +208,10 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     finds it): the distribution logits of a head cut before its DFL, or the distances of one cut before its grid
     decode, as the boxes they decode to (images x 1 x 4 x N, centre and size in input pixels, as the export's own
     box output); a YOLOv5 level's box logits as its boxes (images x 4 x N) and its score logits as the class
-    scores (images x classes x N); a YOLO head's class probabilities (and YOLOv5's objectness) only where either model scores MATCH_SCORE or more, the scores a
-    person is shown (8-bit probabilities of a class no image holds round to 0 and 1/256: noise a trained
-    detector's rare classes would be judged by, where no detection changes). Else the outputs as they are."""
+    scores (images x classes x N); a YOLO head's class probabilities (and YOLOv5's objectness) only where either
+    model scores MATCH_SCORE or more, the scores a person is shown (8-bit probabilities of a class no image holds
+    round to 0 and 1/256: noise a trained detector's rare classes would be judged by, where no detection
+    changes). Else the outputs as they are."""
     if post is None or post.kind not in ("yolov8", "yolov5"):
         return reference, candidate, None
     if post.box_encoding != "pixels" and name == post.box_output:
