@@ -547,6 +547,22 @@ def test_a_float16_export_is_read_as_the_float32_model_its_weights_round(tmp_pat
     assert json.loads(done.stdout)["yolo"]["variants"]["int8"]["verify"]["box_logits"]["sqnr_db"] > 10
 
 
+def test_an_anchor_free_head_transposed_to_yolov5s_layout_is_refused_not_misread(tmp_path):
+    """A YOLOv8 head whose output a deployment script transposed to [1, N, 4 + classes] has YOLOv5's layout: read
+    as objectness and classes, every score would be wrong. Its DFL says it is anchor-free: init refuses it in one
+    line, exit 2, and writes no recipe."""
+    model = onnx.load(str(yolov8_dfl_onnx(tmp_path / "yolo.onnx")))
+    model.graph.node[-1].output[0] = "joined"
+    model.graph.node.append(helper.make_node("Transpose", ["joined"], ["output0"], perm=[0, 2, 1]))
+    rows = model.graph.output[0].type.tensor_type.shape.dim
+    rows[1].dim_value, rows[2].dim_value = rows[2].dim_value, rows[1].dim_value
+    onnx.save(model, str(tmp_path / "transposed.onnx"))
+    made = run_cli("init", "yolo", "--from", str(tmp_path / "transposed.onnx"), "--to", str(tmp_path / "r"))
+    assert made.returncode == EXIT_BAD_INPUT and not (tmp_path / "r" / "yolo.yaml").exists(), made.stderr
+    assert "transposed.onnx: an anchor-free head (a DFL or grid decode) whose output [1, 84, 7] is transposed " \
+        "from Ultralytics' [1, 4 + classes, N]" in made.stderr, made.stderr
+
+
 def test_the_grid_of_a_dfl_head_is_inferred_or_named_when_it_cannot_be():
     from mzconvert.errors import InputError
     from mzconvert.tasks.detection import head_grid

@@ -165,6 +165,14 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     if kind is None:
         raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
                       f"[1, N, 5 + classes] (outputs: {[o['shape'] for o in model['outputs']]})", EXIT_BAD_INPUT)
+    if kind == "yolov5" and not model.get("anchor_levels") and (model.get("dfl_input") or
+                                                                model.get("distances_input")):
+        # an anchor-free head's rows laid out as YOLOv5's: read as objectness and classes, every score would be
+        # wrong without a word
+        raise MzError(f"{model['file']}: an anchor-free head (a DFL or grid decode) whose output "
+                      f"{model['outputs'][0]['shape']} is transposed from Ultralytics' [1, 4 + classes, N]: export "
+                      "it as Ultralytics does, or name its box and class tensors in strip.outputs and postprocess",
+                      EXIT_BAD_INPUT)
     model = _at_exported_size(model, meta)
     proposal = _single_input(model)
     _, rows, columns = model["outputs"][0]["shape"]
