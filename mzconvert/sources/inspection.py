@@ -484,17 +484,15 @@ def inspect_tflite(path: Path) -> dict:
               "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
     if normalization := input_normalization(model):
         report["normalization"] = normalization
-    if head := _ssd_head(model, report["outputs"]):
+    made = _tflite_producers(model)
+    if head := _ssd_head(model, made, report["outputs"]):
         report["ssd_head"] = head
-    if parts := _tflite_concatenated_outputs(model, report["outputs"]):
+    if parts := _tflite_concatenated_outputs(model, made, report["outputs"]):
         report["concat_outputs"] = parts
-    if dfl := _tflite_dfl_input(model):
+    if dfl := _tflite_dfl_input(model, made):
         report["dfl_input"] = dfl
-    # (a TFLite SPLIT reads its axis first, its tensor second)
-    ops = [(name, op.inputs[1:] if name == "SPLIT" else op.inputs, op.outputs) for name, op in
-           _tflite_producers(model).values()]
-    if (distances := _grid_decode_input(ops)) is not None:
-        report["distances_input"] = model.subgraphs[0].tensors[distances].name.decode()
+    if distances := _tflite_distances_input(model, made):
+        report["distances_input"] = distances
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
             # at most one byte past the cap of each: a member's declared size is the archive's word for it
@@ -506,12 +504,11 @@ def inspect_tflite(path: Path) -> dict:
     return report
 
 
-def _tflite_dfl_input(model) -> dict | None:
-    """As _dfl_input, in a .tflite: the input, through RESHAPE and TRANSPOSE, of a SOFTMAX that a 1x1 CONV_2D
-    with float weights 0, 1 .. bins - 1 reads (stored float32, or float16 behind a DEQUANTIZE, as float16 exports
-    store them). None unless there is exactly one."""
+def _tflite_dfl_input(model, made: dict) -> dict | None:
+    """As _dfl_input, in a .tflite (`made`: _tflite_producers): the input, through RESHAPE and TRANSPOSE, of a
+    SOFTMAX that a 1x1 CONV_2D with float weights 0, 1 .. bins - 1 reads (stored float32, or float16 behind a
+    DEQUANTIZE, as float16 exports store them). None unless there is exactly one."""
     graph = model.subgraphs[0]
-    made = _tflite_producers(model)
 
     def made_by(tensor: int) -> tuple[str, int] | None:
         return (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
@@ -531,6 +528,14 @@ def _tflite_dfl_input(model) -> dict | None:
             continue
         found.append({"name": graph.tensors[_viewed(made[softmax][1].inputs[0], made_by)].name.decode(), "bins": bins})
     return found[0] if len(found) == 1 else None
+
+
+def _tflite_distances_input(model, made: dict) -> str | None:
+    """As _distances_input, in a .tflite (`made`: _tflite_producers)."""
+    # a TFLite SPLIT reads its axis first, its tensor second
+    ops = [(name, op.inputs[1:] if name == "SPLIT" else op.inputs, op.outputs) for name, op in made.values()]
+    distances = _grid_decode_input(ops)
+    return model.subgraphs[0].tensors[distances].name.decode() if distances is not None else None
 
 
 def _viewed(tensor, made_by):
@@ -571,11 +576,11 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
     return {str(key): value if isinstance(value, str) else repr(value) for key, value in values.items()}
 
 
-def _tflite_concatenated_outputs(model, outputs: list[dict]) -> dict[str, list[dict]]:
+def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict[str, list[dict]]:
     """{output: its parts} for each output a CONCATENATION of two tensors makes (a detection head's boxes and
-    scores): the parts' names and shapes, where a model can be cut to quantize them apart (as for ONNX)."""
+    scores; `made`: _tflite_producers): the parts' names and shapes, where a model can be cut to quantize them
+    apart (as for ONNX)."""
     graph = model.subgraphs[0]
-    made = _tflite_producers(model)
     found = {}
     for i in graph.outputs:
         name, op = made.get(i, ("", None))
@@ -586,12 +591,12 @@ def _tflite_concatenated_outputs(model, outputs: list[dict]) -> dict[str, list[d
     return {out: parts for out, parts in found.items() if out in {o["name"] for o in outputs}}
 
 
-def _ssd_head(model, outputs: list[dict]) -> dict | None:
+def _ssd_head(model, made: dict, outputs: list[dict]) -> dict | None:
     """An SSD head whose anchors are not in the graph (MediaPipe's detectors: BlazeFace, pose, palm): two outputs
     [1, N, 4 + 2 x keypoints] (box offsets, then keypoints) and [1, N, classes], each joined from per-level maps
     [1, rows, columns, anchors x values] reshaped (and concatenated, level by level). {box_output, class_output,
-    levels: [{rows, columns, anchors}]}: the anchors per cell each level has, as both outputs read them; else None."""
-
+    levels: [{rows, columns, anchors}]}: the anchors per cell each level has, as both outputs read them; else None.
+    `made`: _tflite_producers."""
     shapes = [o.get("shape") or [] for o in outputs]
     if len(outputs) != 2 or any(len(shape) != 3 for shape in shapes) or shapes[0][1] != shapes[1][1]:
         return None
@@ -599,7 +604,6 @@ def _ssd_head(model, outputs: list[dict]) -> dict | None:
     if boxes["shape"][2] < 4 or boxes["shape"][2] % 2 or boxes["shape"][2] == scores["shape"][2]:
         return None
     graph = model.subgraphs[0]
-    made = _tflite_producers(model)
     by_name = {graph.tensors[i].name.decode(): i for i in graph.outputs}
 
     def levels(output: dict) -> list[tuple[int, int, int]] | None:
