@@ -38,6 +38,8 @@ def exports(tmp_path_factory) -> Path:
     for script, config, *options in (("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12"),
                                      ("ultralytics_export.py", "yolo11n.yaml"),
                                      ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
+                                     ("ultralytics_export.py", "yolov8n-seg.yaml"),
+                                     ("ultralytics_export.py", "yolov8n-pose.yaml"),
                                      ("yolov5_export.py", "yolov5n.yaml")):
         done = subprocess.run([str(python), str(ROOT / "tests" / script), config, str(MIRROR / "coco" / "train2017"),
                                *options], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
@@ -377,6 +379,63 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
                 assert np.abs(boxes[same] - clipped).max(axis=1).min() < 0.05, (image, box)
         compared += len(rows)
     assert compared > 100
+
+
+@pytest.mark.parametrize("model", ["yolov8n-seg", "yolov8n-pose"])
+def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts_outputs_of_their_own(model, exports,
+                                                                                                    tmp_path):
+    """A segment (pose) export's output0 concatenates boxes, class probabilities and mask coefficients (keypoints,
+    decoded to pixels and visibilities): init proposes the detector, cut before the DFL and that Concat, each
+    extra part an output of its own (the keypoints before their decode), a segment head's prototypes too, and no
+    NMS attached (its op's outputs would replace them). The cut decodes to the export's boxes and probabilities,
+    the extra part (as Ultralytics decodes keypoints) to the export's own; the int8 model has every output, every
+    op on the NPU, and its detections are drawn."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import head_boxes, head_grid
+
+    path, recipe = proposed(model, exports, tmp_path)
+    post, outputs = recipe["postprocess"], recipe["strip"]["outputs"]
+    assert recipe["task"] == "detection" and post["kind"] == "yolov8" and post["box_encoding"] == "dfl"
+    assert "attach" not in post and outputs[:2] == [post["box_output"], post["class_output"]]
+    if model.endswith("seg"):
+        assert len(outputs) == 4 and outputs[3] == "output1" and len(post["labels"]) == 80
+    else:  # one class, named as COCO's person: scored as that category
+        assert len(outputs) == 3 and post["labels"] == ["person"] and post["category_ids"] == [1]
+    kept(path, recipe, {"float32", "int8-tflite"})
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    int8 = json.loads(done.stdout)[path.stem]["variants"]["int8-tflite"]
+    assert set(outputs) <= set(int8["verify"]) and not int8["postprocess_attached"], int8["verify"]
+    (npu,) = int8["vela"].values()
+    assert npu["cpu_op_count"] == 0 and npu["npu_ops"] > 100, npu
+
+    loaded = load_recipe(path)
+    cut = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", outputs)
+    whole = ort.InferenceSession(str(exports / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    for image in sorted((tmp_path / "check").iterdir())[:3]:
+        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+        theirs = whole.run(None, {"images": tensor})
+        logits, probabilities, extra, *prototypes = cut.run(tensor)
+        classes = len(post["labels"])
+        np.testing.assert_allclose(head_boxes(logits[0], loaded.postprocess, (320, 320)), theirs[0][0, :4].T, atol=1e-3)
+        np.testing.assert_allclose(probabilities[0], theirs[0][0, 4:4 + classes], atol=1e-6)
+        if prototypes:  # mask coefficients as they are, and the prototypes
+            np.testing.assert_allclose(extra[0], theirs[0][0, 4 + classes:], atol=1e-5)
+            np.testing.assert_allclose(prototypes[0], theirs[1], atol=1e-5)
+        else:  # keypoints: x, y = (2 t + the cell's centre - 0.5) x stride, visibility = sigmoid(t)
+            grid = head_grid((320, 320), extra.shape[-1], None)
+            raw = extra[0].reshape(17, 3, -1)
+            decoded = np.concatenate([(raw[:, :2] * 2 + grid[:, :2].T - 0.5) * grid[:, 2],
+                                      1 / (1 + np.exp(-raw[:, 2:]))], axis=1)
+            np.testing.assert_allclose(decoded.reshape(51, -1), theirs[0][0, 4 + classes:], atol=1e-3)
+    drawn = run_cli("predict", str(path), str(image), "--variant", "int8-tflite", *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
 
 
 def test_a_yolov5n_export_goes_init_build_eval_predict_vela(exports, tmp_path):

@@ -180,9 +180,10 @@ def test_init_reads_an_ultralytics_export_and_the_recipe_builds_and_evaluates_as
     recipe = __import__("yaml").safe_load((tmp_path / "yolo.yaml").read_text())
     assert recipe["task"] == "detection" and recipe["input"]["shape"] == [1, 3, SIZE, SIZE]
     # cut before the head's Concat: boxes in pixels and probabilities each get an int8 scale of their own; its
-    # TFLite variants end in NMS
+    # TFLite variants end in NMS; its classes, named as COCO's, are scored as those categories
     assert recipe["postprocess"] == {"kind": "yolov8", "labels": ["person", "car"], "nms_iou_threshold": 0.7,
-                                     "box_output": "boxes", "class_output": "scores", "attach": True}
+                                     "category_ids": [1, 3], "box_output": "boxes", "class_output": "scores",
+                                     "attach": True}
     assert recipe["strip"]["outputs"] == ["boxes", "scores"]
     assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["interpolation"] == "cv2-linear"
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
@@ -258,8 +259,9 @@ def test_init_cuts_an_export_that_ends_in_its_own_nms_before_it(tmp_path, joined
 @pytest.mark.parametrize("task", ["classify", "pose", "segment", "obb"])
 def test_init_proposes_ultralytics_preprocessing_for_every_task_it_names(tmp_path, task):
     """An Ultralytics classifier is proposed with its own transforms (shorter side resized, centre cropped, RGB in
-    [0, 1]: no ImageNet mean and std); a pose, segmentation or oriented-box head, which no postprocess kind decodes,
-    as `other` (judged channel by channel) with its letterbox, never as a detector of its rows as classes."""
+    [0, 1]: no ImageNet mean and std); an oriented-box head, which no postprocess kind decodes, or a pose or
+    segmentation head with nothing after its classes, as `other` (judged channel by channel) with its letterbox,
+    never as a detector of its rows as classes."""
     from tests.test_onnx_backend import tiny_onnx
 
     names = {i: f"class {i}" for i in range(10 if task == "classify" else 2)}
@@ -279,6 +281,57 @@ def test_init_proposes_ultralytics_preprocessing_for_every_task_it_names(tmp_pat
         assert recipe["task"] == "other" and "postprocess" not in recipe and preprocess["letterbox"] is True
         assert recipe["input"]["shape"] == [1, 3, SIZE, SIZE]  # the dynamic size at the exported imgsz
         assert f"an Ultralytics {task} export: no postprocess kind decodes its head yet" in text
+
+
+def pose_like_onnx(path: Path, points: int = 2) -> Path:
+    """yolov8_like_onnx's head with keypoints after its classes, as Ultralytics' Pose head exports them: raw values
+    (x, y, visibility per point) joined by a Concat, then decoded (here: sigmoid, times the stride) into the part
+    output0 concatenates third."""
+    model = onnx.load(str(yolov8_like_onnx(path)))
+    rng = np.random.RandomState(6)
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(rng.normal(0, 0.02, (3 * points, 3, STRIDE, STRIDE))
+                                                      .astype(np.float32), "wk"),
+                              numpy_helper.from_array(np.array([1, 3 * points, 64], np.int64), "shape_k")])
+    concat = graph.node[len(graph.node) - 1]
+    graph.node.remove(concat)
+    graph.node.extend([helper.make_node("Conv", ["images", "wk"], ["k"], strides=[STRIDE, STRIDE]),
+                       helper.make_node("Reshape", ["k", "shape_k"], ["k_level"]),
+                       helper.make_node("Concat", ["k_level"], ["keypoints_raw"], axis=2),
+                       helper.make_node("Sigmoid", ["keypoints_raw"], ["k01"]),
+                       helper.make_node("Mul", ["k01", "stride"], ["keypoints"]),
+                       helper.make_node("Concat", ["boxes", "scores", "keypoints"], ["output0"], axis=1)])
+    graph.output[0].type.tensor_type.shape.dim[1].dim_value = 6 + 3 * points
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_pose_head_is_proposed_as_its_detector_with_its_keypoints_before_their_decode_and_no_nms(tmp_path):
+    """A pose export (metadata task pose, kpt_shape): the detector's cut, its keypoints before their decode an
+    output of their own, no NMS attached; its class names that are COCO's scored as their COCO categories. Its
+    layout is read from the classes the metadata names (12 values a cell over 64 cells, which the output's
+    proportions read as neither layout, as a YOLOv8n's [1, 84, 525] at 160 px). A recipe attaching NMS to it is
+    refused: the op's outputs would replace the keypoints."""
+    from mzconvert.errors import RecipeError
+    from mzconvert.recipe import load_recipe
+
+    model = with_ultralytics_metadata(pose_like_onnx(tmp_path / "pose.onnx"), {0: "person", 1: "car"}, task="pose")
+    onnx_model = onnx.load(str(model))
+    onnx_model.metadata_props.add(key="kpt_shape", value="[2, 3]")
+    onnx.save(onnx_model, str(model))
+    made = run_cli("init", "pose", "--from", str(model), "--to", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    text = (tmp_path / "pose.yaml").read_text()
+    recipe = __import__("yaml").safe_load(text)
+    post = recipe["postprocess"]
+    assert recipe["task"] == "detection" and post["kind"] == "yolov8" and "attach" not in post
+    assert recipe["strip"]["outputs"] == ["boxes", "scores", "keypoints_raw"]
+    assert post["category_ids"] == [1, 3] and "keypoints (keypoints_raw) are outputs" in text
+    post["attach"] = True
+    (tmp_path / "pose.yaml").write_text(__import__("yaml").safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"postprocess.attach: .* strip.outputs also keeps keypoints_raw: set "
+                                          r"attach: false to keep them"):
+        load_recipe(tmp_path / "pose.yaml")
 
 
 def test_coco_names_get_coco_category_ids():

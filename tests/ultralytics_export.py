@@ -31,6 +31,8 @@ def main(config: str, images: Path, nms: bool, end2end: bool, opset: int | None)
     model = yolo.model
     with_image_statistics(model, images)
     head = model.model[-1]
+    if head.__class__.__name__ == "Pose":
+        model.names = {0: "person"}  # as Ultralytics' pose models name their one class
     with torch.no_grad():  # an NMS-free head's one-to-one branch too (YOLO26, YOLOv10)
         for branch in [*head.cv3, *getattr(head, "one2one_cv3", [])]:
             branch[-1].bias.fill_(CLASS_BIAS)

@@ -101,6 +101,8 @@ def _check_across(r: Reader, problems: Problems, s: _Sections, variants: tuple[V
         problems.check(rules.check_converted_source, r, s.postprocess)
     if s.fmt is not None and problems.ok("postprocess"):
         problems.check(rules.check_split_head, r, s.postprocess, s.fmt)
+    if problems.ok("postprocess", "strip"):
+        problems.check(rules.check_attached_outputs, r, s.postprocess, s.strip)
     if s.vela and all_variants and s.fmt:
         problems.check(rules.check_npu_targets, r, s.vela, list(variants), s.fmt)
     torch_spec = verify = source_pipeline = labels = dense = None

@@ -141,6 +141,17 @@ def check_converted_source(r: Reader, postprocess: Postprocess | None) -> None:
                      "anchor_generator)", "postprocess.anchors_tensor")
 
 
+def check_attached_outputs(r: Reader, postprocess: Postprocess | None, strip) -> None:
+    """The attached op's four outputs replace the model's: a cut that keeps more (a segment head's mask
+    coefficients, a pose head's keypoints) would lose them without a word."""
+    if postprocess is None or not postprocess.attach or strip is None:
+        return
+    read = {postprocess.box_output, postprocess.class_output, postprocess.anchors_tensor}
+    if lost := [name for name in strip.outputs if name not in read]:
+        raise r.fail(f"the attached TFLite_Detection_PostProcess's outputs replace the model's, and strip.outputs "
+                     f"also keeps {', '.join(lost)}: set attach: false to keep them", "postprocess.attach")
+
+
 def check_split_head(r: Reader, postprocess: Postprocess | None, fmt: str) -> None:
     """A YOLOv5 head's levels are split in the ONNX graph at freeze."""
     if postprocess is not None and postprocess.levels and not uses_onnx_backend(fmt):

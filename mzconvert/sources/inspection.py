@@ -310,15 +310,41 @@ def _onnx_shape(value) -> list:
 def _concatenated_outputs(model, inferred: Callable[[], dict | None],
                           selection_input: dict | None) -> dict[str, list[dict]]:
     """{output: its parts} for each graph output (and the head an in-graph selection of detections reads,
-    `selection_input`) a Concat of two tensors makes (a detection head's boxes and scores): the parts' names and
-    shapes (`inferred`, _inferred_values), where a model can be cut to quantize them apart."""
+    `selection_input`) a Concat of two tensors or more makes (a detection head's boxes and scores, then a segment
+    head's mask coefficients or a pose head's keypoints): the parts' names and shapes (`inferred`,
+    _inferred_values), where a model can be cut to quantize them apart. A part after the first two that a decode
+    makes (a pose head's keypoints, in pixels) names as `decoded_from` the tensor it is decoded from."""
     heads = {o.name for o in model.graph.output} | ({selection_input["name"]} if selection_input else set())
     concats = {n.output[0]: list(n.input) for n in model.graph.node
-               if n.op_type == "Concat" and n.output[0] in heads and len(n.input) == 2}
+               if n.op_type == "Concat" and n.output[0] in heads and len(n.input) >= 2}
     if not concats or (values := inferred()) is None:
         return {}
-    return {out: [{"name": name, "shape": _onnx_shape(values[name])} for name in parts]
-            for out, parts in concats.items() if all(name in values for name in parts)}
+    made = {out: node for node in model.graph.node for out in node.output}
+    found = {}
+    for out, parts in concats.items():
+        if all(name in values for name in parts):
+            found[out] = [{"name": name, "shape": _onnx_shape(values[name])} for name in parts]
+            for part in found[out][2:]:
+                if (source := _branch_before_decode(part, made, values)) != part["name"]:
+                    part["decoded_from"] = source
+    return found
+
+
+def _branch_before_decode(part: dict, made: dict, values: dict, reach: int = 12) -> str:
+    """The tensor a head's part [1, E, N] is decoded from: the nearest Concat before it (within `reach` ops) of
+    the same shape, which joins the levels' convolutions (a pose head's raw keypoints: offsets from the cells
+    in strides, and visibility logits); the part itself where it is such a Concat, or none is found."""
+    queue, seen = [part["name"]], set()
+    while queue and len(seen) < reach:
+        tensor = queue.pop(0)
+        node = made.get(tensor)
+        if node is None or tensor in seen:
+            continue
+        seen.add(tensor)
+        if node.op_type == "Concat" and tensor in values and _onnx_shape(values[tensor]) == part["shape"]:
+            return tensor
+        queue.extend(node.input)
+    return part["name"]
 
 
 def _inferred_values(model) -> dict | None:
@@ -577,14 +603,14 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 
 
 def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict[str, list[dict]]:
-    """{output: its parts} for each output a CONCATENATION of two tensors makes (a detection head's boxes and
-    scores; `made`: _tflite_producers): the parts' names and shapes, where a model can be cut to quantize them
-    apart (as for ONNX)."""
+    """{output: its parts} for each output a CONCATENATION of two tensors or more makes (a detection head's boxes
+    and scores, then any other part; `made`: _tflite_producers): the parts' names and shapes, where a model can be
+    cut to quantize them apart (as for ONNX)."""
     graph = model.subgraphs[0]
     found = {}
     for i in graph.outputs:
         name, op = made.get(i, ("", None))
-        if name == "CONCATENATION" and len(op.inputs) == 2:
+        if name == "CONCATENATION" and len(op.inputs) >= 2:
             found[graph.tensors[i].name.decode()] = [{"name": graph.tensors[t].name.decode(),
                                                       "shape": [int(d) for d in graph.tensors[t].shape]}
                                                      for t in op.inputs]

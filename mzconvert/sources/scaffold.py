@@ -108,8 +108,8 @@ def _onnx(model: dict) -> dict:
     elif "NonMaxSuppression" in model.get("ops", {}) and meta.get("task") == "detect":
         raise MzError(f"{model['file']}: the export ends in its own NMS (outputs: "
                       f"{[o['shape'] for o in model['outputs']]}) and init found no head of [1, 4 + classes, N] "
-                      "before it: export without NMS (Ultralytics: nms=False), or name the head's tensors in "
-                      "the recipe's strip.outputs", EXIT_BAD_INPUT)
+                      "before it: export without NMS (Ultralytics: leave nms unset; nms=True embeds it), or name the "
+                      "head's tensors in the recipe's strip.outputs", EXIT_BAD_INPUT)
     if _ultralytics_task(meta) is None and (_yolo_kind(model["outputs"]) or model.get("anchor_levels")):
         return _ultralytics_detector(model, meta)
     return _ultralytics_export(model, meta) or _single_input(model) | {"preprocess": TORCH_PREPROCESS}
@@ -128,7 +128,9 @@ def _ultralytics_export(model: dict, meta: dict) -> dict | None:
         return _ultralytics_detector(model, meta)
     if task == "classify":
         return _single_input(_at_exported_size(model, meta)) | {"preprocess": ULTRALYTICS_CLASSIFY_PREPROCESS}
-    if task is not None:  # segment, pose, obb: heads that no postprocess kind decodes yet
+    if task in HEAD_EXTRAS and _extra_parts(model, meta, task):
+        return _ultralytics_detector(model, meta)
+    if task is not None:  # obb, or a segment or pose head not laid out as Ultralytics': no kind decodes it yet
         return _single_input(_at_exported_size(model, meta)) | {
             "task": "other", "preprocess": ULTRALYTICS_PREPROCESS,
             "notes": [f"# CHECK: an Ultralytics {task} export: no postprocess kind decodes its head yet, so its",
@@ -145,11 +147,48 @@ ULTRALYTICS_CLASSIFY_PREPROCESS = {"interpolation": "torchvision", "central_crop
                                    "scale": 1 / 255, "offset": 0.0}
 
 
-def _yolo_kind(outputs: list[dict]) -> str | None:
-    """yolov8 for one output [1, 4 + classes, N], yolov5 for [1, N, 5 + classes] (N the anchors, many more)."""
+# Ultralytics tasks whose head is a detector's with more per box, concatenated after its classes: what that is
+HEAD_EXTRAS = {"segment": "mask coefficients and prototypes", "pose": "keypoints"}
+
+
+def _metadata_literal(meta: dict, key: str):
+    """An exporter's metadata value (names, imgsz, kpt_shape) read as a Python literal, never run; None where it
+    has none or it is not one."""
+    import ast
+
+    try:
+        return ast.literal_eval(meta[key]) if key in meta else None
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
+    """A segment or pose export's output0 parts after its boxes and classes: [mask coefficients [1, masks, N]] with
+    its prototypes [1, masks, h, w] the second output; [keypoints [1, points x values, N]] (metadata kpt_shape)
+    as the only output. None where the head is not laid out so."""
+    names = _metadata_literal(meta, "names")
+    outputs, classes = model["outputs"], len(names) if isinstance(names, (dict, list)) else None
+    parts = model.get("concat_outputs", {}).get(outputs[0]["name"], []) if outputs else []
+    rows = [(p["shape"][1:2] or [None])[0] for p in parts]
+    if classes is None or len(parts) != 3 or rows[:2] != [4, classes]:
+        return None
+    if task == "segment":
+        prototypes = outputs[1]["shape"] if len(outputs) == 2 else []
+        return parts[2:] if len(prototypes) == 4 and prototypes[1] == rows[2] else None
+    points = _metadata_literal(meta, "kpt_shape")
+    fits = isinstance(points, (list, tuple)) and len(points) == 2 and points[0] * points[1] == rows[2]
+    return parts[2:] if len(outputs) == 1 and fits else None
+
+
+def _yolo_kind(outputs: list[dict], values: int | None = None) -> str | None:
+    """yolov8 for one output [1, 4 + classes, N], yolov5 for [1, N, 5 + classes]: where an export's metadata names
+    its classes, `values` (what each box has after its 4 coordinates), by the side that holds them; else by the
+    output's proportions (N the anchors, many more)."""
     if len(outputs) != 1 or len(outputs[0].get("shape") or []) != 3:
         return None
     _, rows, columns = outputs[0]["shape"]
+    if values is not None and (rows == 4 + values) != (columns == 5 + values):
+        return "yolov8" if rows == 4 + values else "yolov5"
     if isinstance(rows, int) and rows > 4 and (not isinstance(columns, int) or columns > 8 * rows):
         return "yolov8"
     if isinstance(columns, int) and columns > 5 and (not isinstance(rows, int) or rows > 8 * columns):
@@ -160,8 +199,15 @@ def _yolo_kind(outputs: list[dict]) -> str | None:
 def _ultralytics_detector(model: dict, meta: dict) -> dict:
     """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
     (read as Python literals, never run); its one output's layout says the decode."""
-    # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions
-    kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else _yolo_kind(model["outputs"])
+    task = _ultralytics_task(meta)
+    extras = _extra_parts(model, meta, task) if task in HEAD_EXTRAS else None
+    names = _metadata_literal(meta, "names")
+    extra_values = sum(part["shape"][1] for part in extras or [])
+    values = len(names) + extra_values if isinstance(names, (dict, list)) else None
+    # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions; a segment
+    # head's prototypes are its second output
+    kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else \
+        _yolo_kind(model["outputs"][:1] if extras else model["outputs"], values)
     if kind is None:
         raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
                       f"[1, N, 5 + classes] (outputs: {[o['shape'] for o in model['outputs']]})", EXIT_BAD_INPUT)
@@ -176,17 +222,18 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     model = _at_exported_size(model, meta)
     proposal = _single_input(model)
     _, rows, columns = model["outputs"][0]["shape"]
-    classes = rows - 4 if kind == "yolov8" else columns - 5
+    classes = rows - 4 - extra_values if kind == "yolov8" else columns - 5
     labels = carried_labels(model, classes) or [f"CHECK-class-{i}" for i in range(classes)]
-    coco = coco_categories()
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
     if model["outputs"][0].get("selected_by") == "TopK":
         # an NMS-free head (YOLO26, YOLOv10 end to end) is trained to give each object one box: its export keeps
         # the K best (box, class) scores and suppresses none, as Ultralytics validates it (K: its max_det, 300
         # unless the export's output says otherwise)
         post |= {"nms_iou_threshold": 1.0, "max_detections": model["outputs"][0].get("k", 300)}
-    if labels == [name for _, name in coco]:
-        post["category_ids"] = [category for category, _ in coco]
+    ids = {name: category for category, name in coco_categories()}
+    if len(set(labels)) == len(labels) and set(labels) <= set(ids):
+        # COCO's classes, or some of them (a pose model's person, a custom set): each scored as its COCO category
+        post["category_ids"] = [ids[label] for label in labels]
     if kind == "yolov8" and (parts := _boxes_and_scores(model, classes)):
         # cut before the head's Concat: int8 then gives pixels and probabilities scales of their own; and where
         # the graph has a DFL, before it: the box branch's logits quantized, its decode done in float
@@ -197,9 +244,17 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
         elif distances := model.get("distances_input"):  # a head without a DFL (YOLO26): before its grid decode
             parts = [distances, parts[1]]
             post["box_encoding"] = "distances"
+        post |= {"box_output": parts[0], "class_output": parts[1]}
+        if extras:
+            # and each part after them its own output too (a pose head's keypoints before their decode, in
+            # strides and logits, not pixels and probabilities under one scale), and every other output (a
+            # segment head's prototypes). NMS is not attached: its op's outputs would replace them
+            parts += [part.get("decoded_from", part["name"]) for part in extras]
+            parts += [o["name"] for o in model["outputs"][1:]]
+            proposal["notes"] = _extras_notes(task, parts[2:])
+        else:  # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
+            post["attach"] = True
         proposal["outputs"] = parts
-        # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
-        post |= {"box_output": parts[0], "class_output": parts[1], "attach": True}
     if kind == "yolov5" and (levels := model.get("anchor_levels")):
         # cut at the head's Convs, each split into box and score channels (int8: a scale for each), decoded in
         # float as the export decodes them
@@ -210,38 +265,43 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
 
 
+def _extras_notes(task: str, outputs: list[str]) -> list[str]:
+    lines = [f"# CHECK: an Ultralytics {task} export, proposed as the detector it is: its boxes and classes are "
+             "decoded,",
+             f"# evaluated (box AP) and drawn. Its {HEAD_EXTRAS[task]} ({', '.join(outputs)}) are outputs",
+             "# of every artifact, each judged by its signal, channel by channel; no NMS is attached (its op's "
+             "outputs would",
+             "# replace them)."]
+    if task == "pose":
+        lines += ["# The keypoints are cut before their decode: x, y = (2 t + c - 0.5) x stride, c the cell's "
+                  "centre in",
+                  "# cells (column or row + 0.5); visibility = sigmoid(t)."]
+    return lines
+
+
 def _at_exported_size(model: dict, meta: dict) -> dict:
     """The model with its one input's dynamic height and width at the size an Ultralytics export names
     (metadata imgsz, read as a Python literal, never run)."""
-    import ast
-
-    try:
-        size = ast.literal_eval(meta["imgsz"]) if "imgsz" in meta else None
-    except (ValueError, SyntaxError):
-        size = None
+    size = _metadata_literal(meta, "imgsz")
     if size and model["inputs"] and len(model["inputs"]) == 1:
         model = model | {"inputs": [model["inputs"][0] | {"shape": _fixed_at(model["inputs"][0]["shape"], size)}]}
     return model
 
 
 def _boxes_and_scores(model: dict, classes: int) -> list[str] | None:
-    """[boxes, scores]: the two tensors a YOLOv8 head's output concatenates, [1, 4, N] and [1, classes, N]."""
+    """[boxes, scores]: the first two tensors a YOLOv8 head's output concatenates, [1, 4, N] and [1, classes, N]
+    (a segment or pose head's follow: _extra_parts)."""
     parts = model.get("concat_outputs", {}).get(model["outputs"][0]["name"], [])
     rows = [(p["shape"][1:2] or [None])[0] for p in parts]
-    return [p["name"] for p in parts] if rows == [4, classes] else None
+    return [p["name"] for p in parts[:2]] if rows[:2] == [4, classes] else None
 
 
 def carried_labels(model: dict, classes: int | None) -> list[str] | None:
     """The class names the source carries, one per class: an exporter's metadata (names, as a Python literal,
     never run), else a label file beside the model in its archive or inside the .tflite (its metadata)."""
-    import ast
-
     if not isinstance(classes, int):
         return None
-    try:
-        names = ast.literal_eval(model.get("metadata", {}).get("names", "None"))
-    except (ValueError, SyntaxError):
-        names = None
+    names = _metadata_literal(model.get("metadata", {}), "names")
     if isinstance(names, dict) and sorted(names) == list(range(classes)):
         return [str(names[i]) for i in range(classes)]
     if isinstance(names, list) and len(names) == classes:
