@@ -396,7 +396,7 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
-    from mzconvert.tasks.detection import head_boxes, head_grid
+    from mzconvert.tasks.detection import head_boxes
 
     path, recipe = proposed(model, exports, tmp_path)
     post, outputs = recipe["postprocess"], recipe["strip"]["outputs"]
@@ -428,14 +428,52 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         if prototypes:  # mask coefficients as they are, and the prototypes
             np.testing.assert_allclose(extra[0], theirs[0][0, 4 + classes:], atol=1e-5)
             np.testing.assert_allclose(prototypes[0], theirs[1], atol=1e-5)
-        else:  # keypoints: x, y = (2 t + the cell's centre - 0.5) x stride, visibility = sigmoid(t)
-            grid = head_grid((320, 320), extra.shape[-1], None)
-            raw = extra[0].reshape(17, 3, -1)
-            decoded = np.concatenate([(raw[:, :2] * 2 + grid[:, :2].T - 0.5) * grid[:, 2],
-                                      1 / (1 + np.exp(-raw[:, 2:]))], axis=1)
-            np.testing.assert_allclose(decoded.reshape(51, -1), theirs[0][0, 4 + classes:], atol=1e-3)
+        else:  # keypoints, decoded as Ultralytics decodes them
+            np.testing.assert_allclose(keypoints_decoded(extra[0], (17, 3), (320, 320)), theirs[0][0, 4 + classes:],
+                                       atol=1e-3)
     drawn = run_cli("predict", str(path), str(image), "--variant", "int8-tflite", *where)
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+
+
+def keypoints_decoded(raw, points: tuple[int, int], input_hw: tuple[int, int]):
+    """A pose head's raw keypoints [points x values, N] as Ultralytics decodes them: x, y = (2 t + the cell's
+    centre - 0.5) x stride, visibility = sigmoid(t)."""
+    import numpy as np
+
+    from mzconvert.tasks.detection import head_grid
+
+    grid = head_grid(input_hw, raw.shape[-1], None)
+    raw = raw.reshape(*points, -1)
+    decoded = np.concatenate([(raw[:, :2] * 2 + grid[:, :2].T - 0.5) * grid[:, 2], 1 / (1 + np.exp(-raw[:, 2:]))],
+                             axis=1)
+    return decoded.reshape(points[0] * points[1], -1)
+
+
+def test_a_pose_tflite_export_is_cut_before_its_keypoint_decode_as_its_onnx_export_is(exports, tmp_path):
+    """onnx2tf's port of a pose export, with Ultralytics' metadata.json: init finds its keypoints' decode in the
+    .tflite too and cuts before it; the cut decodes to the file's own keypoints."""
+    import numpy as np
+
+    from mzconvert.layout import built_stage_model
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import TFLiteRunner
+
+    user = as_tflite_export(exports / "yolov8n-pose.onnx", tmp_path / "export")
+    (tmp_path / "pose.tflite").write_bytes(user.read_bytes())
+    path, recipe = proposed("pose", tmp_path, tmp_path, suffix=".tflite")
+    outputs = recipe["strip"]["outputs"]
+    assert recipe["task"] == "detection" and len(outputs) == 3 and "attach" not in recipe["postprocess"]
+    built_without_npu(path, recipe, {"float32"}, tmp_path)
+    loaded = load_recipe(path)
+    cut = TFLiteRunner(built_stage_model(tmp_path / "build", loaded, "strip"), outputs)
+    whole = TFLiteRunner(user)
+    for image in sorted((tmp_path / "check").iterdir())[:3]:
+        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+        (theirs,) = whole.run(tensor)
+        raw = cut.run(tensor)[2]
+        np.testing.assert_allclose(keypoints_decoded(raw[0], (17, 3), loaded.input.height_width), theirs[0, 5:],
+                                   atol=2e-3)
 
 
 def test_a_yolov5n_export_goes_init_build_eval_predict_vela(exports, tmp_path):

@@ -320,31 +320,39 @@ def _concatenated_outputs(model, inferred: Callable[[], dict | None],
     if not concats or (values := inferred()) is None:
         return {}
     made = {out: node for node in model.graph.node for out in node.output}
+
+    def producer(tensor: str):
+        node = made.get(tensor)
+        return None if node is None else \
+            (node.op_type.upper().replace("CONCAT", "CONCATENATION"), list(node.input),
+             _onnx_shape(values[tensor]) if tensor in values else None)
+
     found = {}
     for out, parts in concats.items():
         if all(name in values for name in parts):
             found[out] = [{"name": name, "shape": _onnx_shape(values[name])} for name in parts]
             for part in found[out][2:]:
-                if (source := _branch_before_decode(part, made, values)) != part["name"]:
+                if (source := _before_decode(part["name"], part["shape"], producer)) != part["name"]:
                     part["decoded_from"] = source
     return found
 
 
-def _branch_before_decode(part: dict, made: dict, values: dict, reach: int = 12) -> str:
-    """The tensor a head's part [1, E, N] is decoded from: the nearest Concat before it (within `reach` ops) of
-    the same shape, which joins the levels' convolutions (a pose head's raw keypoints: offsets from the cells
-    in strides, and visibility logits); the part itself where it is such a Concat, or none is found."""
-    queue, seen = [part["name"]], set()
+def _before_decode(part, shape: list, producer: Callable, reach: int = 12):
+    """The tensor a head's part (`shape` [1, E, N]) is decoded from: the nearest concatenation before it (within
+    `reach` ops) of the same shape, which joins the levels' convolutions (a pose head's raw keypoints: offsets
+    from the cells in strides, and visibility logits); `part` itself where it is such a concatenation, or none is
+    found. producer(tensor) is (op type, upper case; input tensors; shape) of the op that makes it, or None."""
+    queue, seen = [part], set()
     while queue and len(seen) < reach:
         tensor = queue.pop(0)
-        node = made.get(tensor)
-        if node is None or tensor in seen:
+        if tensor in seen or (made := producer(tensor)) is None:
             continue
         seen.add(tensor)
-        if node.op_type == "Concat" and tensor in values and _onnx_shape(values[tensor]) == part["shape"]:
+        op, inputs, made_shape = made
+        if op == "CONCATENATION" and made_shape == shape:
             return tensor
-        queue.extend(node.input)
-    return part["name"]
+        queue.extend(inputs)
+    return part
 
 
 def _inferred_values(model) -> dict | None:
@@ -605,15 +613,25 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict[str, list[dict]]:
     """{output: its parts} for each output a CONCATENATION of two tensors or more makes (a detection head's boxes
     and scores, then any other part; `made`: _tflite_producers): the parts' names and shapes, where a model can be
-    cut to quantize them apart (as for ONNX)."""
+    cut to quantize them apart (as for ONNX), and the tensor a decoded part is decoded from (`decoded_from`)."""
     graph = model.subgraphs[0]
+
+    def shape(tensor: int) -> list[int]:
+        return [int(d) for d in graph.tensors[tensor].shape]
+
+    def producer(tensor: int):
+        name, op = made.get(tensor, ("", None))
+        return None if op is None else (name, [i for i in op.inputs if i >= 0], shape(tensor))
+
     found = {}
     for i in graph.outputs:
         name, op = made.get(i, ("", None))
         if name == "CONCATENATION" and len(op.inputs) >= 2:
-            found[graph.tensors[i].name.decode()] = [{"name": graph.tensors[t].name.decode(),
-                                                      "shape": [int(d) for d in graph.tensors[t].shape]}
-                                                     for t in op.inputs]
+            found[graph.tensors[i].name.decode()] = parts = [{"name": graph.tensors[t].name.decode(),
+                                                              "shape": shape(t)} for t in op.inputs]
+            for part, tensor in zip(parts[2:], op.inputs[2:]):
+                if (source := _before_decode(tensor, part["shape"], producer)) != tensor:
+                    part["decoded_from"] = graph.tensors[source].name.decode()
     return {out: parts for out, parts in found.items() if out in {o["name"] for o in outputs}}
 
 

@@ -164,8 +164,8 @@ def _metadata_literal(meta: dict, key: str):
 
 def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
     """A segment or pose export's output0 parts after its boxes and classes: [mask coefficients [1, masks, N]] with
-    its prototypes [1, masks, h, w] the second output; [keypoints [1, points x values, N]] (metadata kpt_shape)
-    as the only output. None where the head is not laid out so."""
+    its prototypes [1, masks, h, w] (a .tflite's: [1, h, w, masks]) the second output; [keypoints [1, points x
+    values, N]] (metadata kpt_shape) as the only output. None where the head is not laid out so."""
     names = _metadata_literal(meta, "names")
     outputs, classes = model["outputs"], len(names) if isinstance(names, (dict, list)) else None
     parts = model.get("concat_outputs", {}).get(outputs[0]["name"], []) if outputs else []
@@ -174,7 +174,7 @@ def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
         return None
     if task == "segment":
         prototypes = outputs[1]["shape"] if len(outputs) == 2 else []
-        return parts[2:] if len(prototypes) == 4 and prototypes[1] == rows[2] else None
+        return parts[2:] if len(prototypes) == 4 and rows[2] in (prototypes[1], prototypes[3]) else None
     points = _metadata_literal(meta, "kpt_shape")
     fits = isinstance(points, (list, tuple)) and len(points) == 2 and points[0] * points[1] == rows[2]
     return parts[2:] if len(outputs) == 1 and fits else None
@@ -251,7 +251,7 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
             # segment head's prototypes). NMS is not attached: its op's outputs would replace them
             parts += [part.get("decoded_from", part["name"]) for part in extras]
             parts += [o["name"] for o in model["outputs"][1:]]
-            proposal["notes"] = _extras_notes(task, parts[2:])
+            proposal["notes"] = _extras_notes(task, parts[2:], any("decoded_from" in part for part in extras))
         else:  # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
             post["attach"] = True
         proposal["outputs"] = parts
@@ -265,14 +265,14 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
 
 
-def _extras_notes(task: str, outputs: list[str]) -> list[str]:
+def _extras_notes(task: str, outputs: list[str], before_decode: bool) -> list[str]:
     lines = [f"# CHECK: an Ultralytics {task} export, proposed as the detector it is: its boxes and classes are "
              "decoded,",
              f"# evaluated (box AP) and drawn. Its {HEAD_EXTRAS[task]} ({', '.join(outputs)}) are outputs",
              "# of every artifact, each judged by its signal, channel by channel; no NMS is attached (its op's "
              "outputs would",
              "# replace them)."]
-    if task == "pose":
+    if before_decode:
         lines += ["# The keypoints are cut before their decode: x, y = (2 t + c - 0.5) x stride, c the cell's "
                   "centre in",
                   "# cells (column or row + 0.5); visibility = sigmoid(t)."]
