@@ -600,17 +600,35 @@ def test_a_float16_export_is_read_as_the_float32_model_its_weights_round(tmp_pat
     assert json.loads(done.stdout)["yolo"]["variants"]["int8"]["verify"]["box_logits"]["sqnr_db"] > 10
 
 
-def test_an_anchor_free_head_transposed_to_yolov5s_layout_is_refused_not_misread(tmp_path):
+@pytest.mark.parametrize("joined_in_view", [True, False])
+def test_an_anchor_free_head_transposed_to_yolov5s_layout_is_cut_as_exported_or_refused_not_misread(tmp_path,
+                                                                                                  joined_in_view):
     """A YOLOv8 head whose output a deployment script transposed to [1, N, 4 + classes] has YOLOv5's layout: read
-    as objectness and classes, every score would be wrong. Its DFL says it is anchor-free: init refuses it in one
-    line, exit 2, and writes no recipe."""
-    model = onnx.load(str(yolov8_dfl_onnx(tmp_path / "yolo.onnx")))
+    as objectness and classes, every score would be wrong. Where the output is a view of the head's Concat, init
+    cuts before it as in the export as Ultralytics writes it (the same recipe); where something else stands
+    between (here a Mul), its DFL says it is anchor-free: init refuses it in one line, exit 2, and writes no
+    recipe."""
+    made = run_cli("init", "yolo", "--from", str(yolov8_dfl_onnx(tmp_path / "yolo.onnx")), "--to", str(tmp_path / "a"))
+    assert made.returncode == 0, made.stderr
+    model = onnx.load(str(tmp_path / "yolo.onnx"))
     model.graph.node[-1].output[0] = "joined"
-    model.graph.node.append(helper.make_node("Transpose", ["joined"], ["output0"], perm=[0, 2, 1]))
+    if not joined_in_view:
+        model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.float32), "one"))
+        model.graph.node.append(helper.make_node("Mul", ["joined", "one"], ["scaled"]))
+    model.graph.node.append(helper.make_node("Transpose", ["joined" if joined_in_view else "scaled"], ["output0"],
+                                             perm=[0, 2, 1]))
     rows = model.graph.output[0].type.tensor_type.shape.dim
     rows[1].dim_value, rows[2].dim_value = rows[2].dim_value, rows[1].dim_value
     onnx.save(model, str(tmp_path / "transposed.onnx"))
     made = run_cli("init", "yolo", "--from", str(tmp_path / "transposed.onnx"), "--to", str(tmp_path / "r"))
+    if joined_in_view:
+        assert made.returncode == 0, made.stderr
+        exported, transposed = (__import__("yaml").safe_load((tmp_path / folder / "yolo.yaml").read_text())
+                                for folder in ("a", "r"))
+        assert transposed["postprocess"]["kind"] == "yolov8" and transposed["postprocess"]["box_encoding"] == "dfl"
+        for section in ("strip", "postprocess", "preprocess", "variants"):
+            assert transposed[section] == exported[section], section
+        return
     assert made.returncode == EXIT_BAD_INPUT and not (tmp_path / "r" / "yolo.yaml").exists(), made.stderr
     assert "transposed.onnx: an anchor-free head (a DFL or grid decode) whose output [1, 84, 7] is transposed " \
         "from Ultralytics' [1, 4 + classes, N]" in made.stderr, made.stderr

@@ -310,16 +310,23 @@ def _onnx_shape(value) -> list:
 def _concatenated_outputs(model, inferred: Callable[[], dict | None],
                           selection_input: dict | None) -> dict[str, list[dict]]:
     """{output: its parts} for each graph output (and the head an in-graph selection of detections reads,
-    `selection_input`) a Concat of two tensors or more makes (a detection head's boxes and scores, then a segment
-    head's mask coefficients or a pose head's keypoints): the parts' names and shapes (`inferred`,
-    _inferred_values), where a model can be cut to quantize them apart. A part after the first two that a decode
-    makes (a pose head's keypoints, in pixels) names as `decoded_from` the tensor it is decoded from."""
+    `selection_input`) that a Concat of two tensors or more makes, or is a transposed or reshaped view of (a
+    detection head's boxes and scores, then a segment head's mask coefficients or a pose head's keypoints): the
+    parts' names and shapes (`inferred`, _inferred_values), where a model can be cut to quantize them apart. A
+    part after the first two that a decode makes (a pose head's keypoints, in pixels) names as `decoded_from` the
+    tensor it is decoded from."""
     heads = {o.name for o in model.graph.output} | ({selection_input["name"]} if selection_input else set())
-    concats = {n.output[0]: list(n.input) for n in model.graph.node
-               if n.op_type == "Concat" and n.output[0] in heads and len(n.input) >= 2}
+    made = {out: node for node in model.graph.node for out in node.output}
+
+    def made_by(name: str) -> tuple[str, str] | None:
+        return (made[name].op_type.upper(), made[name].input[0]) if name in made else None
+
+    # an output a deployment script transposed ([1, N, 4 + classes]) is a view of the Concat's
+    joins = {head: made.get(_viewed(head, made_by)) for head in heads}
+    concats = {head: list(node.input) for head, node in joins.items()
+               if node is not None and node.op_type == "Concat" and len(node.input) >= 2}
     if not concats or (values := inferred()) is None:
         return {}
-    made = {out: node for node in model.graph.node for out in node.output}
 
     def producer(tensor: str):
         node = made.get(tensor)
@@ -623,9 +630,12 @@ def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict
         name, op = made.get(tensor, ("", None))
         return None if op is None else (name, [i for i in op.inputs if i >= 0], shape(tensor))
 
+    def made_by(tensor: int) -> tuple[str, int] | None:
+        return (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
+
     found = {}
     for i in graph.outputs:
-        name, op = made.get(i, ("", None))
+        name, op = made.get(_viewed(i, made_by), ("", None))  # through a transpose, as for ONNX
         if name == "CONCATENATION" and len(op.inputs) >= 2:
             found[graph.tensors[i].name.decode()] = parts = [{"name": graph.tensors[t].name.decode(),
                                                               "shape": shape(t)} for t in op.inputs]

@@ -169,7 +169,7 @@ def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
     names = _metadata_literal(meta, "names")
     outputs, classes = model["outputs"], len(names) if isinstance(names, (dict, list)) else None
     parts = model.get("concat_outputs", {}).get(outputs[0]["name"], []) if outputs else []
-    rows = [(p["shape"][1:2] or [None])[0] for p in parts]
+    rows = _joined_rows(model)
     if classes is None or len(parts) != 3 or rows[:2] != [4, classes]:
         return None
     if task == "segment":
@@ -204,9 +204,13 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     names = _metadata_literal(meta, "names")
     extra_values = sum(part["shape"][1] for part in extras or [])
     values = len(names) + extra_values if isinstance(names, (dict, list)) else None
-    # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions; a segment
-    # head's prototypes are its second output
+    joined = _joined_rows(model)
+    joins_boxes = len(joined) >= 2 and joined[0] == 4
+    # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions; one that joins
+    # boxes [1, 4, N] and scores is YOLOv8's, whatever view of them it outputs (a deployment script's transposed
+    # [1, N, 4 + classes] too: the cut is before the join); a segment head's prototypes are its second output
     kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else \
+        "yolov8" if joins_boxes else \
         _yolo_kind(model["outputs"][:1] if extras else model["outputs"], values)
     if kind is None:
         raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
@@ -222,7 +226,7 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     model = _at_exported_size(model, meta)
     proposal = _single_input(model)
     _, rows, columns = model["outputs"][0]["shape"]
-    classes = rows - 4 - extra_values if kind == "yolov8" else columns - 5
+    classes = (joined[1] if joins_boxes else rows - 4 - extra_values) if kind == "yolov8" else columns - 5
     labels = carried_labels(model, classes) or [f"CHECK-class-{i}" for i in range(classes)]
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
     if model["outputs"][0].get("selected_by") == "TopK":
@@ -288,12 +292,17 @@ def _at_exported_size(model: dict, meta: dict) -> dict:
     return model
 
 
+def _joined_rows(model: dict) -> list:
+    """The rows ([1, rows, N]) of each part the model's first output joins (inspection's concat_outputs)."""
+    parts = model.get("concat_outputs", {}).get(model["outputs"][0]["name"], []) if model["outputs"] else []
+    return [(p["shape"][1:2] or [None])[0] for p in parts]
+
+
 def _boxes_and_scores(model: dict, classes: int) -> list[str] | None:
     """[boxes, scores]: the first two tensors a YOLOv8 head's output concatenates, [1, 4, N] and [1, classes, N]
     (a segment or pose head's follow: _extra_parts)."""
     parts = model.get("concat_outputs", {}).get(model["outputs"][0]["name"], [])
-    rows = [(p["shape"][1:2] or [None])[0] for p in parts]
-    return [p["name"] for p in parts[:2]] if rows[:2] == [4, classes] else None
+    return [p["name"] for p in parts[:2]] if _joined_rows(model)[:2] == [4, classes] else None
 
 
 def carried_labels(model: dict, classes: int | None) -> list[str] | None:
