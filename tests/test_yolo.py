@@ -309,9 +309,9 @@ def pose_like_onnx(path: Path, points: int = 2) -> Path:
 def test_a_pose_head_is_proposed_as_its_detector_with_its_keypoints_before_their_decode_and_no_nms(tmp_path):
     """A pose export (metadata task pose, kpt_shape): the detector's cut, its keypoints before their decode an
     output of their own, no NMS attached; its class names that are COCO's scored as their COCO categories. Its
-    layout is read from the classes the metadata names (12 values a cell over 64 cells, which the output's
-    proportions read as neither layout, as a YOLOv8n's [1, 84, 525] at 160 px). A recipe attaching NMS to it is
-    refused: the op's outputs would replace the keypoints."""
+    layout is read from the parts its output joins (12 values a cell over 64 cells, which the output's proportions
+    read as neither layout, as a YOLOv8n's [1, 84, 525] at 160 px). A recipe attaching NMS to it is refused: the
+    op's outputs would replace the keypoints."""
     from mzconvert.errors import RecipeError
     from mzconvert.recipe import load_recipe
 
@@ -347,6 +347,21 @@ def test_coco_names_get_coco_category_ids():
     post = __import__("yaml").safe_load(text)["postprocess"]
     assert post["labels"][:3] == ["person", "bicycle", "car"] and len(post["labels"]) == 80
     assert post["category_ids"][:3] == [1, 2, 3] and post["category_ids"][-1] == 90 and 12 not in post["category_ids"]
+
+
+@pytest.mark.parametrize("shape, kind", [([1, 84, 525], "yolov8"), ([1, 525, 85], "yolov5")])
+def test_a_heads_layout_is_read_from_the_classes_its_metadata_names(shape, kind):
+    """A 160 px export of 80 classes (525 cells) whose join init cannot see: its output's proportions read as
+    neither layout; the side that holds 4 + (5 +) the 80 classes the metadata names says which it is."""
+    from mzconvert.sources.scaffold import propose_recipe
+
+    report = {"file": "yolo.onnx", "format": "onnx", "size": 1, "sha256": "0" * 64,
+              "inputs": [{"name": "images", "dtype": "float32", "shape": [1, 3, 160, 160]}],
+              "outputs": [{"name": "output0", "dtype": "float32", "shape": shape}],
+              "metadata": {"task": "detect", "names": str({i: f"c{i}" for i in range(80)}), "imgsz": "[160, 160]"}}
+    text = propose_recipe("yolo", report, {"url": "https://example.com/yolo.onnx"}, None, None, None)
+    post = __import__("yaml").safe_load(text)["postprocess"]
+    assert post["kind"] == kind and len(post["labels"]) == 80 and post["labels"][-1] == "c79"
 
 
 def test_nms_attaches_only_to_a_yolov8_head_cut_before_its_concat(tmp_path):

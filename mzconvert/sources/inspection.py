@@ -331,8 +331,7 @@ def _concatenated_outputs(model, inferred: Callable[[], dict | None],
     def producer(tensor: str):
         node = made.get(tensor)
         return None if node is None else \
-            (node.op_type.upper().replace("CONCAT", "CONCATENATION"), list(node.input),
-             _onnx_shape(values[tensor]) if tensor in values else None)
+            (node.op_type == "Concat", list(node.input), _onnx_shape(values[tensor]) if tensor in values else None)
 
     found = {}
     for out, parts in concats.items():
@@ -348,15 +347,16 @@ def _before_decode(part, shape: list, producer: Callable, reach: int = 12):
     """The tensor a head's part (`shape` [1, E, N]) is decoded from: the nearest concatenation before it (within
     `reach` ops) of the same shape, which joins the levels' convolutions (a pose head's raw keypoints: offsets
     from the cells in strides, and visibility logits); `part` itself where it is such a concatenation, or none is
-    found. producer(tensor) is (op type, upper case; input tensors; shape) of the op that makes it, or None."""
+    found. producer(tensor) is (whether it is a concatenation, the input tensors, the shape) of the op that makes
+    it, or None."""
     queue, seen = [part], set()
     while queue and len(seen) < reach:
         tensor = queue.pop(0)
         if tensor in seen or (made := producer(tensor)) is None:
             continue
         seen.add(tensor)
-        op, inputs, made_shape = made
-        if op == "CONCATENATION" and made_shape == shape:
+        joins, inputs, made_shape = made
+        if joins and made_shape == shape:
             return tensor
         queue.extend(inputs)
     return part
@@ -618,9 +618,10 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 
 
 def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict[str, list[dict]]:
-    """{output: its parts} for each output a CONCATENATION of two tensors or more makes (a detection head's boxes
-    and scores, then any other part; `made`: _tflite_producers): the parts' names and shapes, where a model can be
-    cut to quantize them apart (as for ONNX), and the tensor a decoded part is decoded from (`decoded_from`)."""
+    """{output: its parts} for each output that a CONCATENATION of two tensors or more makes, or is a transposed or
+    reshaped view of (a detection head's boxes and scores, then any other part; `made`: _tflite_producers): the
+    parts' names and shapes, where a model can be cut to quantize them apart, and the tensor a decoded part is
+    decoded from (`decoded_from`), as for ONNX."""
     graph = model.subgraphs[0]
 
     def shape(tensor: int) -> list[int]:
@@ -628,14 +629,14 @@ def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict
 
     def producer(tensor: int):
         name, op = made.get(tensor, ("", None))
-        return None if op is None else (name, [i for i in op.inputs if i >= 0], shape(tensor))
+        return None if op is None else (name == "CONCATENATION", [i for i in op.inputs if i >= 0], shape(tensor))
 
     def made_by(tensor: int) -> tuple[str, int] | None:
         return (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
 
     found = {}
     for i in graph.outputs:
-        name, op = made.get(_viewed(i, made_by), ("", None))  # through a transpose, as for ONNX
+        name, op = made.get(_viewed(i, made_by), ("", None))
         if name == "CONCATENATION" and len(op.inputs) >= 2:
             found[graph.tensors[i].name.decode()] = parts = [{"name": graph.tensors[t].name.decode(),
                                                               "shape": shape(t)} for t in op.inputs]

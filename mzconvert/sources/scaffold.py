@@ -180,15 +180,15 @@ def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
     return parts[2:] if len(outputs) == 1 and fits else None
 
 
-def _yolo_kind(outputs: list[dict], values: int | None = None) -> str | None:
+def _yolo_kind(outputs: list[dict], classes: int | None = None) -> str | None:
     """yolov8 for one output [1, 4 + classes, N], yolov5 for [1, N, 5 + classes]: where an export's metadata names
-    its classes, `values` (what each box has after its 4 coordinates), by the side that holds them; else by the
-    output's proportions (N the anchors, many more)."""
+    its `classes`, by the side that holds 4 + or 5 + classes; else by the output's proportions (N the anchors, many
+    more)."""
     if len(outputs) != 1 or len(outputs[0].get("shape") or []) != 3:
         return None
     _, rows, columns = outputs[0]["shape"]
-    if values is not None and (rows == 4 + values) != (columns == 5 + values):
-        return "yolov8" if rows == 4 + values else "yolov5"
+    if classes is not None and (rows == 4 + classes) != (columns == 5 + classes):
+        return "yolov8" if rows == 4 + classes else "yolov5"
     if isinstance(rows, int) and rows > 4 and (not isinstance(columns, int) or columns > 8 * rows):
         return "yolov8"
     if isinstance(columns, int) and columns > 5 and (not isinstance(rows, int) or rows > 8 * columns):
@@ -199,19 +199,14 @@ def _yolo_kind(outputs: list[dict], values: int | None = None) -> str | None:
 def _ultralytics_detector(model: dict, meta: dict) -> dict:
     """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
     (read as Python literals, never run); its one output's layout says the decode."""
-    task = _ultralytics_task(meta)
-    extras = _extra_parts(model, meta, task) if task in HEAD_EXTRAS else None
     names = _metadata_literal(meta, "names")
-    extra_values = sum(part["shape"][1] for part in extras or [])
-    values = len(names) + extra_values if isinstance(names, (dict, list)) else None
     joined = _joined_rows(model)
     joins_boxes = len(joined) >= 2 and joined[0] == 4
     # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions; one that joins
     # boxes [1, 4, N] and scores is YOLOv8's, whatever view of them it outputs (a deployment script's transposed
-    # [1, N, 4 + classes] too: the cut is before the join); a segment head's prototypes are its second output
-    kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else \
-        "yolov8" if joins_boxes else \
-        _yolo_kind(model["outputs"][:1] if extras else model["outputs"], values)
+    # [1, N, 4 + classes] too: the cut is before the join; a segment head's prototypes are a second output)
+    kind = "yolov5" if model.get("anchor_levels") and len(model["outputs"]) == 1 else "yolov8" if joins_boxes else \
+        _yolo_kind(model["outputs"], len(names) if isinstance(names, (dict, list)) else None)
     if kind is None:
         raise MzError(f"{model['file']}: an Ultralytics detector, but not one output of [1, 4 + classes, N] or "
                       f"[1, N, 5 + classes] (outputs: {[o['shape'] for o in model['outputs']]})", EXIT_BAD_INPUT)
@@ -226,7 +221,7 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
     model = _at_exported_size(model, meta)
     proposal = _single_input(model)
     _, rows, columns = model["outputs"][0]["shape"]
-    classes = (joined[1] if joins_boxes else rows - 4 - extra_values) if kind == "yolov8" else columns - 5
+    classes = (joined[1] if joins_boxes else rows - 4) if kind == "yolov8" else columns - 5
     labels = carried_labels(model, classes) or [f"CHECK-class-{i}" for i in range(classes)]
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
     if model["outputs"][0].get("selected_by") == "TopK":
@@ -249,7 +244,8 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
             parts = [distances, parts[1]]
             post["box_encoding"] = "distances"
         post |= {"box_output": parts[0], "class_output": parts[1]}
-        if extras:
+        task = _ultralytics_task(meta)
+        if extras := _extra_parts(model, meta, task) if task in HEAD_EXTRAS else None:
             # and each part after them its own output too (a pose head's keypoints before their decode, in
             # strides and logits, not pixels and probabilities under one scale), and every other output (a
             # segment head's prototypes). NMS is not attached: its op's outputs would replace them
