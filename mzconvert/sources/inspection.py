@@ -283,6 +283,7 @@ def inspect_onnx(path: Path) -> dict:
     model = as_float32(model)  # as freeze reads it: a float16 file's head is the float32 export's
     initializers = {i.name for i in model.graph.initializer}
     inferred = cache(lambda: _inferred_values(model))  # shape inference once, and only where a head needs it
+    made = _onnx_producers(model)
 
     def tensors(values) -> list[dict]:
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
@@ -293,11 +294,11 @@ def inspect_onnx(path: Path) -> dict:
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             **({"float16": True} if stored_float16 else {}),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-            **({"selection_input": head} if (head := _selection_input(model, inferred)) else {}),
-            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, inferred, head)) else {}),
-            **({"dfl_input": dfl} if (dfl := _dfl_input(model)) else {}),
+            **({"selection_input": head} if (head := _selection_input(model, made, inferred)) else {}),
+            **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, made, inferred, head)) else {}),
+            **({"dfl_input": dfl} if (dfl := _dfl_input(model, made)) else {}),
             **({"distances_input": distances} if (distances := _distances_input(model)) else {}),
-            **({"anchor_levels": levels} if (levels := _anchor_levels(model)) else {}),
+            **({"anchor_levels": levels} if (levels := _anchor_levels(model, made)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
 
@@ -307,7 +308,7 @@ def _onnx_shape(value) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim]
 
 
-def _concatenated_outputs(model, inferred: Callable[[], dict | None],
+def _concatenated_outputs(model, made: dict, inferred: Callable[[], dict | None],
                           selection_input: dict | None) -> dict[str, list[dict]]:
     """{output: its parts} for each graph output (and the head an in-graph selection of detections reads,
     `selection_input`) that a Concat of two tensors or more makes, or is a transposed or reshaped view of (a
@@ -316,50 +317,46 @@ def _concatenated_outputs(model, inferred: Callable[[], dict | None],
     part after the first two that a decode makes (a pose head's keypoints, in pixels) names as `decoded_from` the
     tensor it is decoded from."""
     heads = {o.name for o in model.graph.output} | ({selection_input["name"]} if selection_input else set())
-    made = {out: node for node in model.graph.node for out in node.output}
-
-    def made_by(name: str) -> tuple[str, str] | None:
-        return (made[name].op_type.upper(), made[name].input[0]) if name in made else None
-
     # an output a deployment script transposed ([1, N, 4 + classes]) is a view of the Concat's
-    joins = {head: made.get(_viewed(head, made_by)) for head in heads}
+    joins = {head: made.get(_viewed(head, _onnx_made_by(made))) for head in heads}
     concats = {head: list(node.input) for head, node in joins.items()
                if node is not None and node.op_type == "Concat" and len(node.input) >= 2}
     if not concats or (values := inferred()) is None:
         return {}
-
-    def producer(tensor: str):
-        node = made.get(tensor)
-        return None if node is None else \
-            (node.op_type == "Concat", list(node.input), _onnx_shape(values[tensor]) if tensor in values else None)
-
+    inputs_of = _onnx_inputs_of(made)
     found = {}
     for out, parts in concats.items():
         if all(name in values for name in parts):
             found[out] = [{"name": name, "shape": _onnx_shape(values[name])} for name in parts]
             for part in found[out][2:]:
-                if (source := _before_decode(part["name"], part["shape"], producer)) != part["name"]:
+                source = _nearest_before([part["name"]], inputs_of, lambda tensor, wanted=part["shape"]:
+                                         made[tensor].op_type == "Concat" and tensor in values
+                                         and _onnx_shape(values[tensor]) == wanted, DECODE_REACH)
+                if source not in (None, part["name"]):
                     part["decoded_from"] = source
     return found
 
 
-def _before_decode(part, shape: list, producer: Callable, reach: int = 12):
-    """The tensor a head's part (`shape` [1, E, N]) is decoded from: the nearest concatenation before it (within
-    `reach` ops) of the same shape, which joins the levels' convolutions (a pose head's raw keypoints: offsets
-    from the cells in strides, and visibility logits); `part` itself where it is such a concatenation, or none is
-    found. producer(tensor) is (whether it is a concatenation, the input tensors, the shape) of the op that makes
-    it, or None."""
-    queue, seen = [part], set()
-    while queue and len(seen) < reach:
+# how many ops back a head's part is searched for what its decode reads (a pose head's keypoint decode is a few:
+# reshapes, slices, a multiply and an add, a sigmoid, a concatenation)
+DECODE_REACH = 12
+
+
+def _nearest_before(starts: list, inputs_of: Callable, accept: Callable, reach: int | None = None):
+    """Breadth first from `starts` through the ops that make them (inputs_of(tensor): the op's inputs, None for a
+    graph input or a constant), at most `reach` ops: the first tensor accept(tensor) holds for, else None. Where a
+    head's part is decoded, the nearest concatenation of the same shape before it is what the decode reads (the
+    levels' convolutions joined: a pose head's raw keypoints, offsets in strides and visibility logits)."""
+    queue, seen = list(starts), set()
+    while queue and (reach is None or len(seen) < reach):
         tensor = queue.pop(0)
-        if tensor in seen or (made := producer(tensor)) is None:
+        if tensor in seen or (inputs := inputs_of(tensor)) is None:
             continue
         seen.add(tensor)
-        joins, inputs, made_shape = made
-        if joins and made_shape == shape:
+        if accept(tensor):
             return tensor
         queue.extend(inputs)
-    return part
+    return None
 
 
 def _inferred_values(model) -> dict | None:
@@ -373,7 +370,7 @@ def _inferred_values(model) -> dict | None:
     return {v.name: v for v in [*inferred.value_info, *inferred.output]}
 
 
-def _selection_input(model, inferred: Callable[[], dict | None]) -> dict | None:
+def _selection_input(model, made: dict, inferred: Callable[[], dict | None]) -> dict | None:
     """The detection head of an export that ends in its own selection of detections ([1, K, 6] rows of box,
     score and class out): Ultralytics' `nms=True` (its NonMaxSuppression), or an NMS-free head's (YOLO26 and
     YOLOv10 exported end to end: the K best (box, class) scores, by TopK, and no NMS). The nearest tensor before
@@ -390,25 +387,26 @@ def _selection_input(model, inferred: Callable[[], dict | None]) -> dict | None:
     rows = _onnx_shape(model.graph.output[0])
     k = {"k": rows[1]} if len(model.graph.output) == 1 and len(rows) == 3 and isinstance(rows[1], int) else {}
     shapes = {name: _onnx_shape(value) for name, value in values.items()}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    queue, seen = list(selection.input), set()
-    while queue:  # breadth first: the nearest such Concat is the head, not one inside it
-        name = queue.pop(0)
-        if name in seen or name not in producer:
-            continue
-        seen.add(name)
-        node = producer[name]
-        parts = [shapes.get(part) or [] for part in node.input]
-        if node.op_type == "Concat" and len(parts) == 2 and all(len(p) == 3 for p in parts) and \
-                parts[0][:2] == [1, 4] and parts[0][2] == parts[1][2] and isinstance(parts[1][1], int):
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(values[name].type.tensor_type.elem_type).name
-            return {"name": name, "dtype": dtype, "shape": [1, 4 + parts[1][1], parts[0][2]],
-                    "selected_by": selection.op_type, **k}
-        queue.extend(node.input)
-    return None
+
+    def joined(name: str) -> list[list]:
+        return [shapes.get(part) or [] for part in made[name].input]
+
+    def is_head(name: str) -> bool:  # a Concat of boxes [1, 4, N] and scores [1, classes, N]
+        parts = joined(name)
+        return made[name].op_type == "Concat" and len(parts) == 2 and all(len(p) == 3 for p in parts) and \
+            parts[0][:2] == [1, 4] and parts[0][2] == parts[1][2] and isinstance(parts[1][1], int)
+
+    # breadth first: the nearest such Concat is the head, not one inside it
+    name = _nearest_before(list(selection.input), _onnx_inputs_of(made), is_head)
+    if name is None:
+        return None
+    boxes, scores = joined(name)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(values[name].type.tensor_type.elem_type).name
+    return {"name": name, "dtype": dtype, "shape": [1, 4 + scores[1], boxes[2]], "selected_by": selection.op_type,
+            **k}
 
 
-def _dfl_input(model) -> dict | None:
+def _dfl_input(model, made: dict) -> dict | None:
     """The tensor a YOLOv8 head's DFL decodes (its box branch's distribution logits, [1, 4 x bins, N]), where the
     model can be cut to decode boxes in float: the input, through Reshape and Transpose, of a Softmax that a
     1x1 Conv with weights 0, 1 .. bins - 1 reads (the DFL's expectation), through Transpose where the export's
@@ -416,16 +414,12 @@ def _dfl_input(model) -> dict | None:
     from onnx import numpy_helper
 
     weights = {i.name: i for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-
-    def made_by(name: str) -> tuple[str, str] | None:
-        return (producer[name].op_type.upper(), producer[name].input[0]) if name in producer else None
-
+    made_by = _onnx_made_by(made)
     found = []
     for node in model.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2:
             continue
-        weight, softmax = weights.get(node.input[1]), producer.get(_viewed(node.input[0], made_by))
+        weight, softmax = weights.get(node.input[1]), made.get(_viewed(node.input[0], made_by))
         if weight is None or softmax is None or softmax.op_type != "Softmax" or len(weight.dims) != 4 or \
                 not weight.dims[0] == weight.dims[2] == weight.dims[3] == 1:
             continue
@@ -455,7 +449,7 @@ def _grid_decode_input(ops) -> str | int | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _anchor_levels(model) -> list[dict]:
+def _anchor_levels(model, producer: dict) -> list[dict]:
     """A YOLOv5-style head, level by level: {name, stride, anchors} for each Conv whose output is reshaped to
     [1, anchors, 5 + classes, h, w], transposed and put through a Sigmoid, and whose sizes the export makes as
     (2 sigmoid) ** 2 x a constant of anchor sizes in input pixels (Pow, then Mul): the anchors (w, h, ...) read
@@ -465,7 +459,6 @@ def _anchor_levels(model) -> list[dict]:
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
-    producer = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -550,10 +543,7 @@ def _tflite_dfl_input(model, made: dict) -> dict | None:
     SOFTMAX that a 1x1 CONV_2D with float weights 0, 1 .. bins - 1 reads (stored float32, or float16 behind a
     DEQUANTIZE, as float16 exports store them). None unless there is exactly one."""
     graph = model.subgraphs[0]
-
-    def made_by(tensor: int) -> tuple[str, int] | None:
-        return (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
-
+    made_by = _tflite_made_by(made)
     found = []
     for name, op in made.values():  # a CONV_2D makes one tensor: each once
         if name != "CONV_2D" or made.get(softmax := _viewed(op.inputs[0], made_by), ("",))[0] != "SOFTMAX":
@@ -585,6 +575,26 @@ def _viewed(tensor, made_by):
     while (made := made_by(tensor)) and made[0] in ("RESHAPE", "TRANSPOSE"):
         tensor = made[1]
     return tensor
+
+
+def _onnx_producers(model) -> dict:
+    """{tensor name: node} of an ONNX graph, by the tensors its nodes make."""
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def _onnx_made_by(made: dict) -> Callable:
+    """_viewed's made_by over _onnx_producers' map."""
+    return lambda name: (made[name].op_type.upper(), made[name].input[0]) if name in made else None
+
+
+def _onnx_inputs_of(made: dict) -> Callable:
+    """_nearest_before's inputs_of over _onnx_producers' map."""
+    return lambda name: list(made[name].input) if name in made else None
+
+
+def _tflite_made_by(made: dict) -> Callable:
+    """_viewed's made_by over _tflite_producers' map."""
+    return lambda tensor: (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
 
 
 def _tflite_producers(model) -> dict:
@@ -627,21 +637,19 @@ def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict
     def shape(tensor: int) -> list[int]:
         return [int(d) for d in graph.tensors[tensor].shape]
 
-    def producer(tensor: int):
-        name, op = made.get(tensor, ("", None))
-        return None if op is None else (name == "CONCATENATION", [i for i in op.inputs if i >= 0], shape(tensor))
-
-    def made_by(tensor: int) -> tuple[str, int] | None:
-        return (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
+    def inputs_of(tensor: int) -> list[int] | None:
+        return [i for i in made[tensor][1].inputs if i >= 0] if tensor in made else None
 
     found = {}
     for i in graph.outputs:
-        name, op = made.get(_viewed(i, made_by), ("", None))
+        name, op = made.get(_viewed(i, _tflite_made_by(made)), ("", None))
         if name == "CONCATENATION" and len(op.inputs) >= 2:
             found[graph.tensors[i].name.decode()] = parts = [{"name": graph.tensors[t].name.decode(),
                                                               "shape": shape(t)} for t in op.inputs]
             for part, tensor in zip(parts[2:], op.inputs[2:]):
-                if (source := _before_decode(tensor, part["shape"], producer)) != tensor:
+                source = _nearest_before([tensor], inputs_of, lambda t, wanted=part["shape"]:
+                                         made[t][0] == "CONCATENATION" and shape(t) == wanted, DECODE_REACH)
+                if source not in (None, tensor):
                     part["decoded_from"] = graph.tensors[source].name.decode()
     return {out: parts for out, parts in found.items() if out in {o["name"] for o in outputs}}
 

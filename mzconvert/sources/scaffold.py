@@ -128,8 +128,8 @@ def _ultralytics_export(model: dict, meta: dict) -> dict | None:
         return _ultralytics_detector(model, meta)
     if task == "classify":
         return _single_input(_at_exported_size(model, meta)) | {"preprocess": ULTRALYTICS_CLASSIFY_PREPROCESS}
-    if task in HEAD_EXTRAS and _extra_parts(model, meta, task):
-        return _ultralytics_detector(model, meta)
+    if task in HEAD_EXTRAS and (extras := _extra_parts(model, meta, task)):
+        return _ultralytics_detector(model, meta, extras)
     if task is not None:  # obb, or a segment or pose head not laid out as Ultralytics': no kind decodes it yet
         return _single_input(_at_exported_size(model, meta)) | {
             "task": "other", "preprocess": ULTRALYTICS_PREPROCESS,
@@ -168,8 +168,8 @@ def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
     values, N]] (metadata kpt_shape) as the only output. None where the head is not laid out so."""
     names = _metadata_literal(meta, "names")
     outputs, classes = model["outputs"], len(names) if isinstance(names, (dict, list)) else None
-    parts = model.get("concat_outputs", {}).get(outputs[0]["name"], []) if outputs else []
-    rows = _joined_rows(model)
+    parts = _joined_parts(model)
+    rows = _rows(parts)
     if classes is None or len(parts) != 3 or rows[:2] != [4, classes]:
         return None
     if task == "segment":
@@ -196,11 +196,12 @@ def _yolo_kind(outputs: list[dict], classes: int | None = None) -> str | None:
     return None
 
 
-def _ultralytics_detector(model: dict, meta: dict) -> dict:
+def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = None) -> dict:
     """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
-    (read as Python literals, never run); its one output's layout says the decode."""
+    (read as Python literals, never run); its one output's layout says the decode. `extras`: a segment or pose
+    head's parts after its classes (_extra_parts)."""
     names = _metadata_literal(meta, "names")
-    joined = _joined_rows(model)
+    joined = _rows(_joined_parts(model))
     joins_boxes = len(joined) >= 2 and joined[0] == 4
     # a head whose levels read as YOLOv5's (inspection) is one, whatever its output's proportions; one that joins
     # boxes [1, 4, N] and scores is YOLOv8's, whatever view of them it outputs (a deployment script's transposed
@@ -244,14 +245,14 @@ def _ultralytics_detector(model: dict, meta: dict) -> dict:
             parts = [distances, parts[1]]
             post["box_encoding"] = "distances"
         post |= {"box_output": parts[0], "class_output": parts[1]}
-        task = _ultralytics_task(meta)
-        if extras := _extra_parts(model, meta, task) if task in HEAD_EXTRAS else None:
+        if extras:
             # and each part after them its own output too (a pose head's keypoints before their decode, in
             # strides and logits, not pixels and probabilities under one scale), and every other output (a
             # segment head's prototypes). NMS is not attached: its op's outputs would replace them
             parts += [part.get("decoded_from", part["name"]) for part in extras]
             parts += [o["name"] for o in model["outputs"][1:]]
-            proposal["notes"] = _extras_notes(task, parts[2:], any("decoded_from" in part for part in extras))
+            proposal["notes"] = _extras_notes(_ultralytics_task(meta), parts[2:],
+                                              any("decoded_from" in part for part in extras))
         else:  # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
             post["attach"] = True
         proposal["outputs"] = parts
@@ -288,17 +289,21 @@ def _at_exported_size(model: dict, meta: dict) -> dict:
     return model
 
 
-def _joined_rows(model: dict) -> list:
-    """The rows ([1, rows, N]) of each part the model's first output joins (inspection's concat_outputs)."""
-    parts = model.get("concat_outputs", {}).get(model["outputs"][0]["name"], []) if model["outputs"] else []
+def _joined_parts(model: dict) -> list[dict]:
+    """The parts the model's first output joins (inspection's concat_outputs), [] where it joins none."""
+    return model.get("concat_outputs", {}).get(model["outputs"][0]["name"], []) if model["outputs"] else []
+
+
+def _rows(parts: list[dict]) -> list:
+    """The rows of each part [1, rows, N]."""
     return [(p["shape"][1:2] or [None])[0] for p in parts]
 
 
 def _boxes_and_scores(model: dict, classes: int) -> list[str] | None:
     """[boxes, scores]: the first two tensors a YOLOv8 head's output concatenates, [1, 4, N] and [1, classes, N]
     (a segment or pose head's follow: _extra_parts)."""
-    parts = model.get("concat_outputs", {}).get(model["outputs"][0]["name"], [])
-    return [p["name"] for p in parts[:2]] if _joined_rows(model)[:2] == [4, classes] else None
+    parts = _joined_parts(model)
+    return [p["name"] for p in parts[:2]] if _rows(parts)[:2] == [4, classes] else None
 
 
 def carried_labels(model: dict, classes: int | None) -> list[str] | None:
