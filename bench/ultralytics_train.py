@@ -1,5 +1,5 @@
 """Run in the Ultralytics tool environment (requirements-ultralytics.txt), not in mzconvert's: a YOLO detector
-trained here, from its model YAML (no weights can be downloaded), on a COCO-format folder, and exported to ONNX
+(or segmentation model: MODEL-seg.yaml, trained on the annotations' outlines) trained here, from its model YAML (no weights can be downloaded), on a COCO-format folder, and exported to ONNX
 as `yolo export format=onnx` does. A short CPU run on a few hundred images makes a detector far from a
 released one, but one whose class scores and features are a trained network's: confident where it learned
 something, its activations shaped by training rather than by initialisation.
@@ -16,9 +16,10 @@ from pathlib import Path
 SIZE = 320
 
 
-def yolo_dataset(images: Path, annotations: Path, root: Path) -> Path:
+def yolo_dataset(images: Path, annotations: Path, root: Path, outlines: bool = False) -> Path:
     """The COCO annotations as Ultralytics' layout: images/train linked, labels/train/<stem>.txt with one
-    `class cx cy w h` row per box (normalised; classes the categories in id order), and its data YAML."""
+    `class cx cy w h` row per box (normalised; classes the categories in id order), or with `outlines` (a
+    segmentation model's labels) `class x1 y1 x2 y2 ...`, the object's largest polygon; and its data YAML."""
     coco = json.loads(annotations.read_text())
     categories = sorted(c["id"] for c in coco["categories"])
     index = {category: i for i, category in enumerate(categories)}
@@ -39,6 +40,11 @@ def yolo_dataset(images: Path, annotations: Path, root: Path) -> Path:
         lines = []
         for a in rows.get(image["id"], []):
             x, y, w, h = a["bbox"]
+            if outlines:
+                polygon = max(a["segmentation"], key=len)
+                lines.append(f"{index[a['category_id']]} " + " ".join(
+                    f"{v / (width if i % 2 == 0 else height):.6f}" for i, v in enumerate(polygon)))
+                continue
             lines.append(f"{index[a['category_id']]} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} "
                          f"{w / width:.6f} {h / height:.6f}")
         (root / "labels" / "train" / f"{source.stem}.txt").write_text("\n".join(lines) + "\n")
@@ -55,7 +61,7 @@ def main(config: str, images: Path, annotations: Path, epochs: int, out: Path, e
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out.mkdir(parents=True, exist_ok=True)
-    data = yolo_dataset(images, annotations, out / "dataset")
+    data = yolo_dataset(images, annotations, out / "dataset", outlines=Path(config).stem.endswith("-seg"))
     yolo = YOLO(config)
     # optimizer "auto" takes AdamW at lr 0.002 * 5 / (4 + classes) for short runs: 1.2e-4 with 80 classes, where
     # 100 epochs on 209 images learned nothing (mAP50 0.003 on the training images); AdamW at 0.002 with the

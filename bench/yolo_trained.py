@@ -1,7 +1,8 @@
 """Issue 24: a trained YOLO detector through the recipe `mzconvert init` writes, as written, in one run.
 
 YOLOv8n (with --model yolo11n YOLO11n; yolo26n YOLO26n, no DFL, with --end2end exported NMS-free, its own top-K
-selection in the graph; with --model yolov5n YOLOv5n: anchors and objectness) is trained here
+selection in the graph; yolov8n-seg YOLOv8n-seg, its masks compared and scored too; with --model yolov5n YOLOv5n:
+anchors and objectness) is trained here
 from the `ultralytics` (`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
 bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
 detector, but its scores and features are a trained network's), or --onnx names a trained export of your own.
@@ -16,7 +17,7 @@ learned, so that the float model's detections are confident and int8's agreement
 AP there is no accuracy figure; its ratio to float32 is still a paired fidelity measure).
 
 Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
-       [--model yolov8n|yolo11n|yolo26n|yolov5n] [--end2end] [--onnx TRAINED.onnx] [--seen]
+       [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end] [--onnx TRAINED.onnx] [--seen]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from mzconvert.recipe import load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 # the script that trains each
 TRAINERS = {"yolov8n": "ultralytics_train.py", "yolo11n": "ultralytics_train.py", "yolo26n": "ultralytics_train.py",
-            "yolov5n": "yolov5_train.py"}
+            "yolov8n-seg": "ultralytics_train.py", "yolov5n": "yolov5_train.py"}
 
 
 def mz(*args: str) -> subprocess.CompletedProcess:
@@ -109,7 +110,7 @@ def main() -> None:
     if built.returncode != 0:  # the figures anyway: the floors lowered
         recipe = yaml.safe_load(path.read_text())
         for variant in recipe["variants"]:
-            variant.update(min_matched=0, min_agreement=0, min_slice_sqnr_db=-100)
+            variant.update(min_matched=0, min_agreement=0, min_mask_iou=0, min_slice_sqnr_db=-100)
         recipe.get("targets", {}).pop("vela", None)
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         built = mz("build", str(path), *where)
@@ -140,6 +141,18 @@ def main() -> None:
         ratio = f"{result['AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
         print(f"| {row} | {result.get('kernels', '-')} | {entry.get('postprocess_attached', '-')} | {matched} | "
               f"{sqnr} | {result['AP']:.4f} | {result['AP50']:.4f} | {ratio} |")
+    if post.mask_coefficients:  # a segmentation model: its masks, where the boxes match, and their COCO AP
+        print("| variant | kernels | masks' IoU with float32's (matched detections) | mask AP | mask AP50 | "
+              "of float32 | 95 % interval |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        base = results[evaluation["baseline"]]["mask_AP"]
+        for row, result in results.items():
+            check = variants.get(result.get("computed_as", row).split(" (")[0], {}).get("verify", {})
+            iou = f"{check['matched_mask_iou']:.3f}" if "matched_mask_iou" in check else "-"
+            low, high = result["mask_ratio_interval"]
+            ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
+            print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
+                  f"{result['mask_AP50']:.4f} | {ratio} |")
     print(f"(work folder: {work})")
 
 

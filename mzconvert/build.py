@@ -287,7 +287,9 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
                       f"{metrics['detections_not_compared']}")
     if "matched_detections" in metrics:
         p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
-                      "the detections (score >= 0.3) matched (same label, IoU >= 0.9)")
+                      "the detections (score >= 0.3) matched (same label, IoU >= 0.9)"
+                      + (f"; their masks' IoU {metrics['matched_mask_iou']:.3f}" if "matched_mask_iou" in metrics
+                         else ""))
     if floors := floor_failures(p.recipe, variant, metrics):
         raise RefusedVariant("\n".join(floors))
     failures = threshold_failures(variant, metrics)

@@ -77,3 +77,27 @@ def test_init_at_a_given_shape_builds_per_channel_int8_from_an_opset_12_model(tm
     assert drawn.returncode == 0, drawn.stderr[-2000:]
     assert "labels: none declared; classes are shown as their indices 0-5" in drawn.stderr
     assert Path(drawn.stdout.strip()).is_file()
+
+
+def test_a_batch_fixed_at_other_than_one_is_refused_by_init_and_by_the_recipe(tmp_path):
+    model = onnx.load(str(dynamic_opset12_onnx(tmp_path / "m.onnx")))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4  # as `export(batch=4)` writes it
+    onnx.save(model, str(tmp_path / "b4.onnx"))
+    refused = run_cli("init", "b4", "--from", str(tmp_path / "b4.onnx"), "--to", str(tmp_path),
+                      "--input-shape", "4,3,32,32")
+    assert refused.returncode == 2 and "has a fixed batch of 4" in refused.stderr and "batch 1" in refused.stderr
+    assert not (tmp_path / "b4.yaml").exists()
+    recipe = tmp_path / "b4.yaml"
+    recipe.write_text(f"""name: b4
+task: classification
+description: d
+license: l
+source: {{url: https://example.com/b4.onnx, sha256: {"0" * 64}}}
+format: onnx
+input: {{name: images, shape: [4, 3, 32, 32], layout: NCHW}}
+preprocess: {{interpolation: pil-bilinear}}
+variants: [{{name: float32, mode: float32}}]
+""")
+    loaded = run_cli("build", str(recipe))
+    assert loaded.returncode == 2
+    assert "b4.yaml: input.shape: shape [4, 3, 32, 32] has a batch of 4; expected 1" in loaded.stderr

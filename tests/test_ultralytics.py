@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -404,6 +405,7 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
     assert "attach" not in post and outputs[:2] == [post["box_output"], post["class_output"]]
     if model.endswith("seg"):
         assert len(outputs) == 4 and outputs[3] == "output1" and len(post["labels"]) == 80
+        assert (post["mask_coefficients"], post["mask_prototypes"]) == tuple(outputs[2:])
     else:  # one class, named as COCO's person: scored as that category
         assert len(outputs) == 3 and post["labels"] == ["person"] and post["category_ids"] == [1]
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
@@ -436,6 +438,59 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
                                        atol=1e-3)
     drawn = run_cli("predict", str(path), str(image), "--variant", "float32", *where)
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+    if model.endswith("seg"):
+        masks_as_ultralytics_predicts_them(path, exports, tmp_path)
+        from tests.test_build_real import coco_subset
+
+        dataset = coco_subset(tmp_path / "coco", 24)  # the route: boxes and masks scored (untrained: AP near 0)
+        evaluated = run_cli("eval", str(path), "--dataset", str(dataset), "--variant", "float32", *where)
+        assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+        assert "masks (COCO segm AP" in evaluated.stdout, evaluated.stdout
+        (written,) = (tmp_path / "dist" / path.stem / "eval").glob("*.json")
+        results = json.loads(written.read_text())["results"]
+        assert {"AP", "mask_AP", "mask_AP50", "mask_ratio_interval"} <= set(results["float32"]), results
+
+
+def masks_as_ultralytics_predicts_them(path: Path, exports: Path, tmp_path: Path) -> None:
+    """Our masks of the built float32 equal those of Ultralytics' own predictor on the export (conf 0.25), on
+    images it letterboxes to themselves (the model's input, saved: both read the same pixels). Its NMS keeps each
+    box's best class, ours every (box, class) pair (a box whose best class is another's second can be suppressed
+    in ours): its detections are found among ours by class and score (on these images 200 of 378), each mask
+    equal."""
+    import numpy as np
+    from PIL import Image
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import on_image, raw_detections
+
+    recipe = load_recipe(path)
+    post = replace(recipe.postprocess, nms_score_threshold=0.25, max_detections=300)
+    inputs = tmp_path / "letterboxed"
+    inputs.mkdir()
+    for image in sorted((tmp_path / "check").iterdir()):
+        tensor = prepare(image, recipe.preprocess, recipe.input).tensor
+        Image.fromarray(np.rint(tensor[0].transpose(1, 2, 0) * 255).astype(np.uint8)).save(inputs / f"{image.stem}.png")
+    python = Path(os.environ.get("ULTRALYTICS_PYTHON", ROOT / ".venv-ultralytics" / "bin" / "python"))
+    done = subprocess.run([str(python), str(ROOT / "tests" / "ultralytics_masks.py"), str(exports / "yolov8n-seg.onnx"),
+                           *map(str, sorted(inputs.glob("*.png")))], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"YOLO_OFFLINE": "true", "YOLO_CONFIG_DIR": str(tmp_path / "settings")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", list(recipe.strip.outputs)).run
+    compared = 0
+    for image in sorted(inputs.glob("*.png")):
+        theirs = np.load(image.with_suffix(".npz"))
+        prepared = prepare(image, recipe.preprocess, recipe.input)
+        ours = on_image(raw_detections(run(prepared.tensor), list(recipe.strip.outputs), post, None, (320, 320)),
+                        (320, 320), recipe.preprocess)
+        for mask, score, label in zip(theirs["masks"], theirs["scores"], theirs["classes"]):
+            distance = np.where(ours.labels == label, np.abs(ours.scores - score), np.inf)
+            k = int(np.argmin(distance))
+            if distance[k] < 1e-5:
+                np.testing.assert_array_equal(ours.masks.on_image(k), mask, err_msg=f"{image.name} detection {k}")
+                compared += 1
+    assert compared >= 50, compared
 
 
 def keypoints_decoded(raw, points: tuple[int, int], input_hw: tuple[int, int]):

@@ -1,4 +1,4 @@
-"""COCO bbox AP (pycocotools) and paired bootstrap intervals of accuracy ratios.
+"""COCO bbox and mask AP (pycocotools) and paired bootstrap intervals of accuracy ratios.
 
 On 80-500 images an accuracy moves by a few percent from sampling alone, so a ratio to float is
 printed with its paired bootstrap 95 % interval: the same resampled images for both models. For AP
@@ -70,8 +70,10 @@ class CocoScores:
         return np.where(present.any(axis=0), np.nansum(stacked, axis=0) / np.maximum(present.sum(axis=0), 1), 0.0)
 
 
-def coco_scores(annotations: Path, results: list[dict], category_ids: list[int] | None) -> CocoScores:
-    """COCOeval bbox over `category_ids` (all when None), keeping per-image matches for the bootstrap."""
+def coco_scores(annotations: Path, results: list[dict], category_ids: list[int] | None,
+                iou_type: str = "bbox") -> CocoScores:
+    """COCOeval bbox (or segm: the results' masks against the annotations' outlines) over `category_ids` (all
+    when None), keeping per-image matches for the bootstrap."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -79,7 +81,7 @@ def coco_scores(annotations: Path, results: list[dict], category_ids: list[int] 
         truth = COCO(str(annotations))
         if not results:
             return CocoScores({"AP": 0.0, "AP50": 0.0, "AP75": 0.0}, [], len(truth.getImgIds()))
-        evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
+        evaluation = COCOeval(truth, truth.loadRes(results), iou_type)
         if category_ids is not None:
             evaluation.params.catIds = category_ids
         evaluation.evaluate()

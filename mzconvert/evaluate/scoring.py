@@ -1,6 +1,6 @@
-"""Accuracy of several models on the same images: COCO bbox AP (pycocotools) or top-1/top-5, with paired
-bootstrap intervals of each model's ratio to the baseline (float32, or the first model), and of the difference
-within each pair of rows named (one variant under two kernel families)."""
+"""Accuracy of several models on the same images: COCO bbox AP (a segmentation head's: and mask AP; pycocotools)
+or top-1/top-5, with paired bootstrap intervals of each model's ratio to the baseline (float32, or the first
+model), and of the difference within each pair of rows named (one variant under two kernel families)."""
 
 from __future__ import annotations
 
@@ -44,14 +44,17 @@ def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: Coco
         if done % 25 == 0 or done == len(items):
             log(f"eval: {done}/{len(items)} images")
     scored_ids = list(post.category_ids) if len(set(post.category_ids)) < 80 else None
-    scores = {name: coco_scores(dataset.annotations, r, scored_ids) for name, r in rows.items()}
     weights = bootstrap_weights(len(items))
     baseline = _baseline(list(models))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy lets go of the GIL on these arrays
-        resampled = dict(zip(scores, pool.map(lambda s: s.ap_resampled(weights), scores.values())))
+    scores, resampled = _scored(rows, dataset.annotations, scored_ids, weights, "bbox")
     results = {name: s.summary | {"images": len(items), "detections": len(rows[name]),
                                   "ratio_interval": ratio_interval(resampled[name], resampled[baseline])}
                for name, s in scores.items()}
+    if post.mask_coefficients:  # a segmentation head: its masks scored against the annotations' outlines too
+        masks, resampled_masks = _scored(rows, dataset.annotations, scored_ids, weights, "segm")
+        for name, s in masks.items():
+            results[name] |= {f"mask_{key}": value for key, value in s.summary.items()}
+            results[name]["mask_ratio_interval"] = ratio_interval(resampled_masks[name], resampled_masks[baseline])
     for name, other in (pairs or {}).items():
         results[name]["difference"] = {"to": other, "value": results[name]["AP"] - results[other]["AP"],
                                        "interval": difference_interval(resampled[name], resampled[other])}
@@ -63,6 +66,15 @@ def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: Coco
             "worst_image": fidelity["worst_image"], "worst_image_share": fidelity["worst_share"],
             "match": f"same label, IoU >= {MATCH_IOU}, score >= {MATCH_SCORE} in either"}
     return evaluation
+
+
+def _scored(rows: dict[str, list[dict]], annotations: Path, category_ids: list[int] | None, weights: np.ndarray,
+            iou_type: str) -> tuple[dict, dict]:
+    """Each model's COCOeval scores and its AP under every bootstrap resample of the images."""
+    scores = {name: coco_scores(annotations, r, category_ids, iou_type) for name, r in rows.items()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy lets go of the GIL on these arrays
+        resampled = dict(zip(scores, pool.map(lambda s: s.ap_resampled(weights), scores.values())))
+    return scores, resampled
 
 
 def _baseline(names: list[str]) -> str:

@@ -75,7 +75,8 @@ FIELDS = {
     "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop",
                    "letterbox"),
     "strip": ("inputs", "outputs"),
-    "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides", "levels")
+    "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides", "levels",
+                    "mask_coefficients", "mask_prototypes")
                    + SSD_POSTPROCESS_FIELDS,
     "postprocess.levels[]": ("output", "stride", "anchors"),
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
@@ -212,6 +213,10 @@ class Postprocess:
     attach: bool = False  # TFLite variants end in the TFLite_Detection_PostProcess op (boxes out)
     output: str | None = None  # yolov8 / yolov5: the output tensor (default: the model's first output)
     levels: tuple[AnchorLevel, ...] = ()  # yolov5 cut at its head's Convs, each split into boxes and scores
+    # yolov8 of a segmentation head (Ultralytics' segment task): outputs of the cut, [1, masks, N] coefficients of
+    # each cell and the [1, masks, h, w] prototypes they weigh; each detection's mask decoded here (tasks/masks.py)
+    mask_coefficients: str | None = None
+    mask_prototypes: str | None = None
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,9 @@ def parse_input(r: Reader) -> InputSpec:
     if channels not in (1, 3):
         raise r.fail(f"shape {list(shape)} has {channels} channels in {layout} layout; expected 3 (color) or 1 "
                      "(grayscale)", r.child_where("shape"))
+    if shape[0] != 1:  # every stage feeds one image at a time: calibration, verify, eval and the deployed model
+        raise r.fail(f"shape {list(shape)} has a batch of {shape[0]}; expected 1 (models are built for one image "
+                     "at a time)", r.child_where("shape"))
     return InputSpec(name=r.string("name"), shape=shape, layout=layout,
                      dtype=r.string("dtype", default="float32", required=False, choices=("float32",)))
 
@@ -218,7 +221,8 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
     if kind in ("yolov8", "yolov5"):
         return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
     for key, kinds in (("output", "kinds yolov8 and yolov5 take"), ("box_encoding", "kind yolov8 takes"),
-                       ("strides", "kind yolov8 takes"), ("levels", "kind yolov5 takes")):
+                       ("strides", "kind yolov8 takes"), ("levels", "kind yolov5 takes"),
+                       ("mask_coefficients", "kind yolov8 takes"), ("mask_prototypes", "kind yolov8 takes")):
         if r.has(key):
             raise r.fail(f"only {kinds} {key}", r.child_where(key))
     if kind != "ssd":
@@ -317,10 +321,31 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                          r.child_where("strides"))
     if kind == "yolov8" and r.has("levels"):
         raise r.fail("only kind yolov5 takes levels", r.child_where("levels"))
+    encoding |= _mask_outputs(r, kind, names, strip)
     if r.has("levels"):
         encoding["levels"] = tuple(r.list_of("levels", lambda item: _anchor_level(item, strip)))
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,
                        **encoding)
+
+
+def _mask_outputs(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:
+    """A segmentation head's mask coefficients and prototypes: both or neither, outputs of a yolov8 cut."""
+    keys = ("mask_coefficients", "mask_prototypes")
+    given = [key for key in keys if r.has(key)]
+    if not given:
+        return {}
+    if kind != "yolov8" or not names.get("box_output"):
+        raise r.fail(f"{given[0]} is a yolov8 segmentation head's output beside box_output and class_output; "
+                     f"this is kind {kind}" + ("" if kind != "yolov8" else " without box_output"),
+                     r.child_where(given[0]))
+    if len(given) == 1:
+        missing = keys[1] if given[0] == keys[0] else keys[0]
+        raise r.fail(f"masks are decoded from both {keys[0]} and {keys[1]}: name {missing}", r.child_where(given[0]))
+    outputs = {key: r.string(key) for key in keys}
+    for key, name in outputs.items():
+        if strip is not None and name not in strip.outputs:
+            raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
+    return outputs
 
 
 def _anchor_level(r: Reader, strip: Strip | None) -> AnchorLevel:

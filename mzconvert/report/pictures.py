@@ -1,7 +1,8 @@
 """Pictures of what each variant predicts on an image, side by side: float next to int8.
 
-One PNG per image: a panel per variant with its detections drawn on the image (score >= 0.3), or its
-top-5 classes written under it. The same decode as eval, so the picture and the numbers agree.
+One PNG per image: a panel per variant with its detections drawn on the image (score >= 0.3; a segmentation
+head's masks tinted in), or its top-5 classes written under it. The same decode as eval, so the picture and the
+numbers agree.
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ def _panel(image: Image.Image, title: str, lines: list[str], boxes=()) -> Image.
     return canvas
 
 
+def _with_masks(image: Image.Image, found, shown: np.ndarray) -> Image.Image:
+    """The image with the masks of the `shown` detections tinted in their boxes' colours."""
+    pixels = np.asarray(image.convert("RGB"), np.float32).copy()
+    for k in np.flatnonzero(shown):
+        mask = found.masks.on_image(k)
+        pixels[mask] = pixels[mask] * (1 - MASK_OPACITY) + np.asarray(COLORS[found.labels[k] % len(COLORS)]) * \
+            MASK_OPACITY
+    return Image.fromarray(np.rint(pixels).astype(np.uint8))
+
+
+MASK_OPACITY = 0.45
+
+
 def _side_by_side(panels: list[Image.Image]) -> Image.Image:
     gap = 8
     height = max(p.height for p in panels)
@@ -85,7 +99,8 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
                 labels = recipe.postprocess.labels
                 boxes = [(*box, f"{labels[label]} {score:.2f}", COLORS[label % len(COLORS)])
                          for box, score, label in zip(found.boxes[shown], found.scores[shown], found.labels[shown])]
-                panels.append(_panel(image.image, f"{title}: {len(boxes)} detections >= {min_score:g}", [], boxes))
+                picture = image.image if found.masks is None else _with_masks(image.image, found, shown)
+                panels.append(_panel(picture, f"{title}: {len(boxes)} detections >= {min_score:g}", [], boxes))
             else:
                 scores = model(image)
                 top5 = np.argsort(-scores, kind="stable")[:5]

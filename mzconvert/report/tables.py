@@ -26,19 +26,12 @@ def in_order(measured: dict, key: str = "results", order: str = "models") -> dic
 def eval_table(evaluation: dict, manifest: dict) -> str:
     results = in_order(evaluation)
     key = accuracy_key(results)
-    baseline = results.get(evaluation["baseline"], {}).get(key)
     columns = ("AP", "AP50", "AP75") if key == "AP" else ("top1", "top5", "top1_agreement")
-    width = max(len(name) for name in [*results, "model"])
-    lines = [dataset_line(evaluation),
-             f"{'model':{width}} {'kernels':>9} {'size MB':>8} " + " ".join(f"{c[:7]:>7}" for c in columns)
-             + f" {'vs ' + evaluation['baseline']:>12} {'95 % interval':>16}"]
-    for name, r in results.items():
-        size = size_mb(manifest, name)
-        ratio = f"{r[key] / baseline:12.1%}" if baseline else f"{'-':>12}"
-        low, high = r.get("ratio_interval", [float("nan")] * 2)
-        interval = f"{low:7.1%} - {high:6.1%}" if low == low else f"{'-':>16}"
-        values = " ".join(f"{r[c]:7.4f}" for c in columns)
-        lines.append(f"{name:{width}} {r.get('kernels', '-'):>9} {size:>8} {values} {ratio} {interval:>16}")
+    lines = [dataset_line(evaluation), *_score_rows(results, evaluation["baseline"], manifest, columns)]
+    if "mask_AP" in next(iter(results.values())):  # a segmentation head's masks, scored as COCO scores them
+        lines += ["masks (COCO segm AP, each detection's mask against the annotated outlines):",
+                  *_score_rows(results, evaluation["baseline"], manifest, ("mask_AP", "mask_AP50", "mask_AP75"),
+                               "mask_")]
     for name, r in results.items():
         if difference := r.get("difference"):
             low, high = difference["interval"]
@@ -51,6 +44,26 @@ def eval_table(evaluation: dict, manifest: dict) -> str:
                      + (f"; worst image {fidelity['worst_image']} {fidelity['worst_image_share']:.0%}"
                         if fidelity["worst_image"] else ""))
     return "\n".join(lines)
+
+
+def _score_rows(results: dict, baseline_name: str, manifest: dict, columns: tuple[str, ...],
+                prefix: str = "") -> list[str]:
+    """A header and a row per model: its size, `columns`, and the ratio of the first to the baseline's with its
+    interval (`prefix` + ratio_interval)."""
+    key = columns[0]
+    baseline = results.get(baseline_name, {}).get(key)
+    width = max(len(name) for name in [*results, "model"])
+    lines = [f"{'model':{width}} {'kernels':>9} {'size MB':>8} "
+             + " ".join(f"{c[len(prefix):][:7]:>7}" for c in columns)
+             + f" {'vs ' + baseline_name:>12} {'95 % interval':>16}"]
+    for name, r in results.items():
+        size = size_mb(manifest, name)
+        ratio = f"{r[key] / baseline:12.1%}" if baseline else f"{'-':>12}"
+        low, high = r.get(prefix + "ratio_interval", [float("nan")] * 2)
+        interval = f"{low:7.1%} - {high:6.1%}" if low == low else f"{'-':>16}"
+        values = " ".join(f"{r[c]:7.4f}" for c in columns)
+        lines.append(f"{name:{width}} {r.get('kernels', '-'):>9} {size:>8} {values} {ratio} {interval:>16}")
+    return lines
 
 
 def load_evals(folder: Path) -> list[dict]:

@@ -34,6 +34,10 @@ def _static(shape: list | None, what: str) -> list[int]:
     if not shape:
         raise MzError(f"{what}: its shape is unknown; init needs a graph with a static input shape", EXIT_BAD_INPUT)
     fixed = [1 if i == 0 and (not isinstance(d, int) or d < 0) else d for i, d in enumerate(shape)]
+    if fixed[0] != 1:  # a batch fixed in the graph is baked into its reshapes: it cannot be set to 1 here
+        raise MzError(f"{what}: input shape {shape} has a fixed batch of {fixed[0]}; mzconvert builds models for one "
+                      "image at a time: export with batch 1 or a dynamic batch (Ultralytics: batch=1 or dynamic=True)",
+                      EXIT_BAD_INPUT)
     if any(not isinstance(d, int) or d < 0 for d in fixed):
         raise MzError(f"{what}: input shape {shape} has unknown dimensions besides the batch; give the size to "
                       "build at with init --input-shape, e.g. 1,3,320,320", EXIT_BAD_INPUT)
@@ -251,8 +255,10 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
             # segment head's prototypes). NMS is not attached: its op's outputs would replace them
             parts += [part.get("decoded_from", part["name"]) for part in extras]
             parts += [o["name"] for o in model["outputs"][1:]]
-            proposal["notes"] = _extras_notes(_ultralytics_task(meta), parts[2:],
-                                              any("decoded_from" in part for part in extras))
+            task = _ultralytics_task(meta)
+            if task == "segment":  # its masks decoded here: the coefficients weigh the prototypes
+                post |= {"mask_coefficients": parts[2], "mask_prototypes": parts[3]}
+            proposal["notes"] = _extras_notes(task, parts[2:], any("decoded_from" in part for part in extras))
         else:  # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
             post["attach"] = True
         proposal["outputs"] = parts
@@ -267,9 +273,10 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
 
 
 def _extras_notes(task: str, outputs: list[str], before_decode: bool) -> list[str]:
-    lines = [f"# CHECK: an Ultralytics {task} export, proposed as the detector it is: its boxes and classes are "
-             "decoded,",
-             f"# evaluated (box AP) and drawn. Its {HEAD_EXTRAS[task]} ({', '.join(outputs)}) are outputs",
+    decoded, scored = ("boxes, classes and masks", "box and mask AP") if task == "segment" else \
+        ("boxes and classes", "box AP")
+    lines = [f"# CHECK: an Ultralytics {task} export, proposed as the detector it is: its {decoded} are decoded,",
+             f"# evaluated ({scored}) and drawn. Its {HEAD_EXTRAS[task]} ({', '.join(outputs)}) are outputs",
              "# of every artifact, each judged by its signal, channel by channel; no NMS is attached (its op's "
              "outputs would",
              "# replace them)."]

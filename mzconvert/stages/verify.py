@@ -25,6 +25,7 @@ from ..tasks.detection import (
     judged_outputs,
     load_anchors,
     matched_detections,
+    matched_mask_overlap,
     raw_detections,
 )
 from ..tasks.signal import compare, slice_name, worst_slice
@@ -132,10 +133,15 @@ def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names
     except MzError as exc:  # e.g. labels that do not fit the model: eval refuses it; the build says so
         return {"detections_not_compared": str(exc)}
     boxes = load_anchors(anchors) if anchors is not None else None
-    pairs = [matched_detections(found, _decoded([got[i] for got in got_outputs], output_names, recipe, boxes))
-             for i, found in enumerate(floats)]
-    matched, total = (sum(column) for column in zip(*pairs))
-    return {"matched_detections": matched / total if total else 1.0, "detections_compared": total}
+    candidates = [_decoded([got[i] for got in got_outputs], output_names, recipe, boxes) for i in range(len(floats))]
+    matched, total = (sum(column) for column in zip(*map(matched_detections, floats, candidates)))
+    found = {"matched_detections": matched / total if total else 1.0, "detections_compared": total}
+    if recipe.postprocess.mask_coefficients:  # and the masks of those matched (the saved detections have none)
+        references = [_decoded([saved[f"output_{i}_{j}"] for j in range(len(output_names))], output_names, recipe,
+                               boxes) for i in range(len(floats))]
+        intersection, union = (sum(column) for column in zip(*map(matched_mask_overlap, references, candidates)))
+        found["matched_mask_iou"] = intersection / union if union else 1.0
+    return found
 
 
 def share_upper_bound(share: float, count: int, z: float = 1.96) -> float:
@@ -179,6 +185,9 @@ def below_floors(metrics: dict, floors: dict, mode: str) -> list[tuple[str, str,
     if "matched_detections" in metrics:
         below("min_matched", metrics["matched_detections"], "share of the float model's detections matched",
               f"{metrics['matched_detections']:.1%}", metrics.get("detections_compared", 0))
+    if "matched_mask_iou" in metrics:
+        below("min_mask_iou", metrics["matched_mask_iou"], "mask IoU of the detections matched with the float "
+              "model's", f"{metrics['matched_mask_iou']:.3f}")
     return found
 
 

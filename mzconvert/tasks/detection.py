@@ -8,7 +8,7 @@ per-class NMS; boxes are normalised, so they map back to the original image by i
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from ..errors import EXIT_BAD_INPUT, InputError, MzError, short_text
 from ..preprocess import letterbox_geometry
 from ..recipe import Postprocess, Preprocess
 from ..recipe.schema import AnchorLevel
+from .masks import InstanceMasks, instance_masks
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Detections:
     boxes: np.ndarray  # K x 4, ymin, xmin, ymax, xmax, normalised
     scores: np.ndarray  # K
     labels: np.ndarray  # K, index into recipe.postprocess.labels
+    cells: np.ndarray | None = None  # K, the head's cell (anchor) each came from, where decoded here
+    masks: InstanceMasks | None = None  # a segmentation head's: the K masks
 
 
 def load_anchors(path: Path) -> np.ndarray:
@@ -115,12 +118,13 @@ def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detec
     each of 80 classes: one NMS per class took 0.14 s an image, this 0.007 s)."""
     labels, index = np.nonzero(scores.T > post.nms_score_threshold)  # class-major, boxes in order
     if not index.size:
-        return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+        return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
     chosen = scores[index, labels]
     span = 2 * float(np.abs(boxes[index]).max()) + 1
     apart = boxes[index].astype(np.float64) + (labels * span)[:, None]
     kept = nms(apart, chosen, post.nms_iou_threshold, post.max_detections)
-    return Detections(np.clip(boxes[index[kept]], 0.0, 1.0), chosen[kept], labels[kept].astype(np.int64))
+    return Detections(np.clip(boxes[index[kept]], 0.0, 1.0), chosen[kept], labels[kept].astype(np.int64),
+                      index[kept])
 
 
 def _yolo_output(outputs: list[np.ndarray], by_name: dict, post: Postprocess) -> np.ndarray:
@@ -248,7 +252,12 @@ def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) ->
         probabilities = probabilities.reshape(-1, probabilities.shape[-1])
         _check_classes(probabilities.shape[0], post)
         boxes = head_boxes(by_name[post.box_output], post, input_hw)
-        return _selected(_centre_boxes(boxes, input_hw), probabilities.T, post)
+        found = _selected(_centre_boxes(boxes, input_hw), probabilities.T, post)
+        if post.mask_coefficients:
+            found = replace(found, masks=instance_masks(by_name[post.mask_coefficients],
+                                                        by_name[post.mask_prototypes], found.cells, found.boxes,
+                                                        input_hw))
+        return found
     out = _yolo_output(outputs, by_name, post)
     rows = out.reshape(-1, out.shape[-1])
     _check_classes(rows.shape[0] - 4, post)
@@ -326,16 +335,18 @@ def raw_detections(outputs: list[np.ndarray], names: list[str] | None, post: Pos
 def on_image(detections: Detections, size: tuple[int, int], preprocess: Preprocess) -> Detections:
     """Detections with boxes normalised to the model's input as boxes normalised to the original image of
     `size` (width, height): the same numbers, unless the image was letterboxed into the input."""
-    if not preprocess.letterbox:
-        return detections
+    masks = detections.masks
+    if not preprocess.letterbox:  # the image fills the input
+        return detections if masks is None else replace(detections, masks=masks.placed((0, 0, *masks.input_hw), size))
     height, width = preprocess.resize
-    _, _, left, top, gain = letterbox_geometry(size[0], size[1], height, width)
+    new_width, new_height, left, top, gain = letterbox_geometry(size[0], size[1], height, width)
     ymin, xmin, ymax, xmax = (detections.boxes[:, i] for i in range(4))
     ys = [(v * height - top) / gain / size[1] for v in (ymin, ymax)]
     xs = [(v * width - left) / gain / size[0] for v in (xmin, xmax)]
     boxes = np.clip(np.stack([ys[0], xs[0], ys[1], xs[1]], axis=1), 0.0, 1.0) if len(detections.boxes) else \
         detections.boxes
-    return Detections(boxes, detections.scores, detections.labels)
+    return replace(detections, boxes=boxes,
+                   masks=None if masks is None else masks.placed((top, left, new_height, new_width), size))
 
 
 def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 0) -> Detections:
@@ -347,12 +358,18 @@ def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 
 
 
 def coco_results(image_id: int, detections: Detections, size: tuple[int, int], post: Postprocess) -> list[dict]:
+    """COCO result rows of an image's detections; with masks, each its mask as COCO's run-length encoding."""
+    from pycocotools import mask as coco_mask
+
     width, height = size
     rows = []
-    for (ymin, xmin, ymax, xmax), score, label in zip(detections.boxes, detections.scores, detections.labels):
+    for k, ((ymin, xmin, ymax, xmax), score, label) in enumerate(zip(detections.boxes, detections.scores,
+                                                                    detections.labels)):
         rows.append({"image_id": image_id, "category_id": post.category_ids[int(label)], "score": float(score),
                      "bbox": [float(xmin * width), float(ymin * height),
                               float((xmax - xmin) * width), float((ymax - ymin) * height)]})
+        if detections.masks is not None:
+            rows[-1]["segmentation"] = coco_mask.encode(np.asfortranarray(detections.masks.on_image(k), np.uint8))
     return rows
 
 
@@ -372,13 +389,43 @@ def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
     matched = total = 0
     for mine, theirs in ((a, b), (b, a)):
         for box, label in zip(mine.boxes[mine.scores >= MATCH_SCORE], mine.labels[mine.scores >= MATCH_SCORE]):
-            same = theirs.boxes[theirs.labels == label]
             total += 1
-            if same.size:
-                top_left = np.maximum(box[:2], same[:, :2])
-                bottom_right = np.minimum(box[2:], same[:, 2:])
-                inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-                iou = inter / np.maximum(_area(box) + _area(same) - inter, 1e-12)
-                # the very same box matches itself even where it has no area (a head's box clipped to nothing)
-                matched += int(iou.max() >= MATCH_IOU or bool(np.any(np.all(same == box, axis=1))))
+            matched += int(_same_object(box, label, theirs) is not None)
     return matched, total
+
+
+def _same_object(box: np.ndarray, label: int, theirs: Detections) -> int | None:
+    """The index of the detection of `theirs` of the same label whose box overlaps `box` most, where that is
+    IoU >= MATCH_IOU (the very same box matches itself even where it has no area: a head's box clipped to
+    nothing); else None."""
+    same = np.flatnonzero(theirs.labels == label)
+    if not same.size:
+        return None
+    boxes = theirs.boxes[same]
+    top_left = np.maximum(box[:2], boxes[:, :2])
+    bottom_right = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+    iou = inter / np.maximum(_area(box) + _area(boxes) - inter, 1e-12)
+    best = int(np.argmax(iou))
+    if iou[best] >= MATCH_IOU:
+        return int(same[best])
+    identical = np.flatnonzero(np.all(boxes == box, axis=1))
+    return int(same[identical[0]]) if identical.size else None
+
+
+def matched_mask_overlap(reference: Detections, candidate: Detections) -> tuple[int, int]:
+    """(intersection, union) in input pixels of the masks of the reference's detections scoring >= MATCH_SCORE
+    and the candidate's detection each matches (matched_detections' rule), summed: a segmentation head's
+    masks judged where its boxes agree."""
+    intersection = union = 0
+    for k in np.flatnonzero(reference.scores >= MATCH_SCORE):
+        j = _same_object(reference.boxes[k], reference.labels[k], candidate)
+        if j is None:
+            continue
+        mine, theirs = (np.zeros(masks.input_hw, bool) for masks in (reference.masks, candidate.masks))
+        for masks, index, canvas in ((reference.masks, k, mine), (candidate.masks, j, theirs)):
+            rows, columns, mask = masks.on_input(index)
+            canvas[rows, columns] = mask
+        intersection += int(np.count_nonzero(mine & theirs))
+        union += int(np.count_nonzero(mine | theirs))
+    return intersection, union
