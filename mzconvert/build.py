@@ -289,7 +289,9 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
         p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
                       "the detections (score >= 0.3) matched (same label, IoU >= 0.9)"
                       + (f"; their masks' IoU {metrics['matched_mask_iou']:.3f}" if "matched_mask_iou" in metrics
-                         else ""))
+                         else "")
+                      + (f"; their keypoints' OKS {metrics['matched_keypoint_oks']:.3f} "
+                         f"({metrics['keypoints_compared']} compared)" if "matched_keypoint_oks" in metrics else ""))
     if floors := floor_failures(p.recipe, variant, metrics):
         raise RefusedVariant("\n".join(floors))
     failures = threshold_failures(variant, metrics)

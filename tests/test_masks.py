@@ -89,7 +89,7 @@ variants: [{{name: float32, mode: float32}}]
 
 
 @pytest.mark.parametrize("masks, message", [
-    ("  mask_coefficients: coefficients", "postprocess.mask_coefficients: masks are decoded from both "
+    ("  mask_coefficients: coefficients", "postprocess.mask_coefficients: a segmentation head names "
                                           "mask_coefficients and mask_prototypes: name mask_prototypes"),
     ("  mask_coefficients: coefficients\n  mask_prototypes: protos",
      "postprocess.mask_prototypes: 'protos' is not one of strip.outputs"),
@@ -138,7 +138,8 @@ def test_masks_are_scored_as_coco_scores_them(tmp_path):
 def test_verify_judges_the_masks_of_the_detections_it_matches_and_fails_on_empty_ones():
     """The same detections with their masks: IoU 1; with the masks' coefficients zeroed (an int8 output gone to
     its zero point), the boxes still match and the masks' IoU is 0, below any floor."""
-    from mzconvert.tasks.detection import matched_detections, matched_mask_overlap
+    from mzconvert.stages.verify import matched_parts
+    from mzconvert.tasks.detection import matched_detections
 
     rng = np.random.default_rng(3)
     coefficients, prototypes = rng.normal(size=(1, 8, 30)), rng.normal(size=(1, 8, 16, 16))
@@ -149,8 +150,8 @@ def test_verify_judges_the_masks_of_the_detections_it_matches_and_fails_on_empty
                           instance_masks(weights, prototypes, cells, boxes, (64, 64)))
 
     reference = found(coefficients)
-    intersection, union = matched_mask_overlap(reference, found(coefficients))
-    assert union > 0 and intersection == union
+    assert reference.masks.on_input_canvas(0).any() and reference.masks.on_input_canvas(1).any()
+    assert matched_parts([reference], [found(coefficients)], (64, 64)) == {"matched_mask_iou": 1.0}
     broken = found(np.zeros_like(coefficients))
     assert matched_detections(reference, broken) == (4, 4)
-    assert matched_mask_overlap(reference, broken) == (0, union)
+    assert matched_parts([reference], [broken], (64, 64)) == {"matched_mask_iou": 0.0}

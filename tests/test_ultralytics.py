@@ -66,7 +66,7 @@ def kept(path: Path, recipe: dict, variants: set[str]) -> None:
     recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
     for variant in recipe["variants"]:
         if variant["mode"] == "int8":
-            variant.update(min_matched=0, min_slice_sqnr_db=-100)
+            variant.update(min_matched=0, min_mask_iou=0, min_keypoint_oks=0, min_slice_sqnr_db=-100)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
@@ -408,6 +408,7 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         assert (post["mask_coefficients"], post["mask_prototypes"]) == tuple(outputs[2:])
     else:  # one class, named as COCO's person: scored as that category
         assert len(outputs) == 3 and post["labels"] == ["person"] and post["category_ids"] == [1]
+        assert (post["keypoints"], post["keypoint_shape"], post["keypoint_encoding"]) == (outputs[2], [17, 3], "grid")
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
     if model.endswith("seg"):  # its float model only: the int8 route is the pose model's, below
         built_without_npu(path, recipe, {"float32"}, tmp_path)
@@ -433,9 +434,9 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         if prototypes:  # mask coefficients as they are, and the prototypes
             np.testing.assert_allclose(extra[0], theirs[0][0, 4 + classes:], atol=1e-5)
             np.testing.assert_allclose(prototypes[0], theirs[1], atol=1e-5)
-        else:  # keypoints, decoded as Ultralytics decodes them
-            np.testing.assert_allclose(keypoints_decoded(extra[0], (17, 3), (320, 320)), theirs[0][0, 4 + classes:],
-                                       atol=1e-3)
+        else:  # keypoints, decoded here as the export decodes them
+            np.testing.assert_allclose(keypoints_decoded(extra[0], loaded.postprocess, (320, 320)),
+                                       theirs[0][0, 4 + classes:], atol=1e-3)
     drawn = run_cli("predict", str(path), str(image), "--variant", "float32", *where)
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
     if model.endswith("seg"):
@@ -493,18 +494,19 @@ def masks_as_ultralytics_predicts_them(path: Path, exports: Path, tmp_path: Path
     assert compared >= 50, compared
 
 
-def keypoints_decoded(raw, points: tuple[int, int], input_hw: tuple[int, int]):
-    """A pose head's raw keypoints [points x values, N] as Ultralytics decodes them: x, y = (2 t + the cell's
-    centre - 0.5) x stride, visibility = sigmoid(t)."""
+def keypoints_decoded(raw, post, input_hw: tuple[int, int]):
+    """A pose head's raw keypoints of one image, [points x values, N], decoded by the recipe's postprocess (every
+    cell's) as the export lays its own out: [points x values, N], x and y in input pixels."""
     import numpy as np
 
     from mzconvert.tasks.detection import head_grid
+    from mzconvert.tasks.keypoints import decoded_keypoints
 
-    grid = head_grid(input_hw, raw.shape[-1], None)
-    raw = raw.reshape(*points, -1)
-    decoded = np.concatenate([(raw[:, :2] * 2 + grid[:, :2].T - 0.5) * grid[:, 2], 1 / (1 + np.exp(-raw[:, 2:]))],
-                             axis=1)
-    return decoded.reshape(points[0] * points[1], -1)
+    count = raw.shape[-1]
+    decoded = decoded_keypoints(raw, post.keypoint_shape, post.keypoint_encoding, head_grid(input_hw, count, None),
+                                np.arange(count), input_hw)
+    decoded[..., :2] *= np.array(input_hw[::-1])
+    return decoded.reshape(count, -1).T
 
 
 def test_a_pose_tflite_export_is_cut_before_its_keypoint_decode_as_its_onnx_export_is(exports, tmp_path):
@@ -530,8 +532,8 @@ def test_a_pose_tflite_export_is_cut_before_its_keypoint_decode_as_its_onnx_expo
         tensor = prepare(image, loaded.preprocess, loaded.input).tensor
         (theirs,) = whole.run(tensor)
         raw = cut.run(tensor)[2]
-        np.testing.assert_allclose(keypoints_decoded(raw[0], (17, 3), loaded.input.height_width), theirs[0, 5:],
-                                   atol=2e-3)
+        np.testing.assert_allclose(keypoints_decoded(raw[0], loaded.postprocess, loaded.input.height_width),
+                                   theirs[0, 5:], atol=2e-3)
 
 
 def test_a_yolov5n_export_goes_init_build_eval_predict_vela(exports, tmp_path):

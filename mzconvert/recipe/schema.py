@@ -18,8 +18,8 @@ SEARCHED_TASKS = ("detection", "classification", "dense")
 # floor (variants[].min_*): measured on the shipped recipes' variants (docs/results.md), every one of which
 # passes with a margin, while the broken int8 models this check is for (scores set to 0 under a box-sized
 # scale, a map with the wrong pixels) fall far below.
-DEFAULT_FLOORS = {"min_matched": 0.80, "min_agreement": 0.90, "min_mask_iou": 0.80, "min_slice_sqnr_db": 10.0,
-                  "min_float_cosine": 0.9999}
+DEFAULT_FLOORS = {"min_matched": 0.80, "min_agreement": 0.90, "min_mask_iou": 0.80, "min_keypoint_oks": 0.80,
+                  "min_slice_sqnr_db": 10.0, "min_float_cosine": 0.9999}
 FORMATS = ("tf-frozen-graph", "tf-checkpoint", "tf-saved-model", "keras", "onnx", "torch", "torchscript",
            "torch-export", "tflite")
 # PyTorch sources, exported to ONNX at freeze: a state dict for a module class (torch section), a TorchScript
@@ -66,6 +66,8 @@ PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classif
 SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "anchors_file", "anchor_generator", "box_coding", "box_order",
                           "box_coder_scales", "box_output", "class_output", "score",
                           "background_class", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
+# a segmentation or pose head's parts beside its boxes and classes (kind yolov8 cut before its Concat)
+HEAD_PART_FIELDS = ("mask_coefficients", "mask_prototypes", "keypoints", "keypoint_shape", "keypoint_encoding")
 FIELDS = {
     "": ("name", "task", "description", "license", "source", "format", "input", "preprocess", "strip",
          "postprocess", "variants", "targets", "verify", "graph_edits", "torch", "source_pipeline", "labels",
@@ -76,13 +78,13 @@ FIELDS = {
                    "letterbox"),
     "strip": ("inputs", "outputs"),
     "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides", "levels",
-                    "mask_coefficients", "mask_prototypes")
-                   + SSD_POSTPROCESS_FIELDS,
+                    *HEAD_PART_FIELDS, *SSD_POSTPROCESS_FIELDS),
     "postprocess.levels[]": ("output", "stride", "anchors"),
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
-                   "bias_correction", "min_matched", "min_agreement", "min_mask_iou", "min_slice_sqnr_db",
+                   "bias_correction", "min_matched", "min_agreement", "min_mask_iou", "min_keypoint_oks",
+                   "min_slice_sqnr_db",
                    "min_float_cosine", "separate_output_scales", "quantizer", "float_layers", "max_drop"),
     "variants[].quantized_input_stats": ("mean", "std"),
     "targets": ("vela",),
@@ -217,6 +219,12 @@ class Postprocess:
     # each cell and the [1, masks, h, w] prototypes they weigh; each detection's mask decoded here (tasks/masks.py)
     mask_coefficients: str | None = None
     mask_prototypes: str | None = None
+    # yolov8 of a pose head (Ultralytics' pose task): the cut's keypoints output, [1, points x values, N], its
+    # (points, values) (values 3: x, y, visibility; 2: x, y), and whether it is cut before the keypoints' decode
+    # (grid: offsets in strides and visibility logits, decoded here) or after it (pixels: x, y in input pixels)
+    keypoints: str | None = None
+    keypoint_shape: tuple[int, int] | None = None
+    keypoint_encoding: str = "grid"
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,8 @@ class Variant:
     # Fidelity floors against the float model (DEFAULT_FLOORS unless the recipe lowers one): the build fails below
     min_matched: float = DEFAULT_FLOORS["min_matched"]  # detectors: share of detections matched
     min_agreement: float = DEFAULT_FLOORS["min_agreement"]  # classifiers: top-1 agreement
-    min_mask_iou: float = DEFAULT_FLOORS["min_mask_iou"]  # dense maps
+    min_mask_iou: float = DEFAULT_FLOORS["min_mask_iou"]  # dense maps; a segmentation head's matched detections
+    min_keypoint_oks: float = DEFAULT_FLOORS["min_keypoint_oks"]  # a pose head's matched detections
     min_slice_sqnr_db: float = DEFAULT_FLOORS["min_slice_sqnr_db"]  # every output's worst slice (or whole output)
     # float32 variants: every output's cosine; a conversion (ONNX -> TFLite) must not change the model
     min_float_cosine: float = DEFAULT_FLOORS["min_float_cosine"]

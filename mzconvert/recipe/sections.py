@@ -19,6 +19,7 @@ from .schema import (
     CHANNEL_ORDERS,
     DEFAULT_FLOORS,
     FIELDS,
+    HEAD_PART_FIELDS,
     INTERPOLATIONS,
     IO_DTYPES,
     LAYOUTS,
@@ -222,7 +223,7 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
         return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
     for key, kinds in (("output", "kinds yolov8 and yolov5 take"), ("box_encoding", "kind yolov8 takes"),
                        ("strides", "kind yolov8 takes"), ("levels", "kind yolov5 takes"),
-                       ("mask_coefficients", "kind yolov8 takes"), ("mask_prototypes", "kind yolov8 takes")):
+                       *((key, "kind yolov8 takes") for key in HEAD_PART_FIELDS)):
         if r.has(key):
             raise r.fail(f"only {kinds} {key}", r.child_where(key))
     if kind != "ssd":
@@ -321,31 +322,51 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                          r.child_where("strides"))
     if kind == "yolov8" and r.has("levels"):
         raise r.fail("only kind yolov5 takes levels", r.child_where("levels"))
-    encoding |= _mask_outputs(r, kind, names, strip)
+    encoding |= _mask_outputs(r, kind, names, strip) | _keypoint_output(r, kind, names, strip)
     if r.has("levels"):
         encoding["levels"] = tuple(r.list_of("levels", lambda item: _anchor_level(item, strip)))
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,
                        **encoding)
 
 
-def _mask_outputs(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:
-    """A segmentation head's mask coefficients and prototypes: both or neither, outputs of a yolov8 cut."""
-    keys = ("mask_coefficients", "mask_prototypes")
+def _head_part_outputs(r: Reader, kind: str, names: dict, strip: Strip | None, keys: tuple[str, ...],
+                       what: str) -> dict:
+    """The outputs `keys` that name a head's parts (all or none), each one of a yolov8 cut's outputs."""
     given = [key for key in keys if r.has(key)]
     if not given:
         return {}
     if kind != "yolov8" or not names.get("box_output"):
-        raise r.fail(f"{given[0]} is a yolov8 segmentation head's output beside box_output and class_output; "
-                     f"this is kind {kind}" + ("" if kind != "yolov8" else " without box_output"),
-                     r.child_where(given[0]))
-    if len(given) == 1:
-        missing = keys[1] if given[0] == keys[0] else keys[0]
-        raise r.fail(f"masks are decoded from both {keys[0]} and {keys[1]}: name {missing}", r.child_where(given[0]))
+        raise r.fail(f"{given[0]} is a yolov8 {what} head's output beside box_output and class_output; this is "
+                     f"kind {kind}" + ("" if kind != "yolov8" else " without box_output"), r.child_where(given[0]))
+    if missing := [key for key in keys if key not in given]:
+        raise r.fail(f"a {what} head names {' and '.join(keys)}: name {missing[0]}", r.child_where(given[0]))
     outputs = {key: r.string(key) for key in keys}
     for key, name in outputs.items():
         if strip is not None and name not in strip.outputs:
             raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
     return outputs
+
+
+def _mask_outputs(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:
+    """A segmentation head's mask coefficients and prototypes."""
+    return _head_part_outputs(r, kind, names, strip, ("mask_coefficients", "mask_prototypes"), "segmentation")
+
+
+def _keypoint_output(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:
+    """A pose head's keypoints: the output, the points' shape and where it is cut."""
+    found = _head_part_outputs(r, kind, names, strip, ("keypoints",), "pose")
+    if not found:
+        for key in ("keypoint_shape", "keypoint_encoding"):
+            if r.has(key):
+                raise r.fail(f"{key} describes a pose head's keypoints: name them (keypoints)", r.child_where(key))
+        return {}
+    shape = r.list_of("keypoint_shape", Reader.as_dimension, length=2)
+    if shape[0] < 1 or shape[1] not in (2, 3):
+        raise r.fail(f"expected [points, values] with values 2 (x, y) or 3 (x, y, visibility), got {list(shape)}",
+                     r.child_where("keypoint_shape"))
+    return found | {"keypoint_shape": tuple(shape),
+                    "keypoint_encoding": r.string("keypoint_encoding", required=False, default="grid",
+                                                  choices=("grid", "pixels"))}
 
 
 def _anchor_level(r: Reader, strip: Strip | None) -> AnchorLevel:
@@ -409,7 +430,7 @@ def parse_variant(r: Reader) -> Variant:
                    min_cosine=_cosine(r, "min_cosine"),
                    min_sqnr_db=r.number("min_sqnr_db", required=False),
                    min_matched=_share(r, "min_matched"), min_agreement=_share(r, "min_agreement"),
-                   min_mask_iou=_share(r, "min_mask_iou"),
+                   min_mask_iou=_share(r, "min_mask_iou"), min_keypoint_oks=_share(r, "min_keypoint_oks"),
                    min_slice_sqnr_db=r.number("min_slice_sqnr_db", required=False,
                                               default=DEFAULT_FLOORS["min_slice_sqnr_db"]),
                    min_float_cosine=_cosine(r, "min_float_cosine", DEFAULT_FLOORS["min_float_cosine"]),

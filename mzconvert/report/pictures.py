@@ -1,8 +1,8 @@
 """Pictures of what each variant predicts on an image, side by side: float next to int8.
 
 One PNG per image: a panel per variant with its detections drawn on the image (score >= 0.3; a segmentation
-head's masks tinted in), or its top-5 classes written under it. The same decode as eval, so the picture and the
-numbers agree.
+head's masks tinted in, a pose head's keypoints dotted), or its top-5 classes written under it. The same decode
+as eval, so the picture and the numbers agree.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
 from ..recipe import Recipe
 from ..runtime import OPTIMIZED, REFERENCE, open_model, target_kernels
+from ..tasks.keypoints import VISIBLE
 
 PANEL_WIDTH = 480
 SHOW_SCORE = 0.3  # by default, what a deployed detector would show
 COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
-def _panel(image: Image.Image, title: str, lines: list[str], boxes=()) -> Image.Image:
-    """The image scaled to PANEL_WIDTH with boxes [(ymin, xmin, ymax, xmax normalised, label, colour)],
-    a title above and text lines below."""
+def _panel(image: Image.Image, title: str, lines: list[str], boxes=(), points=()) -> Image.Image:
+    """The image scaled to PANEL_WIDTH with boxes [(ymin, xmin, ymax, xmax normalised, label, colour)] and points
+    [(x, y normalised, colour)], a title above and text lines below."""
     font = ImageFont.load_default(size=15)
     scaled = image.resize((PANEL_WIDTH, max(1, round(image.height * PANEL_WIDTH / image.width))), Image.BILINEAR)
     line_height = 20
@@ -43,6 +44,9 @@ def _panel(image: Image.Image, title: str, lines: list[str], boxes=()) -> Image.
         text_box = draw.textbbox((rect[0] + 3, rect[1] + 1), label, font=font)
         draw.rectangle(text_box, fill=color)  # readable on any background
         draw.text((rect[0] + 3, rect[1] + 1), label, fill="white", font=font)
+    for x, y, color in points:
+        centre = (x * PANEL_WIDTH, line_height + 4 + y * scaled.height)
+        draw.ellipse([centre[0] - 4, centre[1] - 4, centre[0] + 4, centre[1] + 4], fill=color, outline="white")
     for i, line in enumerate(lines):
         draw.text((6, scaled.height + line_height * (i + 1) + 6), line, fill="black", font=font)
     return canvas
@@ -59,6 +63,19 @@ def _with_masks(image: Image.Image, found, shown: np.ndarray) -> Image.Image:
 
 
 MASK_OPACITY = 0.45
+
+
+def _shown_keypoints(found, shown: np.ndarray) -> list[tuple[float, float, tuple]]:
+    """The keypoints of the `shown` detections that their head shows (visibility >= VISIBLE, or all where it gives
+    none) and that lie on the image, in their boxes' colours."""
+    if found.keypoints is None:
+        return []
+    points = []
+    for k in np.flatnonzero(shown):
+        color = COLORS[found.labels[k] % len(COLORS)]
+        points += [(x, y, color) for x, y, *visibility in found.keypoints[k]
+                   if (not visibility or visibility[0] >= VISIBLE) and 0 <= x <= 1 and 0 <= y <= 1]
+    return points
 
 
 def _side_by_side(panels: list[Image.Image]) -> Image.Image:
@@ -100,7 +117,8 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
                 boxes = [(*box, f"{labels[label]} {score:.2f}", COLORS[label % len(COLORS)])
                          for box, score, label in zip(found.boxes[shown], found.scores[shown], found.labels[shown])]
                 picture = image.image if found.masks is None else _with_masks(image.image, found, shown)
-                panels.append(_panel(picture, f"{title}: {len(boxes)} detections >= {min_score:g}", [], boxes))
+                panels.append(_panel(picture, f"{title}: {len(boxes)} detections >= {min_score:g}", [], boxes,
+                                     _shown_keypoints(found, shown)))
             else:
                 scores = model(image)
                 top5 = np.argsort(-scores, kind="stable")[:5]

@@ -258,6 +258,9 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
             task = _ultralytics_task(meta)
             if task == "segment":  # its masks decoded here: the coefficients weigh the prototypes
                 post |= {"mask_coefficients": parts[2], "mask_prototypes": parts[3]}
+            else:  # its keypoints, cut before their decode where it was found
+                post |= {"keypoints": parts[2], "keypoint_shape": list(_metadata_literal(meta, "kpt_shape")),
+                         "keypoint_encoding": "grid" if "decoded_from" in extras[0] else "pixels"}
             proposal["notes"] = _extras_notes(task, parts[2:], any("decoded_from" in part for part in extras))
         else:  # and its TFLite variants end in NMS (TFLite_Detection_PostProcess): boxes, classes, scores out
             post["attach"] = True
@@ -273,13 +276,12 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
 
 
 def _extras_notes(task: str, outputs: list[str], before_decode: bool) -> list[str]:
-    decoded, scored = ("boxes, classes and masks", "box and mask AP") if task == "segment" else \
-        ("boxes and classes", "box AP")
+    decoded, scored, judged = ("boxes, classes and masks", "box and mask AP", "masks by their IoU") \
+        if task == "segment" else ("boxes, classes and keypoints", "box AP", "keypoints by their OKS")
     lines = [f"# CHECK: an Ultralytics {task} export, proposed as the detector it is: its {decoded} are decoded,",
-             f"# evaluated ({scored}) and drawn. Its {HEAD_EXTRAS[task]} ({', '.join(outputs)}) are outputs",
-             "# of every artifact, each judged by its signal, channel by channel; no NMS is attached (its op's "
-             "outputs would",
-             "# replace them)."]
+             f"# evaluated ({scored}) and drawn; verify judges its {judged} with the float model's where the",
+             f"# boxes match. Its {HEAD_EXTRAS[task]} ({', '.join(outputs)}) are outputs of every artifact; no NMS",
+             "# is attached (its op's outputs would replace them)."]
     if before_decode:
         lines += ["# The keypoints are cut before their decode: x, y = (2 t + c - 0.5) x stride, c the cell's "
                   "centre in",

@@ -25,9 +25,11 @@ from ..tasks.detection import (
     judged_outputs,
     load_anchors,
     matched_detections,
-    matched_mask_overlap,
+    matched_pairs,
     raw_detections,
 )
+from ..tasks.keypoints import keypoint_similarity
+from ..tasks.masks import mask_overlap
 from ..tasks.signal import compare, slice_name, worst_slice
 
 
@@ -136,11 +138,34 @@ def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names
     candidates = [_decoded([got[i] for got in got_outputs], output_names, recipe, boxes) for i in range(len(floats))]
     matched, total = (sum(column) for column in zip(*map(matched_detections, floats, candidates)))
     found = {"matched_detections": matched / total if total else 1.0, "detections_compared": total}
-    if recipe.postprocess.mask_coefficients:  # and the masks of those matched (the saved detections have none)
+    post = recipe.postprocess
+    if post.mask_coefficients or post.keypoints:  # and the masks, keypoints of those matched
         references = [_decoded([saved[f"output_{i}_{j}"] for j in range(len(output_names))], output_names, recipe,
-                               boxes) for i in range(len(floats))]
-        intersection, union = (sum(column) for column in zip(*map(matched_mask_overlap, references, candidates)))
+                               boxes) for i in range(len(floats))]  # the saved detections have neither
+        found |= matched_parts(references, candidates, recipe.input.height_width)
+    return found
+
+
+def matched_parts(references: list[Detections], candidates: list[Detections], input_hw: tuple[int, int]) -> dict:
+    """A segmentation head's masks, a pose head's keypoints, of the detections matched with the float model's:
+    the masks' IoU (their pixels summed over every pair), the keypoints' mean OKS (over pairs with a point shown)."""
+    intersection = union = 0
+    similarities = []
+    for reference, candidate in zip(references, candidates):
+        for k, j in matched_pairs(reference, candidate):
+            if reference.masks is not None:
+                common, either = mask_overlap(reference.masks, k, candidate.masks, j)
+                intersection, union = intersection + common, union + either
+            if reference.keypoints is not None:
+                similarity = keypoint_similarity(reference.keypoints[k], candidate.keypoints[j],
+                                                 reference.boxes[k], input_hw)
+                similarities += [] if similarity is None else [similarity]
+    found = {}
+    if references and references[0].masks is not None:
         found["matched_mask_iou"] = intersection / union if union else 1.0
+    if references and references[0].keypoints is not None:
+        found |= {"matched_keypoint_oks": float(np.mean(similarities)) if similarities else 1.0,
+                  "keypoints_compared": len(similarities)}
     return found
 
 
@@ -188,6 +213,9 @@ def below_floors(metrics: dict, floors: dict, mode: str) -> list[tuple[str, str,
     if "matched_mask_iou" in metrics:
         below("min_mask_iou", metrics["matched_mask_iou"], "mask IoU of the detections matched with the float "
               "model's", f"{metrics['matched_mask_iou']:.3f}")
+    if "matched_keypoint_oks" in metrics:
+        below("min_keypoint_oks", metrics["matched_keypoint_oks"], "keypoint OKS of the detections matched with the "
+              "float model's", f"{metrics['matched_keypoint_oks']:.3f}")
     return found
 
 

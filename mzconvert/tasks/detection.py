@@ -17,6 +17,7 @@ from ..errors import EXIT_BAD_INPUT, InputError, MzError, short_text
 from ..preprocess import letterbox_geometry
 from ..recipe import Postprocess, Preprocess
 from ..recipe.schema import AnchorLevel
+from .keypoints import decoded_keypoints
 from .masks import InstanceMasks, instance_masks
 
 
@@ -27,6 +28,7 @@ class Detections:
     labels: np.ndarray  # K, index into recipe.postprocess.labels
     cells: np.ndarray | None = None  # K, the head's cell (anchor) each came from, where decoded here
     masks: InstanceMasks | None = None  # a segmentation head's: the K masks
+    keypoints: np.ndarray | None = None  # a pose head's: K x points x (x, y normalised as boxes, visibility)
 
 
 def load_anchors(path: Path) -> np.ndarray:
@@ -257,6 +259,10 @@ def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) ->
             found = replace(found, masks=instance_masks(by_name[post.mask_coefficients],
                                                         by_name[post.mask_prototypes], found.cells, found.boxes,
                                                         input_hw))
+        if post.keypoints:
+            grid = head_grid(input_hw, probabilities.shape[-1], post.strides)
+            found = replace(found, keypoints=decoded_keypoints(by_name[post.keypoints], post.keypoint_shape,
+                                                               post.keypoint_encoding, grid, found.cells, input_hw))
         return found
     out = _yolo_output(outputs, by_name, post)
     rows = out.reshape(-1, out.shape[-1])
@@ -345,7 +351,12 @@ def on_image(detections: Detections, size: tuple[int, int], preprocess: Preproce
     xs = [(v * width - left) / gain / size[0] for v in (xmin, xmax)]
     boxes = np.clip(np.stack([ys[0], xs[0], ys[1], xs[1]], axis=1), 0.0, 1.0) if len(detections.boxes) else \
         detections.boxes
-    return replace(detections, boxes=boxes,
+    keypoints = detections.keypoints
+    if keypoints is not None:
+        keypoints = keypoints.copy()
+        keypoints[..., 0] = (keypoints[..., 0] * width - left) / gain / size[0]
+        keypoints[..., 1] = (keypoints[..., 1] * height - top) / gain / size[1]
+    return replace(detections, boxes=boxes, keypoints=keypoints,
                    masks=None if masks is None else masks.placed((top, left, new_height, new_width), size))
 
 
@@ -413,19 +424,11 @@ def _same_object(box: np.ndarray, label: int, theirs: Detections) -> int | None:
     return int(same[identical[0]]) if identical.size else None
 
 
-def matched_mask_overlap(reference: Detections, candidate: Detections) -> tuple[int, int]:
-    """(intersection, union) in input pixels of the masks of the reference's detections scoring >= MATCH_SCORE
-    and the candidate's detection each matches (matched_detections' rule), summed: a segmentation head's
-    masks judged where its boxes agree."""
-    intersection = union = 0
+def matched_pairs(reference: Detections, candidate: Detections) -> list[tuple[int, int]]:
+    """(k, j) for each detection k of the reference scoring >= MATCH_SCORE and the candidate's detection j it
+    matches (matched_detections' rule): where their masks and keypoints are compared."""
+    pairs = []
     for k in np.flatnonzero(reference.scores >= MATCH_SCORE):
-        j = _same_object(reference.boxes[k], reference.labels[k], candidate)
-        if j is None:
-            continue
-        mine, theirs = (np.zeros(masks.input_hw, bool) for masks in (reference.masks, candidate.masks))
-        for masks, index, canvas in ((reference.masks, k, mine), (candidate.masks, j, theirs)):
-            rows, columns, mask = masks.on_input(index)
-            canvas[rows, columns] = mask
-        intersection += int(np.count_nonzero(mine & theirs))
-        union += int(np.count_nonzero(mine | theirs))
-    return intersection, union
+        if (j := _same_object(reference.boxes[k], reference.labels[k], candidate)) is not None:
+            pairs.append((int(k), j))
+    return pairs

@@ -65,6 +65,13 @@ class InstanceMasks:
         up_columns = bilinear_weights(mw, width)[columns]
         return rows, columns, (up_rows @ self.logits[k].astype(np.float64) @ up_columns.T) > 0
 
+    def on_input_canvas(self, k: int) -> np.ndarray:
+        """Mask k on the whole input (bool)."""
+        canvas = np.zeros(self.input_hw, bool)
+        rows, columns, mask = self.on_input(k)
+        canvas[rows, columns] = mask
+        return canvas
+
     def on_image(self, k: int) -> np.ndarray:
         """Mask k on the original image (height x width, bool)."""
         width, height = self.image_size
@@ -102,3 +109,9 @@ def instance_masks(coefficients: np.ndarray, prototypes: np.ndarray, cells: np.n
     xyxy = np.asarray(boxes, np.float64)[:, [1, 0, 3, 2]] * [width, height, width, height]
     return InstanceMasks(logits.reshape(len(cells), *planes.shape[1:]), xyxy, input_hw,
                          content=(0, 0, height, width), image_size=(width, height))
+
+
+def mask_overlap(reference: InstanceMasks, k: int, candidate: InstanceMasks, j: int) -> tuple[int, int]:
+    """(intersection, union) in input pixels of the reference's mask k and the candidate's mask j."""
+    mine, theirs = reference.on_input_canvas(k), candidate.on_input_canvas(j)
+    return int(np.count_nonzero(mine & theirs)), int(np.count_nonzero(mine | theirs))
