@@ -257,7 +257,7 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
 
 
 def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
-    from .stages.verify import floor_failures, threshold_failures, verify_variant
+    from .stages.verify import floor_failures, matched_parts_text, threshold_failures, verify_variant
 
     reference = _reference(p, stripped)
     kernels = next(iter(target_kernels(p.recipe, variant)), None)  # the target's: a device's own arithmetic
@@ -288,10 +288,7 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     if "matched_detections" in metrics:
         p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
                       "the detections (score >= 0.3) matched (same label, IoU >= 0.9)"
-                      + (f"; their masks' IoU {metrics['matched_mask_iou']:.3f}" if "matched_mask_iou" in metrics
-                         else "")
-                      + (f"; their keypoints' OKS {metrics['matched_keypoint_oks']:.3f} "
-                         f"({metrics['keypoints_compared']} compared)" if "matched_keypoint_oks" in metrics else ""))
+                      + matched_parts_text(metrics, "; their {}"))
     if floors := floor_failures(p.recipe, variant, metrics):
         raise RefusedVariant("\n".join(floors))
     failures = threshold_failures(variant, metrics)

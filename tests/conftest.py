@@ -117,3 +117,26 @@ def image_folder(folder: Path, source: Path, count: int) -> Path:
     for i, path in enumerate(sorted(source.glob("*.jpg"))[:count]):
         (folder / f"photo {i}.JPG").write_bytes(path.read_bytes())
     return folder
+
+
+def yolov8_head_recipe(outputs: list[str], parts: str) -> str:
+    """A recipe of a yolov8 head cut at boxes, scores and `outputs` beyond them, its postprocess naming those
+    (`parts`: YAML lines under postprocess, e.g. a segmentation head's mask_coefficients and mask_prototypes)."""
+    return f"""name: h
+task: detection
+description: d
+license: l
+source: {{url: https://example.com/h.onnx, sha256: {"a" * 64}}}
+format: onnx
+input: {{name: images, shape: [1, 3, 64, 64], layout: NCHW}}
+preprocess: {{interpolation: cv2-linear, letterbox: true}}
+strip: {{outputs: [boxes, scores, {', '.join(outputs)}]}}
+postprocess:
+  kind: yolov8
+  labels: [person]
+  box_encoding: dfl
+  box_output: boxes
+  class_output: scores
+{parts}
+variants: [{{name: float32, mode: float32}}]
+"""

@@ -14,6 +14,7 @@ from mzconvert.recipe import Preprocess, parse_recipe
 from mzconvert.stages.verify import matched_parts
 from mzconvert.tasks.detection import Detections, head_grid, on_image
 from mzconvert.tasks.keypoints import decoded_keypoints, keypoint_similarity
+from tests.conftest import yolov8_head_recipe
 
 
 def test_grid_keypoints_decode_as_the_head_does_and_pixels_keypoints_are_read_as_they_are():
@@ -79,26 +80,6 @@ def test_verify_judges_the_keypoints_of_the_detections_it_matches_and_fails_on_c
     assert matched_parts([reference], [collapsed], (320, 320))["matched_keypoint_oks"] < 0.01
 
 
-RECIPE = """name: p
-task: detection
-description: d
-license: l
-source: {{url: https://example.com/p.onnx, sha256: {digest}}}
-format: onnx
-input: {{name: images, shape: [1, 3, 64, 64], layout: NCHW}}
-preprocess: {{interpolation: cv2-linear, letterbox: true}}
-strip: {{outputs: [boxes, scores, points]}}
-postprocess:
-  kind: yolov8
-  labels: [person]
-  box_encoding: dfl
-  box_output: boxes
-  class_output: scores
-{keypoints}
-variants: [{{name: float32, mode: float32}}]
-"""
-
-
 @pytest.mark.parametrize("keypoints, message", [
     ("  keypoints: points", "postprocess.keypoint_shape: missing required field"),
     ("  keypoints: points\n  keypoint_shape: [17, 4]", "postprocess.keypoint_shape: expected \\[points, values\\] "
@@ -111,10 +92,10 @@ variants: [{{name: float32, mode: float32}}]
 ])
 def test_a_recipes_keypoints_are_checked_where_they_are_wrong(tmp_path, keypoints, message):
     with pytest.raises(RecipeError, match=message):
-        parse_recipe(tmp_path / "p.yaml", RECIPE.format(digest="a" * 64, keypoints=keypoints))
+        parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["points"], keypoints))
 
 
 def test_a_recipe_describes_its_keypoints(tmp_path):
-    post = parse_recipe(tmp_path / "p.yaml", RECIPE.format(
-        digest="a" * 64, keypoints="  keypoints: points\n  keypoint_shape: [5, 2]")).postprocess
+    parts = "  keypoints: points\n  keypoint_shape: [5, 2]"
+    post = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["points"], parts)).postprocess
     assert (post.keypoints, post.keypoint_shape, post.keypoint_encoding) == ("points", (5, 2), "grid")

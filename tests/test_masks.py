@@ -16,6 +16,7 @@ from mzconvert.evaluate.cocometrics import coco_scores
 from mzconvert.recipe import Preprocess, parse_recipe
 from mzconvert.tasks.detection import Detections, coco_results, on_image
 from mzconvert.tasks.masks import bilinear_weights, instance_masks
+from tests.conftest import yolov8_head_recipe
 
 
 @pytest.mark.parametrize("size_in, size_out", [(80, 320), (160, 640), (320, 427), (320, 240), (7, 7), (1, 5)])
@@ -68,26 +69,6 @@ def test_channels_last_prototypes_and_cells_last_coefficients_decode_alike():
     np.testing.assert_allclose(nchw.logits, nhwc.logits, rtol=1e-5)
 
 
-RECIPE = """name: s
-task: detection
-description: d
-license: l
-source: {{url: https://example.com/s.onnx, sha256: {zeros}}}
-format: onnx
-input: {{name: images, shape: [1, 3, 64, 64], layout: NCHW}}
-preprocess: {{interpolation: cv2-linear, letterbox: true}}
-strip: {{outputs: [boxes, scores, coefficients, prototypes]}}
-postprocess:
-  kind: yolov8
-  labels: [person]
-  box_encoding: dfl
-  box_output: boxes
-  class_output: scores
-{masks}
-variants: [{{name: float32, mode: float32}}]
-"""
-
-
 @pytest.mark.parametrize("masks, message", [
     ("  mask_coefficients: coefficients", "postprocess.mask_coefficients: a segmentation head names "
                                           "mask_coefficients and mask_prototypes: name mask_prototypes"),
@@ -96,12 +77,12 @@ variants: [{{name: float32, mode: float32}}]
 ])
 def test_a_recipes_mask_outputs_are_checked_where_they_are_wrong(tmp_path, masks, message):
     with pytest.raises(RecipeError, match=message):
-        parse_recipe(tmp_path / "s.yaml", RECIPE.format(zeros="a" * 64, masks=masks))
+        parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["coefficients", "prototypes"], masks))
 
 
 def test_a_recipe_names_both_mask_outputs(tmp_path):
-    recipe = parse_recipe(tmp_path / "s.yaml", RECIPE.format(zeros="a" * 64,
-                                              masks="  mask_coefficients: coefficients\n  mask_prototypes: prototypes"))
+    parts = "  mask_coefficients: coefficients\n  mask_prototypes: prototypes"
+    recipe = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["coefficients", "prototypes"], parts))
     assert (recipe.postprocess.mask_coefficients, recipe.postprocess.mask_prototypes) == ("coefficients", "prototypes")
 
 
@@ -115,7 +96,7 @@ def test_masks_are_scored_as_coco_scores_them(tmp_path):
         "categories": [{"id": 1, "name": "person"}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [outline], "area": 1200.0,
                          "bbox": [10.0, 10.0, 40.0, 30.0], "iscrowd": 0}]}))
-    post = parse_recipe(tmp_path / "s.yaml", RECIPE.format(zeros="a" * 64, masks="")).postprocess
+    post = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["coefficients", "prototypes"], "")).postprocess
     box = np.array([[10 / 48, 10 / 64, 40 / 48, 50 / 64]])
 
     class Painted:  # masks as on_image gives them, painted here

@@ -443,7 +443,7 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         masks_as_ultralytics_predicts_them(path, exports, tmp_path)
         from tests.test_build_real import coco_subset
 
-        dataset = coco_subset(tmp_path / "coco", 24)  # the route: boxes and masks scored (untrained: AP near 0)
+        dataset = coco_subset(tmp_path / "coco", 8)  # the route: boxes and masks scored (untrained: AP near 0)
         evaluated = run_cli("eval", str(path), "--dataset", str(dataset), "--variant", "float32", *where)
         assert evaluated.returncode == 0, evaluated.stderr[-2000:]
         assert "masks (COCO segm AP" in evaluated.stdout, evaluated.stdout

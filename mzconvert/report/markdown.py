@@ -12,7 +12,7 @@ from ..manifest import load_manifest
 from ..recipe.schema import DEFAULT_FLOORS, INTEGER_MODES
 from ..stages.debug import debug_table
 from ..stages.dist import write_md5sums
-from ..stages.verify import below_floors
+from ..stages.verify import below_floors, matched_parts_text
 from .tables import accuracy_key, bench_table, eval_table, in_order, load_evals, size_mb
 
 
@@ -120,11 +120,11 @@ def _fidelity(manifest: dict, variants: dict) -> list[str]:
                 agreement = f"{m['top1_agreement']:.1%}" if "top1_agreement" in m else "-"
                 md.append(f"| {name} | {v['mode']} | {v['io_dtype']} | {size_mb(manifest, name)} | {output} | "
                           f"{m.get('cosine', float('nan')):.5f} | {m.get('sqnr_db', float('nan')):.1f} | {agreement} |")
-    matched = {n: v["verify"]["matched_detections"] for n, v in variants.items()
-               if "matched_detections" in (v.get("verify") or {})}
+    matched = {n: v["verify"] for n, v in variants.items() if "matched_detections" in (v.get("verify") or {})}
     if matched:
         md += ["", "Detections (score >= 0.3) matching the float model's (same label, IoU >= 0.9): "
-               + ", ".join(f"{n} {share:.1%}" for n, share in matched.items()) + "."]
+               + ", ".join(f"{n} {m['matched_detections']:.1%}" + matched_parts_text(m, " ({})")
+                           for n, m in matched.items()) + "."]
     if fidelity := manifest.get("source_pipeline_fidelity"):
         md += ["", f"Our declared preprocessing + float model + decode against the source end to end on "
                    f"{fidelity['images']} images: {fidelity['matched_share']:.1%} {fidelity['what']}."]

@@ -23,6 +23,7 @@ from ..tasks.keypoints import VISIBLE
 PANEL_WIDTH = 480
 SHOW_SCORE = 0.3  # by default, what a deployed detector would show
 COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+MASK_OPACITY = 0.45  # a mask's tint: the image under it stays readable
 
 
 def _panel(image: Image.Image, title: str, lines: list[str], boxes=(), points=()) -> Image.Image:
@@ -60,9 +61,6 @@ def _with_masks(image: Image.Image, found, shown: np.ndarray) -> Image.Image:
         pixels[mask] = pixels[mask] * (1 - MASK_OPACITY) + np.asarray(COLORS[found.labels[k] % len(COLORS)]) * \
             MASK_OPACITY
     return Image.fromarray(np.rint(pixels).astype(np.uint8))
-
-
-MASK_OPACITY = 0.45
 
 
 def _shown_keypoints(found, shown: np.ndarray) -> list[tuple[float, float, tuple]]:

@@ -169,6 +169,16 @@ def matched_parts(references: list[Detections], candidates: list[Detections], in
     return found
 
 
+def matched_parts_text(metrics: dict, frame: str) -> str:
+    """What a segmentation or pose head's matched detections say besides being matched (their masks' IoU, their
+    keypoints' OKS), put in `frame` (a format string); "" for other heads."""
+    parts = [f"masks' IoU {metrics['matched_mask_iou']:.3f}"] if "matched_mask_iou" in metrics else []
+    if "matched_keypoint_oks" in metrics:
+        parts.append(f"keypoints' OKS {metrics['matched_keypoint_oks']:.3f} over {metrics['keypoints_compared']} "
+                     "detections")
+    return frame.format(", ".join(parts)) if parts else ""
+
+
 def share_upper_bound(share: float, count: int, z: float = 1.96) -> float:
     """The upper end of the 95 % (Wilson) interval of a share measured on `count` trials: a share floor fails
     only where the verify images show the share is below it, not where a few images happened to differ (on 3
