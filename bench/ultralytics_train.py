@@ -1,8 +1,9 @@
-"""Run in the Ultralytics tool environment (requirements-ultralytics.txt), not in mzconvert's: a YOLO detector
-(or segmentation model: MODEL-seg.yaml, trained on the annotations' outlines) trained here, from its model YAML (no weights can be downloaded), on a COCO-format folder, and exported to ONNX
-as `yolo export format=onnx` does. A short CPU run on a few hundred images makes a detector far from a
-released one, but one whose class scores and features are a trained network's: confident where it learned
-something, its activations shaped by training rather than by initialisation.
+"""Run in the Ultralytics tool environment (requirements-ultralytics.txt), not in mzconvert's: a YOLO detector (or
+segmentation model: MODEL-seg.yaml, trained on the annotations' outlines) trained here, from its model YAML (no
+weights can be downloaded), on a COCO-format folder, and exported to ONNX as `yolo export format=onnx` does. A
+short CPU run on a few hundred images makes a detector far from a released one, but one whose class scores and
+features are a trained network's: confident where it learned something, its activations shaped by training rather
+than by initialisation.
 
 usage: python bench/ultralytics_train.py MODEL.yaml IMAGES ANNOTATIONS.json EPOCHS OUT_DIR [--end2end]
 (writes OUT_DIR/<model>.onnx; the images are linked, never copied or changed; with --end2end an NMS-free head

@@ -92,7 +92,7 @@ def test_a_batch_fixed_at_other_than_one_is_refused_by_init_and_by_the_recipe(tm
 task: classification
 description: d
 license: l
-source: {{url: https://example.com/b4.onnx, sha256: {"0" * 64}}}
+source: {{url: https://example.com/b4.onnx, sha256: {"a" * 64}}}
 format: onnx
 input: {{name: images, shape: [4, 3, 32, 32], layout: NCHW}}
 preprocess: {{interpolation: pil-bilinear}}

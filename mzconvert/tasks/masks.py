@@ -5,8 +5,8 @@ On the model's input (Ultralytics' process_mask with upsample, as its predictor 
 weighted sum upsampled bilinearly to the input size (torch's F.interpolate, half-pixel centres), the pixels above
 0 (sigmoid 0.5), cropped to the detection's box (columns x1 <= c < x2, rows y1 <= r < y2). On the original image
 (as its scale_masks does): the letterboxed content cut out and resized bilinearly to the image's size, the pixels
-above 0.5. Only the box's region is computed: a full-size mask per detection for 100 detections an image is
-what made a naive decode slow.
+above 0.5. Only the box's region is computed (a mask is 0 outside its box): an eval decodes up to 100 masks an
+image.
 """
 
 from __future__ import annotations
@@ -43,12 +43,6 @@ class InstanceMasks:
     # where the image lies in the input (top, left, height, width) and the image's (width, height): on_image
     content: tuple[int, int, int, int] | None = None
     image_size: tuple[int, int] | None = None
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-    def subset(self, keep: np.ndarray) -> InstanceMasks:
-        return replace(self, logits=self.logits[keep], boxes=self.boxes[keep])
 
     def placed(self, content: tuple[int, int, int, int], image_size: tuple[int, int]) -> InstanceMasks:
         """The masks of an image of `image_size` (width, height) that fills `content` of the input."""
