@@ -10,7 +10,7 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import MIRROR, image_folder, run_cli
+from tests.conftest import MIRROR, ROOT, image_folder, run_cli
 
 
 def dynamic_opset12_onnx(path: Path) -> Path:
@@ -87,17 +87,10 @@ def test_a_batch_fixed_at_other_than_one_is_refused_by_init_and_by_the_recipe(tm
                       "--input-shape", "4,3,32,32")
     assert refused.returncode == 2 and "has a fixed batch of 4" in refused.stderr and "batch 1" in refused.stderr
     assert not (tmp_path / "b4.yaml").exists()
+    shipped = (ROOT / "recipes" / "mobilenetv2-onnx.yaml").read_text()
+    assert "shape: [1, 3, 224, 224]" in shipped
     recipe = tmp_path / "b4.yaml"
-    recipe.write_text(f"""name: b4
-task: classification
-description: d
-license: l
-source: {{url: https://example.com/b4.onnx, sha256: {"a" * 64}}}
-format: onnx
-input: {{name: images, shape: [4, 3, 32, 32], layout: NCHW}}
-preprocess: {{interpolation: pil-bilinear}}
-variants: [{{name: float32, mode: float32}}]
-""")
+    recipe.write_text(shipped.replace("shape: [1, 3, 224, 224]", "shape: [4, 3, 224, 224]"))
     loaded = run_cli("build", str(recipe))
     assert loaded.returncode == 2
-    assert "b4.yaml: input.shape: shape [4, 3, 32, 32] has a batch of 4; expected 1" in loaded.stderr
+    assert "b4.yaml: input.shape: shape [4, 3, 224, 224] has a batch of 4; expected 1" in loaded.stderr
