@@ -78,7 +78,7 @@ class InstanceMasks:
             (column_index >= 0) & (column_index < content_width)
         if not mask.size or not inside_rows.any() or not inside_columns.any():
             return full
-        # in float32, as torch resizes the mask (and twice as fast as in float64)
+        # in float32, as torch resizes the mask (and faster than in float64)
         down_rows = bilinear_weights(content_height, height, np.float32)[:, row_index[inside_rows]]
         down_columns = bilinear_weights(content_width, width, np.float32)[:, column_index[inside_columns]]
         touched_rows, touched_columns = np.flatnonzero(down_rows.any(1)), np.flatnonzero(down_columns.any(1))
