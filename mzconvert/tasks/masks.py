@@ -40,9 +40,10 @@ class InstanceMasks:
     logits: np.ndarray  # K x h x w: coefficients times prototypes, at the prototypes' resolution
     boxes: np.ndarray  # K x 4: x1, y1, x2, y2 in input pixels, the boxes the masks are cropped to
     input_hw: tuple[int, int]
-    # where the image lies in the input (top, left, height, width) and the image's (width, height): on_image
-    content: tuple[int, int, int, int] | None = None
-    image_size: tuple[int, int] | None = None
+    # where the image lies in the input (top, left, height, width) and the image's (width, height), for on_image:
+    # the whole input until `placed` says otherwise
+    content: tuple[int, int, int, int]
+    image_size: tuple[int, int]
 
     def placed(self, content: tuple[int, int, int, int], image_size: tuple[int, int]) -> InstanceMasks:
         """The masks of an image of `image_size` (width, height) that fills `content` of the input."""
