@@ -320,7 +320,8 @@ _stage_command("vela", "Compile the integer variants for the Ethos-U NPU (build/
 @main.command("eval")
 @click.argument("recipe")
 @click.option("--dataset", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
-              help="COCO folder (annotations/instances_<split>*.json + <split>/) or a folder of labelled images.")
+              help="COCO folder (annotations/instances_<split>*.json + <split>/; a pose model's keypoints from the "
+                   "annotations/*<split>*.json that gives them) or a folder of labelled images.")
 @click.option("--split", default="val2017", show_default=True, help="COCO split folder and annotation prefix.")
 @click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
 @click.option("--reference", "references", multiple=True, type=click.Path(path_type=Path, exists=True),

@@ -4,6 +4,7 @@ own decode: tests/test_ultralytics.py.)"""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -99,3 +100,132 @@ def test_a_recipe_describes_its_keypoints(tmp_path):
     parts = "  keypoints: points\n  keypoint_shape: [5, 2]"
     post = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["points"], parts)).postprocess
     assert (post.keypoints, post.keypoint_shape, post.keypoint_encoding) == ("points", (5, 2), "grid")
+
+
+def pose_dataset(folder, points: int, keypoint_file: str | None = "person_keypoints_val.json"):
+    """A COCO folder of 3 images of 100 x 80 px, one person each with `points` annotated keypoints (the last
+    hidden: v 0), written in `keypoint_file` (None: in the instances file itself); the points of each, in pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(points)
+    (folder / "val").mkdir(parents=True)
+    (folder / "annotations").mkdir()
+    images, boxes, keypoints, truth = [], [], [], {}
+    for i in (1, 2, 3):
+        Image.new("RGB", (100, 80), (90, 90, 90)).save(folder / "val" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 100, "height": 80})
+        xy = rng.uniform([20, 15], [80, 65], (points, 2))
+        visibility = np.full(points, 2)
+        visibility[-1] = 0
+        truth[i] = xy
+        box = {"id": i, "image_id": i, "category_id": 1, "bbox": [15.0, 10.0, 70.0, 60.0], "area": 3000.0,
+               "iscrowd": 0}
+        boxes.append(box)
+        keypoints.append(box | {"keypoints": np.column_stack([xy, visibility]).ravel().tolist(),
+                                "num_keypoints": points - 1})
+    categories = [{"id": 1, "name": "person"}]
+    instances = {"images": images, "annotations": keypoints if keypoint_file is None else boxes,
+                 "categories": categories}
+    (folder / "annotations" / "instances_val.json").write_text(json.dumps(instances))
+    if keypoint_file:
+        (folder / "annotations" / keypoint_file).write_text(
+            json.dumps({"images": images, "annotations": keypoints, "categories": categories}))
+    return truth
+
+
+def pose_predictor(truth: dict, shift_px: float, points: int):
+    """A model whose one detection an image is the annotated person's box, its keypoints the annotated ones moved
+    `shift_px` right, normalised to the image."""
+    def predict(image):
+        xy = truth[int(image.path.stem)] + [shift_px, 0]
+        keypoints = np.column_stack([xy / [100, 80], np.full(points, 0.9)])[None]
+        return Detections(np.array([[10 / 80, 15 / 100, 70 / 80, 85 / 100]]), np.array([0.8]), np.array([0]),
+                          keypoints=keypoints)
+
+    return predict
+
+
+@pytest.mark.parametrize("points, keypoint_file, shift", [(17, "person_keypoints_val.json", 2.0),
+                                                          (5, "my-poses-val.json", 14.0), (17, None, 2.0)])
+def test_eval_scores_keypoints_by_coco_oks_where_the_annotations_give_them(tmp_path, points, keypoint_file, shift):
+    """COCO keypoint AP beside bbox AP, from whichever annotations file gives keypoints for every image (the
+    instances file itself, COCO's person_keypoints file or one named otherwise), by OKS with COCO's sigmas for 17
+    points and 1 / points otherwise: the annotated points score 1; points `shift` px off score an OKS o by COCO's
+    formula, so at each IoU threshold t their AP is 1 where every image's o >= t, 0 where none is; the table
+    says so."""
+    from mzconvert.evaluate.datasets import CocoDataset
+    from mzconvert.evaluate.scoring import evaluate_detection
+    from mzconvert.recipe import parse_recipe
+    from mzconvert.report.tables import eval_table
+    from mzconvert.tasks.keypoints import keypoint_sigmas
+
+    truth = pose_dataset(tmp_path / "coco", points, keypoint_file)
+    parts = f"  keypoints: points\n  keypoint_shape: [{points}, 3]\n  category_ids: [1]"
+    recipe = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["points"], parts))
+    models = {"float32": pose_predictor(truth, 0.0, points), "int8": pose_predictor(truth, shift, points)}
+    evaluation = evaluate_detection(models, recipe, CocoDataset.open(tmp_path / "coco", "val"))
+    exact, moved = evaluation["results"]["float32"], evaluation["results"]["int8"]
+    assert exact["AP"] == pytest.approx(1.0) and moved["AP"] == pytest.approx(1.0)  # the same boxes
+    assert exact["keypoint_AP"] == pytest.approx(1.0)
+    sigmas = keypoint_sigmas((points, 3))[:-1]  # the last point is hidden: not judged
+    similarity = np.exp(-shift ** 2 / (2 * (2 * sigmas) ** 2 * 3000)).mean()  # the same in every image
+    thresholds = np.linspace(0.5, 0.95, 10)
+    assert 0.5 < similarity < 0.95
+    assert moved["keypoint_AP"] == pytest.approx(np.mean(similarity >= thresholds), abs=1e-6)
+    assert moved["keypoint_ratio_interval"][1] < 1
+    table = eval_table(evaluation | {"recipe": "h", "images": 3, "scope": "-", "labels": "-",
+                                     "dataset": {"name": "coco", "path": "-"}}, {"variants": {}})
+    assert "keypoints (COCO keypoint AP" in table
+
+
+def test_eval_scores_boxes_alone_and_says_so_where_no_annotations_give_keypoints(tmp_path):
+    from mzconvert.evaluate.datasets import CocoDataset
+    from mzconvert.evaluate.scoring import evaluate_detection
+    from mzconvert.recipe import parse_recipe
+
+    truth = pose_dataset(tmp_path / "coco", 17)
+    (tmp_path / "coco" / "annotations" / "person_keypoints_val.json").unlink()
+    recipe = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["points"], "  keypoints: points\n"
+                                                                              "  keypoint_shape: [17, 3]"))
+    said = []
+    evaluation = evaluate_detection({"float32": pose_predictor(truth, 0.0, 17)}, recipe,
+                                    CocoDataset.open(tmp_path / "coco", "val"), said.append)
+    assert "keypoint_AP" not in evaluation["results"]["float32"]
+    assert any("keypoints not scored: no annotations" in line for line in said), said
+
+
+def test_keypoint_annotations_of_other_images_or_points_are_not_taken(tmp_path):
+    """A keypoints file that lacks an evaluated image is not the one; one of another number of points than the
+    model's is refused, naming the file; two that would do are refused as ambiguous."""
+    from mzconvert.errors import InputError
+    from mzconvert.evaluate.cocometrics import coco_scores
+    from mzconvert.evaluate.datasets import CocoDataset
+    from mzconvert.tasks.keypoints import keypoint_sigmas
+
+    pose_dataset(tmp_path / "coco", 17)
+    folder = tmp_path / "coco" / "annotations"
+    dataset = CocoDataset.open(tmp_path / "coco", "val")
+    assert dataset.keypoint_annotations() == folder / "person_keypoints_val.json"
+    with pytest.raises(InputError, match="person_keypoints_val.json: annotation 1: keypoints: 17 points .* the model "
+                                         "gives 5"):
+        coco_scores(folder / "person_keypoints_val.json", [], [1], "keypoints", keypoint_sigmas((5, 3)))
+    data = json.loads((folder / "person_keypoints_val.json").read_text())
+    (folder / "person_keypoints_val.json").write_text(json.dumps(data | {"images": data["images"][:2]}))
+    assert dataset.keypoint_annotations() is None
+    (folder / "person_keypoints_val.json").write_text(json.dumps(data))
+    (folder / "poses_val.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="2 files give keypoints for the val images"):
+        dataset.keypoint_annotations()
+
+
+def test_the_search_and_the_ranges_choice_judge_a_pose_head_by_its_keypoints_too(tmp_path):
+    """A candidate whose boxes all match but whose keypoints are lost is not within any budget: the paired
+    fidelity `auto` ranges and `max_drop` go by is the least of detections matched, masks' IoU, keypoints' OKS."""
+    from mzconvert.recipe import parse_recipe
+    from mzconvert.stages.fallback import paired_fidelity
+
+    recipe = parse_recipe(tmp_path / "h.yaml", yolov8_head_recipe(["points"], "  keypoints: points\n"
+                                                                              "  keypoint_shape: [17, 3]"))
+    assert paired_fidelity({"matched_detections": 1.0, "matched_keypoint_oks": 0.05}, recipe) == 0.05
+    assert paired_fidelity({"matched_detections": 0.9, "matched_mask_iou": 0.95}, recipe) == 0.9
+    assert paired_fidelity({"matched_detections": 0.7}, recipe) == 0.7

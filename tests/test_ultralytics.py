@@ -450,6 +450,12 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         (written,) = (tmp_path / "dist" / path.stem / "eval").glob("*.json")
         results = json.loads(written.read_text())["results"]
         assert {"AP", "mask_AP", "mask_AP50", "mask_ratio_interval"} <= set(results["float32"]), results
+    else:  # COCO's instances files give no keypoints: its boxes are scored, and eval says what is not
+        from tests.test_build_real import coco_subset
+
+        dataset = coco_subset(tmp_path / "coco", 4)
+        evaluated = run_cli("eval", str(path), "--dataset", str(dataset), "--variant", "float32", *where)
+        assert evaluated.returncode == 0 and "keypoints not scored" in evaluated.stderr, evaluated.stderr[-2000:]
 
 
 def masks_as_ultralytics_predicts_them(path: Path, exports: Path, tmp_path: Path) -> None:

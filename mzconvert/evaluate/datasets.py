@@ -76,6 +76,7 @@ def predictions(models: dict[str, Predict], paths: list[Path], chunk: int = 32, 
 class CocoDataset:
     images: dict[int, Path]  # image id -> file
     annotations: Path
+    split: str
 
     @classmethod
     def open(cls, folder: Path, split: str) -> CocoDataset:
@@ -95,7 +96,29 @@ class CocoDataset:
             if not path.is_file():
                 raise InputError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
             images[image_id] = path
-        return cls(images=images, annotations=candidates[0])
+        return cls(images=images, annotations=candidates[0], split=split)
+
+    def keypoint_annotations(self) -> Path | None:
+        """The annotations that give keypoints for every one of these images: the instances file where its
+        annotations carry them, else the one other annotations/*<split>*.json that does (as COCO's
+        person_keypoints_<split>.json); None where none does."""
+        others = sorted(set(self.annotations.parent.glob(f"*{self.split}*.json")) - {self.annotations})
+        found = []
+        for path in [self.annotations, *others]:
+            try:
+                data = json.loads(path.read_text())
+                ids = {image["id"] for image in data["images"]}
+                with_points = any("keypoints" in a for a in data["annotations"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not COCO annotations (captions have no keypoints either)
+            if with_points and set(self.images) <= ids:
+                if path == self.annotations:
+                    return path
+                found.append(path)
+        if len(found) > 1:
+            raise InputError(f"{self.annotations.parent}: {len(found)} files give keypoints for the {self.split} "
+                             f"images ({', '.join(p.name for p in found)}); expected one")
+        return found[0] if found else None
 
 
 def dataset_identity(dataset: Path, split: str, labels_file: Path | None, images: list[Path]) -> dict:

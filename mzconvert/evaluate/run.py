@@ -75,7 +75,9 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         if pipeline is not None:
             models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
         evaluation = evaluate_detection(models, recipe, coco, console.log, rows.pairs, rows.parallel, rows.aliases)
-        scope = ("COCO bbox and mask AP" if recipe.postprocess.mask_coefficients else "COCO bbox AP") + \
+        scored = ["bbox", *(["mask"] if recipe.postprocess.mask_coefficients else []),
+                  *(["keypoint"] if "keypoint_AP" in next(iter(evaluation["results"].values())) else [])]
+        scope = f"COCO {' and '.join(scored)} AP" + \
             (f", categories {', '.join(recipe.postprocess.labels)}" if len(recipe.postprocess.labels) < 80 else "")
         images, label_source = list(coco.images.values()), f"COCO annotations {coco.annotations.name}"
     else:

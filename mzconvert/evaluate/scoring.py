@@ -1,6 +1,7 @@
-"""Accuracy of several models on the same images: COCO bbox AP (a segmentation head's: and mask AP; pycocotools)
-or top-1/top-5, with paired bootstrap intervals of each model's ratio to the baseline (float32, or the first
-model), and of the difference within each pair of rows named (one variant under two kernel families)."""
+"""Accuracy of several models on the same images: COCO bbox AP (a segmentation head's: and mask AP; a pose head's:
+and keypoint AP, where the annotations give keypoints; pycocotools) or top-1/top-5, with paired bootstrap intervals
+of each model's ratio to the baseline (float32, or the first model), and of the difference within each pair of rows
+named (one variant under two kernel families)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from ..recipe import Recipe
 from ..tasks.detection import MATCH_IOU, MATCH_SCORE, coco_results, matched_detections
+from ..tasks.keypoints import keypoint_sigmas
 from .cocometrics import bootstrap_weights, coco_scores, difference_interval, ratio_interval
 from .datasets import CocoDataset, Predict, predictions
 
@@ -55,6 +57,17 @@ def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: Coco
         for name, s in masks.items():
             results[name] |= {f"mask_{key}": value for key, value in s.summary.items()}
             results[name]["mask_ratio_interval"] = ratio_interval(resampled_masks[name], resampled_masks[baseline])
+    if post.keypoints and (points := dataset.keypoint_annotations()):  # a pose head: its keypoints by OKS too
+        sigmas = keypoint_sigmas(post.keypoint_shape)
+        keypoints, resampled_points = _scored(rows, points, scored_ids, weights, "keypoints", sigmas,
+                                              list(dataset.images))
+        for name, s in keypoints.items():
+            results[name] |= {f"keypoint_{key}": value for key, value in s.summary.items()}
+            results[name]["keypoint_ratio_interval"] = ratio_interval(resampled_points[name],
+                                                                      resampled_points[baseline])
+    elif post.keypoints:
+        log(f"eval: keypoints not scored: no annotations in {dataset.annotations.parent} give keypoints for the "
+            f"{len(items)} images (boxes are)")
     for name, other in (pairs or {}).items():
         results[name]["difference"] = {"to": other, "value": results[name]["AP"] - results[other]["AP"],
                                        "interval": difference_interval(resampled[name], resampled[other])}
@@ -69,9 +82,10 @@ def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: Coco
 
 
 def _scored(rows: dict[str, list[dict]], annotations: Path, category_ids: list[int] | None, weights: np.ndarray,
-            iou_type: str) -> tuple[dict, dict]:
+            iou_type: str, sigmas: np.ndarray | None = None, image_ids: list[int] | None = None) -> tuple[dict, dict]:
     """Each model's COCOeval scores and its AP under every bootstrap resample of the images."""
-    scores = {name: coco_scores(annotations, r, category_ids, iou_type) for name, r in rows.items()}
+    scores = {name: coco_scores(annotations, r, category_ids, iou_type, sigmas, image_ids)
+              for name, r in rows.items()}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy lets go of the GIL on these arrays
         resampled = dict(zip(scores, pool.map(lambda s: s.ap_resampled(weights), scores.values())))
     return scores, resampled

@@ -23,15 +23,20 @@ def in_order(measured: dict, key: str = "results", order: str = "models") -> dic
     return {name: measured[key][name] for name in measured.get(order, measured[key])}
 
 
+# the parts of a detection scored beside its box, as COCO scores them: result key prefix -> the table's title
+PARTS_SCORED = {"mask_": "masks (COCO segm AP, each detection's mask against the annotated outlines):",
+                "keypoint_": "keypoints (COCO keypoint AP, by OKS with the annotated points):"}
+
+
 def eval_table(evaluation: dict, manifest: dict) -> str:
     results = in_order(evaluation)
     key = accuracy_key(results)
     columns = ("AP", "AP50", "AP75") if key == "AP" else ("top1", "top5", "top1_agreement")
     lines = [dataset_line(evaluation), *_score_rows(results, evaluation["baseline"], manifest, columns)]
-    if "mask_AP" in next(iter(results.values())):  # a segmentation head's masks, scored as COCO scores them
-        lines += ["masks (COCO segm AP, each detection's mask against the annotated outlines):",
-                  *_score_rows(results, evaluation["baseline"], manifest, ("mask_AP", "mask_AP50", "mask_AP75"),
-                               "mask_")]
+    for prefix, title in PARTS_SCORED.items():  # a segmentation head's masks, a pose head's keypoints
+        if f"{prefix}AP" in next(iter(results.values())):
+            lines += [title, *_score_rows(results, evaluation["baseline"], manifest,
+                                          tuple(f"{prefix}{c}" for c in ("AP", "AP50", "AP75")), prefix)]
     for name, r in results.items():
         if difference := r.get("difference"):
             low, high = difference["interval"]

@@ -1,6 +1,6 @@
 """Precision where the model needs it, searched, each candidate quantized as the build quantizes the variant and
 verified as the build verifies it, on the verify images: top-1 agreement for classifiers, detections matched
-for detectors, mask IoU for maps.
+for detectors (and their masks' IoU, keypoints' OKS), mask IoU for maps.
 
 - The ranges (`calibration_method: auto`): each of AUTO_CALIBRATION_METHODS recorded on the variant's
   calibration images; the one whose model agrees best with the float model is kept (ties: the higher worst
@@ -36,11 +36,16 @@ from .verify import floor_failures, reference_outputs, verify_variant
 MAX_LAYERS = 32
 
 
+# a detector's agreement with the float model: its detections matched, and where its head has them the masks'
+# IoU and the keypoints' OKS of those matched (boxes that all match can carry keypoints that are lost)
+DETECTION_AGREEMENT = ("matched_detections", "matched_mask_iou", "matched_keypoint_oks")
+
+
 def paired_fidelity(metrics: dict, recipe: Recipe) -> float:
-    """What the budget is on: the share of top-1 answers or detections the variant shares with the float model,
-    or for maps the mask IoU with the float model's (the worst output's)."""
+    """What the budget is on: the share of top-1 answers the variant shares with the float model; for detectors
+    the least of DETECTION_AGREEMENT; for maps the mask IoU with the float model's (the worst output's)."""
     if "matched_detections" in metrics:
-        return metrics["matched_detections"]
+        return min(metrics[key] for key in DETECTION_AGREEMENT if key in metrics)
     for key in ("top1_agreement", "mask_iou"):
         if found := [m[key] for m in metrics.values() if isinstance(m, dict) and key in m]:
             return min(found)

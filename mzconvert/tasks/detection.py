@@ -369,7 +369,8 @@ def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 
 
 
 def coco_results(image_id: int, detections: Detections, size: tuple[int, int], post: Postprocess) -> list[dict]:
-    """COCO result rows of an image's detections; with masks, each its mask as COCO's run-length encoding."""
+    """COCO result rows of an image's detections; with masks, each its mask as COCO's run-length encoding; with
+    keypoints, each's points as x, y in image pixels and the head's visibility (1 where it has none)."""
     from pycocotools import mask as coco_mask
 
     width, height = size
@@ -381,6 +382,11 @@ def coco_results(image_id: int, detections: Detections, size: tuple[int, int], p
                               float((xmax - xmin) * width), float((ymax - ymin) * height)]})
         if detections.masks is not None:
             rows[-1]["segmentation"] = coco_mask.encode(np.asfortranarray(detections.masks.on_image(k), np.uint8))
+        if detections.keypoints is not None:
+            points = detections.keypoints[k]
+            visibility = points[:, 2] if points.shape[1] == 3 else np.ones(points.shape[0])
+            rows[-1]["keypoints"] = np.stack([points[:, 0] * width, points[:, 1] * height, visibility],
+                                             axis=1).ravel().tolist()
     return rows
 
 

@@ -19,6 +19,13 @@ COCO_KEYPOINT_SIGMAS = np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72,
 VISIBLE = 0.5  # a point shown and judged: its visibility probability at least this
 
 
+def keypoint_sigmas(shape: tuple[int, int]) -> np.ndarray:
+    """The per-point scales OKS weighs distances by, for a head's (points, values): COCO's for its 17 points with
+    visibility, 1 / points otherwise (as Ultralytics' pose validator)."""
+    points = shape[0]
+    return COCO_KEYPOINT_SIGMAS if tuple(shape) == (17, 3) else np.full(points, 1 / points)
+
+
 def decoded_keypoints(values: np.ndarray, shape: tuple[int, int], encoding: str, grid: np.ndarray,
                       cells: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     """K x points x values: the keypoints of the head's `cells`, x and y normalised to the input (as boxes are),
@@ -50,7 +57,7 @@ def keypoint_similarity(reference: np.ndarray, candidate: np.ndarray, box: np.nd
     scale = np.array([width, height])
     distance = (((reference[:, :2] - candidate[:, :2]) * scale) ** 2).sum(-1)
     points = reference.shape[0]
-    sigmas = COCO_KEYPOINT_SIGMAS if reference.shape == (17, 3) else np.full(points, 1 / points)
+    sigmas = keypoint_sigmas(reference.shape)
     area = (box[2] - box[0]) * height * (box[3] - box[1]) * width * 0.53
     shown = reference[:, 2] >= VISIBLE if reference.shape[1] == 3 else np.ones(points, bool)
     if not shown.any():
