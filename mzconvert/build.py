@@ -286,9 +286,14 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
         p.console.log(f"[{p.recipe.name}] warning: {variant.name}: detections not compared with the float model's: "
                       f"{metrics['detections_not_compared']}")
     if "matched_detections" in metrics:
+        compared = metrics["detections_compared"]
         p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
-                      "the detections (score >= 0.3) matched (same label, IoU >= 0.9)"
+                      f"the {compared} detections (score >= 0.3) matched (same label, IoU >= 0.9)"
                       + matched_parts_text(metrics, "; their {}"))
+        if not compared:
+            p.console.log(f"[{p.recipe.name}] warning: neither the float model nor {variant.name} detects anything "
+                          "scoring 0.3 or more on the verify images: the share matched says nothing (untrained "
+                          "weights, or verify images without the objects the model finds?)")
     if floors := floor_failures(p.recipe, variant, metrics):
         raise RefusedVariant("\n".join(floors))
     failures = threshold_failures(variant, metrics)

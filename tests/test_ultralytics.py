@@ -41,6 +41,7 @@ def exports(tmp_path_factory) -> Path:
                                      ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
                                      ("ultralytics_export.py", "yolov8n-seg.yaml"),
                                      ("ultralytics_export.py", "yolov8n-pose.yaml"),
+                                     ("ultralytics_export.py", "rtdetr-l.yaml"),
                                      ("yolov5_export.py", "yolov5n.yaml")):
         done = subprocess.run([str(python), str(ROOT / "tests" / script), config, str(MIRROR / "coco" / "train2017"),
                                *options], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
@@ -72,7 +73,7 @@ def kept(path: Path, recipe: dict, variants: set[str]) -> None:
 
 def built_without_npu(path: Path, recipe: dict, variants: set[str], tmp_path: Path) -> dict:
     """The recipe `kept` with `variants` and no NPU target, built: its variants' build report."""
-    recipe.pop("targets")
+    recipe.pop("targets", None)
     kept(path, recipe, variants)
     done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
                    "--build-dir", str(tmp_path / "build"))
@@ -380,6 +381,53 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
                 assert np.abs(boxes[same] - clipped).max(axis=1).min() < 0.05, (image, box)
         compared += len(rows)
     assert compared > 100
+
+
+def test_an_rtdetr_export_is_cut_at_its_query_head_and_decodes_to_its_own_rows(exports, tmp_path):
+    """RT-DETR's export ends in its own TopK of (query, class) scores: [1, 300, 6] rows of box (centre and size
+    normalised), score and class, which init used to take for a YOLOv5 head of one class. Now init cuts at its
+    query head (each query's box and class probabilities: kind detr, nothing suppressed, the 300 best pairs),
+    preprocesses as Ultralytics' RT-DETR predictor does (the image stretched, no letterbox) and proposes ONNX
+    variants only (onnx2tf fails on its decoder). Every row the export gives is a detection of our decode of the
+    cut, with its box and score; the recipe builds, evaluates and predicts as written. No YOLO export is read as
+    a query head."""
+    import numpy as np
+
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.sources.inspection import inspect_onnx
+    from mzconvert.tasks.detection import detr_detections
+    from tests.test_build_real import coco_subset
+
+    for model in ("yolov8n", "yolov5n", "yolo26n-e2e", "yolov8n-seg", "yolov8n-pose"):
+        assert "query_head" not in inspect_onnx(exports / f"{model}.onnx"), model
+    path, recipe = proposed("rtdetr-l", exports, tmp_path)
+    post = recipe["postprocess"]
+    assert recipe["task"] == "detection" and post["kind"] == "detr" and len(post["labels"]) == 80
+    assert (post["nms_iou_threshold"], post["max_detections"]) == (1.0, 300)
+    assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]
+    assert "letterbox" not in recipe["preprocess"] and "targets" not in recipe
+    assert [v["name"] for v in recipe["variants"]] == ["float32", "int8"]
+    built_without_npu(path, recipe, {"float32"}, tmp_path)
+    loaded = load_recipe(path)
+    names = list(loaded.strip.outputs)
+    cut = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", names)
+    compared = 0
+    for image, tensor, rows in rows_of(exports / "rtdetr-l.onnx", loaded, tmp_path):
+        outputs = cut.run(tensor)
+        ours = detr_detections(outputs, dict(zip(names, outputs)), loaded.postprocess, None, (320, 320))
+        assert len(ours.scores) == len(rows) == 300
+        for x, y, w, h, score, label in rows[rows[:, 4] > rows[:, 4].min()]:  # the 300th's ties may fall either way
+            same = (ours.labels == int(label)) & (np.abs(ours.scores - score) < 1e-5)
+            box = np.clip([y - h / 2, x - w / 2, y + h / 2, x + w / 2], 0, 1)  # ours are clipped to the image
+            assert same.any() and np.abs(ours.boxes[same] - box).max(axis=1).min() < 1e-4, (image, score, label)
+            compared += 1
+    assert compared > 800
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    evaluated = run_cli("eval", str(path), "--dataset", str(coco_subset(tmp_path / "coco", 4)), *where)
+    assert evaluated.returncode == 0 and "COCO bbox AP" in evaluated.stdout, evaluated.stderr[-2000:]
+    drawn = run_cli("predict", str(path), str(sorted((tmp_path / "check").iterdir())[0]), *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
 
 
 @pytest.mark.parametrize("model", ["yolov8n-seg", "yolov8n-pose"])

@@ -19,24 +19,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from ultralytics import YOLO
+from ultralytics import RTDETR, YOLO
 
 SIZE = 320
 CLASS_BIAS, CLASS_GAIN = -8.0, 2.0
+QUERY_CLASS_BIAS = -5.5  # RT-DETR scores its 300 queries, not thousands of cells: some of them above 0.3
 
 
 def main(config: str, images: Path, nms: bool, end2end: bool, opset: int | None) -> None:
     torch.manual_seed(0)
-    yolo = YOLO(config)
+    yolo = RTDETR(config) if Path(config).stem.startswith("rtdetr") else YOLO(config)
     model = yolo.model
     with_image_statistics(model, images)
     head = model.model[-1]
     if head.__class__.__name__ == "Pose":
         model.names = {0: "person"}  # as Ultralytics' pose models name their one class
     with torch.no_grad():  # an NMS-free head's one-to-one branch too (YOLO26, YOLOv10)
-        for branch in [*head.cv3, *getattr(head, "one2one_cv3", [])]:
+        for branch in [*getattr(head, "cv3", []), *getattr(head, "one2one_cv3", [])]:
             branch[-1].bias.fill_(CLASS_BIAS)
             branch[-1].weight.mul_(CLASS_GAIN)
+        for layer in getattr(head, "dec_score_head", [])[-1:]:  # RT-DETR's last decoder layer: its queries' scores
+            layer.bias.fill_(QUERY_CLASS_BIAS)
+            layer.weight.mul_(CLASS_GAIN)
     stem = Path(config).stem
     if nms:
         Path(yolo.export(format="onnx", imgsz=SIZE, nms=True)).rename(f"{stem}-nms.onnx")

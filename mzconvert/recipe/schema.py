@@ -51,7 +51,7 @@ ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256"
                 "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
-POSTPROCESS_KINDS = ("ssd", "yolov8", "yolov5", "tflite-detection-postprocess")
+POSTPROCESS_KINDS = ("ssd", "yolov8", "yolov5", "detr", "tflite-detection-postprocess")
 # MediaPipe's SsdAnchorsCalculatorOptions (postprocess.anchor_generator, tasks/anchors.py): the fields a recipe
 # must give, and the others with their defaults
 ANCHOR_GENERATOR_REQUIRED = ("num_layers", "min_scale", "max_scale", "input_size_height", "input_size_width",
@@ -182,11 +182,14 @@ class Postprocess:
 
     kind `ssd`: raw SSD outputs (the post-processor was stripped); decoded with the anchors evaluated
     from `anchors_tensor` and exported as anchors.npy, and the box-coder scales.
+    kind `yolov8`, `yolov5`: an Ultralytics head's raw outputs, decoded here (tasks/detection.py).
+    kind `detr`: a query detector's (Ultralytics' RT-DETR): each query's box and class probabilities, decoded
+    here; no NMS by default (each object is one query's).
     kind `tflite-detection-postprocess`: the model ends in TFLite_Detection_PostProcess (boxes,
     classes, scores, count); classes are 0-based without background.
     """
 
-    kind: str  # ssd | yolov8 | yolov5 (raw outputs decoded here) | tflite-detection-postprocess
+    kind: str  # ssd | yolov8 | yolov5 | detr (raw outputs decoded here) | tflite-detection-postprocess
     labels: tuple[str, ...]
     category_ids: tuple[int, ...]  # COCO category id of each label, for scoring
     anchors_tensor: str | None = None  # ssd anchors: a graph tensor, or declared (anchors_file, anchor_generator)
@@ -196,6 +199,8 @@ class Postprocess:
     box_order: str = "yxhw"  # the encodings' order; xywh: MediaPipe's reverse_output_order
     box_coder_scales: tuple[float, float, float, float] | None = None  # y, x, h, w
     box_output: str | None = None  # ssd; yolov8 cut before its Concat: boxes [1, 4, N] (class_output [1, C, N])
+    # detr: boxes [1, Q, 4], each query's centre x, y, width, height normalised to the input (class_output [1, Q, C],
+    # probabilities)
     class_output: str | None = None
     # yolov8 box_output: pixels (centre x, y, width, height in input pixels, the export's), dfl (the head's
     # distribution logits [1, 4 x bins, N] before its DFL: softmax, expectation and grid decode done here) or

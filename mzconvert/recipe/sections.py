@@ -221,6 +221,8 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
                max_detections=r.integer("max_detections", required=False, default=100, minimum=1))
     if kind in ("yolov8", "yolov5"):
         return _yolo_postprocess(r, kind, labels, category_ids, nms, strip)
+    if kind == "detr":
+        return _query_postprocess(r, labels, category_ids, nms, strip)
     for key, kinds in (("output", "kinds yolov8 and yolov5 take"), ("box_encoding", "kind yolov8 takes"),
                        ("strides", "kind yolov8 takes"), ("levels", "kind yolov5 takes"),
                        *((key, "kind yolov8 takes") for key in HEAD_PART_FIELDS)):
@@ -247,10 +249,7 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
         background_class=r.boolean("background_class", True), attach=r.boolean("attach", False), **nms)
-    for key in ("box_output", "class_output"):  # without a cut (a .tflite source), the file's output names
-        if strip is not None and getattr(post, key) not in strip.outputs:
-            raise r.fail(f"{short(getattr(post, key))} is not one of strip.outputs {list(strip.outputs)}",
-                         r.child_where(key))
+    _check_cut_outputs(r, {key: getattr(post, key) for key in ("box_output", "class_output")}, strip)
     return post
 
 
@@ -296,9 +295,7 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                      r.child_where("output"))
     if names["output"] and r.has("levels"):
         raise r.fail("output is the one concatenated output; levels replace it", r.child_where("output"))
-    for key, name in names.items():
-        if name is not None and strip is not None and name not in strip.outputs:
-            raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
+    _check_cut_outputs(r, names, strip)
     attach = r.boolean("attach", False)
     if attach and not names.get("box_output"):
         raise r.fail("TFLite_Detection_PostProcess attaches to a yolov8 head cut before its Concat: name "
@@ -329,6 +326,18 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                        **encoding)
 
 
+def _query_postprocess(r: Reader, labels: tuple, category_ids: tuple, nms: dict, strip: Strip | None) -> Postprocess:
+    """A query detector's head (kind detr: Ultralytics' RT-DETR), decoded here: box_output [1, Q, 4], each query's
+    box centre and size normalised to the input, and class_output [1, Q, classes], their probabilities."""
+    taken = ("kind", "labels", "category_ids", "box_output", "class_output", *nms)
+    for key in FIELDS["postprocess"]:
+        if key not in taken and r.has(key):
+            raise r.fail(f"kind detr takes box_output, class_output and the NMS fields, not {key}", r.child_where(key))
+    names = {key: r.string(key) for key in ("box_output", "class_output")}
+    _check_cut_outputs(r, names, strip)
+    return Postprocess(kind="detr", labels=labels, category_ids=category_ids, **names, **nms)
+
+
 def _head_part_outputs(r: Reader, kind: str, names: dict, strip: Strip | None, keys: tuple[str, ...],
                        what: str) -> dict:
     """The outputs `keys` that name a head's parts (all or none), each one of a yolov8 cut's outputs."""
@@ -341,10 +350,16 @@ def _head_part_outputs(r: Reader, kind: str, names: dict, strip: Strip | None, k
     if missing := [key for key in keys if key not in given]:
         raise r.fail(f"a {what} head names {' and '.join(keys)}: name {missing[0]}", r.child_where(given[0]))
     outputs = {key: r.string(key) for key in keys}
-    for key, name in outputs.items():
-        if strip is not None and name not in strip.outputs:
-            raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
+    _check_cut_outputs(r, outputs, strip)
     return outputs
+
+
+def _check_cut_outputs(r: Reader, names: dict[str, str | None], strip: Strip | None) -> None:
+    """Each tensor a postprocess field names (field -> name; None: not given) is one of the cut's outputs. Without
+    a cut (a .tflite source) they are the file's own output names."""
+    for key, name in names.items():
+        if name is not None and strip is not None and name not in strip.outputs:
+            raise r.fail(f"{short(name)} is not one of strip.outputs {list(strip.outputs)}", r.child_where(key))
 
 
 def _mask_outputs(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:

@@ -294,6 +294,7 @@ def inspect_onnx(path: Path) -> dict:
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
             **({"float16": True} if stored_float16 else {}),
             "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            **({"query_head": query} if (query := _query_head(model, made, inferred)) else {}),
             **({"selection_input": head} if (head := _selection_input(model, made, inferred)) else {}),
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, made, inferred, head)) else {}),
             **({"dfl_input": dfl} if (dfl := _dfl_input(model, made)) else {}),
@@ -404,6 +405,36 @@ def _selection_input(model, made: dict, inferred: Callable[[], dict | None]) -> 
     dtype = onnx.helper.tensor_dtype_to_np_dtype(values[name].type.tensor_type.elem_type).name
     return {"name": name, "dtype": dtype, "shape": [1, 4 + scores[1], boxes[2]], "selected_by": selection.op_type,
             **k}
+
+
+# how many tensors back from the outputs a query head's sigmoids are searched (RT-DETR's export after them: the
+# TopK of the (query, class) scores, the chosen queries' boxes gathered, the rows joined: about 30)
+QUERY_REACH = 64
+
+
+def _query_head(model, made: dict, inferred: Callable[[], dict | None]) -> dict | None:
+    """A query detector's head (Ultralytics' RT-DETR exports): the Sigmoids nearest the outputs that give each of
+    Q queries its box [1, Q, 4] (centre x, y, width, height normalised to the input) and its classes'
+    probabilities [1, Q, classes], whatever the export does after them (selects the best (query, class) pairs,
+    or joins them), as {boxes, scores, queries, classes}; None unless the nearest of each has the same Q. An
+    anchor-grid head's sigmoids are not laid out so (YOLOv8's class probabilities are [1, classes, N]; YOLOv5's
+    5-D)."""
+    if not any(node.op_type == "Sigmoid" for node in model.graph.node) or (values := inferred()) is None:
+        return None
+    nearest: dict[str, list] = {}
+
+    def query_sigmoid(tensor: str) -> bool:
+        shape = _onnx_shape(values[tensor]) if tensor in values else []
+        if made[tensor].op_type == "Sigmoid" and len(shape) == 3 and shape[0] == 1 and \
+                all(isinstance(size, int) and size > 0 for size in shape):
+            nearest.setdefault("boxes" if shape[2] == 4 else "scores", [tensor, shape])
+        return len(nearest) == 2
+
+    _nearest_before([o.name for o in model.graph.output], _onnx_inputs_of(made), query_sigmoid, QUERY_REACH)
+    if len(nearest) != 2 or nearest["boxes"][1][1] != nearest["scores"][1][1]:
+        return None
+    (boxes, shape), (scores, classes) = nearest["boxes"], nearest["scores"]
+    return {"boxes": boxes, "scores": scores, "queries": shape[1], "classes": classes[2]}
 
 
 def _dfl_input(model, made: dict) -> dict | None:
@@ -763,6 +794,9 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  SSD head without anchors: boxes {head['box_output']}, scores {head['class_output']}; "
                      "levels (rows x columns x anchors) " +
                      ", ".join(f"{v['rows']}x{v['columns']}x{v['anchors']}" for v in head["levels"]))
+    if head := report.get("query_head"):
+        lines.append(f"{indent}  query head: {head['queries']} queries, boxes {head['boxes']}, {head['classes']} "
+                     f"classes' probabilities {head['scores']}")
     if head := report.get("selection_input"):
         lines.append(f"{indent}  ends in its own {head['selected_by']}, which reads the head {tensor_line(head)}")
     if dfl := report.get("dfl_input"):

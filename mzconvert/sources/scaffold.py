@@ -145,6 +145,8 @@ def _ultralytics_export(model: dict, meta: dict) -> dict | None:
 # How Ultralytics trains and validates (its LetterBox with cv2's INTER_LINEAR, RGB in [0, 1]; val NMS IoU 0.7)
 ULTRALYTICS_PREPROCESS = {"interpolation": "cv2-linear", "letterbox": True, "channel_order": "RGB",
                           "scale": 1 / 255, "offset": 0.0}
+# and its RT-DETR models' (their predictor's and validator's LetterBox with scale_fill: the image stretched)
+ULTRALYTICS_STRETCH_PREPROCESS = {key: value for key, value in ULTRALYTICS_PREPROCESS.items() if key != "letterbox"}
 # and its classifiers (classify_transforms: the shorter side resized to the image size and the centre cropped, on
 # PIL images with torchvision; RGB in [0, 1], its default mean 0 and std 1)
 ULTRALYTICS_CLASSIFY_PREPROCESS = {"interpolation": "torchvision", "central_crop": 1.0, "channel_order": "RGB",
@@ -204,6 +206,8 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
     """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
     (read as Python literals, never run); its one output's layout says the decode. `extras`: a segment or pose
     head's parts after its classes (_extra_parts)."""
+    if query := model.get("query_head"):
+        return _query_detector(model, meta, query)
     names = _metadata_literal(meta, "names")
     joined = _rows(_joined_parts(model))
     joins_boxes = len(joined) >= 2 and joined[0] == 4
@@ -234,10 +238,7 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
         # the K best (box, class) scores and suppresses none, as Ultralytics validates it (K: its max_det, 300
         # unless the export's output says otherwise)
         post |= {"nms_iou_threshold": 1.0, "max_detections": model["outputs"][0].get("k", 300)}
-    ids = {name: category for category, name in coco_categories()}
-    if len(set(labels)) == len(labels) and set(labels) <= set(ids):
-        # COCO's classes, or some of them (a pose model's person, a custom set): each scored as its COCO category
-        post["category_ids"] = [ids[label] for label in labels]
+    post |= _coco_category_ids(labels)
     if kind == "yolov8" and (parts := _boxes_and_scores(model, classes)):
         # cut before the head's Concat: int8 then gives pixels and probabilities scales of their own; and where
         # the graph has a DFL, before it: the box branch's logits quantized, its decode done in float
@@ -273,6 +274,35 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
         proposal["outputs"] = [part for level in levels
                                for part in AnchorLevel(level["name"], level["stride"], level["anchors"]).parts]
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
+
+
+def _coco_category_ids(labels: list[str]) -> dict:
+    """{category_ids} where the labels are COCO's classes, or some of them (a pose model's person, a custom set):
+    each scored as its COCO category; else {}."""
+    ids = {name: category for category, name in coco_categories()}
+    if len(set(labels)) == len(labels) and set(labels) <= set(ids):
+        return {"category_ids": [ids[label] for label in labels]}
+    return {}
+
+
+def _query_detector(model: dict, meta: dict, head: dict) -> dict:
+    """An Ultralytics RT-DETR export, cut at its query head (inspection._query_head: each query's box and class
+    probabilities, before the export's own TopK) and selected as the export selects: the best K (query, class)
+    pairs, none suppressed (K: its rows, else Ultralytics' max_det 300); preprocessed as its predictor and
+    validator do (the image stretched to the input: LetterBox with scale_fill). ONNX variants only: the TFLite
+    route's NHWC port (onnx2tf) fails on RT-DETR's decoder."""
+    model = _at_exported_size(model, meta)
+    rows = model["outputs"][0]["shape"] if len(model["outputs"]) == 1 else []
+    count = rows[1] if len(rows) == 3 and rows[2] == 6 and isinstance(rows[1], int) else min(head["queries"], 300)
+    labels = carried_labels(model, head["classes"]) or [f"CHECK-class-{i}" for i in range(head["classes"])]
+    post = {"kind": "detr", "labels": labels, "box_output": head["boxes"], "class_output": head["scores"],
+            "nms_iou_threshold": 1.0, "max_detections": count, **_coco_category_ids(labels)}
+    notes = ["# CHECK: an Ultralytics RT-DETR export, cut at its query head (each query's box and class",
+             "# probabilities) and decoded here as its own TopK selects; no NMS (each object is one query's). ONNX",
+             "# variants only: onnx2tf, the TFLite route's port, fails on its decoder."]
+    return _single_input(model) | {"task": "detection", "preprocess": ULTRALYTICS_STRETCH_PREPROCESS,
+                                   "postprocess": post, "outputs": [head["boxes"], head["scores"]],
+                                   "tflite": False, "notes": notes}
 
 
 def _extras_notes(task: str, outputs: list[str], before_decode: bool) -> list[str]:
@@ -585,13 +615,14 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
             recipe["verify"] = _verify_section(verify, recipe_dir)
         return _with_notes(recipe, model, p)
     variants = [{"name": "float32", "mode": "float32"}]
-    if onnx_backend:  # LiteRT's float model, through the NHWC port: equal to the ONNX one (min_float_cosine)
+    tflite = onnx_backend and p.get("tflite", True)  # not where the NHWC port is known to fail (RT-DETR)
+    if tflite:  # LiteRT's float model, through the NHWC port: equal to the ONNX one (min_float_cosine)
         variants.append({"name": "float32-tflite", "mode": "float32", "target": "tflite"})
     if calibration is not None:
         variants.append({"name": "int8", "mode": "int8", "io_dtype": "float32" if onnx_backend else "int8",
                          "calibration": _as_given(calibration, recipe_dir),
                          **_ranges(verify, onnx_backend, task=p["task"])})
-    if calibration is not None and onnx_backend:  # for LiteRT and the NPU: full-integer, from the NHWC port
+    if calibration is not None and tflite:  # for LiteRT and the NPU: full-integer, from the NHWC port
         variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
                          "calibration": _as_given(calibration, recipe_dir),
                          **_ranges(verify, onnx_backend=False, task=p["task"])})
@@ -604,7 +635,7 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
                          "calibration": _as_given(calibration, recipe_dir),
                          **({"attach_postprocess": False} if kind == "yolov8" else {})})
     recipe["variants"] = variants
-    if calibration is not None:
+    if calibration is not None and (tflite or not onnx_backend):
         recipe["targets"] = {"vela": [NPU_TARGET]}
     if verify is not None:
         recipe["verify"] = _verify_section(verify, recipe_dir)
@@ -637,7 +668,7 @@ def _with_notes(recipe: dict, model: dict, p: dict) -> str:
                   "# graph carries its own preprocessing, build warns when its resize differs; source_pipeline "
                   "compares end to end."]
     kind = p.get("postprocess", {}).get("kind")
-    if kind in ("yolov8", "yolov5"):
+    if kind in ("yolov8", "yolov5", "detr"):
         notes.append("# CHECK postprocess: labels from the export's metadata (names), NMS as Ultralytics validates.")
     elif kind == "ssd" and "anchor_generator" in p["postprocess"]:
         notes.append("# CHECK postprocess: anchors from the head's levels, decoded as MediaPipe's detectors are "

@@ -214,11 +214,11 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     finds it): the distribution logits of a head cut before its DFL, or the distances of one cut before its grid
     decode, as the boxes they decode to (images x 1 x 4 x N, centre and size in input pixels, as the export's own
     box output); a YOLOv5 level's box logits as its boxes (images x 4 x N) and its score logits as the class
-    scores (images x classes x N); a YOLO head's class probabilities (and YOLOv5's objectness) only where either
-    model scores MATCH_SCORE or more, the scores a person is shown (8-bit probabilities of a class no image holds
-    round to 0 and 1/256: noise a trained detector's rare classes would be judged by, where no detection
+    scores (images x classes x N); a YOLO or query head's class probabilities (and YOLOv5's objectness) only where
+    either model scores MATCH_SCORE or more, the scores a person is shown (8-bit probabilities of a class no image
+    holds round to 0 and 1/256: noise a trained detector's rare classes would be judged by, where no detection
     changes). Else the outputs as they are."""
-    if post is None or post.kind not in ("yolov8", "yolov5"):
+    if post is None or post.kind not in ("yolov8", "yolov5", "detr"):
         return reference, candidate, None
     if post.box_encoding != "pixels" and name == post.box_output:
         return (*(np.stack([head_boxes(v, post, input_hw).T[None] for v in values])
@@ -323,12 +323,24 @@ def yolov5_detections(outputs, by_name, post: Postprocess, anchors, input_hw) ->
     return _selected(_centre_boxes(rows[:, :4], input_hw), rows[:, 5:] * rows[:, 4:5], post)
 
 
+def detr_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
+    """A query detector's head (Ultralytics' RT-DETR export, cut before its own TopK): each of Q queries' box,
+    [1, Q, 4] centre x, y, width and height normalised to the input, and its classes' probabilities [1, Q,
+    classes]; selected as the export selects them (the best max_detections (query, class) pairs, none suppressed
+    where nms_iou_threshold is 1.0)."""
+    boxes = by_name[post.box_output].reshape(-1, 4).astype(np.float64)
+    probabilities = by_name[post.class_output].reshape(boxes.shape[0], -1)
+    _check_classes(probabilities.shape[1], post)
+    height, width = input_hw
+    return _selected(_centre_boxes(boxes * [width, height, width, height], input_hw), probabilities, post)
+
+
 def _ssd(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
     return ssd_detections(by_name, post, anchors)
 
 
 # postprocess.kind -> the decode of a model's raw outputs (what the stripped or exported graph leaves to us)
-RAW_DECODERS = {"ssd": _ssd, "yolov8": yolov8_detections, "yolov5": yolov5_detections}
+RAW_DECODERS = {"ssd": _ssd, "yolov8": yolov8_detections, "yolov5": yolov5_detections, "detr": detr_detections}
 
 
 def raw_detections(outputs: list[np.ndarray], names: list[str] | None, post: Postprocess, anchors,
