@@ -18,6 +18,7 @@ AP there is no accuracy figure; its ratio to float32 is still a paired fidelity 
 
 Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
        [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end] [--onnx TRAINED.onnx] [--seen]
+       [--error-split]
 """
 
 from __future__ import annotations
@@ -79,6 +80,68 @@ def halves(coco: Path, work: Path) -> tuple[Path, Path]:
     return calibration, dataset
 
 
+def error_split(path: Path, work: Path, calibration: Path) -> None:
+    """Where the int8 loses detections, weights or activations: the build's float32 cut with only its weights
+    rounded to int8 (per output channel, symmetric: activations float), and ONNX Runtime's QDQ quantizations
+    (min/max ranges on 100 calibration images, per-channel weights) with 8-bit activations and 16-bit weights,
+    and 16-bit activations with 8-bit weights; each judged by the build's verify (ONNX Runtime as defined)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from mzconvert.preprocess import list_images, prepare
+    from mzconvert.runtime import open_model
+    from mzconvert.stages.verify import reference_outputs, verify_variant
+
+    recipe = load_recipe(path)
+    manifest = json.loads((work / "dist" / recipe.name / "manifest.json").read_text())
+    cut = work / "dist" / recipe.name / manifest["variants"]["float32"]["file"]
+    names = list(recipe.strip.outputs)
+    images = list_images(Path(recipe.verify.images))[:recipe.verify.count]
+    folder = work / "error-split"
+    folder.mkdir()
+    float32 = open_model(cut, names)
+    reference = reference_outputs(SimpleNamespace(run=float32.run, output_names=names), recipe, images, folder, None)
+    tensors = [prepare(p, recipe.preprocess, recipe.input).tensor for p in list_images(calibration)[:100]]
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(tensors)
+
+        def get_next(self):
+            return None if (tensor := next(self.left, None)) is None else {recipe.input.name: tensor}
+
+    model = onnx.load(str(cut))
+    for weight in model.graph.initializer:
+        if len(weight.dims) == 4:  # a convolution's: each output channel at its own int8 scale
+            values = numpy_helper.to_array(weight)
+            scale = np.abs(values).reshape(len(values), -1).max(1).reshape(-1, 1, 1, 1) / 127
+            scale[scale == 0] = 1
+            weight.CopyFrom(numpy_helper.from_array((np.round(values / scale) * scale).astype(values.dtype),
+                                                    weight.name))
+    onnx.save(model, str(folder / "weights-int8.onnx"))
+    models = {"int8 weights, float activations": folder / "weights-int8.onnx"}
+    for label, activations, weights in (("int8 activations, int16 weights (ORT)", QuantType.QUInt8, QuantType.QInt16),
+                                        ("int16 activations, int8 weights (ORT)", QuantType.QUInt16, QuantType.QInt8)):
+        models[label] = folder / f"{label.split(',')[0].replace(' ', '-')}.onnx"
+        quantize_static(str(cut), str(models[label]), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=activations, weight_type=weights, calibrate_method=CalibrationMethod.MinMax)
+    print("| float32's cut quantized in part | matched with float32 |")
+    print("| --- | --- |")
+    for label, model_path in models.items():
+        metrics = verify_variant(model_path, reference, names, recipe, threads=os.cpu_count() or 1)
+        print(f"| {label} | {metrics['matched_detections']:.1%} of {metrics['detections_compared']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
@@ -87,6 +150,8 @@ def main() -> None:
     parser.add_argument("--end2end", action="store_true", help="export an NMS-free head end to end (nms=False)")
     parser.add_argument("--onnx", help="a trained Ultralytics detection export (default: train one here)")
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
+    parser.add_argument("--error-split", action="store_true",
+                        help="also the float model with only its weights, or only its activations, at 8 bits")
     args = parser.parse_args()
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-yolo-trained-"))
@@ -153,6 +218,8 @@ def main() -> None:
             ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
             print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
                   f"{result['mask_AP50']:.4f} | {ratio} |")
+    if args.error_split:
+        error_split(path, work, calibration)
     print(f"(work folder: {work})")
 
 
