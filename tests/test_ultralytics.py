@@ -41,6 +41,7 @@ def exports(tmp_path_factory) -> Path:
                                      ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
                                      ("ultralytics_export.py", "yolov8n-seg.yaml"),
                                      ("ultralytics_export.py", "yolov8n-pose.yaml"),
+                                     ("ultralytics_export.py", "yolov8n-obb.yaml"),
                                      ("ultralytics_export.py", "rtdetr-l.yaml"),
                                      ("yolov5_export.py", "yolov5n.yaml")):
         done = subprocess.run([str(python), str(ROOT / "tests" / script), config, str(MIRROR / "coco" / "train2017"),
@@ -383,6 +384,56 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
     assert compared > 100
 
 
+def test_an_obb_export_is_built_as_the_oriented_box_detector_it_is(exports, tmp_path):
+    """An obb export's output0 joins its boxes (centre and size in input pixels, rotated by dist2rbox), class
+    probabilities and each box's angle (radians): init proposes the detector, cut before its DFL and that Concat,
+    the angles an output of their own and no NMS attached (its op's boxes are axis-aligned). Our decode of the cut
+    gives, for every box it keeps, the export's own rotated box, angle and score, and (of each box's best class)
+    the very detections Ultralytics' own predictor gives (its NMS by probiou); predict draws them; eval refuses
+    them, saying why (no oriented annotations)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import open_model
+    from mzconvert.tasks.detection import probiou, yolov8_detections
+    from tests.test_build_real import coco_subset
+
+    path, recipe = proposed("yolov8n-obb", exports, tmp_path)
+    post, outputs = recipe["postprocess"], recipe["strip"]["outputs"]
+    assert recipe["task"] == "detection" and post["kind"] == "yolov8" and post["box_encoding"] == "dfl"
+    assert outputs == [post["box_output"], post["class_output"], post["angles"]] and "attach" not in post
+    built_without_npu(path, recipe, {"float32"}, tmp_path)
+    loaded = load_recipe(path)
+    cut = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", outputs)
+    whole = ort.InferenceSession(str(exports / "yolov8n-obb.onnx"), providers=["CPUExecutionProvider"])
+    compared = 0
+    for image in sorted((tmp_path / "check").iterdir()):
+        tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+        theirs = whole.run(None, {"images": tensor})[0][0]  # [4 + classes + 1, N]
+        ours = cut.run(tensor)
+        found = yolov8_detections(ours, dict(zip(outputs, ours)), loaded.postprocess, None, (320, 320))
+        for rotated, score, label, cell in zip(found.rotated, found.scores, found.labels, found.cells):
+            np.testing.assert_allclose(rotated[:4], theirs[:4, cell], atol=1e-3)
+            assert abs(rotated[4] - theirs[-1, cell]) < 1e-5 and abs(score - theirs[4 + label, cell]) < 1e-5
+        compared += len(found.cells)
+    assert compared > 50
+    predicted = 0  # each box's best class only, as its predictor keeps them: then the very same detections
+    for name, theirs, ours in as_ultralytics_predicts(path, exports / "yolov8n-obb.onnx", "obb", tmp_path, True):
+        pairs = ours_among(theirs, ours)
+        assert len(pairs) == len(theirs["scores"]) == len(ours.scores), (name, len(pairs), len(ours.scores))
+        for i, k in pairs:  # their angles are regularised (the longer side the width, in [0, pi)): the same box
+            assert probiou(ours.rotated[k], theirs["rotated"][i]) > 0.999, (name, ours.rotated[k], theirs["rotated"][i])
+        predicted += len(pairs)
+    assert predicted > 50, predicted
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    drawn = run_cli("predict", str(path), str(image), *where)
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+    refused = run_cli("eval", str(path), "--dataset", str(coco_subset(tmp_path / "coco", 2)), *where)
+    assert refused.returncode == 2 and "oriented annotations" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_an_rtdetr_export_is_cut_at_its_query_head_and_decodes_to_its_own_rows(exports, tmp_path):
     """RT-DETR's export ends in its own TopK of (query, class) scores: [1, 300, 6] rows of box (centre and size
     normalised), score and class, which init used to take for a YOLOv5 head of one class. Now init cuts at its
@@ -399,7 +450,7 @@ def test_an_rtdetr_export_is_cut_at_its_query_head_and_decodes_to_its_own_rows(e
     from mzconvert.tasks.detection import detr_detections
     from tests.test_build_real import coco_subset
 
-    for model in ("yolov8n", "yolov5n", "yolo26n-e2e", "yolov8n-seg", "yolov8n-pose"):
+    for model in ("yolov8n", "yolov5n", "yolo26n-e2e", "yolov8n-seg", "yolov8n-pose", "yolov8n-obb"):
         assert "query_head" not in inspect_onnx(exports / f"{model}.onnx"), model
     path, recipe = proposed("rtdetr-l", exports, tmp_path)
     post = recipe["postprocess"]
@@ -506,12 +557,12 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         assert evaluated.returncode == 0 and "keypoints not scored" in evaluated.stderr, evaluated.stderr[-2000:]
 
 
-def masks_as_ultralytics_predicts_them(path: Path, exports: Path, tmp_path: Path) -> None:
-    """Our masks of the built float32 equal those of Ultralytics' own predictor on the export (conf 0.25), on
-    images it letterboxes to themselves (the model's input, saved: both read the same pixels). Its NMS keeps each
-    box's best class, ours every (box, class) pair (a box whose best class is another's second can be suppressed
-    in ours): its detections are found among ours by class and score (on these images 200 of 378), each mask
-    equal."""
+def as_ultralytics_predicts(path: Path, export: Path, task: str, tmp_path: Path, best_class_only: bool = False):
+    """For each verify image, letterboxed to the model's input and saved (Ultralytics' predictor then letterboxes
+    it to itself: both read the same pixels): its name, what Ultralytics' own predictor finds in it (conf 0.25,
+    tests/ultralytics_predict.py: scores, classes, and the segment head's masks or the obb head's rotated boxes)
+    and our detections of the built float32 (threshold 0.25, on the image); `best_class_only`: of each box's best
+    class only, as its predictor keeps them (every other class's probability set to 0)."""
     import numpy as np
     from PIL import Image
 
@@ -528,23 +579,45 @@ def masks_as_ultralytics_predicts_them(path: Path, exports: Path, tmp_path: Path
         tensor = prepare(image, recipe.preprocess, recipe.input).tensor
         Image.fromarray(np.rint(tensor[0].transpose(1, 2, 0) * 255).astype(np.uint8)).save(inputs / f"{image.stem}.png")
     python = Path(os.environ.get("ULTRALYTICS_PYTHON", ROOT / ".venv-ultralytics" / "bin" / "python"))
-    done = subprocess.run([str(python), str(ROOT / "tests" / "ultralytics_masks.py"), str(exports / "yolov8n-seg.onnx"),
+    done = subprocess.run([str(python), str(ROOT / "tests" / "ultralytics_predict.py"), str(export), task,
                            *map(str, sorted(inputs.glob("*.png")))], capture_output=True, text=True, timeout=600,
                           env=os.environ | {"YOLO_OFFLINE": "true", "YOLO_CONFIG_DIR": str(tmp_path / "settings")})
     assert done.returncode == 0, done.stderr[-3000:]
-    run = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", list(recipe.strip.outputs)).run
-    compared = 0
+    names = list(recipe.strip.outputs)
+    run = open_model(tmp_path / "dist" / path.stem / f"{path.stem}_float32.onnx", names).run
     for image in sorted(inputs.glob("*.png")):
-        theirs = np.load(image.with_suffix(".npz"))
-        prepared = prepare(image, recipe.preprocess, recipe.input)
-        ours = on_image(raw_detections(run(prepared.tensor), list(recipe.strip.outputs), post, None, (320, 320)),
-                        (320, 320), recipe.preprocess)
-        for mask, score, label in zip(theirs["masks"], theirs["scores"], theirs["classes"]):
-            distance = np.where(ours.labels == label, np.abs(ours.scores - score), np.inf)
-            k = int(np.argmin(distance))
-            if distance[k] < 1e-5:
-                np.testing.assert_array_equal(ours.masks.on_image(k), mask, err_msg=f"{image.name} detection {k}")
-                compared += 1
+        outputs = run(prepare(image, recipe.preprocess, recipe.input).tensor)
+        if best_class_only:
+            scores = outputs[names.index(post.class_output)]
+            outputs[names.index(post.class_output)] = np.where(scores == scores.max(axis=1, keepdims=True), scores, 0)
+        ours = on_image(raw_detections(outputs, names, post, None, (320, 320)), (320, 320), recipe.preprocess)
+        yield image.name, np.load(image.with_suffix(".npz")), ours
+
+
+def ours_among(theirs, ours) -> list[tuple[int, int]]:
+    """(i, k): each of Ultralytics' detections i found among ours (k) by class and score. Its NMS keeps each box's
+    best class, ours every (box, class) pair (a box whose best class is another's second can be suppressed in
+    ours), so not every one of theirs need be found."""
+    import numpy as np
+
+    found = []
+    for i, (score, label) in enumerate(zip(theirs["scores"], theirs["classes"])):
+        distance = np.where(ours.labels == label, np.abs(ours.scores - score), np.inf)
+        if distance[k := int(np.argmin(distance))] < 1e-5:
+            found.append((i, k))
+    return found
+
+
+def masks_as_ultralytics_predicts_them(path: Path, exports: Path, tmp_path: Path) -> None:
+    """Our masks of the built float32 equal those of Ultralytics' own predictor on the export: its detections
+    found among ours (on these images 200 of 378), each mask equal."""
+    import numpy as np
+
+    compared = 0
+    for name, theirs, ours in as_ultralytics_predicts(path, exports / "yolov8n-seg.onnx", "segment", tmp_path):
+        for i, k in ours_among(theirs, ours):
+            np.testing.assert_array_equal(ours.masks.on_image(k), theirs["masks"][i], err_msg=f"{name} detection {k}")
+            compared += 1
     assert compared >= 50, compared
 
 

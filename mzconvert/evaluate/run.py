@@ -45,6 +45,11 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     """Evaluate the built variants, the float source model, the source pipeline (where declared) and
     `references` on the same images; writes dist/<recipe>/eval/<dataset key>.json."""
     check_scored(recipe)
+    if recipe.postprocess is not None and recipe.postprocess.angles:
+        raise MzError(f"{recipe.path}: postprocess.angles: eval scores boxes against COCO's axis-aligned annotations; "
+                      "an oriented-box model's rotated boxes need oriented annotations (DOTA's), which it does not "
+                      "read yet: build judges its int8 by its rotated boxes matched with the float model's, predict "
+                      "draws them", EXIT_BAD_INPUT)
     manifest = load_manifest(dist, recipe.name)
     recipe = with_class_labels(recipe, manifest, console.log)
     folder = dist / recipe.name

@@ -66,8 +66,9 @@ PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classif
 SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "anchors_file", "anchor_generator", "box_coding", "box_order",
                           "box_coder_scales", "box_output", "class_output", "score",
                           "background_class", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
-# a segmentation or pose head's parts beside its boxes and classes (kind yolov8 cut before its Concat)
-HEAD_PART_FIELDS = ("mask_coefficients", "mask_prototypes", "keypoints", "keypoint_shape", "keypoint_encoding")
+# a segmentation, pose or oriented-box head's parts beside its boxes and classes (kind yolov8 cut before its Concat)
+HEAD_PART_FIELDS = ("mask_coefficients", "mask_prototypes", "keypoints", "keypoint_shape", "keypoint_encoding",
+                    "angles")
 FIELDS = {
     "": ("name", "task", "description", "license", "source", "format", "input", "preprocess", "strip",
          "postprocess", "variants", "targets", "verify", "graph_edits", "torch", "source_pipeline", "labels",
@@ -230,6 +231,10 @@ class Postprocess:
     keypoints: str | None = None
     keypoint_shape: tuple[int, int] | None = None
     keypoint_encoding: str = "grid"
+    # yolov8 of an oriented-box head (Ultralytics' obb task): the cut's angles output, [1, 1, N], each cell's box
+    # angle in radians (the export's decoded angle): its boxes decoded rotated, suppressed and matched by their
+    # probabilistic IoU (as Ultralytics' NMS and validator)
+    angles: str | None = None
 
 
 @dataclass(frozen=True)

@@ -319,7 +319,11 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                          r.child_where("strides"))
     if kind == "yolov8" and r.has("levels"):
         raise r.fail("only kind yolov5 takes levels", r.child_where("levels"))
-    encoding |= _mask_outputs(r, kind, names, strip) | _keypoint_output(r, kind, names, strip)
+    encoding |= _mask_outputs(r, kind, names, strip) | _keypoint_output(r, kind, names, strip) | \
+        _angle_output(r, kind, names, strip)
+    if "angles" in encoding and ("mask_coefficients" in encoding or "keypoints" in encoding):
+        raise r.fail("an oriented-box head's masks or keypoints are not decoded: angles with neither "
+                     "mask_coefficients nor keypoints", r.child_where("angles"))
     if r.has("levels"):
         encoding["levels"] = tuple(r.list_of("levels", lambda item: _anchor_level(item, strip)))
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,
@@ -365,6 +369,11 @@ def _check_cut_outputs(r: Reader, names: dict[str, str | None], strip: Strip | N
 def _mask_outputs(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:
     """A segmentation head's mask coefficients and prototypes."""
     return _head_part_outputs(r, kind, names, strip, ("mask_coefficients", "mask_prototypes"), "segmentation")
+
+
+def _angle_output(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:
+    """An oriented-box head's angles."""
+    return _head_part_outputs(r, kind, names, strip, ("angles",), "oriented-box")
 
 
 def _keypoint_output(r: Reader, kind: str, names: dict, strip: Strip | None) -> dict:

@@ -1,8 +1,8 @@
 """Pictures of what each variant predicts on an image, side by side: float next to int8.
 
 One PNG per image: a panel per variant with its detections drawn on the image (score >= 0.3; a segmentation
-head's masks tinted in, a pose head's keypoints dotted), or its top-5 classes written under it. The same decode
-as eval, so the picture and the numbers agree.
+head's masks tinted in, a pose head's keypoints dotted, an oriented-box head's boxes drawn rotated), or its top-5
+classes written under it. The same decode as eval, so the picture and the numbers agree.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
 from ..recipe import Recipe
 from ..runtime import OPTIMIZED, REFERENCE, open_model, target_kernels
+from ..tasks.detection import rotated_corners
 from ..tasks.keypoints import VISIBLE
 
 PANEL_WIDTH = 480
@@ -26,9 +27,10 @@ COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30,
 MASK_OPACITY = 0.45  # a mask's tint: the image under it stays readable
 
 
-def _panel(image: Image.Image, title: str, lines: list[str], boxes=(), points=()) -> Image.Image:
-    """The image scaled to PANEL_WIDTH with boxes [(ymin, xmin, ymax, xmax normalised, label, colour)] and points
-    [(x, y normalised, colour)], a title above and text lines below."""
+def _panel(image: Image.Image, title: str, lines: list[str], boxes=(), points=(), outlines=()) -> Image.Image:
+    """The image scaled to PANEL_WIDTH with boxes [(ymin, xmin, ymax, xmax normalised, label, colour)], points
+    [(x, y normalised, colour)] and outlines [(corners [(x, y) normalised], label, colour): rotated boxes], a
+    title above and text lines below."""
     font = ImageFont.load_default(size=15)
     scaled = image.resize((PANEL_WIDTH, max(1, round(image.height * PANEL_WIDTH / image.width))), Image.BILINEAR)
     line_height = 20
@@ -45,6 +47,14 @@ def _panel(image: Image.Image, title: str, lines: list[str], boxes=(), points=()
         text_box = draw.textbbox((rect[0] + 3, rect[1] + 1), label, font=font)
         draw.rectangle(text_box, fill=color)  # readable on any background
         draw.text((rect[0] + 3, rect[1] + 1), label, fill="white", font=font)
+    for corners, label, color in outlines:
+        top = line_height + 4
+        polygon = [(x * PANEL_WIDTH, top + y * scaled.height) for x, y in corners]
+        draw.polygon(polygon, outline=color, width=3)
+        anchor = min(polygon, key=lambda corner: (corner[1], corner[0]))  # the label at its topmost corner
+        text_box = draw.textbbox((anchor[0] + 3, anchor[1] + 1), label, font=font)
+        draw.rectangle(text_box, fill=color)
+        draw.text((anchor[0] + 3, anchor[1] + 1), label, fill="white", font=font)
     for x, y, color in points:
         centre = (x * PANEL_WIDTH, line_height + 4 + y * scaled.height)
         draw.ellipse([centre[0] - 4, centre[1] - 4, centre[0] + 4, centre[1] + 4], fill=color, outline="white")
@@ -114,9 +124,13 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
                 labels = recipe.postprocess.labels
                 boxes = [(*box, f"{labels[label]} {score:.2f}", COLORS[label % len(COLORS)])
                          for box, score, label in zip(found.boxes[shown], found.scores[shown], found.labels[shown])]
+                outlines = []
+                if found.rotated is not None:  # an oriented-box head's: each box as the rotated box it is
+                    corners = rotated_corners(found.rotated[shown]) / image.size
+                    outlines, boxes = [(c, text, color) for c, (*_, text, color) in zip(corners, boxes)], []
                 picture = image.image if found.masks is None else _with_masks(image.image, found, shown)
-                panels.append(_panel(picture, f"{title}: {len(boxes)} detections >= {min_score:g}", [], boxes,
-                                     _shown_keypoints(found, shown)))
+                panels.append(_panel(picture, f"{title}: {len(boxes) + len(outlines)} detections >= {min_score:g}",
+                                     [], boxes, _shown_keypoints(found, shown), outlines))
             else:
                 scores = model(image)
                 top5 = np.argsort(-scores, kind="stable")[:5]

@@ -154,7 +154,7 @@ ULTRALYTICS_CLASSIFY_PREPROCESS = {"interpolation": "torchvision", "central_crop
 
 
 # Ultralytics tasks whose head is a detector's with more per box, concatenated after its classes: what that is
-HEAD_EXTRAS = {"segment": "mask coefficients and prototypes", "pose": "keypoints"}
+HEAD_EXTRAS = {"segment": "mask coefficients and prototypes", "pose": "keypoints", "obb": "angles"}
 
 
 def _metadata_literal(meta: dict, key: str):
@@ -169,9 +169,10 @@ def _metadata_literal(meta: dict, key: str):
 
 
 def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
-    """A segment or pose export's output0 parts after its boxes and classes: [mask coefficients [1, masks, N]] with
-    its prototypes [1, masks, h, w] (a .tflite's: [1, h, w, masks]) the second output; [keypoints [1, points x
-    values, N]] (metadata kpt_shape) as the only output. None where the head is not laid out so."""
+    """A segment, pose or obb export's output0 parts after its boxes and classes: [mask coefficients [1, masks, N]]
+    with its prototypes [1, masks, h, w] (a .tflite's: [1, h, w, masks]) the second output; [keypoints [1, points
+    x values, N]] (metadata kpt_shape) or [angles [1, 1, N]] as the only output. None where the head is not laid
+    out so."""
     names = _metadata_literal(meta, "names")
     outputs, classes = model["outputs"], len(names) if isinstance(names, (dict, list)) else None
     parts = _joined_parts(model)
@@ -181,6 +182,8 @@ def _extra_parts(model: dict, meta: dict, task: str) -> list[dict] | None:
     if task == "segment":
         prototypes = outputs[1]["shape"] if len(outputs) == 2 else []
         return parts[2:] if len(prototypes) == 4 and rows[2] in (prototypes[1], prototypes[3]) else None
+    if task == "obb":  # one angle a box
+        return parts[2:] if len(outputs) == 1 and rows[2] == 1 else None
     points = _metadata_literal(meta, "kpt_shape")
     fits = isinstance(points, (list, tuple)) and len(points) == 2 and points[0] * points[1] == rows[2]
     return parts[2:] if len(outputs) == 1 and fits else None
@@ -254,11 +257,15 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
             # and each part after them its own output too (a pose head's keypoints before their decode, in
             # strides and logits, not pixels and probabilities under one scale), and every other output (a
             # segment head's prototypes). NMS is not attached: its op's outputs would replace them
+            task = _ultralytics_task(meta)
+            if task == "obb":  # the export's angles as they are: radians, in a range of their own
+                extras = [{"name": part["name"]} for part in extras]
             parts += [part.get("decoded_from", part["name"]) for part in extras]
             parts += [o["name"] for o in model["outputs"][1:]]
-            task = _ultralytics_task(meta)
             if task == "segment":  # its masks decoded here: the coefficients weigh the prototypes
                 post |= {"mask_coefficients": parts[2], "mask_prototypes": parts[3]}
+            elif task == "obb":  # its boxes rotated by them
+                post |= {"angles": parts[2]}
             else:  # its keypoints, cut before their decode where it was found
                 post |= {"keypoints": parts[2], "keypoint_shape": list(_metadata_literal(meta, "kpt_shape")),
                          "keypoint_encoding": "grid" if "decoded_from" in extras[0] else "pixels"}
@@ -306,6 +313,12 @@ def _query_detector(model: dict, meta: dict, head: dict) -> dict:
 
 
 def _extras_notes(task: str, outputs: list[str], before_decode: bool) -> list[str]:
+    if task == "obb":
+        return ["# CHECK: an Ultralytics obb export, proposed as the detector it is: its boxes are decoded rotated by",
+                f"# its angles ({', '.join(outputs)}, radians, an output of every artifact), suppressed and matched",
+                "# with the float model's by their probabilistic IoU (as Ultralytics' NMS and validator) and drawn;",
+                "# eval does not score them (no oriented annotations); no NMS is attached (its op's boxes are",
+                "# axis-aligned)."]
     decoded, scored, judged = ("boxes, classes and masks", "box and mask AP", "masks by their IoU") \
         if task == "segment" else ("boxes, classes and keypoints", "box AP", "keypoints by their OKS")
     lines = [f"# CHECK: an Ultralytics {task} export, proposed as the detector it is: its {decoded} are decoded,",

@@ -38,8 +38,8 @@ def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Pa
     """One pass of the float model over the verify images: every input tensor and output, for all
     variants' verify to compare against (reference.npz; arrays only, loaded without pickle). A detector whose
     raw outputs are decoded here (an SSD with its `anchors`, a YOLO head) also gets its decoded detections
-    (boxes_i, scores_i, labels_i), or why they cannot be decoded (detections_error): decoded once, for every
-    variant's verify and the source-pipeline check."""
+    (boxes_i, scores_i, labels_i; an oriented-box head's rotated_i), or why they cannot be decoded
+    (detections_error): decoded once, for every variant's verify and the source-pipeline check."""
     arrays = {}
     for i, path in enumerate(images):
         tensor = prepare(path, recipe.preprocess, recipe.input).tensor
@@ -72,6 +72,8 @@ def _float_detections(arrays: dict, output_names: list[str], recipe: Recipe, anc
             found = _decoded([arrays[f"output_{i}_{j}"] for j in range(len(output_names))], output_names, recipe,
                              boxes)
             decoded |= {f"boxes_{i}": found.boxes, f"scores_{i}": found.scores, f"labels_{i}": found.labels}
+            if found.rotated is not None:  # an oriented-box head's: what its detections are matched by
+                decoded[f"rotated_{i}"] = found.rotated
     except MzError as exc:  # e.g. labels that do not fit the model: eval refuses it; the build says so
         return {"detections_error": np.array(str(exc))}
     return decoded
@@ -82,7 +84,8 @@ def saved_detections(saved, i: int):
     saying why when they could not be decoded."""
     if "detections_error" in saved.files:
         raise MzError(str(saved["detections_error"]))
-    return Detections(saved[f"boxes_{i}"], saved[f"scores_{i}"], saved[f"labels_{i}"])
+    return Detections(saved[f"boxes_{i}"], saved[f"scores_{i}"], saved[f"labels_{i}"],
+                      rotated=saved[f"rotated_{i}"] if f"rotated_{i}" in saved.files else None)
 
 
 def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe,

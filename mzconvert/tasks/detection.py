@@ -29,6 +29,9 @@ class Detections:
     cells: np.ndarray | None = None  # K, the head's cell (anchor) each came from, where decoded here
     masks: InstanceMasks | None = None  # a segmentation head's: the K masks
     keypoints: np.ndarray | None = None  # a pose head's: K x points x (x, y normalised as boxes, visibility)
+    # an oriented-box head's: K x (centre x, y, width, height in the pixels of the frame the boxes are normalised
+    # to, angle in radians); its boxes are then each rotated box's axis-aligned bounds
+    rotated: np.ndarray | None = None
 
 
 def load_anchors(path: Path) -> np.ndarray:
@@ -129,6 +132,72 @@ def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detec
                       index[kept])
 
 
+def probiou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The probabilistic IoU of rotated boxes (centre x, y, width, height, angle; ... x 5, broadcast) as Ultralytics
+    suppresses and validates oriented boxes by (its batch_probiou: 1 - the Hellinger distance of the boxes' Gaussians,
+    each a uniform distribution's over the box)."""
+    def covariance(boxes):
+        a, b = boxes[..., 2] ** 2 / 12, boxes[..., 3] ** 2 / 12
+        cos, sin = np.cos(boxes[..., 4]), np.sin(boxes[..., 4])
+        return a * cos ** 2 + b * sin ** 2, a * sin ** 2 + b * cos ** 2, (a - b) * cos * sin
+
+    eps = 1e-7
+    (a1, b1, c1), (a2, b2, c2) = covariance(a), covariance(b)
+    dx, dy = a[..., 0] - b[..., 0], a[..., 1] - b[..., 1]
+    determinant = (a1 + a2) * (b1 + b2) - (c1 + c2) ** 2
+    t1 = ((a1 + a2) * dy ** 2 + (b1 + b2) * dx ** 2) / (determinant + eps) * 0.25
+    t2 = ((c1 + c2) * -dx * dy) / (determinant + eps) * 0.5
+    t3 = np.log(determinant / (4 * np.sqrt(np.clip(a1 * b1 - c1 ** 2, 0, None) * np.clip(a2 * b2 - c2 ** 2, 0, None))
+                               + eps) + eps) * 0.5
+    distance = np.clip(t1 + t2 + t3, eps, 100.0)
+    return 1 - np.sqrt(1.0 - np.exp(-distance) + eps)
+
+
+def _selected_rotated(rotated: np.ndarray, scores: np.ndarray, post: Postprocess,
+                      input_hw: tuple[int, int]) -> Detections:
+    """An oriented-box head's detections (rotated: N x 5 centre x, y, width, height in input pixels, angle; scores:
+    N x classes) as Ultralytics' NMS keeps them: every (box, class) above the threshold, each class's boxes moved
+    apart from the others', and a box dropped where any better one overlaps it by more than nms_iou_threshold
+    (probiou; its "fast NMS": the better one counts even where it is dropped itself), the best max_detections."""
+    labels, index = np.nonzero(scores.T > post.nms_score_threshold)
+    chosen = scores[index, labels]
+    order = np.argsort(-chosen, kind="stable")
+    labels, index, chosen = labels[order], index[order], chosen[order]
+    span = 2 * float(np.abs(rotated[index, :4]).max(initial=0)) + 1
+    apart = rotated[index].copy()
+    apart[:, :2] += (labels * span)[:, None]
+    kept: list[int] = []
+    for start in range(0, len(index), NMS_BLOCK):
+        block = np.arange(start, min(start + NMS_BLOCK, len(index)))
+        overlap = probiou(apart[:block[-1] + 1, None], apart[None, block])  # every better candidate x the block
+        better = np.arange(block[-1] + 1)[:, None] < block[None, :]
+        kept += block[~((overlap > post.nms_iou_threshold) & better).any(axis=0)].tolist()
+        if len(kept) >= post.max_detections:
+            break
+    kept = np.asarray(kept[:post.max_detections], np.int64)
+    boxes = rotated[index[kept]]
+    return Detections(_centre_boxes(_rotated_bounds(boxes), input_hw), chosen[kept], labels[kept].astype(np.int64),
+                      index[kept], rotated=boxes) if kept.size else \
+        Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                   rotated=np.zeros((0, 5)))
+
+
+def _rotated_bounds(rotated: np.ndarray) -> np.ndarray:
+    """Rotated boxes' axis-aligned bounds, as centre x, y, width, height."""
+    cos, sin = np.abs(np.cos(rotated[:, 4])), np.abs(np.sin(rotated[:, 4]))
+    width, height = rotated[:, 2], rotated[:, 3]
+    return np.column_stack([rotated[:, 0], rotated[:, 1], width * cos + height * sin, width * sin + height * cos])
+
+
+def rotated_corners(rotated: np.ndarray) -> np.ndarray:
+    """K x 4 x 2: each rotated box's corners (x, y), in order around it."""
+    cos, sin = np.cos(rotated[:, 4]), np.sin(rotated[:, 4])
+    corners = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    dx, dy = corners[None, :, 0] * rotated[:, 2:3], corners[None, :, 1] * rotated[:, 3:4]
+    return np.stack([rotated[:, 0:1] + dx * cos[:, None] - dy * sin[:, None],
+                     rotated[:, 1:2] + dx * sin[:, None] + dy * cos[:, None]], axis=-1)
+
+
 def _yolo_output(outputs: list[np.ndarray], by_name: dict, post: Postprocess) -> np.ndarray:
     """The head's one output; for a head cut before its Concat, the two parts joined as the export joins them."""
     if post.box_output:
@@ -184,13 +253,19 @@ def dfl_distances(logits: np.ndarray) -> np.ndarray:
     return (weights * np.arange(bins.shape[1])[None, :, None]).sum(1) / weights.sum(1)
 
 
-def grid_boxes(distances: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None) -> np.ndarray:
+def grid_boxes(distances: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None,
+               angles: np.ndarray | None = None) -> np.ndarray:
     """[4, N] distances (left, top, right, bottom) from each cell's centre, in strides, as an Ultralytics head's
-    own decode makes them boxes (dist2bbox, times the stride): N x 4 centre x, y, width, height in input pixels."""
+    own decode makes them boxes (dist2bbox, times the stride): N x 4 centre x, y, width, height in input pixels.
+    With `angles` (N, radians: an oriented-box head's) as its dist2rbox: the centre's offset from the cell's
+    rotated by each box's angle."""
     left, top, right, bottom = distances.reshape(4, -1).astype(np.float64)
     x, y, stride = head_grid(input_hw, left.size, strides).T
-    return np.stack([(x + (right - left) / 2) * stride, (y + (bottom - top) / 2) * stride,
-                     (left + right) * stride, (top + bottom) * stride], axis=1)
+    dx, dy = (right - left) / 2, (bottom - top) / 2
+    if angles is not None:
+        cos, sin = np.cos(angles), np.sin(angles)
+        dx, dy = dx * cos - dy * sin, dx * sin + dy * cos
+    return np.stack([(x + dx) * stride, (y + dy) * stride, (left + right) * stride, (top + bottom) * stride], axis=1)
 
 
 def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int, ...] | None) -> np.ndarray:
@@ -199,12 +274,13 @@ def dfl_boxes(logits: np.ndarray, input_hw: tuple[int, int], strides: tuple[int,
     return grid_boxes(dfl_distances(logits), input_hw, strides)
 
 
-def head_boxes(values: np.ndarray, post: Postprocess, input_hw: tuple[int, int]) -> np.ndarray:
+def head_boxes(values: np.ndarray, post: Postprocess, input_hw: tuple[int, int],
+               angles: np.ndarray | None = None) -> np.ndarray:
     """A yolov8 head's box_output of one image cut before its decode (box_encoding dfl or distances) as the export
-    decodes it: N x 4 centre x, y, width, height in input pixels."""
+    decodes it: N x 4 centre x, y, width, height in input pixels (an oriented-box head's rotated by `angles`)."""
     count = values.shape[-1]
     distances = dfl_distances(values.reshape(-1, count)) if post.box_encoding == "dfl" else values.reshape(4, count)
-    return grid_boxes(distances, input_hw, post.strides)
+    return grid_boxes(distances, input_hw, post.strides, angles)
 
 
 def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post: Postprocess | None,
@@ -249,6 +325,14 @@ def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) ->
     DFL decode inside the export), then each class's probability; or cut before the DFL (box_encoding dfl), the
     box branch's distribution logits decoded here, or before the grid decode of a head without a DFL
     (box_encoding distances), its distances from each cell's centre decoded here (head_boxes)."""
+    if post.angles:  # an oriented-box head: its boxes rotated by its angles, suppressed as rotated boxes
+        probabilities = by_name[post.class_output]
+        probabilities = probabilities.reshape(-1, probabilities.shape[-1])
+        _check_classes(probabilities.shape[0], post)
+        angles = by_name[post.angles].reshape(-1).astype(np.float64)
+        boxes = head_boxes(by_name[post.box_output], post, input_hw, angles) if post.box_encoding != "pixels" else \
+            by_name[post.box_output].reshape(4, -1).T.astype(np.float64)
+        return _selected_rotated(np.column_stack([boxes, angles]), probabilities.T, post, input_hw)
     if post.box_encoding != "pixels":
         probabilities = by_name[post.class_output]
         probabilities = probabilities.reshape(-1, probabilities.shape[-1])
@@ -354,6 +438,8 @@ def on_image(detections: Detections, size: tuple[int, int], preprocess: Preproce
     """Detections with boxes normalised to the model's input as boxes normalised to the original image of
     `size` (width, height): the same numbers, unless the image was letterboxed into the input."""
     masks = detections.masks
+    if detections.rotated is not None:
+        detections = replace(detections, rotated=_rotated_on_image(detections.rotated, size, preprocess))
     if not preprocess.letterbox:  # the image fills the input
         return detections if masks is None else replace(detections, masks=masks.placed((0, 0, *masks.input_hw), size))
     height, width = preprocess.resize
@@ -370,6 +456,22 @@ def on_image(detections: Detections, size: tuple[int, int], preprocess: Preproce
         keypoints[..., 1] = (keypoints[..., 1] * height - top) / gain / size[1]
     return replace(detections, boxes=boxes, keypoints=keypoints,
                    masks=None if masks is None else masks.placed((top, left, new_height, new_width), size))
+
+
+def _rotated_on_image(rotated: np.ndarray, size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
+    """Rotated boxes in input pixels as rotated boxes in the pixels of the original image of `size` (width,
+    height): exact where the image was letterboxed (one scale); where it was stretched unevenly each box's sides
+    are scaled along their own directions, the angle that of its width (a rectangle's image is then a
+    parallelogram: approximately)."""
+    height, width = preprocess.resize
+    if preprocess.letterbox:
+        _, _, left, top, gain = letterbox_geometry(size[0], size[1], height, width)
+        return np.column_stack([(rotated[:, 0] - left) / gain, (rotated[:, 1] - top) / gain, rotated[:, 2:4] / gain,
+                                rotated[:, 4]])
+    sx, sy = size[0] / width, size[1] / height
+    cos, sin = np.cos(rotated[:, 4]), np.sin(rotated[:, 4])
+    return np.column_stack([rotated[:, 0] * sx, rotated[:, 1] * sy, rotated[:, 2] * np.hypot(sx * cos, sy * sin),
+                            rotated[:, 3] * np.hypot(sx * sin, sy * cos), np.arctan2(sy * sin, sx * cos)])
 
 
 def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 0) -> Detections:
@@ -417,24 +519,34 @@ def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
     when the other set has one of the same label with IoU >= MATCH_IOU (at any score)."""
     matched = total = 0
     for mine, theirs in ((a, b), (b, a)):
-        for box, label in zip(mine.boxes[mine.scores >= MATCH_SCORE], mine.labels[mine.scores >= MATCH_SCORE]):
+        shown = mine.scores >= MATCH_SCORE
+        for box, label in zip(_compared_boxes(mine)[shown], mine.labels[shown]):
             total += 1
             matched += int(_same_object(box, label, theirs) is not None)
     return matched, total
 
 
+def _compared_boxes(detections: Detections) -> np.ndarray:
+    """What two models' detections are matched by: rotated boxes where the head gives them, else the boxes."""
+    return detections.boxes if detections.rotated is None else detections.rotated
+
+
 def _same_object(box: np.ndarray, label: int, theirs: Detections) -> int | None:
     """The index of the detection of `theirs` of the same label whose box overlaps `box` most, where that is
     IoU >= MATCH_IOU (the very same box matches itself even where it has no area: a head's box clipped to
-    nothing); else None."""
+    nothing); else None. Rotated boxes (`box` then one of Detections.rotated) overlap by their probiou."""
     same = np.flatnonzero(theirs.labels == label)
     if not same.size:
         return None
-    boxes = theirs.boxes[same]
-    top_left = np.maximum(box[:2], boxes[:, :2])
-    bottom_right = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-    iou = inter / np.maximum(_area(box) + _area(boxes) - inter, 1e-12)
+    if theirs.rotated is not None:
+        boxes = theirs.rotated[same]
+        iou = probiou(box[None], boxes)
+    else:
+        boxes = theirs.boxes[same]
+        top_left = np.maximum(box[:2], boxes[:, :2])
+        bottom_right = np.minimum(box[2:], boxes[:, 2:])
+        inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
+        iou = inter / np.maximum(_area(box) + _area(boxes) - inter, 1e-12)
     best = int(np.argmax(iou))
     if iou[best] >= MATCH_IOU:
         return int(same[best])
@@ -447,6 +559,6 @@ def matched_pairs(reference: Detections, candidate: Detections) -> list[tuple[in
     matches (matched_detections' rule): where their masks and keypoints are compared."""
     pairs = []
     for k in np.flatnonzero(reference.scores >= MATCH_SCORE):
-        if (j := _same_object(reference.boxes[k], reference.labels[k], candidate)) is not None:
+        if (j := _same_object(_compared_boxes(reference)[k], reference.labels[k], candidate)) is not None:
             pairs.append((int(k), j))
     return pairs
