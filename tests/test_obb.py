@@ -11,16 +11,8 @@ import pytest
 
 from mzconvert.errors import RecipeError
 from mzconvert.recipe import Preprocess, parse_recipe
-from mzconvert.tasks.detection import (
-    Detections,
-    grid_boxes,
-    head_grid,
-    matched_detections,
-    on_image,
-    probiou,
-    rotated_corners,
-    yolov8_detections,
-)
+from mzconvert.tasks.detection import Detections, grid_boxes, head_grid, matched_detections, on_image, yolov8_detections
+from mzconvert.tasks.oriented import probiou, rotated_corners
 from tests.conftest import yolov8_head_recipe
 
 ANGLES = "  angles: angles\n  nms_iou_threshold: 0.7"
@@ -133,3 +125,33 @@ def test_eval_refuses_an_oriented_box_model_and_says_why(tmp_path):
     recipe = obb_recipe(tmp_path)
     with pytest.raises(MzError, match="postprocess.angles: eval scores boxes against COCO's axis-aligned"):
         run_eval(recipe, tmp_path, "val", [], [], tmp_path, tmp_path, None)
+
+
+def test_a_head_with_no_box_above_the_threshold_gives_no_detections(tmp_path):
+    outputs = obb_outputs(centres=[(20, 20)], sizes=[(8, 8)], angles=[0.2], scores=[[0.0001, 0.0]])
+    found = yolov8_detections(list(outputs.values()), outputs, obb_recipe(tmp_path).postprocess, None, (64, 64))
+    assert found.boxes.shape == (0, 4) and found.rotated.shape == (0, 5) and found.scores.size == 0
+
+
+def test_the_builds_verify_keeps_the_float_models_rotated_boxes_and_judges_a_variant_by_them(tmp_path):
+    """The float model's detections saved for every variant's verify keep their rotated boxes: a variant whose
+    angles are lost (its boxes otherwise the same) matches none of them."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mzconvert.stages.verify import _matched_detections, reference_outputs, saved_detections
+
+    recipe = obb_recipe(tmp_path)
+    outputs = obb_outputs(centres=[(20, 20), (44, 44)], sizes=[(24, 8), (16, 6)], angles=[0.6, 1.2],
+                          scores=[[0.9, 0.0], [0.0, 0.8]])
+    names = list(outputs)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    runner = SimpleNamespace(run=lambda tensor: list(outputs.values()), output_names=names)
+    with np.load(reference_outputs(runner, recipe, [tmp_path / "a.png"], tmp_path)) as saved:
+        floats = saved_detections(saved, 0)
+        np.testing.assert_allclose(floats.rotated[:, 4], [0.6, 1.2])
+        assert _matched_detections(saved, [[v] for v in outputs.values()], names, recipe, None)[
+            "matched_detections"] == 1.0
+        unturned = [outputs["boxes"], outputs["scores"], np.zeros_like(outputs["angles"])]
+        assert _matched_detections(saved, [[v] for v in unturned], names, recipe, None)["matched_detections"] == 0.0

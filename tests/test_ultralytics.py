@@ -397,7 +397,8 @@ def test_an_obb_export_is_built_as_the_oriented_box_detector_it_is(exports, tmp_
     from mzconvert.preprocess import prepare
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import open_model
-    from mzconvert.tasks.detection import probiou, yolov8_detections
+    from mzconvert.tasks.detection import yolov8_detections
+    from mzconvert.tasks.oriented import probiou
     from tests.test_build_real import coco_subset
 
     path, recipe = proposed("yolov8n-obb", exports, tmp_path)

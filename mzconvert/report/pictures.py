@@ -18,8 +18,8 @@ from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
 from ..recipe import Recipe
 from ..runtime import OPTIMIZED, REFERENCE, open_model, target_kernels
-from ..tasks.detection import rotated_corners
 from ..tasks.keypoints import VISIBLE
+from ..tasks.oriented import rotated_corners
 
 PANEL_WIDTH = 480
 SHOW_SCORE = 0.3  # by default, what a deployed detector would show

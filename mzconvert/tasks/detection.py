@@ -19,6 +19,7 @@ from ..recipe import Postprocess, Preprocess
 from ..recipe.schema import AnchorLevel
 from .keypoints import decoded_keypoints
 from .masks import InstanceMasks, instance_masks
+from .oriented import probiou, rotated_bounds, rotated_nms, rotated_on_image
 
 
 @dataclass(frozen=True)
@@ -132,70 +133,17 @@ def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detec
                       index[kept])
 
 
-def probiou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The probabilistic IoU of rotated boxes (centre x, y, width, height, angle; ... x 5, broadcast) as Ultralytics
-    suppresses and validates oriented boxes by (its batch_probiou: 1 - the Hellinger distance of the boxes' Gaussians,
-    each a uniform distribution's over the box)."""
-    def covariance(boxes):
-        a, b = boxes[..., 2] ** 2 / 12, boxes[..., 3] ** 2 / 12
-        cos, sin = np.cos(boxes[..., 4]), np.sin(boxes[..., 4])
-        return a * cos ** 2 + b * sin ** 2, a * sin ** 2 + b * cos ** 2, (a - b) * cos * sin
-
-    eps = 1e-7
-    (a1, b1, c1), (a2, b2, c2) = covariance(a), covariance(b)
-    dx, dy = a[..., 0] - b[..., 0], a[..., 1] - b[..., 1]
-    determinant = (a1 + a2) * (b1 + b2) - (c1 + c2) ** 2
-    t1 = ((a1 + a2) * dy ** 2 + (b1 + b2) * dx ** 2) / (determinant + eps) * 0.25
-    t2 = ((c1 + c2) * -dx * dy) / (determinant + eps) * 0.5
-    t3 = np.log(determinant / (4 * np.sqrt(np.clip(a1 * b1 - c1 ** 2, 0, None) * np.clip(a2 * b2 - c2 ** 2, 0, None))
-                               + eps) + eps) * 0.5
-    distance = np.clip(t1 + t2 + t3, eps, 100.0)
-    return 1 - np.sqrt(1.0 - np.exp(-distance) + eps)
-
-
 def _selected_rotated(rotated: np.ndarray, scores: np.ndarray, post: Postprocess,
                       input_hw: tuple[int, int]) -> Detections:
     """An oriented-box head's detections (rotated: N x 5 centre x, y, width, height in input pixels, angle; scores:
-    N x classes) as Ultralytics' NMS keeps them: every (box, class) above the threshold, each class's boxes moved
-    apart from the others', and a box dropped where any better one overlaps it by more than nms_iou_threshold
-    (probiou; its "fast NMS": the better one counts even where it is dropped itself), the best max_detections."""
+    N x classes): every (box, class) above the threshold, suppressed as Ultralytics' NMS suppresses rotated boxes
+    (oriented.rotated_nms), the best max_detections; each detection's box the rotated box's bounds."""
     labels, index = np.nonzero(scores.T > post.nms_score_threshold)
     chosen = scores[index, labels]
-    order = np.argsort(-chosen, kind="stable")
-    labels, index, chosen = labels[order], index[order], chosen[order]
-    span = 2 * float(np.abs(rotated[index, :4]).max(initial=0)) + 1
-    apart = rotated[index].copy()
-    apart[:, :2] += (labels * span)[:, None]
-    kept: list[int] = []
-    for start in range(0, len(index), NMS_BLOCK):
-        block = np.arange(start, min(start + NMS_BLOCK, len(index)))
-        overlap = probiou(apart[:block[-1] + 1, None], apart[None, block])  # every better candidate x the block
-        better = np.arange(block[-1] + 1)[:, None] < block[None, :]
-        kept += block[~((overlap > post.nms_iou_threshold) & better).any(axis=0)].tolist()
-        if len(kept) >= post.max_detections:
-            break
-    kept = np.asarray(kept[:post.max_detections], np.int64)
+    kept = rotated_nms(rotated[index], chosen, labels, post.nms_iou_threshold, post.max_detections)
     boxes = rotated[index[kept]]
-    return Detections(_centre_boxes(_rotated_bounds(boxes), input_hw), chosen[kept], labels[kept].astype(np.int64),
-                      index[kept], rotated=boxes) if kept.size else \
-        Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                   rotated=np.zeros((0, 5)))
-
-
-def _rotated_bounds(rotated: np.ndarray) -> np.ndarray:
-    """Rotated boxes' axis-aligned bounds, as centre x, y, width, height."""
-    cos, sin = np.abs(np.cos(rotated[:, 4])), np.abs(np.sin(rotated[:, 4]))
-    width, height = rotated[:, 2], rotated[:, 3]
-    return np.column_stack([rotated[:, 0], rotated[:, 1], width * cos + height * sin, width * sin + height * cos])
-
-
-def rotated_corners(rotated: np.ndarray) -> np.ndarray:
-    """K x 4 x 2: each rotated box's corners (x, y), in order around it."""
-    cos, sin = np.cos(rotated[:, 4]), np.sin(rotated[:, 4])
-    corners = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
-    dx, dy = corners[None, :, 0] * rotated[:, 2:3], corners[None, :, 1] * rotated[:, 3:4]
-    return np.stack([rotated[:, 0:1] + dx * cos[:, None] - dy * sin[:, None],
-                     rotated[:, 1:2] + dx * sin[:, None] + dy * cos[:, None]], axis=-1)
+    return Detections(_centre_boxes(rotated_bounds(boxes), input_hw), chosen[kept], labels[kept].astype(np.int64),
+                      index[kept], rotated=boxes)
 
 
 def _yolo_output(outputs: list[np.ndarray], by_name: dict, post: Postprocess) -> np.ndarray:
@@ -324,19 +272,17 @@ def yolov8_detections(outputs, by_name, post: Postprocess, anchors, input_hw) ->
     """Ultralytics YOLOv8 / YOLO11 / YOLO26 exports: [1, 4 + classes, N], box centre and size in input pixels (the
     DFL decode inside the export), then each class's probability; or cut before the DFL (box_encoding dfl), the
     box branch's distribution logits decoded here, or before the grid decode of a head without a DFL
-    (box_encoding distances), its distances from each cell's centre decoded here (head_boxes)."""
-    if post.angles:  # an oriented-box head: its boxes rotated by its angles, suppressed as rotated boxes
+    (box_encoding distances), its distances from each cell's centre decoded here (head_boxes). An oriented-box
+    head's (postprocess.angles) boxes are rotated by its angles and suppressed as rotated boxes."""
+    if post.box_encoding != "pixels" or post.angles:
         probabilities = by_name[post.class_output]
         probabilities = probabilities.reshape(-1, probabilities.shape[-1])
         _check_classes(probabilities.shape[0], post)
-        angles = by_name[post.angles].reshape(-1).astype(np.float64)
-        boxes = head_boxes(by_name[post.box_output], post, input_hw, angles) if post.box_encoding != "pixels" else \
-            by_name[post.box_output].reshape(4, -1).T.astype(np.float64)
-        return _selected_rotated(np.column_stack([boxes, angles]), probabilities.T, post, input_hw)
-    if post.box_encoding != "pixels":
-        probabilities = by_name[post.class_output]
-        probabilities = probabilities.reshape(-1, probabilities.shape[-1])
-        _check_classes(probabilities.shape[0], post)
+        if post.angles:  # the export's own rotated boxes where cut after their decode (pixels)
+            angles = by_name[post.angles].reshape(-1).astype(np.float64)
+            boxes = by_name[post.box_output].reshape(4, -1).T.astype(np.float64) if post.box_encoding == "pixels" \
+                else head_boxes(by_name[post.box_output], post, input_hw, angles)
+            return _selected_rotated(np.column_stack([boxes, angles]), probabilities.T, post, input_hw)
         boxes = head_boxes(by_name[post.box_output], post, input_hw)
         found = _selected(_centre_boxes(boxes, input_hw), probabilities.T, post)
         if post.mask_coefficients:
@@ -415,8 +361,7 @@ def detr_detections(outputs, by_name, post: Postprocess, anchors, input_hw) -> D
     boxes = by_name[post.box_output].reshape(-1, 4).astype(np.float64)
     probabilities = by_name[post.class_output].reshape(boxes.shape[0], -1)
     _check_classes(probabilities.shape[1], post)
-    height, width = input_hw
-    return _selected(_centre_boxes(boxes * [width, height, width, height], input_hw), probabilities, post)
+    return _selected(_centre_boxes(boxes, (1, 1)), probabilities, post)  # already normalised to the input
 
 
 def _ssd(outputs, by_name, post: Postprocess, anchors, input_hw) -> Detections:
@@ -439,7 +384,7 @@ def on_image(detections: Detections, size: tuple[int, int], preprocess: Preproce
     `size` (width, height): the same numbers, unless the image was letterboxed into the input."""
     masks = detections.masks
     if detections.rotated is not None:
-        detections = replace(detections, rotated=_rotated_on_image(detections.rotated, size, preprocess))
+        detections = replace(detections, rotated=rotated_on_image(detections.rotated, size, preprocess))
     if not preprocess.letterbox:  # the image fills the input
         return detections if masks is None else replace(detections, masks=masks.placed((0, 0, *masks.input_hw), size))
     height, width = preprocess.resize
@@ -456,22 +401,6 @@ def on_image(detections: Detections, size: tuple[int, int], preprocess: Preproce
         keypoints[..., 1] = (keypoints[..., 1] * height - top) / gain / size[1]
     return replace(detections, boxes=boxes, keypoints=keypoints,
                    masks=None if masks is None else masks.placed((top, left, new_height, new_width), size))
-
-
-def _rotated_on_image(rotated: np.ndarray, size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
-    """Rotated boxes in input pixels as rotated boxes in the pixels of the original image of `size` (width,
-    height): exact where the image was letterboxed (one scale); where it was stretched unevenly each box's sides
-    are scaled along their own directions, the angle that of its width (a rectangle's image is then a
-    parallelogram: approximately)."""
-    height, width = preprocess.resize
-    if preprocess.letterbox:
-        _, _, left, top, gain = letterbox_geometry(size[0], size[1], height, width)
-        return np.column_stack([(rotated[:, 0] - left) / gain, (rotated[:, 1] - top) / gain, rotated[:, 2:4] / gain,
-                                rotated[:, 4]])
-    sx, sy = size[0] / width, size[1] / height
-    cos, sin = np.cos(rotated[:, 4]), np.sin(rotated[:, 4])
-    return np.column_stack([rotated[:, 0] * sx, rotated[:, 1] * sy, rotated[:, 2] * np.hypot(sx * cos, sy * sin),
-                            rotated[:, 3] * np.hypot(sx * sin, sy * cos), np.arctan2(sy * sin, sx * cos)])
 
 
 def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 0) -> Detections:
