@@ -39,9 +39,9 @@ def exports(tmp_path_factory) -> Path:
     for script, config, *options in (("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12"),
                                      ("ultralytics_export.py", "yolo11n.yaml"),
                                      ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
-                                     ("ultralytics_export.py", "yolov8n-seg.yaml"),
-                                     ("ultralytics_export.py", "yolov8n-pose.yaml"),
-                                     ("ultralytics_export.py", "yolov8n-obb.yaml"),
+                                     ("ultralytics_export.py", "yolov8n-seg.yaml", "--nms"),
+                                     ("ultralytics_export.py", "yolov8n-pose.yaml", "--nms"),
+                                     ("ultralytics_export.py", "yolov8n-obb.yaml", "--nms"),
                                      ("ultralytics_export.py", "rtdetr-l.yaml"),
                                      ("yolov5_export.py", "yolov5n.yaml")):
         done = subprocess.run([str(python), str(ROOT / "tests" / script), config, str(MIRROR / "coco" / "train2017"),
@@ -382,6 +382,56 @@ def test_an_nms_free_yolo26n_export_gives_its_own_top_k_rows_in_float_and_with_a
                 assert np.abs(boxes[same] - clipped).max(axis=1).min() < 0.05, (image, box)
         compared += len(rows)
     assert compared > 100
+
+
+@pytest.mark.parametrize("model", ["yolov8n-seg", "yolov8n-pose", "yolov8n-obb"])
+def test_a_segment_pose_or_obb_export_ending_in_its_own_nms_is_cut_at_its_head(model, exports, tmp_path):
+    """Exported with nms=True (rows of box, score, class and the head's more per box out of its own NMS; an obb
+    head's rotated NMS ends in a TopK), init proposes what it proposes for the plain export (used to be task
+    other on the NMS rows): the same cut, before the DFL and the head's Concat (a segment head's prototypes
+    kept), the same postprocess. Every row the export's NMS keeps (score >= 0.25, its threshold) is a (box, class)
+    pair of our decode of that cut, with its box and score."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.tasks.detection import raw_detections
+    from mzconvert.tasks.oriented import probiou
+
+    (tmp_path / "plain").mkdir()
+    _, plain = proposed(model, exports, tmp_path / "plain")
+    path, recipe = proposed(f"{model}-nms", exports, tmp_path)
+    assert recipe["task"] == "detection" and len(recipe["strip"]["outputs"]) == len(plain["strip"]["outputs"])
+    tensors = {"box_output", "class_output", "mask_coefficients", "keypoints", "angles"}  # named inside its wrapper
+    assert {key: value for key, value in recipe["postprocess"].items() if key not in tensors} == \
+        {key: value for key, value in plain["postprocess"].items() if key not in tensors}
+    assert set(recipe["postprocess"]) & tensors == set(plain["postprocess"]) & tensors
+    loaded = load_recipe(path)
+    names = list(loaded.strip.outputs)
+    graph = onnx.load(str(exports / f"{model}-nms.onnx"))
+    known = {o.name for o in graph.graph.output}
+    graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names if name not in known)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    every_pair = replace(loaded.postprocess, nms_score_threshold=0.25, nms_iou_threshold=1.0, max_detections=10 ** 5)
+    compared = 0
+    for image in sorted((tmp_path / "check").iterdir()):
+        values = dict(zip([o.name for o in session.get_outputs()],
+                          session.run(None, {"images": prepare(image, loaded.preprocess, loaded.input).tensor})))
+        ours = raw_detections([values[name] for name in names], names, every_pair, None, (320, 320))
+        for row in values["output0"][0]:
+            if row[4] < every_pair.nms_score_threshold:  # (the export's rows below its threshold are padding)
+                continue
+            same = np.flatnonzero((ours.labels == int(row[5])) & (np.abs(ours.scores - row[4]) < 1e-4))
+            assert same.size, (image.name, row[:6])
+            if ours.rotated is not None:  # x, y, w, h, score, class, angle
+                assert probiou(ours.rotated[same], row[[0, 1, 2, 3, 6]]).max() > 0.999, (image.name, row)
+            else:  # x1, y1, x2, y2 in input pixels (ours clipped to the input)
+                box = np.clip(np.array([row[1], row[0], row[3], row[2]]) / 320, 0, 1)
+                assert np.abs(ours.boxes[same] - box).max(axis=1).min() < 1e-4, (image.name, row)
+            compared += 1
+    assert compared > 0, compared
 
 
 def test_an_obb_export_is_built_as_the_oriented_box_detector_it_is(exports, tmp_path):

@@ -373,11 +373,12 @@ def _inferred_values(model) -> dict | None:
 
 def _selection_input(model, made: dict, inferred: Callable[[], dict | None]) -> dict | None:
     """The detection head of an export that ends in its own selection of detections ([1, K, 6] rows of box,
-    score and class out): Ultralytics' `nms=True` (its NonMaxSuppression), or an NMS-free head's (YOLO26 and
-    YOLOv10 exported end to end: the K best (box, class) scores, by TopK, and no NMS). The nearest tensor before
-    it that a Concat makes of boxes [1, 4, N] and scores [1, classes, N], as {name, dtype, shape, selected_by
-    (the op), k (K, where the output's shape says it)}; None where the graph has neither, or no such head, or
-    its shapes cannot be inferred."""
+    score and class out, and a segment, pose or obb head's more): Ultralytics' `nms=True` (its
+    NonMaxSuppression), or an NMS-free head's (YOLO26 and YOLOv10 exported end to end: the K best (box, class)
+    scores, by TopK, and no NMS). The nearest tensor before it that a Concat makes of boxes [1, 4, N], scores
+    [1, classes, N] and any more per box, as {name, dtype, shape, selected_by (the op), k (K, where the output's
+    shape says it), others (the graph's outputs the selection does not make: a segment head's prototypes)};
+    None where the graph has neither, or no such head, or its shapes cannot be inferred."""
     import onnx
 
     nms = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
@@ -392,19 +393,31 @@ def _selection_input(model, made: dict, inferred: Callable[[], dict | None]) -> 
     def joined(name: str) -> list[list]:
         return [shapes.get(part) or [] for part in made[name].input]
 
-    def is_head(name: str) -> bool:  # a Concat of boxes [1, 4, N] and scores [1, classes, N]
+    def is_head(name: str) -> bool:  # a Concat of boxes [1, 4, N], scores [1, classes, N] and any more per box
         parts = joined(name)
-        return made[name].op_type == "Concat" and len(parts) == 2 and all(len(p) == 3 for p in parts) and \
-            parts[0][:2] == [1, 4] and parts[0][2] == parts[1][2] and isinstance(parts[1][1], int)
+        return made[name].op_type == "Concat" and len(parts) >= 2 and all(len(p) == 3 for p in parts) and \
+            parts[0][:2] == [1, 4] and all(p[2] == parts[0][2] and isinstance(p[1], int) for p in parts[1:])
 
     # breadth first: the nearest such Concat is the head, not one inside it
     name = _nearest_before(list(selection.input), _onnx_inputs_of(made), is_head)
     if name is None:
         return None
-    boxes, scores = joined(name)
+    parts = joined(name)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(values[name].type.tensor_type.elem_type).name
-    return {"name": name, "dtype": dtype, "shape": [1, 4 + scores[1], boxes[2]], "selected_by": selection.op_type,
-            **k}
+    # the outputs the selection does not make (a segment head's prototypes) stay outputs of the head
+    selected = _made_from(model, selection.output)
+    others = [o.name for o in model.graph.output if o.name not in selected]
+    return {"name": name, "dtype": dtype, "shape": [1, sum(p[1] for p in parts), parts[0][2]],
+            "selected_by": selection.op_type, **k, **({"others": others} if others else {})}
+
+
+def _made_from(model, tensors) -> set[str]:
+    """Every tensor of the graph that `tensors` go into making (themselves too)."""
+    made = set(tensors)
+    for node in model.graph.node:  # in graph order: a node's inputs are made before it
+        if made.intersection(node.input):
+            made.update(node.output)
+    return made
 
 
 # how many tensors back from the outputs a query head's sigmoids are searched (RT-DETR's export after them: the

@@ -108,7 +108,7 @@ def _onnx(model: dict) -> dict:
         raise error
     meta = model.get("metadata", {})
     if head := model.get("selection_input"):  # an export that selects its own detections: cut before, at its head
-        model = model | {"outputs": [head]}
+        model = model | {"outputs": [head, *(o for o in model["outputs"] if o["name"] in head.get("others", []))]}
     elif "NonMaxSuppression" in model.get("ops", {}) and meta.get("task") == "detect":
         raise MzError(f"{model['file']}: the export ends in its own NMS (outputs: "
                       f"{[o['shape'] for o in model['outputs']]}) and init found no head of [1, 4 + classes, N] "
@@ -236,7 +236,7 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
     classes = (joined[1] if joins_boxes else rows - 4) if kind == "yolov8" else columns - 5
     labels = carried_labels(model, classes) or [f"CHECK-class-{i}" for i in range(classes)]
     post = {"kind": kind, "labels": labels, "nms_iou_threshold": 0.7}
-    if model["outputs"][0].get("selected_by") == "TopK":
+    if _nms_free(model, meta):
         # an NMS-free head (YOLO26, YOLOv10 end to end) is trained to give each object one box: its export keeps
         # the K best (box, class) scores and suppresses none, as Ultralytics validates it (K: its max_det, 300
         # unless the export's output says otherwise)
@@ -281,6 +281,14 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
         proposal["outputs"] = [part for level in levels
                                for part in AnchorLevel(level["name"], level["stride"], level["anchors"]).parts]
     return proposal | {"task": "detection", "preprocess": ULTRALYTICS_PREPROCESS, "postprocess": post}
+
+
+def _nms_free(model: dict, meta: dict) -> bool:
+    """Whether an export's own selection of detections is an NMS-free head's: as its metadata says (end2end), else
+    a TopK that no NonMaxSuppression comes with (an obb export's rotated NMS ends in a TopK too: its metadata
+    says end2end False)."""
+    end2end = _metadata_literal(meta, "end2end")
+    return end2end if isinstance(end2end, bool) else model["outputs"][0].get("selected_by") == "TopK"
 
 
 def _coco_category_ids(labels: list[str]) -> dict:
