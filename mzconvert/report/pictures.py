@@ -38,25 +38,25 @@ def _panel(image: Image.Image, title: str, lines: list[str], boxes=(), points=()
     canvas.paste(scaled, (0, line_height + 4))
     draw = ImageDraw.Draw(canvas)
     draw.text((6, 2), title, fill="black", font=font)
+    top = line_height + 4
+
+    def labelled(x: float, y: float, label: str, color) -> None:
+        text_box = draw.textbbox((x + 3, y + 1), label, font=font)
+        draw.rectangle(text_box, fill=color)  # readable on any background
+        draw.text((x + 3, y + 1), label, fill="white", font=font)
+
     for ymin, xmin, ymax, xmax, label, color in boxes:
-        top = line_height + 4
         # corners in order: a linear box coder (MediaPipe's) decodes a negative size as the model writes it
         ymin, ymax, xmin, xmax = sorted((ymin, ymax)) + sorted((xmin, xmax))
         rect = [xmin * PANEL_WIDTH, top + ymin * scaled.height, xmax * PANEL_WIDTH, top + ymax * scaled.height]
         draw.rectangle(rect, outline=color, width=3)
-        text_box = draw.textbbox((rect[0] + 3, rect[1] + 1), label, font=font)
-        draw.rectangle(text_box, fill=color)  # readable on any background
-        draw.text((rect[0] + 3, rect[1] + 1), label, fill="white", font=font)
+        labelled(rect[0], rect[1], label, color)
     for corners, label, color in outlines:
-        top = line_height + 4
         polygon = [(x * PANEL_WIDTH, top + y * scaled.height) for x, y in corners]
         draw.polygon(polygon, outline=color, width=3)
-        anchor = min(polygon, key=lambda corner: (corner[1], corner[0]))  # the label at its topmost corner
-        text_box = draw.textbbox((anchor[0] + 3, anchor[1] + 1), label, font=font)
-        draw.rectangle(text_box, fill=color)
-        draw.text((anchor[0] + 3, anchor[1] + 1), label, fill="white", font=font)
+        labelled(*min(polygon, key=lambda corner: (corner[1], corner[0])), label, color)  # at its topmost corner
     for x, y, color in points:
-        centre = (x * PANEL_WIDTH, line_height + 4 + y * scaled.height)
+        centre = (x * PANEL_WIDTH, top + y * scaled.height)
         draw.ellipse([centre[0] - 4, centre[1] - 4, centre[0] + 4, centre[1] + 4], fill=color, outline="white")
     for i, line in enumerate(lines):
         draw.text((6, scaled.height + line_height * (i + 1) + 6), line, fill="black", font=font)

@@ -207,8 +207,8 @@ def _yolo_kind(outputs: list[dict], classes: int | None = None) -> str | None:
 
 def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = None) -> dict:
     """An Ultralytics detection export: its metadata names the classes and the image size it was exported at
-    (read as Python literals, never run); its one output's layout says the decode. `extras`: a segment or pose
-    head's parts after its classes (_extra_parts)."""
+    (read as Python literals, never run); its one output's layout says the decode (an RT-DETR's query head its
+    own: _query_detector). `extras`: a segment, pose or obb head's parts after its classes (_extra_parts)."""
     if query := model.get("query_head"):
         return _query_detector(model, meta, query)
     names = _metadata_literal(meta, "names")
@@ -255,8 +255,8 @@ def _ultralytics_detector(model: dict, meta: dict, extras: list[dict] | None = N
         post |= {"box_output": parts[0], "class_output": parts[1]}
         if extras:
             # and each part after them its own output too (a pose head's keypoints before their decode, in
-            # strides and logits, not pixels and probabilities under one scale), and every other output (a
-            # segment head's prototypes). NMS is not attached: its op's outputs would replace them
+            # strides and logits, not pixels and probabilities under one scale; an obb head's angles), and every
+            # other output (a segment head's prototypes). NMS is not attached: its op's outputs would replace them
             task = _ultralytics_task(meta)
             if task == "obb":  # the export's angles as they are: radians, in a range of their own
                 extras = [{"name": part["name"]} for part in extras]
