@@ -154,3 +154,51 @@ def test_the_report_counts_the_convolutions_onnx_runtime_leaves_float():
     warned = _warnings({}, variants, bench)
     assert any("**int8**: ONNX Runtime runs 15 of its 52 convolutions in float" in line for line in warned)
     assert not any("int8-tflite" in line for line in warned)
+
+
+def coco_folder(folder, categories: list[dict]):
+    """A COCO folder (annotations/instances_val.json + val/) of one image, with these categories."""
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "val").mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(folder / "val" / "a.jpg")
+    (folder / "annotations" / "instances_val.json").write_text(json.dumps(
+        {"images": [{"id": 3, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [],
+         "categories": categories}))
+    return folder
+
+
+@pytest.mark.parametrize("categories, labels, ids, scored", [
+    # the recipe's ids name the categories its labels name: kept
+    ([{"id": 1, "name": "person"}, {"id": 3, "name": "car"}], ("person", "car"), (1, 3), (1, 3)),
+    # a model trained on the dataset with its classes in another order than the ids': by name
+    ([{"id": 1, "name": "Hard_Hat"}, {"id": 2, "name": "head"}, {"id": 3, "name": "vest"}],
+     ("head", "hard hat", "vest"), (1, 2, 3), (2, 1, 3)),
+    # ids from 0, a supercategory first (as some exporters write them)
+    ([{"id": 0, "name": "workers"}, {"id": 1, "name": "head"}, {"id": 2, "name": "helmet"}],
+     ("helmet", "head"), (1, 2), (2, 1)),
+    # labels that name no category (a model's class indices): by id
+    ([{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}], ("0", "1"), (1, 2), (1, 2)),
+    # unused labels beside named ones at their ids (a 90-class SSD map): kept
+    ([{"id": 1, "name": "person"}, {"id": 13, "name": "stop sign"}], ("person", "unused-12", "stop sign"),
+     (1, 12, 13), (1, 12, 13)),
+    # two categories of one name tell no id: kept
+    ([{"id": 1, "name": "a"}, {"id": 2, "name": "A"}], ("b", "a"), (1, 2), (1, 2)),
+], ids=["ids-agree", "other-order", "from-zero", "unnamed", "unused-labels", "ambiguous-names"])
+def test_labels_are_scored_as_the_dataset_categories_they_name(categories, labels, ids, scored, tmp_path):
+    from mzconvert.evaluate.datasets import CocoDataset
+
+    dataset = CocoDataset.open(coco_folder(tmp_path, categories), "val")
+    said = []
+    assert dataset.scored_category_ids(labels, ids, said.append) == scored
+    assert bool(said) == (scored != ids or labels == ("0", "1")), said  # a remap or unnamed labels are said
+
+
+def test_a_label_naming_another_category_beside_unnamed_labels_is_refused(tmp_path):
+    from mzconvert.errors import InputError
+    from mzconvert.evaluate.datasets import CocoDataset
+
+    dataset = CocoDataset.open(coco_folder(tmp_path, [{"id": 1, "name": "head"}, {"id": 2, "name": "helmet"}]),
+                               "val")
+    with pytest.raises(InputError, match="label 'head' is category 1 there, not 2.*'hat'.*category_ids"):
+        dataset.scored_category_ids(("hat", "head"), (1, 2), print)

@@ -147,9 +147,31 @@ verify: {{images: {val}, count: 16}}
     results = json.loads(evaluated.stdout)["results"]
     assert {"source-graph", "float32", "int8"} <= set(results) and results["float32"]["detections"] > 0
     assert results["source-graph"]["AP"] == results["float32"]["AP"]
+    # the same images under other category ids (a dataset of its own numbering): scored by the names
+    renumbered = with_categories_renumbered(MIRROR / "coco", "val2017", tmp_path / "renumbered")
+    again = run_cli("--json", "eval", str(tmp_path / "yolo.yaml"), "--dataset", str(renumbered), "--variant",
+                    "float32", *where)
+    assert again.returncode == 0 and "under another id than the recipe's" in again.stderr, again.stderr[-2000:]
+    assert json.loads(again.stdout)["results"]["float32"]["AP"] == results["float32"]["AP"]
     drawn = run_cli("predict", str(tmp_path / "yolo.yaml"), str(sorted(val.glob("*.jpg"))[0]), "--min-score", "0.5",
                     *where)
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+
+
+def with_categories_renumbered(coco: Path, split: str, folder: Path) -> Path:
+    """A COCO folder of the same images and annotations, each category under another id (in reverse order)."""
+    (folder / "annotations").mkdir(parents=True)
+    (folder / split).symlink_to(coco / split)
+    (source,) = (coco / "annotations").glob(f"instances_{split}*.json")
+    data = json.loads(source.read_text())
+    ids = sorted(c["id"] for c in data["categories"])
+    new_id = dict(zip(ids, reversed(ids)))
+    for category in data["categories"]:
+        category["id"] = new_id[category["id"]]
+    for annotation in data["annotations"]:
+        annotation["category_id"] = new_id[annotation["category_id"]]
+    (folder / "annotations" / source.name).write_text(json.dumps(data))
+    return folder
 
 
 def with_ultralytics_metadata(path: Path, names: dict, dynamic: bool = True, task: str = "detect",

@@ -77,6 +77,7 @@ class CocoDataset:
     images: dict[int, Path]  # image id -> file
     annotations: Path
     split: str
+    categories: dict[int, str]  # category id -> name
 
     @classmethod
     def open(cls, folder: Path, split: str) -> CocoDataset:
@@ -86,6 +87,7 @@ class CocoDataset:
         try:
             data = json.loads(candidates[0].read_text())
             entries = [(image["id"], image["file_name"]) for image in data["images"]]
+            categories = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{candidates[0]}: not COCO instances annotations "
                           f"({exc.__class__.__name__}: {exc})") from None
@@ -96,7 +98,35 @@ class CocoDataset:
             if not path.is_file():
                 raise InputError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
             images[image_id] = path
-        return cls(images=images, annotations=candidates[0], split=split)
+        return cls(images=images, annotations=candidates[0], split=split, categories=categories)
+
+    def scored_category_ids(self, labels: tuple[str, ...], ids: tuple[int, ...], log) -> tuple[int, ...]:
+        """The category each label is scored as. The recipe's `ids` (category_ids, else 1, 2, ... in label
+        order) where no label names another of these categories than its id's; where every label names one
+        of them, by name (a model trained on this dataset with its classes in another order than its
+        ids'). A label that names another category while some other label names none is an error: no
+        mapping can be told from them."""
+        named = {_category_key(name): i for i, name in self.categories.items()}
+        if len(named) < len(self.categories):  # two categories of one name: a name tells no id
+            return ids
+        found = {label: named.get(_category_key(label)) for label in labels}
+        crossed = [(label, i, found[label]) for label, i in zip(labels, ids) if found[label] not in (None, i)]
+        unnamed = [label for label in labels if found[label] is None]
+        where = f"{self.annotations.name}'s categories"
+        if crossed and unnamed:
+            label, i, other = crossed[0]
+            raise InputError(f"{self.annotations}: label {label!r} is category {other} there, not {i}, and "
+                             f"{len(unnamed)} labels name none of its categories (e.g. {unnamed[0]!r}): set "
+                             "postprocess.category_ids to the category id of each label")
+        if crossed:
+            log(f"eval: labels scored as the categories they name in {where}: {len(crossed)} of them under "
+                f"another id than the recipe's (e.g. {crossed[0][0]!r}: {crossed[0][2]}, not {crossed[0][1]})")
+            return tuple(found[label] for label in labels)
+        if len(unnamed) == len(labels) and self.categories:
+            shown = ", ".join(f"{label!r} as {i} {self.categories.get(i, '(none)')!r}"
+                              for label, i in list(zip(labels, ids))[:3])
+            log(f"eval: no label names one of {where}; scored by category id: {shown}, ...")
+        return ids
 
     def keypoint_annotations(self) -> Path | None:
         """The annotations that give keypoints for every one of these images: the instances file where its
@@ -119,6 +149,11 @@ class CocoDataset:
             raise InputError(f"{self.annotations.parent}: {len(found)} files give keypoints for the {self.split} "
                              f"images ({', '.join(p.name for p in found)}); expected one")
         return found[0] if found else None
+
+
+def _category_key(name: str) -> str:
+    """A category name as compared with a label: case, spaces, hyphens and underscores aside."""
+    return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
 
 
 def dataset_identity(dataset: Path, split: str, labels_file: Path | None, images: list[Path]) -> dict:

@@ -76,6 +76,9 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         for path in references:
             runners[path.stem] = open_model(path, output_names, threads).run
         coco = CocoDataset.open(dataset, split)
+        post = recipe.postprocess
+        recipe = replace(recipe, postprocess=replace(
+            post, category_ids=coco.scored_category_ids(post.labels, post.category_ids, console.log)))
         models = predictors(recipe, runners, folder, manifest, rows.pairs)
         if pipeline is not None:
             models[SOURCE_PIPELINE] = lambda image: pipeline.detections(image.pixels())
