@@ -36,7 +36,7 @@ def exports(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ultralytics")
     env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
                         "YOLO_CONFIG_DIR": str(folder / "settings")}
-    for script, config, *options in (("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12"),
+    for script, config, *options in (("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12", "--dynamic"),
                                      ("ultralytics_export.py", "yolo11n.yaml"),
                                      ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
                                      ("ultralytics_export.py", "yolov8n-seg.yaml", "--nms"),
@@ -190,6 +190,19 @@ def test_an_opset_12_export_is_cut_before_its_dfl_as_a_later_opset_export_is(exp
     port = built_without_npu(path, recipe, {"float32", "float32-tflite"}, tmp_path)["float32-tflite"]["verify"]
     assert port[post["box_output"]]["sqnr_db"] > 60 and port[post["class_output"]]["sqnr_db"] > 60, port
     decodes_as_the_export(path, exports / "yolov8n-opset12.onnx", tmp_path)
+
+
+def test_a_dynamic_export_is_built_at_the_size_it_was_exported_at_and_decodes_as_the_export(exports, tmp_path):
+    """Exported with dynamic=True (batch, height and width dynamic) at a size that is not square: init fixes the
+    input at the size its metadata says, letterboxed into it, and cuts before the DFL as for a fixed export; the
+    cut gives the export's boxes at that size, in ONNX and in its TFLite port."""
+    path, recipe = proposed("yolov8n-dynamic", exports, tmp_path)
+    post = recipe["postprocess"]
+    assert recipe["input"]["shape"] == [1, 3, 256, 320] and recipe["preprocess"]["resize"] == [256, 320]
+    assert recipe["preprocess"]["letterbox"] and post["box_encoding"] == "dfl"
+    port = built_without_npu(path, recipe, {"float32", "float32-tflite"}, tmp_path)["float32-tflite"]["verify"]
+    assert port[post["box_output"]]["sqnr_db"] > 60 and port[post["class_output"]]["sqnr_db"] > 60, port
+    decodes_as_the_export(path, exports / "yolov8n-dynamic.onnx", tmp_path)
 
 
 def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_its_detections(exports, tmp_path):
