@@ -241,25 +241,40 @@ def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_
     assert compared > 0
 
 
-def as_tflite_export(export: Path, folder: Path) -> Path:
-    """The export converted to a float .tflite by onnx2tf, as Ultralytics' TensorFlow exports convert it, with
-    the metadata.json Ultralytics appends to the .tflite it writes (its ONNX metadata, as JSON)."""
+# onnx2tf's files of an integer conversion, as Ultralytics' TensorFlow export (int8=True) keeps them (it names the
+# dynamic-range one <model>_int8.tflite)
+INTEGER_TFLITES = ("full_integer_quant", "integer_quant", "dynamic_range_quant")
+
+
+def as_tflite_exports(export: Path, folder: Path, integer: bool = False) -> dict[str, Path]:
+    """The export converted to .tflite by onnx2tf as Ultralytics' TensorFlow exports convert it, each file with the
+    metadata.json Ultralytics appends to the .tflite it writes (its ONNX metadata, as JSON): {"float32": file},
+    and with `integer` each of INTEGER_TFLITES too, calibrated on 32 train images (0-255, as Ultralytics feeds
+    them; onnx2tf's per-tensor ranges)."""
     import ast
-    import subprocess
     import sys
     import zipfile
 
     import numpy as np
     import onnx
+    from PIL import Image
 
     folder.mkdir()
     # onnx2tf reads sample images from its working folder, else downloads them
     np.save(folder / "calibration_image_sample_data_20x128x128x3_float32.npy",
             np.random.RandomState(0).uniform(0, 1, (20, 128, 128, 3)).astype(np.float32))
-    done = subprocess.run([sys.executable, "-m", "onnx2tf", "-i", str(export), "-o", str(folder / "saved"), "-n"],
-                          cwd=folder, capture_output=True, text=True)
-    made = folder / "saved" / f"{export.stem}_float32.tflite"
-    assert done.returncode == 0 and made.is_file(), done.stderr[-3000:]
+    command = [sys.executable, "-m", "onnx2tf", "-i", str(export), "-o", str(folder / "saved"), "-n"]
+    if integer:
+        height, width = [d.dim_value for d in onnx.load(str(export)).graph.input[0].type.tensor_type.shape.dim][2:]
+        images = sorted((MIRROR / "coco" / "train2017").glob("*.jpg"))[:32]
+        np.save(folder / "calibration.npy", np.stack([np.asarray(Image.open(p).convert("RGB").resize((width, height)),
+                                                                 np.float32) for p in images]))
+        command += ["-oiqt", "-qt", "per-tensor", "-cind", "images", str(folder / "calibration.npy"),
+                    "[[[[0,0,0]]]]", "[[[[255,255,255]]]]"]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    made = {kind: folder / "saved" / f"{export.stem}_{kind}.tflite"
+            for kind in ("float32", *(INTEGER_TFLITES if integer else ()))}
+    assert done.returncode == 0 and all(p.is_file() for p in made.values()), done.stderr[-3000:]
 
     def literal(value: str):
         try:
@@ -268,13 +283,20 @@ def as_tflite_export(export: Path, folder: Path) -> Path:
             return value
 
     metadata = {p.key: literal(p.value) for p in onnx.load(str(export)).metadata_props}
-    with zipfile.ZipFile(made, "a", zipfile.ZIP_DEFLATED) as appended:
-        appended.writestr("metadata.json", json.dumps(metadata, indent=2))
+    for file in made.values():
+        with zipfile.ZipFile(file, "a", zipfile.ZIP_DEFLATED) as appended:
+            appended.writestr("metadata.json", json.dumps(metadata, indent=2))
     return made
 
 
+@pytest.fixture(scope="module")
+def yolov8n_tflites(exports, tmp_path_factory) -> dict[str, Path]:
+    """The YOLOv8n export as the float and integer .tflite files a user could bring (as_tflite_exports)."""
+    return as_tflite_exports(exports / "yolov8n.onnx", tmp_path_factory.mktemp("tflite") / "export", integer=True)
+
+
 @pytest.mark.parametrize("model, encoding", [("yolov8n", "dfl"), ("yolo26n", "distances")])
-def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, tmp_path):
+def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, tmp_path, request):
     """A YOLOv8n (YOLO26n) a user exported to .tflite: init reads the metadata Ultralytics appends and the head in
     the file, and cuts it as the ONNX export (before the DFL, or YOLO26's grid decode, and the Concat of boxes and
     scores; it used to propose task other with MobileNet's preprocessing); the cut decodes to the file's own
@@ -289,7 +311,8 @@ def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, 
     from mzconvert.tasks.detection import head_boxes
     from tests.test_yolo import ATTACHED_HEADS
 
-    user = as_tflite_export(exports / f"{model}.onnx", tmp_path / "export")
+    user = (request.getfixturevalue("yolov8n_tflites") if model == "yolov8n" else
+            as_tflite_exports(exports / f"{model}.onnx", tmp_path / "export"))["float32"]
     (tmp_path / f"{model}.tflite").write_bytes(user.read_bytes())
     path, recipe = proposed(model, tmp_path, tmp_path, suffix=".tflite")
     post = recipe["postprocess"]
@@ -325,6 +348,59 @@ def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, 
         (npu,) = int8["vela"].values()
         assert npu["cpu_op_count"] == ATTACHED_HEADS[encoding][-1] and npu["npu_ops"] > 100, npu
         assert int8["postprocess_attached"]
+
+
+def test_an_integer_tflite_export_is_the_detector_it_is_cut_where_its_scores_keep_a_scale_of_their_own(
+        yolov8n_tflites, tmp_path):
+    """A YOLOv8n a user exported to an integer .tflite, as Ultralytics' TensorFlow export quantizes it: full-integer,
+    integer with float I/O, dynamic-range (Ultralytics' <model>_int8.tflite). init used to propose task other with
+    MobileNet's preprocessing for each. Each is now the detector it is, with Ultralytics' preprocessing and labels,
+    cut before the Concat of its boxes and scores, and built as it is (not quantized again: the dynamic-range one
+    used to be, into a file LiteRT cannot load). In the integer files the converter requantizes the scores to that
+    Concat's one scale, a box-sized step: every class probability of the file as it is reads 0. The cut takes them
+    before, at the sigmoid's own step (1/256), and the model with float I/O keeps float outputs."""
+    import numpy as np
+
+    from mzconvert.layout import built_stage_model
+    from mzconvert.preprocess import prepare
+    from mzconvert.recipe import load_recipe
+    from mzconvert.runtime import TFLiteRunner
+
+    float_export = TFLiteRunner(yolov8n_tflites["float32"])
+    modes = {"full_integer_quant": ("int8", "int8"), "integer_quant": ("int8", "float32"),
+             "dynamic_range_quant": ("dynamic", None)}
+    probabilities = {}
+    for kind, (mode, io) in modes.items():
+        work = tmp_path / kind
+        work.mkdir()
+        user = work / f"{kind}.tflite"
+        user.write_bytes(yolov8n_tflites[kind].read_bytes())
+        path, recipe = proposed(kind, work, work, suffix=".tflite")
+        post = recipe["postprocess"]
+        assert recipe["task"] == "detection" and post["kind"] == "yolov8" and len(post["labels"]) == 80, recipe
+        assert recipe["preprocess"]["letterbox"] is True and recipe["preprocess"]["scale"] == 1 / 255
+        assert recipe["strip"]["outputs"] == [post["box_output"], post["class_output"]]
+        assert [(v["mode"], v.get("io_dtype")) for v in recipe["variants"]] == [(mode, io)]
+        assert ("# A quantized export" in path.read_text()) == (mode == "int8")  # why it is cut
+        built_without_npu(path, recipe, {mode}, work)
+        loaded = load_recipe(path)
+        cut = TFLiteRunner(built_stage_model(work / "build", loaded, "strip"), list(loaded.strip.outputs))
+        assert {o.dtype for o in cut.outputs} == {io or "float32"}, cut.outputs  # its I/O as the file's
+        whole, found = TFLiteRunner(user), []
+        for image in sorted((work / "check").iterdir()):  # the best class probability of each image
+            tensor = prepare(image, loaded.preprocess, loaded.input).tensor
+            (theirs,) = whole.run(tensor)
+            (float_model,) = float_export.run(tensor)
+            found.append((float_model[0, 4:].max(), theirs[0, 4:].max(), cut.run(tensor)[1].max()))
+        probabilities[kind] = np.array(found)
+        if kind == "full_integer_quant":
+            assert whole.outputs[0].scale > 1 and cut.outputs[1].scale == 1 / 256, (whole.outputs, cut.outputs)
+    shown = probabilities["integer_quant"][:, 0] > 0.5  # images where the float model finds something
+    assert shown.any(), probabilities
+    for kind in ("full_integer_quant", "integer_quant"):  # the file as it is: no probability above 0; the cut's
+        assert (probabilities[kind][:, 1] == 0).all() and (probabilities[kind][shown, 2] > 0.3).all(), probabilities
+    assert (probabilities["dynamic_range_quant"][shown, 1] > 0.3).all()  # float activations: its scores survive
+    np.testing.assert_array_equal(probabilities["integer_quant"], probabilities["full_integer_quant"])
 
 
 def test_a_yolo11n_export_with_attention_blocks_converts_to_the_npu_and_ends_in_nms(exports, tmp_path):
@@ -710,7 +786,7 @@ def test_a_pose_tflite_export_is_cut_before_its_keypoint_decode_as_its_onnx_expo
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import TFLiteRunner
 
-    user = as_tflite_export(exports / "yolov8n-pose.onnx", tmp_path / "export")
+    user = as_tflite_exports(exports / "yolov8n-pose.onnx", tmp_path / "export")["float32"]
     (tmp_path / "pose.tflite").write_bytes(user.read_bytes())
     path, recipe = proposed("pose", tmp_path, tmp_path, suffix=".tflite")
     outputs = recipe["strip"]["outputs"]

@@ -163,10 +163,50 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
             needed.add(id(op))
             wanted += [i for i in op.inputs if i >= 0]
     graph.operators = [op for op in graph.operators if id(op) in needed]
+    float_outputs = all(graph.tensors[i].type == schema().TensorType.FLOAT32 for i in graph.outputs)
     graph.outputs = outputs
+    if float_outputs:  # an integer model with float outputs keeps them: its cut outputs dequantized last
+        _dequantized_outputs(model, graph)
     model.signatureDefs = []  # a signature names the outputs the cut removed
     _drop_unused_tensors(graph)
     return StripResult(model=write_model(model, target))
+
+
+# DEQUANTIZE's op version for the integer type it reads (TFLite's op_version.cc)
+DEQUANTIZE_VERSIONS = {"UINT8": 1, "INT8": 2, "INT16": 4}
+
+
+def _dequantized_outputs(model, graph) -> None:
+    """Each integer output of `graph` made a float one of its name by a DEQUANTIZE at the end (the integer tensor
+    renamed <name>/quantized)."""
+    s = schema()
+    types = {getattr(s.TensorType, name): name for name in DEQUANTIZE_VERSIONS}
+    for k, index in enumerate(graph.outputs):
+        quantized = graph.tensors[index]
+        if quantized.type not in types:
+            continue
+        output = s.TensorT()
+        output.name, output.shape, output.type = quantized.name, quantized.shape, s.TensorType.FLOAT32
+        model.buffers.append(s.BufferT())  # no data: computed
+        output.shapeSignature, output.buffer = quantized.shapeSignature, len(model.buffers) - 1
+        quantized.name += b"/quantized"
+        graph.tensors.append(output)
+        op = s.OperatorT()
+        op.opcodeIndex = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_VERSIONS[types[quantized.type]])
+        op.inputs, op.outputs = [index], [len(graph.tensors) - 1]
+        graph.operators.append(op)
+        graph.outputs[k] = len(graph.tensors) - 1
+
+
+def _opcode_index(model, builtin: int, version: int) -> int:
+    """The index of the model's operator code for `builtin` at `version` or above, added where it has none."""
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and code.version >= version:
+            return i
+    code = schema().OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
 
 
 def _drop_unused_tensors(graph) -> None:
@@ -204,7 +244,9 @@ def convert(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir:
 
 
 def _is_float(runner: TFLiteRunner) -> bool:
-    return runner.inputs[0].dtype == "float32" and runner.float_tensor_count() > 0
+    """Float activations and weights (a dynamic-range model's weights are quantized already: int8)."""
+    return runner.inputs[0].dtype == "float32" and runner.float_tensor_count() > 0 \
+        and not runner.quantized_tensor_count()
 
 
 def tflite_converter(model: Path, recipe: Recipe):

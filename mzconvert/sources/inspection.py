@@ -613,12 +613,18 @@ def _tflite_distances_input(model, made: dict) -> str | None:
     return model.subgraphs[0].tensors[distances].name.decode() if distances is not None else None
 
 
-def _viewed(tensor, made_by):
+def _viewed(tensor, made_by, views: tuple[str, ...] = ("RESHAPE", "TRANSPOSE")):
     """The tensor `tensor` is a reshaped or transposed view of (itself where it is none); made_by(tensor) is the
-    op type (upper case) and first input of the op that makes it, None for a graph input or a constant."""
-    while (made := made_by(tensor)) and made[0] in ("RESHAPE", "TRANSPOSE"):
+    op type (upper case) and first input of the op that makes it, None for a graph input or a constant. `views`:
+    the ops that make such a view."""
+    while (made := made_by(tensor)) and made[0] in views:
         tensor = made[1]
     return tensor
+
+
+# In an integer .tflite the same values at another scale: the converter requantizes each input of a CONCATENATION
+# to its output's scale (QUANTIZE), and a model with float outputs dequantizes them last (DEQUANTIZE)
+REQUANTIZED_VIEWS = ("RESHAPE", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE")
 
 
 def _onnx_producers(model) -> dict:
@@ -672,8 +678,9 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 
 
 def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict[str, list[dict]]:
-    """{output: its parts} for each output that a CONCATENATION of two tensors or more makes, or is a transposed or
-    reshaped view of (a detection head's boxes and scores, then any other part; `made`: _tflite_producers): the
+    """{output: its parts} for each output that a CONCATENATION of two tensors or more makes, or is a transposed,
+    reshaped or requantized view of (a detection head's boxes and scores, then any other part; `made`:
+    _tflite_producers): the
     parts' names and shapes, where a model can be cut to quantize them apart, and the tensor a decoded part is
     decoded from (`decoded_from`), as for ONNX."""
     graph = model.subgraphs[0]
@@ -684,12 +691,16 @@ def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict
     def inputs_of(tensor: int) -> list[int] | None:
         return [i for i in made[tensor][1].inputs if i >= 0] if tensor in made else None
 
+    made_by = _tflite_made_by(made)
     found = {}
     for i in graph.outputs:
-        name, op = made.get(_viewed(i, _tflite_made_by(made)), ("", None))
+        name, op = made.get(_viewed(i, made_by, REQUANTIZED_VIEWS), ("", None))
         if name == "CONCATENATION" and len(op.inputs) >= 2:
-            found[graph.tensors[i].name.decode()] = parts = [{"name": graph.tensors[t].name.decode(),
-                                                              "shape": shape(t)} for t in op.inputs]
+            # each part at its own scale, before a requantization to the join's (which can leave probabilities
+            # at a box-sized step: all 0)
+            found[graph.tensors[i].name.decode()] = parts = [
+                {"name": graph.tensors[_viewed(t, made_by, ("QUANTIZE",))].name.decode(), "shape": shape(t)}
+                for t in op.inputs]
             for part, tensor in zip(parts[2:], op.inputs[2:]):
                 source = _nearest_before([tensor], inputs_of, lambda t, wanted=part["shape"]:
                                          made[t][0] == "CONCATENATION" and shape(t) == wanted, DECODE_REACH)

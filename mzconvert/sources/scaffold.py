@@ -443,6 +443,13 @@ def _torch(model: dict) -> dict:
             "torch": model["torch"]}
 
 
+# An Ultralytics export its exporter quantized to integers (onnx2tf's integer .tflite files): what its cut is for
+INTEGER_EXPORT_NOTES = [
+    "# A quantized export, built as it is (its exporter's ranges). It is cut before the Concat of its boxes and",
+    "# scores: there its converter requantizes both to one scale, for boxes in pixels a step that rounds every class",
+    "# probability to 0; the cut takes each at its own. From the float export, init proposes int8 calibrated here."]
+
+
 def _tflite(model: dict) -> dict:
     """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
     post-processing op. A float Ultralytics export (its metadata.json) is proposed as its ONNX export is: a
@@ -460,8 +467,10 @@ def _tflite(model: dict) -> dict:
         # float16 weights are float32 once frozen (backends/tflite.py): a float model, calibrated for int8
         mode = "dynamic" if "int8" in types else "float32"
     proposal["variant"] = {"name": mode, "mode": mode, **({"io_dtype": io} if mode in ("int8", "uint8-qat") else {})}
-    if mode == "float32" and (export := _ultralytics_export(model, model.get("metadata", {}))):
+    if export := _ultralytics_export(model, model.get("metadata", {})):
         cut = export.get("postprocess", {}).get("box_output") is not None  # a detector's head; else as it is
+        if cut and mode in ("int8", "uint8-qat"):
+            export["notes"] = [*export.get("notes", []), *INTEGER_EXPORT_NOTES]
         return export | {"layout": "NHWC", "variant": proposal["variant"], "outputs": export["outputs"] if cut else []}
     if "TFLite_Detection_PostProcess" in model["ops"]:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
