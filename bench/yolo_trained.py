@@ -18,7 +18,7 @@ AP there is no accuracy figure; its ratio to float32 is still a paired fidelity 
 
 Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
        [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end] [--onnx TRAINED.onnx] [--seen]
-       [--error-split]
+       [--error-split] [--integer-tflite]
 """
 
 from __future__ import annotations
@@ -142,6 +142,58 @@ def error_split(path: Path, work: Path, calibration: Path) -> None:
         print(f"| {label} | {metrics['matched_detections']:.1%} of {metrics['detections_compared']} |")
 
 
+def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> None:
+    """The export as Ultralytics' int8 TensorFlow export writes it (bench/ultralytics_tflite.py: onnx2tf's integer
+    files, calibrated on 32 calibration images), each file as it is and through the recipe `mzconvert init` writes
+    for it, built as written: its detections matched with the build's float32 on the verify images (LiteRT's
+    reference kernels, the NPU's arithmetic)."""
+    from dataclasses import replace
+
+    from ultralytics_tflite import INTEGER_TFLITES, tflite_exports  # beside this script
+
+    from mzconvert.layout import built_stage_model
+    from mzconvert.preprocess import list_images, prepare
+    from mzconvert.runtime import REFERENCE, open_model
+    from mzconvert.stages.verify import share_upper_bound
+    from mzconvert.tasks.detection import matched_detections, raw_detections
+
+    files = tflite_exports(model, work / "integer-tflite", list_images(calibration)[:32])
+    recipe = load_recipe(path)
+    images = list_images(Path(recipe.verify.images))[:recipe.verify.count]
+
+    def detections(runner, recipe, post, names):
+        return [raw_detections(runner.run(prepare(image, recipe.preprocess, recipe.input).tensor), names, post, None,
+                               recipe.input.height_width) for image in images]
+
+    names = list(recipe.strip.outputs)
+    manifest = json.loads((work / "dist" / recipe.name / "manifest.json").read_text())
+    float32 = detections(open_model(work / "dist" / recipe.name / manifest["variants"]["float32"]["file"], names),
+                         recipe, recipe.postprocess, names)
+
+    def matched(found) -> str:
+        hits, total = (sum(column) for column in zip(*map(matched_detections, float32, found)))
+        share = hits / total if total else 1.0
+        low = 1 - share_upper_bound(1 - share, total)
+        return f"{share:.1%} of {total} ({low:.1%} - {share_upper_bound(share, total):.1%})"
+
+    print("| Ultralytics-style file | as it is: matched with float32 | init's recipe: cut, matched with float32 |")
+    print("| --- | --- | --- |")
+    for kind in INTEGER_TFLITES:
+        made = mz("init", kind, "--from", str(files[kind]), "--to", str(work))
+        built = mz("build", str(work / f"{kind}.yaml"), "--out", str(work / "dist"), "--build-dir", str(work / "build"))
+        if made.returncode != 0 or built.returncode != 0:
+            sys.exit(f"{kind}: init or build failed:\n{(made.stderr + built.stderr)[-3000:]}")
+        theirs = load_recipe(work / f"{kind}.yaml")
+        cut = open_model(built_stage_model(work / "build", theirs, "strip"), list(theirs.strip.outputs),
+                         kernels=REFERENCE)
+        whole = open_model(files[kind], kernels=REFERENCE)
+        output = whole.outputs[0].name  # boxes in pixels and class probabilities, joined
+        as_it_is = detections(whole, theirs, replace(theirs.postprocess, output=output, box_output=None,
+                                                     class_output=None, box_encoding="pixels"), [output])
+        print(f"| {kind} | {matched(as_it_is)} | "
+              f"{matched(detections(cut, theirs, theirs.postprocess, list(theirs.strip.outputs)))} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "mirror"))
@@ -150,6 +202,8 @@ def main() -> None:
     parser.add_argument("--end2end", action="store_true", help="export an NMS-free head end to end (nms=False)")
     parser.add_argument("--onnx", help="a trained Ultralytics detection export (default: train one here)")
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
+    parser.add_argument("--integer-tflite", action="store_true",
+                        help="also the export as Ultralytics' int8 TensorFlow export writes it, as it is and cut")
     parser.add_argument("--error-split", action="store_true",
                         help="also the float model with only its weights, or only its activations, at 8 bits")
     args = parser.parse_args()
@@ -220,6 +274,8 @@ def main() -> None:
                   f"{result['mask_AP50']:.4f} | {ratio} |")
     if args.error_split:
         error_split(path, work, calibration)
+    if args.integer_tflite:
+        integer_tflites(path, model, work, calibration)
     print(f"(work folder: {work})")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.ultralytics_tflite import tflite_exports
 from tests.conftest import MIRROR, ROOT, image_folder, run_cli
 
 pytestmark = pytest.mark.slow
@@ -241,58 +242,12 @@ def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_
     assert compared > 0
 
 
-# onnx2tf's files of an integer conversion, as Ultralytics' TensorFlow export (int8=True) keeps them (it names the
-# dynamic-range one <model>_int8.tflite)
-INTEGER_TFLITES = ("full_integer_quant", "integer_quant", "dynamic_range_quant")
-
-
-def as_tflite_exports(export: Path, folder: Path, integer: bool = False) -> dict[str, Path]:
-    """The export converted to .tflite by onnx2tf as Ultralytics' TensorFlow exports convert it, each file with the
-    metadata.json Ultralytics appends to the .tflite it writes (its ONNX metadata, as JSON): {"float32": file},
-    and with `integer` each of INTEGER_TFLITES too, calibrated on 32 train images (0-255, as Ultralytics feeds
-    them; onnx2tf's per-tensor ranges)."""
-    import ast
-    import sys
-    import zipfile
-
-    import numpy as np
-    import onnx
-    from PIL import Image
-
-    folder.mkdir()
-    # onnx2tf reads sample images from its working folder, else downloads them
-    np.save(folder / "calibration_image_sample_data_20x128x128x3_float32.npy",
-            np.random.RandomState(0).uniform(0, 1, (20, 128, 128, 3)).astype(np.float32))
-    command = [sys.executable, "-m", "onnx2tf", "-i", str(export), "-o", str(folder / "saved"), "-n"]
-    if integer:
-        height, width = [d.dim_value for d in onnx.load(str(export)).graph.input[0].type.tensor_type.shape.dim][2:]
-        images = sorted((MIRROR / "coco" / "train2017").glob("*.jpg"))[:32]
-        np.save(folder / "calibration.npy", np.stack([np.asarray(Image.open(p).convert("RGB").resize((width, height)),
-                                                                 np.float32) for p in images]))
-        command += ["-oiqt", "-qt", "per-tensor", "-cind", "images", str(folder / "calibration.npy"),
-                    "[[[[0,0,0]]]]", "[[[[255,255,255]]]]"]
-    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    made = {kind: folder / "saved" / f"{export.stem}_{kind}.tflite"
-            for kind in ("float32", *(INTEGER_TFLITES if integer else ()))}
-    assert done.returncode == 0 and all(p.is_file() for p in made.values()), done.stderr[-3000:]
-
-    def literal(value: str):
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-
-    metadata = {p.key: literal(p.value) for p in onnx.load(str(export)).metadata_props}
-    for file in made.values():
-        with zipfile.ZipFile(file, "a", zipfile.ZIP_DEFLATED) as appended:
-            appended.writestr("metadata.json", json.dumps(metadata, indent=2))
-    return made
-
-
 @pytest.fixture(scope="module")
 def yolov8n_tflites(exports, tmp_path_factory) -> dict[str, Path]:
-    """The YOLOv8n export as the float and integer .tflite files a user could bring (as_tflite_exports)."""
-    return as_tflite_exports(exports / "yolov8n.onnx", tmp_path_factory.mktemp("tflite") / "export", integer=True)
+    """The YOLOv8n export as the float and integer .tflite files a user could bring (bench/ultralytics_tflite.py),
+    calibrated on 32 train images."""
+    return tflite_exports(exports / "yolov8n.onnx", tmp_path_factory.mktemp("tflite") / "export",
+                          sorted((MIRROR / "coco" / "train2017").glob("*.jpg"))[:32])
 
 
 @pytest.mark.parametrize("model, encoding", [("yolov8n", "dfl"), ("yolo26n", "distances")])
@@ -311,8 +266,9 @@ def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, 
     from mzconvert.tasks.detection import head_boxes
     from tests.test_yolo import ATTACHED_HEADS
 
+
     user = (request.getfixturevalue("yolov8n_tflites") if model == "yolov8n" else
-            as_tflite_exports(exports / f"{model}.onnx", tmp_path / "export"))["float32"]
+            tflite_exports(exports / f"{model}.onnx", tmp_path / "export"))["float32"]
     (tmp_path / f"{model}.tflite").write_bytes(user.read_bytes())
     path, recipe = proposed(model, tmp_path, tmp_path, suffix=".tflite")
     post = recipe["postprocess"]
@@ -786,7 +742,8 @@ def test_a_pose_tflite_export_is_cut_before_its_keypoint_decode_as_its_onnx_expo
     from mzconvert.recipe import load_recipe
     from mzconvert.runtime import TFLiteRunner
 
-    user = as_tflite_exports(exports / "yolov8n-pose.onnx", tmp_path / "export")["float32"]
+
+    user = tflite_exports(exports / "yolov8n-pose.onnx", tmp_path / "export")["float32"]
     (tmp_path / "pose.tflite").write_bytes(user.read_bytes())
     path, recipe = proposed("pose", tmp_path, tmp_path, suffix=".tflite")
     outputs = recipe["strip"]["outputs"]
