@@ -680,9 +680,8 @@ def _exporter_metadata(data: bytes | None) -> dict[str, str]:
 def _tflite_concatenated_outputs(model, made: dict, outputs: list[dict]) -> dict[str, list[dict]]:
     """{output: its parts} for each output that a CONCATENATION of two tensors or more makes, or is a transposed,
     reshaped or requantized view of (a detection head's boxes and scores, then any other part; `made`:
-    _tflite_producers): the
-    parts' names and shapes, where a model can be cut to quantize them apart, and the tensor a decoded part is
-    decoded from (`decoded_from`), as for ONNX."""
+    _tflite_producers): the parts' names and shapes, where a model can be cut to quantize them apart, and the
+    tensor a decoded part is decoded from (`decoded_from`), as for ONNX."""
     graph = model.subgraphs[0]
 
     def shape(tensor: int) -> list[int]:

@@ -452,8 +452,8 @@ INTEGER_EXPORT_NOTES = [
 
 def _tflite(model: dict) -> dict:
     """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
-    post-processing op. A float Ultralytics export (its metadata.json) is proposed as its ONNX export is: a
-    detector cut before the Concat of its boxes and scores, its task's preprocessing."""
+    post-processing op. An Ultralytics export (its metadata.json), float or quantized, is proposed as its ONNX
+    export is: a detector cut before the Concat of its boxes and scores, its task's preprocessing."""
     proposal = _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS, "outputs": []}
     if declared := model.get("normalization"):  # what its publisher wrote into the file wins over a convention
         channels = proposal["shape"][-1]
