@@ -78,6 +78,7 @@ class CocoDataset:
     annotations: Path
     split: str
     categories: dict[int, str]  # category id -> name
+    with_keypoints: bool  # its annotations give keypoints (a pose dataset's instances file)
 
     @classmethod
     def open(cls, folder: Path, split: str) -> CocoDataset:
@@ -88,6 +89,7 @@ class CocoDataset:
             data = json.loads(candidates[0].read_text())
             entries = [(image["id"], image["file_name"]) for image in data["images"]]
             categories = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
+            with_keypoints = any("keypoints" in a for a in data.get("annotations", []))
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{candidates[0]}: not COCO instances annotations "
                           f"({exc.__class__.__name__}: {exc})") from None
@@ -98,7 +100,8 @@ class CocoDataset:
             if not path.is_file():
                 raise InputError(f"{candidates[0]}: image {file_name} is not in {image_dir}")
             images[image_id] = path
-        return cls(images=images, annotations=candidates[0], split=split, categories=categories)
+        return cls(images=images, annotations=candidates[0], split=split, categories=categories,
+                   with_keypoints=with_keypoints)
 
     def scored_category_ids(self, labels: tuple[str, ...], ids: tuple[int, ...], log) -> tuple[int, ...]:
         """The category each label is scored as. The recipe's `ids` (category_ids, else 1, 2, ... in label
@@ -132,9 +135,11 @@ class CocoDataset:
         """The annotations that give keypoints for every one of these images: the instances file where its
         annotations carry them, else the one other annotations/*<split>*.json that does (as COCO's
         person_keypoints_<split>.json); None where none does."""
+        if self.with_keypoints:
+            return self.annotations
         others = sorted(set(self.annotations.parent.glob(f"*{self.split}*.json")) - {self.annotations})
         found = []
-        for path in [self.annotations, *others]:
+        for path in others:
             try:
                 data = json.loads(path.read_text())
                 ids = {image["id"] for image in data["images"]}
@@ -142,8 +147,6 @@ class CocoDataset:
             except (ValueError, KeyError, TypeError):
                 continue  # not COCO annotations (captions have no keypoints either)
             if with_points and set(self.images) <= ids:
-                if path == self.annotations:
-                    return path
                 found.append(path)
         if len(found) > 1:
             raise InputError(f"{self.annotations.parent}: {len(found)} files give keypoints for the {self.split} "
