@@ -15,9 +15,10 @@ from mzconvert.tflite_file import read_model
 from tests.conftest import MIRROR, image_folder, run_cli
 
 
-def float_tflite(path: Path) -> Path:
+def float_tflite(path: Path, nchw: bool = False) -> Path:
     """A small float classifier converted from a concrete function: a .tflite with no SignatureDef, as frozen-graph
-    conversions and many published files are."""
+    conversions and many published files are; with `nchw` its input channels first, as litert-torch keeps a PyTorch
+    model's (Ultralytics' .tflite exports since 8.4.83)."""
     import tensorflow as tf
 
     rng = np.random.RandomState(7)
@@ -25,8 +26,11 @@ def float_tflite(path: Path) -> Path:
     dw = tf.constant(rng.normal(0, 0.3, (3, 3, 8, 1)).astype(np.float32))
     w2 = tf.constant(np.abs(rng.normal(0, 0.3, (8, 5))).astype(np.float32))  # logits that do not cancel out
 
-    @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec([1, 3, 32, 32] if nchw else [1, 32, 32, 3], tf.float32,
+                                                name="image")])
     def model(x):
+        if nchw:
+            x = tf.transpose(x, [0, 2, 3, 1])
         y = tf.nn.relu6(tf.nn.conv2d(x, w1, 2, "SAME"))
         y = tf.nn.relu6(tf.nn.depthwise_conv2d(y, dw, [1, 1, 1, 1], "SAME"))
         return tf.matmul(tf.reduce_mean(y, [1, 2]), w2)
@@ -324,6 +328,28 @@ def test_an_exporters_metadata_json_reads_as_onnx_metadata_props():
     assert carried_labels({"metadata": metadata}, 2) == ["person", "car"]
     assert _exporter_metadata(b"[1, 2]") == {} and _exporter_metadata(b"\xff not json") == {}
     assert _exporter_metadata(None) == {}
+
+
+def test_a_tflite_whose_input_is_channels_first_is_proposed_and_built_so(tmp_path, mirror):
+    """A .tflite whose input is NCHW (litert-torch keeps a PyTorch model's layout; Ultralytics' .tflite exports are
+    made so since 8.4.83): init proposed NHWC for every .tflite, a recipe that failed to validate ("320 channels").
+    Now the layout is read from the input's shape, and the file builds and predicts as it is."""
+    import zipfile
+
+    model = float_tflite(tmp_path / "m.tflite", nchw=True)
+    with zipfile.ZipFile(model, "a") as appended:
+        appended.writestr("metadata.json", json.dumps({"task": "classify", "imgsz": [32, 32],
+                                                       "names": {str(i): f"class {i}" for i in range(5)}}))
+    made = run_cli("init", "m", "--from", str(model), "--to", str(tmp_path / "r"))
+    assert made.returncode == 0, made.stderr
+    recipe = yaml.safe_load((tmp_path / "r" / "m.yaml").read_text())
+    assert recipe["input"]["layout"] == "NCHW" and recipe["input"]["shape"] == [1, 3, 32, 32], recipe["input"]
+    built = run_cli("--json", "build", str(tmp_path / "r" / "m.yaml"), "--out", str(tmp_path / "dist"),
+                    "--build-dir", str(tmp_path / "build"))
+    assert built.returncode == 0, built.stderr[-2000:]
+    drawn = run_cli("predict", str(tmp_path / "r" / "m.yaml"), str(sorted((MIRROR / "imagenet-samples").glob("*.JPEG"))[0]),
+                    "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
 
 
 @pytest.mark.parametrize("task", ["classify", "pose"])

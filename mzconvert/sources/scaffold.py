@@ -454,7 +454,9 @@ def _tflite(model: dict) -> dict:
     """The file as it is: one variant, the mode its tensors show; a detector if it ends in the TFLite
     post-processing op. An Ultralytics export (its metadata.json), float or quantized, is proposed as its ONNX
     export is: a detector cut before the Concat of its boxes and scores, its task's preprocessing."""
-    proposal = _single_input(model) | {"layout": "NHWC", "preprocess": TF_PREPROCESS, "outputs": []}
+    # the input's layout as its shape shows it: litert-torch keeps a PyTorch model's NCHW (Ultralytics' .tflite
+    # exports since 8.4.83), TensorFlow's converters write NHWC
+    proposal = _single_input(model) | {"preprocess": TF_PREPROCESS, "outputs": []}
     if declared := model.get("normalization"):  # what its publisher wrote into the file wins over a convention
         channels = proposal["shape"][-1]
         proposal["preprocess"] = {"interpolation": TF_PREPROCESS["interpolation"], "channel_order": "RGB",
@@ -471,7 +473,7 @@ def _tflite(model: dict) -> dict:
         cut = export.get("postprocess", {}).get("box_output") is not None  # a detector's head; else as it is
         if cut and mode in ("int8", "uint8-qat"):
             export["notes"] = [*export.get("notes", []), *INTEGER_EXPORT_NOTES]
-        return export | {"layout": "NHWC", "variant": proposal["variant"], "outputs": export["outputs"] if cut else []}
+        return export | {"variant": proposal["variant"], "outputs": export["outputs"] if cut else []}
     if "TFLite_Detection_PostProcess" in model["ops"]:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
                                                           "labels": ["CHECK: the model's labels"]}}
