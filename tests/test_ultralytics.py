@@ -266,7 +266,6 @@ def test_a_tflite_export_is_cut_as_its_onnx_export_is(model, encoding, exports, 
     from mzconvert.tasks.detection import head_boxes
     from tests.test_yolo import ATTACHED_HEADS
 
-
     user = (request.getfixturevalue("yolov8n_tflites") if model == "yolov8n" else
             tflite_exports(exports / f"{model}.onnx", tmp_path / "export"))["float32"]
     (tmp_path / f"{model}.tflite").write_bytes(user.read_bytes())
