@@ -113,6 +113,32 @@ def unlabelled_eval(tmp_path, built):
                    str(images), *where(built))
 
 
+def crossed_categories_eval(tmp_path, built):
+    """A detector labelled person and car, on a dataset whose categories are car (under another id than the
+    recipe's) and bus: which category its person is cannot be told."""
+    from tests.test_evaluate import coco_folder
+    from tests.test_yolo import yolov8_like_onnx
+
+    model = yolov8_like_onnx(tmp_path / "yolo.onnx")
+    recipe = tmp_path / "yolo.yaml"
+    recipe.write_text(f"""name: yolo
+task: detection
+description: a YOLOv8-layout head
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: images, shape: [1, 3, 320, 320], layout: NCHW}}
+preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
+postprocess: {{kind: yolov8, labels: [person, car], category_ids: [1, 3]}}
+variants:
+  - {{name: float32, mode: float32}}
+""")
+    done = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(recipe), *where(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    dataset = coco_folder(tmp_path / "coco", [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}])
+    return run_cli("eval", str(recipe), "--dataset", str(dataset), "--split", "val", *where(tmp_path))
+
+
 def nothing_to_compile(tmp_path, built):
     return run_cli("--cache-dir", str(built / "cache"), "vela", str(built / "tiny-cls.yaml"), *where(built))
 
@@ -145,6 +171,8 @@ CASES = {
     "a recipe field is wrong: each problem once, located (`file: field: what is expected`)": bad_field,
     "an argument names what the recipe does not have (`--variant`)": unknown_variant,
     "`eval` of a classifier on images whose labels cannot be told": unlabelled_eval,
+    "`eval` of a detector some of whose labels name the dataset's categories under other ids while others name "
+    "none (`postprocess.category_ids` says which is which)": crossed_categories_eval,
     "a stage with nothing to do: `vela` of a recipe without NPU targets": nothing_to_compile,
     "no source served the pinned file, or it differs from its checksum": checksum_differs,
     "`--offline` and the file is not in the cache or a directory mirror": offline_missing,
@@ -152,7 +180,8 @@ CASES = {
 }
 # What each case's one line must name.
 NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'",
-         unlabelled_eval: "photo 0.JPG", nothing_to_compile: "targets.vela", checksum_differs: "sha256",
+         unlabelled_eval: "photo 0.JPG", crossed_categories_eval: "postprocess.category_ids",
+         nothing_to_compile: "targets.vela", checksum_differs: "sha256",
          below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic"}
 ERROR_LINES = {refused: 2}  # its floor missed, then what was and was not shipped
 

@@ -118,9 +118,10 @@ class CocoDataset:
         where = f"{self.annotations.name}'s categories"
         if crossed and unnamed:
             label, i, other = crossed[0]
-            raise InputError(f"{self.annotations}: label {label!r} is category {other} there, not {i}, and "
-                             f"{len(unnamed)} labels name none of its categories (e.g. {unnamed[0]!r}): set "
-                             "postprocess.category_ids to the category id of each label")
+            more = f" and {len(unnamed) - 1} more" if len(unnamed) > 1 else ""
+            raise InputError(f"{self.annotations}: label {label!r} is category {other} there, not {i}, while "
+                             f"{unnamed[0]!r}{more} name none of its categories: set postprocess.category_ids to "
+                             "the category id of each label")
         if crossed:
             log(f"eval: labels scored as the categories they name in {where}: {len(crossed)} of them under "
                 f"another id than the recipe's (e.g. {crossed[0][0]!r}: {crossed[0][2]}, not {crossed[0][1]})")
