@@ -192,21 +192,10 @@ def _dequantized_outputs(model, graph) -> None:
         quantized.name += b"/quantized"
         graph.tensors.append(output)
         op = s.OperatorT()
-        op.opcodeIndex = _opcode_index(model, s.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_VERSIONS[types[quantized.type]])
+        op.opcodeIndex = _builtin_code(model, s.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_VERSIONS[types[quantized.type]])
         op.inputs, op.outputs = [index], [len(graph.tensors) - 1]
         graph.operators.append(op)
         graph.outputs[k] = len(graph.tensors) - 1
-
-
-def _opcode_index(model, builtin: int, version: int) -> int:
-    """The index of the model's operator code for `builtin` at `version` or above, added where it has none."""
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and code.version >= version:
-            return i
-    code = schema().OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
 
 
 def _drop_unused_tensors(graph) -> None:
