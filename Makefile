@@ -42,8 +42,9 @@ demo: install
 	$(if $(DEMO_IMAGES),$(MZ) predict pedestrian-ssdlite --variant float32 --variant int8 $(DEMO_IMAGES))
 	cd dist/pedestrian-ssdlite && md5sum -c --quiet MD5SUMS && echo "dist/pedestrian-ssdlite: MD5SUMS verified"
 
+# A file's tests share module fixtures (a model built once), so the files, not the tests, are spread over the cores.
 test: install ultralytics-env lint
-	ULTRALYTICS_PYTHON=$(abspath $(ULTRALYTICS_VENV))/bin/python $(BIN)/python -m pytest -q
+	ULTRALYTICS_PYTHON=$(abspath $(ULTRALYTICS_VENV))/bin/python $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The tests without the real models and converters (marked slow): seconds, not minutes.
 test-fast: install lint
