@@ -5,7 +5,8 @@ selection in the graph; yolov8n-seg YOLOv8n-seg, its masks compared and scored t
 anchors and objectness) is trained here
 from the `ultralytics` (`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
 bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
-detector, but its scores and features are a trained network's), or --onnx names a trained export of your own.
+detector, but its scores and features are a trained network's), or --export names a trained export of your own
+(ONNX, or a .tflite: onnx2tf's or litert-torch's).
 `mzconvert init` writes its recipe (calibration: the train images; verify: the val images) and the build runs it
 unedited: whether it passes its fidelity floors is printed. Then, floors or not, every variant's detections
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
@@ -17,7 +18,7 @@ learned, so that the float model's detections are confident and int8's agreement
 AP there is no accuracy figure; its ratio to float32 is still a paired fidelity measure).
 
 Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
-       [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end] [--onnx TRAINED.onnx] [--seen]
+       [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end] [--export TRAINED.onnx|.tflite] [--seen]
        [--error-split] [--integer-tflite]
 """
 
@@ -200,7 +201,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--model", choices=sorted(TRAINERS), default="yolov8n", help="the model trained here")
     parser.add_argument("--end2end", action="store_true", help="export an NMS-free head end to end (nms=False)")
-    parser.add_argument("--onnx", help="a trained Ultralytics detection export (default: train one here)")
+    parser.add_argument("--export", help="a trained Ultralytics detection export, .onnx or .tflite (default: train "
+                                          "one here)")
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
     parser.add_argument("--integer-tflite", action="store_true",
                         help="also the export as Ultralytics' int8 TensorFlow export writes it, as it is and cut")
@@ -209,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-yolo-trained-"))
-    model = Path(args.onnx) if args.onnx else trained(work, mirror, args.epochs, args.model, args.end2end)
+    model = Path(args.export) if args.export else trained(work, mirror, args.epochs, args.model, args.end2end)
     if args.seen:
         calibration, dataset = halves(mirror / "coco", work)
         verify, split = dataset / "train-b", "train-b"

@@ -183,6 +183,7 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir,
          torch_kwargs):
     """Write NAME.yaml: a recipe for the model, as far as inspecting it can tell (check the preprocessing)."""
     from .fsio import atomic_path
+    from .preprocess import IMAGE_SUFFIXES, list_images
     from .recipe import parse_recipe
     from .sources.inspection import inspect_file, resolve_source
     from .sources.scaffold import exported_report, propose_recipe, single_model_member
@@ -190,6 +191,9 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir,
     target = to_dir / f"{name}.yaml"
     if target.exists():
         raise MzError(f"{target}: exists; remove it or choose another NAME", EXIT_BAD_INPUT)
+    for option, folder in (("--calibration", calibration), ("--verify", verify_images)):
+        if folder is not None and not list_images(folder):
+            raise MzError(f"{folder}: {option}: no images in it ({', '.join(IMAGE_SUFFIXES)})", EXIT_BAD_INPUT)
     path, served_as, source_fields = resolve_source(source, ctx.fetcher())
     report = inspect_file(path, member, served_as)
     if member is None and (member := single_model_member(report)):

@@ -210,6 +210,8 @@ def prepare(path: Path, preprocess: Preprocess, model_input: InputSpec) -> Prepa
     return PreparedImage(tensor=model_tensor(image, preprocess, model_input), original_size=image.size)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
 def list_images(folder: Path) -> list[Path]:
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp"}
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -30,6 +30,23 @@ def op_names(model, subgraph: int = 0) -> list[str]:
     return found
 
 
+# Metadata a converter leaves for a later MLIR import of its file. litert-torch (Ultralytics' `format=tflite` since
+# 8.4.83) writes keep_stablehlo_constant: imported with it, every constant stays a StableHLO constant, which neither
+# TensorFlow's quantizer nor ai-edge-quantizer takes for a weight (a YOLOv8n's 63 convolutions stayed float, each
+# reading int8 weights through a DEQUANTIZE). LiteRT does not read it.
+IMPORT_HINTS = (b"keep_stablehlo_constant",)
+
+
+def drop_import_hints(model) -> bool:
+    """Remove IMPORT_HINTS from the model's (ModelT) metadata, before a quantizer imports it; whether there were any."""
+    if not model.metadata:
+        return False
+    kept = [entry for entry in model.metadata if entry.name not in IMPORT_HINTS]
+    dropped = len(kept) < len(model.metadata)
+    model.metadata = kept
+    return dropped
+
+
 def model_bytes(model) -> bytes:
     """The model (ModelT) as a .tflite flatbuffer."""
     import flatbuffers

@@ -107,6 +107,13 @@ def unknown_variant(tmp_path, built):
                    *where(built))
 
 
+def imageless_folder(tmp_path, built):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "notes.txt").write_text("no image here")
+    return run_cli("init", "again", "--from", str(built / "tiny.onnx"), "--to", str(tmp_path / "r"),
+                   "--verify", str(tmp_path / "photos"))
+
+
 def unlabelled_eval(tmp_path, built):
     images = image_folder(tmp_path / "photos", MIRROR / "coco" / "val2017", 2)  # no label in folder or name
     return run_cli("--cache-dir", str(built / "cache"), "eval", str(built / "tiny-cls.yaml"), "--dataset",
@@ -170,6 +177,7 @@ CASES = {
     "names the folder and its option": disk_full,
     "a recipe field is wrong: each problem once, located (`file: field: what is expected`)": bad_field,
     "an argument names what the recipe does not have (`--variant`)": unknown_variant,
+    "a folder `init` is given holds no image (`--calibration`, `--verify`)": imageless_folder,
     "`eval` of a classifier on images whose labels cannot be told": unlabelled_eval,
     "`eval` of a detector some of whose labels name the dataset's categories under other ids while others name "
     "none (`postprocess.category_ids` says which is which)": crossed_categories_eval,
@@ -179,7 +187,7 @@ CASES = {
     "another process holds the recipe's build folder (`--lock-timeout`)": locked,
 }
 # What each case's one line must name.
-NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'",
+NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'", imageless_folder: "--verify",
          unlabelled_eval: "photo 0.JPG", crossed_categories_eval: "postprocess.category_ids",
          nothing_to_compile: "targets.vela", checksum_differs: "sha256",
          below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic"}

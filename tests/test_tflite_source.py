@@ -330,23 +330,47 @@ def test_an_exporters_metadata_json_reads_as_onnx_metadata_props():
     assert _exporter_metadata(None) == {}
 
 
-def test_a_tflite_whose_input_is_channels_first_is_proposed_and_built_so(tmp_path, mirror):
-    """A .tflite whose input is NCHW (litert-torch keeps a PyTorch model's layout; Ultralytics' .tflite exports are
-    made so since 8.4.83): init proposed NHWC for every .tflite, a recipe that failed to validate ("320 channels").
-    Now the layout is read from the input's shape, and the file builds and predicts as it is."""
+def litert_torch_tflite(path: Path) -> Path:
+    """A float .tflite as litert-torch writes it (Ultralytics' `format=tflite` since 8.4.83): input channels first,
+    and the metadata entry keep_stablehlo_constant, which tells an MLIR import of the file to keep its constants as
+    StableHLO's."""
+    from mzconvert.tflite_file import add_buffer, schema, write_model
+
+    model = read_model(float_tflite(path, nchw=True))
+    hint = schema().MetadataT()
+    hint.name, hint.buffer = b"keep_stablehlo_constant", add_buffer(model, b"true")
+    model.metadata = [*(model.metadata or []), hint]
+    return write_model(model, path)
+
+
+def test_a_litert_torch_tflite_is_proposed_channels_first_and_quantized_to_full_integer(tmp_path, mirror):
+    """init proposed NHWC for every .tflite, a recipe that failed to validate ("320 channels"): the layout is now
+    read from the input's shape. Both quantizers left each convolution of such a file float, reading int8 weights
+    through a DEQUANTIZE (the import hint hid its weights): the build refused the int8 as "not fully quantized", and
+    ai-edge-quantizer's did not load. Both now quantize it whole, and the file builds and predicts as it is."""
     import zipfile
 
-    model = float_tflite(tmp_path / "m.tflite", nchw=True)
+    model = litert_torch_tflite(tmp_path / "m.tflite")
     with zipfile.ZipFile(model, "a") as appended:
         appended.writestr("metadata.json", json.dumps({"task": "classify", "imgsz": [32, 32],
                                                        "names": {str(i): f"class {i}" for i in range(5)}}))
-    made = run_cli("init", "m", "--from", str(model), "--to", str(tmp_path / "r"))
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
+    made = run_cli("init", "m", "--from", str(model), "--to", str(tmp_path / "r"), "--calibration", str(calibration),
+                   "--verify", str(image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 4)))
     assert made.returncode == 0, made.stderr
     recipe = yaml.safe_load((tmp_path / "r" / "m.yaml").read_text())
     assert recipe["input"]["layout"] == "NCHW" and recipe["input"]["shape"] == [1, 3, 32, 32], recipe["input"]
+    assert [v["mode"] for v in recipe["variants"]] == ["float32", "int8"]
+    aeq = {k: v for k, v in recipe["variants"][1].items() if k != "calibration_method"}  # the converter's ranges
+    recipe["variants"].append(aeq | {"name": "int8-aeq", "quantizer": "ai-edge-quantizer"})
+    (tmp_path / "r" / "m.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     built = run_cli("--json", "build", str(tmp_path / "r" / "m.yaml"), "--out", str(tmp_path / "dist"),
                     "--build-dir", str(tmp_path / "build"))
     assert built.returncode == 0, built.stderr[-2000:]
+    for name in ("int8", "int8-aeq"):
+        quantized = read_model(tmp_path / "dist" / "m" / json.loads(built.stdout)["m"]["variants"][name]["file"])
+        graph = quantized.subgraphs[0]
+        assert not [t.name for t in graph.tensors if t.type == 0], name  # no float tensor, weights or activations
     drawn = run_cli("predict", str(tmp_path / "r" / "m.yaml"), str(sorted((MIRROR / "imagenet-samples").glob("*.JPEG"))[0]),
                     "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]

@@ -22,7 +22,7 @@ from ..quant import litert_quantizer
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
-from ..tflite_file import add_buffer, op_names, read_model, schema, write_model
+from ..tflite_file import add_buffer, drop_import_hints, op_names, read_model, schema, write_model
 from . import StripResult, check_tensors
 
 
@@ -251,6 +251,7 @@ def range_slots(model: Path, recipe: Recipe, tensor, target: Path):
                       "as it is")
     s = schema()
     flatbuffer = read_model(model)
+    drop_import_hints(flatbuffer)
     for graph in flatbuffer.subgraphs:
         for t in graph.tensors:
             data = flatbuffer.buffers[t.buffer].data

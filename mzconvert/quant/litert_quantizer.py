@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError, short_text
-from ..tflite_file import model_bytes, read_model, schema
+from ..tflite_file import drop_import_hints, model_bytes, read_model, schema
 from .tflite_converter import tf_module
 
 # mode -> the quantizer's recipe (the I/O dtypes its models have: recipe/rules.py holds variants to them)
@@ -31,9 +31,9 @@ def available() -> bool:
 
 def with_signature(model_file: Path) -> tuple[bytes, str]:
     """(the flatbuffer, its main signature's input name): given a SignatureDef over subgraph 0 if it has none,
-    and its operator codes in the field the quantizer reads."""
+    its operator codes in the field the quantizer reads, and no import hint that hides its weights."""
     model = read_model(model_file)
-    upgraded = _current_opcodes(model)
+    upgraded = _current_opcodes(model) | drop_import_hints(model)
     if model.signatureDefs:
         signature = next((s for s in model.signatureDefs if s.signatureKey == SIGNATURE.encode()),
                          model.signatureDefs[0])
