@@ -14,9 +14,17 @@ def schema():
 
 
 def read_model(path: Path):
-    """The whole model as mutable objects (ModelT)."""
+    """The whole model as mutable objects (ModelT), every buffer's data inside it: a buffer stored after the
+    flatbuffer (offset > 1, as ai-edge-quantizer and litert-torch write them; Ultralytics' int8 `.tflite`) is read
+    in, where the objects would keep an offset into bytes that model_bytes does not write."""
     s = schema()
-    return s.ModelT.InitFromObj(s.Model.GetRootAsModel(path.read_bytes(), 0))
+    content = path.read_bytes()
+    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(content, 0))
+    for buffer in model.buffers or []:
+        if buffer.offset > 1:
+            buffer.data = np.frombuffer(content, np.uint8, buffer.size, buffer.offset)
+            buffer.offset = buffer.size = 0
+    return model
 
 
 def op_names(model, subgraph: int = 0) -> list[str]:

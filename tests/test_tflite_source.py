@@ -83,6 +83,53 @@ def test_a_file_of_the_old_schema_is_quantized_with_integer_weights(tmp_path, mo
     assert graph.tensors[conv.inputs[1]].type == 9  # INT8 weights
 
 
+def with_buffers_after(path: Path, target: Path) -> Path:
+    """The model with every buffer's data stored after the flatbuffer, each found by its offset from the start of
+    the file: the layout ai-edge-quantizer writes for a model of 256 KiB of weights or more (and so Ultralytics'
+    int8 `.tflite`)."""
+    from mzconvert.tflite_file import model_bytes
+
+    model = read_model(path)
+    stored = {i: bytes(b.data) for i, b in enumerate(model.buffers) if b.data is not None and len(b.data)}
+    for i in stored:  # placeholders first: the flatbuffer's length, where the data will start
+        model.buffers[i].data, model.buffers[i].offset, model.buffers[i].size = None, 1, 1
+    position, layout = -(-len(model_bytes(model)) // 16) * 16, {}
+    for i, data in stored.items():
+        layout[i] = position
+        model.buffers[i].offset, model.buffers[i].size = position, len(data)
+        position = -(-(position + len(data)) // 16) * 16
+    flatbuffer = bytearray(model_bytes(model))  # the same length: the fields were written as placeholders
+    content = flatbuffer + bytes(position - len(flatbuffer))
+    for i, data in stored.items():
+        content[layout[i]:layout[i] + len(data)] = data
+    target.write_bytes(bytes(content))
+    return target
+
+
+def test_buffers_stored_after_the_flatbuffer_are_kept_when_a_file_is_rewritten(tmp_path):
+    """A file read and written again (strip, attach) kept its buffers' offsets and not their bytes: LiteRT refused
+    it ("Constant buffer 24 specified an out of range offset"), for Ultralytics' int8 `.tflite` among others. It
+    now computes what it did."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mzconvert.tflite_file import write_model
+
+    original = float_tflite(tmp_path / "m.tflite")
+    stored_after = with_buffers_after(original, tmp_path / "after.tflite")
+    rewritten = write_model(read_model(stored_after), tmp_path / "rewritten.tflite")
+    image = np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+
+    def outputs(path: Path) -> np.ndarray:
+        interpreter = Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    np.testing.assert_array_equal(outputs(stored_after), outputs(original))
+    np.testing.assert_array_equal(outputs(rewritten), outputs(original))
+
+
 @pytest.mark.slow
 def test_a_float_tflite_inits_and_builds_to_a_verified_int8_for_the_npu(tmp_path, mirror):
     model = float_tflite(tmp_path / "float.tflite")
