@@ -2,7 +2,7 @@
 int8=True its integer files): onnx2tf, the integer ones calibrated on images at the export's input size (RGB 0-255,
 as Ultralytics feeds them; onnx2tf's per-tensor ranges), each file with the metadata.json Ultralytics appends to the
 .tflite it writes (the export's ONNX metadata, as JSON). Files a user brings, made here without Ultralytics'
-TensorFlow stack; tests/test_ultralytics.py and bench/yolo_trained.py --integer-tflite read them.
+TensorFlow stack; tests/test_ultralytics*.py and bench/yolo_trained.py --integer-tflite read them.
 
 usage: .venv/bin/python bench/ultralytics_tflite.py EXPORT.onnx OUT_DIR [CALIBRATION_IMAGE_DIR]
 (with calibration images, the integer files too)

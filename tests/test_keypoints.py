@@ -1,6 +1,6 @@
 """Keypoints of a pose head: decoded from a head cut before their decode, mapped back from the letterbox, judged
 by OKS where the boxes match, and the recipe fields that describe them. (Against a real YOLOv8n-pose export's
-own decode: tests/test_ultralytics.py.)"""
+own decode: tests/test_ultralytics_heads.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Instance masks of a segmentation head: the decode's arithmetic against torch's, the recipe fields that name
 its outputs, and COCO mask AP of the masks eval writes. (Against Ultralytics' own predictor on a real
-YOLOv8n-seg export: tests/test_ultralytics.py.)"""
+YOLOv8n-seg export: tests/test_ultralytics_heads.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Oriented boxes (an Ultralytics obb head: kind yolov8 with postprocess.angles): decoded rotated as its
 dist2rbox decodes them, suppressed and matched by their probabilistic IoU as Ultralytics' NMS and validator, mapped
-back from the letterbox, and the recipe fields. (Against a real YOLOv8n-obb export: tests/test_ultralytics.py.)"""
+back from the letterbox, and the recipe fields. (Against a real YOLOv8n-obb export: tests/test_ultralytics_heads.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """YOLOv5-style heads (anchors, objectness): the levels init reads from the graph, freeze's split of each level's
 Conv into box and score channels, the decode of the split logits, how verify judges them, and the recipe's
-errors; on an ONNX graph of the export's layout made here (tests/test_ultralytics.py: the real YOLOv5n)."""
+errors; on an ONNX graph of the export's layout made here (tests/test_ultralytics_heads.py: the real YOLOv5n)."""
 
 from __future__ import annotations
 
