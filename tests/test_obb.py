@@ -118,13 +118,97 @@ def test_a_recipes_angles_are_checked_where_they_are_wrong(tmp_path, parts, mess
         obb_recipe(tmp_path, parts)
 
 
-def test_eval_refuses_an_oriented_box_model_and_says_why(tmp_path):
-    from mzconvert.errors import MzError
-    from mzconvert.evaluate.run import run_eval
+# Objects of two 200 x 160 images: (image, class, rotated box: centre x, y, width, height in pixels, angle), the
+# second image's ship a difficult one in DOTA's file
+OBJECTS = [(0, 0, (60.0, 50.0, 60.0, 20.0, 0.5)), (0, 1, (140.0, 110.0, 40.0, 16.0, -0.9)),
+           (1, 0, (100.0, 80.0, 80.0, 30.0, 1.2)), (1, 1, (40.0, 40.0, 24.0, 12.0, 0.0))]
+SIZE = (200, 160)
+
+
+def oriented_folder(root, layout: str):
+    """The OBJECTS' images and labels in one of the layouts users have: DOTA's (under val/ or not, with its header
+    lines, pixel corners, category names) or Ultralytics' (images/val, labels/val, class indices, normalised)."""
+    from PIL import Image
+
+    dota = layout.startswith("dota")
+    base = root / "val" if layout == "dota-split" else root
+    images = base / "images" if dota else root / "images" / "val"
+    labels = base / "labelTxt" if dota else root / "labels" / "val"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for image in (0, 1):
+        Image.new("RGB", SIZE, (90, 90, 90)).save(images / f"P000{image}.png")
+        lines = ["imagesource:GoogleEarth", "gsd:0.5"] if dota else []
+        for i, label, box in OBJECTS:
+            if i != image:
+                continue
+            corners = rotated_corners(np.array([box]))[0]
+            if dota:
+                lines.append(" ".join(f"{v:.2f}" for v in corners.ravel()) + f" {['plane', 'ship'][label]} "
+                             f"{int(image == 1 and label == 1)}")
+            else:
+                lines.append(f"{label} " + " ".join(f"{v:.6f}" for v in (corners / SIZE).ravel()))
+        (labels / f"P000{image}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def found_as(rotated: np.ndarray, labels: list[int]) -> Detections:
+    """Detections on the original image of these rotated boxes (pixels), their bounds normalised as on_image's."""
+    from mzconvert.tasks.oriented import rotated_bounds
+
+    x, y, w, h = rotated_bounds(rotated).T
+    bounds = np.column_stack([(y - h / 2) / SIZE[1], (x - w / 2) / SIZE[0], (y + h / 2) / SIZE[1], (x + w / 2) / SIZE[0]])
+    return Detections(boxes=bounds, scores=np.full(len(labels), 0.9, np.float32), labels=np.array(labels),
+                      rotated=rotated)
+
+
+@pytest.mark.parametrize("layout", ["dota", "dota-split", "ultralytics"])
+def test_an_oriented_box_model_is_scored_by_its_rotated_boxes_on_dota_and_ultralytics_folders(tmp_path, layout):
+    """eval used to refuse an oriented-box head. Each layout reads as the same polygons; a model giving the objects'
+    own rotated boxes scores AP 1 (DOTA's difficult ship: found or not, not counted), one giving their bounds as
+    boxes of angle 0, or the same boxes turned, scores less: the rotation is what is scored, not the bounds."""
+    from mzconvert.evaluate.oriented_datasets import open_oriented
+    from mzconvert.evaluate.scoring import evaluate_detection
+    from mzconvert.tasks.oriented import rotated_bounds
 
     recipe = obb_recipe(tmp_path)
-    with pytest.raises(MzError, match="postprocess.angles: eval scores boxes against COCO's axis-aligned"):
-        run_eval(recipe, tmp_path, "val", [], [], tmp_path, tmp_path, None)
+    dataset = open_oriented(oriented_folder(tmp_path / "data", layout), "val", recipe.postprocess.labels,
+                            recipe.postprocess.category_ids)
+    assert sorted(p.name for p in dataset.images.values()) == ["P0000.png", "P0001.png"]
+    assert dataset.categories == {1: "plane", 2: "ship"}
+
+    def model(change=lambda boxes: boxes, without_difficult: bool = False):
+        def predict(image):
+            index = int(image.path.stem[-1])
+            mine = [(label, box) for i, label, box in OBJECTS
+                    if i == index and not (without_difficult and (i, label) == (1, 1))]
+            return found_as(change(np.array([box for _, box in mine])), [label for label, _ in mine])
+        return predict
+
+    models = {"float32": model(), "turned": model(lambda boxes: boxes + [0, 0, 0, 0, 0.6]),
+              "bounds": model(lambda boxes: np.column_stack([rotated_bounds(boxes), np.zeros(len(boxes))])),
+              "without-difficult": model(without_difficult=True)}
+    results = evaluate_detection(models, recipe, dataset)["results"]
+    assert results["float32"]["AP"] == pytest.approx(1.0) and results["float32"]["AP50"] == pytest.approx(1.0)
+    assert results["bounds"]["AP"] < 0.6 and results["turned"]["AP"] < 0.6, results
+    counted = layout == "ultralytics"  # its format has no difficult flag: every object counts
+    assert (results["without-difficult"]["AP"] < 0.9) == counted, results
+
+
+@pytest.mark.parametrize("layout, line, message", [
+    ("dota", "10 10 20 10 20 20 10 plane 0", "expected 'x1 y1 x2 y2 x3 y3 x4 y4 category"),
+    ("ultralytics", "2 0.1 0.1 0.2 0.1 0.2 0.2 0.1 0.2", r"expected 'class x1 y1 x2 y2 x3 y3 x4 y4' \(class 0-1"),
+])
+def test_a_malformed_label_line_is_named_by_file_and_line(tmp_path, layout, line, message):
+    from mzconvert.errors import InputError
+    from mzconvert.evaluate.oriented_datasets import open_oriented
+
+    root = oriented_folder(tmp_path / "data", layout)
+    label_file = next(root.rglob("P0000.txt"))
+    number = len(label_file.read_text().splitlines()) + 1
+    label_file.write_text(label_file.read_text() + line + "\n")
+    with pytest.raises(InputError, match=f"P0000.txt:{number}: {message}"):
+        open_oriented(root, "val", ("plane", "ship"), (1, 2))
 
 
 def test_a_head_with_no_box_above_the_threshold_gives_no_detections(tmp_path):

@@ -109,10 +109,10 @@ class CocoDataset:
         of them, by name (a model trained on this dataset with its classes in another order than its
         ids'). A label that names another category while some other label names none is an error: no
         mapping can be told from them."""
-        named = {_category_key(name): i for i, name in self.categories.items()}
+        named = {category_key(name): i for i, name in self.categories.items()}
         if len(named) < len(self.categories):  # two categories of one name: a name tells no id
             return ids
-        found = {label: named.get(_category_key(label)) for label in labels}
+        found = {label: named.get(category_key(label)) for label in labels}
         crossed = [(label, i, found[label]) for label, i in zip(labels, ids) if found[label] not in (None, i)]
         unnamed = [label for label in labels if found[label] is None]
         where = f"{self.annotations.name}'s categories"
@@ -155,7 +155,7 @@ class CocoDataset:
         return found[0] if found else None
 
 
-def _category_key(name: str) -> str:
+def category_key(name: str) -> str:
     """A category name as compared with a label: case, spaces, hyphens and underscores aside."""
     return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
 

@@ -26,6 +26,7 @@ from ..tasks.detection import (
 )
 from ..tflite_file import integer_core_digest
 from .datasets import CocoDataset, LoadedImage, Predict, Runner, dataset_identity
+from .oriented_datasets import open_oriented
 from .scoring import SOURCE_GRAPH, SOURCE_PIPELINE, evaluate_classification, evaluate_detection
 
 # Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1] after
@@ -45,11 +46,6 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     """Evaluate the built variants, the float source model, the source pipeline (where declared) and
     `references` on the same images; writes dist/<recipe>/eval/<dataset key>.json."""
     check_scored(recipe)
-    if recipe.postprocess is not None and recipe.postprocess.angles:
-        raise MzError(f"{recipe.path}: postprocess.angles: eval scores boxes against COCO's axis-aligned annotations; "
-                      "an oriented-box model's rotated boxes need oriented annotations (DOTA's), which it does not "
-                      "read yet: build judges its int8 by its rotated boxes matched with the float model's, predict "
-                      "draws them", EXIT_BAD_INPUT)
     manifest = load_manifest(dist, recipe.name)
     recipe = with_class_labels(recipe, manifest, console.log)
     folder = dist / recipe.name
@@ -75,8 +71,9 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     if recipe.task == "detection":
         for path in references:
             runners[path.stem] = open_model(path, output_names, threads).run
-        coco = CocoDataset.open(dataset, split)
         post = recipe.postprocess
+        coco = open_oriented(dataset, split, post.labels, post.category_ids) if post.angles else \
+            CocoDataset.open(dataset, split)
         recipe = replace(recipe, postprocess=replace(
             post, category_ids=coco.scored_category_ids(post.labels, post.category_ids, console.log)))
         models = predictors(recipe, runners, folder, manifest, rows.pairs)
@@ -85,9 +82,11 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
         evaluation = evaluate_detection(models, recipe, coco, console.log, rows.pairs, rows.parallel, rows.aliases)
         scored = ["bbox", *(["mask"] if recipe.postprocess.mask_coefficients else []),
                   *(["keypoint"] if "keypoint_AP" in next(iter(evaluation["results"].values())) else [])]
-        scope = f"COCO {' and '.join(scored)} AP" + \
+        scope = ("oriented-box AP (COCO's, the rotated boxes' polygons overlapping)" if post.angles else
+                 f"COCO {' and '.join(scored)} AP") + \
             (f", categories {', '.join(recipe.postprocess.labels)}" if len(recipe.postprocess.labels) < 80 else "")
-        images, label_source = list(coco.images.values()), f"COCO annotations {coco.annotations.name}"
+        images = list(coco.images.values())
+        label_source = f"oriented boxes in {dataset}" if post.angles else f"COCO annotations {coco.annotations.name}"
     else:
         models = predictors(recipe, runners, folder, manifest)
         labelled = labelled_images(dataset, recipe.labels, labels_file)

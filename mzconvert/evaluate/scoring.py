@@ -1,7 +1,7 @@
 """Accuracy of several models on the same images: COCO bbox AP (a segmentation head's: and mask AP; a pose head's:
-and keypoint AP, where the annotations give keypoints; pycocotools) or top-1/top-5, with paired bootstrap intervals
-of each model's ratio to the baseline (float32, or the first model), and of the difference within each pair of rows
-named (one variant under two kernel families)."""
+and keypoint AP, where the annotations give keypoints; an oriented-box head's: its rotated boxes' AP instead;
+pycocotools) or top-1/top-5, with paired bootstrap intervals of each model's ratio to the baseline (float32, or
+the first model), and of the difference within each pair of rows named (one variant under two kernel families)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def evaluate_detection(models: dict[str, Predict], recipe: Recipe, dataset: Coco
     scored_ids = list(post.category_ids) if len(set(post.category_ids)) < 80 else None
     weights = bootstrap_weights(len(items))
     baseline = _baseline(list(models))
-    scores, resampled = _scored(rows, dataset.annotations, scored_ids, weights, "bbox")
+    # an oriented-box head's rotated boxes: as the polygons they are (the annotations' outlines, oriented_datasets)
+    scores, resampled = _scored(rows, dataset.annotations, scored_ids, weights, "segm" if post.angles else "bbox")
     results = {name: s.summary | {"images": len(items), "detections": len(rows[name]),
                                   "ratio_interval": ratio_interval(resampled[name], resampled[baseline])}
                for name, s in scores.items()}

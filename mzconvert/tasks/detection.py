@@ -19,7 +19,7 @@ from ..recipe import Postprocess, Preprocess
 from ..recipe.schema import AnchorLevel
 from .keypoints import decoded_keypoints
 from .masks import InstanceMasks, instance_masks
-from .oriented import probiou, rotated_bounds, rotated_nms, rotated_on_image
+from .oriented import probiou, rotated_bounds, rotated_corners, rotated_nms, rotated_on_image
 
 
 @dataclass(frozen=True)
@@ -412,11 +412,13 @@ def postprocessed_detections(boxes, classes, scores, count, class_offset: int = 
 
 
 def coco_results(image_id: int, detections: Detections, size: tuple[int, int], post: Postprocess) -> list[dict]:
-    """COCO result rows of an image's detections; with masks, each its mask as COCO's run-length encoding; with
-    keypoints, each's points as x, y in image pixels and the head's visibility (1 where it has none)."""
+    """COCO result rows of an image's detections; with masks, each its mask as COCO's run-length encoding (with
+    rotated boxes, each's polygon so); with keypoints, each's points as x, y in image pixels and the head's
+    visibility (1 where it has none)."""
     from pycocotools import mask as coco_mask
 
     width, height = size
+    polygons = rotated_corners(detections.rotated).reshape(-1, 8).tolist() if detections.rotated is not None else []
     rows = []
     for k, ((ymin, xmin, ymax, xmax), score, label) in enumerate(zip(detections.boxes, detections.scores,
                                                                     detections.labels)):
@@ -425,6 +427,8 @@ def coco_results(image_id: int, detections: Detections, size: tuple[int, int], p
                               float((xmax - xmin) * width), float((ymax - ymin) * height)]})
         if detections.masks is not None:
             rows[-1]["segmentation"] = coco_mask.encode(np.asfortranarray(detections.masks.on_image(k), np.uint8))
+        if polygons:
+            rows[-1]["segmentation"] = coco_mask.merge(coco_mask.frPyObjects([polygons[k]], height, width))
         if detections.keypoints is not None:
             points = detections.keypoints[k]
             visibility = points[:, 2] if points.shape[1] == 3 else np.ones(points.shape[0])
