@@ -197,7 +197,9 @@ def test_an_oriented_box_model_is_scored_by_its_rotated_boxes_on_dota_and_ultral
 
 @pytest.mark.parametrize("layout, line, message", [
     ("dota", "10 10 20 10 20 20 10 plane 0", "expected 'x1 y1 x2 y2 x3 y3 x4 y4 category"),
+    ("dota", "10 10 20 10 20 nan 10 20 plane 0", "expected 'x1 y1 x2 y2 x3 y3 x4 y4 category"),
     ("ultralytics", "2 0.1 0.1 0.2 0.1 0.2 0.2 0.1 0.2", r"expected 'class x1 y1 x2 y2 x3 y3 x4 y4' \(class 0-1"),
+    ("ultralytics", "1 0.1 0.1 0.2 0.1 0.2 inf 0.1 0.2", r"expected 'class x1 y1 x2 y2 x3 y3 x4 y4' \(class 0-1"),
 ])
 def test_a_malformed_label_line_is_named_by_file_and_line(tmp_path, layout, line, message):
     from mzconvert.errors import InputError

@@ -114,7 +114,7 @@ def _dota_objects(path: Path) -> list[tuple[str, np.ndarray, bool]]:
             difficult = len(fields) > 9 and int(fields[9]) != 0
         except ValueError:
             corners = None
-        if corners is None or len(fields) < 9:
+        if corners is None or len(fields) < 9 or not np.isfinite(corners).all():
             raise InputError(f"{path}:{number}: expected 'x1 y1 x2 y2 x3 y3 x4 y4 category [difficult]', "
                              f"got {line.strip()[:80]!r}")
         rows.append((category_key(fields[8]), corners, difficult))
@@ -136,7 +136,7 @@ def _ultralytics_objects(path: Path, labels: tuple[str, ...], size: tuple[int, i
             corners = np.array([float(v) for v in fields[1:9]], np.float64).reshape(4, 2) * np.array(size)
         except ValueError:
             index, corners = -1, None
-        if corners is None or len(fields) != 9 or not 0 <= index < len(labels):
+        if corners is None or len(fields) != 9 or not 0 <= index < len(labels) or not np.isfinite(corners).all():
             raise InputError(f"{path}:{number}: expected 'class x1 y1 x2 y2 x3 y3 x4 y4' (class 0-{len(labels) - 1}, "
                              f"corners normalised), got {line.strip()[:80]!r}")
         rows.append((category_key(labels[index]), corners, False))
