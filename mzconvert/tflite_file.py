@@ -15,8 +15,8 @@ def schema():
 
 def read_model(path: Path):
     """The whole model as mutable objects (ModelT), every buffer's data inside it: a buffer stored after the
-    flatbuffer (offset > 1, as ai-edge-quantizer and litert-torch write them; Ultralytics' int8 `.tflite`) is read
-    in, where the objects would keep an offset into bytes that model_bytes does not write."""
+    flatbuffer (offset > 1: ai-edge-quantizer writes a model of 256 KiB of weights or more so, Ultralytics' int8
+    `.tflite` among them) is read in, where the objects would keep an offset into bytes model_bytes does not write."""
     s = schema()
     content = path.read_bytes()
     model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(content, 0))
