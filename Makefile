@@ -42,13 +42,16 @@ demo: install
 	$(if $(DEMO_IMAGES),$(MZ) predict pedestrian-ssdlite --variant float32 --variant int8 $(DEMO_IMAGES))
 	cd dist/pedestrian-ssdlite && md5sum -c --quiet MD5SUMS && echo "dist/pedestrian-ssdlite: MD5SUMS verified"
 
-# A file's tests share module fixtures (a model built once), so the files, not the tests, are spread over the cores.
-test: install ultralytics-env lint
-	ULTRALYTICS_PYTHON=$(abspath $(ULTRALYTICS_VENV))/bin/python $(BIN)/python -m pytest -q -n auto --dist loadfile
+# A file's tests share module fixtures (a model built once), so the files, not the tests, are spread over the cores;
+# at most 4: more would wait on the longest file (11 minutes here), and each holds TensorFlow in memory.
+PARALLEL := -n auto --maxprocesses 4 --dist loadfile
 
-# The tests without the real models and converters (marked slow): seconds, not minutes.
+test: install ultralytics-env lint
+	ULTRALYTICS_PYTHON=$(abspath $(ULTRALYTICS_VENV))/bin/python $(BIN)/python -m pytest -q $(PARALLEL)
+
+# The tests without the real models and converters (marked slow): about 8 minutes on 2 cores (14 in one process).
 test-fast: install lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PARALLEL)
 
 lint: install
 	$(BIN)/ruff check mzconvert tests bench
