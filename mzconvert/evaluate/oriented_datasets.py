@@ -29,10 +29,6 @@ from .datasets import CocoDataset, category_key
 DOTA_HEADERS = ("imagesource:", "gsd:")
 
 
-def is_oriented_dataset(folder: Path, split: str) -> bool:
-    return _dota_folders(folder, split) is not None or _ultralytics_folders(folder, split) is not None
-
-
 def open_oriented(folder: Path, split: str, labels: tuple[str, ...], category_ids: tuple[int, ...]) -> CocoDataset:
     """The dataset as COCO instances (written to a scratch folder that lives as long as the dataset): each label
     of the model its category under its id; a DOTA category no label names gets an id after them."""
