@@ -61,6 +61,31 @@ def test_three_layouts_of_the_same_images_give_the_same_labels(tmp_path):
     assert by_file.source == "labels file labels.txt"
 
 
+def test_synsets_find_labels_that_are_imagenet_class_names(tmp_path):
+    """A published classifier's own labels are class names (Google's: 'background', 'tench, Tinca tinca', ...; or
+    short ones, 'tench'); ImageNet folders are named by synset. Labels that are ImageNet's 1000 classes in order
+    (after a background label or not) answer by position, the two classes named 'crane' too; other labels by the
+    whole name, or by a first name no other class has: 'crane' (a bird and a machine) then by neither synset."""
+    from mzconvert.imagenet import imagenet_classes
+
+    _image(tmp_path / "data" / "n01440764" / "a.JPEG", 0)
+    _image(tmp_path / "data" / "n01443537" / "b.JPEG", 1)
+    _image(tmp_path / "data" / "n02012849" / "bird.JPEG", 2)  # crane, the bird
+    _image(tmp_path / "data" / "n03126707" / "machine.JPEG", 3)  # crane, the machine
+    whole = tuple(names for _, names in imagenet_classes())
+    for names, offset in ((("background",) + whole, 1), (tuple(n.split(", ")[0] for n in whole), 0)):
+        found = {path.name: label for path, label in labelled_images(tmp_path / "data", ClassLabels(names, 0)).images}
+        assert found == {"a.JPEG": offset, "b.JPEG": offset + 1, "bird.JPEG": offset + 134,
+                         "machine.JPEG": offset + 517}, found
+    some = ClassLabels(names=("goldfish, Carassius auratus", "tench", "crane"), label_offset=0)
+    (tmp_path / "data" / "n02012849" / "bird.JPEG").unlink()
+    (tmp_path / "data" / "n03126707" / "machine.JPEG").unlink()
+    assert sorted(label for _, label in labelled_images(tmp_path / "data", some).images) == [0, 1]
+    _image(tmp_path / "cranes" / "n02012849_bird.JPEG", 2)
+    with pytest.raises(MzError, match=r"label 'n02012849' is not one of the recipe's 3 labels"):
+        labelled_images(tmp_path / "cranes", some)
+
+
 def test_class_name_folders_and_index_labels(tmp_path):
     for i, name in enumerate(("Dog", "bird")):  # case does not matter
         _image(tmp_path / "data" / name / "a.png", i)

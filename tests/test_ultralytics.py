@@ -38,12 +38,12 @@ def proposed(model: str, exports: Path, tmp_path: Path, suffix: str = ".onnx") -
 
 
 def kept(path: Path, recipe: dict, variants: set[str]) -> None:
-    """The recipe with only `variants` of those init proposes, its int8 floors lowered (untrained scores: see the
-    module's docstring)."""
+    """The recipe with only `variants` of those init proposes, its int8 and dynamic-range floors lowered (untrained
+    scores: see the module's docstring; a quantized file as it is is verified against its float twin)."""
     assert variants <= {v["name"] for v in recipe["variants"]}, recipe["variants"]
     recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
     for variant in recipe["variants"]:
-        if variant["mode"] == "int8":
+        if variant["mode"] in ("int8", "dynamic"):
             variant.update(min_matched=0, min_mask_iou=0, min_keypoint_oks=0, min_slice_sqnr_db=-100)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 

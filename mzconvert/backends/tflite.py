@@ -1,7 +1,8 @@
 """`format: tflite`: a model someone already converted, quantized or not.
 
 A quantized file is taken as it is: its variant is the file under the variant's name, checked against what
-the variant declares (I/O dtypes, full-integer for int8) by the quantize stage. A float file is the float32
+the variant declares (I/O dtypes, full-integer for int8) by the quantize stage, and verified against its float
+twin, the float model its integer weights define (float_twin.py). A float file is the float32
 variant (with strip, cut at the tensors it names: an Ultralytics head before its Concat, as for its ONNX
 export), and the float model the others are quantized from and verified against: int8 by default as a
 converted graph is (ranges recorded in range slots this module marks, the converter's quantizer, fitted
@@ -13,6 +14,7 @@ eval and bench as for any variant.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
 from ..tflite_file import add_buffer, drop_import_hints, op_names, read_model, schema, write_model
 from . import StripResult, check_tensors
+from .float_twin import is_quantized, write_float_twin
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
@@ -262,8 +265,12 @@ def range_slots(model: Path, recipe: Recipe, tensor, target: Path):
 
 
 class GraphRunner(TFLiteRunner):
-    """The source model itself (eval's source row)."""
+    """The source model itself (verify's reference, eval's source row); a quantized file's float twin, the float
+    model its integer weights define (float_twin.py), which its integer arithmetic is judged against."""
 
     def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
+        if is_quantized(model):
+            self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
+            model = write_float_twin(model, Path(self._twin_folder.name) / model.name)
         super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
         self.output_names = [o.name for o in self.outputs]

@@ -643,7 +643,8 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
                                        **_ranges(verify, onnx_backend=False, task=p["task"])})
         if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat"):
             recipe["targets"] = {"vela": [NPU_TARGET]}
-        if len(recipe["variants"]) > 1 and verify is not None:
+        # a quantized file is verified against its float twin (backends/float_twin.py), a float one's int8 against it
+        if verify is not None and recipe["variants"][-1]["mode"] != "float32":
             recipe["verify"] = _verify_section(verify, recipe_dir)
         return _with_notes(recipe, model, p)
     variants = [{"name": "float32", "mode": "float32"}]

@@ -5,13 +5,14 @@ A dataset says what its images are in one of the layouts people have:
   separated by a tab where either holds spaces, else by the first space);
 - one folder per class (`dog/1.jpg`, or ImageNet's `n02085620/x.JPEG`);
 - ImageNet file names that start with the synset (`n01440764_10026.JPEG`, `n01440764_tench.JPEG`).
-A label is matched to the recipe's labels by exact name, ImageNet synset, ImageNet class name, or a
-0-based index; anything else is an error naming the image, never a silent zero.
+A label is matched to the recipe's labels by exact name, ImageNet synset, ImageNet class name (either way:
+a synset finds the recipe's label that is its class name), or a 0-based index; anything else is an error naming the image, never a silent zero.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,11 @@ class _Matcher:
             if synset in self.exact:
                 for name in names.split(", "):
                     self.by_name.setdefault(name.casefold(), self.exact[synset])
+        self.by_synset = _synsets_of_class_names(labels.names, self.folded)
 
     def __call__(self, label: str, where: str) -> int:
-        for table, key in ((self.exact, label), (self.folded, label.casefold()), (self.by_name, label.casefold())):
+        for table, key in ((self.exact, label), (self.folded, label.casefold()), (self.by_name, label.casefold()),
+                           (self.by_synset, label)):
             if key in table:
                 return table[key]
         if label.isdigit() and int(label) < len(self.labels.names):
@@ -54,6 +57,23 @@ class _Matcher:
         sample = ", ".join(self.labels.names[:3])
         raise InputError(f"{where}: label {label!r} is not one of the recipe's {len(self.labels.names)} labels "
                       f"({sample}, ...), an ImageNet class name of one, or an index below {len(self.labels.names)}")
+
+
+def _synsets_of_class_names(names: tuple[str, ...], folded: dict[str, int]) -> dict[str, int]:
+    """ImageNet class names as labels (a published file's own: "background", "tench, Tinca tinca", ..., or short
+    ones, "tench") answer to their synsets ("n01440764/", "n01440764_10026.JPEG"): by position where the labels are
+    ImageNet's classes in its order (after a background label or not: each label the class's whole name or its
+    first), else by the whole name or the first where no other class has it ("crane" is a bird and a machine)."""
+    classes = [(synset, (whole.casefold(), whole.split(", ")[0].casefold())) for synset, whole in imagenet_classes()]
+    start = len(names) - len(classes)
+    if start in (0, 1) and all(name.casefold() in keys for name, (_, keys) in zip(names[start:], classes)):
+        return {synset: start + i for i, (synset, _) in enumerate(classes)}
+    counts = Counter(key for _, keys in classes for key in set(keys))
+    found = {}
+    for synset, keys in classes:
+        if matches := [folded[key] for key in keys if counts[key] == 1 and key in folded]:
+            found[synset] = matches[0]
+    return found
 
 
 def labelled_images(folder: Path, labels: ClassLabels, labels_file: Path | None = None) -> LabelledImages:

@@ -1,0 +1,99 @@
+"""The float twin of a quantized .tflite: the network its integer weights define, computed in float.
+
+A file quantized by someone else (onnx2tf's or Ultralytics' int8, a published uint8 model) comes without the float
+model it was made from, so there was nothing to verify it against: a file whose int8 outputs round every class
+score to 0 would be built and shipped. Its twin is that float model as far as the file still holds it: every
+integer weight and bias at its dequantized value, every activation float (no rounding, no clipping to the
+activation ranges), each QUANTIZE and DEQUANTIZE gone. What the file's integer arithmetic loses against the twin is
+its quantization's loss, which verify judges by the floors it judges our own variants by.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MzError
+from ..tflite_file import add_buffer, read_model, schema, write_model
+
+# the integer tensor types a quantized file's weights and activations take, as numpy reads their buffers
+_INTEGER_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
+
+
+def is_quantized(path: Path) -> bool:
+    """Whether any tensor of the file carries a quantization scale (full-integer, int16x8 or dynamic-range)."""
+    s = schema()
+    model = s.Model.GetRootAsModel(path.read_bytes(), 0)
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for t in range(graph.TensorsLength()):
+            q = graph.Tensors(t).Quantization()
+            if q is not None and q.ScaleLength():
+                return True
+    return False
+
+
+def write_float_twin(source: Path, target: Path) -> Path:
+    """`target`: the float twin of the quantized `source` (see the module's docstring), its inputs, outputs and
+    tensor names those of the source."""
+    s = schema()
+    model = read_model(source)
+    types = {getattr(s.TensorType, name): dtype for name, dtype in _INTEGER_TYPES.items()}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            scales = _scales(tensor)
+            if scales is None:
+                continue
+            if tensor.type not in types:
+                raise MzError(f"{source}: tensor {tensor.name.decode()!r} is quantized in a type the float twin "
+                              f"cannot read (TensorType {tensor.type}); verify needs a float model to compare with")
+            data = model.buffers[tensor.buffer].data
+            if data is not None and len(data):  # a weight or a bias: its dequantized values
+                q = tensor.quantization
+                values = np.frombuffer(bytes(bytearray(data)), types[tensor.type]).astype(np.float64)
+                values = values.reshape([int(d) for d in tensor.shape]) if tensor.shape is not None else values
+                zero_points = np.asarray(q.zeroPoint if q.zeroPoint is not None else [0], np.float64)
+                if scales.size > 1:  # per channel, along the quantized dimension
+                    shape = [1] * values.ndim
+                    shape[q.quantizedDimension] = scales.size
+                    scales, zero_points = scales.reshape(shape), zero_points.reshape(shape)
+                tensor.buffer = add_buffer(model, ((values - zero_points) * scales).astype(np.float32).tobytes())
+            tensor.type, tensor.quantization = s.TensorType.FLOAT32, None
+        _drop_conversions(model, graph)
+    model.signatureDefs = []  # the twin is run by its graph's inputs and outputs, never shipped
+    return write_model(model, target)
+
+
+def _scales(tensor) -> np.ndarray | None:
+    q = tensor.quantization
+    if q is None or q.scale is None or not len(q.scale):
+        return None
+    return np.asarray(q.scale, np.float64)
+
+
+def _drop_conversions(model, graph) -> None:
+    """Each QUANTIZE and DEQUANTIZE of `graph` (float <-> integer at the edges, integer rescales inside, integer
+    weights read as float), float to float in the twin, taken out: what read its output reads its input. Where its
+    output is one of the graph's, the op that made its input writes that output instead, so the graph's outputs
+    keep their tensors and names."""
+    s = schema()
+    conversions = [op for op in graph.operators if not model.operatorCodes[op.opcodeIndex].customCode and max(
+        model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+        in (s.BuiltinOperator.QUANTIZE, s.BuiltinOperator.DEQUANTIZE)]
+    graph.operators = [op for op in graph.operators if all(op is not c for c in conversions)]
+    producers = {t: op for op in graph.operators for t in op.outputs}
+    for k, op in enumerate(conversions):
+        source, output = op.inputs[0], op.outputs[0]
+        data = model.buffers[graph.tensors[source].buffer].data
+        producer = producers.get(source)
+        readers = sum(source in other.inputs for other in graph.operators + conversions[k + 1:])
+        if data is not None and len(data):  # a constant read through the op: the constant itself
+            graph.tensors[output].buffer = graph.tensors[source].buffer
+        elif output in graph.outputs and producer is not None and source not in graph.outputs and not readers:
+            producer.outputs = [output if t == source else t for t in producer.outputs]
+            producers[output] = producer
+        else:
+            for other in graph.operators + conversions[k + 1:]:
+                other.inputs = [source if t == output else t for t in other.inputs]
+            graph.outputs = [source if t == output else t for t in graph.outputs]

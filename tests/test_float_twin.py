@@ -1,0 +1,145 @@
+"""A quantized .tflite someone else made is verified against its float twin, the float model its integer weights
+define: a file whose one int8 output rounds every class score away is refused, not shipped; one that keeps its
+detections builds with its fidelity reported."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mzconvert.backends.float_twin import is_quantized, write_float_twin
+from mzconvert.runtime import TFLiteRunner
+from tests.conftest import MIRROR, image_folder, run_cli
+
+SIZE = 320  # an Ultralytics export size: boxes in pixels up to 320 beside probabilities up to 1
+STRIDE = SIZE // 8
+
+
+def _images(folder: Path, count: int) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float32)[None] / 255
+            for p in sorted(folder.glob("*.jpg"))[:count]]
+
+
+def yolov8_like_int8_tflite(path: Path, joined: bool) -> Path:
+    """A YOLOv8-layout head as a full-integer .tflite, quantized by TensorFlow's converter on COCO images: per cell
+    of an 8x8 grid a box in input pixels (from the cell's corner, at least a cell in size) and two class
+    probabilities; `joined`: one [1, 6, 64] output, as an
+    Ultralytics export's Concat makes it (one int8 scale for pixels up to 320 and probabilities up to 1), else
+    boxes [1, 4, 64] and scores [1, 2, 64] apart."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(5)
+    w_box, w_class = (tf.constant(rng.normal(0, 0.02, (STRIDE, STRIDE, 3, c)).astype(np.float32)) for c in (4, 2))
+    cells = np.ones((1, 8, 8, 4), np.float32)  # each cell's corner and a cell's size, in strides
+    cells[0, ..., 0], cells[0, ..., 1] = np.meshgrid(np.arange(8), np.arange(8))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, SIZE, SIZE, 3], tf.float32, name="images")])
+    def model(x):
+        # (sigmoid(b) + cells) * STRIDE, as the ONNX head of test_yolo.py: this converter rounds the Add before
+        # the Mul at the Mul's output scale (boxes in steps of 49 pixels), a file the twin refuses as well
+        boxes = tf.nn.relu(tf.nn.conv2d(x, w_box * 10, STRIDE, "VALID")) + cells * STRIDE
+        scores = tf.sigmoid(tf.nn.conv2d(x, w_class, STRIDE, "VALID"))
+        boxes, scores = (tf.transpose(tf.reshape(t, [1, 64, c]), [0, 2, 1]) for t, c in ((boxes, 4), (scores, 2)))
+        return tf.concat([boxes, scores], axis=1) if joined else (boxes, scores)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x] for x in _images(MIRROR / "coco" / "train2017", 16))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    path.write_bytes(converter.convert())
+    return path
+
+
+def _recipe(path: Path, model: Path, outputs: list[str], check: Path) -> Path:
+    post = "" if len(outputs) == 1 else f", box_output: {outputs[0]}, class_output: {outputs[1]}"
+    path.write_text(f"""name: {path.stem}
+task: detection
+description: a YOLOv8-layout head someone quantized, taken as it is
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: tflite
+input: {{name: images, shape: [1, {SIZE}, {SIZE}, 3], layout: NHWC}}
+preprocess: {{interpolation: pil-bilinear, scale: 0.00392156862745098, offset: 0.0}}
+postprocess: {{kind: yolov8, labels: [person, car], category_ids: [1, 3]{post}}}
+variants:
+  - {{name: int8, mode: int8, io_dtype: int8}}
+verify: {{images: {check}, count: 16}}
+""")
+    return path
+
+
+@pytest.mark.slow
+def test_a_quantized_tflite_whose_joined_output_rounds_its_scores_away_is_refused_against_its_float_twin(
+        tmp_path, mirror):
+    check = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 16)
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    joined = yolov8_like_int8_tflite(tmp_path / "joined.tflite", joined=True)
+    (output,) = [o.name for o in TFLiteRunner(joined).outputs]
+    refused = run_cli("--cache-dir", str(tmp_path / "c"), "build",
+                      str(_recipe(tmp_path / "joined.yaml", joined, [output], check)), *where)
+    # boxes in pixels and probabilities under one scale of ~1.2: each score is 0 or 1.2, caught by the floors
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "min_slice_sqnr_db" in refused.stderr and "min_matched" in refused.stderr, refused.stderr[-3000:]
+    assert "not shipped: int8" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "dist" / "joined" / "joined_int8.tflite").exists()
+    apart = yolov8_like_int8_tflite(tmp_path / "apart.tflite", joined=False)
+    rows = {o.shape[1]: o.name for o in TFLiteRunner(apart).outputs}  # boxes 4, class scores 2
+    outputs = [rows[4], rows[2]]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build",
+                    str(_recipe(tmp_path / "apart.yaml", apart, outputs, check)), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    verified = json.loads(built.stdout)["apart"]["variants"]["int8"]["verify"]
+    assert verified["detections_compared"] > 20 and verified["matched_detections"] >= 0.8, verified
+
+
+def test_the_float_twin_of_an_integer_file_computes_its_float_model(tmp_path):
+    """The twin holds no integer tensor, keeps the file's input and output names and computes what the float
+    model does up to its weights' rounding, where the integer file itself rounds every activation too."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(1)
+    w1, w2 = tf.constant(rng.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32)), \
+        tf.constant(rng.normal(0, 0.3, (8, 4)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
+    def model(x):
+        return tf.matmul(tf.reduce_mean(tf.nn.relu6(tf.nn.conv2d(x, w1, 2, "SAME")), [1, 2]), w2) + 0.5
+
+    inputs = [rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32) for _ in range(8)]
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x] for x in inputs)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    quantized = tmp_path / "int8.tflite"
+    quantized.write_bytes(converter.convert())
+    twin = write_float_twin(quantized, tmp_path / "twin.tflite")
+    assert is_quantized(quantized) and not is_quantized(twin)
+    integer, floating = TFLiteRunner(quantized), TFLiteRunner(twin)
+    assert [s.name for s in floating.inputs + floating.outputs] == [s.name for s in integer.inputs + integer.outputs]
+    assert floating.inputs[0].dtype == floating.outputs[0].dtype == "float32"
+    want = np.stack([model(tf.constant(x)).numpy() for x in inputs])
+    got, rounded = (np.stack([runner.run(x)[0] for x in inputs]) for runner in (floating, integer))
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert ((got - want) ** 2).mean() < ((rounded - want) ** 2).mean()  # the weights rounded, not the activations
+
+
+@pytest.mark.slow
+def test_published_quantized_mobilenets_agree_with_their_float_twins(tmp_path, mirror):
+    """Google's quantization-aware-trained uint8 MobileNetV2 and its post-training int8: each file's top-1 is its
+    twin's on nearly every ImageNet sample (what a good quantization keeps)."""
+    images = sorted((MIRROR / "imagenet-samples").glob("*.JPEG"))[:100]
+    for name in ("coral-mobilenet_v2_1.0_224_quant.tflite", "coral-tf2_mobilenet_v2_1.0_224_ptq.tflite"):
+        published = MIRROR / "anchors" / name
+        integer, floating = TFLiteRunner(published), TFLiteRunner(write_float_twin(published, tmp_path / name))
+        agreed = 0
+        for path in images:
+            x = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)[None]
+            agreed += int(np.argmax(integer.run(x / 127.5 - 1)[0]) == np.argmax(floating.run(x / 127.5 - 1)[0]))
+        assert agreed >= 95, (name, agreed)
