@@ -6,7 +6,8 @@ A dataset says what its images are in one of the layouts people have:
 - one folder per class (`dog/1.jpg`, or ImageNet's `n02085620/x.JPEG`);
 - ImageNet file names that start with the synset (`n01440764_10026.JPEG`, `n01440764_tench.JPEG`).
 A label is matched to the recipe's labels by exact name, ImageNet synset, ImageNet class name (either way:
-a synset finds the recipe's label that is its class name), or a 0-based index; anything else is an error naming the image, never a silent zero.
+a synset finds the recipe's label that is its class name), or a 0-based index; anything else is an error naming
+the image, never a silent zero.
 """
 
 from __future__ import annotations
