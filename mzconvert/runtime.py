@@ -193,7 +193,7 @@ class TFLiteRunner:
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
 
 
-def _is_quantized(path: Path) -> bool:
+def is_quantized_onnx(path: Path) -> bool:
     import onnx
 
     try:
@@ -216,7 +216,7 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        if not fused and _is_quantized(path):
+        if not fused and is_quantized_onnx(path):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mzconvert.backends.float_twin import is_quantized, write_float_twin
@@ -143,3 +144,58 @@ def test_published_quantized_mobilenets_agree_with_their_float_twins(tmp_path, m
             x = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)[None]
             agreed += int(np.argmax(integer.run(x / 127.5 - 1)[0]) == np.argmax(floating.run(x / 127.5 - 1)[0]))
         assert agreed >= 95, (name, agreed)
+
+
+def qdq_onnx(float_model: Path, target: Path, inputs: list[np.ndarray]) -> Path:
+    """`float_model` quantized as ONNX Runtime's static QDQ quantization does by default (what Ultralytics'
+    `format=onnx, int8=True` writes): min/max ranges of `inputs`, int8 weights per channel, uint8 activations."""
+    from onnxruntime import quantization as q
+
+    class Images(q.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"images": x} for x in inputs])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    q.quantize_static(str(float_model), str(target), Images(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+    return target
+
+
+def test_a_qdq_onnx_is_built_as_it_is_and_refused_where_its_one_output_loses_the_scores(tmp_path, mirror):
+    """An ONNX model quantized already (QDQ) used to be refused. init now proposes it as it is, one int8 variant,
+    verified against its float twin: where the export's one output joins boxes in pixels and probabilities under one
+    int8 scale, the build refuses it (exit 1); cut before that Concat, as init proposes for an Ultralytics export,
+    it builds. A float or calibrated variant of it is refused by name (exit 2)."""
+    from tests.test_yolo import SIZE as YOLO_SIZE
+    from tests.test_yolo import with_ultralytics_metadata, yolov8_like_onnx
+
+    images = [np.ascontiguousarray(x.transpose(0, 3, 1, 2)) for x in _images(MIRROR / "coco" / "train2017", 16)]
+    assert YOLO_SIZE == SIZE
+    float_model = with_ultralytics_metadata(yolov8_like_onnx(tmp_path / "float.onnx"), {0: "person", 1: "car"},
+                                            dynamic=False)
+    quantized = qdq_onnx(float_model, tmp_path / "yolo_int8.onnx", images)
+    check = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 16)
+    made = run_cli("init", "yolo-int8", "--from", str(quantized), "--to", str(tmp_path), "--verify", str(check))
+    assert made.returncode == 0, made.stderr[-2000:]
+    recipe = yaml.safe_load((tmp_path / "yolo-int8.yaml").read_text())
+    assert recipe["variants"] == [{"name": "int8", "mode": "int8", "io_dtype": "float32"}], recipe
+    assert "targets" not in recipe, recipe
+    assert recipe["postprocess"]["kind"] == "yolov8" and len(recipe["strip"]["outputs"]) == 2, recipe
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo-int8.yaml"), *where)
+    assert built.returncode == 0, built.stderr[-3000:]
+    verified = json.loads(built.stdout)["yolo-int8"]["variants"]["int8"]["verify"]
+    assert verified["detections_compared"] > 20 and verified["matched_detections"] >= 0.8, verified
+    whole = recipe | {"name": "yolo-whole"}
+    whole.pop("strip")
+    whole["postprocess"] = {k: v for k, v in recipe["postprocess"].items() if k not in ("box_output", "class_output", "attach")}
+    (tmp_path / "yolo-whole.yaml").write_text(yaml.safe_dump(whole, sort_keys=False))
+    refused = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo-whole.yaml"), *where)
+    assert refused.returncode == 1 and "min_matched" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "dist" / "yolo-whole").exists()
+    again = recipe | {"variants": [{"name": "float32", "mode": "float32"}]}
+    (tmp_path / "yolo-int8.yaml").write_text(yaml.safe_dump(again, sort_keys=False))
+    wrong = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo-int8.yaml"), *where)
+    assert wrong.returncode == 2 and "variants: float32: the source is quantized already (QDQ)" in wrong.stderr, \
+        wrong.stderr[-2000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from mzconvert.errors import EXIT_BAD_INPUT, MzError
 from mzconvert.tasks.detection import load_anchors
@@ -158,9 +159,10 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
     assert info.value.exit_code == EXIT_BAD_INPUT
 
 
-def test_an_onnx_model_already_quantized_is_refused_by_init_and_build(tmp_path):
-    """A QDQ model (ONNX Runtime's static quantization, Ultralytics' quantize=8) is not quantized a second time:
-    init and build refuse it in one line naming the file and its Q/DQ nodes, exit 2, and build writes nothing."""
+def test_an_onnx_model_already_quantized_is_taken_as_it_is_and_never_quantized_again(tmp_path):
+    """A QDQ model (ONNX Runtime's static quantization, Ultralytics' int8=True) is not quantized a second time:
+    init proposes it as it is (one int8 variant, no calibration), and a recipe asking it for a float or calibrated
+    variant is refused in one line naming the variant, exit 2, and build writes nothing."""
     from onnx import TensorProto, helper, numpy_helper
 
     scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.int8(0), "z")
@@ -172,8 +174,9 @@ def test_an_onnx_model_already_quantized_is_refused_by_init_and_build(tmp_path):
     model = tmp_path / "qdq.onnx"
     model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     made = run_cli("init", "qdq", "--from", str(model), "--to", str(tmp_path / "r"))
-    assert made.returncode == EXIT_BAD_INPUT and not (tmp_path / "r" / "qdq.yaml").exists()
-    assert "qdq.onnx: already quantized (1 DequantizeLinear, 1 QuantizeLinear)" in made.stderr, made.stderr
+    assert made.returncode == 0, made.stderr
+    proposed = yaml.safe_load((tmp_path / "r" / "qdq.yaml").read_text())
+    assert proposed["variants"] == [{"name": "int8", "mode": "int8", "io_dtype": "float32"}], proposed
     (tmp_path / "qdq.yaml").write_text(f"""name: qdq
 task: other
 description: a QDQ model made in the test
@@ -187,5 +190,6 @@ variants:
 """)
     built = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(tmp_path / "qdq.yaml"), "--out",
                     str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
-    assert built.returncode == EXIT_BAD_INPUT and "qdq.onnx: already quantized" in built.stderr, built.stderr[-1500:]
+    assert built.returncode == EXIT_BAD_INPUT, built.stderr[-1500:]
+    assert "variants: float32: the source is quantized already (QDQ)" in built.stderr, built.stderr[-1500:]
     assert not (tmp_path / "dist").exists()

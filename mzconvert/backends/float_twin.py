@@ -1,11 +1,12 @@
-"""The float twin of a quantized .tflite: the network its integer weights define, computed in float.
+"""The float twin of a quantized model (.tflite, ONNX QDQ): the network its integer weights define, in float.
 
-A file quantized by someone else (onnx2tf's or Ultralytics' int8, a published uint8 model) comes without the float
-model it was made from, so there was nothing to verify it against: a file whose int8 outputs round every class
-score to 0 would be built and shipped. Its twin is that float model as far as the file still holds it: every
-integer weight and bias at its dequantized value, every activation float (no rounding, no clipping to the
-activation ranges), each QUANTIZE and DEQUANTIZE gone. What the file's integer arithmetic loses against the twin is
-its quantization's loss, which verify judges by the floors it judges our own variants by.
+A file quantized by someone else (onnx2tf's or Ultralytics' int8, ONNX Runtime's QDQ, a published uint8 model)
+comes without the float model it was made from, so there was nothing to verify it against: a file whose int8
+outputs round every class score to 0 would be built and shipped. Its twin is that float model as far as the file
+still holds it: every integer weight and bias at its dequantized value, every activation float (no rounding, no
+clipping to the activation ranges), each QUANTIZE and DEQUANTIZE (QuantizeLinear, DequantizeLinear) gone. What the
+file's integer arithmetic loses against the twin is its quantization's loss, which verify judges by the floors it
+judges our own variants by.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MzError
+from ..errors import EXIT_BAD_INPUT, MzError
 from ..tflite_file import add_buffer, read_model, schema, write_model
 
 # the integer tensor types a quantized file's weights and activations take, as numpy reads their buffers
@@ -97,3 +98,75 @@ def _drop_conversions(model, graph) -> None:
             for other in graph.operators + conversions[k + 1:]:
                 other.inputs = [source if t == output else t for t in other.inputs]
             graph.outputs = [source if t == output else t for t in graph.outputs]
+
+
+# ONNX ops of quantized graphs the twin cannot read back to float ops: dynamic quantization, QOperator kernels
+_INTEGER_ONNX_OPS = ("DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+                     "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearAveragePool",
+                     "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSoftmax", "QGemm")
+
+
+def onnx_float_twin(model, source: Path):
+    """The float twin (see the module's docstring) of a QDQ ONNX model (ModelProto, edited in place and returned):
+    each DequantizeLinear of a stored weight or bias the float initializer it computes, each other
+    QuantizeLinear and DequantizeLinear taken out (what read its output reads its input; a graph output it made
+    names the tensor the pair was made from)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    integer_types = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16)
+    graph = model.graph
+    if integer := sorted({n.op_type for n in graph.node} & set(_INTEGER_ONNX_OPS)):
+        raise MzError(f"{source}: quantized with {', '.join(integer)}: only a QDQ graph (QuantizeLinear and "
+                      "DequantizeLinear around float ops, ONNX Runtime's QuantFormat.QDQ) has a float twin to verify "
+                      "it against; give its float export", EXIT_BAD_INPUT)
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    stored |= {n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
+               for a in n.attribute if a.name == "value"}
+    weights, standing_for, kept = [], {}, []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in stored:
+            weights.append(numpy_helper.from_array(_dequantized(node, stored), node.output[0]))
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            standing_for[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+
+    def resolved(name: str) -> str:
+        while name in standing_for:
+            name = standing_for[name]
+        return name
+
+    for node in kept:
+        node.input[:] = [resolved(name) for name in node.input]
+    ends = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for output in (o.name for o in graph.output if o.name in standing_for):
+        made = resolved(output)
+        if made in ends:  # the graph's input or another output: an Identity gives it this output's name
+            kept.append(helper.make_node("Identity", [made], [output]))
+            continue
+        for node in kept:  # the tensor its Q/DQ pair was made from takes the output's name, as a float export has it
+            node.input[:] = [output if name == made else name for name in node.input]
+            node.output[:] = [output if name == made else name for name in node.output]
+    read = {name for node in kept for name in node.input}
+    initializers = [i for i in graph.initializer if i.name in read] + [w for w in weights if w.name in read]
+    for value in [*graph.input, *graph.output]:  # an integer input or output of the file: float in the twin
+        if value.type.tensor_type.elem_type in integer_types:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    del graph.node[:], graph.initializer[:], graph.value_info[:]
+    graph.node.extend(n for n in kept if n.op_type != "Constant" or n.output[0] in read)
+    graph.initializer.extend(initializers)
+    return model
+
+
+def _dequantized(node, stored: dict) -> np.ndarray:
+    """A DequantizeLinear of stored values: (x - zero point) x scale, per tensor or along its `axis`."""
+    values = stored[node.input[0]].astype(np.float64)
+    scale = stored[node.input[1]].astype(np.float64)
+    zero_point = stored[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    if scale.ndim == 1 and values.ndim > 1:  # per channel, along its axis (1 unless the node says)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % values.ndim
+        shape = [1] * values.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+        zero_point = np.reshape(zero_point, shape) if np.ndim(zero_point) else zero_point
+    return ((values - zero_point) * scale).astype(np.float32)

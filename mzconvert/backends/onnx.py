@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections import Counter
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -14,9 +14,10 @@ from ..quant.output_scales import mixed_range_outputs, reaching_outputs
 from ..quant.qdq_refits import correct_biases, fit_weights
 from ..quant.tflite_converter import converter_range_slots, run_converter
 from ..recipe import Recipe, Variant
-from ..recipe.schema import FITTED_ROUNDINGS, TORCH_FORMATS
-from ..runtime import OnnxRunner
+from ..recipe.schema import CALIBRATED_MODES, FITTED_ROUNDINGS, TORCH_FORMATS
+from ..runtime import OnnxRunner, is_quantized_onnx
 from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sources
+from .float_twin import onnx_float_twin
 from .onnx_float16 import as_float32, topologically_sorted
 from .split_head import split_levels
 
@@ -55,8 +56,6 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
         model = _load(target)
     else:
         model = _load(source, widen_float16=True)  # a corrupt download is reported by its own name
-        if error := quantized_source_error(source, Counter(node.op_type for node in model.graph.node)):
-            raise error
     model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
     model = split_levels(model, recipe)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -64,19 +63,6 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
 
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) came with opset 13
-
-
-def quantized_source_error(source, ops: dict[str, int]) -> MzError | None:
-    """The error for a model already quantized (QuantizeLinear / DequantizeLinear among its `ops`, their counts:
-    ONNX Runtime's QDQ, Ultralytics' quantize=8), None for a float one. Every variant is made from a float model;
-    quantizing a quantized graph again would stack a second rounding on the first (and took ONNX Runtime's
-    quantizer more than 10 minutes on a YOLOv8n)."""
-    quantized = {op: ops[op] for op in ("DequantizeLinear", "QuantizeLinear") if ops.get(op)}
-    if not quantized:
-        return None
-    return MzError(f"{source}: already quantized ({', '.join(f'{n} {op}' for op, n in quantized.items())}): "
-                   "variants are made from the float model; give its float export (Ultralytics: without "
-                   "quantize=8)", EXIT_BAD_INPUT)
 
 
 def _with_input_shape(model, recipe: Recipe, source: Path):
@@ -157,9 +143,13 @@ def _evaluate(model: Path, tensor: str, recipe: Recipe) -> np.ndarray:
 
 
 class GraphRunner(OnnxRunner):
-    """The float ONNX model: the reference every variant is compared with."""
+    """The float ONNX model: the reference every variant is compared with; a QDQ source's float twin, the float
+    model its dequantized weights define (float_twin.py), which the file as it is is judged against."""
 
     def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
+        if is_quantized_onnx(model):
+            self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
+            model = _save(onnx_float_twin(_load(model), model), Path(self._twin_folder.name) / model.name)
         super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
         self.output_names = [o.name for o in self.outputs]
 
@@ -179,6 +169,17 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     from onnxruntime import quantization as q
 
+    if is_quantized_onnx(model):  # a QDQ source: the file as it is, verified against its float twin
+        if variant.mode not in ("int8", "int16x8") or variant.calibration or variant.target == "tflite":
+            raise RecipeError(f"{recipe.path}: variants: {variant.name}: the source is quantized already (QDQ): it is "
+                              "taken as it is, one ONNX int8 variant without calibration; a float, calibrated or "
+                              "TFLite variant is made from its float export (Ultralytics: without int8=True)")
+        target = Path(shutil.copyfile(model, out_dir / f"{recipe.name}_{variant.name}.onnx"))
+        _check_quantized(target, variant)
+        return target
+    if variant.mode in CALIBRATED_MODES and not variant.calibration:
+        raise RecipeError(f"{recipe.path}: variants: {variant.name}: missing calibration: the source is float, and "
+                          f"{variant.mode} is calibrated on images (a quantized source, QDQ, is taken as it is)")
     if variant.target == "tflite":  # from the NHWC port; calibration images arrive in the recipe's layout
         converter, to_port = tflite_converter(model, recipe)
         port_calibration = (lambda: (to_port(t) for t in calibration())) if calibration else None

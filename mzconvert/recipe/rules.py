@@ -81,7 +81,8 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
                         where("weight_rounding"))
     if v.bias_correction and (v.mode != "int8" or v.target != "onnx"):
         raise item.fail("bias_correction applies to ONNX int8 (QDQ) variants", where("bias_correction"))
-    if v.mode in CALIBRATED_MODES and fmt != "tflite" and not v.calibration:
+    # a quantized .tflite or ONNX (QDQ) source is taken as it is, without calibration (its backend's convert checks)
+    if v.mode in CALIBRATED_MODES and fmt not in ("tflite", "onnx") and not v.calibration:
         raise item.fail("missing required field", where("calibration"))
     if v.attach_postprocess and not (v.target == "tflite" and _attachable(postprocess)):
         raise item.fail("post-processing attaches to TFLite variants of detectors with postprocess.kind ssd and "

@@ -276,11 +276,16 @@ def inspect_keras(path: Path) -> dict:
 def inspect_onnx(path: Path) -> dict:
     import onnx
 
+    from ..backends.float_twin import onnx_float_twin
     from ..backends.onnx_float16 import as_float32, has_float16
 
     model = onnx.load(str(path), load_external_data=False)
     stored_float16 = has_float16(model)
     model = as_float32(model)  # as freeze reads it: a float16 file's head is the float32 export's
+    ops = dict(Counter(n.op_type for n in model.graph.node).most_common())
+    qdq = {op: ops[op] for op in ("QuantizeLinear", "DequantizeLinear") if op in ops}
+    if qdq:  # a QDQ file's head is its float twin's: the same float tensors, without the Q/DQ pairs between
+        model = onnx_float_twin(model, path)
     initializers = {i.name for i in model.graph.initializer}
     inferred = cache(lambda: _inferred_values(model))  # shape inference once, and only where a head needs it
     made = _onnx_producers(model)
@@ -292,8 +297,7 @@ def inspect_onnx(path: Path) -> dict:
     return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                                            default=None),
             "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
-            **({"float16": True} if stored_float16 else {}),
-            "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            **({"float16": True} if stored_float16 else {}), **({"qdq": qdq} if qdq else {}), "ops": ops,
             **({"query_head": query} if (query := _query_head(model, made, inferred)) else {}),
             **({"selection_input": head} if (head := _selection_input(model, made, inferred)) else {}),
             **({"concat_outputs": parts} if (parts := _concatenated_outputs(model, made, inferred, head)) else {}),

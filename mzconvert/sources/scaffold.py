@@ -102,10 +102,13 @@ def _keras(model: dict) -> dict:
 
 
 def _onnx(model: dict) -> dict:
-    from ..backends.onnx import quantized_source_error
+    proposal = _float_onnx(model)
+    if model.get("qdq"):  # quantized already (ONNX Runtime's QDQ, Ultralytics' int8=True): the file as it is
+        proposal["variant"] = {"name": "int8", "mode": "int8", "io_dtype": "float32"}
+    return proposal
 
-    if error := quantized_source_error(model["file"], model.get("ops", {})):
-        raise error
+
+def _float_onnx(model: dict) -> dict:
     meta = model.get("metadata", {})
     if head := model.get("selection_input"):  # an export that selects its own detections: cut before, at its head
         model = model | {"outputs": [head, *(o for o in model["outputs"] if o["name"] in head.get("others", []))]}
@@ -635,13 +638,13 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         recipe["labels"] = labels
     elif p["task"] == "classification" and p.get("classes") == IMAGENET_CLASSES:
         recipe["labels"] = "imagenet"
-    if "variant" in p:  # a converted model: the file itself; a float one is also quantized (ai-edge-quantizer)
+    if "variant" in p:  # a converted or quantized model: the file itself; a float .tflite is also quantized
         recipe["variants"] = [p["variant"]]
         if p["variant"]["mode"] == "float32" and calibration is not None:
             recipe["variants"].append({"name": "int8", "mode": "int8", "io_dtype": "int8",
                                        "calibration": _as_given(calibration, recipe_dir),
                                        **_ranges(verify, onnx_backend=False, task=p["task"])})
-        if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat"):
+        if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat") and not onnx_backend:
             recipe["targets"] = {"vela": [NPU_TARGET]}
         # a quantized file is verified against its float twin (backends/float_twin.py), a float one's int8 against it
         if verify is not None and recipe["variants"][-1]["mode"] != "float32":
