@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mzconvert.backends.float_twin import is_quantized, write_float_twin
+from mzconvert.backends.float_twin import is_quantized_tflite, write_tflite_float_twin
 from mzconvert.runtime import TFLiteRunner
 from tests.conftest import MIRROR, image_folder, run_cli
 
@@ -120,8 +120,8 @@ def test_the_float_twin_of_an_integer_file_computes_its_float_model(tmp_path):
     converter.inference_input_type = converter.inference_output_type = tf.int8
     quantized = tmp_path / "int8.tflite"
     quantized.write_bytes(converter.convert())
-    twin = write_float_twin(quantized, tmp_path / "twin.tflite")
-    assert is_quantized(quantized) and not is_quantized(twin)
+    twin = write_tflite_float_twin(quantized, tmp_path / "twin.tflite")
+    assert is_quantized_tflite(quantized) and not is_quantized_tflite(twin)
     integer, floating = TFLiteRunner(quantized), TFLiteRunner(twin)
     assert [s.name for s in floating.inputs + floating.outputs] == [s.name for s in integer.inputs + integer.outputs]
     assert floating.inputs[0].dtype == floating.outputs[0].dtype == "float32"
@@ -138,7 +138,7 @@ def test_published_quantized_mobilenets_agree_with_their_float_twins(tmp_path, m
     images = sorted((MIRROR / "imagenet-samples").glob("*.JPEG"))[:100]
     for name in ("coral-mobilenet_v2_1.0_224_quant.tflite", "coral-tf2_mobilenet_v2_1.0_224_ptq.tflite"):
         published = MIRROR / "anchors" / name
-        integer, floating = TFLiteRunner(published), TFLiteRunner(write_float_twin(published, tmp_path / name))
+        integer, floating = TFLiteRunner(published), TFLiteRunner(write_tflite_float_twin(published, tmp_path / name))
         agreed = 0
         for path in images:
             x = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)[None]
@@ -199,3 +199,41 @@ def test_a_qdq_onnx_is_built_as_it_is_and_refused_where_its_one_output_loses_the
     wrong = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo-int8.yaml"), *where)
     assert wrong.returncode == 2 and "variants: float32: the source is quantized already (QDQ)" in wrong.stderr, \
         wrong.stderr[-2000:]
+
+
+def test_the_float_twin_of_a_qdq_onnx_computes_its_float_model(tmp_path):
+    """ONNX Runtime's QDQ of a small classifier (per-channel weights, biases as int32): the twin has no Quantize or
+    Dequantize node, the file's input and output names, and computes the float model up to its weights' rounding,
+    closer to it than the file's own 8-bit activations do."""
+    import onnx
+    import onnxruntime as ort
+
+    from mzconvert.backends.float_twin import onnx_float_twin
+    from tests.test_onnx_backend import tiny_onnx
+
+    float_model = tiny_onnx(tmp_path / "float.onnx")
+    rng = np.random.RandomState(2)
+    inputs = [rng.uniform(0, 1, (1, 3, 32, 32)).astype(np.float32) for _ in range(8)]
+    from onnxruntime import quantization as q
+
+    class Inputs(q.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"input": x} for x in inputs])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantized = tmp_path / "qdq.onnx"
+    q.quantize_static(str(float_model), str(quantized), Inputs(), quant_format=q.QuantFormat.QDQ, per_channel=True)
+    twin = onnx_float_twin(onnx.load(str(quantized)), quantized)
+    onnx.checker.check_model(twin)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in twin.graph.node}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = {name: ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for name, m in
+           (("float", str(float_model)), ("qdq", str(quantized)), ("twin", twin.SerializeToString()))}
+    assert [o.name for o in run["twin"].get_outputs()] == [o.name for o in run["qdq"].get_outputs()] == ["probabilities"]
+    got = {name: np.stack([s.run(None, {"input": x})[0] for x in inputs]) for name, s in run.items()}
+    twin_error, qdq_error = (float(((got[k] - got["float"]) ** 2).mean()) for k in ("twin", "qdq"))
+    assert np.abs(got["twin"] - got["float"]).max() < 0.02 * np.abs(got["float"]).max()
+    assert twin_error < qdq_error, (twin_error, qdq_error)

@@ -22,7 +22,7 @@ from ..tflite_file import add_buffer, read_model, schema, write_model
 _INTEGER_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
 
 
-def is_quantized(path: Path) -> bool:
+def is_quantized_tflite(path: Path) -> bool:
     """Whether any tensor of the file carries a quantization scale (full-integer, int16x8 or dynamic-range)."""
     s = schema()
     model = s.Model.GetRootAsModel(path.read_bytes(), 0)
@@ -35,7 +35,7 @@ def is_quantized(path: Path) -> bool:
     return False
 
 
-def write_float_twin(source: Path, target: Path) -> Path:
+def write_tflite_float_twin(source: Path, target: Path) -> Path:
     """`target`: the float twin of the quantized `source` (see the module's docstring), its inputs, outputs and
     tensor names those of the source."""
     s = schema()
@@ -110,7 +110,8 @@ def onnx_float_twin(model, source: Path):
     """The float twin (see the module's docstring) of a QDQ ONNX model (ModelProto, edited in place and returned):
     each DequantizeLinear of a stored weight or bias the float initializer it computes, each other
     QuantizeLinear and DequantizeLinear taken out (what read its output reads its input; a graph output it made
-    names the tensor the pair was made from)."""
+    names the tensor the pair was made from), but for the clamp of an activation ONNX Runtime folded into a
+    quantization range (_folded_activation)."""
     from onnx import TensorProto, helper, numpy_helper
 
     integer_types = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16)
@@ -122,10 +123,16 @@ def onnx_float_twin(model, source: Path):
     stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     stored |= {n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
                for a in n.attribute if a.name == "value"}
+    producers = {output: n.op_type for n in graph.node for output in n.output}
     weights, standing_for, kept = [], {}, []
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in stored:
             weights.append(numpy_helper.from_array(_dequantized(node, stored), node.output[0]))
+        elif node.op_type == "QuantizeLinear" and producers.get(node.input[0]) in _ACTIVATION_HOSTS \
+                and (bounds := _folded_activation(node, stored)) is not None:
+            names = [f"{node.output[0]}/twin_{end}" for end in ("min", "max")]
+            weights += [numpy_helper.from_array(np.float32(bound), name) for bound, name in zip(bounds, names)]
+            kept.append(helper.make_node("Clip", [node.input[0], *names], [node.output[0]]))
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             standing_for[node.output[0]] = node.input[0]
         else:
@@ -156,6 +163,30 @@ def onnx_float_twin(model, source: Path):
     graph.node.extend(n for n in kept if n.op_type != "Constant" or n.output[0] in read)
     graph.initializer.extend(initializers)
     return model
+
+
+# the ops whose Relu or Clip ONNX Runtime's QDQ quantizer folds into the range of their output
+_ACTIVATION_HOSTS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+# each integer type's lowest and highest value, as a QuantizeLinear saturates to them
+_INTEGER_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127), np.dtype(np.uint16): (0, 65535),
+                   np.dtype(np.int16): (-32768, 32767)}
+
+
+def _folded_activation(node, stored: dict) -> tuple[float, float] | None:
+    """The clamp a QuantizeLinear of an _ACTIVATION_HOSTS output whose range starts at exactly 0 (its zero point the
+    type's lowest value) stands for, (0, its range's top); else None. ONNX Runtime's QDQ quantizer removes a Relu or
+    Clip after such an op and lets that range do its work (its ranges are the activation's outputs), so without the
+    clamp the twin would compute another function. The top is the calibrated one (a Clip's own bound is gone):
+    values above it the twin clips as the file does."""
+    if len(node.input) < 3 or node.input[2] not in stored or node.input[1] not in stored:
+        return None
+    zero_point, scale = stored[node.input[2]], stored[node.input[1]]
+    if zero_point.size != 1 or scale.size != 1 or zero_point.dtype not in _INTEGER_RANGES:
+        return None
+    low, high = _INTEGER_RANGES[zero_point.dtype]
+    if int(zero_point) != low:
+        return None
+    return 0.0, float((high - low) * scale.astype(np.float64))
 
 
 def _dequantized(node, stored: dict) -> np.ndarray:

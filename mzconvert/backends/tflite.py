@@ -26,7 +26,7 @@ from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
 from ..tflite_file import add_buffer, drop_import_hints, op_names, read_model, schema, write_model
 from . import StripResult, check_tensors
-from .float_twin import is_quantized, write_float_twin
+from .float_twin import is_quantized_tflite, write_tflite_float_twin
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
@@ -269,8 +269,8 @@ class GraphRunner(TFLiteRunner):
     model its integer weights define (float_twin.py), which its integer arithmetic is judged against."""
 
     def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
-        if is_quantized(model):
+        if is_quantized_tflite(model):
             self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
-            model = write_float_twin(model, Path(self._twin_folder.name) / model.name)
+            model = write_tflite_float_twin(model, Path(self._twin_folder.name) / model.name)
         super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
         self.output_names = [o.name for o in self.outputs]
