@@ -1,6 +1,6 @@
-"""A quantized .tflite someone else made is verified against its float twin, the float model its integer weights
-define: a file whose one int8 output rounds every class score away is refused, not shipped; one that keeps its
-detections builds with its fidelity reported."""
+"""A model someone else quantized (a .tflite, an ONNX QDQ file) is verified against its float twin, the float model
+its integer weights define: a file whose one int8 output rounds every class score away is refused, not shipped; one
+that keeps its detections builds with its fidelity reported."""
 
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ def _images(folder: Path, count: int) -> list[np.ndarray]:
 def yolov8_like_int8_tflite(path: Path, joined: bool) -> Path:
     """A YOLOv8-layout head as a full-integer .tflite, quantized by TensorFlow's converter on COCO images: per cell
     of an 8x8 grid a box in input pixels (from the cell's corner, at least a cell in size) and two class
-    probabilities; `joined`: one [1, 6, 64] output, as an
-    Ultralytics export's Concat makes it (one int8 scale for pixels up to 320 and probabilities up to 1), else
-    boxes [1, 4, 64] and scores [1, 2, 64] apart."""
+    probabilities; `joined`: one [1, 6, 64] output, as an Ultralytics export's Concat makes it (one int8 scale for
+    pixels up to 320 and probabilities up to 1), else boxes [1, 4, 64] and scores [1, 2, 64] apart."""
     import tensorflow as tf
 
     rng = np.random.RandomState(5)
@@ -197,7 +196,7 @@ def test_a_qdq_onnx_is_built_as_it_is_and_refused_where_its_one_output_loses_the
     again = recipe | {"variants": [{"name": "float32", "mode": "float32"}]}
     (tmp_path / "yolo-int8.yaml").write_text(yaml.safe_dump(again, sort_keys=False))
     wrong = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo-int8.yaml"), *where)
-    assert wrong.returncode == 2 and "variants: float32: the source is quantized already (QDQ)" in wrong.stderr, \
+    assert wrong.returncode == 2 and "variants: float32: the source is quantized already" in wrong.stderr, \
         wrong.stderr[-2000:]
 
 

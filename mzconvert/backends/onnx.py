@@ -169,9 +169,9 @@ def convert(model: Path, recipe: Recipe, variant: Variant,
             calibration: Callable[[], Iterable[np.ndarray]] | None, out_dir: Path) -> Path:
     from onnxruntime import quantization as q
 
-    if is_quantized_onnx(model):  # a QDQ source: the file as it is, verified against its float twin
+    if is_quantized_onnx(model):  # a quantized source: the file as it is, verified against its float twin
         if variant.mode not in ("int8", "int16x8") or variant.calibration or variant.target == "tflite":
-            raise RecipeError(f"{recipe.path}: variants: {variant.name}: the source is quantized already (QDQ): it is "
+            raise RecipeError(f"{recipe.path}: variants: {variant.name}: the source is quantized already: it is "
                               "taken as it is, one ONNX int8 variant without calibration; a float, calibrated or "
                               "TFLite variant is made from its float export (Ultralytics: without int8=True)")
         target = Path(shutil.copyfile(model, out_dir / f"{recipe.name}_{variant.name}.onnx"))
