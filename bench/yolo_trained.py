@@ -6,7 +6,8 @@ anchors and objectness) is trained here
 from the `ultralytics` (`yolov5`) package's model YAML on the COCO train images of the mirror (bench/ultralytics_train.py,
 bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
 detector, but its scores and features are a trained network's), or --export names a trained export of your own
-(ONNX, or a .tflite: onnx2tf's or litert-torch's).
+(ONNX, float or quantized as Ultralytics' int8=True does, or a .tflite: onnx2tf's or litert-torch's; a quantized
+export is built as it is, and its "float32" columns are its float twin's, the source-graph row).
 `mzconvert init` writes its recipe (calibration: the train images; verify: the val images) and the build runs it
 unedited: whether it passes its fidelity floors is printed. Then, floors or not, every variant's detections
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
