@@ -174,11 +174,6 @@ class TFLiteRunner:
                    if d["index"] not in io and np.dtype(d["dtype"]) == np.float32
                    and len(d["shape"]) > 1)
 
-    def quantized_tensor_count(self) -> int:
-        """8- and 16-bit integer tensors with a scale: 0 in a float model (a dynamic-range model's weights are)."""
-        return sum(1 for d in self._interpreter.get_tensor_details()
-                   if np.dtype(d["dtype"]) in (np.int8, np.uint8, np.int16) and d["quantization"][0] != 0.0)
-
     def run(self, tensor: np.ndarray) -> list[np.ndarray]:
         spec = self.inputs[0]
         tensor = as_layout_of(tensor, spec)

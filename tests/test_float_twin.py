@@ -165,7 +165,8 @@ def test_a_qdq_onnx_is_built_as_it_is_and_refused_where_its_one_output_loses_the
     """An ONNX model quantized already (QDQ) used to be refused. init now proposes it as it is, one int8 variant,
     verified against its float twin: where the export's one output joins boxes in pixels and probabilities under one
     int8 scale, the build refuses it (exit 1); cut before that Concat, as init proposes for an Ultralytics export,
-    it builds. A float or calibrated variant of it is refused by name (exit 2)."""
+    it builds, and eval scores it against its twin's row. A float or calibrated variant of it is refused by name
+    (exit 2)."""
     from tests.test_yolo import SIZE as YOLO_SIZE
     from tests.test_yolo import with_ultralytics_metadata, yolov8_like_onnx
 
@@ -186,6 +187,11 @@ def test_a_qdq_onnx_is_built_as_it_is_and_refused_where_its_one_output_loses_the
     assert built.returncode == 0, built.stderr[-3000:]
     verified = json.loads(built.stdout)["yolo-int8"]["variants"]["int8"]["verify"]
     assert verified["detections_compared"] > 20 and verified["matched_detections"] >= 0.8, verified
+    evaluated = run_cli("--json", "eval", str(tmp_path / "yolo-int8.yaml"), "--dataset", str(MIRROR / "coco"), *where)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    evaluation = json.loads(evaluated.stdout)  # the twin is the row the file is judged against, named as it is
+    assert evaluation["baseline"] == "source-twin" and {"source-twin", "int8"} <= set(evaluation["results"]), \
+        evaluation["results"].keys()
     whole = recipe | {"name": "yolo-whole"}
     whole.pop("strip")
     whole["postprocess"] = {k: v for k, v in recipe["postprocess"].items() if k not in ("box_output", "class_output", "attach")}

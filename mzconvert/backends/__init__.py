@@ -90,7 +90,9 @@ class Backend(Protocol):
         """(the float .tflite with a range slot on every tensor int8 needs, written to target, what turns recipe
         input tensors into its inputs): what calibrate records ranges into (quant/ranges.py)."""
 
-    GraphRunner: type  # GraphRunner(model, recipe, threads): the stripped float model, .run(tensor) -> outputs
+    # GraphRunner(model, recipe, threads): the stripped float model (.is_twin: a quantized one's float twin,
+    # float_twin.py), .run(tensor) -> outputs
+    GraphRunner: type
 
 
 def backend_for(recipe: Recipe) -> Backend:

@@ -11,15 +11,34 @@ judges our own variants by.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, MzError
-from ..tflite_file import add_buffer, read_model, schema, write_model
+from ..tflite_file import add_buffer, op_names, read_model, schema, write_model
 
 # the integer tensor types a quantized file's weights and activations take, as numpy reads their buffers
 _INTEGER_TYPES = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
+
+
+class FloatTwinRunner:
+    """A backend's GraphRunner (mixed in before its runner class): the source model, or where `is_quantized(path)`
+    its float twin (`is_twin`), which `write_twin(source, target)` writes into a temporary folder that lives as long
+    as the runner; run at the recipe's cut outputs."""
+
+    is_quantized: Callable[[Path], bool]
+    write_twin: Callable[[Path, Path], Path]
+
+    def __init__(self, model: Path, recipe, threads: int = 1):
+        self.is_twin = self.is_quantized(model)
+        if self.is_twin:
+            self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
+            model = self.write_twin(model, Path(self._twin_folder.name) / model.name)
+        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
+        self.output_names = [o.name for o in self.outputs]
 
 
 def is_quantized_tflite(path: Path) -> bool:
@@ -41,7 +60,7 @@ def write_tflite_float_twin(source: Path, target: Path) -> Path:
     s = schema()
     model = read_model(source)
     types = {getattr(s.TensorType, name): dtype for name, dtype in _INTEGER_TYPES.items()}
-    for graph in model.subgraphs:
+    for index, graph in enumerate(model.subgraphs):
         for tensor in graph.tensors:
             scales = _scales(tensor)
             if scales is None:
@@ -61,7 +80,7 @@ def write_tflite_float_twin(source: Path, target: Path) -> Path:
                     scales, zero_points = scales.reshape(shape), zero_points.reshape(shape)
                 tensor.buffer = add_buffer(model, ((values - zero_points) * scales).astype(np.float32).tobytes())
             tensor.type, tensor.quantization = s.TensorType.FLOAT32, None
-        _drop_conversions(model, graph)
+        _drop_conversions(model, index)
     model.signatureDefs = []  # the twin is run by its graph's inputs and outputs, never shipped
     return write_model(model, target)
 
@@ -73,15 +92,14 @@ def _scales(tensor) -> np.ndarray | None:
     return np.asarray(q.scale, np.float64)
 
 
-def _drop_conversions(model, graph) -> None:
+def _drop_conversions(model, subgraph: int) -> None:
     """Each QUANTIZE and DEQUANTIZE of `graph` (float <-> integer at the edges, integer rescales inside, integer
     weights read as float), float to float in the twin, taken out: what read its output reads its input. Where its
     output is one of the graph's, the op that made its input writes that output instead, so the graph's outputs
     keep their tensors and names."""
-    s = schema()
-    conversions = [op for op in graph.operators if not model.operatorCodes[op.opcodeIndex].customCode and max(
-        model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
-        in (s.BuiltinOperator.QUANTIZE, s.BuiltinOperator.DEQUANTIZE)]
+    graph = model.subgraphs[subgraph]
+    conversions = [op for op, name in zip(graph.operators, op_names(model, subgraph))
+                   if name in ("QUANTIZE", "DEQUANTIZE")]
     graph.operators = [op for op in graph.operators if all(op is not c for c in conversions)]
     producers = {t: op for op in graph.operators for t in op.outputs}
     for k, op in enumerate(conversions):

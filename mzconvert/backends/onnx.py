@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES, FITTED_ROUNDINGS, TORCH_FORMATS
 from ..runtime import OnnxRunner, is_quantized_onnx
 from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sources
-from .float_twin import onnx_float_twin
+from .float_twin import FloatTwinRunner, onnx_float_twin
 from .onnx_float16 import as_float32, topologically_sorted
 from .split_head import split_levels
 
@@ -142,16 +141,14 @@ def _evaluate(model: Path, tensor: str, recipe: Recipe) -> np.ndarray:
     return session.run([tensor], {recipe.input.name: np.zeros(recipe.input.shape, np.float32)})[0]
 
 
-class GraphRunner(OnnxRunner):
-    """The float ONNX model: the reference every variant is compared with; a QDQ source's float twin, the float
-    model its dequantized weights define (float_twin.py), which the file as it is is judged against."""
+class GraphRunner(FloatTwinRunner, OnnxRunner):
+    """The float ONNX model: the reference every variant is compared with; a QDQ source's float twin."""
 
-    def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
-        if is_quantized_onnx(model):
-            self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
-            model = _save(onnx_float_twin(_load(model), model), Path(self._twin_folder.name) / model.name)
-        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
-        self.output_names = [o.name for o in self.outputs]
+    is_quantized = staticmethod(is_quantized_onnx)
+
+    @staticmethod
+    def write_twin(source: Path, target: Path) -> Path:
+        return _save(onnx_float_twin(_load(source), source), target)
 
 
 # -- convert -------------------------------------------------------------------------------------

@@ -316,6 +316,8 @@ def _tensor_name(name: str) -> str:
 class GraphRunner:
     """Runs the stripped float graph in TensorFlow: the reference every variant is compared with."""
 
+    is_twin = False  # a frozen graph is float
+
     def __init__(self, model: Path, recipe: Recipe, threads: int | None = None):
         tf = tf_module()
         graph = tf.Graph()

@@ -14,7 +14,6 @@ eval and bench as for any variant.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
 from ..tflite_file import add_buffer, drop_import_hints, op_names, read_model, schema, write_model
 from . import StripResult, check_tensors
-from .float_twin import is_quantized_tflite, write_tflite_float_twin
+from .float_twin import FloatTwinRunner, is_quantized_tflite, write_tflite_float_twin
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
@@ -129,14 +128,12 @@ def _float32_weights(model) -> int:
     nothing); returns how many were replaced."""
     s = schema()
     replaced = 0
-    for graph in model.subgraphs:
+    for index, graph in enumerate(model.subgraphs):
         kept = []
-        for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
+        for op, name in zip(graph.operators, op_names(model, index)):
             source = graph.tensors[op.inputs[0]] if len(op.inputs) == 1 else None
             data = model.buffers[source.buffer].data if source is not None else None
-            if (max(code.builtinCode, code.deprecatedBuiltinCode) != s.BuiltinOperator.DEQUANTIZE
-                    or source.type != s.TensorType.FLOAT16 or data is None or not len(data)):
+            if name != "DEQUANTIZE" or source.type != s.TensorType.FLOAT16 or data is None or not len(data):
                 kept.append(op)
                 continue
             weights = np.frombuffer(bytes(bytearray(data)), np.float16).astype(np.float32)
@@ -217,7 +214,7 @@ def _drop_unused_tensors(graph) -> None:
 
 def convert(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
     target = out_dir / f"{recipe.name}_{variant.name}.tflite"
-    is_float = _is_float(TFLiteRunner(model))
+    is_float = _is_float(model)
     if variant.mode == "float32" or not is_float:  # the file as it is (quantize checks it is what it says)
         if variant.calibration and not is_float:
             raise MzError(f"{recipe.path}: variants: {variant.name}: {model.name} is quantized already; remove "
@@ -235,10 +232,10 @@ def convert(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir:
     return litert_quantizer.quantize(model, variant.mode, calibration, target)
 
 
-def _is_float(runner: TFLiteRunner) -> bool:
+def _is_float(model: Path) -> bool:
     """Float activations and weights (a dynamic-range model's weights are quantized already: int8)."""
-    return runner.inputs[0].dtype == "float32" and runner.float_tensor_count() > 0 \
-        and not runner.quantized_tensor_count()
+    runner = TFLiteRunner(model)
+    return runner.inputs[0].dtype == "float32" and runner.float_tensor_count() > 0 and not is_quantized_tflite(model)
 
 
 def tflite_converter(model: Path, recipe: Recipe):
@@ -249,7 +246,7 @@ def tflite_converter(model: Path, recipe: Recipe):
 def range_slots(model: Path, recipe: Recipe, tensor, target: Path):
     """The float file with a range slot on every float tensor that is not a constant: what the TFLite converter's
     own calibration marks, so the float .tflite is calibrated and quantized as a converted graph is."""
-    if not _is_float(TFLiteRunner(model)):
+    if not _is_float(model):
         raise MzError(f"{recipe.path}: variants: {model.name} is quantized already; remove calibration to take it "
                       "as it is")
     s = schema()
@@ -264,13 +261,8 @@ def range_slots(model: Path, recipe: Recipe, tensor, target: Path):
     return write_model(flatbuffer, target), lambda x: x
 
 
-class GraphRunner(TFLiteRunner):
-    """The source model itself (verify's reference, eval's source row); a quantized file's float twin, the float
-    model its integer weights define (float_twin.py), which its integer arithmetic is judged against."""
+class GraphRunner(FloatTwinRunner, TFLiteRunner):
+    """The source model itself (verify's reference, eval's source row); a quantized file's float twin."""
 
-    def __init__(self, model: Path, recipe: Recipe, threads: int = 1):
-        if is_quantized_tflite(model):
-            self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
-            model = write_tflite_float_twin(model, Path(self._twin_folder.name) / model.name)
-        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
-        self.output_names = [o.name for o in self.outputs]
+    is_quantized = staticmethod(is_quantized_tflite)
+    write_twin = staticmethod(write_tflite_float_twin)

@@ -27,7 +27,7 @@ from ..tasks.detection import (
 from ..tflite_file import integer_core_digest
 from .datasets import CocoDataset, LoadedImage, Predict, Runner, dataset_identity
 from .oriented_datasets import open_oriented
-from .scoring import SOURCE_GRAPH, SOURCE_PIPELINE, evaluate_classification, evaluate_detection
+from .scoring import SOURCE_GRAPH, SOURCE_PIPELINE, SOURCE_TWIN, evaluate_classification, evaluate_detection
 
 # Google's published MobileNet TFLite models (the --reference models) take NHWC RGB in [-1, 1] after
 # TF-slim's central 87.5 % crop and TF1 bilinear resize, and score 1001 classes with background first.
@@ -62,7 +62,8 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     # TFLite_Detection_PostProcess custom op).
     stripped = built_stage_model(build_root, recipe, "strip")
     if stripped is not None and (recipe.postprocess is None or recipe.postprocess.kind in RAW_DECODERS):
-        runners[SOURCE_GRAPH] = backend_for(recipe).GraphRunner(stripped, recipe, threads).run
+        source = backend_for(recipe).GraphRunner(stripped, recipe, threads)
+        runners[SOURCE_TWIN if source.is_twin else SOURCE_GRAPH] = source.run
     rows = variant_rows(recipe, manifest, folder, chosen, output_names, threads)
     runners |= rows.runners
     pipeline = None

@@ -18,6 +18,7 @@ from .cocometrics import bootstrap_weights, coco_scores, difference_interval, ra
 from .datasets import CocoDataset, Predict, predictions
 
 SOURCE_GRAPH = "source-graph"  # our declared preprocessing + the stripped float model (+ our decode)
+SOURCE_TWIN = "source-twin"  # the same with a quantized source's float twin (backends/float_twin.py) for its model
 
 
 SOURCE_PIPELINE = "source-pipeline"  # the source model end to end, its own pre/post-processing: ground truth

@@ -644,7 +644,8 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
             recipe["variants"].append({"name": "int8", "mode": "int8", "io_dtype": "int8",
                                        "calibration": _as_given(calibration, recipe_dir),
                                        **_ranges(verify, onnx_backend=False, task=p["task"])})
-        if recipe["variants"][-1]["mode"] in ("int8", "uint8-qat") and not onnx_backend:
+            recipe["variants"] += _int16x8(p, calibration, recipe_dir, onnx_backend=False)
+        if any(v["mode"] in ("int8", "uint8-qat") for v in recipe["variants"]) and not onnx_backend:
             recipe["targets"] = {"vela": [NPU_TARGET]}
         # a quantized file is verified against its float twin (backends/float_twin.py), a float one's int8 against it
         if verify is not None and recipe["variants"][-1]["mode"] != "float32":
@@ -662,20 +663,27 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
         variants.append({"name": "int8-tflite", "mode": "int8", "target": "tflite", "io_dtype": "int8",
                          "calibration": _as_given(calibration, recipe_dir),
                          **_ranges(verify, onnx_backend=False, task=p["task"])})
-    kind = p.get("postprocess", {}).get("kind")
-    if calibration is not None and onnx_backend and kind in ("yolov8", "yolov5"):
-        # 16-bit activations keep a YOLO head's boxes where int8's lose them (a YOLOv5n trained here: 94.7 % of
-        # float's detections matched at IoU >= 0.9 against int8's 68.7 %; README), all on the NPU too; its raw
-        # outputs (TFLite_Detection_PostProcess reads 8-bit or float scores)
-        variants.append({"name": "int16x8-tflite", "mode": "int16x8", "target": "tflite",
-                         "calibration": _as_given(calibration, recipe_dir),
-                         **({"attach_postprocess": False} if kind == "yolov8" else {})})
+    if calibration is not None and onnx_backend:
+        variants += _int16x8(p, calibration, recipe_dir, onnx_backend=True)
     recipe["variants"] = variants
     if calibration is not None and (tflite or not onnx_backend):
         recipe["targets"] = {"vela": [NPU_TARGET]}
     if verify is not None:
         recipe["verify"] = _verify_section(verify, recipe_dir)
     return _with_notes(recipe, model, p)
+
+
+def _int16x8(p: dict, calibration: Path, recipe_dir: Path, onnx_backend: bool) -> list[dict]:
+    """A YOLO head's int16x8 LiteRT variant (of an ONNX source: through the NHWC port), beside its int8: 16-bit
+    activations keep its boxes where int8's lose them (a YOLOv5n trained here: 94.7 % of float's detections matched
+    at IoU >= 0.9 against int8's 68.7 %; README), all on the NPU too; its raw outputs (TFLite_Detection_PostProcess
+    reads 8-bit or float scores)."""
+    kind = p.get("postprocess", {}).get("kind")
+    if kind not in ("yolov8", "yolov5"):
+        return []
+    on_tflite = {"name": "int16x8-tflite", "target": "tflite"} if onnx_backend else {"name": "int16x8"}
+    return [{**on_tflite, "mode": "int16x8", "calibration": _as_given(calibration, recipe_dir),
+             **({"attach_postprocess": False} if kind == "yolov8" else {})}]
 
 
 def _ranges(verify: Path | None, onnx_backend: bool, task: str) -> dict:
