@@ -97,12 +97,16 @@ def output_order(names: list[str], wanted: list[str] | None) -> list[int]:
 
 
 def litert_interpreter(path: Path, kernels: str = OPTIMIZED, threads: int = 1, keep_all_tensors: bool = False):
-    """A LiteRT interpreter of `path` with the ops of that kernel family (not yet allocated)."""
-    from ai_edge_litert.interpreter import Interpreter
+    """A LiteRT interpreter of `path` with the ops of that kernel family (not yet allocated). With
+    `keep_all_tensors`, the optimized kernels without XNNPACK: a delegate computes the ops it takes as one
+    DELEGATE op, whose tensors inside are never written."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     content = _reference_loadable(path) if kernels == REFERENCE else None
     source = {"model_content": content} if content is not None else {"model_path": str(path)}
-    return Interpreter(**source, num_threads=threads, experimental_op_resolver_type=op_resolver(kernels),
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if keep_all_tensors and kernels != REFERENCE \
+        else op_resolver(kernels)
+    return Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver,
                        experimental_preserve_all_tensors=keep_all_tensors)
 
 

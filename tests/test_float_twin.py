@@ -96,6 +96,14 @@ def test_a_quantized_tflite_whose_joined_output_rounds_its_scores_away_is_refuse
     assert built.returncode == 0, built.stderr[-3000:]
     verified = json.loads(built.stdout)["apart"]["variants"]["int8"]["verify"]
     assert verified["detections_compared"] > 20 and verified["matched_detections"] >= 0.8, verified
+    # debug explains the file layer by layer against its twin (it read the file's own integers as the float model's
+    # values: thousands of steps; and the optimized kernels' delegate left the layers' tensors unwritten)
+    explained = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "debug", str(tmp_path / "apart.yaml"),
+                        "--variant", "int8", *where)
+    assert explained.returncode == 0, explained.stderr[-3000:]
+    layers = json.loads(explained.stdout)["layers"]
+    assert layers and not {row["op"] for row in layers} & {"DELEGATE", "QUANTIZE", "DEQUANTIZE"}, layers
+    assert max(row["rmse_steps"] for row in layers) < 3, layers[:3]
 
 
 def test_the_float_twin_of_an_integer_file_computes_its_float_model(tmp_path):
@@ -192,6 +200,12 @@ def test_a_qdq_onnx_is_built_as_it_is_and_refused_where_its_one_output_loses_the
     evaluation = json.loads(evaluated.stdout)  # the twin is the row the file is judged against, named as it is
     assert evaluation["baseline"] == "source-twin" and {"source-twin", "int8"} <= set(evaluation["results"]), \
         evaluation["results"].keys()
+    # debug explains the file against its twin: a few steps at most in a head this shallow
+    explained = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "debug", str(tmp_path / "yolo-int8.yaml"),
+                        "--variant", "int8", *where)
+    assert explained.returncode == 0, explained.stderr[-3000:]
+    steps = [row["accumulated_steps"] for row in json.loads(explained.stdout)["layers"]]
+    assert steps and 0.1 < max(steps) < 5, steps
     whole = recipe | {"name": "yolo-whole"}
     whole.pop("strip")
     whole["postprocess"] = {k: v for k, v in recipe["postprocess"].items() if k not in ("box_output", "class_output", "attach")}

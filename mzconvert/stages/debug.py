@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -62,8 +63,6 @@ def layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Pat
 def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
                          calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
     """TensorFlow's QuantizationDebugger, on a model quantized from the variant's own ranges."""
-    import tempfile
-
     from ..quant.tflite_converter import int8_converter, tf_module
     from .calibrate import calibrate
 
@@ -105,6 +104,13 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     return rows
 
 
+def _float_model(recipe: Recipe, stripped: Path, folder: Path) -> Path:
+    """The float model a variant is explained against: the stripped source, or where the source is quantized (a
+    variant of it is the file as it is) its float twin (backends/float_twin.py), written into `folder`."""
+    graph = backend_for(recipe).GraphRunner
+    return graph.write_twin(stripped, folder / stripped.name) if graph.is_quantized(stripped) else stripped
+
+
 def _bounded_errors(bound: float) -> dict[str, Callable]:
     """TensorFlow debugger metrics (of a layer's float and quantized values, scale, zero point) of the error
     within +-bound: what lies beyond changes no output of the saturating op that reads the layer (see
@@ -132,8 +138,6 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
                        calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
     """ONNX Runtime's QDQ loss debugging: every activation of the QDQ artifact (after its Q/DQ pair) against
     the same tensor of the float model it was quantized from, in steps of that activation's scale."""
-    import tempfile
-
     import onnx
     from onnxruntime.quantization import quant_pre_process
     from onnxruntime.quantization.qdq_loss_debug import (
@@ -148,7 +152,8 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
               for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in initializers}
     with tempfile.TemporaryDirectory(prefix="mzconvert-debug-") as work:
         float_model, float_saved, qdq_saved = (Path(work) / n for n in ("float.onnx", "float-all.onnx", "qdq-all.onnx"))
-        quant_pre_process(str(stripped), str(float_model), skip_symbolic_shape=True)  # as convert() quantized it
+        quant_pre_process(str(_float_model(recipe, stripped, Path(work))), str(float_model),  # as convert() did
+                          skip_symbolic_shape=True)
         graph = onnx.load(str(float_model)).graph
         nodes = graph.node
         producers = {o: n.op_type for n in nodes for o in n.output}
@@ -223,17 +228,20 @@ def _add_error(totals: dict[str, list[float]], name: str, reference: np.ndarray,
 
 def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifact: Path,
                          calibration: Callable[[], list[Path]], images: list[Path]) -> list[dict]:
-    """A .tflite source and its int8 variant side by side in LiteRT, every tensor kept: each int8 activation
-    against the float tensor of the same name (the converter keeps names; a fused activation's name comes
-    second, after ';'), run under the variant's target kernels, in steps of its scale. Layers are named as the
-    float file names them: what float_layers takes."""
+    """A .tflite source (a quantized one's float twin, backends/float_twin.py) and its int8 variant side by side
+    in LiteRT, every tensor kept: each int8 activation against the float tensor of the same name (the converter
+    keeps names; a fused activation's name comes second, after ';'), run under the variant's target kernels, in
+    steps of its scale. Layers are named as the float file names them: what float_layers takes."""
     kernels = next(iter(target_kernels(recipe, variant)), OPTIMIZED)
-    float_model = litert_interpreter(stripped, keep_all_tensors=True)
+    twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-debug-")  # removed when the function returns
+    float_model = litert_interpreter(_float_model(recipe, stripped, Path(twin_folder.name)), keep_all_tensors=True)
     int8_model = litert_interpreter(artifact, kernels, keep_all_tensors=True)
     for interpreter in (float_model, int8_model):
         interpreter.allocate_tensors()
+    written = {o for op in float_model._get_ops_details() for o in op["outputs"]} | \
+        {d["index"] for d in float_model.get_input_details()}  # not a twin's tensors no op writes any more
     float_tensors, float_names = {}, {}  # by full name and by first name: either file may have fused an
-    for d in float_model.get_tensor_details():  # activation's name in
+    for d in (d for d in float_model.get_tensor_details() if d["index"] in written):  # activation's name in
         float_tensors.setdefault(d["name"].split(";")[0], d["index"])
         float_tensors[d["name"]] = d["index"]
         float_names[d["index"]] = d["name"]
