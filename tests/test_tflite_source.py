@@ -83,6 +83,27 @@ def test_a_file_of_the_old_schema_is_quantized_with_integer_weights(tmp_path, mo
     assert graph.tensors[conv.inputs[1]].type == 9  # INT8 weights
 
 
+def test_google_quantizers_ranges_hold_every_value_the_calibration_images_gave(tmp_path):
+    """ai-edge-quantizer keeps a moving average of each tensor's min and max image by image: after one bright image
+    and fifteen dim ones its ranges were about half the largest values, which the model then clipped (a trained
+    YOLOv8n's int16x8: 93.9 % of float's detections matched, 98.9 % with the ranges below). Each range now holds
+    the min and max over every calibration image."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mzconvert.quant.litert_quantizer import quantize
+    from mzconvert.runtime import TFLiteRunner
+
+    model = float_tflite(tmp_path / "m.tflite")
+    rng = np.random.RandomState(0)
+    images = [rng.uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)] + \
+        [rng.uniform(0, 0.1, (1, 32, 32, 3)).astype(np.float32) for _ in range(15)]
+    largest = max(float(np.abs(TFLiteRunner(model).run(x)[0]).max()) for x in images)
+    out = quantize(model, "int16x8", lambda: images, tmp_path / "q.tflite")
+    (output,) = Interpreter(model_path=str(out)).get_output_details()
+    scale, zero_point = output["quantization"]
+    assert zero_point == 0 and scale * 32767 >= 0.99 * largest, (scale * 32767, largest)
+
+
 def with_buffers_after(path: Path, target: Path) -> Path:
     """The model with every buffer's data stored after the flatbuffer, each found by its offset from the start of
     the file: the layout ai-edge-quantizer writes for a model of 256 KiB of weights or more (and so Ultralytics'
