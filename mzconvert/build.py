@@ -251,7 +251,7 @@ def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
 
         reference = backend_for(p.recipe).GraphRunner(stripped.path("model"), p.recipe, p.threads)
         return {"reference": reference_outputs(reference, p.recipe, images(), out, stripped.anchors()).name,
-                "outputs": list(reference.output_names)}
+                "outputs": list(reference.output_names), "twin": reference.is_twin}
 
     return p.stage(f"reference/{canonical_hash(inputs)[:12]}", inputs, action)
 
@@ -272,10 +272,12 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
     outcome = p.stage(f"verify/{variant.name}", inputs, action)
     metrics = outcome.result["metrics"]
     on = f" ({kernels} kernels)" if kernels == REFERENCE else ""
+    twin = reference.result.get("twin", False)  # a quantized source, judged against its float twin
+    against = "float twin" if twin else "float graph"
     for name, m in metrics.items():
         if not isinstance(m, dict):
             continue
-        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph, output {name} on "
+        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs {against}, output {name} on "
                       f"{metrics['images']} val images: cosine {m['cosine']:.5f}  SQNR {m['sqnr_db']:.1f} dB  "
                       f"max abs err {m['max_abs_error']:.4g}" + _task_figures(m))
         if m.get("constant_reference"):
@@ -287,7 +289,7 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
                       f"{metrics['detections_not_compared']}")
     if "matched_detections" in metrics:
         compared = metrics["detections_compared"]
-        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs float graph: {metrics['matched_detections']:.1%} of "
+        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs {against}: {metrics['matched_detections']:.1%} of "
                       f"the {compared} detections (score >= 0.3) matched (same label, IoU >= 0.9)"
                       + matched_parts_text(metrics, "; their {}"))
         if not compared:
@@ -295,7 +297,10 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
                           "scoring 0.3 or more on the verify images: the share matched says nothing (untrained "
                           "weights, or verify images without the objects the model finds?)")
     if floors := floor_failures(p.recipe, variant, metrics):
-        raise RefusedVariant("\n".join(floors))
+        elsewhere = [f"{p.recipe.path}: variants: {variant.name}: the file was quantized elsewhere and loses this "
+                     "against its float twin; its float export (ONNX, a float .tflite) is quantized here with ranges "
+                     "of its own"] if twin else []
+        raise RefusedVariant("\n".join(floors + elsewhere))
     failures = threshold_failures(variant, metrics)
     if failures and p.options.verify_strict:
         raise MzError(f"{p.recipe.path}: verify thresholds missed: {'; '.join(failures)}")

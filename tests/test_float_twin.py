@@ -87,6 +87,8 @@ def test_a_quantized_tflite_whose_joined_output_rounds_its_scores_away_is_refuse
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert "min_slice_sqnr_db" in refused.stderr and "min_matched" in refused.stderr, refused.stderr[-3000:]
     assert "not shipped: int8" in refused.stderr, refused.stderr[-3000:]
+    # said as what it is: the file against its twin, and where a better int8 comes from
+    assert "int8 vs float twin: " in refused.stderr and "its float export" in refused.stderr, refused.stderr[-3000:]
     assert not (tmp_path / "dist" / "joined" / "joined_int8.tflite").exists()
     apart = yolov8_like_int8_tflite(tmp_path / "apart.tflite", joined=False)
     rows = {o.shape[1]: o.name for o in TFLiteRunner(apart).outputs}  # boxes 4, class scores 2
