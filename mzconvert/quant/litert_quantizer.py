@@ -71,7 +71,7 @@ def _min_max_ranges(engine, flatbuffer: bytes, input_name: str,
     """{tensor: its min and max over every calibration tensor}, in the quantizer's calibration result. Its own
     calibration keeps a moving average of each tensor's min and max image by image (smoothing 0.95): narrower
     ranges than the tensors take, which clip them (a YOLOv8n's activations at 54-78 % of their largest value:
-    its int16x8 matched 93.9 % of float's detections, 98.3 % with the ranges here). So its calibrator, given the
+    its int16x8 matched 93.9 % of float's detections, 98.9 % with the ranges here). So its calibrator, given the
     engine's recipe, joins them with its min_max_update instead: min of the mins and max of the maxes, as the
     converter and ONNX Runtime take them."""
     from ai_edge_quantizer import calibrator, recipe_manager
