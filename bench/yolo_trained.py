@@ -33,9 +33,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mzconvert.recipe import load_recipe
+from mzconvert.tasks.detection import MATCH_SCORE
 
 ROOT = Path(__file__).resolve().parent.parent
 # the script that trains each
@@ -107,7 +109,6 @@ def error_split(path: Path, work: Path, calibration: Path) -> None:
     and 16-bit activations with 8-bit weights; each judged by the build's verify (ONNX Runtime as defined)."""
     from types import SimpleNamespace
 
-    import numpy as np
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import (
@@ -162,6 +163,55 @@ def error_split(path: Path, work: Path, calibration: Path) -> None:
         print(f"| {label} | {metrics['matched_detections']:.1%} of {metrics['detections_compared']} |")
 
 
+def matched_share(reference: list, found: list, min_score: float = MATCH_SCORE) -> str:
+    """Detections matched (same label, IoU >= 0.9) over those scoring `min_score` or more in either list, one
+    Detections per image, with the 95 % interval of image resamples (an image's detections move together)."""
+    from mzconvert.evaluate.cocometrics import bootstrap_weights, ratio_interval
+    from mzconvert.tasks.detection import matched_detections
+
+    counts = np.array([matched_detections(mine, theirs, min_score) for mine, theirs in zip(reference, found)],
+                      np.float64).reshape(-1, 2)
+    hits, total = counts.sum(0)
+    if not total:
+        return "- of 0"
+    weights = bootstrap_weights(len(counts))
+    low, high = ratio_interval(weights @ counts[:, 0], weights @ counts[:, 1])
+    return f"{hits / total:.1%} of {total:.0f} ({low:.1%} - {high:.1%})"
+
+
+def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
+    """Every variant's detections matched with float32's on `images` (the evaluation images the build's verify did
+    not judge by: `auto` ranges are chosen on those, so their share is the best of several), each variant under the
+    kernels its target computes with, at the build's score threshold and at 0.25 (Ultralytics' default)."""
+    from mzconvert.layout import built_stage_result, recipe_build_folder
+    from mzconvert.preprocess import prepare
+    from mzconvert.runtime import open_model, target_kernels
+    from mzconvert.tasks.detection import raw_detections
+
+    recipe = load_recipe(path)
+    names, post, size = list(recipe.strip.outputs), recipe.postprocess, recipe.input.height_width
+    tensors = [prepare(image, recipe.preprocess, recipe.input).tensor for image in images]
+    found = {}
+    for variant in recipe.variants:
+        result = built_stage_result(work / "build", recipe, f"quantize/{variant.name}")
+        if result is None:
+            continue
+        model = recipe_build_folder(work / "build", recipe.name) / "quantize" / variant.name / result.get(
+            "raw_model", result["model"])  # before NMS was attached, as verify compares
+        kernels = next(iter(target_kernels(recipe, variant)), None)
+        runner = open_model(model, names, os.cpu_count() or 1, **({"kernels": kernels} if kernels else {}))
+        found[variant.name] = (kernels or "-", [raw_detections(runner.run(t), names, post, None, size)
+                                                for t in tensors])
+    _, float32 = found.pop("float32")
+    print(f"Detections matched with float32 on the {len(images)} evaluation images verify did not see (same label, "
+          "IoU >= 0.9)")
+    print(f"| variant | kernels | score >= {MATCH_SCORE} (the build's) | score >= 0.25 |")
+    print("| --- | --- | --- | --- |")
+    for name, (kernels, detections) in found.items():
+        print(f"| {name} | {kernels} | {matched_share(float32, detections)} | "
+              f"{matched_share(float32, detections, 0.25)} |")
+
+
 def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> None:
     """The export as Ultralytics' int8 TensorFlow export writes it (bench/ultralytics_tflite.py: onnx2tf's integer
     files, calibrated on 32 calibration images), each file as it is and through the recipe `mzconvert init` writes
@@ -175,8 +225,7 @@ def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> N
     from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import list_images, prepare
     from mzconvert.runtime import REFERENCE, open_model
-    from mzconvert.stages.verify import share_upper_bound
-    from mzconvert.tasks.detection import matched_detections, raw_detections
+    from mzconvert.tasks.detection import raw_detections
 
     files = tflite_exports(model, work / "integer-tflite", list_images(calibration)[:32])
     recipe = load_recipe(path)
@@ -190,12 +239,6 @@ def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> N
     manifest = json.loads((work / "dist" / recipe.name / "manifest.json").read_text())
     float32 = detections(open_model(work / "dist" / recipe.name / manifest["variants"]["float32"]["file"], names),
                          recipe, recipe.postprocess, names)
-
-    def matched(found) -> str:
-        hits, total = (sum(column) for column in zip(*map(matched_detections, float32, found)))
-        share = hits / total if total else 1.0
-        low = 1 - share_upper_bound(1 - share, total)
-        return f"{share:.1%} of {total} ({low:.1%} - {share_upper_bound(share, total):.1%})"
 
     print("| Ultralytics-style file | as it is: matched with float32 | init's recipe: cut, matched with float32 | "
           "its build's verify: matched with its float twin | built as written |")
@@ -214,8 +257,8 @@ def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> N
         output = whole.outputs[0].name  # boxes in pixels and class probabilities, joined
         as_it_is = detections(whole, theirs, replace(theirs.postprocess, output=output, box_output=None,
                                                      class_output=None, box_encoding="pixels"), [output])
-        print(f"| {kind} | {matched(as_it_is)} | "
-              f"{matched(detections(cut, theirs, theirs.postprocess, list(theirs.strip.outputs)))} | "
+        print(f"| {kind} | {matched_share(float32, as_it_is)} | "
+              f"{matched_share(float32, detections(cut, theirs, theirs.postprocess, list(theirs.strip.outputs)))} | "
               f"{check['matched_detections']:.1%} of {check['detections_compared']} | {verdict.split(':')[0]} |")
 
 
@@ -286,6 +329,10 @@ def main() -> None:
             ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
             print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
                   f"{result['mask_AP50']:.4f} | {ratio} |")
+    from mzconvert.preprocess import list_images
+
+    verified = set(list_images(verify)[:load_recipe(path).verify.count])  # the images verify (and auto) judged by
+    matched_on_images(path, work, [image for image in list_images(verify) if image not in verified])
     if args.error_split:
         error_split(path, work, calibration)
     if args.integer_tflite:

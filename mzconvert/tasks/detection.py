@@ -447,12 +447,12 @@ def _area(boxes: np.ndarray) -> np.ndarray:
     return np.prod(np.clip(boxes[..., 2:] - boxes[..., :2], 0, None), axis=-1)
 
 
-def matched_detections(a: Detections, b: Detections) -> tuple[int, int]:
-    """(matched, total) over the detections of a and of b scoring >= MATCH_SCORE: each counts as matched
+def matched_detections(a: Detections, b: Detections, min_score: float = MATCH_SCORE) -> tuple[int, int]:
+    """(matched, total) over the detections of a and of b scoring >= min_score: each counts as matched
     when the other set has one of the same label with IoU >= MATCH_IOU (at any score)."""
     matched = total = 0
     for mine, theirs in ((a, b), (b, a)):
-        shown = mine.scores >= MATCH_SCORE
+        shown = mine.scores >= min_score
         for box, label in zip(_compared_boxes(mine)[shown], mine.labels[shown]):
             total += 1
             matched += int(_same_object(box, label, theirs) is not None)
