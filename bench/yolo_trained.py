@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mzconvert.preprocess import list_images
 from mzconvert.recipe import load_recipe
 from mzconvert.tasks.detection import MATCH_SCORE
 
@@ -119,7 +120,7 @@ def error_split(path: Path, work: Path, calibration: Path) -> None:
         quantize_static,
     )
 
-    from mzconvert.preprocess import list_images, prepare
+    from mzconvert.preprocess import prepare
     from mzconvert.runtime import open_model
     from mzconvert.stages.verify import reference_outputs, verify_variant
 
@@ -223,7 +224,7 @@ def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> N
     from ultralytics_tflite import INTEGER_TFLITES, tflite_exports  # beside this script
 
     from mzconvert.layout import built_stage_model
-    from mzconvert.preprocess import list_images, prepare
+    from mzconvert.preprocess import prepare
     from mzconvert.runtime import REFERENCE, open_model
     from mzconvert.tasks.detection import raw_detections
 
@@ -329,8 +330,6 @@ def main() -> None:
             ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
             print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
                   f"{result['mask_AP50']:.4f} | {ratio} |")
-    from mzconvert.preprocess import list_images
-
     verified = set(list_images(verify)[:load_recipe(path).verify.count])  # the images verify (and auto) judged by
     matched_on_images(path, work, [image for image in list_images(verify) if image not in verified])
     if args.error_split:
