@@ -11,7 +11,9 @@ export is built as it is, and its "float32" columns are its float twin's, the so
 `mzconvert init` writes its recipe (calibration: the train images; verify: the val images) and the build runs it
 unedited: whether it passes its fidelity floors is printed. Then, floors or not, every variant's detections
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
-computes with) and COCO AP on the val images with its ratio to float32 and the paired bootstrap 95 % interval.
+computes with) and COCO AP on the val images with its ratio to float32 and the paired bootstrap 95 % interval;
+then the detections matched on the evaluation images verify did not see (`auto` ranges are chosen on the verify
+images), at score >= 0.3 and >= 0.25, with the 95 % interval of image resamples.
 
 A detector trained for minutes on 209 images finds little in images it has not seen: with --seen the
 calibration images are half of the train images and the verify and evaluation images the other half, both
