@@ -186,7 +186,7 @@ def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
     """Every variant's detections matched with float32's on `images` (the evaluation images the build's verify did
     not judge by: `auto` ranges are chosen on those, so their share is the best of several), each variant under the
     kernels its target computes with, at the build's score threshold and at 0.25 (Ultralytics' default)."""
-    from mzconvert.layout import built_stage_result, recipe_build_folder
+    from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import prepare
     from mzconvert.runtime import open_model, target_kernels
     from mzconvert.tasks.detection import raw_detections
@@ -196,11 +196,11 @@ def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
     tensors = [prepare(image, recipe.preprocess, recipe.input).tensor for image in images]
     found = {}
     for variant in recipe.variants:
-        result = built_stage_result(work / "build", recipe, f"quantize/{variant.name}")
-        if result is None:
+        stage = f"quantize/{variant.name}"  # its model before NMS was attached, as verify compares
+        model = built_stage_model(work / "build", recipe, stage, "raw_model") or built_stage_model(
+            work / "build", recipe, stage)
+        if model is None:
             continue
-        model = recipe_build_folder(work / "build", recipe.name) / "quantize" / variant.name / result.get(
-            "raw_model", result["model"])  # before NMS was attached, as verify compares
         kernels = next(iter(target_kernels(recipe, variant)), None)
         runner = open_model(model, names, os.cpu_count() or 1, **({"kernels": kernels} if kernels else {}))
         found[variant.name] = (kernels or "-", [raw_detections(runner.run(t), names, post, None, size)
@@ -332,8 +332,9 @@ def main() -> None:
             ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
             print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
                   f"{result['mask_AP50']:.4f} | {ratio} |")
-    verified = set(list_images(verify)[:load_recipe(path).verify.count])  # the images verify (and auto) judged by
-    matched_on_images(path, work, [image for image in list_images(verify) if image not in verified])
+    evaluated = list_images(verify)
+    verified = set(evaluated[:load_recipe(path).verify.count])  # the images verify (and auto) judged by
+    matched_on_images(path, work, [image for image in evaluated if image not in verified])
     if args.error_split:
         error_split(path, work, calibration)
     if args.integer_tflite:

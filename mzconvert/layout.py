@@ -57,10 +57,11 @@ def built_stage_result(build_root: Path, recipe: Recipe, stage: str) -> dict | N
         return None
 
 
-def built_stage_model(build_root: Path, recipe: Recipe, stage: str) -> Path | None:
-    """The model a stage of the last build wrote (build/<recipe>/<stage>/), if it is there."""
+def built_stage_model(build_root: Path, recipe: Recipe, stage: str, key: str = "model") -> Path | None:
+    """The model a stage of the last build wrote (build/<recipe>/<stage>/), if it is there; `key` names another
+    of its files (quantize's raw_model: the model before post-processing was attached)."""
     result = built_stage_result(build_root, recipe, stage)
-    if result is None:
+    if result is None or key not in result:
         return None
-    path = recipe_build_folder(build_root, recipe.name) / stage / result.get("model", "")
+    path = recipe_build_folder(build_root, recipe.name) / stage / result[key]
     return path if path.is_file() else None
