@@ -1,10 +1,10 @@
 """Issue 25: precision where the model needs it, measured in one run: for each real model its NPU int8 variant,
 the same at int16x8 (16-bit activations), and the same with `max_drop` (the build keeps float the fewest of
-`mzconvert debug`'s worst layers for it to agree with the float model on at least 1 - max_drop of the verify
-images), side by side.
+`mzconvert debug`'s worst layers for it to agree with the float model on at least 1 - max_drop of the images it
+chooses by: as many as verify judges by, from the calibration set, build._choosing_images), side by side.
 
 Per variant: paired fidelity to the float model on the verify images (top-1 agreement or detections matched,
-as the search judges it; for classifiers also the top-1 agreement on the evaluated images, after the slash), accuracy on the evaluation set with its ratio to float32 and the paired bootstrap 95 %
+as verify judges it; for classifiers also the top-1 agreement on the evaluated images, after the slash), accuracy on the evaluation set with its ratio to float32 and the paired bootstrap 95 %
 interval (under the kernels the variant's target computes with: LiteRT's reference kernels for the NPU's
 variants), size, 1-thread CPU latency (LiteRT's optimized kernels), and per Ethos-U target the estimated
 inference time and the operators left to the CPU. Pedestrian AP is on the 132 COCO val2017 images; MobileNetV2
@@ -30,7 +30,7 @@ MODELS = {"detector": ("pedestrian-ssdlite", "coco", "int8"),
 
 
 def paired_fidelity(verify: dict, row: dict) -> str:
-    """What the search judges, on the verify images; for classifiers also the agreement on the evaluated ones."""
+    """What verify judges, on the verify images; for classifiers also the agreement on the evaluated ones."""
     if "matched_detections" in verify:
         return f"{verify['matched_detections']:.1%} matched"
     agreement = [m["top1_agreement"] for m in verify.values() if isinstance(m, dict) and "top1_agreement" in m]
@@ -73,7 +73,8 @@ def main() -> None:
             metric, results = evaluation["metric"], evaluation["results"]
             met = "within" if search["met"] else "NOT within (the best found)"
             print(f"\n{name}: {metric} on {evaluation['images']} images of {dataset}; search for a drop of at most "
-                  f"{args.max_drop:.1%} on {search['images']} verify images: {len(chosen)} layers kept float, {met}")
+                  f"{args.max_drop:.1%} on {search['images']} images of the calibration set: {len(chosen)} layers kept float, "
+                  f"{met}")
             print(f"{'variant':14} {'kernels':9} {'fidelity':>18} {metric:>7} {'of float32':>10} {'95 % interval':>15} "
                   f"{'bytes':>9} {'CPU ms':>7}  NPU (ms, CPU ops)")
             for variant in ("float32", int8_name, "int16x8", "int8-searched"):

@@ -12,8 +12,8 @@ export is built as it is, and its "float32" columns are its float twin's, the so
 unedited: whether it passes its fidelity floors is printed. Then, floors or not, every variant's detections
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
 computes with) and COCO AP on the val images with its ratio to float32 and the paired bootstrap 95 % interval;
-then the detections matched on the evaluation images verify did not see (`auto` ranges are chosen on the verify
-images), at score >= 0.3 and >= 0.25, with the 95 % interval of image resamples.
+then the detections matched on the evaluation images verify did not see (more of them than verify's 32), at score
+>= 0.3 and >= 0.25, with the 95 % interval of image resamples.
 
 A detector trained for minutes on 209 images finds little in images it has not seen: with --seen the
 calibration images are half of the train images and the verify and evaluation images the other half, both
@@ -184,8 +184,8 @@ def matched_share(reference: list, found: list, min_score: float = MATCH_SCORE) 
 
 def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
     """Every variant's detections matched with float32's on `images` (the evaluation images the build's verify did
-    not judge by: `auto` ranges are chosen on those, so their share is the best of several), each variant under the
-    kernels its target computes with, at the build's score threshold and at 0.25 (Ultralytics' default)."""
+    not judge by), each variant under the kernels its target computes with, at the build's score threshold and at
+    0.25 (Ultralytics' default)."""
     from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import prepare
     from mzconvert.runtime import open_model, target_kernels

@@ -97,29 +97,63 @@ def _model_chain(p: Planner, member: str | None, until: str) -> list[StageOutcom
     return chain
 
 
-def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None = None
+def _image_paths(p: Planner, spec: str, count: int | None, at_most: int | None = None, after: int | None = None
                  ) -> tuple[str, Callable[[], list[Path]], list[str]]:
     """(key naming the exact images, a function fetching them, their file names): fetching only when a
-    stage runs. `count` images are required; without one, all of the set, or `at_most` of them. A
-    folder set is hashed once a build, however many variants use it."""
+    stage runs. `count` images are required; without one, all of the set, or `at_most` of them; with `after`,
+    `count` from the set's `after`-th image on (ImageSet.window_after). A folder set is hashed once a build,
+    however many variants use it."""
     from .sources.imagesets import load_image_set
 
-    memo = (spec, count, at_most)
+    memo = (spec, count, at_most, after)
     with p._lock:
         if memo not in p._image_sets:
             image_set = load_image_set(spec, p.recipe.path)
             count = image_set.count(count, at_most)
-            p._image_sets[memo] = (f"{image_set.key}:{count}",
-                                   lambda: image_set.paths(p.fetcher, count, p.console.log), image_set.names(count))
+            start, count = (0, count) if after is None else image_set.window_after(after, count)
+            key = f"{image_set.key}:{count}" if start == 0 else f"{image_set.key}:{start}+{count}"
+            p._image_sets[memo] = (key, lambda: image_set.paths(p.fetcher, count, p.console.log, start),
+                                   image_set.names(count, start))
         return p._image_sets[memo]
+
+
+def _calibration_images(p: Planner, variant: Variant) -> tuple[str, Callable[[], list[Path]], list[str]]:
+    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT
+
+    return _image_paths(p, variant.calibration, variant.calibration_count, at_most=DEFAULT_CALIBRATION_COUNT)
+
+
+def _verify_images(p: Planner) -> tuple[str, Callable[[], list[Path]], list[str]]:
+    return _image_paths(p, p.recipe.verify.images, p.recipe.verify.count)
+
+
+def _choosing_images(p: Planner, variant: Variant) -> tuple[str, Callable[[], list[Path]], list[str]]:
+    """The images a search of the variant's quantization chooses by (stages/fallback.py): as many as verify
+    judges by, from the variant's calibration set after the images its ranges are recorded on (where the set
+    ends before, its last ones), so never the verify images: the figure verify then reports of the chosen
+    candidate is not the best of several on the same images."""
+    calibrated = _calibration_images(p, variant)[2]
+    return _image_paths(p, variant.calibration, len(_verify_images(p)[2]), after=len(calibrated))
+
+
+def _choosing_text(p: Planner, variant: Variant) -> str:
+    """Which images a search chose by, for its log line."""
+    chosen_by, calibrated = _choosing_images(p, variant)[2], set(_calibration_images(p, variant)[2])
+    also = sum(name in calibrated for name in chosen_by)
+    return (f"{len(chosen_by)} images of the calibration set, "
+            + (f"{also} of them calibrated on" if also else "none calibrated on") + "; verify judges the choice")
+
+
+def _chosen_by(p: Planner, variant: Variant) -> dict:
+    """What a search's manifest entry says of the images it chose by: their file names."""
+    return {"chosen_by": _choosing_images(p, variant)[2]}
 
 
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
     """One calibration per (model, images, preprocessing): every TFLite int8 variant using them shares it."""
-    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT, calibrate
+    from .stages.calibrate import calibrate
 
-    images_key, images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
-                                         at_most=DEFAULT_CALIBRATION_COUNT)
+    images_key, images, _ = _calibration_images(p, variant)
     inputs = {"model": stripped.digest(), "calibration": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "target": variant.target,
               "tools": p.versions,
@@ -134,7 +168,7 @@ def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOut
 
 
 def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
-    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT, shares_calibration
+    from .stages.calibrate import shares_calibration
     from .stages.quantize import quantize
 
     inputs = {"model": stripped.digest(), "variant": validated(variant),
@@ -145,8 +179,7 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
         calibrated = _calibrate(p, stripped, variant)
         inputs["calibrated"] = calibrated.digest()
     elif variant.calibration:
-        inputs["calibration"], images, _ = _image_paths(p, variant.calibration, variant.calibration_count,
-                                                        at_most=DEFAULT_CALIBRATION_COUNT)
+        inputs["calibration"], images, _ = _calibration_images(p, variant)
         inputs["preprocess"] = validated(p.recipe.preprocess)
 
     def action(out: Path) -> dict:
@@ -166,14 +199,11 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
 
 def _search_inputs(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[dict, Callable, Callable, tuple]:
-    """What a search of a variant's quantization depends on; its calibration and verify images; the float
-    model's outputs on those (the reference stage's file, its output names)."""
-    from .stages.calibrate import DEFAULT_CALIBRATION_COUNT
-
-    calibration_key, calibration, _ = _image_paths(p, variant.calibration, variant.calibration_count,
-                                                   at_most=DEFAULT_CALIBRATION_COUNT)
-    images_key, images, _ = _image_paths(p, p.recipe.verify.images, p.recipe.verify.count)
-    reference = _reference(p, stripped)
+    """What a search of a variant's quantization depends on; its calibration images and the images it chooses
+    by (_choosing_images); the float model's outputs on those (the reference stage's file, its output names)."""
+    calibration_key, calibration, _ = _calibration_images(p, variant)
+    images_key, images, _ = chosen_by = _choosing_images(p, variant)
+    reference = _reference(p, stripped, chosen_by)
     inputs = {"model": stripped.digest(), "variant": validated(variant), "weight_rounding": variant.weight_rounding,
               "calibration": calibration_key, "images": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
@@ -186,8 +216,8 @@ def _variant_log(p: Planner, variant: Variant) -> Callable[[str], None]:
 
 
 def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
-    """calibration_method auto: each range method tried, the one the float model agrees with best on the verify
-    images kept (stages/fallback.py); the variant with that method."""
+    """calibration_method auto: each range method tried, the one the float model agrees with best on the images
+    searches choose by (_choosing_images) kept (stages/fallback.py); the variant with that method."""
     from dataclasses import replace
 
     from .stages.fallback import search_calibration_method
@@ -196,20 +226,22 @@ def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tupl
 
     def action(out: Path) -> dict:
         return {"ranges": search_calibration_method(stripped.path("model"), p.recipe, variant, calibration(),
-                                                    images(), _variant_log(p, variant), reference)}
+                                                    images(), _variant_log(p, variant), reference)
+                | _chosen_by(p, variant)}
 
     outcome = p.stage(f"ranges/{variant.name}", inputs, action)
     ranges = outcome.result["ranges"]
     chosen = ranges["chosen"]
     tried = ", ".join(f"{s['calibration_method']} {s['fidelity']:.1%}" for s in ranges["steps"])
     p.console.log(f"[{p.recipe.name}] {variant.name}: calibration_method auto: {chosen['calibration_method']} "
-                  f"(fidelity on {ranges['images']} verify images: {tried})")
+                  f"(fidelity on {_choosing_text(p, variant)}: {tried})")
     return outcome, replace(variant, calibration_method=chosen["calibration_method"])
 
 
 def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
     """A variant's max_drop: the fewest of its worst layers kept float for it to agree with the float model on
-    at least 1 - max_drop of the verify images (stages/fallback.py); the variant with those float_layers."""
+    at least 1 - max_drop of the images searches choose by (_choosing_images; stages/fallback.py); the variant
+    with those float_layers."""
     from dataclasses import replace
 
     from .stages.debug import layer_errors, layers_to_keep_float
@@ -218,31 +250,36 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
     inputs, calibration, images, reference = _search_inputs(p, stripped, variant)
 
     def action(out: Path) -> dict:
-        model, calibration_images, verify_images = stripped.path("model"), calibration(), images()
+        model, calibration_images, chosen_by = stripped.path("model"), calibration(), images()
 
         def ranked(artifact: Path) -> list[str]:  # as `mzconvert debug` ranks them, worst first
             return layers_to_keep_float(layer_errors(model, p.recipe, variant, artifact, lambda: calibration_images,
-                                                     verify_images))
+                                                     chosen_by))
 
-        return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, verify_images,
-                                              variant.max_drop, _variant_log(p, variant), reference)}
+        return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, chosen_by,
+                                              variant.max_drop, _variant_log(p, variant), reference)
+                | _chosen_by(p, variant)}
 
     outcome = p.stage(f"search/{variant.name}", inputs, action)
     search = outcome.result["search"]
     chosen = search["chosen"]
     p.console.log(f"[{p.recipe.name}] {variant.name}: max_drop {search['max_drop']:g}: {len(chosen['float_layers'])} "
-                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {search['images']} verify images "
+                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {_choosing_text(p, variant)} "
                   f"({'within' if search['met'] else 'NOT within, the best found'}), {chosen['bytes']} bytes, "
                   f"{chosen['float_ops']} float ops")
+    if p.recipe.task == "classification" and search["max_drop"] * search["images"] < 1:  # top-1: a share of images
+        p.console.log(f"[{p.recipe.name}] warning: {variant.name}: max_drop {search['max_drop']:g} is less than one "
+                      f"image of the {search['images']} searched ({1 / search['images']:.1%}): all of them had to "
+                      "agree, which fits the search to those images more than it measures the variant")
     return outcome, replace(variant, float_layers=tuple(chosen["float_layers"]))
 
 
-def _reference(p: Planner, stripped: StageOutcome) -> StageOutcome:
-    """The float model's outputs on the verify images, computed once and compared with every variant."""
+def _reference(p: Planner, stripped: StageOutcome, on: tuple | None = None) -> StageOutcome:
+    """The float model's outputs on the verify images (or the images `on`, as _image_paths gives them),
+    computed once and compared with every variant."""
     from .stages.verify import reference_outputs
 
-    spec = p.recipe.verify
-    key, images, _ = _image_paths(p, spec.images, spec.count)
+    key, images, _ = on or _verify_images(p)
     inputs = {"model": stripped.digest(), "images": key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "postprocess": validated(p.recipe.postprocess), "tools": p.versions}
 
@@ -326,8 +363,7 @@ def _source_pipeline(p: Planner, chain: list[StageOutcome]) -> StageOutcome:
     from .stages.verify import source_pipeline_fidelity
 
     _, frozen, stripped = chain
-    spec = p.recipe.verify
-    key, images, names = _image_paths(p, spec.images, spec.count)
+    key, images, names = _verify_images(p)
     reference = _reference(p, stripped)  # ours: the float model's outputs on the same images
     inputs = {"frozen": frozen.digest(), "reference": reference.digest(), "stripped": stripped.digest(),
               "postprocess": validated(p.recipe.postprocess), "source_pipeline": validated(p.recipe.source_pipeline),

@@ -118,3 +118,15 @@ def test_a_relative_image_folder_is_taken_from_the_recipes_folder(tmp_path):
     assert image_set.folder == tmp_path / "project" / "calib" and len(image_set.names()) == 3
     with pytest.raises(RecipeError, match="recipe.yaml: no image set 'nowhere' in "):
         load_image_set("nowhere", tmp_path / "project" / "recipe.yaml")
+
+
+@pytest.mark.parametrize("pool, expected", [(14, range(8, 12)), (10, range(6, 10)), (3, range(0, 3))])
+def test_the_images_after_those_calibrated_on_are_those_after_them_else_the_last(tmp_path, pool, expected):
+    """What a search chooses by (build._choosing_images): 4 images after the first 8, from a folder of 14 all
+    unseen; of 10, two calibrated on; of 3, all there are. The same names from the paths as from names()."""
+    _write_images(tmp_path / "calib", range(pool))
+    image_set = load_image_set(str(tmp_path / "calib"))
+    start, count = image_set.window_after(8, 4)
+    every = image_set.names()
+    assert image_set.names(count, start) == [every[i] for i in expected]
+    assert [p.name for p in image_set.paths(None, count, start=start)] == [every[i] for i in expected]

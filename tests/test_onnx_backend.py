@@ -393,10 +393,15 @@ def test_debug_of_a_tflite_int8_counts_no_error_beyond_what_its_sigmoid_sees(tmp
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
 def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tmp_path, mirror):
     """calibration_method auto: each method measured as a variant declaring it measures (same paired fidelity and
-    worst SQNR on the verify images), the best kept, and the artifact that variant's to the byte; debug explains
-    the variant with the chosen ranges."""
+    worst SQNR), on the calibration folder's images after the 8 calibrated on, as many as verify judges by, and
+    not on the verify images; the best kept, and the artifact that variant's to the byte; debug explains the
+    variant with the chosen ranges."""
+    from mzconvert.backends import backend_for
+    from mzconvert.layout import built_stage_model
+    from mzconvert.preprocess import list_images
     from mzconvert.recipe.schema import AUTO_CALIBRATION_METHODS
     from mzconvert.stages.fallback import _worst_sqnr, paired_fidelity
+    from mzconvert.stages.verify import reference_outputs, verify_variant
 
     train = MIRROR / "coco" / "train2017"
     io = "int8" if target == "tflite" else "float32"
@@ -410,15 +415,21 @@ def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tm
     variants = run(tmp_path, text)["variants"]
     recipe = load_recipe(tmp_path / "tiny-onnx.yaml")
     ranges = variants["int8-auto"]["ranges"]
+    chosen_by = list_images(train)[8:12]  # verify: count 4
+    assert ranges["chosen_by"] == [p.name for p in chosen_by] and ranges["images"] == 4, ranges
+    assert not set(ranges["chosen_by"]) & {p.name for p in list_images(MIRROR / "coco" / "val2017")}
     assert [s["calibration_method"] for s in ranges["steps"]] == list(AUTO_CALIBRATION_METHODS)
+    dist = tmp_path / "dist" / "tiny-onnx"
+    float_model = backend_for(recipe).GraphRunner(built_stage_model(tmp_path / "build", recipe, "strip"), recipe)
+    reference = reference_outputs(float_model, recipe, chosen_by, tmp_path)
     for step in ranges["steps"]:
-        metrics = variants[f"int8-{step['calibration_method'].replace('_', '-')}"]["verify"]
+        twin = variants[f"int8-{step['calibration_method'].replace('_', '-')}"]
+        metrics = verify_variant(dist / twin["file"], reference, list(float_model.output_names), recipe)
         assert step["fidelity"] == paired_fidelity(metrics, recipe), step
         assert step["worst_sqnr_db"] == pytest.approx(_worst_sqnr(metrics), abs=1e-9), step
-        assert step["within_floors"], step  # as the build judged its twin: shipped
+        assert step["within_floors"], step
     best = max(ranges["steps"], key=lambda s: (s["fidelity"], s["worst_sqnr_db"]))
     assert ranges["chosen"] == best
-    dist = tmp_path / "dist" / "tiny-onnx"
     chosen = variants[f"int8-{best['calibration_method'].replace('_', '-')}"]["file"]
     assert (dist / variants["int8-auto"]["file"]).read_bytes() == (dist / chosen).read_bytes()
     explained = run_cli("--json", "debug", str(tmp_path / "tiny-onnx.yaml"), "--variant", "int8-auto", "--out",

@@ -377,6 +377,7 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     output channel's other int8 weights round to zero. The debug table must put conv2 on top."""
     import json
 
+    from mzconvert.preprocess import list_images
     from tests.conftest import run_cli
 
     damaged = write_tiny_detector(tmp_path / "graphs", damaged=True)["frozen"]
@@ -427,7 +428,9 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     search = variants["i8-budget"]["search"]
     assert search["steps"][0]["float_layers"] == [] and search["steps"][0]["fidelity"] < 0.95, search
     assert search["met"] and search["chosen"]["float_layers"][0] == layers[0]["layer"], search
-    assert variants["i8-budget"]["verify"]["matched_detections"] == search["chosen"]["fidelity"]
+    # chosen on the 6 images of the calibration folder after the 8 calibrated on, judged on the 6 verify images
+    assert search["chosen_by"] == [p.name for p in list_images(TRAIN)[8:14]], search["chosen_by"]
+    assert variants["i8-budget"]["verify"]["images"] == 6
     assert TFLiteRunner(dist / variants["i8-budget"]["file"]).float_tensor_count() > 0
 
 

@@ -45,25 +45,37 @@ class ImageSet:
         """How many images to take: `wanted`; without a number, all of the set, or at most `at_most`."""
         return wanted if wanted is not None or at_most is None else min(at_most, self.size)
 
-    def names(self, count: int | None = None) -> list[str]:
+    def window_after(self, used: int, wanted: int) -> tuple[int, int]:
+        """(start, count) of `wanted` images from the set's `used`-th on; where the set ends before, its last
+        `wanted` (or all of it)."""
+        stop = min(self.size, used + wanted)
+        start = max(0, stop - wanted)
+        return start, stop - start
+
+    def names(self, count: int | None = None, start: int = 0) -> list[str]:
         """The images' own file names (fetched images sit in the cache under their digests)."""
         if self.folder is not None:
-            return [p.name for p in list_images(self.folder)[:count]]
-        return [pin.name for pin in self.pins[:count]]
+            return [p.name for p in list_images(self.folder)[start:_stop(start, count)]]
+        return [pin.name for pin in self.pins[start:_stop(start, count)]]
 
-    def paths(self, fetcher: Fetcher, count: int | None = None, log=lambda m: None) -> list[Path]:
-        if count is not None and count > self.size:
+    def paths(self, fetcher: Fetcher, count: int | None = None, log=lambda m: None, start: int = 0) -> list[Path]:
+        """`count` images (all, without one) from the set's `start`-th on."""
+        if count is not None and start + count > self.size:
             raise RecipeError(f"{self.name}: {self.size} images, fewer than the {count} asked for "
                               "(calibration_count / verify.count)")
         if self.folder is not None:
-            return list_images(self.folder)[:count]
-        pins = self.pins[:count]
+            return list_images(self.folder)[start:_stop(start, count)]
+        pins = self.pins[start:_stop(start, count)]
         paths = []
         for i, pin in enumerate(pins, 1):
             paths.append(fetcher.fetch(pin, [self.base_url + pin.name] if self.base_url else []))
             if i % 25 == 0 or i == len(pins):
                 log(f"image set {self.name}: {i}/{len(pins)} images ready")
         return paths
+
+
+def _stop(start: int, count: int | None) -> int | None:
+    return None if count is None else start + count
 
 
 def load_image_set(spec: str, recipe_path: Path | None = None) -> ImageSet:
