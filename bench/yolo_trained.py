@@ -169,7 +169,7 @@ def error_split(path: Path, work: Path, calibration: Path) -> None:
 def matched_share(reference: list, found: list, min_score: float = MATCH_SCORE) -> str:
     """Detections matched (same label, IoU >= 0.9) over those scoring `min_score` or more in either list, one
     Detections per image, with the 95 % interval of image resamples (an image's detections move together)."""
-    from mzconvert.evaluate.cocometrics import bootstrap_weights, ratio_interval
+    from mzconvert.evaluate.cocometrics import share_interval
     from mzconvert.tasks.detection import matched_detections
 
     counts = np.array([matched_detections(mine, theirs, min_score) for mine, theirs in zip(reference, found)],
@@ -177,8 +177,7 @@ def matched_share(reference: list, found: list, min_score: float = MATCH_SCORE) 
     hits, total = counts.sum(0)
     if not total:
         return "- of 0"
-    weights = bootstrap_weights(len(counts))
-    low, high = ratio_interval(weights @ counts[:, 0], weights @ counts[:, 1])
+    low, high = share_interval(counts)
     return f"{hits / total:.1%} of {total:.0f} ({low:.1%} - {high:.1%})"
 
 

@@ -294,7 +294,13 @@ def _reference(p: Planner, stripped: StageOutcome, on: tuple | None = None) -> S
 
 
 def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant: Variant) -> StageOutcome:
-    from .stages.verify import floor_failures, matched_parts_text, threshold_failures, verify_variant
+    from .stages.verify import (
+        floor_failures,
+        matched_parts_text,
+        matched_share_text,
+        threshold_failures,
+        verify_variant,
+    )
 
     reference = _reference(p, stripped)
     kernels = next(iter(target_kernels(p.recipe, variant)), None)  # the target's: a device's own arithmetic
@@ -326,8 +332,8 @@ def _verify(p: Planner, stripped: StageOutcome, quantized: StageOutcome, variant
                       f"{metrics['detections_not_compared']}")
     if "matched_detections" in metrics:
         compared = metrics["detections_compared"]
-        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs {against}: {metrics['matched_detections']:.1%} of "
-                      f"the {compared} detections (score >= 0.3) matched (same label, IoU >= 0.9)"
+        p.console.log(f"[{p.recipe.name}] {variant.name}{on} vs {against}: {matched_share_text(metrics)} of the "
+                      f"{compared} detections (score >= 0.3) matched (same label, IoU >= 0.9)"
                       + matched_parts_text(metrics, "; their {}"))
         if not compared:
             p.console.log(f"[{p.recipe.name}] warning: neither the float model nor {variant.name} detects anything "

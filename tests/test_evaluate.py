@@ -202,3 +202,17 @@ def test_a_label_naming_another_category_beside_unnamed_labels_is_refused(tmp_pa
                                "val")
     with pytest.raises(InputError, match="label 'head' is category 1 there, not 2.*'hat'.*category_ids"):
         dataset.scored_category_ids(("hat", "head"), (1, 2), print)
+
+
+def test_a_share_counted_image_by_image_is_as_uncertain_as_its_images():
+    """19 images whose 10 detections all match and one that loses its 10: 95 % of 200, but the misses are one
+    image's, so the interval over image resamples reaches far lower than one over 200 independent detections
+    (Wilson: 91.0-97.3 %); spread evenly over the images, it is about as wide as theirs."""
+    from mzconvert.evaluate.cocometrics import share_interval
+
+    clustered = np.array([[10, 10]] * 19 + [[0, 10]], np.float64)
+    low, high = share_interval(clustered)
+    assert low < 0.87 and high == 1.0, (low, high)
+    spread = np.array([[19, 20]] * 10 + [[20, 20]] * 5 + [[18, 20]] * 5, np.float64)
+    low, high = share_interval(spread)
+    assert 0.93 < low < 0.95 < high < 0.97, (low, high)

@@ -437,6 +437,22 @@ def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tm
     assert explained.returncode == 0, explained.stderr[-2000:]
 
 
+def test_a_classifier_budget_finer_than_one_searched_image_is_said(tmp_path, mirror):
+    """max_drop 0.005 on 4 images asks all 4 to agree: the build says so; a budget of one image in 4 is not."""
+    variant = (f"  - {{name: int8-budget, mode: int8, io_dtype: float32, calibration: {MIRROR / 'coco' / 'train2017'}, "
+               "calibration_count: 8, max_drop: DROP}\n")
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    said = "max_drop 0.005 is less than one image of the 4 searched (25.0%): all of them had to agree"
+    for drop, expected in (("0.005", True), ("0.25", False)):
+        recipe = tmp_path / drop / "tiny-onnx.yaml"
+        recipe.parent.mkdir()
+        recipe.write_text(recipe_text(model, extra_variant=variant.replace("DROP", drop)))
+        done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), "--out", str(tmp_path / drop / "dist"),
+                       "--build-dir", str(tmp_path / drop / "build"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (said in done.stderr) == expected and ("is less than one image" in done.stderr) == expected
+
+
 def test_auto_ranges_keep_a_method_the_build_would_ship():
     """The best agreement wins only among methods within the variant's floors, when any is: a trained YOLOv8n's
     mean min/max ranges matched 85.9 % of its detections and lost a class's scores (7.2 dB, floor 10), min/max

@@ -239,7 +239,8 @@ def test_validate_counts_recipes_and_lists_every_problem(tmp_path):
     (lambda d: d["variants"][1].update(calibration_method="auto"), "variants[1].calibration_method",
      "auto tries each range method of a calibrated int8 / int16x8 variant"),
     (lambda d: (d["variants"][4].update(calibration_method="auto"), d.pop("verify")),
-     "variants[4].calibration_method", "agrees with best on the verify images, and the recipe declares none"),
+     "variants[4].calibration_method", "auto's choice of ranges is judged on the verify images (and made on as "
+     "many of the calibration set), and the recipe declares none: add verify"),
     # a task judged by its outputs' SQNR alone has no answers for a search to keep (init wrote auto for it)
     (lambda d: (d["variants"][4].update(calibration_method="auto"), d.update(task="other"), d.pop("postprocess")),
      "variants[4].calibration_method", "task other has none: choose one of minmax"),

@@ -146,6 +146,14 @@ def difference_interval(candidate: np.ndarray, other: np.ndarray) -> list[float]
     return [float(low), float(high)]
 
 
+def share_interval(counts: np.ndarray) -> list[float]:
+    """95 % interval of a share counted image by image (`counts`: images x (hits, trials)) over image resamples:
+    one image's hits move together (a detector's detections of one scene), which an interval over the trials as
+    if independent leaves out."""
+    weights = bootstrap_weights(len(counts))
+    return ratio_interval(weights @ counts[:, 0], weights @ counts[:, 1])
+
+
 def ratio_interval(candidate: np.ndarray, baseline: np.ndarray) -> list[float]:
     """95 % percentile interval of candidate / baseline over paired resamples."""
     with np.errstate(divide="ignore", invalid="ignore"):

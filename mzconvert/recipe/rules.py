@@ -185,11 +185,12 @@ def check_verify_images(r: Reader, images: str, variants: list[Variant]) -> None
 def check_search_needs_verify(r: Reader, variants: list[Variant]) -> None:
     for i, v in enumerate(variants):
         if v.max_drop is not None:
-            raise r.fail("max_drop is judged on the verify images, and the recipe declares none: add verify",
-                         f"variants[{i}].max_drop")
+            raise r.fail("max_drop's choice is judged on the verify images (and made on as many of the calibration "
+                         "set), and the recipe declares none: add verify", f"variants[{i}].max_drop")
         if v.calibration_method == "auto":
-            raise r.fail("auto chooses the ranges the float model agrees with best on the verify images, and the "
-                         "recipe declares none: add verify", f"variants[{i}].calibration_method")
+            raise r.fail("auto's choice of ranges is judged on the verify images (and made on as many of the "
+                         "calibration set), and the recipe declares none: add verify",
+                         f"variants[{i}].calibration_method")
 
 
 def check_search_has_measure(r: Reader, task: str, variants: list[Variant]) -> None:

@@ -40,7 +40,8 @@ URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/backends/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "mean_minmax", "auto")
 TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse", "mean_minmax")
-# auto: each of these tried, the one the float model agrees with best on the verify images kept (stages/fallback.py)
+# auto: each of these tried, the one the float model agrees with best kept, on images of the calibration set
+# (build._choosing_images; stages/fallback.py)
 AUTO_CALIBRATION_METHODS = TFLITE_CALIBRATION_METHODS
 # int8 weights: fitted depthwise ones, fitted every convolution's and fully-connected layer's, nearest rounding
 # (mzconvert/quant/rounding.py)
@@ -288,7 +289,8 @@ class Variant:
     # ONNX node names, as `mzconvert debug` lists them; they run on the CPU beside an NPU
     float_layers: tuple[str, ...] = ()
     # int8: the build keeps float the fewest of `mzconvert debug`'s worst layers for the variant to agree with the
-    # float model on at least 1 - max_drop of the verify images (stages/fallback.py); they become its float_layers
+    # float model on at least 1 - max_drop of as many images of the calibration set as verify judges by
+    # (build._choosing_images; stages/fallback.py); they become its float_layers
     max_drop: float | None = None
     # Fidelity floors against the float model (DEFAULT_FLOORS unless the recipe lowers one): the build fails below
     min_matched: float = DEFAULT_FLOORS["min_matched"]  # detectors: share of detections matched

@@ -12,7 +12,7 @@ from ..manifest import load_manifest
 from ..recipe.schema import DEFAULT_FLOORS, INTEGER_MODES
 from ..stages.debug import debug_table
 from ..stages.dist import write_md5sums
-from ..stages.verify import below_floors, matched_parts_text
+from ..stages.verify import below_floors, matched_parts_text, matched_share_text
 from .tables import accuracy_key, bench_table, eval_table, in_order, load_evals, size_mb
 
 
@@ -123,7 +123,7 @@ def _fidelity(manifest: dict, variants: dict) -> list[str]:
     matched = {n: v["verify"] for n, v in variants.items() if "matched_detections" in (v.get("verify") or {})}
     if matched:
         md += ["", "Detections (score >= 0.3) matching the float model's (same label, IoU >= 0.9): "
-               + ", ".join(f"{n} {m['matched_detections']:.1%}" + matched_parts_text(m, " ({})")
+               + ", ".join(f"{n} {matched_share_text(m)}" + matched_parts_text(m, " ({})")
                            for n, m in matched.items()) + "."]
     if fidelity := manifest.get("source_pipeline_fidelity"):
         md += ["", f"Our declared preprocessing + float model + decode against the source end to end on "

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..backends import backend_for
 from ..errors import MzError
+from ..evaluate.cocometrics import share_interval
 from ..preprocess import load_image, prepare
 from ..recipe import Recipe, Variant, command_argument
 from ..recipe.schema import DEFAULT_FLOORS
@@ -139,8 +140,10 @@ def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names
         return {"detections_not_compared": str(exc)}
     boxes = load_anchors(anchors) if anchors is not None else None
     candidates = [_decoded([got[i] for got in got_outputs], output_names, recipe, boxes) for i in range(len(floats))]
-    matched, total = (sum(column) for column in zip(*map(matched_detections, floats, candidates)))
-    found = {"matched_detections": matched / total if total else 1.0, "detections_compared": total}
+    counts = np.array(list(map(matched_detections, floats, candidates)), np.float64).reshape(-1, 2)
+    matched, total = counts.sum(0)
+    found = {"matched_detections": float(matched / total) if total else 1.0, "detections_compared": int(total),
+             **({"matched_interval": share_interval(counts)} if total else {})}
     post = recipe.postprocess
     if post.mask_coefficients or post.keypoints:  # and the masks, keypoints of those matched
         references = [_decoded([saved[f"output_{i}_{j}"] for j in range(len(output_names))], output_names, recipe,
@@ -172,6 +175,14 @@ def matched_parts(references: list[Detections], candidates: list[Detections], in
     return found
 
 
+def matched_share_text(metrics: dict) -> str:
+    """A variant's share of the float model's detections matched, with its 95 % interval over image resamples
+    where it has one (verify images with detections)."""
+    low, high = metrics.get("matched_interval") or (None, None)
+    return f"{metrics['matched_detections']:.1%}" + (
+        "" if low is None else f" (95 % interval {low:.1%}-{high:.1%} over image resamples)")
+
+
 def matched_parts_text(metrics: dict, frame: str) -> str:
     """What a segmentation or pose head's matched detections say besides being matched (their masks' IoU, their
     keypoints' OKS), put in `frame` (a format string); "" for other heads."""
@@ -198,7 +209,8 @@ def below_floors(metrics: dict, floors: dict, mode: str) -> list[tuple[str, str,
     """(floor field, what is below it, its value shown) for each figure of `metrics` (verify_variant's, of a
     variant in `mode`) below `floors` ({min_* field: floor}): each output's worst slice (or whole output) SQNR,
     a float32 variant's cosine, and what its task judges; a share (agreement, detections matched) when even its
-    interval's upper end is below."""
+    interval's upper end is below (Wilson's over the detections: image resamples, which verify prints, reach 100 %
+    where a few images hold the detections, and would pass a variant that loses them all on one image)."""
     found = []
 
     def below(field: str, value: float, what: str, shown: str, count: int | None = None) -> None:
