@@ -136,17 +136,12 @@ def _choosing_images(p: Planner, variant: Variant) -> tuple[str, Callable[[], li
     return _image_paths(p, variant.calibration, len(_verify_images(p)[2]), after=len(calibrated))
 
 
-def _choosing_text(p: Planner, variant: Variant) -> str:
-    """Which images a search chose by, for its log line."""
-    chosen_by, calibrated = _choosing_images(p, variant)[2], set(_calibration_images(p, variant)[2])
+def _choosing_text(p: Planner, variant: Variant, chosen_by: list[str]) -> str:
+    """Which images a search chose by (their names, as its result records them), for its log line."""
+    calibrated = set(_calibration_images(p, variant)[2])
     also = sum(name in calibrated for name in chosen_by)
     return (f"{len(chosen_by)} images of the calibration set, "
             + (f"{also} of them calibrated on" if also else "none calibrated on") + "; verify judges the choice")
-
-
-def _chosen_by(p: Planner, variant: Variant) -> dict:
-    """What a search's manifest entry says of the images it chose by: their file names."""
-    return {"chosen_by": _choosing_images(p, variant)[2]}
 
 
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
@@ -227,14 +222,14 @@ def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tupl
     def action(out: Path) -> dict:
         return {"ranges": search_calibration_method(stripped.path("model"), p.recipe, variant, calibration(),
                                                     images(), _variant_log(p, variant), reference)
-                | _chosen_by(p, variant)}
+                | {"chosen_by": _choosing_images(p, variant)[2]}}
 
     outcome = p.stage(f"ranges/{variant.name}", inputs, action)
     ranges = outcome.result["ranges"]
     chosen = ranges["chosen"]
     tried = ", ".join(f"{s['calibration_method']} {s['fidelity']:.1%}" for s in ranges["steps"])
     p.console.log(f"[{p.recipe.name}] {variant.name}: calibration_method auto: {chosen['calibration_method']} "
-                  f"(fidelity on {_choosing_text(p, variant)}: {tried})")
+                  f"(fidelity on {_choosing_text(p, variant, ranges['chosen_by'])}: {tried})")
     return outcome, replace(variant, calibration_method=chosen["calibration_method"])
 
 
@@ -258,13 +253,14 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
 
         return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, chosen_by,
                                               variant.max_drop, _variant_log(p, variant), reference)
-                | _chosen_by(p, variant)}
+                | {"chosen_by": _choosing_images(p, variant)[2]}}
 
     outcome = p.stage(f"search/{variant.name}", inputs, action)
     search = outcome.result["search"]
     chosen = search["chosen"]
+    chosen_by = _choosing_text(p, variant, search["chosen_by"])
     p.console.log(f"[{p.recipe.name}] {variant.name}: max_drop {search['max_drop']:g}: {len(chosen['float_layers'])} "
-                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {_choosing_text(p, variant)} "
+                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {chosen_by} "
                   f"({'within' if search['met'] else 'NOT within, the best found'}), {chosen['bytes']} bytes, "
                   f"{chosen['float_ops']} float ops")
     if p.recipe.task == "classification" and search["max_drop"] * search["images"] < 1:  # top-1: a share of images
