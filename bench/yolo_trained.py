@@ -40,6 +40,7 @@ import yaml
 
 from mzconvert.preprocess import list_images
 from mzconvert.recipe import load_recipe
+from mzconvert.stages.verify import matched_share_text
 from mzconvert.tasks.detection import MATCH_SCORE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,7 +314,7 @@ def main() -> None:
         check = entry.get("verify", {})
         scores = [check[name].get("worst_slice", check[name])["sqnr_db"] for name in class_outputs
                   if isinstance(check.get(name), dict)]
-        matched = f"{check['matched_detections']:.1%}" if "matched_detections" in check else "-"
+        matched = matched_share_text(check) if "matched_detections" in check else "-"
         sqnr = f"{min(scores):.1f} dB" if scores else "-"
         low, high = result["ratio_interval"]
         ratio = f"{result['AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
@@ -332,7 +333,7 @@ def main() -> None:
             print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
                   f"{result['mask_AP50']:.4f} | {ratio} |")
     evaluated = list_images(verify)
-    verified = set(evaluated[:load_recipe(path).verify.count])  # the images verify (and auto) judged by
+    verified = set(evaluated[:load_recipe(path).verify.count])  # the images verify judged by
     matched_on_images(path, work, [image for image in evaluated if image not in verified])
     if args.error_split:
         error_split(path, work, calibration)
