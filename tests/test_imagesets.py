@@ -130,3 +130,17 @@ def test_the_images_after_those_calibrated_on_are_those_after_them_else_the_last
     every = image_set.names()
     assert image_set.names(count, start) == [every[i] for i in expected]
     assert [p.name for p in image_set.paths(None, count, start=start)] == [every[i] for i in expected]
+
+
+def test_a_declared_sets_window_is_fetched_by_its_pins(mirror, tmp_path):
+    """A declared set of 100 calibrated on whole: the 32 a search chooses by are its last, each fetched by its own
+    digest (the cache names a file by its sha256)."""
+    from mzconvert.sources.fetch import FetchConfig, Fetcher
+
+    fetcher = Fetcher(FetchConfig(cache_dir=tmp_path / "cache", mirrors=[str(mirror)], offline=True))
+    image_set = load_image_set("coco-train2017-100")
+    start, count = image_set.window_after(100, 32)
+    assert (start, count) == (68, 32)
+    paths = image_set.paths(fetcher, count, start=start)
+    assert [sha256_file(p) for p in paths] == [pin.checksums["sha256"] for pin in image_set.pins[68:]]
+    assert image_set.names(count, start) == [pin.name for pin in image_set.pins[68:]]
