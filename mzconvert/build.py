@@ -197,8 +197,8 @@ def _search_inputs(p: Planner, stripped: StageOutcome, variant: Variant) -> tupl
     """What a search of a variant's quantization depends on; its calibration images and the images it chooses
     by (_choosing_images); the float model's outputs on those (the reference stage's file, its output names)."""
     calibration_key, calibration, _ = _calibration_images(p, variant)
-    images_key, images, _ = chosen_by = _choosing_images(p, variant)
-    reference = _reference(p, stripped, chosen_by)
+    images_key, images, _ = choosing = _choosing_images(p, variant)
+    reference = _reference(p, stripped, choosing)
     inputs = {"model": stripped.digest(), "variant": validated(variant), "weight_rounding": variant.weight_rounding,
               "calibration": calibration_key, "images": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
@@ -245,22 +245,22 @@ def _searched(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[Sta
     inputs, calibration, images, reference = _search_inputs(p, stripped, variant)
 
     def action(out: Path) -> dict:
-        model, calibration_images, chosen_by = stripped.path("model"), calibration(), images()
+        model, calibration_images, choosing_images = stripped.path("model"), calibration(), images()
 
         def ranked(artifact: Path) -> list[str]:  # as `mzconvert debug` ranks them, worst first
             return layers_to_keep_float(layer_errors(model, p.recipe, variant, artifact, lambda: calibration_images,
-                                                     chosen_by))
+                                                     choosing_images))
 
-        return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, chosen_by,
+        return {"search": search_float_layers(model, p.recipe, variant, ranked, calibration_images, choosing_images,
                                               variant.max_drop, _variant_log(p, variant), reference)
                 | {"chosen_by": _choosing_images(p, variant)[2]}}
 
     outcome = p.stage(f"search/{variant.name}", inputs, action)
     search = outcome.result["search"]
     chosen = search["chosen"]
-    chosen_by = _choosing_text(p, variant, search["chosen_by"])
+    searched_on = _choosing_text(p, variant, search["chosen_by"])
     p.console.log(f"[{p.recipe.name}] {variant.name}: max_drop {search['max_drop']:g}: {len(chosen['float_layers'])} "
-                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {chosen_by} "
+                  f"layers kept float, fidelity {chosen['fidelity']:.1%} on {searched_on} "
                   f"({'within' if search['met'] else 'NOT within, the best found'}), {chosen['bytes']} bytes, "
                   f"{chosen['float_ops']} float ops")
     if p.recipe.task == "classification" and search["max_drop"] * search["images"] < 1:  # top-1: a share of images
