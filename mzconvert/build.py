@@ -211,11 +211,12 @@ def _variant_log(p: Planner, variant: Variant) -> Callable[[str], None]:
 
 
 def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tuple[StageOutcome, Variant]:
-    """calibration_method auto: each range method tried, the one the float model agrees with best on the images
-    searches choose by (_choosing_images) kept (stages/fallback.py); the variant with that method."""
+    """calibration_method auto: each range method tried on the images searches choose by (_choosing_images), the
+    first kept unless another agrees with the float model better on significantly more of them (stages/fallback.py);
+    the variant with the method chosen."""
     from dataclasses import replace
 
-    from .stages.fallback import search_calibration_method
+    from .stages.fallback import SIGNIFICANT, search_calibration_method
 
     inputs, calibration, images, reference = _search_inputs(p, stripped, variant)
 
@@ -224,10 +225,12 @@ def _ranges_chosen(p: Planner, stripped: StageOutcome, variant: Variant) -> tupl
                                                     images(), _variant_log(p, variant), reference)
                 | {"chosen_by": _choosing_images(p, variant)[2]}}
 
-    outcome = p.stage(f"ranges/{variant.name}", inputs, action)
+    outcome = p.stage(f"ranges/{variant.name}", inputs | {"significant": SIGNIFICANT}, action)
     ranges = outcome.result["ranges"]
     chosen = ranges["chosen"]
-    tried = ", ".join(f"{s['calibration_method']} {s['fidelity']:.1%}" for s in ranges["steps"])
+    tried = ", ".join(f"{s['calibration_method']} {s['fidelity']:.1%}" + (
+        f" (better on {s['against_first'][0]}, worse on {s['against_first'][1]} images, p {s['against_first'][2]:.2g})"
+        if "against_first" in s else "") for s in ranges["steps"])
     p.console.log(f"[{p.recipe.name}] {variant.name}: calibration_method auto: {chosen['calibration_method']} "
                   f"(fidelity on {_choosing_text(p, variant, ranges['chosen_by'])}: {tried})")
     return outcome, replace(variant, calibration_method=chosen["calibration_method"])

@@ -216,3 +216,16 @@ def test_a_share_counted_image_by_image_is_as_uncertain_as_its_images():
     spread = np.array([[19, 20]] * 10 + [[20, 20]] * 5 + [[18, 20]] * 5, np.float64)
     low, high = share_interval(spread)
     assert 0.93 < low < 0.95 < high < 0.97, (low, high)
+
+
+def test_the_sign_test_counts_the_images_that_differ_and_no_others():
+    """Wins and losses over the images where two models differ (ties left out), p the chance of at least so many
+    wins among them when either is as likely: 5 of 5 is 1/32; 12 better and 4 worse is 0.038; a higher mean from a
+    few large wins and more small losses is no win."""
+    from mzconvert.evaluate.cocometrics import sign_test
+
+    assert sign_test([1, 1, 1, 1, 1, 0.5, 0.5], [0, 0, 0, 0, 0, 0.5, 0.5]) == (5, 0, 1 / 32)
+    wins, losses, p = sign_test([0.9] * 12 + [0.7] * 4 + [0.8] * 16, [0.8] * 32)
+    assert (wins, losses) == (12, 4) and p == pytest.approx(0.0384, abs=1e-4)
+    assert sign_test([1.0] * 3 + [0.7] * 6, [0.5] * 3 + [0.8] * 6)[2] > 0.9
+    assert sign_test([0.5] * 4, [0.5] * 4) == (0, 0, 1.0)

@@ -394,9 +394,11 @@ def test_debug_of_a_tflite_int8_counts_no_error_beyond_what_its_sigmoid_sees(tmp
 def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tmp_path, mirror):
     """calibration_method auto: each method measured as a variant declaring it measures (same paired fidelity and
     worst SQNR), on the calibration folder's images after the 8 calibrated on, as many as verify judges by, and
-    not on the verify images; the best kept, and the artifact that variant's to the byte; debug explains the
-    variant with the chosen ranges."""
+    not on the verify images; each compared with the first, min/max, image by image; on 4 images no method can
+    agree better on significantly more images (a sign test's p is 1/16 at best), so min/max is kept, and the
+    artifact is its variant's to the byte; debug explains the variant with the chosen ranges."""
     from mzconvert.backends import backend_for
+    from mzconvert.evaluate.cocometrics import sign_test
     from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import list_images
     from mzconvert.recipe.schema import AUTO_CALIBRATION_METHODS
@@ -422,15 +424,22 @@ def test_auto_ranges_keep_the_method_the_float_model_agrees_with_best(target, tm
     dist = tmp_path / "dist" / "tiny-onnx"
     float_model = backend_for(recipe).GraphRunner(built_stage_model(tmp_path / "build", recipe, "strip"), recipe)
     reference = reference_outputs(float_model, recipe, chosen_by, tmp_path)
+    per_image = {}
     for step in ranges["steps"]:
         twin = variants[f"int8-{step['calibration_method'].replace('_', '-')}"]
-        metrics = verify_variant(dist / twin["file"], reference, list(float_model.output_names), recipe)
+        metrics = verify_variant(dist / twin["file"], reference, list(float_model.output_names), recipe,
+                                 per_image=True)
         assert step["fidelity"] == paired_fidelity(metrics, recipe), step
         assert step["worst_sqnr_db"] == pytest.approx(_worst_sqnr(metrics), abs=1e-9), step
         assert step["within_floors"], step
-    best = max(ranges["steps"], key=lambda s: (s["fidelity"], s["worst_sqnr_db"]))
-    assert ranges["chosen"] == best
-    chosen = variants[f"int8-{best['calibration_method'].replace('_', '-')}"]["file"]
+        assert len(metrics["per_image"]) == 4 and np.mean(metrics["per_image"]) == step["fidelity"], metrics
+        per_image[step["calibration_method"]] = metrics["per_image"]
+    first, *others = ranges["steps"]
+    for step in others:
+        assert step["against_first"] == list(sign_test(per_image[step["calibration_method"]], per_image["minmax"]))
+        assert step["against_first"][2] >= 1 / 16, step
+    assert ranges["chosen"] == first and first["calibration_method"] == "minmax"
+    chosen = variants["int8-minmax"]["file"]
     assert (dist / variants["int8-auto"]["file"]).read_bytes() == (dist / chosen).read_bytes()
     explained = run_cli("--json", "debug", str(tmp_path / "tiny-onnx.yaml"), "--variant", "int8-auto", "--out",
                         str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
@@ -454,20 +463,30 @@ def test_a_classifier_budget_finer_than_one_searched_image_is_said(tmp_path, mir
 
 
 def test_auto_ranges_keep_a_method_the_build_would_ship():
-    """The best agreement wins only among methods within the variant's floors, when any is: a trained YOLOv8n's
-    mean min/max ranges matched 85.9 % of its detections and lost a class's scores (7.2 dB, floor 10), min/max
-    79.2 % at 15.7 dB; auto chose the refused one. With no method within its floors, the best agreement still."""
+    """Only methods within the variant's floors, when any is, are compared: a trained YOLOv8n's mean min/max
+    ranges matched 85.9 % of its detections and lost a class's scores (7.2 dB, floor 10), min/max 79.2 % at
+    15.7 dB; auto chose the refused one. Of those, the first is kept unless another agrees better on significantly
+    more images than worse; of those that do, the best agreement (then worst SQNR)."""
     from mzconvert.stages.fallback import best_ranges
 
-    def step(method, fidelity, sqnr, within):
-        return {"calibration_method": method, "fidelity": fidelity, "worst_sqnr_db": sqnr, "within_floors": within}
+    def step(method, per_image, sqnr, within):
+        return {"calibration_method": method, "fidelity": float(np.mean(per_image)), "per_image": per_image,
+                "worst_sqnr_db": sqnr, "within_floors": within}
 
-    tried = [step("minmax", 0.792, 15.7, True), step("percentile", 0.792, 13.0, True), step("mse", 0.797, 11.4, True),
-             step("mean_minmax", 0.859, 7.2, False)]
+    first = [0.8] * 32
+    better_on_10 = [0.9] * 10 + [0.8] * 22  # better on 10 of 32, worse on none: p 1/1024
+    better_on_9_worse_on_3 = [0.95] * 9 + [0.75] * 3 + [0.8] * 20  # higher mean, but p 0.073: chance
+    tried = [step("minmax", first, 15.7, True), step("percentile", better_on_9_worse_on_3, 13.0, True),
+             step("mse", better_on_10, 11.4, True), step("mean_minmax", [1.0] * 32, 7.2, False)]
     assert best_ranges(tried)["calibration_method"] == "mse"
+    assert tried[2]["against_first"] == [10, 0, 1 / 1024] and tried[1]["against_first"][:2] == [9, 3]
+    assert best_ranges(tried[:2])["calibration_method"] == "minmax"  # percentile's mean is higher: not enough
+    assert best_ranges([dict(tried[0], within_floors=False), *tried[1:2]])["calibration_method"] == "percentile"
     refused = [dict(s, within_floors=False) for s in tried]
-    assert best_ranges(refused)["calibration_method"] == "mean_minmax"
-    assert best_ranges(refused[:2])["calibration_method"] == "minmax"  # a tie: the higher worst SQNR
+    assert best_ranges(refused)["calibration_method"] == "mean_minmax"  # none ships: still judged the same way
+    tie = [step("minmax", first, 15.7, True), step("percentile", better_on_10, 13.0, True),
+           step("mse", better_on_10, 14.0, True)]
+    assert best_ranges(tie)["calibration_method"] == "mse"  # equal agreement: the higher worst SQNR
 
 
 def test_debug_counts_what_a_sum_inherits_from_both_inputs_in_values_not_in_steps():

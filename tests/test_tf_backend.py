@@ -489,6 +489,8 @@ def test_checks_run_at_a_lower_priority_and_so_do_the_processes_they_start():
 def test_verify_compares_detections_with_the_float_models_decoded_once(tmp_path, tiny, mirror):
     """The reference pass decodes the float model's detections once for every variant; labels that do not
     fit the model leave the variants' detections uncompared, said in the build's log, not a failure."""
+    from mzconvert.stages.verify import saved_detections, verify_variant
+    from mzconvert.tasks.detection import load_anchors, matched_detections, raw_detections
     from tests.conftest import run_cli
 
     recipe = tmp_path / "tiny.yaml"
@@ -503,8 +505,22 @@ def test_verify_compares_detections_with_the_float_models_decoded_once(tmp_path,
         1.0, 1.0]
     i8 = variants["i8"]["verify"]  # its share, and where 4 images resampled put it
     assert i8["matched_interval"][0] <= i8["matched_detections"] <= i8["matched_interval"][1] <= 1, i8
-    with np.load(next((tmp_path / "build" / "tiny" / "reference").glob("*/reference.npz"))) as saved:
+    reference = next((tmp_path / "build" / "tiny" / "reference").glob("*/reference.npz"))
+    with np.load(reference) as saved:
         assert {"boxes_3", "scores_3", "labels_3"} <= set(saved.files)
+        floats = [saved_detections(saved, i) for i in range(4)]
+    # image by image, as searches compare candidates: each image's share matched, 1 where none is compared
+    loaded, model = load_recipe(recipe), tmp_path / "dist" / "tiny" / variants["i8"]["file"]
+    names = list(loaded.strip.outputs)
+    per_image = verify_variant(model, reference, names, loaded, tmp_path / "build" / "tiny" / "strip" / "anchors.npy",
+                               per_image=True)["per_image"]
+    runner, anchors = open_model(model, names), load_anchors(tmp_path / "build" / "tiny" / "strip" / "anchors.npy")
+    with np.load(reference) as saved:
+        counts = [matched_detections(f, raw_detections(runner.run(saved[f"input_{i}"]), names, loaded.postprocess,
+                                                       anchors, loaded.input.height_width))
+                  for i, f in enumerate(floats)]
+    assert per_image == [hits / total if total else 1.0 for hits, total in counts], (per_image, counts)
+    assert sum(h for h, _ in counts) / sum(t for _, t in counts) == i8["matched_detections"]
     recipe.write_text(recipe.read_text().replace("labels: [thing]", "labels: [thing, other, third]"))
     done = run_cli(*where)
     assert done.returncode == 0, done.stderr[-2000:]

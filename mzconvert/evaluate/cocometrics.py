@@ -146,6 +146,18 @@ def difference_interval(candidate: np.ndarray, other: np.ndarray) -> list[float]
     return [float(low), float(high)]
 
 
+def sign_test(candidate, baseline) -> tuple[int, int, float]:
+    """(images where `candidate` is the higher, where it is the lower, the one-sided sign-test p of so many
+    wins among the images that differ when either is as likely to win): whether one model agrees with a third
+    on more images than another does beyond chance, paired image by image."""
+    from math import comb
+
+    wins = sum(c > b for c, b in zip(candidate, baseline))
+    losses = sum(c < b for c, b in zip(candidate, baseline))
+    differing = wins + losses
+    return wins, losses, sum(comb(differing, k) for k in range(wins, differing + 1)) / 2 ** differing
+
+
 def share_interval(counts: np.ndarray) -> list[float]:
     """95 % interval of a share counted image by image (`counts`: images x (hits, trials)) over image resamples:
     one image's hits move together (a detector's detections of one scene), which an interval over the trials as

@@ -40,8 +40,8 @@ URL_SCHEMES = ("http", "https", "file")
 TORCH_MODULES = ("mobilenet_v1", "mobilenet_v2", "mobiledet_edgetpu_ssdlite")  # mzconvert/backends/torch_models.py
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "mean_minmax", "auto")
 TFLITE_CALIBRATION_METHODS = ("minmax", "percentile", "mse", "mean_minmax")
-# auto: each of these tried, the one the float model agrees with best kept, on images of the calibration set
-# (build._choosing_images; stages/fallback.py)
+# auto: each of these tried on images of the calibration set (build._choosing_images); the first kept unless
+# another agrees with the float model better on significantly more of them (stages/fallback.best_ranges)
 AUTO_CALIBRATION_METHODS = TFLITE_CALIBRATION_METHODS
 # int8 weights: fitted depthwise ones, fitted every convolution's and fully-connected layer's, nearest rounding
 # (mzconvert/quant/rounding.py)
@@ -273,7 +273,7 @@ class Variant:
     min_sqnr_db: float | None
     member: str | None  # another member of the source archive for this variant (e.g. uint8/ graph)
     per_channel: bool = True  # ONNX int8: per-channel weight scales
-    # int8 ranges: minmax | percentile | mse | mean_minmax (| entropy: ONNX) | auto (the best of them, measured)
+    # int8 ranges: minmax | percentile | mse | mean_minmax (| entropy: ONNX) | auto (minmax unless one is better)
     calibration_method: str = "minmax"
     calibration_percentile: float = 99.999  # percentile p: from the (100 - p)th to the p-th percentile of all values
     reduce_range: bool = False  # ONNX int8/dynamic: 7-bit weights, avoids saturation on x86 without VNNI

@@ -687,8 +687,8 @@ def _int16x8(p: dict, calibration: Path, recipe_dir: Path, onnx_backend: bool) -
 
 
 def _ranges(verify: Path | None, onnx_backend: bool, task: str) -> dict:
-    """An int8 variant's ranges: with verify images and a task the search can judge, each method tried and the
-    one the float model agrees with best kept (auto: no one method is best for every model, docs/results.md);
+    """An int8 variant's ranges: with verify images and a task the search can judge, each method tried and
+    min/max kept unless another is measured better (auto: no one method is best for every model, docs/results.md);
     else, for ONNX Runtime the ranges that kept MobileNetV2's top-1 and agreement there, else min/max."""
     if verify is not None and task in SEARCHED_TASKS:
         return {"calibration_method": "auto"}

@@ -90,10 +90,13 @@ def saved_detections(saved, i: int):
 
 
 def verify_variant(model: Path, reference: Path, output_names: list[str], recipe: Recipe,
-                   anchors: Path | None = None, threads: int = 1, kernels: str | None = None) -> dict:
+                   anchors: Path | None = None, threads: int = 1, kernels: str | None = None,
+                   per_image: bool = False) -> dict:
     """Run `model` on the inputs of `reference` (reference_outputs), a .tflite with LiteRT's `kernels` (its
     target's); metrics per output over all images, and what a user sees: top-1 agreement (classifiers), the
-    share of detections matched (detectors whose outputs are decoded here)."""
+    share of detections matched (detectors whose outputs are decoded here). With `per_image`, also
+    {per_image: that agreement image by image} (a map's: its worst output's mask IoU), what searches compare
+    candidates by, pair by pair (stages/fallback.best_ranges)."""
     runner = open_model(model, output_names, threads, kernels=kernels or OPTIMIZED)
     with np.load(reference, allow_pickle=False) as saved:
         count = sum(1 for key in saved.files if key.startswith("input_"))
@@ -102,17 +105,24 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
         for i in range(count):
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
-        metrics = {}
+        metrics, images = {}, []
         for j, name in enumerate(output_names):  # each output as what it means (tasks/detection.judged_outputs)
             ref, got, axis = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]),
                                             recipe.postprocess, recipe.input.height_width)
             metrics[name] = _output_metrics(ref, got, recipe, axis)
+            if recipe.task == "dense":
+                images.append([mask_iou(r[None], g[None], recipe.dense.threshold) for r, g in zip(ref, got)])
         if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
-            metrics |= _matched_detections(saved, got_outputs, output_names, recipe, anchors)
+            found, counts = _matched_detections(saved, got_outputs, output_names, recipe, anchors)
+            metrics |= found
+            if counts is not None:
+                images = [np.divide(counts[:, 0], counts[:, 1], out=np.ones(count), where=counts[:, 1] > 0)]
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
-        metrics[output_names[0]]["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
-    return metrics | {"images": count, **({"kernels": kernels} if kernels else {})}
+        images = [ref.argmax(1) == got.argmax(1)]
+        metrics[output_names[0]]["top1_agreement"] = float(np.mean(images[0]))
+    return metrics | {"images": count, **({"kernels": kernels} if kernels else {}),
+                      **({"per_image": np.min(images, axis=0).astype(float).tolist()} if per_image and images else {})}
 
 
 def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe, axis: int | None = None) -> dict:
@@ -131,13 +141,14 @@ def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe
 
 
 def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names: list[str], recipe: Recipe,
-                        anchors: Path | None) -> dict:
-    """{matched_detections: share} of the variant's detections against the float model's saved ones, or
-    {detections_not_compared: why} when the float model's outputs could not be decoded."""
+                        anchors: Path | None) -> tuple[dict, np.ndarray | None]:
+    """({matched_detections: share} of the variant's detections against the float model's saved ones, or
+    {detections_not_compared: why} when the float model's outputs could not be decoded; the counts, images x
+    (matched, compared))."""
     try:
         floats = [saved_detections(saved, i) for i in range(len(got_outputs[0]))]
     except MzError as exc:  # e.g. labels that do not fit the model: eval refuses it; the build says so
-        return {"detections_not_compared": str(exc)}
+        return {"detections_not_compared": str(exc)}, None
     boxes = load_anchors(anchors) if anchors is not None else None
     candidates = [_decoded([got[i] for got in got_outputs], output_names, recipe, boxes) for i in range(len(floats))]
     counts = np.array(list(map(matched_detections, floats, candidates)), np.float64).reshape(-1, 2)
@@ -149,7 +160,7 @@ def _matched_detections(saved, got_outputs: list[list[np.ndarray]], output_names
         references = [_decoded([saved[f"output_{i}_{j}"] for j in range(len(output_names))], output_names, recipe,
                                boxes) for i in range(len(floats))]  # the saved detections have neither
         found |= matched_parts(references, candidates, recipe.input.height_width)
-    return found
+    return found, counts
 
 
 def matched_parts(references: list[Detections], candidates: list[Detections], input_hw: tuple[int, int]) -> dict:
