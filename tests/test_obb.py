@@ -237,10 +237,11 @@ def test_the_builds_verify_keeps_the_float_models_rotated_boxes_and_judges_a_var
     with np.load(reference_outputs(runner, recipe, [tmp_path / "a.png"], tmp_path)) as saved:
         floats = saved_detections(saved, 0)
         np.testing.assert_allclose(floats.rotated[:, 4], [0.6, 1.2])
-        assert _matched_detections(saved, [[v] for v in outputs.values()], names, recipe, None)[
-            "matched_detections"] == 1.0
+        found, counts = _matched_detections(saved, [[v] for v in outputs.values()], names, recipe, None)
+        assert found["matched_detections"] == 1.0 and counts.tolist() == [[4, 4]], (found, counts)  # both lists
         unturned = [outputs["boxes"], outputs["scores"], np.zeros_like(outputs["angles"])]
-        assert _matched_detections(saved, [[v] for v in unturned], names, recipe, None)["matched_detections"] == 0.0
+        found, counts = _matched_detections(saved, [[v] for v in unturned], names, recipe, None)
+        assert found["matched_detections"] == 0.0 and counts[0, 0] == 0, (found, counts)
 
 
 def test_matched_detections_count_the_detections_scoring_the_threshold_given():

@@ -12,8 +12,8 @@ docs/results.md). `mzconvert debug --search` searches on the verify images it ex
   ship (a YOLOv8n trained briefly here: mean min/max 85.9 % matched at 7.2 dB, min/max 79.2 % at 15.7 dB against
   a 10 dB floor). The first of them (min/max, the converters' own) is kept unless another agrees with the float
   model better on significantly more images than worse (best_ranges): a few dozen images do not tell methods
-  apart that differ by a few points (a YOLOv8n trained here: percentile matched 92.9 % where min/max matched
-  87.1 %, then 88.3 % against 88.6 % on 73 other images, its worst class's scores 7 dB below min/max's). No one
+  apart that differ by a few points (a YOLOv8n trained here: percentile matched 93.4 % where min/max matched
+  86.3 %, then 88.3 % against 88.6 % on 73 other images, its worst class's scores 2-8 dB below min/max's). No one
   method is best for every model: MediaPipe's selfie segmenter keeps its mask only with percentile ranges
   (docs/results.md).
 - The layers kept float (float_layers): the fewest, taken in the order `mzconvert debug` ranks them, for the
