@@ -105,24 +105,25 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
         for i in range(count):
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
-        metrics, images = {}, []
+        metrics, agreements = {}, []  # the paired measure image by image (a map's per output, the worst kept)
         for j, name in enumerate(output_names):  # each output as what it means (tasks/detection.judged_outputs)
             ref, got, axis = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]),
                                             recipe.postprocess, recipe.input.height_width)
             metrics[name] = _output_metrics(ref, got, recipe, axis)
             if recipe.task == "dense":
-                images.append([mask_iou(r[None], g[None], recipe.dense.threshold) for r, g in zip(ref, got)])
+                agreements.append([mask_iou(r[None], g[None], recipe.dense.threshold) for r, g in zip(ref, got)])
         if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
             found, counts = _matched_detections(saved, got_outputs, output_names, recipe, anchors)
             metrics |= found
             if counts is not None:
-                images = [np.divide(counts[:, 0], counts[:, 1], out=np.ones(count), where=counts[:, 1] > 0)]
+                agreements = [np.divide(counts[:, 0], counts[:, 1], out=np.ones(count), where=counts[:, 1] > 0)]
     if recipe.task == "classification":  # does the variant pick the same class as the float model?
         ref, got = (np.stack(o[0]).reshape(count, -1) for o in (ref_outputs, got_outputs))
-        images = [ref.argmax(1) == got.argmax(1)]
-        metrics[output_names[0]]["top1_agreement"] = float(np.mean(images[0]))
-    return metrics | {"images": count, **({"kernels": kernels} if kernels else {}),
-                      **({"per_image": np.min(images, axis=0).astype(float).tolist()} if per_image and images else {})}
+        agreements = [ref.argmax(1) == got.argmax(1)]
+        metrics[output_names[0]]["top1_agreement"] = float(np.mean(agreements[0]))
+    if per_image and agreements:
+        metrics["per_image"] = np.min(agreements, axis=0).astype(float).tolist()
+    return metrics | {"images": count, **({"kernels": kernels} if kernels else {})}
 
 
 def _output_metrics(reference: np.ndarray, candidate: np.ndarray, recipe: Recipe, axis: int | None = None) -> dict:
