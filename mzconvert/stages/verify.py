@@ -110,7 +110,7 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
             ref, got, axis = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]),
                                             recipe.postprocess, recipe.input.height_width)
             metrics[name] = _output_metrics(ref, got, recipe, axis)
-            if recipe.task == "dense":
+            if per_image and recipe.task == "dense":  # each image's masks again: only where a search asks
                 agreements.append([mask_iou(r[None], g[None], recipe.dense.threshold) for r, g in zip(ref, got)])
         if decodes_detections(recipe, anchors):  # do the variant's detections match the float model's?
             found, counts = _matched_detections(saved, got_outputs, output_names, recipe, anchors)
