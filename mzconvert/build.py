@@ -521,10 +521,21 @@ def _check_something_to_compile(recipe: Recipe, variants: list) -> None:
 STAGES = ("fetch", "freeze", "strip", "quantize", "vela", "dist")
 
 
+def _check_folders_apart(recipe: Recipe, options: BuildOptions) -> None:
+    """The recipe's dist folder replaces itself whole when written: where it is, holds or lies in its build
+    folder, writing it would delete the stages' outputs (or the dist folder the build folder's)."""
+    shipped, stages = (Path(os.path.abspath(root / recipe.name)) for root in (options.out, options.build_root))
+    if shipped == stages or shipped in stages.parents or stages in shipped.parents:
+        raise InputError(f"--out {options.out} and --build-dir {options.build_root}: {recipe.name}'s dist folder "
+                         f"{shipped} and build folder {stages} overlap; give them folders apart (default: dist, build)")
+
+
 def build(recipe: Recipe, fetcher: Fetcher, console: Console, options: BuildOptions, until: str = "dist") -> dict:
     """Run the chain up to `until`; with "dist" returns the manifest written to dist/<recipe>/,
     otherwise {stage: output folder} of the stages run or found up to date."""
     variants = [recipe.variant(name) for name in options.variants] if options.variants else list(recipe.variants)
+    if until == "dist":
+        _check_folders_apart(recipe, options)
     if until == "vela":  # a stage with nothing to do says so, before building anything
         _check_something_to_compile(recipe, variants)
     planner = Planner(recipe, fetcher, console, options)

@@ -107,6 +107,14 @@ def unknown_variant(tmp_path, built):
                    *where(built))
 
 
+def overlapping_folders(tmp_path, built):
+    stages = sorted(p.name for p in (built / "build" / "tiny-cls").iterdir())
+    done = run_cli("--cache-dir", str(built / "cache"), "build", str(built / "tiny-cls.yaml"), "--out",
+                   str(built / "build"), "--build-dir", str(built / "build"))
+    assert sorted(p.name for p in (built / "build" / "tiny-cls").iterdir()) == stages  # no stage output replaced
+    return done
+
+
 def imageless_folder(tmp_path, built):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "notes.txt").write_text("no image here")
@@ -177,6 +185,8 @@ CASES = {
     "names the folder and its option": disk_full,
     "a recipe field is wrong: each problem once, located (`file: field: what is expected`)": bad_field,
     "an argument names what the recipe does not have (`--variant`)": unknown_variant,
+    "`build --out` and `--build-dir` where the recipe's dist folder would replace its build folder (or lie in it)":
+    overlapping_folders,
     "a folder `init` is given holds no image (`--calibration`, `--verify`)": imageless_folder,
     "`eval` of a classifier on images whose labels cannot be told": unlabelled_eval,
     "`eval` of a detector some of whose labels name the dataset's categories under other ids while others name "
@@ -187,7 +197,8 @@ CASES = {
     "another process holds the recipe's build folder (`--lock-timeout`)": locked,
 }
 # What each case's one line must name.
-NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'", imageless_folder: "--verify",
+NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'", overlapping_folders: "overlap",
+         imageless_folder: "--verify",
          unlabelled_eval: "photo 0.JPG", crossed_categories_eval: "postprocess.category_ids",
          nothing_to_compile: "targets.vela", checksum_differs: "sha256",
          below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic"}
