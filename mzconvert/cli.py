@@ -195,10 +195,10 @@ def init(ctx: Context, name, source, member, calibration, verify_images, to_dir,
         if folder is not None and not list_images(folder):
             raise MzError(f"{folder}: {option}: no images in it ({', '.join(IMAGE_SUFFIXES)})", EXIT_BAD_INPUT)
     path, served_as, source_fields = resolve_source(source, ctx.fetcher())
-    report = inspect_file(path, member, served_as)
+    report = inspect_file(path, member, served_as, input_shape)
     if member is None and (member := single_model_member(report)):
         ctx.console.log(f"init: {served_as} holds one model file, {member}: using it")
-        report = inspect_file(path, member, served_as)
+        report = inspect_file(path, member, served_as, input_shape)
     fmt = report.get("member", report).get("format")
     if fmt in ("torchscript", "torch-export") or (fmt == "torch" and torch_module):
         if member is not None:

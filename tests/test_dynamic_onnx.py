@@ -94,3 +94,38 @@ def test_a_batch_fixed_at_other_than_one_is_refused_by_init_and_by_the_recipe(tm
     loaded = run_cli("build", str(recipe))
     assert loaded.returncode == 2
     assert "b4.yaml: input.shape: shape [4, 3, 224, 224] has a batch of 4; expected 1" in loaded.stderr
+
+
+def dynamic_text_map_onnx(path: Path) -> Path:
+    """A text detector as PaddleOCR's exporter writes one: any image size in, a probability map of the same size
+    out, whose dimensions carry other names than the input's (so nothing in the file ties the two)."""
+    rng = np.random.RandomState(5)
+    arrays = {"w": rng.normal(0, 0.4, (4, 3, 3, 3)), "head": rng.normal(0, 0.4, (1, 4, 1, 1)),
+              "roi": np.zeros(0), "scales": np.array([1, 1, 2, 2])}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("Conv", ["relu", "head"], ["logits"]),
+             helper.make_node("Resize", ["logits", "roi", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Sigmoid", ["up"], ["sigmoid_0.tmp_0"])]
+    graph = helper.make_graph(nodes, "text-map",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["p2o.0", 3, "p2o.1", "p2o.2"])],
+                              [helper.make_tensor_value_info("sigmoid_0.tmp_0", TensorProto.FLOAT,
+                                                             ["p2o.3", 1, "p2o.4", "p2o.5"])],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(path))
+    return path
+
+
+def test_a_map_of_dynamic_size_is_proposed_as_dense_at_the_given_shape_without_a_crop(tmp_path):
+    model = dynamic_text_map_onnx(tmp_path / "det.onnx")
+    made = run_cli("init", "det", "--from", str(model), "--to", str(tmp_path), "--input-shape", "1,3,64,96")
+    assert made.returncode == 0, made.stderr
+    recipe = yaml.safe_load((tmp_path / "det.yaml").read_text())
+    # the map's size read at the given input, 64 x 96 as the input: a dense map, not a signal judged as "other"
+    assert recipe["task"] == "dense" and recipe["strip"]["outputs"] == ["sigmoid_0.tmp_0"]
+    assert recipe["preprocess"]["resize"] == [64, 96] and "central_crop" not in recipe["preprocess"]
+    # a classifier of the same dynamic input keeps its crop: only a map covers the whole image
+    made = run_cli("init", "cls", "--from", str(dynamic_opset12_onnx(tmp_path / "m.onnx")), "--to", str(tmp_path),
+                   "--input-shape", "1,3,32,32")
+    assert made.returncode == 0, made.stderr
+    assert yaml.safe_load((tmp_path / "cls.yaml").read_text())["preprocess"]["central_crop"] == 0.875

@@ -66,8 +66,10 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def inspect_file(path: Path, member: str | None = None, name: str | None = None) -> dict:
-    """Everything `inspect` reports of a local file, folder, or archive member (`name`: what it was called)."""
+def inspect_file(path: Path, member: str | None = None, name: str | None = None,
+                 input_shape: list[int] | None = None) -> dict:
+    """Everything `inspect` reports of a local file, folder, or archive member (`name`: what it was called); an
+    ONNX model's outputs at `input_shape` where its input's dynamic dimensions leave theirs unknown."""
     if not path.exists():
         raise MzError(f"{path}: no such file or folder", EXIT_BAD_INPUT)
     kind = model_kind(path, name)
@@ -79,14 +81,15 @@ def inspect_file(path: Path, member: str | None = None, name: str | None = None)
         if member is not None:
             with tempfile.TemporaryDirectory(prefix="mzconvert-inspect-") as tmp:
                 extracted = extract_member(path, member, Path(tmp), name or str(path))
-                report["member"] = inspect_file(extracted) | {"file": member}
+                report["member"] = inspect_file(extracted, input_shape=input_shape) | {"file": member}
             if labels := archive_label_files(path, report["members"], name or str(path)):
                 report["member"]["label_files"] = labels["label_files"] | report["member"].get("label_files", {})
         return report
     if member is not None:
         raise MzError(f"{path}: --member {member}: the file is not an archive", EXIT_BAD_INPUT)
     inspectors = {"tf-frozen-graph": inspect_frozen_graph, "tf-checkpoint": inspect_checkpoint,
-                  "tf-saved-model": inspect_saved_model, "keras": inspect_keras, "onnx": inspect_onnx,
+                  "tf-saved-model": inspect_saved_model, "keras": inspect_keras,
+                  "onnx": lambda model: inspect_onnx(model, input_shape),
                   "tflite": inspect_tflite, "torch": inspect_torch, "torchscript": inspect_torchscript,
                   "torch-export": inspect_torch_export}
     if kind in inspectors:
@@ -273,7 +276,7 @@ def inspect_keras(path: Path) -> dict:
             "outputs": tensors(model.outputs, model.output_names), "layers": len(model.layers)}
 
 
-def inspect_onnx(path: Path) -> dict:
+def inspect_onnx(path: Path, input_shape: list[int] | None = None) -> dict:
     import onnx
 
     from ..backends.float_twin import onnx_float_twin
@@ -296,7 +299,8 @@ def inspect_onnx(path: Path) -> dict:
 
     return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                                            default=None),
-            "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
+            "inputs": tensors(model.graph.input),
+            "outputs": _outputs_at(model, tensors(model.graph.input), tensors(model.graph.output), input_shape),
             **({"float16": True} if stored_float16 else {}), **({"qdq": qdq} if qdq else {}), "ops": ops,
             **({"query_head": query} if (query := _query_head(model, made, inferred)) else {}),
             **({"selection_input": head} if (head := _selection_input(model, made, inferred)) else {}),
@@ -306,6 +310,28 @@ def inspect_onnx(path: Path) -> dict:
             **({"anchor_levels": levels} if (levels := _anchor_levels(model, made)) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
+
+
+def _outputs_at(model, inputs: list[dict], outputs: list[dict], input_shape: list[int] | None) -> list[dict]:
+    """The outputs, each whose shape has unknown dimensions at its shape with the one image input at
+    `input_shape` where ONNX's shape inference tells every dimension (a map of the image's size: what its task
+    is read from); the others as declared."""
+    import onnx
+
+    unknown = [o for o in outputs if not all(isinstance(d, int) and d > 0 for d in o["shape"])]
+    if not input_shape or not unknown or len(inputs) != 1 or len(inputs[0]["shape"]) != len(input_shape):
+        return outputs
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    (image,) = [i for i in fixed.graph.input if i.name == inputs[0]["name"]]
+    for dim, size in zip(image.type.tensor_type.shape.dim, input_shape):
+        dim.Clear()
+        dim.dim_value = size
+    values = _inferred_values(fixed) or {}
+    inferred = {o["name"]: _onnx_shape(values[o["name"]]) for o in unknown if o["name"] in values}
+    return [o | {"shape": shape} if (shape := inferred.get(o["name"])) and all(isinstance(d, int) and d > 0
+                                                                               for d in shape) else o
+            for o in outputs]
 
 
 def _onnx_shape(value) -> list:

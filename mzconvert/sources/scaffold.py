@@ -544,6 +544,12 @@ def _at_shape(model: dict, shape: list[int]) -> dict:
     return model | {key: [inputs[0] | {"shape": list(shape)}]}
 
 
+def _for_task(preprocess: dict, task: str) -> dict:
+    """A map's preprocessing keeps the whole image (its pixels are the image's: a classifier's central crop would
+    leave the map of the crop); any other task's as proposed."""
+    return {k: v for k, v in preprocess.items() if k != "central_crop"} if task == "dense" else preprocess
+
+
 def _for_channels(preprocess: dict, shape: list[int], layout: str) -> dict:
     """A grayscale input (one channel) takes the image's luma, scaled to [0, 1] as such models most often are
     (CHECK); a color one the proposal of its kind."""
@@ -625,7 +631,8 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
                          "sha256": (model if "pypi" in source else report)["sha256"]},
               "format": fmt,
               "input": {"name": p["input"], "shape": p["shape"], "layout": layout, "dtype": "float32"},
-              "preprocess": {"resize": [height, width], **_for_channels(p["preprocess"], p["shape"], layout)}}
+              "preprocess": {"resize": [height, width],
+                             **_for_channels(_for_task(p["preprocess"], p["task"]), p["shape"], layout)}}
     if p["outputs"]:
         recipe["strip"] = {"inputs": [p["input"]], "outputs": p["outputs"]}
     if "torch" in p:
