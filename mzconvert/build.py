@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .backends.torch_sources import user_code
 from .console import Console
-from .errors import InputError, MzError, RefusedVariant
+from .errors import EXIT_FAILURE, InputError, MzError, RefusedVariant
 from .fsio import folder_lock, sha256_file
 from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
@@ -424,14 +424,23 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
     """quantize one variant here (and the shared stages it needs: calibration), then hand its checks, which
     only read the finished artifact (verify against the float reference, vela per NPU target), to `checks`.
     Returns what waits for them: the variant's {stage: outcome}, or its RefusedVariant when its fidelity is
-    below its floors (the other variants go on)."""
+    below its floors or its converter or quantizer cannot make it (the other variants go on)."""
     stripped = chain[-1]
     searched = ranged = None
-    if variant.calibration_method == "auto":
-        ranged, variant = _ranges_chosen(p, stripped, variant)
-    if variant.max_drop is not None:
-        searched, variant = _searched(p, stripped, variant)
-    quantized = _quantize(p, stripped, variant)
+    try:
+        if variant.calibration_method == "auto":
+            ranged, variant = _ranges_chosen(p, stripped, variant)
+        if variant.max_drop is not None:
+            searched, variant = _searched(p, stripped, variant)
+        quantized = _quantize(p, stripped, variant)
+    except RefusedVariant:
+        raise
+    except MzError as exc:  # an op its quantizer has no kernel for at this precision: one variant's failure
+        if exc.exit_code != EXIT_FAILURE:  # bad input (a recipe field, a calibration folder) stops the build
+            raise
+        unmade = RefusedVariant(f"{p.recipe.path}: variants[{p.recipe.variant_index(variant.name)}]: "
+                                f"{variant.name} could not be made: {exc}")
+        return lambda: unmade
     verified = checks.submit(_verify, p, stripped, quantized, variant) if p.recipe.verify is not None else None
     npu = until != "quantize" and variant.for_npu
     compiled = {t.name: checks.submit(_vela, p, quantized, variant, t) for t in p.recipe.vela} if npu else {}

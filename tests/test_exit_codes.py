@@ -72,6 +72,26 @@ def refused(tmp_path, built):
     return done
 
 
+def unmade(tmp_path, built):
+    """A classifier with a HardSwish, which TFLite's converter has no 16x8 kernel for: its int16x8 variant cannot
+    be made, its float32 ships."""
+    import onnx
+
+    recipe = classifier_recipe(tmp_path, "  - {name: float32, mode: float32}\n  - {name: int16x8-tflite, mode: "
+                                         f"int16x8, target: tflite, calibration: {MIRROR / 'coco' / 'train2017'}, "
+                                         "calibration_count: 4}\n")
+    model = onnx.load(str(tmp_path / "tiny.onnx"))
+    next(node for node in model.graph.node if node.op_type == "Relu").op_type = "HardSwish"
+    onnx.save(model, str(tmp_path / "tiny.onnx"))
+    text = recipe.read_text()
+    digest = re.search(r"sha256: (\w+)", text).group(1)
+    recipe.write_text(text.replace(digest, hashlib.sha256((tmp_path / "tiny.onnx").read_bytes()).hexdigest()))
+    done = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(recipe), *where(tmp_path))
+    shipped = sorted(p.name for p in (tmp_path / "dist" / "tiny-cls").glob("*.*"))
+    assert "tiny-cls_float32.onnx" in shipped and not any("int16x8" in name for name in shipped), shipped
+    return done
+
+
 def disk_full(tmp_path, built):
     out = tmp_path / "out"
     out.mkdir()
@@ -181,6 +201,8 @@ CASES = {
     "a stage ran and failed: a variant below its declared threshold with `build --verify`": below_threshold,
     "a variant below its fidelity floor: not shipped; the recipe's other variants are written to its dist folder":
     refused,
+    "a variant its converter or quantizer cannot make (an op without a kernel at its precision): not shipped; the "
+    "recipe's other variants are written to its dist folder": unmade,
     "the disk of a folder the user chose (`--out`, `--build-dir`, `--cache-dir`) is full or read-only: the message "
     "names the folder and its option": disk_full,
     "a recipe field is wrong: each problem once, located (`file: field: what is expected`)": bad_field,
@@ -201,8 +223,9 @@ NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_var
          imageless_folder: "--verify",
          unlabelled_eval: "photo 0.JPG", crossed_categories_eval: "postprocess.category_ids",
          nothing_to_compile: "targets.vela", checksum_differs: "sha256",
-         below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic"}
-ERROR_LINES = {refused: 2}  # its floor missed, then what was and was not shipped
+         below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic",
+         unmade: "variants[1]: int16x8-tflite could not be made"}
+ERROR_LINES = {refused: 2, unmade: 2}  # its floor missed, then what was and was not shipped
 
 
 def test_the_table_documents_exactly_the_cases_run_here():

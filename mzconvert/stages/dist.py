@@ -33,7 +33,8 @@ def write_md5sums(folder: Path) -> Path:
 def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, console: Console,
              source_pipeline: dict | None = None, refused: dict[str, str] | None = None) -> dict:
     """per_variant: variant name -> {"chain": [fetch, freeze, strip outcomes], "quantize", "verify", "vela"}.
-    refused: variant name -> the floors it missed; built here but not shipped, and not kept from an older dist."""
+    refused: variant name -> the floors it missed, or why it could not be made; not shipped, and not kept from
+    an older dist."""
     out_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}@", dir=out_root))
     try:
