@@ -433,8 +433,6 @@ def _quantize_then_check(p: Planner, chain: list[StageOutcome], variant: Variant
         if variant.max_drop is not None:
             searched, variant = _searched(p, stripped, variant)
         quantized = _quantize(p, stripped, variant)
-    except RefusedVariant:
-        raise
     except MzError as exc:  # an op its quantizer has no kernel for at this precision: one variant's failure
         if exc.exit_code != EXIT_FAILURE:  # bad input (a recipe field, a calibration folder) stops the build
             raise

@@ -4,6 +4,7 @@ end with its code and a one-line message (no traceback)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -73,8 +74,8 @@ def refused(tmp_path, built):
 
 
 def unmade(tmp_path, built):
-    """A classifier with a HardSwish, which TFLite's converter has no 16x8 kernel for: its int16x8 variant cannot
-    be made, its float32 ships."""
+    """A classifier with a HardSwish, whose TFLite port's ops the converter has no 16x8 kernel for: its int16x8
+    variant cannot be made, its float32 ships."""
     import onnx
 
     recipe = classifier_recipe(tmp_path, "  - {name: float32, mode: float32}\n  - {name: int16x8-tflite, mode: "
@@ -89,6 +90,8 @@ def unmade(tmp_path, built):
     done = run_cli("--cache-dir", str(tmp_path / "cache"), "build", str(recipe), *where(tmp_path))
     shipped = sorted(p.name for p in (tmp_path / "dist" / "tiny-cls").glob("*.*"))
     assert "tiny-cls_float32.onnx" in shipped and not any("int16x8" in name for name in shipped), shipped
+    manifest = json.loads((tmp_path / "dist" / "tiny-cls" / "manifest.json").read_text())
+    assert "not yet supported for op" in manifest["refused"]["int16x8-tflite"]  # the converter's reason, kept
     return done
 
 
@@ -219,8 +222,8 @@ CASES = {
     "another process holds the recipe's build folder (`--lock-timeout`)": locked,
 }
 # What each case's one line must name.
-NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'", overlapping_folders: "overlap",
-         imageless_folder: "--verify",
+NAMED = {disk_full: "the --out folder", bad_field: "input.shape[1]", unknown_variant: "'int4'", imageless_folder: "--verify",
+         overlapping_folders: "overlap",
          unlabelled_eval: "photo 0.JPG", crossed_categories_eval: "postprocess.category_ids",
          nothing_to_compile: "targets.vela", checksum_differs: "sha256",
          below_threshold: "dynamic", locked: "locked", refused: "variants[1].min_slice_sqnr_db: dynamic",

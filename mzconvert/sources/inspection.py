@@ -313,9 +313,9 @@ def inspect_onnx(path: Path, input_shape: list[int] | None = None) -> dict:
 
 
 def _outputs_at(model, inputs: list[dict], outputs: list[dict], input_shape: list[int] | None) -> list[dict]:
-    """The outputs, each whose shape has unknown dimensions at its shape with the one image input at
-    `input_shape` where ONNX's shape inference tells every dimension (a map of the image's size: what its task
-    is read from); the others as declared."""
+    """The outputs as declared, but each with unknown dimensions at the shape ONNX's shape inference gives it with
+    the one image input at `input_shape`, where that tells every dimension (a map of the image's size: what its
+    task is read from)."""
     import onnx
 
     unknown = [o for o in outputs if not all(isinstance(d, int) and d > 0 for d in o["shape"])]
