@@ -297,10 +297,10 @@ def inspect_onnx(path: Path, input_shape: list[int] | None = None) -> dict:
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                  "shape": _onnx_shape(v)} for v in values if v.name not in initializers]
 
+    inputs = tensors(model.graph.input)
     return {"format": "onnx", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                                            default=None),
-            "inputs": tensors(model.graph.input),
-            "outputs": _outputs_at(model, tensors(model.graph.input), tensors(model.graph.output), input_shape),
+            "inputs": inputs, "outputs": _outputs_at(model, inputs, tensors(model.graph.output), input_shape),
             **({"float16": True} if stored_float16 else {}), **({"qdq": qdq} if qdq else {}), "ops": ops,
             **({"query_head": query} if (query := _query_head(model, made, inferred)) else {}),
             **({"selection_input": head} if (head := _selection_input(model, made, inferred)) else {}),
@@ -318,7 +318,10 @@ def _outputs_at(model, inputs: list[dict], outputs: list[dict], input_shape: lis
     task is read from)."""
     import onnx
 
-    unknown = [o for o in outputs if not all(isinstance(d, int) and d > 0 for d in o["shape"])]
+    def known(shape: list) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in shape)
+
+    unknown = [o for o in outputs if not known(o["shape"])]
     if not input_shape or not unknown or len(inputs) != 1 or len(inputs[0]["shape"]) != len(input_shape):
         return outputs
     fixed = onnx.ModelProto()
@@ -329,9 +332,7 @@ def _outputs_at(model, inputs: list[dict], outputs: list[dict], input_shape: lis
         dim.dim_value = size
     values = _inferred_values(fixed) or {}
     inferred = {o["name"]: _onnx_shape(values[o["name"]]) for o in unknown if o["name"] in values}
-    return [o | {"shape": shape} if (shape := inferred.get(o["name"])) and all(isinstance(d, int) and d > 0
-                                                                               for d in shape) else o
-            for o in outputs]
+    return [o | {"shape": shape} if (shape := inferred.get(o["name"])) and known(shape) else o for o in outputs]
 
 
 def _onnx_shape(value) -> list:
