@@ -315,8 +315,8 @@ def main() -> None:
     class_outputs = [level.parts[1] for level in post.levels] or [post.class_output or post.output]
     # a detector of other classes than the dataset's (eval then scores its labels by category id): no AP means
     # anything, its detections matched with float32's still do
-    scored = any(category_key(label) in {category_key(name) for name in CocoDataset.open(dataset, split)
-                                         .categories.values()} for label in post.labels)
+    categories = {category_key(name) for name in CocoDataset.open(dataset, split).categories.values()}
+    scored = any(category_key(label) in categories for label in post.labels)
     print(f"COCO AP on {evaluation['images']} {split} images; matched on the build's verify images"
           + ("" if scored else " (AP: none of the model's labels names one of the dataset's categories)"))
     print("| variant | kernels | NMS attached | matched with float32 | class-score SQNR (worst slice) | AP | AP50 | "
