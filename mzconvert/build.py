@@ -173,7 +173,7 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
     if variant.calibration and shares_calibration(p.recipe, variant):
         calibrated = _calibrate(p, stripped, variant)
         inputs["calibrated"] = calibrated.digest()
-    elif variant.calibration:
+    if variant.calibration and (calibrated is None or variant.tune_steps):  # tuning reads the images too
         inputs["calibration"], images, _ = _calibration_images(p, variant)
         inputs["preprocess"] = validated(p.recipe.preprocess)
 
@@ -183,12 +183,17 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
         return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
                 "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs],
                 **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {}),
-                **({"fitted": result.fitted} if result.fitted else {})}
+                **({"fitted": result.fitted} if result.fitted else {}),
+                **({"tuned": result.tuned} if result.tuned else {})}
 
     outcome = p.stage(f"quantize/{variant.name}", inputs, action)
     if fitted := outcome.result.get("fitted"):
         p.console.log(f"[{p.recipe.name}] {variant.name}: {fitted['layers']} layers' weights fitted to the "
                       f"calibration images (their output error there {fitted['error_ratio']:.2f}x nearest rounding's)")
+    if tuned := outcome.result.get("tuned"):
+        p.console.log(f"[{p.recipe.name}] {variant.name}: weights tuned for {tuned['steps']} steps to the float "
+                      f"model's outputs, output error on the calibration images {tuned['error_before']:.4g} -> "
+                      f"{tuned['error_after']:.4g}" + ("" if tuned["kept"] else ": not lower, untuned weights kept"))
     return outcome
 
 

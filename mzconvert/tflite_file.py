@@ -72,6 +72,22 @@ def add_buffer(model, data: bytes) -> int:
     return len(model.buffers) - 1
 
 
+def rewrite_constant(model, tensor, data: bytes) -> None:
+    """`tensor`'s constant set to `data`, in a buffer of its own: the converter stores equal constants once
+    (two layers' all-zero int32 biases share a buffer), and a layer's refit must not change another's."""
+    shared = sum(t.buffer == tensor.buffer for g in model.subgraphs for t in g.tensors) > 1
+    if shared:
+        tensor.buffer = add_buffer(model, data)
+    else:
+        model.buffers[tensor.buffer].data = np.frombuffer(data, np.uint8)
+
+
+def copied_model(model):
+    """A deep copy of a model's objects (ModelT), through its bytes."""
+    s = schema()
+    return s.ModelT.InitFromObj(s.Model.GetRootAsModel(model_bytes(model), 0))
+
+
 def write_model(model, target: Path) -> Path:
     target.write_bytes(model_bytes(model))
     return target

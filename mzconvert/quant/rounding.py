@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tflite_file import add_buffer, op_names, read_model, schema, write_model
+from ..tflite_file import op_names, read_model, rewrite_constant, schema, write_model
 
 MOMENT_IMAGES = 32
 MOMENT_POSITIONS = 32  # 1,024 patches a channel: SSDLite's fitted int8 kept the SQNR it had from 8,192
@@ -354,7 +354,7 @@ def fit_weights(quantized: Path, calibrated: Path, moments: Path, target: Path, 
         fitted, mean_error, was, now = refit(w.astype(np.float64), nearest.astype(np.float64), scales, stats)
         before, after = before + was, after + now
         stored = fitted.T if name == DEPTHWISE else fitted
-        _rewrite(model, weight, np.ascontiguousarray(stored).astype(np.int8).tobytes())
+        rewrite_constant(model, weight, np.ascontiguousarray(stored).astype(np.int8).tobytes())
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
             _correct_bias(model, graph.tensors[op.inputs[2]], mean_error)
         layers += 1
@@ -373,14 +373,4 @@ def _correct_bias(model, bias, mean_error: np.ndarray) -> None:
     if bias.type != schema().TensorType.INT32 or bias.quantization is None or bias.quantization.scale is None:
         return
     stored = np.frombuffer(bytes(model.buffers[bias.buffer].data), np.int32)
-    _rewrite(model, bias, corrected_bias(stored, mean_error, bias.quantization.scale).tobytes())
-
-
-def _rewrite(model, tensor, data: bytes) -> None:
-    """`tensor`'s constant set to `data`, in a buffer of its own: the converter stores equal constants once
-    (two layers' all-zero int32 biases share a buffer), and a layer's refit must not change another's."""
-    shared = sum(t.buffer == tensor.buffer for g in model.subgraphs for t in g.tensors) > 1
-    if shared:
-        tensor.buffer = add_buffer(model, data)
-    else:
-        model.buffers[tensor.buffer].data = np.frombuffer(data, np.uint8)
+    rewrite_constant(model, bias, corrected_bias(stored, mean_error, bias.quantization.scale).tobytes())

@@ -81,6 +81,8 @@ def check_variant(item: Reader, v: Variant, earlier: list[str], fmt: str, source
                         where("weight_rounding"))
     if v.bias_correction and (v.mode != "int8" or v.target != "onnx"):
         raise item.fail("bias_correction applies to ONNX int8 (QDQ) variants", where("bias_correction"))
+    if v.tune_steps and (v.mode != "int8" or not v.calibration):
+        raise item.fail("tune_steps applies to int8 variants calibrated here (ONNX QDQ or TFLite)", where("tune_steps"))
     # a quantized .tflite or ONNX (QDQ) source is taken as it is, without calibration (its backend's convert checks)
     if v.mode in CALIBRATED_MODES and fmt not in ("tflite", "onnx") and not v.calibration:
         raise item.fail("missing required field", where("calibration"))

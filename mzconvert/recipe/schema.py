@@ -85,7 +85,7 @@ FIELDS = {
     "variants[]": ("name", "mode", "io_dtype", "calibration", "calibration_count", "quantized_input_stats",
                    "min_cosine", "min_sqnr_db", "member", "per_channel", "calibration_method",
                    "calibration_percentile", "reduce_range", "target", "attach_postprocess", "weight_rounding",
-                   "bias_correction", "min_matched", "min_agreement", "min_mask_iou", "min_keypoint_oks",
+                   "bias_correction", "tune_steps", "min_matched", "min_agreement", "min_mask_iou", "min_keypoint_oks",
                    "min_slice_sqnr_db", "min_float_cosine", "separate_output_scales", "quantizer", "float_layers",
                    "max_drop"),
     "variants[].quantized_input_stats": ("mean", "std"),
@@ -282,6 +282,9 @@ class Variant:
     weight_rounding: str = "nearest"  # fitted(-all): int8 depthwise (all layers') weights fitted to the calibration
     # ONNX int8: each layer's bias corrected for the mean error of the quantized layers before it (quant/qdq_refits.py)
     bias_correction: bool = False
+    # ONNX int8: the int8 weights and int32 biases tuned for this many steps to the float model's outputs on the
+    # calibration images, the activations quantized as the model quantizes them (quant/tuning.py); 0: not tuned
+    tune_steps: int = 0
     # a .tflite source's quantizer: converter (TFLite's own, from our recorded ranges: int8) or ai-edge-quantizer
     # (Google's LiteRT quantizer: dynamic, int8, int16x8); "" = converter for int8, else ai-edge-quantizer
     quantizer: str = ""

@@ -470,6 +470,7 @@ def parse_variant(r: Reader) -> Variant:
                    weight_rounding=r.string("weight_rounding", required=False, default="",
                                             choices=WEIGHT_ROUNDINGS),
                    bias_correction=r.boolean("bias_correction", False),
+                   tune_steps=r.integer("tune_steps", required=False, default=0, minimum=0),
                    quantizer=r.string("quantizer", required=False, default="",
                                       choices=("converter", "ai-edge-quantizer")),
                    float_layers=tuple(r.list_of("float_layers", Reader.as_string, required=False) or ()),

@@ -28,12 +28,14 @@ class QuantizeResult:
     outputs: list[TensorSpec]
     raw_model: Path | None = None  # the model before post-processing was attached: what verify compares
     fitted: dict | None = None  # weight_rounding fitted: what rounding.fit_weights refitted
+    tuned: dict | None = None  # tune_steps: the output error before and after tuning.tune_weights
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
              out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
     """The variant's model in out_dir, checked. `calibrated`: the shared calibration (calibrate) it is
-    quantized from, its weights then fitted (weight_rounding) where calibrate left moments."""
+    quantized from, its weights then fitted (weight_rounding) where calibrate left moments; an ONNX int8 variant's
+    weights then tuned to the float model's outputs (tune_steps)."""
     from dataclasses import replace
 
     batches = calibration_batches(calibration_images, recipe) if calibration_images else None
@@ -53,7 +55,8 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
         if (calibrated.parent / MOMENTS).is_file():
             fitted = fit_weights(model, calibrated, calibrated.parent / MOMENTS, model,
                                  every_layer=variant.fits_every_layer)
-    checked = replace(check_artifact(model, recipe, variant), fitted=fitted)
+    tuned = _tuned(stripped, model, recipe, variant, list(batches())) if variant.tune_steps else None
+    checked = replace(check_artifact(model, recipe, variant), fitted=fitted, tuned=tuned)
     if not variant.attach_postprocess:
         return checked
     from .attach import OUTPUT_NAMES, attach_postprocess
@@ -67,6 +70,18 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
         raise MzError(f"{attached}: post-processing attached, but the model does not run to {', '.join(OUTPUT_NAMES)}")
     return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw, fitted=fitted)
+
+
+def _tuned(stripped: Path, model: Path, recipe: Recipe, variant: Variant, tensors: list[np.ndarray]) -> dict:
+    """tune_steps: `model`'s weights tuned to the outputs of the float model `stripped`, each output judged as the
+    task means it (tasks.detection.tuning_weights)."""
+    from ..quant.tuning import tune_weights
+    from ..tasks.detection import tuning_weights
+
+    float_model = backend_for(recipe).GraphRunner(stripped, recipe)
+    before, after, kept = tune_weights(model, float_model.run, [o.name for o in float_model.outputs], tensors,
+                                       variant.tune_steps, lambda outputs: tuning_weights(outputs, recipe.postprocess))
+    return {"steps": variant.tune_steps, "error_before": before, "error_after": after, "kept": kept}
 
 
 def _check_float_layers(calibrated: Path, recipe: Recipe, variant: Variant) -> None:

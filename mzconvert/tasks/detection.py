@@ -260,6 +260,17 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     return reference, candidate, None
 
 
+def tuning_weights(outputs: dict[str, np.ndarray], post: Postprocess | None) -> dict[str, np.ndarray]:
+    """What weight tuning (quant/tuning.py) gives each value of the float model's `outputs` of one image, where not
+    all alike: a yolov8 head cut before its box decode, its box values at each cell by the cell's best class
+    probability, since a box counts only where the cell detects something (on NudeNet's YOLOv8n the unweighted
+    error tuned the int8 to 80.6 % of float32's detections matched, this one to 90.8 %, from 83.3 %)."""
+    if post is None or post.kind != "yolov8" or post.box_encoding == "pixels" or post.class_output not in outputs \
+            or post.box_output not in outputs:
+        return {}
+    return {post.box_output: outputs[post.class_output].max(axis=-2, keepdims=True)}
+
+
 def _shown(reference: np.ndarray, candidate: np.ndarray, scores=np.s_[...]) -> tuple[np.ndarray, np.ndarray]:
     """Both models' values with the scores (`scores`, an index into them) that neither gives MATCH_SCORE set to 0."""
     judged = np.zeros(reference.shape, bool)

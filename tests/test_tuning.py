@@ -1,0 +1,208 @@
+"""tune_steps (ONNX int8, quant/tuning.py): the QDQ model's weights tuned to the float model's outputs on the
+calibration images, its activations quantized as ONNX Runtime quantizes them; kept only where that lowers the
+model's output error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from mzconvert.errors import MzError, RecipeError
+from mzconvert.quant import tuning
+from mzconvert.quant.qdq_program import QdqProgram
+from mzconvert.quant.tflite_program import TfliteProgram
+from mzconvert.recipe import load_recipe
+from mzconvert.recipe.schema import Postprocess
+from mzconvert.runtime import REFERENCE, open_model
+from mzconvert.tasks.detection import tuning_weights
+from tests.conftest import MIRROR
+from tests.test_bias_correction import ROOT, output_error, quantized_tiny
+from tests.test_onnx_backend import recipe_text, run, tiny_onnx
+
+
+def images(count: int, seed: int) -> list[np.ndarray]:
+    return [np.random.RandomState(seed + i).normal(0, 1, (1, 3, 32, 32)).astype(np.float32) for i in range(count)]
+
+
+def held_out_images() -> list[np.ndarray]:
+    return images(16, 100)
+
+
+def tune(prepared, quantized, tensors, steps):
+    """The tiny model's int8 tuned to its float model's output."""
+    float_model = open_model(prepared, ["probabilities"])
+    return tuning.tune_weights(quantized, float_model.run, ["probabilities"], tensors, steps, lambda outputs: {})
+
+
+def test_the_qdq_graph_runs_in_torch_as_onnx_runtime_defines_it(tmp_path):
+    """Tuning moves the weights of the model ONNX Runtime runs: its torch program (depthwise and plain Conv, ReLU,
+    pooling, Flatten, Gemm, Softmax, every Quantize/Dequantize pair) computes what ONNX Runtime computes."""
+    import torch
+
+    _, quantized, _ = quantized_tiny(tmp_path)
+    program = QdqProgram(quantized, ["probabilities"])
+    held_out = held_out_images()
+    runner = open_model(quantized, ["probabilities"])  # as ONNX defines the ops
+    for image in held_out:
+        with torch.no_grad():
+            (got,) = program(image)
+        (want,) = runner.run(image)
+        assert np.abs(got.numpy() - want).max() < 1e-5, np.abs(got.numpy() - want).max()
+
+
+def test_tuned_weights_lower_the_output_error_on_images_they_were_not_tuned_on(tmp_path):
+    prepared, quantized, _ = quantized_tiny(tmp_path)
+    untuned = onnx.load(str(quantized))
+    held_out = held_out_images()
+    before = output_error(prepared, quantized, held_out)
+
+    error_before, error_after, kept = tune(prepared, quantized, images(64, 1000), 100)
+
+    assert kept and error_after < 0.8 * error_before  # on the 16 of the 64 images not tuned on
+    assert output_error(prepared, quantized, held_out) < 0.8 * before
+    tuned = onnx.load(str(quantized))
+    changed = 0
+    for old, new in zip(untuned.graph.initializer, tuned.graph.initializer):
+        a, b = numpy_helper.to_array(old), numpy_helper.to_array(new)
+        assert old.name == new.name and a.dtype == b.dtype and a.shape == b.shape
+        if a.dtype in (np.float32, np.uint8) or old.name.endswith("zero_point"):
+            assert np.array_equal(a, b), old.name  # scales, zero points: as the quantizer set them
+        changed += int(not np.array_equal(a, b))
+    assert changed >= 4  # the weights and biases of the three convolutions and the Gemm
+
+
+def test_tuned_weights_that_do_not_lower_the_output_error_are_not_kept(tmp_path, monkeypatch):
+    prepared, quantized, _ = quantized_tiny(tmp_path)
+    untuned = quantized.read_bytes()
+    monkeypatch.setattr(tuning, "LEARNING_RATE", 50.0)  # steps of 50 weight steps: every weight thrown far off
+
+    error_before, error_after, kept = tune(prepared, quantized, images(16, 1000), 3)
+
+    assert not kept and error_after > error_before
+    assert quantized.read_bytes() == untuned
+
+
+def test_a_graph_with_an_op_tuning_does_not_run_is_refused_by_name(tmp_path):
+    graph = helper.make_graph([helper.make_node("Erf", ["input"], ["out"], name="the_erf")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "erf.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+
+    with pytest.raises(MzError, match=r"tune_steps: the QDQ graph has a Erf node \(the_erf\)"):
+        QdqProgram(path, ["out"])(np.zeros((1, 4), np.float32))
+
+
+def test_a_yolov8_heads_boxes_are_weighed_by_the_best_class_score_of_their_cell():
+    rng = np.random.default_rng(0)
+    boxes, scores = rng.normal(size=(1, 64, 21)), rng.uniform(size=(1, 3, 21))
+    post = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), box_encoding="dfl", box_output="box",
+                       class_output="cls")
+    weights = tuning_weights({"box": boxes, "cls": scores}, post)
+    assert list(weights) == ["box"]
+    assert np.array_equal(np.broadcast_to(weights["box"], boxes.shape), np.broadcast_to(scores.max(1), boxes.shape))
+    pixels = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), box_encoding="pixels", box_output="box",
+                         class_output="cls")
+    assert tuning_weights({"box": boxes, "cls": scores}, pixels) == {}  # boxes in pixels: judged alike
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny classifier built with an ONNX int8 and a TFLite int8 variant tuned, beside the same variants
+    untuned."""
+    folder = tmp_path_factory.mktemp("tuned")
+    train = MIRROR / "coco" / "train2017"
+    tuned = "".join(f"  - {{name: {name}, mode: int8, io_dtype: {io}, calibration: {train}, calibration_count: 32, "
+                    f"calibration_method: minmax{extra}}}\n"
+                    for name, io, extra in (("int8-tuned", "float32", ", tune_steps: 30"),
+                                            ("int8-tflite", "int8", ", target: tflite"),
+                                            ("int8-tflite-tuned", "int8", ", target: tflite, tune_steps: 30")))
+    return folder, run(folder, recipe_text(tiny_onnx(folder / "tiny.onnx"), extra_variant=tuned))
+
+
+def quantized_model(folder: Path, variant: str) -> Path:
+    return next(p for p in (folder / "build" / "tiny-onnx" / "quantize" / variant).iterdir()
+                if p.suffix in (".onnx", ".tflite"))
+
+
+def test_a_build_tunes_an_onnx_int8_variant_and_says_by_how_much(built):
+    folder, manifest = built
+    result = json.loads((folder / "build" / "tiny-onnx" / "quantize" / "int8-tuned" / "result.json").read_text())
+    assert result["tuned"]["steps"] == 30 and result["tuned"]["kept"], result["tuned"]
+    assert result["tuned"]["error_after"] < result["tuned"]["error_before"]
+    assert "tuned" not in json.loads((folder / "build" / "tiny-onnx" / "quantize" / "int8" / "result.json").read_text())
+    assert manifest["variants"]["int8-tuned"]["verify"]["logits"]["cosine"] > 0.9
+
+
+def test_a_tflite_int8_is_tuned_and_kept_only_where_the_reference_kernels_err_less(built):
+    """The tiny classifier's TFLite int8 errs mostly by its int8 output's rounding, which no weight changes: its
+    tuned weights are not kept, and the variant is the untuned one's model, byte for byte."""
+    folder, _ = built
+    result = json.loads((folder / "build" / "tiny-onnx" / "quantize" / "int8-tflite-tuned" / "result.json")
+                        .read_text())["tuned"]
+    assert result["steps"] == 30 and result["kept"] == (result["error_after"] < result["error_before"])
+    tuned, untuned = (quantized_model(folder, v).read_bytes() for v in ("int8-tflite-tuned", "int8-tflite"))
+    assert (tuned != untuned) == result["kept"]
+
+
+def test_the_integers_a_tflite_program_writes_are_the_ones_it_computed_with(built, tmp_path):
+    """Weights moved by a few steps each, written and read back: the same integers in the same places (LiteRT's
+    reference kernels compute the written model's outputs as the program did, to a step)."""
+    import torch
+
+    from mzconvert.preprocess import list_images, prepare
+
+    folder, _ = built
+    recipe = load_recipe(folder / "tiny-onnx.yaml")
+    program = TfliteProgram(quantized_model(folder, "int8-tflite"), ["logits"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for value in program.parameters():
+            value += torch.randint(-3, 4, value.shape, generator=generator).float()
+    program.write(tmp_path / "moved.tflite")
+    reread = TfliteProgram(tmp_path / "moved.tflite", ["logits"])
+    assert sorted(reread.trained) == sorted(program.trained)
+    for index, trained in program.trained.items():
+        assert np.array_equal(reread.trained[index].integers(), trained.integers()), index
+    runner = open_model(tmp_path / "moved.tflite", ["logits"], kernels=REFERENCE)
+    tensor = prepare(list_images(MIRROR / "coco" / "val2017")[0], recipe.preprocess, recipe.input).tensor
+    with torch.no_grad():
+        (got,) = program(tensor)
+    (want,) = runner.run(tensor)
+    assert np.abs(got.numpy().reshape(want.shape) - want).max() <= 1.01 * runner.outputs[0].scale
+
+
+def test_the_tflite_program_computes_what_litert_reference_kernels_compute(built):
+    """Tuning moves the weights of the model the NPU runs: the torch program of the built TFLite int8 (its
+    QUANTIZE, CONV_2D with fused ReLU, MEAN, FULLY_CONNECTED, DEQUANTIZE...) gives LiteRT's reference kernels'
+    outputs, to a step of the output's grid where their fixed-point rounding differs."""
+    import torch
+
+    from mzconvert.preprocess import list_images, prepare
+
+    folder, _ = built
+    recipe = load_recipe(folder / "tiny-onnx.yaml")
+    model = quantized_model(folder, "int8-tflite")
+    program = TfliteProgram(model, ["logits"])
+    runner = open_model(model, ["logits"], kernels=REFERENCE)
+    step = runner.outputs[0].scale
+    for image in list_images(MIRROR / "coco" / "val2017")[:8]:
+        tensor = prepare(image, recipe.preprocess, recipe.input).tensor
+        with torch.no_grad():
+            (got,) = program(tensor)
+        (want,) = runner.run(tensor)
+        assert np.abs(got.numpy().reshape(want.shape) - want).max() <= 1.01 * step
+
+
+def test_tune_steps_is_refused_where_it_does_not_apply(tmp_path):
+    data = yaml.safe_load((ROOT / "recipes" / "mobilenetv2-torchvision.yaml").read_text())
+    next(v for v in data["variants"] if v["name"] == "float16")["tune_steps"] = 10
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(RecipeError, match=r"variants\[1\]\.tune_steps: tune_steps applies to int8 variants calibrated"):
+        load_recipe(tmp_path / "r.yaml")
