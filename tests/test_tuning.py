@@ -115,14 +115,15 @@ def test_a_yolov8_heads_boxes_are_weighed_by_the_best_class_score_of_their_cell(
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict]:
     """The tiny classifier built with an ONNX int8 and a TFLite int8 variant tuned, beside the same variants
-    untuned."""
+    untuned; the TFLite ones with ranges chosen by `auto`, whose search compares its candidates untuned."""
     folder = tmp_path_factory.mktemp("tuned")
     train = MIRROR / "coco" / "train2017"
     tuned = "".join(f"  - {{name: {name}, mode: int8, io_dtype: {io}, calibration: {train}, calibration_count: 32, "
-                    f"calibration_method: minmax{extra}}}\n"
-                    for name, io, extra in (("int8-tuned", "float32", ", tune_steps: 30"),
-                                            ("int8-tflite", "int8", ", target: tflite"),
-                                            ("int8-tflite-tuned", "int8", ", target: tflite, tune_steps: 30")))
+                    f"calibration_method: {method}{extra}}}\n"
+                    for name, io, method, extra in (
+                        ("int8-tuned", "float32", "minmax", ", tune_steps: 30"),
+                        ("int8-tflite", "int8", "auto", ", target: tflite"),
+                        ("int8-tflite-tuned", "int8", "auto", ", target: tflite, tune_steps: 30")))
     return folder, run(folder, recipe_text(tiny_onnx(folder / "tiny.onnx"), extra_variant=tuned))
 
 

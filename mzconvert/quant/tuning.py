@@ -1,20 +1,19 @@
-"""tune_steps: an ONNX int8 (QDQ) model's weights and biases tuned to the float model's outputs on the
-calibration images, its activations quantized as the model quantizes them.
+"""tune_steps: an int8 model's weights and biases tuned to the float model's outputs on the calibration images,
+its activations rounded as the model rounds them.
 
 Rounding each weight to its nearest step, or fitting the rounding to one layer's own output (weight_rounding),
-leaves the error each layer inherits from the quantized activations before it. Tuning runs the QDQ graph in
-torch, every QuantizeLinear -> DequantizeLinear pair as the rounding it is (its gradient passed straight
-through, as quantization-aware training does), the int8 weights as float values rounded to their fixed
-per-channel steps, and moves them (Adam, STEP_IMAGES images a step) to lower the outputs' error against the
-float model, each output's squared error relative to its float power and weighted where the task says which
-values matter (a detector's boxes at the cells it scores: tasks/detection.tuning_weights). The scales and zero
-points stay as the quantizer set them; only the integers change. The tuned integers are kept only where the
-model as ONNX Runtime defines it has less output error than before on the calibration images it was not
-tuned on (every JUDGED_EVERY-th).
+leaves the error each layer inherits from the rounded activations before it. Tuning runs the model in torch
+(qdq_program.py for an ONNX QDQ graph, tflite_program.py for a .tflite), every activation rounded to its
+tensor's grid with the gradient passed straight through (as quantization-aware training does), the int8
+weights as real values rounded to their fixed per-channel steps, and moves them (Adam, STEP_IMAGES images a
+step) to lower the outputs' error against the float model: each output's squared error relative to its float
+power, weighted where the task says which values matter (a detector's boxes at the cells it scores:
+tasks/detection.tuning_weights). The scales and zero points stay as the quantizer set them; only the integers
+change. The tuned integers are kept only where the model has less output error than before on the calibration
+images it was not tuned on (every JUDGED_EVERY-th), run as ONNX defines its ops or under LiteRT's reference
+kernels (the NPU's arithmetic): the programs compute as those do only to a step here and there.
 
-Measured (docs/results.md): NudeNet's YOLOv8n (a real trained export), ONNX int8 min/max, 150 steps on 100
-calibration images: detections matched with float32 (IoU >= 0.9) on 100 val and 109 train images never tuned
-on 83.3 -> 90.8 % and 76.6 -> 89.2 %.
+What it gains is in docs/results.md (NudeNet's YOLOv8n, `bench/yolo_trained.py --tune-steps`).
 """
 
 from __future__ import annotations

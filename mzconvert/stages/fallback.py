@@ -87,7 +87,9 @@ class _Trial:
 
     def __call__(self, candidate: Variant, name: str) -> tuple[dict, Path]:
         """(what the candidate measured: fidelity (and image by image), worst SQNR, whether the build would ship
-        it (within the variant's floors), bytes, float ops; the model verified)."""
+        it (within the variant's floors), bytes, float ops; the model verified). Candidates are compared untuned
+        (tune_steps): tuning each would multiply a search's time, and the one chosen is tuned when it is built."""
+        candidate = replace(candidate, tune_steps=0)
         calibrated = None
         if shares_calibration(self.recipe, candidate):
             key = (candidate.calibration_method, candidate.calibration_percentile)
