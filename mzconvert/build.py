@@ -192,8 +192,9 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
                       f"calibration images (their output error there {fitted['error_ratio']:.2f}x nearest rounding's)")
     if tuned := outcome.result.get("tuned"):
         p.console.log(f"[{p.recipe.name}] {variant.name}: weights tuned for {tuned['steps']} steps to the float "
-                      f"model's outputs, output error on the calibration images {tuned['error_before']:.4g} -> "
-                      f"{tuned['error_after']:.4g}" + ("" if tuned["kept"] else ": not lower, untuned weights kept"))
+                      f"model's outputs, output error on calibration images not tuned on "
+                      f"{tuned['error_before']:.4g} -> {tuned['error_after']:.4g}"
+                      + ("" if tuned["kept"] else ": not lower, untuned weights kept"))
     return outcome
 
 

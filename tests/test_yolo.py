@@ -518,7 +518,8 @@ variants:
   - {{name: float32, mode: float32}}
   - {{name: raw, mode: float32, target: tflite, attach_postprocess: false}}
   - {{name: f32, mode: float32, target: tflite}}
-  - {{name: i8, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 16}}
+  - {{name: i8, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 16,
+      tune_steps: 10}}
 targets:
   vela: {{accelerator: ethos-u55-128, system_config: Ethos_U55_High_End_Embedded, memory_mode: Shared_Sram}}
 verify: {{images: {val}, count: 8}}
@@ -526,6 +527,10 @@ verify: {{images: {val}, count: 8}}
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
     done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "yolo.yaml"), *where)
     assert done.returncode == 0, done.stderr[-3000:]
+    # its weights tuned (tune_steps) before the NMS was attached, and said so
+    tuned = json.loads((tmp_path / "build" / "yolo" / "quantize" / "i8" / "result.json").read_text())["tuned"]
+    assert tuned["steps"] == 10 and tuned["kept"] == (tuned["error_after"] < tuned["error_before"]), tuned
+    assert "i8: weights tuned for 10 steps" in done.stderr
     variants = json.loads(done.stdout)["yolo"]["variants"]
     assert [variants[n]["postprocess_attached"] for n in ("float32", "raw", "f32", "i8")] == [False, False, True, True]
     (npu,) = variants["i8"]["vela"].values()

@@ -40,7 +40,7 @@ class TfliteProgram:
             data = self.model.buffers[tensor.buffer].data if tensor.buffer else None
             if data is not None and len(data):
                 self.constants[index] = np.frombuffer(bytes(data), self.types[index]).reshape(_shape(tensor))
-        self.tensors = {i: torch.from_numpy(self._real(i, v)) for i, v in self.constants.items()}
+        self.tensors = {i: torch.from_numpy(np.array(self._real(i, v))) for i, v in self.constants.items()}
         found = [graph.tensors[i].name.decode() for i in graph.outputs]
         self.outputs = [graph.outputs[i] for i in output_order(found, names)]
         self.trained: dict[int, TrainedIntegers] = {}  # tensor index: its trainable integers

@@ -282,8 +282,9 @@ class Variant:
     weight_rounding: str = "nearest"  # fitted(-all): int8 depthwise (all layers') weights fitted to the calibration
     # ONNX int8: each layer's bias corrected for the mean error of the quantized layers before it (quant/qdq_refits.py)
     bias_correction: bool = False
-    # ONNX int8: the int8 weights and int32 biases tuned for this many steps to the float model's outputs on the
-    # calibration images, the activations quantized as the model quantizes them (quant/tuning.py); 0: not tuned
+    # int8 calibrated here (ONNX QDQ, TFLite): the int8 weights and int32 biases tuned for this many steps to the
+    # float model's outputs on the calibration images, the activations rounded as the model rounds them
+    # (quant/tuning.py); 0: not tuned
     tune_steps: int = 0
     # a .tflite source's quantizer: converter (TFLite's own, from our recorded ranges: int8) or ai-edge-quantizer
     # (Google's LiteRT quantizer: dynamic, int8, int16x8); "" = converter for int8, else ai-edge-quantizer

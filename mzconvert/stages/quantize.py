@@ -34,8 +34,8 @@ class QuantizeResult:
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
              out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
     """The variant's model in out_dir, checked. `calibrated`: the shared calibration (calibrate) it is
-    quantized from, its weights then fitted (weight_rounding) where calibrate left moments; an ONNX int8 variant's
-    weights then tuned to the float model's outputs (tune_steps)."""
+    quantized from, its weights then fitted (weight_rounding) where calibrate left moments; an int8 variant's
+    weights then tuned to the float model's outputs (tune_steps), before post-processing is attached."""
     from dataclasses import replace
 
     batches = calibration_batches(calibration_images, recipe) if calibration_images else None
@@ -69,7 +69,8 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
     outputs = runner.run(np.zeros(recipe.input.shape, np.float32))
     if [o.name for o in runner.outputs] != list(OUTPUT_NAMES) or not all(np.all(np.isfinite(o)) for o in outputs):
         raise MzError(f"{attached}: post-processing attached, but the model does not run to {', '.join(OUTPUT_NAMES)}")
-    return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw, fitted=fitted)
+    return QuantizeResult(model=attached, inputs=runner.inputs, outputs=runner.outputs, raw_model=raw, fitted=fitted,
+                          tuned=tuned)
 
 
 def _tuned(stripped: Path, model: Path, recipe: Recipe, variant: Variant, tensors: list[np.ndarray]) -> dict:
