@@ -15,8 +15,10 @@ unedited: whether it passes its fidelity floors is printed. Then, floors or not,
 matched with float32 (same label, IoU >= 0.9, score >= 0.3; on the verify images, under the kernels its target
 computes with) and COCO AP on the val images with its ratio to float32 and the paired bootstrap 95 % interval;
 then the detections matched on the evaluation images verify did not see (more of them than verify's 32), at score
->= 0.3 and >= 0.25, with the 95 % interval of image resamples. With --tune-steps N, each int8 variant of init's
-recipe gets a copy NAME-tuned whose weights are tuned to the float model's outputs for N steps (tune_steps).
+>= 0.3 and >= 0.25, with the 95 % interval of image resamples. Each int8 variant whose weights init's recipe
+tunes to the float model's outputs (tune_steps: YOLOv8-family heads) gets a copy NAME-untuned beside it, its
+weights as quantized: what the tuning gains, on the same images; with --tune-steps N, every int8 variant
+calibrated here is tuned for N steps instead of init's proposal (0: none, and no copies).
 
 A detector trained for minutes on 209 images finds little in images it has not seen: with --seen the
 calibration images are half of the train images and the verify and evaluation images the other half, both
@@ -94,17 +96,19 @@ def halves(coco: Path, work: Path) -> tuple[Path, Path]:
     return calibration, dataset
 
 
-def tuned_variants(path: Path, steps: int) -> None:
-    """init's recipe with a copy of each of its int8 variants whose weights are tuned (tune_steps), named
-    NAME-tuned, after it."""
+def untuned_copies(path: Path, steps: int | None) -> None:
+    """init's recipe with its calibrated int8 variants tuned for `steps` (None: as init proposes), and after each
+    tuned one a copy NAME-untuned that is not."""
     recipe = yaml.safe_load(path.read_text())
     variants = []
     for variant in recipe["variants"]:
+        if variant["mode"] == "int8" and variant.get("calibration") and steps is not None:
+            variant = {key: value for key, value in variant.items() if key != "tune_steps"} | \
+                ({"tune_steps": steps} if steps else {})
         variants.append(variant)
-        if variant["mode"] == "int8" and variant.get("calibration"):
-            variants.append(variant | {"name": f"{variant['name']}-tuned", "tune_steps": steps})
-    if len(variants) == len(recipe["variants"]):
-        sys.exit(f"--tune-steps: {path} has no int8 variant calibrated here")
+        if variant.get("tune_steps"):
+            variants.append({key: value for key, value in variant.items() if key != "tune_steps"}
+                            | {"name": f"{variant['name']}-untuned"})
     path.write_text(yaml.safe_dump(recipe | {"variants": variants}, sort_keys=False))
 
 
@@ -322,8 +326,8 @@ def main() -> None:
     parser.add_argument("--seen", action="store_true", help="calibrate, verify and evaluate on train images")
     parser.add_argument("--integer-tflite", action="store_true",
                         help="also the export as Ultralytics' int8 TensorFlow export writes it, as it is and cut")
-    parser.add_argument("--tune-steps", type=int, default=0,
-                        help="also each int8 variant with its weights tuned for this many steps (NAME-tuned)")
+    parser.add_argument("--tune-steps", type=int,
+                        help="tune every calibrated int8 variant's weights this many steps, not as init proposes")
     parser.add_argument("--error-split", action="store_true",
                         help="also the float model with only its weights, or only its activations, at 8 bits")
     args = parser.parse_args()
@@ -345,8 +349,7 @@ def main() -> None:
     if made.returncode != 0:
         sys.exit(f"init failed:\n{made.stderr[-3000:]}")
     path = work / "yolo.yaml"
-    if args.tune_steps:
-        tuned_variants(path, args.tune_steps)
+    untuned_copies(path, args.tune_steps)
     where = ["--out", str(work / "dist"), "--build-dir", str(work / "build")]
     verdict, variants = built_as_written(path, where)
     if packaged:  # the file the build fetched from the package index
@@ -382,6 +385,12 @@ def main() -> None:
         ap = f"{result['AP']:.4f} | {result['AP50']:.4f}" if scored else "- | -"
         print(f"| {row} | {result.get('kernels', '-')} | {entry.get('postprocess_attached', '-')} | {matched} | "
               f"{sqnr} | {ap} | {ratio} |")
+    for name, entry in variants.items():  # tune_steps: the error on the calibration images it did not tune on
+        if (tuned := entry.get("tuned")) and "not_run" not in tuned:
+            print(f"{name}: weights tuned {tuned['steps']} steps, output error {tuned['error_before']:.4g} -> "
+                  f"{tuned['error_after']:.4g}" + ("" if tuned["kept"] else " (not kept)"))
+        elif tuned:
+            print(f"{name}: not tuned ({tuned['not_run']})")
     if post.mask_coefficients:  # a segmentation model: its masks, where the boxes match, and their COCO AP
         print("| variant | kernels | masks' IoU with float32's (matched detections) | mask AP | mask AP50 | "
               "of float32 | 95 % interval |")

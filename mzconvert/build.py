@@ -21,6 +21,7 @@ from .errors import EXIT_FAILURE, InputError, MzError, RefusedVariant
 from .fsio import folder_lock, sha256_file
 from .planner import BuildOptions, Planner, StageOutcome, canonical_hash, validated
 from .recipe import Recipe, Variant, VelaTarget
+from .recipe.schema import DEFAULT_FLOORS
 from .runtime import REFERENCE, target_kernels
 from .sources.fetch import Fetcher
 from .tasks.anchors import anchors_file
@@ -162,11 +163,17 @@ def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOut
     return p.stage(f"calibrate/{canonical_hash(inputs)[:12]}", inputs, action)
 
 
+def _quantizing(variant: Variant) -> dict:
+    """A variant as its quantization and its searches read it: without the fidelity floors, which only verify
+    judges by (a lowered floor checks the same model again, it does not make a new one)."""
+    return {field: value for field, value in validated(variant).items() if field not in DEFAULT_FLOORS}
+
+
 def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
     from .stages.calibrate import shares_calibration
     from .stages.quantize import quantize
 
-    inputs = {"model": stripped.digest(), "variant": validated(variant),
+    inputs = {"model": stripped.digest(), "variant": _quantizing(variant),
               "weight_rounding": variant.weight_rounding,  # its default depends on the target
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "tools": p.versions}
     images = calibrated = None
@@ -190,7 +197,9 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
     if fitted := outcome.result.get("fitted"):
         p.console.log(f"[{p.recipe.name}] {variant.name}: {fitted['layers']} layers' weights fitted to the "
                       f"calibration images (their output error there {fitted['error_ratio']:.2f}x nearest rounding's)")
-    if tuned := outcome.result.get("tuned"):
+    if (tuned := outcome.result.get("tuned")) and "not_run" in tuned:
+        p.console.log(f"[{p.recipe.name}] {variant.name}: weights not tuned ({tuned['not_run']})")
+    elif tuned:
         p.console.log(f"[{p.recipe.name}] {variant.name}: weights tuned for {tuned['steps']} steps to the float "
                       f"model's outputs, output error on calibration images not tuned on "
                       f"{tuned['error_before']:.4g} -> {tuned['error_after']:.4g}"
@@ -205,7 +214,7 @@ def _search_inputs(p: Planner, stripped: StageOutcome, variant: Variant) -> tupl
     calibration_key, calibration, _ = _calibration_images(p, variant)
     images_key, images, _ = choosing = _choosing_images(p, variant)
     reference = _reference(p, stripped, choosing)
-    inputs = {"model": stripped.digest(), "variant": validated(variant), "weight_rounding": variant.weight_rounding,
+    inputs = {"model": stripped.digest(), "variant": _quantizing(variant), "weight_rounding": variant.weight_rounding,
               "calibration": calibration_key, "images": images_key, "preprocess": validated(p.recipe.preprocess),
               "input": validated(p.recipe.input), "strip": validated(p.recipe.strip),
               "postprocess": validated(p.recipe.postprocess), "reference": reference.digest(), "tools": p.versions}

@@ -24,6 +24,8 @@ class VariantEntry(TypedDict, total=False):
     inputs: list[dict]  # runtime.TensorSpec.to_json() of each input and output
     outputs: list[dict]
     postprocess_attached: bool
+    tuned: dict  # tune_steps: the steps, the output error on the judged images before and after, whether kept
+    # (or not_run: why the torch programs could not run the model)
     search: dict  # max_drop: stages/fallback.search_float_layers' candidates and the float_layers chosen
     verify: dict  # stages/verify.verify_variant's metrics against the float model
     vela: dict  # NPU target -> {file, summary_csv, and vela's summary}

@@ -117,8 +117,9 @@ def test_changed_variant_reruns_only_its_stages(built, tmp_path):
     recipe = (Path(__file__).parent.parent / "recipes" / "pedestrian-ssdlite.yaml").read_text()
     local = tmp_path / "pedestrian-ssdlite.yaml"
     int8 = "{name: int8, mode: int8, io_dtype: int8, calibration: coco-train2017-100,"
-    assert recipe.count(int8) == 1
-    local.write_text(recipe.replace(int8, int8 + " calibration_count: 50,"))
+    floored = "{name: int8-float-io, mode: int8, io_dtype: float32,"  # a floor lowered: the same model judged again
+    assert recipe.count(int8) == 1 and recipe.count(floored) == 1
+    local.write_text(recipe.replace(int8, int8 + " calibration_count: 50,").replace(floored, floored + " min_matched: 0.5,"))
     result = run_cli("--cache-dir", str(root / "cache"), "build", str(local), "--out", str(tmp_path / "dist"),
                      "--build-dir", str(tmp_path / "build"))
     assert result.returncode == 0, result.stderr[-2000:]

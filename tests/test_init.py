@@ -125,6 +125,7 @@ def test_init_builds_an_onnx_export(tmp_path, mirror):
     assert recipe["strip"]["outputs"] == ["probabilities"]
     # ONNX QDQ int8, and LiteRT float32 / int8 through onnx2tf's port (compiled for the NPU)
     assert set(built["variants"]) == {"float32", "int8", "float32-tflite", "int8-tflite"}
+    assert not any("tune_steps" in v for v in recipe["variants"])  # tuned are YOLO heads' int8 (tests/test_yolo.py)
     assert built["variants"]["float32-tflite"]["verify"]["probabilities"]["cosine"] >= 0.9999
     assert built["variants"]["int8-tflite"]["vela"]
 

@@ -37,15 +37,21 @@ def proposed(model: str, exports: Path, tmp_path: Path, suffix: str = ".onnx") -
     return path, yaml.safe_load(path.read_text())
 
 
+TUNE_STEPS = 2  # init's tune_steps on untrained weights: that the tuning runs every op of the head is under test
+
+
 def kept(path: Path, recipe: dict, variants: set[str]) -> None:
     """The recipe with only `variants` of those init proposes, its quantized variants' floors lowered (untrained
     scores: see the module's docstring; even 16-bit activations lose them, the untrained features at 3-4 dB after
-    the 8-bit weights; a quantized file as it is is verified against its float twin)."""
+    the 8-bit weights; a quantized file as it is is verified against its float twin), the int8 variants init
+    tunes tuned for TUNE_STEPS steps."""
     assert variants <= {v["name"] for v in recipe["variants"]}, recipe["variants"]
     recipe["variants"] = [v for v in recipe["variants"] if v["name"] in variants]
     for variant in recipe["variants"]:
         if variant["mode"] in ("int8", "int16x8", "dynamic"):
             variant.update(min_matched=0, min_mask_iou=0, min_keypoint_oks=0, min_slice_sqnr_db=-100)
+        if variant.get("tune_steps"):
+            variant["tune_steps"] = TUNE_STEPS
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
@@ -111,6 +117,8 @@ def built(path: Path, post: dict, tmp_path: Path) -> list[str]:
     (npu,) = variants["int8-tflite"]["vela"].values()
     assert npu["cpu_op_count"] == ATTACHED_HEADS[post.get("box_encoding", "pixels")][-1] and npu["npu_ops"] > 100, npu
     assert variants["int8-tflite"]["postprocess_attached"]
+    tuned = variants["int8-tflite"]["tuned"]  # init's proposal: every op of its port run in the tuning program
+    assert tuned["steps"] == TUNE_STEPS and "not_run" not in tuned, tuned
     return where
 
 

@@ -17,6 +17,7 @@ import pytest
 from bench.ultralytics_tflite import tflite_exports
 from tests.conftest import ROOT, run_cli
 from tests.test_ultralytics import (
+    TUNE_STEPS,
     built,
     built_without_npu,
     decodes_as_the_export,
@@ -304,6 +305,7 @@ def test_a_segment_or_pose_export_is_built_as_the_detector_it_is_its_extra_parts
         assert done.returncode == 0, done.stderr[-3000:]
         int8 = json.loads(done.stdout)[path.stem]["variants"]["int8-tflite"]
         assert set(outputs) <= set(int8["verify"]) and not int8["postprocess_attached"], int8["verify"]
+        assert int8["tuned"]["steps"] == TUNE_STEPS and "not_run" not in int8["tuned"], int8["tuned"]  # every op
         (npu,) = int8["vela"].values()
         assert npu["cpu_op_count"] == 0 and npu["npu_ops"] > 100, npu
 

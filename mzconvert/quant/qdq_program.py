@@ -43,19 +43,12 @@ class QdqProgram:
             self._train(weight, scale, zero, scale)
             bias = producer.get(node.input[2]) if len(node.input) > 2 else None
             if bias is not None and bias.op_type == "DequantizeLinear" and bias.input[0] in self.constants:
-                self._train(bias, *self._terms(bias), scale.reshape(-1) if scale.numel() > 1 else scale)
+                self._train(bias, *self._terms(bias), scale.reshape(-1))  # a bias per output channel
 
     def _terms(self, node):
-        """The scale and zero point of a DequantizeLinear, shaped to broadcast to its (per-axis) input."""
         import torch
 
-        rank = self.constants[node.input[0]].ndim
-        scale = self.constants[node.input[1]].astype(np.float32)
-        zero = self.constants[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros_like(scale)
-        shape = [1] * rank
-        if scale.size > 1:
-            shape[_attribute(node, "axis", 1) if rank > 1 else 0] = -1
-        return torch.from_numpy(scale.reshape(shape)), torch.from_numpy(zero.reshape(shape))
+        return tuple(torch.from_numpy(terms) for terms in _scale_and_zero(node, self.constants))
 
     def _train(self, node, scale, zero, unit) -> None:
         self.trained[node.output[0]] = (node.input[0], TrainedIntegers(self.constants[node.input[0]], scale, zero,
@@ -96,6 +89,28 @@ class QdqProgram:
         return [env[name] for name in self.outputs]
 
 
+def _scale_and_zero(node, constants) -> tuple[np.ndarray, np.ndarray]:
+    """The scale and zero point of a DequantizeLinear of a constant, shaped to broadcast to it (per axis)."""
+    rank = constants[node.input[0]].ndim
+    scale = constants[node.input[1]].astype(np.float32)
+    zero = constants[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros_like(scale)
+    shape = [1] * rank
+    if scale.size > 1:
+        shape[_attribute(node, "axis", 1) if rank > 1 else 0] = -1
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+def _dequantize(node, inputs, constants):
+    """A DequantizeLinear: after a QuantizeLinear, its input's real values already (_quantize); of a constant
+    tuning does not train (a ConvTranspose's weights), the constant's."""
+    import torch
+
+    if node.input[0] not in constants:
+        return inputs[0]
+    scale, zero = _scale_and_zero(node, constants)
+    return torch.from_numpy(np.asarray((constants[node.input[0]].astype(np.float32) - zero) * scale, np.float32))
+
+
 def _quantize(node, inputs, constants):
     """QuantizeLinear with its DequantizeLinear folded in (a Q value is only ever dequantized in a QDQ graph)."""
     zero = constants[node.input[2]] if len(node.input) > 2 else np.uint8(0)
@@ -110,6 +125,21 @@ def _conv(node, inputs, constants):
         raise MzError(f"tune_steps: Conv {node.name} pads unevenly or by auto_pad, which tuning does not run")
     return F.conv2d(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None, _attribute(node, "strides", [1, 1]),
                     pads[:2], _attribute(node, "dilations", [1, 1]), _attribute(node, "group", 1))
+
+
+def _conv_transpose(node, inputs, constants):
+    """A ConvTranspose (a segmentation head's mask upsampling) run as it is, its weights not tuned."""
+    import torch.nn.functional as F
+
+    pads = _attribute(node, "pads", [0, 0, 0, 0])
+    if _attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:2] != pads[2:] \
+            or _attribute(node, "output_shape") is not None:
+        raise MzError(f"tune_steps: ConvTranspose {node.name} pads unevenly, by auto_pad or to an output_shape, "
+                      "which tuning does not run")
+    return F.conv_transpose2d(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None,
+                              _attribute(node, "strides", [1, 1]), pads[:2],
+                              _attribute(node, "output_padding", [0, 0]), _attribute(node, "group", 1),
+                              _attribute(node, "dilations", [1, 1]))
 
 
 def _gemm(node, inputs, constants):
@@ -201,8 +231,9 @@ def _activation(function: str):
 
 OPS = {
     "QuantizeLinear": _quantize,
-    "DequantizeLinear": lambda node, inputs, constants: inputs[0],
+    "DequantizeLinear": _dequantize,
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _elementwise("matmul"),
     "Add": _elementwise("add"), "Sub": _elementwise("sub"), "Mul": _elementwise("mul"), "Div": _elementwise("div"),

@@ -194,6 +194,22 @@ def _depthwise(op, inputs, shapes):
     return _activation(out.permute(0, 2, 3, 1), o.fusedActivationFunction)
 
 
+def _transpose_conv(op, inputs, shapes):
+    """A TRANSPOSE_CONV (a segmentation head's mask upsampling; inputs: output shape, OHWI weights, input, bias)
+    run as it is, its weights not tuned: the full transposed convolution cropped to the output as SAME or VALID
+    padding crops it (the odd pixel after)."""
+    import torch.nn.functional as F
+
+    o = op.builtinOptions
+    x, weight = inputs[2].permute(0, 3, 1, 2), inputs[1].permute(3, 0, 1, 2)  # OHWI -> IOHW
+    bias = inputs[3] if len(inputs) > 3 else None
+    full = F.conv_transpose2d(x, weight, bias, (o.strideH, o.strideW))
+    height, width = shapes[0][1:3]
+    top, left = ((full.shape[2] - height) // 2, (full.shape[3] - width) // 2) if o.padding == 0 else (0, 0)
+    out = full[:, :, top:top + height, left:left + width]
+    return _activation(out.permute(0, 2, 3, 1), getattr(o, "fusedActivationFunction", 0) or 0)
+
+
 def _fully_connected(op, inputs, shapes):
     x, weight = inputs[0], inputs[1]
     out = x.reshape(-1, weight.shape[1]) @ weight.T
@@ -298,6 +314,12 @@ def _resize_bilinear(op, inputs, shapes):
                          align_corners=bool(o.alignCorners)).permute(0, 2, 3, 1)
 
 
+def _batch_matmul(op, inputs, shapes):
+    o = op.builtinOptions
+    x, y = (v.transpose(-1, -2) if adjoint else v for v, adjoint in zip(inputs[:2], (o.adjX, o.adjY)))
+    return (x @ y).reshape(shapes[0])
+
+
 def _mean(op, inputs, shapes):
     axes = [int(a) for a in _constant(inputs, 1).reshape(-1)]
     return inputs[0].mean(axes, keepdim=True).reshape(shapes[0])
@@ -305,6 +327,7 @@ def _mean(op, inputs, shapes):
 
 OPS = {
     "CONV_2D": _conv, "DEPTHWISE_CONV_2D": _depthwise, "FULLY_CONNECTED": _fully_connected,
+    "BATCH_MATMUL": _batch_matmul, "TRANSPOSE_CONV": _transpose_conv,
     "MAX_POOL_2D": _pool("max"), "AVERAGE_POOL_2D": _pool("average"),
     "ADD": _binary("add"), "SUB": _binary("sub"), "MUL": _binary("mul"), "DIV": _binary("div"),
     "MAXIMUM": _binary("maximum"), "MINIMUM": _binary("minimum"),

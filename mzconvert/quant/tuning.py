@@ -67,6 +67,26 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
                               for tensor, want, w in zip(judged, judged_wanted, judged_weights)]))
 
     before = error(quantized)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a sum split over threads rounds otherwise: the same tuned bytes on any host's cores
+    try:
+        tuned = _tuned(quantized, names, tuned_on, wanted, weights, power, steps)
+    finally:
+        torch.set_num_threads(threads)
+    after = error(tuned)
+    if after < before:
+        tuned.replace(quantized)
+    else:
+        tuned.unlink()
+    return before, after, after < before
+
+
+def _tuned(quantized: Path, names: list[str], tensors: list[np.ndarray], wanted: list[dict[str, np.ndarray]],
+           weights: list[dict[str, np.ndarray]], power: dict[str, float], steps: int) -> Path:
+    """`quantized` with its weights tuned to the float outputs `wanted` of `tensors` (weighted, relative to each
+    output's `power`), written beside it as tuned-NAME."""
+    import torch
+
     torch.manual_seed(SEED)
     program = _programs()[quantized.suffix](quantized, names)
     optimizer = torch.optim.Adam(program.parameters(), lr=LEARNING_RATE)
@@ -76,20 +96,15 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
                       for w in weights]
     for _ in range(steps):
         optimizer.zero_grad()
-        for i in order.choice(len(tuned_on), min(STEP_IMAGES, len(tuned_on)), replace=False):
-            got = program(tuned_on[i])
+        for i in order.choice(len(tensors), min(STEP_IMAGES, len(tensors)), replace=False):
+            got = program(tensors[i])
             loss = sum(((g - want) ** 2 * w).mean() / power[n]
                        for g, want, w, n in zip(got, as_torch[i], weight_tensors[i], names))
             loss.backward()
         optimizer.step()
     candidate = quantized.with_name(f"tuned-{quantized.name}")
     program.write(candidate)
-    after = error(candidate)
-    if after < before:
-        candidate.replace(quantized)
-    else:
-        candidate.unlink()
-    return before, after, after < before
+    return candidate
 
 
 def _programs() -> dict:

@@ -52,6 +52,8 @@ def assemble(recipe: Recipe, per_variant: dict, versions: dict, out_root: Path, 
                      "outputs": quantized.result["outputs"],
                      "postprocess_attached": "raw_model" in quantized.result}
             copies.append((quantized.path("model"), quantized.result["model"]))
+            if "tuned" in quantized.result:  # tune_steps: the output error before and after, whether kept
+                entry["tuned"] = quantized.result["tuned"]
             if "search" in stages:  # max_drop: the layers kept float, and what each candidate measured
                 entry["search"] = stages["search"].result["search"]
             if "ranges" in stages:  # calibration_method auto: the method chosen, and what each measured
