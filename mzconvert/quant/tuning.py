@@ -13,7 +13,8 @@ change. The tuned integers are kept only where the model has less output error t
 images it was not tuned on (every JUDGED_EVERY-th), run as ONNX defines its ops or under LiteRT's reference
 kernels (the NPU's arithmetic): the programs compute as those do only to a step here and there.
 
-What it gains is in docs/results.md (NudeNet's YOLOv8n, `bench/yolo_trained.py --tune-steps`).
+What it gains is in the README and docs/results.md (NudeNet's YOLOv8n, `bench/yolo_trained.py`: each tuned int8
+beside its untuned copy).
 """
 
 from __future__ import annotations
