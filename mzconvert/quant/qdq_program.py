@@ -29,6 +29,10 @@ class QdqProgram:
 
         self.model = onnx.load(str(path))
         graph = self.model.graph
+        for node in graph.node:  # named before the images are run through the float model and judged
+            if node.op_type not in OPS:
+                raise MzError(f"tune_steps: the QDQ graph has a {node.op_type} node ({node.name}), which tuning "
+                              f"does not run (it runs {', '.join(sorted(OPS))})")
         self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         self.tensors = {name: torch.from_numpy(np.array(value)) for name, value in self.constants.items()}
         outputs = [o.name for o in graph.output]
@@ -79,11 +83,8 @@ class QdqProgram:
             if node.output[0] in self.trained:
                 env[node.output[0]] = self.trained[node.output[0]][1].real()
                 continue
-            op = OPS.get(node.op_type)
-            if op is None:
-                raise MzError(f"tune_steps: the QDQ graph has a {node.op_type} node ({node.name}), which tuning does "
-                              f"not run (it runs {', '.join(sorted(OPS))})")
-            produced = op(node, [env[n] if n in env else self.tensors.get(n) for n in node.input], self.constants)
+            inputs = [env[n] if n in env else self.tensors.get(n) for n in node.input]
+            produced = OPS[node.op_type](node, inputs, self.constants)
             for name, value in zip(node.output, produced if isinstance(produced, tuple) else (produced,)):
                 env[name] = value
         return [env[name] for name in self.outputs]

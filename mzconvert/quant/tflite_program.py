@@ -33,6 +33,10 @@ class TfliteProgram:
             raise MzError(f"tune_steps: {path} has {len(self.model.subgraphs)} subgraphs; tuning runs one")
         self.graph = graph = self.model.subgraphs[0]
         self.ops = op_names(self.model)
+        for name in self.ops:  # named before the images are run through the float model and judged
+            if name not in OPS:
+                raise MzError(f"tune_steps: the model has a {name} op, which tuning does not run (it runs "
+                              f"{', '.join(sorted(OPS))})")
         type_names = {value: name for name, value in vars(schema().TensorType).items() if not name.startswith("_")}
         self.types = [np.dtype(TYPES.get(type_names.get(t.type), np.float32)) for t in graph.tensors]
         self.constants = {}
@@ -120,12 +124,8 @@ class TfliteProgram:
             tensor = tensor.transpose(0, 2, 3, 1)
         env = {model_input: self.rounded(torch.from_numpy(np.ascontiguousarray(tensor, np.float32)), model_input)}
         for op, name in zip(graph.operators, self.ops):
-            run = OPS.get(name)
-            if run is None:
-                raise MzError(f"tune_steps: the model has a {name} op, which tuning does not run (it runs "
-                              f"{', '.join(sorted(OPS))})")
             inputs = [self._value(i, env) for i in op.inputs]
-            produced = run(op, inputs, [list(_shape(graph.tensors[i])) for i in op.outputs])
+            produced = OPS[name](op, inputs, [list(_shape(graph.tensors[i])) for i in op.outputs])
             for index, value in zip(op.outputs, produced if isinstance(produced, tuple) else (produced,)):
                 env[index] = self.rounded(value, index)
         return [env[index] for index in self.outputs]

@@ -44,6 +44,7 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
 
     from ..runtime import REFERENCE, open_model
 
+    program = _programs()[quantized.suffix](quantized, names)  # an op it does not run: said before any image runs
     images = tensors[:TUNING_IMAGES]
     judged = images[JUDGED_EVERY - 1::JUDGED_EVERY] or images  # the images the tuned weights are kept by
     tuned_on = [x for i, x in enumerate(images) if i % JUDGED_EVERY != JUDGED_EVERY - 1] or images
@@ -71,7 +72,7 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a sum split over threads rounds otherwise: the same tuned bytes on any host's cores
     try:
-        tuned = _tuned(quantized, names, tuned_on, wanted, weights, power, steps)
+        tuned = _tuned(program, quantized, names, tuned_on, wanted, weights, power, steps)
     finally:
         torch.set_num_threads(threads)
     after = error(tuned)
@@ -82,14 +83,14 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
     return before, after, after < before
 
 
-def _tuned(quantized: Path, names: list[str], tensors: list[np.ndarray], wanted: list[dict[str, np.ndarray]],
-           weights: list[dict[str, np.ndarray]], power: dict[str, float], steps: int) -> Path:
-    """`quantized` with its weights tuned to the float outputs `wanted` of `tensors` (weighted, relative to each
-    output's `power`), written beside it as tuned-NAME."""
+def _tuned(program, quantized: Path, names: list[str], tensors: list[np.ndarray],
+           wanted: list[dict[str, np.ndarray]], weights: list[dict[str, np.ndarray]], power: dict[str, float],
+           steps: int) -> Path:
+    """`quantized` with the weights of its torch `program` tuned to the float outputs `wanted` of `tensors`
+    (weighted, relative to each output's `power`), written beside it as tuned-NAME."""
     import torch
 
     torch.manual_seed(SEED)
-    program = _programs()[quantized.suffix](quantized, names)
     optimizer = torch.optim.Adam(program.parameters(), lr=LEARNING_RATE)
     order = np.random.default_rng(SEED)
     as_torch = [[torch.from_numpy(np.asarray(r[n], np.float32)) for n in names] for r in wanted]
