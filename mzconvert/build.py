@@ -186,7 +186,8 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
     def action(out: Path) -> dict:
         result = quantize(stripped.path("model"), p.recipe, variant, images() if images else None, out,
-                          stripped.anchors(), calibrated.path("model") if calibrated else None)
+                          stripped.anchors(), calibrated.path("model") if calibrated else None,
+                          _variant_log(p, variant))
         return {"model": result.model.name, "mode": variant.mode, "io_dtype": variant.io_dtype,
                 "inputs": [s.to_json() for s in result.inputs], "outputs": [s.to_json() for s in result.outputs],
                 **({"raw_model": str(result.raw_model.relative_to(out))} if result.raw_model else {}),

@@ -21,7 +21,7 @@ from mzconvert.recipe import load_recipe
 from mzconvert.recipe.schema import Postprocess
 from mzconvert.runtime import REFERENCE, open_model
 from mzconvert.tasks.detection import tuning_weights
-from tests.conftest import MIRROR
+from tests.conftest import MIRROR, run_cli
 from tests.test_bias_correction import ROOT, output_error, quantized_tiny
 from tests.test_onnx_backend import recipe_text, run, tiny_onnx
 
@@ -34,10 +34,11 @@ def held_out_images() -> list[np.ndarray]:
     return images(16, 100)
 
 
-def tune(prepared, quantized, tensors, steps):
+def tune(prepared, quantized, tensors, steps, log=lambda line: None):
     """The tiny model's int8 tuned to its float model's output."""
     float_model = open_model(prepared, ["probabilities"])
-    return tuning.tune_weights(quantized, float_model.run, ["probabilities"], tensors, steps, lambda outputs: {})
+    return tuning.tune_weights(quantized, float_model.run, ["probabilities"], tensors, steps, lambda outputs: {},
+                               log)
 
 
 def test_the_qdq_graph_runs_in_torch_as_onnx_runtime_defines_it(tmp_path):
@@ -97,9 +98,12 @@ def test_tuned_weights_lower_the_output_error_on_images_they_were_not_tuned_on(t
     held_out = held_out_images()
     before = output_error(prepared, quantized, held_out)
 
-    error_before, error_after, kept = tune(prepared, quantized, images(64, 1000), 100)
+    lines = []
+    error_before, error_after, kept = tune(prepared, quantized, images(64, 1000), 100, lines.append)
 
     assert kept and error_after < 0.8 * error_before  # on the 16 of the 64 images not tuned on
+    assert [line.split(",")[0] for line in lines] == [f"tuning weights: step {s}/100" for s in range(10, 100, 10)]
+    assert all(" to go" in line for line in lines), lines  # a long tuning says how long it will take yet
     assert output_error(prepared, quantized, held_out) < 0.8 * before
     tuned = onnx.load(str(quantized))
     changed = 0
@@ -176,6 +180,20 @@ def test_an_int8_with_an_op_tuning_does_not_run_ships_as_quantized_and_says_why(
     dist = tmp_path / "dist" / "tiny-onnx"
     assert (dist / manifest["variants"]["tuned"]["file"]).read_bytes() == \
         (dist / manifest["variants"]["int8"]["file"]).read_bytes()  # the same quantization, untuned
+
+
+def test_a_build_says_how_far_its_tuning_is(tmp_path, mirror):
+    """Tuning takes minutes of one core for a YOLO head: the build's log says at each tenth of the steps (each step
+    where there are fewer than ten) how many are done and how long the rest will take."""
+    train = MIRROR / "coco" / "train2017"
+    extra = f"  - {{name: tuned, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 8, " \
+            "calibration_method: percentile, tune_steps: 3}\n"
+    (tmp_path / "tiny-onnx.yaml").write_text(recipe_text(tiny_onnx(tmp_path / "tiny.onnx"), extra_variant=extra))
+    done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "tiny-onnx.yaml"), "--variant", "tuned",
+                   "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [line.split("] ", 1)[1].split(",")[0] for line in done.stderr.splitlines() if "tuning weights" in line]
+    assert steps == ["tuned: tuning weights: step 1/3", "tuned: tuning weights: step 2/3"], done.stderr[-2000:]
 
 
 def test_a_yolov8_heads_boxes_are_weighed_by_the_best_class_score_of_their_cell():

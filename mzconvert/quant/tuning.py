@@ -19,6 +19,7 @@ beside its untuned copy).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,17 +30,20 @@ TUNING_IMAGES = 128  # at most this many calibration images (their float outputs
 JUDGED_EVERY = 4  # every 4th of them is not tuned on but judges the tuned weights
 LEARNING_RATE = 0.01  # Adam's step for a weight, in its own quantization steps (a bias: its layer's weight step)
 SEED = 0
+REPORTS = 10  # progress lines a tuning logs: each tenth of its steps, with the time it expects to take yet
 
 
 def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndarray]], names: list[str],
                  tensors: list[np.ndarray], steps: int,
-                 weigh: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> tuple[float, float, bool]:
+                 weigh: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 log: Callable[[str], None] = lambda line: None) -> tuple[float, float, bool]:
     """Tune the weights of `quantized` (an int8 .onnx QDQ or .tflite model; replaced where kept) to the outputs
     `names` of its float model (`reference(tensor)`: those outputs, in that order) on the first TUNING_IMAGES
     `tensors` but every JUDGED_EVERY-th, for `steps` Adam steps. `weigh(float outputs by name)`: {output name:
     weights broadcasting to it} for outputs whose values do not all matter alike. Returns the output error on the
     images not tuned on, before and after (ONNX Runtime as ONNX defines the ops; LiteRT's reference kernels, the
-    NPU's arithmetic), and whether the tuned weights were kept (the error after is lower)."""
+    NPU's arithmetic), and whether the tuned weights were kept (the error after is lower). `log`: a line at each
+    tenth of the steps (minutes of one core each at 320 px, four times that at 640)."""
     import torch
 
     from ..runtime import REFERENCE, open_model
@@ -72,7 +76,7 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a sum split over threads rounds otherwise: the same tuned bytes on any host's cores
     try:
-        tuned = _tuned(program, quantized, names, tuned_on, wanted, weights, power, steps)
+        tuned = _tuned(program, quantized, names, tuned_on, wanted, weights, power, steps, log)
     finally:
         torch.set_num_threads(threads)
     after = error(tuned)
@@ -85,9 +89,9 @@ def tune_weights(quantized: Path, reference: Callable[[np.ndarray], list[np.ndar
 
 def _tuned(program, quantized: Path, names: list[str], tensors: list[np.ndarray],
            wanted: list[dict[str, np.ndarray]], weights: list[dict[str, np.ndarray]], power: dict[str, float],
-           steps: int) -> Path:
+           steps: int, log: Callable[[str], None]) -> Path:
     """`quantized` with the weights of its torch `program` tuned to the float outputs `wanted` of `tensors`
-    (weighted, relative to each output's `power`), written beside it as tuned-NAME."""
+    (weighted, relative to each output's `power`), written beside it as tuned-NAME; `log` told how far it is."""
     import torch
 
     torch.manual_seed(SEED)
@@ -96,7 +100,8 @@ def _tuned(program, quantized: Path, names: list[str], tensors: list[np.ndarray]
     as_torch = [[torch.from_numpy(np.asarray(r[n], np.float32)) for n in names] for r in wanted]
     weight_tensors = [[torch.from_numpy(np.asarray(w[n], np.float32)) if n in w else 1.0 for n in names]
                       for w in weights]
-    for _ in range(steps):
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
         optimizer.zero_grad()
         for i in order.choice(len(tensors), min(STEP_IMAGES, len(tensors)), replace=False):
             got = program(tensors[i])
@@ -104,9 +109,17 @@ def _tuned(program, quantized: Path, names: list[str], tensors: list[np.ndarray]
                        for g, want, w, n in zip(got, as_torch[i], weight_tensors[i], names))
             loss.backward()
         optimizer.step()
+        if step % max(1, steps // REPORTS) == 0 and step < steps:
+            spent = time.perf_counter() - started
+            log(f"tuning weights: step {step}/{steps}, {_duration(spent)} so far, "
+                f"about {_duration(spent / step * (steps - step))} to go")
     candidate = quantized.with_name(f"tuned-{quantized.name}")
     program.write(candidate)
     return candidate
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _programs() -> dict:

@@ -7,6 +7,7 @@ I/O dtypes and quantization parameters compared with the recipe, and run once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,12 @@ class QuantizeResult:
 
 
 def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_images: list[Path] | None,
-             out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None) -> QuantizeResult:
+             out_dir: Path, anchors: Path | None = None, calibrated: Path | None = None,
+             log: Callable[[str], None] = lambda line: None) -> QuantizeResult:
     """The variant's model in out_dir, checked. `calibrated`: the shared calibration (calibrate) it is
     quantized from, its weights then fitted (weight_rounding) where calibrate left moments; an int8 variant's
-    weights then tuned to the float model's outputs (tune_steps), before post-processing is attached."""
+    weights then tuned to the float model's outputs (tune_steps), before post-processing is attached. `log`: how
+    far the tuning is."""
     from dataclasses import replace
 
     batches = calibration_batches(calibration_images, recipe) if calibration_images else None
@@ -55,7 +58,7 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
         if (calibrated.parent / MOMENTS).is_file():
             fitted = fit_weights(model, calibrated, calibrated.parent / MOMENTS, model,
                                  every_layer=variant.fits_every_layer)
-    tuned = _tuned(stripped, model, recipe, variant, list(batches())) if variant.tune_steps else None
+    tuned = _tuned(stripped, model, recipe, variant, list(batches()), log) if variant.tune_steps else None
     checked = replace(check_artifact(model, recipe, variant), fitted=fitted, tuned=tuned)
     if not variant.attach_postprocess:
         return checked
@@ -73,7 +76,8 @@ def quantize(stripped: Path, recipe: Recipe, variant: Variant, calibration_image
                           tuned=tuned)
 
 
-def _tuned(stripped: Path, model: Path, recipe: Recipe, variant: Variant, tensors: list[np.ndarray]) -> dict:
+def _tuned(stripped: Path, model: Path, recipe: Recipe, variant: Variant, tensors: list[np.ndarray],
+           log: Callable[[str], None]) -> dict:
     """tune_steps: `model`'s weights tuned to the outputs of the float model `stripped`, each output judged as the
     task means it (tasks.detection.tuning_weights)."""
     from ..quant.tuning import tune_weights
@@ -83,7 +87,7 @@ def _tuned(stripped: Path, model: Path, recipe: Recipe, variant: Variant, tensor
     try:
         before, after, kept = tune_weights(model, float_model.run, [o.name for o in float_model.outputs], tensors,
                                            variant.tune_steps,
-                                           lambda outputs: tuning_weights(outputs, recipe.postprocess))
+                                           lambda outputs: tuning_weights(outputs, recipe.postprocess), log)
     except MzError as exc:  # an op the torch programs do not run: the int8 as quantized, and why it is not tuned
         return {"steps": variant.tune_steps, "kept": False, "not_run": str(exc)}
     return {"steps": variant.tune_steps, "error_before": before, "error_after": after, "kept": kept}
