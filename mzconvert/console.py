@@ -31,10 +31,12 @@ def silence_native_output() -> None:
 
 
 # A line of a native library's own logging: absl/glog ("I0000 00:00:17.5   1090 cudart_stub.cc:31] ..."),
-# absl's notice before it is set up, TensorFlow's CPU-feature notice, LiteRT's "INFO: Created ... delegate".
+# absl's notice before it is set up, TensorFlow's CPU-feature notice, LiteRT's "INFO: Created ... delegate", the
+# TFLite quantizer's settings ("fully_quantize: 0, inference_type: 6, ...", once per quantized model).
 NATIVE_LOG_LINE = re.compile(rb"[IWEF]\d{4} \d+:\d+:\d+\.\d+ +\d+ [\w.-]+:\d+\] |"
                              rb"WARNING: All log messages before absl::InitializeLog\(\) is called|INFO: |"
-                             rb"To enable the following instructions: .* rebuild TensorFlow")
+                             rb"To enable the following instructions: .* rebuild TensorFlow|"
+                             rb"fully_quantize: \d+, inference_type: ")
 
 
 def filter_native_logs() -> None:
