@@ -143,7 +143,7 @@ def exports(tmp_path_factory) -> Path:
         env = os.environ | {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "false",
                             "YOLO_CONFIG_DIR": str(folder / "settings")}
         for script, config, *options in (
-                ("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12", "--dynamic"),
+                ("ultralytics_export.py", "yolov8n.yaml", "--nms", "--opset", "12", "--dynamic", "--checkpoint"),
                 ("ultralytics_export.py", "yolo11n.yaml"),
                 ("ultralytics_export.py", "yolo26n.yaml", "--end2end"),
                 ("ultralytics_export.py", "yolov8n-seg.yaml", "--nms"),

@@ -123,6 +123,31 @@ variants: [{{name: float32, mode: float32}}]
     assert "Traceback" not in done.stderr and not marker.exists()
 
 
+class UsersDetector:
+    """A class of the user's, pickled by reference (tests.test_hostile_inputs.UsersDetector) as a training
+    script's checkpoint holds its model."""
+
+
+@pytest.mark.parametrize("saved, protocol, named", [
+    ("module", 2, "torch.nn.modules.container.Sequential, torch.nn.modules.conv.Conv2d, "
+                  "torch.nn.modules.activation.ReLU"),  # torch.save(model): the model, not its state_dict
+    ("checkpoint", 2, "tests.test_hostile_inputs.UsersDetector"),  # a training script's {epoch, model, ...}
+    ("checkpoint", 4, "tests.test_hostile_inputs.UsersDetector"),  # names pushed, then STACK_GLOBAL, memoized
+])
+def test_a_pickled_model_is_refused_unloaded_naming_what_it_would_build(tmp_path, saved, protocol, named):
+    """Loading either would import and run the classes its pickle names: refused without loading it, naming them
+    (read from the pickle's opcodes) and what to save instead."""
+    torch = pytest.importorskip("torch")
+    weights = tmp_path / "model.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()) if saved == "module" else
+               {"epoch": 3, "model": UsersDetector(), "again": UsersDetector(), "weights": torch.zeros(2)}, weights,
+               pickle_protocol=protocol)
+    done = run_cli("inspect", str(weights))
+    assert done.returncode == EXIT_BAD_INPUT and "Traceback" not in done.stderr, done.stderr
+    assert (f"model.pt: not a PyTorch state dict, or one that would run code when loaded: its pickle builds {named}, "
+            "so it is not loaded; save the module's state_dict()") in done.stderr, done.stderr
+
+
 def test_quiet_is_quiet_and_json_is_only_json(tmp_path, tiny, mirror):
     """TensorFlow's C++ logging and the converter's prints bypass sys.stderr: they must not get through."""
     import json

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from bench.ultralytics_tflite import tflite_exports
+from mzconvert.errors import EXIT_BAD_INPUT
 from tests.conftest import MIRROR, image_folder, run_cli
 
 pytestmark = pytest.mark.slow
@@ -188,6 +189,19 @@ def test_a_dynamic_export_is_built_at_the_size_it_was_exported_at_and_decodes_as
     port = built_without_npu(path, recipe, {"float32", "float32-tflite"}, tmp_path)["float32-tflite"]["verify"]
     assert port[post["box_output"]]["sqnr_db"] > 60 and port[post["class_output"]]["sqnr_db"] > 60, port
     decodes_as_the_export(path, exports / "yolov8n-dynamic.onnx", tmp_path)
+
+
+def test_an_ultralytics_checkpoint_is_refused_unloaded_naming_the_export_that_builds(exports, tmp_path):
+    """The checkpoint Ultralytics saves (as `yolo train` leaves best.pt: a pickle of its model classes) would run
+    their code if loaded: inspect and init refuse it without loading it, naming the classes it would build and the
+    export mzconvert reads instead; init writes no recipe."""
+    checkpoint = exports / "yolov8n.pt"
+    for command in (["inspect", str(checkpoint)], ["init", "y8", "--from", str(checkpoint), "--to", str(tmp_path)]):
+        done = run_cli(*command)
+        assert done.returncode == EXIT_BAD_INPUT, done.stderr
+        assert "its pickle builds ultralytics.nn.tasks.DetectionModel" in done.stderr, done.stderr
+        assert "yolo export model=yolov8n.pt format=onnx" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_yolov8n_export_ending_in_its_own_nms_is_cut_before_it_and_decodes_to_its_detections(exports, tmp_path):

@@ -2,11 +2,13 @@
 graph built from the package's model YAML and exported to ONNX as `yolo export format=onnx` does.
 
 usage: python tests/ultralytics_export.py MODEL.yaml IMAGE_DIR [--nms] [--end2end] [--opset N] [--dynamic]
+[--checkpoint]
 (writes MODEL.onnx in the working folder, and the same weights exported otherwise: with --nms MODEL-nms.onnx,
 ending in their own NMS: nms=True; with --end2end MODEL-e2e.onnx, an NMS-free head's own top-K selection:
 nms=False; with --opset N MODEL-opsetN.onnx, at that opset, as users export for older runtimes: opset=12; with
 --dynamic MODEL-dynamic.onnx, its batch and image size dynamic, exported at an image size that is not square:
-dynamic=True, imgsz=(DYNAMIC_SIZE))
+dynamic=True, imgsz=(DYNAMIC_SIZE)); with --checkpoint MODEL.pt, the checkpoint Ultralytics saves (a pickle of its
+model classes, as `yolo train` leaves best.pt))
 
 No trained weights can be had here, and a freshly initialised network computes the same output for every
 image (its batch-norm statistics are 0 and 1, its class biases -11). So the weights are made to carry
@@ -29,7 +31,8 @@ CLASS_BIAS, CLASS_GAIN = -8.0, 2.0
 QUERY_CLASS_BIAS = -5.5  # RT-DETR scores its 300 queries, not thousands of cells: some of them above 0.3
 
 
-def main(config: str, images: Path, nms: bool, end2end: bool, opset: int | None, dynamic: bool) -> None:
+def main(config: str, images: Path, nms: bool, end2end: bool, opset: int | None, dynamic: bool,
+         checkpoint: bool) -> None:
     torch.manual_seed(0)
     yolo = RTDETR(config) if Path(config).stem.startswith("rtdetr") else YOLO(config)
     model = yolo.model
@@ -53,6 +56,8 @@ def main(config: str, images: Path, nms: bool, end2end: bool, opset: int | None,
         Path(yolo.export(format="onnx", imgsz=SIZE, opset=opset)).rename(f"{stem}-opset{opset}.onnx")
     if dynamic:
         Path(yolo.export(format="onnx", imgsz=DYNAMIC_SIZE, dynamic=True)).rename(f"{stem}-dynamic.onnx")
+    if checkpoint:
+        yolo.save(f"{stem}.pt")
     yolo.export(format="onnx", imgsz=SIZE)  # the package's defaults otherwise: opset, onnxslim
 
 
@@ -74,4 +79,5 @@ def with_image_statistics(model: torch.nn.Module, images: Path) -> None:
 if __name__ == "__main__":
     options = sys.argv[3:]
     main(sys.argv[1], Path(sys.argv[2]), "--nms" in options, "--end2end" in options,
-         int(options[options.index("--opset") + 1]) if "--opset" in options else None, "--dynamic" in options)
+         int(options[options.index("--opset") + 1]) if "--opset" in options else None, "--dynamic" in options,
+         "--checkpoint" in options)

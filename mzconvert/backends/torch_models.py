@@ -6,6 +6,7 @@ strict=True; MobileNetV1 takes a width multiplier and a ReLU/ReLU6 choice.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -213,16 +214,61 @@ CLASSIFIER_WIDTHS = (1.4, 1.0, 0.75, 0.5, 0.35, 0.25)
 
 
 def load_state(weights: Path) -> dict:
-    """A state dict, loaded with weights_only: a pickle that would build other objects (run code) is refused."""
+    """A state dict, loaded with weights_only: a pickle that would build other objects (run code) is refused,
+    saying which, and what to bring instead."""
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for a payload weights_only refuses, and corrupt files
+        if builds := _pickled_globals(weights):
+            ultralytics = any(name.startswith("ultralytics.") for name in builds)
+            advice = (f"an Ultralytics checkpoint: export it with Ultralytics (yolo export model={weights.name} "
+                      "format=onnx) and give mzconvert the .onnx" if ultralytics else
+                      "save the module's state_dict() and name its class in the recipe's torch.module, or export "
+                      "the module (ONNX, TorchScript, torch.export)")
+            raise MzError(f"{weights}: not a PyTorch state dict, or one that would run code when loaded: its pickle "
+                          f"builds {', '.join(builds[:3])}{' ...' if len(builds) > 3 else ''}, so it is not "
+                          f"loaded; {advice}", EXIT_BAD_INPUT) from None
         raise MzError(f"{weights}: not a PyTorch state dict, or one that would run code when loaded "
                       f"(refused: {exc.__class__.__name__}: {short_text(exc)})", EXIT_BAD_INPUT) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MzError(f"{weights}: holds a {type(state).__name__}, not a state dict (parameter name -> tensor)",
                       EXIT_BAD_INPUT)
     return state
+
+
+def _plain(name: str) -> bool:
+    """Whether a state dict's pickle names this global: torch's tensors, storages and dtypes (not its nn modules),
+    and the containers they come in."""
+    top = name.split(".")[0]
+    return top in ("collections", "builtins", "__builtin__") or (top == "torch" and not name.startswith("torch.nn."))
+
+
+def _pickled_globals(weights: Path) -> list[str]:
+    """The classes and functions (module.name) a torch.save file's pickle would import to load, other than a state
+    dict's (_plain), in the order it names them (a saved model's own class first): read from its opcodes by
+    pickletools, which parses and builds nothing; [] for a file that is not such a pickle."""
+    import pickletools
+
+    try:
+        with zipfile.ZipFile(weights) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    except (zipfile.BadZipFile, StopIteration, OSError):
+        data = weights.read_bytes()  # torch's format before 1.6: pickles one after another, the model's first
+    found, memo, pushed = [], [], [None, None]  # pushed: what the last two ops (MEMOIZE aside) pushed, if a string
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "MEMOIZE":  # protocol 4 remembers what was just pushed by the next index
+                memo.append(pushed[-1])
+                continue
+            names = arg.split(" ", 1) if op.name == "GLOBAL" else pushed if op.name == "STACK_GLOBAL" else []
+            if len(names) == 2 and all(names) and not _plain(name := ".".join(names)):
+                found.append(name)
+            string = arg if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE") else \
+                memo[arg] if op.name in ("BINGET", "LONG_BINGET") and arg < len(memo) else None
+            pushed = [pushed[-1], string]
+    except ValueError:  # a truncated or foreign file: what was read before it is all there is
+        pass
+    return sorted(set(found), key=found.index)
 
 
 def matching_classifier(state: dict) -> dict | None:
