@@ -7,6 +7,7 @@ every variant alike.
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -238,9 +239,106 @@ class OnnxRunner:
         return [np.asarray(r, np.float32) for r in results]
 
 
+class ReferenceKernelsRunner:
+    """A TFLiteRunner of LiteRT's reference kernels in a child process (`python -m mzconvert.runtime`): those
+    kernels abort the process on inputs they do not handle (an int8 SOFTMAX whose exps sum to 512 or more, as when
+    512 of a 1000-class head's scores tie at its top: an untrained or broken int8 classifier), which would end a
+    build without a word. Here that is an error naming the model. Arrays go through pipes as .npy frames (no
+    pickle); the child computes exactly what the in-process interpreter does."""
+
+    def __init__(self, path: Path, output_names: list[str] | None = None, threads: int = 1):
+        import json
+        import subprocess
+        import sys
+
+        self.kernels, self._path = REFERENCE, path
+        self._child = subprocess.Popen([sys.executable, "-m", "mzconvert.runtime", str(path), str(threads),
+                                        json.dumps(output_names)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        header = json.loads(self._exchange(None, "opening it"))
+        if "error" in header:
+            raise MzError(header["error"])
+        self.inputs, self.outputs = ([TensorSpec(**(d | {"shape": tuple(d["shape"])})) for d in header[key]]
+                                     for key in ("inputs", "outputs"))
+        self._float_tensors = header["float_tensors"]
+
+    def float_tensor_count(self) -> int:
+        return self._float_tensors
+
+    def run(self, tensor: np.ndarray) -> list[np.ndarray]:
+        with np.load(io.BytesIO(self._exchange(_npy(tensor), "running it on an input")), allow_pickle=False) as out:
+            return [out[f"arr_{i}"] for i in range(len(out.files))]
+
+    def _exchange(self, frame: bytes | None, doing: str) -> bytes:
+        try:
+            if frame is not None:
+                _send(self._child.stdin, frame)
+            reply = _receive(self._child.stdout)
+        except BrokenPipeError:
+            reply = None
+        if reply is None:
+            code = self._child.wait()
+            ended = f"signal {-code}" if code < 0 else f"exit status {code}"
+            raise MzError(f"{self._path}: LiteRT's reference kernels ended their process {doing} ({ended}; a known "
+                          "cause: an int8 SOFTMAX whose exps sum to 512 or more, 512 of its scores tied at the top, "
+                          "as an untrained or broken classifier gives)")
+        return reply
+
+    def __del__(self):
+        child = getattr(self, "_child", None)
+        if child is not None and child.poll() is None:
+            child.stdin.close()
+            child.wait()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _send(stream, frame: bytes) -> None:
+    stream.write(len(frame).to_bytes(8, "little") + frame)
+    stream.flush()
+
+
+def _receive(stream) -> bytes | None:
+    """One frame, or None where the stream ended."""
+    size = stream.read(8)
+    if len(size) < 8:
+        return None
+    frame = stream.read(int.from_bytes(size, "little"))
+    return frame if len(frame) == int.from_bytes(size, "little") else None
+
+
+def _serve_reference_kernels(path: str, threads: int, output_names: list[str] | None) -> None:
+    """The child of a ReferenceKernelsRunner: its header, then one output frame (.npz) per input frame (.npy)."""
+    import json
+    import os
+    import sys
+
+    frames = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # what the libraries print goes to stderr, not into the frames
+    try:
+        runner = TFLiteRunner(Path(path), output_names, threads, REFERENCE)
+    except MzError as exc:
+        _send(frames, json.dumps({"error": str(exc)}).encode())
+        return
+    _send(frames, json.dumps({"inputs": [s.to_json() for s in runner.inputs],
+                              "outputs": [s.to_json() for s in runner.outputs],
+                              "float_tensors": runner.float_tensor_count()}).encode())
+    while (frame := _receive(sys.stdin.buffer)) is not None:
+        outputs = runner.run(np.load(io.BytesIO(frame), allow_pickle=False))
+        buffer = io.BytesIO()
+        np.savez(buffer, *outputs)
+        _send(frames, buffer.getvalue())
+
+
 def open_model(path: Path, output_names: list[str] | None = None, threads: int = 1, kernels: str = OPTIMIZED):
-    """The runner of a .tflite or .onnx file; `kernels`: LiteRT's kernel family for a .tflite, FUSED for an
-    ONNX QDQ graph with ORT's fused integer kernels (else as its ops define it)."""
+    """The runner of a .tflite or .onnx file; `kernels`: LiteRT's kernel family for a .tflite (the reference
+    kernels in a child process), FUSED for an ONNX QDQ graph with ORT's fused integer kernels (else as its ops
+    define it)."""
+    if path.suffix == ".tflite" and kernels == REFERENCE:
+        return ReferenceKernelsRunner(path, output_names, threads)
     if path.suffix == ".tflite":
         return TFLiteRunner(path, output_names, threads, kernels)
     if path.suffix == ".onnx":
@@ -265,3 +363,10 @@ class RunnerPool:
             return runner.run(tensor)
         finally:
             self._idle.put(runner)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    _serve_reference_kernels(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))

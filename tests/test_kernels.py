@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from mzconvert.errors import MzError
 from mzconvert.preprocess import prepare
 from mzconvert.recipe import load_recipe
-from mzconvert.runtime import OPTIMIZED, REFERENCE, TensorSpec, TFLiteRunner, _quantize
+from mzconvert.runtime import OPTIMIZED, REFERENCE, TensorSpec, TFLiteRunner, _quantize, open_model
 from tests.conftest import MIRROR, image_folder, run_cli
 from tests.test_tflite_source import float_tflite
 
@@ -51,6 +52,33 @@ def test_the_reference_quantize_rounds_as_litert_reference_kernel_does():
     computed = interpreter.get_tensor(quantize["outputs"][0])
     assert np.array_equal(_quantize(ties, own, REFERENCE), computed)
     assert not np.array_equal(_quantize(ties, own, OPTIMIZED), computed)
+
+
+def test_the_reference_kernels_run_apart_so_an_input_they_abort_on_is_an_error(tmp_path):
+    """LiteRT's reference int8 SOFTMAX aborts the process where a row's exps sum to 512 or more (512 of 1000
+    scores tied at the top, as an untrained or broken classifier gives): run in a child process, that is an error
+    naming the model, and the caller goes on; other inputs give exactly what the in-process interpreter gives."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 1000], tf.float32)])
+    def probabilities(logits):
+        return tf.nn.softmax(logits)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([probabilities.get_concrete_function()])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    rng = np.random.RandomState(0)
+    converter.representative_dataset = lambda: ([rng.uniform(-5, 5, (1, 1000)).astype(np.float32)] for _ in range(4))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    model = tmp_path / "softmax.tflite"
+    model.write_bytes(converter.convert())
+    runner = open_model(model, kernels=REFERENCE)
+    logits = rng.uniform(-5, 5, (1, 1000)).astype(np.float32)
+    np.testing.assert_array_equal(runner.run(logits)[0], TFLiteRunner(model, kernels=REFERENCE).run(logits)[0])
+    with pytest.raises(MzError, match=r"softmax.tflite: LiteRT's reference kernels ended their process running it "
+                                      r"on an input \(signal 6; a known cause: an int8 SOFTMAX"):
+        runner.run(np.zeros((1, 1000), np.float32))  # every score tied
+    assert open_model(model, kernels=REFERENCE).run(logits)[0].shape == (1, 1000)  # this process goes on
 
 
 @pytest.mark.slow
