@@ -346,13 +346,3 @@ def test_int16x8_from_an_onnx_source_is_qdq_with_16_bit_activations(tmp_path, mi
     wide, narrow = (manifest["variants"][v]["verify"]["map"] for v in ("wide", "int8"))
     # (int8 keeps its sigmoid input at +-8, where the map saturates: 45.6 dB here, int16x8 55.0 dB)
     assert wide["sqnr_db"] > narrow["sqnr_db"] + 6 and wide["mask_iou"] >= narrow["mask_iou"]
-
-
-def test_a_verify_result_recorded_before_values_were_counted_still_prints_and_is_judged_as_measured():
-    """A build folder's stage results outlive an upgrade (stamps name mzconvert's version): a worst slice without
-    its count of values prints without an interval and meets the floor by its SQNR as measured."""
-    from mzconvert.build import _task_figures
-
-    old = {"cosine": 0.99, "sqnr_db": 12.0, "worst_slice": {"axis": 1, "index": 3, "of": 18, "sqnr_db": 9.5}}
-    assert _task_figures(old) == "  worst slice: channel 3 of 18, SQNR 9.5 dB"
-    assert [field for field, _, _ in below_floors({"scores": old}, DEFAULT_FLOORS, "int8")] == ["min_slice_sqnr_db"]
