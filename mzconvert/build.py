@@ -371,8 +371,7 @@ def _task_figures(m: dict) -> str:
     """What the verify line adds to an output's signal figures: its worst slice, and what its task judges."""
     text = ""
     if worst := m.get("worst_slice"):
-        text += (f"  worst slice: channel {worst['index']} of {worst['of']}, SQNR {worst['sqnr_db']:.1f} dB "
-                 f"(up to {worst['sqnr_db_upper']:.1f} over {worst['values']} values)")
+        text += f"  worst slice: channel {worst['index']} of {worst['of']}, SQNR {worst['sqnr_db']:.1f} dB"
     if "top1_agreement" in m:
         text += f"  top-1 agreement {m['top1_agreement']:.1%}"
     if "mask_iou" in m:

@@ -17,12 +17,10 @@ from mzconvert.errors import MzError, RecipeError, RefusedVariant
 from mzconvert.manifest import read_manifest
 from mzconvert.planner import BuildOptions
 from mzconvert.recipe import load_recipe, parse_recipe
-from mzconvert.recipe.schema import DEFAULT_FLOORS
 from mzconvert.report.markdown import write_report
 from mzconvert.sources.fetch import FetchConfig, Fetcher
-from mzconvert.stages.verify import below_floors
 from mzconvert.tasks.dense import mask_iou
-from mzconvert.tasks.signal import compare, slice_axis, sqnr_upper_db, worst_slice
+from mzconvert.tasks.signal import compare, slice_axis, worst_slice
 from tests.conftest import MIRROR, image_folder
 
 SIZE = 32
@@ -70,48 +68,6 @@ def test_a_slice_of_a_few_values_does_not_decide_the_worst_slice():
     assert worst_slice(reference, candidate, axis=1)["sqnr_db"] == pytest.approx(0)
     assert worst_slice(reference[:1], candidate[:1], axis=1) is None  # 2 values of class 0 in one image
 
-
-
-@pytest.mark.parametrize("values, quantile", [(16, 28.845), (50, 71.420), (200, 241.058)])
-def test_an_sqnr_reaches_up_to_the_chi_square_bound_of_its_values(values, quantile):
-    """The upper end of an SQNR's 95 % interval: its noise power may be as low as values / chi-square's 97.5 %
-    quantile (the published table's) of what was measured."""
-    assert sqnr_upper_db(9.0, values) == pytest.approx(9.0 + 10 * np.log10(quantile / values), abs=0.01)
-
-
-def _slices(sqnr_by_values: list[tuple[float, int]], images: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """A float model's and a variant's output (images x 1 x slices x cells): slice k has its values (spread over
-    the images) at 0.9 in one and off by what gives it its SQNR in the other."""
-    cells = max(values for _, values in sqnr_by_values) // images + 1
-    reference = np.zeros((images, 1, len(sqnr_by_values), cells))
-    for k, (_, values) in enumerate(sqnr_by_values):
-        reference[:, 0, k].flat[:values] = 0.9
-    candidate = reference.copy()
-    for k, (sqnr, _) in enumerate(sqnr_by_values):
-        candidate[:, 0, k] -= reference[:, 0, k] / 10 ** (sqnr / 20)
-    return reference, candidate
-
-
-def test_the_worst_slice_is_the_one_its_values_show_lowest():
-    """A slice of 16 values measured at 9 dB may be 11.6 dB; one of 2000 at 10 dB is not above 10.2 dB: that one
-    is the worst."""
-    worst = worst_slice(*_slices([(9.0, 16), (10.0, 2000), (12.0, 500)]), axis=1)
-    assert worst["index"] == 1 and worst["values"] == 2000
-    assert worst["sqnr_db"] == pytest.approx(10.0) and 10.0 < worst["sqnr_db_upper"] < 10.3
-
-
-@pytest.mark.parametrize("sqnr, values, refused", [
-    (9.0, 20, False),  # a class shown on a few cells of the verify images, within its noise of the floor
-    (9.0, 2000, True),  # a class's scores over many cells: surely below
-    (0.0, 16, True),  # a class's scores rounded to 0: the failure the floor is for
-])
-def test_the_slice_floor_refuses_what_the_values_show_below_it(sqnr, values, refused):
-    reference, candidate = _slices([(sqnr, values), (20.0, 2000)])
-    metrics = {"scores": compare(reference, candidate) | {"worst_slice": worst_slice(reference, candidate, axis=1)}}
-    found = below_floors(metrics, DEFAULT_FLOORS, "int8")
-    assert [field for field, _, _ in found] == (["min_slice_sqnr_db"] if refused else [])
-    if refused:
-        assert f"{sqnr:.1f} dB (95 % interval up to" in found[0][2] and f"{values} values" in found[0][2]
 
 def test_mask_iou_of_maps():
     rng = np.random.RandomState(1)

@@ -31,7 +31,7 @@ from ..tasks.detection import (
 )
 from ..tasks.keypoints import keypoint_similarity
 from ..tasks.masks import mask_overlap
-from ..tasks.signal import compare, slice_name, sqnr_upper_db, worst_slice
+from ..tasks.signal import compare, slice_name, worst_slice
 
 
 def reference_outputs(reference, recipe: Recipe, images: list[Path], out_dir: Path,
@@ -220,10 +220,9 @@ def share_upper_bound(share: float, count: int, z: float = 1.96) -> float:
 def below_floors(metrics: dict, floors: dict, mode: str) -> list[tuple[str, str, float]]:
     """(floor field, what is below it, its value shown) for each figure of `metrics` (verify_variant's, of a
     variant in `mode`) below `floors` ({min_* field: floor}): each output's worst slice (or whole output) SQNR,
-    a float32 variant's cosine, and what its task judges; an SQNR or a share (agreement, detections matched) when
-    even its interval's upper end is below (the SQNR's over its values, sqnr_upper_db; the share's Wilson's over
-    the detections: image resamples, which verify prints, reach 100 % where a few images hold the detections, and
-    would pass a variant that loses them all on one image)."""
+    a float32 variant's cosine, and what its task judges; a share (agreement, detections matched) when even its
+    interval's upper end is below (Wilson's over the detections: image resamples, which verify prints, reach 100 %
+    where a few images hold the detections, and would pass a variant that loses them all on one image)."""
     found = []
 
     def below(field: str, value: float, what: str, shown: str, count: int | None = None) -> None:
@@ -235,12 +234,9 @@ def below_floors(metrics: dict, floors: dict, mode: str) -> list[tuple[str, str,
     for name, m in metrics.items():
         if not isinstance(m, dict):
             continue
-        part, judged = (slice_name(name, m["worst_slice"]), m["worst_slice"]) if "worst_slice" in m else \
-            (f"output {name}", m)
-        values = judged.get("values", 0)  # a manifest written before verify counted them: the SQNR as measured
-        upper = sqnr_upper_db(judged["sqnr_db"], values)
-        below("min_slice_sqnr_db", upper, f"SQNR of {part}", f"{judged['sqnr_db']:.1f} dB" + (
-            f" (95 % interval up to {upper:.1f} dB, {values} values)" if values else ""))
+        worst = m.get("worst_slice")
+        sqnr, part = (worst["sqnr_db"], slice_name(name, worst)) if worst else (m["sqnr_db"], f"output {name}")
+        below("min_slice_sqnr_db", sqnr, f"SQNR of {part}", f"{sqnr:.1f} dB")
         if mode == "float32":
             below("min_float_cosine", m["cosine"], f"cosine of output {name}", f"{m['cosine']:.6f}")
         if "top1_agreement" in m:

@@ -21,8 +21,6 @@ CHANNEL_AXIS_RATIO = 4
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Cosine, SQNR (and the count of values it is measured over: those not 0 in one model or the other) and
-    max abs error of two arrays of the same shape."""
     ref = reference.astype(np.float64).ravel()
     got = candidate.astype(np.float64).ravel()
     noise = np.sum((ref - got) ** 2)
@@ -31,7 +29,6 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     return {
         "cosine": float(ref @ got / norms) if norms else (1.0 if noise == 0 else 0.0),
         "sqnr_db": sqnr_db(signal, noise),
-        "values": int(np.count_nonzero((ref != 0) | (got != 0))),
         "max_abs_error": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
     }
 
@@ -40,20 +37,6 @@ def sqnr_db(signal: float, noise: float) -> float:
     if not noise:
         return float("inf")
     return float(10 * np.log10(signal / noise)) if signal else float("-inf")
-
-
-def sqnr_upper_db(sqnr: float, values: int, z: float = 1.96) -> float:
-    """The upper end of the 95 % interval of an SQNR measured over `values` errors: their noise power, a sum of
-    `values` squares, is known within chi-square's bounds (Wilson-Hilferty's approximation of its 97.5 % quantile,
-    within 0.01 dB from 16 values up). A floor fails only where the values show the SQNR is below it, not where a
-    few of them happened to round badly: a slice of 16 values may measure 2.6 dB under its true SQNR, and the
-    worst of 80 classes' slices is the one measured lowest (errors of neighbouring cells go together, so the true
-    interval is wider still: this bound refuses more, not less, than it)."""
-    if values <= 0 or not np.isfinite(sqnr):
-        return sqnr
-    spread = 2 / (9 * values)
-    quantile = values * (1 - spread + z * spread ** 0.5) ** 3
-    return float(sqnr + 10 * np.log10(quantile / values))
 
 
 def slice_axis(shape: tuple[int, ...]) -> int | None:
@@ -67,29 +50,26 @@ def slice_axis(shape: tuple[int, ...]) -> int | None:
 
 
 def worst_slice(reference: np.ndarray, candidate: np.ndarray, axis: int | None = None) -> dict | None:
-    """The slice (along `axis` of one image's output, else its channel axis) whose SQNR over all images is surely
-    the lowest, of those with MIN_SLICE_VALUES values or more: the lowest upper end of its 95 % interval
-    (sqnr_upper_db; a slice of 16 values measured at 9 dB is not worse than one of 2000 at 10 dB): {axis, index,
-    of, sqnr_db, sqnr_db_upper, values, cosine}, or None when the output has no channel axis or no such slice.
-    `reference`, `candidate`: images x output shape."""
+    """The slice (along `axis` of one image's output, else its channel axis) with the lowest SQNR over all
+    images, of those with MIN_SLICE_VALUES values or more: {axis, index, of, sqnr_db, cosine}, or None when the
+    output has no channel axis or no such slice. `reference`, `candidate`: images x output shape."""
     axis = slice_axis(reference.shape[1:]) if axis is None else axis
     if axis is None:
         return None
     axis += 1  # images first
     ref = np.moveaxis(reference.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
     got = np.moveaxis(candidate.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
-    values = np.count_nonzero((ref != 0) | (got != 0), axis=1)
-    judged = np.flatnonzero(values >= MIN_SLICE_VALUES)
+    judged = np.flatnonzero(np.count_nonzero((ref != 0) | (got != 0), axis=1) >= MIN_SLICE_VALUES)
     if not judged.size:
         return None
     signal, noise = (ref ** 2).sum(axis=1), ((ref - got) ** 2).sum(axis=1)
-    upper = [sqnr_upper_db(sqnr_db(signal[i], noise[i]), int(values[i])) for i in judged]
-    index = int(judged[np.argmin(upper)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(noise > 0, signal / np.where(noise > 0, noise, 1), np.inf)
+    index = int(judged[np.argmin(ratio[judged])])
     norms = np.linalg.norm(ref[index]) * np.linalg.norm(got[index])
     cosine = float(ref[index] @ got[index] / norms) if norms else (1.0 if noise[index] == 0 else 0.0)
     return {"axis": axis - 1, "index": index, "of": int(reference.shape[axis]),
-            "sqnr_db": sqnr_db(signal[index], noise[index]), "sqnr_db_upper": float(min(upper)),
-            "values": int(values[index]), "cosine": cosine}
+            "sqnr_db": sqnr_db(signal[index], noise[index]), "cosine": cosine}
 
 
 def slice_name(output: str, worst: dict) -> str:
