@@ -278,9 +278,9 @@ class ReferenceKernelsRunner:
         if reply is None:
             code = self._child.wait()
             ended = f"signal {-code}" if code < 0 else f"exit status {code}"
-            raise MzError(f"{self._path}: LiteRT's reference kernels ended their process {doing} ({ended}; a known "
-                          "cause: an int8 SOFTMAX whose exps sum to 512 or more, 512 of its scores tied at the top, "
-                          "as an untrained or broken classifier gives)")
+            cause = ("; a known cause: an int8 SOFTMAX whose exps sum to 512 or more, 512 of its scores tied at the "
+                     "top, as an untrained or broken classifier gives") if frame is not None else ""
+            raise MzError(f"{self._path}: LiteRT's reference kernels ended their process {doing} ({ended}{cause})")
         return reply
 
     def __del__(self):
