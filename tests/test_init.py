@@ -61,7 +61,7 @@ def test_init_builds_a_frozen_classifier_graph_unchanged(frozen_classifier):
     recipe = built["recipe"]
     assert recipe["task"] == "classification" and recipe["format"] == "tf-frozen-graph"
     assert recipe["input"] == {"name": "images", "shape": [1, 24, 24, 3], "layout": "NHWC", "dtype": "float32"}
-    assert recipe["strip"]["outputs"] == ["predictions"]
+    assert recipe["strip"]["outputs"] == ["MatMul"]  # its logits: cut before the Softmax of "predictions"
     assert recipe["source"]["sha256"] == __import__("hashlib").sha256(graph.read_bytes()).hexdigest()
     assert set(built["variants"]) == {"float32", "int8"}
     assert built["variants"]["int8"]["inputs"][0]["dtype"] == "int8"
@@ -122,11 +122,13 @@ def test_init_builds_an_onnx_export(tmp_path, mirror):
     built = init_and_build(tmp_path, "my-onnx", model)
     recipe = built["recipe"]
     assert recipe["input"]["layout"] == "NCHW" and recipe["input"]["shape"] == [1, 3, 32, 32]
-    assert recipe["strip"]["outputs"] == ["probabilities"]
+    # its logits, cut before the Softmax that makes its output "probabilities"
+    assert recipe["strip"]["outputs"] == ["logits"]
+    assert "predict shows their softmax" in (tmp_path / "recipes" / "my-onnx.yaml").read_text()
     # ONNX QDQ int8, and LiteRT float32 / int8 through onnx2tf's port (compiled for the NPU)
     assert set(built["variants"]) == {"float32", "int8", "float32-tflite", "int8-tflite"}
     assert not any("tune_steps" in v for v in recipe["variants"])  # tuned are YOLO heads' int8 (tests/test_yolo.py)
-    assert built["variants"]["float32-tflite"]["verify"]["probabilities"]["cosine"] >= 0.9999
+    assert built["variants"]["float32-tflite"]["verify"]["logits"]["cosine"] >= 0.9999
     assert built["variants"]["int8-tflite"]["vela"]
 
 
@@ -332,3 +334,49 @@ def test_inspect_and_init_from_a_url(tmp_path, http_server, mirror):
     corrupt.write_bytes(b"\x08\x07not an onnx model")
     broken = run_cli("inspect", str(corrupt))
     assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "broken.onnx" in broken.stderr
+
+
+def test_a_classifiers_probabilities_are_told_from_its_logits_by_the_op_that_makes_them(tmp_path):
+    """An output a Softmax makes holds probabilities, through the reshapes and requantizations after it (a published
+    .tflite taken as it is, an int8 model's QDQ pairs); predict shows those as they are, and logits (a classifier
+    init cut before its Softmax) as their softmax: not the softmax of probabilities, every class near 1 / classes."""
+    import onnx
+    import tensorflow as tf
+    from onnx import helper
+
+    from mzconvert.report.pictures import top5_lines
+    from mzconvert.runtime import open_model
+    from mzconvert.sources.inspection import softmax_outputs
+    from tests.test_onnx_backend import tiny_onnx
+
+    exported = tiny_onnx(tmp_path / "exported.onnx", size=32, classes=5)
+    assert softmax_outputs(exported) == {"probabilities"}
+    model = onnx.load(str(exported))
+    model.graph.node.extend([helper.make_node("Flatten", ["probabilities"], ["flat_probabilities"]),
+                             helper.make_node("Identity", ["flat_probabilities"], ["shown"])])
+    model.graph.output[0].name = "shown"
+    onnx.save(model, str(tmp_path / "viewed.onnx"))
+    assert softmax_outputs(tmp_path / "viewed.onnx") == {"shown"}
+    model.graph.output[0].name = "logits"  # the graph cut before its Softmax
+    onnx.save(model, str(tmp_path / "cut.onnx"))
+    assert softmax_outputs(tmp_path / "cut.onnx") == set()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32)])
+    def classify(features):
+        return tf.reshape(tf.nn.softmax(tf.matmul(features, tf.ones([8, 4]) * 0.1)), [1, 4])
+
+    for integer in (False, True):
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()])
+        if integer:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([np.ones((1, 8), np.float32) * i] for i in range(4))
+            converter.inference_input_type = converter.inference_output_type = tf.int8
+        path = tmp_path / f"classify-{integer}.tflite"
+        path.write_bytes(converter.convert())
+        assert softmax_outputs(path) == {open_model(path).outputs[0].name}
+
+    names = ("tench", "goldfish", "shark")
+    assert top5_lines(np.array([0.2, 0.7, 0.1]), names, probabilities=True) == \
+        ["goldfish  0.70", "tench  0.20", "shark  0.10"]
+    assert top5_lines(np.array([0.0, np.log(6.0), np.log(3.0)]), names, probabilities=False) == \
+        ["goldfish  0.60", "shark  0.30", "tench  0.10"]

@@ -81,6 +81,34 @@ def test_the_reference_kernels_run_apart_so_an_input_they_abort_on_is_an_error(t
     assert open_model(model, kernels=REFERENCE).run(logits)[0].shape == (1, 1000)  # this process goes on
 
 
+def test_debug_under_the_reference_kernels_names_an_input_they_abort_on(tmp_path, mirror):
+    """`mzconvert debug` reads every tensor of an NPU-targeted int8 .tflite under the reference kernels in its own
+    process: an input they abort on (a 1000-class softmax whose scores all tie) is found in a child first, so
+    debug ends with the error build gives, not killed without a word."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 16, 16, 3], tf.float32, name="image")])
+    def untrained(x):  # every class scored alike, whatever the image
+        return tf.nn.softmax(tf.reduce_mean(x, [1, 2]) @ tf.zeros([3, 1000]) + 1.0)
+
+    model = tmp_path / "untrained.tflite"
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([untrained.get_concrete_function()])
+    model.write_bytes(converter.convert())
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 4)
+    verify = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 2)
+    made = run_cli("init", "untrained", "--from", str(model), "--to", str(tmp_path), "--calibration",
+                   str(calibration), "--verify", str(verify))
+    assert made.returncode == 0, made.stderr[-2000:]
+    recipe = tmp_path / "untrained.yaml"
+    recipe.write_text(recipe.read_text().replace("calibration_method: auto", "calibration_method: minmax"))
+    where = ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "b")]
+    aborted = "untrained_int8.tflite: LiteRT's reference kernels ended their process running it on an input"
+    built = run_cli(*where[:2], "build", str(recipe), *where[2:])
+    assert built.returncode == 1 and aborted in built.stderr, built.stderr[-2000:]
+    explained = run_cli(*where[:2], "debug", str(recipe), "--variant", "int8", *where[2:])
+    assert explained.returncode == 1 and aborted in explained.stderr, (explained.returncode, explained.stderr[-2000:])
+
+
 @pytest.mark.slow
 def test_npu_int8_is_verified_and_evaluated_under_the_targets_kernels(tmp_path, mirror):
     model = float_tflite(tmp_path / "float.tflite")

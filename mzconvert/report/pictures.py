@@ -18,6 +18,7 @@ from ..evaluate.run import predictors, with_class_labels
 from ..imagenet import display_name
 from ..recipe import Recipe
 from ..runtime import OPTIMIZED, REFERENCE, open_model, target_kernels
+from ..sources.inspection import softmax_outputs
 from ..tasks.keypoints import VISIBLE
 from ..tasks.oriented import rotated_corners
 
@@ -97,6 +98,14 @@ def _side_by_side(panels: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def top5_lines(scores: np.ndarray, names: tuple[str, ...], probabilities: bool) -> list[str]:
+    """A classifier's five best classes and their probabilities: `scores` as they are where they are
+    `probabilities` already, else their softmax."""
+    if not probabilities:
+        scores = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+    return [f"{display_name(names[i])}  {scores[i]:.2f}" for i in np.argsort(-scores, kind="stable")[:5]]
+
+
 def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Path], variants: list[str],
                    out_dir: Path, min_score: float = SHOW_SCORE, log=lambda message: None) -> list[Path]:
     """Run `variants` (default: all built) of dist `folder` on `images`; one side-by-side PNG each."""
@@ -108,9 +117,12 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
     output_names = list(recipe.strip.outputs) if recipe.strip else None
     # each variant as its target computes it (an NPU-targeted int8 under the reference kernels)
     kernels = {name: next(iter(target_kernels(recipe, recipe.variant(name))), OPTIMIZED) for name in chosen}
-    runners = {name: open_model(folder / manifest["variants"][name]["file"], output_names, kernels=kernels[name]).run
-               for name in chosen}
-    models = predictors(recipe, runners, folder, manifest)
+    files = {name: folder / manifest["variants"][name]["file"] for name in chosen}
+    opened = {name: open_model(files[name], output_names, kernels=kernels[name]) for name in chosen}
+    models = predictors(recipe, {name: runner.run for name, runner in opened.items()}, folder, manifest)
+    # a classifier's scores: probabilities where its first output is a Softmax's (as published), else logits
+    softmaxed = {name: recipe.task == "classification" and runner.outputs[0].name in softmax_outputs(files[name])
+                 for name, runner in opened.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
@@ -132,11 +144,8 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
                 panels.append(_panel(picture, f"{title}: {len(boxes) + len(outlines)} detections >= {min_score:g}",
                                      [], boxes, _shown_keypoints(found, shown), outlines))
             else:
-                scores = model(image)
-                top5 = np.argsort(-scores, kind="stable")[:5]
-                probabilities = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-                lines = [f"{display_name(recipe.labels.names[i])}  {probabilities[i]:.2f}" for i in top5]
-                panels.append(_panel(image.image, f"{title}: top-5", lines))
+                panels.append(_panel(image.image, f"{title}: top-5",
+                                     top5_lines(model(image), recipe.labels.names, softmaxed[name])))
         target = out_dir / f"{path.stem}.png"
         _side_by_side(panels).save(target, optimize=True)
         written.append(target)

@@ -209,6 +209,13 @@ def _graph_report(graph_def, run_once: bool) -> dict:
     sinks = [describe(n.name) for n in graph_def.node if n.name not in consumed and n.op not in NOT_OUTPUTS
              and ops[n.name].outputs]
     report = {"nodes": len(graph_def.node), "placeholders": placeholders, "sinks": sinks}
+
+    def made_by(name: str):
+        op = ops.get(name)
+        return (op.type.upper(), op.inputs[0].op.name) if op is not None and op.inputs else None
+
+    if found := _softmax_outputs([s["name"] for s in sinks], made_by):
+        report["softmax_outputs"] = found
     od = {name: describe(name) | {"what": what} for name, what in OD_API_TENSORS.items() if name in ops}
     extractor = [n.name for n in graph_def.node
                  if n.name.startswith("FeatureExtractor/") and n.name.endswith("/input")]
@@ -308,6 +315,8 @@ def inspect_onnx(path: Path, input_shape: list[int] | None = None) -> dict:
             **({"dfl_input": dfl} if (dfl := _dfl_input(model, made)) else {}),
             **({"distances_input": distances} if (distances := _distances_input(model)) else {}),
             **({"anchor_levels": levels} if (levels := _anchor_levels(model, made)) else {}),
+            **({"softmax_outputs": found} if (found := _softmax_outputs(
+                [o.name for o in model.graph.output], _onnx_made_by(made))) else {}),
             # what exporters write about the model (Ultralytics: task, names, imgsz, stride), as text
             **({"metadata": {p.key: p.value for p in model.metadata_props}} if model.metadata_props else {})}
 
@@ -602,6 +611,8 @@ def inspect_tflite(path: Path) -> dict:
         report["dfl_input"] = dfl
     if distances := _tflite_distances_input(model, made):
         report["distances_input"] = distances
+    if found := _tflite_softmax_outputs(model, made):
+        report["softmax_outputs"] = found
     if zipfile.is_zipfile(path):  # TFLite metadata's associated files (labels.txt) are a zip appended to the model
         with zipfile.ZipFile(path) as files:
             # at most one byte past the cap of each: a member's declared size is the archive's word for it
@@ -642,6 +653,42 @@ def _tflite_distances_input(model, made: dict) -> str | None:
     ops = [(name, op.inputs[1:] if name == "SPLIT" else op.inputs, op.outputs) for name, op in made.values()]
     distances = _grid_decode_input(ops)
     return model.subgraphs[0].tensors[distances].name.decode() if distances is not None else None
+
+
+# Ops whose output holds their input's values (a quantized graph's: at another scale)
+VALUE_VIEWS = ("RESHAPE", "FLATTEN", "SQUEEZE", "IDENTITY", "QUANTIZE", "DEQUANTIZE", "QUANTIZELINEAR",
+               "DEQUANTIZELINEAR")
+
+
+def _softmax_outputs(outputs: list, made_by: Callable) -> dict:
+    """{output: the tensor its Softmax reads} of the `outputs` a Softmax makes, through views of its values:
+    outputs of probabilities, where the tensor read holds the logits."""
+    found = {}
+    for output in outputs:
+        softmax = _viewed(output, made_by, VALUE_VIEWS)
+        if (made := made_by(softmax)) and made[0] == "SOFTMAX":
+            found[output] = made[1]
+    return found
+
+
+def _tflite_softmax_outputs(model, made: dict) -> dict[str, str]:
+    """_softmax_outputs of a .tflite's first subgraph, by tensor name."""
+    tensors = model.subgraphs[0].tensors
+    return {tensors[output].name.decode(): tensors[logits].name.decode() for output, logits in
+            _softmax_outputs(list(model.subgraphs[0].outputs), _tflite_made_by(made)).items()}
+
+
+def softmax_outputs(path: Path) -> set[str]:
+    """The outputs of a .tflite or .onnx file that a Softmax makes: probabilities, not logits."""
+    if path.suffix == ".tflite":
+        from ..tflite_file import read_model
+
+        model = read_model(path)
+        return set(_tflite_softmax_outputs(model, _tflite_producers(model)))
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return set(_softmax_outputs([o.name for o in model.graph.output], _onnx_made_by(_onnx_producers(model))))
 
 
 def _viewed(tensor, made_by, views: tuple[str, ...] = ("RESHAPE", "TRANSPOSE")):

@@ -622,7 +622,7 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     if fmt not in PROPOSERS:
         raise MzError(f"{model['file']}: init proposes recipes for {', '.join(PROPOSERS)} sources, not {fmt} "
                       "yet; mzconvert inspect lists what such a recipe needs", EXIT_BAD_INPUT)
-    p = PROPOSERS[fmt](model)
+    p = _before_softmax(PROPOSERS[fmt](model), model)
     onnx_backend = uses_onnx_backend(fmt)  # ONNX int8 is QDQ with float I/O
     layout = p.get("layout", "NHWC")
     height, width = (p["shape"][2:4] if layout == "NCHW" else p["shape"][1:3])
@@ -681,6 +681,19 @@ def propose_recipe(name: str, report: dict, source: dict, member: str | None, ca
     if verify is not None:
         recipe["verify"] = _verify_section(verify, recipe_dir)
     return _with_notes(recipe, model, p)
+
+
+def _before_softmax(p: dict, model: dict) -> dict:
+    """A classifier whose one output a Softmax makes, cut before it: its int8 then keeps the logits, where 8-bit
+    probabilities (steps of 1/256) round every class but the first few to 0 and tie them, and LiteRT's reference
+    int8 SOFTMAX aborts on a row whose exps sum to 512 or more. Predict shows the logits' softmax."""
+    logits = model.get("softmax_outputs", {}).get(p["outputs"][0]) if len(p.get("outputs", [])) == 1 else None
+    if p["task"] != "classification" or "variant" in p or logits is None:
+        return p
+    return p | {"outputs": [logits], "notes": [
+        *p.get("notes", []), f"# strip.outputs: the logits its Softmax reads ({p['outputs'][0]} is their softmax):"
+        " int8 keeps their order", "# where 8-bit probabilities round all but the top few classes to 0; predict "
+        "shows their softmax."]}
 
 
 def _int16x8(p: dict, calibration: Path, recipe_dir: Path, onnx_backend: bool) -> list[dict]:

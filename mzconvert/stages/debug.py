@@ -35,7 +35,16 @@ from ..preprocess import prepare
 from ..quant.ranges import readers_of, saturated_bounds
 from ..recipe import Recipe, Variant, command_argument
 from ..recipe.schema import FITTED_ROUNDINGS
-from ..runtime import OPTIMIZED, dequantized, litert_interpreter, quantized_input, target_kernels, tensor_spec
+from ..runtime import (
+    OPTIMIZED,
+    REFERENCE,
+    dequantized,
+    litert_interpreter,
+    open_model,
+    quantized_input,
+    target_kernels,
+    tensor_spec,
+)
 from ..sources.fetch import Fetcher
 from ..sources.imagesets import load_image_set
 from .calibrate import DEFAULT_CALIBRATION_COUNT
@@ -233,6 +242,11 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     keeps names; a fused activation's name comes second, after ';'), run under the variant's target kernels, in
     steps of its scale. Layers are named as the float file names them: what float_layers takes."""
     kernels = next(iter(target_kernels(recipe, variant)), OPTIMIZED)
+    tensors = [prepare(path, recipe.preprocess, recipe.input).tensor for path in images]
+    if kernels == REFERENCE:  # they abort their process on some inputs: each run apart first, an error there
+        probe = open_model(artifact, kernels=REFERENCE)
+        for tensor in tensors:
+            probe.run(tensor)
     twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-debug-")  # removed when the function returns
     float_model = litert_interpreter(_float_model(recipe, stripped, Path(twin_folder.name)), keep_all_tensors=True)
     int8_model = litert_interpreter(artifact, kernels, keep_all_tensors=True)
@@ -257,8 +271,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     bounds = _saturated_bounds(int8_model)
     int8_input = tensor_spec(int8_model.get_input_details()[0])
     totals: dict[str, list[float]] = {}
-    for path in images:
-        tensor = prepare(path, recipe.preprocess, recipe.input).tensor
+    for tensor in tensors:
         float_model.set_tensor(float_model.get_input_details()[0]["index"], tensor)
         float_model.invoke()
         feed = quantized_input(tensor, int8_input, kernels)
