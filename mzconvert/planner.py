@@ -38,8 +38,18 @@ STAGE_LOCK_WAIT_SECONDS = 24 * 3600.0
 TOOLS = ("tensorflow", "ai-edge-litert", "onnx", "onnxruntime", "ethos-u-vela", "numpy", "pillow", "onnx2tf")
 
 
+def code_digest(package: Path = Path(__file__).parent) -> str:
+    """One hash of mzconvert's own files (the package's source and data, not its bytecode): a stage result made
+    by other code is made again, where a version string alone would leave the result of code since changed (a
+    checkout, an edit) standing under the same name."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".txt")):
+        digest.update(f"{path.relative_to(package).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def tool_versions() -> dict[str, str]:
-    versions = {"mzconvert": __version__}
+    versions = {"mzconvert": __version__, "mzconvert code": code_digest()}
     for name in TOOLS:
         try:
             versions[name] = metadata.version(name)

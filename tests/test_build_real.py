@@ -51,7 +51,7 @@ def test_manifest_describes_artifacts_tensors_and_tools(built):
     assert manifest["postprocess"]["count"] == 1917
     for name, entry in manifest["artifacts"].items():
         assert entry["size"] == (dist / name).stat().st_size
-    assert {"tensorflow", "ethos-u-vela", "ai-edge-litert", "mzconvert"} <= set(manifest["tools"])
+    assert {"tensorflow", "ethos-u-vela", "ai-edge-litert", "mzconvert", "mzconvert code"} <= set(manifest["tools"])
     int8 = manifest["variants"]["int8"]
     assert int8["inputs"][0]["dtype"] == "int8" and int8["inputs"][0]["scale"] > 0
     assert [o["name"] for o in int8["outputs"]] == ["concat", "concat_1"]

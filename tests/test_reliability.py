@@ -209,3 +209,24 @@ def test_vela_of_a_variant_the_npu_cannot_run_says_so(tmp_path, mirror):
                    str(tmp_path / "b"))
     assert done.returncode == 2 and "float32 is none; the vela stage has nothing to compile" in done.stderr
     assert not (tmp_path / "b").exists()  # said before building anything
+
+
+def test_a_stage_made_by_other_code_is_made_again(tmp_path):
+    """Every stage's key holds the tool versions, and mzconvert's is its code: a build folder made by a checkout
+    or an edit that kept the version string is not taken as this code's."""
+    import shutil
+
+    import mzconvert
+    from mzconvert.planner import code_digest, tool_versions
+
+    package = Path(mzconvert.__file__).parent
+    copy = tmp_path / "mzconvert"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_digest(copy) == code_digest(package) == tool_versions()["mzconvert code"]
+    (copy / "__pycache__").mkdir()
+    (copy / "__pycache__" / "build.cpython-311.pyc").write_bytes(b"bytecode")  # made by running, not code
+    assert code_digest(copy) == code_digest(package)
+    (copy / "stages" / "verify.py").write_text((copy / "stages" / "verify.py").read_text() + "\n# an edit\n")
+    assert code_digest(copy) != code_digest(package)
+    (copy / "stages" / "verify.py").rename(copy / "verify.py")  # the same file elsewhere: other code
+    assert code_digest(copy) != code_digest(package)
