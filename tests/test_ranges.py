@@ -82,7 +82,7 @@ def test_what_a_sigmoid_reads_keeps_its_largest_values_within_the_bound(method, 
     images = [np.concatenate([rng.normal(-5, 0.4, 20_000), rng.uniform(1, 5, 3)]).astype(np.float32) for _ in range(4)]
     values = np.concatenate(images)
     activations = lambda tensor: iter([("logits", tensor), ("wide", tensor * 4)])  # noqa: E731
-    ranges = measure_ranges(activations, images, method, percentile, bounds={"logits": 8.0, "wide": 8.0})
+    ranges = measure_ranges(activations, images, method, percentile, bounds={"logits": (-8.0, 8.0), "wide": (-8.0, 8.0)})
     assert ranges["logits"] == (values.min(), values.max())
     assert ranges["wide"] == (-8.0, 8.0)
     assert measure_ranges(activations, images, method, percentile)["logits"][1] < values.max()  # unbounded: clipped
@@ -166,7 +166,72 @@ def test_the_bound_reaches_back_through_ops_that_only_move_values():
                (reshape, ["level3", "shape"], ["flat3"]), (concat, ["flat3", "flat1"], ["joined"]),
                (add, ["joined", "bias"], ["sum"]), (sigmoid, ["both"], ["p"]), (tanh, ["both"], ["t"])]
         bounds = saturated_bounds(readers_of(ops), {"scores", "sum", "p", "t"})
-        assert bounds["logits"] == bounds["flat2"] == bounds["level2"] == 8.0
+        assert bounds["logits"] == bounds["flat2"] == bounds["level2"] == (-8.0, 8.0)
         assert "level1" not in bounds and "flat1" not in bounds  # also joined into what an add reads
         assert "level3" not in bounds and "joined" not in bounds
-        assert bounds["both"] == 8.0
+        assert bounds["both"] == (-8.0, 8.0)
+
+
+def test_a_silus_input_stops_below_where_its_product_no_longer_moves():
+    """x * sigmoid(x) is -0.003 at x = -8 and nearer 0 below, x itself above: a tensor only a SiLU reads (its
+    sigmoid and the product of the two, in either order) is bounded below only; a tensor a product reads with a
+    sigmoid of another tensor, or with a constant, or that a third op reads too keeps its range."""
+    from mzconvert.quant.ranges import readers_of, saturated_bounds
+
+    for sigmoid, mul, add in (("LOGISTIC", "MUL", "ADD"), ("Sigmoid", "Mul", "Add")):
+        ops = [(sigmoid, ["x"], ["gate"]), (mul, ["x", "gate"], ["silu"]),
+               (sigmoid, ["y"], ["y_gate"]), (mul, ["y_gate", "y"], ["y_silu"]),
+               (sigmoid, ["z"], ["z_gate"]), (mul, ["z", "z_gate"], ["z_silu"]), (add, ["z", "bias"], ["z_sum"]),
+               (sigmoid, ["u"], ["u_gate"]), (mul, ["v", "u_gate"], ["gated"]), (mul, ["w", "scale"], ["scaled"])]
+        bounds = saturated_bounds(readers_of(ops), {"silu", "y_silu", "z_silu", "z_sum", "gated", "scaled"})
+        assert bounds["x"] == bounds["y"] == (-8.0, np.inf)
+        assert bounds["u"] == (-8.0, 8.0)  # only its sigmoid reads it
+        assert not {"z", "v", "w"} & set(bounds)
+
+
+def test_a_silus_input_range_stops_below_at_minus_8_and_keeps_its_top(tmp_path):
+    """In the calibrated TFLite model, a convolution's output only its SiLU reads (measured down to below -100)
+    stops at -8 and keeps its measured top by min/max (by percentile its top clipped, as any activation's is);
+    one a mean reads too keeps its measured range."""
+    import tensorflow as tf
+
+    from mzconvert.backends.tflite import range_slots
+    from mzconvert.quant.ranges import calibrate_with_interpreter
+    from mzconvert.recipe import Recipe
+    from mzconvert.tflite_file import read_model
+
+    weights = np.array([[100.0, -100.0], [-100.0, 100.0], [50.0, 50.0]], np.float32).reshape(1, 1, 3, 2)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+    def blocks(x):
+        y = tf.nn.conv2d(x, weights, 1, "VALID")
+        z = tf.nn.conv2d(x, -weights, 1, "VALID")
+        return y * tf.sigmoid(y) + z * tf.sigmoid(z) + tf.reduce_mean(z)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([blocks.get_concrete_function()], blocks)
+    path = tmp_path / "blocks.tflite"
+    path.write_bytes(converter.convert())
+    marked, _ = range_slots(path, Recipe.__new__(Recipe), None, tmp_path / "marked.tflite")
+    images = [np.random.RandomState(i).uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32) for i in range(4)]
+    measured = np.concatenate([np.tensordot(i, weights[0, 0], 1).ravel() for i in images])
+    assert measured.min() < -100
+    logistic, mul, mean = 14, 18, 40  # BuiltinOperator
+    for method, percentile in (("minmax", None), ("percentile", 90.0)):
+        calibrated = read_model(calibrate_with_interpreter(marked, images, tmp_path / f"{method}.tflite", method,
+                                                           percentile))
+        graph = calibrated.subgraphs[0]
+        readers = {}
+        for op in graph.operators:
+            code = calibrated.operatorCodes[op.opcodeIndex]
+            for i in op.inputs:
+                readers.setdefault(i, set()).add(max(code.builtinCode, code.deprecatedBuiltinCode))
+        ranges = {frozenset(readers.get(i, ())): (t.quantization.min[0], t.quantization.max[0])
+                  for i, t in enumerate(graph.tensors)
+                  if t.quantization is not None and t.quantization.min is not None}
+        low, high = ranges[frozenset({logistic, mul})]
+        assert low == -8.0
+        if method == "minmax":
+            assert high == pytest.approx(float(measured.max()), rel=1e-5)
+        else:
+            assert high < 0.9 * float(measured.max())
+        assert ranges[frozenset({logistic, mul, mean})][0] < -100

@@ -20,6 +20,7 @@ the interpreter, and each slot gets the range the tensor really took by the vari
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
@@ -146,7 +147,7 @@ Activations = Callable[[np.ndarray], Iterator[tuple[object, np.ndarray]]]  # inp
 
 def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: str = "minmax",
                    percentile: float | None = None, name_of: Callable[[object], str] = str,
-                   whole: Collection = (), bounds: dict[object, float] | None = None
+                   whole: Collection = (), bounds: dict[object, Bound] | None = None
                    ) -> dict[object, tuple[float, float]]:
     """{tensor key: (low, high)} over every input in `tensors`, of the tensors `activations` yields for an
     input: with method minmax their min and max, percentile as RangeRecorder, mean_minmax each input's min and
@@ -154,15 +155,16 @@ def measure_ranges(activations: Activations, tensors: list[np.ndarray], method: 
     quantization error (_Histogram, a second pass over the inputs). The keys in `whole` (the model's
     outputs) get their min and max by every method: a later layer absorbs what a clipped activation loses,
     but a clipped output reaches the user as it is (a classifier's top logits clipped to one value tie, and
-    the highest scores are the ones that matter). `bounds` ({key: b}, saturated_bounds): ranges that stop at
-    +-b, and within it their min and max by every method too: what a sigmoid reads, clipped below its bound,
-    gives its highest outputs one value (a trained YOLO11n's class logits at the 99.999th percentile: every
-    score over 0.92 became 0.92, where its detections are the rare largest values), and the bound already keeps
-    its steps fine. A tensor with no finite value on any input is an error naming it (`name_of` its key)."""
+    the highest scores are the ones that matter). `bounds` ({key: (low, high)}, saturated_bounds): ranges that
+    stop there, and within a bound on both sides their min and max by every method too: what a sigmoid reads,
+    clipped below its bound, gives its highest outputs one value (a trained YOLO11n's class logits at the
+    99.999th percentile: every score over 0.92 became 0.92, where its detections are the rare largest values),
+    and the bound already keeps its steps fine; a bound below only (a SiLU's input) leaves the method its top.
+    A tensor with no finite value on any input is an error naming it (`name_of` its key)."""
     clipped = (_MeanExtremes() if method == "mean_minmax"
                else RangeRecorder(len(tensors), percentile if method == "percentile" else None))
     extremes = RangeRecorder(len(tensors))
-    kept_whole = set(whole) | set(bounds or {})
+    kept_whole = set(whole) | {key for key, (_, high) in (bounds or {}).items() if math.isfinite(high)}
     _each_value(activations, tensors,
                 lambda key, values: (extremes if key in kept_whole else clipped).add(key, values))
     ranges, outputs = clipped.ranges(), extremes.ranges()
@@ -228,53 +230,68 @@ def output_tensors(model) -> set[int]:
 # steps are 1/256, so sigmoid(x) rounds to 0 below x = -6.2 and to 255/256 above 5.1; a tanh's are 1/128, and
 # tanh(x) rounds to +-127/128 beyond |x| = 2.6. The bounds keep a margin.
 SATURATING_OPS = {"LOGISTIC": 8.0, "TANH": 4.0, "Sigmoid": 8.0, "Tanh": 4.0}
+SIGMOIDS = ("LOGISTIC", "Sigmoid")
+# A SiLU (x * sigmoid(x), every activation of a YOLO) is -0.003 at x = -8 and nearer 0 below, under a step of
+# any output range wider than 0.7, and x itself above: the product stops seeing x below -8, never above
+SILU_LOW = -8.0
+PRODUCTS = ("MUL", "Mul")
 
 
 # Ops that only move or join values, TFLite's and ONNX's: values beyond what bounds their outputs are beyond it
 # in their inputs too
 VALUE_MOVING_OPS = (*MOVING_OPS, *SHAPE_OPS, "Concat")
 
+Bound = tuple[float, float]  # (low, high): what every reader sees of a tensor; high may be inf
 
-def saturated_bounds(readers: dict[object, list[tuple[str, tuple]]], outputs: Collection) -> dict[object, float]:
-    """{tensor: bound} for the tensors (`readers`: each op that reads them, its name and outputs) that are no output
-    of the model and that every reader stops seeing beyond +-bound: one of SATURATING_OPS, or an op of
-    VALUE_MOVING_OPS whose outputs are bounded themselves (a detector's class logits, reshaped and joined level by
-    level before one sigmoid). Their values beyond it give those ops no other 8-bit output, so their range can stop
-    there and keep finer steps where the op's output still moves (MediaPipe's selfie segmenter: a sigmoid's input
-    measured over [-975, 388], 5.3 per step, the mask's edge lost). Read by several, a tensor takes the widest."""
-    bounds: dict[object, float] = {}
+
+def saturated_bounds(readers: dict[object, list[tuple[str, tuple, tuple]]], outputs: Collection) -> dict[object, Bound]:
+    """{tensor: (low, high)} for the tensors (`readers`: each op that reads them, its name, inputs and outputs)
+    that are no output of the model and whose every reader stops seeing them beyond (low, high): one of
+    SATURATING_OPS (+-its bound), the product of a SiLU (below SILU_LOW), or an op of VALUE_MOVING_OPS whose
+    outputs are bounded themselves (a detector's class logits, reshaped and joined level by level before one
+    sigmoid). Their values beyond it give those ops no other 8-bit output, so their range can stop there and
+    keep finer steps where the op's output still moves (MediaPipe's selfie segmenter: a sigmoid's input measured
+    over [-975, 388], 5.3 per step, the mask's edge lost; NudeNet's YOLOv8n: its stem's SiLUs read [-212, 194]).
+    Read by several, a tensor takes the widest."""
+    bounds: dict[object, Bound] = {}
     grown = True
     while grown:  # a join's inputs are bounded once its output is
         grown = False
         for tensor, reads in readers.items():
             if tensor in bounds or tensor in outputs or not reads:
                 continue
-            found = [_reader_bound(name, made, bounds) for name, made in reads]
+            found = [_reader_bound(tensor, read, reads, bounds) for read in reads]
             if None not in found:
-                bounds[tensor] = max(found)
+                bounds[tensor] = (min(low for low, _ in found), max(high for _, high in found))
                 grown = True
     return bounds
 
 
-def _reader_bound(name: str, made: tuple, bounds: dict) -> float | None:
+def _reader_bound(tensor, read: tuple[str, tuple, tuple], reads: list, bounds: dict) -> Bound | None:
+    name, inputs, made = read
     if name in SATURATING_OPS:
-        return SATURATING_OPS[name]
+        return -SATURATING_OPS[name], SATURATING_OPS[name]
+    gates = {out for other, _, outs in reads if other in SIGMOIDS for out in outs}  # sigmoid(tensor)
+    if name in PRODUCTS and len(inputs) == 2 and tensor in inputs and any(i in gates for i in inputs):
+        return SILU_LOW, math.inf
     if name in VALUE_MOVING_OPS and made and all(t in bounds for t in made):
-        return max(bounds[t] for t in made)
+        return min(bounds[t][0] for t in made), max(bounds[t][1] for t in made)
     return None
 
 
-def _within_bound(low: float, high: float, bound: float) -> tuple[float, float]:
-    """A measured range stopped at +-bound (0 kept inside, as every quantized range holds it)."""
-    return min(max(low, -bound), 0.0), max(min(high, bound), 0.0)
+def _within_bound(low: float, high: float, bound: Bound) -> tuple[float, float]:
+    """A measured range stopped at the bound (0 kept inside, as every quantized range holds it)."""
+    return min(max(low, bound[0]), 0.0), max(min(high, bound[1]), 0.0)
 
 
-def readers_of(ops: Iterable[tuple[str, Iterable, Iterable]]) -> dict[object, list[tuple[str, tuple]]]:
-    """{tensor: (name, output tensors) of each op that reads it}, from each op's (name, inputs, outputs)."""
-    readers: dict[object, list[tuple[str, tuple]]] = {}
+def readers_of(ops: Iterable[tuple[str, Iterable, Iterable]]) -> dict[object, list[tuple[str, tuple, tuple]]]:
+    """{tensor: (name, input tensors, output tensors) of each op that reads it}, from each op's (name, inputs,
+    outputs)."""
+    readers: dict[object, list[tuple[str, tuple, tuple]]] = {}
     for name, inputs, made in ops:
+        inputs = tuple(inputs)
         for tensor in inputs:
-            readers.setdefault(tensor, []).append((name, tuple(made)))
+            readers.setdefault(tensor, []).append((name, inputs, tuple(made)))
     return readers
 
 

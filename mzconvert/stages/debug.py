@@ -7,8 +7,8 @@ weight_rounding fitted has convolutions with less error than the table shows (qu
 variants: ONNX Runtime's QDQ loss debugging runs the built QDQ model and its float model, every activation
 saved, on the verify images; the error a QDQ activation carries includes every layer's before it, so a layer's
 own error is what it adds to the largest error among the activations it reads. Either way a layer only
-saturating ops read (a detector's class logits before their sigmoid) is judged within their bound, as its range
-was recorded (quant/ranges.py): beyond it no output moves.
+saturating ops read (a detector's class logits before their sigmoid, a SiLU's input below -8) is judged within
+their bound, as its range was recorded (quant/ranges.py): beyond it no output moves.
 A layer's error is reported in quantization steps: RMSE / scale is about 0.29 for pure rounding noise (1 /
 sqrt(12)); layers far above it lose information (clipped ranges, outlier weights) and are where a user should
 look first, e.g. to keep them float.
@@ -32,7 +32,7 @@ from ..fsio import sha256_file, write_json_atomic
 from ..layout import built_stage_model, built_stage_result, recipe_build_folder
 from ..manifest import measured_artifacts, read_manifest
 from ..preprocess import prepare
-from ..quant.ranges import readers_of, saturated_bounds
+from ..quant.ranges import Bound, readers_of, saturated_bounds
 from ..recipe import Recipe, Variant, command_argument
 from ..recipe.schema import FITTED_ROUNDINGS
 from ..runtime import (
@@ -83,7 +83,7 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     names = {d["index"]: d["name"] for d in artifact_model.get_tensor_details()}
     bounds = {names[index]: bound for index, bound in _saturated_bounds(artifact_model).items()}
     within = {bound: _bounded_errors(bound) for bound in set(bounds.values())}
-    metrics = {f"{metric}_within_{bound:g}": errors[metric] for bound, errors in within.items() for metric in errors}
+    metrics = {f"{metric}{_within(bound)}": errors[metric] for bound, errors in within.items() for metric in errors}
     with tempfile.TemporaryDirectory() as work:
         calibrated = calibrate(stripped, recipe, variant, calibration(), Path(work),  # the variant's ranges
                                with_moments=False).read_bytes()
@@ -95,6 +95,10 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
             debug_options=tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics=metrics))
         debugger.calibrated_model = calibrated
         debugger.options = debugger.options  # re-quantizes from calibrated_model
+        # made from a converter, its interpreter keeps no intermediate tensors (TensorFlow keeps them only for a
+        # model given as a file), so the float values the bounded metrics read were other tensors' by then
+        debugger._quant_interpreter = tf.lite.Interpreter(model_content=debugger.quant_model,
+                                                          experimental_preserve_all_tensors=True)
         debugger.run()
         dump = io.StringIO()
         debugger.layer_statistics_dump(dump)
@@ -103,8 +107,7 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     rows = []
     for row in csv.DictReader(io.StringIO(dump.getvalue())):
         scale = float(row["scale"]) if row.get("scale") else 0.0
-        bound = bounds.get(row["tensor_name"])
-        within = "" if bound is None else f"_within_{bound:g}"
+        within = _within(bounds.get(row["tensor_name"]))
         mse = float(row[f"mean_squared_error{within}"])
         if scale <= 0 or not math.isfinite(mse):
             continue
@@ -120,19 +123,24 @@ def _float_model(recipe: Recipe, stripped: Path, folder: Path) -> Path:
     return graph.write_twin(stripped, folder / stripped.name) if graph.is_quantized(stripped) else stripped
 
 
-def _bounded_errors(bound: float) -> dict[str, Callable]:
+def _within(bound: Bound | None) -> str:
+    """The suffix of the debugger's metrics of the error within `bound` (none: the whole error)."""
+    return "" if bound is None else f"_within_{bound[0]:g}_{bound[1]:g}"
+
+
+def _bounded_errors(bound: Bound) -> dict[str, Callable]:
     """TensorFlow debugger metrics (of a layer's float and quantized values, scale, zero point) of the error
-    within +-bound: what lies beyond changes no output of the saturating op that reads the layer (see
-    _add_error)."""
+    within the (low, high) bound: what lies beyond changes no output of the saturating ops that read the layer
+    (see _add_error)."""
     def errors(float_values: np.ndarray, quantized: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-        reference = np.clip(float_values.astype(np.float64), -bound, bound)
-        return reference - np.clip((quantized.astype(np.float64) - zero_point) * scale, -bound, bound)
+        reference = np.clip(float_values.astype(np.float64), *bound)
+        return reference - np.clip((quantized.astype(np.float64) - zero_point) * scale, *bound)
 
     return {"mean_squared_error": lambda *values: float(np.mean(errors(*values) ** 2)),
             "max_abs_error": lambda *values: float(np.max(np.abs(errors(*values))))}
 
 
-def _saturated_bounds(interpreter) -> dict[int, float]:
+def _saturated_bounds(interpreter) -> dict[int, Bound]:
     """{tensor index: bound} of an allocated LiteRT interpreter's tensors that only saturating ops read
     (quant/ranges.py)."""
     ops = interpreter._get_ops_details()
@@ -223,11 +231,11 @@ def _added_errors(totals: dict[str, list[float]], scales: dict[str, float], inpu
 
 
 def _add_error(totals: dict[str, list[float]], name: str, reference: np.ndarray, quantized: np.ndarray,
-               bound: float | None = None) -> None:
+               bound: Bound | None = None) -> None:
     """One image's error of a quantized activation; with `bound` (an input only saturating ops read, quantized
-    up to their bound: quant/ranges.py), what lies beyond +-bound changes no output and is no error."""
+    up to their bound: quant/ranges.py), what lies beyond (low, high) changes no output and is no error."""
     if bound is not None:
-        reference, quantized = (np.clip(v, -bound, bound) for v in (reference, quantized))
+        reference, quantized = (np.clip(v, *bound) for v in (reference, quantized))
     error = reference.ravel().astype(np.float64) - quantized.ravel().astype(np.float64)
     total = totals.setdefault(name, [0.0, 0, 0.0])
     total[0] += float(np.sum(error ** 2))
