@@ -173,8 +173,8 @@ def test_the_bound_reaches_back_through_ops_that_only_move_values():
 
 
 def test_a_silus_input_stops_below_where_its_product_no_longer_moves():
-    """x * sigmoid(x) is -0.003 at x = -8 and nearer 0 below, x itself above: a tensor only a SiLU reads (its
-    sigmoid and the product of the two, in either order) is bounded below only; a tensor a product reads with a
+    """x * sigmoid(x) is 0 below x = -6.2 in 8 bits (its sigmoid rounds to 0 there), near x itself above: a tensor
+    only a SiLU reads (its sigmoid and the product of the two, in either order) is bounded below only; a tensor a product reads with a
     sigmoid of another tensor, or with a constant, or that a third op reads too keeps its range."""
     from mzconvert.quant.ranges import readers_of, saturated_bounds
 

@@ -231,8 +231,9 @@ def output_tensors(model) -> set[int]:
 # tanh(x) rounds to +-127/128 beyond |x| = 2.6. The bounds keep a margin.
 SATURATING_OPS = {"LOGISTIC": 8.0, "TANH": 4.0, "Sigmoid": 8.0, "Tanh": 4.0}
 SIGMOIDS = ("LOGISTIC", "Sigmoid")
-# A SiLU (x * sigmoid(x), every activation of a YOLO) is -0.003 at x = -8 and nearer 0 below, under a step of
-# any output range wider than 0.7, and x itself above: the product stops seeing x below -8, never above
+# A SiLU (x * sigmoid(x), every activation of a YOLO): its 8-bit sigmoid rounds to 0 below x = -6.2, so the
+# product is 0 there whatever x is, and near x itself above: it stops seeing x below -8 (the sigmoid's bound),
+# never above
 SILU_LOW = -8.0
 PRODUCTS = ("MUL", "Mul")
 
