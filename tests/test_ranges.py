@@ -115,6 +115,18 @@ def test_tflite_outputs_are_followed_back_through_ops_that_only_move_values(tmp_
     assert all(i in producers for i in names)
 
 
+def ranges_by_readers(calibrated) -> dict[frozenset, tuple[float, float]]:
+    """{the builtin codes of the ops that read a tensor: its recorded range} of a calibrated model's subgraph 0."""
+    graph = calibrated.subgraphs[0]
+    readers = {}
+    for op in graph.operators:
+        code = calibrated.operatorCodes[op.opcodeIndex]
+        for i in op.inputs:
+            readers.setdefault(i, set()).add(max(code.builtinCode, code.deprecatedBuiltinCode))
+    return {frozenset(readers.get(i, ())): (t.quantization.min[0], t.quantization.max[0])
+            for i, t in enumerate(graph.tensors) if t.quantization is not None and t.quantization.min is not None}
+
+
 def test_a_tensor_only_a_sigmoid_or_tanh_reads_stops_at_their_saturation(tmp_path):
     """Beyond +-8 (LOGISTIC) and +-4 (TANH) the int8 output no longer changes: the range stops there, and keeps
     finer steps where the output moves. A tensor another op reads too keeps its measured range."""
@@ -136,16 +148,8 @@ def test_a_tensor_only_a_sigmoid_or_tanh_reads_stops_at_their_saturation(tmp_pat
     path.write_bytes(converter.convert())
     marked, _ = range_slots(path, Recipe.__new__(Recipe), None, tmp_path / "marked.tflite")
     images = [np.random.RandomState(i).uniform(-1, 1, (1, 4, 4, 3)).astype(np.float32) for i in range(4)]
-    calibrated = read_model(calibrate_with_interpreter(marked, images, tmp_path / "calibrated.tflite"))
-    graph = calibrated.subgraphs[0]
-    readers = {}
-    for op in graph.operators:
-        code = calibrated.operatorCodes[op.opcodeIndex]
-        for i in op.inputs:
-            readers.setdefault(i, set()).add(max(code.builtinCode, code.deprecatedBuiltinCode))
+    ranges = ranges_by_readers(read_model(calibrate_with_interpreter(marked, images, tmp_path / "calibrated.tflite")))
     logistic, tanh = 14, 28  # BuiltinOperator
-    ranges = {frozenset(readers.get(i, ())): (t.quantization.min[0], t.quantization.max[0])
-              for i, t in enumerate(graph.tensors) if t.quantization is not None and t.quantization.min is not None}
     assert ranges[frozenset({logistic})] == (-8.0, 8.0)
     assert ranges[frozenset({tanh})] == (-4.0, 4.0)
     shared = next(r for readers_, r in ranges.items() if logistic in readers_ and len(readers_) > 1)
@@ -217,17 +221,8 @@ def test_a_silus_input_range_stops_below_at_minus_8_and_keeps_its_top(tmp_path):
     assert measured.min() < -100
     logistic, mul, mean = 14, 18, 40  # BuiltinOperator
     for method, percentile in (("minmax", None), ("percentile", 90.0)):
-        calibrated = read_model(calibrate_with_interpreter(marked, images, tmp_path / f"{method}.tflite", method,
-                                                           percentile))
-        graph = calibrated.subgraphs[0]
-        readers = {}
-        for op in graph.operators:
-            code = calibrated.operatorCodes[op.opcodeIndex]
-            for i in op.inputs:
-                readers.setdefault(i, set()).add(max(code.builtinCode, code.deprecatedBuiltinCode))
-        ranges = {frozenset(readers.get(i, ())): (t.quantization.min[0], t.quantization.max[0])
-                  for i, t in enumerate(graph.tensors)
-                  if t.quantization is not None and t.quantization.min is not None}
+        ranges = ranges_by_readers(read_model(calibrate_with_interpreter(
+            marked, images, tmp_path / f"{method}.tflite", method, percentile)))
         low, high = ranges[frozenset({logistic, mul})]
         assert low == -8.0
         if method == "minmax":
