@@ -19,6 +19,7 @@ from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sourc
 from .float_twin import FloatTwinRunner, onnx_float_twin
 from .onnx_float16 import as_float32, topologically_sorted
 from .split_head import split_levels
+from .split_joins import split_joins_apart
 
 
 def _load(path: Path, widen_float16: bool = False):
@@ -46,7 +47,8 @@ def _save(model, path: Path) -> Path:
 # -- freeze --------------------------------------------------------------------------------------
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     """A checked, shape-inferred ONNX model; torch sources are built, loaded and exported first; a float16 model
-    read as float32 (onnx_float16); a YOLOv5 head's levels split into boxes and scores (split_head)."""
+    read as float32 (onnx_float16); a YOLOv5 head's levels split into boxes and scores (split_head), and a Split of
+    what Concats joined made of the parts, never joined (split_joins: an older YOLOv8 head's box and class logits)."""
     import onnx
 
     target = out_dir / "model.onnx"
@@ -56,7 +58,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     else:
         model = _load(source, widen_float16=True)  # a corrupt download is reported by its own name
     model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
-    model = split_levels(model, recipe)
+    model = split_joins_apart(split_levels(model, recipe))
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     return _save(inferred, target)
 

@@ -1,0 +1,163 @@
+"""An older YOLOv8 head joins each level's box and class logits, flattens and joins the levels, and Splits boxes
+from classes again: freeze rewrites such a Split into parts never joined, so int8 never gives boxes and class
+logits one scale (backends/split_joins.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mzconvert.backends.split_joins import split_joins_apart
+from tests.conftest import MIRROR, run_cli
+
+SIZE, STRIDES, BOX_CHANNELS, CLASSES, CLASS_BIAS = 64, (8, 16, 32), 64, 3, 15.0
+
+
+def joined_head_onnx(path: Path, sizes: tuple[int, int] | None = None, split_axis: int = 1,
+                     sizes_as: str = "input", computed_shape: bool = True, classes: int = CLASSES,
+                     opset: int = 17) -> Path:
+    """A head as Ultralytics up to 8.3 exports it: per level a box Conv (logits near 0) and a class Conv (far
+    below 0, as a trained detector's where nothing is) joined on the channel axis, flattened by a Reshape (its
+    shape computed from the input's batch as an unsimplified export computes it, or constant as a simplified one
+    has it), the levels joined, then a Split
+    of `sizes` (the box and class channels unless given) along `split_axis` (the sizes an input, an initializer's or
+    a Constant node's, at `opset`, or `num_outputs`, opset 18: equal parts) and a Sigmoid."""
+    sizes = sizes or (BOX_CHANNELS, classes)
+    rng = np.random.RandomState(5)
+    arrays, nodes, flats = {}, [], []
+    if computed_shape:
+        arrays |= {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64),
+                   "rest": np.array([BOX_CHANNELS + classes, -1], np.int64)}
+        nodes += [helper.make_node("Shape", ["images"], ["input_shape"]),
+                  helper.make_node("Gather", ["input_shape", "zero"], ["batch"], axis=0),
+                  helper.make_node("Unsqueeze", ["batch", "axes"], ["batch_1d"]),
+                  helper.make_node("Concat", ["batch_1d", "rest"], ["flat_shape"], axis=0)]
+    else:
+        arrays["flat_shape"] = np.array([1, BOX_CHANNELS + classes, -1], np.int64)
+    for s in STRIDES:
+        arrays[f"wb{s}"] = rng.normal(0, 0.05, (BOX_CHANNELS, 3, s, s))
+        arrays[f"wc{s}"] = rng.normal(0, 0.05, (classes, 3, s, s))
+        arrays[f"bc{s}"] = np.full(classes, -CLASS_BIAS)
+        nodes += [helper.make_node("Conv", ["images", f"wb{s}"], [f"box{s}"], strides=[s, s]),
+                  helper.make_node("Conv", ["images", f"wc{s}", f"bc{s}"], [f"cls{s}"], strides=[s, s]),
+                  helper.make_node("Concat", [f"box{s}", f"cls{s}"], [f"level{s}"], axis=1),
+                  helper.make_node("Reshape", [f"level{s}", "flat_shape"], [f"flat{s}"])]
+        flats.append(f"flat{s}")
+    nodes.append(helper.make_node("Concat", flats, ["joined"], axis=2))
+    if sizes_as == "constant-node":
+        nodes.append(helper.make_node("Constant", [], ["sizes"], value=numpy_helper.from_array(
+            np.array(sizes, np.int64))))
+    elif sizes_as == "input":
+        arrays["sizes"] = np.array(sizes, np.int64)
+    if sizes_as != "num_outputs":
+        nodes.append(helper.make_node("Split", ["joined", "sizes"], ["box_logits", "class_logits"], axis=split_axis))
+    else:
+        nodes.append(helper.make_node("Split", ["joined"], ["box_logits", "class_logits"], axis=split_axis,
+                                      num_outputs=2))
+    nodes.append(helper.make_node("Sigmoid", ["class_logits"], ["probabilities"]))
+    graph = helper.make_graph(
+        nodes, "joined-head", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, None, None]) for n in ("box_logits", "probabilities")],
+        [numpy_helper.from_array(a if a.dtype == np.int64 else a.astype(np.float32), n) for n, a in arrays.items()])
+    opset = 18 if sizes_as == "num_outputs" else opset
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def outputs_of(model, image: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"images": image})
+
+
+@pytest.mark.parametrize("sizes_as, computed_shape, opset", [
+    ("input", True, 17), ("input", True, 13), ("input", False, 17), ("constant-node", True, 17),
+    ("num_outputs", True, 18)],
+    ids=["shape-computed", "shape-computed-opset-13", "shape-constant", "sizes-a-constant-node", "num-outputs"])
+def test_a_split_of_joined_levels_becomes_the_parts_joined_apart_with_the_same_values(tmp_path, sizes_as,
+                                                                                      computed_shape, opset):
+    """Each output of the Split is made by a Concat of its own part of every level, flattened: the values the
+    Split gave, the recipe's names kept, nothing left of the joins."""
+    classes = BOX_CHANNELS if sizes_as == "num_outputs" else CLASSES  # num_outputs: equal parts
+    source = onnx.load(str(joined_head_onnx(tmp_path / "head.onnx", sizes_as=sizes_as, computed_shape=computed_shape,
+                                            classes=classes, opset=opset)))
+    image = np.random.RandomState(0).rand(1, 3, SIZE, SIZE).astype(np.float32)
+    before = outputs_of(source, image)
+    rewritten = split_joins_apart(source)
+    onnx.checker.check_model(rewritten)
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert "Split" not in ops and "Shape" not in ops, ops
+    producer = {out: node for node in rewritten.graph.node for out in node.output}
+    for name, branch in (("box_logits", "box"), ("class_logits", "cls")):
+        joined = producer[name]
+        assert joined.op_type == "Concat"
+        assert [producer[i].op_type for i in joined.input] == ["Reshape"] * len(STRIDES)
+        assert [producer[i].input[0] for i in joined.input] == [f"{branch}{s}" for s in STRIDES]
+    for expected, got in zip(before, outputs_of(rewritten, image)):
+        assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("sizes, split_axis", [((BOX_CHANNELS + 1, CLASSES - 1), 1), ((21, 63), 2)],
+                         ids=["not-at-the-parts", "along-the-cells"])
+def test_a_split_that_does_not_undo_the_joins_is_left_as_it_is(tmp_path, sizes, split_axis):
+    source = onnx.load(str(joined_head_onnx(tmp_path / "head.onnx", sizes, split_axis)))
+    kept = onnx.ModelProto()
+    kept.CopyFrom(source)
+    assert split_joins_apart(source) == kept
+
+
+def test_int8_gives_the_box_logits_of_a_joined_head_a_scale_of_their_own(tmp_path, mirror):
+    """Built int8 (TFLite and ONNX) from the joined head: its box logits (a few units either side of 0) are
+    quantized at a step of their own range, not at that of the joined tensor, which reaches the class logits at
+    -15 (the class Convs' bias) and below. Its float32 TFLite (onnx2tf's port of the rewritten head) passes the
+    float floors against the source graph."""
+    model = joined_head_onnx(tmp_path / "head.onnx")
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    floors = "min_matched: 0, min_slice_sqnr_db: -100"
+    (tmp_path / "head.yaml").write_text(f"""name: head
+task: detection
+description: an older YOLOv8 head made in the test, its levels joined and Split again
+license: test
+source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
+format: onnx
+input: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}
+preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
+strip: {{inputs: [images], outputs: [box_logits, probabilities]}}
+postprocess: {{kind: yolov8, labels: [person, car, dog], box_output: box_logits, class_output: probabilities,
+              box_encoding: dfl}}
+variants:
+  - {{name: float32, mode: float32}}
+  - {{name: f32-tflite, mode: float32, target: tflite}}
+  - {{name: i8, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 8, {floors}}}
+  - {{name: i8-tflite, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 8,
+      {floors}}}
+verify: {{images: {val}, count: 4}}
+""")
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    done = run_cli("--json", "--cache-dir", str(tmp_path / "c"), "build", str(tmp_path / "head.yaml"), *where)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = {name: tmp_path / "dist" / "head" / v["file"]
+             for name, v in json.loads(done.stdout)["head"]["variants"].items()}
+    box_only = CLASS_BIAS / 255  # a scale shared with the class logits reaches below -CLASS_BIAS
+    from ai_edge_litert.interpreter import Interpreter
+
+    (box,) = [d for d in Interpreter(model_path=str(files["i8-tflite"])).get_output_details()
+              if d["name"] == "box_logits" or list(d["shape"])[1] == BOX_CHANNELS]
+    assert 0 < box["quantization"][0] < box_only, box["quantization"]
+    int8 = onnx.load(str(files["i8"]))
+    constants = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    producer = {out: node for node in int8.graph.node for out in node.output}
+    steps, pending = [], ["box_logits"]
+    while pending:  # every quantization between the box Convs and the output
+        node = producer.get(pending.pop())
+        if node is None or node.op_type == "Conv":
+            continue
+        if node.op_type == "QuantizeLinear":
+            steps.append(float(constants[node.input[1]]))
+        pending += [i for i in node.input if i in producer]
+    assert steps and max(steps) < box_only, steps
