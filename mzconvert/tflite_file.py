@@ -72,6 +72,33 @@ def add_buffer(model, data: bytes) -> int:
     return len(model.buffers) - 1
 
 
+def builtin_code(model, builtin: int, version: int) -> int:
+    """The index of `builtin`'s operator code in the model, added if it has none."""
+    s = schema()
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and not code.customCode:
+            code.version = max(code.version, version)
+            return i
+    code = s.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def drop_unused_tensors(graph) -> None:
+    """The tensors no op, input or output of `graph` names any more, taken out (a tensor nothing computes has no
+    data for an interpreter to show), the others' indices renumbered."""
+    used = sorted({i for op in graph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
+                  | set(graph.inputs) | set(graph.outputs))
+    renumbered = {old: new for new, old in enumerate(used)}
+    graph.tensors = [graph.tensors[i] for i in used]
+    for op in graph.operators:
+        op.inputs = [renumbered.get(i, -1) for i in op.inputs]
+        op.outputs = [renumbered[i] for i in op.outputs]
+    graph.inputs = [renumbered[i] for i in graph.inputs]
+    graph.outputs = [renumbered[i] for i in graph.outputs]
+
+
 def rewrite_constant(model, tensor, data: bytes) -> None:
     """`tensor`'s constant set to `data`, in a buffer of its own: the converter stores equal constants once
     (two layers' all-zero int32 biases share a buffer), and a layer's refit must not change another's."""

@@ -1,6 +1,6 @@
 """An older YOLOv8 head joins each level's box and class logits, flattens and joins the levels, and Splits boxes
-from classes again: freeze rewrites such a Split into parts never joined, so int8 never gives boxes and class
-logits one scale (backends/split_joins.py)."""
+from classes again (an ONNX export), or slices them (its .tflite): freeze rewrites either into parts never
+joined, so int8 never gives boxes and class logits one scale (backends/split_joins.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mzconvert.backends.split_joins import split_joins_apart
+from mzconvert.backends.split_joins import onnx_split_joins_apart, tflite_split_joins_apart
+from mzconvert.runtime import TFLiteRunner
+from mzconvert.tflite_file import op_names, read_model, write_model
 from tests.conftest import MIRROR, run_cli
 
 SIZE, STRIDES, BOX_CHANNELS, CLASSES, CLASS_BIAS = 64, (8, 16, 32), 64, 3, 15.0
@@ -88,7 +90,7 @@ def test_a_split_of_joined_levels_becomes_the_parts_joined_apart_with_the_same_v
                                             classes=classes, opset=opset)))
     image = np.random.RandomState(0).rand(1, 3, SIZE, SIZE).astype(np.float32)
     before = outputs_of(source, image)
-    rewritten = split_joins_apart(source)
+    rewritten = onnx_split_joins_apart(source)
     onnx.checker.check_model(rewritten)
     ops = [node.op_type for node in rewritten.graph.node]
     assert "Split" not in ops and "Shape" not in ops, ops
@@ -108,34 +110,86 @@ def test_a_split_that_does_not_undo_the_joins_is_left_as_it_is(tmp_path, sizes, 
     source = onnx.load(str(joined_head_onnx(tmp_path / "head.onnx", sizes, split_axis)))
     kept = onnx.ModelProto()
     kept.CopyFrom(source)
-    assert split_joins_apart(source) == kept
+    assert onnx_split_joins_apart(source) == kept
 
 
-def test_int8_gives_the_box_logits_of_a_joined_head_a_scale_of_their_own(tmp_path, mirror):
-    """Built int8 (TFLite and ONNX) from the joined head: its box logits (a few units either side of 0) are
-    quantized at a step of their own range, not at that of the joined tensor, which reaches the class logits at
-    -15 (the class Convs' bias) and below. Its float32 TFLite (onnx2tf's port of the rewritten head) passes the
-    float floors against the source graph."""
-    model = joined_head_onnx(tmp_path / "head.onnx")
-    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+def joined_head_tflite(path: Path, cut: str = "slices") -> Path:
+    """The same head as a float .tflite in NHWC, as onnx2tf ports it: each level's parts joined on the channels,
+    transposed to NCHW and flattened, the levels joined; boxes and classes cut by two STRIDED_SLICEs (`slices`)
+    or one SPLIT_V (`split`); outputs Identity (box logits) and Identity_1 (class probabilities)."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(5)
+    weights = {s: (rng.normal(0, 0.05, (s, s, 3, BOX_CHANNELS)).astype(np.float32),
+                   rng.normal(0, 0.05, (s, s, 3, CLASSES)).astype(np.float32)) for s in STRIDES}
+
+    @tf.function(input_signature=[tf.TensorSpec([1, SIZE, SIZE, 3], tf.float32, name="images")])
+    def head(images):
+        flats = []
+        for s in STRIDES:
+            box = tf.nn.conv2d(images, weights[s][0], strides=s, padding="VALID")
+            cls = tf.nn.conv2d(images, weights[s][1], strides=s, padding="VALID") - CLASS_BIAS
+            level = tf.transpose(tf.concat([box, cls], axis=3), [0, 3, 1, 2])
+            flats.append(tf.reshape(level, [1, BOX_CHANNELS + CLASSES, -1]))
+        joined = tf.concat(flats, axis=2)
+        boxes, classes = (tf.split(joined, [BOX_CHANNELS, CLASSES], axis=1) if cut == "split"
+                          else (joined[:, :BOX_CHANNELS, :], joined[:, BOX_CHANNELS:, :]))
+        return {"box_logits": boxes, "probabilities": tf.sigmoid(classes)}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([head.get_concrete_function()], head)
+    path.write_bytes(converter.convert())
+    return path
+
+
+@pytest.mark.parametrize("cut", ["slices", "split"])
+def test_a_tflite_heads_slices_of_joined_levels_become_the_parts_joined_apart(tmp_path, cut):
+    source = joined_head_tflite(tmp_path / "head.tflite", cut)
+    model = read_model(source)
+    sliced = {"slices": "STRIDED_SLICE", "split": "SPLIT_V"}[cut]
+    assert sliced in op_names(model)
+    assert tflite_split_joins_apart(model) == (2 if cut == "slices" else 1)
+    names = op_names(model)
+    assert sliced not in names and names.count("CONCATENATION") == 2, names  # each part's levels joined
+    image = np.random.RandomState(0).rand(1, SIZE, SIZE, 3).astype(np.float32)
+    before, after = TFLiteRunner(source), TFLiteRunner(write_model(model, tmp_path / "apart.tflite"))
+    assert [o.name for o in after.outputs] == [o.name for o in before.outputs]
+    for expected, got in zip(before.run(image), after.run(image)):
+        assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("source_format", ["onnx", "tflite"])
+def test_int8_gives_the_box_logits_of_a_joined_head_a_scale_of_their_own(tmp_path, mirror, source_format):
+    """Built int8 from the joined head (ONNX: TFLite and ONNX int8; a .tflite: TFLite int8): its box logits (a few
+    units either side of 0) are quantized at a step of their own range, not at that of the joined tensor, which
+    reaches the class logits at -15 (the class Convs' bias) and below. An ONNX source's float32 TFLite (onnx2tf's
+    port of the rewritten head) passes the float floors against the source graph."""
     floors = "min_matched: 0, min_slice_sqnr_db: -100"
+    train, val = MIRROR / "coco" / "train2017", MIRROR / "coco" / "val2017"
+    int8 = f"mode: int8, calibration: {train}, calibration_count: 8, {floors}"
+    if source_format == "onnx":
+        model = joined_head_onnx(tmp_path / "head.onnx")
+        source = f"format: onnx\ninput: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}"
+        strip, (box_output, class_output) = "strip: {inputs: [images], outputs: [box_logits, probabilities]}", \
+            ("box_logits", "probabilities")
+        onnx_variants = f"  - {{name: f32-tflite, mode: float32, target: tflite}}\n  - {{name: i8, io_dtype: float32, {int8}}}"
+    else:
+        model = joined_head_tflite(tmp_path / "head.tflite")
+        source = f"format: tflite\ninput: {{name: images, shape: [1, {SIZE}, {SIZE}, 3], layout: NHWC}}"
+        strip, (box_output, class_output), onnx_variants = "", ("Identity", "Identity_1"), ""
     (tmp_path / "head.yaml").write_text(f"""name: head
 task: detection
 description: an older YOLOv8 head made in the test, its levels joined and Split again
 license: test
 source: {{url: {model.as_uri()}, sha256: {hashlib.sha256(model.read_bytes()).hexdigest()}}}
-format: onnx
-input: {{name: images, shape: [1, 3, {SIZE}, {SIZE}], layout: NCHW}}
+{source}
 preprocess: {{interpolation: cv2-linear, letterbox: true, scale: 0.00392156862745098, offset: 0.0}}
-strip: {{inputs: [images], outputs: [box_logits, probabilities]}}
-postprocess: {{kind: yolov8, labels: [person, car, dog], box_output: box_logits, class_output: probabilities,
+{strip}
+postprocess: {{kind: yolov8, labels: [person, car, dog], box_output: {box_output}, class_output: {class_output},
               box_encoding: dfl}}
 variants:
   - {{name: float32, mode: float32}}
-  - {{name: f32-tflite, mode: float32, target: tflite}}
-  - {{name: i8, mode: int8, io_dtype: float32, calibration: {train}, calibration_count: 8, {floors}}}
-  - {{name: i8-tflite, mode: int8, target: tflite, io_dtype: int8, calibration: {train}, calibration_count: 8,
-      {floors}}}
+{onnx_variants}
+  - {{name: i8-tflite, target: tflite, io_dtype: int8, {int8}}}
 verify: {{images: {val}, count: 4}}
 """)
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
@@ -147,8 +201,10 @@ verify: {{images: {val}, count: 4}}
     from ai_edge_litert.interpreter import Interpreter
 
     (box,) = [d for d in Interpreter(model_path=str(files["i8-tflite"])).get_output_details()
-              if d["name"] == "box_logits" or list(d["shape"])[1] == BOX_CHANNELS]
+              if d["name"] == box_output]
     assert 0 < box["quantization"][0] < box_only, box["quantization"]
+    if source_format == "tflite":
+        return
     int8 = onnx.load(str(files["i8"]))
     constants = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
     producer = {out: node for node in int8.graph.node for out in node.output}

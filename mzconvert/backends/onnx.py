@@ -19,7 +19,7 @@ from . import StripResult, check_tensors, export_anchors, nhwc_port, torch_sourc
 from .float_twin import FloatTwinRunner, onnx_float_twin
 from .onnx_float16 import as_float32, topologically_sorted
 from .split_head import split_levels
-from .split_joins import split_joins_apart
+from .split_joins import onnx_split_joins_apart
 
 
 def _load(path: Path, widen_float16: bool = False):
@@ -58,7 +58,7 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     else:
         model = _load(source, widen_float16=True)  # a corrupt download is reported by its own name
     model = _at_least_opset(_with_input_shape(model, recipe, source), PER_CHANNEL_OPSET, source)
-    model = split_joins_apart(split_levels(model, recipe))
+    model = onnx_split_joins_apart(split_levels(model, recipe))
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     return _save(inferred, target)
 

@@ -1,4 +1,5 @@
-"""A Split that takes apart what Concats joined, rewritten so the parts are never joined (freeze, ONNX sources).
+"""A Split that takes apart what Concats joined, rewritten so the parts are never joined (freeze: ONNX sources, and
+float .tflite sources, where onnx2tf's port slices what it joined in NHWC).
 
 Ultralytics' YOLOv8 heads up to 8.3 join each level's box logits and class logits (Concat on the channel axis),
 flatten each level (Reshape to [N, C, H x W]), join the levels (Concat) and Split the channels into boxes and
@@ -7,15 +8,19 @@ ONNX Runtime requantizes them to it. So box logits (-6 to 20 on NudeNet's YOLOv8
 that the class logits (down to -19) widened, 1.5x coarser, and the class logits that of the box logits' top,
 where a sigmoid's bound (-8 to 8) gives them steps 2.4x finer. Rewritten, each part is flattened and joined
 level by level on its own (Reshape, Concat) into the tensor of the Split's output name: the same values, so
-every recipe's cut names what it named, and no scale is shared.
+every recipe's cut names what it named, and no scale is shared. In a .tflite (onnx2tf's port, as Ultralytics'
+own TFLite export up to 8.3 is) the levels are joined in NHWC, transposed to NCHW, flattened, joined, and the
+parts cut by STRIDED_SLICE or SPLIT_V; each part is then transposed, flattened and joined on its own.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..tflite_file import add_buffer, builtin_code, drop_unused_tensors, op_names, schema
 
-def split_joins_apart(model):
+
+def onnx_split_joins_apart(model):
     """`model` (its input shape fixed) with every Split whose parts are what Concats joined (see the module)
     rewritten into those parts' own Reshapes and Concats; the nodes nothing reads any more left out."""
     import onnx
@@ -143,3 +148,156 @@ def _without_unread(model):
         for listed in [i for i in graph.input if i.name == initializer.name]:
             graph.input.remove(listed)
     return model
+
+
+# -- .tflite ---------------------------------------------------------------------------------------------------
+NCHW_FROM_NHWC = [0, 3, 1, 2]
+
+
+def tflite_split_joins_apart(model) -> int:
+    """`model` (a float ModelT) with each STRIDED_SLICE or SPLIT_V of subgraph 0 that cuts what the levels' joins
+    joined (see the module) made of its parts never joined; returns how many were replaced."""
+    graph = model.subgraphs[0]
+    replaced = 0
+    for name, op in list(zip(op_names(model), graph.operators)):
+        if name not in ("STRIDED_SLICE", "SPLIT_V"):
+            continue
+        producer = {t: (n, o) for n, o in zip(op_names(model), graph.operators) for t in o.outputs}
+        parts = _tflite_sliced_parts(model, name, op, producer)
+        if parts is None:
+            continue
+        joined = producer[op.inputs[0]][1]
+        made = [new for output, levels in zip(op.outputs, parts) for new in _tflite_joined(model, levels, output)]
+        position = next(i for i, o in enumerate(graph.operators) if o is op)
+        graph.operators[position:position + 1] = made
+        _drop_unread(graph, [joined])
+        replaced += 1
+    if replaced:
+        drop_unused_tensors(graph)  # what the joins made: an interpreter has no data for a tensor nothing makes
+    return replaced
+
+
+def _constant(model, tensor: int) -> np.ndarray | None:
+    graph = model.subgraphs[0]
+    data = model.buffers[graph.tensors[tensor].buffer].data
+    return None if data is None or not len(data) else np.frombuffer(bytes(bytearray(data)), np.int32)
+
+
+def _tflite_levels(model, joined: int, producer: dict) -> list[list[int]] | None:
+    """[the parts each level joined (NHWC tensors)] when `joined` ([1, C, cells], float) is a CONCATENATION on its
+    cells of each level's parts, joined on their channels, transposed to NCHW and flattened; else None."""
+    graph = model.subgraphs[0]
+    name, join = producer.get(joined, (None, None))
+    if name != "CONCATENATION" or len(graph.tensors[joined].shape) != 3 or join.builtinOptions.axis % 3 != 2 \
+            or graph.tensors[joined].type != schema().TensorType.FLOAT32:
+        return None
+    levels = []
+    for flat in join.inputs:
+        reshape_name, reshape = producer.get(flat, (None, None))
+        transpose_name, transpose = producer.get(reshape.inputs[0], (None, None)) if reshape_name == "RESHAPE" \
+            else (None, None)
+        if transpose_name != "TRANSPOSE" or list(_constant(model, transpose.inputs[1])) != NCHW_FROM_NHWC:
+            return None
+        level_name, level = producer.get(transpose.inputs[0], (None, None))
+        shape = list(graph.tensors[transpose.inputs[0]].shape)
+        if level_name != "CONCATENATION" or len(shape) != 4 or level.builtinOptions.axis % 4 != 3 \
+                or list(graph.tensors[flat].shape) != [shape[0], shape[3], shape[1] * shape[2]]:
+            return None
+        levels.append(list(level.inputs))
+    return levels
+
+
+def _tflite_sliced_parts(model, name: str, op, producer: dict) -> list[list[int]] | None:
+    """For each output of a STRIDED_SLICE or SPLIT_V of joined levels (_tflite_levels) that cuts their channels
+    exactly at the parts each level joined: that part of every level; else None."""
+    graph = model.subgraphs[0]
+    levels = _tflite_levels(model, op.inputs[0], producer)
+    if levels is None:
+        return None
+    widths = [int(graph.tensors[part].shape[3]) for part in levels[0]]
+    if any([int(graph.tensors[part].shape[3]) for part in level] != widths for level in levels):
+        return None
+    starts = np.cumsum([0, *widths]).tolist()
+    joined_shape = [int(d) for d in graph.tensors[op.inputs[0]].shape]
+    if name == "SPLIT_V":
+        sizes, axis = _constant(model, op.inputs[1]), _constant(model, op.inputs[2])
+        if sizes is None or axis is None or int(axis[0]) % 3 != 1 or list(sizes) != widths:
+            return None
+        return [[level[k] for level in levels] for k in range(len(widths))]
+    channels = _sliced_channels(model, op, joined_shape)
+    if channels is None or channels[0] not in starts[:-1] or starts[starts.index(channels[0]) + 1] != channels[1]:
+        return None
+    return [[level[starts.index(channels[0])] for level in levels]]
+
+
+def _sliced_channels(model, op, shape: list[int]) -> tuple[int, int] | None:
+    """(first, end) of the channels (axis 1) a STRIDED_SLICE takes of a [1, C, cells] tensor, when it takes
+    them whole on the other axes, one by one; else None."""
+    options = op.builtinOptions
+    begin, end, strides = (_constant(model, i) for i in op.inputs[1:4])
+    if begin is None or end is None or strides is None or len(begin) != 3 or any(strides != 1) \
+            or options.ellipsisMask or options.newAxisMask or options.shrinkAxisMask:
+        return None
+    bounds = []
+    for axis, size in enumerate(shape):
+        first = 0 if options.beginMask >> axis & 1 else int(begin[axis]) % size
+        last = size if options.endMask >> axis & 1 else min(int(end[axis]) + (size if end[axis] < 0 else 0), size)
+        bounds.append((first, last))
+    return bounds[1] if bounds[0] == (0, shape[0]) and bounds[2] == (0, shape[2]) else None
+
+
+def _tflite_joined(model, parts: list[int], output: int) -> list:
+    """The ops that make `output` of `parts` (one NHWC tensor a level): each transposed to NCHW, flattened, and
+    the levels joined on their cells."""
+    s = schema()
+    graph = model.subgraphs[0]
+    ops, flats = [], []
+
+    def tensor(name: bytes, shape: list[int], data: np.ndarray | None = None) -> int:
+        made = s.TensorT()
+        made.name, made.shape = name, np.array(shape, np.int32)
+        made.type = s.TensorType.FLOAT32 if data is None else s.TensorType.INT32
+        if data is None:  # computed: a buffer without data
+            model.buffers.append(s.BufferT())
+            made.buffer = len(model.buffers) - 1
+        else:
+            made.buffer = add_buffer(model, data.astype("<i4").tobytes())
+        graph.tensors.append(made)
+        return len(graph.tensors) - 1
+
+    def operator(code: int, inputs: list[int], result: int, options_type: int, options) -> None:
+        made = s.OperatorT()
+        made.opcodeIndex, made.inputs, made.outputs = builtin_code(model, code, version=1), inputs, [result]
+        made.builtinOptionsType, made.builtinOptions = options_type, options
+        ops.append(made)
+
+    base = graph.tensors[output].name
+    for number, part in enumerate(parts):
+        _, height, width, channels = (int(d) for d in graph.tensors[part].shape)
+        perm = tensor(b"%s/level%d/perm" % (base, number), [4], np.array(NCHW_FROM_NHWC))
+        nchw = tensor(b"%s/level%d/nchw" % (base, number), [1, channels, height, width])
+        operator(s.BuiltinOperator.TRANSPOSE, [part, perm], nchw, s.BuiltinOptions.TransposeOptions,
+                 s.TransposeOptionsT())
+        shape = [1, channels, height * width]
+        new_shape = tensor(b"%s/level%d/shape" % (base, number), [3], np.array(shape))
+        flats.append(tensor(b"%s/level%d" % (base, number), shape))
+        reshape = s.ReshapeOptionsT()
+        reshape.newShape = shape
+        operator(s.BuiltinOperator.RESHAPE, [nchw, new_shape], flats[-1], s.BuiltinOptions.ReshapeOptions, reshape)
+    join = s.ConcatenationOptionsT()
+    join.axis = 2
+    operator(s.BuiltinOperator.CONCATENATION, flats, output, s.BuiltinOptions.ConcatenationOptions, join)
+    return ops
+
+
+def _drop_unread(graph, ops: list) -> None:
+    """`ops` and the ops that made their inputs, as far as nothing else reads what they make, taken out."""
+    pending = list(ops)
+    while pending:
+        op = pending.pop()
+        read = {i for o in graph.operators if o is not op for i in o.inputs} | set(graph.outputs)
+        if any(t in read for t in op.outputs) or not any(o is op for o in graph.operators):
+            continue
+        graph.operators = [o for o in graph.operators if o is not op]
+        made = {t: o for o in graph.operators for t in o.outputs}
+        pending += [made[i] for i in op.inputs if i in made]

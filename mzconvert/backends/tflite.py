@@ -23,21 +23,33 @@ from ..quant import litert_quantizer
 from ..recipe import Recipe, Variant
 from ..recipe.schema import CALIBRATED_MODES
 from ..runtime import REFERENCE, TFLiteRunner
-from ..tflite_file import add_buffer, drop_import_hints, op_names, read_model, schema, write_model
+from ..tflite_file import (
+    add_buffer,
+    builtin_code,
+    drop_import_hints,
+    drop_unused_tensors,
+    op_names,
+    read_model,
+    schema,
+    write_model,
+)
 from . import StripResult, check_tensors
 from .float_twin import FloatTwinRunner, is_quantized_tflite, write_tflite_float_twin
+from .split_joins import tflite_split_joins_apart
 
 
 def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     """The source file, or the same float model in the form int8 quantizes whole, as published MediaPipe
     models need: weights stored sparse (each a DENSIFY) stored dense, weights stored float16 (each a
-    DEQUANTIZE to float32) stored float32, and MediaPipe's custom Convolution2DTransposeBias as the builtin
-    TRANSPOSE_CONV with bias. A rewritten file must compute what the source does (checked here on random
-    inputs)."""
+    DEQUANTIZE to float32) stored float32, MediaPipe's custom Convolution2DTransposeBias as the builtin
+    TRANSPOSE_CONV with bias, and the parts a slice takes of joined levels never joined (split_joins: an older
+    YOLOv8 head's box and class logits). A rewritten file must compute what the source does (checked here on
+    random inputs)."""
     original = TFLiteRunner(source)  # a file the interpreter cannot load stops here, by name
     target = out_dir / "model.tflite"
     model = read_model(source)
-    if not (_dense_weights(model) + _float32_weights(model) + _builtin_transpose_convs(model)):
+    if not (_dense_weights(model) + _float32_weights(model) + _builtin_transpose_convs(model)
+            + tflite_split_joins_apart(model)):
         return Path(shutil.copyfile(source, target))
     write_model(model, target)
     _check_same_function(original, TFLiteRunner(target), source)
@@ -51,8 +63,8 @@ def _check_same_function(original: TFLiteRunner, rewritten: TFLiteRunner, source
         for want, got in zip(original.run(x), rewritten.run(x)):
             scale = max(float(np.abs(want).max()), 1.0)
             if want.shape != got.shape or float(np.abs(want - got).max()) > REWRITE_TOLERANCE * scale:
-                raise MzError(f"{source}: rewriting its float16 weights / custom transpose convolutions changed "
-                              "what it computes; please report this model")
+                raise MzError(f"{source}: rewriting it (its float16 or sparse weights, custom transpose "
+                              "convolutions or joined head) changed what it computes; please report this model")
 
 
 REWRITE_TOLERANCE = 1e-4  # relative: a different summation order, nothing more
@@ -82,25 +94,12 @@ def _builtin_transpose_convs(model) -> int:
             graph.tensors.append(out_shape)
             conv = s.TransposeConvOptionsT()
             conv.padding, conv.strideW, conv.strideH = _MEDIAPIPE_PADDING[padding], stride_w, stride_h
-            op.opcodeIndex = _builtin_code(model, s.BuiltinOperator.TRANSPOSE_CONV, version=3)  # 3: with bias
+            op.opcodeIndex = builtin_code(model, s.BuiltinOperator.TRANSPOSE_CONV, version=3)  # 3: with bias
             op.inputs = [len(graph.tensors) - 1, op.inputs[1], op.inputs[0], op.inputs[2]]
             op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.TransposeConvOptions, conv
             op.customOptions = None
             replaced += 1
     return replaced
-
-
-def _builtin_code(model, builtin: int, version: int) -> int:
-    """The index of `builtin`'s operator code in the model, added if it has none."""
-    s = schema()
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and not code.customCode:
-            code.version = max(code.version, version)
-            return i
-    code = s.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
 
 
 def _dense_weights(model) -> int:
@@ -168,7 +167,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     if float_outputs:  # an integer model with float outputs keeps them: its cut outputs dequantized last
         _dequantized_outputs(model, graph)
     model.signatureDefs = []  # a signature names the outputs the cut removed
-    _drop_unused_tensors(graph)
+    drop_unused_tensors(graph)
     return StripResult(model=write_model(model, target))
 
 
@@ -192,24 +191,10 @@ def _dequantized_outputs(model, graph) -> None:
         quantized.name += b"/quantized"
         graph.tensors.append(output)
         op = s.OperatorT()
-        op.opcodeIndex = _builtin_code(model, s.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_VERSIONS[types[quantized.type]])
+        op.opcodeIndex = builtin_code(model, s.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_VERSIONS[types[quantized.type]])
         op.inputs, op.outputs = [index], [len(graph.tensors) - 1]
         graph.operators.append(op)
         graph.outputs[k] = len(graph.tensors) - 1
-
-
-def _drop_unused_tensors(graph) -> None:
-    """The tensors no op, input or output of `graph` names any more, taken out (a tensor nothing computes has no
-    data for an interpreter to show), the others' indices renumbered."""
-    used = sorted({i for op in graph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
-                  | set(graph.inputs) | set(graph.outputs))
-    renumbered = {old: new for new, old in enumerate(used)}
-    graph.tensors = [graph.tensors[i] for i in used]
-    for op in graph.operators:
-        op.inputs = [renumbered.get(i, -1) for i in op.inputs]
-        op.outputs = [renumbered[i] for i in op.outputs]
-    graph.inputs = [renumbered[i] for i in graph.inputs]
-    graph.outputs = [renumbered[i] for i in graph.outputs]
 
 
 def convert(model: Path, recipe: Recipe, variant: Variant, calibration, out_dir: Path) -> Path:
