@@ -189,18 +189,20 @@ def _tflite_levels(model, joined: int, producer: dict) -> list[list[int]] | None
     graph = model.subgraphs[0]
     name, join = producer.get(joined, (None, None))
     if name != "CONCATENATION" or len(graph.tensors[joined].shape) != 3 or join.builtinOptions.axis % 3 != 2 \
-            or graph.tensors[joined].type != schema().TensorType.FLOAT32:
+            or join.builtinOptions.fusedActivationFunction or graph.tensors[joined].type != schema().TensorType.FLOAT32:
         return None
     levels = []
     for flat in join.inputs:
         reshape_name, reshape = producer.get(flat, (None, None))
         transpose_name, transpose = producer.get(reshape.inputs[0], (None, None)) if reshape_name == "RESHAPE" \
             else (None, None)
-        if transpose_name != "TRANSPOSE" or list(_constant(model, transpose.inputs[1])) != NCHW_FROM_NHWC:
+        perm = _constant(model, transpose.inputs[1]) if transpose_name == "TRANSPOSE" else None
+        if perm is None or list(perm) != NCHW_FROM_NHWC:
             return None
         level_name, level = producer.get(transpose.inputs[0], (None, None))
         shape = list(graph.tensors[transpose.inputs[0]].shape)
         if level_name != "CONCATENATION" or len(shape) != 4 or level.builtinOptions.axis % 4 != 3 \
+                or level.builtinOptions.fusedActivationFunction \
                 or list(graph.tensors[flat].shape) != [shape[0], shape[3], shape[1] * shape[2]]:
             return None
         levels.append(list(level.inputs))
@@ -236,7 +238,7 @@ def _sliced_channels(model, op, shape: list[int]) -> tuple[int, int] | None:
     options = op.builtinOptions
     begin, end, strides = (_constant(model, i) for i in op.inputs[1:4])
     if begin is None or end is None or strides is None or len(begin) != 3 or any(strides != 1) \
-            or options.ellipsisMask or options.newAxisMask or options.shrinkAxisMask:
+            or options.ellipsisMask or options.newAxisMask or options.shrinkAxisMask or options.offset:
         return None
     bounds = []
     for axis, size in enumerate(shape):
@@ -273,12 +275,12 @@ def _tflite_joined(model, parts: list[int], output: int) -> list:
 
     base = graph.tensors[output].name
     for number, part in enumerate(parts):
-        _, height, width, channels = (int(d) for d in graph.tensors[part].shape)
+        batch, height, width, channels = (int(d) for d in graph.tensors[part].shape)
         perm = tensor(b"%s/level%d/perm" % (base, number), [4], np.array(NCHW_FROM_NHWC))
-        nchw = tensor(b"%s/level%d/nchw" % (base, number), [1, channels, height, width])
+        nchw = tensor(b"%s/level%d/nchw" % (base, number), [batch, channels, height, width])
         operator(s.BuiltinOperator.TRANSPOSE, [part, perm], nchw, s.BuiltinOptions.TransposeOptions,
                  s.TransposeOptionsT())
-        shape = [1, channels, height * width]
+        shape = [batch, channels, height * width]
         new_shape = tensor(b"%s/level%d/shape" % (base, number), [3], np.array(shape))
         flats.append(tensor(b"%s/level%d" % (base, number), shape))
         reshape = s.ReshapeOptionsT()
