@@ -85,9 +85,10 @@ def builtin_code(model, builtin: int, version: int) -> int:
     return len(model.operatorCodes) - 1
 
 
-def drop_unused_tensors(graph) -> None:
-    """The tensors no op, input or output of `graph` names any more, taken out (a tensor nothing computes has no
-    data for an interpreter to show), the others' indices renumbered."""
+def drop_unused_tensors(model, subgraph: int = 0) -> None:
+    """The tensors no op, input or output of a subgraph of `model` names any more, taken out (a tensor nothing
+    computes has no data for an interpreter to show), the others' indices renumbered, in its signatures too."""
+    graph = model.subgraphs[subgraph]
     used = sorted({i for op in graph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
                   | set(graph.inputs) | set(graph.outputs))
     renumbered = {old: new for new, old in enumerate(used)}
@@ -97,6 +98,10 @@ def drop_unused_tensors(graph) -> None:
         op.outputs = [renumbered[i] for i in op.outputs]
     graph.inputs = [renumbered[i] for i in graph.inputs]
     graph.outputs = [renumbered[i] for i in graph.outputs]
+    for signature in model.signatureDefs or []:
+        if signature.subgraphIndex == subgraph:
+            for named in (*(signature.inputs or []), *(signature.outputs or [])):
+                named.tensorIndex = renumbered[named.tensorIndex]
 
 
 def rewrite_constant(model, tensor, data: bytes) -> None:

@@ -116,7 +116,7 @@ def test_a_split_that_does_not_undo_the_joins_is_left_as_it_is(tmp_path, sizes, 
 def joined_head_tflite(path: Path, cut: str = "slices") -> Path:
     """The same head as a float .tflite in NHWC, as onnx2tf ports it: each level's parts joined on the channels,
     transposed to NCHW and flattened, the levels joined; boxes and classes cut by two STRIDED_SLICEs (`slices`)
-    or one SPLIT_V (`split`); outputs Identity (box logits) and Identity_1 (class probabilities)."""
+    or one SPLIT_V (`split`); its signature's outputs box_logits and probabilities."""
     import tensorflow as tf
 
     rng = np.random.RandomState(5)
@@ -136,9 +136,19 @@ def joined_head_tflite(path: Path, cut: str = "slices") -> Path:
                           else (joined[:, :BOX_CHANNELS, :], joined[:, BOX_CHANNELS:, :]))
         return {"box_logits": boxes, "probabilities": tf.sigmoid(classes)}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([head.get_concrete_function()], head)
-    path.write_bytes(converter.convert())
+    module = tf.Module()
+    module.head = head
+    tf.saved_model.save(module, str(path.with_suffix(".saved")), signatures=head.get_concrete_function())
+    path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(path.with_suffix(".saved"))).convert())
     return path
+
+
+def signature_outputs(path: Path) -> dict[str, str]:
+    """{signature output key: its tensor's name} of a .tflite's one signature."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner()
+    return {key: detail["name"] for key, detail in runner.get_output_details().items()}
 
 
 @pytest.mark.parametrize("cut", ["slices", "split"])
@@ -155,6 +165,7 @@ def test_a_tflite_heads_slices_of_joined_levels_become_the_parts_joined_apart(tm
     assert [o.name for o in after.outputs] == [o.name for o in before.outputs]
     for expected, got in zip(before.run(image), after.run(image)):
         assert np.array_equal(expected, got)
+    assert signature_outputs(tmp_path / "apart.tflite") == signature_outputs(source)  # what a signature runner reads
 
 
 @pytest.mark.parametrize("source_format", ["onnx", "tflite"])
@@ -174,8 +185,10 @@ def test_int8_gives_the_box_logits_of_a_joined_head_a_scale_of_their_own(tmp_pat
         onnx_variants = f"  - {{name: f32-tflite, mode: float32, target: tflite}}\n  - {{name: i8, io_dtype: float32, {int8}}}"
     else:
         model = joined_head_tflite(tmp_path / "head.tflite")
-        source = f"format: tflite\ninput: {{name: images, shape: [1, {SIZE}, {SIZE}, 3], layout: NHWC}}"
-        strip, (box_output, class_output), onnx_variants = "", ("Identity", "Identity_1"), ""
+        source = f"format: tflite\ninput: {{name: serving_default_images:0, shape: [1, {SIZE}, {SIZE}, 3], layout: NHWC}}"
+        outputs = signature_outputs(model)
+        strip, box_output, class_output = "", outputs["box_logits"], outputs["probabilities"]
+        onnx_variants = ""
     (tmp_path / "head.yaml").write_text(f"""name: head
 task: detection
 description: an older YOLOv8 head made in the test, its levels joined and Split again

@@ -173,7 +173,7 @@ def tflite_split_joins_apart(model) -> int:
         _drop_unread(graph, [joined])
         replaced += 1
     if replaced:
-        drop_unused_tensors(graph)  # what the joins made: an interpreter has no data for a tensor nothing makes
+        drop_unused_tensors(model)  # what the joins made: an interpreter has no data for a tensor nothing makes
     return replaced
 
 

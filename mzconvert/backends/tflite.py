@@ -167,7 +167,7 @@ def strip(frozen: Path, recipe: Recipe, out_dir: Path) -> StripResult:
     if float_outputs:  # an integer model with float outputs keeps them: its cut outputs dequantized last
         _dequantized_outputs(model, graph)
     model.signatureDefs = []  # a signature names the outputs the cut removed
-    drop_unused_tensors(graph)
+    drop_unused_tensors(model)
     return StripResult(model=write_model(model, target))
 
 
