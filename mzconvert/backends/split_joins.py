@@ -20,6 +20,7 @@ import numpy as np
 from ..tflite_file import add_buffer, builtin_code, drop_unused_tensors, op_names, schema
 
 
+# -- ONNX ------------------------------------------------------------------------------------------------------
 def onnx_split_joins_apart(model):
     """`model` (its input shape fixed) with every Split whose parts are what Concats joined (see the module)
     rewritten into those parts' own Reshapes and Concats; the nodes nothing reads any more left out."""
