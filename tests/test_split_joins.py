@@ -23,14 +23,14 @@ SIZE, STRIDES, BOX_CHANNELS, CLASSES, CLASS_BIAS = 64, (8, 16, 32), 64, 3, 15.0
 
 
 def joined_head_onnx(path: Path, sizes: tuple[int, int] | None = None, split_axis: int = 1,
-                     sizes_as: str = "input", computed_shape: bool = True, classes: int = CLASSES,
+                     sizes_as: str = "initializer", computed_shape: bool = True, classes: int = CLASSES,
                      opset: int = 17) -> Path:
     """A head as Ultralytics up to 8.3 exports it: per level a box Conv (logits near 0) and a class Conv (far
     below 0, as a trained detector's where nothing is) joined on the channel axis, flattened by a Reshape (its
     shape computed from the input's batch as an unsimplified export computes it, or constant as a simplified one
-    has it), the levels joined, then a Split
-    of `sizes` (the box and class channels unless given) along `split_axis` (the sizes an input, an initializer's or
-    a Constant node's, at `opset`, or `num_outputs`, opset 18: equal parts) and a Sigmoid."""
+    has it), the levels joined, then a Split of `sizes` (the box and class channels unless given) along
+    `split_axis`, the sizes an `initializer` or a `constant-node` at `opset`, or `num_outputs` (opset 18: equal
+    parts), and a Sigmoid."""
     sizes = sizes or (BOX_CHANNELS, classes)
     rng = np.random.RandomState(5)
     arrays, nodes, flats = {}, [], []
@@ -56,7 +56,7 @@ def joined_head_onnx(path: Path, sizes: tuple[int, int] | None = None, split_axi
     if sizes_as == "constant-node":
         nodes.append(helper.make_node("Constant", [], ["sizes"], value=numpy_helper.from_array(
             np.array(sizes, np.int64))))
-    elif sizes_as == "input":
+    elif sizes_as == "initializer":
         arrays["sizes"] = np.array(sizes, np.int64)
     if sizes_as != "num_outputs":
         nodes.append(helper.make_node("Split", ["joined", "sizes"], ["box_logits", "class_logits"], axis=split_axis))
@@ -78,7 +78,7 @@ def outputs_of(model, image: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("sizes_as, computed_shape, opset", [
-    ("input", True, 17), ("input", True, 13), ("input", False, 17), ("constant-node", True, 17),
+    ("initializer", True, 17), ("initializer", True, 13), ("initializer", False, 17), ("constant-node", True, 17),
     ("num_outputs", True, 18)],
     ids=["shape-computed", "shape-computed-opset-13", "shape-constant", "sizes-a-constant-node", "num-outputs"])
 def test_a_split_of_joined_levels_becomes_the_parts_joined_apart_with_the_same_values(tmp_path, sizes_as,
