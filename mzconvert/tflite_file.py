@@ -38,6 +38,11 @@ def op_names(model, subgraph: int = 0) -> list[str]:
     return found
 
 
+def producers(model) -> dict:
+    """{tensor index: (op name, op)} of the ops of a .tflite's first subgraph, by the tensors they make."""
+    return {out: (name, op) for name, op in zip(op_names(model), model.subgraphs[0].operators) for out in op.outputs}
+
+
 # Metadata a converter leaves for a later MLIR import of its file. litert-torch (Ultralytics' `format=tflite` since
 # 8.4.83) writes keep_stablehlo_constant: imported with it, every constant stays a StableHLO constant, which neither
 # TensorFlow's quantizer nor ai-edge-quantizer takes for a weight (a YOLOv8n's 63 convolutions stayed float, each

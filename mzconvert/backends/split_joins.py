@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tflite_file import add_buffer, builtin_code, drop_unused_tensors, op_names, schema
+from ..tflite_file import add_buffer, builtin_code, drop_unused_tensors, op_names, producers, schema
 
 
 # -- ONNX ------------------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def tflite_split_joins_apart(model) -> int:
     for name, op in list(zip(op_names(model), graph.operators)):
         if name not in ("STRIDED_SLICE", "SPLIT_V"):
             continue
-        producer = {t: (n, o) for n, o in zip(op_names(model), graph.operators) for t in o.outputs}
+        producer = producers(model)  # as the rewrites before this one left the graph
         parts = _tflite_sliced_parts(model, name, op, producer)
         if parts is None:
             continue
@@ -228,9 +228,10 @@ def _tflite_sliced_parts(model, name: str, op, producer: dict) -> list[list[int]
             return None
         return [[level[k] for level in levels] for k in range(len(widths))]
     channels = _sliced_channels(model, op, joined_shape)
-    if channels is None or channels[0] not in starts[:-1] or starts[starts.index(channels[0]) + 1] != channels[1]:
+    part = starts.index(channels[0]) if channels is not None and channels[0] in starts[:-1] else None
+    if part is None or starts[part + 1] != channels[1]:
         return None
-    return [[level[starts.index(channels[0])] for level in levels]]
+    return [[level[part] for level in levels]]
 
 
 def _sliced_channels(model, op, shape: list[int]) -> tuple[int, int] | None:

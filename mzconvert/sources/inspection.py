@@ -587,7 +587,7 @@ def _anchor_levels(model, producer: dict) -> list[dict]:
 
 def inspect_tflite(path: Path) -> dict:
     from ..runtime import open_model
-    from ..tflite_file import input_normalization, op_names, read_model, schema
+    from ..tflite_file import input_normalization, op_names, producers, read_model, schema
 
     runner = open_model(path)
     model = read_model(path)
@@ -602,7 +602,7 @@ def inspect_tflite(path: Path) -> dict:
               "tensor_types": dict(tensor_types.most_common()), "float_tensors": floats, "full_integer": floats == 0}
     if normalization := input_normalization(model):
         report["normalization"] = normalization
-    made = _tflite_producers(model)
+    made = producers(model)
     if head := _ssd_head(model, made, report["outputs"]):
         report["ssd_head"] = head
     if parts := _tflite_concatenated_outputs(model, made, report["outputs"]):
@@ -625,7 +625,7 @@ def inspect_tflite(path: Path) -> dict:
 
 
 def _tflite_dfl_input(model, made: dict) -> dict | None:
-    """As _dfl_input, in a .tflite (`made`: _tflite_producers): the input, through RESHAPE and TRANSPOSE, of a
+    """As _dfl_input, in a .tflite (`made`: tflite_file.producers): the input, through RESHAPE and TRANSPOSE, of a
     SOFTMAX that a 1x1 CONV_2D with float weights 0, 1 .. bins - 1 reads (stored float32, or float16 behind a
     DEQUANTIZE, as float16 exports store them). None unless there is exactly one."""
     graph = model.subgraphs[0]
@@ -648,7 +648,7 @@ def _tflite_dfl_input(model, made: dict) -> dict | None:
 
 
 def _tflite_distances_input(model, made: dict) -> str | None:
-    """As _distances_input, in a .tflite (`made`: _tflite_producers)."""
+    """As _distances_input, in a .tflite (`made`: tflite_file.producers)."""
     # a TFLite SPLIT reads its axis first, its tensor second
     ops = [(name, op.inputs[1:] if name == "SPLIT" else op.inputs, op.outputs) for name, op in made.values()]
     distances = _grid_decode_input(ops)
@@ -681,10 +681,10 @@ def _tflite_softmax_outputs(model, made: dict) -> dict[str, str]:
 def softmax_outputs(path: Path) -> set[str]:
     """The outputs of a .tflite or .onnx file that a Softmax makes: probabilities, not logits."""
     if path.suffix == ".tflite":
-        from ..tflite_file import read_model
+        from ..tflite_file import producers, read_model
 
         model = read_model(path)
-        return set(_tflite_softmax_outputs(model, _tflite_producers(model)))
+        return set(_tflite_softmax_outputs(model, producers(model)))
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -721,15 +721,8 @@ def _onnx_inputs_of(made: dict) -> Callable:
 
 
 def _tflite_made_by(made: dict) -> Callable:
-    """_viewed's made_by over _tflite_producers' map."""
+    """_viewed's made_by over tflite_file.producers' map."""
     return lambda tensor: (made[tensor][0], made[tensor][1].inputs[0]) if tensor in made else None
-
-
-def _tflite_producers(model) -> dict:
-    """{tensor index: (op name, op)} of the ops of a .tflite's first subgraph, by the tensors they make."""
-    from ..tflite_file import op_names
-
-    return {out: (name, op) for name, op in zip(op_names(model), model.subgraphs[0].operators) for out in op.outputs}
 
 
 # What Ultralytics appends to the .tflite it exports (its ONNX exports carry the same as metadata_props)
@@ -791,7 +784,7 @@ def _ssd_head(model, made: dict, outputs: list[dict]) -> dict | None:
     [1, N, 4 + 2 x keypoints] (box offsets, then keypoints) and [1, N, classes], each joined from per-level maps
     [1, rows, columns, anchors x values] reshaped (and concatenated, level by level). {box_output, class_output,
     levels: [{rows, columns, anchors}]}: the anchors per cell each level has, as both outputs read them; else None.
-    `made`: _tflite_producers."""
+    `made`: tflite_file.producers."""
     shapes = [o.get("shape") or [] for o in outputs]
     if len(outputs) != 2 or any(len(shape) != 3 for shape in shapes) or shapes[0][1] != shapes[1][1]:
         return None
