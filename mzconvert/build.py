@@ -145,6 +145,13 @@ def _choosing_text(p: Planner, variant: Variant, chosen_by: list[str]) -> str:
             + (f"{also} of them calibrated on" if also else "none calibrated on") + "; verify judges the choice")
 
 
+def _sigmoid_read(recipe) -> dict:
+    """The outputs whose ranges stop at a sigmoid's band (Postprocess.bounded_outputs), for a stage's inputs; none
+    named where there are none, so that other recipes' stages keep their stamps."""
+    bounded = recipe.postprocess.bounded_outputs if recipe.postprocess else ()
+    return {"sigmoid_read": list(bounded)} if bounded else {}
+
+
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:
     """One calibration per (model, images, preprocessing): every TFLite int8 variant using them shares it."""
     from .stages.calibrate import calibrate
@@ -155,7 +162,8 @@ def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOut
               "tools": p.versions,
               "moments": variant.fits_every_layer,  # of every layer, not only depthwise ones
               "method": [variant.calibration_method]
-              + ([variant.calibration_percentile] if variant.calibration_method == "percentile" else [])}
+              + ([variant.calibration_percentile] if variant.calibration_method == "percentile" else []),
+              **_sigmoid_read(p.recipe)}
 
     def action(out: Path) -> dict:
         return {"model": calibrate(stripped.path("model"), p.recipe, variant, images(), out).name}
@@ -175,7 +183,8 @@ def _quantize(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutc
 
     inputs = {"model": stripped.digest(), "variant": _quantizing(variant),
               "weight_rounding": variant.weight_rounding,  # its default depends on the target
-              "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "tools": p.versions}
+              "input": validated(p.recipe.input), "strip": validated(p.recipe.strip), "tools": p.versions,
+              **_sigmoid_read(p.recipe)}
     images = calibrated = None
     if variant.calibration and shares_calibration(p.recipe, variant):
         calibrated = _calibrate(p, stripped, variant)

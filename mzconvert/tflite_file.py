@@ -90,6 +90,44 @@ def builtin_code(model, builtin: int, version: int) -> int:
     return len(model.operatorCodes) - 1
 
 
+def add_tensor(model, name: bytes, shape: list[int], data: np.ndarray | None = None) -> int:
+    """A tensor appended to subgraph 0: float32 and computed without `data`, else the constant `data` (int32 or
+    float32); its index."""
+    s = schema()
+    made = s.TensorT()
+    made.name, made.shape = name, np.array(shape, np.int32)
+    if data is None:  # computed: a buffer without data
+        made.type = s.TensorType.FLOAT32
+        model.buffers.append(s.BufferT())
+        made.buffer = len(model.buffers) - 1
+    else:
+        made.type = s.TensorType.INT32 if data.dtype.kind == "i" else s.TensorType.FLOAT32
+        made.buffer = add_buffer(model, data.astype("<i4" if data.dtype.kind == "i" else "<f4").tobytes())
+    model.subgraphs[0].tensors.append(made)
+    return len(model.subgraphs[0].tensors) - 1
+
+
+def new_operator(model, builtin: int, inputs: list[int], outputs: list[int], options_type: int, options):
+    """An OperatorT of `builtin` (version 1 unless the model's code of it is later), not yet in any graph."""
+    made = schema().OperatorT()
+    made.opcodeIndex, made.inputs, made.outputs = builtin_code(model, builtin, version=1), inputs, outputs
+    made.builtinOptionsType, made.builtinOptions = options_type, options
+    return made
+
+
+def drop_unread_ops(graph, ops: list) -> None:
+    """`ops` and the ops that made their inputs, as far as nothing else reads what they make, taken out of `graph`."""
+    pending = list(ops)
+    while pending:
+        op = pending.pop()
+        read = {i for o in graph.operators if o is not op for i in o.inputs} | set(graph.outputs)
+        if any(t in read for t in op.outputs) or not any(o is op for o in graph.operators):
+            continue
+        graph.operators = [o for o in graph.operators if o is not op]
+        made = {t: o for o in graph.operators for t in o.outputs}
+        pending += [made[i] for i in op.inputs if i in made]
+
+
 def drop_unused_tensors(model, subgraph: int = 0) -> None:
     """The tensors no op, input or output of a subgraph of `model` names any more, taken out (a tensor nothing
     computes has no data for an interpreter to show), the others' indices renumbered, in its signatures too."""

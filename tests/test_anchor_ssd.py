@@ -157,15 +157,24 @@ verify: {{images: {check}}}
 
 
 def mediapipe_layout_tflite(path: Path, size: tuple[int, int], levels: list[tuple[int, int]], values: int,
-                            classes: int = 1) -> Path:
+                            classes: int = 1, keypoint_gain: float = 1.0, logit_gain: float = 1.0,
+                            bias: bool = False) -> Path:
     """A float .tflite ending as MediaPipe's detectors end: per level (stride, anchors a cell) a map of the input
     [1, rows, columns, anchors x values] reshaped to [1, rows x columns x anchors, values], the levels joined (one
-    level: no join) into the box output, and the same for the class logits."""
+    level: no join) into the box output, and the same for the class logits. The keypoints' weights (each anchor's
+    values after its 4 box values) and the class logits' are those gains times the box values' scale; with `bias`
+    each map adds a bias of its own."""
     import tensorflow as tf
 
     rng = np.random.RandomState(5)
-    kernels = [(tf.constant(rng.normal(0, 0.05, (stride, stride, 3, anchors * values)).astype(np.float32)),
-                tf.constant(rng.normal(0, 0.05, (stride, stride, 3, anchors * classes)).astype(np.float32)), stride)
+
+    def regressor(anchors: int, stride: int) -> np.ndarray:
+        gains = np.tile(np.r_[np.ones(4), np.full(values - 4, keypoint_gain)], anchors)
+        return (rng.normal(0, 0.05, (stride, stride, 3, anchors * values)) * gains).astype(np.float32)
+
+    kernels = [(tf.constant(regressor(anchors, stride)),
+                tf.constant(rng.normal(0, 0.05 * logit_gain, (stride, stride, 3, anchors * classes))
+                            .astype(np.float32)), stride)
                for stride, anchors in levels]
 
     @tf.function(input_signature=[tf.TensorSpec([1, *size, 3], tf.float32)])
@@ -173,8 +182,12 @@ def mediapipe_layout_tflite(path: Path, size: tuple[int, int], levels: list[tupl
         def joined(parts):
             return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
-        boxes = joined([tf.reshape(tf.nn.conv2d(x, b, s, "VALID"), [1, -1, values]) for b, _, s in kernels])
-        scores = joined([tf.reshape(tf.nn.conv2d(x, c, s, "VALID"), [1, -1, classes]) for _, c, s in kernels])
+        def mapped(kernel):
+            made = tf.nn.conv2d(x, kernel, kernel.shape[0], "VALID")
+            return made + tf.constant(np.linspace(-1, 1, kernel.shape[3]), tf.float32) if bias else made
+
+        boxes = joined([tf.reshape(mapped(b), [1, -1, values]) for b, _, _ in kernels])
+        scores = joined([tf.reshape(mapped(c), [1, -1, classes]) for _, c, _ in kernels])
         return {"regressors": boxes, "classificators": scores}
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
@@ -220,7 +233,13 @@ def test_init_reads_the_anchors_of_a_mediapipe_head_from_its_levels(tmp_path, si
     from mzconvert.runtime import open_model
 
     shapes = {o.name: o.shape for o in open_model(model).outputs}
-    assert shapes[post["box_output"]][-1] == values and shapes[post["class_output"]][-1] == 1
+    assert shapes[post["class_output"]][-1] == 1
+    if values > 4:  # boxes and keypoints made apart at freeze (split_head), the cut at both
+        box = next(name for name, shape in shapes.items() if shape[-1] == values)
+        assert post["box_output"] == f"{box}/boxes"
+        assert recipe["strip"]["outputs"] == [f"{box}/boxes", f"{box}/keypoints", post["class_output"]]
+    else:
+        assert shapes[post["box_output"]][-1] == values and "strip" not in recipe
     expected = unit_anchors(size, levels)
     generated = generated_anchors(post["anchor_generator"])
     assert generated.shape == expected.shape and np.abs(generated - expected).max() < 1e-6
@@ -254,3 +273,91 @@ def test_inits_recipe_for_a_mediapipe_head_builds_and_draws_as_written(tmp_path,
     assert np.abs(anchors - unit_anchors((128, 128), [(8, 2), (16, 6)])).max() < 1e-6
     drawn = run_cli("predict", str(tmp_path / "face.yaml"), str(sorted(check.iterdir())[0]), *where)
     assert drawn.returncode == 0 and Path(drawn.stdout.strip()).is_file(), drawn.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size, levels, values", [
+    ((128, 128), [(8, 2), (16, 6)], 16),   # BlazeFace short range
+    ((224, 224), [(8, 2), (16, 2), (32, 6)], 12),  # the pose detector
+    ((192, 192), [(4, 1)], 16),  # one level: no join
+])
+def test_freeze_makes_a_mediapipe_heads_boxes_and_keypoints_apart(tmp_path, size, levels, values):
+    """Each level's regressor split into its box and keypoint channels, joined apart: the box output computes what
+    it did, and the two parts are its first 4 values and the rest, of every anchor."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mzconvert.backends.split_head import tflite_split_regressors
+    from mzconvert.tflite_file import op_names, read_model, write_model
+
+    source = mediapipe_layout_tflite(tmp_path / "head.tflite", size, levels, values, bias=True)
+    model = read_model(source)
+    assert tflite_split_regressors(model) == 1
+    assert op_names(model).count("CONV_2D") == 3 * len(levels)  # each regressor in two, the class convs
+    rewritten = write_model(model, tmp_path / "split.tflite")
+
+    def run(path: Path, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        interpreter = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        found = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}
+        return [interpreter.get_tensor(found[name]) for name in names]
+
+    x = np.random.RandomState(0).uniform(-1, 1, (1, *size, 3)).astype(np.float32)
+    box = "Identity_1"  # the regressors (TensorFlow names a function's outputs by their sorted keys)
+    want, = run(source, x, (box,))
+    joined, boxes, keypoints = run(rewritten, x, (box, f"{box}/boxes", f"{box}/keypoints"))
+    assert np.allclose(joined, want, atol=1e-5) and np.allclose(boxes, want[..., :4], atol=1e-5)
+    assert np.allclose(keypoints, want[..., 4:], atol=1e-5)
+
+
+def test_a_head_without_keypoints_is_not_split(tmp_path):
+    from mzconvert.backends.split_head import tflite_split_regressors
+    from mzconvert.tflite_file import read_model
+
+    source = mediapipe_layout_tflite(tmp_path / "head.tflite", (96, 160), [(16, 3), (32, 2)], 4)
+    assert tflite_split_regressors(read_model(source)) == 0
+
+
+@pytest.mark.slow
+def test_int8_of_inits_recipe_gives_boxes_their_own_scale_and_logits_a_sigmoids_band(tmp_path, mirror):
+    """Keypoints 100x wider than the boxes and class logits far beyond a sigmoid's band, as MediaPipe's pose
+    detector has them: built as init proposes it, the int8 model's box output keeps a step of its own (joined
+    with the keypoints it would take theirs, 100x coarser) and its class logits' range stops at the band."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = mediapipe_layout_tflite(tmp_path / "pose.tflite", (224, 224), [(8, 2), (16, 2), (32, 6)], 12,
+                                    keypoint_gain=100.0, logit_gain=100.0, bias=True)
+    images = image_folder(tmp_path / "images", MIRROR / "coco" / "train2017", 8)
+    check = image_folder(tmp_path / "check", MIRROR / "coco" / "val2017", 4)
+    made = run_cli("init", "pose", "--from", str(model), "--to", str(tmp_path), "--calibration", str(images),
+                   "--verify", str(check))
+    assert made.returncode == 0, made.stderr[-2000:]
+    where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
+    built = run_cli("--json", "build", str(tmp_path / "pose.yaml"), "--variant", "int8", *where)
+    assert "Traceback" not in built.stderr, built.stderr[-3000:]
+    int8 = next((tmp_path / "build").rglob("quantize/int8/*.tflite"))
+    interpreter = Interpreter(model_path=str(int8))
+    scales = {o["name"]: o["quantization"] for o in interpreter.get_output_details()}
+    box_step, keypoint_step = scales["Identity_1/boxes"][0], scales["Identity_1/keypoints"][0]
+    assert 0 < box_step < keypoint_step / 20, scales
+    step, zero = scales["Identity"]
+    assert step < 17 / 255 and -8 - step <= (-128 - zero) * step and (127 - zero) * step <= 8 + step, scales
+
+
+def test_verify_judges_bounded_class_logits_as_the_scores_they_show():
+    """Logits beyond a sigmoid's band (a float -575 that int8 holds at -8) show the same score, 0: judged as the
+    scores shown they agree; a score shown moved is an error; unbounded, the logits are judged as they are."""
+    from dataclasses import replace
+
+    from mzconvert.tasks.detection import judged_outputs
+
+    post = Postprocess(kind="ssd", labels=("face",), category_ids=(1,), box_output="b", class_output="c",
+                       background_class=False)
+    reference = np.array([[[-575.0], [0.5], [-3.0]]])
+    candidate = np.array([[[-8.0], [0.5], [-2.0]]])
+    judged_reference, judged_candidate, _ = judged_outputs("c", reference, candidate, post, (128, 128))
+    assert np.array_equal(judged_reference, judged_candidate)
+    _, moved, _ = judged_outputs("c", reference, candidate + [[[0], [1.0], [0]]], post, (128, 128))
+    assert not np.array_equal(judged_reference, moved)
+    raw = judged_outputs("c", reference, candidate, replace(post, bounded_logits=False), (128, 128))
+    assert np.array_equal(raw[0], reference) and np.array_equal(raw[1], candidate)

@@ -223,7 +223,8 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
         return
     tensors = list(calibration())
     method = "minmax" if variant.calibration_method == "entropy" else variant.calibration_method  # entropy: ORT's
-    ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile)
+    ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile,
+                              recipe.postprocess.bounded_outputs if recipe.postprocess else ())
     model = _load(prepared)
     float_nodes = mixed_range_outputs(model, ranges) if variant.separate_output_scales else []
     float_nodes += _known_nodes(model, variant.float_layers, recipe)
@@ -287,9 +288,11 @@ def _float_outputs(model):
 
 
 def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minmax",
-                     percentile: float | None = None) -> dict[str, tuple[float, float]]:
+                     percentile: float | None = None, sigmoid_read: tuple[str, ...] = ()
+                     ) -> dict[str, tuple[float, float]]:
     """{tensor name: (low, high)} of every float activation of `model` over `tensors` (see measure_ranges; the
-    outputs keep their whole range, a sigmoid's or tanh's input stops where its output saturates)."""
+    outputs keep their whole range, those in `sigmoid_read` the part a sigmoid's band holds, a sigmoid's or
+    tanh's input stops where its output saturates)."""
     import onnx
     import onnxruntime as ort
 
@@ -299,7 +302,8 @@ def _recorded_ranges(model: Path, tensors: list[np.ndarray], method: str = "minm
     graph = augmented.graph
     whole = reaching_outputs(graph)  # before every activation is made an output
     outputs = {o.name for o in graph.output}
-    bounds = saturated_bounds(readers_of((node.op_type, node.input, node.output) for node in graph.node), outputs)
+    bounds = saturated_bounds(readers_of((node.op_type, node.input, node.output) for node in graph.node), outputs,
+                              [name for name in sigmoid_read if name in outputs])
     computed = {name for node in graph.node if node.op_type != "Constant" for name in node.output}
     graph.output.extend(v for v in graph.value_info if v.name in computed and v.name not in outputs
                         and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tflite_file import add_buffer, builtin_code, drop_unused_tensors, op_names, producers, schema
+from ..tflite_file import add_tensor, drop_unread_ops, drop_unused_tensors, new_operator, op_names, producers, schema
 
 
 # -- ONNX ------------------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def tflite_split_joins_apart(model) -> int:
         made = [new for output, levels in zip(op.outputs, parts) for new in _tflite_joined(model, levels, output)]
         position = next(i for i, o in enumerate(graph.operators) if o is op)
         graph.operators[position:position + 1] = made
-        _drop_unread(graph, [joined])
+        drop_unread_ops(graph, [joined])
         replaced += 1
     if replaced:
         drop_unused_tensors(model)  # what the joins made: an interpreter has no data for a tensor nothing makes
@@ -256,52 +256,22 @@ def _tflite_joined(model, parts: list[int], output: int) -> list:
     s = schema()
     graph = model.subgraphs[0]
     ops, flats = [], []
-
-    def tensor(name: bytes, shape: list[int], data: np.ndarray | None = None) -> int:
-        made = s.TensorT()
-        made.name, made.shape = name, np.array(shape, np.int32)
-        made.type = s.TensorType.FLOAT32 if data is None else s.TensorType.INT32
-        if data is None:  # computed: a buffer without data
-            model.buffers.append(s.BufferT())
-            made.buffer = len(model.buffers) - 1
-        else:
-            made.buffer = add_buffer(model, data.astype("<i4").tobytes())
-        graph.tensors.append(made)
-        return len(graph.tensors) - 1
-
-    def operator(code: int, inputs: list[int], result: int, options_type: int, options) -> None:
-        made = s.OperatorT()
-        made.opcodeIndex, made.inputs, made.outputs = builtin_code(model, code, version=1), inputs, [result]
-        made.builtinOptionsType, made.builtinOptions = options_type, options
-        ops.append(made)
-
     base = graph.tensors[output].name
     for number, part in enumerate(parts):
         batch, height, width, channels = (int(d) for d in graph.tensors[part].shape)
-        perm = tensor(b"%s/level%d/perm" % (base, number), [4], np.array(NCHW_FROM_NHWC))
-        nchw = tensor(b"%s/level%d/nchw" % (base, number), [batch, channels, height, width])
-        operator(s.BuiltinOperator.TRANSPOSE, [part, perm], nchw, s.BuiltinOptions.TransposeOptions,
-                 s.TransposeOptionsT())
+        perm = add_tensor(model, b"%s/level%d/perm" % (base, number), [4], np.array(NCHW_FROM_NHWC, np.int32))
+        nchw = add_tensor(model, b"%s/level%d/nchw" % (base, number), [batch, channels, height, width])
+        ops.append(new_operator(model, s.BuiltinOperator.TRANSPOSE, [part, perm], [nchw],
+                                s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()))
         shape = [batch, channels, height * width]
-        new_shape = tensor(b"%s/level%d/shape" % (base, number), [3], np.array(shape))
-        flats.append(tensor(b"%s/level%d" % (base, number), shape))
+        new_shape = add_tensor(model, b"%s/level%d/shape" % (base, number), [3], np.array(shape, np.int32))
+        flats.append(add_tensor(model, b"%s/level%d" % (base, number), shape))
         reshape = s.ReshapeOptionsT()
         reshape.newShape = shape
-        operator(s.BuiltinOperator.RESHAPE, [nchw, new_shape], flats[-1], s.BuiltinOptions.ReshapeOptions, reshape)
+        ops.append(new_operator(model, s.BuiltinOperator.RESHAPE, [nchw, new_shape], [flats[-1]],
+                                s.BuiltinOptions.ReshapeOptions, reshape))
     join = s.ConcatenationOptionsT()
     join.axis = 2
-    operator(s.BuiltinOperator.CONCATENATION, flats, output, s.BuiltinOptions.ConcatenationOptions, join)
+    ops.append(new_operator(model, s.BuiltinOperator.CONCATENATION, flats, [output],
+                            s.BuiltinOptions.ConcatenationOptions, join))
     return ops
-
-
-def _drop_unread(graph, ops: list) -> None:
-    """`ops` and the ops that made their inputs, as far as nothing else reads what they make, taken out."""
-    pending = list(ops)
-    while pending:
-        op = pending.pop()
-        read = {i for o in graph.operators if o is not op for i in o.inputs} | set(graph.outputs)
-        if any(t in read for t in op.outputs) or not any(o is op for o in graph.operators):
-            continue
-        graph.operators = [o for o in graph.operators if o is not op]
-        made = {t: o for o in graph.operators for t in o.outputs}
-        pending += [made[i] for i in op.inputs if i in made]

@@ -35,6 +35,7 @@ from ..tflite_file import (
 )
 from . import StripResult, check_tensors
 from .float_twin import FloatTwinRunner, is_quantized_tflite, write_tflite_float_twin
+from .split_head import tflite_split_regressors
 from .split_joins import tflite_split_joins_apart
 
 
@@ -42,14 +43,15 @@ def freeze(source: Path, recipe: Recipe, out_dir: Path) -> Path:
     """The source file, or the same float model in the form int8 quantizes whole, as published MediaPipe
     models need: weights stored sparse (each a DENSIFY) stored dense, weights stored float16 (each a
     DEQUANTIZE to float32) stored float32, MediaPipe's custom Convolution2DTransposeBias as the builtin
-    TRANSPOSE_CONV with bias, and the parts a slice takes of joined levels never joined (split_joins: an older
-    YOLOv8 head's box and class logits). A rewritten file must compute what the source does (checked here on
+    TRANSPOSE_CONV with bias, the parts a slice takes of joined levels never joined (split_joins: an older
+    YOLOv8 head's box and class logits), and a MediaPipe-style SSD's box offsets and keypoints made apart before
+    they are joined (split_head). A rewritten file must compute what the source does (checked here on
     random inputs)."""
     original = TFLiteRunner(source)  # a file the interpreter cannot load stops here, by name
     target = out_dir / "model.tflite"
     model = read_model(source)
-    if not (_dense_weights(model) + _float32_weights(model) + _builtin_transpose_convs(model)
-            + tflite_split_joins_apart(model)):
+    if not (plain_weights(model) + _builtin_transpose_convs(model) + tflite_split_joins_apart(model)
+            + tflite_split_regressors(model)):
         return Path(shutil.copyfile(source, target))
     write_model(model, target)
     _check_same_function(original, TFLiteRunner(target), source)
@@ -100,6 +102,12 @@ def _builtin_transpose_convs(model) -> int:
             op.customOptions = None
             replaced += 1
     return replaced
+
+
+def plain_weights(model) -> int:
+    """`model` (ModelT) with its sparse and float16 weights stored as the float32 constants they compute (the
+    tensors keep their indices); how many were replaced."""
+    return _dense_weights(model) + _float32_weights(model)
 
 
 def _dense_weights(model) -> int:

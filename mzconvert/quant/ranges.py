@@ -229,7 +229,8 @@ def output_tensors(model) -> set[int]:
 # Ops whose 8-bit output stops changing beyond an input bound (TFLite's names, then ONNX's): a sigmoid's output
 # steps are 1/256, so sigmoid(x) rounds to 0 below x = -6.2 and to 255/256 above 5.1; a tanh's are 1/128, and
 # tanh(x) rounds to +-127/128 beyond |x| = 2.6. The bounds keep a margin.
-SATURATING_OPS = {"LOGISTIC": 8.0, "TANH": 4.0, "Sigmoid": 8.0, "Tanh": 4.0}
+SIGMOID_BOUND = 8.0
+SATURATING_OPS = {"LOGISTIC": SIGMOID_BOUND, "TANH": 4.0, "Sigmoid": SIGMOID_BOUND, "Tanh": 4.0}
 SIGMOIDS = ("LOGISTIC", "Sigmoid")
 # A SiLU (x * sigmoid(x), every activation of a YOLO): its 8-bit sigmoid rounds to 0 below x = -6.2, so the
 # product is 0 there whatever x is, and near x itself above: it stops seeing x below -8 (the sigmoid's bound),
@@ -245,7 +246,8 @@ VALUE_MOVING_OPS = (*MOVING_OPS, *SHAPE_OPS, "Concat")
 Bound = tuple[float, float]  # (low, high): what every reader sees of a tensor; high may be inf
 
 
-def saturated_bounds(readers: dict[object, list[tuple[str, tuple, tuple]]], outputs: Collection) -> dict[object, Bound]:
+def saturated_bounds(readers: dict[object, list[tuple[str, tuple, tuple]]], outputs: Collection,
+                     sigmoid_read: Collection = ()) -> dict[object, Bound]:
     """{tensor: (low, high)} for the tensors (`readers`: each op that reads them, its name, inputs and outputs)
     that are no output of the model and whose every reader stops seeing them beyond (low, high): one of
     SATURATING_OPS (+-its bound), the product of a SiLU (below SILU_LOW), or an op of VALUE_MOVING_OPS whose
@@ -253,8 +255,11 @@ def saturated_bounds(readers: dict[object, list[tuple[str, tuple, tuple]]], outp
     sigmoid). Their values beyond it give those ops no other 8-bit output, so their range can stop there and
     keep finer steps where the op's output still moves (MediaPipe's selfie segmenter: a sigmoid's input measured
     over [-975, 388], 5.3 per step, the mask's edge lost; NudeNet's YOLOv8n: its stem's SiLUs read [-212, 194]).
-    Read by several, a tensor takes the widest."""
-    bounds: dict[object, Bound] = {}
+    Read by several, a tensor takes the widest. The outputs in `sigmoid_read` are decoded through a sigmoid after
+    the model (an SSD head's class logits, Postprocess.bounded_outputs): bounded as a sigmoid's input, and so are
+    what moves their values (MediaPipe's pose detector: class logits measured over [-575, 3.6], 2.3 logits a
+    step, where a score of 0.3-0.7 is a logit of -0.8 to 0.8)."""
+    bounds: dict[object, Bound] = {tensor: (-SIGMOID_BOUND, SIGMOID_BOUND) for tensor in sigmoid_read}
     grown = True
     while grown:  # a join's inputs are bounded once its output is
         grown = False
@@ -297,10 +302,11 @@ def readers_of(ops: Iterable[tuple[str, Iterable, Iterable]]) -> dict[object, li
 
 
 def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
-                  percentile: float | None = None, threads: int = 2) -> dict[int, tuple[float, float]]:
+                  percentile: float | None = None, threads: int = 2,
+                  sigmoid_read: Collection[str] = ()) -> dict[int, tuple[float, float]]:
     """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
     (of `model`, a read_model object), run by the LiteRT interpreter (see measure_ranges; the model's
-    outputs keep their whole range)."""
+    outputs keep their whole range, those named in `sigmoid_read` the part a sigmoid's band holds)."""
     interpreter = interpreter_keeping(model, wanted, threads)
     model_input = interpreter.get_input_details()[0]["index"]
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
@@ -314,21 +320,22 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
     graph = model.subgraphs[0]
     readers = readers_of(zip(op_names(model), (op.inputs for op in graph.operators),
                              (op.outputs for op in graph.operators)))
+    bounded = [i for i in graph.outputs if names.get(i) in sigmoid_read]
     return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model),
-                          saturated_bounds(readers, graph.outputs))
+                          saturated_bounds(readers, graph.outputs, bounded))
 
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",
-                               percentile: float | None = None) -> Path | None:
+                               percentile: float | None = None, sigmoid_read: Collection[str] = ()) -> Path | None:
     """Write to `target` the model `marked` (calibrated by the converter on one image) with every range
-    slot set from all `tensors` (see record_ranges); None when the model has control flow (more than one
-    subgraph), which only TensorFlow's calibrator follows."""
+    slot set from all `tensors` (see record_ranges, `sigmoid_read` its outputs read through a sigmoid); None when
+    the model has control flow (more than one subgraph), which only TensorFlow's calibrator follows."""
     model = read_model(marked)
     if len(model.subgraphs) != 1:
         return None
     slots = {i: t for i, t in enumerate(model.subgraphs[0].tensors)
              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
-    ranges = record_ranges(model, tensors, sorted(slots), method, percentile)
+    ranges = record_ranges(model, tensors, sorted(slots), method, percentile, sigmoid_read=sigmoid_read)
     for i, tensor in slots.items():
         tensor.quantization.min, tensor.quantization.max = [ranges[i][0]], [ranges[i][1]]
     return write_model(model, target)

@@ -65,8 +65,8 @@ PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classif
 # The fields of each section, by its path in the recipe: what a recipe may write, and what docs/recipes.md
 # documents (tests/test_docs.py holds the two together).
 SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "anchors_file", "anchor_generator", "box_coding", "box_order",
-                          "box_coder_scales", "box_output", "class_output", "score",
-                          "background_class", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
+                          "box_coder_scales", "box_output", "class_output", "score", "background_class",
+                          "bounded_logits", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
 # a segmentation, pose or oriented-box head's parts beside its boxes and classes (kind yolov8 cut before its Concat)
 HEAD_PART_FIELDS = ("mask_coefficients", "mask_prototypes", "keypoints", "keypoint_shape", "keypoint_encoding",
                     "angles")
@@ -212,6 +212,9 @@ class Postprocess:
     strides: tuple[int, ...] | None = None  # yolov8 dfl, distances: the head's levels (default: from N and input)
     score: str = "sigmoid"  # sigmoid | softmax
     background_class: bool = True  # logits[..., 0] is background
+    # ssd with sigmoid scores: its class logits' int8 range stops at a sigmoid's band (quant/ranges.py), as a
+    # sigmoid inside the graph bounds what it reads, and verify judges them as the scores they decode to
+    bounded_logits: bool = True
     # Non-maximum suppression: our decode (eval, verify, predict) and the attached TFLite op use these.
     # The defaults suit mAP (the precision/recall curve needs the low-score tail); a deployed
     # detector typically declares e.g. 0.3 / 0.6 / 10. An IoU threshold of 1.0 suppresses nothing: the
@@ -236,6 +239,13 @@ class Postprocess:
     # angle in radians (the export's decoded angle): its boxes decoded rotated, suppressed and matched by their
     # probabilistic IoU (as Ultralytics' NMS and validator)
     angles: str | None = None
+
+    @property
+    def bounded_outputs(self) -> tuple[str, ...]:
+        """The outputs decoded through a sigmoid whose int8 range stops at its band: an ssd head's class logits
+        (bounded_logits)."""
+        bounded = self.kind == "ssd" and self.score == "sigmoid" and self.bounded_logits and self.class_output
+        return (self.class_output,) if bounded else ()
 
 
 @dataclass(frozen=True)

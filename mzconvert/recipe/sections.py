@@ -248,7 +248,8 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
         box_coder_scales=tuple(r.list_of("box_coder_scales", Reader.as_number, length=4)),
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
-        background_class=r.boolean("background_class", True), attach=r.boolean("attach", False), **nms)
+        background_class=r.boolean("background_class", True), bounded_logits=r.boolean("bounded_logits", True),
+        attach=r.boolean("attach", False), **nms)
     _check_cut_outputs(r, {key: getattr(post, key) for key in ("box_output", "class_output")}, strip)
     return post
 

@@ -812,8 +812,25 @@ def _ssd_head(model, made: dict, outputs: list[dict]) -> dict | None:
     found = levels(boxes)
     if not found or found != levels(scores) or sum(r * c * a for r, c, a in found) != boxes["shape"][1]:
         return None
-    return {"box_output": boxes["name"], "class_output": scores["name"], "classes": scores["shape"][2],
+    head = {"box_output": boxes["name"], "class_output": scores["name"], "classes": scores["shape"][2],
             "levels": [{"rows": r, "columns": c, "anchors": a} for r, c, a in found]}
+    if parts := _regressor_parts(model, by_name[boxes["name"]]):
+        head["box_parts"] = parts
+    return head
+
+
+def _regressor_parts(model, output: int) -> list[str] | None:
+    """The tensors freeze makes the boxes and the keypoints of the box output apart in (backends/split_head.py),
+    its weights read as freeze reads them; None where it does not."""
+    from ..backends.split_head import regressor_parts, tflite_regressor_levels
+    from ..backends.tflite import plain_weights
+    from ..tflite_file import copied_model, producers
+
+    frozen = copied_model(model)
+    plain_weights(frozen)
+    if tflite_regressor_levels(frozen, output, producers(frozen)) is None:
+        return None
+    return list(regressor_parts(model.subgraphs[0].tensors[output].name.decode()))
 
 
 # A text file that names a model's classes, a line each, by the names such files have

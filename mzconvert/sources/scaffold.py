@@ -484,7 +484,10 @@ def _tflite(model: dict) -> dict:
         proposal |= {"task": "detection", "postprocess": {"kind": "tflite-detection-postprocess",
                                                           "labels": ["CHECK: the model's labels"]}}
     elif (head := model.get("ssd_head")) and (post := _unit_anchor_ssd(head, proposal["shape"])):
-        proposal |= {"task": "detection", "postprocess": post}
+        # boxes and keypoints made apart at freeze: cut at both, so that int8 gives each a scale of its own
+        parts = head.get("box_parts")
+        proposal |= {"task": "detection", "postprocess": post,
+                     **({"outputs": [*parts, head["class_output"]]} if parts else {})}
     return proposal
 
 
@@ -517,7 +520,8 @@ def _unit_anchor_ssd(head: dict, shape: list[int]) -> dict | None:
         return None
     return {"kind": "ssd", "labels": [f"CHECK-class-{i}" for i in range(head["classes"])],
             "anchor_generator": options, "box_coding": "linear", "box_order": "xywh",
-            "box_coder_scales": [height, width, height, width], "box_output": head["box_output"],
+            "box_coder_scales": [height, width, height, width],
+            "box_output": head["box_parts"][0] if head.get("box_parts") else head["box_output"],
             "class_output": head["class_output"], "score": "sigmoid", "background_class": False}
 
 

@@ -241,7 +241,12 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     scores (images x classes x N); a YOLO or query head's class probabilities (and YOLOv5's objectness) only where
     either model scores MATCH_SCORE or more, the scores a person is shown (8-bit probabilities of a class no image
     holds round to 0 and 1/256: noise a trained detector's rare classes would be judged by, where no detection
-    changes). Else the outputs as they are."""
+    changes); an ssd head's class logits whose int8 range stops at a sigmoid's band (Postprocess.bounded_outputs)
+    as the scores they decode to, shown likewise (beyond the band a logit's error moves no score a person sees).
+    Else the outputs as they are."""
+    if post is not None and name in post.bounded_outputs:
+        scores = (1 / (1 + np.exp(-values.astype(np.float64))) for values in (reference, candidate))
+        return (*_shown(*(v[..., 1:] if post.background_class else v for v in scores)), None)
     if post is None or post.kind not in ("yolov8", "yolov5", "detr"):
         return reference, candidate, None
     if post.box_encoding != "pixels" and name == post.box_output:
