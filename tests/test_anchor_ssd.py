@@ -361,3 +361,21 @@ def test_verify_judges_bounded_class_logits_as_the_scores_they_show():
     assert not np.array_equal(judged_reference, moved)
     raw = judged_outputs("c", reference, candidate, replace(post, bounded_logits=False), (128, 128))
     assert np.array_equal(raw[0], reference) and np.array_equal(raw[1], candidate)
+
+
+def test_verify_judges_a_bounded_heads_boxes_at_the_anchors_shown():
+    """A box offset far off at an anchor neither model scores (a float -11000 where int8 holds -47) is not judged;
+    one moved at an anchor a model shows is."""
+    from mzconvert.tasks.detection import judged_outputs
+
+    post = Postprocess(kind="ssd", labels=("face",), category_ids=(1,), box_output="b", class_output="c",
+                       background_class=False)
+    logits = np.array([[[[-9.0], [2.0], [-30000.0]]]])  # images x 1 x anchors x classes
+    boxes = np.arange(12, dtype=np.float64).reshape(1, 1, 3, 4)
+    far = boxes.copy()
+    far[0, 0, 2] = -11000.0
+    outputs = {"c": (logits, logits), "b": (boxes, far)}
+    judged_reference, judged_candidate, _ = judged_outputs("b", boxes, far, post, (128, 128), outputs)
+    assert np.array_equal(judged_reference, judged_candidate) and np.array_equal(judged_reference[0, 0, 1], boxes[0, 0, 1])
+    moved = boxes + np.array([0, 1.0, 0])[None, None, :, None]
+    assert not np.array_equal(*judged_outputs("b", boxes, moved, post, (128, 128), outputs)[:2])

@@ -106,9 +106,9 @@ def verify_variant(model: Path, reference: Path, output_names: list[str], recipe
             for j, got in enumerate(runner.run(saved[f"input_{i}"])):
                 got_outputs[j].append(got.reshape(ref_outputs[j][i].shape))
         metrics, agreements = {}, []  # the paired measure image by image (a map's per output, the worst kept)
-        for j, name in enumerate(output_names):  # each output as what it means (tasks/detection.judged_outputs)
-            ref, got, axis = judged_outputs(name, np.stack(ref_outputs[j]), np.stack(got_outputs[j]),
-                                            recipe.postprocess, recipe.input.height_width)
+        stacked = {name: (np.stack(ref_outputs[j]), np.stack(got_outputs[j])) for j, name in enumerate(output_names)}
+        for name, (ref, got) in stacked.items():  # each output as what it means (tasks/detection.judged_outputs)
+            ref, got, axis = judged_outputs(name, ref, got, recipe.postprocess, recipe.input.height_width, stacked)
             metrics[name] = _output_metrics(ref, got, recipe, axis)
             if per_image and recipe.task == "dense":  # each image's masks again: only where a search asks
                 agreements.append([mask_iou(r[None], g[None], recipe.dense.threshold) for r, g in zip(ref, got)])

@@ -232,7 +232,8 @@ def head_boxes(values: np.ndarray, post: Postprocess, input_hw: tuple[int, int],
 
 
 def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post: Postprocess | None,
-                   input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int | None]:
+                   input_hw: tuple[int, int], outputs: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, int | None]:
     """An output of the float model and of a variant (images first) as what they mean, where that is not the raw
     tensor, and the axis of one image's judged output whose slices mean one thing each (None: signal.slice_axis
     finds it): the distribution logits of a head cut before its DFL, or the distances of one cut before its grid
@@ -242,11 +243,19 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     either model scores MATCH_SCORE or more, the scores a person is shown (8-bit probabilities of a class no image
     holds round to 0 and 1/256: noise a trained detector's rare classes would be judged by, where no detection
     changes); an ssd head's class logits whose int8 range stops at a sigmoid's band (Postprocess.bounded_outputs)
-    as the scores they decode to, shown likewise (beyond the band a logit's error moves no score a person sees).
-    Else the outputs as they are."""
+    as the scores they decode to, shown likewise (beyond the band a logit's error moves no score a person sees),
+    and its other outputs of values per anchor (boxes, keypoints) at the anchors whose score either model shows,
+    given both models' `outputs` ({name: (reference, candidate)}): a box or keypoint where nothing is detected
+    is never seen (MediaPipe's face detector: box offsets of -11000 on a COCO image without a face, where the
+    calibration images reached -47). Else the outputs as they are."""
     if post is not None and name in post.bounded_outputs:
-        scores = (1 / (1 + np.exp(-values.astype(np.float64))) for values in (reference, candidate))
-        return (*_shown(*(v[..., 1:] if post.background_class else v for v in scores)), None)
+        return (*_shown(*_ssd_scores(reference, candidate, post)), None)
+    if post is not None and post.bounded_outputs and outputs and post.class_output in outputs:
+        shown = np.max(np.maximum(*_ssd_scores(*outputs[post.class_output], post)), axis=-1) >= MATCH_SCORE
+        shown = shown.reshape(shown.shape[0], -1)  # images x anchors
+        if reference[0].size % shown.shape[1] == 0:
+            return (*(np.where(shown[:, :, None], v.reshape(*shown.shape, -1), 0).reshape(v.shape)
+                      for v in (reference, candidate)), None)
     if post is None or post.kind not in ("yolov8", "yolov5", "detr"):
         return reference, candidate, None
     if post.box_encoding != "pixels" and name == post.box_output:
@@ -275,6 +284,12 @@ def tuning_weights(outputs: dict[str, np.ndarray], post: Postprocess | None) -> 
             or post.box_output not in outputs:
         return {}
     return {post.box_output: outputs[post.class_output].max(axis=-2, keepdims=True)}
+
+
+def _ssd_scores(logits: np.ndarray, other: np.ndarray, post: Postprocess) -> tuple[np.ndarray, np.ndarray]:
+    """Two models' ssd class logits (images first, classes last) as the sigmoid scores of their classes."""
+    scores = (0.5 + 0.5 * np.tanh(values.astype(np.float64) / 2) for values in (logits, other))  # sigmoid, no overflow
+    return tuple(v[..., 1:] if post.background_class else v for v in scores)
 
 
 def _shown(reference: np.ndarray, candidate: np.ndarray, scores=np.s_[...]) -> tuple[np.ndarray, np.ndarray]:
