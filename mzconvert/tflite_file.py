@@ -115,6 +115,34 @@ def new_operator(model, builtin: int, inputs: list[int], outputs: list[int], opt
     return made
 
 
+def constant_values(model, tensor: int, dtype: str) -> np.ndarray | None:
+    """A constant tensor's values of subgraph 0 (`dtype`: "<i4", "<f4"), in its shape; None where it is computed."""
+    t = model.subgraphs[0].tensors[tensor]
+    data = model.buffers[t.buffer].data
+    if data is None or not len(data):
+        return None
+    return np.frombuffer(bytes(bytearray(data)), dtype).reshape([int(d) for d in t.shape])
+
+
+def reshape_op(model, source: int, shape: list[int], target: int, shape_name: bytes):
+    """A RESHAPE of `source` to `shape` into `target` (its shape a constant named `shape_name`), not yet in a graph."""
+    s = schema()
+    options = s.ReshapeOptionsT()
+    options.newShape = shape
+    new_shape = add_tensor(model, shape_name, [len(shape)], np.array(shape, np.int32))
+    return new_operator(model, s.BuiltinOperator.RESHAPE, [source, new_shape], [target],
+                        s.BuiltinOptions.ReshapeOptions, options)
+
+
+def concatenation_op(model, inputs: list[int], target: int, axis: int):
+    """A CONCATENATION of `inputs` on `axis` into `target`, not yet in a graph."""
+    s = schema()
+    options = s.ConcatenationOptionsT()
+    options.axis = axis
+    return new_operator(model, s.BuiltinOperator.CONCATENATION, inputs, [target],
+                        s.BuiltinOptions.ConcatenationOptions, options)
+
+
 def drop_unread_ops(graph, ops: list) -> None:
     """`ops` and the ops that made their inputs, as far as nothing else reads what they make, taken out of `graph`."""
     pending = list(ops)

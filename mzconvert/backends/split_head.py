@@ -23,7 +23,17 @@ import numpy as np
 from ..errors import RecipeError
 from ..recipe import Recipe
 from ..recipe.schema import AnchorLevel
-from ..tflite_file import add_tensor, drop_unread_ops, drop_unused_tensors, new_operator, producers, schema
+from ..tflite_file import (
+    add_tensor,
+    concatenation_op,
+    constant_values,
+    drop_unread_ops,
+    drop_unused_tensors,
+    new_operator,
+    producers,
+    reshape_op,
+    schema,
+)
 
 BOX_CHANNELS = 4  # x, y, w, h per anchor
 
@@ -118,22 +128,14 @@ def tflite_regressor_levels(model, output: int, producer: dict) -> list[tuple] |
         if conv_name != "CONV_2D" or len(conv.inputs) < 2:
             return None
         level = [int(d) for d in graph.tensors[conv.outputs[0]].shape]
-        constants = [i for i in conv.inputs[1:] if i >= 0]
+        weights = [i for i in conv.inputs[1:] if i >= 0]
         if len(level) != 4 or level[3] % shape[2] or [int(d) for d in graph.tensors[flat].shape] != \
                 [1, level[1] * level[2] * level[3] // shape[2], shape[2]] or any(
-                graph.tensors[i].type != s.TensorType.FLOAT32 or _data(model, i) is None for i in constants):
+                graph.tensors[i].type != s.TensorType.FLOAT32 or constant_values(model, i, "<f4") is None
+                for i in weights):
             return None
         levels.append((conv, reshape))
     return levels
-
-
-def _data(model, tensor: int) -> np.ndarray | None:
-    """A float32 constant's values, None where the tensor is computed."""
-    t = model.subgraphs[0].tensors[tensor]
-    data = model.buffers[t.buffer].data
-    if data is None or not len(data):
-        return None
-    return np.frombuffer(bytes(bytearray(data)), "<f4").reshape([int(d) for d in t.shape])
 
 
 def tflite_split_regressors(model) -> int:
@@ -157,6 +159,10 @@ def tflite_split_regressors(model) -> int:
     return rewritten
 
 
+def _bias(conv) -> int:
+    return conv.inputs[2] if len(conv.inputs) > 2 else -1
+
+
 def _tflite_regressor_parts(model, levels: list[tuple], output: int) -> list:
     """The ops that make `output` ([1, N, values]) of `levels`' Convs split into box and keypoint channels."""
     s = schema()
@@ -172,38 +178,20 @@ def _tflite_regressor_parts(model, levels: list[tuple], output: int) -> list:
             anchors = channels // values
             kept = (np.arange(anchors)[:, None] * values + columns).ravel()
             stem = f"{part}/level{number}".encode()
-            weights = add_tensor(model, stem + b"/weights", [len(kept), *graph.tensors[conv.inputs[1]].shape[1:]],
-                                 _data(model, conv.inputs[1])[kept])
-            bias = add_tensor(model, stem + b"/bias", [len(kept)], _data(model, conv.inputs[2])[kept]) \
-                if len(conv.inputs) > 2 and conv.inputs[2] >= 0 else -1
+            weights, bias = (add_tensor(model, stem + suffix, [len(kept), *graph.tensors[i].shape[1:]],
+                                        constant_values(model, i, "<f4")[kept]) if i >= 0 else -1
+                             for suffix, i in ((b"/weights", conv.inputs[1]), (b"/bias", _bias(conv))))
             mapped = add_tensor(model, stem + b"/map", [1, rows, cols, len(kept)])
             split = new_operator(model, s.BuiltinOperator.CONV_2D, [conv.inputs[0], weights, bias], [mapped],
                                  conv.builtinOptionsType, conv.builtinOptions)
             split.opcodeIndex = conv.opcodeIndex
             shape = [1, rows * cols * anchors, len(columns)]
             flats.append(add_tensor(model, part.encode() if len(levels) == 1 else stem, shape))
-            ops += [split, _reshape_op(model, mapped, shape, flats[-1], stem + b"/shape")]
+            ops += [split, reshape_op(model, mapped, shape, flats[-1], stem + b"/shape")]
         if len(levels) == 1:
             parts += flats
         else:
             parts.append(add_tensor(model, part.encode(), [1, count, len(columns)]))
-            ops.append(_concatenation(model, flats, parts[-1], axis=1))
-    ops.append(_concatenation(model, parts, output, axis=2))
+            ops.append(concatenation_op(model, flats, parts[-1], axis=1))
+    ops.append(concatenation_op(model, parts, output, axis=2))
     return ops
-
-
-def _reshape_op(model, source: int, shape: list[int], target: int, name: bytes):
-    s = schema()
-    options = s.ReshapeOptionsT()
-    options.newShape = shape
-    return new_operator(model, s.BuiltinOperator.RESHAPE, [source, add_tensor(model, name, [len(shape)],
-                                                                              np.array(shape, np.int32))],
-                        [target], s.BuiltinOptions.ReshapeOptions, options)
-
-
-def _concatenation(model, inputs: list[int], target: int, axis: int):
-    s = schema()
-    options = s.ConcatenationOptionsT()
-    options.axis = axis
-    return new_operator(model, s.BuiltinOperator.CONCATENATION, inputs, [target],
-                        s.BuiltinOptions.ConcatenationOptions, options)

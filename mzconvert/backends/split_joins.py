@@ -17,7 +17,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tflite_file import add_tensor, drop_unread_ops, drop_unused_tensors, new_operator, op_names, producers, schema
+from ..tflite_file import (
+    add_tensor,
+    concatenation_op,
+    constant_values,
+    drop_unread_ops,
+    drop_unused_tensors,
+    new_operator,
+    op_names,
+    producers,
+    reshape_op,
+    schema,
+)
 
 
 # -- ONNX ------------------------------------------------------------------------------------------------------
@@ -178,10 +189,9 @@ def tflite_split_joins_apart(model) -> int:
     return replaced
 
 
-def _constant(model, tensor: int) -> np.ndarray | None:
-    graph = model.subgraphs[0]
-    data = model.buffers[graph.tensors[tensor].buffer].data
-    return None if data is None or not len(data) else np.frombuffer(bytes(bytearray(data)), np.int32)
+def _int32s(model, tensor: int) -> np.ndarray | None:
+    values = constant_values(model, tensor, "<i4")
+    return None if values is None else values.ravel()
 
 
 def _tflite_levels(model, joined: int, producer: dict) -> list[list[int]] | None:
@@ -197,7 +207,7 @@ def _tflite_levels(model, joined: int, producer: dict) -> list[list[int]] | None
         reshape_name, reshape = producer.get(flat, (None, None))
         transpose_name, transpose = producer.get(reshape.inputs[0], (None, None)) if reshape_name == "RESHAPE" \
             else (None, None)
-        perm = _constant(model, transpose.inputs[1]) if transpose_name == "TRANSPOSE" else None
+        perm = _int32s(model, transpose.inputs[1]) if transpose_name == "TRANSPOSE" else None
         if perm is None or list(perm) != NCHW_FROM_NHWC:
             return None
         level_name, level = producer.get(transpose.inputs[0], (None, None))
@@ -223,7 +233,7 @@ def _tflite_sliced_parts(model, name: str, op, producer: dict) -> list[list[int]
     starts = np.cumsum([0, *widths]).tolist()
     joined_shape = [int(d) for d in graph.tensors[op.inputs[0]].shape]
     if name == "SPLIT_V":
-        sizes, axis = _constant(model, op.inputs[1]), _constant(model, op.inputs[2])
+        sizes, axis = _int32s(model, op.inputs[1]), _int32s(model, op.inputs[2])
         if sizes is None or axis is None or int(axis[0]) % 3 != 1 or list(sizes) != widths:
             return None
         return [[level[k] for level in levels] for k in range(len(widths))]
@@ -238,7 +248,7 @@ def _sliced_channels(model, op, shape: list[int]) -> tuple[int, int] | None:
     """(first, end) of the channels (axis 1) a STRIDED_SLICE takes of a [1, C, cells] tensor, when it takes
     them whole on the other axes, one by one; else None."""
     options = op.builtinOptions
-    begin, end, strides = (_constant(model, i) for i in op.inputs[1:4])
+    begin, end, strides = (_int32s(model, i) for i in op.inputs[1:4])
     if begin is None or end is None or strides is None or len(begin) != 3 or any(strides != 1) \
             or options.ellipsisMask or options.newAxisMask or options.shrinkAxisMask or options.offset:
         return None
@@ -264,14 +274,7 @@ def _tflite_joined(model, parts: list[int], output: int) -> list:
         ops.append(new_operator(model, s.BuiltinOperator.TRANSPOSE, [part, perm], [nchw],
                                 s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT()))
         shape = [batch, channels, height * width]
-        new_shape = add_tensor(model, b"%s/level%d/shape" % (base, number), [3], np.array(shape, np.int32))
         flats.append(add_tensor(model, b"%s/level%d" % (base, number), shape))
-        reshape = s.ReshapeOptionsT()
-        reshape.newShape = shape
-        ops.append(new_operator(model, s.BuiltinOperator.RESHAPE, [nchw, new_shape], [flats[-1]],
-                                s.BuiltinOptions.ReshapeOptions, reshape))
-    join = s.ConcatenationOptionsT()
-    join.axis = 2
-    ops.append(new_operator(model, s.BuiltinOperator.CONCATENATION, flats, [output],
-                            s.BuiltinOptions.ConcatenationOptions, join))
+        ops.append(reshape_op(model, nchw, shape, flats[-1], b"%s/level%d/shape" % (base, number)))
+    ops.append(concatenation_op(model, flats, output, axis=2))
     return ops
