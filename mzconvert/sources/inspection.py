@@ -905,6 +905,8 @@ def inspect_text(report: dict, indent: str = "") -> str:
         lines.append(f"{indent}  SSD head without anchors: boxes {head['box_output']}, scores {head['class_output']}; "
                      "levels (rows x columns x anchors) " +
                      ", ".join(f"{v['rows']}x{v['columns']}x{v['anchors']}" for v in head["levels"]))
+        if parts := head.get("box_parts"):
+            lines.append(f"{indent}  its boxes and keypoints made apart at freeze: {parts[0]}, {parts[1]}")
     if head := report.get("query_head"):
         lines.append(f"{indent}  query head: {head['queries']} queries, boxes {head['boxes']}, {head['classes']} "
                      f"classes' probabilities {head['scores']}")
