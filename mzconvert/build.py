@@ -148,8 +148,7 @@ def _choosing_text(p: Planner, variant: Variant, chosen_by: list[str]) -> str:
 def _sigmoid_read(recipe) -> dict:
     """The outputs whose ranges stop at a sigmoid's band (Postprocess.bounded_outputs), for a stage's inputs; none
     named where there are none, so that other recipes' stages keep their stamps."""
-    bounded = recipe.postprocess.bounded_outputs if recipe.postprocess else ()
-    return {"sigmoid_read": list(bounded)} if bounded else {}
+    return {"sigmoid_read": list(recipe.sigmoid_read_outputs)} if recipe.sigmoid_read_outputs else {}
 
 
 def _calibrate(p: Planner, stripped: StageOutcome, variant: Variant) -> StageOutcome:

@@ -307,8 +307,12 @@ def test_one_calibration_serves_every_int8_variant_like_separate_conversions(tmp
     from mzconvert.preprocess import prepare
     from mzconvert.stages.calibrate import calibration_batches
 
-    manifest = run(tmp_path, tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES))
+    # its class logits over their whole range, as the converter's calibrator records them (bounded_logits: a
+    # sigmoid's band, which only ours applies)
+    text = tiny_recipe_text(tiny["frozen"], sha256(tiny["frozen"]), variants=ALL_MODES)
+    manifest = run(tmp_path, text.replace("  labels: [thing]\n", "  labels: [thing]\n  bounded_logits: false\n"))
     recipe = load_recipe(tmp_path / "tiny.yaml")
+    assert not recipe.sigmoid_read_outputs
     assert len([p for p in (tmp_path / "build" / "tiny" / "calibrate").iterdir() if p.is_dir()]) == 1  # i8f, i8, u8 share it
     images = sorted(TRAIN.glob("*.jpg"))[:8]
     stripped = tmp_path / "build" / "tiny" / "strip" / "stripped.pb"
@@ -383,8 +387,10 @@ def test_debug_ranks_a_deliberately_damaged_layer_first(tmp_path, mirror):
     damaged = write_tiny_detector(tmp_path / "graphs", damaged=True)["frozen"]
     variants = f"  - {{name: i8, mode: int8, io_dtype: int8, calibration: {TRAIN}, calibration_count: 8}}\n"
     recipe = tmp_path / "tiny.yaml"
+    # judged over whole outputs (bounded_logits: false), where the damage shows in every value
     recipe.write_text(tiny_recipe_text(damaged, sha256(damaged), variants=variants, images=VAL).replace(
-        f"images: {VAL}", f"images: {VAL}\n  count: 6"))
+        f"images: {VAL}", f"images: {VAL}\n  count: 6").replace("  labels: [thing]\n",
+                                                                  "  labels: [thing]\n  bounded_logits: false\n"))
     where = ["--out", str(tmp_path / "dist"), "--build-dir", str(tmp_path / "build")]
     failed = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(recipe), *where)
     assert failed.returncode == 1 and "variants[0].min_" in failed.stderr, failed.stderr[-2000:]  # below its floor

@@ -224,7 +224,7 @@ def _quantize_prepared(prepared: Path, target: Path, variant: Variant, recipe: R
     tensors = list(calibration())
     method = "minmax" if variant.calibration_method == "entropy" else variant.calibration_method  # entropy: ORT's
     ranges = _recorded_ranges(prepared, tensors, method, variant.calibration_percentile,
-                              recipe.postprocess.bounded_outputs if recipe.postprocess else ())
+                              recipe.sigmoid_read_outputs if recipe else ())
     model = _load(prepared)
     float_nodes = mixed_range_outputs(model, ranges) if variant.separate_output_scales else []
     float_nodes += _known_nodes(model, variant.float_layers, recipe)

@@ -400,6 +400,12 @@ class Recipe:
     def member_for(self, variant: Variant) -> str | None:
         return variant.member or self.source.member
 
+    @property
+    def sigmoid_read_outputs(self) -> tuple[str, ...]:
+        """The outputs decoded through a sigmoid after the model, whose int8 range stops at its band
+        (Postprocess.bounded_outputs)."""
+        return self.postprocess.bounded_outputs if self.postprocess else ()
+
     def variant_index(self, name: str) -> int:
         """Where the variant is in the recipe's list (for located messages; a build may carry a variant with its
         searched float_layers, which equals none of the recipe's)."""

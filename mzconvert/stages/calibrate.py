@@ -60,8 +60,8 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
         marked, to_input = backend_for(recipe).range_slots(stripped, recipe, tensors[0], out_dir / "one-image.tflite")
         inputs = [to_input(t) for t in tensors]
     target = out_dir / "calibrated.tflite"
-    bounded = recipe.postprocess.bounded_outputs if recipe.postprocess else ()
-    if calibrate_with_interpreter(marked, inputs, target, method, variant.calibration_percentile, bounded) is None:
+    if calibrate_with_interpreter(marked, inputs, target, method, variant.calibration_percentile,
+                                  recipe.sigmoid_read_outputs) is None:
         if method != "minmax":  # control flow: only TensorFlow's calibrator follows it
             raise MzError(f"{recipe.path}: variants: {variant.name}: calibration_method {method}: the model has "
                           "control flow, which only TensorFlow's calibrator (minmax) follows")

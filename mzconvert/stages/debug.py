@@ -81,7 +81,7 @@ def _tflite_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     artifact_model = litert_interpreter(artifact)
     artifact_model.allocate_tensors()
     names = {d["index"]: d["name"] for d in artifact_model.get_tensor_details()}
-    bounds = {names[index]: bound for index, bound in _saturated_bounds(artifact_model).items()}
+    bounds = {names[index]: bound for index, bound in _saturated_bounds(artifact_model, recipe).items()}
     within = {bound: _bounded_errors(bound) for bound in set(bounds.values())}
     metrics = {f"{metric}{_within(bound)}": errors[metric] for bound, errors in within.items() for metric in errors}
     with tempfile.TemporaryDirectory() as work:
@@ -140,12 +140,14 @@ def _bounded_errors(bound: Bound) -> dict[str, Callable]:
             "max_abs_error": lambda *values: float(np.max(np.abs(errors(*values))))}
 
 
-def _saturated_bounds(interpreter) -> dict[int, Bound]:
-    """{tensor index: bound} of an allocated LiteRT interpreter's tensors that only saturating ops read
-    (quant/ranges.py)."""
+def _saturated_bounds(interpreter, recipe: Recipe) -> dict[int, Bound]:
+    """{tensor index: bound} of an allocated LiteRT interpreter's tensors that only saturating ops read, or that
+    make the recipe's outputs decoded through a sigmoid (quant/ranges.py)."""
     ops = interpreter._get_ops_details()
+    outputs = interpreter.get_output_details()
     return saturated_bounds(readers_of((op["op_name"], op["inputs"], op["outputs"]) for op in ops),
-                            [d["index"] for d in interpreter.get_output_details()])
+                            [d["index"] for d in outputs],
+                            [d["index"] for d in outputs if d["name"] in recipe.sigmoid_read_outputs])
 
 
 IMAGES_AT_ONCE = 4  # the ONNX debug holds every activation of this many images (two models) at a time
@@ -176,7 +178,7 @@ def _onnx_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artifac
         producers = {o: n.op_type for n in nodes for o in n.output}
         inputs = {o: list(n.input) for n in nodes for o in n.output}
         bounds = saturated_bounds(readers_of((node.op_type, node.input, node.output) for node in nodes),
-                                  {o.name for o in graph.output})
+                                  {o.name for o in graph.output}, recipe.sigmoid_read_outputs)
         modify_model_output_intermediate_tensors(str(float_model), str(float_saved))
         modify_model_output_intermediate_tensors(str(artifact), str(qdq_saved))
         totals: dict[str, list[float]] = {}  # tensor -> [sum of squared errors, values, max abs error]
@@ -276,7 +278,7 @@ def _litert_layer_errors(stripped: Path, recipe: Recipe, variant: Variant, artif
     ops = int8_model._get_ops_details()
     producers = {names[o]: op["op_name"] for op in ops for o in op["outputs"]}
     inputs = {names[o]: [names[i] for i in op["inputs"] if i >= 0] for op in ops for o in op["outputs"]}
-    bounds = _saturated_bounds(int8_model)
+    bounds = _saturated_bounds(int8_model, recipe)
     int8_input = tensor_spec(int8_model.get_input_details()[0])
     totals: dict[str, list[float]] = {}
     for tensor in tensors:
