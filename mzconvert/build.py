@@ -146,7 +146,7 @@ def _choosing_text(p: Planner, variant: Variant, chosen_by: list[str]) -> str:
 
 
 def _sigmoid_read(recipe) -> dict:
-    """The outputs whose ranges stop at a sigmoid's band (Postprocess.bounded_outputs), for a stage's inputs; none
+    """The outputs whose ranges stop at a sigmoid's band (Postprocess.sigmoid_read_outputs), for a stage's inputs; none
     named where there are none, so that other recipes' stages keep their stamps."""
     return {"sigmoid_read": list(recipe.sigmoid_read_outputs)} if recipe.sigmoid_read_outputs else {}
 

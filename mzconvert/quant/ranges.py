@@ -256,7 +256,7 @@ def saturated_bounds(readers: dict[object, list[tuple[str, tuple, tuple]]], outp
     keep finer steps where the op's output still moves (MediaPipe's selfie segmenter: a sigmoid's input measured
     over [-975, 388], 5.3 per step, the mask's edge lost; NudeNet's YOLOv8n: its stem's SiLUs read [-212, 194]).
     Read by several, a tensor takes the widest. The outputs in `sigmoid_read` are decoded through a sigmoid after
-    the model (an SSD head's class logits, Postprocess.bounded_outputs): bounded as a sigmoid's input, and so are
+    the model (an SSD head's class logits, Postprocess.sigmoid_read_outputs): bounded as a sigmoid's input, and so are
     what moves their values (MediaPipe's pose detector: class logits measured over [-575, 3.6], 2.3 logits a
     step, where a score of 0.3-0.7 is a logit of -0.8 to 0.8)."""
     bounds: dict[object, Bound] = {tensor: (-SIGMOID_BOUND, SIGMOID_BOUND) for tensor in sigmoid_read}

@@ -241,7 +241,7 @@ class Postprocess:
     angles: str | None = None
 
     @property
-    def bounded_outputs(self) -> tuple[str, ...]:
+    def sigmoid_read_outputs(self) -> tuple[str, ...]:
         """The outputs decoded through a sigmoid whose int8 range stops at its band: an ssd head's class logits
         (bounded_logits)."""
         bounded = self.kind == "ssd" and self.score == "sigmoid" and self.bounded_logits and self.class_output
@@ -403,8 +403,8 @@ class Recipe:
     @property
     def sigmoid_read_outputs(self) -> tuple[str, ...]:
         """The outputs decoded through a sigmoid after the model, whose int8 range stops at its band
-        (Postprocess.bounded_outputs)."""
-        return self.postprocess.bounded_outputs if self.postprocess else ()
+        (Postprocess.sigmoid_read_outputs)."""
+        return self.postprocess.sigmoid_read_outputs if self.postprocess else ()
 
     def variant_index(self, name: str) -> int:
         """Where the variant is in the recipe's list (for located messages; a build may carry a variant with its

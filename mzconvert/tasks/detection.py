@@ -242,15 +242,15 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     scores (images x classes x N); a YOLO or query head's class probabilities (and YOLOv5's objectness) only where
     either model scores MATCH_SCORE or more, the scores a person is shown (8-bit probabilities of a class no image
     holds round to 0 and 1/256: noise a trained detector's rare classes would be judged by, where no detection
-    changes); an ssd head's class logits whose int8 range stops at a sigmoid's band (Postprocess.bounded_outputs)
+    changes); an ssd head's class logits whose int8 range stops at a sigmoid's band (Postprocess.sigmoid_read_outputs)
     as the scores they decode to, shown likewise (beyond the band a logit's error moves no score a person sees),
     and its other outputs of values per anchor (boxes, keypoints) at the anchors whose score either model shows,
     given both models' `outputs` ({name: (reference, candidate)}): a box or keypoint where nothing is detected
     is never seen (MediaPipe's face detector: box offsets of -11000 on a COCO image without a face, where the
     calibration images reached -47). Else the outputs as they are."""
-    if post is not None and name in post.bounded_outputs:
+    if post is not None and name in post.sigmoid_read_outputs:
         return (*_shown(*_ssd_scores(reference, candidate, post)), None)
-    if post is not None and post.bounded_outputs and outputs and post.class_output in outputs:
+    if post is not None and post.sigmoid_read_outputs and outputs and post.class_output in outputs:
         shown = np.max(np.maximum(*_ssd_scores(*outputs[post.class_output], post)), axis=-1) >= MATCH_SCORE
         shown = shown.reshape(shown.shape[0], -1)  # images x anchors
         if reference[0].size % shown.shape[1] == 0:
