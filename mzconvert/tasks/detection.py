@@ -100,19 +100,24 @@ def _iou(boxes: np.ndarray, areas: np.ndarray, kept, others) -> np.ndarray:
 def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: np.ndarray) -> Detections:
     # a head may encode more than the box per anchor (BlazeFace: 4 box values, then 6 keypoints): the box first
     encodings = outputs[post.box_output].reshape(anchors.shape[0], -1)[:, :4]
-    logits = outputs[post.class_output].reshape(encodings.shape[0], -1)
-    if post.score == "sigmoid":
-        scores = 1 / (1 + np.exp(-logits))
-    else:
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        scores = exp / exp.sum(axis=1, keepdims=True)
-    if post.background_class:
-        scores = scores[:, 1:]
+    scores = ssd_scores(outputs[post.class_output].reshape(encodings.shape[0], -1), post)
     if scores.shape[1] != len(post.labels):
         raise InputError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
     boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales, post.box_coding, post.box_order)
     # NMS first, clip after, as TF does
     return _selected(boxes, scores, post)
+
+
+def ssd_scores(logits: np.ndarray, post: Postprocess) -> np.ndarray:
+    """An ssd head's class logits (classes last) as its classes' scores: sigmoid or softmax, the background's
+    column dropped."""
+    if post.score == "sigmoid":
+        with np.errstate(over="ignore"):  # a logit far below 0 (MediaPipe's face detector: -29776) scores 0
+            scores = 1 / (1 + np.exp(-logits))
+    else:
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        scores = exp / exp.sum(axis=-1, keepdims=True)
+    return scores[..., 1:] if post.background_class else scores
 
 
 def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detections:
@@ -249,9 +254,10 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     is never seen (MediaPipe's face detector: box offsets of -11000 on a COCO image without a face, where the
     calibration images reached -47). Else the outputs as they are."""
     if post is not None and name in post.sigmoid_read_outputs:
-        return (*_shown(*_ssd_scores(reference, candidate, post)), None)
+        return (*_shown(*(ssd_scores(v.astype(np.float64), post) for v in (reference, candidate))), None)
     if post is not None and post.sigmoid_read_outputs and outputs and post.class_output in outputs:
-        shown = np.max(np.maximum(*_ssd_scores(*outputs[post.class_output], post)), axis=-1) >= MATCH_SCORE
+        scores = (ssd_scores(v.astype(np.float64), post) for v in outputs[post.class_output])
+        shown = np.max(np.maximum(*scores), axis=-1) >= MATCH_SCORE
         shown = shown.reshape(shown.shape[0], -1)  # images x anchors
         if reference[0].size % shown.shape[1] == 0:
             return (*(np.where(shown[:, :, None], v.reshape(*shown.shape, -1), 0).reshape(v.shape)
@@ -284,12 +290,6 @@ def tuning_weights(outputs: dict[str, np.ndarray], post: Postprocess | None) -> 
             or post.box_output not in outputs:
         return {}
     return {post.box_output: outputs[post.class_output].max(axis=-2, keepdims=True)}
-
-
-def _ssd_scores(logits: np.ndarray, other: np.ndarray, post: Postprocess) -> tuple[np.ndarray, np.ndarray]:
-    """Two models' ssd class logits (images first, classes last) as the sigmoid scores of their classes."""
-    scores = (0.5 + 0.5 * np.tanh(values.astype(np.float64) / 2) for values in (logits, other))  # sigmoid, no overflow
-    return tuple(v[..., 1:] if post.background_class else v for v in scores)
 
 
 def _shown(reference: np.ndarray, candidate: np.ndarray, scores=np.s_[...]) -> tuple[np.ndarray, np.ndarray]:
