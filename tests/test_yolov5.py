@@ -28,17 +28,19 @@ LEVELS = {16: [(12.0, 20.0), (30.0, 18.0)], 32: [(40.0, 52.0), (64.0, 60.0)]}
 PER_ANCHOR = 5 + CLASSES
 
 
-def yolov5_like_onnx(path: Path, names: list[str] | None = None) -> Path:
+def yolov5_like_onnx(path: Path, names: list[str] | None = None, gain: float = 1.0) -> Path:
     """[1, N, 5 + 3]: per level, a Conv of 2 anchors x (x, y, w, h, objectness, 3 classes) channels, reshaped,
     transposed and put through a Sigmoid, centres (2 s - 0.5 + cell) x stride and sizes (2 s) ** 2 x anchor,
-    concatenated, as YOLOv5's Detect exports (Split, Mul, Add, Pow; the grids and anchor sizes constants)."""
+    concatenated, as YOLOv5's Detect exports (Split, Mul, Add, Pow; the grids and anchor sizes constants); the
+    Convs' weights and biases times `gain`."""
     rng = np.random.RandomState(3)
     arrays, nodes, flat = {"two": np.array(2.0), "split": np.array([2, 2, 1 + CLASSES], np.int64)}, [], []
     for stride, anchors in LEVELS.items():
         side, count, tag = SIZE // stride, len(anchors), f"p{stride}"
-        weight = rng.normal(0, 0.05, (count * PER_ANCHOR, 3, stride, stride))
+        weight = rng.normal(0, 0.05, (count * PER_ANCHOR, 3, stride, stride)) * gain
         bias = rng.normal(0, 0.5, count * PER_ANCHOR)
         bias.reshape(count, PER_ANCHOR)[:, 4] += 1.0  # some anchors confident
+        bias *= gain
         ys, xs = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
         grid = np.broadcast_to(np.stack([xs, ys], -1)[None, None] - 0.5, (1, count, side, side, 2))
         arrays |= {f"{tag}_w": weight, f"{tag}_b": bias, f"{tag}_grid": grid, f"{tag}_stride": np.array(float(stride)),
@@ -140,6 +142,31 @@ def test_int8_boxes_and_scores_get_scales_of_their_own_and_are_judged_by_what_th
     assert boxes["worst_slice"]["of"] == 4 and scores["worst_slice"]["of"] == CLASSES  # x, y, w, h; each class
 
 
+@pytest.mark.parametrize("bounded", [True, False])
+def test_int8_tflite_holds_the_levels_logits_within_a_sigmoids_band(bounded, tmp_path, mirror):
+    """Every value of a level is decoded through a sigmoid: logits far beyond +-8 (the Convs x 30) keep an int8
+    range within the band, as a sigmoid in the graph would bound them; with bounded_logits false, their whole
+    range. (The ONNX int8 leaves a graph output's Conv float: nothing to bound there.)"""
+    from ai_edge_litert.interpreter import Interpreter
+
+    recipe = _proposed(tmp_path, gain=30.0)
+    recipe["postprocess"]["bounded_logits"] = bounded
+    calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
+    recipe["variants"] = [{"name": "int8-tflite", "mode": "int8", "target": "tflite", "calibration": str(calibration)}]
+    path = tmp_path / "y5.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    done = run_cli("--cache-dir", str(tmp_path / "c"), "build", str(path), "--out", str(tmp_path / "dist"),
+                   "--build-dir", str(tmp_path / "build"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranges = {}
+    for detail in Interpreter(str(tmp_path / "dist" / "y5" / "y5_int8-tflite.tflite")).get_output_details():
+        step, zero = detail["quantization"]
+        ranges[detail["name"]] = step, (-128 - zero) * step, (127 - zero) * step
+    assert set(ranges) == set(recipe["strip"]["outputs"]) and len(ranges) == 4, ranges
+    within = {name: -8 - step <= low and high <= 8 + step for name, (step, low, high) in ranges.items()}
+    assert all(within.values()) if bounded else not any(within.values()), ranges
+
+
 def test_a_class_lost_in_int8_is_found_whatever_the_levels_size():
     """The scores part is judged class by class (the axis the decode knows), where the shape alone would not
     tell which axis is the classes (80 classes over a level of 300 cells)."""
@@ -167,6 +194,8 @@ def test_a_class_lost_in_int8_is_found_whatever_the_levels_size():
      "postprocess.levels[1].anchors: expected positive anchor sizes in pairs"),
     (lambda r: r["postprocess"].update(output="output0"),
      "postprocess.output: output is the one concatenated output; levels replace it"),
+    (lambda r: r["postprocess"].pop("levels") and r["postprocess"].update(bounded_logits=False),
+     "postprocess.bounded_logits: bounded_logits bounds the logits of a yolov5 head cut at its levels: name levels"),
 ])
 def test_a_wrong_levels_section_is_refused_where_it_is(edit, message, tmp_path):
     path = tmp_path / "y5.yaml"
@@ -192,8 +221,8 @@ def test_a_level_that_is_not_a_conv_is_refused_at_freeze(tmp_path):
     assert not (tmp_path / "dist" / "y5").exists()
 
 
-def _proposed(tmp_path: Path) -> dict:
-    model = yolov5_like_onnx(tmp_path / "y5.onnx")
+def _proposed(tmp_path: Path, gain: float = 1.0) -> dict:
+    model = yolov5_like_onnx(tmp_path / "y5.onnx", gain=gain)
     made = run_cli("init", "y5", "--from", str(model), "--to", str(tmp_path))
     assert made.returncode == 0, made.stderr
     return yaml.safe_load((tmp_path / "y5.yaml").read_text())

@@ -212,8 +212,9 @@ class Postprocess:
     strides: tuple[int, ...] | None = None  # yolov8 dfl, distances: the head's levels (default: from N and input)
     score: str = "sigmoid"  # sigmoid | softmax
     background_class: bool = True  # logits[..., 0] is background
-    # ssd with sigmoid scores: its class logits' int8 range stops at a sigmoid's band (quant/ranges.py), as a
-    # sigmoid inside the graph bounds what it reads, and verify judges them as the scores they decode to
+    # the logits decoded here through a sigmoid (an ssd head's class logits with sigmoid scores, a yolov5 head's
+    # levels: boxes and scores) keep an int8 range within a sigmoid's band (quant/ranges.py), as a sigmoid inside
+    # the graph bounds what it reads; verify judges an ssd head's class logits as the scores they decode to
     bounded_logits: bool = True
     # Non-maximum suppression: our decode (eval, verify, predict) and the attached TFLite op use these.
     # The defaults suit mAP (the precision/recall curve needs the low-score tail); a deployed
@@ -242,10 +243,13 @@ class Postprocess:
 
     @property
     def sigmoid_read_outputs(self) -> tuple[str, ...]:
-        """The outputs decoded through a sigmoid whose int8 range stops at its band: an ssd head's class logits
-        (bounded_logits)."""
-        bounded = self.kind == "ssd" and self.score == "sigmoid" and self.bounded_logits and self.class_output
-        return (self.class_output,) if bounded else ()
+        """The outputs decoded through a sigmoid whose int8 range stops at its band (bounded_logits): an ssd head's
+        class logits, a yolov5 head's levels, both parts (every value of a level is read through a sigmoid)."""
+        if not self.bounded_logits:
+            return ()
+        if self.kind == "yolov5":
+            return tuple(part for level in self.levels for part in level.parts)
+        return (self.class_output,) if self.kind == "ssd" and self.score == "sigmoid" and self.class_output else ()
 
 
 @dataclass(frozen=True)

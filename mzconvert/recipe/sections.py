@@ -282,9 +282,10 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
     int8 then quantizes at scales of their own, or with box_encoding dfl the box branch before its DFL."""
     split = ("box_output", "class_output") if kind == "yolov8" else ()
     attachable = ("attach",) if kind == "yolov8" else ()
+    bounded = ("bounded_logits",) if kind == "yolov5" else ()  # its levels' logits, all read through a sigmoid
     for key in SSD_POSTPROCESS_FIELDS:
         if r.has(key) and key not in ("nms_score_threshold", "nms_iou_threshold", "max_detections", *split,
-                                      *attachable):
+                                      *attachable, *bounded):
             raise r.fail(f"kind {kind} decodes its one output; {key} is for kind ssd", r.child_where(key))
     if split and r.has(split[0]) != r.has(split[1]):
         missing = split[1] if r.has(split[0]) else split[0]
@@ -327,6 +328,11 @@ def _yolo_postprocess(r: Reader, kind: str, labels: tuple, category_ids: tuple, 
                      "mask_coefficients nor keypoints", r.child_where("angles"))
     if r.has("levels"):
         encoding["levels"] = tuple(r.list_of("levels", lambda item: _anchor_level(item, strip)))
+    if bounded and r.has("bounded_logits"):
+        if not r.has("levels"):
+            raise r.fail("bounded_logits bounds the logits of a yolov5 head cut at its levels: name levels",
+                         r.child_where("bounded_logits"))
+        encoding["bounded_logits"] = r.boolean("bounded_logits", True)
     return Postprocess(kind=kind, labels=labels, category_ids=category_ids, attach=attach, **names, **nms,
                        **encoding)
 

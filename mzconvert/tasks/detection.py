@@ -253,9 +253,10 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     given both models' `outputs` ({name: (reference, candidate)}): a box or keypoint where nothing is detected
     is never seen (MediaPipe's face detector: box offsets of -11000 on a COCO image without a face, where the
     calibration images reached -47). Else the outputs as they are."""
-    if post is not None and name in post.sigmoid_read_outputs:
+    bounded_ssd = post is not None and post.kind == "ssd" and post.sigmoid_read_outputs
+    if bounded_ssd and name in post.sigmoid_read_outputs:
         return (*_shown(*(ssd_scores(v.astype(np.float64), post) for v in (reference, candidate))), None)
-    if post is not None and post.sigmoid_read_outputs and outputs and post.class_output in outputs:
+    if bounded_ssd and outputs and post.class_output in outputs:
         scores = (ssd_scores(v.astype(np.float64), post) for v in outputs[post.class_output])
         shown = np.max(np.maximum(*scores), axis=-1) >= MATCH_SCORE
         shown = shown.reshape(shown.shape[0], -1)  # images x anchors
