@@ -304,3 +304,41 @@ def test_tune_steps_is_refused_where_it_does_not_apply(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(RecipeError, match=r"variants\[1\]\.tune_steps: tune_steps applies to int8 variants calibrated"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_depth_to_space_runs_as_litert_reference_kernels_run_it(tmp_path):
+    """A head that ends in DEPTH_TO_SPACE (MediaPipe's pose and face detectors do): the program's outputs are the
+    reference kernels', to a step (each block's channels in another order are not)."""
+    import tensorflow as tf
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.RandomState(0)
+    kernel = tf.constant(rng.normal(0, 0.3, (3, 3, 3, 16)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+    def model(x):
+        return tf.nn.depth_to_space(tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME")), 2) * 2.0 - 1.0
+
+    def representative():
+        for i in range(16):
+            yield [np.random.RandomState(i).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    path = tmp_path / "d2s.tflite"
+    path.write_bytes(converter.convert())
+    (name,) = [o["name"] for o in Interpreter(str(path)).get_output_details()]
+    program = TfliteProgram(path, [name])
+    assert "DEPTH_TO_SPACE" in program.ops
+    runner = open_model(path, [name], kernels=REFERENCE)
+    for seed in range(4):
+        tensor = np.random.RandomState(50 + seed).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+        with torch.no_grad():
+            (got,) = program(tensor)
+        (want,) = runner.run(tensor)
+        assert want.shape == (1, 16, 16, 4)
+        assert np.abs(got.numpy().reshape(want.shape) - want).max() <= 1.01 * runner.outputs[0].scale

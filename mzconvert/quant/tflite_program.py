@@ -314,6 +314,15 @@ def _resize_bilinear(op, inputs, shapes):
                          align_corners=bool(o.alignCorners)).permute(0, 2, 3, 1)
 
 
+def _depth_to_space(op, inputs, shapes):
+    """Each pixel's channels as a block of block x block pixels, channel (row x block + column) x C + c to (row,
+    column)'s channel c: TensorFlow's order (DCR)."""
+    block = op.builtinOptions.blockSize
+    n, h, w, c = inputs[0].shape
+    blocks = inputs[0].reshape(n, h, w, block, block, c // block ** 2)
+    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(shapes[0])
+
+
 def _batch_matmul(op, inputs, shapes):
     o = op.builtinOptions
     x, y = (v.transpose(-1, -2) if adjoint else v for v, adjoint in zip(inputs[:2], (o.adjX, o.adjY)))
@@ -333,6 +342,7 @@ OPS = {
     "MAXIMUM": _binary("maximum"), "MINIMUM": _binary("minimum"),
     "CONCATENATION": _concatenation, "SPLIT": _split, "SPLIT_V": _split_v, "STRIDED_SLICE": _strided_slice,
     "PAD": _pad, "RESIZE_NEAREST_NEIGHBOR": _resize_nearest, "RESIZE_BILINEAR": _resize_bilinear, "MEAN": _mean,
+    "DEPTH_TO_SPACE": _depth_to_space,
     "RESHAPE": lambda op, inputs, shapes: inputs[0].reshape(shapes[0]),
     "SQUEEZE": lambda op, inputs, shapes: inputs[0].reshape(shapes[0]),
     "EXPAND_DIMS": lambda op, inputs, shapes: inputs[0].reshape(shapes[0]),
