@@ -201,12 +201,53 @@ def test_a_yolov8_heads_boxes_are_weighed_by_the_best_class_score_of_their_cell(
     boxes, scores = rng.normal(size=(1, 64, 21)), rng.uniform(size=(1, 3, 21))
     post = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), box_encoding="dfl", box_output="box",
                        class_output="cls")
-    weights = tuning_weights({"box": boxes, "cls": scores}, post)
+    weights = tuning_weights({"box": boxes, "cls": scores}, post, (64, 64))
     assert list(weights) == ["box"]
     assert np.array_equal(np.broadcast_to(weights["box"], boxes.shape), np.broadcast_to(scores.max(1), boxes.shape))
     pixels = Postprocess(kind="yolov8", labels=("a", "b", "c"), category_ids=(1, 2, 3), box_encoding="pixels", box_output="box",
                          class_output="cls")
-    assert tuning_weights({"box": boxes, "cls": scores}, pixels) == {}  # boxes in pixels: judged alike
+    assert tuning_weights({"box": boxes, "cls": scores}, pixels, (64, 64)) == {}  # boxes in pixels: judged alike
+
+
+def test_a_yolov5_levels_boxes_count_by_their_anchors_score_and_its_logits_within_the_band():
+    """A level of 2 anchors x 2 classes over 2 x 3 cells (stride 16 of 32 x 48): each box logit weighs as its
+    (anchor, cell)'s best score, objectness x class probability; a logit beyond +-8 (where int8 holds the band's
+    edge) not at all; with bounded_logits false, every value alike."""
+    from dataclasses import replace
+
+    from mzconvert.recipe.schema import AnchorLevel
+
+    level = AnchorLevel("head", 16, (10.0, 13.0, 16.0, 30.0))
+    post = Postprocess(kind="yolov5", labels=("a", "b"), category_ids=(1, 2), levels=(level,))
+    boxes_name, scores_name = level.parts
+    scores = np.full((1, 2 * 3, 2, 3), -20.0)
+    scores[0, 0, 1, 2], scores[0, 2, 1, 2] = 0.0, 2.0  # anchor 0, cell (1, 2): objectness 0.5, class b 0.88
+    scores[0, 3, 0, 0], scores[0, 4, 0, 0] = 3.0, 1.0  # anchor 1, cell (0, 0): objectness 0.95, class a 0.73
+    boxes = np.zeros((1, 2 * 4, 2, 3))
+    boxes[0, 5, 0, 0] = 9.0  # anchor 1's y logit at cell (0, 0): beyond the band
+    weights = tuning_weights({boxes_name: boxes, scores_name: scores}, post, (32, 48))
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    want = np.zeros_like(boxes)
+    want[0, 0:4, 1, 2] = sigmoid(0.0) * sigmoid(2.0)
+    want[0, 4:8, 0, 0] = sigmoid(3.0) * sigmoid(1.0)
+    want[0, 5, 0, 0] = 0
+    assert np.allclose(weights[boxes_name], want)
+    assert np.array_equal(weights[scores_name], (np.abs(scores) <= 8).astype(np.float32))
+    assert tuning_weights({boxes_name: boxes, scores_name: scores}, replace(post, bounded_logits=False),
+                          (32, 48)) == {}
+
+
+def test_an_ssd_heads_keypoints_count_by_their_anchors_score_beside_bounded_logits():
+    post = Postprocess(kind="ssd", labels=("face",), category_ids=(1,), box_output="boxes", class_output="logits",
+                       background_class=False)
+    logits = np.array([[[-575.0], [0.0], [3.0]]])
+    keypoints = np.arange(3 * 6, dtype=float).reshape(1, 3, 6)
+    weights = tuning_weights({"boxes": keypoints[..., :4], "keypoints": keypoints, "logits": logits}, post, (64, 64))
+    assert np.array_equal(weights["logits"], [[[0.0], [1.0], [1.0]]])
+    for name, width in (("boxes", 4), ("keypoints", 6)):
+        assert weights[name].shape == (1, 3, width)
+        assert np.allclose(weights[name][0, :, 0], [0.0, 0.5, 1 / (1 + np.exp(-3.0))])
+        assert (weights[name] == weights[name][..., :1]).all()
 
 
 @pytest.fixture(scope="module")

@@ -84,10 +84,11 @@ def _tuned(stripped: Path, model: Path, recipe: Recipe, variant: Variant, tensor
     from ..tasks.detection import tuning_weights
 
     float_model = backend_for(recipe).GraphRunner(stripped, recipe)
+    post, input_hw = recipe.postprocess, recipe.input.height_width
     try:
         before, after, kept = tune_weights(model, float_model.run, [o.name for o in float_model.outputs], tensors,
-                                           variant.tune_steps,
-                                           lambda outputs: tuning_weights(outputs, recipe.postprocess), log)
+                                           variant.tune_steps, lambda outputs: tuning_weights(outputs, post, input_hw),
+                                           log)
     except MzError as exc:  # an op the torch programs do not run: the int8 as quantized, and why it is not tuned
         return {"steps": variant.tune_steps, "kept": False, "not_run": str(exc)}
     return {"steps": variant.tune_steps, "error_before": before, "error_after": after, "kept": kept}

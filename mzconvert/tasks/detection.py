@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import EXIT_BAD_INPUT, InputError, MzError, short_text
 from ..preprocess import letterbox_geometry
+from ..quant.ranges import SIGMOID_BOUND
 from ..recipe import Postprocess, Preprocess
 from ..recipe.schema import AnchorLevel
 from .keypoints import decoded_keypoints
@@ -281,16 +282,38 @@ def judged_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, post
     return reference, candidate, None
 
 
-def tuning_weights(outputs: dict[str, np.ndarray], post: Postprocess | None) -> dict[str, np.ndarray]:
+def tuning_weights(outputs: dict[str, np.ndarray], post: Postprocess | None,
+                   input_hw: tuple[int, int]) -> dict[str, np.ndarray]:
     """What weight tuning (quant/tuning.py) gives each value of the float model's `outputs` of one image, where not
-    all alike: a yolov8 head cut before its box decode, its box values at each cell by the cell's best class
-    probability, since a box counts only where the cell detects something (on NudeNet's YOLOv8n, a one-off trial
-    in docs/results.md: tuned to the unweighted error, 87.5 % of the boxes at the cells float32 scores 0.3 or
-    more kept IoU >= 0.9 with float32's, 88.8 % untuned; to this one, 91.9 %)."""
-    if post is None or post.kind != "yolov8" or post.box_encoding == "pixels" or post.class_output not in outputs \
-            or post.box_output not in outputs:
+    all alike. A box counts only where its cell or anchor detects something: a yolov8 head cut before its box
+    decode, its box values at each cell by the cell's best class probability (on NudeNet's YOLOv8n, a one-off
+    trial in docs/results.md: tuned to the unweighted error, 87.5 % of the boxes at the cells float32 scores 0.3
+    or more kept IoU >= 0.9 with float32's, 88.8 % untuned; to this one, 91.9 %); a yolov5 level's box logits and
+    an ssd head's values per anchor (boxes, keypoints) beside bounded class logits likewise, by the best score of
+    their anchor. A logit read through a sigmoid whose int8 range stops at its band (Postprocess.
+    sigmoid_read_outputs) counts only where the float model's is within it: beyond, int8 holds it at the band's
+    edge, where no score moves and no weight can take it (its error there would only swamp the rest)."""
+    if post is None:
         return {}
-    return {post.box_output: outputs[post.class_output].max(axis=-2, keepdims=True)}
+    if post.kind == "yolov8":
+        if post.box_encoding == "pixels" or post.class_output not in outputs or post.box_output not in outputs:
+            return {}
+        return {post.box_output: outputs[post.class_output].max(axis=-2, keepdims=True)}
+    weights = {name: (np.abs(outputs[name]) <= SIGMOID_BOUND).astype(np.float32)
+               for name in post.sigmoid_read_outputs if name in outputs}
+    if post.kind == "yolov5":
+        for level in post.levels:
+            boxes, scores = level.parts
+            if boxes in weights and scores in outputs:  # channels: anchor by anchor its x, y, w, h; then cells
+                best = _level_class_scores(outputs[scores], level, input_hw).max(axis=1)
+                by_anchor = np.repeat(best.reshape(len(level.anchors) // 2, 1, -1), 4, axis=1)
+                weights[boxes] = weights[boxes] * by_anchor.reshape(outputs[boxes].shape)
+    elif post.kind == "ssd" and post.class_output in weights:  # anchor by anchor its values
+        best = ssd_scores(outputs[post.class_output].astype(np.float64), post).max(axis=-1).reshape(-1, 1)
+        for name, values in outputs.items():
+            if name != post.class_output and values.size % best.size == 0:
+                weights[name] = np.repeat(best, values.size // best.size, axis=1).reshape(values.shape)
+    return weights
 
 
 def _shown(reference: np.ndarray, candidate: np.ndarray, scores=np.s_[...]) -> tuple[np.ndarray, np.ndarray]:
