@@ -25,7 +25,8 @@ TORCH_PREPROCESS = {"interpolation": "torchvision", "central_crop": 0.875, "chan
                     "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
 IMAGENET_CLASSES = 1000
 VERIFY_COUNT = 32
-# int8 of a YOLOv8-family head cut before its box decode (its boxes weighed by their cells' scores: tuning_weights)
+# int8 of a YOLOv8-family head cut before its box decode or a MediaPipe-style SSD head (their boxes weighed by their
+# cells' or anchors' scores: tuning_weights)
 TUNE_STEPS = 150
 TUNED_BOXES = ("dfl", "distances")
 NPU_TARGET = {"name": "u55", "accelerator": "ethos-u55-128", "system_config": "Ethos_U55_High_End_Embedded",
@@ -726,11 +727,14 @@ def _tuning(p: dict) -> dict:
     """An int8 variant's tune_steps: for a YOLOv8-family head cut before its box decode, whose int8 loses small
     boxes by a pixel to the error its shared features inherit (NudeNet's YOLOv8n, on 100 images never tuned on:
     int8-tflite matched 95.6 % of float's detections tuned, 89.2 % untuned, its boxes at the cells float scores
-    99.3 / 92.3 %; README), the weights tuned to the float model's outputs, where the tuning's judged images err
+    99.3 / 92.3 %; README), and for a MediaPipe-style SSD head (anchors from its levels), whose error grows layer
+    by layer through its body (MediaPipe's pose detector: 69.9 % matched tuned, 60.1 % untuned, on 132 COCO val
+    images; docs/results.md), the weights tuned to the float model's outputs, where the tuning's judged images err
     less."""
     post = p.get("postprocess", {})
-    return {"tune_steps": TUNE_STEPS} if post.get("kind") == "yolov8" and post.get("box_encoding") in TUNED_BOXES \
-        else {}
+    yolo = post.get("kind") == "yolov8" and post.get("box_encoding") in TUNED_BOXES
+    mediapipe = post.get("kind") == "ssd" and "anchor_generator" in post
+    return {"tune_steps": TUNE_STEPS} if yolo or mediapipe else {}
 
 
 def _verify_section(verify: Path, recipe_dir: Path) -> dict:
