@@ -8,6 +8,7 @@ every variant alike.
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,6 +96,15 @@ def output_order(names: list[str], wanted: list[str] | None) -> list[int]:
     if not wanted or sorted(names) != sorted(wanted):
         return list(range(len(names)))
     return [names.index(w) for w in wanted]
+
+
+def own_names(names: list[str], wanted: list[str], chosen: Collection[str]) -> set[str]:
+    """The model's own names (its outputs `names`) of those among the recipe's outputs `wanted` that are
+    `chosen`, matched as output_order matches them (onnx2tf's port names '/model.24/m.0/Conv_output_0' port_1);
+    without `wanted`, the model's names that are chosen."""
+    if not wanted:
+        return {name for name in names if name in chosen}
+    return {names[i] for i, name in zip(output_order(names, wanted), wanted) if name in chosen}
 
 
 def litert_interpreter(path: Path, kernels: str = OPTIMIZED, threads: int = 1, keep_all_tensors: bool = False):

@@ -28,15 +28,18 @@ LEVELS = {16: [(12.0, 20.0), (30.0, 18.0)], 32: [(40.0, 52.0), (64.0, 60.0)]}
 PER_ANCHOR = 5 + CLASSES
 
 
-def yolov5_like_onnx(path: Path, names: list[str] | None = None, gain: float = 1.0) -> Path:
+def yolov5_like_onnx(path: Path, names: list[str] | None = None, gain: float = 1.0,
+                     export_names: bool = False) -> Path:
     """[1, N, 5 + 3]: per level, a Conv of 2 anchors x (x, y, w, h, objectness, 3 classes) channels, reshaped,
     transposed and put through a Sigmoid, centres (2 s - 0.5 + cell) x stride and sizes (2 s) ** 2 x anchor,
     concatenated, as YOLOv5's Detect exports (Split, Mul, Add, Pow; the grids and anchor sizes constants); the
-    Convs' weights and biases times `gain`."""
+    Convs' weights and biases times `gain`; with `export_names` the Convs' outputs named as YOLOv5's export names
+    them ('/model.24/m.0/Conv_output_0': no TensorFlow node name)."""
     rng = np.random.RandomState(3)
     arrays, nodes, flat = {"two": np.array(2.0), "split": np.array([2, 2, 1 + CLASSES], np.int64)}, [], []
-    for stride, anchors in LEVELS.items():
+    for index, (stride, anchors) in enumerate(LEVELS.items()):
         side, count, tag = SIZE // stride, len(anchors), f"p{stride}"
+        conv = f"/model.24/m.{index}/Conv_output_0" if export_names else f"{tag}_conv"
         weight = rng.normal(0, 0.05, (count * PER_ANCHOR, 3, stride, stride)) * gain
         bias = rng.normal(0, 0.5, count * PER_ANCHOR)
         bias.reshape(count, PER_ANCHOR)[:, 4] += 1.0  # some anchors confident
@@ -47,9 +50,9 @@ def yolov5_like_onnx(path: Path, names: list[str] | None = None, gain: float = 1
                    f"{tag}_anchors": np.broadcast_to(np.asarray(anchors)[None, :, None, None], (1, count, side, side, 2)),
                    f"{tag}_5d": np.array([1, count, PER_ANCHOR, side, side], np.int64),
                    f"{tag}_rows": np.array([1, -1, PER_ANCHOR], np.int64)}
-        nodes += [helper.make_node("Conv", ["images", f"{tag}_w", f"{tag}_b"], [f"{tag}_conv"], strides=[stride] * 2,
+        nodes += [helper.make_node("Conv", ["images", f"{tag}_w", f"{tag}_b"], [conv], strides=[stride] * 2,
                                    name=f"{tag}_conv"),
-                  helper.make_node("Reshape", [f"{tag}_conv", f"{tag}_5d"], [f"{tag}_r"]),
+                  helper.make_node("Reshape", [conv, f"{tag}_5d"], [f"{tag}_r"]),
                   helper.make_node("Transpose", [f"{tag}_r"], [f"{tag}_t"], perm=[0, 1, 3, 4, 2]),
                   helper.make_node("Sigmoid", [f"{tag}_t"], [f"{tag}_s"]),
                   helper.make_node("Split", [f"{tag}_s", "split"], [f"{tag}_xy", f"{tag}_wh", f"{tag}_conf"], axis=4),
@@ -142,14 +145,15 @@ def test_int8_boxes_and_scores_get_scales_of_their_own_and_are_judged_by_what_th
     assert boxes["worst_slice"]["of"] == 4 and scores["worst_slice"]["of"] == CLASSES  # x, y, w, h; each class
 
 
-@pytest.mark.parametrize("bounded", [True, False])
-def test_int8_tflite_holds_the_levels_logits_within_a_sigmoids_band(bounded, tmp_path, mirror):
+@pytest.mark.parametrize("bounded, export_names", [(True, False), (False, False), (True, True)])
+def test_int8_tflite_holds_the_levels_logits_within_a_sigmoids_band(bounded, export_names, tmp_path, mirror):
     """Every value of a level is decoded through a sigmoid: logits far beyond +-8 (the Convs x 30) keep an int8
     range within the band, as a sigmoid in the graph would bound them; with bounded_logits false, their whole
-    range. (The ONNX int8 leaves a graph output's Conv float: nothing to bound there.)"""
+    range. Named as YOLOv5's export names them, the .tflite's outputs are the port's (port_1...), found by their
+    order. (The ONNX int8 leaves a graph output's Conv float: nothing to bound there.)"""
     from ai_edge_litert.interpreter import Interpreter
 
-    recipe = _proposed(tmp_path, gain=30.0)
+    recipe = _proposed(tmp_path, gain=30.0, export_names=export_names)
     recipe["postprocess"]["bounded_logits"] = bounded
     calibration = image_folder(tmp_path / "calib", MIRROR / "coco" / "train2017", 8)
     recipe["variants"] = [{"name": "int8-tflite", "mode": "int8", "target": "tflite", "calibration": str(calibration)}]
@@ -162,7 +166,7 @@ def test_int8_tflite_holds_the_levels_logits_within_a_sigmoids_band(bounded, tmp
     for detail in Interpreter(str(tmp_path / "dist" / "y5" / "y5_int8-tflite.tflite")).get_output_details():
         step, zero = detail["quantization"]
         ranges[detail["name"]] = step, (-128 - zero) * step, (127 - zero) * step
-    assert set(ranges) == set(recipe["strip"]["outputs"]) and len(ranges) == 4, ranges
+    assert len(ranges) == 4 and (set(ranges) == set(recipe["strip"]["outputs"])) != export_names, ranges
     within = {name: -8 - step <= low and high <= 8 + step for name, (step, low, high) in ranges.items()}
     assert all(within.values()) if bounded else not any(within.values()), ranges
 
@@ -221,8 +225,8 @@ def test_a_level_that_is_not_a_conv_is_refused_at_freeze(tmp_path):
     assert not (tmp_path / "dist" / "y5").exists()
 
 
-def _proposed(tmp_path: Path, gain: float = 1.0) -> dict:
-    model = yolov5_like_onnx(tmp_path / "y5.onnx", gain=gain)
+def _proposed(tmp_path: Path, gain: float = 1.0, export_names: bool = False) -> dict:
+    model = yolov5_like_onnx(tmp_path / "y5.onnx", gain=gain, export_names=export_names)
     made = run_cli("init", "y5", "--from", str(model), "--to", str(tmp_path))
     assert made.returncode == 0, made.stderr
     return yaml.safe_load((tmp_path / "y5.yaml").read_text())

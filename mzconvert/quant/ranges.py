@@ -21,13 +21,13 @@ the interpreter, and each slot gets the range the tensor really took by the vari
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MzError
-from ..runtime import OPTIMIZED, op_resolver
+from ..runtime import OPTIMIZED, op_resolver, own_names
 from ..tflite_file import model_bytes, op_names, read_model, write_model
 from .output_scales import SHAPE_OPS
 
@@ -302,11 +302,12 @@ def readers_of(ops: Iterable[tuple[str, Iterable, Iterable]]) -> dict[object, li
 
 
 def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
-                  percentile: float | None = None, threads: int = 2,
-                  sigmoid_read: Collection[str] = ()) -> dict[int, tuple[float, float]]:
+                  percentile: float | None = None, threads: int = 2, sigmoid_read: Collection[str] = (),
+                  outputs: Sequence[str] = ()) -> dict[int, tuple[float, float]]:
     """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
     (of `model`, a read_model object), run by the LiteRT interpreter (see measure_ranges; the model's
-    outputs keep their whole range, those named in `sigmoid_read` the part a sigmoid's band holds)."""
+    outputs keep their whole range, those named in `sigmoid_read` the part a sigmoid's band holds, named as the
+    recipe names the model's `outputs`, where a converter renamed them)."""
     interpreter = interpreter_keeping(model, wanted, threads)
     model_input = interpreter.get_input_details()[0]["index"]
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
@@ -320,22 +321,26 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
     graph = model.subgraphs[0]
     readers = readers_of(zip(op_names(model), (op.inputs for op in graph.operators),
                              (op.outputs for op in graph.operators)))
-    bounded = [i for i in graph.outputs if names.get(i) in sigmoid_read]
+    read = own_names([names[i] for i in graph.outputs], list(outputs), sigmoid_read)
+    bounded = [i for i in graph.outputs if names[i] in read]
     return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model),
                           saturated_bounds(readers, graph.outputs, bounded))
 
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",
-                               percentile: float | None = None, sigmoid_read: Collection[str] = ()) -> Path | None:
+                               percentile: float | None = None, sigmoid_read: Collection[str] = (),
+                               outputs: Sequence[str] = ()) -> Path | None:
     """Write to `target` the model `marked` (calibrated by the converter on one image) with every range
-    slot set from all `tensors` (see record_ranges, `sigmoid_read` its outputs read through a sigmoid); None when
+    slot set from all `tensors` (see record_ranges, `sigmoid_read` its outputs read through a sigmoid, by the
+    recipe's names of its `outputs`); None when
     the model has control flow (more than one subgraph), which only TensorFlow's calibrator follows."""
     model = read_model(marked)
     if len(model.subgraphs) != 1:
         return None
     slots = {i: t for i, t in enumerate(model.subgraphs[0].tensors)
              if t.quantization is not None and t.quantization.min is not None and len(t.quantization.min) == 1}
-    ranges = record_ranges(model, tensors, sorted(slots), method, percentile, sigmoid_read=sigmoid_read)
+    ranges = record_ranges(model, tensors, sorted(slots), method, percentile, sigmoid_read=sigmoid_read,
+                           outputs=outputs)
     for i, tensor in slots.items():
         tensor.quantization.min, tensor.quantization.max = [ranges[i][0]], [ranges[i][1]]
     return write_model(model, target)

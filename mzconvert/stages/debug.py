@@ -41,6 +41,7 @@ from ..runtime import (
     dequantized,
     litert_interpreter,
     open_model,
+    own_names,
     quantized_input,
     target_kernels,
     tensor_spec,
@@ -145,9 +146,10 @@ def _saturated_bounds(interpreter, recipe: Recipe) -> dict[int, Bound]:
     make the recipe's outputs decoded through a sigmoid (quant/ranges.py)."""
     ops = interpreter._get_ops_details()
     outputs = interpreter.get_output_details()
+    read = own_names([d["name"] for d in outputs], list(recipe.strip.outputs) if recipe.strip else [],
+                     recipe.sigmoid_read_outputs)
     return saturated_bounds(readers_of((op["op_name"], op["inputs"], op["outputs"]) for op in ops),
-                            [d["index"] for d in outputs],
-                            [d["index"] for d in outputs if d["name"] in recipe.sigmoid_read_outputs])
+                            [d["index"] for d in outputs], [d["index"] for d in outputs if d["name"] in read])
 
 
 IMAGES_AT_ONCE = 4  # the ONNX debug holds every activation of this many images (two models) at a time
