@@ -100,7 +100,7 @@ def output_order(names: list[str], wanted: list[str] | None) -> list[int]:
 
 def own_names(names: list[str], wanted: list[str], chosen: Collection[str]) -> set[str]:
     """The model's own names (its outputs `names`) of those among the recipe's outputs `wanted` that are
-    `chosen`, matched as output_order matches them (onnx2tf's port names '/model.24/m.0/Conv_output_0' port_1);
+    `chosen`, matched as output_order matches them (onnx2tf's port renames '/model.24/m.0/Conv_output_0' port_1);
     without `wanted`, the model's names that are chosen."""
     if not wanted:
         return {name for name in names if name in chosen}
