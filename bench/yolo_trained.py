@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
+from init_builds import built_as_written, mz, tuning_lines, untuned_copies  # bench/, the script's own folder
 
 from mzconvert.evaluate.datasets import CocoDataset, category_key
 from mzconvert.layout import built_stage_model
@@ -55,11 +55,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # the script that trains each
 TRAINERS = {"yolov8n": "ultralytics_train.py", "yolo11n": "ultralytics_train.py", "yolo26n": "ultralytics_train.py",
             "yolov8n-seg": "ultralytics_train.py", "yolov5n": "yolov5_train.py"}
-
-
-def mz(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mzconvert.cli", "--json", *args], cwd=ROOT, capture_output=True,
-                          text=True)
 
 
 def trained(work: Path, mirror: Path, epochs: int, model: str, end2end: bool) -> Path:
@@ -94,40 +89,6 @@ def halves(coco: Path, work: Path) -> tuple[Path, Path]:
         annotations | {"images": second, "annotations": [a for a in annotations["annotations"]
                                                          if a["image_id"] in kept]}))
     return calibration, dataset
-
-
-def untuned_copies(path: Path, steps: int | None) -> None:
-    """init's recipe with its calibrated int8 variants tuned for `steps` (None: as init proposes), and after each
-    tuned one a copy NAME-untuned that is not."""
-    recipe = yaml.safe_load(path.read_text())
-    variants = []
-    for variant in recipe["variants"]:
-        if variant["mode"] == "int8" and variant.get("calibration") and steps is not None:
-            variant = {key: value for key, value in variant.items() if key != "tune_steps"} | \
-                ({"tune_steps": steps} if steps else {})
-        variants.append(variant)
-        if variant.get("tune_steps"):
-            variants.append({key: value for key, value in variant.items() if key != "tune_steps"}
-                            | {"name": f"{variant['name']}-untuned"})
-    path.write_text(yaml.safe_dump(recipe | {"variants": variants}, sort_keys=False))
-
-
-def built_as_written(path: Path, where: list[str]) -> tuple[str, dict]:
-    """(whether the recipe builds as written, its variants' build report): where it does not, the figures anyway,
-    from a build with its floors lowered and no NPU target."""
-    built = mz("build", str(path), *where)
-    verdict = "passes its floors" if built.returncode == 0 else \
-        f"FAILS (exit {built.returncode}): {built.stderr.strip().splitlines()[-1][:400]}"
-    if built.returncode != 0:
-        recipe = yaml.safe_load(path.read_text())
-        for variant in recipe["variants"]:
-            variant.update(min_matched=0, min_agreement=0, min_mask_iou=0, min_slice_sqnr_db=-100)
-        recipe.get("targets", {}).pop("vela", None)
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        built = mz("build", str(path), *where)
-        if built.returncode != 0:
-            sys.exit(f"{path.stem}: build failed with its floors lowered:\n{built.stderr[-3000:]}")
-    return verdict, json.loads(built.stdout)[path.stem]["variants"]
 
 
 def error_split(path: Path, work: Path, calibration: Path) -> None:
@@ -385,12 +346,8 @@ def main() -> None:
         ap = f"{result['AP']:.4f} | {result['AP50']:.4f}" if scored else "- | -"
         print(f"| {row} | {result.get('kernels', '-')} | {entry.get('postprocess_attached', '-')} | {matched} | "
               f"{sqnr} | {ap} | {ratio} |")
-    for name, entry in variants.items():  # tune_steps: the error on the calibration images it did not tune on
-        if (tuned := entry.get("tuned")) and "not_run" not in tuned:
-            print(f"{name}: weights tuned {tuned['steps']} steps, output error {tuned['error_before']:.4g} -> "
-                  f"{tuned['error_after']:.4g}" + ("" if tuned["kept"] else " (not kept)"))
-        elif tuned:
-            print(f"{name}: not tuned ({tuned['not_run']})")
+    for line in tuning_lines(variants):
+        print(line)
     if post.mask_coefficients:  # a segmentation model: its masks, where the boxes match, and their COCO AP
         print("| variant | kernels | masks' IoU with float32's (matched detections) | mask AP | mask AP50 | "
               "of float32 | 95 % interval |")
