@@ -150,9 +150,6 @@ def central_crop(pixels: np.ndarray, fraction: float) -> np.ndarray:
     return pixels[top:h - top, left:w - left]
 
 
-LETTERBOX_GRAY = 114  # what Ultralytics pads with
-
-
 def letterbox_geometry(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int, int, int, float]:
     """(resized width, height, left and top padding, gain) of an image letterboxed into out_height x out_width,
     as Ultralytics' LetterBox computes them (centred; Python's round, half to even)."""
@@ -171,7 +168,7 @@ def resize(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     new_width, new_height, left, top, _ = letterbox_geometry(image.width, image.height, height, width)
     inner = (np.asarray(image, np.float32) if (new_width, new_height) == image.size
              else _resized(image, preprocess, new_height, new_width))
-    canvas = np.full((height, width, 3), LETTERBOX_GRAY, np.float32)
+    canvas = np.full((height, width, 3), preprocess.letterbox_fill, np.float32)
     canvas[top:top + new_height, left:left + new_width] = inner
     return canvas
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import yaml
 
 from mzconvert.recipe import Postprocess
 from mzconvert.tasks.anchors import generated_anchors
-from mzconvert.tasks.detection import ssd_detections
+from mzconvert.tasks.detection import decode_ssd_boxes, ssd_detections
 from tests.conftest import MIRROR, image_folder, run_cli
 
 # face_detection_short_range (BlazeFace front), as MediaPipe's graph declares them
@@ -80,6 +81,91 @@ def test_a_mediapipe_head_decodes_to_the_boxes_of_its_reference_decode():
     assert len(mine) == len(expected)
     for a, b in zip(mine, expected):  # ours are clipped to the image after NMS, as TF's post-processor does
         assert abs(a[0] - b[0]) < 2e-5 and np.allclose(a[1:], np.clip(b[1:], 0, 1), atol=1e-5)
+
+
+def mediapipe_weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float):
+    """NonMaxSuppressionCalculator's WEIGHTED algorithm as MediaPipe runs it, written out plainly over one class's
+    (ymin, xmin, ymax, xmax) boxes: each detection's (score, merged box), best first."""
+    def iou(a, b):
+        h = min(a[2], b[2]) - max(a[0], b[0])
+        w = min(a[3], b[3]) - max(a[1], b[1])
+        if h <= 0 or w <= 0:
+            return 0.0
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - h * w
+        return h * w / union if union > 0 else 0.0
+
+    remained = sorted(((float(s), i) for i, s in enumerate(scores) if s > score_threshold), key=lambda p: -p[0])
+    found = []
+    while remained:
+        top = boxes[remained[0][1]]
+        candidates = [(s, i) for s, i in remained if iou(boxes[i], top) > iou_threshold]
+        rest = [(s, i) for s, i in remained if iou(boxes[i], top) <= iou_threshold]
+        total = sum(s for s, _ in candidates)
+        merged = [sum(s * boxes[i][k] for s, i in candidates) / total for k in range(4)] if candidates else top
+        found.append((remained[0][0], *merged))
+        if len(rest) == len(remained):
+            break
+        remained = rest
+    return found
+
+
+def test_weighted_nms_merges_boxes_as_mediapipes_graphs_do():
+    """nms_algorithm weighted: each detection is the score-weighted mean of the boxes its best box overlaps, as
+    MediaPipe's NonMaxSuppressionCalculator (algorithm WEIGHTED) gives it; greedy keeps the best box as it is."""
+    anchors = generated_anchors(BLAZEFACE)
+    rng = np.random.RandomState(5)
+    raw = rng.normal(0, 4, (1, 896, 16)).astype(np.float32)
+    raw[0, :, 2:4] = np.abs(raw[0, :, 2:4]) + 30  # boxes larger than their anchors: neighbours overlap
+    logits = rng.normal(-1, 2, (1, 896, 1)).astype(np.float32)
+    outputs = {"regressors": raw, "classificators": logits}
+    post = Postprocess(kind="ssd", labels=("face",), category_ids=(1,), anchor_generator=BLAZEFACE,
+                       box_coding="linear", box_order="xywh", box_coder_scales=(128.0,) * 4, box_output="regressors",
+                       class_output="classificators", background_class=False, nms_score_threshold=0.5,
+                       nms_iou_threshold=0.3, max_detections=1000, nms_algorithm="weighted")
+    ours = ssd_detections(outputs, post, anchors)
+    boxes = decode_ssd_boxes(raw[0, :, :4], anchors, post.box_coder_scales, "linear", "xywh")
+    expected = mediapipe_weighted_nms(boxes, 1 / (1 + np.exp(-logits[0, :, 0].astype(np.float64))), 0.3, 0.5)
+    assert 5 < len(expected) < int((logits > 0).sum()) / 2  # boxes were merged, not each kept
+    assert len(ours.scores) == len(expected)
+    for score, box, want in zip(ours.scores, ours.boxes, expected):  # ours clipped to the image after NMS
+        assert abs(score - want[0]) < 1e-6 and np.allclose(box, np.clip(want[1:], 0, 1), atol=1e-6)
+    greedy = ssd_detections(outputs, replace(post, nms_algorithm="greedy"), anchors)
+    assert not np.allclose(np.sort(greedy.boxes, axis=0)[:len(ours.boxes)], np.sort(ours.boxes, axis=0))
+
+
+def test_weighted_nms_takes_each_boxs_best_class_and_merges_across_classes():
+    """Two classes: a box counts once, with its best class, and boxes of either class merge (MediaPipe prunes
+    each detection to its best label, then suppresses without regard to class)."""
+    post = Postprocess(kind="ssd", labels=("a", "b"), category_ids=(1, 2), nms_score_threshold=0.1,
+                       nms_iou_threshold=0.3, max_detections=10, nms_algorithm="weighted")
+    from mzconvert.tasks.detection import _selected_weighted
+
+    boxes = np.array([[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.6, 0.9, 0.9]])
+    scores = np.array([[0.9, 0.2], [0.3, 0.6], [0.05, 0.4]])
+    found = _selected_weighted(boxes, scores, post)
+    assert found.labels.tolist() == [0, 1] and np.allclose(found.scores, [0.9, 0.4])
+    assert np.allclose(found.boxes[0], (0.9 * boxes[0] + 0.6 * boxes[1]) / 1.5)
+    assert np.allclose(found.boxes[1], boxes[2]) and found.cells.tolist() == [0, 2]
+
+
+def test_weighted_nms_is_refused_with_the_attached_op_and_for_other_kinds(tmp_path):
+    """The attached TFLite_Detection_PostProcess suppresses greedily, and only kind ssd (MediaPipe's heads) takes
+    the weighted algorithm: either is a located error, not a detector that suppresses otherwise than declared."""
+    from mzconvert.errors import MzError
+    from mzconvert.recipe import load_recipe
+
+    model = mediapipe_layout_tflite(tmp_path / "head.tflite", (128, 128), [(8, 2), (16, 6)], 16)
+    assert run_cli("init", "head", "--from", str(model), "--to", str(tmp_path)).returncode == 0
+    path = tmp_path / "head.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert load_recipe(path).postprocess.nms_algorithm == "weighted"
+    path.write_text(yaml.safe_dump(written | {"postprocess": written["postprocess"] | {"attach": True}}))
+    with pytest.raises(MzError, match=r"head.yaml: postprocess.nms_algorithm: .*suppresses greedily"):
+        load_recipe(path)
+    yolo = {"kind": "yolov8", "labels": ["person"], "nms_algorithm": "weighted"}
+    path.write_text(yaml.safe_dump(written | {"postprocess": yolo}))
+    with pytest.raises(MzError, match=r"postprocess.nms_algorithm: kind yolov8 .* is for kind ssd"):
+        load_recipe(path)
 
 
 def blazeface_like_tflite(path: Path) -> Path:
@@ -231,6 +317,8 @@ def test_init_reads_the_anchors_of_a_mediapipe_head_from_its_levels(tmp_path, si
     assert (post["box_coding"], post["box_order"], post["score"], post["background_class"]) == \
         ("linear", "xywh", "sigmoid", False)
     assert post["box_coder_scales"] == [size[0], size[1], size[0], size[1]]
+    assert (post["nms_algorithm"], post["nms_iou_threshold"]) == ("weighted", 0.3)  # MediaPipe graphs' NMS
+    assert (recipe["preprocess"]["letterbox"], recipe["preprocess"]["letterbox_fill"]) == (True, 0)  # and input
     from mzconvert.runtime import open_model
 
     shapes = {o.name: o.shape for o in open_model(model).outputs}

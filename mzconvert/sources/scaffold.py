@@ -488,12 +488,17 @@ def _tflite(model: dict) -> dict:
         # boxes and keypoints made apart at freeze: cut at both, so that int8 gives each a scale of its own
         parts = head.get("box_parts")
         proposal |= {"task": "detection", "postprocess": post,
+                     "preprocess": proposal["preprocess"] | MEDIAPIPE_LETTERBOX,
                      **({"outputs": [*parts, head["class_output"]]} if parts else {})}
     return proposal
 
 
 # MediaPipe's anchor scales (its detectors' graphs): with unit-size anchors (fixed_anchor_size) they change nothing
 MEDIAPIPE_SCALES = {"min_scale": 0.1484375, "max_scale": 0.75}
+# and their NonMaxSuppressionCalculator options (face and pose detection: IoU 0.3, algorithm WEIGHTED)
+MEDIAPIPE_SUPPRESSION = {"nms_iou_threshold": 0.3, "nms_algorithm": "weighted"}
+# and their ImageToTensorCalculator's: keep_aspect_ratio, the border black (BORDER_ZERO)
+MEDIAPIPE_LETTERBOX = {"letterbox": True, "letterbox_fill": 0}
 
 
 def _unit_anchor_ssd(head: dict, shape: list[int]) -> dict | None:
@@ -523,7 +528,8 @@ def _unit_anchor_ssd(head: dict, shape: list[int]) -> dict | None:
             "anchor_generator": options, "box_coding": "linear", "box_order": "xywh",
             "box_coder_scales": [height, width, height, width],
             "box_output": head["box_parts"][0] if head.get("box_parts") else head["box_output"],
-            "class_output": head["class_output"], "score": "sigmoid", "background_class": False}
+            "class_output": head["class_output"], "score": "sigmoid", "background_class": False,
+            **MEDIAPIPE_SUPPRESSION}
 
 
 PROPOSERS = {"tf-frozen-graph": _frozen_graph, "tf-checkpoint": _frozen_graph, "tf-saved-model": _saved_model,
@@ -728,9 +734,9 @@ def _tuning(p: dict) -> dict:
     boxes by a pixel to the error its shared features inherit (NudeNet's YOLOv8n, on 100 images never tuned on:
     int8-tflite matched 95.6 % of float's detections tuned, 89.2 % untuned, its boxes at the cells float scores
     99.3 / 92.3 %; README), and for a MediaPipe-style SSD head (anchors from its levels), whose error grows layer
-    by layer through its body (MediaPipe's pose detector: 69.9 % matched tuned, 60.1 % untuned, on 132 COCO val
-    images; docs/results.md), the weights tuned to the float model's outputs, where the tuning's judged images err
-    less."""
+    by layer through its body (MediaPipe's pose detector, init's recipe: 70.0 % matched tuned, 60.0 % untuned, on
+    132 COCO val images under LiteRT's reference kernels; bench/mediapipe_detectors.py), the weights tuned to the
+    float model's outputs, where the tuning's judged images err less."""
     post = p.get("postprocess", {})
     yolo = post.get("kind") == "yolov8" and post.get("box_encoding") in TUNED_BOXES
     mediapipe = post.get("kind") == "ssd" and "anchor_generator" in post

@@ -106,7 +106,8 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
         raise InputError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
     boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales, post.box_coding, post.box_order)
     # NMS first, clip after, as TF does
-    return _selected(boxes, scores, post)
+    return _selected_weighted(boxes, scores, post) if post.nms_algorithm == "weighted" else \
+        _selected(boxes, scores, post)
 
 
 def ssd_scores(logits: np.ndarray, post: Postprocess) -> np.ndarray:
@@ -137,6 +138,32 @@ def _selected(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detec
     kept = nms(apart, chosen, post.nms_iou_threshold, post.max_detections)
     return Detections(np.clip(boxes[index[kept]], 0.0, 1.0), chosen[kept], labels[kept].astype(np.int64),
                       index[kept])
+
+
+def _selected_weighted(boxes: np.ndarray, scores: np.ndarray, post: Postprocess) -> Detections:
+    """MediaPipe's weighted NMS (its detector graphs' NonMaxSuppressionCalculator, algorithm WEIGHTED): each box
+    with its best class, where that scores above the threshold, in score order whatever the class; the best box
+    left takes every box left whose IoU with it exceeds the threshold (itself among them) and is their mean,
+    weighted by their scores, with its own score, class and anchor; the others go on. At most max_detections.
+    Where a box overlaps none (not even itself: no area) MediaPipe stops, and so does this."""
+    labels = scores.argmax(axis=1)
+    best = scores[np.arange(scores.shape[0]), labels]
+    above = np.nonzero(best > post.nms_score_threshold)[0]
+    left = above[np.argsort(-best[above], kind="stable")]
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    kept, merged = [], []
+    while left.size and len(kept) < post.max_detections:
+        taken = _iou(boxes, areas, left[0], left) > post.nms_iou_threshold
+        members = left[taken]
+        kept.append(left[0])
+        merged.append(boxes[left[0]] if not members.size else
+                      (boxes[members] * best[members, None]).sum(axis=0) / best[members].sum())
+        if not taken.any():
+            break
+        left = left[~taken]
+    kept = np.asarray(kept, dtype=np.int64)
+    return Detections(np.clip(np.asarray(merged, np.float64).reshape(-1, 4), 0.0, 1.0), best[kept],
+                      labels[kept].astype(np.int64), kept)
 
 
 def _selected_rotated(rotated: np.ndarray, scores: np.ndarray, post: Postprocess,
