@@ -53,6 +53,7 @@ ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256"
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PYPI_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 POSTPROCESS_KINDS = ("ssd", "yolov8", "yolov5", "detr", "tflite-detection-postprocess")
+NMS_ALGORITHMS = ("greedy", "weighted")  # postprocess.nms_algorithm (tasks/detection.SUPPRESSIONS)
 # MediaPipe's SsdAnchorsCalculatorOptions (postprocess.anchor_generator, tasks/anchors.py): the fields a recipe
 # must give, and the others with their defaults
 ANCHOR_GENERATOR_REQUIRED = ("num_layers", "min_scale", "max_scale", "input_size_height", "input_size_width",
@@ -155,8 +156,8 @@ class Preprocess:
     mean: tuple[float, ...]  # one per channel
     std: tuple[float, ...]
     central_crop: float = 1.0  # keep this central fraction of height and width before resizing
-    letterbox: bool = False  # resize keeping the aspect ratio, centred, padded with gray 114 (as Ultralytics)
-    letterbox_fill: int = 114  # the padding's value in every channel, 0-255 (MediaPipe's detectors: 0, black)
+    letterbox: bool = False  # resize keeping the aspect ratio, centred, padded with letterbox_fill
+    letterbox_fill: int = 114  # the padding's value in every channel, 0-255: Ultralytics' gray; MediaPipe's 0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .schema import (
     IO_DTYPES,
     LAYOUTS,
     MODES,
+    NMS_ALGORITHMS,
     PIPELINE_ROLES,
     POSTPROCESS_KINDS,
     PYPI_REQUIREMENT,
@@ -255,7 +256,7 @@ def parse_postprocess(r: Reader, strip: Strip | None) -> Postprocess:
         box_output=r.string("box_output"), class_output=r.string("class_output"),
         score=r.string("score", required=False, default="sigmoid", choices=("sigmoid", "softmax")),
         background_class=r.boolean("background_class", True), bounded_logits=r.boolean("bounded_logits", True),
-        nms_algorithm=r.string("nms_algorithm", required=False, default="greedy", choices=("greedy", "weighted")),
+        nms_algorithm=r.string("nms_algorithm", required=False, default="greedy", choices=NMS_ALGORITHMS),
         attach=r.boolean("attach", False), **nms)
     if post.attach and post.nms_algorithm == "weighted":
         raise r.fail("the attached TFLite_Detection_PostProcess suppresses greedily: nms_algorithm weighted is "

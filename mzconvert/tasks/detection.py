@@ -106,8 +106,7 @@ def ssd_detections(outputs: dict[str, np.ndarray], post: Postprocess, anchors: n
         raise InputError(f"the model scores {scores.shape[1]} classes but the recipe has {len(post.labels)} labels")
     boxes = decode_ssd_boxes(encodings, anchors, post.box_coder_scales, post.box_coding, post.box_order)
     # NMS first, clip after, as TF does
-    return _selected_weighted(boxes, scores, post) if post.nms_algorithm == "weighted" else \
-        _selected(boxes, scores, post)
+    return SUPPRESSIONS[post.nms_algorithm](boxes, scores, post)
 
 
 def ssd_scores(logits: np.ndarray, post: Postprocess) -> np.ndarray:
@@ -164,6 +163,10 @@ def _selected_weighted(boxes: np.ndarray, scores: np.ndarray, post: Postprocess)
     kept = np.asarray(kept, dtype=np.int64)
     return Detections(np.clip(np.asarray(merged, np.float64).reshape(-1, 4), 0.0, 1.0), best[kept],
                       labels[kept].astype(np.int64), kept)
+
+
+# postprocess.nms_algorithm -> the suppression an ssd head's boxes go through
+SUPPRESSIONS = {"greedy": _selected, "weighted": _selected_weighted}
 
 
 def _selected_rotated(rotated: np.ndarray, scores: np.ndarray, post: Postprocess,
