@@ -98,7 +98,7 @@ def output_order(names: list[str], wanted: list[str] | None) -> list[int]:
     return [names.index(w) for w in wanted]
 
 
-def own_names(names: list[str], wanted: list[str], chosen: Collection[str]) -> set[str]:
+def own_names(names: list[str], wanted: list[str] | None, chosen: Collection[str]) -> set[str]:
     """The model's own names (its outputs `names`) of those among the recipe's outputs `wanted` that are
     `chosen`, matched as output_order matches them (onnx2tf's port renames '/model.24/m.0/Conv_output_0' port_1);
     without `wanted`, the model's names that are chosen."""

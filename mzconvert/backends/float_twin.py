@@ -37,7 +37,7 @@ class FloatTwinRunner:
         if self.is_twin:
             self._twin_folder = tempfile.TemporaryDirectory(prefix="mzconvert-twin-")
             model = self.write_twin(model, Path(self._twin_folder.name) / model.name)
-        super().__init__(model, list(recipe.strip.outputs) if recipe.strip else None, threads)
+        super().__init__(model, recipe.cut_outputs, threads)
         self.output_names = [o.name for o in self.outputs]
 
 

@@ -49,7 +49,7 @@ def run_eval(recipe: Recipe, dataset: Path, split: str, variants: list[str], ref
     manifest = load_manifest(dist, recipe.name)
     recipe = with_class_labels(recipe, manifest, console.log)
     folder = dist / recipe.name
-    output_names = list(recipe.strip.outputs) if recipe.strip else None
+    output_names = recipe.cut_outputs
     if missing := set(variants) - set(manifest["variants"]):
         refused = [name for name in sorted(missing) if name in manifest.get("refused", {})]
         why = f" ({', '.join(refused)}: refused by the build, below a fidelity floor)" if refused else ""

@@ -21,7 +21,7 @@ the interpreter, and each slot gets the range the tensor really took by the vari
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +303,7 @@ def readers_of(ops: Iterable[tuple[str, Iterable, Iterable]]) -> dict[object, li
 
 def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: str = "minmax",
                   percentile: float | None = None, threads: int = 2, sigmoid_read: Collection[str] = (),
-                  outputs: Sequence[str] = ()) -> dict[int, tuple[float, float]]:
+                  outputs: list[str] | None = None) -> dict[int, tuple[float, float]]:
     """{tensor index: (low, high)} over every input in `tensors` of the tensors of subgraph 0 in `wanted`
     (of `model`, a read_model object), run by the LiteRT interpreter (see measure_ranges; the model's
     outputs keep their whole range, those named in `sigmoid_read` the part a sigmoid's band holds, named as the
@@ -321,7 +321,7 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
     graph = model.subgraphs[0]
     readers = readers_of(zip(op_names(model), (op.inputs for op in graph.operators),
                              (op.outputs for op in graph.operators)))
-    read = own_names([names[i] for i in graph.outputs], list(outputs), sigmoid_read)
+    read = own_names([names[i] for i in graph.outputs], outputs, sigmoid_read)
     bounded = [i for i in graph.outputs if names[i] in read]
     return measure_ranges(activations, tensors, method, percentile, names.get, output_tensors(model),
                           saturated_bounds(readers, graph.outputs, bounded))
@@ -329,7 +329,7 @@ def record_ranges(model, tensors: list[np.ndarray], wanted: list[int], method: s
 
 def calibrate_with_interpreter(marked: Path, tensors: list[np.ndarray], target: Path, method: str = "minmax",
                                percentile: float | None = None, sigmoid_read: Collection[str] = (),
-                               outputs: Sequence[str] = ()) -> Path | None:
+                               outputs: list[str] | None = None) -> Path | None:
     """Write to `target` the model `marked` (calibrated by the converter on one image) with every range
     slot set from all `tensors` (see record_ranges, `sigmoid_read` its outputs read through a sigmoid, by the
     recipe's names of its `outputs`); None when

@@ -412,6 +412,11 @@ class Recipe:
         return variant.member or self.source.member
 
     @property
+    def cut_outputs(self) -> list[str] | None:
+        """The outputs the recipe cuts the model at (strip.outputs), in its order; None where it keeps the model's."""
+        return list(self.strip.outputs) if self.strip else None
+
+    @property
     def sigmoid_read_outputs(self) -> tuple[str, ...]:
         """The outputs decoded through a sigmoid after the model, whose int8 range stops at its band
         (Postprocess.sigmoid_read_outputs)."""

@@ -114,7 +114,7 @@ def predict_images(recipe: Recipe, manifest: dict, folder: Path, images: list[Pa
     chosen = variants or built
     if missing := [v for v in chosen if v not in manifest["variants"]]:
         raise InputError(f"{folder}/manifest.json: no built variant {', '.join(missing)}; have {', '.join(built)}")
-    output_names = list(recipe.strip.outputs) if recipe.strip else None
+    output_names = recipe.cut_outputs
     # each variant as its target computes it (an NPU-targeted int8 under the reference kernels)
     kernels = {name: next(iter(target_kernels(recipe, recipe.variant(name))), OPTIMIZED) for name in chosen}
     files = {name: folder / manifest["variants"][name]["file"] for name in chosen}

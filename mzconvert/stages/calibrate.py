@@ -61,7 +61,7 @@ def calibrate(stripped: Path, recipe: Recipe, variant: Variant, images: list[Pat
         inputs = [to_input(t) for t in tensors]
     target = out_dir / "calibrated.tflite"
     if calibrate_with_interpreter(marked, inputs, target, method, variant.calibration_percentile,
-                                  recipe.sigmoid_read_outputs, recipe.strip.outputs if recipe.strip else ()) is None:
+                                  recipe.sigmoid_read_outputs, recipe.cut_outputs) is None:
         if method != "minmax":  # control flow: only TensorFlow's calibrator follows it
             raise MzError(f"{recipe.path}: variants: {variant.name}: calibration_method {method}: the model has "
                           "control flow, which only TensorFlow's calibrator (minmax) follows")

@@ -146,8 +146,7 @@ def _saturated_bounds(interpreter, recipe: Recipe) -> dict[int, Bound]:
     make the recipe's outputs decoded through a sigmoid (quant/ranges.py)."""
     ops = interpreter._get_ops_details()
     outputs = interpreter.get_output_details()
-    read = own_names([d["name"] for d in outputs], list(recipe.strip.outputs) if recipe.strip else [],
-                     recipe.sigmoid_read_outputs)
+    read = own_names([d["name"] for d in outputs], recipe.cut_outputs, recipe.sigmoid_read_outputs)
     return saturated_bounds(readers_of((op["op_name"], op["inputs"], op["outputs"]) for op in ops),
                             [d["index"] for d in outputs], [d["index"] for d in outputs if d["name"] in read])
 

@@ -105,7 +105,7 @@ def _check_float_layers(calibrated: Path, recipe: Recipe, variant: Variant) -> N
 
 
 def check_artifact(model: Path, recipe: Recipe, variant: Variant) -> QuantizeResult:
-    runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
+    runner = open_model(model, recipe.cut_outputs)
     problems = []
     model_input = runner.inputs[0]
     if len(runner.inputs) != 1:

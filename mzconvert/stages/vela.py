@@ -65,7 +65,7 @@ def _check_config(recipe: Recipe, target: VelaTarget, config: Path) -> None:
 
 
 def _require_integer(model: Path, recipe: Recipe, variant: Variant) -> None:
-    runner = open_model(model, list(recipe.strip.outputs) if recipe.strip else None)
+    runner = open_model(model, recipe.cut_outputs)
     floats = runner.float_tensor_count()
     # float_layers: float on purpose, on the CPU beside the NPU (counted, and held to the target's max_cpu_ops)
     if variant.mode not in INTEGER_MODES or (floats and not variant.float_layers):

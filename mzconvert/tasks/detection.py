@@ -72,7 +72,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int)
     NMS_BLOCK in score order, each first checked against the boxes kept so far, then greedily among
     themselves: the same boxes as one at a time, and only as many blocks as it takes to keep `limit`."""
     order = np.argsort(-scores, kind="stable")
-    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    areas = _areas(boxes)
     keep: list[int] = []
     for start in range(0, order.size, NMS_BLOCK):
         block = order[start:start + NMS_BLOCK]
@@ -88,6 +88,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int)
 
 
 NMS_BLOCK = 256
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    """Each (ymin, xmin, ymax, xmax) box's area, 0 where its sides cross."""
+    return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
 
 
 def _iou(boxes: np.ndarray, areas: np.ndarray, kept, others) -> np.ndarray:
@@ -149,16 +154,16 @@ def _selected_weighted(boxes: np.ndarray, scores: np.ndarray, post: Postprocess)
     best = scores[np.arange(scores.shape[0]), labels]
     above = np.nonzero(best > post.nms_score_threshold)[0]
     left = above[np.argsort(-best[above], kind="stable")]
-    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    areas = _areas(boxes)
     kept, merged = [], []
     while left.size and len(kept) < post.max_detections:
         taken = _iou(boxes, areas, left[0], left) > post.nms_iou_threshold
-        members = left[taken]
         kept.append(left[0])
-        merged.append(boxes[left[0]] if not members.size else
-                      (boxes[members] * best[members, None]).sum(axis=0) / best[members].sum())
-        if not taken.any():
+        if not taken.any():  # a box without area: kept as it is, and the last
+            merged.append(boxes[left[0]])
             break
+        members = left[taken]
+        merged.append((boxes[members] * best[members, None]).sum(axis=0) / best[members].sum())
         left = left[~taken]
     kept = np.asarray(kept, dtype=np.int64)
     return Detections(np.clip(np.asarray(merged, np.float64).reshape(-1, 4), 0.0, 1.0), best[kept],
