@@ -70,7 +70,8 @@ def main() -> None:
                                          npu=True)
     print(f"{args.member} ({args.package}): init's recipe, labels and score threshold added"
           f"{', NMS greedy' if args.greedy else ''}{', stretched' if args.stretch else ''}, built: {verdict}")
-    outputs = recipe["strip"]["outputs"]
+    post = recipe["postprocess"]  # a head without keypoints is not cut: its two outputs are the model's
+    outputs = recipe.get("strip", {}).get("outputs") or [post["box_output"], post["class_output"]]
     print(f"| variant | kernels | matched with float32 | {' | '.join(f'{name} SQNR' for name in outputs)} |")
     print("| --- " * (3 + len(outputs)) + "|")
     for name, entry in variants.items():
